@@ -1,0 +1,17 @@
+//! taproot — a training runtime for deep progressive training.
+//!
+//! Train a zero- or one-layer GPT-2 cheaply, grow it to full depth mid-run by inserting new
+//! blocks at the bottom of the stack, and finish at the loss of a model trained at full depth.
+//!
+//! Layout (a newcomer's map):
+//! - [`backend`]: the `Backend` trait (device buffers, streams, explicit forward/backward per op)
+//!   and its CPU reference implementation.
+//! - [`model`]: the units a pipeline stage owns (`Embed`, `Block`, `Head`), initialisation and
+//!   the growth operator (`model::growth`).
+//! - [`optim`]: Muon-NSGD, AdamW, Muon-AdamW and the learning-rate schedules (`optim::schedule`,
+//!   where the warmup-stable-decay schedule lives).
+//! - [`data`]: tokenizers, llm.c-format token shards and the deterministic batch loader.
+//! - [`config`]: the TOML run configuration.
+//! - [`train`]: the sequential trainer (the test oracle for the actor runtime).
+
+pub mod data;
