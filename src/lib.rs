@@ -15,3 +15,7 @@
 //! - [`train`]: the sequential trainer (the test oracle for the actor runtime).
 
 pub mod data;
+pub mod backend;
+pub mod model;
+pub mod optim;
+pub mod rng;

@@ -1,0 +1,453 @@
+//! CPU kernels on plain slices: the math of every op, forward and backward, llm.c style.
+//!
+//! Each function mirrors one `Backend` op. Rows are processed in parallel on the global rayon
+//! pool; reductions over rows (bias and LayerNorm parameter gradients) are split by columns so
+//! that no two threads write the same element and results do not depend on the thread count
+//! (bitwise reproducible training on CPU).
+
+use super::gemm_raw;
+use rayon::prelude::*;
+
+/// Elements per rayon task for elementwise kernels: big enough that scheduling is noise.
+const CHUNK: usize = 1 << 14;
+
+/// A raw pointer that may cross into rayon tasks; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+pub fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(dst.len() == a.len() && a.len() == b.len(), "add: lengths differ");
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, d)| {
+        let o = ci * CHUNK;
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = a[o + i] + b[o + i];
+        }
+    });
+}
+
+pub fn axpby(dst: &mut [f32], alpha: f32, beta: f32, src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "axpby: lengths differ");
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, d)| {
+        let o = ci * CHUNK;
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = alpha * *x + beta * src[o + i];
+        }
+    });
+}
+
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|d| d.iter_mut().for_each(|v| *v *= s));
+}
+
+/// Sum of squares in f64. Chunked so the summation order is fixed, whatever the thread count.
+pub fn sumsq(x: &[f32]) -> f64 {
+    let partial: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .collect();
+    partial.iter().sum()
+}
+
+// ----------------------------------------------------------------------------------------------
+// matmul
+
+/// out (N, OC) = inp (N, C) @ w^T (C, OC) + b (OC)
+pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+    // Start from the bias (or zero), then let gemm accumulate the product onto it.
+    match b {
+        Some(b) => out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b)),
+        None => out.fill(0.0),
+    }
+    // w is stored (OC, C); its transpose (C, OC) has row stride 1 and column stride C.
+    unsafe {
+        gemm_raw(
+            n,
+            oc,
+            c,
+            out.as_mut_ptr(),
+            oc as isize,
+            1,
+            inp.as_ptr(),
+            c as isize,
+            1,
+            w.as_ptr(),
+            1,
+            c as isize,
+            1.0,
+            1.0,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dinp: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    // dinp (N, C) = dout (N, OC) @ w (OC, C)
+    if let Some(dinp) = dinp {
+        unsafe {
+            gemm_raw(n, c, oc, dinp.as_mut_ptr(), c as isize, 1, dout.as_ptr(), oc as isize, 1, w.as_ptr(), c as isize, 1, 0.0, 1.0)
+        }
+    }
+    // dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
+    unsafe {
+        gemm_raw(oc, c, n, dw.as_mut_ptr(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0)
+    }
+    // db (OC) += sum over rows of dout; split by columns so each element has one writer.
+    if let Some(db) = db {
+        const COLS: usize = 64;
+        db.par_chunks_mut(COLS).enumerate().for_each(|(ci, dbc)| {
+            let o0 = ci * COLS;
+            for r in 0..n {
+                let row = &dout[r * oc + o0..r * oc + o0 + dbc.len()];
+                for (d, &g) in dbc.iter_mut().zip(row) {
+                    *d += g;
+                }
+            }
+        });
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// embedding
+
+pub fn encoder_forward(out: &mut [f32], ids: &[u32], wte: &[f32], wpe: &[f32], b: usize, t: usize, c: usize) {
+    assert!(ids.len() >= b * t && out.len() == b * t * c, "encoder_forward: shapes");
+    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        let ix = ids[r] as usize;
+        let pos = r % t;
+        let we = &wte[ix * c..ix * c + c];
+        let pe = &wpe[pos * c..pos * c + c];
+        for i in 0..c {
+            o[i] = we[i] + pe[i];
+        }
+    });
+}
+
+pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
+    // Serial on purpose: two rows with the same token write the same dwte row. This is
+    // O(B*T*C) adds, negligible beside any matrix product.
+    for r in 0..b * t {
+        let ix = ids[r] as usize;
+        let pos = r % t;
+        let d = &dout[r * c..r * c + c];
+        for i in 0..c {
+            dwte[ix * c + i] += d[i];
+            dwpe[pos * c + i] += d[i];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// layernorm
+
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    c: usize,
+) {
+    const EPS: f32 = 1e-5;
+    assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n, "layernorm_forward: shapes");
+    out.par_chunks_mut(c)
+        .zip(mean.par_iter_mut())
+        .zip(rstd.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, ((o, m), s))| {
+            let x = &inp[r * c..r * c + c];
+            let mu = x.iter().sum::<f32>() / c as f32;
+            let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let rs = 1.0 / (var + EPS).sqrt();
+            for i in 0..c {
+                o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            }
+            *m = mu;
+            *s = rs;
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+) {
+    // dinp += (w*dout - mean(w*dout) - norm * mean(w*dout*norm)) * rstd, row by row.
+    dinp.par_chunks_mut(c).enumerate().for_each(|(r, di)| {
+        let x = &inp[r * c..r * c + c];
+        let d = &dout[r * c..r * c + c];
+        let (mu, rs) = (mean[r], rstd[r]);
+        let mut dnorm_mean = 0.0f32;
+        let mut dnorm_norm_mean = 0.0f32;
+        for i in 0..c {
+            let norm = (x[i] - mu) * rs;
+            let dnorm = w[i] * d[i];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean /= c as f32;
+        dnorm_norm_mean /= c as f32;
+        for i in 0..c {
+            let norm = (x[i] - mu) * rs;
+            let dnorm = w[i] * d[i];
+            di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
+        }
+    });
+    // dw += sum_rows norm*dout; db += sum_rows dout — split by columns, one writer per element.
+    const COLS: usize = 32;
+    dw.par_chunks_mut(COLS).zip(db.par_chunks_mut(COLS)).enumerate().for_each(|(ci, (dwc, dbc))| {
+        let c0 = ci * COLS;
+        for r in 0..n {
+            let (mu, rs) = (mean[r], rstd[r]);
+            for j in 0..dwc.len() {
+                let i = r * c + c0 + j;
+                let norm = (inp[i] - mu) * rs;
+                dwc[j] += norm * dout[i];
+                dbc[j] += dout[i];
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------------------------
+// attention
+
+/// qkv (B, T, 3C) holds q, k, v side by side per row; head h uses channels [h*hs, (h+1)*hs).
+pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    assert!(att.len() == b * nh * t * t && out.len() == b * t * c && qkv.len() == b * t * c3, "attention_forward: shapes");
+    let outp = SendPtr(out.as_mut_ptr());
+    // One task per (b, h): it owns att[b, h] and the h-th head slice of out[b, :].
+    att.par_chunks_mut(t * t).enumerate().for_each(|(bh, att_bh)| {
+        let outp = outp;
+        let (bi, h) = (bh / nh, bh % nh);
+        for ti in 0..t {
+            let q = &qkv[(bi * t + ti) * c3 + h * hs..][..hs];
+            let row = &mut att_bh[ti * t..ti * t + t];
+            // pass 1: scores and their max (for a stable softmax)
+            let mut maxv = f32::NEG_INFINITY;
+            for t2 in 0..=ti {
+                let k = &qkv[(bi * t + t2) * c3 + c + h * hs..][..hs];
+                let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                row[t2] = s;
+                maxv = maxv.max(s);
+            }
+            // pass 2: exponentiate and normalise; future positions get probability 0
+            let mut sum = 0.0f32;
+            for v in row[..=ti].iter_mut() {
+                *v = (*v - maxv).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in row[..=ti].iter_mut() {
+                *v *= inv;
+            }
+            row[ti + 1..].fill(0.0);
+            // pass 3: weighted sum of values
+            // SAFETY: this task alone writes head h of row (bi, ti).
+            let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add((bi * t + ti) * c + h * hs), hs) };
+            o.fill(0.0);
+            for t2 in 0..=ti {
+                let v = &qkv[(bi * t + t2) * c3 + 2 * c + h * hs..][..hs];
+                let a = row[t2];
+                for i in 0..hs {
+                    o[i] += a * v[i];
+                }
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    assert!(datt.len() == b * nh * t * t && dqkv.len() == b * t * c3, "attention_backward: shapes");
+    let dp = SendPtr(dqkv.as_mut_ptr());
+    // One task per (b, h): dk and dv of a head accumulate over all query positions, so the
+    // whole head belongs to one task. It owns head h's q/k/v slices of dqkv[b, :].
+    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, datt_bh)| {
+        let dp = dp;
+        let (bi, h) = (bh / nh, bh % nh);
+        let att_bh = &att[bh * t * t..(bh + 1) * t * t];
+        // SAFETY: the (bi, h) slices below are written by this task only.
+        let head = |ti: usize, part: usize| unsafe {
+            std::slice::from_raw_parts_mut(dp.0.add((bi * t + ti) * c3 + part * c + h * hs), hs)
+        };
+        for ti in 0..t {
+            for part in 0..3 {
+                head(ti, part).fill(0.0);
+            }
+        }
+        for ti in 0..t {
+            let a = &att_bh[ti * t..ti * t + t];
+            let da = &mut datt_bh[ti * t..ti * t + t];
+            let d_o = &dout[(bi * t + ti) * c + h * hs..][..hs];
+            // through out = sum_t2 att[t2] v[t2]
+            for t2 in 0..=ti {
+                let v = &qkv[(bi * t + t2) * c3 + 2 * c + h * hs..][..hs];
+                da[t2] = v.iter().zip(d_o).map(|(x, y)| x * y).sum();
+                let dv = head(t2, 2);
+                for i in 0..hs {
+                    dv[i] += a[t2] * d_o[i];
+                }
+            }
+            // through the softmax: dpre = att * (datt - sum(att * datt)), kept in da
+            let dot: f32 = (0..=ti).map(|t2| a[t2] * da[t2]).sum();
+            for t2 in 0..=ti {
+                da[t2] = a[t2] * (da[t2] - dot);
+            }
+            // through pre = q.k * scale
+            let q = &qkv[(bi * t + ti) * c3 + h * hs..][..hs];
+            let dq = head(ti, 0);
+            for t2 in 0..=ti {
+                let k = &qkv[(bi * t + t2) * c3 + c + h * hs..][..hs];
+                let g = da[t2] * scale;
+                for i in 0..hs {
+                    dq[i] += k[i] * g;
+                }
+                let dk = head(t2, 1);
+                for i in 0..hs {
+                    dk[i] += q[i] * g;
+                }
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------------------------
+// gelu (tanh approximation)
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/pi)
+
+pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), inp.len(), "gelu_forward: lengths differ");
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+        let x = &inp[ci * CHUNK..ci * CHUNK + o.len()];
+        for i in 0..o.len() {
+            let v = x[i];
+            o[i] = 0.5 * v * (1.0 + (GELU_SCALE * (v + 0.044715 * v * v * v)).tanh());
+        }
+    });
+}
+
+pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    assert!(dinp.len() == inp.len() && inp.len() == dout.len(), "gelu_backward: lengths differ");
+    dinp.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, di)| {
+        let o = ci * CHUNK;
+        for i in 0..di.len() {
+            let x = inp[o + i];
+            let cube = 0.044715 * x * x * x;
+            let th = (GELU_SCALE * (x + cube)).tanh();
+            let sech2 = 1.0 - th * th;
+            let grad = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+            di[i] = grad * dout[o + i];
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------------------------
+// fused softmax + cross-entropy
+
+pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dscale: f32, n: usize, v: usize, vp: usize) {
+    assert!(logits.len() == n * vp && losses.len() >= n && targets.len() >= n, "crossentropy: shapes");
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(r, (row, loss))| {
+        let tgt = targets[r] as usize;
+        assert!(tgt < v, "target id {tgt} at row {r} is outside the vocabulary of {v}");
+        let real = &mut row[..v];
+        let maxv = real.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for x in real.iter_mut() {
+            *x = (*x - maxv).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        *loss = -(real[tgt] * inv).ln();
+        for x in real.iter_mut() {
+            *x *= inv * dscale;
+        }
+        real[tgt] -= dscale;
+        // padded columns: masked out of the softmax, zero gradient
+        row[v..].fill(0.0);
+    });
+}
+
+// ----------------------------------------------------------------------------------------------
+// optimizer kernels
+
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, t: u64) {
+    let bc1 = 1.0 - b1.powi(t as i32);
+    let bc2 = 1.0 - b2.powi(t as i32);
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(ci, ((pc, mc), vc))| {
+            let o = ci * CHUNK;
+            for i in 0..pc.len() {
+                let gi = g[o + i];
+                mc[i] = b1 * mc[i] + (1.0 - b1) * gi;
+                vc[i] = b2 * vc[i] + (1.0 - b2) * gi * gi;
+                let mhat = mc[i] / bc1;
+                let vhat = vc[i] / bc2;
+                pc[i] -= lr * (mhat / (vhat.sqrt() + eps) + wd * pc[i]);
+            }
+        });
+}
+
+pub fn momentum(u: &mut [f32], m: &mut [f32], g: &[f32], mu: f32, nesterov: bool) {
+    u.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).enumerate().for_each(|(ci, (uc, mc))| {
+        let o = ci * CHUNK;
+        for i in 0..uc.len() {
+            let gi = g[o + i];
+            mc[i] = mu * mc[i] + gi;
+            uc[i] = if nesterov { gi + mu * mc[i] } else { mc[i] };
+        }
+    });
+}
+
+/// p = keep * p - step * u
+pub fn apply_update(p: &mut [f32], u: &[f32], step: f32, keep: f32) {
+    p.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, pc)| {
+        let o = ci * CHUNK;
+        for i in 0..pc.len() {
+            pc[i] = keep * pc[i] - step * u[o + i];
+        }
+    });
+}

@@ -1,0 +1,397 @@
+//! The CPU reference backend: `gemm` (on the shared rayon pool) for matrix products, plain loops
+//! for everything else.
+//!
+//! It is synchronous — an op has finished when its call returns — so its "stream" only orders
+//! work, and events are no-ops. It is the reference every other backend is tested against, and
+//! the backend of tests and CI, so its kernels are written for clarity first and then made fast
+//! where the benchmark says it matters (the matrix products, which are all `gemm`).
+//!
+//! Memory safety: a [`CpuBuf`] is device-like memory behind an `UnsafeCell`. Ops receive views by
+//! shared reference and write through raw pointers, exactly like a GPU kernel. Soundness rests on
+//! two facts checked here: `CpuBuf` is `Send` but not `Sync` (one owner thread at a time, so no
+//! other thread can observe a write), and every op asserts that its output views do not overlap
+//! the other views of the same call ([`disjoint`]), so the `&mut [f32]` it makes never aliases.
+//!
+//! Parallelism: all CPU work, across every stage actor, runs on the ONE global rayon pool, so two
+//! actors never each start a 2-thread GEMM on a 2-core machine.
+
+mod kernels;
+
+use super::{Backend, Trans, View};
+use std::cell::UnsafeCell;
+
+/// f32 memory of the CPU backend.
+pub struct CpuBuf {
+    data: UnsafeCell<Vec<f32>>,
+}
+
+// SAFETY: the Vec is owned; moving it to another thread is fine. CpuBuf is deliberately not Sync.
+unsafe impl Send for CpuBuf {}
+
+impl CpuBuf {
+    fn new(n: usize) -> Self {
+        CpuBuf { data: UnsafeCell::new(vec![0.0; n]) }
+    }
+    fn len(&self) -> usize {
+        // SAFETY: reading the length never races: only this thread can touch the buffer.
+        unsafe { (*self.data.get()).len() }
+    }
+    fn ptr(&self) -> *mut f32 {
+        // SAFETY: as above; the pointer is only dereferenced inside ops under the overlap rules.
+        unsafe { (*self.data.get()).as_mut_ptr() }
+    }
+}
+
+/// u32 memory of the CPU backend (token ids).
+pub struct CpuIds {
+    data: UnsafeCell<Vec<u32>>,
+}
+unsafe impl Send for CpuIds {}
+
+impl CpuIds {
+    fn slice(&self) -> &[u32] {
+        // SAFETY: ids are only written by `upload_ids`, which takes no other borrow.
+        unsafe { &*self.data.get() }
+    }
+}
+
+type V<'a> = View<'a, CpuBuf>;
+
+fn check_bounds(v: &V) {
+    assert!(
+        v.off + v.len <= v.buf.len(),
+        "view [{}, {}) outside a buffer of {}",
+        v.off,
+        v.off + v.len,
+        v.buf.len()
+    );
+}
+
+/// Read-only slice of a view.
+///
+/// SAFETY: the caller must not hold a mutable slice overlapping it (ops check with [`disjoint`]).
+pub(crate) unsafe fn rd<'a>(v: V<'a>) -> &'a [f32] {
+    check_bounds(&v);
+    std::slice::from_raw_parts(v.buf.ptr().add(v.off), v.len)
+}
+
+/// Mutable slice of a view. SAFETY: as [`rd`]; the caller guarantees no overlapping slice lives.
+#[allow(clippy::mut_from_ref)]
+pub(crate) unsafe fn wr<'a>(v: V<'a>) -> &'a mut [f32] {
+    check_bounds(&v);
+    std::slice::from_raw_parts_mut(v.buf.ptr().add(v.off), v.len)
+}
+
+/// Assert that the output view `out` overlaps none of `others` (the aliasing rule of the trait).
+pub(crate) fn disjoint(out: &V, others: &[&V]) {
+    for o in others {
+        if std::ptr::eq(out.buf, o.buf) {
+            let overlap = out.off < o.off + o.len && o.off < out.off + out.len;
+            assert!(
+                !overlap || out.len == 0 || o.len == 0,
+                "output view [{}, {}) overlaps an input view [{}, {}) of the same buffer",
+                out.off,
+                out.off + out.len,
+                o.off,
+                o.off + o.len
+            );
+        }
+    }
+}
+
+/// The CPU "stream": a device name; all work runs on the global rayon pool.
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    device: String,
+}
+
+impl CpuBackend {
+    /// A stream on CPU "device" `index`. Several CPU devices only name streams (placement tests).
+    pub fn new(index: usize) -> Self {
+        CpuBackend { device: format!("cpu:{index}") }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+/// Raw gemm call: dst (m, n) = dst_scale * dst + prod_scale * lhs @ rhs, with explicit strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    dst_scale: f32,
+    prod_scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let read_dst = dst_scale != 0.0;
+    // Small products are faster single-threaded than with rayon's fork/join overhead.
+    let par = if m * n * k >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, dst_scale,
+        prod_scale, false, false, false, par,
+    );
+}
+
+impl Backend for CpuBackend {
+    type Buf = CpuBuf;
+    type Ids = CpuIds;
+    type Event = ();
+
+    fn device(&self) -> &str {
+        &self.device
+    }
+    fn fork(&self) -> anyhow::Result<Self> {
+        Ok(self.clone())
+    }
+
+    fn alloc(&self, n: usize) -> CpuBuf {
+        CpuBuf::new(n)
+    }
+    fn alloc_ids(&self, n: usize) -> CpuIds {
+        CpuIds { data: UnsafeCell::new(vec![0; n]) }
+    }
+    fn buf_len(buf: &CpuBuf) -> usize {
+        buf.len()
+    }
+    fn ids_len(ids: &CpuIds) -> usize {
+        ids.slice().len()
+    }
+    fn upload(&self, dst: V, src: &[f32]) {
+        assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
+        unsafe { wr(dst) }.copy_from_slice(src);
+    }
+    fn upload_ids(&self, dst: &CpuIds, src: &[u32]) {
+        let d = unsafe { &mut *dst.data.get() };
+        assert_eq!(d.len(), src.len(), "upload_ids: buffer of {} from host slice of {}", d.len(), src.len());
+        d.copy_from_slice(src);
+    }
+    fn download(&self, src: V, dst: &mut [f32]) {
+        assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
+        dst.copy_from_slice(unsafe { rd(src) });
+    }
+    fn copy(&self, dst: V, src: V) {
+        assert_eq!(dst.len, src.len, "copy: lengths differ");
+        disjoint(&dst, &[&src]);
+        unsafe { wr(dst).copy_from_slice(rd(src)) };
+    }
+    fn fill(&self, dst: V, value: f32) {
+        unsafe { wr(dst) }.fill(value);
+    }
+    fn record(&self) {}
+    fn wait(&self, _event: &()) {}
+    fn synchronize(&self) {}
+
+    fn add(&self, dst: V, a: V, b: V) {
+        disjoint(&dst, &[&a, &b]);
+        unsafe { kernels::add(wr(dst), rd(a), rd(b)) }
+    }
+    fn add_assign(&self, dst: V, src: V) {
+        disjoint(&dst, &[&src]);
+        unsafe { kernels::axpby(wr(dst), 1.0, 1.0, rd(src)) }
+    }
+    fn axpby(&self, dst: V, alpha: f32, beta: f32, src: V) {
+        disjoint(&dst, &[&src]);
+        unsafe { kernels::axpby(wr(dst), alpha, beta, rd(src)) }
+    }
+    fn sumsq(&self, dst: V, x: V) {
+        disjoint(&dst, &[&x]);
+        unsafe { wr(dst)[0] = kernels::sumsq(rd(x)) as f32 }
+    }
+    fn scale_by_rnorm(&self, x: V, ss: V, eps: f32) {
+        disjoint(&x, &[&ss]);
+        let s = 1.0 / (unsafe { rd(ss)[0] }.sqrt() + eps);
+        unsafe { kernels::scale(wr(x), s) }
+    }
+
+    fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+        disjoint(&c, &[&a, &b]);
+        assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
+        let (c, a, b) = unsafe { (wr(c).as_mut_ptr(), rd(a).as_ptr(), rd(b).as_ptr()) };
+        // Row-major strides; a transposed operand is the same memory read with swapped strides.
+        let (a_rs, a_cs) = match ta {
+            Trans::N => (k as isize, 1),
+            Trans::T => (1, m as isize),
+        };
+        let (b_rs, b_cs) = match tb {
+            Trans::N => (n as isize, 1),
+            Trans::T => (1, k as isize),
+        };
+        unsafe { gemm_raw(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha) }
+    }
+
+    fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        disjoint(&out, &[&inp, &w]);
+        if let Some(b) = b.as_ref() {
+            disjoint(&out, &[b]);
+        }
+        assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
+        unsafe { kernels::matmul_forward(wr(out), rd(inp), rd(w), b.map(|b| rd(b)), n, c, oc) }
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: Option<V>,
+        dw: V,
+        db: Option<V>,
+        dout: V,
+        inp: V,
+        w: V,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        if let Some(d) = dinp.as_ref() {
+            disjoint(d, &[&dw, &dout, &inp, &w]);
+            if let Some(db) = db.as_ref() {
+                disjoint(d, &[db]);
+            }
+        }
+        disjoint(&dw, &[&dout, &inp, &w]);
+        if let Some(db) = db.as_ref() {
+            disjoint(db, &[&dw, &dout, &inp, &w]);
+        }
+        assert!(dout.len == n * oc && inp.len == n * c && w.len == oc * c && dw.len == oc * c, "matmul_backward: shapes");
+        unsafe {
+            kernels::matmul_backward(
+                dinp.map(|d| wr(d)),
+                wr(dw),
+                db.map(|d| wr(d)),
+                rd(dout),
+                rd(inp),
+                rd(w),
+                n,
+                c,
+                oc,
+            )
+        }
+    }
+
+    fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
+        disjoint(&out, &[&wte, &wpe]);
+        unsafe { kernels::encoder_forward(wr(out), ids.slice(), rd(wte), rd(wpe), b, t, c) }
+    }
+    fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
+        disjoint(&dwte, &[&dwpe, &dout]);
+        disjoint(&dwpe, &[&dout]);
+        unsafe { kernels::encoder_backward(wr(dwte), wr(dwpe), rd(dout), ids.slice(), b, t, c) }
+    }
+
+    fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
+        for o in [&out, &mean, &rstd] {
+            disjoint(o, &[&inp, &w, &b]);
+        }
+        disjoint(&out, &[&mean, &rstd]);
+        disjoint(&mean, &[&rstd]);
+        unsafe { kernels::layernorm_forward(wr(out), wr(mean), wr(rstd), rd(inp), rd(w), rd(b), n, c) }
+    }
+    fn layernorm_backward(
+        &self,
+        dinp: V,
+        dw: V,
+        db: V,
+        dout: V,
+        inp: V,
+        w: V,
+        mean: V,
+        rstd: V,
+        n: usize,
+        c: usize,
+    ) {
+        for o in [&dinp, &dw, &db] {
+            disjoint(o, &[&dout, &inp, &w, &mean, &rstd]);
+        }
+        disjoint(&dinp, &[&dw, &db]);
+        disjoint(&dw, &[&db]);
+        unsafe {
+            kernels::layernorm_backward(
+                wr(dinp),
+                wr(dw),
+                wr(db),
+                rd(dout),
+                rd(inp),
+                rd(w),
+                rd(mean),
+                rd(rstd),
+                n,
+                c,
+            )
+        }
+    }
+
+    fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
+        disjoint(&out, &[&att, &qkv]);
+        disjoint(&att, &[&qkv]);
+        unsafe { kernels::attention_forward(wr(out), wr(att), rd(qkv), b, t, c, nh) }
+    }
+    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+        disjoint(&dqkv, &[&datt, &dout, &qkv, &att]);
+        disjoint(&datt, &[&dout, &qkv, &att]);
+        unsafe { kernels::attention_backward(wr(dqkv), wr(datt), rd(dout), rd(qkv), rd(att), b, t, c, nh) }
+    }
+
+    fn gelu_forward(&self, out: V, inp: V) {
+        disjoint(&out, &[&inp]);
+        unsafe { kernels::gelu_forward(wr(out), rd(inp)) }
+    }
+    fn gelu_backward(&self, dinp: V, inp: V, dout: V) {
+        disjoint(&dinp, &[&inp, &dout]);
+        unsafe { kernels::gelu_backward(wr(dinp), rd(inp), rd(dout)) }
+    }
+
+    fn crossentropy_forward_backward(
+        &self,
+        logits: V,
+        losses: V,
+        targets: &CpuIds,
+        dscale: f32,
+        n: usize,
+        v: usize,
+        vp: usize,
+    ) {
+        disjoint(&losses, &[&logits]);
+        unsafe { kernels::crossentropy(wr(logits), wr(losses), targets.slice(), dscale, n, v, vp) }
+    }
+
+    fn adamw_update(&self, p: V, g: V, m: V, v: V, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64) {
+        for o in [&p, &m, &v] {
+            disjoint(o, &[&g]);
+        }
+        disjoint(&p, &[&m, &v]);
+        disjoint(&m, &[&v]);
+        unsafe { kernels::adamw(wr(p), rd(g), wr(m), wr(v), lr, beta1, beta2, eps, wd, t) }
+    }
+    fn momentum_update(&self, u: V, m: V, g: V, mu: f32, nesterov: bool) {
+        disjoint(&u, &[&m, &g]);
+        disjoint(&m, &[&g]);
+        unsafe { kernels::momentum(wr(u), wr(m), rd(g), mu, nesterov) }
+    }
+    fn apply_update(&self, p: V, u: V, lr: f32, scale: f32, wd: f32) {
+        disjoint(&p, &[&u]);
+        unsafe { kernels::apply_update(wr(p), rd(u), lr * scale, 1.0 - lr * wd) }
+    }
+    fn nsgd_apply(&self, p: V, u: V, ss: V, lr: f32, wd: f32, eps: f32) {
+        disjoint(&p, &[&u, &ss]);
+        let rnorm = 1.0 / (unsafe { rd(ss)[0] }.sqrt() + eps);
+        unsafe { kernels::apply_update(wr(p), rd(u), lr * rnorm, 1.0 - lr * wd) }
+    }
+}

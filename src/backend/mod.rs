@@ -1,0 +1,299 @@
+//! The compute layer: one `Backend` trait, explicit forward and backward per op.
+//!
+//! A backend value is **a stream on a device**: every op enqueues on it, in order, and the host
+//! only learns results at explicit read-back points ([`Backend::download`]). This is the shape of
+//! an asynchronous GPU, and the CPU reference follows it so that code written against the trait
+//! (model units, optimizers, the actor runtime) is already correct for a device. A pipeline stage
+//! owns one backend value (its stream); [`Backend::fork`] makes another stream on the same device.
+//!
+//! Memory is addressed like device memory: a buffer handle (`Buf`, f32; `Ids`, u32 token ids) plus
+//! an offset, packaged as a [`View`]. Ops take views by shared reference for inputs *and* outputs,
+//! as a GPU kernel takes pointers: the stream, not Rust's borrow checker, orders the writes. The
+//! contract every op keeps (and the CPU backend checks at run time): an output view never overlaps
+//! any view of the same call, unless the op documents that it works in place.
+//!
+//! Why views into contiguous buffers instead of one buffer per tensor: a unit (embedding, block,
+//! head) keeps all its parameters in ONE buffer and all its gradients in another with the same
+//! layout, so that checkpoints, gradient norms, optimizer state and growth copy whole units at a
+//! time, and inserting a layer is spawning its owner, never repacking a global buffer.
+//!
+//! Conventions (llm.c's): row-major; a linear layer's weight is (OC, C) and computes
+//! `out = inp @ w^T + b`; parameter gradients ACCUMULATE (`+=`, so micro-batches sum before a
+//! step and the caller zeroes them after it); activation gradients named `dinp` are OVERWRITTEN
+//! unless an op says otherwise.
+//!
+//! Dimension legend used in shape comments: B batch, T time, C channels, NH heads, hs = C/NH,
+//! OC output channels, V vocabulary, Vp padded vocabulary, N = B*T rows.
+
+pub mod cpu;
+
+/// A window into a device buffer: `len` elements starting at `off`.
+pub struct View<'a, Buf> {
+    pub buf: &'a Buf,
+    pub off: usize,
+    pub len: usize,
+}
+
+impl<Buf> Clone for View<'_, Buf> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<Buf> Copy for View<'_, Buf> {}
+
+impl<'a, Buf> View<'a, Buf> {
+    pub fn new(buf: &'a Buf, off: usize, len: usize) -> Self {
+        View { buf, off, len }
+    }
+    /// A sub-window `[start, start+len)` relative to this view.
+    pub fn sub(&self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.len, "sub-view [{start}, {}) outside a view of {}", start + len, self.len);
+        View { buf: self.buf, off: self.off + start, len }
+    }
+}
+
+/// Whether a matrix operand is used as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trans {
+    N,
+    T,
+}
+
+/// A stream on a device, with the ops a GPT-2 training step needs.
+///
+/// Every op is explicit and paired forward/backward (llm.c style) because a pipeline stage must
+/// take an upstream gradient and return the downstream one. None of them allocates: the caller
+/// owns every buffer, including scratch.
+pub trait Backend: Send + Sized + 'static {
+    /// f32 device memory.
+    type Buf: Send + 'static;
+    /// u32 device memory (token ids, targets).
+    type Ids: Send + 'static;
+    /// A point in a stream's work that another stream can wait on.
+    type Event: Send + 'static;
+
+    /// The device this stream runs on, e.g. `cpu:0`, `cuda:1`.
+    fn device(&self) -> &str;
+    /// A new stream on the same device.
+    fn fork(&self) -> anyhow::Result<Self>;
+
+    // ----- memory -----
+    /// A zero-filled buffer of `n` f32.
+    fn alloc(&self, n: usize) -> Self::Buf;
+    fn alloc_ids(&self, n: usize) -> Self::Ids;
+    fn buf_len(buf: &Self::Buf) -> usize;
+    fn ids_len(ids: &Self::Ids) -> usize;
+    fn upload(&self, dst: View<Self::Buf>, src: &[f32]);
+    fn upload_ids(&self, dst: &Self::Ids, src: &[u32]);
+    /// Copy to the host; waits for the stream's pending work (a synchronisation point).
+    fn download(&self, src: View<Self::Buf>, dst: &mut [f32]);
+    fn copy(&self, dst: View<Self::Buf>, src: View<Self::Buf>);
+    fn fill(&self, dst: View<Self::Buf>, value: f32);
+    /// Mark the current end of this stream's work.
+    fn record(&self) -> Self::Event;
+    /// Make this stream's later work wait for `event` (no host synchronisation).
+    fn wait(&self, event: &Self::Event);
+    /// Block the host until the stream's work is done.
+    fn synchronize(&self);
+
+    /// A whole buffer as a view.
+    fn whole(buf: &Self::Buf) -> View<'_, Self::Buf> {
+        View::new(buf, 0, Self::buf_len(buf))
+    }
+
+    // ----- elementwise and reductions -----
+    /// `dst = a + b` (residual forward).
+    fn add(&self, dst: View<Self::Buf>, a: View<Self::Buf>, b: View<Self::Buf>);
+    /// `dst += src` (residual backward into an accumulating gradient). Works in place on `dst`.
+    fn add_assign(&self, dst: View<Self::Buf>, src: View<Self::Buf>);
+    /// `dst = alpha * dst + beta * src`. Works in place on `dst`.
+    fn axpby(&self, dst: View<Self::Buf>, alpha: f32, beta: f32, src: View<Self::Buf>);
+    /// `dst[0] = sum(x^2)` accumulated in f64 — stays on the device (norms for the optimizers).
+    fn sumsq(&self, dst: View<Self::Buf>, x: View<Self::Buf>);
+    /// `x *= 1 / (sqrt(ss[0]) + eps)` — Frobenius normalisation by a device-side sum of squares.
+    fn scale_by_rnorm(&self, x: View<Self::Buf>, ss: View<Self::Buf>, eps: f32);
+
+    // ----- matrix products -----
+    /// `c = alpha * op(a) @ op(b) + beta * c`, row-major, op(a) (m, k), op(b) (k, n), c (m, n).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        c: View<Self::Buf>,
+        a: View<Self::Buf>,
+        ta: Trans,
+        b: View<Self::Buf>,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+    );
+    /// `out = inp @ w^T + b`: inp (N, C), w (OC, C), b (OC), out (N, OC).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(
+        &self,
+        out: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        b: Option<View<Self::Buf>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    );
+    /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;
+    /// db (OC) += column sums of dout.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dinp: Option<View<Self::Buf>>,
+        dw: View<Self::Buf>,
+        db: Option<View<Self::Buf>>,
+        dout: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    );
+
+    // ----- transformer ops -----
+    /// out (B, T, C) = wte[ids] + wpe[t]; wte (Vp, C), wpe (maxT, C), ids (B, T).
+    #[allow(clippy::too_many_arguments)]
+    fn encoder_forward(
+        &self,
+        out: View<Self::Buf>,
+        ids: &Self::Ids,
+        wte: View<Self::Buf>,
+        wpe: View<Self::Buf>,
+        b: usize,
+        t: usize,
+        c: usize,
+    );
+    /// dwte[ids] += dout; dwpe[t] += dout.
+    #[allow(clippy::too_many_arguments)]
+    fn encoder_backward(
+        &self,
+        dwte: View<Self::Buf>,
+        dwpe: View<Self::Buf>,
+        dout: View<Self::Buf>,
+        ids: &Self::Ids,
+        b: usize,
+        t: usize,
+        c: usize,
+    );
+    /// out (N, C) = (inp - mean) * rstd * w + b; saves mean (N), rstd (N) for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: View<Self::Buf>,
+        mean: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        b: View<Self::Buf>,
+        n: usize,
+        c: usize,
+    );
+    /// dinp += (ACCUMULATES: the residual stream's gradient); dw += ; db += .
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: View<Self::Buf>,
+        dw: View<Self::Buf>,
+        db: View<Self::Buf>,
+        dout: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        mean: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        n: usize,
+        c: usize,
+    );
+    /// Causal multi-head self-attention, scale 1/sqrt(hs).
+    /// qkv (B, T, 3C) -> out (B, T, C); saves att (B, NH, T, T) post-softmax probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: View<Self::Buf>,
+        att: View<Self::Buf>,
+        qkv: View<Self::Buf>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    );
+    /// dqkv (B, T, 3C) overwritten; datt (B, NH, T, T) is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: View<Self::Buf>,
+        datt: View<Self::Buf>,
+        dout: View<Self::Buf>,
+        qkv: View<Self::Buf>,
+        att: View<Self::Buf>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    );
+    /// out = gelu(inp), tanh approximation.
+    fn gelu_forward(&self, out: View<Self::Buf>, inp: View<Self::Buf>);
+    /// dinp = gelu'(inp) * dout (overwritten).
+    fn gelu_backward(&self, dinp: View<Self::Buf>, inp: View<Self::Buf>, dout: View<Self::Buf>);
+    /// Fused softmax + cross-entropy over a padded vocabulary (llm.c's fused classifier).
+    /// logits (N, Vp) is overwritten IN PLACE with dlogits = (softmax - onehot(target)) * dscale;
+    /// columns V..Vp are masked: they take no probability and get zero gradient.
+    /// losses (N) = -log softmax(logits)[target].
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_forward_backward(
+        &self,
+        logits: View<Self::Buf>,
+        losses: View<Self::Buf>,
+        targets: &Self::Ids,
+        dscale: f32,
+        n: usize,
+        v: usize,
+        vp: usize,
+    );
+
+    // ----- optimizer kernels (one tensor at a time) -----
+    /// AdamW with bias correction at this tensor's own step `t` (1-based) and decoupled decay:
+    /// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m̂ / (sqrt(v̂) + eps) + wd p).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_update(
+        &self,
+        p: View<Self::Buf>,
+        g: View<Self::Buf>,
+        m: View<Self::Buf>,
+        v: View<Self::Buf>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        wd: f32,
+        t: u64,
+    );
+    /// Momentum for Muon and NSGD: m = mu m + g; then u = g + mu m (Nesterov) or u = m.
+    fn momentum_update(
+        &self,
+        u: View<Self::Buf>,
+        m: View<Self::Buf>,
+        g: View<Self::Buf>,
+        mu: f32,
+        nesterov: bool,
+    );
+    /// p = p (1 - lr wd) - lr * scale * u (the final step of Muon and NSGD).
+    fn apply_update(&self, p: View<Self::Buf>, u: View<Self::Buf>, lr: f32, scale: f32, wd: f32);
+    /// p = p (1 - lr wd) - lr * u / (sqrt(ss[0]) + eps) — normalised SGD with a device-side norm.
+    #[allow(clippy::too_many_arguments)]
+    fn nsgd_apply(
+        &self,
+        p: View<Self::Buf>,
+        u: View<Self::Buf>,
+        ss: View<Self::Buf>,
+        lr: f32,
+        wd: f32,
+        eps: f32,
+    );
+}

@@ -1,0 +1,45 @@
+//! `Embed`: token + position embedding, the first unit of the pipeline.
+//!
+//! Owns `wte` (Vp, C) — also the tied LM head's matrix, see the `model` docs — and `wpe` (maxT, C).
+
+use super::{init, ActPool, Dims, Layout, ParamSet};
+use crate::backend::Backend;
+
+pub struct Embed<B: Backend> {
+    pub w: ParamSet<B>,
+    pub dims: Dims,
+    pool: ActPool<B>,
+}
+
+impl<B: Backend> Embed<B> {
+    pub fn layout(d: &Dims) -> Layout {
+        Layout::new(&[("wte", vec![d.padded_vocab, d.channels]), ("wpe", vec![d.max_seq, d.channels])])
+    }
+
+    pub fn new(be: &B, dims: &Dims, cfg: &init::InitConfig) -> Self {
+        let w = ParamSet::new(be, Self::layout(dims));
+        w.params_from_host(be, &init::embed_init(&w.layout, dims, cfg));
+        Embed { w, dims: dims.clone(), pool: ActPool::default() }
+    }
+
+    /// x (B, T, C) = wte[ids] + wpe[0..T]. The returned buffer comes from this unit's pool.
+    pub fn forward(&mut self, be: &B, ids: &B::Ids, b: usize, t: usize) -> B::Buf {
+        let c = self.dims.channels;
+        assert!(t <= self.dims.max_seq, "sequence length {t} exceeds max_seq {}", self.dims.max_seq);
+        let x = self.pool.take(be, b * t * c);
+        be.encoder_forward(B::whole(&x), ids, self.w.p("wte"), self.w.p("wpe"), b, t, c);
+        x
+    }
+
+    /// dwte[ids] += dx; dwpe += dx. Takes the gradient buffer back into the pool.
+    pub fn backward(&mut self, be: &B, dx: B::Buf, ids: &B::Ids, b: usize, t: usize) {
+        let c = self.dims.channels;
+        be.encoder_backward(self.w.g("wte"), self.w.g("wpe"), B::whole(&dx), ids, b, t, c);
+        self.pool.put(dx);
+    }
+
+    /// Give back a buffer that came out of the pipeline without a backward (evaluation).
+    pub fn recycle(&mut self, buf: B::Buf) {
+        self.pool.put(buf);
+    }
+}

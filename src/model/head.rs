@@ -1,0 +1,121 @@
+//! `Head`: final LayerNorm, the LM head tied to the token embedding, and the loss.
+//!
+//! The head owns only the final LayerNorm (`lnfw`, `lnfb`); it borrows `wte` from [`Embed`]'s
+//! parameter set and adds its gradient into `Embed`'s `dwte` (the tie; see the `model` docs).
+//! Forward and backward run back to back (the last stage of 1F1B does exactly that), so the head
+//! keeps one set of activations rather than a per-micro-batch stash.
+//!
+//! [`Embed`]: super::Embed
+
+use super::{ActPool, Dims, Layout, ParamSet};
+use crate::backend::Backend;
+
+struct HeadActs<B: Backend> {
+    shape: (usize, usize),
+    lnf: B::Buf,      // (N, C)
+    mean: B::Buf,     // (N)
+    rstd: B::Buf,     // (N)
+    logits: B::Buf,   // (N, Vp), overwritten by dlogits
+    losses: B::Buf,   // (N)
+    dlnf: B::Buf,     // (N, C)
+    host_losses: Vec<f32>,
+}
+
+pub struct Head<B: Backend> {
+    pub w: ParamSet<B>,
+    pub dims: Dims,
+    acts: Option<HeadActs<B>>,
+    pool: ActPool<B>,
+}
+
+impl<B: Backend> Head<B> {
+    pub fn layout(d: &Dims) -> Layout {
+        Layout::new(&[("lnfw", vec![d.channels]), ("lnfb", vec![d.channels])])
+    }
+
+    pub fn new(be: &B, dims: &Dims) -> Self {
+        let w = ParamSet::new(be, Self::layout(dims));
+        let c = dims.channels;
+        let mut host = vec![0.0; 2 * c];
+        host[..c].fill(1.0);
+        w.params_from_host(be, &host);
+        Head { w, dims: dims.clone(), acts: None, pool: ActPool::default() }
+    }
+
+    fn ensure_acts(&mut self, be: &B, b: usize, t: usize) {
+        if self.acts.as_ref().map(|a| a.shape) != Some((b, t)) {
+            let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
+            self.acts = Some(HeadActs {
+                shape: (b, t),
+                lnf: be.alloc(n * c),
+                mean: be.alloc(n),
+                rstd: be.alloc(n),
+                logits: be.alloc(n * vp),
+                losses: be.alloc(n),
+                dlnf: be.alloc(n * c),
+                host_losses: vec![0.0; n],
+            });
+        }
+    }
+
+    /// lnf = LN(x); logits = lnf @ wte^T. Returns nothing; the activations stay in `self.acts`.
+    fn forward_logits(&mut self, be: &B, x: &B::Buf, embed: &ParamSet<B>, b: usize, t: usize) {
+        self.ensure_acts(be, b, t);
+        let a = self.acts.as_ref().expect("acts ensured");
+        let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
+        be.layernorm_forward(B::whole(&a.lnf), B::whole(&a.mean), B::whole(&a.rstd), B::whole(x), self.w.p("lnfw"), self.w.p("lnfb"), n, c);
+        be.matmul_forward(B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), None, n, c, vp);
+    }
+
+    /// Fused softmax cross-entropy; returns the mean loss over the N rows (host read-back).
+    fn loss(&mut self, be: &B, targets: &B::Ids, dscale: f32, n: usize) -> f32 {
+        let a = self.acts.as_mut().expect("forward_logits first");
+        be.crossentropy_forward_backward(B::whole(&a.logits), B::whole(&a.losses), targets, dscale, n, self.dims.vocab, self.dims.padded_vocab);
+        be.download(B::whole(&a.losses), &mut a.host_losses);
+        // Sum in f64 so the mean does not depend on summation order subtleties.
+        (a.host_losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32
+    }
+
+    /// Loss and its gradient for one micro-batch: returns (dx, mean loss).
+    /// `x` is consumed (kept in the pool); dwte in `embed` accumulates the head's share.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(
+        &mut self,
+        be: &B,
+        _mb: u64,
+        x: B::Buf,
+        targets: &B::Ids,
+        embed: &ParamSet<B>,
+        dscale: f32,
+        b: usize,
+        t: usize,
+    ) -> (B::Buf, f32) {
+        let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
+        self.forward_logits(be, &x, embed, b, t);
+        let loss = self.loss(be, targets, dscale, n);
+        let a = self.acts.as_ref().expect("acts ensured");
+        // logits now hold dlogits (N, Vp)
+        be.matmul_backward(Some(B::whole(&a.dlnf)), embed.g("wte"), None, B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), n, c, vp);
+        let dx = self.pool.take(be, n * c);
+        be.fill(B::whole(&dx), 0.0); // layernorm_backward accumulates into dx
+        be.layernorm_backward(B::whole(&dx), self.w.g("lnfw"), self.w.g("lnfb"), B::whole(&a.dlnf), B::whole(&x), self.w.p("lnfw"), B::whole(&a.mean), B::whole(&a.rstd), n, c);
+        self.pool.put(x);
+        (dx, loss)
+    }
+
+    /// Mean loss only (evaluation). Returns the input buffer to hand back to `Embed`.
+    pub fn loss_only(&mut self, be: &B, x: B::Buf, targets: &B::Ids, embed: &ParamSet<B>, b: usize, t: usize) -> (B::Buf, f32) {
+        self.forward_logits(be, &x, embed, b, t);
+        let loss = self.loss(be, targets, 0.0, b * t);
+        (x, loss)
+    }
+
+    /// Raw logits (B, T, Vp) on the host. Returns the input buffer too.
+    pub fn logits(&mut self, be: &B, x: B::Buf, embed: &ParamSet<B>, b: usize, t: usize) -> (B::Buf, Vec<f32>) {
+        self.forward_logits(be, &x, embed, b, t);
+        let a = self.acts.as_ref().expect("acts ensured");
+        let mut out = vec![0.0; b * t * self.dims.padded_vocab];
+        be.download(B::whole(&a.logits), &mut out);
+        (x, out)
+    }
+}

@@ -1,0 +1,91 @@
+//! Parameter initialisation (METHOD.md, "Initialisation").
+//!
+//! - `gpt2` (default): every matrix N(0, 0.02); the two residual output projections (attention
+//!   out, MLP out) N(0, 0.02/sqrt(2·L)) with **L = the target depth**, so that a block born at τ
+//!   and a block of the fixed-depth model start alike; biases 0; LayerNorm gains 1, biases 0.
+//! - `spectral`: block matrices N(0, σ) with σ = (1/sqrt(fan_in))·min(1, sqrt(fan_out/fan_in))
+//!   (the spectral condition for feature learning). Decision: the embeddings keep N(0, 0.02) under
+//!   `spectral` too — their "fan_in" is a one-hot vector, and the tied head would otherwise start
+//!   with huge logits.
+//!
+//! Rows of `wte` beyond the real vocabulary (padding up to Vp) are zero and stay zero: their
+//! logits are masked, so they never receive a gradient.
+//!
+//! Every unit draws from its own random stream (`Rng::stream(seed, id)`), so a block's initial
+//! weights depend only on the seed and its layer id, never on the order units are created in.
+
+use super::{Dims, Layout};
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    #[default]
+    Gpt2,
+    Spectral,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitConfig {
+    pub scheme: InitScheme,
+    /// L in the residual-projection scale: the depth the model will finally have.
+    pub target_depth: usize,
+    pub seed: u64,
+    /// The base standard deviation of `gpt2` init.
+    pub std: f64,
+}
+
+impl InitConfig {
+    pub fn new(scheme: InitScheme, target_depth: usize, seed: u64) -> Self {
+        InitConfig { scheme, target_depth, seed, std: 0.02 }
+    }
+}
+
+/// Random-stream ids: 0 for the embedding, `BLOCK_STREAM + id` for block `id`.
+pub const BLOCK_STREAM: u64 = 1 << 20;
+
+/// The standard deviation of a block tensor under `cfg`.
+pub fn block_tensor_std(cfg: &InitConfig, name: &str, shape: &[usize]) -> f64 {
+    let residual_out = name == "attprojw" || name == "fcprojw";
+    match cfg.scheme {
+        InitScheme::Gpt2 => {
+            if residual_out {
+                cfg.std / (2.0 * cfg.target_depth.max(1) as f64).sqrt()
+            } else {
+                cfg.std
+            }
+        }
+        InitScheme::Spectral => {
+            let (fan_out, fan_in) = (shape[0] as f64, shape[1] as f64);
+            (1.0 / fan_in.sqrt()) * (fan_out / fan_in).sqrt().min(1.0)
+        }
+    }
+}
+
+/// Host values of a freshly initialised block with layer id `id`.
+pub fn block_init(layout: &Layout, cfg: &InitConfig, id: u64) -> Vec<f32> {
+    let mut rng = Rng::stream(cfg.seed, BLOCK_STREAM + id);
+    let mut host = vec![0.0f32; layout.total];
+    for s in &layout.specs {
+        let dst = &mut host[s.offset..s.offset + s.numel()];
+        if s.is_matrix() {
+            rng.fill_normal(dst, block_tensor_std(cfg, s.name, &s.shape));
+        } else if s.name.ends_with('w') {
+            dst.fill(1.0); // LayerNorm gains (ln1w, ln2w)
+        } // biases stay 0
+    }
+    host
+}
+
+/// Host values of a fresh embedding unit (wte then wpe).
+pub fn embed_init(layout: &Layout, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
+    let mut rng = Rng::stream(cfg.seed, 0);
+    let mut host = vec![0.0f32; layout.total];
+    let wte = layout.get("wte");
+    // Only the real vocabulary rows are random; padded rows stay 0.
+    rng.fill_normal(&mut host[wte.offset..wte.offset + dims.vocab * dims.channels], cfg.std);
+    let wpe = layout.get("wpe");
+    rng.fill_normal(&mut host[wpe.offset..wpe.offset + wpe.numel()], cfg.std);
+    host
+}

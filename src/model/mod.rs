@@ -1,0 +1,306 @@
+//! The model as the units a pipeline stage owns: [`Embed`], [`Block`] (one transformer layer) and
+//! [`Head`] (final LayerNorm + tied LM head + loss), plus [`Model`], their sequential composition.
+//!
+//! Every unit owns a [`ParamSet`]: ONE contiguous parameter buffer, ONE gradient buffer of the same
+//! layout, and its optimizer state, described by a [`Layout`] (name, shape, offset per tensor).
+//! Units never reach into each other's memory, except for the one documented exception below.
+//!
+//! **The tied embedding.** The LM head multiplies by the token embedding `wte` (GPT-2's tie), and
+//! the tie must be exact: `wte` receives the sum of the embedding gradient and the head gradient.
+//! We keep ONE copy of `wte`, owned by [`Embed`], and have [`Head`] borrow it (read `wte`, add into
+//! `dwte`). In the actor runtime both ends of the pipeline live in one actor, so the pipeline is a
+//! ring (ends → layer 0 → … → layer L-1 → ends) and no copy or gradient exchange is ever needed.
+//! The alternative (Megatron's two copies and an all-reduce of their gradients at each step) costs
+//! a (Vp, C) transfer per step and two copies that must be kept equal; the ring costs nothing
+//! while the ends share a device, which is also where the data and the loss are.
+//!
+//! A 0-layer model is `Embed → Head`: no blocks at all.
+
+pub mod block;
+pub mod embed;
+pub mod growth;
+pub mod head;
+pub mod init;
+
+pub use block::Block;
+pub use embed::Embed;
+pub use head::Head;
+
+use crate::backend::{Backend, View};
+use crate::optim::OptState;
+use serde::{Deserialize, Serialize};
+
+/// The shape of a GPT-2 model, without its depth (depth changes as it grows).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dims {
+    /// Real vocabulary size V.
+    pub vocab: usize,
+    /// Vocabulary padded to a multiple of 128 for the matrices (llm.c's Vp).
+    pub padded_vocab: usize,
+    /// Maximum sequence length (rows of the position embedding).
+    pub max_seq: usize,
+    /// Channels C.
+    pub channels: usize,
+    /// Attention heads NH.
+    pub heads: usize,
+}
+
+impl Dims {
+    pub fn new(vocab: usize, max_seq: usize, channels: usize, heads: usize) -> Self {
+        Dims { vocab, padded_vocab: vocab.div_ceil(128) * 128, max_seq, channels, heads }
+    }
+}
+
+/// One tensor of a unit: its name, shape and offset in the unit's buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// The token embedding: treated as a matrix or not per `embedding_optimizer`.
+    pub is_embedding: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// A 2-D tensor (Muon's domain; AdamW's weight-decay domain).
+    pub fn is_matrix(&self) -> bool {
+        self.shape.len() == 2
+    }
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+    pub fn cols(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+}
+
+/// The tensors of a unit, in buffer order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub specs: Vec<ParamSpec>,
+    pub total: usize,
+}
+
+impl Layout {
+    /// Build from (name, shape) in order; the embedding tensor is the one named `wte`.
+    pub fn new(tensors: &[(&'static str, Vec<usize>)]) -> Self {
+        let mut specs = Vec::with_capacity(tensors.len());
+        let mut off = 0;
+        for (name, shape) in tensors {
+            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: *name == "wte" };
+            off += spec.numel();
+            specs.push(spec);
+        }
+        Layout { specs, total: off }
+    }
+    pub fn get(&self, name: &str) -> &ParamSpec {
+        self.specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
+    }
+    pub fn index(&self, name: &str) -> usize {
+        self.specs.iter().position(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
+    }
+}
+
+/// A unit's parameters, gradients and optimizer state, all in the same layout.
+pub struct ParamSet<B: Backend> {
+    pub layout: Layout,
+    pub params: B::Buf,
+    pub grads: B::Buf,
+    pub state: OptState<B>,
+}
+
+impl<B: Backend> ParamSet<B> {
+    pub fn new(be: &B, layout: Layout) -> Self {
+        let params = be.alloc(layout.total);
+        let grads = be.alloc(layout.total);
+        let state = OptState::new(be, &layout);
+        ParamSet { layout, params, grads, state }
+    }
+    /// View of one parameter tensor.
+    pub fn p(&self, name: &str) -> View<'_, B::Buf> {
+        let s = self.layout.get(name);
+        View::new(&self.params, s.offset, s.numel())
+    }
+    /// View of one gradient tensor.
+    pub fn g(&self, name: &str) -> View<'_, B::Buf> {
+        let s = self.layout.get(name);
+        View::new(&self.grads, s.offset, s.numel())
+    }
+    pub fn zero_grad(&self, be: &B) {
+        be.fill(B::whole(&self.grads), 0.0);
+    }
+    pub fn numel(&self) -> usize {
+        self.layout.total
+    }
+    /// Host copy of all parameters (checkpoints, tests).
+    pub fn params_to_host(&self, be: &B) -> Vec<f32> {
+        let mut v = vec![0.0; self.layout.total];
+        be.download(B::whole(&self.params), &mut v);
+        v
+    }
+    pub fn grads_to_host(&self, be: &B) -> Vec<f32> {
+        let mut v = vec![0.0; self.layout.total];
+        be.download(B::whole(&self.grads), &mut v);
+        v
+    }
+    pub fn params_from_host(&self, be: &B, host: &[f32]) {
+        be.upload(B::whole(&self.params), host);
+    }
+}
+
+/// A recycling pool of (N, C) activation buffers handed between stages.
+///
+/// A stage takes its output buffer from its pool and puts back the input buffer it no longer
+/// needs after backward, so after the first step no stage allocates (buffers circulate).
+pub struct ActPool<B: Backend> {
+    free: Vec<B::Buf>,
+}
+
+impl<B: Backend> Default for ActPool<B> {
+    fn default() -> Self {
+        ActPool { free: Vec::new() }
+    }
+}
+
+impl<B: Backend> ActPool<B> {
+    pub fn take(&mut self, be: &B, n: usize) -> B::Buf {
+        match self.free.iter().position(|b| B::buf_len(b) == n) {
+            Some(i) => self.free.swap_remove(i),
+            None => be.alloc(n),
+        }
+    }
+    pub fn put(&mut self, buf: B::Buf) {
+        self.free.push(buf);
+    }
+}
+
+/// A whole model composed sequentially: the unit of the sequential trainer and of the tests.
+pub struct Model<B: Backend> {
+    pub dims: Dims,
+    pub embed: Embed<B>,
+    pub blocks: Vec<Block<B>>,
+    pub head: Head<B>,
+    /// The next stable layer id to give a newborn block (ids are birth order).
+    pub next_id: u64,
+}
+
+/// The micro-batch id reserved for forward-only passes (evaluation, logits).
+pub const EVAL_MB: u64 = u64::MAX;
+
+/// One micro-batch's inputs on the device.
+pub struct Batch<B: Backend> {
+    pub inputs: B::Ids,
+    pub targets: B::Ids,
+    pub b: usize,
+    pub t: usize,
+}
+
+impl<B: Backend> Batch<B> {
+    /// From (B, T+1) windows, row-major: inputs are tokens 0..T of a row, targets 1..T+1.
+    pub fn from_windows(be: &B, windows: &[u32], b: usize, t: usize) -> Self {
+        assert_eq!(windows.len(), b * (t + 1), "expected {b} windows of {} tokens", t + 1);
+        let mut inp = Vec::with_capacity(b * t);
+        let mut tgt = Vec::with_capacity(b * t);
+        for r in 0..b {
+            let w = &windows[r * (t + 1)..(r + 1) * (t + 1)];
+            inp.extend_from_slice(&w[..t]);
+            tgt.extend_from_slice(&w[1..]);
+        }
+        let inputs = be.alloc_ids(b * t);
+        let targets = be.alloc_ids(b * t);
+        be.upload_ids(&inputs, &inp);
+        be.upload_ids(&targets, &tgt);
+        Batch { inputs, targets, b, t }
+    }
+    /// Reuse the device buffers for a new micro-batch of the same shape.
+    pub fn load(&mut self, be: &B, windows: &[u32], inp: &mut Vec<u32>, tgt: &mut Vec<u32>) {
+        let (b, t) = (self.b, self.t);
+        assert_eq!(windows.len(), b * (t + 1));
+        inp.clear();
+        tgt.clear();
+        for r in 0..b {
+            let w = &windows[r * (t + 1)..(r + 1) * (t + 1)];
+            inp.extend_from_slice(&w[..t]);
+            tgt.extend_from_slice(&w[1..]);
+        }
+        be.upload_ids(&self.inputs, inp);
+        be.upload_ids(&self.targets, tgt);
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// A fresh model of `depth` blocks; `target_depth` sets the residual-projection init scale
+    /// (METHOD.md: grown and fixed models start their blocks alike).
+    pub fn new(be: &B, dims: Dims, depth: usize, init: &init::InitConfig) -> Self {
+        let embed = Embed::new(be, &dims, init);
+        let head = Head::new(be, &dims);
+        let blocks = (0..depth as u64).map(|id| Block::new_init(be, &dims, id, init)).collect();
+        Model { dims, embed, blocks, head, next_id: depth as u64 }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Forward and backward over one micro-batch. Gradients accumulate into every unit's grads;
+    /// `dscale` scales the loss gradient (1 / (N * micro_batches) for a mean over a step).
+    /// Returns the mean loss over the micro-batch (a host read-back: the step's one sync point).
+    pub fn forward_backward(&mut self, be: &B, batch: &Batch<B>, dscale: f32) -> f32 {
+        let mb = 0;
+        let mut x = self.embed.forward(be, &batch.inputs, batch.b, batch.t);
+        for blk in self.blocks.iter_mut() {
+            x = blk.forward(be, mb, x, batch.b, batch.t);
+        }
+        let (mut dx, loss) = self.head.forward_backward(be, mb, x, &batch.targets, &self.embed.w, dscale, batch.b, batch.t);
+        for blk in self.blocks.iter_mut().rev() {
+            dx = blk.backward(be, mb, dx);
+        }
+        self.embed.backward(be, dx, &batch.inputs, batch.b, batch.t);
+        loss
+    }
+
+    /// Forward only (evaluation): mean loss over the batch; gradients untouched.
+    pub fn eval_loss(&mut self, be: &B, batch: &Batch<B>) -> f32 {
+        let x = self.forward_blocks(be, batch);
+        let (x, loss) = self.head.loss_only(be, x, &batch.targets, &self.embed.w, batch.b, batch.t);
+        self.embed.recycle(x);
+        loss
+    }
+
+    /// Logits (B, T, Vp) of a batch, for function-preservation tests.
+    pub fn logits(&mut self, be: &B, batch: &Batch<B>) -> Vec<f32> {
+        let x = self.forward_blocks(be, batch);
+        let (x, out) = self.head.logits(be, x, &self.embed.w, batch.b, batch.t);
+        self.embed.recycle(x);
+        out
+    }
+
+    /// Embedding and blocks without keeping anything for backward.
+    fn forward_blocks(&mut self, be: &B, batch: &Batch<B>) -> B::Buf {
+        let mb = EVAL_MB; // a slot of its own, so an evaluation never disturbs training stashes
+        let mut x = self.embed.forward(be, &batch.inputs, batch.b, batch.t);
+        for blk in self.blocks.iter_mut() {
+            x = blk.forward(be, mb, x, batch.b, batch.t);
+            blk.forget(mb);
+        }
+        x
+    }
+
+    pub fn zero_grad(&self, be: &B) {
+        self.embed.w.zero_grad(be);
+        self.head.w.zero_grad(be);
+        for b in &self.blocks {
+            b.w.zero_grad(be);
+        }
+    }
+
+    /// All parameter counts: (total, embedding, non-embedding).
+    pub fn param_counts(&self) -> (usize, usize, usize) {
+        let emb = self.embed.w.numel();
+        let rest = self.head.w.numel() + self.blocks.iter().map(|b| b.w.numel()).sum::<usize>();
+        (emb + rest, emb, rest)
+    }
+}
