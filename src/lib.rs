@@ -19,3 +19,7 @@ pub mod backend;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod cli;
+pub mod config;
+pub mod flops;
+pub mod train;

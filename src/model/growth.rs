@@ -1,1 +1,193 @@
-pub fn placeholder() {}
+//! The growth operator (METHOD.md, "Expansion"): grow a model from L_s to L_t blocks at step τ.
+//!
+//! - **Where**: new blocks go to the `bottom` (default: between the embedding and the existing
+//!   blocks) or, for ablation, the `top`.
+//! - **Init** of new blocks:
+//!   - `random`: the target-depth init of [`init`](super::init) (the only choice from 0 layers);
+//!   - `copying`: every new block a copy of a trained block, in the order `stack` =
+//!     [w1..wk, w1..wk, …] (default), `inter` = [w1, w1, …, w2, w2, …] or `last` = copies of the
+//!     last block, where w1 is the bottom-most existing block;
+//!   - `zero`: all block matrices and biases 0, LayerNorm gains 1 (a dead block, for ablation);
+//!   - `copying_zero`: copy, then zero the attention-out and MLP-out projections and their
+//!     biases — an identity block, so the grown model computes the same function.
+//! - **Optimizer state**: `inherit` (default: old tensors keep theirs, new blocks start from zero
+//!   state at step 0), `copy` (a copied block also copies its source's state; new blocks without
+//!   a source start from zero), `reset` (every unit's state zeroed, old ones too).
+//! - New blocks get fresh stable ids in birth order (`Model::next_id`), bottom-most first.
+//!
+//! The pieces are split so the actor runtime can use them without a `Model`: [`plan_sources`]
+//! says which source each new block copies, [`make_block`] builds one block from a source
+//! snapshot (what a layer actor's `GetState` returns), and [`grow`] applies a whole expansion to
+//! a sequential [`Model`].
+
+use super::init::InitConfig;
+use super::{Block, Dims, Model, UnitState};
+use crate::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Position {
+    #[default]
+    Bottom,
+    Top,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GrowInit {
+    #[default]
+    Random,
+    Copying,
+    Zero,
+    CopyingZero,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyOrder {
+    #[default]
+    Stack,
+    Inter,
+    Last,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptStatePolicy {
+    #[default]
+    Inherit,
+    Copy,
+    Reset,
+}
+
+/// One expansion of a growth plan (a multi-stage plan is a list of them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expansion {
+    /// τ: the expansion happens before the update of this step.
+    pub at_step: u64,
+    /// L_t: the depth after this expansion.
+    pub to_depth: usize,
+    #[serde(default)]
+    pub position: Position,
+    #[serde(default)]
+    pub init: GrowInit,
+    #[serde(default)]
+    pub order: CopyOrder,
+    #[serde(default)]
+    pub opt_state: OptStatePolicy,
+}
+
+/// For each of the `k` new blocks (bottom-most first), the index of the existing block it copies
+/// (0 = bottom-most existing), or None when the init does not copy.
+pub fn plan_sources(init: GrowInit, order: CopyOrder, ls: usize, k: usize) -> anyhow::Result<Vec<Option<usize>>> {
+    match init {
+        GrowInit::Random | GrowInit::Zero => Ok(vec![None; k]),
+        GrowInit::Copying | GrowInit::CopyingZero => {
+            anyhow::ensure!(ls >= 1, "init `{init:?}` copies trained blocks, but the model has 0 blocks: from 0 layers use `random`");
+            Ok((0..k)
+                .map(|j| {
+                    Some(match order {
+                        CopyOrder::Stack => j % ls,
+                        // ceil-free even spread: block i of ls gets new blocks [i*k/ls, (i+1)*k/ls)
+                        CopyOrder::Inter => j * ls / k,
+                        CopyOrder::Last => ls - 1,
+                    })
+                })
+                .collect())
+        }
+    }
+}
+
+/// The tensors `copying_zero` zeroes: the residual output projections and their biases.
+pub const RESIDUAL_OUTPUTS: [&str; 4] = ["attprojw", "attprojb", "fcprojw", "fcprojb"];
+
+/// Build one new block with layer id `id`.
+///
+/// `source`: the snapshot of the block it copies (`copying`, `copying_zero`); its optimizer state
+/// is taken along only under the `copy` policy.
+pub fn make_block<B: Backend>(
+    be: &B,
+    dims: &Dims,
+    id: u64,
+    init: GrowInit,
+    source: Option<&UnitState>,
+    policy: OptStatePolicy,
+    init_cfg: &InitConfig,
+) -> anyhow::Result<Block<B>> {
+    let mut blk = match init {
+        GrowInit::Random => Block::new_init(be, dims, id, init_cfg),
+        GrowInit::Zero => {
+            let blk = Block::new_empty(be, dims, id);
+            let mut host = vec![0.0; blk.w.layout.total];
+            for name in ["ln1w", "ln2w"] {
+                let s = blk.w.layout.get(name);
+                host[s.offset..s.offset + s.numel()].fill(1.0);
+            }
+            blk.w.params_from_host(be, &host);
+            blk
+        }
+        GrowInit::Copying | GrowInit::CopyingZero => {
+            let src = source.ok_or_else(|| anyhow::anyhow!("init `{init:?}` needs a source block"))?;
+            let mut blk = Block::new_empty(be, dims, id);
+            let mut host = src.params.clone();
+            if init == GrowInit::CopyingZero {
+                for name in RESIDUAL_OUTPUTS {
+                    let s = blk.w.layout.get(name);
+                    host[s.offset..s.offset + s.numel()].fill(0.0);
+                }
+            }
+            if policy == OptStatePolicy::Copy {
+                blk.w.restore(be, &UnitState { params: host, ..src.clone() })?;
+            } else {
+                blk.w.params_from_host(be, &host);
+            }
+            blk
+        }
+    };
+    blk.w.zero_grad(be);
+    Ok(blk)
+}
+
+/// What an expansion did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrowthReport {
+    pub from_depth: usize,
+    pub to_depth: usize,
+    /// Layer ids of the new blocks, bottom-most first.
+    pub new_ids: Vec<u64>,
+    /// Layer ids of the whole stack after growth, bottom to top.
+    pub stack: Vec<u64>,
+}
+
+/// Apply one expansion to a sequential model.
+pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthReport> {
+    let ls = model.depth();
+    anyhow::ensure!(exp.to_depth > ls, "expansion at step {} grows to depth {} but the model already has {ls} blocks", exp.at_step, exp.to_depth);
+    let k = exp.to_depth - ls;
+    let sources = plan_sources(exp.init, exp.order, ls, k)?;
+    let snaps: Vec<UnitState> = model.blocks.iter().map(|b| b.w.snapshot(be)).collect();
+    let mut new_blocks = Vec::with_capacity(k);
+    for (j, src) in sources.iter().enumerate() {
+        let id = model.next_id + j as u64;
+        new_blocks.push(make_block(be, &model.dims, id, exp.init, src.map(|i| &snaps[i]), exp.opt_state, init_cfg)?);
+    }
+    model.next_id += k as u64;
+    let new_ids: Vec<u64> = new_blocks.iter().map(|b| b.id).collect();
+    match exp.position {
+        Position::Bottom => {
+            new_blocks.append(&mut model.blocks);
+            model.blocks = new_blocks;
+        }
+        Position::Top => model.blocks.append(&mut new_blocks),
+    }
+    if exp.opt_state == OptStatePolicy::Reset {
+        model.embed.w.state.reset(be);
+        model.head.w.state.reset(be);
+        for b in model.blocks.iter_mut() {
+            b.w.state.reset(be);
+        }
+    }
+    Ok(GrowthReport { from_depth: ls, to_depth: exp.to_depth, new_ids, stack: model.blocks.iter().map(|b| b.id).collect() })
+}

@@ -304,3 +304,51 @@ impl<B: Backend> Model<B> {
         (emb + rest, emb, rest)
     }
 }
+
+/// A host snapshot of a unit: parameters and optimizer state. Used by growth (`copying` reads
+/// its sources this way, as a layer actor answers `GetState`) and by checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnitState {
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Option<Vec<f32>>,
+    pub steps: Vec<u64>,
+}
+
+impl<B: Backend> ParamSet<B> {
+    pub fn snapshot(&self, be: &B) -> UnitState {
+        let mut m = vec![0.0; self.layout.total];
+        be.download(B::whole(&self.state.m), &mut m);
+        let v = self.state.v.as_ref().map(|v| {
+            let mut h = vec![0.0; self.layout.total];
+            be.download(B::whole(v), &mut h);
+            h
+        });
+        UnitState { params: self.params_to_host(be), m, v, steps: self.state.steps.clone() }
+    }
+
+    /// Load parameters and optimizer state from a snapshot of the same layout.
+    pub fn restore(&mut self, be: &B, s: &UnitState) -> anyhow::Result<()> {
+        let n = self.layout.total;
+        anyhow::ensure!(
+            s.params.len() == n && s.m.len() == n && s.steps.len() == self.layout.specs.len(),
+            "unit state does not match the layout: {} params for {n}, {} step counters for {} tensors",
+            s.params.len(),
+            s.steps.len(),
+            self.layout.specs.len()
+        );
+        self.params_from_host(be, &s.params);
+        be.upload(B::whole(&self.state.m), &s.m);
+        match &s.v {
+            Some(v) => {
+                anyhow::ensure!(v.len() == n, "second-moment state of {} values for {n} parameters", v.len());
+                let dst = be.alloc(n);
+                be.upload(B::whole(&dst), v);
+                self.state.v = Some(dst);
+            }
+            None => self.state.v = None,
+        }
+        self.state.steps.clone_from(&s.steps);
+        Ok(())
+    }
+}

@@ -1,0 +1,285 @@
+//! The run configuration: one TOML file per run (`config/*.toml`), overridable from the command
+//! line with `--set section.key=value`.
+//!
+//! Parsing is strict: unknown keys and wrong types are errors that name the key (and line), and
+//! [`Config::validate`] rejects inconsistent values (τ after T, heads not dividing C, a target
+//! depth below the starting depth, …) naming the key. Relative paths are relative to the working
+//! directory the command runs in (the repository root for every shipped config).
+
+use crate::model::growth::{CopyOrder, Expansion, GrowInit, OptStatePolicy, Position};
+use crate::model::init::InitScheme;
+use crate::optim::schedule::Schedule;
+use crate::optim::OptimConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// The growth plan: zero, one (default single-stage) or several expansions.
+    #[serde(default)]
+    pub growth: Vec<GrowthSpec>,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Total optimizer steps T.
+    pub steps: u64,
+    /// Where logs, checkpoints and results go (default `runs/<name>`).
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+    /// Print a training-loss line every this many steps (0: never).
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+fn default_seed() -> u64 {
+    1337
+}
+fn default_log_every() -> u64 {
+    50
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory holding `*val*.bin` and `*train*.bin` token shards.
+    pub dir: PathBuf,
+    /// `bytes` or `gpt2`.
+    pub tokenizer: String,
+    /// B: sequences per micro-batch.
+    pub batch_size: usize,
+    /// T: tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// C.
+    pub channels: usize,
+    /// NH.
+    pub heads: usize,
+    /// Rows of the position embedding (default: `data.seq_len`).
+    #[serde(default)]
+    pub max_seq: Option<usize>,
+    /// Blocks at step 0 (0 or 1 for progressive training; the target for a fixed-size run).
+    pub depth: usize,
+    /// Blocks at the end; sets the residual-projection init scale. Default: `depth`.
+    #[serde(default)]
+    pub target_depth: Option<usize>,
+    #[serde(default)]
+    pub init: InitScheme,
+}
+
+/// One expansion as written in a config: `at` (fraction of T) or `at_step`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthSpec {
+    #[serde(default)]
+    pub at: Option<f64>,
+    #[serde(default)]
+    pub at_step: Option<u64>,
+    pub to_depth: usize,
+    #[serde(default)]
+    pub position: Position,
+    #[serde(default)]
+    pub init: GrowInit,
+    #[serde(default)]
+    pub order: CopyOrder,
+    #[serde(default)]
+    pub opt_state: OptStatePolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps (and always at the last step).
+    pub every: u64,
+    /// Validation batches (of B sequences of T tokens) per evaluation.
+    pub batches: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { every: 250, batches: 16 }
+    }
+}
+
+impl Config {
+    /// Read, apply `--set` overrides, parse strictly, validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(value))
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.schedule.total_steps = cfg.run.steps;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn target_depth(&self) -> usize {
+        self.model.target_depth.unwrap_or_else(|| self.growth.iter().map(|g| g.to_depth).max().unwrap_or(self.model.depth))
+    }
+
+    pub fn max_seq(&self) -> usize {
+        self.model.max_seq.unwrap_or(self.data.seq_len)
+    }
+
+    pub fn out_dir(&self) -> PathBuf {
+        self.run.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.run.name))
+    }
+
+    /// The growth plan as expansions at absolute steps, in order.
+    pub fn expansions(&self) -> Vec<Expansion> {
+        self.growth
+            .iter()
+            .map(|g| Expansion {
+                at_step: g.at_step.unwrap_or_else(|| (g.at.unwrap_or(0.0) * self.run.steps as f64).round() as u64),
+                to_depth: g.to_depth,
+                position: g.position,
+                init: g.init,
+                order: g.order,
+                opt_state: g.opt_state,
+            })
+            .collect()
+    }
+
+    /// Consistency checks that the types alone cannot express; each error names its key.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, key: &str| -> Result<()> {
+            if v == 0 {
+                bail!("`{key}` must be at least 1");
+            }
+            Ok(())
+        };
+        if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) {
+            bail!("`run.name` must be a non-empty name without path separators, got {:?}", self.run.name);
+        }
+        if self.run.steps == 0 {
+            bail!("`run.steps` must be at least 1");
+        }
+        pos(self.data.batch_size, "data.batch_size")?;
+        pos(self.data.seq_len, "data.seq_len")?;
+        pos(self.data.micro_batches, "data.micro_batches")?;
+        if !matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") {
+            bail!("`data.tokenizer` must be \"bytes\" or \"gpt2\", got {:?}", self.data.tokenizer);
+        }
+        pos(self.model.channels, "model.channels")?;
+        pos(self.model.heads, "model.heads")?;
+        if self.model.channels % self.model.heads != 0 {
+            bail!("`model.heads` ({}) must divide `model.channels` ({})", self.model.heads, self.model.channels);
+        }
+        if self.max_seq() < self.data.seq_len {
+            bail!("`model.max_seq` ({}) is shorter than `data.seq_len` ({})", self.max_seq(), self.data.seq_len);
+        }
+        let target = self.target_depth();
+        if target < self.model.depth {
+            bail!("`model.target_depth` ({target}) is below the starting depth `model.depth` ({})", self.model.depth);
+        }
+        let s = &self.schedule;
+        if !(s.lr.is_finite() && s.lr > 0.0) {
+            bail!("`schedule.lr` must be a positive number, got {}", s.lr);
+        }
+        if !(0.0..1.0).contains(&s.warmup) {
+            bail!("`schedule.warmup` is a fraction of the steps in [0, 1), got {}", s.warmup);
+        }
+        if !(0.0..=1.0).contains(&s.decay) || s.warmup + s.decay > 1.0 {
+            bail!("`schedule.decay` must be a fraction in [0, 1] with warmup + decay <= 1, got decay {} and warmup {}", s.decay, s.warmup);
+        }
+        if !(s.min_lr >= 0.0 && s.min_lr <= s.lr) {
+            bail!("`schedule.min_lr` must be in [0, schedule.lr], got {}", s.min_lr);
+        }
+        let o = &self.optim;
+        if !(0.0..1.0).contains(&o.momentum) {
+            bail!("`optim.momentum` must be in [0, 1), got {}", o.momentum);
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            bail!("`optim.beta1` and `optim.beta2` must be in [0, 1), got {} and {}", o.beta1, o.beta2);
+        }
+        if o.weight_decay.is_some_and(|w| !(w >= 0.0)) {
+            bail!("`optim.weight_decay` must be >= 0");
+        }
+        pos(self.eval.batches, "eval.batches")?;
+        let mut depth = self.model.depth;
+        let mut last_step = 0u64;
+        for (i, g) in self.growth.iter().enumerate() {
+            let key = format!("growth[{i}]");
+            match (g.at, g.at_step) {
+                (Some(_), Some(_)) => bail!("`{key}`: give `at` (fraction of run.steps) or `at_step`, not both"),
+                (None, None) => bail!("`{key}`: missing `at` (fraction of run.steps) or `at_step`"),
+                (Some(a), None) if !(a > 0.0 && a < 1.0) => bail!("`{key}.at` must be a fraction in (0, 1), got {a}"),
+                _ => {}
+            }
+        }
+        for (i, e) in self.expansions().iter().enumerate() {
+            let key = format!("growth[{i}]");
+            if e.at_step == 0 || e.at_step >= self.run.steps {
+                bail!("`{key}`: τ = step {} is not inside the run (1..{})", e.at_step, self.run.steps);
+            }
+            if e.at_step <= last_step && i > 0 {
+                bail!("`{key}`: expansions must be in increasing step order (step {} after step {last_step})", e.at_step);
+            }
+            if e.to_depth <= depth {
+                bail!("`{key}.to_depth` ({}) must exceed the depth before it ({depth})", e.to_depth);
+            }
+            if matches!(e.init, GrowInit::Copying | GrowInit::CopyingZero) && depth == 0 {
+                bail!("`{key}.init` = {:?} copies trained blocks, but the model has 0 blocks then: use \"random\"", e.init);
+            }
+            if e.to_depth > target {
+                bail!("`{key}.to_depth` ({}) exceeds `model.target_depth` ({target})", e.to_depth);
+            }
+            depth = e.to_depth;
+            last_step = e.at_step;
+        }
+        Ok(())
+    }
+}
+
+/// Apply `a.b.c=value` to a TOML table; the value is parsed as TOML (falls back to a string).
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec.split_once('=').with_context(|| format!("--set {spec:?}: expected key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {spec:?}: empty key in {path:?}");
+    }
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed a table with key v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut table = root;
+    for k in &keys[..keys.len() - 1] {
+        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().with_context(|| format!("--set {spec:?}: `{k}` is not a table"))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}

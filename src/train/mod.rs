@@ -1,0 +1,84 @@
+//! Training loops and what they report.
+//!
+//! [`sequential`] is the plain loop (embed → blocks → head → backward → step, growth included). It
+//! is the reference the actor runtime is tested against, and the baseline of its overhead
+//! benchmark. Every loop reports the same [`TrainReport`] and prints the same log lines:
+//!
+//! ```text
+//! step=250/3000 depth=0 train_loss=2.4512 lr=0.020000 tok/s=51234 elapsed_s=12.3
+//! step=250/3000 depth=0 val_loss=2.4301 flops_llmc=1.2e12 flops_ne=3.4e11 elapsed_s=12.5
+//! grow step=2400 depth=0->6 new_ids=[0, 1, 2, 3, 4, 5] stack=[0, 1, 2, 3, 4, 5]
+//! ```
+
+pub mod sequential;
+
+use crate::config::Config;
+use crate::model::Dims;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+
+/// One optimizer step.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepRecord {
+    /// Updates done after this step (1-based).
+    pub step: u64,
+    pub depth: usize,
+    pub lr: f32,
+    pub train_loss: f32,
+    /// Cumulative FLOPs, llm.c convention and non-embedding convention.
+    pub flops_llmc: f64,
+    pub flops_ne: f64,
+    pub elapsed_s: f64,
+}
+
+/// One evaluation on the validation split.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub depth: usize,
+    pub val_loss: f32,
+    pub flops_llmc: f64,
+    pub flops_ne: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    pub steps: Vec<StepRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub growth: Vec<crate::model::growth::GrowthReport>,
+    pub wall_s: f64,
+}
+
+impl TrainReport {
+    pub fn final_val_loss(&self) -> Option<f32> {
+        self.evals.last().map(|e| e.val_loss)
+    }
+
+    /// Write `steps.csv` and `evals.csv` into `dir`.
+    pub fn write_csv(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::fs::File::create(dir.join("steps.csv"))?;
+        writeln!(f, "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s")?;
+        for s in &self.steps {
+            writeln!(f, "{},{},{},{},{:e},{:e},{:.3}", s.step, s.depth, s.lr, s.train_loss, s.flops_llmc, s.flops_ne, s.elapsed_s)?;
+        }
+        let mut f = std::fs::File::create(dir.join("evals.csv"))?;
+        writeln!(f, "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s")?;
+        for e in &self.evals {
+            writeln!(f, "{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s)?;
+        }
+        Ok(())
+    }
+}
+
+/// The model shape a config describes.
+pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
+    Dims::new(vocab, cfg.max_seq(), cfg.model.channels, cfg.model.heads)
+}
+
+/// Whether to evaluate after `done` updates.
+pub fn eval_due(cfg: &Config, done: u64) -> bool {
+    done == cfg.run.steps || (cfg.eval.every > 0 && done % cfg.eval.every == 0)
+}
