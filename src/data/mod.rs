@@ -1,1 +1,25 @@
-//! Data: tokenizers, token shards, loader.
+//! Data: tokenizers, llm.c-format token shards, and the deterministic batch loader.
+//!
+//! The pipeline, from text to batches:
+//!
+//! 1. [`prepare`] reads text files, tokenizes them with a [`Tokenizer`] and writes a
+//!    validation shard and a training shard (the `taproot prepare` command).
+//! 2. [`Dataset::open`] reads a directory of shards back, checking every token against the
+//!    model's vocabulary.
+//! 3. [`Loader`] draws random `B x (T + 1)` training batches whose sequence is fixed by a seed
+//!    and resumable from a [`LoaderState`]; [`sequential_batches`] walks the validation set
+//!    in order for evaluation.
+//!
+//! Shards use llm.c's `.bin` format (see [`shard`]) so data can be shared with llm.c.
+
+pub mod loader;
+pub mod prepare;
+pub mod shard;
+pub mod tokenizer;
+
+pub use loader::{
+    num_sequential_batches, sequential_batches, Dataset, Loader, LoaderState, SequentialBatches,
+};
+pub use prepare::{prepare, PrepareArgs, PrepareReport};
+pub use shard::{check_tokens, read_shard, write_shard, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION};
+pub use tokenizer::{Tokenizer, GPT2_EOT, GPT2_VOCAB, TOKENIZER_NAMES};

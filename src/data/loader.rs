@@ -1,0 +1,338 @@
+//! Batches for training and evaluation, and the on-disk dataset they come from.
+//!
+//! - [`Dataset`] reads a directory of llm.c shards into one token stream per split.
+//! - [`Loader`] draws training batches: `B` windows of `T + 1` consecutive tokens at random
+//!   start positions (the first `T` are the inputs, the last `T` the targets). The positions
+//!   come from a tiny self-contained PRNG whose whole state is one `u64`, so a run can save
+//!   [`LoaderState`] in its checkpoint and resume with bit-identical batches.
+//! - [`sequential_batches`] walks the validation stream in order, so every evaluation sees
+//!   exactly the same tokens and losses are comparable across steps and runs.
+
+use crate::data::shard::{check_tokens, read_shard};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// splitmix64: one `u64` of state, good statistical quality, trivially serialisable.
+/// Written out here (rather than using a crate) so the batch sequence can never change
+/// under us with a dependency upgrade.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform integer in `[0, n)` (`n > 0`), without modulo bias: draws that fall in the
+/// incomplete last block of size `2^64 mod n` are rejected and redrawn.
+fn uniform_below(state: &mut u64, n: u64) -> u64 {
+    debug_assert!(n > 0);
+    let zone = u64::MAX - (u64::MAX % n); // largest multiple of n, as an exclusive bound
+    loop {
+        let x = splitmix64(state);
+        if x < zone {
+            return x % n;
+        }
+    }
+}
+
+/// Everything needed to resume a [`Loader`] exactly where it stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoaderState {
+    /// The PRNG state after the last drawn batch.
+    pub rng: u64,
+    /// How many batches have been drawn so far (for logging and sanity checks).
+    pub batches: u64,
+}
+
+/// Random-window training batch loader over one token stream.
+#[derive(Clone, Debug)]
+pub struct Loader {
+    tokens: Vec<u16>,
+    b: usize,
+    t: usize,
+    state: LoaderState,
+}
+
+impl Loader {
+    /// A loader yielding batches of `b` windows of `t + 1` tokens from `tokens`.
+    ///
+    /// `seed` fully determines the batch sequence. Errors if `b` or `t` is zero or if the
+    /// stream is shorter than one window (`t + 1` tokens).
+    pub fn new(tokens: Vec<u16>, b: usize, t: usize, seed: u64) -> Result<Loader> {
+        if b == 0 || t == 0 {
+            bail!("loader needs B >= 1 and T >= 1, got B={b}, T={t}");
+        }
+        if tokens.len() < t + 1 {
+            bail!(
+                "token stream has {} tokens, fewer than one window of T+1 = {} tokens (T={t})",
+                tokens.len(),
+                t + 1
+            );
+        }
+        Ok(Loader {
+            tokens,
+            b,
+            t,
+            state: LoaderState {
+                rng: seed,
+                batches: 0,
+            },
+        })
+    }
+
+    /// Batch size B (windows per batch).
+    pub fn batch_size(&self) -> usize {
+        self.b
+    }
+
+    /// Sequence length T (each window holds T + 1 tokens).
+    pub fn seq_len(&self) -> usize {
+        self.t
+    }
+
+    /// The whole token stream this loader samples from.
+    pub fn tokens(&self) -> &[u16] {
+        &self.tokens
+    }
+
+    /// Fills `out` with the next batch: `B * (T + 1)` tokens, row-major, row `r` being the
+    /// contiguous window `tokens[s_r .. s_r + T + 1]` with `s_r` uniform in
+    /// `[0, len - (T + 1)]`. `out` is cleared first so callers can reuse one buffer.
+    pub fn next_batch(&mut self, out: &mut Vec<u32>) {
+        let window = self.t + 1;
+        // Number of valid start positions: starts 0 ..= len - window.
+        let n_starts = (self.tokens.len() - window + 1) as u64;
+        out.clear();
+        out.reserve(self.b * window);
+        for _ in 0..self.b {
+            let start = uniform_below(&mut self.state.rng, n_starts) as usize;
+            out.extend(
+                self.tokens[start..start + window]
+                    .iter()
+                    .map(|&x| u32::from(x)),
+            );
+        }
+        self.state.batches += 1;
+    }
+
+    /// The current position, to store in a checkpoint.
+    pub fn cursor(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    /// Resumes from a saved position: the following `next_batch` calls return exactly what
+    /// they would have returned in the run that saved `st`.
+    pub fn restore(&mut self, st: &LoaderState) {
+        self.state = st.clone();
+    }
+}
+
+/// Iterator over consecutive evaluation batches; see [`sequential_batches`].
+#[derive(Clone, Debug)]
+pub struct SequentialBatches<'a> {
+    tokens: &'a [u16],
+    b: usize,
+    t: usize,
+    next: usize,
+    count: usize,
+}
+
+/// How many full sequential batches of `b` windows of `t + 1` tokens `len` tokens hold.
+/// Windows advance by `t` (see [`sequential_batches`]), so `n` batches need `n*b*t + 1` tokens.
+pub fn num_sequential_batches(len: usize, b: usize, t: usize) -> usize {
+    if b == 0 || t == 0 || len == 0 {
+        return 0;
+    }
+    (len - 1) / (b * t)
+}
+
+/// The evaluation batches of `tokens`, in order, at most `max_batches` of them.
+///
+/// Window `k` (counting across batches) is `tokens[k*T .. k*T + T + 1]`: the inputs of
+/// consecutive windows do not overlap and each token is predicted exactly once, as in llm.c's
+/// validation loader (a window's last token is the next window's first input). Each item is a
+/// `B * (T + 1)` row-major batch like [`Loader::next_batch`] produces. The sequence is the
+/// same every time; a partial batch at the end is dropped. Check [`ExactSizeIterator::len`]
+/// to detect a validation set too small for even one batch.
+pub fn sequential_batches(
+    tokens: &[u16],
+    b: usize,
+    t: usize,
+    max_batches: usize,
+) -> SequentialBatches<'_> {
+    let count = num_sequential_batches(tokens.len(), b, t).min(max_batches);
+    SequentialBatches {
+        tokens,
+        b,
+        t,
+        next: 0,
+        count,
+    }
+}
+
+impl Iterator for SequentialBatches<'_> {
+    type Item = Vec<u32>;
+
+    fn next(&mut self) -> Option<Vec<u32>> {
+        if self.next >= self.count {
+            return None;
+        }
+        let window = self.t + 1;
+        let mut out = Vec::with_capacity(self.b * window);
+        for r in 0..self.b {
+            let start = (self.next * self.b + r) * self.t;
+            out.extend(
+                self.tokens[start..start + window]
+                    .iter()
+                    .map(|&x| u32::from(x)),
+            );
+        }
+        self.next += 1;
+        Some(out)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.count - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for SequentialBatches<'_> {}
+
+/// A tokenized dataset: the train and validation token streams and the vocab they were
+/// checked against.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub train: Vec<u16>,
+    pub val: Vec<u16>,
+    pub vocab: usize,
+}
+
+/// Which split a shard file belongs to, judged from its name (llm.c naming:
+/// `<name>_val_000000.bin`, `<name>_train_000001.bin`, ...).
+fn classify_shard(file_name: &str) -> Option<Split> {
+    let stem = file_name.strip_suffix(".bin")?;
+    // Whole words first, so `interval_train_000001.bin` is training data.
+    let words: Vec<&str> = stem.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    if words.contains(&"val") {
+        return Some(Split::Val);
+    }
+    if words.contains(&"train") {
+        return Some(Split::Train);
+    }
+    if stem.contains("val") {
+        return Some(Split::Val);
+    }
+    if stem.contains("train") {
+        return Some(Split::Train);
+    }
+    // Neither word: fall back to llm.c's convention that shard index 0 is validation.
+    let (_, index) = stem.rsplit_once('_')?;
+    if index.is_empty() || !index.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    if index.bytes().all(|c| c == b'0') {
+        Some(Split::Val)
+    } else {
+        Some(Split::Train)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Split {
+    Train,
+    Val,
+}
+
+impl Dataset {
+    /// Reads every shard in `dir` (not recursively). A `.bin` file whose name contains `val`
+    /// is validation, one containing `train` is training; failing both, a name ending in
+    /// `_<digits>` is validation for index 0 and training otherwise. Other files are ignored.
+    /// Shards of one split are concatenated in file-name order.
+    ///
+    /// Every shard is checked against `vocab`. Errors (naming `dir`) if there is no
+    /// validation shard or no training shard.
+    pub fn open(dir: &Path, vocab: usize) -> Result<Dataset> {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("reading dataset directory {}", dir.display()))?;
+        let mut files: Vec<(String, PathBuf)> = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+            let path = entry.path();
+            if !path.is_file() {
+                continue;
+            }
+            if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                files.push((name.to_string(), path.clone()));
+            }
+        }
+        files.sort();
+
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        let (mut n_train, mut n_val) = (0usize, 0usize);
+        for (name, path) in &files {
+            let split = match classify_shard(name) {
+                Some(s) => s,
+                None => continue,
+            };
+            let tokens = read_shard(path)?;
+            check_tokens(&tokens, vocab, path)?;
+            match split {
+                Split::Train => {
+                    train.extend_from_slice(&tokens);
+                    n_train += 1;
+                }
+                Split::Val => {
+                    val.extend_from_slice(&tokens);
+                    n_val += 1;
+                }
+            }
+        }
+        if n_val == 0 {
+            bail!(
+                "no validation shard in {} (expected a file like <name>_val_000000.bin)",
+                dir.display()
+            );
+        }
+        if n_train == 0 {
+            bail!(
+                "no training shard in {} (expected a file like <name>_train_000001.bin)",
+                dir.display()
+            );
+        }
+        Ok(Dataset { train, val, vocab })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_names() {
+        assert_eq!(classify_shard("tiny_val_000000.bin"), Some(Split::Val));
+        assert_eq!(classify_shard("tiny_train_000001.bin"), Some(Split::Train));
+        assert_eq!(classify_shard("fineweb_000000.bin"), Some(Split::Val));
+        assert_eq!(classify_shard("fineweb_000003.bin"), Some(Split::Train));
+        assert_eq!(
+            classify_shard("interval_train_000001.bin"),
+            Some(Split::Train)
+        );
+        assert_eq!(classify_shard("tinyshakespeare_val.bin"), Some(Split::Val));
+        assert_eq!(classify_shard("model.bin"), None);
+        assert_eq!(classify_shard("notes.txt"), None);
+    }
+
+    #[test]
+    fn uniform_covers_range() {
+        let mut s = 7;
+        let mut seen = [false; 5];
+        for _ in 0..200 {
+            seen[uniform_below(&mut s, 5) as usize] = true;
+        }
+        assert!(seen.iter().all(|&x| x));
+    }
+}
