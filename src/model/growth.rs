@@ -116,7 +116,7 @@ pub fn make_block<B: Backend>(
     policy: OptStatePolicy,
     init_cfg: &InitConfig,
 ) -> anyhow::Result<Block<B>> {
-    let mut blk = match init {
+    let blk = match init {
         GrowInit::Random => Block::new_init(be, dims, id, init_cfg),
         GrowInit::Zero => {
             let blk = Block::new_empty(be, dims, id);
