@@ -2,7 +2,7 @@
 //!
 //! The pipeline, from text to batches:
 //!
-//! 1. [`prepare`] reads text files, tokenizes them with a [`Tokenizer`] and writes a
+//! 1. [`prepare()`] reads text files, tokenizes them with a [`Tokenizer`] and writes a
 //!    validation shard and a training shard (the `taproot prepare` command).
 //! 2. [`Dataset::open`] reads a directory of shards back, checking every token against the
 //!    model's vocabulary.
