@@ -5,7 +5,7 @@
 //! that no two threads write the same element and results do not depend on the thread count
 //! (bitwise reproducible training on CPU).
 
-use super::gemm_raw;
+use super::{gemm_raw, gemm_raw_par};
 use rayon::prelude::*;
 
 /// Elements per rayon task for elementwise kernels: big enough that scheduling is noise.
@@ -235,6 +235,11 @@ pub fn layernorm_backward(
 // attention
 
 /// qkv (B, T, 3C) holds q, k, v side by side per row; head h uses channels [h*hs, (h+1)*hs).
+///
+/// Per (b, h): S = Q Kᵀ · scale (T, T), causal mask, row softmax → att; out = att V. The two
+/// products are `gemm` calls that read Q, K, V in place through strides (row stride 3C), so
+/// nothing is copied. Computing the full T×T square wastes the masked half of the FLOPs, but a
+/// vectorised product of twice the size still beats scalar loops over the triangle by far.
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -245,43 +250,36 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
     att.par_chunks_mut(t * t).enumerate().for_each(|(bh, att_bh)| {
         let outp = outp;
         let (bi, h) = (bh / nh, bh % nh);
+        let q = qkv[bi * t * c3 + h * hs..].as_ptr();
+        let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
+        unsafe {
+            // S (T, T) = Q (T, hs) @ Kᵀ (hs, T) * scale
+            gemm_raw_par(t, t, hs, att_bh.as_mut_ptr(), t as isize, 1, q, c3 as isize, 1, k, 1, c3 as isize, 0.0, scale, false);
+        }
         for ti in 0..t {
-            let q = &qkv[(bi * t + ti) * c3 + h * hs..][..hs];
             let row = &mut att_bh[ti * t..ti * t + t];
-            // pass 1: scores and their max (for a stable softmax)
-            let mut maxv = f32::NEG_INFINITY;
-            for t2 in 0..=ti {
-                let k = &qkv[(bi * t + t2) * c3 + c + h * hs..][..hs];
-                let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                row[t2] = s;
-                maxv = maxv.max(s);
-            }
-            // pass 2: exponentiate and normalise; future positions get probability 0
+            let maxv = row[..=ti].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
-            for v in row[..=ti].iter_mut() {
-                *v = (*v - maxv).exp();
-                sum += *v;
+            for x in row[..=ti].iter_mut() {
+                *x = fast_exp(*x - maxv);
+                sum += *x;
             }
             let inv = 1.0 / sum;
-            for v in row[..=ti].iter_mut() {
-                *v *= inv;
+            for x in row[..=ti].iter_mut() {
+                *x *= inv;
             }
-            row[ti + 1..].fill(0.0);
-            // pass 3: weighted sum of values
-            // SAFETY: this task alone writes head h of row (bi, ti).
-            let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add((bi * t + ti) * c + h * hs), hs) };
-            o.fill(0.0);
-            for t2 in 0..=ti {
-                let v = &qkv[(bi * t + t2) * c3 + 2 * c + h * hs..][..hs];
-                let a = row[t2];
-                for i in 0..hs {
-                    o[i] += a * v[i];
-                }
-            }
+            row[ti + 1..].fill(0.0); // future positions: probability 0
+        }
+        unsafe {
+            // out[b, :, h] (T, hs), row stride C = att (T, T) @ V (T, hs)
+            let o = outp.0.add(bi * t * c + h * hs);
+            gemm_raw_par(t, hs, t, o, c as isize, 1, att_bh.as_ptr(), t as isize, 1, v, c3 as isize, 1, 0.0, 1.0, false);
         }
     });
 }
 
+/// Per (b, h): dP = dO Vᵀ; dV = Pᵀ dO; dS = P ⊙ (dP − rowsum(P ⊙ dP)); dQ = dS K · scale;
+/// dK = dSᵀ Q · scale. Every product overwrites its slice of dqkv, so dqkv needs no zeroing.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: &mut [f32],
@@ -299,55 +297,70 @@ pub fn attention_backward(
     let c3 = 3 * c;
     assert!(datt.len() == b * nh * t * t && dqkv.len() == b * t * c3, "attention_backward: shapes");
     let dp = SendPtr(dqkv.as_mut_ptr());
-    // One task per (b, h): dk and dv of a head accumulate over all query positions, so the
-    // whole head belongs to one task. It owns head h's q/k/v slices of dqkv[b, :].
-    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, datt_bh)| {
+    // One task per (b, h): it owns datt[b, h] and head h's q/k/v slices of dqkv[b, :].
+    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, ds)| {
         let dp = dp;
         let (bi, h) = (bh / nh, bh % nh);
-        let att_bh = &att[bh * t * t..(bh + 1) * t * t];
-        // SAFETY: the (bi, h) slices below are written by this task only.
-        let head = |ti: usize, part: usize| unsafe {
-            std::slice::from_raw_parts_mut(dp.0.add((bi * t + ti) * c3 + part * c + h * hs), hs)
-        };
-        for ti in 0..t {
-            for part in 0..3 {
-                head(ti, part).fill(0.0);
-            }
+        let p = att[bh * t * t..(bh + 1) * t * t].as_ptr();
+        let q = qkv[bi * t * c3 + h * hs..].as_ptr();
+        let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
+        let d_o = dout[bi * t * c + h * hs..].as_ptr();
+        unsafe {
+            let dq = dp.0.add(bi * t * c3 + h * hs);
+            let (dk, dv) = (dq.add(c), dq.add(2 * c));
+            // dP (T, T) = dO (T, hs) @ Vᵀ (hs, T)
+            gemm_raw_par(t, t, hs, ds.as_mut_ptr(), t as isize, 1, d_o, c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
+            // dV (T, hs) = Pᵀ (T, T) @ dO (T, hs)
+            gemm_raw_par(t, hs, t, dv, c3 as isize, 1, p, 1, t as isize, d_o, c as isize, 1, 0.0, 1.0, false);
         }
+        let pr = &att[bh * t * t..(bh + 1) * t * t];
         for ti in 0..t {
-            let a = &att_bh[ti * t..ti * t + t];
-            let da = &mut datt_bh[ti * t..ti * t + t];
-            let d_o = &dout[(bi * t + ti) * c + h * hs..][..hs];
-            // through out = sum_t2 att[t2] v[t2]
+            let a = &pr[ti * t..ti * t + t];
+            let d = &mut ds[ti * t..ti * t + t];
+            let dot: f32 = a[..=ti].iter().zip(&d[..=ti]).map(|(x, y)| x * y).sum();
             for t2 in 0..=ti {
-                let v = &qkv[(bi * t + t2) * c3 + 2 * c + h * hs..][..hs];
-                da[t2] = v.iter().zip(d_o).map(|(x, y)| x * y).sum();
-                let dv = head(t2, 2);
-                for i in 0..hs {
-                    dv[i] += a[t2] * d_o[i];
-                }
+                d[t2] = a[t2] * (d[t2] - dot);
             }
-            // through the softmax: dpre = att * (datt - sum(att * datt)), kept in da
-            let dot: f32 = (0..=ti).map(|t2| a[t2] * da[t2]).sum();
-            for t2 in 0..=ti {
-                da[t2] = a[t2] * (da[t2] - dot);
-            }
-            // through pre = q.k * scale
-            let q = &qkv[(bi * t + ti) * c3 + h * hs..][..hs];
-            let dq = head(ti, 0);
-            for t2 in 0..=ti {
-                let k = &qkv[(bi * t + t2) * c3 + c + h * hs..][..hs];
-                let g = da[t2] * scale;
-                for i in 0..hs {
-                    dq[i] += k[i] * g;
-                }
-                let dk = head(t2, 1);
-                for i in 0..hs {
-                    dk[i] += q[i] * g;
-                }
-            }
+            d[ti + 1..].fill(0.0);
+        }
+        unsafe {
+            let dq = dp.0.add(bi * t * c3 + h * hs);
+            let dk = dq.add(c);
+            // dQ (T, hs) = dS (T, T) @ K (T, hs) * scale
+            gemm_raw_par(t, hs, t, dq, c3 as isize, 1, ds.as_ptr(), t as isize, 1, k, c3 as isize, 1, 0.0, scale, false);
+            // dK (T, hs) = dSᵀ (T, T) @ Q (T, hs) * scale
+            gemm_raw_par(t, hs, t, dk, c3 as isize, 1, ds.as_ptr(), 1, t as isize, q, c3 as isize, 1, 0.0, scale, false);
         }
     });
+}
+
+/// e^x in f32 without a libm call, so loops over it vectorise: Cephes' expf polynomial after
+/// the reduction x = n·ln2 + r, |r| ≤ ln2/2. Relative error ≲ 2e-7 over the clamped range.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    // round to nearest with the 1.5·2^23 trick (no call, vectorises)
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// tanh through [`fast_exp`]: 1 − 2/(e^{2x} + 1). Absolute error ≲ 1e-7 (relative error grows
+/// only where tanh itself is tiny, which GELU multiplies by x anyway).
+#[inline(always)]
+pub fn fast_tanh(x: f32) -> f32 {
+    let x = x.clamp(-9.0, 9.0); // tanh(±9) = ±1 to f32 precision
+    1.0 - 2.0 / (fast_exp(2.0 * x) + 1.0)
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -361,7 +374,7 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
         let x = &inp[ci * CHUNK..ci * CHUNK + o.len()];
         for i in 0..o.len() {
             let v = x[i];
-            o[i] = 0.5 * v * (1.0 + (GELU_SCALE * (v + 0.044715 * v * v * v)).tanh());
+            o[i] = 0.5 * v * (1.0 + fast_tanh(GELU_SCALE * (v + 0.044715 * v * v * v)));
         }
     });
 }
@@ -373,7 +386,7 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         for i in 0..di.len() {
             let x = inp[o + i];
             let cube = 0.044715 * x * x * x;
-            let th = (GELU_SCALE * (x + cube)).tanh();
+            let th = fast_tanh(GELU_SCALE * (x + cube));
             let sech2 = 1.0 - th * th;
             let grad = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
             di[i] = grad * dout[o + i];
@@ -393,7 +406,7 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
         let maxv = real.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for x in real.iter_mut() {
-            *x = (*x - maxv).exp();
+            *x = fast_exp(*x - maxv);
             sum += *x;
         }
         let inv = 1.0 / sum;

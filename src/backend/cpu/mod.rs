@@ -136,12 +136,35 @@ pub(crate) unsafe fn gemm_raw(
     dst_scale: f32,
     prod_scale: f32,
 ) {
+    gemm_raw_par(m, n, k, dst, dst_rs, dst_cs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, dst_scale, prod_scale, true)
+}
+
+/// [`gemm_raw`] with a choice of parallelism: `parallel = false` inside tasks that are already
+/// spread over the pool (attention runs one small product per (batch, head)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    dst_scale: f32,
+    prod_scale: f32,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let read_dst = dst_scale != 0.0;
     // Small products are faster single-threaded than with rayon's fork/join overhead.
-    let par = if m * n * k >= 64 * 64 * 64 {
+    let par = if parallel && m * n * k >= 64 * 64 * 64 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
