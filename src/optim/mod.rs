@@ -90,17 +90,18 @@ impl OptimConfig {
 
     /// The update rule of one tensor.
     pub fn rule(&self, spec: &ParamSpec) -> Rule {
+        let embedding = is_embedding(spec);
         match self.kind {
             OptimizerKind::Adamw => Rule::AdamW,
             OptimizerKind::MuonAdamw => {
-                if spec.is_matrix() && !spec.is_embedding {
+                if spec.is_matrix() && !embedding {
                     Rule::Muon
                 } else {
                     Rule::AdamW
                 }
             }
             OptimizerKind::MuonNsgd => {
-                if spec.is_embedding && self.embedding_optimizer == EmbeddingOptimizer::Nsgd {
+                if embedding && self.embedding_optimizer == EmbeddingOptimizer::Nsgd {
                     Rule::Nsgd
                 } else if spec.is_matrix() {
                     Rule::Muon
@@ -110,6 +111,13 @@ impl OptimConfig {
             }
         }
     }
+}
+
+/// The embeddings of METHOD.md: the token embedding (`ParamSpec::is_embedding`, set for `wte`)
+/// and the position embedding `wpe`, which `Layout` does not flag but which `muon_adamw` and
+/// `embedding_optimizer` must treat as an embedding too.
+fn is_embedding(spec: &ParamSpec) -> bool {
+    spec.is_embedding || spec.name == "wpe"
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
