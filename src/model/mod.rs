@@ -57,7 +57,8 @@ pub struct ParamSpec {
     pub name: &'static str,
     pub shape: Vec<usize>,
     pub offset: usize,
-    /// The token embedding: treated as a matrix or not per `embedding_optimizer`.
+    /// An embedding table (`wte`, `wpe`): Muon or NSGD per `embedding_optimizer`, AdamW under
+    /// `muon_adamw`.
     pub is_embedding: bool,
 }
 
@@ -85,12 +86,12 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Build from (name, shape) in order; the embedding tensor is the one named `wte`.
+    /// Build from (name, shape) in order; the embedding tables are the ones named `wte`, `wpe`.
     pub fn new(tensors: &[(&'static str, Vec<usize>)]) -> Self {
         let mut specs = Vec::with_capacity(tensors.len());
         let mut off = 0;
         for (name, shape) in tensors {
-            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: *name == "wte" };
+            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: matches!(*name, "wte" | "wpe") };
             off += spec.numel();
             specs.push(spec);
         }

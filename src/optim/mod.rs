@@ -90,7 +90,7 @@ impl OptimConfig {
 
     /// The update rule of one tensor.
     pub fn rule(&self, spec: &ParamSpec) -> Rule {
-        let embedding = is_embedding(spec);
+        let embedding = spec.is_embedding;
         match self.kind {
             OptimizerKind::Adamw => Rule::AdamW,
             OptimizerKind::MuonAdamw => {
@@ -113,12 +113,6 @@ impl OptimConfig {
     }
 }
 
-/// The embeddings of METHOD.md: the token embedding (`ParamSpec::is_embedding`, set for `wte`)
-/// and the position embedding `wpe`, which `Layout` does not flag but which `muon_adamw` and
-/// `embedding_optimizer` must treat as an embedding too.
-fn is_embedding(spec: &ParamSpec) -> bool {
-    spec.is_embedding || spec.name == "wpe"
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {

@@ -307,7 +307,7 @@ pub fn attention_backward(
         let d_o = dout[bi * t * c + h * hs..].as_ptr();
         unsafe {
             let dq = dp.0.add(bi * t * c3 + h * hs);
-            let (dk, dv) = (dq.add(c), dq.add(2 * c));
+            let dv = dq.add(2 * c);
             // dP (T, T) = dO (T, hs) @ Vᵀ (hs, T)
             gemm_raw_par(t, t, hs, ds.as_mut_ptr(), t as isize, 1, d_o, c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
             // dV (T, hs) = Pᵀ (T, T) @ dO (T, hs)
