@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cfg.run.steps
             );
             let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
-            let report = trainer.run(&RunOptions { quiet: false, stop_after })?;
+            let report = trainer.run(&RunOptions { quiet: false, stop_after, stop_below_val: None })?;
             let dir = cfg.out_dir();
             report.write_csv(&dir)?;
             if let Some(v) = report.final_val_loss() {

@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Stop after this many steps (the schedule still spans `run.steps`).
     pub stop_after: Option<u64>,
+    /// Stop at the first evaluation whose validation loss is below this.
+    pub stop_below_val: Option<f32>,
 }
 
 /// Everything a sequential run holds.
@@ -168,6 +170,13 @@ impl<B: Backend> Sequential<B> {
             }
             if eval_due(&self.cfg, self.step) {
                 evaluate(self, &mut rep, fl, fne);
+                let last = rep.evals.last().map(|e| e.val_loss);
+                if let (Some(target), Some(v)) = (opts.stop_below_val, last) {
+                    if v < target {
+                        say(format!("stop step={} val_loss={v:.4} below {target}", self.step));
+                        break;
+                    }
+                }
             }
         }
         rep.wall_s = start.elapsed().as_secs_f64();

@@ -1,0 +1,147 @@
+//! CPU training-step benchmark: tokens/s and achieved GFLOP/s beside the measured f32 GEMM peak of
+//! this machine and beside the baseline figures recorded for this machine kind (PyTorch 2.15 CPU
+//! eager and llm.c, 2 threads, fp32, one step = forward + backward + AdamW).
+//!
+//! Run: `scripts/bench-cpu.sh` (or `cargo bench --bench cpu -- [--quick]`).
+//! Protocol (same as the baselines): random tokens drawn fresh before each step, outside the timed
+//! region; warmup steps discarded; median of the timed steps; AdamW (lr 1e-4, β=(0.9, 0.999),
+//! wd 0, as the PyTorch baseline passes). FLOPs per token: llm.c's 6·N + 6·L·T·C.
+
+use std::time::Instant;
+use taproot::backend::cpu::CpuBackend;
+use taproot::backend::{Backend, Trans};
+use taproot::flops;
+use taproot::model::init::{InitConfig, InitScheme};
+use taproot::model::{Batch, Dims, Model};
+use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
+use taproot::rng::Rng;
+
+struct Case {
+    name: &'static str,
+    vocab: usize,
+    max_seq: usize,
+    channels: usize,
+    heads: usize,
+    depth: usize,
+    b: usize,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+    /// Baseline ms/step: (PyTorch CPU eager, llm.c), where recorded.
+    torch_ms: Option<f64>,
+    llmc_ms: Option<f64>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN timings"));
+    v[v.len() / 2]
+}
+
+/// Best-of-N GFLOP/s of a 768x768 by 768x3072 f32 product through the backend's gemm.
+fn gemm_peak(be: &CpuBackend) -> f64 {
+    let (m, k, n) = (768, 768, 3072);
+    let a = be.alloc(m * k);
+    let b = be.alloc(k * n);
+    let c = be.alloc(m * n);
+    let mut rng = Rng::new(0);
+    let mut host = vec![0.0f32; k * n];
+    rng.fill_normal(&mut host, 1.0);
+    be.upload(CpuBackend::whole(&b), &host);
+    be.upload(CpuBackend::whole(&a), &host[..m * k]);
+    let mut best = 0.0f64;
+    for _ in 0..12 {
+        let t0 = Instant::now();
+        be.gemm(CpuBackend::whole(&c), CpuBackend::whole(&a), Trans::N, CpuBackend::whole(&b), Trans::N, m, n, k, 1.0, 0.0);
+        let dt = t0.elapsed().as_secs_f64();
+        best = best.max(2.0 * (m * n * k) as f64 / dt / 1e9);
+    }
+    best
+}
+
+fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
+    let dims = Dims::new(c.vocab, c.max_seq, c.channels, c.heads);
+    let init = InitConfig::new(InitScheme::Gpt2, c.depth.max(1), 1);
+    let mut model = Model::new(be, dims.clone(), c.depth, &init);
+    let opt = Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, beta2: 0.999, weight_decay: Some(0.0), ..OptimConfig::default() });
+    let mut scratch = Scratch::default();
+    let mut rng = Rng::new(42);
+    let mut windows = vec![0u32; c.b * (c.t + 1)];
+    let mut batch = Batch::from_windows(be, &windows, c.b, c.t);
+    let (mut ti, mut tt) = (Vec::new(), Vec::new());
+    let dscale = 1.0 / (c.b * c.t) as f32;
+    let mut times = Vec::new();
+    for i in 0..c.warmup + c.steps {
+        windows.iter_mut().for_each(|w| *w = rng.below(c.vocab as u64) as u32);
+        batch.load(be, &windows, &mut ti, &mut tt);
+        let t0 = Instant::now();
+        model.forward_backward(be, &batch, dscale);
+        opt.step(be, &mut model.embed.w, &mut scratch, 1e-4);
+        for blk in model.blocks.iter_mut() {
+            opt.step(be, &mut blk.w, &mut scratch, 1e-4);
+        }
+        opt.step(be, &mut model.head.w, &mut scratch, 1e-4);
+        model.zero_grad(be);
+        be.synchronize();
+        if i >= c.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min) * 1e3;
+    let max = times.iter().cloned().fold(0.0, f64::max) * 1e3;
+    let ms = median(&mut times) * 1e3;
+    let tokens = (c.b * c.t) as f64;
+    let tok_s = tokens / (ms / 1e3);
+    let gflops = flops::flops_per_token_llmc(&dims, c.depth, c.t) * tokens / (ms / 1e3) / 1e9;
+    println!("\n{} (V={}, C={}, NH={}, L={}, B={}, T={}; {} params)", c.name, c.vocab, c.channels, c.heads, c.depth, c.b, c.t, flops::total_params(&dims, c.depth));
+    println!("  taproot    {ms:9.1} ms/step (min {min:.1}, max {max:.1})  {tok_s:9.0} tok/s  {gflops:6.1} GFLOP/s  = {:4.1}% of measured GEMM peak", 100.0 * gflops / peak);
+    if let Some(t) = c.torch_ms {
+        println!("  PyTorch    {t:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x PyTorch", tokens / (t / 1e3), t / ms);
+    }
+    if let Some(l) = c.llmc_ms {
+        println!("  llm.c      {l:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x llm.c", tokens / (l / 1e3), l / ms);
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let be = CpuBackend::default();
+    println!("taproot CPU benchmark: {} rayon threads", rayon::current_num_threads());
+    let peak = gemm_peak(&be);
+    println!("measured f32 GEMM peak (768x768 @ 768x3072, best of 12): {peak:.1} GFLOP/s");
+    let demo = |name, depth, torch_ms| Case {
+        name,
+        vocab: 256,
+        max_seq: 128,
+        channels: 128,
+        heads: 4,
+        depth,
+        b: 16,
+        t: 128,
+        warmup: 3,
+        steps: if quick { 5 } else { 15 },
+        torch_ms,
+        llmc_ms: None,
+    };
+    let cases = [
+        Case {
+            name: "(a) GPT-2 124M shape",
+            vocab: 50257,
+            max_seq: 1024,
+            channels: 768,
+            heads: 12,
+            depth: 12,
+            b: 4,
+            t: 64,
+            warmup: 1,
+            steps: if quick { 2 } else { 5 },
+            torch_ms: Some(1863.0),
+            llmc_ms: Some(5459.0),
+        },
+        demo("(b) demo config, 6 blocks", 6, Some(173.8)),
+        demo("(b') demo config, 0 blocks (the first 80% of a progressive run)", 0, Some(4.7)),
+        demo("(b'') demo config, 1 block", 1, Some(39.1)),
+    ];
+    for c in &cases {
+        run_case(&be, c, peak);
+    }
+}

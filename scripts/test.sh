@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: every test of the crate, in release mode (the training tests need the speed).
+# The demo-training test uses the Shakespeare corpus when data/ has it (scripts/fetch-data.sh);
+# with TAPROOT_REQUIRE_DATA=1 (CI) a missing corpus is a failure instead of a printed skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --release --all-targets "$@"
