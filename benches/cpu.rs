@@ -75,6 +75,7 @@ fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
         batch.load(be, &windows, &mut ti, &mut tt);
         let t0 = Instant::now();
         model.forward_backward(be, &batch, dscale);
+        model.finish_grads(be);
         opt.step(be, &mut model.embed.w, &mut scratch, 1e-4);
         for blk in model.blocks.iter_mut() {
             opt.step(be, &mut blk.w, &mut scratch, 1e-4);

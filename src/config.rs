@@ -29,6 +29,95 @@ pub struct Config {
     pub growth: Vec<GrowthSpec>,
     #[serde(default)]
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub placement: PlacementConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub supervision: SupervisionConfig,
+    /// Fault injection, for testing supervision; empty in every real config.
+    #[serde(default)]
+    pub faults: FaultConfig,
+}
+
+/// Which device each actor runs on (`cpu`, `cpu:N`, `cuda:N`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// The devices layers are spread over, in pipeline order (bottom layers on the first).
+    pub devices: Vec<String>,
+    /// Device of the actor owning both ends (embedding and tied head). Default: the first device.
+    pub ends: Option<String>,
+    /// `balanced`: after every growth, re-split the stack into contiguous ranges of (near) equal
+    /// length, one per device (layers whose device changes are moved, state and all).
+    /// `fill`: layers never move; a new layer goes to the first device holding fewer than
+    /// ceil(target_depth / devices) layers.
+    pub policy: PlacementPolicy,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig { devices: vec!["cpu:0".into()], ends: None, policy: PlacementPolicy::Balanced }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    #[default]
+    Balanced,
+    Fill,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Micro-batches in flight at once (1F1B memory bound). 0 = one per stage (depth + 1),
+    /// capped by `data.micro_batches`.
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many steps (0: only when stopped by a signal or request).
+    pub every: u64,
+    /// Keep the newest this many checkpoints.
+    pub keep: usize,
+    /// Where (default `<out_dir>/checkpoints`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 0, keep: 3, dir: None }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// On a failed stage actor: restart the pipeline from the newest checkpoint (true) or stop
+    /// the run with an error naming the layer and step (false).
+    pub restart_on_failure: bool,
+    pub max_restarts: u32,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig { restart_on_failure: false, max_restarts: 3 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultConfig {
+    /// Make the layer with this id panic ...
+    pub panic_layer: Option<u64>,
+    /// ... when it takes the optimizer step with this (0-based) index.
+    pub panic_at_step: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,6 +247,15 @@ impl Config {
         self.run.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.run.name))
     }
 
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.checkpoint.dir.clone().unwrap_or_else(|| self.out_dir().join("checkpoints"))
+    }
+
+    /// The config as TOML text (stored in checkpoints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
     /// The growth plan as expansions at absolute steps, in order.
     pub fn expansions(&self) -> Vec<Expansion> {
         self.growth
@@ -229,6 +327,20 @@ impl Config {
             bail!("`optim.weight_decay` must be >= 0");
         }
         pos(self.eval.batches, "eval.batches")?;
+        if self.placement.devices.is_empty() {
+            bail!("`placement.devices` must name at least one device");
+        }
+        for (i, d) in self.placement.devices.iter().chain(self.placement.ends.iter()).enumerate() {
+            if !valid_device_name(d) {
+                bail!("`placement.devices[{i}]` = {d:?} is not a device name (\"cpu\", \"cpu:N\" or \"cuda:N\")");
+            }
+        }
+        if self.checkpoint.keep == 0 {
+            bail!("`checkpoint.keep` must be at least 1");
+        }
+        if self.faults.panic_layer.is_some() != self.faults.panic_at_step.is_some() {
+            bail!("`faults.panic_layer` and `faults.panic_at_step` go together");
+        }
         let mut depth = self.model.depth;
         let mut last_step = 0u64;
         for (i, g) in self.growth.iter().enumerate() {
@@ -262,6 +374,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `cpu`, `cpu:N` or `cuda:N`.
+pub fn valid_device_name(d: &str) -> bool {
+    d == "cpu"
+        || d.strip_prefix("cpu:").is_some_and(|i| i.parse::<usize>().is_ok())
+        || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<usize>().is_ok())
 }
 
 /// Apply `a.b.c=value` to a TOML table; the value is parsed as TOML (falls back to a string).

@@ -23,3 +23,5 @@ pub mod cli;
 pub mod config;
 pub mod flops;
 pub mod train;
+pub mod runtime;
+pub mod checkpoint;

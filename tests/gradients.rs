@@ -300,6 +300,7 @@ fn check_whole_model(depth: usize) {
     model.zero_grad(&be);
     let n = (b * t) as f32;
     model.forward_backward(&be, &batch, 1.0 / n);
+    model.finish_grads(&be);
 
     // Every parameter tensor of every unit.
     let mut units = vec![Unit::Embed, Unit::Head];

@@ -72,6 +72,9 @@ pub trait Backend: Send + Sized + 'static {
     /// A point in a stream's work that another stream can wait on.
     type Event: Send + 'static;
 
+    /// A new stream on the named device (`cpu:N`, `cuda:N`). An unknown or absent device is an
+    /// error naming it, never a panic.
+    fn open(device: &str) -> anyhow::Result<Self>;
     /// The device this stream runs on, e.g. `cpu:0`, `cuda:1`.
     fn device(&self) -> &str;
     /// A new stream on the same device.

@@ -26,6 +26,12 @@ pub struct Head<B: Backend> {
     pub dims: Dims,
     acts: Option<HeadActs<B>>,
     pool: ActPool<B>,
+    /// The head's share of the tied `wte` gradient, (Vp, C), accumulated over the micro-batches
+    /// of a step and added into `Embed`'s `dwte` once, by [`Head::flush_tied_grad`], before the
+    /// optimizer step. Keeping the two shares apart until then makes the sum independent of how
+    /// head and embedding work interleave in a pipeline (float addition is not associative):
+    /// `dwte = Σ embedding parts + Σ head parts`, in micro-batch order, always.
+    dwte: Option<B::Buf>,
 }
 
 impl<B: Backend> Head<B> {
@@ -39,7 +45,7 @@ impl<B: Backend> Head<B> {
         let mut host = vec![0.0; 2 * c];
         host[..c].fill(1.0);
         w.params_from_host(be, &host);
-        Head { w, dims: dims.clone(), acts: None, pool: ActPool::default() }
+        Head { w, dims: dims.clone(), acts: None, pool: ActPool::default(), dwte: None }
     }
 
     fn ensure_acts(&mut self, be: &B, b: usize, t: usize) {
@@ -77,7 +83,8 @@ impl<B: Backend> Head<B> {
     }
 
     /// Loss and its gradient for one micro-batch: returns (dx, mean loss).
-    /// `x` is consumed (kept in the pool); dwte in `embed` accumulates the head's share.
+    /// `x` is consumed (kept in the pool); the head's share of dwte accumulates in `self.dwte`
+    /// until [`Head::flush_tied_grad`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &mut self,
@@ -93,14 +100,27 @@ impl<B: Backend> Head<B> {
         let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
         self.forward_logits(be, &x, embed, b, t);
         let loss = self.loss(be, targets, dscale, n);
+        if self.dwte.is_none() {
+            self.dwte = Some(be.alloc(vp * c));
+        }
+        let dwte = B::whole(self.dwte.as_ref().expect("allocated above"));
         let a = self.acts.as_ref().expect("acts ensured");
         // logits now hold dlogits (N, Vp)
-        be.matmul_backward(Some(B::whole(&a.dlnf)), embed.g("wte"), None, B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), n, c, vp);
+        be.matmul_backward(Some(B::whole(&a.dlnf)), dwte, None, B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), n, c, vp);
         let dx = self.pool.take(be, n * c);
         be.fill(B::whole(&dx), 0.0); // layernorm_backward accumulates into dx
         be.layernorm_backward(B::whole(&dx), self.w.g("lnfw"), self.w.g("lnfb"), B::whole(&a.dlnf), B::whole(&x), self.w.p("lnfw"), B::whole(&a.mean), B::whole(&a.rstd), n, c);
         self.pool.put(x);
         (dx, loss)
+    }
+
+    /// Add the head's accumulated share of the tied gradient into `embed`'s `dwte` and clear it.
+    /// Call once per optimizer step, after the last micro-batch's backward.
+    pub fn flush_tied_grad(&mut self, be: &B, embed: &ParamSet<B>) {
+        if let Some(d) = &self.dwte {
+            be.add_assign(embed.g("wte"), B::whole(d));
+            be.fill(B::whole(d), 0.0);
+        }
     }
 
     /// Mean loss only (evaluation). Returns the input buffer to hand back to `Embed`.

@@ -246,7 +246,8 @@ impl<B: Backend> Model<B> {
         self.blocks.len()
     }
 
-    /// Forward and backward over one micro-batch. Gradients accumulate into every unit's grads;
+    /// Forward and backward over one micro-batch. Gradients accumulate into every unit's grads
+    /// (the head's share of the tied `wte` gradient separately, until [`Model::finish_grads`]);
     /// `dscale` scales the loss gradient (1 / (N * micro_batches) for a mean over a step).
     /// Returns the mean loss over the micro-batch (a host read-back: the step's one sync point).
     pub fn forward_backward(&mut self, be: &B, batch: &Batch<B>, dscale: f32) -> f32 {
@@ -261,6 +262,12 @@ impl<B: Backend> Model<B> {
         }
         self.embed.backward(be, dx, &batch.inputs, batch.b, batch.t);
         loss
+    }
+
+    /// Complete the gradients of a step: add the head's share of the tied `wte` gradient into the
+    /// embedding's. Call once after the step's last micro-batch, before reading or applying them.
+    pub fn finish_grads(&mut self, be: &B) {
+        self.head.flush_tied_grad(be, &self.embed.w);
     }
 
     /// Forward only (evaluation): mean loss over the batch; gradients untouched.

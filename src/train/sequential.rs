@@ -111,6 +111,7 @@ impl<B: Backend> Sequential<B> {
             self.batch.load(&self.be, &self.windows, &mut self.tmp_in, &mut self.tmp_tgt);
             loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
         }
+        self.model.finish_grads(&self.be);
         let lr = self.sched.lr_at(self.step);
         let m = &mut self.model;
         self.opt.step(&self.be, &mut m.embed.w, &mut self.scratch, lr);

@@ -180,6 +180,13 @@ impl Backend for CpuBackend {
     type Ids = CpuIds;
     type Event = ();
 
+    fn open(device: &str) -> anyhow::Result<Self> {
+        match device.strip_prefix("cpu:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) => Ok(CpuBackend::new(i)),
+            None if device == "cpu" => Ok(CpuBackend::new(0)),
+            None => anyhow::bail!("device {device:?} is not a CPU device (expected \"cpu\" or \"cpu:N\")"),
+        }
+    }
     fn device(&self) -> &str {
         &self.device
     }

@@ -1,0 +1,153 @@
+//! `LayerActor`: one transformer block as an actor, pinned to a stream of its device.
+//!
+//! It owns the block's parameters, gradients and optimizer state (its own step counters), the
+//! per-micro-batch activation stash (inside [`Block`]), and one backend stream. It knows its two
+//! neighbours ([`Peer`]s): activations arrive from below and go up, gradients arrive from above
+//! and go down. Growth spawns new `LayerActor`s at the bottom of the live pipeline and relinks
+//! the ring; nothing else changes for the existing layers.
+//!
+//! Messages (`LayerMsg`): `Forward`, `Backward`, `Step`, `GetState` / `SetState`, `Link`,
+//! `ResetOptState`. Stopping is ractor's `stop`.
+
+use super::messages::{compute, Activation, Peer};
+use crate::backend::Backend;
+use crate::model::growth::{make_block, GrowInit, OptStatePolicy};
+use crate::model::init::InitConfig;
+use crate::model::{Block, Dims, UnitState};
+use crate::optim::{OptimConfig, Optimizer, Scratch};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::marker::PhantomData;
+
+pub enum LayerMsg<B: Backend> {
+    /// An activation from below for micro-batch `mb`; `eval` micro-batches keep no stash.
+    Forward { mb: u64, x: Activation<B>, eval: bool },
+    /// The gradient of this layer's output for micro-batch `mb`.
+    Backward { mb: u64, grad: Activation<B> },
+    /// Apply the optimizer with learning rate `lr` (step index `step`), zero the gradients.
+    Step { lr: f32, step: u64, reply: RpcReplyPort<()> },
+    /// A host snapshot of parameters and optimizer state (copying init, checkpoints, moves).
+    GetState(RpcReplyPort<UnitState>),
+    SetState(UnitState, RpcReplyPort<Result<(), String>>),
+    /// New neighbours (after growth or a move).
+    Link { prev: Peer<B>, next: Peer<B> },
+    /// Zero the optimizer state (the `reset` growth policy).
+    ResetOptState(RpcReplyPort<()>),
+    /// Micro-batches stashed here right now (the in-flight bound is checked with this).
+    InFlight(RpcReplyPort<usize>),
+}
+
+/// How a layer's block comes to be.
+pub enum LayerInit {
+    /// Born at τ (or at step 0) per the growth operator.
+    Fresh { init: GrowInit, source: Option<UnitState>, policy: OptStatePolicy, init_cfg: InitConfig },
+    /// Restored from a checkpoint or moved from another device.
+    Restore(UnitState),
+}
+
+pub struct LayerArgs {
+    pub id: u64,
+    pub device: String,
+    pub dims: Dims,
+    pub init: LayerInit,
+    pub optim: OptimConfig,
+    /// Fault injection: panic when taking the optimizer step with this index.
+    pub panic_at_step: Option<u64>,
+}
+
+pub struct LayerState<B: Backend> {
+    be: B,
+    block: Block<B>,
+    opt: Optimizer,
+    scratch: Scratch<B>,
+    prev: Option<Peer<B>>,
+    next: Option<Peer<B>>,
+    panic_at_step: Option<u64>,
+}
+
+/// The actor type; generic over the backend of its stream.
+pub struct LayerActor<B: Backend>(PhantomData<fn() -> B>);
+
+impl<B: Backend> Default for LayerActor<B> {
+    fn default() -> Self {
+        LayerActor(PhantomData)
+    }
+}
+
+impl<B: Backend> Actor for LayerActor<B> {
+    type Msg = LayerMsg<B>;
+    type State = LayerState<B>;
+    type Arguments = LayerArgs;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: LayerArgs) -> Result<Self::State, ActorProcessingErr> {
+        let be = B::open(&a.device).map_err(|e| format!("layer {}: {e:#}", a.id))?;
+        let block = compute(|| -> anyhow::Result<Block<B>> {
+            match a.init {
+                LayerInit::Fresh { init, source, policy, init_cfg } => make_block(&be, &a.dims, a.id, init, source.as_ref(), policy, &init_cfg),
+                LayerInit::Restore(state) => {
+                    let mut blk = Block::new_empty(&be, &a.dims, a.id);
+                    blk.w.restore(&be, &state)?;
+                    Ok(blk)
+                }
+            }
+        })
+        .map_err(|e| format!("layer {}: {e:#}", a.id))?;
+        Ok(LayerState { be, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step })
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LayerMsg::Forward { mb, x, eval } => {
+                let y = compute(|| {
+                    let (b, t) = (x.b, x.t);
+                    let x = x.receive(&s.be);
+                    let y = s.block.forward(&s.be, mb, x, b, t);
+                    if eval {
+                        s.block.forget(mb);
+                    }
+                    Activation::send(&s.be, y, b, t)
+                });
+                s.next.as_ref().ok_or_else(|| format!("layer {} has no downstream link", s.block.id))?.forward(mb, y, eval)?;
+            }
+            LayerMsg::Backward { mb, grad } => {
+                let dx = compute(|| {
+                    let (b, t) = (grad.b, grad.t);
+                    let dy = grad.receive(&s.be);
+                    let dx = s.block.backward(&s.be, mb, dy);
+                    Activation::send(&s.be, dx, b, t)
+                });
+                s.prev.as_ref().ok_or_else(|| format!("layer {} has no upstream link", s.block.id))?.backward(mb, dx)?;
+            }
+            LayerMsg::Step { lr, step, reply } => {
+                if s.panic_at_step == Some(step) {
+                    panic!("injected fault: layer {} fails at step {step}", s.block.id);
+                }
+                compute(|| {
+                    s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
+                    s.block.w.zero_grad(&s.be);
+                    s.be.synchronize();
+                });
+                let _ = reply.send(());
+            }
+            LayerMsg::GetState(reply) => {
+                let st = compute(|| s.block.w.snapshot(&s.be));
+                let _ = reply.send(st);
+            }
+            LayerMsg::SetState(st, reply) => {
+                let r = compute(|| s.block.w.restore(&s.be, &st)).map_err(|e| format!("layer {}: {e:#}", s.block.id));
+                let _ = reply.send(r);
+            }
+            LayerMsg::Link { prev, next } => {
+                s.prev = Some(prev);
+                s.next = Some(next);
+            }
+            LayerMsg::ResetOptState(reply) => {
+                compute(|| s.block.w.state.reset(&s.be));
+                let _ = reply.send(());
+            }
+            LayerMsg::InFlight(reply) => {
+                let _ = reply.send(s.block.in_flight());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! Placement: which device each layer actor runs on (`[placement]` in the config).
+//!
+//! Pipeline order follows device order: the bottom of the stack goes on the first device. The
+//! policy also decides where layers born at τ go:
+//! - `balanced`: the whole stack is re-split into contiguous ranges of near-equal length, one per
+//!   device (the first `L mod D` devices get one layer more). After a growth at the bottom this
+//!   moves old layers up the device list; the scheduler moves their state with them.
+//! - `fill`: a layer, once placed, never moves; each new layer goes to the first device (in
+//!   order) holding fewer than ceil(target_depth / D) layers, or the least loaded one.
+//!
+//! On CPU a device only names a stream, but the policy and the moves are the same code that a
+//! multi-GPU run uses, and are tested with several named CPU devices.
+
+use crate::config::PlacementPolicy;
+
+/// Devices for a stack of `depth` layers under `balanced`: contiguous, near-equal ranges.
+pub fn balanced(devices: &[String], depth: usize) -> Vec<String> {
+    let d = devices.len();
+    let (base, extra) = (depth / d, depth % d);
+    let mut out = Vec::with_capacity(depth);
+    for (i, dev) in devices.iter().enumerate() {
+        let n = base + usize::from(i < extra);
+        out.extend(std::iter::repeat_n(dev.clone(), n));
+    }
+    out
+}
+
+/// Devices for the new stack after growth. `old` holds the devices of the existing layers in
+/// stack order; `new_positions` the stack positions (after growth) of the new layers.
+pub fn after_growth(
+    policy: PlacementPolicy,
+    devices: &[String],
+    old: &[String],
+    new_positions: &[usize],
+    target_depth: usize,
+) -> Vec<String> {
+    let depth = old.len() + new_positions.len();
+    match policy {
+        PlacementPolicy::Balanced => balanced(devices, depth),
+        PlacementPolicy::Fill => {
+            let cap = target_depth.div_ceil(devices.len()).max(1);
+            let mut load: Vec<usize> = devices.iter().map(|d| old.iter().filter(|o| *o == d).count()).collect();
+            let mut out: Vec<Option<String>> = vec![None; depth];
+            let mut old_it = old.iter();
+            for (pos, slot) in out.iter_mut().enumerate() {
+                if !new_positions.contains(&pos) {
+                    *slot = old_it.next().cloned();
+                }
+            }
+            for &pos in new_positions {
+                let i = (0..devices.len()).find(|&i| load[i] < cap).unwrap_or_else(|| {
+                    (0..devices.len()).min_by_key(|&i| load[i]).expect("at least one device")
+                });
+                load[i] += 1;
+                out[pos] = Some(devices[i].clone());
+            }
+            out.into_iter().map(|d| d.expect("every position placed")).collect()
+        }
+    }
+}
+
+/// Devices for a fresh (or resumed) stack of `depth` layers.
+pub fn initial(policy: PlacementPolicy, devices: &[String], depth: usize, target_depth: usize) -> Vec<String> {
+    after_growth(policy, devices, &[], &(0..depth).collect::<Vec<_>>(), target_depth)
+}
