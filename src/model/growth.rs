@@ -90,7 +90,8 @@ pub fn plan_sources(init: GrowInit, order: CopyOrder, ls: usize, k: usize) -> an
                 .map(|j| {
                     Some(match order {
                         CopyOrder::Stack => j % ls,
-                        // ceil-free even spread: block i of ls gets new blocks [i*k/ls, (i+1)*k/ls)
+                        // even spread in consecutive runs: block i of ls gets the new blocks j
+                        // with floor(j*ls/k) = i, i.e. j in [ceil(i*k/ls), ceil((i+1)*k/ls))
                         CopyOrder::Inter => j * ls / k,
                         CopyOrder::Last => ls - 1,
                     })
