@@ -53,6 +53,7 @@ fn exp(to_depth: usize, init: GrowInit, order: CopyOrder, position: Position, op
 /// One optimizer step over one micro-batch; returns the training loss.
 fn train_step(be: &B, m: &mut Model<B>, opt: &Optimizer, sc: &mut Scratch<B>, batch: &Batch<B>, lr: f32) -> f32 {
     let loss = m.forward_backward(be, batch, 1.0 / (batch.b * batch.t) as f32);
+    m.finish_grads(be);
     opt.step(be, &mut m.embed.w, sc, lr);
     for blk in m.blocks.iter_mut() {
         opt.step(be, &mut blk.w, sc, lr);
@@ -503,6 +504,7 @@ fn newborn_blocks_start_their_own_bias_correction() {
     let wd = c.weight_decay();
     let bt = batch(&be, 67, 11);
     m.forward_backward(&be, &bt, 1.0 / (BATCH * SEQ) as f32);
+    m.finish_grads(&be);
     let pre: Vec<(UnitState, Vec<f32>)> = m.blocks.iter().map(|b| (b.w.snapshot(&be), b.w.grads_to_host(&be))).collect();
     let mut sc = Scratch::default();
     opt.step(&be, &mut m.embed.w, &mut sc, LR);
