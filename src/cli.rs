@@ -1,7 +1,9 @@
 //! The command line: `taproot train`, `taproot data prepare`.
 
 use crate::backend::cpu::CpuBackend;
+use crate::checkpoint;
 use crate::config::Config;
+use crate::runtime::{self, SchedOptions};
 use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::train::sequential::{RunOptions, Sequential};
 use anyhow::{Context, Result};
@@ -28,6 +30,16 @@ pub enum Cmd {
         /// Stop after this many steps (the schedule still spans run.steps).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Continue from the newest valid checkpoint of the run (fresh if there is none).
+        #[arg(long)]
+        resume: bool,
+        /// Run the sequential trainer (the runtime's test oracle) instead of the actor pipeline.
+        #[arg(long)]
+        sequential: bool,
+    },
+    /// Describe a checkpoint file (or the newest valid one in a directory).
+    Inspect {
+        path: PathBuf,
     },
     /// Data preparation.
     Data {
@@ -60,7 +72,25 @@ pub enum DataCmd {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, set, stop_after } => {
+        Cmd::Inspect { path } => {
+            let ck = if path.is_dir() {
+                match checkpoint::load_newest_valid(&path)? {
+                    Some((ck, p, warnings)) => {
+                        for w in warnings {
+                            eprintln!("warning: {w}");
+                        }
+                        println!("{}", p.display());
+                        ck
+                    }
+                    None => anyhow::bail!("no checkpoint in {}", path.display()),
+                }
+            } else {
+                checkpoint::load(&path)?
+            };
+            println!("{}", checkpoint::describe(&ck));
+            Ok(())
+        }
+        Cmd::Train { config, set, stop_after, resume, sequential } => {
             let cfg = Config::load(&config, &set)?;
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
             let data = Dataset::open(&cfg.data.dir, tok.vocab_size())
@@ -75,13 +105,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 cfg.target_depth(),
                 cfg.run.steps
             );
-            let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
-            let report = trainer.run(&RunOptions { quiet: false, stop_after, stop_below_val: None })?;
             let dir = cfg.out_dir();
-            report.write_csv(&dir)?;
-            if let Some(v) = report.final_val_loss() {
-                println!("done steps={} final_val_loss={v:.4} wall_s={:.1} logs={}", trainer.step, report.wall_s, dir.display());
+            let report = if sequential {
+                let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
+                trainer.run(&RunOptions { quiet: false, stop_after, stop_below_val: None })?
+            } else {
+                if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+                    anyhow::bail!("config places layers on CUDA devices, but this build runs the CPU backend only (placement.devices)");
+                }
+                let opts = SchedOptions { quiet: false, stop_after, stop_below_val: None, resume, faults_disarmed: false };
+                runtime::train::<CpuBackend>(&cfg, data, opts, true)?
+            };
+            if sequential {
+                report.write_csv(&dir)?; // the runtime streams its CSV files as it goes
             }
+            let steps = report.steps.last().map_or(0, |s| s.step);
+            let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();
+            let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
+            println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}", report.wall_s, dir.display());
             Ok(())
         }
         Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name } } => {
@@ -90,4 +131,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

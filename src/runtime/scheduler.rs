@@ -70,6 +70,9 @@ pub struct SchedOptions {
     pub stop_below_val: Option<f32>,
     /// Start from the newest valid checkpoint of the run (fresh if there is none).
     pub resume: bool,
+    /// Disarm the `[faults]` of the config (the trainer does so after a restart, so that an
+    /// injected fault fires once).
+    pub faults_disarmed: bool,
 }
 
 pub struct SchedArgs {
@@ -130,6 +133,7 @@ pub struct SchedState<B: Backend> {
     started: Instant,
     last_log: (Instant, u64),
     csv: Option<std::fs::File>,
+    evals_csv: Option<std::fs::File>,
     trainer: ActorRef<TrainerMsg>,
     supervisor: ActorCell,
     roles: Roles,
@@ -173,7 +177,8 @@ impl<B: Backend> SchedState<B> {
     }
 
     async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
-        let panic_at_step = (self.cfg.faults.panic_layer == Some(id)).then_some(self.cfg.faults.panic_at_step).flatten();
+        let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
+        let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
         let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone()).await.map_err(|e| err(format!("spawning layer {id} on {device}: {e}")))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
@@ -391,6 +396,10 @@ impl<B: Backend> SchedState<B> {
             "step={}/{} depth={} val_loss={:.4} flops_llmc={:.3e} flops_ne={:.3e} elapsed_s={:.1}",
             e.step, self.cfg.run.steps, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s
         ));
+        if let Some(f) = self.evals_csv.as_mut() {
+            let _ = writeln!(f, "{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s);
+            let _ = f.flush();
+        }
         self.report.evals.push(e);
         if let Some(target) = self.opts.stop_below_val {
             if val_loss < target {
@@ -472,6 +481,22 @@ impl<B: Backend> SchedState<B> {
             in_flight,
         }
     }
+}
+
+/// A CSV log: appended to when resuming, started afresh (with `header`) otherwise.
+fn open_log(path: &std::path::Path, resume: bool, header: &str) -> Res<std::fs::File> {
+    let append = resume && path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(path)
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    if !append {
+        writeln!(f, "{header}").map_err(|e| err(format!("{}: {e}", path.display())))?;
+    }
+    Ok(f)
 }
 
 impl<B: Backend> Actor for SchedulerActor<B> {
@@ -561,6 +586,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             started,
             last_log: (started, step),
             csv: None,
+            evals_csv: None,
             trainer: a.trainer,
             supervisor: a.supervisor,
             roles: a.roles,
@@ -578,16 +604,11 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             st.stack.push(stage);
         }
         st.relink()?;
-        // The per-step trajectory, streamed: appended to across resumes.
+        // The trajectory, streamed: appended to across resumes.
         let out = st.cfg.out_dir();
         std::fs::create_dir_all(&out).map_err(|e| err(format!("creating {}: {e}", out.display())))?;
-        let path = out.join("steps.csv");
-        let fresh = !path.exists() || !st.opts.resume;
-        let mut f = std::fs::OpenOptions::new().create(true).append(!fresh).write(true).truncate(fresh).open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        if fresh {
-            let _ = writeln!(f, "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s");
-        }
-        st.csv = Some(f);
+        st.csv = Some(open_log(&out.join("steps.csv"), st.opts.resume, "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s")?);
+        st.evals_csv = Some(open_log(&out.join("evals.csv"), st.opts.resume, "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s")?);
         me.cast(SchedMsg::Next).map_err(err)?;
         Ok(st)
     }

@@ -167,6 +167,7 @@ impl<B: Backend> Actor for TrainerActor<B> {
             eprintln!("warning: {what}; restarting the pipeline from the newest checkpoint (restart {} of {})", s.restarts, sup.max_restarts);
             Self::stop_pipeline(&me, s).await;
             s.opts.resume = true;
+            s.opts.faults_disarmed = true;
             if let Err(e) = Self::start_pipeline(&me, s).await {
                 Self::finish(&me, s, Err(format!("{what}; restart failed: {e}"))).await;
             }

@@ -64,6 +64,11 @@ impl TrainReport {
         for s in &self.steps {
             writeln!(f, "{},{},{},{},{:e},{:e},{:.3}", s.step, s.depth, s.lr, s.train_loss, s.flops_llmc, s.flops_ne, s.elapsed_s)?;
         }
+        self.write_evals_csv(dir)
+    }
+
+    /// Write `evals.csv` into `dir` (the runtime streams `steps.csv` itself, step by step).
+    pub fn write_evals_csv(&self, dir: &Path) -> anyhow::Result<()> {
         let mut f = std::fs::File::create(dir.join("evals.csv"))?;
         writeln!(f, "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s")?;
         for e in &self.evals {

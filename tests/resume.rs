@@ -1,0 +1,268 @@
+//! Checkpoints, exact resume and supervision, through the real binary where a process must die:
+//! SIGKILL mid-run (before and after growth) then `--resume` reproduces the uninterrupted loss
+//! trajectory bit for bit; SIGTERM writes a checkpoint and exits 0 within a stated bound; a
+//! corrupted newest checkpoint is reported and skipped; a failing layer stops the run with an
+//! error naming it and the step, or — with `restart_on_failure` — the pipeline restarts from the
+//! newest checkpoint and the trajectory is still exact; a checkpoint resumes onto another
+//! placement; the in-flight bound holds memory down.
+
+mod common;
+
+use common::synthetic_dataset;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use taproot::backend::cpu::CpuBackend;
+use taproot::checkpoint;
+use taproot::config::Config;
+use taproot::data::Dataset;
+use taproot::runtime::{self, SchedOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_taproot");
+
+/// A config file for a run long enough (a few seconds) to be interrupted.
+fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[run]
+name = "{name}"
+steps = 240
+log_every = 0
+out_dir = "{out}"
+[data]
+dir = "{data}"
+tokenizer = "bytes"
+batch_size = 8
+seq_len = 32
+micro_batches = 2
+[model]
+channels = 64
+heads = 2
+depth = 1
+target_depth = 4
+[schedule]
+lr = 0.01
+[eval]
+every = 40
+batches = 2
+[checkpoint]
+every = 10
+keep = 3
+[[growth]]
+at_step = 100
+to_depth = 4
+init = "copying"
+{extra}
+"#,
+        out = dir.join(name).display(),
+        data = dir.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(config: &Path, extra_args: &[&str]) -> Child {
+    Command::new(BIN).arg("train").arg("--config").arg(config).args(extra_args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn run_to_end(config: &Path, extra_args: &[&str]) -> String {
+    let out = spawn(config, extra_args).wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "taproot train failed:\n{text}");
+    text
+}
+
+/// step → the exact train_loss text of the LAST row written for that step (a resumed run
+/// rewrites the steps after its checkpoint).
+fn trajectory(out_dir: &Path) -> BTreeMap<u64, String> {
+    let text = std::fs::read_to_string(out_dir.join("steps.csv")).unwrap();
+    let mut m = BTreeMap::new();
+    for line in text.lines().skip(1).filter(|l| !l.starts_with("step")) {
+        let f: Vec<&str> = line.split(',').collect();
+        m.insert(f[0].parse().unwrap(), f[3].to_string());
+    }
+    m
+}
+
+fn newest_checkpoint_step(dir: &Path) -> u64 {
+    checkpoint::list(&dir.join("checkpoints")).map(|l| l.last().map_or(0, |c| c.0)).unwrap_or(0)
+}
+
+/// Kill -9 once the run has checkpointed past `after_step`, then resume to the end.
+fn kill_and_resume(tag: &str, after_step: u64) {
+    let dir = synthetic_dataset(tag);
+    let reference = write_config(&dir, "reference", "");
+    run_to_end(&reference, &[]);
+    let want = trajectory(&dir.join("reference"));
+    assert_eq!(want.len(), 240);
+
+    let cfg = write_config(&dir, "killed", "");
+    let mut child = spawn(&cfg, &[]);
+    let t0 = Instant::now();
+    while newest_checkpoint_step(&dir.join("killed")) < after_step {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint past step {after_step}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child was not killed");
+    let killed_at = trajectory(&dir.join("killed")).len() as u64;
+    assert!(killed_at < 240, "killed after the end");
+    let text = run_to_end(&cfg, &["--resume"]);
+    assert!(text.contains("resume from="), "did not resume:\n{text}");
+    let got = trajectory(&dir.join("killed"));
+    assert_eq!(got.len(), 240);
+    for (step, loss) in &want {
+        assert_eq!(&got[step], loss, "step {step} differs after SIGKILL at ~{killed_at} and resume");
+    }
+    println!("{tag}: killed at step ~{killed_at}, resumed, 240 steps equal bit for bit");
+}
+
+#[test]
+fn sigkill_before_growth_then_resume_is_exact() {
+    kill_and_resume("kill-early", 40);
+}
+
+#[test]
+fn sigkill_after_growth_then_resume_is_exact() {
+    kill_and_resume("kill-late", 130);
+}
+
+/// Bound: the current step finishes (ms for this model), a checkpoint is written, exit 0 —
+/// stated as 10 s from the signal to the exit, generous for a loaded 2-core CI machine.
+#[test]
+fn sigterm_checkpoints_and_exits_0_within_10_s() {
+    let dir = synthetic_dataset("term");
+    let cfg = write_config(&dir, "term", "");
+    let mut child = spawn(&cfg, &[]);
+    let t0 = Instant::now();
+    while trajectory_len(&dir.join("term")) < 30 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before the signal");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sent = Instant::now();
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "SIGTERM did not exit 0: {:?}\n{text}", out.status);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let steps = trajectory_len(&dir.join("term")) as u64;
+    assert!(steps < 240, "the run finished instead of stopping");
+    assert_eq!(newest_checkpoint_step(&dir.join("term")), steps, "no checkpoint at the stopping step:\n{text}");
+    println!("SIGTERM at step ~30: stopped at step {steps}, checkpoint written, exit 0 in {took:?}");
+}
+
+fn trajectory_len(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("steps.csv")).map(|t| t.lines().count().saturating_sub(1)).unwrap_or(0)
+}
+
+#[test]
+fn corrupted_newest_checkpoint_is_reported_and_the_previous_one_used() {
+    let dir = synthetic_dataset("corrupt");
+    let reference = write_config(&dir, "reference", "");
+    run_to_end(&reference, &[]);
+    let want = trajectory(&dir.join("reference"));
+    let cfg = write_config(&dir, "cut", "");
+    run_to_end(&cfg, &["--stop-after", "50"]);
+    let ckdir = dir.join("cut/checkpoints");
+    let list = checkpoint::list(&ckdir).unwrap();
+    let (newest_step, newest) = list.last().unwrap().clone();
+    assert_eq!(newest_step, 50);
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap(); // truncated
+    let text = run_to_end(&cfg, &["--resume"]);
+    assert!(text.contains("skipping") && text.contains("step-00000050"), "corruption not reported:\n{text}");
+    assert!(text.contains("step=40"), "did not fall back to the checkpoint of step 40:\n{text}");
+    let got = trajectory(&dir.join("cut"));
+    for (step, loss) in &want {
+        assert_eq!(&got[step], loss, "step {step}");
+    }
+}
+
+fn load(path: &Path, sets: &[&str]) -> Config {
+    Config::load(path, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+}
+
+#[test]
+fn failing_layer_stops_the_run_naming_layer_and_step() {
+    let dir = synthetic_dataset("fail");
+    let path = write_config(&dir, "fail", "[faults]\npanic_layer = 0\npanic_at_step = 7\n");
+    let cfg = load(&path, &[]);
+    let data = Dataset::open(&dir, 256).unwrap();
+    let t0 = Instant::now();
+    let err = runtime::train::<CpuBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap_err().to_string();
+    println!("error: {err}");
+    assert!(err.contains("layer 0") && err.contains("step 7"), "unclear error: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+/// With restart_on_failure the pipeline is rebuilt from the newest checkpoint (step 10) after a
+/// layer dies at step 13, and the final trajectory equals a run that never failed.
+#[test]
+fn restart_on_failure_resumes_from_the_newest_checkpoint_exactly() {
+    let dir = synthetic_dataset("restart");
+    let clean = load(&write_config(&dir, "clean", ""), &["run.steps=120"]);
+    let faulty = load(
+        &write_config(&dir, "faulty", "[faults]\npanic_layer = 0\npanic_at_step = 13\n[supervision]\nrestart_on_failure = true\nmax_restarts = 2\n"),
+        &["run.steps=120"],
+    );
+    let data = Dataset::open(&dir, 256).unwrap();
+    let q = || SchedOptions { quiet: true, ..Default::default() };
+    runtime::train::<CpuBackend>(&clean, data.clone(), q(), false).unwrap();
+    runtime::train::<CpuBackend>(&faulty, data, q(), false).unwrap();
+    let (want, got) = (trajectory(&dir.join("clean")), trajectory(&dir.join("faulty")));
+    assert_eq!(got.len(), 120);
+    assert_eq!(want, got, "the restarted run diverged from the clean one");
+}
+
+/// A checkpoint written with one device resumes onto three (and the trajectory is unchanged).
+#[test]
+fn checkpoint_resumes_onto_a_different_placement() {
+    let dir = synthetic_dataset("replace");
+    let one = write_config(&dir, "one", "");
+    run_to_end(&one, &["--set", "run.steps=120"]);
+    let want = trajectory(&dir.join("one"));
+    let moved = write_config(&dir, "moved", "");
+    run_to_end(&moved, &["--set", "run.steps=120", "--stop-after", "60"]);
+    let text = run_to_end(&moved, &["--set", "run.steps=120", "--set", "placement.devices=[\"cpu:0\",\"cpu:1\",\"cpu:2\"]", "--resume"]);
+    assert!(text.contains("resume from="));
+    let got = trajectory(&dir.join("moved"));
+    assert_eq!(want, got);
+}
+
+/// Peak RSS of a run with 8 micro-batches per step: with `max_in_flight = 2` it stays within
+/// the stated bound — the 1-micro-batch run's peak + 2 micro-batches of activations × 1.5 +
+/// 24 MiB — and far below the unbounded (8 in flight) run.
+#[test]
+fn in_flight_bound_limits_peak_memory() {
+    let dir = synthetic_dataset("mem");
+    let base = r#"--set=data.batch_size=16 --set=data.seq_len=64 --set=model.channels=64 --set=run.steps=6 --set=checkpoint.every=0 --set=eval.batches=1"#;
+    let peak = |name: &str, mbs: usize, inflight: usize| -> f64 {
+        let cfg = write_config(&dir, name, "");
+        let mut args: Vec<String> = base.split(' ').map(String::from).collect();
+        args.push(format!("--set=data.micro_batches={mbs}"));
+        args.push(format!("--set=pipeline.max_in_flight={inflight}"));
+        args.push("--set=growth=[]".into());
+        args.push("--set=model.depth=4".into());
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let text = run_to_end(&cfg, &argv);
+        let v = text.split("peak_rss_mib=").nth(1).unwrap().split_whitespace().next().unwrap();
+        v.parse().unwrap()
+    };
+    // Activations stashed per micro-batch per block: 10 (N, C)-sized buffers, 2 of (N, 4C),
+    // 1 of (N, 3C) and (B, NH, T, T), plus the (N, C) input: for N = 1024, C = 64, 4 blocks.
+    let (n, c, t, nh) = (16 * 64, 64, 64, 2);
+    let per_mb_mib = 4.0 * 4.0 * (n * c * (10 + 8 + 3) + 16 * nh * t * t) as f64 / (1024.0 * 1024.0);
+    let one = peak("mem1", 1, 1);
+    let bounded = peak("mem8b", 8, 2);
+    let unbounded = peak("mem8u", 8, 8);
+    let bound = one + 2.0 * per_mb_mib * 1.5 + 24.0;
+    println!("peak RSS MiB: 1 micro-batch {one:.1}; 8 with max_in_flight=2 {bounded:.1} (bound {bound:.1}); 8 with 8 in flight {unbounded:.1}; activations per micro-batch {per_mb_mib:.1}");
+    assert!(bounded <= bound, "bounded run used {bounded:.1} MiB > {bound:.1}");
+    assert!(unbounded > bounded + 3.0 * per_mb_mib, "the bound made no difference: {bounded:.1} vs {unbounded:.1}");
+}
