@@ -1,7 +1,8 @@
 //! The run configuration: one TOML file per run (`config/*.toml`), overridable from the command
 //! line with `--set section.key=value`.
 //!
-//! Parsing is strict: unknown keys and wrong types are errors that name the key (and line), and
+//! Parsing is strict: unknown keys, missing keys and wrong types are errors that name the full
+//! key path (`run.steps`, `growth[1].init`; TOML syntax errors name the line instead), and
 //! [`Config::validate`] rejects inconsistent values (τ after T, heads not dividing C, a target
 //! depth below the starting depth, …) naming the key. Relative paths are relative to the working
 //! directory the command runs in (the repository root for every shipped config).
@@ -228,8 +229,14 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let mut cfg: Config = Config::deserialize(toml::Value::Table(value))
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        // Growth entries one by one first, so that an error names its entry (`growth[1].init`):
+        // the toml crate's key path does not record array indices.
+        if let Some(toml::Value::Array(items)) = value.get("growth") {
+            for (i, item) in items.iter().enumerate() {
+                GrowthSpec::deserialize(item.clone()).map_err(|e| key_error(&e, &format!("growth[{i}]")))?;
+            }
+        }
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(value)).map_err(|e| key_error(&e, ""))?;
         cfg.schedule.total_steps = cfg.run.steps;
         cfg.validate()?;
         Ok(cfg)
@@ -320,8 +327,10 @@ impl Config {
         if !(0.0..1.0).contains(&o.momentum) {
             bail!("`optim.momentum` must be in [0, 1), got {}", o.momentum);
         }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            bail!("`optim.beta1` and `optim.beta2` must be in [0, 1), got {} and {}", o.beta1, o.beta2);
+        for (beta, key) in [(o.beta1, "optim.beta1"), (o.beta2, "optim.beta2")] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("`{key}` must be in [0, 1), got {beta}");
+            }
         }
         if o.weight_decay.is_some_and(|w| !(w >= 0.0)) {
             bail!("`optim.weight_decay` must be >= 0");
@@ -355,7 +364,13 @@ impl Config {
         for (i, e) in self.expansions().iter().enumerate() {
             let key = format!("growth[{i}]");
             if e.at_step == 0 || e.at_step >= self.run.steps {
-                bail!("`{key}`: τ = step {} is not inside the run (1..{})", e.at_step, self.run.steps);
+                let given = if self.growth[i].at_step.is_some() { "at_step" } else { "at" };
+                bail!(
+                    "`{key}.{given}`: τ = step {} is not inside the run (steps 1..{} of `run.steps` = {})",
+                    e.at_step,
+                    self.run.steps - 1,
+                    self.run.steps
+                );
             }
             if e.at_step <= last_step && i > 0 {
                 bail!("`{key}`: expansions must be in increasing step order (step {} after step {last_step})", e.at_step);
@@ -364,7 +379,8 @@ impl Config {
                 bail!("`{key}.to_depth` ({}) must exceed the depth before it ({depth})", e.to_depth);
             }
             if matches!(e.init, GrowInit::Copying | GrowInit::CopyingZero) && depth == 0 {
-                bail!("`{key}.init` = {:?} copies trained blocks, but the model has 0 blocks then: use \"random\"", e.init);
+                let init = serde_json::to_string(&e.init).unwrap_or_else(|_| format!("{:?}", e.init));
+                bail!("`{key}.init` = {init} copies trained blocks, but the model has 0 blocks then: use \"random\"");
             }
             if e.to_depth > target {
                 bail!("`{key}.to_depth` ({}) exceeds `model.target_depth` ({target})", e.to_depth);
@@ -395,10 +411,57 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let mut table = root;
-    for k in &keys[..keys.len() - 1] {
+    for (j, k) in keys[..keys.len() - 1].iter().enumerate() {
         let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().with_context(|| format!("--set {spec:?}: `{k}` is not a table"))?;
+        let prefix = keys[..=j].join(".");
+        table = entry.as_table_mut().with_context(|| format!("--set {spec:?}: `{prefix}` is not a table"))?;
     }
     table.insert(keys[keys.len() - 1].to_string(), value);
     Ok(())
+}
+
+/// A serde error from deserializing the parsed TOML, reworded to start with the full key path:
+/// "`run.epochs`: unknown key in `run`, expected one of …", "`run.steps`: missing required key",
+/// "`growth[1].init`: unknown variant `xavier`, expected one of …".
+///
+/// The toml crate keeps the path only in its `Display` (a last line "in `a.b`", printed when the
+/// error has no source span, which is always the case for a value that was already parsed), and
+/// serde names the key of an unknown or missing field in the message rather than in the path.
+fn key_error(e: &toml::de::Error, prefix: &str) -> anyhow::Error {
+    let message = e.message().trim_end();
+    let shown = e.to_string();
+    let keys = shown
+        .trim_end()
+        .strip_prefix(message)
+        .and_then(|rest| rest.trim_start().strip_prefix("in `"))
+        .and_then(|rest| rest.strip_suffix('`'))
+        .unwrap_or("");
+    let join = |a: &str, b: &str| match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}.{b}"),
+    };
+    let path = join(prefix, keys);
+    // serde's words for TOML's: tables and arrays, not maps, sequences and Rust structs.
+    let mut message = message
+        .replace("invalid type: map,", "invalid type: table,")
+        .replace("invalid type: sequence,", "invalid type: array,")
+        .replace("expected a sequence", "expected an array");
+    if let Some(i) = message.find("expected struct ") {
+        message.replace_range(i.., "expected a table");
+    }
+    let named = |rest: &str| rest.split_once('`').map(|(name, rest)| (name.to_string(), rest.to_string()));
+    if let Some((name, rest)) = message.strip_prefix("unknown field `").and_then(named) {
+        let rest = rest.trim_start_matches(',').trim_start();
+        let within = if path.is_empty() { "at the top level".to_string() } else { format!("in `{path}`") };
+        return anyhow::anyhow!("`{}`: unknown key {within}, {rest}", join(&path, &name));
+    }
+    if let Some((name, _)) = message.strip_prefix("missing field `").and_then(named) {
+        return anyhow::anyhow!("`{}`: missing required key", join(&path, &name));
+    }
+    if path.is_empty() {
+        anyhow::anyhow!("{message}")
+    } else {
+        anyhow::anyhow!("`{path}`: {message}")
+    }
 }
