@@ -49,21 +49,25 @@ impl<B: Backend> Clone for Peer<B> {
 
 impl<B: Backend> Peer<B> {
     /// Hand an activation downstream (toward the head).
+    ///
+    /// If the neighbour is gone the message is dropped: that neighbour's own failure reaches the
+    /// supervisor, which names it and stops or rebuilds the pipeline; failing here too would
+    /// only race it with a less precise error.
     pub fn forward(&self, mb: u64, x: Activation<B>, eval: bool) -> anyhow::Result<()> {
-        let r = match self {
-            Peer::Layer(a) => a.cast(LayerMsg::Forward { mb, x, eval }).map_err(|e| e.to_string()),
-            Peer::Ends(a) => a.cast(EndsMsg::HeadForward { mb, x }).map_err(|e| e.to_string()),
+        let _ = match self {
+            Peer::Layer(a) => a.cast(LayerMsg::Forward { mb, x, eval }).map_err(drop),
+            Peer::Ends(a) => a.cast(EndsMsg::HeadForward { mb, x }).map_err(drop),
         };
-        r.map_err(|e| anyhow::anyhow!("handing micro-batch {mb} downstream failed: {e}"))
+        Ok(())
     }
 
-    /// Hand a gradient upstream (toward the embedding).
+    /// Hand a gradient upstream (toward the embedding). A gone neighbour: as [`Peer::forward`].
     pub fn backward(&self, mb: u64, grad: Activation<B>) -> anyhow::Result<()> {
-        let r = match self {
-            Peer::Layer(a) => a.cast(LayerMsg::Backward { mb, grad }).map_err(|e| e.to_string()),
-            Peer::Ends(a) => a.cast(EndsMsg::EmbedBackward { mb, grad }).map_err(|e| e.to_string()),
+        let _ = match self {
+            Peer::Layer(a) => a.cast(LayerMsg::Backward { mb, grad }).map_err(drop),
+            Peer::Ends(a) => a.cast(EndsMsg::EmbedBackward { mb, grad }).map_err(drop),
         };
-        r.map_err(|e| anyhow::anyhow!("handing the gradient of micro-batch {mb} upstream failed: {e}"))
+        Ok(())
     }
 }
 

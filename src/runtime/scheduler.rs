@@ -107,6 +107,8 @@ enum Phase {
     Train(Pending),
     Eval(Pending),
     Finished,
+    /// A stage died; waiting for the trainer to stop or rebuild the pipeline.
+    Stalled,
 }
 
 pub struct SchedState<B: Backend> {
@@ -150,15 +152,23 @@ impl<B: Backend> Default for SchedulerActor<B> {
 
 type Res<T> = Result<T, ActorProcessingErr>;
 
+/// Prefix of the errors that mean "a stage actor died under us". The scheduler does not fail on
+/// them: the stage's own failure reaches the trainer, which names it and decides what to do.
+const STAGE_GONE: &str = "stage gone: ";
+
 fn err(e: impl std::fmt::Display) -> ActorProcessingErr {
     e.to_string().into()
+}
+
+fn gone(e: impl std::fmt::Display) -> ActorProcessingErr {
+    err(format!("{STAGE_GONE}{e}"))
 }
 
 async fn ask<M: ractor::Message, T: Send + 'static>(actor: &ActorRef<M>, what: &str, build: impl FnOnce(RpcReplyPort<T>) -> M) -> Res<T> {
     match actor.call(build, None).await {
         Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
         Ok(ractor::rpc::CallResult::Timeout) => Err(err(format!("{what}: timed out"))),
-        Ok(ractor::rpc::CallResult::SenderError) => Err(err(format!("{what}: the actor stopped before answering"))),
+        Ok(ractor::rpc::CallResult::SenderError) => Err(err(format!("{STAGE_GONE}{what}"))),
         Err(e) => Err(err(format!("{what}: {e}"))),
     }
 }
@@ -190,11 +200,11 @@ impl<B: Backend> SchedState<B> {
         let n = self.stack.len();
         self.ends
             .cast(EndsMsg::Link { first: self.stack.first().map(|s| s.actor.clone()), last: self.stack.last().map(|s| s.actor.clone()) })
-            .map_err(err)?;
+            .map_err(gone)?;
         for (i, s) in self.stack.iter().enumerate() {
             let prev = if i == 0 { Peer::Ends(self.ends.clone()) } else { Peer::Layer(self.stack[i - 1].actor.clone()) };
             let next = if i + 1 == n { Peer::Ends(self.ends.clone()) } else { Peer::Layer(self.stack[i + 1].actor.clone()) };
-            s.actor.cast(LayerMsg::Link { prev, next }).map_err(err)?;
+            s.actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
         }
         Ok(())
     }
@@ -293,7 +303,7 @@ impl<B: Backend> SchedState<B> {
             self.loader.next_batch(&mut windows);
             p.index.insert(mb, p.issued);
             p.issued += 1;
-            self.ends.cast(EndsMsg::Micro { mb, windows, dscale }).map_err(err)?;
+            self.ends.cast(EndsMsg::Micro { mb, windows, dscale }).map_err(gone)?;
         }
         Ok(())
     }
@@ -305,7 +315,7 @@ impl<B: Backend> SchedState<B> {
             p.index.insert(mb, p.issued);
             let windows = self.val[p.issued].clone();
             p.issued += 1;
-            self.ends.cast(EndsMsg::EvalMicro { mb, windows }).map_err(err)?;
+            self.ends.cast(EndsMsg::EvalMicro { mb, windows }).map_err(gone)?;
         }
         Ok(())
     }
@@ -340,15 +350,15 @@ impl<B: Backend> SchedState<B> {
         // The barrier: every stage steps; wait for all of them.
         let mut waits = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
-        self.ends.cast(EndsMsg::Step { lr, step, reply: tx.into() }).map_err(err)?;
+        self.ends.cast(EndsMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
         for s in &self.stack {
             let (tx, rx) = ractor::concurrency::oneshot();
-            s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(err)?;
+            s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);
         }
         for w in waits {
-            w.await.map_err(|_| err(format!("a stage died during the optimizer step of step {step}")))?;
+            w.await.map_err(|_| err(format!("{STAGE_GONE}optimizer step {step}")))?;
         }
         let mbs = losses.len();
         let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
@@ -614,6 +624,18 @@ impl<B: Backend> Actor for SchedulerActor<B> {
     }
 
     async fn handle(&self, me: ActorRef<SchedMsg>, msg: SchedMsg, s: &mut SchedState<B>) -> Res<()> {
+        match self.dispatch(me, msg, s).await {
+            Err(e) if e.to_string().starts_with(STAGE_GONE) => {
+                s.phase = Phase::Stalled;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+impl<B: Backend> SchedulerActor<B> {
+    async fn dispatch(&self, me: ActorRef<SchedMsg>, msg: SchedMsg, s: &mut SchedState<B>) -> Res<()> {
         match msg {
             SchedMsg::Next => {
                 if matches!(s.phase, Phase::Idle) {
