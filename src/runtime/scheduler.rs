@@ -266,6 +266,7 @@ impl<B: Backend> SchedState<B> {
         let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
         self.growth.push(GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
         self.report.growth.push(crate::model::growth::GrowthReport { from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
+        self.report.growth_wall_s.push(t0.elapsed().as_secs_f64());
         self.say(format!(
             "grow step={} depth={ls}->{} new_ids={new_ids:?} stack={stack:?} moved={moved} wall_ms={:.1}",
             self.step,

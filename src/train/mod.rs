@@ -48,6 +48,8 @@ pub struct TrainReport {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
     pub growth: Vec<crate::model::growth::GrowthReport>,
+    /// Wall time of each growth event (drain excluded: growth happens at a step boundary).
+    pub growth_wall_s: Vec<f64>,
     pub wall_s: f64,
 }
 

@@ -150,7 +150,12 @@ impl<B: Backend> Sequential<B> {
             evaluate(self, &mut rep, fl, fne);
         }
         while self.step < end {
-            for g in self.grow_if_due()? {
+            let t_grow = Instant::now();
+            let grown = self.grow_if_due()?;
+            if !grown.is_empty() {
+                rep.growth_wall_s.push(t_grow.elapsed().as_secs_f64());
+            }
+            for g in grown {
                 say(format!("grow step={} depth={}->{} new_ids={:?} stack={:?}", self.step, g.from_depth, g.to_depth, g.new_ids, g.stack));
                 rep.growth.push(g);
             }
