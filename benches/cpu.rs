@@ -119,7 +119,7 @@ fn main() {
         b: 16,
         t: 128,
         warmup: 3,
-        steps: if quick { 5 } else { 15 },
+        steps: if quick { 5 } else if std::env::args().any(|a| a == "--long") { 400 } else { 15 },
         torch_ms,
         llmc_ms: None,
     };
@@ -142,7 +142,9 @@ fn main() {
         demo("(b') demo config, 0 blocks (the first 80% of a progressive run)", 0, Some(4.7)),
         demo("(b'') demo config, 1 block", 1, Some(39.1)),
     ];
-    for c in &cases {
+    // `--case NAME-PREFIX` runs only the matching cases (e.g. `--case "(b')"` for profiling).
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--case").nth(1);
+    for c in cases.iter().filter(|c| only.as_ref().is_none_or(|o| c.name.starts_with(o.as_str()))) {
         run_case(&be, c, peak);
     }
 }

@@ -10,12 +10,80 @@ use rayon::prelude::*;
 
 /// Elements per rayon task for elementwise kernels: big enough that scheduling is noise.
 const CHUNK: usize = 1 << 14;
+/// Rows per rayon task for row-wise kernels.
+const ROWS: usize = 64;
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint region.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Sum with 8 independent accumulators: the compiler keeps them in one SIMD register (a plain
+/// `iter().sum()` is a serial dependency chain it may not reorder). The summation order is fixed,
+/// so results are reproducible.
+#[inline]
+pub fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Dot product with 8 accumulators (see [`sum8`]).
+#[inline]
+pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let full = n / 8 * 8;
+    for (ca, cb) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in full..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Maximum with 8 lanes (exact: max is order-independent).
+#[inline]
+pub fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let mut m = acc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    for &v in rest {
+        m = m.max(v);
+    }
+    m
+}
+
+/// x[i] = e^(x[i] - shift), returning the sum (vectorised exp, then [`sum8`]).
+#[inline]
+fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = fast_exp(*v - shift);
+    }
+    sum8(x)
+}
 
 pub fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(dst.len() == a.len() && a.len() == b.len(), "add: lengths differ");
@@ -170,11 +238,15 @@ pub fn layernorm_forward(
         .enumerate()
         .for_each(|(r, ((o, m), s))| {
             let x = &inp[r * c..r * c + c];
-            let mu = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let mu = sum8(x) / c as f32;
+            // o as scratch for the centred values, then the affine map in place
+            for (oi, &xi) in o.iter_mut().zip(x) {
+                *oi = xi - mu;
+            }
+            let var = dot8(o, o) / c as f32;
             let rs = 1.0 / (var + EPS).sqrt();
-            for i in 0..c {
-                o[i] = (x[i] - mu) * rs * w[i] + b[i];
+            for ((oi, &wi), &bi) in o.iter_mut().zip(w).zip(b) {
+                *oi = *oi * rs * wi + bi;
             }
             *m = mu;
             *s = rs;
@@ -195,37 +267,39 @@ pub fn layernorm_backward(
     c: usize,
 ) {
     // dinp += (w*dout - mean(w*dout) - norm * mean(w*dout*norm)) * rstd, row by row.
-    dinp.par_chunks_mut(c).enumerate().for_each(|(r, di)| {
-        let x = &inp[r * c..r * c + c];
-        let d = &dout[r * c..r * c + c];
-        let (mu, rs) = (mean[r], rstd[r]);
-        let mut dnorm_mean = 0.0f32;
-        let mut dnorm_norm_mean = 0.0f32;
-        for i in 0..c {
-            let norm = (x[i] - mu) * rs;
-            let dnorm = w[i] * d[i];
-            dnorm_mean += dnorm;
-            dnorm_norm_mean += dnorm * norm;
-        }
-        dnorm_mean /= c as f32;
-        dnorm_norm_mean /= c as f32;
-        for i in 0..c {
-            let norm = (x[i] - mu) * rs;
-            let dnorm = w[i] * d[i];
-            di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
+    // Rows in parallel; each task keeps two C-length scratch rows on its own stack-like Vec,
+    // allocated once per task (rayon splits into a handful of tasks, not one per row).
+    dinp.par_chunks_mut(c * ROWS).enumerate().for_each(|(ci, dblock)| {
+        let mut norm = vec![0.0f32; c];
+        let mut dnorm = vec![0.0f32; c];
+        for (k, di) in dblock.chunks_mut(c).enumerate() {
+            let r = ci * ROWS + k;
+            let x = &inp[r * c..r * c + c];
+            let d = &dout[r * c..r * c + c];
+            let (mu, rs) = (mean[r], rstd[r]);
+            for i in 0..c {
+                norm[i] = (x[i] - mu) * rs;
+                dnorm[i] = w[i] * d[i];
+            }
+            let dnorm_mean = sum8(&dnorm) / c as f32;
+            let dnorm_norm_mean = dot8(&dnorm, &norm) / c as f32;
+            for i in 0..c {
+                di[i] += (dnorm[i] - dnorm_mean - norm[i] * dnorm_norm_mean) * rs;
+            }
         }
     });
     // dw += sum_rows norm*dout; db += sum_rows dout — split by columns, one writer per element.
-    const COLS: usize = 32;
+    const COLS: usize = 64;
     dw.par_chunks_mut(COLS).zip(db.par_chunks_mut(COLS)).enumerate().for_each(|(ci, (dwc, dbc))| {
         let c0 = ci * COLS;
+        let len = dwc.len();
         for r in 0..n {
             let (mu, rs) = (mean[r], rstd[r]);
-            for j in 0..dwc.len() {
-                let i = r * c + c0 + j;
-                let norm = (inp[i] - mu) * rs;
-                dwc[j] += norm * dout[i];
-                dbc[j] += dout[i];
+            let x = &inp[r * c + c0..r * c + c0 + len];
+            let d = &dout[r * c + c0..r * c + c0 + len];
+            for j in 0..len {
+                dwc[j] += (x[j] - mu) * rs * d[j];
+                dbc[j] += d[j];
             }
         }
     });
@@ -258,12 +332,8 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
         }
         for ti in 0..t {
             let row = &mut att_bh[ti * t..ti * t + t];
-            let maxv = row[..=ti].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for x in row[..=ti].iter_mut() {
-                *x = fast_exp(*x - maxv);
-                sum += *x;
-            }
+            let maxv = max8(&row[..=ti]);
+            let sum = exp_shifted_sum(&mut row[..=ti], maxv);
             let inv = 1.0 / sum;
             for x in row[..=ti].iter_mut() {
                 *x *= inv;
@@ -317,7 +387,7 @@ pub fn attention_backward(
         for ti in 0..t {
             let a = &pr[ti * t..ti * t + t];
             let d = &mut ds[ti * t..ti * t + t];
-            let dot: f32 = a[..=ti].iter().zip(&d[..=ti]).map(|(x, y)| x * y).sum();
+            let dot = dot8(&a[..=ti], &d[..=ti]);
             for t2 in 0..=ti {
                 d[t2] = a[t2] * (d[t2] - dot);
             }
@@ -403,12 +473,8 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
         let tgt = targets[r] as usize;
         assert!(tgt < v, "target id {tgt} at row {r} is outside the vocabulary of {v}");
         let real = &mut row[..v];
-        let maxv = real.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for x in real.iter_mut() {
-            *x = fast_exp(*x - maxv);
-            sum += *x;
-        }
+        let maxv = max8(real);
+        let sum = exp_shifted_sum(real, maxv);
         let inv = 1.0 / sum;
         *loss = -(real[tgt] * inv).ln();
         for x in real.iter_mut() {
