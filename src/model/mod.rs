@@ -133,6 +133,10 @@ impl<B: Backend> ParamSet<B> {
     pub fn zero_grad(&self, be: &B) {
         be.fill(B::whole(&self.grads), 0.0);
     }
+    /// Σ g² over the unit's gradients (for the gradient norm metric).
+    pub fn grad_sumsq(&self, be: &B, scratch: &mut crate::optim::Scratch<B>) -> f64 {
+        scratch.sumsq(be, B::whole(&self.grads))
+    }
     pub fn numel(&self) -> usize {
         self.layout.total
     }

@@ -38,6 +38,16 @@ fn ensure<B: Backend>(be: &B, slot: &mut Option<B::Buf>, n: usize) {
 }
 
 impl<B: Backend> Scratch<B> {
+    /// Σ x² of a view, computed on the device and read back (one scalar: a synchronisation).
+    pub fn sumsq(&mut self, be: &B, x: View<B::Buf>) -> f64 {
+        ensure(be, &mut self.ss, 1);
+        let ss = View::new(self.ss.as_ref().expect("ensured"), 0, 1);
+        be.sumsq(ss, x);
+        let mut h = [0.0f32];
+        be.download(ss, &mut h);
+        h[0] as f64
+    }
+
     fn ensure(&mut self, be: &B, rc: usize, kk: usize) {
         ensure(be, &mut self.x, rc);
         ensure(be, &mut self.x2, rc);

@@ -12,6 +12,7 @@
 //! no layers at all (a 0-layer model) the ends hand the activation to themselves.
 
 use super::layer::LayerMsg;
+use super::events::Observer;
 use super::messages::{compute, Activation, Peer};
 use super::scheduler::SchedMsg;
 use crate::backend::Backend;
@@ -32,7 +33,8 @@ pub enum EndsMsg<B: Backend> {
     HeadForward { mb: u64, x: Activation<B> },
     /// The gradient of the embedding output, arriving back at the embedding.
     EmbedBackward { mb: u64, grad: Activation<B> },
-    Step { lr: f32, step: u64, reply: RpcReplyPort<()> },
+    /// As `LayerMsg::Step`: answers with the gradient sum of squares of both ends.
+    Step { lr: f32, step: u64, reply: RpcReplyPort<f64> },
     /// Snapshots of (embedding, head).
     GetState(RpcReplyPort<(UnitState, UnitState)>),
     SetState { embed: UnitState, head: UnitState, reply: RpcReplyPort<Result<(), String>> },
@@ -51,6 +53,7 @@ pub struct EndsArgs {
     pub scheduler: ActorRef<SchedMsg>,
     /// Restore from these snapshots instead of initialising.
     pub restore: Option<(UnitState, UnitState)>,
+    pub observer: Observer,
 }
 
 enum Kind {
@@ -77,6 +80,7 @@ pub struct EndsState<B: Backend> {
     first: Option<Peer<B>>,
     last: Option<Peer<B>>,
     scheduler: ActorRef<SchedMsg>,
+    _observer: Observer,
 }
 
 pub struct EndsActor<B: Backend>(PhantomData<fn() -> B>);
@@ -181,6 +185,7 @@ impl<B: Backend> Actor for EndsActor<B> {
             first: None,
             last: None,
             scheduler: a.scheduler,
+            _observer: a.observer,
         })
     }
 
@@ -191,15 +196,17 @@ impl<B: Backend> Actor for EndsActor<B> {
             EndsMsg::HeadForward { mb, x } => s.head_forward(&me, mb, x)?,
             EndsMsg::EmbedBackward { mb, grad } => s.embed_backward(mb, grad)?,
             EndsMsg::Step { lr, step: _, reply } => {
-                compute(|| {
+                let ss = compute(|| {
                     s.head.flush_tied_grad(&s.be, &s.embed.w);
+                    let ss = s.embed.w.grad_sumsq(&s.be, &mut s.scratch) + s.head.w.grad_sumsq(&s.be, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
                     s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);
                     s.embed.w.zero_grad(&s.be);
                     s.head.w.zero_grad(&s.be);
                     s.be.synchronize();
+                    ss
                 });
-                let _ = reply.send(());
+                let _ = reply.send(ss);
             }
             EndsMsg::GetState(reply) => {
                 let st = compute(|| (s.embed.w.snapshot(&s.be), s.head.w.snapshot(&s.be)));

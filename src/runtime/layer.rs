@@ -9,6 +9,7 @@
 //! Messages (`LayerMsg`): `Forward`, `Backward`, `Step`, `GetState` / `SetState`, `Link`,
 //! `ResetOptState`. Stopping is ractor's `stop`.
 
+use super::events::{Event, Observer};
 use super::messages::{compute, Activation, Peer};
 use crate::backend::Backend;
 use crate::model::growth::{make_block, GrowInit, OptStatePolicy};
@@ -24,7 +25,8 @@ pub enum LayerMsg<B: Backend> {
     /// The gradient of this layer's output for micro-batch `mb`.
     Backward { mb: u64, grad: Activation<B> },
     /// Apply the optimizer with learning rate `lr` (step index `step`), zero the gradients.
-    Step { lr: f32, step: u64, reply: RpcReplyPort<()> },
+    /// Answers with the sum of squares of the gradients it applied (for the gradient norm).
+    Step { lr: f32, step: u64, reply: RpcReplyPort<f64> },
     /// A host snapshot of parameters and optimizer state (copying init, checkpoints, moves).
     GetState(RpcReplyPort<UnitState>),
     SetState(UnitState, RpcReplyPort<Result<(), String>>),
@@ -52,6 +54,7 @@ pub struct LayerArgs {
     pub optim: OptimConfig,
     /// Fault injection: panic when taking the optimizer step with this index.
     pub panic_at_step: Option<u64>,
+    pub observer: Observer,
 }
 
 pub struct LayerState<B: Backend> {
@@ -62,6 +65,8 @@ pub struct LayerState<B: Backend> {
     prev: Option<Peer<B>>,
     next: Option<Peer<B>>,
     panic_at_step: Option<u64>,
+    observer: Observer,
+    device: String,
 }
 
 /// The actor type; generic over the backend of its stream.
@@ -91,12 +96,13 @@ impl<B: Backend> Actor for LayerActor<B> {
             }
         })
         .map_err(|e| format!("layer {}: {e:#}", a.id))?;
-        Ok(LayerState { be, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step })
+        Ok(LayerState { be, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step, observer: a.observer, device: a.device })
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             LayerMsg::Forward { mb, x, eval } => {
+                let t0 = std::time::Instant::now();
                 let y = compute(|| {
                     let (b, t) = (x.b, x.t);
                     let x = x.receive(&s.be);
@@ -106,27 +112,32 @@ impl<B: Backend> Actor for LayerActor<B> {
                     }
                     Activation::send(&s.be, y, b, t)
                 });
+                (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: false, seconds: t0.elapsed().as_secs_f64() });
                 s.next.as_ref().ok_or_else(|| format!("layer {} has no downstream link", s.block.id))?.forward(mb, y, eval)?;
             }
             LayerMsg::Backward { mb, grad } => {
+                let t0 = std::time::Instant::now();
                 let dx = compute(|| {
                     let (b, t) = (grad.b, grad.t);
                     let dy = grad.receive(&s.be);
                     let dx = s.block.backward(&s.be, mb, dy);
                     Activation::send(&s.be, dx, b, t)
                 });
+                (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: true, seconds: t0.elapsed().as_secs_f64() });
                 s.prev.as_ref().ok_or_else(|| format!("layer {} has no upstream link", s.block.id))?.backward(mb, dx)?;
             }
             LayerMsg::Step { lr, step, reply } => {
                 if s.panic_at_step == Some(step) {
                     panic!("injected fault: layer {} fails at step {step}", s.block.id);
                 }
-                compute(|| {
+                let ss = compute(|| {
+                    let ss = s.block.w.grad_sumsq(&s.be, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
                     s.block.w.zero_grad(&s.be);
                     s.be.synchronize();
+                    ss
                 });
-                let _ = reply.send(());
+                let _ = reply.send(ss);
             }
             LayerMsg::GetState(reply) => {
                 let st = compute(|| s.block.w.snapshot(&s.be));

@@ -21,6 +21,7 @@
 //! and is the oracle of the runtime's tests.
 
 pub mod ends;
+pub mod events;
 pub mod layer;
 pub mod messages;
 pub mod placement;
@@ -43,11 +44,35 @@ pub fn train<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, signal
     rt.block_on(train_async::<B>(cfg, data, opts, signals))
 }
 
+/// A run in progress: its supervision root (send it `TrainerMsg`s: status, pause, grow now, …)
+/// and the promise of its result.
+pub struct RunHandle {
+    pub trainer: ractor::ActorRef<TrainerMsg>,
+    pub done: tokio::sync::oneshot::Receiver<Result<TrainReport, String>>,
+    pub join: ractor::concurrency::JoinHandle<()>,
+}
+
+impl RunHandle {
+    /// Wait for the run to end.
+    pub async fn wait(self) -> anyhow::Result<TrainReport> {
+        let result = self.done.await.map_err(|_| anyhow::anyhow!("the trainer stopped without a result"))?;
+        let _ = self.join.await;
+        result.map_err(|e| anyhow::anyhow!(e))
+    }
+}
+
+/// Start a run inside an existing multi-thread tokio runtime; events go to `observer`.
+pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, observer: events::Observer) -> anyhow::Result<RunHandle> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let args = TrainerArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
+    let (trainer, join) = Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
+    Ok(RunHandle { trainer, done: rx, join })
+}
+
 /// [`train`] inside an existing multi-thread tokio runtime.
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, signals: bool) -> anyhow::Result<TrainReport> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let args = TrainerArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx };
-    let (trainer, handle) = Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
+    let run = start::<B>(cfg, data, opts, events::none()).await?;
+    let trainer = run.trainer.clone();
     let watcher = signals.then(|| {
         let t = trainer.clone();
         tokio::spawn(async move {
@@ -64,10 +89,9 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOpt
             }
         })
     });
-    let result = rx.await.map_err(|_| anyhow::anyhow!("the trainer stopped without a result"))?;
-    let _ = handle.await;
+    let result = run.wait().await;
     if let Some(w) = watcher {
         w.abort();
     }
-    result.map_err(|e| anyhow::anyhow!(e))
+    result
 }

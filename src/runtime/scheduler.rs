@@ -19,6 +19,7 @@ use super::ends::{EndsActor, EndsArgs, EndsMsg};
 use super::layer::{LayerActor, LayerArgs, LayerInit, LayerMsg};
 use super::messages::Peer;
 use super::placement;
+use super::events::{Event, Observer};
 use super::trainer::{Roles, TrainerMsg};
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, GrowthRecord, Meta, UnitKey};
@@ -48,6 +49,14 @@ pub enum SchedMsg {
     /// Finish the current step, write a checkpoint and end the run (SIGTERM, SIGINT).
     RequestStop,
     Status(RpcReplyPort<Status>),
+    /// Stop issuing work at the next step boundary until `Resume`.
+    Pause,
+    Resume,
+    /// Apply the next expansion of the growth plan at the next step boundary instead of at its
+    /// planned step. Answers with the new depth, or an error if no expansion is left.
+    GrowNow(RpcReplyPort<Result<usize, String>>),
+    /// Write a checkpoint at the next step boundary; answers with its path.
+    CheckpointNow(RpcReplyPort<Result<String, String>>),
 }
 
 /// A snapshot of where the run is, for logs, status endpoints and supervision.
@@ -60,6 +69,11 @@ pub struct Status {
     /// (layer id, device), bottom to top.
     pub stack: Vec<(u64, String)>,
     pub in_flight: usize,
+    pub paused: bool,
+    /// Seconds since this process started the run, and the estimated seconds left.
+    pub elapsed_s: f64,
+    pub eta_s: Option<f64>,
+    pub placement: Vec<String>,
 }
 
 /// Knobs that are not part of the experiment.
@@ -85,6 +99,7 @@ pub struct SchedArgs {
     pub roles: Roles,
     /// Published step counter (read by the supervisor when something fails).
     pub step: Arc<AtomicU64>,
+    pub observer: Observer,
 }
 
 struct Stage<B: Backend> {
@@ -140,6 +155,12 @@ pub struct SchedState<B: Backend> {
     supervisor: ActorCell,
     roles: Roles,
     step_pub: Arc<AtomicU64>,
+    observer: Observer,
+    paused: bool,
+    grow_now: Vec<RpcReplyPort<Result<usize, String>>>,
+    checkpoint_now: Vec<RpcReplyPort<Result<String, String>>>,
+    step_started: Instant,
+    fixed_flops_ne: f64,
 }
 
 pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -189,7 +210,7 @@ impl<B: Backend> SchedState<B> {
     async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
         let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
         let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
-        let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step };
+        let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step, observer: self.observer.clone() };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone()).await.map_err(|e| err(format!("spawning layer {id} on {device}: {e}")))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
         Ok(Stage { id, device, actor })
@@ -207,6 +228,17 @@ impl<B: Backend> SchedState<B> {
             s.actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
         }
         Ok(())
+    }
+
+    /// `GrowNow`: take the next expansion of the plan and apply it at this boundary.
+    async fn grow_next_planned(&mut self) -> Result<usize, String> {
+        let Some(i) = self.plan.iter().position(|e| e.to_depth > self.stack.len()) else {
+            return Err(format!("no expansion left in the growth plan (depth is {})", self.stack.len()));
+        };
+        let mut e = self.plan.remove(i);
+        e.at_step = self.step;
+        self.grow(&e).await.map_err(|e| e.to_string())?;
+        Ok(self.stack.len())
     }
 
     /// Apply the expansions due before the update of the current step.
@@ -267,6 +299,7 @@ impl<B: Backend> SchedState<B> {
         self.growth.push(GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
         self.report.growth.push(crate::model::growth::GrowthReport { from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
         self.report.growth_wall_s.push(t0.elapsed().as_secs_f64());
+        (self.observer)(&Event::Growth { step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), seconds: t0.elapsed().as_secs_f64() });
         self.say(format!(
             "grow step={} depth={ls}->{} new_ids={new_ids:?} stack={stack:?} moved={moved} wall_ms={:.1}",
             self.step,
@@ -306,6 +339,7 @@ impl<B: Backend> SchedState<B> {
             p.issued += 1;
             self.ends.cast(EndsMsg::Micro { mb, windows, dscale }).map_err(gone)?;
         }
+        (self.observer)(&Event::InFlight(p.issued - p.done));
         Ok(())
     }
 
@@ -326,6 +360,21 @@ impl<B: Backend> SchedState<B> {
         if self.stop_requested {
             return self.finish().await;
         }
+        if !self.checkpoint_now.is_empty() {
+            let r = self.write_checkpoint().await.map(|p| p.display().to_string()).map_err(|e| e.to_string());
+            for reply in self.checkpoint_now.drain(..) {
+                let _ = reply.send(r.clone());
+            }
+        }
+        if !self.grow_now.is_empty() {
+            let r = self.grow_next_planned().await;
+            for reply in self.grow_now.drain(..) {
+                let _ = reply.send(r.clone());
+            }
+        }
+        if self.paused {
+            return Ok(()); // `Resume` sends `Next` again
+        }
         if self.eval_pending {
             self.eval_pending = false;
             let mut p = Pending { losses: vec![f32::NAN; self.val.len()], ..Default::default() };
@@ -337,6 +386,7 @@ impl<B: Backend> SchedState<B> {
             return self.finish().await;
         }
         self.grow_if_due().await?;
+        self.step_started = Instant::now();
         let mut p = Pending { losses: vec![f32::NAN; self.cfg.data.micro_batches], ..Default::default() };
         self.issue_train(&mut p)?;
         self.phase = Phase::Train(p);
@@ -349,7 +399,7 @@ impl<B: Backend> SchedState<B> {
         let lr = self.schedule.lr_at(self.step);
         let step = self.step;
         // The barrier: every stage steps; wait for all of them.
-        let mut waits = Vec::with_capacity(self.stack.len() + 1);
+        let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
         self.ends.cast(EndsMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
@@ -358,15 +408,18 @@ impl<B: Backend> SchedState<B> {
             s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);
         }
+        let mut grad_sumsq = 0.0f64;
         for w in waits {
-            w.await.map_err(|_| err(format!("{STAGE_GONE}optimizer step {step}")))?;
+            grad_sumsq += w.await.map_err(|_| err(format!("{STAGE_GONE}optimizer step {step}")))?;
         }
+        let grad_norm = grad_sumsq.sqrt();
         let mbs = losses.len();
         let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
         let depth = self.stack.len();
         let tokens = (self.cfg.data.batch_size * self.cfg.data.seq_len * mbs) as f64;
         self.flops.0 += flops::flops_per_token_llmc(&self.dims, depth, self.cfg.data.seq_len) * tokens;
         self.flops.1 += flops::flops_per_token_non_embedding(&self.dims, depth) * tokens;
+        self.fixed_flops_ne += flops::flops_per_token_non_embedding(&self.dims, self.cfg.target_depth()) * tokens;
         self.step += 1;
         self.step_pub.store(self.step, Ordering::Relaxed);
         let rec = StepRecord { step: self.step, depth, lr, train_loss: loss, flops_llmc: self.flops.0, flops_ne: self.flops.1, elapsed_s: self.started.elapsed().as_secs_f64() };
@@ -375,7 +428,25 @@ impl<B: Backend> SchedState<B> {
             let _ = writeln!(f, "{},{},{},{},{:e},{:e},{:.3}", rec.step, rec.depth, rec.lr, rec.train_loss, rec.flops_llmc, rec.flops_ne, rec.elapsed_s);
             let _ = f.flush();
         }
+        (self.observer)(&Event::Step {
+            step: self.step,
+            total_steps: self.cfg.run.steps,
+            depth,
+            lr,
+            train_loss: loss,
+            tokens: tokens as u64,
+            seconds: self.step_started.elapsed().as_secs_f64(),
+            flops_llmc: self.flops.0,
+            flops_ne: self.flops.1,
+            fixed_flops_ne: self.fixed_flops_ne,
+            grad_norm,
+            params: (flops::total_params(&self.dims, depth), flops::non_embedding_params(&self.dims, depth)),
+        });
+        if !grad_norm.is_finite() {
+            (self.observer)(&Event::NonFinite { step: self.step, what: format!("gradient norm {grad_norm}") });
+        }
         if !loss.is_finite() {
+            (self.observer)(&Event::NonFinite { step: self.step, what: format!("training loss {loss}") });
             return Err(err(format!("training loss became {loss} at step {} (depth {depth})", self.step)));
         }
         self.report.steps.push(rec);
@@ -411,6 +482,7 @@ impl<B: Backend> SchedState<B> {
             let _ = writeln!(f, "{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s);
             let _ = f.flush();
         }
+        (self.observer)(&Event::Eval { step: e.step, depth: e.depth, val_loss: e.val_loss });
         self.report.evals.push(e);
         if let Some(target) = self.opts.stop_below_val {
             if val_loss < target {
@@ -461,6 +533,8 @@ impl<B: Backend> SchedState<B> {
             Ok(p)
         })
         .map_err(|e| err(format!("writing checkpoint at step {}: {e:#}", self.step)))?;
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        (self.observer)(&Event::Checkpoint { step: self.step, path: path.display().to_string(), seconds: t0.elapsed().as_secs_f64(), bytes });
         self.say(format!("checkpoint step={} path={} wall_ms={:.1}", self.step, path.display(), t0.elapsed().as_secs_f64() * 1e3));
         Ok(path)
     }
@@ -483,6 +557,9 @@ impl<B: Backend> SchedState<B> {
             Phase::Train(p) | Phase::Eval(p) => p.issued - p.done,
             _ => 0,
         };
+        let elapsed_s = self.started.elapsed().as_secs_f64();
+        let done_here = self.report.steps.len() as f64;
+        let eta_s = (done_here > 0.0).then(|| elapsed_s / done_here * (self.end.saturating_sub(self.step)) as f64);
         Status {
             run: self.cfg.run.name.clone(),
             step: self.step,
@@ -490,6 +567,10 @@ impl<B: Backend> SchedState<B> {
             depth: self.stack.len(),
             stack: self.stack.iter().map(|s| (s.id, s.device.clone())).collect(),
             in_flight,
+            paused: self.paused,
+            elapsed_s,
+            eta_s,
+            placement: self.cfg.placement.devices.clone(),
         }
     }
 }
@@ -565,7 +646,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             }
             None => None,
         };
-        let ends_args = EndsArgs { device: ends_device.clone(), dims: dims.clone(), init_cfg: init_cfg.clone(), optim: cfg.optim.clone(), b, t, scheduler: me.clone(), restore: restore_ends };
+        let ends_args = EndsArgs { device: ends_device.clone(), dims: dims.clone(), init_cfg: init_cfg.clone(), optim: cfg.optim.clone(), b, t, scheduler: me.clone(), restore: restore_ends, observer: a.observer.clone() };
         let (ends, _) = Actor::spawn_linked(None, EndsActor::<B>::default(), ends_args, a.supervisor.clone()).await.map_err(|e| err(format!("spawning the ends actor on {ends_device}: {e}")))?;
         a.roles.lock().expect("roles lock").insert(ends.get_id(), format!("ends (embedding and head, {ends_device})"));
         let (ids, step, next_id, growth) = match &resumed {
@@ -602,6 +683,12 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             supervisor: a.supervisor,
             roles: a.roles,
             step_pub: a.step,
+            observer: a.observer,
+            paused: false,
+            grow_now: Vec::new(),
+            checkpoint_now: Vec::new(),
+            step_started: started,
+            fixed_flops_ne: 0.0,
             cfg,
         };
         st.step_pub.store(step, Ordering::Relaxed);
@@ -690,6 +777,29 @@ impl<B: Backend> SchedulerActor<B> {
             }
             SchedMsg::Status(reply) => {
                 let _ = reply.send(s.status());
+            }
+            SchedMsg::Pause => {
+                s.paused = true;
+                (s.observer)(&Event::Paused(true));
+            }
+            SchedMsg::Resume => {
+                if s.paused {
+                    s.paused = false;
+                    (s.observer)(&Event::Paused(false));
+                    me.cast(SchedMsg::Next).map_err(err)?;
+                }
+            }
+            SchedMsg::GrowNow(reply) => {
+                s.grow_now.push(reply);
+                if matches!(s.phase, Phase::Idle) {
+                    s.next(&me).await?;
+                }
+            }
+            SchedMsg::CheckpointNow(reply) => {
+                s.checkpoint_now.push(reply);
+                if matches!(s.phase, Phase::Idle) {
+                    s.next(&me).await?;
+                }
             }
         }
         Ok(())

@@ -11,6 +11,7 @@
 //! A stop request (SIGTERM, SIGINT) is forwarded to the scheduler, which finishes the current
 //! step, writes a checkpoint and ends the run normally.
 
+use super::events::{Event, Observer};
 use super::scheduler::{SchedArgs, SchedMsg, SchedOptions, SchedulerActor, Status};
 use crate::backend::Backend;
 use crate::config::Config;
@@ -32,6 +33,11 @@ pub enum TrainerMsg {
     RequestStop,
     /// Where the run is (None while the pipeline is being rebuilt).
     Status(RpcReplyPort<Option<Status>>),
+    /// Control requests, forwarded to the scheduler (see `SchedMsg`).
+    Pause,
+    Resume,
+    GrowNow(RpcReplyPort<Result<usize, String>>),
+    CheckpointNow(RpcReplyPort<Result<String, String>>),
 }
 
 pub struct TrainerArgs {
@@ -39,6 +45,7 @@ pub struct TrainerArgs {
     pub data: Arc<Dataset>,
     pub opts: SchedOptions,
     pub done: tokio::sync::oneshot::Sender<Result<TrainReport, String>>,
+    pub observer: Observer,
 }
 
 pub struct TrainerState {
@@ -52,6 +59,7 @@ pub struct TrainerState {
     stopping: bool,
     stop_requested: bool,
     done: Option<tokio::sync::oneshot::Sender<Result<TrainReport, String>>>,
+    observer: Observer,
 }
 
 pub struct TrainerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -72,6 +80,7 @@ impl<B: Backend> TrainerActor<B> {
             supervisor: me.get_cell(),
             roles: s.roles.clone(),
             step: s.step.clone(),
+            observer: s.observer.clone(),
         };
         let (sched, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell()).await.map_err(|e| format!("starting the pipeline: {e}"))?;
         s.roles.lock().expect("roles lock").insert(sched.get_id(), "scheduler".into());
@@ -118,6 +127,7 @@ impl<B: Backend> Actor for TrainerActor<B> {
             stopping: false,
             stop_requested: false,
             done: Some(a.done),
+            observer: a.observer,
         })
     }
 
@@ -147,6 +157,32 @@ impl<B: Backend> Actor for TrainerActor<B> {
                 };
                 let _ = reply.send(st);
             }
+            TrainerMsg::Pause => {
+                if let Some(sched) = &s.scheduler {
+                    let _ = sched.cast(SchedMsg::Pause);
+                }
+            }
+            TrainerMsg::Resume => {
+                if let Some(sched) = &s.scheduler {
+                    let _ = sched.cast(SchedMsg::Resume);
+                }
+            }
+            TrainerMsg::GrowNow(reply) => match &s.scheduler {
+                Some(sched) => {
+                    let _ = sched.cast(SchedMsg::GrowNow(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("the pipeline is restarting".into()));
+                }
+            },
+            TrainerMsg::CheckpointNow(reply) => match &s.scheduler {
+                Some(sched) => {
+                    let _ = sched.cast(SchedMsg::CheckpointNow(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("the pipeline is restarting".into()));
+                }
+            },
         }
         Ok(())
     }
@@ -165,6 +201,7 @@ impl<B: Backend> Actor for TrainerActor<B> {
         if sup.restart_on_failure && s.restarts < sup.max_restarts {
             s.restarts += 1;
             eprintln!("warning: {what}; restarting the pipeline from the newest checkpoint (restart {} of {})", s.restarts, sup.max_restarts);
+            (s.observer)(&Event::Restart { step, reason: what.clone() });
             Self::stop_pipeline(&me, s).await;
             s.opts.resume = true;
             s.opts.faults_disarmed = true;

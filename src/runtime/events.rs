@@ -1,0 +1,50 @@
+//! What the runtime tells the outside world: one [`Event`] per thing that happened, delivered to
+//! an [`Observer`] (the metrics actor, a progress bar, a test). Observers must be cheap: they are
+//! called from actor handlers.
+
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// An optimizer step finished.
+    Step {
+        /// Updates done.
+        step: u64,
+        total_steps: u64,
+        depth: usize,
+        lr: f32,
+        train_loss: f32,
+        /// Tokens in this step, and in the run so far (this process).
+        tokens: u64,
+        /// Wall seconds of this step (micro-batches, barrier and optimizer).
+        seconds: f64,
+        /// Cumulative FLOPs, llm.c and non-embedding conventions.
+        flops_llmc: f64,
+        flops_ne: f64,
+        /// Cumulative non-embedding FLOPs the fixed-size (target depth) model would have spent.
+        fixed_flops_ne: f64,
+        /// ‖g‖ over every parameter of the model before the update.
+        grad_norm: f64,
+        /// Parameters of the model at this step: (total, non-embedding).
+        params: (u64, u64),
+    },
+    Eval { step: u64, depth: usize, val_loss: f32 },
+    Growth { step: u64, from_depth: usize, to_depth: usize, new_ids: Vec<u64>, seconds: f64 },
+    Checkpoint { step: u64, path: String, seconds: f64, bytes: u64 },
+    /// One stage handler's compute time for a micro-batch.
+    LayerTime { layer: u64, device: String, backward: bool, seconds: f64 },
+    /// Micro-batches in flight right after a change.
+    InFlight(usize),
+    /// A non-finite loss or gradient norm.
+    NonFinite { step: u64, what: String },
+    /// The supervisor restarted the pipeline.
+    Restart { step: u64, reason: String },
+    Paused(bool),
+}
+
+pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// An observer that drops everything.
+pub fn none() -> Observer {
+    Arc::new(|_| {})
+}
