@@ -23,3 +23,4 @@ pub mod cli;
 pub mod config;
 pub mod flops;
 pub mod train;
+pub mod checkpoint;

@@ -1,0 +1,632 @@
+//! Checkpoints: everything needed to resume a progressive-training run exactly, in one file.
+//!
+//! **What.** A [`Checkpoint`] is the run's [`Meta`] (step, the config as TOML text, the layer
+//! stack by stable id, the loader's PRNG state, the growth history, ...) plus a host snapshot
+//! ([`UnitState`]) of every unit: the embedding, the head and each layer, keyed by [`UnitKey`].
+//! Layers are keyed by their stable id, never by their position, because growth inserts new
+//! layers below the old ones: position 0 at step 100 and position 0 at step 900 are different
+//! layers, `layer.3` is the same layer for its whole life.
+//!
+//! **Why one safetensors file.** A run must survive being killed at any moment and resume from
+//! the newest *complete* checkpoint. One self-describing file per checkpoint makes "complete"
+//! a property of a single file (no directory of parts that can be half-updated), and the
+//! safetensors layout lets any standard tool open the weights.
+//!
+//! **Format** (version [`FORMAT_VERSION`]). `step-<step, 8+ digits>.safetensors` holding:
+//! - tensors `<unitkey>.params`, `<unitkey>.m` and, only when the unit has AdamW second moments,
+//!   `<unitkey>.v`; all F32, 1-D, little-endian; `<unitkey>` is `embed`, `head` or `layer.<id>`;
+//! - in the safetensors `__metadata__` string map:
+//!   - `taproot`: the [`Meta`] as JSON;
+//!   - `taproot.units`: a JSON array `[{"key": "<unitkey>", "steps": [..]}, ..]` in the order of
+//!     [`Checkpoint::units`], carrying each unit's per-tensor optimizer step counters;
+//!   - `taproot.checksum`: `fnv1a64x4:<16 hex digits>`, a checksum over the two JSON strings
+//!     above, every tensor's name and length, and every tensor byte (see [`Checksum`]). It is
+//!     verified on load, so a flipped bit anywhere in the payload is detected, not only a
+//!     truncation (which the safetensors header already catches).
+//!
+//! **Atomicity.** [`save`] writes `.step-<step>.safetensors.tmp` in the same directory,
+//! `fsync`s it, renames it to the final name (atomic on POSIX file systems) and `fsync`s the
+//! directory. A file under the final name is therefore always complete; a crash leaves at
+//! worst a stale `.tmp` file, which [`list`] ignores and [`prune`] removes. Corruption that
+//! happens anyway (a bad disk, a copy cut short) is caught by [`load`], and
+//! [`load_newest_valid`] then falls back to the previous checkpoint with a warning.
+//!
+//! [`load`] never panics, whatever the bytes: every failure is an error naming the file.
+
+use crate::config::Config;
+use crate::data::loader::LoaderState;
+use crate::model::growth::GrowthReport;
+use crate::model::UnitState;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The on-disk format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Metadata key of the [`Meta`] JSON.
+const KEY_META: &str = "taproot";
+/// Metadata key of the unit table (order and step counters).
+const KEY_UNITS: &str = "taproot.units";
+/// Metadata key of the checksum.
+const KEY_CHECKSUM: &str = "taproot.checksum";
+const CHECKSUM_PREFIX: &str = "fnv1a64x4:";
+
+/// Which unit a snapshot belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnitKey {
+    Embed,
+    Head,
+    /// A transformer block, by its stable layer id.
+    Layer(u64),
+}
+
+impl fmt::Display for UnitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnitKey::Embed => f.write_str("embed"),
+            UnitKey::Head => f.write_str("head"),
+            UnitKey::Layer(id) => write!(f, "layer.{id}"),
+        }
+    }
+}
+
+impl FromStr for UnitKey {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "embed" => Ok(UnitKey::Embed),
+            "head" => Ok(UnitKey::Head),
+            _ => {
+                let id = s.strip_prefix("layer.").ok_or_else(|| anyhow!("unknown unit key `{s}`"))?;
+                // Canonical decimal only, so that one unit has exactly one spelling.
+                ensure!(
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && (id == "0" || !id.starts_with('0')),
+                    "unknown unit key `{s}`"
+                );
+                Ok(UnitKey::Layer(id.parse().map_err(|_| anyhow!("unknown unit key `{s}`"))?))
+            }
+        }
+    }
+}
+
+/// One expansion that happened during the run (a serialisable [`GrowthReport`] plus its step).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrowthRecord {
+    /// The expansion happened before the update of this step.
+    pub at_step: u64,
+    pub from_depth: usize,
+    pub to_depth: usize,
+    /// Layer ids of the new blocks, bottom-most first.
+    pub new_ids: Vec<u64>,
+    /// Layer ids of the whole stack after growth, bottom to top.
+    pub stack: Vec<u64>,
+}
+
+impl GrowthRecord {
+    pub fn from_report(at_step: u64, r: &GrowthReport) -> Self {
+        GrowthRecord { at_step, from_depth: r.from_depth, to_depth: r.to_depth, new_ids: r.new_ids.clone(), stack: r.stack.clone() }
+    }
+}
+
+/// Everything about the run except the tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Must be [`FORMAT_VERSION`] to save; checked on load.
+    pub format_version: u32,
+    pub run_name: String,
+    /// The run's configuration as TOML text (see [`Meta::config`]).
+    pub config_toml: String,
+    /// Optimizer updates done: resuming continues with update `step`.
+    pub step: u64,
+    /// Number of layers; always `stack.len()`.
+    pub depth: usize,
+    /// Layer ids, bottom to top.
+    pub stack: Vec<u64>,
+    /// The id the next newborn layer will get.
+    pub next_id: u64,
+    /// The training loader's state after the last drawn batch.
+    pub loader: LoaderState,
+    /// Expansions done so far, in order.
+    pub growth: Vec<GrowthRecord>,
+    /// Seconds since the Unix epoch when the checkpoint was made.
+    pub created_unix_s: u64,
+    /// Free-form, for later additions that do not need a format bump.
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+impl Meta {
+    /// Parse [`Meta::config_toml`] as a run configuration (strictly, with validation).
+    pub fn config(&self) -> Result<Config> {
+        Config::parse(&self.config_toml, &[]).context("checkpoint's embedded config")
+    }
+}
+
+/// A whole run state: metadata and one snapshot per unit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub meta: Meta,
+    /// Every unit exactly once: `Embed`, `Head` and one `Layer(id)` per id of `meta.stack`.
+    /// [`load`] returns them in the order they were saved.
+    pub units: Vec<(UnitKey, UnitState)>,
+}
+
+impl Checkpoint {
+    /// The snapshot of one unit.
+    pub fn unit(&self, key: UnitKey) -> Option<&UnitState> {
+        self.units.iter().find(|(k, _)| *k == key).map(|(_, s)| s)
+    }
+
+    /// Check the invariants [`save`] and [`load`] rely on (see [`Checkpoint::units`]).
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.meta;
+        ensure!(
+            m.format_version == FORMAT_VERSION,
+            "unsupported format_version {} (this build handles {FORMAT_VERSION})",
+            m.format_version
+        );
+        ensure!(m.depth == m.stack.len(), "depth is {} but the stack has {} layer ids", m.depth, m.stack.len());
+        let mut stack_ids = HashSet::new();
+        for &id in &m.stack {
+            ensure!(stack_ids.insert(id), "layer id {id} appears twice in the stack {:?}", m.stack);
+            ensure!(id < m.next_id, "layer id {id} in the stack is not below next_id {}", m.next_id);
+        }
+        let mut seen = HashSet::new();
+        for (key, s) in &self.units {
+            ensure!(seen.insert(*key), "unit {key} appears twice");
+            if let UnitKey::Layer(id) = key {
+                ensure!(stack_ids.contains(id), "unit {key} is not in the stack {:?}", m.stack);
+            }
+            ensure!(
+                s.m.len() == s.params.len(),
+                "unit {key}: {} first-moment values for {} parameters",
+                s.m.len(),
+                s.params.len()
+            );
+            if let Some(v) = &s.v {
+                ensure!(v.len() == s.params.len(), "unit {key}: {} second-moment values for {} parameters", v.len(), s.params.len());
+            }
+        }
+        for key in [UnitKey::Embed, UnitKey::Head].into_iter().chain(m.stack.iter().map(|&id| UnitKey::Layer(id))) {
+            ensure!(seen.contains(&key), "unit {key} is missing");
+        }
+        Ok(())
+    }
+}
+
+/// Seconds since the Unix epoch (for [`Meta::created_unix_s`]).
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The file name of the checkpoint of `step`: `step-<8+ digit step>.safetensors`.
+pub fn file_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+fn tmp_name(step: u64) -> String {
+    format!(".{}.tmp", file_name(step))
+}
+
+/// The step of a canonical checkpoint file name, if `name` is one.
+fn parse_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?.strip_suffix(".safetensors")?;
+    if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let step: u64 = digits.parse().ok()?;
+    (file_name(step) == name).then_some(step)
+}
+
+fn is_tmp_name(name: &str) -> bool {
+    name.starts_with(".step-") && name.ends_with(".safetensors.tmp")
+}
+
+// ------------------------------------------------------------------------------------------
+// Checksum
+
+/// FNV-1a (64-bit) over 64-bit little-endian words, in four interleaved lanes so that the four
+/// multiply chains run in parallel (byte-wise FNV-1a is ~10x slower on GB-sized checkpoints).
+///
+/// Each step `h = (h ^ word) * FNV_PRIME` is a bijection of `h` for a fixed word and of the word
+/// for a fixed `h`, so changing any single word (any burst of flipped bits within 8 aligned
+/// bytes) always changes the result; wider damage goes undetected with probability ~2^-64.
+/// Tensor data is hashed as the sequence of its 8-byte words, a trailing partial word
+/// zero-padded; the length is hashed too.
+#[derive(Clone, Copy)]
+struct Checksum {
+    h: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+impl Checksum {
+    fn new() -> Self {
+        Checksum { h: FNV_OFFSET }
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.h = (self.h ^ x as u64).wrapping_mul(FNV_PRIME);
+        }
+    }
+    fn u64(&mut self, x: u64) {
+        self.bytes(&x.to_le_bytes());
+    }
+    /// A length-prefixed string (so that concatenations are unambiguous).
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+    fn finish(self) -> u64 {
+        self.h
+    }
+}
+
+/// The four-lane word hash of one tensor's data, given as its words.
+fn hash_words(n_bytes: u64, words: impl Iterator<Item = u64>) -> u64 {
+    let mut lanes = [FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3, FNV_OFFSET ^ 4];
+    let mut i = 0usize;
+    for w in words {
+        let l = &mut lanes[i & 3];
+        *l = (*l ^ w).wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    let mut c = Checksum::new();
+    c.u64(n_bytes);
+    for l in lanes {
+        c.u64(l);
+    }
+    c.finish()
+}
+
+/// Data hash of a tensor from its little-endian bytes (load side).
+fn hash_bytes(data: &[u8]) -> u64 {
+    let chunks = data.chunks_exact(8);
+    let rem = chunks.remainder();
+    let tail = (!rem.is_empty()).then(|| {
+        let mut w = [0u8; 8];
+        w[..rem.len()].copy_from_slice(rem);
+        u64::from_le_bytes(w)
+    });
+    hash_words(data.len() as u64, chunks.map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).chain(tail))
+}
+
+/// Data hash of an f32 tensor from its values (save side); equals `hash_bytes` of its LE bytes.
+fn hash_f32(x: &[f32]) -> u64 {
+    let pairs = x.chunks_exact(2);
+    let tail = pairs.remainder().first().map(|v| v.to_bits() as u64);
+    hash_words(
+        4 * x.len() as u64,
+        pairs.map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32).chain(tail),
+    )
+}
+
+/// The file checksum: the two JSON strings, then per tensor (in name order) its name, length
+/// and data hash.
+fn file_checksum<'a>(meta_json: &str, units_json: &str, tensors: impl Iterator<Item = (&'a str, u64, u64)>) -> String {
+    let mut c = Checksum::new();
+    c.str(meta_json);
+    c.str(units_json);
+    for (name, numel, data_hash) in tensors {
+        c.str(name);
+        c.u64(numel);
+        c.u64(data_hash);
+    }
+    format!("{CHECKSUM_PREFIX}{:016x}", c.finish())
+}
+
+// ------------------------------------------------------------------------------------------
+// Save
+
+#[derive(Serialize, Deserialize)]
+struct UnitEntry {
+    key: String,
+    steps: Vec<u64>,
+}
+
+/// Write `ck` to `dir/step-<step>.safetensors` atomically (see the module docs) and return the
+/// path. Creates `dir` if needed; replaces an existing checkpoint of the same step.
+pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
+    let step = ck.meta.step;
+    let path = dir.join(file_name(step));
+    ck.validate().with_context(|| format!("refusing to save an inconsistent checkpoint to {}", path.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+
+    // Tensors in name order (the order safetensors itself writes, and the checksum order).
+    let mut tensors: Vec<(String, &[f32])> = Vec::new();
+    for (key, s) in &ck.units {
+        tensors.push((format!("{key}.params"), &s.params));
+        tensors.push((format!("{key}.m"), &s.m));
+        if let Some(v) = &s.v {
+            tensors.push((format!("{key}.v"), v));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let meta_json = serde_json::to_string(&ck.meta).context("cannot serialise checkpoint metadata")?;
+    let units: Vec<UnitEntry> = ck.units.iter().map(|(k, s)| UnitEntry { key: k.to_string(), steps: s.steps.clone() }).collect();
+    let units_json = serde_json::to_string(&units)?;
+    let checksum = file_checksum(&meta_json, &units_json, tensors.iter().map(|(n, x)| (n.as_str(), x.len() as u64, hash_f32(x))));
+
+    // The safetensors header: JSON, space-padded to a multiple of 8 bytes.
+    let mut header = serde_json::Map::new();
+    let mut md = serde_json::Map::new();
+    md.insert(KEY_META.into(), meta_json.into());
+    md.insert(KEY_UNITS.into(), units_json.into());
+    md.insert(KEY_CHECKSUM.into(), checksum.into());
+    header.insert("__metadata__".into(), md.into());
+    let mut off = 0usize;
+    for (name, x) in &tensors {
+        let end = off + 4 * x.len();
+        header.insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": [x.len()], "data_offsets": [off, end] }));
+        off = end;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let tmp = dir.join(tmp_name(step));
+    let written = (|| -> Result<()> {
+        let f = fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        let mut buf = Vec::with_capacity(1 << 16);
+        for (_, x) in &tensors {
+            for chunk in x.chunks(1 << 14) {
+                buf.clear();
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                w.write_all(&buf)?;
+            }
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot write checkpoint {}", tmp.display())));
+    }
+    if let Err(e) = fs::rename(&tmp, &path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(anyhow::Error::from(e).context(format!("cannot rename {} to {}", tmp.display(), path.display())));
+    }
+    sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    Ok(path)
+}
+
+/// Make a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Load
+
+/// Read and fully verify one checkpoint file. Every error names the file.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    // One flat message, so that `{}` shows the reason as well as `{:#}` does.
+    load_unnamed(path).map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
+}
+
+/// [`load`] with errors that do not repeat the path (the caller names the file).
+fn load_unnamed(path: &Path) -> Result<Checkpoint> {
+    let bytes = fs::read(path).context("cannot read")?;
+    parse(&bytes)
+}
+
+fn parse(bytes: &[u8]) -> Result<Checkpoint> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a valid safetensors file: {e}"))?;
+    let md = header.metadata().as_ref().ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
+    let meta_json = md.get(KEY_META).ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
+
+    // The version first, so that a newer file says so rather than failing on a changed field.
+    let raw: serde_json::Value = serde_json::from_str(meta_json).map_err(|e| anyhow!("`{KEY_META}` metadata is not JSON: {e}"))?;
+    let version = raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
+    ensure!(version == FORMAT_VERSION as u64, "unsupported format_version {version} (this build reads {FORMAT_VERSION})");
+    let meta: Meta = serde_json::from_value(raw).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))?;
+
+    let units_json = md.get(KEY_UNITS).ok_or_else(|| anyhow!("no `{KEY_UNITS}` metadata"))?;
+    let entries: Vec<UnitEntry> = serde_json::from_str(units_json).map_err(|e| anyhow!("bad `{KEY_UNITS}` metadata: {e}"))?;
+    let stored_sum = md.get(KEY_CHECKSUM).ok_or_else(|| anyhow!("no `{KEY_CHECKSUM}` metadata"))?;
+
+    // Structure: every tensor F32 and 1-D, belongs to a listed unit, and each unit is complete.
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    let mut views = BTreeMap::new();
+    for &name in &names {
+        let t = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
+        ensure!(t.dtype() == Dtype::F32, "tensor `{name}` has dtype {:?}, expected F32", t.dtype());
+        ensure!(t.shape().len() == 1, "tensor `{name}` has shape {:?}, expected 1-D", t.shape());
+        views.insert(name, t);
+    }
+    let mut keys = Vec::with_capacity(entries.len());
+    let mut claimed = HashSet::new();
+    for e in &entries {
+        let key: UnitKey = e.key.parse()?;
+        ensure!(!keys.contains(&key), "unit {key} is listed twice");
+        keys.push(key);
+        for part in ["params", "m", "v"] {
+            claimed.insert(format!("{key}.{part}"));
+        }
+    }
+    if let Some(stray) = names.iter().find(|n| !claimed.contains(**n)) {
+        bail!("tensor `{stray}` belongs to no unit listed in `{KEY_UNITS}`");
+    }
+    for key in &keys {
+        for part in ["params", "m"] {
+            ensure!(views.contains_key(format!("{key}.{part}").as_str()), "unit {key} has no `{key}.{part}` tensor");
+        }
+        let n = views[format!("{key}.params").as_str()].shape()[0];
+        for part in ["m", "v"] {
+            if let Some(t) = views.get(format!("{key}.{part}").as_str()) {
+                ensure!(t.shape()[0] == n, "unit {key}: `{key}.{part}` has {} values but `{key}.params` has {n}", t.shape()[0]);
+            }
+        }
+    }
+
+    // Integrity: the checksum over the metadata and every tensor byte.
+    let sum = file_checksum(meta_json, units_json, views.iter().map(|(n, t)| (*n, t.shape()[0] as u64, hash_bytes(t.data()))));
+    ensure!(
+        &sum == stored_sum,
+        "checksum mismatch (stored {stored_sum}, computed {sum}): the file is corrupt"
+    );
+
+    let f32s = |name: String| -> Option<Vec<f32>> {
+        views.get(name.as_str()).map(|t| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let mut units = Vec::with_capacity(keys.len());
+    for (key, e) in keys.into_iter().zip(entries) {
+        let params = f32s(format!("{key}.params")).unwrap_or_default();
+        let m = f32s(format!("{key}.m")).unwrap_or_default();
+        let v = f32s(format!("{key}.v"));
+        units.push((key, UnitState { params, m, v, steps: e.steps }));
+    }
+    let ck = Checkpoint { meta, units };
+    ck.validate()?;
+    Ok(ck)
+}
+
+// ------------------------------------------------------------------------------------------
+// Directory operations
+
+/// The checkpoints in `dir` as (step, path), oldest first. Only canonical names count
+/// (`step-<8+ digits>.safetensors`, regular files); temporary and unrelated files are ignored.
+/// A directory that does not exist holds no checkpoints.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list checkpoint directory {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.with_context(|| format!("cannot list checkpoint directory {}", dir.display()))?;
+        let Some(step) = entry.file_name().to_str().and_then(parse_file_name) else { continue };
+        let path = entry.path();
+        if fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false) {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest checkpoint of `dir` that loads, with its path and one warning
+/// (`skipping <file>: <reason>`) per newer checkpoint that did not.
+///
+/// `Ok(None)` when `dir` has no checkpoints at all; an error when it has some but none loads.
+pub fn load_newest_valid(dir: &Path) -> Result<Option<(Checkpoint, PathBuf, Vec<String>)>> {
+    let all = list(dir)?;
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    for (_, path) in all.into_iter().rev() {
+        match load_unnamed(&path) {
+            Ok(ck) => return Ok(Some((ck, path, warnings))),
+            Err(e) => warnings.push(format!("skipping {}: {:#}", path.display(), e)),
+        }
+    }
+    bail!("no valid checkpoint in {}:\n  {}", dir.display(), warnings.join("\n  "))
+}
+
+/// Keep the newest `keep` (at least 1) checkpoints of `dir`; delete the older ones and any
+/// stale temporary files. Returns the removed paths. Must not run concurrently with [`save`]
+/// into the same directory (it would delete the save's temporary file).
+pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    ensure!(keep >= 1, "prune must keep at least one checkpoint");
+    let all = list(dir)?;
+    let mut doomed: Vec<PathBuf> = all[..all.len().saturating_sub(keep)].iter().map(|(_, p)| p.clone()).collect();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for entry in rd.flatten() {
+            if entry.file_name().to_str().is_some_and(is_tmp_name) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                doomed.push(entry.path());
+            }
+        }
+    }
+    for p in &doomed {
+        fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    if !doomed.is_empty() {
+        sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    Ok(doomed)
+}
+
+// ------------------------------------------------------------------------------------------
+// Inspection
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+/// A human summary (for `taproot inspect`).
+pub fn describe(ck: &Checkpoint) -> String {
+    use std::fmt::Write as _;
+    let m = &ck.meta;
+    let mut s = String::new();
+    let _ = writeln!(s, "run:      {}", m.run_name);
+    let _ = writeln!(s, "step:     {} (updates done)", m.step);
+    let _ = writeln!(s, "depth:    {}", m.depth);
+    let _ = writeln!(s, "stack:    {:?} (layer ids, bottom to top; next id {})", m.stack, m.next_id);
+    let _ = writeln!(s, "loader:   {} batches drawn, rng state {:#018x}", m.loader.batches, m.loader.rng);
+    let _ = writeln!(s, "created:  {} (unix seconds), format v{}", m.created_unix_s, m.format_version);
+    if m.growth.is_empty() {
+        let _ = writeln!(s, "growth:   none yet");
+    } else {
+        let _ = writeln!(s, "growth:");
+        for g in &m.growth {
+            let _ = writeln!(
+                s,
+                "  at step {}: depth {} -> {}, new ids {:?}, stack {:?}",
+                g.at_step, g.from_depth, g.to_depth, g.new_ids, g.stack
+            );
+        }
+    }
+    let _ = writeln!(s, "units:");
+    let mut total_params = 0u64;
+    let mut total_bytes = 0u64;
+    for (key, u) in &ck.units {
+        let n = u.params.len() as u64;
+        let bytes = 4 * (u.params.len() + u.m.len() + u.v.as_ref().map_or(0, Vec::len)) as u64;
+        total_params += n;
+        total_bytes += bytes;
+        let second = if u.v.is_some() { "m + v (AdamW second moments)" } else { "m only" };
+        let _ = writeln!(s, "  {:<10} {:>12} params  {:<29} {}", key.to_string(), n, second, human_bytes(bytes));
+    }
+    let _ = writeln!(s, "total:    {total_params} params, {} of tensors ({total_bytes} bytes)", human_bytes(total_bytes));
+    if !m.extra.is_null() {
+        let _ = writeln!(s, "extra:    {}", m.extra);
+    }
+    s
+}
