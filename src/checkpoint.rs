@@ -422,8 +422,14 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Read and fully verify one checkpoint file. Every error names the file.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let bytes = fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    parse(&bytes).with_context(|| format!("invalid checkpoint {}", path.display()))
+    // One flat message, so that `{}` shows the reason as well as `{:#}` does.
+    load_unnamed(path).map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
+}
+
+/// [`load`] with errors that do not repeat the path (the caller names the file).
+fn load_unnamed(path: &Path) -> Result<Checkpoint> {
+    let bytes = fs::read(path).context("cannot read")?;
+    parse(&bytes)
 }
 
 fn parse(bytes: &[u8]) -> Result<Checkpoint> {
@@ -462,7 +468,7 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
             claimed.insert(format!("{key}.{part}"));
         }
     }
-    if let Some(stray) = names.iter().find(|n| !claimed.contains(&n.to_string())) {
+    if let Some(stray) = names.iter().find(|n| !claimed.contains(**n)) {
         bail!("tensor `{stray}` belongs to no unit listed in `{KEY_UNITS}`");
     }
     for key in &keys {
@@ -535,7 +541,7 @@ pub fn load_newest_valid(dir: &Path) -> Result<Option<(Checkpoint, PathBuf, Vec<
     }
     let mut warnings = Vec::new();
     for (_, path) in all.into_iter().rev() {
-        match load(&path) {
+        match load_unnamed(&path) {
             Ok(ck) => return Ok(Some((ck, path, warnings))),
             Err(e) => warnings.push(format!("skipping {}: {:#}", path.display(), e)),
         }

@@ -13,15 +13,19 @@
 //! - [`data`]: tokenizers, llm.c-format token shards and the deterministic batch loader.
 //! - [`config`]: the TOML run configuration.
 //! - [`train`]: the sequential trainer (the test oracle for the actor runtime).
+//! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the scheduler
+//!   (`runtime::scheduler`: WSD timing, growth at τ), the supervising trainer.
+//! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
+//! - [`flops`]: FLOP accounting; [`cli`]: the `taproot` command line.
 
-pub mod data;
 pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod flops;
 pub mod model;
 pub mod optim;
 pub mod rng;
-pub mod cli;
-pub mod config;
-pub mod flops;
-pub mod train;
 pub mod runtime;
-pub mod checkpoint;
+pub mod train;
