@@ -110,11 +110,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
                 trainer.run(&RunOptions { quiet: false, stop_after, stop_below_val: None })?
             } else {
-                if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
-                    anyhow::bail!("config places layers on CUDA devices, but this build runs the CPU backend only (placement.devices)");
-                }
                 let opts = SchedOptions { quiet: false, stop_after, stop_below_val: None, resume, faults_disarmed: false };
-                runtime::train::<CpuBackend>(&cfg, data, opts, true)?
+                if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+                    crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
+                    runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
+                } else {
+                    runtime::train::<CpuBackend>(&cfg, data, opts, true)?
+                }
             };
             if sequential {
                 report.write_csv(&dir)?; // the runtime streams its CSV files as it goes

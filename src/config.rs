@@ -41,6 +41,16 @@ pub struct Config {
     /// Fault injection, for testing supervision; empty in every real config.
     #[serde(default)]
     pub faults: FaultConfig,
+    #[serde(default)]
+    pub cuda: CudaConfig,
+}
+
+/// CUDA backend settings (ignored on CPU).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CudaConfig {
+    /// Let cuBLAS use TF32 tensor cores for fp32 products (faster, ~1e-3 relative error).
+    pub tf32: bool,
 }
 
 /// Which device each actor runs on (`cpu`, `cpu:N`, `cuda:N`).
@@ -343,6 +353,10 @@ impl Config {
             if !valid_device_name(d) {
                 bail!("`placement.devices[{i}]` = {d:?} is not a device name (\"cpu\", \"cpu:N\" or \"cuda:N\")");
             }
+        }
+        let cuda = self.placement.devices.iter().chain(self.placement.ends.iter()).filter(|d| d.starts_with("cuda")).count();
+        if cuda != 0 && cuda != self.placement.devices.len() + usize::from(self.placement.ends.is_some()) {
+            bail!("`placement.devices` mixes CPU and CUDA devices: one run uses one backend");
         }
         if self.checkpoint.keep == 0 {
             bail!("`checkpoint.keep` must be at least 1");

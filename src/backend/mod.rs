@@ -26,6 +26,7 @@
 //! OC output channels, V vocabulary, Vp padded vocabulary, N = B*T rows.
 
 pub mod cpu;
+pub mod cuda;
 
 /// A window into a device buffer: `len` elements starting at `off`.
 pub struct View<'a, Buf> {

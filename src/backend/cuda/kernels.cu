@@ -1,0 +1,294 @@
+// taproot CUDA kernels: every op of the Backend trait that is not a matrix product (those are
+// cuBLAS). Compiled at run time with NVRTC (and, in CI, to PTX for sm_90 without a GPU).
+// fp32 throughout, written after llm.c's fp32 kernels: flat, one kernel per op, shapes in
+// comments. Dims: B batch, T time, C channels, NH heads, hs = C/NH, N = B*T, V/Vp vocabulary.
+// Reductions use warp shuffles; where a result sums over rows of a batch (bias and LayerNorm
+// parameter gradients, the embedding gradient) float atomics are used, so the summation order
+// is not fixed: the GPU backend matches the CPU reference to a tolerance, not bitwise.
+
+#define WARP 32
+// -inf without math headers (NVRTC compiles without the CUDA runtime headers)
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+// Block-wide sum for blockDim.x a multiple of 32, at most 1024. Every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float shared[32];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nwarps = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? shared[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ float block_max(float v) {
+    __shared__ float shared[32];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nwarps = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? shared[lane] : NEG_INF;
+    return warp_max(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise
+
+extern "C" __global__ void fill_kernel(float* x, float value, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = value;
+}
+// dst = a + b
+extern "C" __global__ void add_kernel(float* dst, const float* a, const float* b, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = a[i] + b[i];
+}
+// dst = alpha * dst + beta * src
+extern "C" __global__ void axpby_kernel(float* dst, float alpha, float beta, const float* src, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = alpha * dst[i] + beta * src[i];
+}
+// out[0] += sum(x^2) over a grid-stride range; out must be zeroed first. Per-thread partials
+// in double, one atomic per block.
+extern "C" __global__ void sumsq_kernel(float* out, const float* x, long n) {
+    double acc = 0.0;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        double v = x[i];
+        acc += v * v;
+    }
+    float s = block_sum((float)acc);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}
+// x *= 1 / (sqrt(ss[0]) + eps)
+extern "C" __global__ void scale_by_rnorm_kernel(float* x, const float* ss, float eps, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= 1.0f / (sqrtf(ss[0]) + eps);
+}
+// out (N, OC) += b (OC), broadcast over rows
+extern "C" __global__ void add_bias_kernel(float* out, const float* b, int N, int OC) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (long)N * OC) out[i] += b[i % OC];
+}
+// db (OC) += column sums of dout (N, OC): one thread per column, rows in order (coalesced).
+extern "C" __global__ void bias_backward_kernel(float* db, const float* dout, int N, int OC) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= OC) return;
+    float s = 0.0f;
+    for (int r = 0; r < N; r++) s += dout[(long)r * OC + o];
+    db[o] += s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+// out (B, T, C) = wte[ids] + wpe[t]
+extern "C" __global__ void encoder_forward_kernel(float* out, const unsigned int* ids, const float* wte, const float* wpe, int B, int T, int C) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * T * C) return;
+    long bt = i / C;
+    int c = i % C, t = bt % T;
+    out[i] = wte[(long)ids[bt] * C + c] + wpe[(long)t * C + c];
+}
+// dwte[ids] += dout; dwpe[t] += dout (atomics: tokens repeat)
+extern "C" __global__ void encoder_backward_kernel(float* dwte, float* dwpe, const float* dout, const unsigned int* ids, int B, int T, int C) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * T * C) return;
+    long bt = i / C;
+    int c = i % C, t = bt % T;
+    atomicAdd(&dwte[(long)ids[bt] * C + c], dout[i]);
+    atomicAdd(&dwpe[(long)t * C + c], dout[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// layernorm: one warp per row
+
+extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N, int C) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= N) return;
+    const float* x = inp + (long)row * C;
+    float s = 0.0f;
+    for (int i = lane; i < C; i += WARP) s += x[i];
+    float m = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int i = lane; i < C; i += WARP) { float d = x[i] - m; v += d * d; }
+    float r = 1.0f / sqrtf(warp_sum(v) / C + 1e-5f);
+    float* o = out + (long)row * C;
+    for (int i = lane; i < C; i += WARP) o[i] = (x[i] - m) * r * w[i] + b[i];
+    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+}
+// dinp += ...; dw += ...; db += ... (atomics over rows)
+extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w, const float* mean, const float* rstd, int N, int C) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= N) return;
+    const float* x = inp + (long)row * C;
+    const float* d = dout + (long)row * C;
+    float m = mean[row], r = rstd[row];
+    float a = 0.0f, bb = 0.0f;
+    for (int i = lane; i < C; i += WARP) {
+        float norm = (x[i] - m) * r, dn = w[i] * d[i];
+        a += dn; bb += dn * norm;
+    }
+    a = warp_sum(a) / C;
+    bb = warp_sum(bb) / C;
+    float* di = dinp + (long)row * C;
+    for (int i = lane; i < C; i += WARP) {
+        float norm = (x[i] - m) * r, dn = w[i] * d[i];
+        di[i] += (dn - a - norm * bb) * r;
+        atomicAdd(&dw[i], norm * d[i]);
+        atomicAdd(&db[i], d[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention (the products are batched cuBLAS calls on permuted q, k, v)
+
+// qkv (B, T, 3, NH, hs) -> q, k, v each (B, NH, T, hs)
+extern "C" __global__ void permute_qkv_kernel(float* q, float* k, float* v, const float* qkv, int B, int T, int NH, int hs) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * NH * T * hs) return;
+    int d = i % hs; long r = i / hs;
+    int t = r % T; r /= T;
+    int h = r % NH; int b = r / NH;
+    long src = (long)(b * T + t) * 3 * NH * hs + h * hs + d;
+    q[i] = qkv[src];
+    k[i] = qkv[src + NH * hs];
+    v[i] = qkv[src + 2 * NH * hs];
+}
+// the reverse: dq, dk, dv (B, NH, T, hs) -> dqkv (B, T, 3, NH, hs)
+extern "C" __global__ void unpermute_qkv_kernel(float* dqkv, const float* dq, const float* dk, const float* dv, int B, int T, int NH, int hs) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * NH * T * hs) return;
+    int d = i % hs; long r = i / hs;
+    int t = r % T; r /= T;
+    int h = r % NH; int b = r / NH;
+    long dst = (long)(b * T + t) * 3 * NH * hs + h * hs + d;
+    dqkv[dst] = dq[i];
+    dqkv[dst + NH * hs] = dk[i];
+    dqkv[dst + 2 * NH * hs] = dv[i];
+}
+// y (B, NH, T, hs) -> out (B, T, NH*hs)
+extern "C" __global__ void unpermute_y_kernel(float* out, const float* y, int B, int T, int NH, int hs) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * NH * T * hs) return;
+    int d = i % hs; long r = i / hs;
+    int t = r % T; r /= T;
+    int h = r % NH; int b = r / NH;
+    out[(long)(b * T + t) * NH * hs + h * hs + d] = y[i];
+}
+// the reverse, for the gradient: dout (B, T, NH*hs) -> dy (B, NH, T, hs)
+extern "C" __global__ void permute_y_kernel(float* dy, const float* dout, int B, int T, int NH, int hs) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)B * NH * T * hs) return;
+    int d = i % hs; long r = i / hs;
+    int t = r % T; r /= T;
+    int h = r % NH; int b = r / NH;
+    dy[i] = dout[(long)(b * T + t) * NH * hs + h * hs + d];
+}
+// att (rows of T) = causal softmax of pre-scaled scores, in place; one warp per row.
+// row index = (b*NH + h)*T + t; positions after t get probability 0.
+extern "C" __global__ void softmax_causal_kernel(float* att, int rows, int T) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    int t = row % T;
+    float* a = att + (long)row * T;
+    float m = NEG_INF;
+    for (int i = lane; i <= t; i += WARP) m = fmaxf(m, a[i]);
+    m = warp_max(m);
+    float s = 0.0f;
+    for (int i = lane; i <= t; i += WARP) { float e = expf(a[i] - m); a[i] = e; s += e; }
+    float inv = 1.0f / warp_sum(s);
+    for (int i = lane; i < T; i += WARP) a[i] = i <= t ? a[i] * inv : 0.0f;
+}
+// datt (in place) = att * (datt - sum(att * datt)) over each row; 0 after t.
+extern "C" __global__ void softmax_backward_kernel(float* datt, const float* att, int rows, int T) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    int t = row % T;
+    float* d = datt + (long)row * T;
+    const float* a = att + (long)row * T;
+    float s = 0.0f;
+    for (int i = lane; i <= t; i += WARP) s += a[i] * d[i];
+    s = warp_sum(s);
+    for (int i = lane; i < T; i += WARP) d[i] = i <= t ? a[i] * (d[i] - s) : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// gelu, tanh approximation
+
+#define GELU_SCALE 0.7978845608028654f
+extern "C" __global__ void gelu_forward_kernel(float* out, const float* inp, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = inp[i];
+    out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+}
+extern "C" __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = inp[i];
+    float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));
+    float sech2 = 1.0f - th * th;
+    float g = 0.5f * (1.0f + th) + x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+    dinp[i] = g * dout[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused softmax + cross-entropy over a padded vocabulary: one block per row.
+// logits (N, Vp) become dlogits = (softmax - onehot) * dscale; columns >= V are masked (0).
+extern "C" __global__ void crossentropy_kernel(float* logits, float* losses, const unsigned int* targets, float dscale, int N, int V, int Vp) {
+    int row = blockIdx.x;
+    if (row >= N) return;
+    float* x = logits + (long)row * Vp;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, x[i]);
+    m = block_max(m);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(x[i] - m);
+    s = block_sum(s);
+    int tgt = targets[row];
+    __syncthreads();
+    if (threadIdx.x == 0) losses[row] = logf(s) + m - x[tgt];
+    __syncthreads();
+    float inv = 1.0f / s;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float p = i < V ? expf(x[i] - m) * inv : 0.0f;
+        x[i] = i < V ? (p - (i == tgt ? 1.0f : 0.0f)) * dscale : 0.0f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// optimizers
+
+extern "C" __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i];
+    float mi = b1 * m[i] + (1.0f - b1) * gi;
+    float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = mi; v[i] = vi;
+    p[i] -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * p[i]);
+}
+// m = mu m + g; u = g + mu m (nesterov) or m
+extern "C" __global__ void momentum_kernel(float* u, float* m, const float* g, float mu, int nesterov, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float mi = mu * m[i] + g[i];
+    m[i] = mi;
+    u[i] = nesterov ? g[i] + mu * mi : mi;
+}
+// p = keep * p - step * u, where step is lr*scale, or lr / (sqrt(ss[0]) + eps) when ss != 0
+extern "C" __global__ void apply_update_kernel(float* p, const float* u, float step, float keep, const float* ss, float eps, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = ss ? step / (sqrtf(ss[0]) + eps) : step;
+    p[i] = keep * p[i] - s * u[i];
+}

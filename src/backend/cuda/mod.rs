@@ -1,0 +1,495 @@
+//! The CUDA backend: cudarc with dynamic loading (it compiles, and the crate runs, on machines
+//! without CUDA), cuBLAS for every matrix product, NVRTC-compiled kernels (`kernels.cu`) for
+//! everything else, one `CudaStream` per backend value — that is, per stage actor.
+//!
+//! - **Probing.** [`CudaBackend::open`] checks that libcuda can be loaded before creating a
+//!   context (creating one without it panics inside the driver bindings); a missing library or
+//!   device is an error that names `LD_LIBRARY_PATH`, never a panic.
+//! - **Memory.** A [`CudaBuf`] owns device memory; ops address it through raw device pointers
+//!   plus the view's offset, like the CPU backend's raw pointers. cudarc's automatic per-buffer
+//!   event tracking is switched off: ordering across streams is this crate's job, with explicit
+//!   events (`record` / `wait`), so a hand-off between stage actors never synchronises the host.
+//! - **Synchronisation.** Within a step the host waits only in `download` (the loss, metrics).
+//! - **Numerics.** fp32 throughout. TF32 tensor-core math for cuBLAS is off unless the config
+//!   enables it (`CudaBackend::set_tf32`), so parity tests against the CPU reference hold at
+//!   1e-5 relative. Float atomics in a few reductions make results not bitwise reproducible.
+//! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
+//!   that allow it, so a stage can read an activation that still lives on its neighbour's device
+//!   (the CPU hand-off protocol is unchanged; the event orders it).
+
+mod blas;
+
+use super::{Backend, Trans, View};
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The kernel source, compiled at run time by NVRTC.
+pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+/// Every kernel the backend launches (the CI test compiles the source and looks each one up).
+pub const KERNEL_NAMES: &[&str] = &[
+    "fill_kernel",
+    "add_kernel",
+    "axpby_kernel",
+    "sumsq_kernel",
+    "scale_by_rnorm_kernel",
+    "add_bias_kernel",
+    "bias_backward_kernel",
+    "encoder_forward_kernel",
+    "encoder_backward_kernel",
+    "layernorm_forward_kernel",
+    "layernorm_backward_kernel",
+    "permute_qkv_kernel",
+    "unpermute_qkv_kernel",
+    "unpermute_y_kernel",
+    "permute_y_kernel",
+    "softmax_causal_kernel",
+    "softmax_backward_kernel",
+    "gelu_forward_kernel",
+    "gelu_backward_kernel",
+    "crossentropy_kernel",
+    "adamw_kernel",
+    "momentum_kernel",
+    "apply_update_kernel",
+];
+
+/// Compile the kernel source to PTX for `arch` (e.g. `sm_90`) with NVRTC. Needs only libnvrtc,
+/// not a GPU: this is what CI runs.
+pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    if !nvrtc_present() {
+        bail!("libnvrtc could not be loaded: add the directory holding libnvrtc.so (e.g. the `nvidia-cuda-nvrtc` pip package's nvidia/cu13/lib) to LD_LIBRARY_PATH");
+    }
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), use_fast_math: Some(false), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| anyhow!("NVRTC failed to compile the CUDA kernels for {arch}: {e}"))
+}
+
+static TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Allow TF32 tensor-core math in the cuBLAS handles of streams opened from now on (the
+/// `cuda.tf32` config key). Off by default: parity with the CPU reference needs full fp32.
+pub fn set_default_tf32(on: bool) {
+    TF32.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether libnvrtc can be loaded (through LD_LIBRARY_PATH and the system paths).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether libcuda (the driver) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Number of CUDA devices, or an error naming the problem.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        bail!("no CUDA driver: libcuda.so could not be loaded (is this a GPU machine? check LD_LIBRARY_PATH)");
+    }
+    let n = CudaContext::device_count().map_err(|e| anyhow!("cuInit / device count failed: {e:?}"))?;
+    Ok(n as usize)
+}
+
+/// One device's context, kernels and a cuBLAS handle per stream, shared by its streams.
+struct Device {
+    ctx: Arc<CudaContext>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
+    static D: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+    D.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn arch_name(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (9, 0) => "sm_90",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (7, 5) => "sm_75",
+        (7, 0) => "sm_70",
+        _ => "sm_80",
+    }
+}
+
+fn open_device(ordinal: usize) -> Result<Arc<Device>> {
+    let mut map = devices().lock().expect("device map lock");
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let n = device_count()?;
+    if ordinal >= n {
+        bail!("device cuda:{ordinal} does not exist: this machine has {n} CUDA device(s)");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a context on cuda:{ordinal}: {e:?}"))?;
+    // Ordering across streams is ours (events at hand-offs), not cudarc's per-buffer tracking.
+    unsafe { ctx.disable_event_tracking() };
+    let cc = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
+    let ptx = compile_kernels(arch_name(cc))?;
+    let module = ctx.load_module(ptx).map_err(|e| anyhow!("loading the kernels on cuda:{ordinal}: {e:?}"))?;
+    let mut funcs = HashMap::new();
+    for name in KERNEL_NAMES {
+        funcs.insert(*name, module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"))?);
+    }
+    // Let this device read its peers' memory (activations handed across devices).
+    for (other, d) in map.iter() {
+        let _ = enable_peer(&ctx, &d.ctx);
+        let _ = enable_peer(&d.ctx, &ctx);
+        let _ = other;
+    }
+    let dev = Arc::new(Device { ctx, _module: module, funcs });
+    map.insert(ordinal, dev.clone());
+    Ok(dev)
+}
+
+fn enable_peer(from: &Arc<CudaContext>, to: &Arc<CudaContext>) -> Result<()> {
+    from.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+    let mut can = 0i32;
+    unsafe {
+        sys::cuDeviceCanAccessPeer(&mut can, from.cu_device(), to.cu_device()).result().map_err(|e| anyhow!("{e:?}"))?;
+        if can == 1 {
+            let r = sys::cuCtxEnablePeerAccess(to.cu_ctx(), 0);
+            if r != sys::CUresult::CUDA_SUCCESS && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+                bail!("cuCtxEnablePeerAccess: {r:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// f32 device memory.
+pub struct CudaBuf {
+    ptr: u64,
+    len: usize,
+    _mem: CudaSlice<f32>,
+}
+
+/// u32 device memory (token ids).
+pub struct CudaIds {
+    ptr: u64,
+    len: usize,
+    _mem: CudaSlice<u32>,
+}
+
+/// Scratch the attention ops need beyond what the trait passes (permuted q, k, v and their
+/// gradients), grown on demand and owned by the stream.
+#[derive(Default)]
+struct AttnScratch {
+    buf: Option<CudaSlice<f32>>,
+    len: usize,
+}
+
+/// A stream on a CUDA device: the `Backend` of one stage actor.
+pub struct CudaBackend {
+    device_name: String,
+    dev: Arc<Device>,
+    stream: Arc<CudaStream>,
+    blas: blas::Blas,
+    scratch: Mutex<AttnScratch>,
+}
+
+// SAFETY: the cuBLAS handle and the stream are used from one thread at a time (the owning actor);
+// cudarc's types are Send; the handle is bound to this stream only.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// Allow TF32 tensor-core math in cuBLAS (faster, ~1e-3 relative error). Off by default.
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        self.blas.set_tf32(on)
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.dev.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} missing from KERNEL_NAMES"))
+    }
+
+    fn check(&self, what: &str, r: std::result::Result<(), cudarc::driver::DriverError>) {
+        if let Err(e) = r {
+            panic!("CUDA error in {what} on {}: {e:?}", self.device_name);
+        }
+    }
+
+    fn cfg1d(n: usize) -> LaunchConfig {
+        let threads = 256u32;
+        LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// One warp per row, 8 warps per block.
+    fn cfg_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((rows as u32).div_ceil(8).max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn attn_scratch(&self, n: usize) -> u64 {
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.len < n {
+            let mem = self.stream.alloc_zeros::<f32>(n).unwrap_or_else(|e| panic!("cuda alloc of {n} floats: {e:?}"));
+            s.buf = Some(mem);
+            s.len = n;
+        }
+        let (p, _) = s.buf.as_ref().expect("allocated").device_ptr(&self.stream);
+        p
+    }
+}
+
+use cudarc::driver::DevicePtr;
+
+type V<'a> = View<'a, CudaBuf>;
+
+fn p(v: &V) -> u64 {
+    assert!(v.off + v.len <= v.buf.len, "view [{}, {}) outside a buffer of {}", v.off, v.off + v.len, v.buf.len);
+    v.buf.ptr + 4 * v.off as u64
+}
+
+macro_rules! launch {
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $self.f($name);
+        let mut b = $self.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        let r = unsafe { b.launch($cfg) }.map(|_| ());
+        $self.check($name, r);
+    }};
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Ids = CudaIds;
+    type Event = CudaEvent;
+
+    fn open(device: &str) -> Result<Self> {
+        let ordinal: usize = device
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .with_context(|| format!("device {device:?} is not a CUDA device (expected \"cuda:N\")"))?;
+        let dev = open_device(ordinal)?;
+        let stream = dev.ctx.new_stream().map_err(|e| anyhow!("creating a stream on {device}: {e:?}"))?;
+        let blas = blas::Blas::new(&stream)?;
+        if TF32.load(std::sync::atomic::Ordering::Relaxed) {
+            blas.set_tf32(true)?;
+        }
+        Ok(CudaBackend { device_name: device.to_string(), dev, stream, blas, scratch: Mutex::new(AttnScratch::default()) })
+    }
+    fn device(&self) -> &str {
+        &self.device_name
+    }
+    fn fork(&self) -> Result<Self> {
+        Self::open(&self.device_name)
+    }
+
+    fn alloc(&self, n: usize) -> CudaBuf {
+        let mem = self.stream.alloc_zeros::<f32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} floats on {}: {e:?}", self.device_name));
+        let (ptr, _) = mem.device_ptr(&self.stream);
+        CudaBuf { ptr, len: n, _mem: mem }
+    }
+    fn alloc_ids(&self, n: usize) -> CudaIds {
+        let mem = self.stream.alloc_zeros::<u32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} ids: {e:?}"));
+        let (ptr, _) = mem.device_ptr(&self.stream);
+        CudaIds { ptr, len: n, _mem: mem }
+    }
+    fn buf_len(buf: &CudaBuf) -> usize {
+        buf.len
+    }
+    fn ids_len(ids: &CudaIds) -> usize {
+        ids.len
+    }
+    fn upload(&self, dst: V, src: &[f32]) {
+        assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
+        let r = unsafe { cudarc::driver::result::memcpy_htod_async(p(&dst), src, self.stream.cu_stream()) };
+        self.check("upload", r);
+        // The host slice may be freed as soon as we return.
+        self.synchronize();
+    }
+    fn upload_ids(&self, dst: &CudaIds, src: &[u32]) {
+        assert_eq!(dst.len, src.len(), "upload_ids: buffer of {} from host slice of {}", dst.len, src.len());
+        let r = unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) };
+        self.check("upload_ids", r);
+        self.synchronize();
+    }
+    fn download(&self, src: V, dst: &mut [f32]) {
+        assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
+        let r = unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, p(&src), self.stream.cu_stream()) };
+        self.check("download", r);
+        self.synchronize();
+    }
+    fn copy(&self, dst: V, src: V) {
+        assert_eq!(dst.len, src.len, "copy: lengths differ");
+        let r = unsafe { cudarc::driver::result::memcpy_dtod_async(p(&dst), p(&src), 4 * dst.len, self.stream.cu_stream()) };
+        self.check("copy", r);
+    }
+    fn fill(&self, dst: V, value: f32) {
+        let (x, n) = (p(&dst), dst.len as i64);
+        launch!(self, "fill_kernel", Self::cfg1d(dst.len), &x, &value, &n);
+    }
+    fn record(&self) -> CudaEvent {
+        self.stream.record_event(None).unwrap_or_else(|e| panic!("recording an event on {}: {e:?}", self.device_name))
+    }
+    fn wait(&self, event: &CudaEvent) {
+        let r = self.stream.wait(event);
+        self.check("stream wait", r);
+    }
+    fn synchronize(&self) {
+        let r = self.stream.synchronize();
+        self.check("synchronize", r);
+    }
+
+    fn add(&self, dst: V, a: V, b: V) {
+        let (d, x, y, n) = (p(&dst), p(&a), p(&b), dst.len as i64);
+        launch!(self, "add_kernel", Self::cfg1d(dst.len), &d, &x, &y, &n);
+    }
+    fn add_assign(&self, dst: V, src: V) {
+        self.axpby(dst, 1.0, 1.0, src);
+    }
+    fn axpby(&self, dst: V, alpha: f32, beta: f32, src: V) {
+        let (d, s, n) = (p(&dst), p(&src), dst.len as i64);
+        launch!(self, "axpby_kernel", Self::cfg1d(dst.len), &d, &alpha, &beta, &s, &n);
+    }
+    fn sumsq(&self, dst: V, x: V) {
+        self.fill(dst, 0.0);
+        let (d, s, n) = (p(&dst), p(&x), x.len as i64);
+        let blocks = (x.len.div_ceil(256)).clamp(1, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "sumsq_kernel", cfg, &d, &s, &n);
+    }
+    fn scale_by_rnorm(&self, x: V, ss: V, eps: f32) {
+        let (d, s, n) = (p(&x), p(&ss), x.len as i64);
+        launch!(self, "scale_by_rnorm_kernel", Self::cfg1d(x.len), &d, &s, &eps, &n);
+    }
+
+    fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+        assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
+        self.blas.gemm_rm(p(&c), p(&a), ta, p(&b), tb, m, n, k, alpha, beta, 1, 0, 0, 0);
+    }
+
+    fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
+        // out (N, OC) = inp (N, C) @ w^T
+        self.blas.gemm_rm(p(&out), p(&inp), Trans::N, p(&w), Trans::T, n, oc, c, 1.0, 0.0, 1, 0, 0, 0);
+        if let Some(b) = b {
+            let (o, bb, ni, oci) = (p(&out), p(&b), n as i32, oc as i32);
+            launch!(self, "add_bias_kernel", Self::cfg1d(n * oc), &o, &bb, &ni, &oci);
+        }
+    }
+    fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
+        if let Some(d) = dinp {
+            // dinp (N, C) = dout (N, OC) @ w (OC, C)
+            self.blas.gemm_rm(p(&d), p(&dout), Trans::N, p(&w), Trans::N, n, c, oc, 1.0, 0.0, 1, 0, 0, 0);
+        }
+        // dw (OC, C) += dout^T (OC, N) @ inp (N, C)
+        self.blas.gemm_rm(p(&dw), p(&dout), Trans::T, p(&inp), Trans::N, oc, c, n, 1.0, 1.0, 1, 0, 0, 0);
+        if let Some(db) = db {
+            let (d, g, ni, oci) = (p(&db), p(&dout), n as i32, oc as i32);
+            launch!(self, "bias_backward_kernel", Self::cfg1d(oc), &d, &g, &ni, &oci);
+        }
+    }
+
+    fn encoder_forward(&self, out: V, ids: &CudaIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
+        let (o, i, we, pe) = (p(&out), ids.ptr, p(&wte), p(&wpe));
+        let (bi, ti, ci) = (b as i32, t as i32, c as i32);
+        launch!(self, "encoder_forward_kernel", Self::cfg1d(b * t * c), &o, &i, &we, &pe, &bi, &ti, &ci);
+    }
+    fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CudaIds, b: usize, t: usize, c: usize) {
+        let (dw, dp, d, i) = (p(&dwte), p(&dwpe), p(&dout), ids.ptr);
+        let (bi, ti, ci) = (b as i32, t as i32, c as i32);
+        launch!(self, "encoder_backward_kernel", Self::cfg1d(b * t * c), &dw, &dp, &d, &i, &bi, &ti, &ci);
+    }
+
+    fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
+        let (o, m, r, x, ww, bb) = (p(&out), p(&mean), p(&rstd), p(&inp), p(&w), p(&b));
+        let (ni, ci) = (n as i32, c as i32);
+        launch!(self, "layernorm_forward_kernel", Self::cfg_rows(n), &o, &m, &r, &x, &ww, &bb, &ni, &ci);
+    }
+    fn layernorm_backward(&self, dinp: V, dw: V, db: V, dout: V, inp: V, w: V, mean: V, rstd: V, n: usize, c: usize) {
+        let (di, dww, dbb, d, x, ww, m, r) = (p(&dinp), p(&dw), p(&db), p(&dout), p(&inp), p(&w), p(&mean), p(&rstd));
+        let (ni, ci) = (n as i32, c as i32);
+        launch!(self, "layernorm_backward_kernel", Self::cfg_rows(n), &di, &dww, &dbb, &d, &x, &ww, &m, &r, &ni, &ci);
+    }
+
+    fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
+        let hs = c / nh;
+        let n = b * t * c;
+        let s = self.attn_scratch(4 * n);
+        let (q, k, v, y) = (s, s + 4 * n as u64, s + 8 * n as u64, s + 12 * n as u64);
+        let (bi, ti, nhi, hsi) = (b as i32, t as i32, nh as i32, hs as i32);
+        let src = p(&qkv);
+        launch!(self, "permute_qkv_kernel", Self::cfg1d(n), &q, &k, &v, &src, &bi, &ti, &nhi, &hsi);
+        let a = p(&att);
+        let bh = b * nh;
+        // pre (BH, T, T) = q @ k^T * scale, written into att, then the causal softmax in place
+        let scale = 1.0 / (hs as f32).sqrt();
+        self.blas.gemm_rm(a, q, Trans::N, k, Trans::T, t, t, hs, scale, 0.0, bh, (t * t) as i64, (t * hs) as i64, (t * hs) as i64);
+        let (rows, tt) = ((bh * t) as i32, t as i32);
+        launch!(self, "softmax_causal_kernel", Self::cfg_rows(bh * t), &a, &rows, &tt);
+        // y (BH, T, hs) = att @ v
+        self.blas.gemm_rm(y, a, Trans::N, v, Trans::N, t, hs, t, 1.0, 0.0, bh, (t * hs) as i64, (t * t) as i64, (t * hs) as i64);
+        let o = p(&out);
+        launch!(self, "unpermute_y_kernel", Self::cfg1d(n), &o, &y, &bi, &ti, &nhi, &hsi);
+    }
+    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+        let hs = c / nh;
+        let n = b * t * c;
+        let s = self.attn_scratch(7 * n);
+        let off = |i: u64| s + i * 4 * n as u64;
+        let (q, k, v, dy, dq, dk, dv) = (off(0), off(1), off(2), off(3), off(4), off(5), off(6));
+        let (bi, ti, nhi, hsi) = (b as i32, t as i32, nh as i32, hs as i32);
+        let src = p(&qkv);
+        launch!(self, "permute_qkv_kernel", Self::cfg1d(n), &q, &k, &v, &src, &bi, &ti, &nhi, &hsi);
+        let d_o = p(&dout);
+        launch!(self, "permute_y_kernel", Self::cfg1d(n), &dy, &d_o, &bi, &ti, &nhi, &hsi);
+        let (a, da) = (p(&att), p(&datt));
+        let bh = b * nh;
+        let (tt, ths) = ((t * t) as i64, (t * hs) as i64);
+        // datt = dy @ v^T ; dv = att^T @ dy
+        self.blas.gemm_rm(da, dy, Trans::N, v, Trans::T, t, t, hs, 1.0, 0.0, bh, tt, ths, ths);
+        self.blas.gemm_rm(dv, a, Trans::T, dy, Trans::N, t, hs, t, 1.0, 0.0, bh, ths, tt, ths);
+        let (rows, tti) = ((bh * t) as i32, t as i32);
+        launch!(self, "softmax_backward_kernel", Self::cfg_rows(bh * t), &da, &a, &rows, &tti);
+        // dq = dpre @ k * scale ; dk = dpre^T @ q * scale
+        let scale = 1.0 / (hs as f32).sqrt();
+        self.blas.gemm_rm(dq, da, Trans::N, k, Trans::N, t, hs, t, scale, 0.0, bh, ths, tt, ths);
+        self.blas.gemm_rm(dk, da, Trans::T, q, Trans::N, t, hs, t, scale, 0.0, bh, ths, tt, ths);
+        let d = p(&dqkv);
+        launch!(self, "unpermute_qkv_kernel", Self::cfg1d(n), &d, &dq, &dk, &dv, &bi, &ti, &nhi, &hsi);
+    }
+
+    fn gelu_forward(&self, out: V, inp: V) {
+        let (o, x, n) = (p(&out), p(&inp), out.len as i64);
+        launch!(self, "gelu_forward_kernel", Self::cfg1d(out.len), &o, &x, &n);
+    }
+    fn gelu_backward(&self, dinp: V, inp: V, dout: V) {
+        let (di, x, d, n) = (p(&dinp), p(&inp), p(&dout), dinp.len as i64);
+        launch!(self, "gelu_backward_kernel", Self::cfg1d(dinp.len), &di, &x, &d, &n);
+    }
+    fn crossentropy_forward_backward(&self, logits: V, losses: V, targets: &CudaIds, dscale: f32, n: usize, v: usize, vp: usize) {
+        let (l, ls, tg) = (p(&logits), p(&losses), targets.ptr);
+        let (ni, vi, vpi) = (n as i32, v as i32, vp as i32);
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "crossentropy_kernel", cfg, &l, &ls, &tg, &dscale, &ni, &vi, &vpi);
+    }
+
+    fn adamw_update(&self, pp: V, g: V, m: V, v: V, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64) {
+        let bc1 = 1.0 - beta1.powi(t as i32);
+        let bc2 = 1.0 - beta2.powi(t as i32);
+        let (a, b, c, d, n) = (p(&pp), p(&g), p(&m), p(&v), pp.len as i64);
+        launch!(self, "adamw_kernel", Self::cfg1d(pp.len), &a, &b, &c, &d, &lr, &beta1, &beta2, &eps, &wd, &bc1, &bc2, &n);
+    }
+    fn momentum_update(&self, u: V, m: V, g: V, mu: f32, nesterov: bool) {
+        let (a, b, c, n, nv) = (p(&u), p(&m), p(&g), u.len as i64, nesterov as i32);
+        launch!(self, "momentum_kernel", Self::cfg1d(u.len), &a, &b, &c, &mu, &nv, &n);
+    }
+    fn apply_update(&self, pp: V, u: V, lr: f32, scale: f32, wd: f32) {
+        let (a, b, n, none) = (p(&pp), p(&u), pp.len as i64, 0u64);
+        let (step, keep, eps) = (lr * scale, 1.0 - lr * wd, 0.0f32);
+        launch!(self, "apply_update_kernel", Self::cfg1d(pp.len), &a, &b, &step, &keep, &none, &eps, &n);
+    }
+    fn nsgd_apply(&self, pp: V, u: V, ss: V, lr: f32, wd: f32, eps: f32) {
+        let (a, b, s, n) = (p(&pp), p(&u), p(&ss), pp.len as i64);
+        let keep = 1.0 - lr * wd;
+        launch!(self, "apply_update_kernel", Self::cfg1d(pp.len), &a, &b, &lr, &keep, &s, &eps, &n);
+    }
+}

@@ -1,0 +1,336 @@
+//! The CUDA backend.
+//!
+//! Without a GPU (CI): every NVRTC kernel compiles to PTX for sm_90 (needs libnvrtc on
+//! LD_LIBRARY_PATH — `.ci/run` installs the `nvidia-cuda-nvrtc` pip package — and with
+//! `TAPROOT_REQUIRE_NVRTC=1` a missing libnvrtc fails instead of skipping), a broken kernel is
+//! rejected, and asking for a CUDA device where there is none is a clear error.
+//!
+//! With a GPU (`scripts/gpu-check.sh`; each test prints SKIP and returns where there is none):
+//! every op forward and backward against the CPU reference on fresh random inputs (relative
+//! error ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32, TF32 off), a whole training run with a growth event
+//! against the CPU trainer, the actor runtime on the GPU, and a two-stream hand-off that needs
+//! its event wait.
+
+use taproot::backend::cpu::CpuBackend;
+use taproot::backend::cuda::{self, CudaBackend};
+use taproot::backend::{Backend, Trans, View};
+use taproot::rng::Rng;
+
+fn gpu() -> Option<CudaBackend> {
+    match cuda::device_count() {
+        Ok(n) if n > 0 => Some(CudaBackend::open("cuda:0").expect("a CUDA device is present but could not be opened")),
+        Ok(_) => {
+            println!("SKIP: no CUDA device on this machine");
+            None
+        }
+        Err(e) => {
+            println!("SKIP: {e:#}");
+            None
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_to_ptx_for_sm_90() {
+    if !cuda::nvrtc_present() {
+        if std::env::var("TAPROOT_REQUIRE_NVRTC").is_ok() {
+            panic!("TAPROOT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH)");
+        }
+        println!("SKIP: libnvrtc not found (install nvidia-cuda-nvrtc and add nvidia/cu13/lib to LD_LIBRARY_PATH)");
+        return;
+    }
+    let ptx = cuda::compile_kernels("sm_90").unwrap();
+    let text = ptx.to_src();
+    for name in cuda::KERNEL_NAMES {
+        assert!(text.contains(&format!(".entry {name}(")), "kernel {name} missing from the PTX");
+    }
+    println!("{} kernels compiled to {} bytes of PTX for sm_90", cuda::KERNEL_NAMES.len(), text.len());
+    // And a syntax error is an error, not a silent success.
+    let broken = cudarc::nvrtc::compile_ptx_with_opts(
+        "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
+        cudarc::nvrtc::CompileOptions { arch: Some("sm_90"), ..Default::default() },
+    );
+    assert!(broken.is_err(), "NVRTC accepted a broken kernel");
+}
+
+#[test]
+fn asking_for_a_missing_cuda_device_is_a_clear_error() {
+    let err = match CudaBackend::open(if cuda::driver_present() { "cuda:999" } else { "cuda:0" }) {
+        Ok(_) => panic!("opened a device that cannot exist"),
+        Err(e) => format!("{e:#}"),
+    };
+    println!("error: {err}");
+    assert!(err.contains("LD_LIBRARY_PATH") || err.contains("does not exist"), "unclear: {err}");
+    let err = CudaBackend::open("gpu0").err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("gpu0"), "a malformed device name must be named: {err}");
+}
+
+// ------------------------------------------------------------------------------------------
+// op parity
+
+fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    rng.fill_normal(&mut v, std);
+    v
+}
+
+fn up<B: Backend>(be: &B, h: &[f32]) -> B::Buf {
+    let b = be.alloc(h.len());
+    be.upload(B::whole(&b), h);
+    b
+}
+
+fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+    let mut h = vec![0.0; B::buf_len(b)];
+    be.download(B::whole(b), &mut h);
+    h
+}
+
+fn ids<B: Backend>(be: &B, h: &[u32]) -> B::Ids {
+    let b = be.alloc_ids(h.len());
+    be.upload_ids(&b, h);
+    b
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Run `case` on the CPU reference and on the GPU and compare every output it returns.
+macro_rules! parity {
+    ($name:ident, $tol:expr, |$be:ident: $B:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            fn case<$B: Backend>($be: &$B) -> Vec<(&'static str, Vec<f32>)> $body
+            let Some(g) = gpu() else { return };
+            let want = case(&CpuBackend::default());
+            let got = case(&g);
+            for ((name, w), (_, x)) in want.iter().zip(&got) {
+                let r = rel(x, w);
+                println!("{:<36} {:<12} relative error {r:.2e}", stringify!($name), name);
+                assert!(r <= $tol, "{}: {name}: relative error {r:.3e} > {:e}", stringify!($name), $tol);
+            }
+        }
+    };
+}
+
+const TOL: f64 = 1e-5;
+const B_: usize = 2;
+const T_: usize = 64;
+const C_: usize = 128;
+const NH_: usize = 4;
+
+parity!(matmul_forward_backward_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(1);
+    let (n, c, oc) = (B_ * T_, C_, 3 * C_);
+    let (inp, w, bias, dout) = (up(be, &randn(&mut r, n * c, 1.0)), up(be, &randn(&mut r, oc * c, 0.1)), up(be, &randn(&mut r, oc, 0.1)), up(be, &randn(&mut r, n * oc, 1.0)));
+    let out = be.alloc(n * oc);
+    be.matmul_forward(B::whole(&out), B::whole(&inp), B::whole(&w), Some(B::whole(&bias)), n, c, oc);
+    let (dinp, dw, db) = (be.alloc(n * c), up(be, &randn(&mut r, oc * c, 1.0)), up(be, &randn(&mut r, oc, 1.0)));
+    be.matmul_backward(Some(B::whole(&dinp)), B::whole(&dw), Some(B::whole(&db)), B::whole(&dout), B::whole(&inp), B::whole(&w), n, c, oc);
+    vec![("out", down(be, &out)), ("dinp", down(be, &dinp)), ("dw", down(be, &dw)), ("db", down(be, &db))]
+});
+
+parity!(gemm_all_transposes_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(2);
+    let (m, n, k) = (48, 80, 64);
+    let mut outs = Vec::new();
+    for (ta, tb, name) in [(Trans::N, Trans::N, "NN"), (Trans::T, Trans::N, "TN"), (Trans::N, Trans::T, "NT"), (Trans::T, Trans::T, "TT")] {
+        let (a, b) = (up(be, &randn(&mut r, m * k, 1.0)), up(be, &randn(&mut r, k * n, 1.0)));
+        let c = up(be, &randn(&mut r, m * n, 1.0));
+        be.gemm(B::whole(&c), B::whole(&a), ta, B::whole(&b), tb, m, n, k, 0.7, 0.3);
+        outs.push((name, down(be, &c)));
+    }
+    outs
+});
+
+parity!(layernorm_forward_backward_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(3);
+    let (n, c) = (B_ * T_, C_);
+    let inp = up(be, &randn(&mut r, n * c, 1.0));
+    let w = up(be, &randn(&mut r, c, 0.2).iter().map(|x| 1.0 + x).collect::<Vec<_>>());
+    let b = up(be, &randn(&mut r, c, 0.2));
+    let (out, mean, rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+    be.layernorm_forward(B::whole(&out), B::whole(&mean), B::whole(&rstd), B::whole(&inp), B::whole(&w), B::whole(&b), n, c);
+    let dout = up(be, &randn(&mut r, n * c, 1.0));
+    let (dinp, dw, db) = (up(be, &randn(&mut r, n * c, 1.0)), be.alloc(c), be.alloc(c));
+    be.layernorm_backward(B::whole(&dinp), B::whole(&dw), B::whole(&db), B::whole(&dout), B::whole(&inp), B::whole(&w), B::whole(&mean), B::whole(&rstd), n, c);
+    vec![("out", down(be, &out)), ("mean", down(be, &mean)), ("rstd", down(be, &rstd)), ("dinp", down(be, &dinp)), ("dw", down(be, &dw)), ("db", down(be, &db))]
+});
+
+parity!(attention_forward_backward_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(4);
+    let (b, t, c, nh) = (B_, T_, C_, NH_);
+    let qkv = up(be, &randn(&mut r, b * t * 3 * c, 1.0));
+    let (out, att) = (be.alloc(b * t * c), be.alloc(b * nh * t * t));
+    be.attention_forward(B::whole(&out), B::whole(&att), B::whole(&qkv), b, t, c, nh);
+    let dout = up(be, &randn(&mut r, b * t * c, 1.0));
+    let (dqkv, datt) = (be.alloc(b * t * 3 * c), be.alloc(b * nh * t * t));
+    be.attention_backward(B::whole(&dqkv), B::whole(&datt), B::whole(&dout), B::whole(&qkv), B::whole(&att), b, t, c, nh);
+    vec![("out", down(be, &out)), ("att", down(be, &att)), ("dqkv", down(be, &dqkv))]
+});
+
+parity!(gelu_residual_and_reductions_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(5);
+    let n = 10_000;
+    let (x, y) = (up(be, &randn(&mut r, n, 2.0)), up(be, &randn(&mut r, n, 1.0)));
+    let (g, dg, s) = (be.alloc(n), be.alloc(n), be.alloc(n));
+    be.gelu_forward(B::whole(&g), B::whole(&x));
+    be.gelu_backward(B::whole(&dg), B::whole(&x), B::whole(&y));
+    be.add(B::whole(&s), B::whole(&x), B::whole(&y));
+    be.axpby(B::whole(&s), 0.5, -2.0, B::whole(&y));
+    let ss = be.alloc(1);
+    be.sumsq(B::whole(&ss), B::whole(&s));
+    be.scale_by_rnorm(B::whole(&s), B::whole(&ss), 1e-7);
+    vec![("gelu", down(be, &g)), ("dgelu", down(be, &dg)), ("sumsq", down(be, &ss)), ("normalised", down(be, &s))]
+});
+
+parity!(embedding_and_crossentropy_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(6);
+    let (b, t, c, v, vp) = (B_, T_, C_, 300, 384);
+    let tok: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
+    let tg: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
+    let (idb, tgb) = (ids(be, &tok), ids(be, &tg));
+    let (wte, wpe) = (up(be, &randn(&mut r, vp * c, 1.0)), up(be, &randn(&mut r, t * c, 1.0)));
+    let x = be.alloc(b * t * c);
+    be.encoder_forward(B::whole(&x), &idb, B::whole(&wte), B::whole(&wpe), b, t, c);
+    let dout = up(be, &randn(&mut r, b * t * c, 1.0));
+    let (dwte, dwpe) = (be.alloc(vp * c), be.alloc(t * c));
+    be.encoder_backward(B::whole(&dwte), B::whole(&dwpe), B::whole(&dout), &idb, b, t, c);
+    let logits = up(be, &randn(&mut r, b * t * vp, 3.0));
+    let losses = be.alloc(b * t);
+    be.crossentropy_forward_backward(B::whole(&logits), B::whole(&losses), &tgb, 1.0 / (b * t) as f32, b * t, v, vp);
+    vec![("x", down(be, &x)), ("dwte", down(be, &dwte)), ("dwpe", down(be, &dwpe)), ("losses", down(be, &losses)), ("dlogits", down(be, &logits))]
+});
+
+parity!(optimizer_kernels_match_cpu, TOL, |be: B| {
+    use taproot::optim::muon;
+    let mut r = Rng::new(7);
+    let n = 96 * 64;
+    let (p, g, m, v) = (up(be, &randn(&mut r, n, 1.0)), up(be, &randn(&mut r, n, 1.0)), up(be, &randn(&mut r, n, 0.1)), up(be, &randn(&mut r, n, 0.1).iter().map(|x| x * x).collect::<Vec<_>>()));
+    be.adamw_update(B::whole(&p), B::whole(&g), B::whole(&m), B::whole(&v), 1e-2, 0.9, 0.95, 1e-8, 0.1, 3);
+    let u = be.alloc(n);
+    be.momentum_update(B::whole(&u), B::whole(&m), B::whole(&g), 0.95, true);
+    let ss = be.alloc(1);
+    be.sumsq(B::whole(&ss), B::whole(&u));
+    be.nsgd_apply(B::whole(&p), B::whole(&u), B::whole(&ss), 0.02, 0.01, 1e-8);
+    // Newton–Schulz (tall 96x64 and wide 64x96) through backend products
+    let mut outs = vec![("adamw+nsgd p", down(be, &p)), ("m", down(be, &m)), ("v", down(be, &v))];
+    for (rows, cols, name) in [(96, 64, "NS tall"), (64, 96, "NS wide")] {
+        let x = up(be, &randn(&mut r, rows * cols, 1.0));
+        be.sumsq(B::whole(&ss), B::whole(&x));
+        be.scale_by_rnorm(B::whole(&x), B::whole(&ss), 1e-7);
+        let (x2, a, bm) = (be.alloc(n), be.alloc(96 * 96), be.alloc(96 * 96));
+        let k = rows.min(cols);
+        let in_x2 = muon::newton_schulz(be, B::whole(&x), B::whole(&x2), View::new(&a, 0, k * k), View::new(&bm, 0, k * k), rows, cols, 5, [3.4445, -4.7750, 2.0315]);
+        outs.push((name, down(be, if in_x2 { &x2 } else { &x })));
+    }
+    be.apply_update(B::whole(&p), B::whole(&u), 0.02, 1.5, 0.01);
+    outs.push(("apply_update p", down(be, &p)));
+    outs
+});
+
+// ------------------------------------------------------------------------------------------
+// whole model, runtime, streams
+
+fn tiny_cfg(dir: &std::path::Path, name: &str, extra: &str) -> taproot::config::Config {
+    let text = format!(
+        "[run]\nname = \"{name}\"\nsteps = 20\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"{}\"\ntokenizer = \"bytes\"\nbatch_size = 4\nseq_len = 32\nmicro_batches = 2\n[model]\nchannels = 64\nheads = 2\ndepth = 1\ntarget_depth = 3\n[eval]\nevery = 10\nbatches = 2\n[[growth]]\nat_step = 10\nto_depth = 3\ninit = \"copying\"\n{extra}",
+        dir.join(name).display(),
+        dir.display()
+    );
+    taproot::config::Config::parse(&text, &[]).unwrap()
+}
+
+fn dataset(dir: &std::path::Path) -> taproot::data::Dataset {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut r = Rng::new(11);
+    let text: Vec<u32> = (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
+    taproot::data::write_shard(&dir.join("g_train_000001.bin"), &text[..36_000]).unwrap();
+    taproot::data::write_shard(&dir.join("g_val_000000.bin"), &text[36_000..]).unwrap();
+    taproot::data::Dataset::open(dir, 256).unwrap()
+}
+
+/// 20 steps with a copying growth at step 10, Muon-NSGD: every step's training loss on the GPU
+/// within 1e-3 relative of the CPU trainer's (f32 rounding compounds over steps; Newton–Schulz
+/// amplifies it a little), and the validation losses too.
+#[test]
+fn training_with_growth_on_gpu_matches_the_cpu_trainer() {
+    let Some(g) = gpu() else { return };
+    use taproot::train::sequential::{RunOptions, Sequential};
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-train-{}", std::process::id()));
+    let data = dataset(&dir);
+    let cfg = tiny_cfg(&dir, "gpu-seq", "");
+    let q = RunOptions { quiet: true, ..Default::default() };
+    let cpu = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap().run(&q).unwrap();
+    let gpu = Sequential::new(g, &cfg, &data).unwrap().run(&q).unwrap();
+    for (a, b) in cpu.steps.iter().zip(&gpu.steps) {
+        let r = ((a.train_loss - b.train_loss) / a.train_loss).abs();
+        println!("step {:2} depth {} cpu {:.6} gpu {:.6} rel {r:.1e}", a.step, a.depth, a.train_loss, b.train_loss);
+        assert_eq!(a.depth, b.depth);
+        assert!(r < 1e-3, "step {}: cpu {} gpu {}", a.step, a.train_loss, b.train_loss);
+    }
+    for (a, b) in cpu.evals.iter().zip(&gpu.evals) {
+        assert!(((a.val_loss - b.val_loss) / a.val_loss).abs() < 1e-3);
+    }
+    assert_eq!(cpu.growth, gpu.growth);
+}
+
+/// The actor runtime on the GPU (one stream per stage, events at hand-offs) against the
+/// sequential trainer on the same GPU.
+#[test]
+fn actor_runtime_on_gpu_matches_sequential_on_gpu() {
+    let Some(g) = gpu() else { return };
+    use taproot::train::sequential::{RunOptions, Sequential};
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-rt-{}", std::process::id()));
+    let data = dataset(&dir);
+    let cfg = tiny_cfg(&dir, "gpu-rt", "[placement]\ndevices = [\"cuda:0\"]\n");
+    let seq = Sequential::new(g, &cfg, &data).unwrap().run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
+    let rt = taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
+    assert_eq!(rt.steps.len(), 20);
+    for (a, b) in seq.steps.iter().zip(&rt.steps) {
+        assert_eq!(a.depth, b.depth);
+        assert!(((a.train_loss - b.train_loss) / a.train_loss).abs() < 1e-4, "step {}: {} vs {}", a.step, a.train_loss, b.train_loss);
+    }
+}
+
+/// Stream A writes a buffer after a long chain of products; stream B reads it. With B waiting
+/// on A's event the read sees the final value; without the wait it sees stale memory — the
+/// event is what orders the hand-off, not luck.
+#[test]
+fn two_stream_hand_off_needs_the_event_wait() {
+    let Some(a) = gpu() else { return };
+    let b = a.fork().unwrap();
+    let n = 2048;
+    let run = |wait: bool| -> f32 {
+        let (x, y, z) = (a.alloc(n * n), a.alloc(n * n), a.alloc(n * n));
+        a.fill(CudaBackend::whole(&x), 0.5);
+        a.fill(CudaBackend::whole(&y), 0.0);
+        let flag = a.alloc(1);
+        a.fill(CudaBackend::whole(&flag), 0.0);
+        a.synchronize();
+        // ~tens of milliseconds of work on stream A, then the flag it hands over
+        for _ in 0..40 {
+            a.gemm(CudaBackend::whole(&z), CudaBackend::whole(&x), Trans::N, CudaBackend::whole(&x), Trans::N, n, n, n, 1.0, 0.0);
+        }
+        a.fill(CudaBackend::whole(&flag), 1.0);
+        let ev = a.record();
+        let out = b.alloc(1);
+        if wait {
+            b.wait(&ev);
+        }
+        b.copy(CudaBackend::whole(&out), CudaBackend::whole(&flag));
+        let mut h = [0.0f32];
+        b.download(CudaBackend::whole(&out), &mut h);
+        a.synchronize();
+        let _ = y;
+        h[0]
+    };
+    let with = run(true);
+    let without = run(false);
+    println!("hand-off with the event wait read {with}; without it read {without}");
+    assert_eq!(with, 1.0, "with the event wait the reader must see the writer's value");
+    assert_eq!(without, 0.0, "without the wait the reader ran ahead of the writer (the wait is what orders the hand-off)");
+}
