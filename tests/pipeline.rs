@@ -85,3 +85,14 @@ fn copying_zero_growth_preserves_the_loss_in_a_live_pipeline() {
         assert_eq!(g.steps[i].train_loss.to_bits(), f.steps[i].train_loss.to_bits());
     }
 }
+
+#[test]
+fn a_device_that_does_not_exist_is_an_error_naming_the_key() {
+    let dir = synthetic_dataset("nodev");
+    let cfg = tiny_config(&dir, "nodev", 5, "[placement]\ndevices = [\"cuda:7\"]\n");
+    let data = Dataset::open(&dir, 256).unwrap();
+    // No driver here (CI), or no 8th GPU on a GPU machine: either way a clear error, no panic.
+    let err = runtime::train::<taproot::backend::cuda::CudaBackend>(&cfg, data, quiet(), false).unwrap_err().to_string();
+    println!("{err}");
+    assert!(err.contains("placement.devices") && err.contains("cuda:7"), "{err}");
+}

@@ -63,6 +63,14 @@ impl RunHandle {
 
 /// Start a run inside an existing multi-thread tokio runtime; events go to `observer`.
 pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, observer: events::Observer) -> anyhow::Result<RunHandle> {
+    // Every device of the placement must exist before any actor starts: a clear error naming
+    // the key, rather than a failed actor halfway through a growth.
+    let mut seen = std::collections::HashSet::new();
+    for d in cfg.placement.devices.iter().chain(cfg.placement.ends.iter()) {
+        if seen.insert(d.clone()) {
+            B::open(d).map_err(|e| anyhow::anyhow!("`placement.devices`: {d}: {e:#}"))?;
+        }
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let args = TrainerArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
     let (trainer, join) = Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
