@@ -161,6 +161,8 @@ pub struct SchedState<B: Backend> {
     checkpoint_now: Vec<RpcReplyPort<Result<String, String>>>,
     step_started: Instant,
     fixed_flops_ne: f64,
+    /// The terminal progress bar (step, loss, lr, tok/s, depth, ETA), when stdout is a terminal.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -201,9 +203,14 @@ impl<B: Backend> SchedState<B> {
         if cap == 0 { auto } else { cap }.max(1)
     }
 
+    /// A log line: above the progress bar on a terminal, a plain `key=value` line otherwise.
     fn say(&self, line: String) {
-        if !self.opts.quiet {
-            println!("{line}");
+        if self.opts.quiet {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
         }
     }
 
@@ -450,6 +457,11 @@ impl<B: Backend> SchedState<B> {
             return Err(err(format!("training loss became {loss} at step {} (depth {depth})", self.step)));
         }
         self.report.steps.push(rec);
+        if let Some(bar) = &self.bar {
+            let toks = tokens / self.step_started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(self.step);
+            bar.set_message(format!("depth={depth} loss={loss:.4} lr={lr:.2e} tok/s={toks:.0}"));
+        }
         let le = self.cfg.run.log_every;
         if le > 0 && self.step % le == 0 {
             let dt = self.last_log.0.elapsed().as_secs_f64();
@@ -544,6 +556,9 @@ impl<B: Backend> SchedState<B> {
             self.phase = Phase::Finished;
             if self.cfg.checkpoint.every > 0 || self.stop_requested {
                 self.write_checkpoint().await?;
+            }
+            if let Some(bar) = self.bar.take() {
+                bar.finish_and_clear();
             }
             self.report.wall_s = self.started.elapsed().as_secs_f64();
             let report = std::mem::take(&mut self.report);
@@ -689,9 +704,18 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             checkpoint_now: Vec::new(),
             step_started: started,
             fixed_flops_ne: 0.0,
+            bar: None,
             cfg,
         };
         st.step_pub.store(step, Ordering::Relaxed);
+        if !st.opts.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            let bar = indicatif::ProgressBar::new(st.end);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_position(step);
+            st.bar = Some(bar);
+        }
         for (i, id) in ids.iter().enumerate() {
             let init = match units.remove(&UnitKey::Layer(*id).to_string()) {
                 Some(u) => LayerInit::Restore(u),
