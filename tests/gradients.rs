@@ -13,28 +13,14 @@ use taproot::model::init::{InitConfig, InitScheme};
 use taproot::model::{Batch, Dims, Model, ParamSet};
 use taproot::rng::Rng;
 
+mod common;
+
+use common::{buf, host, randn};
+
 type B = CpuBackend;
 
 const H: f32 = 1e-2;
 const TOL: f64 = 1e-2;
-
-fn buf(be: &B, host: &[f32]) -> <B as Backend>::Buf {
-    let b = be.alloc(host.len());
-    be.upload(B::whole(&b), host);
-    b
-}
-
-fn host(be: &B, b: &<B as Backend>::Buf) -> Vec<f32> {
-    let mut v = vec![0.0; B::buf_len(b)];
-    be.download(B::whole(b), &mut v);
-    v
-}
-
-fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    rng.fill_normal(&mut v, std);
-    v
-}
 
 /// Compare analytic gradient entries with central differences of `loss` at `indices`.
 fn check(name: &str, analytic: &[f32], indices: &[usize], mut loss: impl FnMut(usize, f32) -> f64) {

@@ -16,6 +16,10 @@ use taproot::optim::muon::{muon_reference, newton_schulz, newton_schulz_referenc
 use taproot::optim::{EmbeddingOptimizer, OptState, OptimConfig, Optimizer, OptimizerKind, Rule, Scratch};
 use taproot::rng::Rng;
 
+mod common;
+
+use common::{buf, host, randn};
+
 type B = CpuBackend;
 
 const COEFFS: [f32; 3] = [3.4445, -4.7750, 2.0315];
@@ -23,24 +27,6 @@ const COEFFS: [f32; 3] = [3.4445, -4.7750, 2.0315];
 const REL: f64 = 1e-5;
 /// Absolute tolerance for Newton–Schulz outputs (f32 vs f64, 5 rounds; observed ≤ 7.6e-7).
 const NS_ABS: f64 = 1e-5;
-
-fn buf(be: &B, host: &[f32]) -> <B as Backend>::Buf {
-    let b = be.alloc(host.len());
-    be.upload(B::whole(&b), host);
-    b
-}
-
-fn host(be: &B, b: &<B as Backend>::Buf) -> Vec<f32> {
-    let mut v = vec![0.0; B::buf_len(b)];
-    be.download(B::whole(b), &mut v);
-    v
-}
-
-fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    rng.fill_normal(&mut v, std);
-    v
-}
 
 fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()

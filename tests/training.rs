@@ -2,33 +2,15 @@
 //! grows and keeps training, runs are bitwise reproducible, and the demo config reaches the
 //! validation loss the issue asks for.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::synthetic_dataset;
+use std::path::Path;
 use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
 use taproot::config::Config;
-use taproot::data::{prepare, write_shard, Dataset, PrepareArgs};
+use taproot::data::{prepare, Dataset, PrepareArgs};
 use taproot::train::sequential::{RunOptions, Sequential};
-
-/// A byte corpus with learnable structure: a few sentences repeated with variations.
-fn synthetic_dataset(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("taproot-training-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "];
-    let mut x: u64 = 7;
-    let mut text = String::new();
-    while text.len() < 60_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 33) as usize % words.len()]);
-        if (x >> 20) % 7 == 0 {
-            text.push_str(".\n");
-        }
-    }
-    let toks: Vec<u32> = text.bytes().map(u32::from).collect();
-    let split = toks.len() * 9 / 10;
-    write_shard(&dir.join("syn_train_000001.bin"), &toks[..split]).unwrap();
-    write_shard(&dir.join("syn_val_000000.bin"), &toks[split..]).unwrap();
-    dir
-}
 
 fn tiny_config(dir: &Path, extra: &str) -> Config {
     let text = format!(

@@ -2,7 +2,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use taproot::backend::cpu::CpuBackend;
+use taproot::backend::Backend;
 use taproot::config::Config;
+use taproot::rng::Rng;
 use taproot::data::write_shard;
 
 /// A byte corpus with learnable structure, as shards in a fresh temp dir unique to `tag`.
@@ -61,4 +64,27 @@ batches = 3
         depth = if extra.contains("copying") { 1 } else { 0 },
     );
     Config::parse(&text, &[]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+type B = CpuBackend;
+
+/// A CPU buffer holding `host`.
+pub fn buf(be: &B, host: &[f32]) -> <B as Backend>::Buf {
+    let b = be.alloc(host.len());
+    be.upload(B::whole(&b), host);
+    b
+}
+
+/// A CPU buffer's contents.
+pub fn host(be: &B, b: &<B as Backend>::Buf) -> Vec<f32> {
+    let mut v = vec![0.0; B::buf_len(b)];
+    be.download(B::whole(b), &mut v);
+    v
+}
+
+/// `n` draws from N(0, std²).
+pub fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    rng.fill_normal(&mut v, std);
+    v
 }

@@ -5,7 +5,7 @@
 //! that no two threads write the same element and results do not depend on the thread count
 //! (bitwise reproducible training on CPU).
 
-use super::{gemm_raw, gemm_raw_par};
+use super::gemm_raw_par;
 use rayon::prelude::*;
 
 /// Elements per rayon task for elementwise kernels: big enough that scheduling is noise.
@@ -130,7 +130,7 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     }
     // w is stored (OC, C); its transpose (C, OC) has row stride 1 and column stride C.
     unsafe {
-        gemm_raw(
+        gemm_raw_par(
             n,
             oc,
             c,
@@ -145,6 +145,7 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
             c as isize,
             1.0,
             1.0,
+            true,
         )
     }
 }
@@ -164,12 +165,12 @@ pub fn matmul_backward(
     // dinp (N, C) = dout (N, OC) @ w (OC, C)
     if let Some(dinp) = dinp {
         unsafe {
-            gemm_raw(n, c, oc, dinp.as_mut_ptr(), c as isize, 1, dout.as_ptr(), oc as isize, 1, w.as_ptr(), c as isize, 1, 0.0, 1.0)
+            gemm_raw_par(n, c, oc, dinp.as_mut_ptr(), c as isize, 1, dout.as_ptr(), oc as isize, 1, w.as_ptr(), c as isize, 1, 0.0, 1.0, true)
         }
     }
     // dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
     unsafe {
-        gemm_raw(oc, c, n, dw.as_mut_ptr(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0)
+        gemm_raw_par(oc, c, n, dw.as_mut_ptr(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0, true)
     }
     // db (OC) += sum over rows of dout; split by columns so each element has one writer.
     if let Some(db) = db {

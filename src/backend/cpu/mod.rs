@@ -119,28 +119,8 @@ impl Default for CpuBackend {
 }
 
 /// Raw gemm call: dst (m, n) = dst_scale * dst + prod_scale * lhs @ rhs, with explicit strides.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    dst_cs: isize,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    dst_scale: f32,
-    prod_scale: f32,
-) {
-    gemm_raw_par(m, n, k, dst, dst_rs, dst_cs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, dst_scale, prod_scale, true)
-}
-
-/// [`gemm_raw`] with a choice of parallelism: `parallel = false` inside tasks that are already
-/// spread over the pool (attention runs one small product per (batch, head)).
+/// `parallel = false` inside tasks that are already spread over the pool (attention runs one
+/// small product per (batch, head)).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw_par(
     m: usize,
@@ -266,7 +246,7 @@ impl Backend for CpuBackend {
             Trans::N => (n as isize, 1),
             Trans::T => (1, k as isize),
         };
-        unsafe { gemm_raw(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha) }
+        unsafe { gemm_raw_par(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha, true) }
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
