@@ -19,7 +19,7 @@
 //! 403 when no token is configured; 409 when the run has ended or the request cannot be done
 //! (no expansion left in the plan); 504 when the run does not answer in time.
 
-use super::{Daemon, Phase};
+use super::{Daemon, Live, Phase};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -62,9 +62,12 @@ async fn metrics(State(d): State<Shared>) -> Response {
 pub async fn status_json(d: &Daemon) -> serde_json::Value {
     let live = d.live_status().await;
     let phase = d.phase();
-    let st = live.clone().or_else(|| d.last_status.lock().expect("status lock").clone());
+    let st = match &live {
+        Live::Status(s) => Some(s.clone()),
+        _ => d.last_status.lock().expect("status lock").clone(),
+    };
     let (state, error) = match &phase {
-        Phase::Running if live.is_none() => ("restarting", None),
+        Phase::Running if matches!(live, Live::Restarting) => ("restarting", None),
         Phase::Running if st.as_ref().is_some_and(|s| s.paused) => ("paused", None),
         Phase::Running => ("running", None),
         Phase::Stopping => ("stopping", None),
@@ -81,6 +84,9 @@ pub async fn status_json(d: &Daemon) -> serde_json::Value {
         "total_steps": cfg.run.steps,
         "target_depth": cfg.target_depth(),
         "control": d.token.lock().expect("token lock").is_some(),
+        // true: the run did not answer in time (busy with a long checkpoint or growth); the
+        // fields below are the last status it gave.
+        "stale": matches!(live, Live::NoAnswer),
     });
     if let Some(s) = st {
         let m = doc.as_object_mut().expect("object");

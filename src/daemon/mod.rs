@@ -156,6 +156,18 @@ pub fn read_token(cfg: &Config) -> Result<(Option<String>, Option<String>)> {
     Ok((std::env::var("TAPROOT_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()), None))
 }
 
+/// What the runtime said when asked for its status.
+#[derive(Clone, Debug)]
+pub enum Live {
+    Status(Status),
+    /// The supervisor is rebuilding the pipeline from a checkpoint.
+    Restarting,
+    /// No answer in time (a long checkpoint or growth holds the scheduler); use the cached one.
+    NoAnswer,
+    /// The run has ended.
+    Ended,
+}
+
 /// Everything the HTTP handlers and the signal handlers share.
 pub struct Daemon {
     pub cfg: Config,
@@ -178,17 +190,18 @@ impl Daemon {
         self.phase.lock().expect("phase lock").clone()
     }
 
-    /// The runtime's status now (None when the run has ended or the pipeline is restarting).
-    pub async fn live_status(&self) -> Option<Status> {
+    /// The runtime's status now (and it becomes the cached one).
+    pub async fn live_status(&self) -> Live {
         if !matches!(self.phase(), Phase::Running | Phase::Stopping) {
-            return None;
+            return Live::Ended;
         }
         match self.trainer.call(TrainerMsg::Status, Some(Duration::from_secs(10))).await {
             Ok(ractor::rpc::CallResult::Success(Some(st))) => {
                 *self.last_status.lock().expect("status lock") = Some(st.clone());
-                Some(st)
+                Live::Status(st)
             }
-            _ => None,
+            Ok(ractor::rpc::CallResult::Success(None)) => Live::Restarting,
+            _ => Live::NoAnswer,
         }
     }
 
@@ -292,6 +305,11 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
 }
 
 async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, token: Option<String>, token_warning: Option<String>) -> Result<i32> {
+    // Signal handlers first: a SIGTERM during start-up waits for the run to exist, then stops it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen).await.with_context(|| format!("listening on {} (daemon.listen / --listen)", cfg.daemon.listen))?;
     let addr = listener.local_addr()?;
     log.say(format!(
@@ -351,7 +369,7 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
 
     // Where the run starts: resumed or fresh.
     match d.live_status().await {
-        Some(st) => {
+        Live::Status(st) => {
             let resumed = if st.step > 0 { resumed_from(&cfg, st.step) } else { None };
             let mut seed = Seed { step: st.step, depth: st.depth, stack: st.stack.clone(), history: vec![(0, cfg.model.depth)], checkpoint: None };
             match &resumed {
@@ -366,7 +384,7 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
             }
             let _ = metrics_actor.cast(MetricsMsg::Seed(seed));
         }
-        None => log.say("warning: the run did not answer its first status request"),
+        other => log.say(format!("warning: the run did not answer its first status request ({other:?})")),
     }
 
     // HTTP, signals, and a status poll that keeps the cached status fresh.
@@ -375,11 +393,6 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
     let signals = {
         let d = d.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
-                d.log.say("warning: cannot install signal handlers");
-                return;
-            };
             loop {
                 tokio::select! {
                     _ = term.recv() => d.request_stop("SIGTERM"),
