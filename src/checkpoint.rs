@@ -505,6 +505,30 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
     Ok(ck)
 }
 
+/// Only the [`Meta`] of a checkpoint file, from its safetensors header (a few kB read, no
+/// tensor bytes, no checksum verification): for monitoring, which must not read gigabytes to
+/// learn a step and a growth history. Use [`load`] to trust the file.
+pub fn read_meta(path: &Path) -> Result<Meta> {
+    use std::io::Read;
+    let inner = || -> Result<Meta> {
+        let mut f = fs::File::open(path).context("cannot read")?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).context("too short for a safetensors header")?;
+        let n = u64::from_le_bytes(len);
+        ensure!(n <= 100 << 20, "safetensors header of {n} bytes: not a checkpoint");
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).context("truncated safetensors header")?;
+        let json: serde_json::Value = serde_json::from_slice(&header).context("safetensors header is not JSON")?;
+        let meta = json
+            .get("__metadata__")
+            .and_then(|m| m.get(KEY_META))
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
+        serde_json::from_str(meta).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))
+    };
+    inner().map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
+}
+
 // ------------------------------------------------------------------------------------------
 // Directory operations
 

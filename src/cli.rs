@@ -1,4 +1,4 @@
-//! The command line: `taproot train`, `taproot data prepare`.
+//! The command line: `taproot train`, `taproot daemon`, `taproot inspect`, `taproot data prepare`.
 
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint;
@@ -36,6 +36,22 @@ pub enum Cmd {
         /// Run the sequential trainer (the runtime's test oracle) instead of the actor pipeline.
         #[arg(long)]
         sequential: bool,
+    },
+    /// Run training as a long-running service: resumes from the newest checkpoint, serves
+    /// /metrics (Prometheus), /status and token-protected /control/* over HTTP.
+    Daemon {
+        /// The run configuration (its `[daemon]` section configures the service).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value, e.g. `--set checkpoint.every=100` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Address to serve on (overrides daemon.listen; port 0 picks a free port).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// Append log lines to this file (reopened on SIGHUP) instead of stdout.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect {
@@ -125,6 +141,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();
             let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
             println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}", report.wall_s, dir.display());
+            Ok(())
+        }
+        Cmd::Daemon { config, set, listen, log_file } => {
+            let code = crate::daemon::run(crate::daemon::DaemonOptions { config, sets: set, listen, log_file })?;
+            if code != 0 {
+                std::process::exit(code);
+            }
             Ok(())
         }
         Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name } } => {

@@ -43,6 +43,9 @@ pub struct Config {
     pub faults: FaultConfig,
     #[serde(default)]
     pub cuda: CudaConfig,
+    /// `taproot daemon`: the HTTP endpoint, its control token, the MFU reference.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
 }
 
 /// CUDA backend settings (ignored on CPU).
@@ -51,6 +54,30 @@ pub struct Config {
 pub struct CudaConfig {
     /// Let cuBLAS use TF32 tensor cores for fp32 products (faster, ~1e-3 relative error).
     pub tf32: bool,
+}
+
+/// `[daemon]`: only `taproot daemon` reads it (`taproot train` ignores it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/status`, `/control/*`); `--listen` overrides.
+    /// Loopback by default: the endpoint has no TLS, and only the control routes need the token.
+    pub listen: String,
+    /// File holding the bearer token of the control endpoints (surrounding whitespace ignored).
+    /// Unset: the `TAPROOT_TOKEN` environment variable; neither: control endpoints answer 403.
+    pub token_file: Option<PathBuf>,
+    /// Peak FLOP/s of the hardware the run uses, the denominator of `taproot_mfu_ratio`
+    /// (FLOPs counted with llm.c's convention). 0: unknown, MFU is reported as 0.
+    pub peak_flops: f64,
+    /// After the run ends (finished or failed), keep serving `/metrics` and `/status` this many
+    /// seconds so that Prometheus scrapes the final values, then exit (0 if finished, 1 if failed).
+    pub linger_s: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig { listen: "127.0.0.1:9464".into(), token_file: None, peak_flops: 0.0, linger_s: 60 }
+    }
 }
 
 /// Which device each actor runs on (`cpu`, `cpu:N`, `cuda:N`).
@@ -360,6 +387,15 @@ impl Config {
         }
         if self.checkpoint.keep == 0 {
             bail!("`checkpoint.keep` must be at least 1");
+        }
+        if self.daemon.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("`daemon.listen` must be an address with a port, like \"127.0.0.1:9464\", got {:?}", self.daemon.listen);
+        }
+        if self.daemon.token_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            bail!("`daemon.token_file` must be a path (leave it out to read TAPROOT_TOKEN instead)");
+        }
+        if !(self.daemon.peak_flops.is_finite() && self.daemon.peak_flops >= 0.0) {
+            bail!("`daemon.peak_flops` must be a FLOP/s figure >= 0 (0: unknown), got {}", self.daemon.peak_flops);
         }
         if self.faults.panic_layer.is_some() != self.faults.panic_at_step.is_some() {
             bail!("`faults.panic_layer` and `faults.panic_at_step` go together");

@@ -17,11 +17,14 @@
 //!   (`runtime::scheduler`: WSD timing, growth at τ), the supervising trainer.
 //! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
 //! - [`flops`]: FLOP accounting; [`cli`]: the `taproot` command line.
+//! - [`daemon`]: `taproot daemon`, a run as a service: Prometheus `/metrics` (from the metrics
+//!   actor, `runtime::metrics`), `/status`, token-protected control endpoints.
 
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod data;
 pub mod flops;
 pub mod model;

@@ -97,6 +97,22 @@ fn shipped_configs_differ_only_in_growth_plan() {
 }
 
 #[test]
+fn shipped_daemon_demo_is_the_demo_with_checkpoints_and_a_loopback_endpoint() {
+    let (d, p) = (shipped("daemon-demo.toml"), shipped("demo.toml"));
+    assert_eq!((&d.data, &d.model, &d.optim, &d.schedule, &d.eval, &d.growth), (&p.data, &p.model, &p.optim, &p.schedule, &p.eval, &p.growth));
+    assert_eq!(d.run.steps, p.run.steps);
+    assert!(d.checkpoint.every > 0, "a daemon run must checkpoint to resume");
+    assert_eq!(d.daemon.listen, "127.0.0.1:9464");
+    // Defaults: loopback, no token file, MFU unknown, a minute of linger.
+    assert_eq!(p.daemon, taproot::config::DaemonConfig::default());
+    assert!(p.daemon.listen.starts_with("127.0.0.1:") && p.daemon.token_file.is_none() && p.daemon.peak_flops == 0.0 && p.daemon.linger_s == 60);
+    let over = Config::parse(DEMO, &sets(&["daemon.listen=\"127.0.0.1:0\"", "daemon.token_file=/etc/taproot/token", "daemon.peak_flops=1e12"])).unwrap();
+    assert_eq!(over.daemon.listen, "127.0.0.1:0");
+    assert_eq!(over.daemon.token_file.as_deref(), Some(Path::new("/etc/taproot/token")));
+    assert_eq!(over.daemon.peak_flops, 1e12);
+}
+
+#[test]
 fn parse_matches_load_and_is_stable() {
     assert_eq!(Config::parse(DEMO, &[]).unwrap(), shipped("demo.toml"));
     assert_eq!(Config::parse(DEMO_FIXED, &[]).unwrap(), shipped("demo-fixed.toml"));
@@ -194,6 +210,13 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("copying from 0 blocks", demo_with("init = \"random\"", "init = \"copying\""), "growth[0].init` = \"copying\""),
         ("copying_zero from 0 blocks", demo_with("init = \"random\"", "init = \"copying_zero\""), "growth[0].init` = \"copying_zero\""),
         ("at rounding to step 0", demo_with("at = 0.8", "at = 0.0001"), "growth[0].at"),
+        // The [daemon] section.
+        ("unknown key in [daemon]", format!("{DEMO}\n[daemon]\nport = 9464\n"), "daemon.port"),
+        ("daemon.listen without a port", format!("{DEMO}\n[daemon]\nlisten = \"127.0.0.1\"\n"), "daemon.listen"),
+        ("daemon.listen not an address", format!("{DEMO}\n[daemon]\nlisten = \"localhost:http\"\n"), "daemon.listen"),
+        ("negative daemon.peak_flops", format!("{DEMO}\n[daemon]\npeak_flops = -1.0\n"), "daemon.peak_flops"),
+        ("empty daemon.token_file", format!("{DEMO}\n[daemon]\ntoken_file = \"\"\n"), "daemon.token_file"),
+        ("negative daemon.linger_s", format!("{DEMO}\n[daemon]\nlinger_s = -5\n"), "daemon.linger_s"),
         // TOML syntax: the message names the line.
         ("missing value", demo_with("steps = 3000", "steps = "), "line 6"),
         ("unterminated string", demo_with("dir = \"data/shakespeare-bytes\"", "dir = \"data/shakespeare-bytes"), "line 10"),

@@ -14,6 +14,7 @@
 //! - [`trainer`]: `TrainerActor`, supervision (stop with a clear error, or restart from the
 //!   newest checkpoint).
 //! - [`placement`]: layers to devices, and where layers born at τ go.
+//! - [`metrics`]: `MetricsActor`, the runtime's events as Prometheus metrics.
 //!
 //! CPU-heavy handler bodies run inside `block_in_place` ([`messages::compute`]), so the tokio
 //! workers keep serving other tasks (the metrics endpoint) during a step; all CPU math shares the
@@ -24,6 +25,7 @@ pub mod ends;
 pub mod events;
 pub mod layer;
 pub mod messages;
+pub mod metrics;
 pub mod placement;
 pub mod scheduler;
 pub mod trainer;

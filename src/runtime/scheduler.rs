@@ -675,7 +675,9 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             dims,
             init_cfg: init_cfg.clone(),
             schedule: cfg.schedule.clone(),
-            plan: cfg.expansions(),
+            // A resumed run drops the expansions its model already has (applied early by a
+            // `GrowNow` before the checkpoint); for a fresh run every expansion exceeds the depth.
+            plan: cfg.expansions().into_iter().filter(|e| e.to_depth > ids.len()).collect(),
             loader,
             val,
             ends,

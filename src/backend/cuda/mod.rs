@@ -150,6 +150,18 @@ fn open_device(ordinal: usize) -> Result<Arc<Device>> {
     Ok(dev)
 }
 
+/// Bytes in use on every CUDA device this process has opened: (device name, total − free).
+/// Feeds `taproot_device_memory_used_bytes` in the daemon.
+pub fn memory_used() -> Vec<(String, u64)> {
+    let map = devices().lock().expect("device map lock");
+    let mut out: Vec<(String, u64)> = map
+        .iter()
+        .filter_map(|(ordinal, d)| d.ctx.mem_get_info().ok().map(|(free, total)| (format!("cuda:{ordinal}"), (total - free) as u64)))
+        .collect();
+    out.sort();
+    out
+}
+
 fn enable_peer(from: &Arc<CudaContext>, to: &Arc<CudaContext>) -> Result<()> {
     from.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
     let mut can = 0i32;

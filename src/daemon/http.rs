@@ -1,0 +1,200 @@
+//! The daemon's HTTP endpoint (axum, on the run's tokio runtime).
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format (`runtime::metrics::CATALOG`) |
+//! | `GET /status` | JSON: run, state, step, total steps, depth, stack (layer ids, devices), placement, paused, ETA |
+//! | `POST /control/pause` | stop issuing steps at the next step boundary |
+//! | `POST /control/resume` | continue |
+//! | `POST /control/checkpoint` | write a checkpoint at the next step boundary; answers its path and step |
+//! | `POST /control/grow` | apply the next expansion of the growth plan now; answers the new depth |
+//! | `POST /control/stop` | finish the step, checkpoint, exit 0 |
+//!
+//! `/metrics` never waits for the run: it renders the recorder (the metrics actor writes to it),
+//! so it answers within milliseconds while a step computes (training compute runs in
+//! `block_in_place` and the rayon pool, not on the async workers). `/status` asks the runtime,
+//! which answers between micro-batches.
+//!
+//! Control routes: `Authorization: Bearer <token>` or 401 (nothing is forwarded to the run);
+//! 403 when no token is configured; 409 when the run has ended or the request cannot be done
+//! (no expansion left in the plan); 504 when the run does not answer in time.
+
+use super::{Daemon, Live, Phase};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Shared = Arc<Daemon>;
+
+pub fn router(d: Shared) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/control/{action}", post(control))
+        .with_state(d)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
+    let log = d.log.clone();
+    if let Err(e) = axum::serve(listener, router(d).into_make_service_with_connect_info::<SocketAddr>()).await {
+        log.say(format!("warning: the HTTP server stopped: {e}"));
+    }
+}
+
+async fn index() -> &'static str {
+    "taproot daemon\nGET /metrics\nGET /status\nPOST /control/{pause,resume,checkpoint,grow,stop} (Authorization: Bearer <token>)\n"
+}
+
+async fn metrics(State(d): State<Shared>) -> Response {
+    crate::runtime::metrics::refresh_scrape_gauges(&d.shared);
+    let body = d.prometheus.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The `/status` document.
+pub async fn status_json(d: &Daemon) -> serde_json::Value {
+    let live = d.live_status().await;
+    let phase = d.phase();
+    let st = match &live {
+        Live::Status(s) => Some(s.clone()),
+        _ => d.last_status.lock().expect("status lock").clone(),
+    };
+    let (state, error) = match &phase {
+        Phase::Running if matches!(live, Live::Restarting) => ("restarting", None),
+        Phase::Running if st.as_ref().is_some_and(|s| s.paused) => ("paused", None),
+        Phase::Running => ("running", None),
+        Phase::Stopping => ("stopping", None),
+        Phase::Finished => ("finished", None),
+        Phase::Failed(e) => ("failed", Some(e.clone())),
+    };
+    let cfg = &d.cfg;
+    let mut doc = json!({
+        "run": cfg.run.name,
+        "state": state,
+        "error": error,
+        "pid": std::process::id(),
+        "listen": d.listen.lock().expect("listen lock").clone(),
+        "total_steps": cfg.run.steps,
+        "target_depth": cfg.target_depth(),
+        "control": d.token.lock().expect("token lock").is_some(),
+        // true: the run did not answer in time (busy with a long checkpoint or growth); the
+        // fields below are the last status it gave.
+        "stale": matches!(live, Live::NoAnswer),
+    });
+    if let Some(s) = st {
+        let m = doc.as_object_mut().expect("object");
+        m.insert("step".into(), json!(s.step));
+        m.insert("depth".into(), json!(s.depth));
+        m.insert("stack".into(), json!(s.stack.iter().map(|(id, dev)| json!({"id": id, "device": dev})).collect::<Vec<_>>()));
+        m.insert("placement".into(), json!(s.placement));
+        m.insert("paused".into(), json!(s.paused));
+        m.insert("in_flight".into(), json!(s.in_flight));
+        m.insert("elapsed_s".into(), json!(s.elapsed_s));
+        m.insert("eta_s".into(), json!(s.eta_s));
+    }
+    doc
+}
+
+async fn status(State(d): State<Shared>) -> Response {
+    Json(status_json(&d).await).into_response()
+}
+
+fn reply(code: StatusCode, body: serde_json::Value) -> Response {
+    (code, Json(body)).into_response()
+}
+
+/// Constant-time comparison (the token must not leak through response timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+async fn control(State(d): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(action): Path<String>, headers: HeaderMap) -> Response {
+    if !matches!(action.as_str(), "pause" | "resume" | "checkpoint" | "grow" | "stop") {
+        return reply(StatusCode::NOT_FOUND, json!({"error": format!("unknown control action {action:?} (pause, resume, checkpoint, grow, stop)")}));
+    }
+    let expected = d.token.lock().expect("token lock").clone();
+    let Some(expected) = expected else {
+        d.log.say(format!("control {action} from {peer}: refused (403: control is disabled, no token configured)"));
+        return reply(StatusCode::FORBIDDEN, json!({"error": "control endpoints are disabled: no token configured (daemon.token_file or TAPROOT_TOKEN)"}));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    if !given.is_some_and(|g| same(g.as_bytes(), expected.as_bytes())) {
+        d.log.say(format!("control {action} from {peer}: refused (401: {} token)", if given.is_some() { "wrong" } else { "no" }));
+        let mut r = reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong bearer token"}));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"taproot\""));
+        return r;
+    }
+    let phase = d.phase();
+    if action == "stop" {
+        d.log.say(format!("control stop from {peer}"));
+        d.request_stop("POST /control/stop");
+        return reply(StatusCode::ACCEPTED, json!({"stopping": true, "note": "the current step finishes, a checkpoint is written, then the daemon exits"}));
+    }
+    if phase != Phase::Running {
+        let state = match phase {
+            Phase::Stopping => "stopping",
+            Phase::Finished => "finished",
+            _ => "failed",
+        };
+        return reply(StatusCode::CONFLICT, json!({"error": format!("the run is {state}")}));
+    }
+    d.log.say(format!("control {action} from {peer}"));
+    let t = &d.trainer;
+    let wait = Some(Duration::from_secs(600));
+    match action.as_str() {
+        "pause" => {
+            let _ = t.cast(crate::runtime::trainer::TrainerMsg::Pause);
+            reply(StatusCode::OK, json!({"paused": true, "note": "takes effect at the next step boundary"}))
+        }
+        "resume" => {
+            let _ = t.cast(crate::runtime::trainer::TrainerMsg::Resume);
+            reply(StatusCode::OK, json!({"paused": false}))
+        }
+        "checkpoint" => match t.call(crate::runtime::trainer::TrainerMsg::CheckpointNow, wait).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(path))) => {
+                let step = crate::checkpoint::read_meta(std::path::Path::new(&path)).map(|m| m.step).ok();
+                reply(StatusCode::OK, json!({"path": path, "step": step}))
+            }
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e})),
+            other => reply(StatusCode::GATEWAY_TIMEOUT, json!({"error": format!("the run did not answer: {}", describe(other))})),
+        },
+        "grow" => match t.call(crate::runtime::trainer::TrainerMsg::GrowNow, wait).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(depth))) => reply(StatusCode::OK, json!({"depth": depth})),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e})),
+            other => reply(StatusCode::GATEWAY_TIMEOUT, json!({"error": format!("the run did not answer: {}", describe(other))})),
+        },
+        _ => unreachable!("checked above"),
+    }
+}
+
+fn describe<T>(r: Result<ractor::rpc::CallResult<T>, ractor::MessagingErr<crate::runtime::trainer::TrainerMsg>>) -> String {
+    match r {
+        Ok(ractor::rpc::CallResult::Success(_)) => "answered".into(),
+        Ok(ractor::rpc::CallResult::Timeout) => "timed out".into(),
+        Ok(ractor::rpc::CallResult::SenderError) => "the run ended before answering".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_comparison() {
+        assert!(super::same(b"abc", b"abc"));
+        assert!(!super::same(b"abc", b"abd"));
+        assert!(!super::same(b"abc", b"ab"));
+        assert!(!super::same(b"", b"a"));
+        assert!(super::same(b"", b""));
+    }
+}

@@ -1,0 +1,463 @@
+//! `taproot daemon`: one long-running training run, observable and controllable over HTTP.
+//!
+//! ```text
+//!   taproot daemon --config FILE [--set k=v …] [--listen 127.0.0.1:PORT] [--log-file FILE]
+//! ```
+//!
+//! - **Start.** Resumes from the newest valid checkpoint of the run's checkpoint directory
+//!   (fresh when there is none): restarting the same command after a crash, a `kill -9` or a
+//!   reboot continues the run, with no flag.
+//! - **HTTP** (one server, on the runtime's tokio workers; [`http`]): `GET /metrics`
+//!   (Prometheus text format, rendered from the recorder the metrics actor writes to),
+//!   `GET /status` (JSON), and `POST /control/{pause,resume,checkpoint,grow,stop}`. The control
+//!   routes need `Authorization: Bearer <token>`, the token being the content of
+//!   `daemon.token_file` or else the `TAPROOT_TOKEN` environment variable; a missing or wrong
+//!   token gets 401 and changes nothing; with no token configured they are disabled (403).
+//!   `/metrics` and `/status` need no token. The address is `daemon.listen` (default
+//!   `127.0.0.1:9464`), or `--listen`; port 0 picks a free port (the log names it).
+//! - **Signals.** SIGTERM or SIGINT: finish the current step, write a checkpoint, exit 0.
+//!   SIGHUP: reopen the log file (for logrotate) and re-read the token file.
+//! - **Log.** Timestamped lines (start, resume point, steps every `run.log_every`, evaluations,
+//!   growth, checkpoints, control requests, the end) go to `--log-file` (appended to), or to
+//!   stdout without it. Warnings of the runtime itself go to stderr.
+//! - **When the run ends** (all steps done, or failed): the daemon keeps serving `/metrics` and
+//!   `/status` (state `finished` or `failed`) for `daemon.linger_s` seconds so that Prometheus
+//!   scrapes the final values, then exits: 0 if finished, 1 if failed (so a supervisor such as
+//!   systemd restarts a failed run, which then resumes from its newest checkpoint). A stop
+//!   request (`/control/stop`, SIGTERM) ends the linger at once. Control requests other than
+//!   stop answer 409 once the run has ended. A daemon started on a run that is already complete
+//!   resumes at its last step, finishes at once and lingers: it never trains past `run.steps`.
+
+pub mod http;
+
+use crate::backend::cpu::CpuBackend;
+use crate::checkpoint;
+use crate::config::Config;
+use crate::data::{Dataset, Tokenizer};
+use crate::runtime::events::{Event, Observer};
+use crate::runtime::metrics::{self, MetricsActor, MetricsArgs, MetricsMsg, Seed, Shared};
+use crate::runtime::scheduler::Status;
+use crate::runtime::trainer::TrainerMsg;
+use crate::runtime::{self, SchedOptions};
+use anyhow::{bail, Context, Result};
+use ractor::{Actor, ActorRef};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The command line of `taproot daemon`.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub config: PathBuf,
+    pub sets: Vec<String>,
+    pub listen: Option<String>,
+    pub log_file: Option<PathBuf>,
+}
+
+/// Where the daemon is in its life (the run's own pause flag comes from the runtime's status).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Phase {
+    Running,
+    Stopping,
+    Finished,
+    Failed(String),
+}
+
+/// The daemon's log: a file opened for appending (reopened on SIGHUP), or stdout.
+pub struct Log {
+    path: Option<PathBuf>,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl Log {
+    pub fn open(path: Option<PathBuf>) -> Result<Log> {
+        let file = match &path {
+            Some(p) => Some(open_append(p)?),
+            None => None,
+        };
+        Ok(Log { path, file: Mutex::new(file) })
+    }
+
+    /// Close and reopen the file (after logrotate moved it away).
+    pub fn reopen(&self) -> Result<()> {
+        if let Some(p) = &self.path {
+            let f = open_append(p)?;
+            *self.file.lock().expect("log lock") = Some(f);
+        }
+        Ok(())
+    }
+
+    pub fn say(&self, line: impl AsRef<str>) {
+        let text = format!("{} {}\n", utc_now(), line.as_ref());
+        let mut g = self.file.lock().expect("log lock");
+        match g.as_mut() {
+            Some(f) => {
+                let _ = f.write_all(text.as_bytes());
+                let _ = f.flush();
+            }
+            None => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+        }
+    }
+}
+
+fn open_append(p: &Path) -> Result<std::fs::File> {
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening log file {}", p.display()))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now.
+pub fn utc_now() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, ms) = (d.as_secs() as i64, d.subsec_millis());
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// The control token: `daemon.token_file` if set (an unreadable or empty file is an error: the
+/// daemon refuses to start rather than run without the protection it was configured with),
+/// else `TAPROOT_TOKEN` if non-empty, else none (control disabled). Also returns a warning
+/// when the file is readable by group or others.
+pub fn read_token(cfg: &Config) -> Result<(Option<String>, Option<String>)> {
+    if let Some(path) = &cfg.daemon.token_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("daemon.token_file: cannot read {}", path.display()))?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            bail!("daemon.token_file: {} is empty", path.display());
+        }
+        let mut warning = None;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    warning = Some(format!("warning: token file {} is readable by group or others (chmod 600 it)", path.display()));
+                }
+            }
+        }
+        return Ok((Some(token), warning));
+    }
+    Ok((std::env::var("TAPROOT_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()), None))
+}
+
+/// What the runtime said when asked for its status.
+#[derive(Clone, Debug)]
+pub enum Live {
+    Status(Status),
+    /// The supervisor is rebuilding the pipeline from a checkpoint.
+    Restarting,
+    /// No answer in time (a long checkpoint or growth holds the scheduler); use the cached one.
+    NoAnswer,
+    /// The run has ended.
+    Ended,
+}
+
+/// Everything the HTTP handlers and the signal handlers share.
+pub struct Daemon {
+    pub cfg: Config,
+    pub trainer: ActorRef<TrainerMsg>,
+    pub metrics: ActorRef<MetricsMsg>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    pub shared: Arc<Shared>,
+    pub token: Mutex<Option<String>>,
+    pub phase: Mutex<Phase>,
+    /// The newest status answered by the runtime (kept for after the run ends).
+    pub last_status: Mutex<Option<Status>>,
+    pub log: Arc<Log>,
+    /// Wakes the main task when a stop is requested after the run ended (ends the linger).
+    pub stop: tokio::sync::Notify,
+    pub listen: Mutex<String>,
+}
+
+impl Daemon {
+    pub fn phase(&self) -> Phase {
+        self.phase.lock().expect("phase lock").clone()
+    }
+
+    /// The runtime's status now (and it becomes the cached one).
+    pub async fn live_status(&self) -> Live {
+        if !matches!(self.phase(), Phase::Running | Phase::Stopping) {
+            return Live::Ended;
+        }
+        match self.trainer.call(TrainerMsg::Status, Some(Duration::from_secs(10))).await {
+            Ok(ractor::rpc::CallResult::Success(Some(st))) => {
+                *self.last_status.lock().expect("status lock") = Some(st.clone());
+                Live::Status(st)
+            }
+            Ok(ractor::rpc::CallResult::Success(None)) => Live::Restarting,
+            _ => Live::NoAnswer,
+        }
+    }
+
+    /// Stop: finish the step, checkpoint, exit 0 (or, after the run ended, exit now).
+    pub fn request_stop(&self, why: &str) {
+        let mut ph = self.phase.lock().expect("phase lock");
+        match *ph {
+            Phase::Running => {
+                *ph = Phase::Stopping;
+                drop(ph);
+                self.log.say(format!("stop requested ({why}): finishing the step, then checkpoint and exit"));
+                let _ = self.metrics.cast(MetricsMsg::State("stopping"));
+                let _ = self.trainer.cast(TrainerMsg::RequestStop);
+            }
+            Phase::Stopping => {}
+            Phase::Finished | Phase::Failed(_) => {
+                drop(ph);
+                self.log.say(format!("stop requested ({why}) after the run ended: exiting"));
+                self.stop.notify_one();
+            }
+        }
+    }
+
+    pub fn reload(&self) {
+        if let Err(e) = self.log.reopen() {
+            eprintln!("warning: SIGHUP: {e:#}");
+        }
+        if self.cfg.daemon.token_file.is_some() {
+            match read_token(&self.cfg) {
+                Ok((t, w)) => {
+                    *self.token.lock().expect("token lock") = t;
+                    if let Some(w) = w {
+                        self.log.say(w);
+                    }
+                }
+                Err(e) => self.log.say(format!("warning: SIGHUP: keeping the previous token: {e:#}")),
+            }
+        }
+        self.log.say("SIGHUP: log file reopened, token file re-read");
+    }
+}
+
+/// The log lines of events (the scheduler runs quiet under the daemon; its lines come from here).
+fn event_logger(log: Arc<Log>, log_every: u64) -> Observer {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Step { step, total_steps, depth, lr, train_loss, tokens, seconds, .. } => {
+                    if log_every > 0 && step % log_every == 0 {
+                        log.say(format!("step={step}/{total_steps} depth={depth} train_loss={train_loss:.4} lr={lr:.6} tok/s={:.0}", tokens as f64 / seconds.max(1e-9)));
+                    }
+                }
+                Event::Eval { step, depth, val_loss } => log.say(format!("step={step} depth={depth} val_loss={val_loss:.4}")),
+                Event::Growth { step, from_depth, to_depth, new_ids, seconds } => {
+                    log.say(format!("grow step={step} depth={from_depth}->{to_depth} new_ids={new_ids:?} wall_ms={:.1}", seconds * 1e3))
+                }
+                Event::Checkpoint { step, path, seconds, bytes } => log.say(format!("checkpoint step={step} path={path} bytes={bytes} wall_ms={:.1}", seconds * 1e3)),
+                Event::NonFinite { step, what } => log.say(format!("warning: non-finite {what} at step {step}")),
+                Event::Restart { step, reason } => log.say(format!("restart at step {step}: {reason}")),
+                Event::Paused(p) => log.say(if p { "paused (at the next step boundary)" } else { "resumed" }),
+                Event::LayerTime { .. } | Event::InFlight(_) => {}
+            }
+        }
+    });
+    Arc::new(move |e: &Event| {
+        if !matches!(e, Event::LayerTime { .. } | Event::InFlight(_)) {
+            let _ = tx.send(e.clone());
+        }
+    })
+}
+
+/// The checkpoint the run resumed from, if any: (path, meta), found by the step the run
+/// reports (the scheduler skipped newer checkpoints that did not load).
+fn resumed_from(cfg: &Config, step: u64) -> Option<(PathBuf, checkpoint::Meta)> {
+    let list = checkpoint::list(&cfg.checkpoint_dir()).ok()?;
+    let (_, path) = list.into_iter().rev().find(|(s, _)| *s == step)?;
+    let meta = checkpoint::read_meta(&path).ok()?;
+    Some((path, meta))
+}
+
+/// Run the daemon until the run ends (and lingers) or is stopped; returns the exit code.
+pub fn run(opts: DaemonOptions) -> Result<i32> {
+    let mut cfg = Config::load(&opts.config, &opts.sets)?;
+    if let Some(l) = &opts.listen {
+        cfg.daemon.listen = l.clone();
+        cfg.validate().context("--listen")?;
+    }
+    if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+        bail!("config places layers on CUDA devices, but this build runs the CPU backend only (placement.devices)");
+    }
+    let (token, token_warning) = read_token(&cfg)?;
+    let log = Arc::new(Log::open(opts.log_file.clone())?);
+    let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
+    let data = Dataset::open(&cfg.data.dir, tok.vocab_size())
+        .with_context(|| format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let code = rt.block_on(serve(cfg, data, opts, log, token, token_warning));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, token: Option<String>, token_warning: Option<String>) -> Result<i32> {
+    // Signal handlers first: a SIGTERM during start-up waits for the run to exist, then stops it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen).await.with_context(|| format!("listening on {} (daemon.listen / --listen)", cfg.daemon.listen))?;
+    let addr = listener.local_addr()?;
+    log.say(format!(
+        "daemon pid={} run={} config={} steps={} depth={} target_depth={} version={}",
+        std::process::id(),
+        cfg.run.name,
+        opts.config.display(),
+        cfg.run.steps,
+        cfg.model.depth,
+        cfg.target_depth(),
+        env!("CARGO_PKG_VERSION")
+    ));
+    if let Some(w) = token_warning {
+        log.say(w);
+    }
+    if token.is_none() {
+        log.say("no control token (daemon.token_file, TAPROOT_TOKEN): control endpoints are disabled (403)");
+    }
+    if !addr.ip().is_loopback() {
+        log.say(format!("warning: listening on the non-loopback address {addr}: /metrics and /status are readable by anyone who reaches it"));
+    }
+
+    let prometheus = metrics::install_recorder()?;
+    let shared = Shared::new();
+    let dims = crate::train::dims_of(&cfg, data.vocab);
+    let seed0 = Seed { step: 0, depth: cfg.model.depth, stack: Vec::new(), history: vec![(0, cfg.model.depth)], checkpoint: None };
+    let margs = MetricsArgs {
+        run: cfg.run.name.clone(),
+        dims,
+        seq_len: cfg.data.seq_len,
+        tokens_per_step: (cfg.data.batch_size * cfg.data.seq_len * cfg.data.micro_batches) as u64,
+        target_depth: cfg.target_depth(),
+        total_steps: cfg.run.steps,
+        peak_flops: cfg.daemon.peak_flops,
+        seed: seed0,
+        handle: prometheus.clone(),
+        shared: shared.clone(),
+    };
+    let (metrics_actor, metrics_join) = Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
+    let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every)));
+
+    let sched = SchedOptions { quiet: true, resume: true, ..Default::default() };
+    let run = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+        crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
+        metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));
+        runtime::start::<crate::backend::cuda::CudaBackend>(&cfg, data, sched, observer).await?
+    } else {
+        runtime::start::<CpuBackend>(&cfg, data, sched, observer).await?
+    };
+    let d = Arc::new(Daemon {
+        cfg: cfg.clone(),
+        trainer: run.trainer.clone(),
+        metrics: metrics_actor.clone(),
+        prometheus,
+        shared,
+        token: Mutex::new(token),
+        phase: Mutex::new(Phase::Running),
+        last_status: Mutex::new(None),
+        log: log.clone(),
+        stop: tokio::sync::Notify::new(),
+        listen: Mutex::new(addr.to_string()),
+    });
+
+    // Where the run starts: resumed or fresh.
+    match d.live_status().await {
+        Live::Status(st) => {
+            let resumed = if st.step > 0 { resumed_from(&cfg, st.step) } else { None };
+            let mut seed = Seed { step: st.step, depth: st.depth, stack: st.stack.clone(), history: vec![(0, cfg.model.depth)], checkpoint: None };
+            match &resumed {
+                Some((path, meta)) => {
+                    log.say(format!("resume from={} step={} depth={}", path.display(), meta.step, meta.depth));
+                    seed.history.extend(meta.growth.iter().map(|g| (g.at_step, g.to_depth)));
+                    let ms = std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                    seed.checkpoint = Some((meta.step, ms.unwrap_or(meta.created_unix_s * 1000)));
+                }
+                None if st.step > 0 => log.say(format!("resume step={} depth={} (checkpoint file not found for its metadata)", st.step, st.depth)),
+                None => log.say(format!("fresh start: no checkpoint in {}", cfg.checkpoint_dir().display())),
+            }
+            let _ = metrics_actor.cast(MetricsMsg::Seed(seed));
+        }
+        other => log.say(format!("warning: the run did not answer its first status request ({other:?})")),
+    }
+
+    // HTTP, signals, and a status poll that keeps the cached status fresh.
+    let server = tokio::spawn(http::serve(listener, d.clone()));
+    log.say(format!("listening on http://{addr} (GET /metrics, GET /status, POST /control/{{pause,resume,checkpoint,grow,stop}})"));
+    let signals = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => d.request_stop("SIGTERM"),
+                    _ = int.recv() => d.request_stop("SIGINT"),
+                    _ = hup.recv() => d.reload(),
+                }
+            }
+        })
+    };
+    let poll = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.live_status().await;
+            }
+        })
+    };
+
+    let result = run.wait().await;
+    poll.abort();
+    let stopped = d.phase() == Phase::Stopping;
+    let code = match result {
+        Ok(report) => {
+            if let Some(st) = d.last_status.lock().expect("status lock").as_mut() {
+                if let Some(last) = report.steps.last() {
+                    st.step = last.step;
+                    st.depth = last.depth;
+                }
+                st.in_flight = 0;
+                st.eta_s = Some(0.0);
+            }
+            let steps = report.steps.last().map_or(0, |s| s.step);
+            let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();
+            let how = if stopped { "stopped" } else { "finished" };
+            log.say(format!("{how} step={steps}{val} wall_s={:.1}", report.wall_s));
+            *d.phase.lock().expect("phase lock") = Phase::Finished;
+            let _ = metrics_actor.cast(MetricsMsg::State("finished"));
+            0
+        }
+        Err(e) => {
+            log.say(format!("failed: {e:#}"));
+            *d.phase.lock().expect("phase lock") = Phase::Failed(format!("{e:#}"));
+            let _ = metrics_actor.cast(MetricsMsg::State("failed"));
+            1
+        }
+    };
+    if !stopped {
+        let linger = cfg.daemon.linger_s;
+        log.say(format!("serving /metrics and /status for {linger} s more (daemon.linger_s); stop earlier with SIGTERM or POST /control/stop"));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(linger)) => {}
+            _ = d.stop.notified() => {}
+        }
+    }
+    log.say(format!("exit {code}"));
+    signals.abort();
+    server.abort();
+    metrics_actor.stop(None);
+    let _ = metrics_join.await;
+    Ok(code)
+}
