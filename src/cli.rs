@@ -1,8 +1,9 @@
-//! The command line: `taproot train`, `taproot data prepare`.
+//! The command line: `taproot train`, `taproot plan`, `taproot experiment`, `taproot data prepare`.
 
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint;
 use crate::config::Config;
+use crate::experiment::commands::{experiment_command, plan_command, ExperimentArgs, PlanArgs};
 use crate::runtime::{self, SchedOptions};
 use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::train::sequential::{RunOptions, Sequential};
@@ -36,6 +37,57 @@ pub enum Cmd {
         /// Run the sequential trainer (the runtime's test oracle) instead of the actor pipeline.
         #[arg(long)]
         sequential: bool,
+    },
+    /// The τ pilot: train the fixed-size model and the progressive model grown right after
+    /// warmup, measure the mixing time t_mix, recommend τ = T_decay_start − t_mix.
+    Plan {
+        /// A progressive run configuration (one [[growth]] entry).
+        #[arg(long)]
+        config: PathBuf,
+        /// Steps the pilot runs train for (the config's schedule, truncated; default: up to
+        /// the decay start). Also `plan.budget`.
+        #[arg(long)]
+        budget: Option<u64>,
+        /// Relative tolerance of "mixed" (default 0.005). Also `plan.mix_tolerance`.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// Evaluation interval of the pilot (the resolution of t_mix). Also `plan.eval_every`.
+        #[arg(long)]
+        eval_every: Option<u64>,
+        /// Write the input config with its expansion at the recommended τ here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Retrain runs found in the result cache (runs/_cache).
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Reproduce one of the paper's experiments (or `all`): CSV, PNG plots and a markdown table
+    /// under runs/NAME/.
+    Experiment {
+        /// progressive-vs-fixed, tau-sweep, init-ablation, stages, optimizer-state, or all.
+        name: String,
+        /// A short version (60 steps, under a minute), written under runs/quick/NAME/.
+        #[arg(long)]
+        quick: bool,
+        /// Base config (default: config/experiments/planned.toml for progressive-vs-fixed,
+        /// config/experiments/base.toml for the others).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Retrain runs found in the result cache (<out>/_cache).
+        #[arg(long)]
+        fresh: bool,
+        /// Neither read nor write the result cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect {
@@ -124,6 +176,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
             println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}", report.wall_s, dir.display());
             Ok(())
+        }
+        Cmd::Plan { config, budget, tolerance, eval_every, out, set, fresh } => {
+            let args = PlanArgs { config, set, budget, tolerance, eval_every, out, report_dir: None, fresh, quiet: false };
+            plan_command(&args).map(|_| ())
+        }
+        Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {
+            experiment_command(&ExperimentArgs { name, quick, config, set, out, fresh, no_cache }).map(|_| ())
         }
         Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name } } => {
             let rep = prepare(&PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, name })?;

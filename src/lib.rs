@@ -16,6 +16,8 @@
 //! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the scheduler
 //!   (`runtime::scheduler`: WSD timing, growth at τ), the supervising trainer.
 //! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
+//! - [`experiment`]: the paper's experiments at our scale (`taproot experiment`) and the τ pilot
+//!   (`taproot plan`): mixing time, speed-up at matched loss, CSV tables and PNG plots.
 //! - [`flops`]: FLOP accounting; [`cli`]: the `taproot` command line.
 
 pub mod backend;
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod experiment;
 pub mod flops;
 pub mod model;
 pub mod optim;
