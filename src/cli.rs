@@ -178,7 +178,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Plan { config, budget, tolerance, eval_every, out, set, fresh } => {
-            let args = PlanArgs { config, set, budget, tolerance, eval_every, out, report_dir: None, fresh, quiet: false };
+            let args = PlanArgs { config, set, budget, tolerance, eval_every, out, report_dir: None, cache: Some(PathBuf::from("runs/_cache")), fresh, quiet: false };
             plan_command(&args).map(|_| ())
         }
         Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {

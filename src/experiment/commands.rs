@@ -18,6 +18,8 @@ pub struct PlanArgs {
     pub out: Option<PathBuf>,
     /// Where the pilot's curves, table and plot go (default `runs/<name>/plan`).
     pub report_dir: Option<PathBuf>,
+    /// The result cache (the command uses `runs/_cache`; None: no cache).
+    pub cache: Option<PathBuf>,
     pub fresh: bool,
     pub quiet: bool,
 }
@@ -40,7 +42,7 @@ pub fn plan_command(a: &PlanArgs) -> Result<plan::PlanOutcome> {
     let p = plan::pilot(&cfg)?;
     let report_dir = a.report_dir.clone().unwrap_or_else(|| cfg.out_dir().join("plan"));
     let mut runner = Runner::new(super::open_data(&cfg)?, report_dir.join("runs"));
-    runner.cache = Some(PathBuf::from("runs/_cache"));
+    runner.cache = a.cache.clone();
     runner.fresh = a.fresh;
     runner.verbose = !a.quiet;
     if !a.quiet {

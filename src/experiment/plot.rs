@@ -110,6 +110,8 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
                 .y_desc(&chart.y_label)
                 .label_style((FONT, 13))
                 .x_label_formatter(&|x| format!("{x:.0e}"))
+                .x_labels(6)
+                .max_light_lines(1)
                 .y_labels(8)
                 .draw()
                 .map_err(|e| anyhow!("{e}"))?;

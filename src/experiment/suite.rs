@@ -37,6 +37,7 @@ pub fn default_config(name: &str) -> &'static str {
 }
 
 /// What an experiment produced.
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub name: String,
     /// The markdown table (also in `table.md`).
