@@ -166,7 +166,7 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
     assert_eq!(outcomes.len(), suite::NAMES.len());
     let runs_of = |name: &str| -> usize {
         match name {
-            "progressive-vs-fixed" => 3,
+            "progressive-vs-fixed" => 5,
             "tau-sweep" => 12,
             "init-ablation" => 8,
             "stages" => 3,
@@ -187,8 +187,9 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
         }
     }
     let summary = csv_rows(&out.join("progressive-vs-fixed/summary.csv"));
-    assert_eq!(summary.len(), 4, "header, fixed, 0→L, 1→L");
-    assert!(summary[2].starts_with("0→4 random,30,"), "{}", summary[2]);
+    assert_eq!(summary.len(), 6, "header, fixed, 0→L and 1→L at the config's τ and at 0.8 T");
+    assert!(summary[2].starts_with("0→4 random τ=30,30,"), "{}", summary[2]);
+    assert!(summary[4].starts_with("0→4 random τ=48,48,"), "{}", summary[4]);
     for f in ["loss_vs_step", "loss_vs_flops_llmc", "loss_vs_flops_ne", "loss_vs_wall"] {
         assert_png(&out.join(format!("progressive-vs-fixed/{f}.png")));
     }

@@ -5,7 +5,7 @@
 //!
 //! | name | runs |
 //! |---|---|
-//! | `progressive-vs-fixed` | fixed L; 0→L (`random`) and 1→L (`copying`) at the config's τ |
+//! | `progressive-vs-fixed` | fixed L; 0→L (`random`) and 1→L (`copying`) at the config's τ and at 0.8T |
 //! | `tau-sweep` | 0→L at τ ∈ {0.5, …, 0.9}·T, under WSD and under cosine, each with its fixed L |
 //! | `init-ablation` | 1→L at 0.5T with `random`, `copying`, `zero`, `copying_zero`; 2→L at 0.5T copying in order `stack`, `inter`, `last` |
 //! | `stages` | 0→L at 0.8T against 0→2 at 0.4T →L at 0.8T |
@@ -190,17 +190,24 @@ fn note(base: &Config) -> String {
 fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
     let l = base.target_depth();
     let tau = tau_of(base)?;
-    let at = |init| super::at_step(tau, l, init);
+    let paper_tau = (0.8 * base.run.steps as f64).round() as u64;
     let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
-    let p0 = arm(runner, &format!("0→{l} random"), progressive(base, 0, vec![at(GrowInit::Random)]))?;
-    let p1 = arm(runner, &format!("1→{l} copying"), progressive(base, 1, vec![at(GrowInit::Copying)]))?;
-    let arms = [&p0, &p1];
-    let runs = all_runs(&f, &arms);
+    let mut arms = Vec::new();
+    // the config's τ (the one `taproot plan` wrote), then the paper's 0.8 T if it differs
+    let taus = if tau == paper_tau { vec![tau] } else { vec![tau, paper_tau] };
+    for &t in &taus {
+        let at = |init| super::at_step(t, l, init);
+        arms.push(arm(runner, &format!("0→{l} random τ={t}"), progressive(base, 0, vec![at(GrowInit::Random)]))?);
+        arms.push(arm(runner, &format!("1→{l} copying τ={t}"), progressive(base, 1, vec![at(GrowInit::Copying)]))?);
+    }
+    let refs: Vec<&Arm> = arms.iter().collect();
+    let runs = all_runs(&f, &refs);
     report::write_csv(&out.join("evals.csv"), &runs)?;
-    loss_plots(out, &format!("progressive vs fixed (τ = {tau} of {})", base.run.steps), "", &runs, true)?;
+    loss_plots(out, &format!("progressive vs fixed, {} steps", base.run.steps), "", &runs, true)?;
     let mut md = note(base);
-    md.push_str(&tables(out, &f, &arms, tol(base), "summary.csv")?);
-    md.push_str(&step_cost_note(&f.run, &p0.run));
+    md.push_str(&format!("τ = {tau} is the config's (config/experiments/planned.toml: written by `taproot plan`); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
+    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv")?);
+    md.push_str(&step_cost_note(&f.run, &arms[0].run));
     Ok(md)
 }
 
