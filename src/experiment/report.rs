@@ -7,12 +7,13 @@
 //! - [`cost_at_loss`]: the cost at which a curve first reaches a loss, interpolated linearly
 //!   between the two evaluations around the crossing.
 //! - [`Speedup`] / [`matched_speedup`]: **speed-up at matched final loss**. The matched loss is
-//!   the worse (higher) of the two final validation losses; the speed-up is the fixed run's cost
-//!   to first reach it over the progressive run's cost to first reach it. When the progressive
-//!   run ends worse, this is "what the fixed run needs to do as well as the progressive run did",
-//!   against the progressive run's whole cost; when it ends better, the fixed run's whole cost
-//!   against what the progressive run needed. Beside it we always quote the plain same-steps
-//!   ratio (fixed total / progressive total).
+//!   the worse (higher) of the two final validation losses. The run that ends there is charged its
+//!   whole cost; the other is charged its cost to first reach that loss. When the progressive run
+//!   ends worse, the speed-up is "what the fixed run needs to do as well as the progressive run
+//!   did" over the progressive run's whole cost; when it ends better, the fixed run's whole cost
+//!   over what the progressive run needed to match it. (Charging the worse run only up to its
+//!   first crossing would credit a grown run with its small model's early losses.) Beside it we
+//!   always quote the plain same-steps ratio (fixed total / progressive total).
 //! - [`write_csv`], [`markdown_table`]: the files under `runs/NAME/`.
 
 use super::mixing::relative_gap;
@@ -201,9 +202,13 @@ pub struct Speedup {
 }
 
 pub fn matched_speedup(fixed: &RunResult, prog: &RunResult, axis: Axis) -> Option<Speedup> {
+    let prog_worse = prog.final_val_loss() >= fixed.final_val_loss();
     let loss = fixed.final_val_loss().max(prog.final_val_loss());
-    let fixed_cost = cost_at_loss(fixed, loss, axis)?;
-    let prog_cost = cost_at_loss(prog, loss, axis)?;
+    let (fixed_cost, prog_cost) = if prog_worse {
+        (cost_at_loss(fixed, loss, axis)?, prog.total(axis))
+    } else {
+        (fixed.total(axis), cost_at_loss(prog, loss, axis)?)
+    };
     Some(Speedup { loss, fixed_cost, prog_cost, ratio: fixed_cost / prog_cost, same_steps_ratio: fixed.total(axis) / prog.total(axis) })
 }
 
@@ -286,7 +291,8 @@ mod tests {
     #[test]
     fn matched_speedup_uses_the_worse_final_loss() {
         let fixed = run("fixed", &[(10, 3.0, 1000.0), (20, 2.0, 2000.0), (30, 1.5, 3000.0)]);
-        let prog = run("prog", &[(10, 4.0, 10.0), (20, 3.0, 20.0), (30, 1.75, 600.0)]);
+        // the progressive run passed 1.75 early (its small model), but ends there: charged in full
+        let prog = run("prog", &[(10, 4.0, 10.0), (20, 1.7, 20.0), (25, 2.5, 300.0), (30, 1.75, 600.0)]);
         let s = matched_speedup(&fixed, &prog, Axis::FlopsLlmc).unwrap();
         assert_eq!(s.loss, 1.75);
         assert_eq!(s.fixed_cost, 2500.0);
@@ -296,6 +302,10 @@ mod tests {
         // the other way round: the progressive run ends better
         let s = matched_speedup(&prog, &fixed, Axis::FlopsLlmc).unwrap();
         assert_eq!((s.fixed_cost, s.prog_cost), (600.0, 2500.0));
+        // equal final losses: the progressive run is charged in full, the fixed one to the crossing
+        let twin = run("twin", &[(10, 3.0, 100.0), (20, 1.5, 200.0)]);
+        let s = matched_speedup(&fixed, &twin, Axis::FlopsLlmc).unwrap();
+        assert_eq!((s.fixed_cost, s.prog_cost), (3000.0, 200.0));
         assert!((final_gap(&prog, &fixed) - 0.25 / 1.5).abs() < 1e-12);
     }
 
