@@ -191,7 +191,8 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
         x_scale: plot::XScale::Linear,
         series: vec![series(&o.fixed), series(&o.progressive)],
         markers: false,
+        legend: plot::Legend::UpperRight,
     };
-    plot::render(&chart, &dir.join("plan.png"), (800, 480))?;
+    plot::render(&chart, &dir.join("plan.png"), plot::SIZE)?;
     Ok(md)
 }

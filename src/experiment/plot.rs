@@ -25,6 +25,9 @@ fn register_font() {
     });
 }
 
+/// The size of every experiment plot, in pixels (small PNGs: ~50–90 KB).
+pub const SIZE: (u32, u32) = (720, 432);
+
 /// One line of a chart.
 #[derive(Clone, Debug)]
 pub struct Series {
@@ -49,6 +52,16 @@ pub struct Chart {
     pub series: Vec<Series>,
     /// Draw a marker on every point (for sparse curves like loss against τ).
     pub markers: bool,
+    /// Where the legend goes.
+    pub legend: Legend,
+}
+
+/// The corner of the legend box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Legend {
+    #[default]
+    UpperRight,
+    UpperLeft,
 }
 
 /// The colours of successive series (a colour-blind-safe palette, Okabe–Ito).
@@ -100,7 +113,18 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
     match chart.x_scale {
         XScale::Linear => {
             let mut c = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| anyhow!("{e}"))?;
-            c.configure_mesh().x_desc(&chart.x_label).y_desc(&chart.y_label).label_style((FONT, 13)).x_labels(8).y_labels(8).draw().map_err(|e| anyhow!("{e}"))?;
+            let whole = x1 - x0 >= 20.0;
+            c.configure_mesh()
+                .x_desc(&chart.x_label)
+                .y_desc(&chart.y_label)
+                .label_style((FONT, 13))
+                .x_labels(8)
+                .max_light_lines(1)
+                .x_label_formatter(&|x| if whole { format!("{x:.0}") } else { format!("{x:.2}") })
+                .y_labels(8)
+                .y_label_formatter(&|y| format!("{y:.2}"))
+                .draw()
+                .map_err(|e| anyhow!("{e}"))?;
             draw_lines(&mut c, chart, y0, y1)?;
         }
         XScale::Log => {
@@ -113,6 +137,7 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
                 .x_labels(6)
                 .max_light_lines(1)
                 .y_labels(8)
+                .y_label_formatter(&|y| format!("{y:.2}"))
                 .draw()
                 .map_err(|e| anyhow!("{e}"))?;
             draw_lines(&mut c, chart, y0, y1)?;
@@ -140,7 +165,10 @@ where
         }
     }
     c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(match chart.legend {
+            Legend::UpperRight => SeriesLabelPosition::UpperRight,
+            Legend::UpperLeft => SeriesLabelPosition::UpperLeft,
+        })
         .label_font((FONT, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -175,6 +203,7 @@ mod tests {
             x_scale: XScale::Log,
             series: vec![Series { label: "fixed".into(), points: vec![(1.0, 3.0), (10.0, 2.0), (100.0, 1.5)] }],
             markers: true,
+            legend: Legend::UpperLeft,
         };
         let p = dir.join("a.png");
         render(&chart, &p, (480, 320)).unwrap();

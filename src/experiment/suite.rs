@@ -154,11 +154,12 @@ fn loss_plots(out: &Path, title: &str, prefix: &str, runs: &[&RunResult], all_ax
         x_scale,
         series: series(runs, axis),
         markers: false,
+        legend: plot::Legend::UpperRight,
     };
-    plot::render(&chart("step", XScale::Linear, None), &out.join(format!("{prefix}loss_vs_step.png")), (800, 480))?;
+    plot::render(&chart("step", XScale::Linear, None), &out.join(format!("{prefix}loss_vs_step.png")), plot::SIZE)?;
     if all_axes {
         for (axis, file) in [(Axis::FlopsLlmc, "loss_vs_flops_llmc"), (Axis::FlopsNe, "loss_vs_flops_ne"), (Axis::TrainWall, "loss_vs_wall")] {
-            plot::render(&chart(axis.name(), XScale::Log, Some(axis)), &out.join(format!("{prefix}{file}.png")), (800, 480))?;
+            plot::render(&chart(axis.name(), XScale::Log, Some(axis)), &out.join(format!("{prefix}{file}.png")), plot::SIZE)?;
         }
     }
     Ok(())
@@ -259,8 +260,9 @@ fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
         x_scale: XScale::Linear,
         series: finals,
         markers: true,
+        legend: plot::Legend::UpperLeft,
     };
-    plot::render(&chart, &out.join("final_loss_vs_tau.png"), (800, 480))?;
+    plot::render(&chart, &out.join("final_loss_vs_tau.png"), plot::SIZE)?;
     Ok(md)
 }
 
