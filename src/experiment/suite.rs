@@ -206,7 +206,7 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
     report::write_csv(&out.join("evals.csv"), &runs)?;
     loss_plots(out, &format!("progressive vs fixed, {} steps", base.run.steps), "", &runs, true)?;
     let mut md = note(base);
-    md.push_str(&format!("τ = {tau} is the config's (config/experiments/planned.toml: written by `taproot plan`); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
+    md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
     md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv")?);
     md.push_str(&step_cost_note(&f.run, &arms[0].run));
     Ok(md)
