@@ -1,8 +1,10 @@
-//! The command line: `taproot train`, `taproot daemon`, `taproot inspect`, `taproot data prepare`.
+//! The command line: `taproot train`, `taproot daemon`, `taproot inspect`, `taproot plan`,
+//! `taproot experiment`, `taproot data prepare`.
 
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint;
 use crate::config::Config;
+use crate::experiment::commands::{experiment_command, plan_command, ExperimentArgs, PlanArgs};
 use crate::runtime::{self, SchedOptions};
 use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::train::sequential::{RunOptions, Sequential};
@@ -52,6 +54,57 @@ pub enum Cmd {
         /// Append log lines to this file (reopened on SIGHUP) instead of stdout.
         #[arg(long)]
         log_file: Option<PathBuf>,
+    },
+    /// The τ pilot: train the fixed-size model and the progressive model grown right after
+    /// warmup, measure the mixing time t_mix, recommend τ = T_decay_start − t_mix.
+    Plan {
+        /// A progressive run configuration (one [[growth]] entry).
+        #[arg(long)]
+        config: PathBuf,
+        /// Steps the pilot runs train for (the config's schedule, truncated; default: up to
+        /// the decay start). Also `plan.budget`.
+        #[arg(long)]
+        budget: Option<u64>,
+        /// Relative tolerance of "mixed" (default 0.005). Also `plan.mix_tolerance`.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// Evaluation interval of the pilot (the resolution of t_mix). Also `plan.eval_every`.
+        #[arg(long)]
+        eval_every: Option<u64>,
+        /// Write the input config with its expansion at the recommended τ here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Retrain runs found in the result cache (runs/_cache).
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Reproduce one of the paper's experiments (or `all`): CSV, PNG plots and a markdown table
+    /// under runs/NAME/.
+    Experiment {
+        /// progressive-vs-fixed, tau-sweep, init-ablation, stages, optimizer-state, or all.
+        name: String,
+        /// A short version (60 steps, under a minute), written under runs/quick/NAME/.
+        #[arg(long)]
+        quick: bool,
+        /// Base config (default: config/experiments/planned.toml for progressive-vs-fixed,
+        /// config/experiments/base.toml for the others).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Retrain runs found in the result cache (<out>/_cache).
+        #[arg(long)]
+        fresh: bool,
+        /// Neither read nor write the result cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect {
@@ -149,6 +202,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 std::process::exit(code);
             }
             Ok(())
+        }
+        Cmd::Plan { config, budget, tolerance, eval_every, out, set, fresh } => {
+            let args = PlanArgs { config, set, budget, tolerance, eval_every, out, report_dir: None, cache: Some(PathBuf::from("runs/_cache")), fresh, quiet: false };
+            plan_command(&args).map(|_| ())
+        }
+        Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {
+            experiment_command(&ExperimentArgs { name, quick, config, set, out, fresh, no_cache }).map(|_| ())
         }
         Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name } } => {
             let rep = prepare(&PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, name })?;

@@ -30,6 +30,9 @@ pub struct Config {
     pub growth: Vec<GrowthSpec>,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// `taproot plan` (the τ pilot): tolerance, budget, evaluation interval.
+    #[serde(default)]
+    pub plan: PlanConfig,
     #[serde(default)]
     pub placement: PlacementConfig,
     #[serde(default)]
@@ -254,6 +257,27 @@ impl Default for EvalConfig {
     }
 }
 
+/// The pilot of `taproot plan` (METHOD.md, "Expansion timing and mixing time"); every key is
+/// also a flag of the command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Relative tolerance of "mixed": progressive eval loss <= (1 + tol) · fixed eval loss.
+    pub mix_tolerance: f64,
+    /// Steps the two pilot runs train for (the run's schedule, truncated). Default: up to the
+    /// start of the decay phase.
+    pub budget: Option<u64>,
+    /// Evaluation interval of the pilot runs (the resolution of t_mix). Default: 1% of
+    /// `run.steps`, at least 1.
+    pub eval_every: Option<u64>,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig { mix_tolerance: 0.005, budget: None, eval_every: None }
+    }
+}
+
 impl Config {
     /// Read, apply `--set` overrides, parse strictly, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
@@ -373,6 +397,17 @@ impl Config {
             bail!("`optim.weight_decay` must be >= 0");
         }
         pos(self.eval.batches, "eval.batches")?;
+        if !(self.plan.mix_tolerance > 0.0 && self.plan.mix_tolerance < 1.0) {
+            bail!("`plan.mix_tolerance` must be a relative tolerance in (0, 1), got {}", self.plan.mix_tolerance);
+        }
+        if let Some(b) = self.plan.budget {
+            if b == 0 || b > self.run.steps {
+                bail!("`plan.budget` must be in 1..={} (`run.steps`), got {b}", self.run.steps);
+            }
+        }
+        if self.plan.eval_every == Some(0) {
+            bail!("`plan.eval_every` must be at least 1");
+        }
         if self.placement.devices.is_empty() {
             bail!("`placement.devices` must name at least one device");
         }

@@ -16,6 +16,8 @@
 //! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the scheduler
 //!   (`runtime::scheduler`: WSD timing, growth at τ), the supervising trainer.
 //! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
+//! - [`experiment`]: the paper's experiments at our scale (`taproot experiment`) and the τ pilot
+//!   (`taproot plan`): mixing time, speed-up at matched loss, CSV tables and PNG plots.
 //! - [`flops`]: FLOP accounting; [`cli`]: the `taproot` command line.
 //! - [`daemon`]: `taproot daemon`, a run as a service: Prometheus `/metrics` (from the metrics
 //!   actor, `runtime::metrics`), `/status`, token-protected control endpoints.
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod experiment;
 pub mod flops;
 pub mod model;
 pub mod optim;

@@ -1,0 +1,320 @@
+//! The experiments of `taproot experiment NAME`, each a set of runs derived from one base config
+//! (the progressive model of `config/experiments/*.toml`: its target depth L, data, schedule and
+//! optimizer), compared against the fixed-size model of the same config trained for the same
+//! steps with the same schedule.
+//!
+//! | name | runs |
+//! |---|---|
+//! | `progressive-vs-fixed` | fixed L; 0→L (`random`) and 1→L (`copying`) at the config's τ and at 0.8T |
+//! | `tau-sweep` | 0→L at τ ∈ {0.5, …, 0.9}·T, under WSD and under cosine, each with its fixed L |
+//! | `init-ablation` | 1→L at 0.5T with `random`, `copying`, `zero`, `copying_zero`; 2→L at 0.5T copying in order `stack`, `inter`, `last` |
+//! | `stages` | 0→L at 0.8T against 0→2 at 0.4T →L at 0.8T |
+//! | `optimizer-state` | 1→L (`copying`) at 0.5T with optimizer state `inherit`, `copy`, `reset` |
+//!
+//! Each writes under its output directory: `evals.csv` (every evaluation of every run),
+//! `summary.csv` and `table.md` (one row per run), and PNG plots.
+
+use super::mixing::{mixing_time, Mixing};
+use super::plot::{self, Chart, Series, XScale};
+use super::report::{self, final_gap, matched_speedup, pct, sci, Axis, RunResult};
+use super::{fixed, grow, progressive, with_schedule, Runner};
+use crate::config::Config;
+use crate::model::growth::{CopyOrder, GrowInit, OptStatePolicy};
+use crate::optim::schedule::ScheduleKind;
+use anyhow::{bail, Result};
+use std::path::Path;
+use std::time::Instant;
+
+/// Every experiment, in the order `taproot experiment all` runs them.
+pub const NAMES: [&str; 5] = ["progressive-vs-fixed", "tau-sweep", "init-ablation", "stages", "optimizer-state"];
+
+/// The base config an experiment reads by default.
+pub fn default_config(name: &str) -> &'static str {
+    match name {
+        "progressive-vs-fixed" => "config/experiments/planned.toml",
+        _ => "config/experiments/base.toml",
+    }
+}
+
+/// What an experiment produced.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub name: String,
+    /// The markdown table (also in `table.md`).
+    pub markdown: String,
+    pub seconds: f64,
+}
+
+/// Run experiment `name` from `base`, writing under `out`.
+pub fn run(name: &str, runner: &Runner, base: &Config, out: &Path) -> Result<Outcome> {
+    let t0 = Instant::now();
+    super::ensure_dir(out)?;
+    println!("experiment {name}: {} steps, L = {}, writing {}", base.run.steps, base.target_depth(), out.display());
+    let markdown = match name {
+        "progressive-vs-fixed" => progressive_vs_fixed(runner, base, out)?,
+        "tau-sweep" => tau_sweep(runner, base, out)?,
+        "init-ablation" => init_ablation(runner, base, out)?,
+        "stages" => stages(runner, base, out)?,
+        "optimizer-state" => optimizer_state(runner, base, out)?,
+        _ => bail!("unknown experiment {name:?}: one of {}", NAMES.join(", ")),
+    };
+    std::fs::write(out.join("table.md"), &markdown)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    println!("experiment {name}: done in {seconds:.0} s\n{markdown}");
+    Ok(Outcome { name: name.to_string(), markdown, seconds })
+}
+
+/// A run of an experiment with the step of its last expansion (None: fixed size).
+struct Arm {
+    run: RunResult,
+    tau: Option<u64>,
+}
+
+fn arm(runner: &Runner, label: &str, cfg: Config) -> Result<Arm> {
+    let cfg = super::checked(cfg)?;
+    let tau = cfg.expansions().last().map(|e| e.at_step);
+    Ok(Arm { run: runner.run(label, &cfg, None)?, tau })
+}
+
+fn tau_of(base: &Config) -> Result<u64> {
+    match base.expansions().as_slice() {
+        [e] => Ok(e.at_step),
+        _ => bail!("progressive-vs-fixed reads τ from the config's single [[growth]] entry (config/experiments/planned.toml)"),
+    }
+}
+
+const HEADER: [&str; 11] =
+    ["run", "τ (step)", "final val loss", "gap vs fixed", "t_mix", "FLOPs llm.c", "FLOPs non-emb", "train s", "speed-up llm.c", "speed-up non-emb", "speed-up wall"];
+
+/// One row per arm against `fixed`: final loss and gap, t_mix after the last expansion, totals,
+/// and the speed-up at matched final loss on each axis (with the same-steps ratio after it).
+fn rows(fixed: &Arm, arms: &[&Arm], tol: f64) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for a in std::iter::once(&fixed).chain(arms.iter()) {
+        let r = &a.run;
+        let is_fixed = std::ptr::eq(*a, fixed);
+        let t_mix = match a.tau {
+            None => "–".to_string(),
+            Some(tau) => match mixing_time(&fixed.run.curve(), &r.curve(), tau, tol) {
+                Mixing::Mixed { t_mix, .. } => t_mix.to_string(),
+                Mixing::Never { .. } => "never".into(),
+                Mixing::Diverged { .. } => "diverged".into(),
+                Mixing::NoData => "n/a".into(),
+            },
+        };
+        let speedup = |axis: Axis| {
+            if is_fixed {
+                return "1".to_string();
+            }
+            match matched_speedup(&fixed.run, r, axis) {
+                Some(s) => format!("{:.2}× ({:.2}×)", s.ratio, s.same_steps_ratio),
+                None => format!("– ({:.2}×)", fixed.run.total(axis) / r.total(axis)),
+            }
+        };
+        out.push(vec![
+            r.label.clone(),
+            a.tau.map_or("–".into(), |t| t.to_string()),
+            format!("{:.4}", r.final_val_loss()),
+            if is_fixed { "–".into() } else { pct(final_gap(r, &fixed.run)) },
+            t_mix,
+            sci(r.flops_llmc),
+            sci(r.flops_ne),
+            format!("{:.1}", r.train_s),
+            speedup(Axis::FlopsLlmc),
+            speedup(Axis::FlopsNe),
+            speedup(Axis::TrainWall),
+        ]);
+    }
+    out
+}
+
+/// `summary.csv` (plain numbers) and the markdown table, for arms against one fixed run.
+fn tables(out: &Path, fixed: &Arm, arms: &[&Arm], tol: f64, file: &str) -> Result<String> {
+    let rows = rows(fixed, arms, tol);
+    let csv_rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| c.replace(',', ";")).collect()).collect();
+    report::write_table_csv(&out.join(file), &HEADER, &csv_rows)?;
+    Ok(report::markdown_table(&HEADER, &rows))
+}
+
+fn series(runs: &[&RunResult], axis: Option<Axis>) -> Vec<Series> {
+    runs.iter()
+        .map(|r| Series {
+            label: r.label.clone(),
+            points: r.evals.iter().map(|e| (axis.map_or(e.step as f64, |a| a.of(e)), e.val_loss)).filter(|(x, _)| axis.is_none() || *x > 0.0).collect(),
+        })
+        .collect()
+}
+
+/// Loss against step (linear) and, with `all_axes`, against each cost axis (log x).
+fn loss_plots(out: &Path, title: &str, prefix: &str, runs: &[&RunResult], all_axes: bool) -> Result<()> {
+    let chart = |x_label: &str, x_scale, axis| Chart {
+        title: title.to_string(),
+        x_label: x_label.to_string(),
+        y_label: "validation loss (nats/byte)".into(),
+        x_scale,
+        series: series(runs, axis),
+        markers: false,
+        legend: plot::Legend::UpperRight,
+    };
+    plot::render(&chart("step", XScale::Linear, None), &out.join(format!("{prefix}loss_vs_step.png")), plot::SIZE)?;
+    if all_axes {
+        for (axis, file) in [(Axis::FlopsLlmc, "loss_vs_flops_llmc"), (Axis::FlopsNe, "loss_vs_flops_ne"), (Axis::TrainWall, "loss_vs_wall")] {
+            plot::render(&chart(axis.name(), XScale::Log, Some(axis)), &out.join(format!("{prefix}{file}.png")), plot::SIZE)?;
+        }
+    }
+    Ok(())
+}
+
+fn all_runs<'a>(fixed: &'a Arm, arms: &[&'a Arm]) -> Vec<&'a RunResult> {
+    std::iter::once(&fixed.run).chain(arms.iter().map(|a| &a.run)).collect()
+}
+
+fn tol(base: &Config) -> f64 {
+    base.plan.mix_tolerance
+}
+
+fn note(base: &Config) -> String {
+    format!(
+        "{} steps, L = {}, C = {}, B×T = {}×{}, {} schedule, evaluated every {} steps on {} batches; speed-up = cost of the fixed run to reach the matched final loss / cost of the run to reach it (same-steps cost ratio in parentheses); t_mix against the fixed run at tolerance {:.1}%.\n\n",
+        base.run.steps,
+        base.target_depth(),
+        base.model.channels,
+        base.data.batch_size,
+        base.data.seq_len,
+        format!("{:?}", base.schedule.kind).to_lowercase(),
+        base.eval.every,
+        base.eval.batches,
+        100.0 * tol(base)
+    )
+}
+
+fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    let tau = tau_of(base)?;
+    let paper_tau = (0.8 * base.run.steps as f64).round() as u64;
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let mut arms = Vec::new();
+    // the config's τ (the one `taproot plan` wrote), then the paper's 0.8 T if it differs
+    let taus = if tau == paper_tau { vec![tau] } else { vec![tau, paper_tau] };
+    for &t in &taus {
+        let at = |init| super::at_step(t, l, init);
+        arms.push(arm(runner, &format!("0→{l} random τ={t}"), progressive(base, 0, vec![at(GrowInit::Random)]))?);
+        arms.push(arm(runner, &format!("1→{l} copying τ={t}"), progressive(base, 1, vec![at(GrowInit::Copying)]))?);
+    }
+    let refs: Vec<&Arm> = arms.iter().collect();
+    let runs = all_runs(&f, &refs);
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    loss_plots(out, &format!("progressive vs fixed, {} steps", base.run.steps), "", &runs, true)?;
+    let mut md = note(base);
+    md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
+    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv")?);
+    md.push_str(&step_cost_note(&f.run, &arms[0].run));
+    Ok(md)
+}
+
+/// "a 0-layer step took X s, an L-layer step Y s": the per-step cost ratio behind the wall time.
+fn step_cost_note(fixed: &RunResult, prog: &RunResult) -> String {
+    let mut s = String::from("\nMedian training step (evaluation excluded):");
+    for (d, secs, n) in &prog.step_s_by_depth {
+        s.push_str(&format!(" depth {d}: {:.1} ms ({n} steps);", secs * 1e3));
+    }
+    if let Some((d, secs, n)) = fixed.step_s_by_depth.first() {
+        s.push_str(&format!(" fixed depth {d}: {:.1} ms ({n} steps).", secs * 1e3));
+    }
+    s.push('\n');
+    s
+}
+
+const TAUS: [f64; 5] = [0.5, 0.6, 0.7, 0.8, 0.9];
+
+fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    let mut md = note(base);
+    let mut finals: Vec<Series> = Vec::new();
+    let mut all: Vec<(String, Arm)> = Vec::new();
+    for kind in [ScheduleKind::Wsd, ScheduleKind::Cosine] {
+        let sched = format!("{kind:?}").to_lowercase();
+        let b = with_schedule(base, kind);
+        let f = arm(runner, &format!("fixed {l} {sched}"), fixed(&b))?;
+        let mut arms = Vec::new();
+        for &t in &TAUS {
+            arms.push(arm(runner, &format!("0→{l} τ={t} {sched}"), progressive(&b, 0, vec![grow(t, l, GrowInit::Random)]))?);
+        }
+        let refs: Vec<&Arm> = arms.iter().collect();
+        md.push_str(&format!("**{sched}**\n\n"));
+        md.push_str(&tables(out, &f, &refs, tol(base), &format!("summary_{sched}.csv"))?);
+        md.push('\n');
+        let runs = all_runs(&f, &refs);
+        loss_plots(out, &format!("0→{l} at τ, {sched}"), &format!("{sched}_"), &runs, false)?;
+        finals.push(Series { label: format!("0→{l} {sched}"), points: TAUS.iter().zip(&arms).map(|(&t, a)| (t, a.run.final_val_loss())).collect() });
+        finals.push(Series { label: format!("fixed {l} {sched}"), points: vec![(TAUS[0], f.run.final_val_loss()), (TAUS[TAUS.len() - 1], f.run.final_val_loss())] });
+        all.push((sched.clone(), f));
+        all.extend(arms.into_iter().map(|a| (sched.clone(), a)));
+    }
+    let runs: Vec<&RunResult> = all.iter().map(|(_, a)| &a.run).collect();
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    let chart = Chart {
+        title: format!("final validation loss against τ (0→{l})"),
+        x_label: "τ / T".into(),
+        y_label: "final validation loss (nats/byte)".into(),
+        x_scale: XScale::Linear,
+        series: finals,
+        markers: true,
+        legend: plot::Legend::UpperLeft,
+    };
+    plot::render(&chart, &out.join("final_loss_vs_tau.png"), plot::SIZE)?;
+    Ok(md)
+}
+
+fn init_ablation(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    if l < 3 {
+        bail!("init-ablation grows 2→L: it needs a target depth of at least 3, the config has {l}");
+    }
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let mut arms = Vec::new();
+    for (init, name) in [(GrowInit::Random, "random"), (GrowInit::Copying, "copying"), (GrowInit::Zero, "zero"), (GrowInit::CopyingZero, "copying_zero")] {
+        arms.push(arm(runner, &format!("1→{l} {name}"), progressive(base, 1, vec![grow(0.5, l, init)]))?);
+    }
+    for (order, name) in [(CopyOrder::Stack, "stack"), (CopyOrder::Inter, "inter"), (CopyOrder::Last, "last")] {
+        let mut g = grow(0.5, l, GrowInit::Copying);
+        g.order = order;
+        arms.push(arm(runner, &format!("2→{l} copying {name}"), progressive(base, 2, vec![g]))?);
+    }
+    let refs: Vec<&Arm> = arms.iter().collect();
+    let runs = all_runs(&f, &refs);
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    loss_plots(out, &format!("init ablation: 1→{l} and 2→{l} at 0.5T"), "", &runs, false)?;
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+}
+
+fn stages(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    if l < 3 {
+        bail!("stages grows 0→2→L: it needs a target depth of at least 3, the config has {l}");
+    }
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let single = arm(runner, &format!("0→{l} at 0.8T"), progressive(base, 0, vec![grow(0.8, l, GrowInit::Random)]))?;
+    let multi = arm(runner, &format!("0→2→{l} at 0.4T, 0.8T"), progressive(base, 0, vec![grow(0.4, 2, GrowInit::Random), grow(0.8, l, GrowInit::Random)]))?;
+    let refs = [&single, &multi];
+    let runs = all_runs(&f, &refs);
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    loss_plots(out, &format!("single stage 0→{l} against two stages 0→2→{l}"), "", &runs, true)?;
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+}
+
+fn optimizer_state(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let mut arms = Vec::new();
+    for (policy, name) in [(OptStatePolicy::Inherit, "inherit"), (OptStatePolicy::Copy, "copy"), (OptStatePolicy::Reset, "reset")] {
+        let mut g = grow(0.5, l, GrowInit::Copying);
+        g.opt_state = policy;
+        arms.push(arm(runner, &format!("1→{l} copying, state {name}"), progressive(base, 1, vec![g]))?);
+    }
+    let refs: Vec<&Arm> = arms.iter().collect();
+    let runs = all_runs(&f, &refs);
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    loss_plots(out, &format!("optimizer state at expansion (1→{l} copying at 0.5T)"), "", &runs, false)?;
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+}
