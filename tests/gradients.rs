@@ -361,7 +361,7 @@ fn gradient_of_the_embedding_output_matches_finite_differences() {
     let x0 = {
         let x = model.embed.forward(&be, &batch.inputs, b, t);
         let h = host(&be, &x);
-        model.embed.recycle(x);
+        model.embed.recycle(&be, x);
         h
     };
     // Analytic: run blocks and head from x0 and take the gradient handed back to the embedding.
@@ -379,7 +379,7 @@ fn gradient_of_the_embedding_output_matches_finite_differences() {
         } else {
             let (_, loss) = model.head.loss_only(&be, x, &batch.targets, &model.embed.w, b, t);
             for blk in model.blocks.iter_mut() {
-                blk.forget(0);
+                blk.forget(&be, 0);
             }
             (loss as f64, vec![])
         }

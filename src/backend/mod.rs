@@ -91,7 +91,15 @@ pub trait Backend: Send + Sized + 'static {
     fn upload_ids(&self, dst: &Self::Ids, src: &[u32]);
     /// Copy to the host; waits for the stream's pending work (a synchronisation point).
     fn download(&self, src: View<Self::Buf>, dst: &mut [f32]);
+    /// `dst = src`, both on this stream's device.
     fn copy(&self, dst: View<Self::Buf>, src: View<Self::Buf>);
+    /// Whether `buf` lives on this stream's device. Ops may only touch local buffers; one handed
+    /// over from another device is brought in with [`Backend::copy_peer`] first.
+    fn is_local(&self, buf: &Self::Buf) -> bool;
+    /// `dst = src` where `dst` is on this stream's device and `src` may live on another device
+    /// (a peer copy on GPUs: direct over NVLink/PCIe where peer access is enabled, staged by the
+    /// driver otherwise). Ordered on this stream; the caller has made it wait for `src`'s writer.
+    fn copy_peer(&self, dst: View<Self::Buf>, src: View<Self::Buf>);
     fn fill(&self, dst: View<Self::Buf>, value: f32);
     /// Mark the current end of this stream's work.
     fn record(&self) -> Self::Event;

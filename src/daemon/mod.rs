@@ -263,12 +263,12 @@ fn event_logger(log: Arc<Log>, log_every: u64) -> Observer {
                 Event::NonFinite { step, what } => log.say(format!("warning: non-finite {what} at step {step}")),
                 Event::Restart { step, reason } => log.say(format!("restart at step {step}: {reason}")),
                 Event::Paused(p) => log.say(if p { "paused (at the next step boundary)" } else { "resumed" }),
-                Event::LayerTime { .. } | Event::InFlight(_) => {}
+                Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. } => {}
             }
         }
     });
     Arc::new(move |e: &Event| {
-        if !matches!(e, Event::LayerTime { .. } | Event::InFlight(_)) {
+        if !matches!(e, Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. }) {
             let _ = tx.send(e.clone());
         }
     })
@@ -289,9 +289,6 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     if let Some(l) = &opts.listen {
         cfg.daemon.listen = l.clone();
         cfg.validate().context("--listen")?;
-    }
-    if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
-        bail!("config places layers on CUDA devices, but this build runs the CPU backend only (placement.devices)");
     }
     let (token, token_warning) = read_token(&cfg)?;
     let log = Arc::new(Log::open(opts.log_file.clone())?);

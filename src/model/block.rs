@@ -165,23 +165,28 @@ impl<B: Backend> Block<B> {
         a.input = Some(x);
         if let Some(old) = self.stash.insert(mb, a) {
             // A micro-batch id reused before its backward: keep the memory, drop nothing.
-            self.recycle(old);
+            self.recycle(be, old);
         }
         y
     }
 
-    fn recycle(&mut self, mut a: BlockActs<B>) {
+    fn recycle(&mut self, be: &B, mut a: BlockActs<B>) {
         if let Some(x) = a.input.take() {
-            self.pool.put(x);
+            self.pool.put(be, x);
         }
         self.spare.push(a);
     }
 
     /// Drop micro-batch `mb`'s stash without a backward (evaluation), recycling its memory.
-    pub fn forget(&mut self, mb: u64) {
+    pub fn forget(&mut self, be: &B, mb: u64) {
         if let Some(a) = self.stash.remove(&mb) {
-            self.recycle(a);
+            self.recycle(be, a);
         }
+    }
+
+    /// Share `pool` (the device's pool, in the actor runtime) instead of a private one.
+    pub fn use_pool(&mut self, pool: ActPool<B>) {
+        self.pool = pool;
     }
 
     /// Number of micro-batches stashed (in flight through this block).
@@ -214,7 +219,7 @@ impl<B: Backend> Block<B> {
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), Some(p.g("qkvb")), w::<B>(&s.dqkv), w::<B>(&a.ln1), p.p("qkvw"), n, c, 3 * c);
         // dy += ln1 backward: dy now holds dx
         be.layernorm_backward(d, p.g("ln1w"), p.g("ln1b"), w::<B>(&s.dc), w::<B>(x), p.p("ln1w"), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), n, c);
-        self.recycle(a);
+        self.recycle(be, a);
         dy
     }
 }

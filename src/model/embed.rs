@@ -35,11 +35,16 @@ impl<B: Backend> Embed<B> {
     pub fn backward(&mut self, be: &B, dx: B::Buf, ids: &B::Ids, b: usize, t: usize) {
         let c = self.dims.channels;
         be.encoder_backward(self.w.g("wte"), self.w.g("wpe"), B::whole(&dx), ids, b, t, c);
-        self.pool.put(dx);
+        self.pool.put(be, dx);
     }
 
     /// Give back a buffer that came out of the pipeline without a backward (evaluation).
-    pub fn recycle(&mut self, buf: B::Buf) {
-        self.pool.put(buf);
+    pub fn recycle(&mut self, be: &B, buf: B::Buf) {
+        self.pool.put(be, buf);
+    }
+
+    /// Share `pool` (the device's pool, in the actor runtime) instead of a private one.
+    pub fn use_pool(&mut self, pool: ActPool<B>) {
+        self.pool = pool;
     }
 }

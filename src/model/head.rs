@@ -48,6 +48,11 @@ impl<B: Backend> Head<B> {
         Head { w, dims: dims.clone(), acts: None, pool: ActPool::default(), dwte: None }
     }
 
+    /// Share `pool` (the device's pool, in the actor runtime) instead of a private one.
+    pub fn use_pool(&mut self, pool: ActPool<B>) {
+        self.pool = pool;
+    }
+
     fn ensure_acts(&mut self, be: &B, b: usize, t: usize) {
         if self.acts.as_ref().map(|a| a.shape) != Some((b, t)) {
             let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
@@ -110,7 +115,7 @@ impl<B: Backend> Head<B> {
         let dx = self.pool.take(be, n * c);
         be.fill(B::whole(&dx), 0.0); // layernorm_backward accumulates into dx
         be.layernorm_backward(B::whole(&dx), self.w.g("lnfw"), self.w.g("lnfb"), B::whole(&a.dlnf), B::whole(&x), self.w.p("lnfw"), B::whole(&a.mean), B::whole(&a.rstd), n, c);
-        self.pool.put(x);
+        self.pool.put(be, x);
         (dx, loss)
     }
 

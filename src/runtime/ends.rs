@@ -17,7 +17,7 @@ use super::messages::{compute, Activation, Peer};
 use super::scheduler::SchedMsg;
 use crate::backend::Backend;
 use crate::model::init::InitConfig;
-use crate::model::{Batch, Dims, Embed, Head, UnitState};
+use crate::model::{ActPool, Batch, Dims, Embed, Head, UnitState};
 use crate::optim::{OptimConfig, Optimizer, Scratch};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
@@ -43,7 +43,7 @@ pub enum EndsMsg<B: Backend> {
     ResetOptState(RpcReplyPort<()>),
 }
 
-pub struct EndsArgs {
+pub struct EndsArgs<B: Backend> {
     pub device: String,
     pub dims: Dims,
     pub init_cfg: InitConfig,
@@ -54,6 +54,8 @@ pub struct EndsArgs {
     /// Restore from these snapshots instead of initialising.
     pub restore: Option<(UnitState, UnitState)>,
     pub observer: Observer,
+    /// The buffer pool shared by the stages on this device.
+    pub pool: ActPool<B>,
 }
 
 enum Kind {
@@ -68,6 +70,7 @@ struct InFlight<B: Backend> {
 
 pub struct EndsState<B: Backend> {
     be: B,
+    pool: ActPool<B>,
     embed: Embed<B>,
     head: Head<B>,
     opt: Optimizer,
@@ -99,7 +102,7 @@ impl<B: Backend> EndsState<B> {
             batch.load(&self.be, windows, &mut self.tmp.0, &mut self.tmp.1);
             let x = self.embed.forward(&self.be, &batch.inputs, b, t);
             self.live.insert(mb, InFlight { batch, kind });
-            Activation::send(&self.be, x, b, t)
+            Activation::send(&self.be, x, b, t, &self.pool)
         });
         match &self.first {
             Some(p) => p.forward(mb, x, matches!(self.live[&mb].kind, Kind::Eval)),
@@ -115,9 +118,9 @@ impl<B: Backend> EndsState<B> {
         match &mut f.kind {
             Kind::Eval => {
                 let loss = compute(|| {
-                    let x = x.receive(&self.be);
+                    let x = x.receive(&self.be, &self.pool);
                     let (x, loss) = self.head.loss_only(&self.be, x, &f.batch.targets, &self.embed.w, b, t);
-                    self.embed.recycle(x);
+                    self.embed.recycle(&self.be, x);
                     loss
                 });
                 let done = self.live.remove(&mb).expect("present above");
@@ -127,10 +130,10 @@ impl<B: Backend> EndsState<B> {
             Kind::Train { dscale, loss } => {
                 let dscale = *dscale;
                 let dx = compute(|| {
-                    let x = x.receive(&self.be);
+                    let x = x.receive(&self.be, &self.pool);
                     let (dx, l) = self.head.forward_backward(&self.be, mb, x, &f.batch.targets, &self.embed.w, dscale, b, t);
                     *loss = l;
-                    Activation::send(&self.be, dx, b, t)
+                    Activation::send(&self.be, dx, b, t, &self.pool)
                 });
                 match &self.last {
                     Some(p) => p.backward(mb, dx),
@@ -144,7 +147,7 @@ impl<B: Backend> EndsState<B> {
         let (b, t) = (self.b, self.t);
         let f = self.live.remove(&mb).ok_or_else(|| anyhow::anyhow!("embedding: unknown micro-batch {mb}"))?;
         compute(|| {
-            let dx = grad.receive(&self.be);
+            let dx = grad.receive(&self.be, &self.pool);
             self.embed.backward(&self.be, dx, &f.batch.inputs, b, t);
         });
         self.spare.push(f.batch);
@@ -159,11 +162,13 @@ impl<B: Backend> EndsState<B> {
 impl<B: Backend> Actor for EndsActor<B> {
     type Msg = EndsMsg<B>;
     type State = EndsState<B>;
-    type Arguments = EndsArgs;
+    type Arguments = EndsArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EndsArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EndsArgs<B>) -> Result<Self::State, ActorProcessingErr> {
         let be = B::open(&a.device).map_err(|e| format!("ends: {e:#}"))?;
         let (mut embed, mut head) = compute(|| (Embed::new(&be, &a.dims, &a.init_cfg), Head::new(&be, &a.dims)));
+        embed.use_pool(a.pool.clone());
+        head.use_pool(a.pool.clone());
         if let Some((e, h)) = &a.restore {
             compute(|| -> anyhow::Result<()> {
                 embed.w.restore(&be, e)?;
@@ -173,6 +178,7 @@ impl<B: Backend> Actor for EndsActor<B> {
         }
         Ok(EndsState {
             be,
+            pool: a.pool,
             embed,
             head,
             opt: Optimizer::new(a.optim),

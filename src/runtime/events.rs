@@ -33,6 +33,9 @@ pub enum Event {
     Checkpoint { step: u64, path: String, seconds: f64, bytes: u64 },
     /// One stage handler's compute time for a micro-batch.
     LayerTime { layer: u64, device: String, backward: bool, seconds: f64 },
+    /// After each step, per device: activation buffers its pool has allocated so far (flat after
+    /// warmup; growth means a leak), and bytes copied into it from other devices so far.
+    Buffers { device: String, allocated: usize, peer_bytes_in: u64 },
     /// Micro-batches in flight right after a change.
     InFlight(usize),
     /// A non-finite loss or gradient norm.

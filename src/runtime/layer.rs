@@ -14,7 +14,7 @@ use super::messages::{compute, Activation, Peer};
 use crate::backend::Backend;
 use crate::model::growth::{make_block, GrowInit, OptStatePolicy};
 use crate::model::init::InitConfig;
-use crate::model::{Block, Dims, UnitState};
+use crate::model::{ActPool, Block, Dims, UnitState};
 use crate::optim::{OptimConfig, Optimizer, Scratch};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::marker::PhantomData;
@@ -46,7 +46,7 @@ pub enum LayerInit {
     Restore(UnitState),
 }
 
-pub struct LayerArgs {
+pub struct LayerArgs<B: Backend> {
     pub id: u64,
     pub device: String,
     pub dims: Dims,
@@ -55,10 +55,13 @@ pub struct LayerArgs {
     /// Fault injection: panic when taking the optimizer step with this index.
     pub panic_at_step: Option<u64>,
     pub observer: Observer,
+    /// The buffer pool shared by the stages on this device.
+    pub pool: ActPool<B>,
 }
 
 pub struct LayerState<B: Backend> {
     be: B,
+    pool: ActPool<B>,
     block: Block<B>,
     opt: Optimizer,
     scratch: Scratch<B>,
@@ -81,9 +84,9 @@ impl<B: Backend> Default for LayerActor<B> {
 impl<B: Backend> Actor for LayerActor<B> {
     type Msg = LayerMsg<B>;
     type State = LayerState<B>;
-    type Arguments = LayerArgs;
+    type Arguments = LayerArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: LayerArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: LayerArgs<B>) -> Result<Self::State, ActorProcessingErr> {
         let be = B::open(&a.device).map_err(|e| format!("layer {}: {e:#}", a.id))?;
         let block = compute(|| -> anyhow::Result<Block<B>> {
             match a.init {
@@ -96,7 +99,9 @@ impl<B: Backend> Actor for LayerActor<B> {
             }
         })
         .map_err(|e| format!("layer {}: {e:#}", a.id))?;
-        Ok(LayerState { be, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step, observer: a.observer, device: a.device })
+        let mut block = block;
+        block.use_pool(a.pool.clone());
+        Ok(LayerState { be, pool: a.pool, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step, observer: a.observer, device: a.device })
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -105,12 +110,12 @@ impl<B: Backend> Actor for LayerActor<B> {
                 let t0 = std::time::Instant::now();
                 let y = compute(|| {
                     let (b, t) = (x.b, x.t);
-                    let x = x.receive(&s.be);
+                    let x = x.receive(&s.be, &s.pool);
                     let y = s.block.forward(&s.be, mb, x, b, t);
                     if eval {
-                        s.block.forget(mb);
+                        s.block.forget(&s.be, mb);
                     }
-                    Activation::send(&s.be, y, b, t)
+                    Activation::send(&s.be, y, b, t, &s.pool)
                 });
                 (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: false, seconds: t0.elapsed().as_secs_f64() });
                 s.next.as_ref().ok_or_else(|| format!("layer {} has no downstream link", s.block.id))?.forward(mb, y, eval)?;
@@ -119,9 +124,9 @@ impl<B: Backend> Actor for LayerActor<B> {
                 let t0 = std::time::Instant::now();
                 let dx = compute(|| {
                     let (b, t) = (grad.b, grad.t);
-                    let dy = grad.receive(&s.be);
+                    let dy = grad.receive(&s.be, &s.pool);
                     let dx = s.block.backward(&s.be, mb, dy);
-                    Activation::send(&s.be, dx, b, t)
+                    Activation::send(&s.be, dx, b, t, &s.pool)
                 });
                 (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: true, seconds: t0.elapsed().as_secs_f64() });
                 s.prev.as_ref().ok_or_else(|| format!("layer {} has no upstream link", s.block.id))?.backward(mb, dx)?;

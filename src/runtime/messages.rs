@@ -7,28 +7,48 @@
 use super::ends::EndsMsg;
 use super::layer::LayerMsg;
 use crate::backend::Backend;
+use crate::model::ActPool;
 use ractor::ActorRef;
 
 /// An (N, C) activation or gradient buffer handed from one stage to the next, plus the point in
 /// the sender's stream after which it is ready. The receiver makes its own stream wait on the
 /// event before touching the buffer (a no-op on CPU; no host synchronisation on a GPU).
+///
+/// Across devices the receiver never computes on the sender's memory: it copies the buffer into
+/// one of its own device's pool (a peer copy on GPUs) and sends the original back to `home`, the
+/// sender's device pool, free once the copy has read it. Every device keeps its own buffers, and
+/// their number stays bounded: a device gives one up for each buffer that arrives from another,
+/// and in a ring it receives exactly as many as it sends.
 pub struct Activation<B: Backend> {
     pub buf: B::Buf,
     pub ready: B::Event,
     /// The micro-batch shape: B sequences of T tokens (the buffer is (B, T, C)).
     pub b: usize,
     pub t: usize,
+    /// The pool of the device `buf` lives on.
+    pub home: ActPool<B>,
 }
 
 impl<B: Backend> Activation<B> {
-    /// Package `buf`, written on stream `be`, for another stage.
-    pub fn send(be: &B, buf: B::Buf, b: usize, t: usize) -> Self {
-        Activation { ready: be.record(), buf, b, t }
+    /// Package `buf`, written on stream `be`, for another stage; `home` is `be`'s device pool.
+    pub fn send(be: &B, buf: B::Buf, b: usize, t: usize, home: &ActPool<B>) -> Self {
+        Activation { ready: be.record(), buf, b, t, home: home.clone() }
     }
-    /// Unpack on the receiving stream `be`.
-    pub fn receive(self, be: &B) -> B::Buf {
+
+    /// Unpack on the receiving stream `be`, whose device pool is `pool`: the buffer itself when it
+    /// is on `be`'s device, else a local copy (and the original goes home).
+    pub fn receive(self, be: &B, pool: &ActPool<B>) -> B::Buf {
         be.wait(&self.ready);
-        self.buf
+        if be.is_local(&self.buf) {
+            return self.buf;
+        }
+        let n = B::buf_len(&self.buf);
+        let local = pool.take(be, n);
+        be.copy_peer(B::whole(&local), B::whole(&self.buf));
+        pool.note_peer_copy(4 * n as u64);
+        // Free for its own device once this stream's copy has read it.
+        self.home.put_after(self.buf, be.record());
+        local
     }
 }
 

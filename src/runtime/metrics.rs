@@ -102,6 +102,8 @@ pub const CATALOG: &[MetricDef] = &[
     m("taproot_actor_restarts_total", C, "Pipeline restarts by the supervisor (from the newest checkpoint) in this process."),
     m("taproot_non_finite_events_total", C, "Non-finite training losses or gradient norms (label kind: loss, gradient_norm)."),
     m("taproot_paused", G, "1 while the run is paused by a control request."),
+    m("taproot_activation_buffers", G, "Activation/gradient buffers allocated by a device's pool (label device); flat after the first steps."),
+    m("taproot_peer_copy_bytes_total", C, "Bytes of activations and gradients copied into a device from other devices (label device)."),
 ];
 
 /// Run states of `taproot_state` (and of the daemon's `/status`).
@@ -386,6 +388,10 @@ impl MetricsState {
             }
             Event::LayerTime { layer, device, backward, seconds } => self.layer_histogram(layer, &device, backward).record(seconds),
             Event::InFlight(n) => gauge!("taproot_micro_batches_in_flight").set(n as f64),
+            Event::Buffers { device, allocated, peer_bytes_in } => {
+                gauge!("taproot_activation_buffers", "device" => device.clone()).set(allocated as f64);
+                counter!("taproot_peer_copy_bytes_total", "device" => device).absolute(peer_bytes_in);
+            }
             Event::NonFinite { what, .. } => {
                 let kind = if what.starts_with("gradient") { "gradient_norm" } else { "loss" };
                 counter!("taproot_non_finite_events_total", "kind" => kind).increment(1);

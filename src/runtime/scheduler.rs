@@ -28,7 +28,7 @@ use crate::data::{sequential_batches, Dataset, Loader};
 use crate::flops;
 use crate::model::growth::{plan_sources, Expansion, OptStatePolicy, Position};
 use crate::model::init::InitConfig;
-use crate::model::{Dims, UnitState};
+use crate::model::{ActPool, Dims, UnitState};
 use crate::optim::schedule::Schedule;
 use crate::train::{dims_of, eval_due, EvalRecord, StepRecord, TrainReport};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -163,6 +163,9 @@ pub struct SchedState<B: Backend> {
     fixed_flops_ne: f64,
     /// The terminal progress bar (step, loss, lr, tok/s, depth, ETA), when stdout is a terminal.
     bar: Option<indicatif::ProgressBar>,
+    /// One activation-buffer pool per device, shared by the stages placed there (see
+    /// `model::ActPool`); stages born later on a device join its pool.
+    pools: std::sync::Mutex<std::collections::BTreeMap<String, ActPool<B>>>,
 }
 
 pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -214,10 +217,15 @@ impl<B: Backend> SchedState<B> {
         }
     }
 
+    /// The pool of `device`, made on first use.
+    fn pool(&self, device: &str) -> ActPool<B> {
+        self.pools.lock().expect("pools lock").entry(device.to_string()).or_default().clone()
+    }
+
     async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
         let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
         let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
-        let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step, observer: self.observer.clone() };
+        let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step, observer: self.observer.clone(), pool: self.pool(&device) };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone()).await.map_err(|e| err(format!("spawning layer {id} on {device}: {e}")))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
         Ok(Stage { id, device, actor })
@@ -449,6 +457,9 @@ impl<B: Backend> SchedState<B> {
             grad_norm,
             params: (flops::total_params(&self.dims, depth), flops::non_embedding_params(&self.dims, depth)),
         });
+        for (device, pool) in self.pools.lock().expect("pools lock").iter() {
+            (self.observer)(&Event::Buffers { device: device.clone(), allocated: pool.allocated(), peer_bytes_in: pool.peer_bytes_in() });
+        }
         if !grad_norm.is_finite() {
             (self.observer)(&Event::NonFinite { step: self.step, what: format!("gradient norm {grad_norm}") });
         }
@@ -661,7 +672,19 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             }
             None => None,
         };
-        let ends_args = EndsArgs { device: ends_device.clone(), dims: dims.clone(), init_cfg: init_cfg.clone(), optim: cfg.optim.clone(), b, t, scheduler: me.clone(), restore: restore_ends, observer: a.observer.clone() };
+        let pools: std::collections::BTreeMap<String, ActPool<B>> = [(ends_device.clone(), ActPool::default())].into_iter().collect();
+        let ends_args = EndsArgs {
+            device: ends_device.clone(),
+            dims: dims.clone(),
+            init_cfg: init_cfg.clone(),
+            optim: cfg.optim.clone(),
+            b,
+            t,
+            scheduler: me.clone(),
+            restore: restore_ends,
+            observer: a.observer.clone(),
+            pool: pools[&ends_device].clone(),
+        };
         let (ends, _) = Actor::spawn_linked(None, EndsActor::<B>::default(), ends_args, a.supervisor.clone()).await.map_err(|e| err(format!("spawning the ends actor on {ends_device}: {e}")))?;
         a.roles.lock().expect("roles lock").insert(ends.get_id(), format!("ends (embedding and head, {ends_device})"));
         let (ids, step, next_id, growth) = match &resumed {
@@ -707,6 +730,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             step_started: started,
             fixed_flops_ne: 0.0,
             bar: None,
+            pools: std::sync::Mutex::new(pools),
             cfg,
         };
         st.step_pub.store(step, Ordering::Relaxed);

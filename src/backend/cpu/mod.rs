@@ -23,14 +23,19 @@ use std::cell::UnsafeCell;
 /// f32 memory of the CPU backend.
 pub struct CpuBuf {
     data: UnsafeCell<Vec<f32>>,
+    /// The CPU "device" index the buffer belongs to (`cpu:N`). Several CPU devices stand in for
+    /// several GPUs in tests: an op that mixes buffers of two devices fails, exactly where a GPU
+    /// without peer access would fault, so the hand-off protocol (copy across devices, never
+    /// read across them) is checked on every CI run.
+    device: u32,
 }
 
 // SAFETY: the Vec is owned; moving it to another thread is fine. CpuBuf is deliberately not Sync.
 unsafe impl Send for CpuBuf {}
 
 impl CpuBuf {
-    fn new(n: usize) -> Self {
-        CpuBuf { data: UnsafeCell::new(vec![0.0; n]) }
+    fn new(n: usize, device: u32) -> Self {
+        CpuBuf { data: UnsafeCell::new(vec![0.0; n]), device }
     }
     fn len(&self) -> usize {
         // SAFETY: reading the length never races: only this thread can touch the buffer.
@@ -82,9 +87,16 @@ pub(crate) unsafe fn wr<'a>(v: V<'a>) -> &'a mut [f32] {
     std::slice::from_raw_parts_mut(v.buf.ptr().add(v.off), v.len)
 }
 
-/// Assert that the output view `out` overlaps none of `others` (the aliasing rule of the trait).
+/// Assert that the output view `out` overlaps none of `others` (the aliasing rule of the trait),
+/// and that all of them live on one device (only [`Backend::copy_peer`] crosses devices).
 pub(crate) fn disjoint(out: &V, others: &[&V]) {
     for o in others {
+        assert!(
+            out.buf.device == o.buf.device,
+            "an op mixes buffers of cpu:{} and cpu:{}: a buffer from another device must be copied in first (copy_peer)",
+            out.buf.device,
+            o.buf.device
+        );
         if std::ptr::eq(out.buf, o.buf) {
             let overlap = out.off < o.off + o.len && o.off < out.off + out.len;
             assert!(
@@ -103,12 +115,24 @@ pub(crate) fn disjoint(out: &V, others: &[&V]) {
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     device: String,
+    index: u32,
 }
 
 impl CpuBackend {
     /// A stream on CPU "device" `index`. Several CPU devices only name streams (placement tests).
     pub fn new(index: usize) -> Self {
-        CpuBackend { device: format!("cpu:{index}") }
+        CpuBackend { device: format!("cpu:{index}"), index: index as u32 }
+    }
+
+    /// Panic unless `v` lives on this stream's device (the GPU equivalent is an illegal access,
+    /// or a silent slow remote read over the interconnect).
+    fn here(&self, v: &V, what: &str) {
+        assert!(
+            v.buf.device == self.index,
+            "{what} on {} touches a buffer of cpu:{}: a buffer from another device must be copied in first (copy_peer)",
+            self.device,
+            v.buf.device
+        );
     }
 }
 
@@ -175,7 +199,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, n: usize) -> CpuBuf {
-        CpuBuf::new(n)
+        CpuBuf::new(n, self.index)
     }
     fn alloc_ids(&self, n: usize) -> CpuIds {
         CpuIds { data: UnsafeCell::new(vec![0; n]) }
@@ -188,6 +212,7 @@ impl Backend for CpuBackend {
     }
     fn upload(&self, dst: V, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
+        self.here(&dst, "upload");
         unsafe { wr(dst) }.copy_from_slice(src);
     }
     fn upload_ids(&self, dst: &CpuIds, src: &[u32]) {
@@ -197,14 +222,27 @@ impl Backend for CpuBackend {
     }
     fn download(&self, src: V, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
+        self.here(&src, "download");
         dst.copy_from_slice(unsafe { rd(src) });
     }
     fn copy(&self, dst: V, src: V) {
         assert_eq!(dst.len, src.len, "copy: lengths differ");
+        self.here(&dst, "copy");
         disjoint(&dst, &[&src]);
         unsafe { wr(dst).copy_from_slice(rd(src)) };
     }
+    fn is_local(&self, buf: &CpuBuf) -> bool {
+        buf.device == self.index
+    }
+    fn copy_peer(&self, dst: V, src: V) {
+        assert_eq!(dst.len, src.len, "copy_peer: lengths differ");
+        self.here(&dst, "copy_peer");
+        assert!(!std::ptr::eq(dst.buf, src.buf), "copy_peer: source and destination are one buffer");
+        // Distinct buffers never overlap, so the two slices cannot alias.
+        unsafe { wr(dst).copy_from_slice(rd(src)) };
+    }
     fn fill(&self, dst: V, value: f32) {
+        self.here(&dst, "fill");
         unsafe { wr(dst) }.fill(value);
     }
     fn record(&self) {}

@@ -10,12 +10,14 @@
 //!   event tracking is switched off: ordering across streams is this crate's job, with explicit
 //!   events (`record` / `wait`), so a hand-off between stage actors never synchronises the host.
 //! - **Synchronisation.** Within a step the host waits only in `download` (the loss, metrics).
+//!   Token ids go up through a ring of pinned staging buffers, so their copies are asynchronous.
 //! - **Numerics.** fp32 throughout. TF32 tensor-core math for cuBLAS is off unless the config
 //!   enables it (`CudaBackend::set_tf32`), so parity tests against the CPU reference hold at
 //!   1e-5 relative. Float atomics in a few reductions make results not bitwise reproducible.
 //! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
-//!   that allow it, so a stage can read an activation that still lives on its neighbour's device
-//!   (the CPU hand-off protocol is unchanged; the event orders it).
+//!   that allow it. A buffer handed to a stage on another device is brought over with a peer
+//!   copy ([`Backend::copy_peer`], `cuMemcpyPeerAsync` on the receiver's stream, after waiting on
+//!   the sender's event); the runtime then sends the original home (see `model::ActPool`).
 
 mod blas;
 
@@ -181,6 +183,9 @@ fn enable_peer(from: &Arc<CudaContext>, to: &Arc<CudaContext>) -> Result<()> {
 pub struct CudaBuf {
     ptr: u64,
     len: usize,
+    /// The device it lives on (`cuda:N`) and that device's context, for peer copies.
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
     _mem: CudaSlice<f32>,
 }
 
@@ -199,13 +204,31 @@ struct AttnScratch {
     len: usize,
 }
 
+/// Uploads of token ids in flight at once per stream before the host waits on the oldest.
+const STAGING_SLOTS: usize = 8;
+
+/// One pinned host buffer for asynchronous uploads, and the event after its last copy.
+struct StagingSlot {
+    host: cudarc::driver::PinnedHostSlice<u32>,
+    done: CudaEvent,
+}
+
+/// A ring of pinned staging buffers owned by a stream.
+#[derive(Default)]
+struct Staging {
+    slots: Vec<Option<StagingSlot>>,
+    next: usize,
+}
+
 /// A stream on a CUDA device: the `Backend` of one stage actor.
 pub struct CudaBackend {
     device_name: String,
+    ordinal: usize,
     dev: Arc<Device>,
     stream: Arc<CudaStream>,
     blas: blas::Blas,
     scratch: Mutex<AttnScratch>,
+    staging: Mutex<Staging>,
 }
 
 // SAFETY: the cuBLAS handle and the stream are used from one thread at a time (the owning actor);
@@ -285,7 +308,7 @@ impl Backend for CudaBackend {
         if TF32.load(std::sync::atomic::Ordering::Relaxed) {
             blas.set_tf32(true)?;
         }
-        Ok(CudaBackend { device_name: device.to_string(), dev, stream, blas, scratch: Mutex::new(AttnScratch::default()) })
+        Ok(CudaBackend { device_name: device.to_string(), ordinal, dev, stream, blas, scratch: Mutex::new(AttnScratch::default()), staging: Mutex::new(Staging::default()) })
     }
     fn device(&self) -> &str {
         &self.device_name
@@ -297,7 +320,7 @@ impl Backend for CudaBackend {
     fn alloc(&self, n: usize) -> CudaBuf {
         let mem = self.stream.alloc_zeros::<f32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} floats on {}: {e:?}", self.device_name));
         let (ptr, _) = mem.device_ptr(&self.stream);
-        CudaBuf { ptr, len: n, _mem: mem }
+        CudaBuf { ptr, len: n, ordinal: self.ordinal, ctx: self.dev.ctx.clone(), _mem: mem }
     }
     fn alloc_ids(&self, n: usize) -> CudaIds {
         let mem = self.stream.alloc_zeros::<u32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} ids: {e:?}"));
@@ -319,9 +342,32 @@ impl Backend for CudaBackend {
     }
     fn upload_ids(&self, dst: &CudaIds, src: &[u32]) {
         assert_eq!(dst.len, src.len(), "upload_ids: buffer of {} from host slice of {}", dst.len, src.len());
-        let r = unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) };
+        // Through a pinned staging slot, so the copy is truly asynchronous and the host does not
+        // wait for the stream (token ids are uploaded twice per micro-batch, inside the step).
+        let mut st = self.staging.lock().expect("staging lock");
+        let i = st.next;
+        st.next = (i + 1) % STAGING_SLOTS;
+        if st.slots.len() <= i {
+            st.slots.resize_with(i + 1, || None);
+        }
+        // Reusing a slot waits for the copy that last read it: STAGING_SLOTS uploads ago, long
+        // done unless the host runs far ahead of the device (then this is the back-pressure).
+        if let Some(slot) = &st.slots[i] {
+            self.check("staging slot wait", slot.done.synchronize());
+        }
+        if st.slots[i].as_ref().map_or(true, |s| s.host.len() < src.len()) {
+            self.check("binding the context", self.dev.ctx.bind_to_thread());
+            let host = unsafe { self.dev.ctx.alloc_pinned::<u32>(src.len().max(1)) }.unwrap_or_else(|e| panic!("pinned alloc of {} ids on {}: {e:?}", src.len(), self.device_name));
+            let done = self.dev.ctx.new_event(None).unwrap_or_else(|e| panic!("creating an event on {}: {e:?}", self.device_name));
+            st.slots[i] = Some(StagingSlot { host, done });
+        }
+        let slot = st.slots[i].as_mut().expect("slot allocated above");
+        let staged = &mut slot.host.as_mut_slice().unwrap_or_else(|e| panic!("pinned staging on {}: {e:?}", self.device_name))[..src.len()];
+        staged.copy_from_slice(src);
+        let r = unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, &*staged, self.stream.cu_stream()) };
         self.check("upload_ids", r);
-        self.synchronize();
+        let r = slot.done.record(&self.stream);
+        self.check("staging slot record", r);
     }
     fn download(&self, src: V, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
@@ -333,6 +379,23 @@ impl Backend for CudaBackend {
         assert_eq!(dst.len, src.len, "copy: lengths differ");
         let r = unsafe { cudarc::driver::result::memcpy_dtod_async(p(&dst), p(&src), 4 * dst.len, self.stream.cu_stream()) };
         self.check("copy", r);
+    }
+    fn is_local(&self, buf: &CudaBuf) -> bool {
+        buf.ordinal == self.ordinal
+    }
+    fn copy_peer(&self, dst: V, src: V) {
+        assert_eq!(dst.len, src.len, "copy_peer: lengths differ");
+        assert_eq!(dst.buf.ordinal, self.ordinal, "copy_peer: the destination must be on {}", self.device_name);
+        if src.buf.ordinal == self.ordinal {
+            return self.copy(dst, src);
+        }
+        // A peer copy, ordered on this (the receiver's) stream: direct over NVLink/PCIe when peer
+        // access is enabled between the two devices, staged through the host by the driver if not.
+        self.check("binding the context", self.dev.ctx.bind_to_thread());
+        let r = unsafe {
+            cudarc::driver::result::memcpy_peer_async(dst.buf.ctx.cu_ctx(), p(&dst), src.buf.ctx.cu_ctx(), p(&src), 4 * dst.len, self.stream.cu_stream())
+        };
+        self.check("peer copy", r);
     }
     fn fill(&self, dst: V, value: f32) {
         let (x, n) = (p(&dst), dst.len as i64);
