@@ -96,3 +96,76 @@ fn a_device_that_does_not_exist_is_an_error_naming_the_key() {
     println!("{err}");
     assert!(err.contains("placement.devices") && err.contains("cuda:7"), "{err}");
 }
+
+/// What a run's events say about its buffers: (step, device, buffers allocated so far, bytes
+/// copied in so far) after each step, and the device of every layer (from its timings).
+struct BufferTrace {
+    steps: Vec<(u64, String, usize, u64)>,
+    layers: std::collections::BTreeMap<u64, String>,
+}
+
+fn buffer_trace(cfg: &taproot::config::Config, dir: &std::path::Path) -> BufferTrace {
+    use std::sync::{Arc, Mutex};
+    use taproot::runtime::events::Event;
+    let data = Dataset::open(dir, 256).unwrap();
+    let trace = Arc::new(Mutex::new(BufferTrace { steps: Vec::new(), layers: Default::default() }));
+    let step = Arc::new(Mutex::new(0u64));
+    let (t, s) = (trace.clone(), step.clone());
+    let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| match e {
+        Event::Step { step, .. } => *s.lock().unwrap() = *step,
+        Event::Buffers { device, allocated, peer_bytes_in } => t.lock().unwrap().steps.push((*s.lock().unwrap(), device.clone(), *allocated, *peer_bytes_in)),
+        Event::LayerTime { layer, device, .. } => {
+            t.lock().unwrap().layers.insert(*layer, device.clone());
+        }
+        _ => {}
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async { runtime::start::<CpuBackend>(cfg, data, quiet(), observer).await.unwrap().wait().await.unwrap() });
+    let mut guard = trace.lock().unwrap();
+    BufferTrace { steps: std::mem::take(&mut guard.steps), layers: std::mem::take(&mut guard.layers) }
+}
+
+/// Across devices a stage never computes on another device's memory (the CPU backend fails any
+/// op that mixes devices): it copies the buffer in and sends the original home. Every device's
+/// pool stays within what its stages can hold at once — M micro-batches in flight, each with at
+/// most one input stashed per layer on the device plus two moving buffers — over 60 steps with
+/// six evaluations, whose micro-batches cross devices forward only (a pool that lost a buffer
+/// per evaluation micro-batch would pass the bound by step 60). Bytes move between devices in
+/// whole (B, T, C) buffers, the same amount every training step. On one device nothing moves.
+#[test]
+fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
+    let dir = synthetic_dataset("xdev");
+    let cfg = tiny_config(&dir, "xdev", 60, &format!("[[growth]]\nat_step = 10\nto_depth = 4\n{THREE_DEVICES}"));
+    let trace = buffer_trace(&cfg, &dir);
+    if std::env::var("TRACE").is_ok() {
+        for e in &trace.steps {
+            println!("{e:?}");
+        }
+    }
+    let at = |step: u64, dev: &str| {
+        trace.steps.iter().find(|(s, d, _, _)| *s == step && d == dev).map(|(_, _, a, p)| (*a, *p)).unwrap_or_else(|| panic!("no Buffers event for {dev} at step {step}"))
+    };
+    assert_eq!(trace.layers.len(), 4, "layers seen: {:?}", trace.layers);
+    let in_flight = 3; // max(micro_batches = 2, eval.batches = 3): the scheduler never has more
+    let one_buffer = 4 * 16 * 32 * 4; // (B, T, C) f32
+    for dev in ["cpu:0", "cpu:1", "cpu:2"] {
+        let layers_here = trace.layers.values().filter(|d| *d == dev).count();
+        let bound = in_flight * (layers_here + 2);
+        let most = trace.steps.iter().filter(|e| e.1 == dev).map(|e| e.2).max().unwrap();
+        assert!(most <= bound, "{dev}: {most} buffers allocated, more than {bound} ({layers_here} layers here): a leak");
+        let (p25, p60) = (at(25, dev).1, at(60, dev).1);
+        assert!(p60 > p25 && p25 > 0, "{dev}: no bytes copied in ({p25} at step 25, {p60} at step 60)");
+        // Steps 32..=39 see no evaluation (the one at step 30 lands in step 31): the same traffic.
+        let per_step: Vec<u64> = (32..=39).map(|s| at(s, dev).1 - at(s - 1, dev).1).collect();
+        assert!(per_step.windows(2).all(|w| w[0] == w[1]), "{dev}: uneven traffic {per_step:?}");
+        assert!(per_step[0] > 0 && per_step[0] % one_buffer == 0, "{dev}: {} bytes per step is not whole buffers of {one_buffer}", per_step[0]);
+        println!("{dev}: {layers_here} layers, {most} buffers (bound {bound}), {} bytes copied in per step, {p60} in all", per_step[0]);
+    }
+
+    let dir1 = synthetic_dataset("xdev1");
+    let cfg1 = tiny_config(&dir1, "xdev1", 60, "[[growth]]\nat_step = 10\nto_depth = 4\n");
+    let trace1 = buffer_trace(&cfg1, &dir1);
+    assert!(trace1.steps.iter().all(|(_, d, _, p)| d == "cpu:0" && *p == 0), "one device copies nothing");
+    let most = trace1.steps.iter().map(|e| e.2).max().unwrap();
+    assert!(most <= in_flight * (4 + 2), "one device: {most} buffers allocated");
+}
