@@ -8,8 +8,10 @@
 //! With a GPU (`scripts/gpu-check.sh`; each test prints SKIP and returns where there is none):
 //! every op forward and backward against the CPU reference on fresh random inputs (relative
 //! error ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32, TF32 off), a whole training run with a growth event
-//! against the CPU trainer, the actor runtime on the GPU, and a two-stream hand-off that needs
-//! its event wait.
+//! against the CPU trainer, the actor runtime on the GPU, a two-stream hand-off that needs its
+//! event wait, token-id uploads through the pinned staging ring, a GPU checkpoint resumed on the
+//! CPU, and the daemon on a CUDA config. With two GPUs (they print SKIP with fewer): a peer copy
+//! ordered by its event, and the pipeline across two GPUs against the same run on one.
 
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::cuda::{self, CudaBackend};
@@ -333,4 +335,184 @@ fn two_stream_hand_off_needs_the_event_wait() {
     println!("hand-off with the event wait read {with}; without it read {without}");
     assert_eq!(with, 1.0, "with the event wait the reader must see the writer's value");
     assert_eq!(without, 0.0, "without the wait the reader ran ahead of the writer (the wait is what orders the hand-off)");
+}
+
+// several GPUs, uploads, checkpoints, the daemon
+
+/// `n` CUDA devices, or None after printing why the test skips.
+fn gpus(n: usize) -> Option<Vec<CudaBackend>> {
+    match cuda::device_count() {
+        Ok(have) if have >= n => Some((0..n).map(|i| CudaBackend::open(&format!("cuda:{i}")).expect("a CUDA device is present but could not be opened")).collect()),
+        Ok(have) => {
+            println!("SKIP: needs {n} CUDA devices, this machine has {have}");
+            None
+        }
+        Err(e) => {
+            println!("SKIP: {e:#}");
+            None
+        }
+    }
+}
+
+/// A peer copy from cuda:1 into cuda:0, ordered by the writer's event: the receiver sees exactly
+/// what the writer wrote last, after a long chain of work on the writer's stream.
+#[test]
+fn peer_copy_between_two_gpus_is_exact_and_ordered_by_the_event() {
+    let Some(g) = gpus(2) else { return };
+    let (a, b) = (&g[0], &g[1]);
+    let n = 1 << 20;
+    let mut rng = Rng::new(5);
+    let host = randn(&mut rng, n, 1.0);
+    let src = b.alloc(n);
+    b.upload(CudaBackend::whole(&src), &host);
+    // work on cuda:1 that ends by rewriting src: src = 2 * src
+    let big = b.alloc(2048 * 2048);
+    b.fill(CudaBackend::whole(&big), 0.25);
+    let out = b.alloc(2048 * 2048);
+    for _ in 0..20 {
+        b.gemm(CudaBackend::whole(&out), CudaBackend::whole(&big), Trans::N, CudaBackend::whole(&big), Trans::N, 2048, 2048, 2048, 1.0, 0.0);
+    }
+    b.axpby(CudaBackend::whole(&src), 0.0, 2.0, CudaBackend::whole(&src));
+    let ready = b.record();
+    assert!(!a.is_local(&src) && b.is_local(&src));
+    let dst = a.alloc(n);
+    a.wait(&ready);
+    a.copy_peer(CudaBackend::whole(&dst), CudaBackend::whole(&src));
+    let got = down(a, &dst);
+    let want: Vec<f32> = host.iter().map(|x| 2.0 * x).collect();
+    assert_eq!(got, want, "the peer copy differs from what cuda:1 wrote");
+    b.synchronize();
+}
+
+/// The actor runtime with its stages on two GPUs (ends and the lower layers on cuda:0, the
+/// upper ones on cuda:1, a growth in between) against the same run on one GPU: the same losses
+/// (1e-4 relative), and activations and gradients really crossed (peer copies counted).
+#[test]
+fn pipeline_across_two_gpus_matches_one_gpu() {
+    let Some(_g) = gpus(2) else { return };
+    use std::sync::{Arc, Mutex};
+    use taproot::runtime::events::Event;
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-2gpu-{}", std::process::id()));
+    let data = dataset(&dir);
+    let q = taproot::runtime::SchedOptions { quiet: true, ..Default::default() };
+    let one = taproot::runtime::train::<CudaBackend>(&tiny_cfg(&dir, "one-gpu", "[placement]\ndevices = [\"cuda:0\"]\n"), dataset(&dir), q.clone(), false).unwrap();
+    let cfg = tiny_cfg(&dir, "two-gpus", "[placement]\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
+    let copied = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let c = copied.clone();
+    let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| {
+        if let Event::Buffers { device, peer_bytes_in, .. } = e {
+            c.lock().unwrap().insert(device.clone(), *peer_bytes_in);
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let two = rt.block_on(async { taproot::runtime::start::<CudaBackend>(&cfg, data, q, observer).await.unwrap().wait().await.unwrap() });
+    for (a, b) in one.steps.iter().zip(&two.steps) {
+        let r = ((a.train_loss - b.train_loss) / a.train_loss).abs();
+        println!("step {:2} depth {} one gpu {:.6} two gpus {:.6} rel {r:.1e}", a.step, a.depth, a.train_loss, b.train_loss);
+        assert_eq!(a.depth, b.depth);
+        assert!(r < 1e-4, "step {}: {} vs {}", a.step, a.train_loss, b.train_loss);
+    }
+    let copied = copied.lock().unwrap().clone();
+    println!("bytes copied in per device: {copied:?}");
+    assert!(copied.get("cuda:0").copied().unwrap_or(0) > 0 && copied.get("cuda:1").copied().unwrap_or(0) > 0, "no peer copies: {copied:?}");
+}
+
+/// Token ids go up through a ring of pinned staging buffers without waiting for the stream.
+/// Thirty uploads into ONE device buffer (more than the ring has slots), each read by an
+/// embedding lookup queued right after it: every lookup must see its own ids, so neither a
+/// reused staging slot nor the device buffer may be overwritten before the reads before it.
+#[test]
+fn pinned_id_uploads_stay_in_order_across_the_staging_ring() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::default();
+    let (b, t, c, vp) = (4, 64, 32, 128);
+    let mut rng = Rng::new(9);
+    let wte_h = randn(&mut rng, vp * c, 1.0);
+    let wpe_h = randn(&mut rng, t * c, 1.0);
+    let (wte, wpe) = (up(&g, &wte_h), up(&g, &wpe_h));
+    let (cwte, cwpe) = (up(&cpu, &wte_h), up(&cpu, &wpe_h));
+    let ids_dev = g.alloc_ids(b * t);
+    let mut outs = Vec::new();
+    let mut wants = Vec::new();
+    for _ in 0..30 {
+        let ids_h: Vec<u32> = (0..b * t).map(|_| rng.below(vp as u64) as u32).collect();
+        g.upload_ids(&ids_dev, &ids_h);
+        let out = g.alloc(b * t * c);
+        g.encoder_forward(CudaBackend::whole(&out), &ids_dev, CudaBackend::whole(&wte), CudaBackend::whole(&wpe), b, t, c);
+        outs.push(out);
+        let cout = cpu.alloc(b * t * c);
+        cpu.encoder_forward(CpuBackend::whole(&cout), &ids(&cpu, &ids_h), CpuBackend::whole(&cwte), CpuBackend::whole(&cwpe), b, t, c);
+        wants.push(down(&cpu, &cout));
+    }
+    for (i, (o, w)) in outs.iter().zip(&wants).enumerate() {
+        assert_eq!(&down(&g, o), w, "lookup {i} did not see its own ids");
+    }
+}
+
+/// Checkpoints are host data: a run checkpointed on the GPU resumes on the CPU, and continues
+/// like the run that stayed on the GPU (1e-3 relative).
+#[test]
+fn a_gpu_checkpoint_resumes_on_the_cpu() {
+    let Some(_g) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-ck-{}", std::process::id()));
+    let q = taproot::runtime::SchedOptions { quiet: true, ..Default::default() };
+    let extra = "[checkpoint]\nevery = 10\n";
+    let gpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cuda:0\"]\n"));
+    let full = taproot::runtime::train::<CudaBackend>(&gpu_cfg, dataset(&dir), q.clone(), false).unwrap();
+    // Same run name: the CPU run finds the GPU run's checkpoints. Keep only the one of step 10.
+    let ck_dir = gpu_cfg.checkpoint_dir();
+    for (step, path) in taproot::checkpoint::list(&ck_dir).unwrap() {
+        if step != 10 {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let cpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cpu:0\"]\n"));
+    let resumed = taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::SchedOptions { resume: true, ..q }, false).unwrap();
+    assert_eq!(resumed.steps.first().map(|s| s.step), Some(11), "the CPU run did not resume at step 11");
+    for b in &resumed.steps {
+        let a = full.steps.iter().find(|a| a.step == b.step).unwrap();
+        let r = ((a.train_loss - b.train_loss) / a.train_loss).abs();
+        println!("step {:2} depth {} gpu {:.6} resumed on cpu {:.6} rel {r:.1e}", a.step, a.depth, a.train_loss, b.train_loss);
+        assert_eq!(a.depth, b.depth);
+        assert!(r < 1e-3, "step {}: {} vs {}", a.step, a.train_loss, b.train_loss);
+    }
+}
+
+/// The daemon runs a CUDA config: it trains, serves /metrics with the GPU's memory in it, and
+/// exits 0 after its linger.
+#[test]
+fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
+    let Some(_g) = gpu() else { return };
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-daemon-{}", std::process::id()));
+    let _ = dataset(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = tiny_cfg(&dir, "daemon-gpu", &format!("[placement]\ndevices = [\"cuda:0\"]\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nlinger_s = 5\n"));
+    let path = dir.join("daemon-gpu.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let opts = taproot::daemon::DaemonOptions { config: path, sets: vec![], listen: None, log_file: Some(dir.join("daemon-gpu.log")) };
+    let daemon = std::thread::spawn(move || taproot::daemon::run(opts));
+    let scrape = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    let t0 = std::time::Instant::now();
+    let mut seen = None;
+    while t0.elapsed() < std::time::Duration::from_secs(60) {
+        if let Some(b) = scrape().filter(|b| b.contains("taproot_device_memory_used_bytes{device=\"cuda:0\"}") && b.contains("taproot_step 20")) {
+            seen = Some(b);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let code = daemon.join().unwrap().unwrap();
+    let body = seen.expect("the daemon never showed 20 steps and the GPU's memory on /metrics");
+    let line = body.lines().find(|l| l.starts_with("taproot_device_memory_used_bytes{device=\"cuda:0\"}")).unwrap();
+    println!("{line}");
+    let bytes: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes > 0.0, "{line}");
+    assert_eq!(code, 0, "daemon exit code");
 }
