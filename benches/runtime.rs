@@ -1,6 +1,8 @@
 //! Actor-runtime overhead against the sequential trainer on the demo config (byte vocabulary,
 //! C=128, 4 heads, 6 blocks, B=16, T=128), as a ratio of wall times (goal ≤ 1.05), and the wall
-//! time of a live growth 0 → 6 (drain at a step boundary, spawn, relink).
+//! time of a live growth 0 → 6 (drain at a step boundary, spawn, relink), and the cost of
+//! placing the stages on three CPU "devices" (every hand-off across a device boundary is a copy
+//! into the receiver's memory, as on GPUs) against one device.
 //!
 //! Run: `scripts/bench-cpu.sh` (or `cargo bench --bench runtime -- [--quick]`). Data: random
 //! bytes (the cost of a step does not depend on the text). Runs alternate (sequential, runtime,
@@ -81,6 +83,28 @@ fn main() {
             s * 1e3 / steps as f64,
             r * 1e3 / steps as f64,
             r / s
+        );
+    }
+    // Three devices: the same run with the ring crossing device boundaries three times per
+    // direction per micro-batch (each crossing copies a (B, T, C) buffer).
+    {
+        let one = config(steps, 6, "", 2);
+        let three = config(steps, 6, "[placement]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\n", 2);
+        let (mut one_t, mut three_t) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            runtime::train::<CpuBackend>(&one, data.clone(), q.clone(), false).unwrap();
+            one_t.push(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            runtime::train::<CpuBackend>(&three, data.clone(), q.clone(), false).unwrap();
+            three_t.push(t0.elapsed().as_secs_f64());
+        }
+        let (o, t) = (median(one_t), median(three_t));
+        println!(
+            "  micro_batches=2: one device {:7.1} ms/step   three devices (hand-offs copied) {:7.1} ms/step   ratio {:.3}",
+            o * 1e3 / steps as f64,
+            t * 1e3 / steps as f64,
+            t / o
         );
     }
     // Growth: 0 -> 6 at step 5 of 10, random init; the wall time of the growth event itself.
