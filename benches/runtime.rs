@@ -65,7 +65,8 @@ fn main() {
     let data = dataset();
     let q = SchedOptions { quiet: true, ..Default::default() };
     println!("taproot runtime benchmark: demo config (6 blocks, C=128, B=16, T=128), {steps} steps, {reps} alternating runs each");
-    for mbs in [1usize, 2] {
+    let growth_only = std::env::args().any(|a| a == "--growth-only");
+    for mbs in [1usize, 2].into_iter().filter(|_| !growth_only) {
         let cfg = config(steps, 6, "", mbs);
         let (mut seq_t, mut rt_t) = (Vec::new(), Vec::new());
         for _ in 0..reps {
@@ -87,7 +88,7 @@ fn main() {
     }
     // Three devices: the same run with the ring crossing device boundaries three times per
     // direction per micro-batch (each crossing copies a (B, T, C) buffer).
-    {
+    if !growth_only {
         let one = config(steps, 6, "", 2);
         let three = config(steps, 6, "[placement]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\n", 2);
         let (mut one_t, mut three_t) = (Vec::new(), Vec::new());
@@ -118,10 +119,26 @@ fn main() {
         g.push(-srep.growth_wall_s[0]); // negative marks the sequential figure
     }
     let rt: Vec<f64> = g.iter().filter(|x| **x > 0.0).cloned().collect();
+    let growth_124m = {
+        // GPT-2 124M width (C=768, 12 heads, GPT-2 vocabulary): 0 -> 12 at step 1 of 2, with
+        // tiny steps (B=1, T=16), so the figure is the growth itself: 85M parameters
+        // initialised by the 12 newborn layer actors, which run their inits concurrently.
+        let text = format!(
+            "[run]\nname = \"bench-grow-124m\"\nsteps = 2\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"unused\"\ntokenizer = \"gpt2\"\nbatch_size = 1\nseq_len = 16\n[model]\nchannels = 768\nheads = 12\ndepth = 0\ntarget_depth = 12\n[optim]\nkind = \"adamw\"\n[eval]\nevery = 100000\nbatches = 1\n[[growth]]\nat_step = 1\nto_depth = 12\n",
+            std::env::temp_dir().join("taproot-bench-runtime").display()
+        );
+        let cfg = Config::parse(&text, &[]).unwrap();
+        let mut rng = Rng::new(4);
+        let gen = |n: usize, rng: &mut Rng| (0..n).map(|_| rng.below(50257) as u16).collect::<Vec<u16>>();
+        let big = Dataset { train: gen(1 << 16, &mut rng), val: gen(1 << 12, &mut rng), vocab: 50257 };
+        let runs: Vec<f64> = (0..reps.min(3)).map(|_| runtime::train::<CpuBackend>(&cfg, big.clone(), q.clone(), false).unwrap().growth_wall_s[0]).collect();
+        median(runs)
+    };
     let sq: Vec<f64> = g.iter().filter(|x| **x < 0.0).map(|x| -x).collect();
     println!(
         "  growth 0 -> 6 (spawn 6 layer actors, init, relink): {:.1} ms in the actor runtime, {:.1} ms for the same growth in the sequential trainer",
         median(rt) * 1e3,
         median(sq) * 1e3
     );
+    println!("  growth 0 -> 12 at GPT-2 124M width (85M parameters initialised): {:.0} ms in the actor runtime", growth_124m * 1e3);
 }

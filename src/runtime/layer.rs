@@ -87,18 +87,25 @@ impl<B: Backend> Actor for LayerActor<B> {
     type Arguments = LayerArgs<B>;
 
     async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: LayerArgs<B>) -> Result<Self::State, ActorProcessingErr> {
-        let be = B::open(&a.device).map_err(|e| format!("layer {}: {e:#}", a.id))?;
-        let block = compute(|| -> anyhow::Result<Block<B>> {
-            match a.init {
-                LayerInit::Fresh { init, source, policy, init_cfg } => make_block(&be, &a.dims, a.id, init, source.as_ref(), policy, &init_cfg),
+        // Opening the stream and building the block (host-side init of up to millions of
+        // parameters, or a restore) run on a blocking thread that this future awaits: when
+        // growth spawns k layers together, their inits run in parallel instead of one by one.
+        let (id, device, dims, init) = (a.id, a.device.clone(), a.dims.clone(), a.init);
+        let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(B, Block<B>)> {
+            let be = B::open(&device)?;
+            let block = match init {
+                LayerInit::Fresh { init, source, policy, init_cfg } => make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg)?,
                 LayerInit::Restore(state) => {
-                    let mut blk = Block::new_empty(&be, &a.dims, a.id);
+                    let mut blk = Block::new_empty(&be, &dims, id);
                     blk.w.restore(&be, &state)?;
-                    Ok(blk)
+                    blk
                 }
-            }
+            };
+            Ok((be, block))
         })
-        .map_err(|e| format!("layer {}: {e:#}", a.id))?;
+        .await
+        .map_err(|e| format!("layer {}: initialisation thread failed: {e}", a.id))?;
+        let (be, block) = built.map_err(|e| format!("layer {}: {e:#}", a.id))?;
         let mut block = block;
         block.use_pool(a.pool.clone());
         Ok(LayerState { be, pool: a.pool, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step, observer: a.observer, device: a.device })

@@ -287,12 +287,14 @@ impl<B: Backend> SchedState<B> {
         };
         let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
         let devices = placement::after_growth(self.cfg.placement.policy, &self.cfg.placement.devices, &old_devices, &positions, self.cfg.target_depth());
-        let mut newborn = Vec::with_capacity(k);
-        for (j, src) in sources.iter().enumerate() {
+        // All newborns at once: each initialises its block on its own thread (its random stream
+        // is keyed by its id, so the result does not depend on the order they run in).
+        let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
             let init = LayerInit::Fresh { init: e.init, source: src.map(|i| snaps[&i].clone()), policy: e.opt_state, init_cfg: self.init_cfg.clone() };
-            newborn.push(self.spawn_layer(id, devices[positions[j]].clone(), init).await?);
-        }
+            self.spawn_layer(id, devices[positions[j]].clone(), init)
+        });
+        let mut newborn = futures::future::try_join_all(spawns).await?;
         self.next_id += k as u64;
         let new_ids: Vec<u64> = newborn.iter().map(|s| s.id).collect();
         if e.opt_state == OptStatePolicy::Reset {
@@ -742,15 +744,17 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             bar.set_position(step);
             st.bar = Some(bar);
         }
-        for (i, id) in ids.iter().enumerate() {
-            let init = match units.remove(&UnitKey::Layer(*id).to_string()) {
+        let mut inits = Vec::with_capacity(ids.len());
+        for id in &ids {
+            inits.push(match units.remove(&UnitKey::Layer(*id).to_string()) {
                 Some(u) => LayerInit::Restore(u),
                 None if resumed.is_some() => return Err(err(format!("checkpoint lists layer {id} in its stack but holds no tensors for it"))),
                 None => LayerInit::Fresh { init: crate::model::growth::GrowInit::Random, source: None, policy: OptStatePolicy::Inherit, init_cfg: init_cfg.clone() },
-            };
-            let stage = st.spawn_layer(*id, devices[i].clone(), init).await?;
-            st.stack.push(stage);
+            });
         }
+        // Spawned together: each layer initialises (or restores) its block on its own thread.
+        let spawns = ids.iter().zip(inits).enumerate().map(|(i, (id, init))| st.spawn_layer(*id, devices[i].clone(), init));
+        st.stack = futures::future::try_join_all(spawns).await?;
         st.relink()?;
         // The trajectory, streamed: appended to across resumes.
         let out = st.cfg.out_dir();

@@ -251,6 +251,13 @@ impl CudaBackend {
         }
     }
 
+    /// Make this device's context current on the calling thread. Actors move between threads
+    /// and a thread may last have worked for another device; cudarc binds before its own calls,
+    /// the raw driver calls below (copies) bind here.
+    fn bind(&self) {
+        self.check("binding the context", self.dev.ctx.bind_to_thread());
+    }
+
     fn cfg1d(n: usize) -> LaunchConfig {
         let threads = 256u32;
         LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -335,6 +342,7 @@ impl Backend for CudaBackend {
     }
     fn upload(&self, dst: V, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
+        self.bind();
         let r = unsafe { cudarc::driver::result::memcpy_htod_async(p(&dst), src, self.stream.cu_stream()) };
         self.check("upload", r);
         // The host slice may be freed as soon as we return.
@@ -344,6 +352,7 @@ impl Backend for CudaBackend {
         assert_eq!(dst.len, src.len(), "upload_ids: buffer of {} from host slice of {}", dst.len, src.len());
         // Through a pinned staging slot, so the copy is truly asynchronous and the host does not
         // wait for the stream (token ids are uploaded twice per micro-batch, inside the step).
+        self.bind();
         let mut st = self.staging.lock().expect("staging lock");
         let i = st.next;
         st.next = (i + 1) % STAGING_SLOTS;
@@ -356,7 +365,6 @@ impl Backend for CudaBackend {
             self.check("staging slot wait", slot.done.synchronize());
         }
         if st.slots[i].as_ref().map_or(true, |s| s.host.len() < src.len()) {
-            self.check("binding the context", self.dev.ctx.bind_to_thread());
             let host = unsafe { self.dev.ctx.alloc_pinned::<u32>(src.len().max(1)) }.unwrap_or_else(|e| panic!("pinned alloc of {} ids on {}: {e:?}", src.len(), self.device_name));
             let done = self.dev.ctx.new_event(None).unwrap_or_else(|e| panic!("creating an event on {}: {e:?}", self.device_name));
             st.slots[i] = Some(StagingSlot { host, done });
@@ -371,12 +379,14 @@ impl Backend for CudaBackend {
     }
     fn download(&self, src: V, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
+        self.bind();
         let r = unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, p(&src), self.stream.cu_stream()) };
         self.check("download", r);
         self.synchronize();
     }
     fn copy(&self, dst: V, src: V) {
         assert_eq!(dst.len, src.len, "copy: lengths differ");
+        self.bind();
         let r = unsafe { cudarc::driver::result::memcpy_dtod_async(p(&dst), p(&src), 4 * dst.len, self.stream.cu_stream()) };
         self.check("copy", r);
     }
@@ -391,7 +401,7 @@ impl Backend for CudaBackend {
         }
         // A peer copy, ordered on this (the receiver's) stream: direct over NVLink/PCIe when peer
         // access is enabled between the two devices, staged through the host by the driver if not.
-        self.check("binding the context", self.dev.ctx.bind_to_thread());
+        self.bind();
         let r = unsafe {
             cudarc::driver::result::memcpy_peer_async(dst.buf.ctx.cu_ctx(), p(&dst), src.buf.ctx.cu_ctx(), p(&src), 4 * dst.len, self.stream.cu_stream())
         };
@@ -437,11 +447,13 @@ impl Backend for CudaBackend {
     }
 
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+        self.bind(); // cuBLAS works in the current context
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
         self.blas.gemm_rm(p(&c), p(&a), ta, p(&b), tb, m, n, k, alpha, beta, 1, 0, 0, 0);
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        self.bind(); // cuBLAS works in the current context
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
         // out (N, OC) = inp (N, C) @ w^T
         self.blas.gemm_rm(p(&out), p(&inp), Trans::N, p(&w), Trans::T, n, oc, c, 1.0, 0.0, 1, 0, 0, 0);
@@ -451,6 +463,7 @@ impl Backend for CudaBackend {
         }
     }
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
+        self.bind(); // cuBLAS works in the current context
         if let Some(d) = dinp {
             // dinp (N, C) = dout (N, OC) @ w (OC, C)
             self.blas.gemm_rm(p(&d), p(&dout), Trans::N, p(&w), Trans::N, n, c, oc, 1.0, 0.0, 1, 0, 0, 0);
@@ -486,6 +499,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
+        self.bind(); // cuBLAS works in the current context
         let hs = c / nh;
         let n = b * t * c;
         let s = self.attn_scratch(4 * n);
@@ -506,6 +520,7 @@ impl Backend for CudaBackend {
         launch!(self, "unpermute_y_kernel", Self::cfg1d(n), &o, &y, &bi, &ti, &nhi, &hsi);
     }
     fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+        self.bind(); // cuBLAS works in the current context
         let hs = c / nh;
         let n = b * t * c;
         let s = self.attn_scratch(7 * n);
