@@ -1,7 +1,8 @@
 //! GPU benchmark (run by `scripts/gpu-check.sh`): GPT-2 124M training (T=1024) on one GPU —
 //! tokens/s and MFU against 989 TFLOP/s (H100/H200 dense bf16, the usual yardstick) and
-//! against the cuBLAS fp32/TF32 peak measured here — and a live 0 → 12 growth on the GPU.
-//! Prints SKIP and exits 0 where there is no GPU.
+//! against the cuBLAS fp32/TF32 peak measured here — a live 0 → 12 growth on the GPU, and the
+//! 12-layer actor pipeline (4 micro-batches) on one GPU and, where there are two, split over
+//! two. Prints SKIP and exits 0 where there is no GPU.
 //!
 //! Protocol: AdamW, random tokens, 2 warmup steps discarded, median of the timed steps (the
 //! step ends with a host read of the loss, so the GPU work is included). FLOPs: llm.c's
@@ -118,10 +119,36 @@ fn main() {
     };
     let (d0, d12, g) = (step_ms(0), step_ms(12), rep.growth_wall_s[0] * 1e3);
     println!("actor runtime, growth 0 -> 12 at step 6: depth-0 step {d0:.1} ms, depth-12 step {d12:.1} ms, growth {g:.1} ms");
+    // Pipeline parallelism: 12 layers, 4 micro-batches of 2 sequences, on one GPU and split over
+    // two (ends and layers 0-5 on cuda:0, 6-11 on cuda:1; hand-offs are peer copies).
+    let n_gpus = cuda::device_count().unwrap_or(0);
+    let pipe = |devices: &str| -> f64 {
+        let text = format!(
+            "[run]\nname = \"gpu-pipe\"\nsteps = 10\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"unused\"\ntokenizer = \"gpt2\"\nbatch_size = 2\nseq_len = 1024\nmicro_batches = 4\n[model]\nchannels = 768\nheads = 12\ndepth = 12\n[optim]\nkind = \"adamw\"\n[eval]\nevery = 1000\nbatches = 1\n[placement]\ndevices = [{devices}]\n",
+            std::env::temp_dir().join("taproot-gpu-pipe").display()
+        );
+        let cfg = Config::parse(&text, &[]).unwrap();
+        let mut r = Rng::new(10);
+        let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: 50257 };
+        let rep = runtime::train::<CudaBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
+        let v: Vec<f64> = rep.steps.windows(2).skip(2).map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3).collect();
+        median(v)
+    };
+    let one = pipe("\"cuda:0\"");
+    let two = (n_gpus >= 2).then(|| pipe("\"cuda:0\", \"cuda:1\""));
+    match two {
+        Some(t) => println!("actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step, two GPUs {t:.1} ms/step ({:.2}x)", one / t),
+        None => println!("actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step; two GPUs skipped ({n_gpus} CUDA device)"),
+    }
     println!("\n| what | value |\n|---|---|");
     println!("| cuBLAS fp32 / tf32 peak (8192^3) | {fp32:.1} / {tf32:.1} TFLOP/s |");
     for (mode, ms, tok_s, tflops, peak) in rows {
         println!("| GPT-2 124M, B={b}, T=1024, {mode} | {ms:.1} ms/step, {tok_s:.0} tok/s, {tflops:.1} TFLOP/s, MFU {:.1}% (989) / {:.1}% (measured {mode} peak) |", 100.0 * tflops / 989.0, 100.0 * tflops / peak);
     }
     println!("| growth 0 -> 12 (actor runtime) | {g:.1} ms; step {d0:.1} ms at depth 0, {d12:.1} ms at depth 12 ({:.1}x) |", d12 / d0);
+    let tok = (8 * 1024) as f64;
+    match two {
+        Some(t) => println!("| pipeline, 12 layers, 4 micro-batches | one GPU {one:.1} ms/step ({:.0} tok/s); two GPUs {t:.1} ms/step ({:.0} tok/s), {:.2}x |", tok / one * 1e3, tok / t * 1e3, one / t),
+        None => println!("| pipeline, 12 layers, 4 micro-batches | one GPU {one:.1} ms/step ({:.0} tok/s); two GPUs not run ({n_gpus} CUDA device) |", tok / one * 1e3),
+    }
 }
