@@ -8,8 +8,9 @@
 //! - `fill`: a layer, once placed, never moves; each new layer goes to the first device (in
 //!   order) holding fewer than ceil(target_depth / D) layers, or the least loaded one.
 //!
-//! On CPU a device only names a stream, but the policy and the moves are the same code that a
-//! multi-GPU run uses, and are tested with several named CPU devices.
+//! Several named CPU devices (`cpu:0`, `cpu:1`, …) stand in for GPUs in tests: each owns its
+//! buffers, an op that mixes two devices' buffers fails, and hand-offs across devices are copies,
+//! so the policy, the moves and the hand-off protocol are the same code a multi-GPU run uses.
 
 use crate::config::PlacementPolicy;
 
