@@ -682,3 +682,21 @@ fn metrics_answer_within_100_ms_while_a_cpu_heavy_step_runs() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(Duration::from_secs(60)), 0);
 }
+
+/// A config that places layers on `cuda:N` reaches the CUDA backend: on a machine without a GPU
+/// the daemon exits 1 with the backend's own error (naming LD_LIBRARY_PATH), before serving.
+/// (On a GPU machine the CUDA tests run the daemon on the GPU instead.)
+#[test]
+fn a_cuda_config_reaches_the_cuda_backend() {
+    if taproot::backend::cuda::device_count().map(|n| n > 0).unwrap_or(false) {
+        println!("SKIP: this machine has a GPU; tests/cuda.rs runs the daemon on it");
+        return;
+    }
+    let dir = synthetic_dataset("daemon-cuda");
+    let cfg = write_config(&dir, "cuda", "[placement]\ndevices = [\"cuda:0\"]\n");
+    let out = Command::new(BIN).arg("daemon").arg("--config").arg(&cfg).arg("--listen").arg("127.0.0.1:0").env_remove("TAPROOT_TOKEN").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cuda:0") && text.contains("LD_LIBRARY_PATH"), "not the CUDA backend's error: {text}");
+    println!("{}", text.trim());
+}
