@@ -364,7 +364,7 @@ impl Backend for CudaBackend {
         if let Some(slot) = &st.slots[i] {
             self.check("staging slot wait", slot.done.synchronize());
         }
-        if st.slots[i].as_ref().map_or(true, |s| s.host.len() < src.len()) {
+        if st.slots[i].as_ref().is_none_or(|s| s.host.len() < src.len()) {
             let host = unsafe { self.dev.ctx.alloc_pinned::<u32>(src.len().max(1)) }.unwrap_or_else(|e| panic!("pinned alloc of {} ids on {}: {e:?}", src.len(), self.device_name));
             let done = self.dev.ctx.new_event(None).unwrap_or_else(|e| panic!("creating an event on {}: {e:?}", self.device_name));
             st.slots[i] = Some(StagingSlot { host, done });
