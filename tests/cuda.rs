@@ -8,7 +8,8 @@
 //! With a GPU (`scripts/gpu-check.sh`; each test prints SKIP and returns where there is none):
 //! every op forward and backward against the CPU reference on fresh random inputs (relative
 //! error ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32, TF32 off), a whole training run with a growth event
-//! against the CPU trainer, the actor runtime on the GPU, a two-stream hand-off that needs its
+//! against the CPU trainer, every growth operator building the CPU's block bit for bit, the
+//! actor runtime on the GPU, a two-stream hand-off that needs its
 //! event wait, token-id uploads through the pinned staging ring, a GPU checkpoint resumed on the
 //! CPU, and the daemon on a CUDA config. With two GPUs (they print SKIP with fewer): a peer copy
 //! ordered by its event, and the pipeline across two GPUs against the same run on one.
@@ -515,4 +516,39 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
     let bytes: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(bytes > 0.0, "{line}");
     assert_eq!(code, 0, "daemon exit code");
+}
+
+/// Every growth operator (random, copying, zero, copying_zero) under every optimizer-state
+/// policy builds, on the GPU, exactly the block it builds on the CPU: the same parameters,
+/// optimizer moments and step counters, bit for bit (inits are computed on the host, so the
+/// definitions checked against METHOD.md in tests/growth.rs hold on the GPU too).
+#[test]
+fn every_growth_operator_builds_the_same_block_on_gpu_as_on_cpu() {
+    let Some(g) = gpu() else { return };
+    use taproot::model::growth::{make_block, GrowInit, OptStatePolicy};
+    use taproot::model::init::{InitConfig, InitScheme};
+    use taproot::model::{Block, Dims, UnitState};
+    let cpu = CpuBackend::default();
+    let dims = Dims::new(67, 16, 64, 4);
+    let init_cfg = InitConfig { scheme: InitScheme::Gpt2, target_depth: 4, seed: 7, std: 0.02 };
+    // A source block with trained-looking state: random parameters, moments and step counters.
+    let n = Block::<CpuBackend>::layout(&dims).total;
+    let specs = Block::<CpuBackend>::layout(&dims).specs.len();
+    let mut rng = Rng::new(21);
+    let source = UnitState {
+        params: randn(&mut rng, n, 0.1),
+        m: randn(&mut rng, n, 0.01),
+        v: Some(randn(&mut rng, n, 0.01).iter().map(|x| x * x).collect()),
+        steps: (0..specs as u64).map(|i| 100 + i).collect(),
+    };
+    for init in [GrowInit::Random, GrowInit::Copying, GrowInit::Zero, GrowInit::CopyingZero] {
+        for policy in [OptStatePolicy::Inherit, OptStatePolicy::Copy, OptStatePolicy::Reset] {
+            let on_cpu = make_block(&cpu, &dims, 5, init, Some(&source), policy, &init_cfg).unwrap().w.snapshot(&cpu);
+            let on_gpu = make_block(&g, &dims, 5, init, Some(&source), policy, &init_cfg).unwrap().w.snapshot(&g);
+            assert_eq!(on_cpu.params, on_gpu.params, "{init:?}/{policy:?}: parameters differ");
+            assert_eq!(on_cpu.m, on_gpu.m, "{init:?}/{policy:?}: first moments differ");
+            assert_eq!(on_cpu.v, on_gpu.v, "{init:?}/{policy:?}: second moments differ");
+            assert_eq!(on_cpu.steps, on_gpu.steps, "{init:?}/{policy:?}: step counters differ");
+        }
+    }
 }
