@@ -7,7 +7,8 @@
 //!
 //! With a GPU (`scripts/gpu-check.sh`; each test prints SKIP and returns where there is none):
 //! every op forward and backward against the CPU reference on fresh random inputs (relative
-//! error ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32, TF32 off), a whole training run with a growth event
+//! error ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32, TF32 off; products within 3e-3 with TF32 on), a
+//! whole training run with a growth event
 //! against the CPU trainer, every growth operator building the CPU's block bit for bit, the
 //! actor runtime on the GPU, a two-stream hand-off that needs its
 //! event wait, token-id uploads through the pinned staging ring, a GPU checkpoint resumed on the
@@ -551,4 +552,47 @@ fn every_growth_operator_builds_the_same_block_on_gpu_as_on_cpu() {
             assert_eq!(on_cpu.steps, on_gpu.steps, "{init:?}/{policy:?}: step counters differ");
         }
     }
+}
+
+/// With TF32 on (`cuda.tf32 = true`) the products lose precision within a stated bound: each
+/// operand is rounded to a 10-bit mantissa (unit roundoff 2^-11 ≈ 4.9e-4), so a product's
+/// relative error is at most about 1e-3 per term and, over random signs, well under it in norm.
+/// Bound: 3e-3 relative, for the matrix products and the attention built on them. And TF32 is
+/// really in use: a 1024³ product differs from fp32 by more than the fp32 bound of 1e-5.
+#[test]
+fn tf32_products_match_cpu_within_the_stated_bound() {
+    let Some(_g) = gpu() else { return };
+    const TF32_TOL: f64 = 3e-3;
+    let g = CudaBackend::open("cuda:0").unwrap();
+    g.set_tf32(true).unwrap();
+    let cpu = CpuBackend::default();
+    fn products<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
+        let mut r = Rng::new(31);
+        let (n, c, oc) = (B_ * T_, C_, 3 * C_);
+        let (inp, w, dout) = (up(be, &randn(&mut r, n * c, 1.0)), up(be, &randn(&mut r, oc * c, 0.1)), up(be, &randn(&mut r, n * oc, 1.0)));
+        let out = be.alloc(n * oc);
+        be.matmul_forward(B::whole(&out), B::whole(&inp), B::whole(&w), None, n, c, oc);
+        let (dinp, dw) = (be.alloc(n * c), be.alloc(oc * c));
+        be.matmul_backward(Some(B::whole(&dinp)), B::whole(&dw), None, B::whole(&dout), B::whole(&inp), B::whole(&w), n, c, oc);
+        let (b, t, c, nh) = (B_, T_, C_, NH_);
+        let qkv = up(be, &randn(&mut r, b * t * 3 * c, 1.0));
+        let (aout, att) = (be.alloc(b * t * c), be.alloc(b * nh * t * t));
+        be.attention_forward(B::whole(&aout), B::whole(&att), B::whole(&qkv), b, t, c, nh);
+        let adout = up(be, &randn(&mut r, b * t * c, 1.0));
+        let (dqkv, datt) = (be.alloc(b * t * 3 * c), be.alloc(b * nh * t * t));
+        be.attention_backward(B::whole(&dqkv), B::whole(&datt), B::whole(&adout), B::whole(&qkv), B::whole(&att), b, t, c, nh);
+        let k = 1024;
+        let (x, y, z) = (up(be, &randn(&mut r, k * k, 1.0)), up(be, &randn(&mut r, k * k, 1.0)), be.alloc(k * k));
+        be.gemm(B::whole(&z), B::whole(&x), Trans::N, B::whole(&y), Trans::N, k, k, k, 1.0, 0.0);
+        vec![("out", down(be, &out)), ("dinp", down(be, &dinp)), ("dw", down(be, &dw)), ("attn out", down(be, &aout)), ("attn dqkv", down(be, &dqkv)), ("gemm 1024^3", down(be, &z))]
+    }
+    let want = products(&cpu);
+    let got = products(&g);
+    for ((name, w), (_, x)) in want.iter().zip(&got) {
+        let r = rel(x, w);
+        println!("tf32 {name:<12} relative error {r:.2e} (bound {TF32_TOL:e})");
+        assert!(r <= TF32_TOL, "tf32 {name}: relative error {r:.3e} > {TF32_TOL:e}");
+    }
+    let big = rel(&got.last().unwrap().1, &want.last().unwrap().1);
+    assert!(big > TOL, "a 1024^3 product with TF32 on is as exact as fp32 ({big:.2e}): TF32 is not in use");
 }
