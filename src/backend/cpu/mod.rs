@@ -2,7 +2,10 @@
 //! for everything else.
 //!
 //! It is synchronous — an op has finished when its call returns — so its "stream" only orders
-//! work, and events are no-ops. It is the reference every other backend is tested against, and
+//! work. Events cannot change a result here, but they are checked: every stream keeps a vector
+//! clock and every buffer its last writer and readers ([`order`]), so an access from one stream
+//! to memory another stream used, without waiting on an event recorded after that use, panics
+//! (on a GPU it would race). It is the reference every other backend is tested against, and
 //! the backend of tests and CI, so its kernels are written for clarity first and then made fast
 //! where the benchmark says it matters (the matrix products, which are all `gemm`).
 //!
@@ -16,9 +19,11 @@
 //! actors never each start a 2-thread GEMM on a 2-core machine.
 
 mod kernels;
+pub mod order;
 
 use super::{Backend, Trans, View};
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
+use std::sync::Arc;
 
 /// f32 memory of the CPU backend.
 pub struct CpuBuf {
@@ -28,14 +33,16 @@ pub struct CpuBuf {
     /// without peer access would fault, so the hand-off protocol (copy across devices, never
     /// read across them) is checked on every CI run.
     device: u32,
+    /// Which streams wrote and read it last (stream-order checking, see [`order`]).
+    access: RefCell<order::Access>,
 }
 
 // SAFETY: the Vec is owned; moving it to another thread is fine. CpuBuf is deliberately not Sync.
 unsafe impl Send for CpuBuf {}
 
 impl CpuBuf {
-    fn new(n: usize, device: u32) -> Self {
-        CpuBuf { data: UnsafeCell::new(vec![0.0; n]), device }
+    fn new(n: usize, device: u32, stream: &order::Stream) -> Self {
+        CpuBuf { data: UnsafeCell::new(vec![0.0; n]), device, access: RefCell::new(order::Access::born(stream)) }
     }
     fn len(&self) -> usize {
         // SAFETY: reading the length never races: only this thread can touch the buffer.
@@ -72,17 +79,17 @@ fn check_bounds(v: &V) {
     );
 }
 
-/// Read-only slice of a view.
+/// Read-only slice of a view (no stream-order check: ops use [`CpuBackend::rd`]).
 ///
 /// SAFETY: the caller must not hold a mutable slice overlapping it (ops check with [`disjoint`]).
-pub(crate) unsafe fn rd<'a>(v: V<'a>) -> &'a [f32] {
+unsafe fn raw_rd<'a>(v: V<'a>) -> &'a [f32] {
     check_bounds(&v);
     std::slice::from_raw_parts(v.buf.ptr().add(v.off), v.len)
 }
 
-/// Mutable slice of a view. SAFETY: as [`rd`]; the caller guarantees no overlapping slice lives.
+/// Mutable slice of a view. SAFETY: as [`raw_rd`]; the caller guarantees no overlapping slice lives.
 #[allow(clippy::mut_from_ref)]
-pub(crate) unsafe fn wr<'a>(v: V<'a>) -> &'a mut [f32] {
+unsafe fn raw_wr<'a>(v: V<'a>) -> &'a mut [f32] {
     check_bounds(&v);
     std::slice::from_raw_parts_mut(v.buf.ptr().add(v.off), v.len)
 }
@@ -112,16 +119,35 @@ pub(crate) fn disjoint(out: &V, others: &[&V]) {
 }
 
 /// The CPU "stream": a device name; all work runs on the global rayon pool.
+/// Clones are the same stream; [`Backend::fork`] and [`Backend::open`] make new ones.
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     device: String,
     index: u32,
+    stream: Arc<order::Stream>,
 }
 
 impl CpuBackend {
-    /// A stream on CPU "device" `index`. Several CPU devices only name streams (placement tests).
+    /// A new stream on CPU "device" `index` (several CPU devices stand in for GPUs in tests).
     pub fn new(index: usize) -> Self {
-        CpuBackend { device: format!("cpu:{index}"), index: index as u32 }
+        CpuBackend { device: format!("cpu:{index}"), index: index as u32, stream: Arc::new(order::Stream::new()) }
+    }
+
+    /// Read-only slice of a view, after checking that this stream may read it now.
+    ///
+    /// SAFETY: the caller must not hold a mutable slice overlapping it (ops check with [`disjoint`]).
+    unsafe fn rd<'a>(&self, v: V<'a>) -> &'a [f32] {
+        order::read(&self.stream, &self.device, &mut v.buf.access.borrow_mut());
+        raw_rd(v)
+    }
+
+    /// Mutable slice of a view, after checking that this stream may write it now.
+    ///
+    /// SAFETY: as [`CpuBackend::rd`]; the caller guarantees no overlapping slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn wr<'a>(&self, v: V<'a>) -> &'a mut [f32] {
+        order::write(&self.stream, &self.device, &mut v.buf.access.borrow_mut());
+        raw_wr(v)
     }
 
     /// Panic unless `v` lives on this stream's device (the GPU equivalent is an illegal access,
@@ -182,7 +208,7 @@ pub(crate) unsafe fn gemm_raw_par(
 impl Backend for CpuBackend {
     type Buf = CpuBuf;
     type Ids = CpuIds;
-    type Event = ();
+    type Event = order::CpuEvent;
 
     fn open(device: &str) -> anyhow::Result<Self> {
         match device.strip_prefix("cpu:").and_then(|i| i.parse::<usize>().ok()) {
@@ -195,11 +221,11 @@ impl Backend for CpuBackend {
         &self.device
     }
     fn fork(&self) -> anyhow::Result<Self> {
-        Ok(self.clone())
+        Ok(CpuBackend::new(self.index as usize))
     }
 
     fn alloc(&self, n: usize) -> CpuBuf {
-        CpuBuf::new(n, self.index)
+        CpuBuf::new(n, self.index, &self.stream)
     }
     fn alloc_ids(&self, n: usize) -> CpuIds {
         CpuIds { data: UnsafeCell::new(vec![0; n]) }
@@ -213,7 +239,7 @@ impl Backend for CpuBackend {
     fn upload(&self, dst: V, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
         self.here(&dst, "upload");
-        unsafe { wr(dst) }.copy_from_slice(src);
+        unsafe { self.wr(dst) }.copy_from_slice(src);
     }
     fn upload_ids(&self, dst: &CpuIds, src: &[u32]) {
         let d = unsafe { &mut *dst.data.get() };
@@ -223,13 +249,13 @@ impl Backend for CpuBackend {
     fn download(&self, src: V, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: view of {} into host slice of {}", src.len, dst.len());
         self.here(&src, "download");
-        dst.copy_from_slice(unsafe { rd(src) });
+        dst.copy_from_slice(unsafe { self.rd(src) });
     }
     fn copy(&self, dst: V, src: V) {
         assert_eq!(dst.len, src.len, "copy: lengths differ");
         self.here(&dst, "copy");
         disjoint(&dst, &[&src]);
-        unsafe { wr(dst).copy_from_slice(rd(src)) };
+        unsafe { self.wr(dst).copy_from_slice(self.rd(src)) };
     }
     fn is_local(&self, buf: &CpuBuf) -> bool {
         buf.device == self.index
@@ -239,42 +265,46 @@ impl Backend for CpuBackend {
         self.here(&dst, "copy_peer");
         assert!(!std::ptr::eq(dst.buf, src.buf), "copy_peer: source and destination are one buffer");
         // Distinct buffers never overlap, so the two slices cannot alias.
-        unsafe { wr(dst).copy_from_slice(rd(src)) };
+        unsafe { self.wr(dst).copy_from_slice(self.rd(src)) };
     }
     fn fill(&self, dst: V, value: f32) {
         self.here(&dst, "fill");
-        unsafe { wr(dst) }.fill(value);
+        unsafe { self.wr(dst) }.fill(value);
     }
-    fn record(&self) {}
-    fn wait(&self, _event: &()) {}
+    fn record(&self) -> order::CpuEvent {
+        self.stream.record()
+    }
+    fn wait(&self, event: &order::CpuEvent) {
+        self.stream.wait(event)
+    }
     fn synchronize(&self) {}
 
     fn add(&self, dst: V, a: V, b: V) {
         disjoint(&dst, &[&a, &b]);
-        unsafe { kernels::add(wr(dst), rd(a), rd(b)) }
+        unsafe { kernels::add(self.wr(dst), self.rd(a), self.rd(b)) }
     }
     fn add_assign(&self, dst: V, src: V) {
         disjoint(&dst, &[&src]);
-        unsafe { kernels::axpby(wr(dst), 1.0, 1.0, rd(src)) }
+        unsafe { kernels::axpby(self.wr(dst), 1.0, 1.0, self.rd(src)) }
     }
     fn axpby(&self, dst: V, alpha: f32, beta: f32, src: V) {
         disjoint(&dst, &[&src]);
-        unsafe { kernels::axpby(wr(dst), alpha, beta, rd(src)) }
+        unsafe { kernels::axpby(self.wr(dst), alpha, beta, self.rd(src)) }
     }
     fn sumsq(&self, dst: V, x: V) {
         disjoint(&dst, &[&x]);
-        unsafe { wr(dst)[0] = kernels::sumsq(rd(x)) as f32 }
+        unsafe { self.wr(dst)[0] = kernels::sumsq(self.rd(x)) as f32 }
     }
     fn scale_by_rnorm(&self, x: V, ss: V, eps: f32) {
         disjoint(&x, &[&ss]);
-        let s = 1.0 / (unsafe { rd(ss)[0] }.sqrt() + eps);
-        unsafe { kernels::scale(wr(x), s) }
+        let s = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
+        unsafe { kernels::scale(self.wr(x), s) }
     }
 
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
         disjoint(&c, &[&a, &b]);
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
-        let (c, a, b) = unsafe { (wr(c).as_mut_ptr(), rd(a).as_ptr(), rd(b).as_ptr()) };
+        let (c, a, b) = unsafe { (self.wr(c).as_mut_ptr(), self.rd(a).as_ptr(), self.rd(b).as_ptr()) };
         // Row-major strides; a transposed operand is the same memory read with swapped strides.
         let (a_rs, a_cs) = match ta {
             Trans::N => (k as isize, 1),
@@ -293,7 +323,7 @@ impl Backend for CpuBackend {
             disjoint(&out, &[b]);
         }
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
-        unsafe { kernels::matmul_forward(wr(out), rd(inp), rd(w), b.map(|b| rd(b)), n, c, oc) }
+        unsafe { kernels::matmul_forward(self.wr(out), self.rd(inp), self.rd(w), b.map(|b| self.rd(b)), n, c, oc) }
     }
 
     fn matmul_backward(
@@ -321,12 +351,12 @@ impl Backend for CpuBackend {
         assert!(dout.len == n * oc && inp.len == n * c && w.len == oc * c && dw.len == oc * c, "matmul_backward: shapes");
         unsafe {
             kernels::matmul_backward(
-                dinp.map(|d| wr(d)),
-                wr(dw),
-                db.map(|d| wr(d)),
-                rd(dout),
-                rd(inp),
-                rd(w),
+                dinp.map(|d| self.wr(d)),
+                self.wr(dw),
+                db.map(|d| self.wr(d)),
+                self.rd(dout),
+                self.rd(inp),
+                self.rd(w),
                 n,
                 c,
                 oc,
@@ -336,12 +366,12 @@ impl Backend for CpuBackend {
 
     fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
         disjoint(&out, &[&wte, &wpe]);
-        unsafe { kernels::encoder_forward(wr(out), ids.slice(), rd(wte), rd(wpe), b, t, c) }
+        unsafe { kernels::encoder_forward(self.wr(out), ids.slice(), self.rd(wte), self.rd(wpe), b, t, c) }
     }
     fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
         disjoint(&dwte, &[&dwpe, &dout]);
         disjoint(&dwpe, &[&dout]);
-        unsafe { kernels::encoder_backward(wr(dwte), wr(dwpe), rd(dout), ids.slice(), b, t, c) }
+        unsafe { kernels::encoder_backward(self.wr(dwte), self.wr(dwpe), self.rd(dout), ids.slice(), b, t, c) }
     }
 
     fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
@@ -350,7 +380,7 @@ impl Backend for CpuBackend {
         }
         disjoint(&out, &[&mean, &rstd]);
         disjoint(&mean, &[&rstd]);
-        unsafe { kernels::layernorm_forward(wr(out), wr(mean), wr(rstd), rd(inp), rd(w), rd(b), n, c) }
+        unsafe { kernels::layernorm_forward(self.wr(out), self.wr(mean), self.wr(rstd), self.rd(inp), self.rd(w), self.rd(b), n, c) }
     }
     fn layernorm_backward(
         &self,
@@ -372,14 +402,14 @@ impl Backend for CpuBackend {
         disjoint(&dw, &[&db]);
         unsafe {
             kernels::layernorm_backward(
-                wr(dinp),
-                wr(dw),
-                wr(db),
-                rd(dout),
-                rd(inp),
-                rd(w),
-                rd(mean),
-                rd(rstd),
+                self.wr(dinp),
+                self.wr(dw),
+                self.wr(db),
+                self.rd(dout),
+                self.rd(inp),
+                self.rd(w),
+                self.rd(mean),
+                self.rd(rstd),
                 n,
                 c,
             )
@@ -389,21 +419,21 @@ impl Backend for CpuBackend {
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
         disjoint(&out, &[&att, &qkv]);
         disjoint(&att, &[&qkv]);
-        unsafe { kernels::attention_forward(wr(out), wr(att), rd(qkv), b, t, c, nh) }
+        unsafe { kernels::attention_forward(self.wr(out), self.wr(att), self.rd(qkv), b, t, c, nh) }
     }
     fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
         disjoint(&dqkv, &[&datt, &dout, &qkv, &att]);
         disjoint(&datt, &[&dout, &qkv, &att]);
-        unsafe { kernels::attention_backward(wr(dqkv), wr(datt), rd(dout), rd(qkv), rd(att), b, t, c, nh) }
+        unsafe { kernels::attention_backward(self.wr(dqkv), self.wr(datt), self.rd(dout), self.rd(qkv), self.rd(att), b, t, c, nh) }
     }
 
     fn gelu_forward(&self, out: V, inp: V) {
         disjoint(&out, &[&inp]);
-        unsafe { kernels::gelu_forward(wr(out), rd(inp)) }
+        unsafe { kernels::gelu_forward(self.wr(out), self.rd(inp)) }
     }
     fn gelu_backward(&self, dinp: V, inp: V, dout: V) {
         disjoint(&dinp, &[&inp, &dout]);
-        unsafe { kernels::gelu_backward(wr(dinp), rd(inp), rd(dout)) }
+        unsafe { kernels::gelu_backward(self.wr(dinp), self.rd(inp), self.rd(dout)) }
     }
 
     fn crossentropy_forward_backward(
@@ -417,7 +447,7 @@ impl Backend for CpuBackend {
         vp: usize,
     ) {
         disjoint(&losses, &[&logits]);
-        unsafe { kernels::crossentropy(wr(logits), wr(losses), targets.slice(), dscale, n, v, vp) }
+        unsafe { kernels::crossentropy(self.wr(logits), self.wr(losses), targets.slice(), dscale, n, v, vp) }
     }
 
     fn adamw_update(&self, p: V, g: V, m: V, v: V, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64) {
@@ -426,20 +456,20 @@ impl Backend for CpuBackend {
         }
         disjoint(&p, &[&m, &v]);
         disjoint(&m, &[&v]);
-        unsafe { kernels::adamw(wr(p), rd(g), wr(m), wr(v), lr, beta1, beta2, eps, wd, t) }
+        unsafe { kernels::adamw(self.wr(p), self.rd(g), self.wr(m), self.wr(v), lr, beta1, beta2, eps, wd, t) }
     }
     fn momentum_update(&self, u: V, m: V, g: V, mu: f32, nesterov: bool) {
         disjoint(&u, &[&m, &g]);
         disjoint(&m, &[&g]);
-        unsafe { kernels::momentum(wr(u), wr(m), rd(g), mu, nesterov) }
+        unsafe { kernels::momentum(self.wr(u), self.wr(m), self.rd(g), mu, nesterov) }
     }
     fn apply_update(&self, p: V, u: V, lr: f32, scale: f32, wd: f32) {
         disjoint(&p, &[&u]);
-        unsafe { kernels::apply_update(wr(p), rd(u), lr * scale, 1.0 - lr * wd) }
+        unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * scale, 1.0 - lr * wd) }
     }
     fn nsgd_apply(&self, p: V, u: V, ss: V, lr: f32, wd: f32, eps: f32) {
         disjoint(&p, &[&u, &ss]);
-        let rnorm = 1.0 / (unsafe { rd(ss)[0] }.sqrt() + eps);
-        unsafe { kernels::apply_update(wr(p), rd(u), lr * rnorm, 1.0 - lr * wd) }
+        let rnorm = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
+        unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * rnorm, 1.0 - lr * wd) }
     }
 }
