@@ -12,7 +12,8 @@ use ractor::ActorRef;
 
 /// An (N, C) activation or gradient buffer handed from one stage to the next, plus the point in
 /// the sender's stream after which it is ready. The receiver makes its own stream wait on the
-/// event before touching the buffer (a no-op on CPU; no host synchronisation on a GPU).
+/// event before touching the buffer (checked, not needed, on CPU; no host synchronisation on a
+/// GPU).
 ///
 /// Across devices the receiver never computes on the sender's memory: it copies the buffer into
 /// one of its own device's pool (a peer copy on GPUs) and sends the original back to `home`, the
