@@ -59,6 +59,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median wall seconds of `a` and of `b` over `reps` runs each, alternating (a, b, a, b, …) so
+/// that machine noise hits both.
+fn alternating(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        a();
+        ta.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        b();
+        tb.push(t0.elapsed().as_secs_f64());
+    }
+    (median(ta), median(tb))
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (steps, reps) = if quick { (12, 3) } else { (30, 5) };
@@ -68,17 +83,16 @@ fn main() {
     let growth_only = std::env::args().any(|a| a == "--growth-only");
     for mbs in [1usize, 2].into_iter().filter(|_| !growth_only) {
         let cfg = config(steps, 6, "", mbs);
-        let (mut seq_t, mut rt_t) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            let mut s = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
-            s.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
-            seq_t.push(t0.elapsed().as_secs_f64());
-            let t0 = Instant::now();
-            runtime::train::<CpuBackend>(&cfg, data.clone(), q.clone(), false).unwrap();
-            rt_t.push(t0.elapsed().as_secs_f64());
-        }
-        let (s, r) = (median(seq_t), median(rt_t));
+        let (s, r) = alternating(
+            reps,
+            || {
+                let mut s = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
+                s.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
+            },
+            || {
+                runtime::train::<CpuBackend>(&cfg, data.clone(), q.clone(), false).unwrap();
+            },
+        );
         println!(
             "  micro_batches={mbs}: sequential {:7.1} ms/step   actor runtime {:7.1} ms/step   overhead ratio {:.3} (goal <= 1.05)",
             s * 1e3 / steps as f64,
@@ -91,16 +105,10 @@ fn main() {
     if !growth_only {
         let one = config(steps, 6, "", 2);
         let three = config(steps, 6, "[placement]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\n", 2);
-        let (mut one_t, mut three_t) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            runtime::train::<CpuBackend>(&one, data.clone(), q.clone(), false).unwrap();
-            one_t.push(t0.elapsed().as_secs_f64());
-            let t0 = Instant::now();
-            runtime::train::<CpuBackend>(&three, data.clone(), q.clone(), false).unwrap();
-            three_t.push(t0.elapsed().as_secs_f64());
-        }
-        let (o, t) = (median(one_t), median(three_t));
+        let run = |cfg: &Config| {
+            runtime::train::<CpuBackend>(cfg, data.clone(), q.clone(), false).unwrap();
+        };
+        let (o, t) = alternating(reps, || run(&one), || run(&three));
         println!(
             "  micro_batches=2: one device {:7.1} ms/step   three devices (hand-offs copied) {:7.1} ms/step   ratio {:.3}",
             o * 1e3 / steps as f64,
