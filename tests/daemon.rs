@@ -700,3 +700,26 @@ fn a_cuda_config_reaches_the_cuda_backend() {
     assert!(text.contains("cuda:0") && text.contains("LD_LIBRARY_PATH"), "not the CUDA backend's error: {text}");
     println!("{}", text.trim());
 }
+
+/// A daemon whose layers span two CPU devices shows, per device, the buffers its pool holds and
+/// the bytes copied into it from the other device (the dashboard's device panels).
+#[test]
+fn a_two_device_run_reports_buffers_and_cross_device_traffic_per_device() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-2dev");
+    let cfg = write_config(&dir, "two-devices", "[placement]\ndevices = [\"cpu:0\", \"cpu:1\"]\n");
+    // depth 2 from the start: one layer per device, the ends on cpu:0
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("depth = 0\n", "depth = 2\n");
+    std::fs::write(&cfg, text).unwrap();
+    let d = spawn_daemon(&cfg, Token::None, &[]);
+    wait_for("20 steps", Duration::from_secs(60), || (num(&status(d.addr), "step") >= 20).then_some(()));
+    let scrape = get(d.addr, "/metrics").body;
+    for dev in ["cpu:0", "cpu:1"] {
+        let buffers = sample(&scrape, &format!("taproot_activation_buffers{{device=\"{dev}\"}}")).unwrap_or_else(|| panic!("no buffers series for {dev}:\n{scrape}"));
+        let copied = sample(&scrape, &format!("taproot_peer_copy_bytes_total{{device=\"{dev}\"}}")).unwrap_or_else(|| panic!("no traffic series for {dev}"));
+        println!("{dev}: {buffers} buffers, {copied} bytes copied in");
+        assert!(buffers >= 1.0 && copied > 0.0, "{dev}: {buffers} buffers, {copied} bytes");
+        // one (B, T, C) = 4 x 16 x 32 f32 buffer at a time
+        assert_eq!(copied % (4.0 * 16.0 * 32.0 * 4.0), 0.0, "{dev}: {copied} bytes is not whole buffers");
+    }
+}
