@@ -3,6 +3,9 @@
 //!
 //! The pipeline is a ring: ends (embedding) → layer 0 → … → layer L-1 → ends (head), and
 //! gradients flow back the same way. A stage knows only its two neighbours; growth relinks them.
+//!
+//! Across a device boundary an [`Activation`] is copied into the receiver's device and the
+//! original is returned to the sender's device pool (see [`Activation::receive`]).
 
 use super::ends::EndsMsg;
 use super::layer::LayerMsg;
