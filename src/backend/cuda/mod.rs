@@ -220,6 +220,15 @@ struct Staging {
     next: usize,
 }
 
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // The pinned memory is freed right after: let the copies still reading it finish.
+        for slot in self.slots.iter().flatten() {
+            let _ = slot.done.synchronize();
+        }
+    }
+}
+
 /// A stream on a CUDA device: the `Backend` of one stage actor.
 pub struct CudaBackend {
     device_name: String,
