@@ -29,6 +29,8 @@ pub use head::Head;
 use crate::backend::{Backend, View};
 use crate::optim::OptState;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The shape of a GPT-2 model, without its depth (depth changes as it grows).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -168,15 +170,15 @@ impl<B: Backend> ParamSet<B> {
 /// home with [`ActPool::put_after`], so no device's memory is ever touched by another device's
 /// kernels and every device's buffer count stays bounded, however the layers are placed.
 pub struct ActPool<B: Backend> {
-    inner: std::sync::Arc<PoolInner<B>>,
+    inner: Arc<PoolInner<B>>,
 }
 
 struct PoolInner<B: Backend> {
-    free: std::sync::Mutex<Vec<(B::Buf, B::Event)>>,
+    free: Mutex<Vec<(B::Buf, B::Event)>>,
     /// Buffers this pool has allocated over its life (a leak shows as growth after warmup).
-    allocated: std::sync::atomic::AtomicUsize,
+    allocated: AtomicUsize,
     /// Bytes copied into this device from other devices.
-    peer_bytes_in: std::sync::atomic::AtomicU64,
+    peer_bytes_in: AtomicU64,
 }
 
 impl<B: Backend> Clone for ActPool<B> {
@@ -188,8 +190,8 @@ impl<B: Backend> Clone for ActPool<B> {
 impl<B: Backend> Default for ActPool<B> {
     fn default() -> Self {
         ActPool {
-            inner: std::sync::Arc::new(PoolInner {
-                free: std::sync::Mutex::new(Vec::new()),
+            inner: Arc::new(PoolInner {
+                free: Mutex::new(Vec::new()),
                 allocated: Default::default(),
                 peer_bytes_in: Default::default(),
             }),
@@ -211,7 +213,7 @@ impl<B: Backend> ActPool<B> {
                 buf
             }
             None => {
-                self.inner.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner.allocated.fetch_add(1, Ordering::Relaxed);
                 be.alloc(n)
             }
         }
@@ -231,17 +233,17 @@ impl<B: Backend> ActPool<B> {
 
     /// Buffers allocated by this pool so far.
     pub fn allocated(&self) -> usize {
-        self.inner.allocated.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.allocated.load(Ordering::Relaxed)
     }
 
     /// Count `bytes` copied into this pool's device from another device.
     pub fn note_peer_copy(&self, bytes: u64) {
-        self.inner.peer_bytes_in.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.inner.peer_bytes_in.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Bytes copied into this pool's device from other devices so far.
     pub fn peer_bytes_in(&self) -> u64 {
-        self.inner.peer_bytes_in.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.peer_bytes_in.load(Ordering::Relaxed)
     }
 }
 
