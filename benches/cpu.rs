@@ -93,13 +93,31 @@ fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
     let tokens = (c.b * c.t) as f64;
     let tok_s = tokens / (ms / 1e3);
     let gflops = flops::flops_per_token_llmc(&dims, c.depth, c.t) * tokens / (ms / 1e3) / 1e9;
-    println!("\n{} (V={}, C={}, NH={}, L={}, B={}, T={}; {} params)", c.name, c.vocab, c.channels, c.heads, c.depth, c.b, c.t, flops::total_params(&dims, c.depth));
+    println!(
+        "\n{} (V={}, C={}, NH={}, L={}, B={}, T={}; {} params)",
+        c.name,
+        c.vocab,
+        c.channels,
+        c.heads,
+        c.depth,
+        c.b,
+        c.t,
+        flops::total_params(&dims, c.depth)
+    );
     println!("  taproot    {ms:9.1} ms/step (min {min:.1}, max {max:.1})  {tok_s:9.0} tok/s  {gflops:6.1} GFLOP/s  = {:4.1}% of measured GEMM peak", 100.0 * gflops / peak);
     if let Some(t) = c.torch_ms {
-        println!("  PyTorch    {t:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x PyTorch", tokens / (t / 1e3), t / ms);
+        println!(
+            "  PyTorch    {t:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x PyTorch",
+            tokens / (t / 1e3),
+            t / ms
+        );
     }
     if let Some(l) = c.llmc_ms {
-        println!("  llm.c      {l:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x llm.c", tokens / (l / 1e3), l / ms);
+        println!(
+            "  llm.c      {l:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x llm.c",
+            tokens / (l / 1e3),
+            l / ms
+        );
     }
 }
 
@@ -119,7 +137,13 @@ fn main() {
         b: 16,
         t: 128,
         warmup: 3,
-        steps: if quick { 5 } else if std::env::args().any(|a| a == "--long") { 400 } else { 15 },
+        steps: if quick {
+            5
+        } else if std::env::args().any(|a| a == "--long") {
+            400
+        } else {
+            15
+        },
         torch_ms,
         llmc_ms: None,
     };

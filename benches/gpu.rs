@@ -114,7 +114,12 @@ fn main() {
     let cfg = Config::parse(&text, &[]).unwrap();
     let rep = runtime::train::<CudaBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
     let step_ms = |depth: usize| {
-        let v: Vec<f64> = rep.steps.windows(2).filter(|w| w[1].depth == depth && w[0].depth == depth).map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3).collect();
+        let v: Vec<f64> = rep
+            .steps
+            .windows(2)
+            .filter(|w| w[1].depth == depth && w[0].depth == depth)
+            .map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3)
+            .collect();
         median(v)
     };
     let (d0, d12, g) = (step_ms(0), step_ms(12), rep.growth_wall_s[0] * 1e3);
@@ -137,8 +142,13 @@ fn main() {
     let one = pipe("\"cuda:0\"");
     let two = (n_gpus >= 2).then(|| pipe("\"cuda:0\", \"cuda:1\""));
     match two {
-        Some(t) => println!("actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step, two GPUs {t:.1} ms/step ({:.2}x)", one / t),
-        None => println!("actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step; two GPUs skipped ({n_gpus} CUDA device)"),
+        Some(t) => println!(
+            "actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step, two GPUs {t:.1} ms/step ({:.2}x)",
+            one / t
+        ),
+        None => println!(
+            "actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step; two GPUs skipped ({n_gpus} CUDA device)"
+        ),
     }
     println!("\n| what | value |\n|---|---|");
     println!("| cuBLAS fp32 / tf32 peak (8192^3) | {fp32:.1} / {tf32:.1} TFLOP/s |");

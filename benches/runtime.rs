@@ -139,7 +139,8 @@ fn main() {
         let mut rng = Rng::new(4);
         let gen = |n: usize, rng: &mut Rng| (0..n).map(|_| rng.below(50257) as u16).collect::<Vec<u16>>();
         let big = Dataset { train: gen(1 << 16, &mut rng), val: gen(1 << 12, &mut rng), vocab: 50257 };
-        let runs: Vec<f64> = (0..reps.min(3)).map(|_| runtime::train::<CpuBackend>(&cfg, big.clone(), q.clone(), false).unwrap().growth_wall_s[0]).collect();
+        let runs: Vec<f64> =
+            (0..reps.min(3)).map(|_| runtime::train::<CpuBackend>(&cfg, big.clone(), q.clone(), false).unwrap().growth_wall_s[0]).collect();
         median(runs)
     };
     let sq: Vec<f64> = g.iter().filter(|x| **x < 0.0).map(|x| -x).collect();

@@ -184,12 +184,7 @@ impl Checkpoint {
             if let UnitKey::Layer(id) = key {
                 ensure!(stack_ids.contains(id), "unit {key} is not in the stack {:?}", m.stack);
             }
-            ensure!(
-                s.m.len() == s.params.len(),
-                "unit {key}: {} first-moment values for {} parameters",
-                s.m.len(),
-                s.params.len()
-            );
+            ensure!(s.m.len() == s.params.len(), "unit {key}: {} first-moment values for {} parameters", s.m.len(), s.params.len());
             if let Some(v) = &s.v {
                 ensure!(v.len() == s.params.len(), "unit {key}: {} second-moment values for {} parameters", v.len(), s.params.len());
             }
@@ -303,10 +298,7 @@ fn hash_bytes(data: &[u8]) -> u64 {
 fn hash_f32(x: &[f32]) -> u64 {
     let pairs = x.chunks_exact(2);
     let tail = pairs.remainder().first().map(|v| v.to_bits() as u64);
-    hash_words(
-        4 * x.len() as u64,
-        pairs.map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32).chain(tail),
-    )
+    hash_words(4 * x.len() as u64, pairs.map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32).chain(tail))
 }
 
 /// The file checksum: the two JSON strings, then per tensor (in name order) its name, length
@@ -440,7 +432,8 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
 
     // The version first, so that a newer file says so rather than failing on a changed field.
     let raw: serde_json::Value = serde_json::from_str(meta_json).map_err(|e| anyhow!("`{KEY_META}` metadata is not JSON: {e}"))?;
-    let version = raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
+    let version =
+        raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
     ensure!(version == FORMAT_VERSION as u64, "unsupported format_version {version} (this build reads {FORMAT_VERSION})");
     let meta: Meta = serde_json::from_value(raw).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))?;
 
@@ -485,10 +478,7 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
 
     // Integrity: the checksum over the metadata and every tensor byte.
     let sum = file_checksum(meta_json, units_json, views.iter().map(|(n, t)| (*n, t.shape()[0] as u64, hash_bytes(t.data()))));
-    ensure!(
-        &sum == stored_sum,
-        "checksum mismatch (stored {stored_sum}, computed {sum}): the file is corrupt"
-    );
+    ensure!(&sum == stored_sum, "checksum mismatch (stored {stored_sum}, computed {sum}): the file is corrupt");
 
     let f32s = |name: String| -> Option<Vec<f32>> {
         views.get(name.as_str()).map(|t| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())

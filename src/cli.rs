@@ -4,9 +4,9 @@
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint;
 use crate::config::Config;
+use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::experiment::commands::{experiment_command, plan_command, ExperimentArgs, PlanArgs};
 use crate::runtime::{self, SchedOptions};
-use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::train::sequential::{RunOptions, Sequential};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -107,9 +107,7 @@ pub enum Cmd {
         no_cache: bool,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
-    Inspect {
-        path: PathBuf,
-    },
+    Inspect { path: PathBuf },
     /// Data preparation.
     Data {
         #[command(subcommand)]
@@ -162,8 +160,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Train { config, set, stop_after, resume, sequential } => {
             let cfg = Config::load(&config, &set)?;
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            let data = Dataset::open(&cfg.data.dir, tok.vocab_size())
-                .with_context(|| format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name))?;
+            let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
+                format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+            })?;
             println!(
                 "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",
                 cfg.run.name,
@@ -204,7 +203,18 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Plan { config, budget, tolerance, eval_every, out, set, fresh } => {
-            let args = PlanArgs { config, set, budget, tolerance, eval_every, out, report_dir: None, cache: Some(PathBuf::from("runs/_cache")), fresh, quiet: false };
+            let args = PlanArgs {
+                config,
+                set,
+                budget,
+                tolerance,
+                eval_every,
+                out,
+                report_dir: None,
+                cache: Some(PathBuf::from("runs/_cache")),
+                fresh,
+                quiet: false,
+            };
             plan_command(&args).map(|_| ())
         }
         Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {

@@ -176,8 +176,16 @@ fn round_trip_is_exact() {
     assert_eq!(
         names,
         [
-            "embed.m", "embed.params", "embed.v", "head.m", "head.params", "layer.3.m", "layer.3.params", "layer.3.v",
-            "layer.7.m", "layer.7.params"
+            "embed.m",
+            "embed.params",
+            "embed.v",
+            "head.m",
+            "head.params",
+            "layer.3.m",
+            "layer.3.params",
+            "layer.3.v",
+            "layer.7.m",
+            "layer.7.params"
         ]
     );
     for (_, t) in st.tensors() {
@@ -547,7 +555,18 @@ fn structural_errors_are_named() {
 fn describe_summarises() {
     let ck = sample(1234);
     let s = checkpoint::describe(&ck);
-    for want in ["step:     1234", "depth:    2", "[7, 3]", "next id 8", "layer.3", "layer.7", "embed", "head", "at step 617: depth 1 -> 2", "AdamW"] {
+    for want in [
+        "step:     1234",
+        "depth:    2",
+        "[7, 3]",
+        "next id 8",
+        "layer.3",
+        "layer.7",
+        "embed",
+        "head",
+        "at step 617: depth 1 -> 2",
+        "AdamW",
+    ] {
         assert!(s.contains(want), "missing `{want}` in:\n{s}");
     }
     let total: usize = ck.units.iter().map(|(_, u)| 4 * (u.params.len() + u.m.len() + u.v.as_ref().map_or(0, Vec::len))).sum();

@@ -99,14 +99,21 @@ fn shipped_configs_differ_only_in_growth_plan() {
 #[test]
 fn shipped_daemon_demo_is_the_demo_with_checkpoints_and_a_loopback_endpoint() {
     let (d, p) = (shipped("daemon-demo.toml"), shipped("demo.toml"));
-    assert_eq!((&d.data, &d.model, &d.optim, &d.schedule, &d.eval, &d.growth), (&p.data, &p.model, &p.optim, &p.schedule, &p.eval, &p.growth));
+    assert_eq!(
+        (&d.data, &d.model, &d.optim, &d.schedule, &d.eval, &d.growth),
+        (&p.data, &p.model, &p.optim, &p.schedule, &p.eval, &p.growth)
+    );
     assert_eq!(d.run.steps, p.run.steps);
     assert!(d.checkpoint.every > 0, "a daemon run must checkpoint to resume");
     assert_eq!(d.daemon.listen, "127.0.0.1:9464");
     // Defaults: loopback, no token file, MFU unknown, a minute of linger.
     assert_eq!(p.daemon, taproot::config::DaemonConfig::default());
-    assert!(p.daemon.listen.starts_with("127.0.0.1:") && p.daemon.token_file.is_none() && p.daemon.peak_flops == 0.0 && p.daemon.linger_s == 60);
-    let over = Config::parse(DEMO, &sets(&["daemon.listen=\"127.0.0.1:0\"", "daemon.token_file=/etc/taproot/token", "daemon.peak_flops=1e12"])).unwrap();
+    assert!(
+        p.daemon.listen.starts_with("127.0.0.1:") && p.daemon.token_file.is_none() && p.daemon.peak_flops == 0.0 && p.daemon.linger_s == 60
+    );
+    let over =
+        Config::parse(DEMO, &sets(&["daemon.listen=\"127.0.0.1:0\"", "daemon.token_file=/etc/taproot/token", "daemon.peak_flops=1e12"]))
+            .unwrap();
     assert_eq!(over.daemon.listen, "127.0.0.1:0");
     assert_eq!(over.daemon.token_file.as_deref(), Some(Path::new("/etc/taproot/token")));
     assert_eq!(over.daemon.peak_flops, 1e12);
@@ -130,7 +137,8 @@ fn load_of_missing_file_names_the_path() {
 
 /// (what is wrong, config text, text the error must contain).
 fn malformed() -> Vec<(&'static str, String, &'static str)> {
-    let two_growths = |a: &str, b: &str| demo_with("[[growth]]\nat = 0.8\nto_depth = 6\n", &format!("[[growth]]\n{a}\n\n[[growth]]\n{b}\n"));
+    let two_growths =
+        |a: &str, b: &str| demo_with("[[growth]]\nat = 0.8\nto_depth = 6\n", &format!("[[growth]]\n{a}\n\n[[growth]]\n{b}\n"));
     vec![
         // Unknown keys, at the top level and in every section.
         ("unknown top-level key", format!("colour = \"blue\"\n{DEMO}"), "colour"),
@@ -142,7 +150,11 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("unknown key in [schedule]", demo_with("lr = 0.02\n", "lr = 0.02\nwarmup_steps = 100\n"), "schedule.warmup_steps"),
         ("unknown key in [eval]", demo_with("batches = 16\n", "batches = 16\ninterval = 10\n"), "eval.interval"),
         ("unknown key in [[growth]]", demo_with("to_depth = 6\n", "to_depth = 6\ndepth = 6\n"), "growth[0].depth"),
-        ("unknown key in the second [[growth]]", two_growths("at = 0.5\nto_depth = 3", "at = 0.8\nto_depth = 6\nnew_blocks = 3"), "growth[1].new_blocks"),
+        (
+            "unknown key in the second [[growth]]",
+            two_growths("at = 0.5\nto_depth = 3", "at = 0.8\nto_depth = 6\nnew_blocks = 3"),
+            "growth[1].new_blocks",
+        ),
         // Wrong types.
         ("string for an integer", demo_with("steps = 3000", "steps = \"3000\""), "run.steps"),
         ("negative for a usize", demo_with("batch_size = 16", "batch_size = -16"), "data.batch_size"),
@@ -152,9 +164,17 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("negative for a u64", demo_with("every = 250", "every = -1"), "eval.every"),
         ("wrong array length", demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nns_coeffs = [1.0, 2.0]\n"), "optim.ns_coeffs"),
         ("string for a growth integer", two_growths("at = 0.5\nto_depth = 3", "at = 0.8\nto_depth = \"six\""), "growth[1].to_depth"),
-        ("a section that is not a table", demo_with("[eval]\nevery = 250\nbatches = 16\n", "").replacen("[run]", "eval = 5\n\n[run]", 1), "eval"),
+        (
+            "a section that is not a table",
+            demo_with("[eval]\nevery = 250\nbatches = 16\n", "").replacen("[run]", "eval = 5\n\n[run]", 1),
+            "eval",
+        ),
         ("growth as a table, not an array", demo_with("[[growth]]", "[growth]"), "growth"),
-        ("growth entry not a table", format!("growth = [5]\n{}", demo_with("[[growth]]\nat = 0.8\nto_depth = 6\ninit = \"random\"\n", "")), "growth[0]"),
+        (
+            "growth entry not a table",
+            format!("growth = [5]\n{}", demo_with("[[growth]]\nat = 0.8\nto_depth = 6\ninit = \"random\"\n", "")),
+            "growth[0]",
+        ),
         // Missing required keys.
         ("missing run.steps", demo_with("steps = 3000\n", ""), "run.steps"),
         ("missing data.dir", demo_with("dir = \"data/shakespeare-bytes\"\n", ""), "data.dir"),
@@ -166,7 +186,11 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("heads not dividing channels", demo_with("heads = 4", "heads = 3"), "model.heads"),
         ("heads = 0", demo_with("heads = 4", "heads = 0"), "model.heads"),
         ("max_seq < seq_len", demo_with("heads = 4\n", "heads = 4\nmax_seq = 64\n"), "model.max_seq"),
-        ("target_depth below depth", demo_with("depth = 0\n", "depth = 2\n").replacen("target_depth = 6", "target_depth = 1", 1), "model.target_depth"),
+        (
+            "target_depth below depth",
+            demo_with("depth = 0\n", "depth = 2\n").replacen("target_depth = 6", "target_depth = 1", 1),
+            "model.target_depth",
+        ),
         ("batch_size = 0", demo_with("batch_size = 16", "batch_size = 0"), "data.batch_size"),
         ("micro_batches = 0", demo_with("seq_len = 128\n", "seq_len = 128\nmicro_batches = 0\n"), "data.micro_batches"),
         ("unknown tokenizer", demo_with("tokenizer = \"bytes\"", "tokenizer = \"bpe\""), "data.tokenizer"),
@@ -186,7 +210,11 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("optim.kind = sgd", demo_with("kind = \"muon_nsgd\"", "kind = \"sgd\""), "optim.kind"),
         ("unknown schedule.kind", demo_with("kind = \"wsd\"", "kind = \"step\""), "schedule.kind"),
         ("unknown decay_shape", demo_with("lr = 0.02\n", "lr = 0.02\ndecay_shape = \"exp\"\n"), "schedule.decay_shape"),
-        ("unknown embedding_optimizer", demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nembedding_optimizer = \"adam\"\n"), "optim.embedding_optimizer"),
+        (
+            "unknown embedding_optimizer",
+            demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nembedding_optimizer = \"adam\"\n"),
+            "optim.embedding_optimizer",
+        ),
         ("unknown model.init", demo_with("heads = 4\n", "heads = 4\ninit = \"xavier\"\n"), "model.init"),
         ("unknown growth init", demo_with("init = \"random\"", "init = \"xavier\""), "growth[0].init"),
         ("unknown growth position", demo_with("init = \"random\"\n", "init = \"random\"\nposition = \"middle\"\n"), "growth[0].position"),
@@ -205,7 +233,11 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("expansions out of order", two_growths("at = 0.8\nto_depth = 3", "at = 0.5\nto_depth = 6"), "growth[1]"),
         ("two expansions at the same step", two_growths("at = 0.5\nto_depth = 3", "at_step = 1500\nto_depth = 6"), "growth[1]"),
         ("to_depth not above the starting depth", demo_with("to_depth = 6", "to_depth = 0"), "growth[0].to_depth"),
-        ("to_depth not above the previous expansion", two_growths("at = 0.5\nto_depth = 3", "at = 0.8\nto_depth = 3"), "growth[1].to_depth"),
+        (
+            "to_depth not above the previous expansion",
+            two_growths("at = 0.5\nto_depth = 3", "at = 0.8\nto_depth = 3"),
+            "growth[1].to_depth",
+        ),
         ("to_depth above target_depth", demo_with("to_depth = 6", "to_depth = 8"), "growth[0].to_depth"),
         ("copying from 0 blocks", demo_with("init = \"random\"", "init = \"copying\""), "growth[0].init` = \"copying\""),
         ("copying_zero from 0 blocks", demo_with("init = \"random\"", "init = \"copying_zero\""), "growth[0].init` = \"copying_zero\""),
@@ -307,7 +339,10 @@ fn set_nested_new_table_values() {
     // A key the file does not set, inside an existing section.
     assert_eq!(parse_set(DEMO, &["model.max_seq=256"]).max_seq(), 256);
     // A whole growth plan as an array of inline tables turns the fixed baseline progressive.
-    let cfg = parse_set(DEMO_FIXED, &["model.depth=1", "growth=[{ at = 0.5, to_depth = 3 }, { at_step = 2400, to_depth = 6, init = \"copying\" }]"]);
+    let cfg = parse_set(
+        DEMO_FIXED,
+        &["model.depth=1", "growth=[{ at = 0.5, to_depth = 3 }, { at_step = 2400, to_depth = 6, init = \"copying\" }]"],
+    );
     let ex = cfg.expansions();
     assert_eq!(cfg.target_depth(), 6);
     assert_eq!(ex.iter().map(|e| (e.at_step, e.to_depth)).collect::<Vec<_>>(), vec![(1500, 3), (2400, 6)]);

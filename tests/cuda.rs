@@ -129,7 +129,12 @@ const NH_: usize = 4;
 parity!(matmul_forward_backward_match_cpu, TOL, |be: B| {
     let mut r = Rng::new(1);
     let (n, c, oc) = (B_ * T_, C_, 3 * C_);
-    let (inp, w, bias, dout) = (up(be, &randn(&mut r, n * c, 1.0)), up(be, &randn(&mut r, oc * c, 0.1)), up(be, &randn(&mut r, oc, 0.1)), up(be, &randn(&mut r, n * oc, 1.0)));
+    let (inp, w, bias, dout) = (
+        up(be, &randn(&mut r, n * c, 1.0)),
+        up(be, &randn(&mut r, oc * c, 0.1)),
+        up(be, &randn(&mut r, oc, 0.1)),
+        up(be, &randn(&mut r, n * oc, 1.0)),
+    );
     let out = be.alloc(n * oc);
     be.matmul_forward(B::whole(&out), B::whole(&inp), B::whole(&w), Some(B::whole(&bias)), n, c, oc);
     let (dinp, dw, db) = (be.alloc(n * c), up(be, &randn(&mut r, oc * c, 1.0)), up(be, &randn(&mut r, oc, 1.0)));
@@ -160,8 +165,26 @@ parity!(layernorm_forward_backward_match_cpu, TOL, |be: B| {
     be.layernorm_forward(B::whole(&out), B::whole(&mean), B::whole(&rstd), B::whole(&inp), B::whole(&w), B::whole(&b), n, c);
     let dout = up(be, &randn(&mut r, n * c, 1.0));
     let (dinp, dw, db) = (up(be, &randn(&mut r, n * c, 1.0)), be.alloc(c), be.alloc(c));
-    be.layernorm_backward(B::whole(&dinp), B::whole(&dw), B::whole(&db), B::whole(&dout), B::whole(&inp), B::whole(&w), B::whole(&mean), B::whole(&rstd), n, c);
-    vec![("out", down(be, &out)), ("mean", down(be, &mean)), ("rstd", down(be, &rstd)), ("dinp", down(be, &dinp)), ("dw", down(be, &dw)), ("db", down(be, &db))]
+    be.layernorm_backward(
+        B::whole(&dinp),
+        B::whole(&dw),
+        B::whole(&db),
+        B::whole(&dout),
+        B::whole(&inp),
+        B::whole(&w),
+        B::whole(&mean),
+        B::whole(&rstd),
+        n,
+        c,
+    );
+    vec![
+        ("out", down(be, &out)),
+        ("mean", down(be, &mean)),
+        ("rstd", down(be, &rstd)),
+        ("dinp", down(be, &dinp)),
+        ("dw", down(be, &dw)),
+        ("db", down(be, &db)),
+    ]
 });
 
 parity!(attention_forward_backward_match_cpu, TOL, |be: B| {
@@ -206,14 +229,25 @@ parity!(embedding_and_crossentropy_match_cpu, TOL, |be: B| {
     let logits = up(be, &randn(&mut r, b * t * vp, 3.0));
     let losses = be.alloc(b * t);
     be.crossentropy_forward_backward(B::whole(&logits), B::whole(&losses), &tgb, 1.0 / (b * t) as f32, b * t, v, vp);
-    vec![("x", down(be, &x)), ("dwte", down(be, &dwte)), ("dwpe", down(be, &dwpe)), ("losses", down(be, &losses)), ("dlogits", down(be, &logits))]
+    vec![
+        ("x", down(be, &x)),
+        ("dwte", down(be, &dwte)),
+        ("dwpe", down(be, &dwpe)),
+        ("losses", down(be, &losses)),
+        ("dlogits", down(be, &logits)),
+    ]
 });
 
 parity!(optimizer_kernels_match_cpu, TOL, |be: B| {
     use taproot::optim::muon;
     let mut r = Rng::new(7);
     let n = 96 * 64;
-    let (p, g, m, v) = (up(be, &randn(&mut r, n, 1.0)), up(be, &randn(&mut r, n, 1.0)), up(be, &randn(&mut r, n, 0.1)), up(be, &randn(&mut r, n, 0.1).iter().map(|x| x * x).collect::<Vec<_>>()));
+    let (p, g, m, v) = (
+        up(be, &randn(&mut r, n, 1.0)),
+        up(be, &randn(&mut r, n, 1.0)),
+        up(be, &randn(&mut r, n, 0.1)),
+        up(be, &randn(&mut r, n, 0.1).iter().map(|x| x * x).collect::<Vec<_>>()),
+    );
     be.adamw_update(B::whole(&p), B::whole(&g), B::whole(&m), B::whole(&v), 1e-2, 0.9, 0.95, 1e-8, 0.1, 3);
     let u = be.alloc(n);
     be.momentum_update(B::whole(&u), B::whole(&m), B::whole(&g), 0.95, true);
@@ -228,7 +262,17 @@ parity!(optimizer_kernels_match_cpu, TOL, |be: B| {
         be.scale_by_rnorm(B::whole(&x), B::whole(&ss), 1e-7);
         let (x2, a, bm) = (be.alloc(n), be.alloc(96 * 96), be.alloc(96 * 96));
         let k = rows.min(cols);
-        let in_x2 = muon::newton_schulz(be, B::whole(&x), B::whole(&x2), View::new(&a, 0, k * k), View::new(&bm, 0, k * k), rows, cols, 5, [3.4445, -4.7750, 2.0315]);
+        let in_x2 = muon::newton_schulz(
+            be,
+            B::whole(&x),
+            B::whole(&x2),
+            View::new(&a, 0, k * k),
+            View::new(&bm, 0, k * k),
+            rows,
+            cols,
+            5,
+            [3.4445, -4.7750, 2.0315],
+        );
         outs.push((name, down(be, if in_x2 { &x2 } else { &x })));
     }
     be.apply_update(B::whole(&p), B::whole(&u), 0.02, 1.5, 0.01);
@@ -251,7 +295,8 @@ fn tiny_cfg(dir: &std::path::Path, name: &str, extra: &str) -> taproot::config::
 fn dataset(dir: &std::path::Path) -> taproot::data::Dataset {
     std::fs::create_dir_all(dir).unwrap();
     let mut r = Rng::new(11);
-    let text: Vec<u32> = (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
+    let text: Vec<u32> =
+        (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
     taproot::data::write_shard(&dir.join("g_train_000001.bin"), &text[..36_000]).unwrap();
     taproot::data::write_shard(&dir.join("g_val_000000.bin"), &text[36_000..]).unwrap();
     taproot::data::Dataset::open(dir, 256).unwrap()
@@ -292,7 +337,9 @@ fn actor_runtime_on_gpu_matches_sequential_on_gpu() {
     let data = dataset(&dir);
     let cfg = tiny_cfg(&dir, "gpu-rt", "[placement]\ndevices = [\"cuda:0\"]\n");
     let seq = Sequential::new(g, &cfg, &data).unwrap().run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
-    let rt = taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let rt =
+        taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::SchedOptions { quiet: true, ..Default::default() }, false)
+            .unwrap();
     assert_eq!(rt.steps.len(), 20);
     for (a, b) in seq.steps.iter().zip(&rt.steps) {
         assert_eq!(a.depth, b.depth);
@@ -344,7 +391,9 @@ fn two_stream_hand_off_needs_the_event_wait() {
 /// `n` CUDA devices, or None after printing why the test skips.
 fn gpus(n: usize) -> Option<Vec<CudaBackend>> {
     match cuda::device_count() {
-        Ok(have) if have >= n => Some((0..n).map(|i| CudaBackend::open(&format!("cuda:{i}")).expect("a CUDA device is present but could not be opened")).collect()),
+        Ok(have) if have >= n => Some(
+            (0..n).map(|i| CudaBackend::open(&format!("cuda:{i}")).expect("a CUDA device is present but could not be opened")).collect(),
+        ),
         Ok(have) => {
             println!("SKIP: needs {n} CUDA devices, this machine has {have}");
             None
@@ -372,7 +421,18 @@ fn peer_copy_between_two_gpus_is_exact_and_ordered_by_the_event() {
     b.fill(CudaBackend::whole(&big), 0.25);
     let out = b.alloc(2048 * 2048);
     for _ in 0..20 {
-        b.gemm(CudaBackend::whole(&out), CudaBackend::whole(&big), Trans::N, CudaBackend::whole(&big), Trans::N, 2048, 2048, 2048, 1.0, 0.0);
+        b.gemm(
+            CudaBackend::whole(&out),
+            CudaBackend::whole(&big),
+            Trans::N,
+            CudaBackend::whole(&big),
+            Trans::N,
+            2048,
+            2048,
+            2048,
+            1.0,
+            0.0,
+        );
     }
     b.axpby(CudaBackend::whole(&src), 0.0, 2.0, CudaBackend::whole(&src));
     let ready = b.record();
@@ -397,7 +457,13 @@ fn pipeline_across_two_gpus_matches_one_gpu() {
     let dir = std::env::temp_dir().join(format!("taproot-cuda-2gpu-{}", std::process::id()));
     let data = dataset(&dir);
     let q = taproot::runtime::SchedOptions { quiet: true, ..Default::default() };
-    let one = taproot::runtime::train::<CudaBackend>(&tiny_cfg(&dir, "one-gpu", "[placement]\ndevices = [\"cuda:0\"]\n"), dataset(&dir), q.clone(), false).unwrap();
+    let one = taproot::runtime::train::<CudaBackend>(
+        &tiny_cfg(&dir, "one-gpu", "[placement]\ndevices = [\"cuda:0\"]\n"),
+        dataset(&dir),
+        q.clone(),
+        false,
+    )
+    .unwrap();
     let cfg = tiny_cfg(&dir, "two-gpus", "[placement]\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
     let copied = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
     let c = copied.clone();
@@ -469,7 +535,9 @@ fn a_gpu_checkpoint_resumes_on_the_cpu() {
         }
     }
     let cpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cpu:0\"]\n"));
-    let resumed = taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::SchedOptions { resume: true, ..q }, false).unwrap();
+    let resumed =
+        taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::SchedOptions { resume: true, ..q }, false)
+            .unwrap();
     assert_eq!(resumed.steps.first().map(|s| s.step), Some(11), "the CPU run did not resume at step 11");
     for b in &resumed.steps {
         let a = full.steps.iter().find(|a| a.step == b.step).unwrap();
@@ -489,7 +557,11 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
     let dir = std::env::temp_dir().join(format!("taproot-cuda-daemon-{}", std::process::id()));
     let _ = dataset(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cfg = tiny_cfg(&dir, "daemon-gpu", &format!("[placement]\ndevices = [\"cuda:0\"]\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nlinger_s = 5\n"));
+    let cfg = tiny_cfg(
+        &dir,
+        "daemon-gpu",
+        &format!("[placement]\ndevices = [\"cuda:0\"]\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nlinger_s = 5\n"),
+    );
     let path = dir.join("daemon-gpu.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
     let opts = taproot::daemon::DaemonOptions { config: path, sets: vec![], listen: None, log_file: Some(dir.join("daemon-gpu.log")) };
@@ -504,7 +576,9 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
     let t0 = std::time::Instant::now();
     let mut seen = None;
     while t0.elapsed() < std::time::Duration::from_secs(60) {
-        if let Some(b) = scrape().filter(|b| b.contains("taproot_device_memory_used_bytes{device=\"cuda:0\"}") && b.contains("taproot_step 20")) {
+        if let Some(b) =
+            scrape().filter(|b| b.contains("taproot_device_memory_used_bytes{device=\"cuda:0\"}") && b.contains("taproot_step 20"))
+        {
             seen = Some(b);
             break;
         }
@@ -584,7 +658,14 @@ fn tf32_products_match_cpu_within_the_stated_bound() {
         let k = 1024;
         let (x, y, z) = (up(be, &randn(&mut r, k * k, 1.0)), up(be, &randn(&mut r, k * k, 1.0)), be.alloc(k * k));
         be.gemm(B::whole(&z), B::whole(&x), Trans::N, B::whole(&y), Trans::N, k, k, k, 1.0, 0.0);
-        vec![("out", down(be, &out)), ("dinp", down(be, &dinp)), ("dw", down(be, &dw)), ("attn out", down(be, &aout)), ("attn dqkv", down(be, &dqkv)), ("gemm 1024^3", down(be, &z))]
+        vec![
+            ("out", down(be, &out)),
+            ("dinp", down(be, &dinp)),
+            ("dw", down(be, &dw)),
+            ("attn out", down(be, &aout)),
+            ("attn dqkv", down(be, &dqkv)),
+            ("gemm 1024^3", down(be, &z)),
+        ]
     }
     let want = products(&cpu);
     let got = products(&g);

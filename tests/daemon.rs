@@ -105,7 +105,9 @@ fn free_port() -> u16 {
 }
 
 fn percent_encode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 /// Poll `f` every 20 ms until it returns Some, for at most `limit`.
@@ -258,7 +260,11 @@ fn sample(scrape: &str, name: &str) -> Option<f64> {
 
 /// Series names (metric names of sample lines) of a Prometheus text scrape.
 fn series_names(scrape: &str) -> std::collections::BTreeSet<String> {
-    scrape.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(|l| l.split(['{', ' ']).next().unwrap().to_string()).collect()
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect()
 }
 
 /// Every `taproot_…` name in the PromQL expressions of the dashboard.
@@ -299,7 +305,8 @@ fn dashboard_metrics() -> std::collections::BTreeSet<String> {
 /// Whether `tool` is installed; if not, SKIP (print and return false) or, under
 /// TAPROOT_REQUIRE_PROMETHEUS=1, fail.
 fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let found =
+        Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     if !found {
         let required = std::env::var("TAPROOT_REQUIRE_PROMETHEUS").is_ok_and(|v| v == "1");
         assert!(!required, "`{tool}` is not installed and TAPROOT_REQUIRE_PROMETHEUS=1 (apt-get install prometheus)");
@@ -381,7 +388,10 @@ fn prometheus_scrapes_the_daemon_and_the_series_move() {
         assert_eq!(layers.len(), 2, "one forward-time series per layer: {layers:?}");
 
         // Every metric of the catalog is in Prometheus's storage (histograms as _bucket/_sum/_count).
-        let stored: std::collections::BTreeSet<String> = query("group by (__name__) ({__name__=~\"taproot_.+\"})").iter().map(|(m, _)| m["__name__"].as_str().unwrap().to_string()).collect();
+        let stored: std::collections::BTreeSet<String> = query("group by (__name__) ({__name__=~\"taproot_.+\"})")
+            .iter()
+            .map(|(m, _)| m["__name__"].as_str().unwrap().to_string())
+            .collect();
         for m in taproot::runtime::metrics::CATALOG {
             let want = if m.kind == taproot::runtime::metrics::Kind::Histogram { format!("{}_bucket", m.name) } else { m.name.to_string() };
             assert!(stored.contains(&want), "{want} not in Prometheus; stored: {stored:?}");
@@ -452,7 +462,13 @@ fn scrape_passes_promtool_and_holds_every_dashboard_metric() {
     println!("scrape: {} series names, {} dashboard metrics all present", names.len(), dashboard_metrics().len());
 
     if have("promtool") {
-        let mut p = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         p.stdin.take().unwrap().write_all(scrape.body.as_bytes()).unwrap();
         let out = p.wait_with_output().unwrap();
         let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -542,7 +558,10 @@ fn control_needs_the_token_grow_and_checkpoint_act_and_the_checkpoint_resumes() 
     d.kill9();
     let mut d = spawn_daemon(&cfg, Token::File, &[]);
     let log = d.log_text();
-    assert!(log.contains(&format!("resume from={} step={step} depth=2", path.display())), "did not resume from the control checkpoint:\n{log}");
+    assert!(
+        log.contains(&format!("resume from={} step={step} depth=2", path.display())),
+        "did not resume from the control checkpoint:\n{log}"
+    );
     let s = status(d.addr);
     assert!(num(&s, "step") >= step && num(&s, "depth") == 2, "{s}");
     wait_for("the run to pass step 4000 (the planned expansion)", Duration::from_secs(120), || {
@@ -551,7 +570,10 @@ fn control_needs_the_token_grow_and_checkpoint_act_and_the_checkpoint_resumes() 
         (num(&s, "step") > 4100).then_some(())
     });
     assert_eq!(num(&status(d.addr), "depth"), 2);
-    println!("paused at step {step}; 24 refused requests changed nothing; grew 0 -> 2; checkpoint {} resumed after kill -9, ran past step 4000", path.display());
+    println!(
+        "paused at step {step}; 24 refused requests changed nothing; grew 0 -> 2; checkpoint {} resumed after kill -9, ran past step 4000",
+        path.display()
+    );
     assert_eq!(post(d.addr, "/control/stop", tok).code, 202);
     assert_eq!(d.wait_exit(Duration::from_secs(30)), 0);
 }
@@ -571,7 +593,10 @@ fn sigkill_restart_continues_from_the_newest_checkpoint_sigterm_exits_0_sighup_r
 
     let mut d = spawn_daemon(&cfg, Token::None, &[]);
     let log = d.log_text();
-    assert!(log.contains(&format!("resume from={} step={newest} depth=2", path.display())), "did not resume from the newest checkpoint:\n{log}");
+    assert!(
+        log.contains(&format!("resume from={} step={newest} depth=2", path.display())),
+        "did not resume from the newest checkpoint:\n{log}"
+    );
     let s = status(d.addr);
     assert!(num(&s, "step") >= newest, "{s}");
     assert_eq!(num(&s, "depth"), 2);
@@ -596,7 +621,9 @@ fn sigkill_restart_continues_from_the_newest_checkpoint_sigterm_exits_0_sighup_r
     let log = d.log_text();
     let last = checkpoints(&run).last().unwrap().0;
     assert!(log.contains(&format!("stopped step={last}")), "no checkpoint at the stopping step {last}:\n{log}");
-    println!("killed after checkpoint {newest}; restarted and resumed there; SIGHUP reopened the log; SIGTERM: checkpoint at {last}, exit 0");
+    println!(
+        "killed after checkpoint {newest}; restarted and resumed there; SIGHUP reopened the log; SIGTERM: checkpoint at {last}, exit 0"
+    );
 }
 
 /// No token configured: control is disabled (403), `/metrics` and `/status` are readable.
@@ -652,7 +679,26 @@ fn metrics_answer_within_100_ms_while_a_cpu_heavy_step_runs() {
     let cfg = write_config(&dir, "latency", "");
     // A 4-block, 256-channel model on 24 x 128 tokens: about 0.6 s per step on an idle 2-core
     // machine of this kind (0.3 s at 12 x 128 once the CPU kernels got faster), more when loaded.
-    let sets = ["--set", "model.channels=256", "--set", "model.heads=4", "--set", "model.depth=4", "--set", "model.target_depth=4", "--set", "data.batch_size=24", "--set", "data.seq_len=128", "--set", "data.micro_batches=1", "--set", "eval.every=0", "--set", "eval.batches=1"];
+    let sets = [
+        "--set",
+        "model.channels=256",
+        "--set",
+        "model.heads=4",
+        "--set",
+        "model.depth=4",
+        "--set",
+        "model.target_depth=4",
+        "--set",
+        "data.batch_size=24",
+        "--set",
+        "data.seq_len=128",
+        "--set",
+        "data.micro_batches=1",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.batches=1",
+    ];
     let mut d = spawn_daemon(&cfg, Token::None, &sets);
     wait_for("the first step", Duration::from_secs(120), || (sample(&get(d.addr, "/metrics").body, "taproot_step")? >= 1.0).then_some(()));
     let before = get(d.addr, "/metrics").body;
@@ -672,7 +718,8 @@ fn metrics_answer_within_100_ms_while_a_cpu_heavy_step_runs() {
     }
     let span = t0.elapsed();
     let steps = sample(&last, "taproot_step").unwrap() - step0;
-    let mean_step = sample(&last, "taproot_step_duration_seconds_sum").unwrap() / sample(&last, "taproot_step_duration_seconds_count").unwrap();
+    let mean_step =
+        sample(&last, "taproot_step_duration_seconds_sum").unwrap() / sample(&last, "taproot_step_duration_seconds_count").unwrap();
     let n = lat.len();
     lat.sort();
     let (p50, p99, max) = (lat[n / 2], lat[n * 99 / 100], lat[n - 1]);
@@ -694,7 +741,15 @@ fn a_cuda_config_reaches_the_cuda_backend() {
     }
     let dir = synthetic_dataset("daemon-cuda");
     let cfg = write_config(&dir, "cuda", "[placement]\ndevices = [\"cuda:0\"]\n");
-    let out = Command::new(BIN).arg("daemon").arg("--config").arg(&cfg).arg("--listen").arg("127.0.0.1:0").env_remove("TAPROOT_TOKEN").output().unwrap();
+    let out = Command::new(BIN)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env_remove("TAPROOT_TOKEN")
+        .output()
+        .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("cuda:0") && text.contains("LD_LIBRARY_PATH"), "not the CUDA backend's error: {text}");
@@ -715,8 +770,10 @@ fn a_two_device_run_reports_buffers_and_cross_device_traffic_per_device() {
     wait_for("20 steps", Duration::from_secs(60), || (num(&status(d.addr), "step") >= 20).then_some(()));
     let scrape = get(d.addr, "/metrics").body;
     for dev in ["cpu:0", "cpu:1"] {
-        let buffers = sample(&scrape, &format!("taproot_activation_buffers{{device=\"{dev}\"}}")).unwrap_or_else(|| panic!("no buffers series for {dev}:\n{scrape}"));
-        let copied = sample(&scrape, &format!("taproot_peer_copy_bytes_total{{device=\"{dev}\"}}")).unwrap_or_else(|| panic!("no traffic series for {dev}"));
+        let buffers = sample(&scrape, &format!("taproot_activation_buffers{{device=\"{dev}\"}}"))
+            .unwrap_or_else(|| panic!("no buffers series for {dev}:\n{scrape}"));
+        let copied = sample(&scrape, &format!("taproot_peer_copy_bytes_total{{device=\"{dev}\"}}"))
+            .unwrap_or_else(|| panic!("no traffic series for {dev}"));
         println!("{dev}: {buffers} buffers, {copied} bytes copied in");
         assert!(buffers >= 1.0 && copied > 0.0, "{dev}: {buffers} buffers, {copied} bytes");
         // one (B, T, C) = 4 x 16 x 32 f32 buffer at a time

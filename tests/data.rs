@@ -6,8 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use taproot::data::{
-    check_tokens, num_sequential_batches, prepare, read_shard, sequential_batches, write_shard,
-    Dataset, Loader, PrepareArgs, Tokenizer,
+    check_tokens, num_sequential_batches, prepare, read_shard, sequential_batches, write_shard, Dataset, Loader, PrepareArgs, Tokenizer,
 };
 
 /// A fresh, empty temp folder, unique per test and per process; removed on drop.
@@ -17,12 +16,7 @@ impl TempDir {
     fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!(
-            "taproot-data-test-{}-{}-{}",
-            std::process::id(),
-            tag,
-            n
-        ));
+        let dir = std::env::temp_dir().join(format!("taproot-data-test-{}-{}-{}", std::process::id(), tag, n));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -104,15 +98,9 @@ fn shard_truncated() {
     let msg = err_string(read_shard(&path));
     assert!(msg.contains("short_val_000000.bin"), "{msg}");
     assert!(msg.contains("truncated"), "{msg}");
-    assert!(
-        msg.contains("10 tokens") && msg.contains("room for 3 tokens"),
-        "{msg}"
-    );
+    assert!(msg.contains("10 tokens") && msg.contains("room for 3 tokens"), "{msg}");
     assert!(msg.contains("byte offset"), "{msg}");
-    assert!(
-        msg.contains("1044 bytes") && msg.contains("1030 bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("1044 bytes") && msg.contains("1030 bytes"), "{msg}");
 }
 
 #[test]
@@ -123,10 +111,7 @@ fn shard_trailing_bytes() {
     bytes.extend_from_slice(&[1, 0, 2, 0]);
     std::fs::write(&path, bytes).unwrap();
     let msg = err_string(read_shard(&path));
-    assert!(
-        msg.contains("long.bin") && msg.contains("trailing bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("long.bin") && msg.contains("trailing bytes"), "{msg}");
 }
 
 #[test]
@@ -136,10 +121,7 @@ fn shard_shorter_than_header() {
     std::fs::write(&path, [0u8; 100]).unwrap();
     let msg = err_string(read_shard(&path));
     assert!(msg.contains("tiny.bin"), "{msg}");
-    assert!(
-        msg.contains("100 bytes") && msg.contains("shorter than the 1024-byte"),
-        "{msg}"
-    );
+    assert!(msg.contains("100 bytes") && msg.contains("shorter than the 1024-byte"), "{msg}");
 }
 
 #[test]
@@ -148,10 +130,7 @@ fn shard_empty_count() {
     let path = tmp.path().join("empty.bin");
     std::fs::write(&path, header(20240520, 1, 0)).unwrap();
     let msg = err_string(read_shard(&path));
-    assert!(
-        msg.contains("empty.bin") && msg.contains("empty shard"),
-        "{msg}"
-    );
+    assert!(msg.contains("empty.bin") && msg.contains("empty shard"), "{msg}");
 }
 
 #[test]
@@ -204,10 +183,7 @@ fn gpt2_tokenizer() {
 #[test]
 fn unknown_tokenizer_lists_names() {
     let msg = err_string(Tokenizer::from_name("gpt5"));
-    assert!(
-        msg.contains("gpt5") && msg.contains("bytes") && msg.contains("gpt2"),
-        "{msg}"
-    );
+    assert!(msg.contains("gpt5") && msg.contains("bytes") && msg.contains("gpt2"), "{msg}");
 }
 
 // ---------------------------------------------------------------- loader
@@ -248,19 +224,12 @@ fn loader_windows_are_contiguous_slices() {
         for row in batch.chunks(t + 1) {
             let start = row[0] as usize;
             assert!(start + t < tokens.len(), "window runs past the end");
-            let expect: Vec<u32> = tokens[start..start + t + 1]
-                .iter()
-                .map(|&x| x as u32)
-                .collect();
+            let expect: Vec<u32> = tokens[start..start + t + 1].iter().map(|&x| x as u32).collect();
             assert_eq!(row, &expect[..]);
             starts.insert(start);
         }
     }
-    assert!(
-        starts.len() > 50,
-        "starts should vary, got {}",
-        starts.len()
-    );
+    assert!(starts.len() > 50, "starts should vary, got {}", starts.len());
     assert_eq!(loader.cursor().batches, 50);
 }
 
@@ -329,16 +298,8 @@ fn prepare_splits_tail_into_val() {
     let tmp = TempDir::new("prepare");
     let a = tmp.path().join("a.txt");
     let b = tmp.path().join("b.txt");
-    std::fs::write(
-        &a,
-        "First citizen: Before we proceed any further, hear me speak.\n",
-    )
-    .unwrap();
-    std::fs::write(
-        &b,
-        "All: Speak, speak.\nFirst citizen: You are all resolved rather to die.\n",
-    )
-    .unwrap();
+    std::fs::write(&a, "First citizen: Before we proceed any further, hear me speak.\n").unwrap();
+    std::fs::write(&b, "All: Speak, speak.\nFirst citizen: You are all resolved rather to die.\n").unwrap();
     let out = tmp.path().join("shards");
     let args = PrepareArgs {
         inputs: vec![a.clone(), b.clone()],
@@ -365,11 +326,7 @@ fn prepare_splits_tail_into_val() {
     assert_eq!(val.len(), (stream.len() as f64 * 0.25).ceil() as usize);
     let to32 = |v: &[u16]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
     assert_eq!(to32(&train), stream[..train.len()]);
-    assert_eq!(
-        to32(&val),
-        stream[train.len()..],
-        "val must be the tail of the stream"
-    );
+    assert_eq!(to32(&val), stream[train.len()..], "val must be the tail of the stream");
     assert!(report.to_string().contains("2 files"), "{report}");
 
     // And the directory reads back as a dataset.
@@ -378,10 +335,7 @@ fn prepare_splits_tail_into_val() {
     assert_eq!(ds.val, val);
     // A vocab too small for the gpt2 ids is caught, naming the file.
     let msg = err_string(Dataset::open(&out, 256));
-    assert!(
-        msg.contains("tiny_") && msg.contains("out of range"),
-        "{msg}"
-    );
+    assert!(msg.contains("tiny_") && msg.contains("out of range"), "{msg}");
 }
 
 #[test]
@@ -393,22 +347,14 @@ fn prepare_directory_with_bytes_tokenizer() {
     std::fs::write(input.join("1.txt"), b"hello ").unwrap();
     std::fs::write(input.join("skip.md"), b"not a text file").unwrap();
     let out = tmp.path().join("out");
-    let args = PrepareArgs {
-        inputs: vec![input],
-        out_dir: out.clone(),
-        tokenizer: "bytes".to_string(),
-        val_fraction: 0.1,
-        name: "b".to_string(),
-    };
+    let args =
+        PrepareArgs { inputs: vec![input], out_dir: out.clone(), tokenizer: "bytes".to_string(), val_fraction: 0.1, name: "b".to_string() };
     let report = prepare(&args).unwrap();
     assert_eq!(report.files, 2);
     let train = read_shard(&out.join("b_train_000001.bin")).unwrap();
     let val = read_shard(&out.join("b_val_000000.bin")).unwrap();
     let all: Vec<u8> = train.iter().chain(val.iter()).map(|&x| x as u8).collect();
-    assert_eq!(
-        all, b"hello world",
-        "files are read in sorted order, .md skipped"
-    );
+    assert_eq!(all, b"hello world", "files are read in sorted order, .md skipped");
     assert_eq!(val.len(), 2); // ceil(11 * 0.1)
 }
 
@@ -429,10 +375,7 @@ fn prepare_empty_input_errors() {
     // Only empty files.
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
-    let args = PrepareArgs {
-        inputs: vec![empty],
-        ..args
-    };
+    let args = PrepareArgs { inputs: vec![empty], ..args };
     let msg = err_string(prepare(&args));
     assert!(msg.contains("empty"), "{msg}");
     assert!(!out.join("e_val_000000.bin").exists());
@@ -457,16 +400,9 @@ fn prepare_rejects_non_utf8_for_gpt2() {
 #[test]
 fn prepare_missing_input_errors() {
     let tmp = TempDir::new("prepmissing");
-    let args = PrepareArgs {
-        inputs: vec![tmp.path().join("nope.txt")],
-        out_dir: tmp.path().join("out"),
-        ..PrepareArgs::default()
-    };
+    let args = PrepareArgs { inputs: vec![tmp.path().join("nope.txt")], out_dir: tmp.path().join("out"), ..PrepareArgs::default() };
     let msg = err_string(prepare(&args));
-    assert!(
-        msg.contains("nope.txt") && msg.contains("does not exist"),
-        "{msg}"
-    );
+    assert!(msg.contains("nope.txt") && msg.contains("does not exist"), "{msg}");
 }
 
 #[test]

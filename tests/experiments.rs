@@ -182,7 +182,9 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
         assert_eq!(evals.len() - 1, 13 * runs_of(name), "{name}: rows of evals.csv");
         let table = std::fs::read_to_string(d.join("table.md")).unwrap();
         assert!(table.contains("| run | τ (step) | final val loss |"), "{name}: {table}");
-        for png in std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "png")) {
+        for png in
+            std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "png"))
+        {
             assert_png(&png);
         }
     }
@@ -211,7 +213,14 @@ fn unknown_experiment_is_an_error_naming_the_choices() {
 // ---- taproot plan ----
 
 fn plan_args(config: PathBuf, dir: &Path, tag: &str) -> PlanArgs {
-    PlanArgs { config, out: Some(dir.join(format!("{tag}-planned.toml"))), report_dir: Some(dir.join(format!("{tag}-report"))), quiet: true, fresh: true, ..Default::default() }
+    PlanArgs {
+        config,
+        out: Some(dir.join(format!("{tag}-planned.toml"))),
+        report_dir: Some(dir.join(format!("{tag}-report"))),
+        quiet: true,
+        fresh: true,
+        ..Default::default()
+    }
 }
 
 #[test]

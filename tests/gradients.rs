@@ -100,7 +100,18 @@ fn layernorm_backward_matches_finite_differences() {
     let base = randn(&mut rng, n * c, 1.0);
     let dinp = buf(&be, &base);
     let (dw, db) = (be.alloc(c), be.alloc(c));
-    be.layernorm_backward(B::whole(&dinp), B::whole(&dw), B::whole(&db), B::whole(&rb), B::whole(&ib), B::whole(&wb), B::whole(&mean), B::whole(&rstd), n, c);
+    be.layernorm_backward(
+        B::whole(&dinp),
+        B::whole(&dw),
+        B::whole(&db),
+        B::whole(&rb),
+        B::whole(&ib),
+        B::whole(&wb),
+        B::whole(&mean),
+        B::whole(&rstd),
+        n,
+        c,
+    );
     let dinp: Vec<f32> = host(&be, &dinp).iter().zip(&base).map(|(a, b)| a - b).collect();
     let all = |n| (0..n).collect::<Vec<_>>();
     check("layernorm dinp", &dinp, &all(n * c), |i, h| {

@@ -114,7 +114,9 @@ fn copying_zero_preserves_the_function() {
                 let before = m.logits(&be, &bt);
                 let loss_before = m.eval_loss(&be, &bt);
                 let old: Vec<Vec<f32>> = m.blocks.iter().map(|b| b.w.params_to_host(&be)).collect();
-                let rep = growth::grow(&be, &mut m, &exp(lt, GrowInit::CopyingZero, order, position, OptStatePolicy::Inherit), &init_cfg(lt)).unwrap();
+                let rep =
+                    growth::grow(&be, &mut m, &exp(lt, GrowInit::CopyingZero, order, position, OptStatePolicy::Inherit), &init_cfg(lt))
+                        .unwrap();
                 assert_eq!(m.depth(), lt);
                 assert_eq!(rep.stack, ids(&m));
                 let after = m.logits(&be, &bt);
@@ -170,7 +172,11 @@ fn check_copying(ls: usize, lt: usize, order: CopyOrder, position: Position, wan
     assert_eq!(old_ids, (0..ls as u64).collect::<Vec<_>>());
     let what = format!("{ls}->{lt} {order:?} {position:?}");
     let k = lt - ls;
-    assert_eq!(growth::plan_sources(GrowInit::Copying, order, ls, k).unwrap(), want_sources.iter().map(|&s| Some(s)).collect::<Vec<_>>(), "{what}: plan_sources");
+    assert_eq!(
+        growth::plan_sources(GrowInit::Copying, order, ls, k).unwrap(),
+        want_sources.iter().map(|&s| Some(s)).collect::<Vec<_>>(),
+        "{what}: plan_sources"
+    );
     let rep = growth::grow(&be, &mut m, &exp(lt, GrowInit::Copying, order, position, OptStatePolicy::Inherit), &init_cfg(lt)).unwrap();
     let new_ids: Vec<u64> = (ls as u64..lt as u64).collect();
     assert_eq!(rep.from_depth, ls);
@@ -240,7 +246,8 @@ fn zero_blocks_are_identities_and_their_matrices_get_zero_gradient() {
         let bt = batch(&be, d.vocab, 9);
         let before = m.logits(&be, &bt);
         let loss_before = m.eval_loss(&be, &bt);
-        let rep = growth::grow(&be, &mut m, &exp(3, GrowInit::Zero, CopyOrder::Stack, position, OptStatePolicy::Inherit), &init_cfg(3)).unwrap();
+        let rep =
+            growth::grow(&be, &mut m, &exp(3, GrowInit::Zero, CopyOrder::Stack, position, OptStatePolicy::Inherit), &init_cfg(3)).unwrap();
         assert_eq!(rep.new_ids, vec![1, 2]);
         let new_at: Vec<usize> = if position == Position::Bottom { vec![0, 1] } else { vec![1, 2] };
         // The definition: block matrices and biases 0, LayerNorm gains 1, fresh optimizer state.
@@ -359,7 +366,8 @@ fn random_uses_target_depth_init() {
     for _ in 0..2 {
         assert!(train_step(&be, &mut m, &opt, &mut sc, &bt, 1e-2).is_finite());
     }
-    let rep = growth::grow(&be, &mut m, &exp(target, GrowInit::Random, CopyOrder::Stack, Position::Bottom, OptStatePolicy::Inherit), &cfg).unwrap();
+    let rep = growth::grow(&be, &mut m, &exp(target, GrowInit::Random, CopyOrder::Stack, Position::Bottom, OptStatePolicy::Inherit), &cfg)
+        .unwrap();
     assert_eq!(rep.new_ids, (0..8).collect::<Vec<u64>>());
     assert_eq!(rep.stack, ids(&m));
     let residual_std = 0.02 / (2.0 * target as f64).sqrt(); // 0.005
@@ -370,7 +378,9 @@ fn random_uses_target_depth_init() {
             let t = tensor(blk, &h, name);
             match name {
                 "ln1w" | "ln2w" => assert!(t.iter().all(|&x| x == 1.0), "block {p} {name}: gains must be 1"),
-                "ln1b" | "ln2b" | "qkvb" | "attprojb" | "fcb" | "fcprojb" => assert!(t.iter().all(|&x| x == 0.0), "block {p} {name}: biases must be 0"),
+                "ln1b" | "ln2b" | "qkvb" | "attprojb" | "fcb" | "fcprojb" => {
+                    assert!(t.iter().all(|&x| x == 0.0), "block {p} {name}: biases must be 0")
+                }
                 _ => {
                     let want = if name == "attprojw" || name == "fcprojw" { residual_std } else { 0.02 };
                     let (mean, std) = mean_std(t);
@@ -471,7 +481,11 @@ fn reset_zeroes_every_state_and_keeps_parameters() {
     let be = B::default();
     let (mut m, before) = policy_setup(&be);
     grow_policy(&be, &mut m, OptStatePolicy::Reset);
-    let units = [("embed", m.embed.w.snapshot(&be), &before.embed), ("head", m.head.w.snapshot(&be), &before.head), ("old block", m.blocks[2].w.snapshot(&be), &before.block)];
+    let units = [
+        ("embed", m.embed.w.snapshot(&be), &before.embed),
+        ("head", m.head.w.snapshot(&be), &before.head),
+        ("old block", m.blocks[2].w.snapshot(&be), &before.block),
+    ];
     for (what, s, b) in &units {
         assert_zero_state(&format!("reset: {what}"), s);
         assert_eq!(&s.params, &b.params, "reset: {what} parameters changed");
@@ -530,7 +544,12 @@ fn newborn_blocks_start_their_own_bias_correction() {
             let r = spec.offset..spec.offset + spec.numel();
             // Reference: one AdamW step at this tensor's own counter, from the pre-step state.
             let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-            let (mut pr, gr, mut mr, mut vr) = (f(&s.params[r.clone()]), f(&g[r.clone()]), f(&s.m[r.clone()]), f(&s.v.clone().unwrap_or(vec![0.0; s.params.len()])[r.clone()]));
+            let (mut pr, gr, mut mr, mut vr) = (
+                f(&s.params[r.clone()]),
+                f(&g[r.clone()]),
+                f(&s.m[r.clone()]),
+                f(&s.v.clone().unwrap_or(vec![0.0; s.params.len()])[r.clone()]),
+            );
             adamw_reference(&mut pr, &gr, &mut mr, &mut vr, LR as f64, c.beta1 as f64, c.beta2 as f64, c.eps as f64, wdt as f64, t);
             for (i, k) in r.clone().enumerate() {
                 let got = after.params[k] as f64;
@@ -544,7 +563,12 @@ fn newborn_blocks_start_their_own_bias_correction() {
                         continue;
                     }
                     let step = p0 - after.params[k] as f64 - LR as f64 * wdt as f64 * p0;
-                    assert!((step - LR as f64 * gk.signum()).abs() <= 2e-3 * LR as f64, "block {p} {}: first update {step:e}, want lr·sign(g) = {:e}", spec.name, LR as f64 * gk.signum());
+                    assert!(
+                        (step - LR as f64 * gk.signum()).abs() <= 2e-3 * LR as f64,
+                        "block {p} {}: first update {step:e}, want lr·sign(g) = {:e}",
+                        spec.name,
+                        LR as f64 * gk.signum()
+                    );
                     checked += 1;
                 }
             }
@@ -571,8 +595,22 @@ fn multi_stage_plan_zero_to_two_to_four() {
     let d = dims();
     let cfg = init_cfg(4);
     let plan = [
-        Expansion { at_step: 2, to_depth: 2, position: Position::Bottom, init: GrowInit::Random, order: CopyOrder::Stack, opt_state: OptStatePolicy::Inherit },
-        Expansion { at_step: 4, to_depth: 4, position: Position::Bottom, init: GrowInit::Copying, order: CopyOrder::Stack, opt_state: OptStatePolicy::Inherit },
+        Expansion {
+            at_step: 2,
+            to_depth: 2,
+            position: Position::Bottom,
+            init: GrowInit::Random,
+            order: CopyOrder::Stack,
+            opt_state: OptStatePolicy::Inherit,
+        },
+        Expansion {
+            at_step: 4,
+            to_depth: 4,
+            position: Position::Bottom,
+            init: GrowInit::Copying,
+            order: CopyOrder::Stack,
+            opt_state: OptStatePolicy::Inherit,
+        },
     ];
     let mut m = Model::new(&be, d.clone(), 0, &cfg);
     let opt = adamw();
@@ -629,7 +667,8 @@ fn copying_from_zero_blocks_is_an_error() {
     let d = dims();
     for init in [GrowInit::Copying, GrowInit::CopyingZero] {
         let mut m = Model::new(&be, d.clone(), 0, &init_cfg(2));
-        let err = growth::grow(&be, &mut m, &exp(2, init, CopyOrder::Stack, Position::Bottom, OptStatePolicy::Inherit), &init_cfg(2)).unwrap_err();
+        let err = growth::grow(&be, &mut m, &exp(2, init, CopyOrder::Stack, Position::Bottom, OptStatePolicy::Inherit), &init_cfg(2))
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("random"), "{init:?} from 0 blocks: message {msg:?} does not point at `random`");
         assert_eq!(m.depth(), 0, "a failed expansion must leave the model alone");

@@ -85,11 +85,8 @@ fn singular_values(x: &[f64], r: usize, c: usize) -> Vec<f64> {
     let mut g = vec![0.0; k * k];
     for i in 0..k {
         for j in 0..k {
-            g[i * k + j] = if r <= c {
-                (0..c).map(|l| x[i * c + l] * x[j * c + l]).sum()
-            } else {
-                (0..r).map(|l| x[l * c + i] * x[l * c + j]).sum()
-            };
+            g[i * k + j] =
+                if r <= c { (0..c).map(|l| x[i * c + l] * x[j * c + l]).sum() } else { (0..r).map(|l| x[l * c + i] * x[l * c + j]).sum() };
         }
     }
     sym_eigenvalues(g, k).into_iter().map(|e| e.max(0.0).sqrt()).collect()
@@ -415,9 +412,8 @@ fn muon_adamw_step_applies_each_rule() {
     for name in ["wte", "wpe", "ln1w", "qkvb"] {
         let s = set.layout.get(name);
         let wd = if s.is_matrix() { 0.1 } else { 0.0 };
-        let want: Vec<f64> = (s.offset..s.offset + s.numel())
-            .map(|i| p0[i] as f64 - adam_lr * ((g[i] as f64).signum() + wd * p0[i] as f64))
-            .collect();
+        let want: Vec<f64> =
+            (s.offset..s.offset + s.numel()).map(|i| p0[i] as f64 - adam_lr * ((g[i] as f64).signum() + wd * p0[i] as f64)).collect();
         assert_close(&format!("muon_adamw AdamW tensor {name}"), slice(&set, name, &ph), &want, REL);
     }
     // The block matrix got Muon at the full lr (and wd 0.1, the kind's coefficient).

@@ -25,10 +25,20 @@ fn compare(extra: &str, tag: &str) {
     assert_eq!(got.steps.len(), 50);
     for (a, b) in want.steps.iter().zip(&got.steps) {
         assert_eq!((a.step, a.depth), (b.step, b.depth));
-        assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits(), "step {}: sequential {} vs pipeline {}", a.step, a.train_loss, b.train_loss);
+        assert_eq!(
+            a.train_loss.to_bits(),
+            b.train_loss.to_bits(),
+            "step {}: sequential {} vs pipeline {}",
+            a.step,
+            a.train_loss,
+            b.train_loss
+        );
         assert_eq!(a.lr, b.lr);
     }
-    let (ev_a, ev_b): (Vec<_>, Vec<_>) = (want.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect(), got.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect());
+    let (ev_a, ev_b): (Vec<_>, Vec<_>) = (
+        want.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect(),
+        got.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect(),
+    );
     assert_eq!(ev_a, ev_b, "validation losses differ");
     assert_eq!(want.growth, got.growth);
 }
@@ -113,7 +123,9 @@ fn buffer_trace(cfg: &taproot::config::Config, dir: &std::path::Path) -> BufferT
     let (t, s) = (trace.clone(), step.clone());
     let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| match e {
         Event::Step { step, .. } => *s.lock().unwrap() = *step,
-        Event::Buffers { device, allocated, peer_bytes_in } => t.lock().unwrap().steps.push((*s.lock().unwrap(), device.clone(), *allocated, *peer_bytes_in)),
+        Event::Buffers { device, allocated, peer_bytes_in } => {
+            t.lock().unwrap().steps.push((*s.lock().unwrap(), device.clone(), *allocated, *peer_bytes_in))
+        }
         Event::LayerTime { layer, device, .. } => {
             t.lock().unwrap().layers.insert(*layer, device.clone());
         }
@@ -143,7 +155,12 @@ fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
         }
     }
     let at = |step: u64, dev: &str| {
-        trace.steps.iter().find(|(s, d, _, _)| *s == step && d == dev).map(|(_, _, a, p)| (*a, *p)).unwrap_or_else(|| panic!("no Buffers event for {dev} at step {step}"))
+        trace
+            .steps
+            .iter()
+            .find(|(s, d, _, _)| *s == step && d == dev)
+            .map(|(_, _, a, p)| (*a, *p))
+            .unwrap_or_else(|| panic!("no Buffers event for {dev} at step {step}"))
     };
     assert_eq!(trace.layers.len(), 4, "layers seen: {:?}", trace.layers);
     let in_flight = 3; // max(micro_batches = 2, eval.batches = 3): the scheduler never has more
@@ -158,7 +175,11 @@ fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
         // Steps 32..=39 see no evaluation (the one at step 30 lands in step 31): the same traffic.
         let per_step: Vec<u64> = (32..=39).map(|s| at(s, dev).1 - at(s - 1, dev).1).collect();
         assert!(per_step.windows(2).all(|w| w[0] == w[1]), "{dev}: uneven traffic {per_step:?}");
-        assert!(per_step[0] > 0 && per_step[0] % one_buffer == 0, "{dev}: {} bytes per step is not whole buffers of {one_buffer}", per_step[0]);
+        assert!(
+            per_step[0] > 0 && per_step[0] % one_buffer == 0,
+            "{dev}: {} bytes per step is not whole buffers of {one_buffer}",
+            per_step[0]
+        );
         println!("{dev}: {layers_here} layers, {most} buffers (bound {bound}), {} bytes copied in per step, {p60} in all", per_step[0]);
     }
 

@@ -64,7 +64,15 @@ init = "copying"
 }
 
 fn spawn(config: &Path, extra_args: &[&str]) -> Child {
-    Command::new(BIN).arg("train").arg("--config").arg(config).args(extra_args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    Command::new(BIN)
+        .arg("train")
+        .arg("--config")
+        .arg(config)
+        .args(extra_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn run_to_end(config: &Path, extra_args: &[&str]) -> String {
@@ -208,7 +216,11 @@ fn restart_on_failure_resumes_from_the_newest_checkpoint_exactly() {
     let dir = synthetic_dataset("restart");
     let clean = load(&write_config(&dir, "clean", ""), &["run.steps=120"]);
     let faulty = load(
-        &write_config(&dir, "faulty", "[faults]\npanic_layer = 0\npanic_at_step = 13\n[supervision]\nrestart_on_failure = true\nmax_restarts = 2\n"),
+        &write_config(
+            &dir,
+            "faulty",
+            "[faults]\npanic_layer = 0\npanic_at_step = 13\n[supervision]\nrestart_on_failure = true\nmax_restarts = 2\n",
+        ),
         &["run.steps=120"],
     );
     let data = Dataset::open(&dir, 256).unwrap();

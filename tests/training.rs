@@ -106,7 +106,14 @@ fn demo_config_reaches_val_loss_below_2_within_3000_steps() {
     let raw = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/raw/shakespeare");
     if !shards.join("shakespeare_val_000000.bin").exists() {
         if raw.exists() {
-            prepare(&PrepareArgs { inputs: vec![raw], out_dir: shards.clone(), tokenizer: "bytes".into(), val_fraction: 0.1, name: "shakespeare".into() }).unwrap();
+            prepare(&PrepareArgs {
+                inputs: vec![raw],
+                out_dir: shards.clone(),
+                tokenizer: "bytes".into(),
+                val_fraction: 0.1,
+                name: "shakespeare".into(),
+            })
+            .unwrap();
         } else if std::env::var("TAPROOT_REQUIRE_DATA").is_ok() {
             panic!("TAPROOT_REQUIRE_DATA is set but the corpus is missing: run scripts/fetch-data.sh");
         } else {

@@ -225,16 +225,7 @@ pub trait Backend: Send + Sized + 'static {
     /// Causal multi-head self-attention, scale 1/sqrt(hs).
     /// qkv (B, T, 3C) -> out (B, T, C); saves att (B, NH, T, T) post-softmax probabilities.
     #[allow(clippy::too_many_arguments)]
-    fn attention_forward(
-        &self,
-        out: View<Self::Buf>,
-        att: View<Self::Buf>,
-        qkv: View<Self::Buf>,
-        b: usize,
-        t: usize,
-        c: usize,
-        nh: usize,
-    );
+    fn attention_forward(&self, out: View<Self::Buf>, att: View<Self::Buf>, qkv: View<Self::Buf>, b: usize, t: usize, c: usize, nh: usize);
     /// dqkv (B, T, 3C) overwritten; datt (B, NH, T, T) is scratch.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -287,25 +278,10 @@ pub trait Backend: Send + Sized + 'static {
         t: u64,
     );
     /// Momentum for Muon and NSGD: m = mu m + g; then u = g + mu m (Nesterov) or u = m.
-    fn momentum_update(
-        &self,
-        u: View<Self::Buf>,
-        m: View<Self::Buf>,
-        g: View<Self::Buf>,
-        mu: f32,
-        nesterov: bool,
-    );
+    fn momentum_update(&self, u: View<Self::Buf>, m: View<Self::Buf>, g: View<Self::Buf>, mu: f32, nesterov: bool);
     /// p = p (1 - lr wd) - lr * scale * u (the final step of Muon and NSGD).
     fn apply_update(&self, p: View<Self::Buf>, u: View<Self::Buf>, lr: f32, scale: f32, wd: f32);
     /// p = p (1 - lr wd) - lr * u / (sqrt(ss[0]) + eps) — normalised SGD with a device-side norm.
     #[allow(clippy::too_many_arguments)]
-    fn nsgd_apply(
-        &self,
-        p: View<Self::Buf>,
-        u: View<Self::Buf>,
-        ss: View<Self::Buf>,
-        lr: f32,
-        wd: f32,
-        eps: f32,
-    );
+    fn nsgd_apply(&self, p: View<Self::Buf>, u: View<Self::Buf>, ss: View<Self::Buf>, lr: f32, wd: f32, eps: f32);
 }

@@ -119,14 +119,25 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn control(State(d): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(action): Path<String>, headers: HeaderMap) -> Response {
+async fn control(
+    State(d): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if !matches!(action.as_str(), "pause" | "resume" | "checkpoint" | "grow" | "stop") {
-        return reply(StatusCode::NOT_FOUND, json!({"error": format!("unknown control action {action:?} (pause, resume, checkpoint, grow, stop)")}));
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("unknown control action {action:?} (pause, resume, checkpoint, grow, stop)")}),
+        );
     }
     let expected = d.token.lock().expect("token lock").clone();
     let Some(expected) = expected else {
         d.log.say(format!("control {action} from {peer}: refused (403: control is disabled, no token configured)"));
-        return reply(StatusCode::FORBIDDEN, json!({"error": "control endpoints are disabled: no token configured (daemon.token_file or TAPROOT_TOKEN)"}));
+        return reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": "control endpoints are disabled: no token configured (daemon.token_file or TAPROOT_TOKEN)"}),
+        );
     };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     if !given.is_some_and(|g| same(g.as_bytes(), expected.as_bytes())) {
@@ -139,7 +150,10 @@ async fn control(State(d): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketA
     if action == "stop" {
         d.log.say(format!("control stop from {peer}"));
         d.request_stop("POST /control/stop");
-        return reply(StatusCode::ACCEPTED, json!({"stopping": true, "note": "the current step finishes, a checkpoint is written, then the daemon exits"}));
+        return reply(
+            StatusCode::ACCEPTED,
+            json!({"stopping": true, "note": "the current step finishes, a checkpoint is written, then the daemon exits"}),
+        );
     }
     if phase != Phase::Running {
         let state = match phase {

@@ -252,14 +252,19 @@ fn event_logger(log: Arc<Log>, log_every: u64) -> Observer {
             match e {
                 Event::Step { step, total_steps, depth, lr, train_loss, tokens, seconds, .. } => {
                     if log_every > 0 && step % log_every == 0 {
-                        log.say(format!("step={step}/{total_steps} depth={depth} train_loss={train_loss:.4} lr={lr:.6} tok/s={:.0}", tokens as f64 / seconds.max(1e-9)));
+                        log.say(format!(
+                            "step={step}/{total_steps} depth={depth} train_loss={train_loss:.4} lr={lr:.6} tok/s={:.0}",
+                            tokens as f64 / seconds.max(1e-9)
+                        ));
                     }
                 }
                 Event::Eval { step, depth, val_loss } => log.say(format!("step={step} depth={depth} val_loss={val_loss:.4}")),
                 Event::Growth { step, from_depth, to_depth, new_ids, seconds } => {
                     log.say(format!("grow step={step} depth={from_depth}->{to_depth} new_ids={new_ids:?} wall_ms={:.1}", seconds * 1e3))
                 }
-                Event::Checkpoint { step, path, seconds, bytes } => log.say(format!("checkpoint step={step} path={path} bytes={bytes} wall_ms={:.1}", seconds * 1e3)),
+                Event::Checkpoint { step, path, seconds, bytes } => {
+                    log.say(format!("checkpoint step={step} path={path} bytes={bytes} wall_ms={:.1}", seconds * 1e3))
+                }
                 Event::NonFinite { step, what } => log.say(format!("warning: non-finite {what} at step {step}")),
                 Event::Restart { step, reason } => log.say(format!("restart at step {step}: {reason}")),
                 Event::Paused(p) => log.say(if p { "paused (at the next step boundary)" } else { "resumed" }),
@@ -293,21 +298,31 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     let (token, token_warning) = read_token(&cfg)?;
     let log = Arc::new(Log::open(opts.log_file.clone())?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-    let data = Dataset::open(&cfg.data.dir, tok.vocab_size())
-        .with_context(|| format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name))?;
+    let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
+        format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let code = rt.block_on(serve(cfg, data, opts, log, token, token_warning));
     rt.shutdown_timeout(Duration::from_secs(2));
     code
 }
 
-async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, token: Option<String>, token_warning: Option<String>) -> Result<i32> {
+async fn serve(
+    cfg: Config,
+    data: Dataset,
+    opts: DaemonOptions,
+    log: Arc<Log>,
+    token: Option<String>,
+    token_warning: Option<String>,
+) -> Result<i32> {
     // Signal handlers first: a SIGTERM during start-up waits for the run to exist, then stops it.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen).await.with_context(|| format!("listening on {} (daemon.listen / --listen)", cfg.daemon.listen))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen)
+        .await
+        .with_context(|| format!("listening on {} (daemon.listen / --listen)", cfg.daemon.listen))?;
     let addr = listener.local_addr()?;
     log.say(format!(
         "daemon pid={} run={} config={} steps={} depth={} target_depth={} version={}",
@@ -326,7 +341,9 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
         log.say("no control token (daemon.token_file, TAPROOT_TOKEN): control endpoints are disabled (403)");
     }
     if !addr.ip().is_loopback() {
-        log.say(format!("warning: listening on the non-loopback address {addr}: /metrics and /status are readable by anyone who reaches it"));
+        log.say(format!(
+            "warning: listening on the non-loopback address {addr}: /metrics and /status are readable by anyone who reaches it"
+        ));
     }
 
     let prometheus = metrics::install_recorder()?;
@@ -345,7 +362,8 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
         handle: prometheus.clone(),
         shared: shared.clone(),
     };
-    let (metrics_actor, metrics_join) = Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
+    let (metrics_actor, metrics_join) =
+        Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
     let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every)));
 
     let sched = SchedOptions { quiet: true, resume: true, ..Default::default() };
@@ -374,15 +392,22 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
     match d.live_status().await {
         Live::Status(st) => {
             let resumed = if st.step > 0 { resumed_from(&cfg, st.step) } else { None };
-            let mut seed = Seed { step: st.step, depth: st.depth, stack: st.stack.clone(), history: vec![(0, cfg.model.depth)], checkpoint: None };
+            let mut seed =
+                Seed { step: st.step, depth: st.depth, stack: st.stack.clone(), history: vec![(0, cfg.model.depth)], checkpoint: None };
             match &resumed {
                 Some((path, meta)) => {
                     log.say(format!("resume from={} step={} depth={}", path.display(), meta.step, meta.depth));
                     seed.history.extend(meta.growth.iter().map(|g| (g.at_step, g.to_depth)));
-                    let ms = std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                    let ms = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis() as u64);
                     seed.checkpoint = Some((meta.step, ms.unwrap_or(meta.created_unix_s * 1000)));
                 }
-                None if st.step > 0 => log.say(format!("resume step={} depth={} (checkpoint file not found for its metadata)", st.step, st.depth)),
+                None if st.step > 0 => {
+                    log.say(format!("resume step={} depth={} (checkpoint file not found for its metadata)", st.step, st.depth))
+                }
                 None => log.say(format!("fresh start: no checkpoint in {}", cfg.checkpoint_dir().display())),
             }
             let _ = metrics_actor.cast(MetricsMsg::Seed(seed));
@@ -445,7 +470,9 @@ async fn serve(cfg: Config, data: Dataset, opts: DaemonOptions, log: Arc<Log>, t
     };
     if !stopped {
         let linger = cfg.daemon.linger_s;
-        log.say(format!("serving /metrics and /status for {linger} s more (daemon.linger_s); stop earlier with SIGTERM or POST /control/stop"));
+        log.say(format!(
+            "serving /metrics and /status for {linger} s more (daemon.linger_s); stop earlier with SIGTERM or POST /control/stop"
+        ));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(linger)) => {}
             _ = d.stop.notified() => {}

@@ -65,21 +65,9 @@ impl Loader {
             bail!("loader needs B >= 1 and T >= 1, got B={b}, T={t}");
         }
         if tokens.len() < t + 1 {
-            bail!(
-                "token stream has {} tokens, fewer than one window of T+1 = {} tokens (T={t})",
-                tokens.len(),
-                t + 1
-            );
+            bail!("token stream has {} tokens, fewer than one window of T+1 = {} tokens (T={t})", tokens.len(), t + 1);
         }
-        Ok(Loader {
-            tokens,
-            b,
-            t,
-            state: LoaderState {
-                rng: seed,
-                batches: 0,
-            },
-        })
+        Ok(Loader { tokens, b, t, state: LoaderState { rng: seed, batches: 0 } })
     }
 
     /// Batch size B (windows per batch).
@@ -108,11 +96,7 @@ impl Loader {
         out.reserve(self.b * window);
         for _ in 0..self.b {
             let start = uniform_below(&mut self.state.rng, n_starts) as usize;
-            out.extend(
-                self.tokens[start..start + window]
-                    .iter()
-                    .map(|&x| u32::from(x)),
-            );
+            out.extend(self.tokens[start..start + window].iter().map(|&x| u32::from(x)));
         }
         self.state.batches += 1;
     }
@@ -156,20 +140,9 @@ pub fn num_sequential_batches(len: usize, b: usize, t: usize) -> usize {
 /// `B * (T + 1)` row-major batch like [`Loader::next_batch`] produces. The sequence is the
 /// same every time; a partial batch at the end is dropped. Check [`ExactSizeIterator::len`]
 /// to detect a validation set too small for even one batch.
-pub fn sequential_batches(
-    tokens: &[u16],
-    b: usize,
-    t: usize,
-    max_batches: usize,
-) -> SequentialBatches<'_> {
+pub fn sequential_batches(tokens: &[u16], b: usize, t: usize, max_batches: usize) -> SequentialBatches<'_> {
     let count = num_sequential_batches(tokens.len(), b, t).min(max_batches);
-    SequentialBatches {
-        tokens,
-        b,
-        t,
-        next: 0,
-        count,
-    }
+    SequentialBatches { tokens, b, t, next: 0, count }
 }
 
 impl Iterator for SequentialBatches<'_> {
@@ -183,11 +156,7 @@ impl Iterator for SequentialBatches<'_> {
         let mut out = Vec::with_capacity(self.b * window);
         for r in 0..self.b {
             let start = (self.next * self.b + r) * self.t;
-            out.extend(
-                self.tokens[start..start + window]
-                    .iter()
-                    .map(|&x| u32::from(x)),
-            );
+            out.extend(self.tokens[start..start + window].iter().map(|&x| u32::from(x)));
         }
         self.next += 1;
         Some(out)
@@ -255,8 +224,7 @@ impl Dataset {
     /// Every shard is checked against `vocab`. Errors (naming `dir`) if there is no
     /// validation shard or no training shard.
     pub fn open(dir: &Path, vocab: usize) -> Result<Dataset> {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("reading dataset directory {}", dir.display()))?;
+        let entries = std::fs::read_dir(dir).with_context(|| format!("reading dataset directory {}", dir.display()))?;
         let mut files: Vec<(String, PathBuf)> = Vec::new();
         for entry in entries {
             let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
@@ -292,16 +260,10 @@ impl Dataset {
             }
         }
         if n_val == 0 {
-            bail!(
-                "no validation shard in {} (expected a file like <name>_val_000000.bin)",
-                dir.display()
-            );
+            bail!("no validation shard in {} (expected a file like <name>_val_000000.bin)", dir.display());
         }
         if n_train == 0 {
-            bail!(
-                "no training shard in {} (expected a file like <name>_train_000001.bin)",
-                dir.display()
-            );
+            bail!("no training shard in {} (expected a file like <name>_train_000001.bin)", dir.display());
         }
         Ok(Dataset { train, val, vocab })
     }
@@ -317,10 +279,7 @@ mod tests {
         assert_eq!(classify_shard("tiny_train_000001.bin"), Some(Split::Train));
         assert_eq!(classify_shard("fineweb_000000.bin"), Some(Split::Val));
         assert_eq!(classify_shard("fineweb_000003.bin"), Some(Split::Train));
-        assert_eq!(
-            classify_shard("interval_train_000001.bin"),
-            Some(Split::Train)
-        );
+        assert_eq!(classify_shard("interval_train_000001.bin"), Some(Split::Train));
         assert_eq!(classify_shard("tinyshakespeare_val.bin"), Some(Split::Val));
         assert_eq!(classify_shard("model.bin"), None);
         assert_eq!(classify_shard("notes.txt"), None);

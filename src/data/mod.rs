@@ -17,9 +17,7 @@ pub mod prepare;
 pub mod shard;
 pub mod tokenizer;
 
-pub use loader::{
-    num_sequential_batches, sequential_batches, Dataset, Loader, LoaderState, SequentialBatches,
-};
+pub use loader::{num_sequential_batches, sequential_batches, Dataset, Loader, LoaderState, SequentialBatches};
 pub use prepare::{prepare, PrepareArgs, PrepareReport};
 pub use shard::{check_tokens, read_shard, write_shard, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION};
 pub use tokenizer::{Tokenizer, GPT2_EOT, GPT2_VOCAB, TOKENIZER_NAMES};

@@ -82,12 +82,9 @@ fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for input in inputs {
         if input.is_dir() {
             let mut txt = Vec::new();
-            let entries = std::fs::read_dir(input)
-                .with_context(|| format!("reading input directory {}", input.display()))?;
+            let entries = std::fs::read_dir(input).with_context(|| format!("reading input directory {}", input.display()))?;
             for entry in entries {
-                let path = entry
-                    .with_context(|| format!("listing {}", input.display()))?
-                    .path();
+                let path = entry.with_context(|| format!("listing {}", input.display()))?.path();
                 if path.is_file() && path.extension().is_some_and(|e| e == "txt") {
                     txt.push(path);
                 }
@@ -97,10 +94,7 @@ fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         } else if input.is_file() {
             files.push(input.clone());
         } else {
-            bail!(
-                "input {} does not exist (or is not a file or directory)",
-                input.display()
-            );
+            bail!("input {} does not exist (or is not a file or directory)", input.display());
         }
     }
     Ok(files)
@@ -144,30 +138,17 @@ fn val_count(total: usize, fraction: f64) -> usize {
 /// `val_fraction` of the token stream) and `<name>_train_000001.bin` (the rest) to `out_dir`.
 pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     if !(args.val_fraction > 0.0 && args.val_fraction < 1.0) {
-        bail!(
-            "val_fraction must be strictly between 0 and 1, got {}",
-            args.val_fraction
-        );
+        bail!("val_fraction must be strictly between 0 and 1, got {}", args.val_fraction);
     }
     if args.name.is_empty() || args.name.contains(['/', '\\']) {
-        bail!(
-            "shard name prefix {:?} must be non-empty and contain no path separator",
-            args.name
-        );
+        bail!("shard name prefix {:?} must be non-empty and contain no path separator", args.name);
     }
     let tok = Tokenizer::from_name(&args.tokenizer)?;
 
     let files = collect_files(&args.inputs)?;
     if files.is_empty() {
-        let shown: Vec<String> = args
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        bail!(
-            "no input files found (inputs: [{}]; directories contribute their *.txt files)",
-            shown.join(", ")
-        );
+        let shown: Vec<String> = args.inputs.iter().map(|p| p.display().to_string()).collect();
+        bail!("no input files found (inputs: [{}]; directories contribute their *.txt files)", shown.join(", "));
     }
 
     // Read sequentially (cheap, and errors come out in a predictable order), then tokenize
@@ -177,43 +158,28 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         raws.push(raw);
     }
-    let docs: Vec<Vec<u32>> = files
-        .par_iter()
-        .zip(raws.par_iter())
-        .map(|(path, raw)| tokenize_document(&tok, raw, path))
-        .collect::<Result<_>>()?;
+    let docs: Vec<Vec<u32>> =
+        files.par_iter().zip(raws.par_iter()).map(|(path, raw)| tokenize_document(&tok, raw, path)).collect::<Result<_>>()?;
     let stream: Vec<u32> = docs.concat();
 
     if stream.is_empty() {
-        bail!(
-            "all {} input files are empty: nothing to tokenize",
-            files.len()
-        );
+        bail!("all {} input files are empty: nothing to tokenize", files.len());
     }
     if stream.len() < 2 {
-        bail!(
-            "input yields only {} token; need at least 2 to split into val and train",
-            stream.len()
-        );
+        bail!("input yields only {} token; need at least 2 to split into val and train", stream.len());
     }
 
     let n_val = val_count(stream.len(), args.val_fraction);
     let split = stream.len() - n_val;
     let (train, val) = stream.split_at(split);
 
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("creating output directory {}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating output directory {}", args.out_dir.display()))?;
     let val_path = args.out_dir.join(format!("{}_val_000000.bin", args.name));
     let train_path = args.out_dir.join(format!("{}_train_000001.bin", args.name));
     write_shard(&val_path, val)?;
     write_shard(&train_path, train)?;
 
-    Ok(PrepareReport {
-        files: files.len(),
-        train_tokens: train.len(),
-        val_tokens: val.len(),
-        paths: vec![val_path, train_path],
-    })
+    Ok(PrepareReport { files: files.len(), train_tokens: train.len(), val_tokens: val.len(), paths: vec![val_path, train_path] })
 }
 
 #[cfg(test)]

@@ -46,16 +46,9 @@ pub fn token_offset(index: usize) -> usize {
 /// directory is atomic, so readers see either the old file or the complete new one.
 pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<()> {
     if tokens.is_empty() {
-        bail!(
-            "{}: refusing to write an empty shard (0 tokens)",
-            path.display()
-        );
+        bail!("{}: refusing to write an empty shard (0 tokens)", path.display());
     }
-    if let Some((i, &tok)) = tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t > u16::MAX as u32)
-    {
+    if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, &t)| t > u16::MAX as u32) {
         bail!(
             "{}: token {tok} at index {i} does not fit in u16 (max {}); \
              version-1 shards store 16-bit tokens",
@@ -63,13 +56,8 @@ pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<()> {
             u16::MAX
         );
     }
-    let count = i32::try_from(tokens.len()).map_err(|_| {
-        anyhow::anyhow!(
-            "{}: {} tokens is more than a shard header can count (i32::MAX)",
-            path.display(),
-            tokens.len()
-        )
-    })?;
+    let count = i32::try_from(tokens.len())
+        .map_err(|_| anyhow::anyhow!("{}: {} tokens is more than a shard header can count (i32::MAX)", path.display(), tokens.len()))?;
 
     // Serialise everything into one buffer first: shards are at most a few hundred MB,
     // and a single write keeps the I/O code trivial.
@@ -96,15 +84,10 @@ pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<()> {
         let _ = fs::remove_file(&tmp); // best effort: do not leave the partial temp file
         return Err(e).with_context(|| format!("writing shard {}", tmp.display()));
     }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     // Persist the rename itself. Best effort: not every platform can fsync a directory.
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -180,10 +163,7 @@ pub fn read_shard(path: &Path) -> Result<Vec<u16>> {
         );
     }
 
-    let tokens = bytes[HEADER_BYTES..]
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
+    let tokens = bytes[HEADER_BYTES..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
     Ok(tokens)
 }
 
@@ -193,11 +173,7 @@ pub fn read_shard(path: &Path) -> Result<Vec<u16>> {
 /// `path` is only used for the message, which names the first bad token's index and its byte
 /// offset in the file (`1024 + 2 * index`).
 pub fn check_tokens(tokens: &[u16], vocab: usize, path: &Path) -> Result<()> {
-    if let Some((i, &tok)) = tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= vocab)
-    {
+    if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
         bail!(
             "{}: token id {tok} at index {i} (byte offset {}) is out of range for vocab size \
              {vocab}; was this shard made with another tokenizer?",

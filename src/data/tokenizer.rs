@@ -49,14 +49,10 @@ impl Tokenizer {
         match name {
             "bytes" => Ok(Tokenizer::Bytes),
             "gpt2" => {
-                let bpe = tiktoken_rs::r50k_base()
-                    .map_err(|e| anyhow::anyhow!("building the gpt2 (r50k_base) tokenizer: {e}"))?;
+                let bpe = tiktoken_rs::r50k_base().map_err(|e| anyhow::anyhow!("building the gpt2 (r50k_base) tokenizer: {e}"))?;
                 Ok(Tokenizer::Gpt2(Box::new(bpe)))
             }
-            other => bail!(
-                "unknown tokenizer {other:?}; valid names are: {}",
-                TOKENIZER_NAMES.join(", ")
-            ),
+            other => bail!("unknown tokenizer {other:?}; valid names are: {}", TOKENIZER_NAMES.join(", ")),
         }
     }
 

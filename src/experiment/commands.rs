@@ -69,7 +69,14 @@ pub fn plan_command(a: &PlanArgs) -> Result<plan::PlanOutcome> {
             o.mixing.describe()
         );
     };
-    println!("t_mix={} tau={} decay_start={} warmup_end={}{}", rec.t_mix, rec.tau, rec.decay_start, rec.warmup_end, if rec.clamped { " (clamped to the end of warmup)" } else { "" });
+    println!(
+        "t_mix={} tau={} decay_start={} warmup_end={}{}",
+        rec.t_mix,
+        rec.tau,
+        rec.decay_start,
+        rec.warmup_end,
+        if rec.clamped { " (clamped to the end of warmup)" } else { "" }
+    );
     if let Some(out) = &a.out {
         let note = format!(
             "pilot of {} steps, t_mix = {} steps at tolerance {:.2}%, τ = {} − {} = {}{}",

@@ -126,7 +126,15 @@ pub fn fixed(base: &Config) -> Config {
 
 /// One expansion at fraction `at` of the run (or at an absolute step with [`at_step`]).
 pub fn grow(at: f64, to_depth: usize, init: GrowInit) -> GrowthSpec {
-    GrowthSpec { at: Some(at), at_step: None, to_depth, position: Default::default(), init, order: CopyOrder::Stack, opt_state: OptStatePolicy::Inherit }
+    GrowthSpec {
+        at: Some(at),
+        at_step: None,
+        to_depth,
+        position: Default::default(),
+        init,
+        order: CopyOrder::Stack,
+        opt_state: OptStatePolicy::Inherit,
+    }
 }
 
 /// One expansion at an absolute step.

@@ -87,7 +87,14 @@ pub fn pilot(cfg: &Config) -> Result<Pilot> {
     progressive.eval.every = eval_every;
     progressive.growth[0].at = None;
     progressive.growth[0].at_step = Some(warmup_end);
-    Ok(Pilot { fixed: super::checked(fixed)?, progressive: super::checked(progressive)?, tau0: warmup_end, budget, eval_every, tolerance: cfg.plan.mix_tolerance })
+    Ok(Pilot {
+        fixed: super::checked(fixed)?,
+        progressive: super::checked(progressive)?,
+        tau0: warmup_end,
+        budget,
+        eval_every,
+        tolerance: cfg.plan.mix_tolerance,
+    })
 }
 
 /// τ from a mixing finding: T_decay_start − t_mix, never before warmup ends. None when the
@@ -162,7 +169,10 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
     super::ensure_dir(dir)?;
     report::write_csv(&dir.join("curves.csv"), &[&o.fixed, &o.progressive])?;
     let gaps = super::mixing::gaps(&o.fixed.curve(), &o.progressive.curve(), o.pilot.tau0);
-    let rows: Vec<Vec<String>> = gaps.iter().map(|(s, g)| vec![s.to_string(), report::pct(*g), if *g <= o.pilot.tolerance { "yes".into() } else { "no".into() }]).collect();
+    let rows: Vec<Vec<String>> = gaps
+        .iter()
+        .map(|(s, g)| vec![s.to_string(), report::pct(*g), if *g <= o.pilot.tolerance { "yes".into() } else { "no".into() }])
+        .collect();
     report::write_table_csv(&dir.join("gaps.csv"), &["step", "gap", "within"], &rows)?;
     let mut md = format!(
         "Pilot: fixed vs grown at step {} (end of warmup), {} steps, evaluated every {} steps, tolerance {:.2}%.\n\n{}\n\n",
@@ -178,12 +188,17 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
             r.decay_start,
             r.t_mix,
             r.tau,
-            if r.clamped { format!(" (clamped to the end of warmup, step {}: the stable phase is shorter than t_mix)", r.warmup_end) } else { String::new() }
+            if r.clamped {
+                format!(" (clamped to the end of warmup, step {}: the stable phase is shorter than t_mix)", r.warmup_end)
+            } else {
+                String::new()
+            }
         )),
         None => md.push_str("No τ recommended.\n"),
     }
     std::fs::write(dir.join("plan.md"), &md)?;
-    let series = |r: &RunResult| plot::Series { label: r.label.clone(), points: r.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect() };
+    let series =
+        |r: &RunResult| plot::Series { label: r.label.clone(), points: r.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect() };
     let chart = plot::Chart {
         title: "taproot plan: pilot".into(),
         x_label: "step".into(),

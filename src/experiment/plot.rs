@@ -20,7 +20,8 @@ fn register_font() {
     ONCE.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             // The bytes are a valid TrueType font shipped inside the crate; failure is a bug.
-            plotters::style::register_font(FONT, style, epaint_default_fonts::HACK_REGULAR).unwrap_or_else(|_| panic!("the built-in font does not parse"));
+            plotters::style::register_font(FONT, style, epaint_default_fonts::HACK_REGULAR)
+                .unwrap_or_else(|_| panic!("the built-in font does not parse"));
         }
     });
 }
@@ -147,14 +148,20 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
     Ok(())
 }
 
-fn draw_lines<'a, X>(c: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>, chart: &Chart, y0: f64, y1: f64) -> Result<()>
+fn draw_lines<'a, X>(
+    c: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
+    chart: &Chart,
+    y0: f64,
+    y1: f64,
+) -> Result<()>
 where
     X: Ranged<ValueType = f64>,
 {
     for (i, s) in chart.series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         // points above the cut are clamped to it, so a line leaves the plot at its top edge
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|(x, y)| (x, y.clamp(y0, y1))).collect();
+        let pts: Vec<(f64, f64)> =
+            s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|(x, y)| (x, y.clamp(y0, y1))).collect();
         let style = ShapeStyle::from(&color).stroke_width(2);
         c.draw_series(LineSeries::new(pts.clone(), style))
             .map_err(|e| anyhow!("{e}"))?

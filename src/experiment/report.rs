@@ -87,13 +87,21 @@ impl RunResult {
     pub fn from_report(label: &str, rep: &TrainReport) -> RunResult {
         let step_end = |s: u64| rep.steps.iter().find(|r| r.step == s).map(|r| r.elapsed_s);
         // evaluation seconds, keyed by the step after which it ran
-        let eval_s: Vec<(u64, f64)> = rep.evals.iter().map(|e| (e.step, step_end(e.step).map_or(0.0, |t| (e.elapsed_s - t).max(0.0)))).collect();
+        let eval_s: Vec<(u64, f64)> =
+            rep.evals.iter().map(|e| (e.step, step_end(e.step).map_or(0.0, |t| (e.elapsed_s - t).max(0.0)))).collect();
         let evals_before = |s: u64| eval_s.iter().filter(|(es, _)| *es < s).map(|(_, t)| t).sum::<f64>();
         let train_s_at = |s: u64| step_end(s).map_or(0.0, |t| t - evals_before(s));
         let evals = rep
             .evals
             .iter()
-            .map(|e| EvalPoint { step: e.step, depth: e.depth, val_loss: e.val_loss as f64, flops_llmc: e.flops_llmc, flops_ne: e.flops_ne, train_s: train_s_at(e.step) })
+            .map(|e| EvalPoint {
+                step: e.step,
+                depth: e.depth,
+                val_loss: e.val_loss as f64,
+                flops_llmc: e.flops_llmc,
+                flops_ne: e.flops_ne,
+                train_s: train_s_at(e.step),
+            })
             .collect();
         // per-step durations, evaluation excluded
         let mut by_depth: Vec<(usize, Vec<f64>)> = Vec::new();
@@ -263,7 +271,17 @@ mod tests {
     use super::*;
 
     fn run(label: &str, pts: &[(u64, f64, f64)]) -> RunResult {
-        let evals: Vec<EvalPoint> = pts.iter().map(|&(step, val_loss, cost)| EvalPoint { step, depth: 1, val_loss, flops_llmc: cost, flops_ne: cost / 2.0, train_s: cost / 10.0 }).collect();
+        let evals: Vec<EvalPoint> = pts
+            .iter()
+            .map(|&(step, val_loss, cost)| EvalPoint {
+                step,
+                depth: 1,
+                val_loss,
+                flops_llmc: cost,
+                flops_ne: cost / 2.0,
+                train_s: cost / 10.0,
+            })
+            .collect();
         let last = evals.last().unwrap().clone();
         RunResult {
             label: label.into(),

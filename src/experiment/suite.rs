@@ -83,8 +83,19 @@ fn tau_of(base: &Config) -> Result<u64> {
     }
 }
 
-const HEADER: [&str; 11] =
-    ["run", "τ (step)", "final val loss", "gap vs fixed", "t_mix", "FLOPs llm.c", "FLOPs non-emb", "train s", "speed-up llm.c", "speed-up non-emb", "speed-up wall"];
+const HEADER: [&str; 11] = [
+    "run",
+    "τ (step)",
+    "final val loss",
+    "gap vs fixed",
+    "t_mix",
+    "FLOPs llm.c",
+    "FLOPs non-emb",
+    "train s",
+    "speed-up llm.c",
+    "speed-up non-emb",
+    "speed-up wall",
+];
 
 /// One row per arm against `fixed`: final loss and gap, t_mix after the last expansion, totals,
 /// and the speed-up at matched final loss on each axis (with the same-steps ratio after it).
@@ -140,7 +151,12 @@ fn series(runs: &[&RunResult], axis: Option<Axis>) -> Vec<Series> {
     runs.iter()
         .map(|r| Series {
             label: r.label.clone(),
-            points: r.evals.iter().map(|e| (axis.map_or(e.step as f64, |a| a.of(e)), e.val_loss)).filter(|(x, _)| axis.is_none() || *x > 0.0).collect(),
+            points: r
+                .evals
+                .iter()
+                .map(|e| (axis.map_or(e.step as f64, |a| a.of(e)), e.val_loss))
+                .filter(|(x, _)| axis.is_none() || *x > 0.0)
+                .collect(),
         })
         .collect()
 }
@@ -158,7 +174,9 @@ fn loss_plots(out: &Path, title: &str, prefix: &str, runs: &[&RunResult], all_ax
     };
     plot::render(&chart("step", XScale::Linear, None), &out.join(format!("{prefix}loss_vs_step.png")), plot::SIZE)?;
     if all_axes {
-        for (axis, file) in [(Axis::FlopsLlmc, "loss_vs_flops_llmc"), (Axis::FlopsNe, "loss_vs_flops_ne"), (Axis::TrainWall, "loss_vs_wall")] {
+        for (axis, file) in
+            [(Axis::FlopsLlmc, "loss_vs_flops_llmc"), (Axis::FlopsNe, "loss_vs_flops_ne"), (Axis::TrainWall, "loss_vs_wall")]
+        {
             plot::render(&chart(axis.name(), XScale::Log, Some(axis)), &out.join(format!("{prefix}{file}.png")), plot::SIZE)?;
         }
     }
@@ -246,8 +264,14 @@ fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
         md.push('\n');
         let runs = all_runs(&f, &refs);
         loss_plots(out, &format!("0→{l} at τ, {sched}"), &format!("{sched}_"), &runs, false)?;
-        finals.push(Series { label: format!("0→{l} {sched}"), points: TAUS.iter().zip(&arms).map(|(&t, a)| (t, a.run.final_val_loss())).collect() });
-        finals.push(Series { label: format!("fixed {l} {sched}"), points: vec![(TAUS[0], f.run.final_val_loss()), (TAUS[TAUS.len() - 1], f.run.final_val_loss())] });
+        finals.push(Series {
+            label: format!("0→{l} {sched}"),
+            points: TAUS.iter().zip(&arms).map(|(&t, a)| (t, a.run.final_val_loss())).collect(),
+        });
+        finals.push(Series {
+            label: format!("fixed {l} {sched}"),
+            points: vec![(TAUS[0], f.run.final_val_loss()), (TAUS[TAUS.len() - 1], f.run.final_val_loss())],
+        });
         all.push((sched.clone(), f));
         all.extend(arms.into_iter().map(|a| (sched.clone(), a)));
     }
@@ -273,7 +297,9 @@ fn init_ablation(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
     }
     let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
     let mut arms = Vec::new();
-    for (init, name) in [(GrowInit::Random, "random"), (GrowInit::Copying, "copying"), (GrowInit::Zero, "zero"), (GrowInit::CopyingZero, "copying_zero")] {
+    for (init, name) in
+        [(GrowInit::Random, "random"), (GrowInit::Copying, "copying"), (GrowInit::Zero, "zero"), (GrowInit::CopyingZero, "copying_zero")]
+    {
         arms.push(arm(runner, &format!("1→{l} {name}"), progressive(base, 1, vec![grow(0.5, l, init)]))?);
     }
     for (order, name) in [(CopyOrder::Stack, "stack"), (CopyOrder::Inter, "inter"), (CopyOrder::Last, "last")] {
@@ -295,7 +321,11 @@ fn stages(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
     }
     let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
     let single = arm(runner, &format!("0→{l} at 0.8T"), progressive(base, 0, vec![grow(0.8, l, GrowInit::Random)]))?;
-    let multi = arm(runner, &format!("0→2→{l} at 0.4T, 0.8T"), progressive(base, 0, vec![grow(0.4, 2, GrowInit::Random), grow(0.8, l, GrowInit::Random)]))?;
+    let multi = arm(
+        runner,
+        &format!("0→2→{l} at 0.4T, 0.8T"),
+        progressive(base, 0, vec![grow(0.4, 2, GrowInit::Random), grow(0.8, l, GrowInit::Random)]),
+    )?;
     let refs = [&single, &multi];
     let runs = all_runs(&f, &refs);
     report::write_csv(&out.join("evals.csv"), &runs)?;

@@ -208,17 +208,49 @@ impl<B: Backend> Block<B> {
         let d = w::<B>(&dy);
         let x = a.input.as_ref().expect("stash holds its input");
         // MLP branch: y = res2 + fcproj(gelu(fc(ln2(res2))))
-        be.matmul_backward(Some(w::<B>(&s.dfch_gelu)), p.g("fcprojw"), Some(p.g("fcprojb")), d, w::<B>(&a.fch_gelu), p.p("fcprojw"), n, 4 * c, c);
+        be.matmul_backward(
+            Some(w::<B>(&s.dfch_gelu)),
+            p.g("fcprojw"),
+            Some(p.g("fcprojb")),
+            d,
+            w::<B>(&a.fch_gelu),
+            p.p("fcprojw"),
+            n,
+            4 * c,
+            c,
+        );
         be.gelu_backward(w::<B>(&s.dfch), w::<B>(&a.fch), w::<B>(&s.dfch_gelu));
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("fcw"), Some(p.g("fcb")), w::<B>(&s.dfch), w::<B>(&a.ln2), p.p("fcw"), n, c, 4 * c);
         // dy += ln2 backward: dy now holds dres2 (residual path plus MLP path)
-        be.layernorm_backward(d, p.g("ln2w"), p.g("ln2b"), w::<B>(&s.dc), w::<B>(&a.res2), p.p("ln2w"), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), n, c);
+        be.layernorm_backward(
+            d,
+            p.g("ln2w"),
+            p.g("ln2b"),
+            w::<B>(&s.dc),
+            w::<B>(&a.res2),
+            p.p("ln2w"),
+            w::<B>(&a.ln2_mean),
+            w::<B>(&a.ln2_rstd),
+            n,
+            c,
+        );
         // Attention branch: res2 = x + attproj(attn(qkv(ln1(x))))
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("attprojw"), Some(p.g("attprojb")), d, w::<B>(&a.atty), p.p("attprojw"), n, c, c);
         be.attention_backward(w::<B>(&s.dqkv), w::<B>(&s.datt), w::<B>(&s.dc), w::<B>(&a.qkv), w::<B>(&a.att), b, t, c, nh);
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), Some(p.g("qkvb")), w::<B>(&s.dqkv), w::<B>(&a.ln1), p.p("qkvw"), n, c, 3 * c);
         // dy += ln1 backward: dy now holds dx
-        be.layernorm_backward(d, p.g("ln1w"), p.g("ln1b"), w::<B>(&s.dc), w::<B>(x), p.p("ln1w"), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), n, c);
+        be.layernorm_backward(
+            d,
+            p.g("ln1w"),
+            p.g("ln1b"),
+            w::<B>(&s.dc),
+            w::<B>(x),
+            p.p("ln1w"),
+            w::<B>(&a.ln1_mean),
+            w::<B>(&a.ln1_rstd),
+            n,
+            c,
+        );
         self.recycle(be, a);
         dy
     }

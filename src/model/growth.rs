@@ -165,7 +165,12 @@ pub struct GrowthReport {
 /// Apply one expansion to a sequential model.
 pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthReport> {
     let ls = model.depth();
-    anyhow::ensure!(exp.to_depth > ls, "expansion at step {} grows to depth {} but the model already has {ls} blocks", exp.at_step, exp.to_depth);
+    anyhow::ensure!(
+        exp.to_depth > ls,
+        "expansion at step {} grows to depth {} but the model already has {ls} blocks",
+        exp.at_step,
+        exp.to_depth
+    );
     let k = exp.to_depth - ls;
     let sources = plan_sources(exp.init, exp.order, ls, k)?;
     let snaps: Vec<UnitState> = model.blocks.iter().map(|b| b.w.snapshot(be)).collect();

@@ -12,12 +12,12 @@ use crate::backend::Backend;
 
 struct HeadActs<B: Backend> {
     shape: (usize, usize),
-    lnf: B::Buf,      // (N, C)
-    mean: B::Buf,     // (N)
-    rstd: B::Buf,     // (N)
-    logits: B::Buf,   // (N, Vp), overwritten by dlogits
-    losses: B::Buf,   // (N)
-    dlnf: B::Buf,     // (N, C)
+    lnf: B::Buf,    // (N, C)
+    mean: B::Buf,   // (N)
+    rstd: B::Buf,   // (N)
+    logits: B::Buf, // (N, Vp), overwritten by dlogits
+    losses: B::Buf, // (N)
+    dlnf: B::Buf,   // (N, C)
     host_losses: Vec<f32>,
 }
 
@@ -81,7 +81,15 @@ impl<B: Backend> Head<B> {
     /// Fused softmax cross-entropy; returns the mean loss over the N rows (host read-back).
     fn loss(&mut self, be: &B, targets: &B::Ids, dscale: f32, n: usize) -> f32 {
         let a = self.acts.as_mut().expect("forward_logits first");
-        be.crossentropy_forward_backward(B::whole(&a.logits), B::whole(&a.losses), targets, dscale, n, self.dims.vocab, self.dims.padded_vocab);
+        be.crossentropy_forward_backward(
+            B::whole(&a.logits),
+            B::whole(&a.losses),
+            targets,
+            dscale,
+            n,
+            self.dims.vocab,
+            self.dims.padded_vocab,
+        );
         be.download(B::whole(&a.losses), &mut a.host_losses);
         // Sum in f64 so the mean does not depend on summation order subtleties.
         (a.host_losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32
@@ -114,7 +122,18 @@ impl<B: Backend> Head<B> {
         be.matmul_backward(Some(B::whole(&a.dlnf)), dwte, None, B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), n, c, vp);
         let dx = self.pool.take(be, n * c);
         be.fill(B::whole(&dx), 0.0); // layernorm_backward accumulates into dx
-        be.layernorm_backward(B::whole(&dx), self.w.g("lnfw"), self.w.g("lnfb"), B::whole(&a.dlnf), B::whole(&x), self.w.p("lnfw"), B::whole(&a.mean), B::whole(&a.rstd), n, c);
+        be.layernorm_backward(
+            B::whole(&dx),
+            self.w.g("lnfw"),
+            self.w.g("lnfb"),
+            B::whole(&a.dlnf),
+            B::whole(&x),
+            self.w.p("lnfw"),
+            B::whole(&a.mean),
+            B::whole(&a.rstd),
+            n,
+            c,
+        );
         self.pool.put(be, x);
         (dx, loss)
     }

@@ -190,11 +190,7 @@ impl<B: Backend> Clone for ActPool<B> {
 impl<B: Backend> Default for ActPool<B> {
     fn default() -> Self {
         ActPool {
-            inner: Arc::new(PoolInner {
-                free: Mutex::new(Vec::new()),
-                allocated: Default::default(),
-                peer_bytes_in: Default::default(),
-            }),
+            inner: Arc::new(PoolInner { free: Mutex::new(Vec::new()), allocated: Default::default(), peer_bytes_in: Default::default() }),
         }
     }
 }

@@ -113,7 +113,6 @@ impl OptimConfig {
     }
 }
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
     Muon,

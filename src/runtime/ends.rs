@@ -11,8 +11,8 @@
 //! `EmbedBackward` (embedding gradient; report `MicroDone` with the loss to the scheduler). With
 //! no layers at all (a 0-layer model) the ends hand the activation to themselves.
 
-use super::layer::LayerMsg;
 use super::events::Observer;
+use super::layer::LayerMsg;
 use super::messages::{compute, Activation, Peer};
 use super::scheduler::SchedMsg;
 use crate::backend::Backend;
@@ -26,20 +26,44 @@ use std::marker::PhantomData;
 pub enum EndsMsg<B: Backend> {
     /// Start a training micro-batch: `windows` are B rows of T+1 tokens; the loss gradient is
     /// scaled by `dscale` (1 / (B·T·micro_batches): a mean over the step).
-    Micro { mb: u64, windows: Vec<u32>, dscale: f32 },
+    Micro {
+        mb: u64,
+        windows: Vec<u32>,
+        dscale: f32,
+    },
     /// Start an evaluation micro-batch (forward only).
-    EvalMicro { mb: u64, windows: Vec<u32> },
+    EvalMicro {
+        mb: u64,
+        windows: Vec<u32>,
+    },
     /// The top of the stack's output for micro-batch `mb`, arriving at the head.
-    HeadForward { mb: u64, x: Activation<B> },
+    HeadForward {
+        mb: u64,
+        x: Activation<B>,
+    },
     /// The gradient of the embedding output, arriving back at the embedding.
-    EmbedBackward { mb: u64, grad: Activation<B> },
+    EmbedBackward {
+        mb: u64,
+        grad: Activation<B>,
+    },
     /// As `LayerMsg::Step`: answers with the gradient sum of squares of both ends.
-    Step { lr: f32, step: u64, reply: RpcReplyPort<f64> },
+    Step {
+        lr: f32,
+        step: u64,
+        reply: RpcReplyPort<f64>,
+    },
     /// Snapshots of (embedding, head).
     GetState(RpcReplyPort<(UnitState, UnitState)>),
-    SetState { embed: UnitState, head: UnitState, reply: RpcReplyPort<Result<(), String>> },
+    SetState {
+        embed: UnitState,
+        head: UnitState,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// The bottom and top layers of the stack (None, None for a 0-layer model).
-    Link { first: Option<ActorRef<LayerMsg<B>>>, last: Option<ActorRef<LayerMsg<B>>> },
+    Link {
+        first: Option<ActorRef<LayerMsg<B>>>,
+        last: Option<ActorRef<LayerMsg<B>>>,
+    },
     ResetOptState(RpcReplyPort<()>),
 }
 

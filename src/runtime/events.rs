@@ -28,20 +28,50 @@ pub enum Event {
         /// Parameters of the model at this step: (total, non-embedding).
         params: (u64, u64),
     },
-    Eval { step: u64, depth: usize, val_loss: f32 },
-    Growth { step: u64, from_depth: usize, to_depth: usize, new_ids: Vec<u64>, seconds: f64 },
-    Checkpoint { step: u64, path: String, seconds: f64, bytes: u64 },
+    Eval {
+        step: u64,
+        depth: usize,
+        val_loss: f32,
+    },
+    Growth {
+        step: u64,
+        from_depth: usize,
+        to_depth: usize,
+        new_ids: Vec<u64>,
+        seconds: f64,
+    },
+    Checkpoint {
+        step: u64,
+        path: String,
+        seconds: f64,
+        bytes: u64,
+    },
     /// One stage handler's compute time for a micro-batch.
-    LayerTime { layer: u64, device: String, backward: bool, seconds: f64 },
+    LayerTime {
+        layer: u64,
+        device: String,
+        backward: bool,
+        seconds: f64,
+    },
     /// After each step, per device: activation buffers its pool has allocated so far (flat after
     /// warmup; growth means a leak), and bytes copied into it from other devices so far.
-    Buffers { device: String, allocated: usize, peer_bytes_in: u64 },
+    Buffers {
+        device: String,
+        allocated: usize,
+        peer_bytes_in: u64,
+    },
     /// Micro-batches in flight right after a change.
     InFlight(usize),
     /// A non-finite loss or gradient norm.
-    NonFinite { step: u64, what: String },
+    NonFinite {
+        step: u64,
+        what: String,
+    },
     /// The supervisor restarted the pipeline.
-    Restart { step: u64, reason: String },
+    Restart {
+        step: u64,
+        reason: String,
+    },
     Paused(bool),
 }
 

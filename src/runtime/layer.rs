@@ -21,17 +21,31 @@ use std::marker::PhantomData;
 
 pub enum LayerMsg<B: Backend> {
     /// An activation from below for micro-batch `mb`; `eval` micro-batches keep no stash.
-    Forward { mb: u64, x: Activation<B>, eval: bool },
+    Forward {
+        mb: u64,
+        x: Activation<B>,
+        eval: bool,
+    },
     /// The gradient of this layer's output for micro-batch `mb`.
-    Backward { mb: u64, grad: Activation<B> },
+    Backward {
+        mb: u64,
+        grad: Activation<B>,
+    },
     /// Apply the optimizer with learning rate `lr` (step index `step`), zero the gradients.
     /// Answers with the sum of squares of the gradients it applied (for the gradient norm).
-    Step { lr: f32, step: u64, reply: RpcReplyPort<f64> },
+    Step {
+        lr: f32,
+        step: u64,
+        reply: RpcReplyPort<f64>,
+    },
     /// A host snapshot of parameters and optimizer state (copying init, checkpoints, moves).
     GetState(RpcReplyPort<UnitState>),
     SetState(UnitState, RpcReplyPort<Result<(), String>>),
     /// New neighbours (after growth or a move).
-    Link { prev: Peer<B>, next: Peer<B> },
+    Link {
+        prev: Peer<B>,
+        next: Peer<B>,
+    },
     /// Zero the optimizer state (the `reset` growth policy).
     ResetOptState(RpcReplyPort<()>),
     /// Micro-batches stashed here right now (the in-flight bound is checked with this).
@@ -94,7 +108,9 @@ impl<B: Backend> Actor for LayerActor<B> {
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(B, Block<B>)> {
             let be = B::open(&device)?;
             let block = match init {
-                LayerInit::Fresh { init, source, policy, init_cfg } => make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg)?,
+                LayerInit::Fresh { init, source, policy, init_cfg } => {
+                    make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg)?
+                }
                 LayerInit::Restore(state) => {
                     let mut blk = Block::new_empty(&be, &dims, id);
                     blk.w.restore(&be, &state)?;
@@ -108,7 +124,18 @@ impl<B: Backend> Actor for LayerActor<B> {
         let (be, block) = built.map_err(|e| format!("layer {}: {e:#}", a.id))?;
         let mut block = block;
         block.use_pool(a.pool.clone());
-        Ok(LayerState { be, pool: a.pool, block, opt: Optimizer::new(a.optim), scratch: Scratch::default(), prev: None, next: None, panic_at_step: a.panic_at_step, observer: a.observer, device: a.device })
+        Ok(LayerState {
+            be,
+            pool: a.pool,
+            block,
+            opt: Optimizer::new(a.optim),
+            scratch: Scratch::default(),
+            prev: None,
+            next: None,
+            panic_at_step: a.panic_at_step,
+            observer: a.observer,
+            device: a.device,
+        })
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -124,7 +151,12 @@ impl<B: Backend> Actor for LayerActor<B> {
                     }
                     Activation::send(&s.be, y, b, t, &s.pool)
                 });
-                (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: false, seconds: t0.elapsed().as_secs_f64() });
+                (s.observer)(&Event::LayerTime {
+                    layer: s.block.id,
+                    device: s.device.clone(),
+                    backward: false,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
                 s.next.as_ref().ok_or_else(|| format!("layer {} has no downstream link", s.block.id))?.forward(mb, y, eval)?;
             }
             LayerMsg::Backward { mb, grad } => {
@@ -135,7 +167,12 @@ impl<B: Backend> Actor for LayerActor<B> {
                     let dx = s.block.backward(&s.be, mb, dy);
                     Activation::send(&s.be, dx, b, t, &s.pool)
                 });
-                (s.observer)(&Event::LayerTime { layer: s.block.id, device: s.device.clone(), backward: true, seconds: t0.elapsed().as_secs_f64() });
+                (s.observer)(&Event::LayerTime {
+                    layer: s.block.id,
+                    device: s.device.clone(),
+                    backward: true,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
                 s.prev.as_ref().ok_or_else(|| format!("layer {} has no upstream link", s.block.id))?.backward(mb, dx)?;
             }
             LayerMsg::Step { lr, step, reply } => {

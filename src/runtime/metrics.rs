@@ -67,11 +67,19 @@ use Kind::{Counter as C, Gauge as G, Histogram as H};
 /// exactly these).
 pub const CATALOG: &[MetricDef] = &[
     m("taproot_info", G, "Always 1; labels name the run and the taproot version."),
-    m("taproot_state", G, "1 for the run's current state (label state: running, paused, restarting, stopping, finished, failed), 0 for the others."),
+    m(
+        "taproot_state",
+        G,
+        "1 for the run's current state (label state: running, paused, restarting, stopping, finished, failed), 0 for the others.",
+    ),
     m("taproot_start_time_seconds", G, "Unix time at which this daemon process started the run."),
     m("taproot_step", G, "Optimizer updates done in the run (across restarts)."),
     m("taproot_total_steps", G, "Optimizer updates the run is configured for (run.steps)."),
-    m("taproot_eta_seconds", G, "Estimated seconds until the last step, from this process's mean time per step (0 until two steps have run)."),
+    m(
+        "taproot_eta_seconds",
+        G,
+        "Estimated seconds until the last step, from this process's mean time per step (0 until two steps have run).",
+    ),
     m("taproot_train_loss", G, "Mean training loss of the last step (nats per token)."),
     m("taproot_validation_loss", G, "Validation loss of the last evaluation (nats per token)."),
     m("taproot_learning_rate", G, "Learning rate of the last step."),
@@ -89,12 +97,24 @@ pub const CATALOG: &[MetricDef] = &[
     m("taproot_growth_events_total", C, "Expansions of the model applied by this process."),
     m("taproot_growth_duration_seconds", H, "Wall seconds per expansion (spawning and linking the new layers)."),
     m("taproot_flops_llmc_total", C, "Training FLOPs done by this process, llm.c convention (6N + 6LTC per token)."),
-    m("taproot_flops_non_embedding_total", C, "Training FLOPs done by this process, non-embedding convention (6N per token, N without embeddings)."),
+    m(
+        "taproot_flops_non_embedding_total",
+        C,
+        "Training FLOPs done by this process, non-embedding convention (6N per token, N without embeddings).",
+    ),
     m("taproot_peak_flops_per_second", G, "The configured peak FLOP/s of the hardware (daemon.peak_flops; 0: unknown)."),
     m("taproot_mfu_ratio", G, "Model FLOPs utilisation of the last step: llm.c FLOPs per second over daemon.peak_flops (0 when unknown)."),
-    m("taproot_compute_saved_ratio", G, "1 - non-embedding FLOPs spent by the run so far / FLOPs the fixed target-depth model would have spent for the same steps."),
+    m(
+        "taproot_compute_saved_ratio",
+        G,
+        "1 - non-embedding FLOPs spent by the run so far / FLOPs the fixed target-depth model would have spent for the same steps.",
+    ),
     m("taproot_checkpoint_duration_seconds", H, "Wall seconds per checkpoint (gather state, write, fsync, rename)."),
-    m("taproot_checkpoint_age_seconds", G, "Seconds since the newest checkpoint was written (since the process started if the run has none): the work a crash would lose."),
+    m(
+        "taproot_checkpoint_age_seconds",
+        G,
+        "Seconds since the newest checkpoint was written (since the process started if the run has none): the work a crash would lose.",
+    ),
     m("taproot_checkpoint_step", G, "Step of the newest checkpoint (0: none)."),
     m("taproot_checkpoint_size_bytes", G, "Size of the newest checkpoint written by this process."),
     m("taproot_resident_memory_bytes", G, "Resident memory of the process (VmRSS)."),
@@ -102,7 +122,11 @@ pub const CATALOG: &[MetricDef] = &[
     m("taproot_actor_restarts_total", C, "Pipeline restarts by the supervisor (from the newest checkpoint) in this process."),
     m("taproot_non_finite_events_total", C, "Non-finite training losses or gradient norms (label kind: loss, gradient_norm)."),
     m("taproot_paused", G, "1 while the run is paused by a control request."),
-    m("taproot_activation_buffers", G, "Activation/gradient buffers allocated by a device's pool (label device); flat after the first steps."),
+    m(
+        "taproot_activation_buffers",
+        G,
+        "Activation/gradient buffers allocated by a device's pool (label device); flat after the first steps.",
+    ),
     m("taproot_peer_copy_bytes_total", C, "Bytes of activations and gradients copied into a device from other devices (label device)."),
 ];
 
@@ -323,7 +347,11 @@ impl MetricsState {
 
     fn compute_saved(&self, step: u64) {
         let fixed = flops::flops_per_token_non_embedding(&self.a.dims, self.a.target_depth) * (self.a.tokens_per_step * step) as f64;
-        let ratio = if fixed > 0.0 { 1.0 - run_flops_non_embedding(&self.a.dims, &self.history, self.a.tokens_per_step, step) / fixed } else { 0.0 };
+        let ratio = if fixed > 0.0 {
+            1.0 - run_flops_non_embedding(&self.a.dims, &self.history, self.a.tokens_per_step, step) / fixed
+        } else {
+            0.0
+        };
         gauge!("taproot_compute_saved_ratio").set(ratio);
     }
 
@@ -430,10 +458,26 @@ impl Actor for MetricsActor {
         for name in ["taproot_train_loss", "taproot_validation_loss", "taproot_gradient_norm"] {
             gauge!(name).set(f64::NAN);
         }
-        for name in ["taproot_learning_rate", "taproot_tokens_per_second", "taproot_mfu_ratio", "taproot_eta_seconds", "taproot_checkpoint_step", "taproot_checkpoint_size_bytes", "taproot_micro_batches_in_flight", "taproot_paused"] {
+        for name in [
+            "taproot_learning_rate",
+            "taproot_tokens_per_second",
+            "taproot_mfu_ratio",
+            "taproot_eta_seconds",
+            "taproot_checkpoint_step",
+            "taproot_checkpoint_size_bytes",
+            "taproot_micro_batches_in_flight",
+            "taproot_paused",
+        ] {
             gauge!(name).set(0.0);
         }
-        for name in ["taproot_steps_total", "taproot_tokens_total", "taproot_growth_events_total", "taproot_flops_llmc_total", "taproot_flops_non_embedding_total", "taproot_actor_restarts_total"] {
+        for name in [
+            "taproot_steps_total",
+            "taproot_tokens_total",
+            "taproot_growth_events_total",
+            "taproot_flops_llmc_total",
+            "taproot_flops_non_embedding_total",
+            "taproot_actor_restarts_total",
+        ] {
             counter!(name).absolute(0);
         }
         for kind in ["loss", "gradient_norm"] {
@@ -443,7 +487,16 @@ impl Actor for MetricsActor {
             let _ = histogram!(name);
         }
         let seed = a.seed.clone();
-        let mut s = MetricsState { a, history: BTreeMap::new(), seen_step: false, seen_checkpoint: false, layer: HashMap::new(), first_step: None, paused: false, state: "running" };
+        let mut s = MetricsState {
+            a,
+            history: BTreeMap::new(),
+            seen_step: false,
+            seen_checkpoint: false,
+            layer: HashMap::new(),
+            first_step: None,
+            paused: false,
+            state: "running",
+        };
         s.set_state("running");
         s.seed(seed);
         refresh_scrape_gauges(&s.a.shared);

@@ -75,7 +75,8 @@ pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, 
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let args = TrainerArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
-    let (trainer, join) = Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
+    let (trainer, join) =
+        Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
     Ok(RunHandle { trainer, done: rx, join })
 }
 

@@ -49,9 +49,9 @@ pub fn after_growth(
                 }
             }
             for &pos in new_positions {
-                let i = (0..devices.len()).find(|&i| load[i] < cap).unwrap_or_else(|| {
-                    (0..devices.len()).min_by_key(|&i| load[i]).expect("at least one device")
-                });
+                let i = (0..devices.len())
+                    .find(|&i| load[i] < cap)
+                    .unwrap_or_else(|| (0..devices.len()).min_by_key(|&i| load[i]).expect("at least one device"));
                 load[i] += 1;
                 out[pos] = Some(devices[i].clone());
             }

@@ -16,10 +16,10 @@
 //! is why a run resumed from a checkpoint follows the uninterrupted run bit for bit.
 
 use super::ends::{EndsActor, EndsArgs, EndsMsg};
+use super::events::{Event, Observer};
 use super::layer::{LayerActor, LayerArgs, LayerInit, LayerMsg};
 use super::messages::Peer;
 use super::placement;
-use super::events::{Event, Observer};
 use super::trainer::{Roles, TrainerMsg};
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, GrowthRecord, Meta, UnitKey};
@@ -43,9 +43,15 @@ pub enum SchedMsg {
     /// Continue the step loop (sent to itself at every boundary, and once at start).
     Next,
     /// A training micro-batch finished its backward everywhere; `loss` is its mean loss.
-    MicroDone { mb: u64, loss: f32 },
+    MicroDone {
+        mb: u64,
+        loss: f32,
+    },
     /// An evaluation micro-batch finished; `loss` is its mean loss.
-    EvalDone { mb: u64, loss: f32 },
+    EvalDone {
+        mb: u64,
+        loss: f32,
+    },
     /// Finish the current step, write a checkpoint and end the run (SIGTERM, SIGINT).
     RequestStop,
     Status(RpcReplyPort<Status>),
@@ -225,8 +231,19 @@ impl<B: Backend> SchedState<B> {
     async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
         let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
         let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
-        let args = LayerArgs { id, device: device.clone(), dims: self.dims.clone(), init, optim: self.cfg.optim.clone(), panic_at_step, observer: self.observer.clone(), pool: self.pool(&device) };
-        let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone()).await.map_err(|e| err(format!("spawning layer {id} on {device}: {e}")))?;
+        let args = LayerArgs {
+            id,
+            device: device.clone(),
+            dims: self.dims.clone(),
+            init,
+            optim: self.cfg.optim.clone(),
+            panic_at_step,
+            observer: self.observer.clone(),
+            pool: self.pool(&device),
+        };
+        let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
+            .await
+            .map_err(|e| err(format!("spawning layer {id} on {device}: {e}")))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
         Ok(Stage { id, device, actor })
     }
@@ -286,12 +303,23 @@ impl<B: Backend> SchedState<B> {
             Position::Top => (ls..ls + k).collect(),
         };
         let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
-        let devices = placement::after_growth(self.cfg.placement.policy, &self.cfg.placement.devices, &old_devices, &positions, self.cfg.target_depth());
+        let devices = placement::after_growth(
+            self.cfg.placement.policy,
+            &self.cfg.placement.devices,
+            &old_devices,
+            &positions,
+            self.cfg.target_depth(),
+        );
         // All newborns at once: each initialises its block on its own thread (its random stream
         // is keyed by its id, so the result does not depend on the order they run in).
         let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
-            let init = LayerInit::Fresh { init: e.init, source: src.map(|i| snaps[&i].clone()), policy: e.opt_state, init_cfg: self.init_cfg.clone() };
+            let init = LayerInit::Fresh {
+                init: e.init,
+                source: src.map(|i| snaps[&i].clone()),
+                policy: e.opt_state,
+                init_cfg: self.init_cfg.clone(),
+            };
             self.spawn_layer(id, devices[positions[j]].clone(), init)
         });
         let mut newborn = futures::future::try_join_all(spawns).await?;
@@ -313,10 +341,27 @@ impl<B: Backend> SchedState<B> {
         let moved = self.move_layers(&devices).await?;
         self.relink()?;
         let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
-        self.growth.push(GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
-        self.report.growth.push(crate::model::growth::GrowthReport { from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), stack: stack.clone() });
+        self.growth.push(GrowthRecord {
+            at_step: self.step,
+            from_depth: ls,
+            to_depth: e.to_depth,
+            new_ids: new_ids.clone(),
+            stack: stack.clone(),
+        });
+        self.report.growth.push(crate::model::growth::GrowthReport {
+            from_depth: ls,
+            to_depth: e.to_depth,
+            new_ids: new_ids.clone(),
+            stack: stack.clone(),
+        });
         self.report.growth_wall_s.push(t0.elapsed().as_secs_f64());
-        (self.observer)(&Event::Growth { step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids: new_ids.clone(), seconds: t0.elapsed().as_secs_f64() });
+        (self.observer)(&Event::Growth {
+            step: self.step,
+            from_depth: ls,
+            to_depth: e.to_depth,
+            new_ids: new_ids.clone(),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
         self.say(format!(
             "grow step={} depth={ls}->{} new_ids={new_ids:?} stack={stack:?} moved={moved} wall_ms={:.1}",
             self.step,
@@ -439,10 +484,22 @@ impl<B: Backend> SchedState<B> {
         self.fixed_flops_ne += flops::flops_per_token_non_embedding(&self.dims, self.cfg.target_depth()) * tokens;
         self.step += 1;
         self.step_pub.store(self.step, Ordering::Relaxed);
-        let rec = StepRecord { step: self.step, depth, lr, train_loss: loss, flops_llmc: self.flops.0, flops_ne: self.flops.1, elapsed_s: self.started.elapsed().as_secs_f64() };
+        let rec = StepRecord {
+            step: self.step,
+            depth,
+            lr,
+            train_loss: loss,
+            flops_llmc: self.flops.0,
+            flops_ne: self.flops.1,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+        };
         if let Some(f) = self.csv.as_mut() {
             // Streamed (and flushed) per step, so a killed run leaves its trajectory behind.
-            let _ = writeln!(f, "{},{},{},{},{:e},{:e},{:.3}", rec.step, rec.depth, rec.lr, rec.train_loss, rec.flops_llmc, rec.flops_ne, rec.elapsed_s);
+            let _ = writeln!(
+                f,
+                "{},{},{},{},{:e},{:e},{:.3}",
+                rec.step, rec.depth, rec.lr, rec.train_loss, rec.flops_llmc, rec.flops_ne, rec.elapsed_s
+            );
             let _ = f.flush();
         }
         (self.observer)(&Event::Step {
@@ -498,7 +555,14 @@ impl<B: Backend> SchedState<B> {
 
     async fn end_eval(&mut self, me: &ActorRef<SchedMsg>, losses: Vec<f32>) -> Res<()> {
         let val_loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len() as f64) as f32;
-        let e = EvalRecord { step: self.step, depth: self.stack.len(), val_loss, flops_llmc: self.flops.0, flops_ne: self.flops.1, elapsed_s: self.started.elapsed().as_secs_f64() };
+        let e = EvalRecord {
+            step: self.step,
+            depth: self.stack.len(),
+            val_loss,
+            flops_llmc: self.flops.0,
+            flops_ne: self.flops.1,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+        };
         self.say(format!(
             "step={}/{} depth={} val_loss={:.4} flops_llmc={:.3e} flops_ne={:.3e} elapsed_s={:.1}",
             e.step, self.cfg.run.steps, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s
@@ -559,7 +623,12 @@ impl<B: Backend> SchedState<B> {
         })
         .map_err(|e| err(format!("writing checkpoint at step {}: {e:#}", self.step)))?;
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        (self.observer)(&Event::Checkpoint { step: self.step, path: path.display().to_string(), seconds: t0.elapsed().as_secs_f64(), bytes });
+        (self.observer)(&Event::Checkpoint {
+            step: self.step,
+            path: path.display().to_string(),
+            seconds: t0.elapsed().as_secs_f64(),
+            bytes,
+        });
         self.say(format!("checkpoint step={} path={} wall_ms={:.1}", self.step, path.display(), t0.elapsed().as_secs_f64() * 1e3));
         Ok(path)
     }
@@ -634,7 +703,11 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         let mut loader = Loader::new(a.data.train.clone(), b, t, cfg.run.seed).map_err(err)?;
         let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches).collect();
         if val.is_empty() {
-            return Err(err(format!("the validation split has {} tokens: too few for one batch of {b} x {} tokens", a.data.val.len(), t + 1)));
+            return Err(err(format!(
+                "the validation split has {} tokens: too few for one batch of {b} x {} tokens",
+                a.data.val.len(),
+                t + 1
+            )));
         }
         let resumed = if a.opts.resume {
             let dir = cfg.checkpoint_dir();
@@ -687,7 +760,9 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             observer: a.observer.clone(),
             pool: pools[&ends_device].clone(),
         };
-        let (ends, _) = Actor::spawn_linked(None, EndsActor::<B>::default(), ends_args, a.supervisor.clone()).await.map_err(|e| err(format!("spawning the ends actor on {ends_device}: {e}")))?;
+        let (ends, _) = Actor::spawn_linked(None, EndsActor::<B>::default(), ends_args, a.supervisor.clone())
+            .await
+            .map_err(|e| err(format!("spawning the ends actor on {ends_device}: {e}")))?;
         a.roles.lock().expect("roles lock").insert(ends.get_id(), format!("ends (embedding and head, {ends_device})"));
         let (ids, step, next_id, growth) = match &resumed {
             Some(ck) => (ck.meta.stack.clone(), ck.meta.step, ck.meta.next_id, ck.meta.growth.clone()),
@@ -739,7 +814,8 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         if !st.opts.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             let bar = indicatif::ProgressBar::new(st.end);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             bar.set_position(step);
             st.bar = Some(bar);
@@ -748,8 +824,15 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         for id in &ids {
             inits.push(match units.remove(&UnitKey::Layer(*id).to_string()) {
                 Some(u) => LayerInit::Restore(u),
-                None if resumed.is_some() => return Err(err(format!("checkpoint lists layer {id} in its stack but holds no tensors for it"))),
-                None => LayerInit::Fresh { init: crate::model::growth::GrowInit::Random, source: None, policy: OptStatePolicy::Inherit, init_cfg: init_cfg.clone() },
+                None if resumed.is_some() => {
+                    return Err(err(format!("checkpoint lists layer {id} in its stack but holds no tensors for it")))
+                }
+                None => LayerInit::Fresh {
+                    init: crate::model::growth::GrowInit::Random,
+                    source: None,
+                    policy: OptStatePolicy::Inherit,
+                    init_cfg: init_cfg.clone(),
+                },
             });
         }
         // Spawned together: each layer initialises (or restores) its block on its own thread.

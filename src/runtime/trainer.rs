@@ -82,7 +82,9 @@ impl<B: Backend> TrainerActor<B> {
             step: s.step.clone(),
             observer: s.observer.clone(),
         };
-        let (sched, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell()).await.map_err(|e| format!("starting the pipeline: {e}"))?;
+        let (sched, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell())
+            .await
+            .map_err(|e| format!("starting the pipeline: {e}"))?;
         s.roles.lock().expect("roles lock").insert(sched.get_id(), "scheduler".into());
         if s.stop_requested {
             let _ = sched.cast(SchedMsg::RequestStop);
@@ -187,7 +189,12 @@ impl<B: Backend> Actor for TrainerActor<B> {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<TrainerMsg>, evt: SupervisionEvent, s: &mut TrainerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<TrainerMsg>,
+        evt: SupervisionEvent,
+        s: &mut TrainerState,
+    ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, e) = evt else {
             return Ok(()); // starts and normal stops (moves, shutdown) need nothing
         };
@@ -200,7 +207,10 @@ impl<B: Backend> Actor for TrainerActor<B> {
         let sup = &s.cfg.supervision;
         if sup.restart_on_failure && s.restarts < sup.max_restarts {
             s.restarts += 1;
-            eprintln!("warning: {what}; restarting the pipeline from the newest checkpoint (restart {} of {})", s.restarts, sup.max_restarts);
+            eprintln!(
+                "warning: {what}; restarting the pipeline from the newest checkpoint (restart {} of {})",
+                s.restarts, sup.max_restarts
+            );
             (s.observer)(&Event::Restart { step, reason: what.clone() });
             Self::stop_pipeline(&me, s).await;
             s.opts.resume = true;

@@ -58,7 +58,11 @@ impl<B: Backend> Sequential<B> {
         let loader = Loader::new(data.train.clone(), b, t, cfg.run.seed)?;
         let val: Vec<Vec<u32>> = sequential_batches(&data.val, b, t, cfg.eval.batches).collect();
         if val.is_empty() {
-            bail!("the validation split has {} tokens: too few for one batch of {b} x {} tokens (data.batch_size x data.seq_len+1)", data.val.len(), t + 1);
+            bail!(
+                "the validation split has {} tokens: too few for one batch of {b} x {} tokens (data.batch_size x data.seq_len+1)",
+                data.val.len(),
+                t + 1
+            );
         }
         let batch = Batch::from_windows(&be, &val[0], b, t);
         Ok(Sequential {
@@ -140,9 +144,19 @@ impl<B: Backend> Sequential<B> {
         };
         let evaluate = |me: &mut Self, rep: &mut TrainReport, fl: f64, fne: f64| {
             let val_loss = me.evaluate();
-            let e = EvalRecord { step: me.step, depth: me.model.depth(), val_loss, flops_llmc: fl, flops_ne: fne, elapsed_s: start.elapsed().as_secs_f64() };
+            let e = EvalRecord {
+                step: me.step,
+                depth: me.model.depth(),
+                val_loss,
+                flops_llmc: fl,
+                flops_ne: fne,
+                elapsed_s: start.elapsed().as_secs_f64(),
+            };
             if !opts.quiet {
-                println!("step={}/{} depth={} val_loss={:.4} flops_llmc={:.3e} flops_ne={:.3e} elapsed_s={:.1}", e.step, total, e.depth, e.val_loss, fl, fne, e.elapsed_s);
+                println!(
+                    "step={}/{} depth={} val_loss={:.4} flops_llmc={:.3e} flops_ne={:.3e} elapsed_s={:.1}",
+                    e.step, total, e.depth, e.val_loss, fl, fne, e.elapsed_s
+                );
             }
             rep.evals.push(e);
         };
@@ -166,12 +180,29 @@ impl<B: Backend> Sequential<B> {
             }
             fl += flops::flops_per_token_llmc(&self.model.dims, depth, self.cfg.data.seq_len) * tokens_per_step;
             fne += flops::flops_per_token_non_embedding(&self.model.dims, depth) * tokens_per_step;
-            rep.steps.push(StepRecord { step: self.step, depth, lr, train_loss: loss, flops_llmc: fl, flops_ne: fne, elapsed_s: start.elapsed().as_secs_f64() });
+            rep.steps.push(StepRecord {
+                step: self.step,
+                depth,
+                lr,
+                train_loss: loss,
+                flops_llmc: fl,
+                flops_ne: fne,
+                elapsed_s: start.elapsed().as_secs_f64(),
+            });
             let le = self.cfg.run.log_every;
             if le > 0 && self.step % le == 0 {
                 let dt = last_log.0.elapsed().as_secs_f64();
                 let toks = (self.step - last_log.1) as f64 * tokens_per_step / dt.max(1e-9);
-                say(format!("step={}/{} depth={} train_loss={:.4} lr={:.6} tok/s={:.0} elapsed_s={:.1}", self.step, total, depth, loss, lr, toks, start.elapsed().as_secs_f64()));
+                say(format!(
+                    "step={}/{} depth={} train_loss={:.4} lr={:.6} tok/s={:.0} elapsed_s={:.1}",
+                    self.step,
+                    total,
+                    depth,
+                    loss,
+                    lr,
+                    toks,
+                    start.elapsed().as_secs_f64()
+                ));
                 last_log = (Instant::now(), self.step);
             }
             if eval_due(&self.cfg, self.step) {

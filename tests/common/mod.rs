@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::Backend;
 use taproot::config::Config;
-use taproot::rng::Rng;
 use taproot::data::write_shard;
+use taproot::rng::Rng;
 
 /// A byte corpus with learnable structure, as shards in a fresh temp dir unique to `tag`.
 pub fn synthetic_dataset(tag: &str) -> PathBuf {

@@ -111,10 +111,7 @@ pub fn scale(x: &mut [f32], s: f32) {
 
 /// Sum of squares in f64. Chunked so the summation order is fixed, whatever the thread count.
 pub fn sumsq(x: &[f32]) -> f64 {
-    let partial: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-        .collect();
+    let partial: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).collect();
     partial.iter().sum()
 }
 
@@ -130,23 +127,7 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     }
     // w is stored (OC, C); its transpose (C, OC) has row stride 1 and column stride C.
     unsafe {
-        gemm_raw_par(
-            n,
-            oc,
-            c,
-            out.as_mut_ptr(),
-            oc as isize,
-            1,
-            inp.as_ptr(),
-            c as isize,
-            1,
-            w.as_ptr(),
-            1,
-            c as isize,
-            1.0,
-            1.0,
-            true,
-        )
+        gemm_raw_par(n, oc, c, out.as_mut_ptr(), oc as isize, 1, inp.as_ptr(), c as isize, 1, w.as_ptr(), 1, c as isize, 1.0, 1.0, true)
     }
 }
 
@@ -165,7 +146,23 @@ pub fn matmul_backward(
     // dinp (N, C) = dout (N, OC) @ w (OC, C)
     if let Some(dinp) = dinp {
         unsafe {
-            gemm_raw_par(n, c, oc, dinp.as_mut_ptr(), c as isize, 1, dout.as_ptr(), oc as isize, 1, w.as_ptr(), c as isize, 1, 0.0, 1.0, true)
+            gemm_raw_par(
+                n,
+                c,
+                oc,
+                dinp.as_mut_ptr(),
+                c as isize,
+                1,
+                dout.as_ptr(),
+                oc as isize,
+                1,
+                w.as_ptr(),
+                c as isize,
+                1,
+                0.0,
+                1.0,
+                true,
+            )
         }
     }
     // dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
@@ -221,37 +218,24 @@ pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &
 // layernorm
 
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    b: &[f32],
-    n: usize,
-    c: usize,
-) {
+pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) {
     const EPS: f32 = 1e-5;
     assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n, "layernorm_forward: shapes");
-    out.par_chunks_mut(c)
-        .zip(mean.par_iter_mut())
-        .zip(rstd.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, ((o, m), s))| {
-            let x = &inp[r * c..r * c + c];
-            let mu = sum8(x) / c as f32;
-            // o as scratch for the centred values, then the affine map in place
-            for (oi, &xi) in o.iter_mut().zip(x) {
-                *oi = xi - mu;
-            }
-            let var = dot8(o, o) / c as f32;
-            let rs = 1.0 / (var + EPS).sqrt();
-            for ((oi, &wi), &bi) in o.iter_mut().zip(w).zip(b) {
-                *oi = *oi * rs * wi + bi;
-            }
-            *m = mu;
-            *s = rs;
-        });
+    out.par_chunks_mut(c).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, ((o, m), s))| {
+        let x = &inp[r * c..r * c + c];
+        let mu = sum8(x) / c as f32;
+        // o as scratch for the centred values, then the affine map in place
+        for (oi, &xi) in o.iter_mut().zip(x) {
+            *oi = xi - mu;
+        }
+        let var = dot8(o, o) / c as f32;
+        let rs = 1.0 / (var + EPS).sqrt();
+        for ((oi, &wi), &bi) in o.iter_mut().zip(w).zip(b) {
+            *oi = *oi * rs * wi + bi;
+        }
+        *m = mu;
+        *s = rs;
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -494,17 +478,15 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, t: u64) {
     let (rbc1, rbc2) = (1.0 / (1.0 - b1.powi(t as i32)), 1.0 / (1.0 - b2.powi(t as i32)));
     // Zipped slices (no indexing) so the loop vectorises: AdamW is memory-bound, 7 streams.
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((pc, mc), vc), gc)| {
+    p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(
+        |(((pc, mc), vc), gc)| {
             for (((pi, mi), vi), &gi) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
                 *mi = b1 * *mi + (1.0 - b1) * gi;
                 *vi = b2 * *vi + (1.0 - b2) * gi * gi;
                 *pi -= lr * ((*mi * rbc1) / ((*vi * rbc2).sqrt() + eps) + wd * *pi);
             }
-        });
+        },
+    );
 }
 
 pub fn momentum(u: &mut [f32], m: &mut [f32], g: &[f32], mu: f32, nesterov: bool) {

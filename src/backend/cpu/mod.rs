@@ -70,13 +70,7 @@ impl CpuIds {
 type V<'a> = View<'a, CpuBuf>;
 
 fn check_bounds(v: &V) {
-    assert!(
-        v.off + v.len <= v.buf.len(),
-        "view [{}, {}) outside a buffer of {}",
-        v.off,
-        v.off + v.len,
-        v.buf.len()
-    );
+    assert!(v.off + v.len <= v.buf.len(), "view [{}, {}) outside a buffer of {}", v.off, v.off + v.len, v.buf.len());
 }
 
 /// Read-only slice of a view (no stream-order check: ops use [`CpuBackend::rd`]).
@@ -194,14 +188,9 @@ pub(crate) unsafe fn gemm_raw_par(
     }
     let read_dst = dst_scale != 0.0;
     // Small products are faster single-threaded than with rayon's fork/join overhead.
-    let par = if parallel && m * n * k >= 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = if parallel && m * n * k >= 64 * 64 * 64 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     gemm::gemm(
-        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, dst_scale,
-        prod_scale, false, false, false, par,
+        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, dst_scale, prod_scale, false, false, false, par,
     );
 }
 
@@ -326,18 +315,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::matmul_forward(self.wr(out), self.rd(inp), self.rd(w), b.map(|b| self.rd(b)), n, c, oc) }
     }
 
-    fn matmul_backward(
-        &self,
-        dinp: Option<V>,
-        dw: V,
-        db: Option<V>,
-        dout: V,
-        inp: V,
-        w: V,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) {
+    fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
         if let Some(d) = dinp.as_ref() {
             disjoint(d, &[&dw, &dout, &inp, &w]);
             if let Some(db) = db.as_ref() {
@@ -382,19 +360,7 @@ impl Backend for CpuBackend {
         disjoint(&mean, &[&rstd]);
         unsafe { kernels::layernorm_forward(self.wr(out), self.wr(mean), self.wr(rstd), self.rd(inp), self.rd(w), self.rd(b), n, c) }
     }
-    fn layernorm_backward(
-        &self,
-        dinp: V,
-        dw: V,
-        db: V,
-        dout: V,
-        inp: V,
-        w: V,
-        mean: V,
-        rstd: V,
-        n: usize,
-        c: usize,
-    ) {
+    fn layernorm_backward(&self, dinp: V, dw: V, db: V, dout: V, inp: V, w: V, mean: V, rstd: V, n: usize, c: usize) {
         for o in [&dinp, &dw, &db] {
             disjoint(o, &[&dout, &inp, &w, &mean, &rstd]);
         }
@@ -436,16 +402,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::gelu_backward(self.wr(dinp), self.rd(inp), self.rd(dout)) }
     }
 
-    fn crossentropy_forward_backward(
-        &self,
-        logits: V,
-        losses: V,
-        targets: &CpuIds,
-        dscale: f32,
-        n: usize,
-        v: usize,
-        vp: usize,
-    ) {
+    fn crossentropy_forward_backward(&self, logits: V, losses: V, targets: &CpuIds, dscale: f32, n: usize, v: usize, vp: usize) {
         disjoint(&losses, &[&logits]);
         unsafe { kernels::crossentropy(self.wr(logits), self.wr(losses), targets.slice(), dscale, n, v, vp) }
     }

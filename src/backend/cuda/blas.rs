@@ -20,7 +20,9 @@ impl Blas {
         let handle = result::create_handle().map_err(|e| anyhow!("cublasCreate: {e:?} (is libcublas on LD_LIBRARY_PATH?)"))?;
         unsafe {
             result::set_stream(handle, stream.cu_stream() as sys::cudaStream_t).map_err(|e| anyhow!("cublasSetStream: {e:?}"))?;
-            sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result().map_err(|e| anyhow!("cublasSetMathMode: {e:?}"))?;
+            sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .map_err(|e| anyhow!("cublasSetMathMode: {e:?}"))?;
         }
         Ok(Blas { handle })
     }
@@ -61,7 +63,22 @@ impl Blas {
         let (m_, n_, k_) = (n as i32, m as i32, k as i32);
         let r = unsafe {
             if batch <= 1 {
-                result::sgemm(self.handle, op_b, op_a, m_, n_, k_, &alpha, b as *const f32, ldb as i32, a as *const f32, lda as i32, &beta, c as *mut f32, n as i32)
+                result::sgemm(
+                    self.handle,
+                    op_b,
+                    op_a,
+                    m_,
+                    n_,
+                    k_,
+                    &alpha,
+                    b as *const f32,
+                    ldb as i32,
+                    a as *const f32,
+                    lda as i32,
+                    &beta,
+                    c as *mut f32,
+                    n as i32,
+                )
             } else {
                 result::sgemm_strided_batched(
                     self.handle,

@@ -324,7 +324,15 @@ impl Backend for CudaBackend {
         if TF32.load(std::sync::atomic::Ordering::Relaxed) {
             blas.set_tf32(true)?;
         }
-        Ok(CudaBackend { device_name: device.to_string(), ordinal, dev, stream, blas, scratch: Mutex::new(AttnScratch::default()), staging: Mutex::new(Staging::default()) })
+        Ok(CudaBackend {
+            device_name: device.to_string(),
+            ordinal,
+            dev,
+            stream,
+            blas,
+            scratch: Mutex::new(AttnScratch::default()),
+            staging: Mutex::new(Staging::default()),
+        })
     }
     fn device(&self) -> &str {
         &self.device_name
@@ -334,7 +342,8 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, n: usize) -> CudaBuf {
-        let mem = self.stream.alloc_zeros::<f32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} floats on {}: {e:?}", self.device_name));
+        let mem =
+            self.stream.alloc_zeros::<f32>(n.max(1)).unwrap_or_else(|e| panic!("cuda alloc of {n} floats on {}: {e:?}", self.device_name));
         let (ptr, _) = mem.device_ptr(&self.stream);
         CudaBuf { ptr, len: n, ordinal: self.ordinal, ctx: self.dev.ctx.clone(), _mem: mem }
     }
@@ -374,7 +383,8 @@ impl Backend for CudaBackend {
             self.check("staging slot wait", slot.done.synchronize());
         }
         if st.slots[i].as_ref().is_none_or(|s| s.host.len() < src.len()) {
-            let host = unsafe { self.dev.ctx.alloc_pinned::<u32>(src.len().max(1)) }.unwrap_or_else(|e| panic!("pinned alloc of {} ids on {}: {e:?}", src.len(), self.device_name));
+            let host = unsafe { self.dev.ctx.alloc_pinned::<u32>(src.len().max(1)) }
+                .unwrap_or_else(|e| panic!("pinned alloc of {} ids on {}: {e:?}", src.len(), self.device_name));
             let done = self.dev.ctx.new_event(None).unwrap_or_else(|e| panic!("creating an event on {}: {e:?}", self.device_name));
             st.slots[i] = Some(StagingSlot { host, done });
         }
@@ -412,7 +422,14 @@ impl Backend for CudaBackend {
         // access is enabled between the two devices, staged through the host by the driver if not.
         self.bind();
         let r = unsafe {
-            cudarc::driver::result::memcpy_peer_async(dst.buf.ctx.cu_ctx(), p(&dst), src.buf.ctx.cu_ctx(), p(&src), 4 * dst.len, self.stream.cu_stream())
+            cudarc::driver::result::memcpy_peer_async(
+                dst.buf.ctx.cu_ctx(),
+                p(&dst),
+                src.buf.ctx.cu_ctx(),
+                p(&src),
+                4 * dst.len,
+                self.stream.cu_stream(),
+            )
         };
         self.check("peer copy", r);
     }
