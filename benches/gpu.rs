@@ -18,7 +18,7 @@ use taproot::model::init::{InitConfig, InitScheme};
 use taproot::model::{Batch, Dims, Model};
 use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
 use taproot::rng::Rng;
-use taproot::runtime::{self, SchedOptions};
+use taproot::runtime::{self, RunOptions};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -112,7 +112,7 @@ fn main() {
         std::env::temp_dir().join("taproot-gpu-growth").display()
     );
     let cfg = Config::parse(&text, &[]).unwrap();
-    let rep = runtime::train::<CudaBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let rep = runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap();
     let step_ms = |depth: usize| {
         let v: Vec<f64> = rep
             .steps
@@ -135,7 +135,7 @@ fn main() {
         let cfg = Config::parse(&text, &[]).unwrap();
         let mut r = Rng::new(10);
         let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: 50257 };
-        let rep = runtime::train::<CudaBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap();
+        let rep = runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap();
         let v: Vec<f64> = rep.steps.windows(2).skip(2).map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3).collect();
         median(v)
     };

@@ -13,8 +13,8 @@ use taproot::backend::cpu::CpuBackend;
 use taproot::config::Config;
 use taproot::data::Dataset;
 use taproot::rng::Rng;
-use taproot::runtime::{self, SchedOptions};
-use taproot::train::sequential::{RunOptions, Sequential};
+use taproot::runtime;
+use taproot::train::{sequential::Sequential, RunOptions};
 
 fn config(steps: u64, depth: usize, growth: &str, mbs: usize) -> Config {
     let text = format!(
@@ -78,7 +78,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (steps, reps) = if quick { (12, 3) } else { (30, 5) };
     let data = dataset();
-    let q = SchedOptions { quiet: true, ..Default::default() };
+    let q = RunOptions { quiet: true, ..Default::default() };
     println!("taproot runtime benchmark: demo config (6 blocks, C=128, B=16, T=128), {steps} steps, {reps} alternating runs each");
     let growth_only = std::env::args().any(|a| a == "--growth-only");
     for mbs in [1usize, 2].into_iter().filter(|_| !growth_only) {

@@ -6,8 +6,8 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::experiment::commands::{experiment_command, plan_command, ExperimentArgs, PlanArgs};
-use crate::runtime::{self, SchedOptions};
-use crate::train::sequential::{RunOptions, Sequential};
+use crate::runtime;
+use crate::train::{sequential::Sequential, RunOptions};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -176,9 +176,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let dir = cfg.out_dir();
             let report = if sequential {
                 let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
-                trainer.run(&RunOptions { quiet: false, stop_after, stop_below_val: None })?
+                trainer.run(&RunOptions { quiet: false, stop_after, ..Default::default() })?
             } else {
-                let opts = SchedOptions { quiet: false, stop_after, stop_below_val: None, resume, faults_disarmed: false };
+                let opts = RunOptions { quiet: false, stop_after, stop_below_val: None, resume, faults_disarmed: false };
                 if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
                     crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?

@@ -7,7 +7,8 @@
 //! depth below the starting depth, …) naming the key. Relative paths are relative to the working
 //! directory the command runs in (the repository root for every shipped config).
 
-use crate::model::growth::{CopyOrder, Expansion, GrowInit, OptStatePolicy, Position};
+pub use crate::model::growth::GrowthSpec;
+use crate::model::growth::{Expansion, GrowInit};
 use crate::model::init::InitScheme;
 use crate::optim::schedule::Schedule;
 use crate::optim::OptimConfig;
@@ -223,25 +224,6 @@ pub struct ModelConfig {
     pub init: InitScheme,
 }
 
-/// One expansion as written in a config: `at` (fraction of T) or `at_step`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GrowthSpec {
-    #[serde(default)]
-    pub at: Option<f64>,
-    #[serde(default)]
-    pub at_step: Option<u64>,
-    pub to_depth: usize,
-    #[serde(default)]
-    pub position: Position,
-    #[serde(default)]
-    pub init: GrowInit,
-    #[serde(default)]
-    pub order: CopyOrder,
-    #[serde(default)]
-    pub opt_state: OptStatePolicy,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
@@ -257,7 +239,7 @@ impl Default for EvalConfig {
     }
 }
 
-/// The pilot of `taproot plan` (METHOD.md, "Expansion timing and mixing time"); every key is
+/// The pilot of `taproot plan` (docs/METHOD.md, "Expansion timing and mixing time"); every key is
 /// also a flag of the command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -326,17 +308,7 @@ impl Config {
 
     /// The growth plan as expansions at absolute steps, in order.
     pub fn expansions(&self) -> Vec<Expansion> {
-        self.growth
-            .iter()
-            .map(|g| Expansion {
-                at_step: g.at_step.unwrap_or_else(|| (g.at.unwrap_or(0.0) * self.run.steps as f64).round() as u64),
-                to_depth: g.to_depth,
-                position: g.position,
-                init: g.init,
-                order: g.order,
-                opt_state: g.opt_state,
-            })
-            .collect()
+        self.growth.iter().map(|g| g.resolve(self.run.steps)).collect()
     }
 
     /// Consistency checks that the types alone cannot express; each error names its key.

@@ -1,4 +1,4 @@
-//! FLOP accounting (METHOD.md, "Compute accounting").
+//! FLOP accounting (docs/METHOD.md, "Compute accounting").
 //!
 //! Two conventions, always reported together and named:
 //! - **llm.c**: `6·N + 6·L·T·C` per token, N = every stored parameter (padded vocabulary rows and

@@ -32,6 +32,7 @@ pub mod experiment;
 pub mod flops;
 pub mod model;
 pub mod optim;
+pub mod params;
 pub mod rng;
 pub mod runtime;
 pub mod train;

@@ -9,8 +9,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use taproot::checkpoint::{self, Checkpoint, GrowthRecord, Meta, UnitKey, FORMAT_VERSION};
 use taproot::data::loader::LoaderState;
-use taproot::model::growth::GrowthReport;
-use taproot::model::UnitState;
+use taproot::params::UnitState;
 
 /// A fresh, empty directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -78,7 +77,6 @@ fn unit(n: usize, tensors: usize, salt: u32, with_v: bool) -> UnitState {
 const CONFIG: &str = include_str!("../config/demo.toml");
 
 fn sample(step: u64) -> Checkpoint {
-    let growth = GrowthReport { from_depth: 1, to_depth: 2, new_ids: vec![7], stack: vec![7, 3] };
     Checkpoint {
         meta: Meta {
             format_version: FORMAT_VERSION,
@@ -91,7 +89,7 @@ fn sample(step: u64) -> Checkpoint {
             loader: LoaderState { rng: 0xdead_beef_0123_4567, batches: step * 4 + 1 },
             growth: vec![
                 GrowthRecord { at_step: 0, from_depth: 0, to_depth: 1, new_ids: vec![3], stack: vec![3] },
-                GrowthRecord::from_report(step / 2, &growth),
+                GrowthRecord { at_step: step / 2, from_depth: 1, to_depth: 2, new_ids: vec![7], stack: vec![7, 3] },
             ],
             created_unix_s: 1_700_000_000 + step,
             extra: serde_json::json!({ "note": "kept as is", "list": [1, 2.5, null] }),

@@ -68,7 +68,7 @@ fn shipped_demo_loads_and_expands_once_at_0_8_t() {
     assert_eq!(ex.len(), 1, "{ex:?}");
     assert_eq!(ex[0].at_step, 2400, "0.8 × 3000");
     assert_eq!(ex[0].to_depth, 6);
-    // METHOD.md defaults for everything the config does not spell out.
+    // docs/METHOD.md defaults for everything the config does not spell out.
     assert_eq!(ex[0].init, GrowInit::Random);
     assert_eq!(ex[0].position, Position::Bottom);
     assert_eq!(ex[0].order, CopyOrder::Stack);

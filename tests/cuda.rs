@@ -308,7 +308,7 @@ fn dataset(dir: &std::path::Path) -> taproot::data::Dataset {
 #[test]
 fn training_with_growth_on_gpu_matches_the_cpu_trainer() {
     let Some(g) = gpu() else { return };
-    use taproot::train::sequential::{RunOptions, Sequential};
+    use taproot::train::{sequential::Sequential, RunOptions};
     let dir = std::env::temp_dir().join(format!("taproot-cuda-train-{}", std::process::id()));
     let data = dataset(&dir);
     let cfg = tiny_cfg(&dir, "gpu-seq", "");
@@ -332,14 +332,13 @@ fn training_with_growth_on_gpu_matches_the_cpu_trainer() {
 #[test]
 fn actor_runtime_on_gpu_matches_sequential_on_gpu() {
     let Some(g) = gpu() else { return };
-    use taproot::train::sequential::{RunOptions, Sequential};
+    use taproot::train::{sequential::Sequential, RunOptions};
     let dir = std::env::temp_dir().join(format!("taproot-cuda-rt-{}", std::process::id()));
     let data = dataset(&dir);
     let cfg = tiny_cfg(&dir, "gpu-rt", "[placement]\ndevices = [\"cuda:0\"]\n");
     let seq = Sequential::new(g, &cfg, &data).unwrap().run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
-    let rt =
-        taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::SchedOptions { quiet: true, ..Default::default() }, false)
-            .unwrap();
+    let rt = taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false)
+        .unwrap();
     assert_eq!(rt.steps.len(), 20);
     for (a, b) in seq.steps.iter().zip(&rt.steps) {
         assert_eq!(a.depth, b.depth);
@@ -456,7 +455,7 @@ fn pipeline_across_two_gpus_matches_one_gpu() {
     use taproot::runtime::events::Event;
     let dir = std::env::temp_dir().join(format!("taproot-cuda-2gpu-{}", std::process::id()));
     let data = dataset(&dir);
-    let q = taproot::runtime::SchedOptions { quiet: true, ..Default::default() };
+    let q = taproot::runtime::RunOptions { quiet: true, ..Default::default() };
     let one = taproot::runtime::train::<CudaBackend>(
         &tiny_cfg(&dir, "one-gpu", "[placement]\ndevices = [\"cuda:0\"]\n"),
         dataset(&dir),
@@ -523,7 +522,7 @@ fn pinned_id_uploads_stay_in_order_across_the_staging_ring() {
 fn a_gpu_checkpoint_resumes_on_the_cpu() {
     let Some(_g) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("taproot-cuda-ck-{}", std::process::id()));
-    let q = taproot::runtime::SchedOptions { quiet: true, ..Default::default() };
+    let q = taproot::runtime::RunOptions { quiet: true, ..Default::default() };
     let extra = "[checkpoint]\nevery = 10\n";
     let gpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cuda:0\"]\n"));
     let full = taproot::runtime::train::<CudaBackend>(&gpu_cfg, dataset(&dir), q.clone(), false).unwrap();
@@ -536,8 +535,7 @@ fn a_gpu_checkpoint_resumes_on_the_cpu() {
     }
     let cpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cpu:0\"]\n"));
     let resumed =
-        taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::SchedOptions { resume: true, ..q }, false)
-            .unwrap();
+        taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::RunOptions { resume: true, ..q }, false).unwrap();
     assert_eq!(resumed.steps.first().map(|s| s.step), Some(11), "the CPU run did not resume at step 11");
     for b in &resumed.steps {
         let a = full.steps.iter().find(|a| a.step == b.step).unwrap();
@@ -596,13 +594,14 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
 /// Every growth operator (random, copying, zero, copying_zero) under every optimizer-state
 /// policy builds, on the GPU, exactly the block it builds on the CPU: the same parameters,
 /// optimizer moments and step counters, bit for bit (inits are computed on the host, so the
-/// definitions checked against METHOD.md in tests/growth.rs hold on the GPU too).
+/// definitions checked against docs/METHOD.md in tests/growth.rs hold on the GPU too).
 #[test]
 fn every_growth_operator_builds_the_same_block_on_gpu_as_on_cpu() {
     let Some(g) = gpu() else { return };
     use taproot::model::growth::{make_block, GrowInit, OptStatePolicy};
     use taproot::model::init::{InitConfig, InitScheme};
-    use taproot::model::{Block, Dims, UnitState};
+    use taproot::model::{Block, Dims};
+    use taproot::params::UnitState;
     let cpu = CpuBackend::default();
     let dims = Dims::new(67, 16, 64, 4);
     let init_cfg = InitConfig { scheme: InitScheme::Gpt2, target_depth: 4, seed: 7, std: 0.02 };

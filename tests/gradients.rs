@@ -10,7 +10,8 @@
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::Backend;
 use taproot::model::init::{InitConfig, InitScheme};
-use taproot::model::{Batch, Dims, Model, ParamSet};
+use taproot::model::{Batch, Dims, Model};
+use taproot::params::ParamSet;
 use taproot::rng::Rng;
 
 mod common;

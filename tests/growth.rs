@@ -1,4 +1,4 @@
-//! Growth-operator checks against METHOD.md ("Expansion"): where new blocks go, every init
+//! Growth-operator checks against docs/METHOD.md ("Expansion"): where new blocks go, every init
 //! (`random`, `copying` in each order, `zero`, `copying_zero`), every optimizer-state policy
 //! (`inherit`, `copy`, `reset`) including per-block AdamW bias correction, multi-stage plans and
 //! the error cases.
@@ -14,9 +14,10 @@
 use taproot::backend::cpu::CpuBackend;
 use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position, RESIDUAL_OUTPUTS};
 use taproot::model::init::{InitConfig, InitScheme};
-use taproot::model::{Batch, Block, Dims, Model, UnitState};
+use taproot::model::{Batch, Block, Dims, Model};
 use taproot::optim::adamw::adamw_reference;
 use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
+use taproot::params::UnitState;
 use taproot::rng::Rng;
 
 type B = CpuBackend;

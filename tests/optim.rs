@@ -1,4 +1,4 @@
-//! Optimizer checks against METHOD.md: Newton–Schulz orthogonalisation, one step of every
+//! Optimizer checks against docs/METHOD.md: Newton–Schulz orthogonalisation, one step of every
 //! optimizer kind against a host f64 reference and hand arithmetic, rule assignment per tensor,
 //! weight decay on matrices only, per-tensor step counters, and `OptState` reset/copy.
 //!
@@ -10,10 +10,10 @@
 
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::{Backend, View};
-use taproot::model::{Layout, ParamSet};
 use taproot::optim::adamw::adamw_reference;
 use taproot::optim::muon::{muon_reference, newton_schulz, newton_schulz_reference};
-use taproot::optim::{EmbeddingOptimizer, OptState, OptimConfig, Optimizer, OptimizerKind, Rule, Scratch};
+use taproot::optim::{EmbeddingOptimizer, OptimConfig, Optimizer, OptimizerKind, Rule, Scratch};
+use taproot::params::{Layout, OptState, ParamSet};
 use taproot::rng::Rng;
 
 mod common;
@@ -110,7 +110,7 @@ fn jacobi_singular_values_of_a_known_matrix() {
     assert!((s[0] - 0.5).abs() < 1e-12 && (s[1] - 1.0).abs() < 1e-12, "{s:?}");
 }
 
-/// Newton–Schulz (backend, 5 steps, METHOD.md coefficients) on random Frobenius-normalised
+/// Newton–Schulz (backend, 5 steps, docs/METHOD.md coefficients) on random Frobenius-normalised
 /// Gaussian matrices. Observed with seed 7 (input min singular value -> output range):
 ///   16x48   0.1275 -> [0.6821, 1.1327]
 ///   32x32   0.0045 -> [0.6822, 1.1940]

@@ -8,11 +8,11 @@ mod common;
 use common::{synthetic_dataset, tiny_config};
 use taproot::backend::cpu::CpuBackend;
 use taproot::data::Dataset;
-use taproot::runtime::{self, SchedOptions};
-use taproot::train::sequential::{RunOptions, Sequential};
+use taproot::runtime;
+use taproot::train::{sequential::Sequential, RunOptions};
 
-fn quiet() -> SchedOptions {
-    SchedOptions { quiet: true, ..Default::default() }
+fn quiet() -> RunOptions {
+    RunOptions { quiet: true, ..Default::default() }
 }
 
 fn compare(extra: &str, tag: &str) {

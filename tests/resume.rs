@@ -17,7 +17,7 @@ use taproot::backend::cpu::CpuBackend;
 use taproot::checkpoint;
 use taproot::config::Config;
 use taproot::data::Dataset;
-use taproot::runtime::{self, SchedOptions};
+use taproot::runtime::{self, RunOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_taproot");
 
@@ -203,7 +203,7 @@ fn failing_layer_stops_the_run_naming_layer_and_step() {
     let cfg = load(&path, &[]);
     let data = Dataset::open(&dir, 256).unwrap();
     let t0 = Instant::now();
-    let err = runtime::train::<CpuBackend>(&cfg, data, SchedOptions { quiet: true, ..Default::default() }, false).unwrap_err().to_string();
+    let err = runtime::train::<CpuBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap_err().to_string();
     println!("error: {err}");
     assert!(err.contains("layer 0") && err.contains("step 7"), "unclear error: {err}");
     assert!(t0.elapsed() < Duration::from_secs(60));
@@ -224,7 +224,7 @@ fn restart_on_failure_resumes_from_the_newest_checkpoint_exactly() {
         &["run.steps=120"],
     );
     let data = Dataset::open(&dir, 256).unwrap();
-    let q = || SchedOptions { quiet: true, ..Default::default() };
+    let q = || RunOptions { quiet: true, ..Default::default() };
     runtime::train::<CpuBackend>(&clean, data.clone(), q(), false).unwrap();
     runtime::train::<CpuBackend>(&faulty, data, q(), false).unwrap();
     let (want, got) = (trajectory(&dir.join("clean")), trajectory(&dir.join("faulty")));

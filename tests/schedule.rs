@@ -1,4 +1,4 @@
-//! Learning-rate schedules at their corners (METHOD.md, "Schedules"; the step convention is the
+//! Learning-rate schedules at their corners (docs/METHOD.md, "Schedules"; the step convention is the
 //! module doc of `optim::schedule`): 0-based steps, warmup lr·(s+1)/W for s < W, and every decay
 //! reaches `min_lr` exactly at the last step T−1, its first step being progress 1/D.
 //!

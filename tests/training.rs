@@ -10,7 +10,7 @@ use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
 use taproot::config::Config;
 use taproot::data::{prepare, Dataset, PrepareArgs};
-use taproot::train::sequential::{RunOptions, Sequential};
+use taproot::train::{sequential::Sequential, RunOptions};
 
 fn tiny_config(dir: &Path, extra: &str) -> Config {
     let text = format!(

@@ -27,6 +27,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod pool;
 
 /// A window into a device buffer: `len` elements starting at `off`.
 pub struct View<'a, Buf> {

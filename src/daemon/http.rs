@@ -19,7 +19,8 @@
 //! 403 when no token is configured; 409 when the run has ended or the request cannot be done
 //! (no expansion left in the plan); 504 when the run does not answer in time.
 
-use super::{Daemon, Live, Phase};
+use super::state::{Daemon, Live, Phase};
+use crate::runtime::supervisor::SupervisorMsg;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -164,35 +165,35 @@ async fn control(
         return reply(StatusCode::CONFLICT, json!({"error": format!("the run is {state}")}));
     }
     d.log.say(format!("control {action} from {peer}"));
-    let t = &d.trainer;
+    let t = &d.supervisor;
     let wait = Some(Duration::from_secs(600));
     match action.as_str() {
         "pause" => {
-            let _ = t.cast(crate::runtime::trainer::TrainerMsg::Pause);
+            let _ = t.cast(SupervisorMsg::Pause);
             reply(StatusCode::OK, json!({"paused": true, "note": "takes effect at the next step boundary"}))
         }
         "resume" => {
-            let _ = t.cast(crate::runtime::trainer::TrainerMsg::Resume);
+            let _ = t.cast(SupervisorMsg::Resume);
             reply(StatusCode::OK, json!({"paused": false}))
         }
-        "checkpoint" => match t.call(crate::runtime::trainer::TrainerMsg::CheckpointNow, wait).await {
+        "checkpoint" => match t.call(SupervisorMsg::CheckpointNow, wait).await {
             Ok(ractor::rpc::CallResult::Success(Ok(path))) => {
-                let step = crate::checkpoint::read_meta(std::path::Path::new(&path)).map(|m| m.step).ok();
+                let step = crate::checkpoint::read_meta(&path).map(|m| m.step).ok();
                 reply(StatusCode::OK, json!({"path": path, "step": step}))
             }
-            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e})),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
             other => reply(StatusCode::GATEWAY_TIMEOUT, json!({"error": format!("the run did not answer: {}", describe(other))})),
         },
-        "grow" => match t.call(crate::runtime::trainer::TrainerMsg::GrowNow, wait).await {
+        "grow" => match t.call(SupervisorMsg::GrowNow, wait).await {
             Ok(ractor::rpc::CallResult::Success(Ok(depth))) => reply(StatusCode::OK, json!({"depth": depth})),
-            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e})),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
             other => reply(StatusCode::GATEWAY_TIMEOUT, json!({"error": format!("the run did not answer: {}", describe(other))})),
         },
         _ => unreachable!("checked above"),
     }
 }
 
-fn describe<T>(r: Result<ractor::rpc::CallResult<T>, ractor::MessagingErr<crate::runtime::trainer::TrainerMsg>>) -> String {
+fn describe<T>(r: Result<ractor::rpc::CallResult<T>, ractor::MessagingErr<SupervisorMsg>>) -> String {
     match r {
         Ok(ractor::rpc::CallResult::Success(_)) => "answered".into(),
         Ok(ractor::rpc::CallResult::Timeout) => "timed out".into(),

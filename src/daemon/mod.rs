@@ -29,6 +29,9 @@
 //!   resumes at its last step, finishes at once and lingers: it never trains past `run.steps`.
 
 pub mod http;
+pub mod state;
+
+pub use state::{read_token, utc_now, Daemon, Live, Log, Phase};
 
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint;
@@ -36,13 +39,11 @@ use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
 use crate::runtime::events::{Event, Observer};
 use crate::runtime::metrics::{self, MetricsActor, MetricsArgs, MetricsMsg, Seed, Shared};
-use crate::runtime::scheduler::Status;
-use crate::runtime::trainer::TrainerMsg;
-use crate::runtime::{self, SchedOptions};
-use anyhow::{bail, Context, Result};
-use ractor::{Actor, ActorRef};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use crate::runtime::{self, RunOptions};
+use crate::train::log::{eval_line, growth_line, step_line};
+use anyhow::{Context, Result};
+use ractor::Actor;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,213 +56,19 @@ pub struct DaemonOptions {
     pub log_file: Option<PathBuf>,
 }
 
-/// Where the daemon is in its life (the run's own pause flag comes from the runtime's status).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Phase {
-    Running,
-    Stopping,
-    Finished,
-    Failed(String),
-}
-
-/// The daemon's log: a file opened for appending (reopened on SIGHUP), or stdout.
-pub struct Log {
-    path: Option<PathBuf>,
-    file: Mutex<Option<std::fs::File>>,
-}
-
-impl Log {
-    pub fn open(path: Option<PathBuf>) -> Result<Log> {
-        let file = match &path {
-            Some(p) => Some(open_append(p)?),
-            None => None,
-        };
-        Ok(Log { path, file: Mutex::new(file) })
-    }
-
-    /// Close and reopen the file (after logrotate moved it away).
-    pub fn reopen(&self) -> Result<()> {
-        if let Some(p) = &self.path {
-            let f = open_append(p)?;
-            *self.file.lock().expect("log lock") = Some(f);
-        }
-        Ok(())
-    }
-
-    pub fn say(&self, line: impl AsRef<str>) {
-        let text = format!("{} {}\n", utc_now(), line.as_ref());
-        let mut g = self.file.lock().expect("log lock");
-        match g.as_mut() {
-            Some(f) => {
-                let _ = f.write_all(text.as_bytes());
-                let _ = f.flush();
-            }
-            None => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
-            }
-        }
-    }
-}
-
-fn open_append(p: &Path) -> Result<std::fs::File> {
-    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening log file {}", p.display()))
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now.
-pub fn utc_now() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let (secs, ms) = (d.as_secs() as i64, d.subsec_millis());
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
-}
-
-/// The control token: `daemon.token_file` if set (an unreadable or empty file is an error: the
-/// daemon refuses to start rather than run without the protection it was configured with),
-/// else `TAPROOT_TOKEN` if non-empty, else none (control disabled). Also returns a warning
-/// when the file is readable by group or others.
-pub fn read_token(cfg: &Config) -> Result<(Option<String>, Option<String>)> {
-    if let Some(path) = &cfg.daemon.token_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("daemon.token_file: cannot read {}", path.display()))?;
-        let token = text.trim().to_string();
-        if token.is_empty() {
-            bail!("daemon.token_file: {} is empty", path.display());
-        }
-        let mut warning = None;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(m) = std::fs::metadata(path) {
-                if m.permissions().mode() & 0o077 != 0 {
-                    warning = Some(format!("warning: token file {} is readable by group or others (chmod 600 it)", path.display()));
-                }
-            }
-        }
-        return Ok((Some(token), warning));
-    }
-    Ok((std::env::var("TAPROOT_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()), None))
-}
-
-/// What the runtime said when asked for its status.
-#[derive(Clone, Debug)]
-pub enum Live {
-    Status(Status),
-    /// The supervisor is rebuilding the pipeline from a checkpoint.
-    Restarting,
-    /// No answer in time (a long checkpoint or growth holds the scheduler); use the cached one.
-    NoAnswer,
-    /// The run has ended.
-    Ended,
-}
-
-/// Everything the HTTP handlers and the signal handlers share.
-pub struct Daemon {
-    pub cfg: Config,
-    pub trainer: ActorRef<TrainerMsg>,
-    pub metrics: ActorRef<MetricsMsg>,
-    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
-    pub shared: Arc<Shared>,
-    pub token: Mutex<Option<String>>,
-    pub phase: Mutex<Phase>,
-    /// The newest status answered by the runtime (kept for after the run ends).
-    pub last_status: Mutex<Option<Status>>,
-    pub log: Arc<Log>,
-    /// Wakes the main task when a stop is requested after the run ended (ends the linger).
-    pub stop: tokio::sync::Notify,
-    pub listen: Mutex<String>,
-}
-
-impl Daemon {
-    pub fn phase(&self) -> Phase {
-        self.phase.lock().expect("phase lock").clone()
-    }
-
-    /// The runtime's status now (and it becomes the cached one).
-    pub async fn live_status(&self) -> Live {
-        if !matches!(self.phase(), Phase::Running | Phase::Stopping) {
-            return Live::Ended;
-        }
-        match self.trainer.call(TrainerMsg::Status, Some(Duration::from_secs(10))).await {
-            Ok(ractor::rpc::CallResult::Success(Some(st))) => {
-                *self.last_status.lock().expect("status lock") = Some(st.clone());
-                Live::Status(st)
-            }
-            Ok(ractor::rpc::CallResult::Success(None)) => Live::Restarting,
-            _ => Live::NoAnswer,
-        }
-    }
-
-    /// Stop: finish the step, checkpoint, exit 0 (or, after the run ended, exit now).
-    pub fn request_stop(&self, why: &str) {
-        let mut ph = self.phase.lock().expect("phase lock");
-        match *ph {
-            Phase::Running => {
-                *ph = Phase::Stopping;
-                drop(ph);
-                self.log.say(format!("stop requested ({why}): finishing the step, then checkpoint and exit"));
-                let _ = self.metrics.cast(MetricsMsg::State("stopping"));
-                let _ = self.trainer.cast(TrainerMsg::RequestStop);
-            }
-            Phase::Stopping => {}
-            Phase::Finished | Phase::Failed(_) => {
-                drop(ph);
-                self.log.say(format!("stop requested ({why}) after the run ended: exiting"));
-                self.stop.notify_one();
-            }
-        }
-    }
-
-    pub fn reload(&self) {
-        if let Err(e) = self.log.reopen() {
-            eprintln!("warning: SIGHUP: {e:#}");
-        }
-        if self.cfg.daemon.token_file.is_some() {
-            match read_token(&self.cfg) {
-                Ok((t, w)) => {
-                    *self.token.lock().expect("token lock") = t;
-                    if let Some(w) = w {
-                        self.log.say(w);
-                    }
-                }
-                Err(e) => self.log.say(format!("warning: SIGHUP: keeping the previous token: {e:#}")),
-            }
-        }
-        self.log.say("SIGHUP: log file reopened, token file re-read");
-    }
-}
-
 /// The log lines of events (the scheduler runs quiet under the daemon; its lines come from here).
-fn event_logger(log: Arc<Log>, log_every: u64) -> Observer {
+fn event_logger(log: Arc<Log>, log_every: u64, total_steps: u64) -> Observer {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
         while let Some(e) = rx.recv().await {
             match e {
-                Event::Step { step, total_steps, depth, lr, train_loss, tokens, seconds, .. } => {
+                Event::Step { step, depth, lr, train_loss, tokens, seconds, .. } => {
                     if log_every > 0 && step % log_every == 0 {
-                        log.say(format!(
-                            "step={step}/{total_steps} depth={depth} train_loss={train_loss:.4} lr={lr:.6} tok/s={:.0}",
-                            tokens as f64 / seconds.max(1e-9)
-                        ));
+                        log.say(step_line(step, total_steps, depth, train_loss, lr, tokens as f64 / seconds.max(1e-9), None));
                     }
                 }
-                Event::Eval { step, depth, val_loss } => log.say(format!("step={step} depth={depth} val_loss={val_loss:.4}")),
-                Event::Growth { step, from_depth, to_depth, new_ids, seconds } => {
-                    log.say(format!("grow step={step} depth={from_depth}->{to_depth} new_ids={new_ids:?} wall_ms={:.1}", seconds * 1e3))
-                }
+                Event::Eval { step, depth, val_loss } => log.say(eval_line(step, total_steps, depth, val_loss, None, None)),
+                Event::Growth { record, seconds } => log.say(growth_line(&record, Some(seconds))),
                 Event::Checkpoint { step, path, seconds, bytes } => {
                     log.say(format!("checkpoint step={step} path={path} bytes={bytes} wall_ms={:.1}", seconds * 1e3))
                 }
@@ -364,9 +171,9 @@ async fn serve(
     };
     let (metrics_actor, metrics_join) =
         Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
-    let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every)));
+    let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every, cfg.run.steps)));
 
-    let sched = SchedOptions { quiet: true, resume: true, ..Default::default() };
+    let sched = RunOptions { quiet: true, resume: true, ..Default::default() };
     let run = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
         crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
         metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));
@@ -376,7 +183,7 @@ async fn serve(
     };
     let d = Arc::new(Daemon {
         cfg: cfg.clone(),
-        trainer: run.trainer.clone(),
+        supervisor: run.supervisor.clone(),
         metrics: metrics_actor.clone(),
         prometheus,
         shared,

@@ -1,4 +1,4 @@
-//! Mixing time (METHOD.md, "Expansion timing and mixing time").
+//! Mixing time (docs/METHOD.md, "Expansion timing and mixing time").
 //!
 //! t_mix is the number of steps after an expansion until the progressive run's evaluation loss is
 //! within `tol` (relative) of the fixed-size run's loss *at the same step* and stays within it for

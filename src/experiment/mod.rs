@@ -1,7 +1,7 @@
 //! The paper's experiments at our scale (`taproot experiment NAME`) and the τ pilot
 //! (`taproot plan`).
 //!
-//! - [`mixing`]: t_mix on two loss curves (METHOD.md's definition).
+//! - [`mixing`]: t_mix on two loss curves (docs/METHOD.md's definition).
 //! - [`report`]: what a run leaves behind ([`report::RunResult`]), cost at a loss, speed-up at
 //!   matched final loss, CSV and markdown tables.
 //! - [`plot`]: PNG line charts with a built-in font.
@@ -28,7 +28,7 @@ use crate::config::{Config, GrowthSpec};
 use crate::data::Dataset;
 use crate::model::growth::{CopyOrder, GrowInit, OptStatePolicy};
 use crate::optim::schedule::ScheduleKind;
-use crate::runtime::{self, SchedOptions};
+use crate::runtime::{self, RunOptions};
 use anyhow::{Context, Result};
 use report::RunResult;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ impl Runner {
         let mut cfg = cfg.clone();
         cfg.run.out_dir = Some(self.logs.join(sanitize(label)));
         cfg.run.log_every = 0;
-        let opts = SchedOptions { quiet: true, stop_after, ..Default::default() };
+        let opts = RunOptions { quiet: true, stop_after, ..Default::default() };
         let rep = runtime::train::<CpuBackend>(&cfg, self.data.clone(), opts, false).with_context(|| format!("run {label}"))?;
         let r = RunResult::from_report(label, &rep);
         if let Some(path) = cached {

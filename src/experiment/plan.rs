@@ -1,4 +1,4 @@
-//! `taproot plan`: the paper's pilot for choosing τ, automated (METHOD.md, "Expansion timing and
+//! `taproot plan`: the paper's pilot for choosing τ, automated (docs/METHOD.md, "Expansion timing and
 //! mixing time").
 //!
 //! Given a progressive config (one expansion), run

@@ -14,8 +14,11 @@
 //! Backward accumulates into the upstream gradient buffer IN PLACE (dy becomes dres2, then dx),
 //! as llm.c does with its residual gradient: the buffer handed down is the one handed in.
 
-use super::{init, ActPool, Dims, Layout, ParamSet};
+use super::dims::Dims;
+use super::init;
+use crate::backend::pool::ActPool;
 use crate::backend::{Backend, View};
+use crate::params::{Layout, ParamSet};
 use std::collections::HashMap;
 
 /// What one micro-batch's forward leaves for its backward. Shapes for N = B*T rows.

@@ -2,8 +2,11 @@
 //!
 //! Owns `wte` (Vp, C) — also the tied LM head's matrix, see the `model` docs — and `wpe` (maxT, C).
 
-use super::{init, ActPool, Dims, Layout, ParamSet};
+use super::dims::Dims;
+use super::init;
+use crate::backend::pool::ActPool;
 use crate::backend::Backend;
+use crate::params::{Layout, ParamSet};
 
 pub struct Embed<B: Backend> {
     pub w: ParamSet<B>,

@@ -1,4 +1,4 @@
-//! The growth operator (METHOD.md, "Expansion"): grow a model from L_s to L_t blocks at step τ.
+//! The growth operator (docs/METHOD.md, "Expansion"): grow a model from L_s to L_t blocks at step τ.
 //!
 //! - **Where**: new blocks go to the `bottom` (default: between the embedding and the existing
 //!   blocks) or, for ablation, the `top`.
@@ -21,8 +21,9 @@
 //! a sequential [`Model`].
 
 use super::init::InitConfig;
-use super::{Block, Dims, Model, UnitState};
+use super::{Block, Dims, Model};
 use crate::backend::Backend;
+use crate::params::UnitState;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -61,7 +62,43 @@ pub enum OptStatePolicy {
     Reset,
 }
 
-/// One expansion of a growth plan (a multi-stage plan is a list of them).
+/// One entry of a growth plan as the config writes it (`[[growth]]`): when (`at`, a fraction
+/// of `run.steps`, or `at_step`), to what depth, and how. [`GrowthSpec::resolve`] turns it into
+/// the [`Expansion`] the operator applies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthSpec {
+    #[serde(default)]
+    pub at: Option<f64>,
+    #[serde(default)]
+    pub at_step: Option<u64>,
+    pub to_depth: usize,
+    #[serde(default)]
+    pub position: Position,
+    #[serde(default)]
+    pub init: GrowInit,
+    #[serde(default)]
+    pub order: CopyOrder,
+    #[serde(default)]
+    pub opt_state: OptStatePolicy,
+}
+
+impl GrowthSpec {
+    /// The expansion at its step τ in a run of `total_steps` (`at` rounds `at · T`).
+    pub fn resolve(&self, total_steps: u64) -> Expansion {
+        Expansion {
+            at_step: self.at_step.unwrap_or_else(|| (self.at.unwrap_or(0.0) * total_steps as f64).round() as u64),
+            to_depth: self.to_depth,
+            position: self.position,
+            init: self.init,
+            order: self.order,
+            opt_state: self.opt_state,
+        }
+    }
+}
+
+/// One expansion of a growth plan, at its step: what the operator ([`grow`], and the runtime's
+/// growth in `runtime::scheduler::growth`) applies. A multi-stage plan is a list of them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expansion {
@@ -151,9 +188,12 @@ pub fn make_block<B: Backend>(
     Ok(blk)
 }
 
-/// What an expansion did.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GrowthReport {
+/// What an expansion did: the one record of growth, kept in the run's report, its checkpoints
+/// and its events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrowthRecord {
+    /// The expansion happened before the update of this step.
+    pub at_step: u64,
     pub from_depth: usize,
     pub to_depth: usize,
     /// Layer ids of the new blocks, bottom-most first.
@@ -163,7 +203,7 @@ pub struct GrowthReport {
 }
 
 /// Apply one expansion to a sequential model.
-pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthReport> {
+pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthRecord> {
     let ls = model.depth();
     anyhow::ensure!(
         exp.to_depth > ls,
@@ -195,5 +235,11 @@ pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg:
             b.w.state.reset(be);
         }
     }
-    Ok(GrowthReport { from_depth: ls, to_depth: exp.to_depth, new_ids, stack: model.blocks.iter().map(|b| b.id).collect() })
+    Ok(GrowthRecord {
+        at_step: exp.at_step,
+        from_depth: ls,
+        to_depth: exp.to_depth,
+        new_ids,
+        stack: model.blocks.iter().map(|b| b.id).collect(),
+    })
 }

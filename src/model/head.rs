@@ -7,8 +7,10 @@
 //!
 //! [`Embed`]: super::Embed
 
-use super::{ActPool, Dims, Layout, ParamSet};
+use super::dims::Dims;
+use crate::backend::pool::ActPool;
 use crate::backend::Backend;
+use crate::params::{Layout, ParamSet};
 
 struct HeadActs<B: Backend> {
     shape: (usize, usize),

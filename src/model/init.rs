@@ -1,4 +1,4 @@
-//! Parameter initialisation (METHOD.md, "Initialisation").
+//! Parameter initialisation (docs/METHOD.md, "Initialisation").
 //!
 //! - `gpt2` (default): every matrix N(0, 0.02); the two residual output projections (attention
 //!   out, MLP out) N(0, 0.02/sqrt(2·L)) with **L = the target depth**, so that a block born at τ
@@ -14,7 +14,8 @@
 //! Every unit draws from its own random stream (`Rng::stream(seed, id)`), so a block's initial
 //! weights depend only on the seed and its layer id, never on the order units are created in.
 
-use super::{Dims, Layout};
+use super::dims::Dims;
+use crate::params::Layout;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 

@@ -17,231 +17,18 @@
 //! A 0-layer model is `Embed → Head`: no blocks at all.
 
 pub mod block;
+pub mod dims;
 pub mod embed;
 pub mod growth;
 pub mod head;
 pub mod init;
 
 pub use block::Block;
+pub use dims::Dims;
 pub use embed::Embed;
 pub use head::Head;
 
-use crate::backend::{Backend, View};
-use crate::optim::OptState;
-use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-/// The shape of a GPT-2 model, without its depth (depth changes as it grows).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Dims {
-    /// Real vocabulary size V.
-    pub vocab: usize,
-    /// Vocabulary padded to a multiple of 128 for the matrices (llm.c's Vp).
-    pub padded_vocab: usize,
-    /// Maximum sequence length (rows of the position embedding).
-    pub max_seq: usize,
-    /// Channels C.
-    pub channels: usize,
-    /// Attention heads NH.
-    pub heads: usize,
-}
-
-impl Dims {
-    pub fn new(vocab: usize, max_seq: usize, channels: usize, heads: usize) -> Self {
-        Dims { vocab, padded_vocab: vocab.div_ceil(128) * 128, max_seq, channels, heads }
-    }
-}
-
-/// One tensor of a unit: its name, shape and offset in the unit's buffer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParamSpec {
-    pub name: &'static str,
-    pub shape: Vec<usize>,
-    pub offset: usize,
-    /// An embedding table (`wte`, `wpe`): Muon or NSGD per `embedding_optimizer`, AdamW under
-    /// `muon_adamw`.
-    pub is_embedding: bool,
-}
-
-impl ParamSpec {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-    /// A 2-D tensor (Muon's domain; AdamW's weight-decay domain).
-    pub fn is_matrix(&self) -> bool {
-        self.shape.len() == 2
-    }
-    pub fn rows(&self) -> usize {
-        self.shape[0]
-    }
-    pub fn cols(&self) -> usize {
-        self.shape[1..].iter().product()
-    }
-}
-
-/// The tensors of a unit, in buffer order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Layout {
-    pub specs: Vec<ParamSpec>,
-    pub total: usize,
-}
-
-impl Layout {
-    /// Build from (name, shape) in order; the embedding tables are the ones named `wte`, `wpe`.
-    pub fn new(tensors: &[(&'static str, Vec<usize>)]) -> Self {
-        let mut specs = Vec::with_capacity(tensors.len());
-        let mut off = 0;
-        for (name, shape) in tensors {
-            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: matches!(*name, "wte" | "wpe") };
-            off += spec.numel();
-            specs.push(spec);
-        }
-        Layout { specs, total: off }
-    }
-    pub fn get(&self, name: &str) -> &ParamSpec {
-        self.specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
-    }
-    pub fn index(&self, name: &str) -> usize {
-        self.specs.iter().position(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
-    }
-}
-
-/// A unit's parameters, gradients and optimizer state, all in the same layout.
-pub struct ParamSet<B: Backend> {
-    pub layout: Layout,
-    pub params: B::Buf,
-    pub grads: B::Buf,
-    pub state: OptState<B>,
-}
-
-impl<B: Backend> ParamSet<B> {
-    pub fn new(be: &B, layout: Layout) -> Self {
-        let params = be.alloc(layout.total);
-        let grads = be.alloc(layout.total);
-        let state = OptState::new(be, &layout);
-        ParamSet { layout, params, grads, state }
-    }
-    /// View of one parameter tensor.
-    pub fn p(&self, name: &str) -> View<'_, B::Buf> {
-        let s = self.layout.get(name);
-        View::new(&self.params, s.offset, s.numel())
-    }
-    /// View of one gradient tensor.
-    pub fn g(&self, name: &str) -> View<'_, B::Buf> {
-        let s = self.layout.get(name);
-        View::new(&self.grads, s.offset, s.numel())
-    }
-    pub fn zero_grad(&self, be: &B) {
-        be.fill(B::whole(&self.grads), 0.0);
-    }
-    /// Σ g² over the unit's gradients (for the gradient norm metric).
-    pub fn grad_sumsq(&self, be: &B, scratch: &mut crate::optim::Scratch<B>) -> f64 {
-        scratch.sumsq(be, B::whole(&self.grads))
-    }
-    pub fn numel(&self) -> usize {
-        self.layout.total
-    }
-    /// Host copy of all parameters (checkpoints, tests).
-    pub fn params_to_host(&self, be: &B) -> Vec<f32> {
-        let mut v = vec![0.0; self.layout.total];
-        be.download(B::whole(&self.params), &mut v);
-        v
-    }
-    pub fn grads_to_host(&self, be: &B) -> Vec<f32> {
-        let mut v = vec![0.0; self.layout.total];
-        be.download(B::whole(&self.grads), &mut v);
-        v
-    }
-    pub fn params_from_host(&self, be: &B, host: &[f32]) {
-        be.upload(B::whole(&self.params), host);
-    }
-}
-
-/// A recycling pool of (N, C) activation and gradient buffers handed between stages.
-///
-/// A stage takes its output buffer from the pool and puts back the input buffer it no longer
-/// needs after backward, so after the first step nothing allocates (buffers circulate).
-///
-/// A pool belongs to ONE device. In the actor runtime every stage on a device shares that
-/// device's pool (clones share), so a buffer can be put back by one stream and taken by another:
-/// each free buffer carries the event after its last use, and `take` makes the taking stream wait
-/// on it. A buffer handed to another device is copied there (see `runtime::messages`) and sent
-/// home with [`ActPool::put_after`], so no device's memory is ever touched by another device's
-/// kernels and every device's buffer count stays bounded, however the layers are placed.
-pub struct ActPool<B: Backend> {
-    inner: Arc<PoolInner<B>>,
-}
-
-struct PoolInner<B: Backend> {
-    free: Mutex<Vec<(B::Buf, B::Event)>>,
-    /// Buffers this pool has allocated over its life (a leak shows as growth after warmup).
-    allocated: AtomicUsize,
-    /// Bytes copied into this device from other devices.
-    peer_bytes_in: AtomicU64,
-}
-
-impl<B: Backend> Clone for ActPool<B> {
-    fn clone(&self) -> Self {
-        ActPool { inner: self.inner.clone() }
-    }
-}
-
-impl<B: Backend> Default for ActPool<B> {
-    fn default() -> Self {
-        ActPool {
-            inner: Arc::new(PoolInner { free: Mutex::new(Vec::new()), allocated: Default::default(), peer_bytes_in: Default::default() }),
-        }
-    }
-}
-
-impl<B: Backend> ActPool<B> {
-    /// A buffer of `n` floats, free for stream `be` to write: a recycled one (after `be` waits
-    /// for its last user), or a new allocation.
-    pub fn take(&self, be: &B, n: usize) -> B::Buf {
-        let found = {
-            let mut free = self.inner.free.lock().expect("pool lock");
-            free.iter().position(|(b, _)| B::buf_len(b) == n).map(|i| free.swap_remove(i))
-        };
-        match found {
-            Some((buf, ready)) => {
-                be.wait(&ready);
-                buf
-            }
-            None => {
-                self.inner.allocated.fetch_add(1, Ordering::Relaxed);
-                be.alloc(n)
-            }
-        }
-    }
-
-    /// Give back `buf` after the work stream `be` has queued on it so far.
-    pub fn put(&self, be: &B, buf: B::Buf) {
-        assert!(be.is_local(&buf), "a buffer put into the pool of {} belongs to another device", be.device());
-        let ready = be.record();
-        self.put_after(buf, ready);
-    }
-
-    /// Give back `buf`, free once `ready` has passed (an event of any stream, any device).
-    pub fn put_after(&self, buf: B::Buf, ready: B::Event) {
-        self.inner.free.lock().expect("pool lock").push((buf, ready));
-    }
-
-    /// Buffers allocated by this pool so far.
-    pub fn allocated(&self) -> usize {
-        self.inner.allocated.load(Ordering::Relaxed)
-    }
-
-    /// Count `bytes` copied into this pool's device from another device.
-    pub fn note_peer_copy(&self, bytes: u64) {
-        self.inner.peer_bytes_in.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Bytes copied into this pool's device from other devices so far.
-    pub fn peer_bytes_in(&self) -> u64 {
-        self.inner.peer_bytes_in.load(Ordering::Relaxed)
-    }
-}
+use crate::backend::Backend;
 
 /// A whole model composed sequentially: the unit of the sequential trainer and of the tests.
 pub struct Model<B: Backend> {
@@ -299,7 +86,7 @@ impl<B: Backend> Batch<B> {
 
 impl<B: Backend> Model<B> {
     /// A fresh model of `depth` blocks; `target_depth` sets the residual-projection init scale
-    /// (METHOD.md: grown and fixed models start their blocks alike).
+    /// (docs/METHOD.md: grown and fixed models start their blocks alike).
     pub fn new(be: &B, dims: Dims, depth: usize, init: &init::InitConfig) -> Self {
         let embed = Embed::new(be, &dims, init);
         let head = Head::new(be, &dims);
@@ -375,53 +162,5 @@ impl<B: Backend> Model<B> {
         let emb = self.embed.w.numel();
         let rest = self.head.w.numel() + self.blocks.iter().map(|b| b.w.numel()).sum::<usize>();
         (emb + rest, emb, rest)
-    }
-}
-
-/// A host snapshot of a unit: parameters and optimizer state. Used by growth (`copying` reads
-/// its sources this way, as a layer actor answers `GetState`) and by checkpoints.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UnitState {
-    pub params: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Option<Vec<f32>>,
-    pub steps: Vec<u64>,
-}
-
-impl<B: Backend> ParamSet<B> {
-    pub fn snapshot(&self, be: &B) -> UnitState {
-        let mut m = vec![0.0; self.layout.total];
-        be.download(B::whole(&self.state.m), &mut m);
-        let v = self.state.v.as_ref().map(|v| {
-            let mut h = vec![0.0; self.layout.total];
-            be.download(B::whole(v), &mut h);
-            h
-        });
-        UnitState { params: self.params_to_host(be), m, v, steps: self.state.steps.clone() }
-    }
-
-    /// Load parameters and optimizer state from a snapshot of the same layout.
-    pub fn restore(&mut self, be: &B, s: &UnitState) -> anyhow::Result<()> {
-        let n = self.layout.total;
-        anyhow::ensure!(
-            s.params.len() == n && s.m.len() == n && s.steps.len() == self.layout.specs.len(),
-            "unit state does not match the layout: {} params for {n}, {} step counters for {} tensors",
-            s.params.len(),
-            s.steps.len(),
-            self.layout.specs.len()
-        );
-        self.params_from_host(be, &s.params);
-        be.upload(B::whole(&self.state.m), &s.m);
-        match &s.v {
-            Some(v) => {
-                anyhow::ensure!(v.len() == n, "second-moment state of {} values for {n} parameters", v.len());
-                let dst = be.alloc(n);
-                be.upload(B::whole(&dst), v);
-                self.state.v = Some(dst);
-            }
-            None => self.state.v = None,
-        }
-        self.state.steps.clone_from(&s.steps);
-        Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! AdamW (METHOD.md): β = (0.9, 0.95), ε = 1e-8, decoupled weight decay 0.1 on matrices only,
+//! AdamW (docs/METHOD.md): β = (0.9, 0.95), ε = 1e-8, decoupled weight decay 0.1 on matrices only,
 //! bias correction at each tensor's own step count.
 //!
 //! The arithmetic is the backend kernel `Backend::adamw_update`; this module is its host-side

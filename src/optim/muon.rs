@@ -1,6 +1,6 @@
 //! Muon (on 2-D tensors) and normalised SGD (on the rest) — the paper's `muon_nsgd` optimizer.
 //!
-//! Muon, per METHOD.md: momentum 0.95 with Nesterov (m ← μm + g; u = g + μm), then 5
+//! Muon, per docs/METHOD.md: momentum 0.95 with Nesterov (m ← μm + g; u = g + μm), then 5
 //! Newton–Schulz steps with (a, b, c) = (3.4445, −4.7750, 2.0315) on the Frobenius-normalised
 //! update, which pushes its singular values toward 1 (roughly into [0.5, 1.5]); the result is
 //! scaled by max(1, rows/cols)^0.5 and applied with decoupled weight decay.
@@ -12,7 +12,7 @@
 //!
 //! NSGD: m ← μm + g (plain momentum), p ← p − lr·m/‖m‖_F. The norm stays on the device.
 
-use super::OptimConfig;
+use super::config::OptimConfig;
 use crate::backend::{Backend, Trans, View};
 
 /// Reusable device scratch for the optimizer: grows to the largest tensor it has seen, then

@@ -1,4 +1,4 @@
-//! Learning-rate schedules (METHOD.md, "Schedules"): pure functions of the step.
+//! Learning-rate schedules (docs/METHOD.md, "Schedules"): pure functions of the step.
 //!
 //! - `wsd` (default): linear warmup over `warmup` (fraction of T, default 2%), constant, then decay
 //!   to `min_lr` (default 0) over the last `decay` (default 10%) with shape `linear`, `cosine` or

@@ -2,6 +2,7 @@
 //! an [`Observer`] (the metrics actor, a progress bar, a test). Observers must be cheap: they are
 //! called from actor handlers.
 
+use crate::model::growth::GrowthRecord;
 use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -33,11 +34,9 @@ pub enum Event {
         depth: usize,
         val_loss: f32,
     },
+    /// An expansion was applied, taking `seconds` of wall time.
     Growth {
-        step: u64,
-        from_depth: usize,
-        to_depth: usize,
-        new_ids: Vec<u64>,
+        record: GrowthRecord,
         seconds: f64,
     },
     Checkpoint {

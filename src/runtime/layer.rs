@@ -2,35 +2,32 @@
 //!
 //! It owns the block's parameters, gradients and optimizer state (its own step counters), the
 //! per-micro-batch activation stash (inside [`Block`]), and one backend stream. It knows its two
-//! neighbours ([`Peer`]s): activations arrive from below and go up, gradients arrive from above
-//! and go down. Growth spawns new `LayerActor`s at the bottom of the live pipeline and relinks
-//! the ring; nothing else changes for the existing layers.
+//! neighbours as [`Peer`]s — whether each is another layer or the embed-head actor it does not
+//! know: activations arrive from below and go up, gradients arrive from above and go down.
+//! Growth spawns new `LayerActor`s at the bottom of the live pipeline and relinks the ring;
+//! nothing else changes for the existing layers.
 //!
-//! Messages (`LayerMsg`): `Forward`, `Backward`, `Step`, `GetState` / `SetState`, `Link`,
-//! `ResetOptState`. Stopping is ractor's `stop`.
+//! Messages (`LayerMsg`): `Handoff` (forward or backward: what neighbours send through a `Peer`),
+//! `Step`, `GetState` / `SetState`, `Link`, `ResetOptState`, `InFlight`. Stopping is ractor's
+//! `stop`.
 
+use super::compute;
+use super::error::RunError;
 use super::events::{Event, Observer};
-use super::messages::{compute, Activation, Peer};
+use super::handoff::{hand, Activation, Handoff, Peer};
+use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::model::growth::{make_block, GrowInit, OptStatePolicy};
 use crate::model::init::InitConfig;
-use crate::model::{ActPool, Block, Dims, UnitState};
-use crate::optim::{OptimConfig, Optimizer, Scratch};
+use crate::model::{Block, Dims};
+use crate::optim::{grad_sumsq, OptimConfig, Optimizer, Scratch};
+use crate::params::UnitState;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::marker::PhantomData;
 
 pub enum LayerMsg<B: Backend> {
-    /// An activation from below for micro-batch `mb`; `eval` micro-batches keep no stash.
-    Forward {
-        mb: u64,
-        x: Activation<B>,
-        eval: bool,
-    },
-    /// The gradient of this layer's output for micro-batch `mb`.
-    Backward {
-        mb: u64,
-        grad: Activation<B>,
-    },
+    /// From a neighbour: an activation from below, or the gradient of this layer's output.
+    Handoff(Handoff<B>),
     /// Apply the optimizer with learning rate `lr` (step index `step`), zero the gradients.
     /// Answers with the sum of squares of the gradients it applied (for the gradient norm).
     Step {
@@ -40,7 +37,7 @@ pub enum LayerMsg<B: Backend> {
     },
     /// A host snapshot of parameters and optimizer state (copying init, checkpoints, moves).
     GetState(RpcReplyPort<UnitState>),
-    SetState(UnitState, RpcReplyPort<Result<(), String>>),
+    SetState(UnitState, RpcReplyPort<Result<(), RunError>>),
     /// New neighbours (after growth or a move).
     Link {
         prev: Peer<B>,
@@ -50,6 +47,22 @@ pub enum LayerMsg<B: Backend> {
     ResetOptState(RpcReplyPort<()>),
     /// Micro-batches stashed here right now (the in-flight bound is checked with this).
     InFlight(RpcReplyPort<usize>),
+}
+
+impl<B: Backend> From<Handoff<B>> for LayerMsg<B> {
+    fn from(h: Handoff<B>) -> Self {
+        LayerMsg::Handoff(h)
+    }
+}
+
+impl<B: Backend> TryFrom<LayerMsg<B>> for Handoff<B> {
+    type Error = LayerMsg<B>;
+    fn try_from(m: LayerMsg<B>) -> Result<Self, Self::Error> {
+        match m {
+            LayerMsg::Handoff(h) => Ok(h),
+            other => Err(other),
+        }
+    }
 }
 
 /// How a layer's block comes to be.
@@ -95,6 +108,43 @@ impl<B: Backend> Default for LayerActor<B> {
     }
 }
 
+impl<B: Backend> LayerState<B> {
+    /// y = block(x), handed up.
+    fn forward(&mut self, mb: u64, x: Activation<B>, eval: bool) -> Result<(), RunError> {
+        let t0 = std::time::Instant::now();
+        let y = compute(|| {
+            let (b, t) = (x.b, x.t);
+            let x = x.receive(&self.be, &self.pool);
+            let y = self.block.forward(&self.be, mb, x, b, t);
+            if eval {
+                self.block.forget(&self.be, mb);
+            }
+            Activation::send(&self.be, y, b, t, &self.pool)
+        });
+        let seconds = t0.elapsed().as_secs_f64();
+        (self.observer)(&Event::LayerTime { layer: self.block.id, device: self.device.clone(), backward: false, seconds });
+        let next = self.next.as_ref().ok_or_else(|| RunError::Protocol(format!("layer {} has no downstream link", self.block.id)))?;
+        hand(next, Handoff::Forward { mb, x: y, eval });
+        Ok(())
+    }
+
+    /// dx = block'(dy), handed down; the block's parameter gradients accumulate.
+    fn backward(&mut self, mb: u64, grad: Activation<B>) -> Result<(), RunError> {
+        let t0 = std::time::Instant::now();
+        let dx = compute(|| {
+            let (b, t) = (grad.b, grad.t);
+            let dy = grad.receive(&self.be, &self.pool);
+            let dx = self.block.backward(&self.be, mb, dy);
+            Activation::send(&self.be, dx, b, t, &self.pool)
+        });
+        let seconds = t0.elapsed().as_secs_f64();
+        (self.observer)(&Event::LayerTime { layer: self.block.id, device: self.device.clone(), backward: true, seconds });
+        let prev = self.prev.as_ref().ok_or_else(|| RunError::Protocol(format!("layer {} has no upstream link", self.block.id)))?;
+        hand(prev, Handoff::Backward { mb, grad: dx });
+        Ok(())
+    }
+}
+
 impl<B: Backend> Actor for LayerActor<B> {
     type Msg = LayerMsg<B>;
     type State = LayerState<B>;
@@ -120,9 +170,8 @@ impl<B: Backend> Actor for LayerActor<B> {
             Ok((be, block))
         })
         .await
-        .map_err(|e| format!("layer {}: initialisation thread failed: {e}", a.id))?;
-        let (be, block) = built.map_err(|e| format!("layer {}: {e:#}", a.id))?;
-        let mut block = block;
+        .map_err(|e| RunError::Device(format!("layer {}: initialisation thread failed: {e}", a.id)))?;
+        let (be, mut block) = built.map_err(|e| RunError::Device(format!("layer {}: {e:#}", a.id)))?;
         block.use_pool(a.pool.clone());
         Ok(LayerState {
             be,
@@ -140,47 +189,14 @@ impl<B: Backend> Actor for LayerActor<B> {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            LayerMsg::Forward { mb, x, eval } => {
-                let t0 = std::time::Instant::now();
-                let y = compute(|| {
-                    let (b, t) = (x.b, x.t);
-                    let x = x.receive(&s.be, &s.pool);
-                    let y = s.block.forward(&s.be, mb, x, b, t);
-                    if eval {
-                        s.block.forget(&s.be, mb);
-                    }
-                    Activation::send(&s.be, y, b, t, &s.pool)
-                });
-                (s.observer)(&Event::LayerTime {
-                    layer: s.block.id,
-                    device: s.device.clone(),
-                    backward: false,
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
-                s.next.as_ref().ok_or_else(|| format!("layer {} has no downstream link", s.block.id))?.forward(mb, y, eval)?;
-            }
-            LayerMsg::Backward { mb, grad } => {
-                let t0 = std::time::Instant::now();
-                let dx = compute(|| {
-                    let (b, t) = (grad.b, grad.t);
-                    let dy = grad.receive(&s.be, &s.pool);
-                    let dx = s.block.backward(&s.be, mb, dy);
-                    Activation::send(&s.be, dx, b, t, &s.pool)
-                });
-                (s.observer)(&Event::LayerTime {
-                    layer: s.block.id,
-                    device: s.device.clone(),
-                    backward: true,
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
-                s.prev.as_ref().ok_or_else(|| format!("layer {} has no upstream link", s.block.id))?.backward(mb, dx)?;
-            }
+            LayerMsg::Handoff(Handoff::Forward { mb, x, eval }) => s.forward(mb, x, eval)?,
+            LayerMsg::Handoff(Handoff::Backward { mb, grad }) => s.backward(mb, grad)?,
             LayerMsg::Step { lr, step, reply } => {
                 if s.panic_at_step == Some(step) {
                     panic!("injected fault: layer {} fails at step {step}", s.block.id);
                 }
                 let ss = compute(|| {
-                    let ss = s.block.w.grad_sumsq(&s.be, &mut s.scratch);
+                    let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
                     s.block.w.zero_grad(&s.be);
                     s.be.synchronize();
@@ -193,7 +209,7 @@ impl<B: Backend> Actor for LayerActor<B> {
                 let _ = reply.send(st);
             }
             LayerMsg::SetState(st, reply) => {
-                let r = compute(|| s.block.w.restore(&s.be, &st)).map_err(|e| format!("layer {}: {e:#}", s.block.id));
+                let r = compute(|| s.block.w.restore(&s.be, &st)).map_err(|e| RunError::Checkpoint(format!("layer {}: {e:#}", s.block.id)));
                 let _ = reply.send(r);
             }
             LayerMsg::Link { prev, next } => {

@@ -399,12 +399,12 @@ impl MetricsState {
                 }
             }
             Event::Eval { val_loss, .. } => gauge!("taproot_validation_loss").set(val_loss as f64),
-            Event::Growth { step, to_depth, seconds, .. } => {
-                self.history.split_off(&step);
-                self.history.insert(step, to_depth);
+            Event::Growth { record, seconds } => {
+                self.history.split_off(&record.at_step);
+                self.history.insert(record.at_step, record.to_depth);
                 counter!("taproot_growth_events_total").increment(1);
                 histogram!("taproot_growth_duration_seconds").record(seconds);
-                self.set_depth(to_depth);
+                self.set_depth(record.to_depth);
             }
             Event::Checkpoint { step, seconds, bytes, .. } => {
                 histogram!("taproot_checkpoint_duration_seconds").record(seconds);

@@ -2,107 +2,81 @@
 //! device, so growing depth is spawning new layer actors at the bottom of a live pipeline.
 //!
 //! ```text
-//!   Trainer (supervision root)
-//!     └─ Scheduler (step clock, WSD, micro-batches in flight, growth at τ, checkpoints)
-//!          spawns, linked to the Trainer:
-//!          Ends (embedding + tied head) ─► Layer 0 ─► … ─► Layer L-1 ─► Ends   (activations)
-//!                                      ◄─          ◄─             ◄─         (gradients)
+//!   SupervisorActor (supervision root; every actor below is linked to it)
+//!     └─ SchedulerActor (step clock, WSD, micro-batches in flight, growth at τ, checkpoints)
+//!          spawns:
+//!          EmbedHead (embedding) ─► Layer 0 ─► … ─► Layer L-1 ─► EmbedHead (head, loss)
+//!                                ◄─          ◄─             ◄─             (gradients)
 //! ```
 //!
-//! - [`layer`]: `LayerActor`, one block. [`ends`]: `EndsActor`, embedding and head (the ring).
-//! - [`scheduler`]: `SchedulerActor`, the step clock and the growth plan.
-//! - [`trainer`]: `TrainerActor`, supervision (stop with a clear error, or restart from the
-//!   newest checkpoint).
-//! - [`placement`]: layers to devices, and where layers born at τ go.
-//! - [`metrics`]: `MetricsActor`, the runtime's events as Prometheus metrics.
+//! The files, each one actor or one concept; dependencies run one way
+//! (`handoff` ← `layer`, `embed_head` ← `scheduler` ← `supervisor`):
+//! - [`handoff`]: what neighbours exchange (`Handoff`, `Activation`, `Peer`, `MicroDone`).
+//! - [`layer`]: `LayerActor`, one transformer block.
+//! - [`embed_head`]: `EmbedHeadActor`, the token embedding and the tied head with the loss, both
+//!   ends of the ring in one actor.
+//! - [`scheduler`]: `SchedulerActor`, the step clock; [`scheduler::growth`] is growth at τ.
+//! - [`supervisor`]: `SupervisorActor`, and [`train`] / [`start`], the entry points.
+//! - [`placement`]: layers to devices. [`events`]: what the runtime reports. [`metrics`]: the
+//!   metrics actor. [`error`]: [`RunError`].
 //!
-//! CPU-heavy handler bodies run inside `block_in_place` ([`messages::compute`]), so the tokio
-//! workers keep serving other tasks (the metrics endpoint) during a step; all CPU math shares the
-//! one rayon pool. The sequential trainer (`train::sequential`) computes exactly the same thing
-//! and is the oracle of the runtime's tests.
+//! ## The path of one training micro-batch
+//!
+//! 1. **Issue.** The scheduler takes the next (B, T+1) windows from the data loader and sends
+//!    `EmbedHeadMsg::Micro { mb, windows, dscale }` — only while fewer than `max_in_flight`
+//!    micro-batches are in flight (mailboxes are unbounded; the bound is the scheduler's).
+//! 2. **Embed.** The embed-head actor uploads the ids, computes x = wte[ids] + wpe and hands
+//!    `Handoff::Forward { mb, x }` to its `first` peer: layer 0 (or itself, with no layers).
+//! 3. **Layers.** Each layer actor waits on the activation's event, runs its block forward
+//!    (stashing what backward needs under `mb`) and hands the output up to its `next` peer;
+//!    the top layer's `next` is the embed-head actor.
+//! 4. **Head and loss.** The embed-head actor runs the final LayerNorm, the tied head, softmax and
+//!    cross-entropy, keeps the loss, and hands the gradient of the top activation down:
+//!    `Handoff::Backward { mb, grad }` to its `last` peer (the top layer).
+//! 5. **Back.** Each layer runs its block backward (accumulating its own parameter gradients)
+//!    and hands the input gradient to its `prev` peer, down to the embed-head actor.
+//! 6. **Done.** The embed-head actor accumulates the embedding gradient and tells the scheduler
+//!    `MicroDone { mb, loss }`; the scheduler issues the next micro-batch of the step.
+//! 7. **Step barrier.** When all `micro_batches` of the step are done, the scheduler sends
+//!    `Step { lr }` to every stage and waits for all of them (each answers with the sum of
+//!    squares of its gradients, for the gradient norm); then it logs the step, evaluates or
+//!    checkpoints when due, applies growth when the plan says so, and issues the next step.
+//!
+//! An evaluation micro-batch takes steps 1–4 only (`EvalMicro`, no stash); the head reports
+//! `MicroDone` with its loss at step 4.
+//!
+//! CPU-heavy handler bodies run inside `block_in_place` ([`compute`]), so the tokio workers keep
+//! serving other tasks (the metrics endpoint) during a step; all CPU math shares the one rayon
+//! pool. The sequential trainer (`train::sequential`) computes exactly the same thing and is the
+//! oracle of the runtime's tests.
 
-pub mod ends;
+pub mod embed_head;
+pub mod error;
 pub mod events;
+pub mod handoff;
 pub mod layer;
-pub mod messages;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
-pub mod trainer;
+pub mod supervisor;
 
-use crate::backend::Backend;
-use crate::config::Config;
-use crate::data::Dataset;
-use crate::train::TrainReport;
-use ractor::Actor;
-pub use scheduler::SchedOptions;
-use std::sync::Arc;
-use trainer::{TrainerActor, TrainerArgs, TrainerMsg};
+pub use crate::train::RunOptions;
+pub use error::RunError;
+pub use scheduler::Status;
+pub use supervisor::{start, train, train_async, RunHandle};
 
-/// Train `cfg` on the actor runtime; blocks until the run ends. With `signals`, SIGINT and
-/// SIGTERM stop the run at the next step boundary after writing a checkpoint.
-pub fn train<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, signals: bool) -> anyhow::Result<TrainReport> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(train_async::<B>(cfg, data, opts, signals))
-}
+use ractor::ActorId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-/// A run in progress: its supervision root (send it `TrainerMsg`s: status, pause, grow now, …)
-/// and the promise of its result.
-pub struct RunHandle {
-    pub trainer: ractor::ActorRef<TrainerMsg>,
-    pub done: tokio::sync::oneshot::Receiver<Result<TrainReport, String>>,
-    pub join: ractor::concurrency::JoinHandle<()>,
-}
+/// Actor id → what it is ("layer 3 (cpu:1)"), so that the supervisor can name a failed actor.
+pub type Roles = Arc<Mutex<HashMap<ActorId, String>>>;
 
-impl RunHandle {
-    /// Wait for the run to end.
-    pub async fn wait(self) -> anyhow::Result<TrainReport> {
-        let result = self.done.await.map_err(|_| anyhow::anyhow!("the trainer stopped without a result"))?;
-        let _ = self.join.await;
-        result.map_err(|e| anyhow::anyhow!(e))
+/// Run CPU-heavy work without stalling the async workers (the metrics endpoint, other actors'
+/// mailboxes): the worker thread hands its other tasks off while this closure runs.
+pub fn compute<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
-}
-
-/// Start a run inside an existing multi-thread tokio runtime; events go to `observer`.
-pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, observer: events::Observer) -> anyhow::Result<RunHandle> {
-    // Every device of the placement must exist before any actor starts: a clear error naming
-    // the key, rather than a failed actor halfway through a growth.
-    let mut seen = std::collections::HashSet::new();
-    for d in cfg.placement.devices.iter().chain(cfg.placement.ends.iter()) {
-        if seen.insert(d.clone()) {
-            B::open(d).map_err(|e| anyhow::anyhow!("`placement.devices`: {d}: {e:#}"))?;
-        }
-    }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let args = TrainerArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
-    let (trainer, join) =
-        Actor::spawn(None, TrainerActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the trainer: {e}"))?;
-    Ok(RunHandle { trainer, done: rx, join })
-}
-
-/// [`train`] inside an existing multi-thread tokio runtime.
-pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: SchedOptions, signals: bool) -> anyhow::Result<TrainReport> {
-    let run = start::<B>(cfg, data, opts, events::none()).await?;
-    let trainer = run.trainer.clone();
-    let watcher = signals.then(|| {
-        let t = trainer.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                let _ = t.cast(TrainerMsg::RequestStop);
-            }
-        })
-    });
-    let result = run.wait().await;
-    if let Some(w) = watcher {
-        w.abort();
-    }
-    result
 }

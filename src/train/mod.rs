@@ -2,14 +2,11 @@
 //!
 //! [`sequential`] is the plain loop (embed → blocks → head → backward → step, growth included). It
 //! is the reference the actor runtime is tested against, and the baseline of its overhead
-//! benchmark. Every loop reports the same [`TrainReport`] and prints the same log lines:
-//!
-//! ```text
-//! step=250/3000 depth=0 train_loss=2.4512 lr=0.020000 tok/s=51234 elapsed_s=12.3
-//! step=250/3000 depth=0 val_loss=2.4301 flops_llmc=1.2e12 flops_ne=3.4e11 elapsed_s=12.5
-//! grow step=2400 depth=0->6 new_ids=[0, 1, 2, 3, 4, 5] stack=[0, 1, 2, 3, 4, 5]
-//! ```
+//! benchmark. Every loop takes the same [`RunOptions`], keeps its books with the same
+//! [`log::RunLog`] (records, CSV files, log lines, FLOPs, early stop) and reports the same
+//! [`TrainReport`].
 
+pub mod log;
 pub mod sequential;
 
 use crate::config::Config;
@@ -17,6 +14,23 @@ use crate::model::Dims;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+
+/// Knobs of a run that are not part of the experiment (logging, early stops, resuming).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Print nothing.
+    pub quiet: bool,
+    /// Stop after this many steps (the schedule still spans `run.steps`).
+    pub stop_after: Option<u64>,
+    /// Stop at the first evaluation whose validation loss is below this.
+    pub stop_below_val: Option<f32>,
+    /// Start from the newest valid checkpoint of the run (fresh if there is none). The actor
+    /// runtime only: the sequential trainer refuses it.
+    pub resume: bool,
+    /// Disarm the `[faults]` of the config (the supervisor does so after a restart, so that an
+    /// injected fault fires once). The actor runtime only.
+    pub faults_disarmed: bool,
+}
 
 /// One optimizer step.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -47,7 +61,7 @@ pub struct EvalRecord {
 pub struct TrainReport {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
-    pub growth: Vec<crate::model::growth::GrowthReport>,
+    pub growth: Vec<crate::model::growth::GrowthRecord>,
     /// Wall time of each growth event (drain excluded: growth happens at a step boundary).
     pub growth_wall_s: Vec<f64>,
     pub wall_s: f64,

@@ -5,11 +5,11 @@
 //! gradients. Evaluation runs at step 0, every `eval.every` steps and at the end, on the same
 //! fixed validation batches each time.
 
-use super::{dims_of, eval_due, EvalRecord, StepRecord, TrainReport};
+use super::log::RunLog;
+use super::{dims_of, eval_due, RunOptions, TrainReport};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::data::{sequential_batches, Dataset, Loader};
-use crate::flops;
 use crate::model::growth::{self, Expansion};
 use crate::model::init::InitConfig;
 use crate::model::{Batch, Model};
@@ -18,24 +18,13 @@ use crate::optim::{Optimizer, Scratch};
 use anyhow::{bail, Result};
 use std::time::Instant;
 
-/// Knobs of a run that are not part of the experiment (logging, early stop for tests).
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    /// Print nothing.
-    pub quiet: bool,
-    /// Stop after this many steps (the schedule still spans `run.steps`).
-    pub stop_after: Option<u64>,
-    /// Stop at the first evaluation whose validation loss is below this.
-    pub stop_below_val: Option<f32>,
-}
-
 /// Everything a sequential run holds.
 pub struct Sequential<B: Backend> {
     pub be: B,
     pub cfg: Config,
     pub model: Model<B>,
     pub opt: Optimizer,
-    pub sched: Schedule,
+    pub schedule: Schedule,
     pub plan: Vec<Expansion>,
     pub init: InitConfig,
     scratch: Scratch<B>,
@@ -67,7 +56,7 @@ impl<B: Backend> Sequential<B> {
         let batch = Batch::from_windows(&be, &val[0], b, t);
         Ok(Sequential {
             opt: Optimizer::new(cfg.optim.clone()),
-            sched: cfg.schedule.clone(),
+            schedule: cfg.schedule.clone(),
             plan: cfg.expansions(),
             init,
             scratch: Scratch::default(),
@@ -95,7 +84,7 @@ impl<B: Backend> Sequential<B> {
     }
 
     /// Apply the expansions due before the update of the current step.
-    pub fn grow_if_due(&mut self) -> Result<Vec<growth::GrowthReport>> {
+    pub fn grow_if_due(&mut self) -> Result<Vec<growth::GrowthRecord>> {
         let mut out = Vec::new();
         let due: Vec<Expansion> = self.plan.iter().filter(|e| e.at_step == self.step).cloned().collect();
         for e in due {
@@ -116,7 +105,7 @@ impl<B: Backend> Sequential<B> {
             loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
         }
         self.model.finish_grads(&self.be);
-        let lr = self.sched.lr_at(self.step);
+        let lr = self.schedule.lr_at(self.step);
         let m = &mut self.model;
         self.opt.step(&self.be, &mut m.embed.w, &mut self.scratch, lr);
         for blk in m.blocks.iter_mut() {
@@ -128,95 +117,40 @@ impl<B: Backend> Sequential<B> {
         ((loss / mbs as f64) as f32, lr)
     }
 
-    /// Run to the end (or `opts.stop_after`), logging as the module docs show.
+    /// Run to the end (or `opts.stop_after`), logging as [`RunLog`] does.
     pub fn run(&mut self, opts: &RunOptions) -> Result<TrainReport> {
-        let mut rep = TrainReport::default();
-        let start = Instant::now();
+        if opts.resume {
+            bail!("the sequential trainer does not resume from checkpoints: use the actor runtime (`taproot train --resume`)");
+        }
         let total = self.cfg.run.steps;
         let end = opts.stop_after.map_or(total, |s| s.min(total));
         let tokens_per_step = (self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.data.micro_batches) as f64;
-        let (mut fl, mut fne) = (0.0f64, 0.0f64);
-        let mut last_log = (Instant::now(), self.step);
-        let say = |s: String| {
-            if !opts.quiet {
-                println!("{s}");
-            }
-        };
-        let evaluate = |me: &mut Self, rep: &mut TrainReport, fl: f64, fne: f64| {
-            let val_loss = me.evaluate();
-            let e = EvalRecord {
-                step: me.step,
-                depth: me.model.depth(),
-                val_loss,
-                flops_llmc: fl,
-                flops_ne: fne,
-                elapsed_s: start.elapsed().as_secs_f64(),
-            };
-            if !opts.quiet {
-                println!(
-                    "step={}/{} depth={} val_loss={:.4} flops_llmc={:.3e} flops_ne={:.3e} elapsed_s={:.1}",
-                    e.step, total, e.depth, e.val_loss, fl, fne, e.elapsed_s
-                );
-            }
-            rep.evals.push(e);
-        };
+        let mut log = RunLog::new(&self.cfg, &self.model.dims, opts, self.step).with_progress_bar(self.step, end);
         if self.step == 0 {
-            evaluate(self, &mut rep, fl, fne);
+            let v = self.evaluate();
+            log.eval(self.step, self.model.depth(), v);
         }
         while self.step < end {
             let t_grow = Instant::now();
             let grown = self.grow_if_due()?;
-            if !grown.is_empty() {
-                rep.growth_wall_s.push(t_grow.elapsed().as_secs_f64());
-            }
+            let wall = t_grow.elapsed().as_secs_f64();
             for g in grown {
-                say(format!("grow step={} depth={}->{} new_ids={:?} stack={:?}", self.step, g.from_depth, g.to_depth, g.new_ids, g.stack));
-                rep.growth.push(g);
+                log.growth(&g, wall, "");
             }
             let depth = self.model.depth();
+            let t_step = Instant::now();
             let (loss, lr) = self.train_step();
             if !loss.is_finite() {
                 bail!("training loss became {loss} at step {} (depth {depth}): stopping", self.step);
             }
-            fl += flops::flops_per_token_llmc(&self.model.dims, depth, self.cfg.data.seq_len) * tokens_per_step;
-            fne += flops::flops_per_token_non_embedding(&self.model.dims, depth) * tokens_per_step;
-            rep.steps.push(StepRecord {
-                step: self.step,
-                depth,
-                lr,
-                train_loss: loss,
-                flops_llmc: fl,
-                flops_ne: fne,
-                elapsed_s: start.elapsed().as_secs_f64(),
-            });
-            let le = self.cfg.run.log_every;
-            if le > 0 && self.step % le == 0 {
-                let dt = last_log.0.elapsed().as_secs_f64();
-                let toks = (self.step - last_log.1) as f64 * tokens_per_step / dt.max(1e-9);
-                say(format!(
-                    "step={}/{} depth={} train_loss={:.4} lr={:.6} tok/s={:.0} elapsed_s={:.1}",
-                    self.step,
-                    total,
-                    depth,
-                    loss,
-                    lr,
-                    toks,
-                    start.elapsed().as_secs_f64()
-                ));
-                last_log = (Instant::now(), self.step);
-            }
+            log.step(self.step, depth, lr, loss, tokens_per_step, t_step.elapsed().as_secs_f64());
             if eval_due(&self.cfg, self.step) {
-                evaluate(self, &mut rep, fl, fne);
-                let last = rep.evals.last().map(|e| e.val_loss);
-                if let (Some(target), Some(v)) = (opts.stop_below_val, last) {
-                    if v < target {
-                        say(format!("stop step={} val_loss={v:.4} below {target}", self.step));
-                        break;
-                    }
+                let v = self.evaluate();
+                if log.eval(self.step, self.model.depth(), v) {
+                    break;
                 }
             }
         }
-        rep.wall_s = start.elapsed().as_secs_f64();
-        Ok(rep)
+        Ok(log.finish())
     }
 }

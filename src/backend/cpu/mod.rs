@@ -162,38 +162,6 @@ impl Default for CpuBackend {
     }
 }
 
-/// Raw gemm call: dst (m, n) = dst_scale * dst + prod_scale * lhs @ rhs, with explicit strides.
-/// `parallel = false` inside tasks that are already spread over the pool (attention runs one
-/// small product per (batch, head)).
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_raw_par(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    dst_cs: isize,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    dst_scale: f32,
-    prod_scale: f32,
-    parallel: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let read_dst = dst_scale != 0.0;
-    // Small products are faster single-threaded than with rayon's fork/join overhead.
-    let par = if parallel && m * n * k >= 64 * 64 * 64 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    gemm::gemm(
-        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, dst_scale, prod_scale, false, false, false, par,
-    );
-}
-
 impl Backend for CpuBackend {
     type Buf = CpuBuf;
     type Ids = CpuIds;
@@ -303,7 +271,7 @@ impl Backend for CpuBackend {
             Trans::N => (n as isize, 1),
             Trans::T => (1, k as isize),
         };
-        unsafe { gemm_raw_par(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha, true) }
+        unsafe { kernels::gemm_raw_par(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha, true) }
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {

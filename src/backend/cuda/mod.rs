@@ -2,6 +2,10 @@
 //! without CUDA), cuBLAS for every matrix product, NVRTC-compiled kernels (`kernels.cu`) for
 //! everything else, one `CudaStream` per backend value — that is, per stage actor.
 //!
+//! Why this file is long: it is one `impl Backend for CudaBackend`, a method per op of the
+//! trait, kept in one place so that it reads side by side with the CPU backend and the trait;
+//! the kernels themselves are in `kernels.cu` and the cuBLAS calls in `blas.rs`.
+//!
 //! - **Probing.** [`CudaBackend::open`] checks that libcuda can be loaded before creating a
 //!   context (creating one without it panics inside the driver bindings); a missing library or
 //!   device is an error that names `LD_LIBRARY_PATH`, never a panic.
@@ -17,7 +21,7 @@
 //! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
 //!   that allow it. A buffer handed to a stage on another device is brought over with a peer
 //!   copy ([`Backend::copy_peer`], `cuMemcpyPeerAsync` on the receiver's stream, after waiting on
-//!   the sender's event); the runtime then sends the original home (see `model::ActPool`).
+//!   the sender's event); the runtime then sends the original home (see `backend::pool::ActPool`).
 
 mod blas;
 

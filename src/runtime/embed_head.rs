@@ -1,29 +1,36 @@
-//! `EndsActor`: both ends of the pipeline ring in one actor — the embedding (first stage) and the
-//! final LayerNorm + tied LM head + loss (last stage).
+//! `EmbedHeadActor`: both ends of the pipeline ring in one actor — the token and position
+//! embedding (the first stage) and the final LayerNorm + tied LM head + loss (the last stage).
 //!
 //! Why one actor: the LM head is tied to the token embedding, and the tie must be exact (`wte`
 //! receives the sum of both gradients). With both ends here there is one copy of `wte`, no
 //! gradient exchange, and the token ids and targets of a micro-batch live where both the
 //! embedding and the loss need them (see the `model` module docs).
 //!
-//! A training micro-batch: `Micro` (ids uploaded, embedding forward, hand to layer 0) →
-//! … → `HeadForward` (loss and its gradient, hand the gradient to the top layer) → … →
-//! `EmbedBackward` (embedding gradient; report `MicroDone` with the loss to the scheduler). With
-//! no layers at all (a 0-layer model) the ends hand the activation to themselves.
+//! A training micro-batch: `Micro` (ids uploaded, embedding forward, `Handoff::Forward` to the
+//! first layer) → … → `Handoff::Forward` arriving here from the top layer (head: loss and its
+//! gradient, `Handoff::Backward` to the top layer) → … → `Handoff::Backward` arriving here from
+//! the first layer (embedding gradient; [`MicroDone`] with the loss to the scheduler). An
+//! evaluation micro-batch (`EvalMicro`) reports `MicroDone` at the head. With no layers at all
+//! (a 0-layer model) this actor hands the activation to itself.
+//!
+//! It knows the scheduler only as a `DerivedActorRef<MicroDone>`, and the layers only as
+//! [`Peer`]s.
 
+use super::compute;
+use super::error::RunError;
 use super::events::Observer;
-use super::layer::LayerMsg;
-use super::messages::{compute, Activation, Peer};
-use super::scheduler::SchedMsg;
+use super::handoff::{hand, Activation, Handoff, MicroDone, Peer};
+use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::model::init::InitConfig;
-use crate::model::{ActPool, Batch, Dims, Embed, Head, UnitState};
-use crate::optim::{OptimConfig, Optimizer, Scratch};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use crate::model::{Batch, Dims, Embed, Head};
+use crate::optim::{grad_sumsq, OptimConfig, Optimizer, Scratch};
+use crate::params::UnitState;
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
-pub enum EndsMsg<B: Backend> {
+pub enum EmbedHeadMsg<B: Backend> {
     /// Start a training micro-batch: `windows` are B rows of T+1 tokens; the loss gradient is
     /// scaled by `dscale` (1 / (B·T·micro_batches): a mean over the step).
     Micro {
@@ -36,16 +43,9 @@ pub enum EndsMsg<B: Backend> {
         mb: u64,
         windows: Vec<u32>,
     },
-    /// The top of the stack's output for micro-batch `mb`, arriving at the head.
-    HeadForward {
-        mb: u64,
-        x: Activation<B>,
-    },
-    /// The gradient of the embedding output, arriving back at the embedding.
-    EmbedBackward {
-        mb: u64,
-        grad: Activation<B>,
-    },
+    /// From a neighbour: the top of the stack's output (for the head), or the gradient of the
+    /// embedding's output (for the embedding).
+    Handoff(Handoff<B>),
     /// As `LayerMsg::Step`: answers with the gradient sum of squares of both ends.
     Step {
         lr: f32,
@@ -57,24 +57,41 @@ pub enum EndsMsg<B: Backend> {
     SetState {
         embed: UnitState,
         head: UnitState,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<(), RunError>>,
     },
     /// The bottom and top layers of the stack (None, None for a 0-layer model).
     Link {
-        first: Option<ActorRef<LayerMsg<B>>>,
-        last: Option<ActorRef<LayerMsg<B>>>,
+        first: Option<Peer<B>>,
+        last: Option<Peer<B>>,
     },
     ResetOptState(RpcReplyPort<()>),
 }
 
-pub struct EndsArgs<B: Backend> {
+impl<B: Backend> From<Handoff<B>> for EmbedHeadMsg<B> {
+    fn from(h: Handoff<B>) -> Self {
+        EmbedHeadMsg::Handoff(h)
+    }
+}
+
+impl<B: Backend> TryFrom<EmbedHeadMsg<B>> for Handoff<B> {
+    type Error = EmbedHeadMsg<B>;
+    fn try_from(m: EmbedHeadMsg<B>) -> Result<Self, Self::Error> {
+        match m {
+            EmbedHeadMsg::Handoff(h) => Ok(h),
+            other => Err(other),
+        }
+    }
+}
+
+pub struct EmbedHeadArgs<B: Backend> {
     pub device: String,
     pub dims: Dims,
     pub init_cfg: InitConfig,
     pub optim: OptimConfig,
     pub b: usize,
     pub t: usize,
-    pub scheduler: ActorRef<SchedMsg>,
+    /// Where finished micro-batches are reported (the scheduler).
+    pub done: DerivedActorRef<MicroDone>,
     /// Restore from these snapshots instead of initialising.
     pub restore: Option<(UnitState, UnitState)>,
     pub observer: Observer,
@@ -92,7 +109,7 @@ struct InFlight<B: Backend> {
     kind: Kind,
 }
 
-pub struct EndsState<B: Backend> {
+pub struct EmbedHeadState<B: Backend> {
     be: B,
     pool: ActPool<B>,
     embed: Embed<B>,
@@ -106,21 +123,27 @@ pub struct EndsState<B: Backend> {
     tmp: (Vec<u32>, Vec<u32>),
     first: Option<Peer<B>>,
     last: Option<Peer<B>>,
-    scheduler: ActorRef<SchedMsg>,
+    done: DerivedActorRef<MicroDone>,
     _observer: Observer,
 }
 
-pub struct EndsActor<B: Backend>(PhantomData<fn() -> B>);
+pub struct EmbedHeadActor<B: Backend>(PhantomData<fn() -> B>);
 
-impl<B: Backend> Default for EndsActor<B> {
+impl<B: Backend> Default for EmbedHeadActor<B> {
     fn default() -> Self {
-        EndsActor(PhantomData)
+        EmbedHeadActor(PhantomData)
     }
 }
 
-impl<B: Backend> EndsState<B> {
-    fn start(&mut self, me: &ActorRef<EndsMsg<B>>, mb: u64, windows: &[u32], kind: Kind) -> anyhow::Result<()> {
+fn gone(e: impl std::fmt::Display) -> RunError {
+    RunError::StageGone(e.to_string())
+}
+
+impl<B: Backend> EmbedHeadState<B> {
+    /// Embedding forward of a new micro-batch, handed to the first layer.
+    fn start(&mut self, me: &ActorRef<EmbedHeadMsg<B>>, mb: u64, windows: &[u32], kind: Kind) -> Result<(), RunError> {
         let (b, t) = (self.b, self.t);
+        let eval = matches!(kind, Kind::Eval);
         let x = compute(|| {
             let mut batch = self.spare.pop().unwrap_or_else(|| Batch::from_windows(&self.be, windows, b, t));
             batch.load(&self.be, windows, &mut self.tmp.0, &mut self.tmp.1);
@@ -128,17 +151,20 @@ impl<B: Backend> EndsState<B> {
             self.live.insert(mb, InFlight { batch, kind });
             Activation::send(&self.be, x, b, t, &self.pool)
         });
+        let h = Handoff::Forward { mb, x, eval };
         match &self.first {
-            Some(p) => p.forward(mb, x, matches!(self.live[&mb].kind, Kind::Eval)),
+            Some(p) => hand(p, h),
             // 0 layers: the embedding output goes straight to the head (through the mailbox, so
             // the order of work is the same as with layers).
-            None => me.cast(EndsMsg::HeadForward { mb, x }).map_err(|e| anyhow::anyhow!("{e}")),
+            None => me.cast(EmbedHeadMsg::Handoff(h)).map_err(gone)?,
         }
+        Ok(())
     }
 
-    fn head_forward(&mut self, me: &ActorRef<EndsMsg<B>>, mb: u64, x: Activation<B>) -> anyhow::Result<()> {
+    /// Head: the loss (evaluation: reported now) and its gradient, handed to the top layer.
+    fn head(&mut self, me: &ActorRef<EmbedHeadMsg<B>>, mb: u64, x: Activation<B>) -> Result<(), RunError> {
         let (b, t) = (self.b, self.t);
-        let f = self.live.get_mut(&mb).ok_or_else(|| anyhow::anyhow!("head: unknown micro-batch {mb}"))?;
+        let f = self.live.get_mut(&mb).ok_or_else(|| RunError::Protocol(format!("head: unknown micro-batch {mb}")))?;
         match &mut f.kind {
             Kind::Eval => {
                 let loss = compute(|| {
@@ -149,7 +175,7 @@ impl<B: Backend> EndsState<B> {
                 });
                 let done = self.live.remove(&mb).expect("present above");
                 self.spare.push(done.batch);
-                self.scheduler.cast(SchedMsg::EvalDone { mb, loss }).map_err(|e| anyhow::anyhow!("{e}"))
+                self.done.send_message(MicroDone { mb, loss }).map_err(gone)
             }
             Kind::Train { dscale, loss } => {
                 let dscale = *dscale;
@@ -159,17 +185,20 @@ impl<B: Backend> EndsState<B> {
                     *loss = l;
                     Activation::send(&self.be, dx, b, t, &self.pool)
                 });
+                let h = Handoff::Backward { mb, grad: dx };
                 match &self.last {
-                    Some(p) => p.backward(mb, dx),
-                    None => me.cast(EndsMsg::EmbedBackward { mb, grad: dx }).map_err(|e| anyhow::anyhow!("{e}")),
+                    Some(p) => hand(p, h),
+                    None => me.cast(EmbedHeadMsg::Handoff(h)).map_err(gone)?,
                 }
+                Ok(())
             }
         }
     }
 
-    fn embed_backward(&mut self, mb: u64, grad: Activation<B>) -> anyhow::Result<()> {
+    /// Embedding backward: the micro-batch is done everywhere.
+    fn embed_backward(&mut self, mb: u64, grad: Activation<B>) -> Result<(), RunError> {
         let (b, t) = (self.b, self.t);
-        let f = self.live.remove(&mb).ok_or_else(|| anyhow::anyhow!("embedding: unknown micro-batch {mb}"))?;
+        let f = self.live.remove(&mb).ok_or_else(|| RunError::Protocol(format!("embedding: unknown micro-batch {mb}")))?;
         compute(|| {
             let dx = grad.receive(&self.be, &self.pool);
             self.embed.backward(&self.be, dx, &f.batch.inputs, b, t);
@@ -177,19 +206,19 @@ impl<B: Backend> EndsState<B> {
         self.spare.push(f.batch);
         let loss = match f.kind {
             Kind::Train { loss, .. } => loss,
-            Kind::Eval => anyhow::bail!("embedding: backward for evaluation micro-batch {mb}"),
+            Kind::Eval => return Err(RunError::Protocol(format!("embedding: backward for evaluation micro-batch {mb}"))),
         };
-        self.scheduler.cast(SchedMsg::MicroDone { mb, loss }).map_err(|e| anyhow::anyhow!("{e}"))
+        self.done.send_message(MicroDone { mb, loss }).map_err(gone)
     }
 }
 
-impl<B: Backend> Actor for EndsActor<B> {
-    type Msg = EndsMsg<B>;
-    type State = EndsState<B>;
-    type Arguments = EndsArgs<B>;
+impl<B: Backend> Actor for EmbedHeadActor<B> {
+    type Msg = EmbedHeadMsg<B>;
+    type State = EmbedHeadState<B>;
+    type Arguments = EmbedHeadArgs<B>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EndsArgs<B>) -> Result<Self::State, ActorProcessingErr> {
-        let be = B::open(&a.device).map_err(|e| format!("ends: {e:#}"))?;
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EmbedHeadArgs<B>) -> Result<Self::State, ActorProcessingErr> {
+        let be = B::open(&a.device).map_err(|e| RunError::Device(format!("embedding and head: {e:#}")))?;
         let (mut embed, mut head) = compute(|| (Embed::new(&be, &a.dims, &a.init_cfg), Head::new(&be, &a.dims)));
         embed.use_pool(a.pool.clone());
         head.use_pool(a.pool.clone());
@@ -198,9 +227,9 @@ impl<B: Backend> Actor for EndsActor<B> {
                 embed.w.restore(&be, e)?;
                 head.w.restore(&be, h)
             })
-            .map_err(|e| format!("ends: restoring from checkpoint: {e:#}"))?;
+            .map_err(|e| RunError::Checkpoint(format!("embedding and head: restoring: {e:#}")))?;
         }
-        Ok(EndsState {
+        Ok(EmbedHeadState {
             be,
             pool: a.pool,
             embed,
@@ -214,21 +243,21 @@ impl<B: Backend> Actor for EndsActor<B> {
             tmp: (Vec::new(), Vec::new()),
             first: None,
             last: None,
-            scheduler: a.scheduler,
+            done: a.done,
             _observer: a.observer,
         })
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            EndsMsg::Micro { mb, windows, dscale } => s.start(&me, mb, &windows, Kind::Train { dscale, loss: f32::NAN })?,
-            EndsMsg::EvalMicro { mb, windows } => s.start(&me, mb, &windows, Kind::Eval)?,
-            EndsMsg::HeadForward { mb, x } => s.head_forward(&me, mb, x)?,
-            EndsMsg::EmbedBackward { mb, grad } => s.embed_backward(mb, grad)?,
-            EndsMsg::Step { lr, step: _, reply } => {
+            EmbedHeadMsg::Micro { mb, windows, dscale } => s.start(&me, mb, &windows, Kind::Train { dscale, loss: f32::NAN })?,
+            EmbedHeadMsg::EvalMicro { mb, windows } => s.start(&me, mb, &windows, Kind::Eval)?,
+            EmbedHeadMsg::Handoff(Handoff::Forward { mb, x, .. }) => s.head(&me, mb, x)?,
+            EmbedHeadMsg::Handoff(Handoff::Backward { mb, grad }) => s.embed_backward(mb, grad)?,
+            EmbedHeadMsg::Step { lr, step: _, reply } => {
                 let ss = compute(|| {
                     s.head.flush_tied_grad(&s.be, &s.embed.w);
-                    let ss = s.embed.w.grad_sumsq(&s.be, &mut s.scratch) + s.head.w.grad_sumsq(&s.be, &mut s.scratch);
+                    let ss = grad_sumsq(&s.be, &s.embed.w, &mut s.scratch) + grad_sumsq(&s.be, &s.head.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
                     s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);
                     s.embed.w.zero_grad(&s.be);
@@ -238,22 +267,22 @@ impl<B: Backend> Actor for EndsActor<B> {
                 });
                 let _ = reply.send(ss);
             }
-            EndsMsg::GetState(reply) => {
+            EmbedHeadMsg::GetState(reply) => {
                 let st = compute(|| (s.embed.w.snapshot(&s.be), s.head.w.snapshot(&s.be)));
                 let _ = reply.send(st);
             }
-            EndsMsg::SetState { embed, head, reply } => {
+            EmbedHeadMsg::SetState { embed, head, reply } => {
                 let r = compute(|| -> anyhow::Result<()> {
                     s.embed.w.restore(&s.be, &embed)?;
                     s.head.w.restore(&s.be, &head)
                 });
-                let _ = reply.send(r.map_err(|e| format!("ends: {e:#}")));
+                let _ = reply.send(r.map_err(|e| RunError::Checkpoint(format!("embedding and head: {e:#}"))));
             }
-            EndsMsg::Link { first, last } => {
-                s.first = first.map(Peer::Layer);
-                s.last = last.map(Peer::Layer);
+            EmbedHeadMsg::Link { first, last } => {
+                s.first = first;
+                s.last = last;
             }
-            EndsMsg::ResetOptState(reply) => {
+            EmbedHeadMsg::ResetOptState(reply) => {
                 compute(|| {
                     s.embed.w.state.reset(&s.be);
                     s.head.w.state.reset(&s.be);

@@ -1,0 +1,24 @@
+//! The shape of a model, apart from its depth.
+
+use serde::{Deserialize, Serialize};
+
+/// The shape of a GPT-2 model, without its depth (depth changes as it grows).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dims {
+    /// Real vocabulary size V.
+    pub vocab: usize,
+    /// Vocabulary padded to a multiple of 128 for the matrices (llm.c's Vp).
+    pub padded_vocab: usize,
+    /// Maximum sequence length (rows of the position embedding).
+    pub max_seq: usize,
+    /// Channels C.
+    pub channels: usize,
+    /// Attention heads NH.
+    pub heads: usize,
+}
+
+impl Dims {
+    pub fn new(vocab: usize, max_seq: usize, channels: usize, heads: usize) -> Self {
+        Dims { vocab, padded_vocab: vocab.div_ceil(128) * 128, max_seq, channels, heads }
+    }
+}

@@ -1,0 +1,58 @@
+//! [`RunError`]: the runtime's one error type.
+//!
+//! Actor handlers return `ActorProcessingErr` (a boxed error); the runtime's own failures are
+//! boxed `RunError`s, so the scheduler and the supervisor tell them apart by downcasting, never
+//! by reading message text. A device error is not one of them: a backend op that fails panics
+//! with the op and the device (see the `Backend` trait), which fails the stage's actor, and the
+//! supervisor reports that as a named actor failure ([`RunError::ActorFailed`]).
+
+use ractor::ActorProcessingErr;
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// A stage actor is gone (it failed or was stopped). The scheduler does not fail on this:
+    /// the stage's own failure reaches the supervisor, which names it and decides what to do.
+    #[error("stage gone: {0}")]
+    StageGone(String),
+    /// The training loss (mean over the step) is not finite.
+    #[error("training loss became {loss} at step {step} (depth {depth})")]
+    NonFiniteLoss { step: u64, depth: usize, loss: f32 },
+    /// Reading, writing or restoring a checkpoint failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The config, the data or the growth plan cannot be run as given.
+    #[error("{0}")]
+    Config(String),
+    /// A device could not be opened or an actor could not start on it.
+    #[error("device: {0}")]
+    Device(String),
+    /// An actor of the run failed (a panic, a device error): who, at which step, and why.
+    #[error("{0}")]
+    ActorFailed(String),
+    /// A control request that cannot be done now (no expansion left, the pipeline is restarting).
+    #[error("{0}")]
+    Refused(String),
+    /// A message that the protocol does not allow here (a bug, reported rather than ignored).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl RunError {
+    /// Whether a boxed actor error is [`RunError::StageGone`].
+    pub fn is_stage_gone(e: &ActorProcessingErr) -> bool {
+        matches!(e.downcast_ref::<RunError>(), Some(RunError::StageGone(_)))
+    }
+
+    /// The error inside an actor error: a `RunError` as it is, anything else as `ActorFailed`.
+    pub fn from_actor(e: &ActorProcessingErr) -> RunError {
+        match e.downcast_ref::<RunError>() {
+            Some(r) => r.clone(),
+            None => RunError::ActorFailed(e.to_string()),
+        }
+    }
+}
+
+/// Box a `RunError` for an actor handler.
+pub fn boxed(e: RunError) -> ActorProcessingErr {
+    Box::new(e)
+}

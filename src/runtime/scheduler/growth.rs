@@ -1,0 +1,166 @@
+//! Growth in the live pipeline: the runtime's side of the growth operator
+//! (`model::growth`), applied by the scheduler at a step boundary with nothing in flight.
+//!
+//! An expansion from L_s to L_t blocks: read the trained state of every source block from its
+//! actor (`GetState`, for `copying`), spawn the k = L_t − L_s newborn `LayerActor`s together
+//! (each builds its block with `model::growth::make_block` on its own thread; its random stream
+//! is keyed by its layer id, so the result does not depend on the order they run in), reset
+//! optimizer state under the `reset` policy, put them at the bottom (or top) of the stack, move
+//! the layers whose device the placement policy changes, relink the ring, and record it all in
+//! one [`GrowthRecord`].
+
+use super::{ask, boxed, gone, Res, SchedulerState, Stage};
+use crate::backend::Backend;
+use crate::model::growth::{plan_sources, Expansion, GrowthRecord, OptStatePolicy, Position};
+use crate::params::UnitState;
+use crate::runtime::embed_head::EmbedHeadMsg;
+use crate::runtime::error::RunError;
+use crate::runtime::events::Event;
+use crate::runtime::handoff::Peer;
+use crate::runtime::layer::{LayerActor, LayerArgs, LayerInit, LayerMsg};
+use crate::runtime::placement;
+use ractor::Actor;
+use std::collections::HashMap;
+use std::time::Instant;
+
+impl<B: Backend> SchedulerState<B> {
+    /// The activation pool of `device`, made on first use.
+    fn pool(&self, device: &str) -> crate::backend::pool::ActPool<B> {
+        self.pools.lock().expect("pools lock").entry(device.to_string()).or_default().clone()
+    }
+
+    /// Spawn the layer actor `id` on `device`, linked to the supervisor.
+    pub(super) async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
+        let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
+        let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
+        let args = LayerArgs {
+            id,
+            device: device.clone(),
+            dims: self.dims.clone(),
+            init,
+            optim: self.cfg.optim.clone(),
+            panic_at_step,
+            observer: self.observer.clone(),
+            pool: self.pool(&device),
+        };
+        let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
+            .await
+            .map_err(|e| boxed(RunError::Device(format!("spawning layer {id} on {device}: {e}"))))?;
+        self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
+        Ok(Stage { id, device, actor })
+    }
+
+    /// Tell every stage its neighbours. Called whenever the stack changes (nothing in flight).
+    pub(super) fn relink(&self) -> Res<()> {
+        let n = self.stack.len();
+        let ring: Peer<B> = self.embed_head.get_derived();
+        let peer = |i: usize| -> Peer<B> { self.stack[i].actor.get_derived() };
+        self.embed_head.cast(EmbedHeadMsg::Link { first: (n > 0).then(|| peer(0)), last: (n > 0).then(|| peer(n - 1)) }).map_err(gone)?;
+        for (i, s) in self.stack.iter().enumerate() {
+            let prev = if i == 0 { ring.clone() } else { peer(i - 1) };
+            let next = if i + 1 == n { ring.clone() } else { peer(i + 1) };
+            s.actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
+        }
+        Ok(())
+    }
+
+    /// `GrowNow`: take the next expansion of the plan and apply it at this boundary.
+    pub(super) async fn grow_next_planned(&mut self) -> Result<usize, RunError> {
+        let Some(i) = self.plan.iter().position(|e| e.to_depth > self.stack.len()) else {
+            return Err(RunError::Refused(format!("no expansion left in the growth plan (depth is {})", self.stack.len())));
+        };
+        let mut e = self.plan.remove(i);
+        e.at_step = self.step;
+        self.grow(&e).await.map_err(|e| RunError::from_actor(&e))?;
+        Ok(self.stack.len())
+    }
+
+    /// Apply the expansions due before the update of the current step.
+    pub(super) async fn grow_if_due(&mut self) -> Res<()> {
+        let due: Vec<Expansion> = self.plan.iter().filter(|e| e.at_step == self.step).cloned().collect();
+        for e in due {
+            self.grow(&e).await?;
+        }
+        Ok(())
+    }
+
+    async fn grow(&mut self, e: &Expansion) -> Res<()> {
+        let t0 = Instant::now();
+        let ls = self.stack.len();
+        if e.to_depth <= ls {
+            let msg = format!("expansion at step {} to depth {} but the model has {ls} blocks", e.at_step, e.to_depth);
+            return Err(boxed(RunError::Config(msg)));
+        }
+        let k = e.to_depth - ls;
+        let sources = plan_sources(e.init, e.order, ls, k).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
+        // Trained state of every source block, read from its actor.
+        let mut snaps: HashMap<usize, UnitState> = HashMap::new();
+        for i in sources.iter().flatten() {
+            if !snaps.contains_key(i) {
+                let st = ask(&self.stack[*i].actor, "GetState", LayerMsg::GetState).await?;
+                snaps.insert(*i, st);
+            }
+        }
+        let positions: Vec<usize> = match e.position {
+            Position::Bottom => (0..k).collect(),
+            Position::Top => (ls..ls + k).collect(),
+        };
+        let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
+        let p = &self.cfg.placement;
+        let devices = placement::after_growth(p.policy, &p.devices, &old_devices, &positions, self.cfg.target_depth());
+        // All newborns at once: each initialises its block on its own thread.
+        let spawns = sources.iter().enumerate().map(|(j, src)| {
+            let id = self.next_id + j as u64;
+            let init = LayerInit::Fresh {
+                init: e.init,
+                source: src.map(|i| snaps[&i].clone()),
+                policy: e.opt_state,
+                init_cfg: self.init_cfg.clone(),
+            };
+            self.spawn_layer(id, devices[positions[j]].clone(), init)
+        });
+        let mut newborn = futures::future::try_join_all(spawns).await?;
+        self.next_id += k as u64;
+        let new_ids: Vec<u64> = newborn.iter().map(|s| s.id).collect();
+        if e.opt_state == OptStatePolicy::Reset {
+            for s in &self.stack {
+                ask(&s.actor, "ResetOptState", LayerMsg::ResetOptState).await?;
+            }
+            ask(&self.embed_head, "ResetOptState", EmbedHeadMsg::ResetOptState).await?;
+        }
+        match e.position {
+            Position::Bottom => {
+                newborn.append(&mut self.stack);
+                self.stack = newborn;
+            }
+            Position::Top => self.stack.append(&mut newborn),
+        }
+        let moved = self.move_layers(&devices).await?;
+        self.relink()?;
+        let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
+        let record = GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids, stack };
+        let seconds = t0.elapsed().as_secs_f64();
+        self.growth.push(record.clone());
+        self.log.growth(&record, seconds, &format!(" moved={moved}"));
+        (self.observer)(&Event::Growth { record, seconds });
+        Ok(())
+    }
+
+    /// Move every layer whose device differs from `devices` (same stack order): snapshot,
+    /// stop, respawn on the new device from the snapshot. Returns how many moved.
+    async fn move_layers(&mut self, devices: &[String]) -> Res<usize> {
+        let mut moved = 0;
+        for i in 0..self.stack.len() {
+            if self.stack[i].device == devices[i] {
+                continue;
+            }
+            let st = ask(&self.stack[i].actor, "GetState", LayerMsg::GetState).await?;
+            let old = &self.stack[i];
+            old.actor.stop_and_wait(Some("moved to another device".into()), None).await.map_err(|e| gone(e))?;
+            let new = self.spawn_layer(old.id, devices[i].clone(), LayerInit::Restore(st)).await?;
+            self.stack[i] = new;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,413 @@
+//! `SchedulerActor`: the step clock of a run.
+//!
+//! It owns everything that is about *time*: the learning-rate schedule, the data cursor, the
+//! micro-batches of a step and the bound on how many are in flight (1F1B memory: mailboxes are
+//! unbounded, so the bound is enforced here, by issuing a new micro-batch only when one
+//! finishes), gradient accumulation and the optimizer-step barrier, evaluations, checkpoints, and
+//! **the growth plan**: at τ, with the pipeline drained at a step boundary, it spawns the new
+//! `LayerActor`s at the bottom, moves layers whose device the placement policy changes, and
+//! relinks the ring.
+//!
+//! It is event-driven: a handler never waits for work in flight, so status requests and stop
+//! requests are answered between micro-batches. The only awaits are calls to stages at step
+//! boundaries (the optimizer step, snapshots), when nothing is in flight.
+//!
+//! Everything it decides is a pure function of the config, the step and the data cursor, which
+//! is why a run resumed from a checkpoint follows the uninterrupted run bit for bit.
+//!
+//! The rooms:
+//! - this file: messages, state, start-up (fresh or from a checkpoint) and dispatch;
+//! - [`steps`]: issuing micro-batches, ending steps and evaluations, checkpoints, the end;
+//! - [`growth`]: growth at τ (and on request), layer moves, spawning and relinking stages.
+
+pub mod growth;
+pub mod steps;
+
+use super::embed_head::{EmbedHeadActor, EmbedHeadArgs, EmbedHeadMsg};
+use super::error::{boxed, RunError};
+use super::events::Observer;
+use super::handoff::MicroDone;
+use super::layer::{LayerInit, LayerMsg};
+use super::placement;
+use super::Roles;
+use crate::backend::pool::ActPool;
+use crate::backend::Backend;
+use crate::checkpoint::{self, Checkpoint, GrowthRecord, UnitKey};
+use crate::config::Config;
+use crate::data::{sequential_batches, Dataset, Loader};
+use crate::model::growth::{Expansion, GrowInit, OptStatePolicy};
+use crate::model::init::InitConfig;
+use crate::model::Dims;
+use crate::optim::schedule::Schedule;
+use crate::params::UnitState;
+use crate::train::log::RunLog;
+use crate::train::{dims_of, RunOptions, TrainReport};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub enum SchedulerMsg {
+    /// Continue the step loop (sent to itself at every boundary, and once at start).
+    Next,
+    /// A micro-batch (training or evaluation) finished.
+    MicroDone(MicroDone),
+    /// Finish the current step, write a checkpoint and end the run (SIGTERM, SIGINT).
+    RequestStop,
+    Status(RpcReplyPort<Status>),
+    /// Stop issuing work at the next step boundary until `Resume`.
+    Pause,
+    Resume,
+    /// Apply the next expansion of the growth plan at the next step boundary instead of at its
+    /// planned step. Answers with the new depth, or an error if no expansion is left.
+    GrowNow(RpcReplyPort<Result<usize, RunError>>),
+    /// Write a checkpoint at the next step boundary; answers with its path.
+    CheckpointNow(RpcReplyPort<Result<PathBuf, RunError>>),
+}
+
+impl From<MicroDone> for SchedulerMsg {
+    fn from(d: MicroDone) -> Self {
+        SchedulerMsg::MicroDone(d)
+    }
+}
+
+impl TryFrom<SchedulerMsg> for MicroDone {
+    type Error = SchedulerMsg;
+    fn try_from(m: SchedulerMsg) -> Result<Self, Self::Error> {
+        match m {
+            SchedulerMsg::MicroDone(d) => Ok(d),
+            other => Err(other),
+        }
+    }
+}
+
+/// The end of a run, as the scheduler reports it to its supervisor.
+pub struct RunEnded(pub Result<TrainReport, RunError>);
+
+/// A snapshot of where the run is, for logs, status endpoints and supervision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Status {
+    pub run: String,
+    pub step: u64,
+    pub total_steps: u64,
+    pub depth: usize,
+    /// (layer id, device), bottom to top.
+    pub stack: Vec<(u64, String)>,
+    pub in_flight: usize,
+    pub paused: bool,
+    /// Seconds since this process started the run, and the estimated seconds left.
+    pub elapsed_s: f64,
+    pub eta_s: Option<f64>,
+    pub placement: Vec<String>,
+}
+
+pub struct SchedulerArgs {
+    pub cfg: Config,
+    pub data: Arc<Dataset>,
+    pub opts: RunOptions,
+    /// Where the end of the run is reported (the supervisor).
+    pub ended: DerivedActorRef<RunEnded>,
+    /// Every stage actor is spawned linked to this supervisor.
+    pub supervisor: ActorCell,
+    pub roles: Roles,
+    /// Published step counter (read by the supervisor when something fails).
+    pub step: Arc<AtomicU64>,
+    pub observer: Observer,
+}
+
+/// A layer actor of the stack.
+pub(crate) struct Stage<B: Backend> {
+    id: u64,
+    device: String,
+    actor: ActorRef<LayerMsg<B>>,
+}
+
+/// The micro-batches of one training step or one evaluation.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// Micro-batch id → its index within the step (or evaluation).
+    index: HashMap<u64, usize>,
+    losses: Vec<f32>,
+    issued: usize,
+    done: usize,
+}
+
+pub(crate) enum Phase {
+    Idle,
+    Train(Pending),
+    Eval(Pending),
+    Finished,
+    /// A stage died; waiting for the supervisor to stop or rebuild the pipeline.
+    Stalled,
+}
+
+pub struct SchedulerState<B: Backend> {
+    cfg: Config,
+    opts: RunOptions,
+    dims: Dims,
+    init_cfg: InitConfig,
+    schedule: Schedule,
+    /// Expansions still to come.
+    plan: Vec<Expansion>,
+    loader: Loader,
+    val: Vec<Vec<u32>>,
+    embed_head: ActorRef<EmbedHeadMsg<B>>,
+    stack: Vec<Stage<B>>,
+    next_id: u64,
+    step: u64,
+    end: u64,
+    next_mb: u64,
+    phase: Phase,
+    eval_pending: bool,
+    stop_requested: bool,
+    /// Expansions done so far (written into checkpoints).
+    growth: Vec<GrowthRecord>,
+    /// Records, CSV files, log lines, FLOPs, early stop.
+    log: RunLog,
+    ended: DerivedActorRef<RunEnded>,
+    supervisor: ActorCell,
+    roles: Roles,
+    step_pub: Arc<AtomicU64>,
+    observer: Observer,
+    paused: bool,
+    grow_now: Vec<RpcReplyPort<Result<usize, RunError>>>,
+    checkpoint_now: Vec<RpcReplyPort<Result<PathBuf, RunError>>>,
+    step_started: Instant,
+    /// One activation-buffer pool per device, shared by the stages placed there (see
+    /// `backend::pool::ActPool`); stages born later on a device join its pool.
+    pools: Mutex<BTreeMap<String, ActPool<B>>>,
+}
+
+pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
+
+impl<B: Backend> Default for SchedulerActor<B> {
+    fn default() -> Self {
+        SchedulerActor(PhantomData)
+    }
+}
+
+type Res<T> = Result<T, ActorProcessingErr>;
+
+/// A stage could not be reached: see [`RunError::StageGone`].
+fn gone(e: impl std::fmt::Display) -> ActorProcessingErr {
+    boxed(RunError::StageGone(e.to_string()))
+}
+
+/// Ask `actor` and wait for its answer (a gone actor is [`RunError::StageGone`]).
+async fn ask<M: ractor::Message, T: Send + 'static>(actor: &ActorRef<M>, what: &str, build: impl FnOnce(RpcReplyPort<T>) -> M) -> Res<T> {
+    match actor.call(build, None).await {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(boxed(RunError::Protocol(format!("{what}: timed out")))),
+        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(gone(what)),
+    }
+}
+
+/// The newest valid checkpoint of the run, when resuming.
+fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<Checkpoint>> {
+    if !opts.resume {
+        return Ok(None);
+    }
+    let dir = cfg.checkpoint_dir();
+    match checkpoint::load_newest_valid(&dir).map_err(|e| boxed(RunError::Checkpoint(format!("{e:#}"))))? {
+        Some((ck, path, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            if !opts.quiet {
+                println!("resume from={} step={} depth={}", path.display(), ck.meta.step, ck.meta.depth);
+            }
+            Ok(Some(ck))
+        }
+        None => {
+            if !opts.quiet {
+                println!("resume: no checkpoint in {}; starting fresh", dir.display());
+            }
+            Ok(None)
+        }
+    }
+}
+
+impl<B: Backend> Actor for SchedulerActor<B> {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState<B>;
+    type Arguments = SchedulerArgs;
+
+    /// Build the pipeline: the embed-head actor and the initial layer actors (fresh, or restored
+    /// from the newest valid checkpoint when resuming), linked under the supervisor.
+    async fn pre_start(&self, me: ActorRef<SchedulerMsg>, a: SchedulerArgs) -> Res<SchedulerState<B>> {
+        let cfg = a.cfg;
+        let dims = dims_of(&cfg, a.data.vocab);
+        let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
+        let init_cfg = InitConfig::new(cfg.model.init, cfg.target_depth(), cfg.run.seed);
+        let mut loader = Loader::new(a.data.train.clone(), b, t, cfg.run.seed).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
+        let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches).collect();
+        if val.is_empty() {
+            let n = a.data.val.len();
+            return Err(boxed(RunError::Config(format!(
+                "the validation split has {n} tokens: too few for one batch of {b} x {} tokens",
+                t + 1
+            ))));
+        }
+        let resumed = resume_point(&cfg, &a.opts)?;
+        let mut units: HashMap<String, UnitState> = HashMap::new();
+        if let Some(ck) = &resumed {
+            for (k, u) in &ck.units {
+                units.insert(k.to_string(), u.clone());
+            }
+            loader.restore(&ck.meta.loader);
+        }
+        let restore_ends = match &resumed {
+            Some(_) => {
+                let e = units.remove("embed").ok_or_else(|| boxed(RunError::Checkpoint("no embedding unit".into())))?;
+                let h = units.remove("head").ok_or_else(|| boxed(RunError::Checkpoint("no head unit".into())))?;
+                Some((e, h))
+            }
+            None => None,
+        };
+        let ends_device = cfg.placement.ends.clone().unwrap_or_else(|| cfg.placement.devices[0].clone());
+        let pools: BTreeMap<String, ActPool<B>> = [(ends_device.clone(), ActPool::default())].into_iter().collect();
+        let args = EmbedHeadArgs {
+            device: ends_device.clone(),
+            dims: dims.clone(),
+            init_cfg: init_cfg.clone(),
+            optim: cfg.optim.clone(),
+            b,
+            t,
+            done: me.get_derived(),
+            restore: restore_ends,
+            observer: a.observer.clone(),
+            pool: pools[&ends_device].clone(),
+        };
+        let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
+            .await
+            .map_err(|e| boxed(RunError::Device(format!("spawning the embedding and head on {ends_device}: {e}"))))?;
+        a.roles.lock().expect("roles lock").insert(embed_head.get_id(), format!("embedding and head ({ends_device})"));
+        let (ids, step, next_id, growth) = match &resumed {
+            Some(ck) => (ck.meta.stack.clone(), ck.meta.step, ck.meta.next_id, ck.meta.growth.clone()),
+            None => ((0..cfg.model.depth as u64).collect(), 0, cfg.model.depth as u64, Vec::new()),
+        };
+        let devices = placement::initial(cfg.placement.policy, &cfg.placement.devices, ids.len(), cfg.target_depth());
+        let end = a.opts.stop_after.map_or(cfg.run.steps, |s| s.min(cfg.run.steps));
+        // The trajectory, streamed: appended to across resumes.
+        let log = RunLog::new(&cfg, &dims, &a.opts, step)
+            .with_csv(&cfg.out_dir(), a.opts.resume)
+            .map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?
+            .with_progress_bar(step, end);
+        let mut st = SchedulerState {
+            opts: a.opts.clone(),
+            dims,
+            init_cfg: init_cfg.clone(),
+            schedule: cfg.schedule.clone(),
+            // A resumed run drops the expansions its model already has (applied early by a
+            // `GrowNow` before the checkpoint); for a fresh run every expansion exceeds the depth.
+            plan: cfg.expansions().into_iter().filter(|e| e.to_depth > ids.len()).collect(),
+            loader,
+            val,
+            embed_head,
+            stack: Vec::new(),
+            next_id,
+            step,
+            end,
+            next_mb: 0,
+            phase: Phase::Idle,
+            eval_pending: step == 0,
+            stop_requested: false,
+            growth,
+            log,
+            ended: a.ended,
+            supervisor: a.supervisor,
+            roles: a.roles,
+            step_pub: a.step,
+            observer: a.observer,
+            paused: false,
+            grow_now: Vec::new(),
+            checkpoint_now: Vec::new(),
+            step_started: Instant::now(),
+            pools: Mutex::new(pools),
+            cfg,
+        };
+        st.step_pub.store(step, Ordering::Relaxed);
+        let mut inits = Vec::with_capacity(ids.len());
+        for id in &ids {
+            inits.push(match units.remove(&UnitKey::Layer(*id).to_string()) {
+                Some(u) => LayerInit::Restore(u),
+                None if resumed.is_some() => {
+                    return Err(boxed(RunError::Checkpoint(format!(
+                        "the stack lists layer {id} but the checkpoint holds no tensors for it"
+                    ))))
+                }
+                None => {
+                    LayerInit::Fresh { init: GrowInit::Random, source: None, policy: OptStatePolicy::Inherit, init_cfg: init_cfg.clone() }
+                }
+            });
+        }
+        // Spawned together: each layer initialises (or restores) its block on its own thread.
+        let spawns = ids.iter().zip(inits).enumerate().map(|(i, (id, init))| st.spawn_layer(*id, devices[i].clone(), init));
+        st.stack = futures::future::try_join_all(spawns).await?;
+        st.relink()?;
+        me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
+        Ok(st)
+    }
+
+    async fn handle(&self, me: ActorRef<SchedulerMsg>, msg: SchedulerMsg, s: &mut SchedulerState<B>) -> Res<()> {
+        match dispatch(&me, msg, s).await {
+            // A stage died under us: its own failure reaches the supervisor, which names it and
+            // stops or rebuilds the pipeline; wait for that.
+            Err(e) if RunError::is_stage_gone(&e) => {
+                s.phase = Phase::Stalled;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s: &mut SchedulerState<B>) -> Res<()> {
+    match msg {
+        SchedulerMsg::Next => {
+            if matches!(s.phase, Phase::Idle) {
+                s.next(me).await?;
+            }
+        }
+        SchedulerMsg::MicroDone(d) => s.micro_done(me, d).await?,
+        SchedulerMsg::RequestStop => {
+            if !s.stop_requested {
+                s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.step));
+            }
+            s.stop_requested = true;
+            if matches!(s.phase, Phase::Idle) {
+                s.next(me).await?;
+            }
+        }
+        SchedulerMsg::Status(reply) => {
+            let _ = reply.send(s.status());
+        }
+        SchedulerMsg::Pause => {
+            s.paused = true;
+            (s.observer)(&super::events::Event::Paused(true));
+        }
+        SchedulerMsg::Resume => {
+            if s.paused {
+                s.paused = false;
+                (s.observer)(&super::events::Event::Paused(false));
+                s.again(me)?;
+            }
+        }
+        SchedulerMsg::GrowNow(reply) => {
+            s.grow_now.push(reply);
+            if matches!(s.phase, Phase::Idle) {
+                s.next(me).await?;
+            }
+        }
+        SchedulerMsg::CheckpointNow(reply) => {
+            s.checkpoint_now.push(reply);
+            if matches!(s.phase, Phase::Idle) {
+                s.next(me).await?;
+            }
+        }
+    }
+    Ok(())
+}

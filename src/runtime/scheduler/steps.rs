@@ -1,0 +1,276 @@
+//! The scheduler's step loop: issuing micro-batches under the in-flight bound, ending a step
+//! (the optimizer barrier) or an evaluation, checkpoints, and the end of the run.
+
+use super::{ask, boxed, gone, Pending, Phase, Res, RunEnded, SchedulerMsg, SchedulerState, Status};
+use crate::backend::Backend;
+use crate::checkpoint::{self, Checkpoint, Meta, UnitKey};
+use crate::flops;
+use crate::runtime::compute;
+use crate::runtime::embed_head::EmbedHeadMsg;
+use crate::runtime::error::RunError;
+use crate::runtime::events::Event;
+use crate::runtime::handoff::MicroDone;
+use crate::runtime::layer::LayerMsg;
+use crate::train::eval_due;
+use ractor::ActorRef;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+impl<B: Backend> SchedulerState<B> {
+    fn max_in_flight(&self) -> usize {
+        let cap = self.cfg.pipeline.max_in_flight;
+        let auto = self.stack.len() + 1;
+        if cap == 0 { auto } else { cap }.max(1)
+    }
+
+    /// Come back to [`SchedulerState::next`] through the mailbox (so that other messages, such
+    /// as a status request, are answered in between).
+    pub(super) fn again(&self, me: &ActorRef<SchedulerMsg>) -> Res<()> {
+        me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))
+    }
+
+    /// Issue micro-batches of `p` (a training step when `train`, else an evaluation) while
+    /// fewer than the bound are in flight.
+    fn issue(&mut self, p: &mut Pending, train: bool) -> Res<()> {
+        let total = if train { self.cfg.data.micro_batches } else { self.val.len() };
+        let dscale = 1.0 / (self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.data.micro_batches) as f32;
+        while p.issued < total && p.issued - p.done < self.max_in_flight() {
+            let mb = self.next_mb;
+            self.next_mb += 1;
+            p.index.insert(mb, p.issued);
+            let msg = if train {
+                let mut windows = Vec::new();
+                self.loader.next_batch(&mut windows);
+                EmbedHeadMsg::Micro { mb, windows, dscale }
+            } else {
+                EmbedHeadMsg::EvalMicro { mb, windows: self.val[p.issued].clone() }
+            };
+            p.issued += 1;
+            self.embed_head.cast(msg).map_err(gone)?;
+        }
+        if train {
+            (self.observer)(&Event::InFlight(p.issued - p.done));
+        }
+        Ok(())
+    }
+
+    /// A micro-batch finished: record its loss; end the step (or the evaluation) when it was
+    /// the last, else issue the next one.
+    pub(super) async fn micro_done(&mut self, me: &ActorRef<SchedulerMsg>, d: MicroDone) -> Res<()> {
+        let (mut p, train) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Train(p) => (p, true),
+            Phase::Eval(p) => (p, false),
+            other => {
+                self.phase = other;
+                return Err(boxed(RunError::Protocol(format!("micro-batch {} finished outside a step or an evaluation", d.mb))));
+            }
+        };
+        let i = *p.index.get(&d.mb).ok_or_else(|| boxed(RunError::Protocol(format!("unknown micro-batch {}", d.mb))))?;
+        p.losses[i] = d.loss;
+        p.done += 1;
+        let total = if train { self.cfg.data.micro_batches } else { self.val.len() };
+        match (p.done == total, train) {
+            (true, true) => self.end_step(me, p.losses).await,
+            (true, false) => self.end_eval(me, p.losses).await,
+            (false, _) => {
+                self.issue(&mut p, train)?;
+                self.phase = if train { Phase::Train(p) } else { Phase::Eval(p) };
+                Ok(())
+            }
+        }
+    }
+
+    /// At a step boundary: answer control requests, evaluate if due, otherwise grow if due and
+    /// start the next step, or finish.
+    pub(super) async fn next(&mut self, _me: &ActorRef<SchedulerMsg>) -> Res<()> {
+        if self.stop_requested {
+            return self.finish().await;
+        }
+        if !self.checkpoint_now.is_empty() {
+            let r = self.write_checkpoint().await.map_err(|e| RunError::from_actor(&e));
+            for reply in self.checkpoint_now.drain(..) {
+                let _ = reply.send(r.clone());
+            }
+        }
+        if !self.grow_now.is_empty() {
+            let r = self.grow_next_planned().await;
+            for reply in self.grow_now.drain(..) {
+                let _ = reply.send(r.clone());
+            }
+        }
+        if self.paused {
+            return Ok(()); // `Resume` sends `Next` again
+        }
+        if self.eval_pending {
+            self.eval_pending = false;
+            let mut p = Pending { losses: vec![f32::NAN; self.val.len()], ..Default::default() };
+            self.issue(&mut p, false)?;
+            self.phase = Phase::Eval(p);
+            return Ok(());
+        }
+        if self.step >= self.end {
+            return self.finish().await;
+        }
+        self.grow_if_due().await?;
+        self.step_started = Instant::now();
+        let mut p = Pending { losses: vec![f32::NAN; self.cfg.data.micro_batches], ..Default::default() };
+        self.issue(&mut p, true)?;
+        self.phase = Phase::Train(p);
+        Ok(())
+    }
+
+    /// All micro-batches of the step are done: the optimizer step on every stage, records, logs.
+    async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
+        let lr = self.schedule.lr_at(self.step);
+        let step = self.step;
+        // The barrier: every stage steps; wait for all of them.
+        let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
+        let (tx, rx) = ractor::concurrency::oneshot();
+        self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
+        waits.push(rx);
+        for s in &self.stack {
+            let (tx, rx) = ractor::concurrency::oneshot();
+            s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
+            waits.push(rx);
+        }
+        let mut grad_sumsq = 0.0f64;
+        for w in waits {
+            grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
+        }
+        let grad_norm = grad_sumsq.sqrt();
+        let mbs = losses.len();
+        let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
+        let depth = self.stack.len();
+        let tokens = (self.cfg.data.batch_size * self.cfg.data.seq_len * mbs) as f64;
+        self.step += 1;
+        self.step_pub.store(self.step, Ordering::Relaxed);
+        let seconds = self.step_started.elapsed().as_secs_f64();
+        self.log.step(self.step, depth, lr, loss, tokens, seconds);
+        let f = self.log.flops;
+        (self.observer)(&Event::Step {
+            step: self.step,
+            total_steps: self.cfg.run.steps,
+            depth,
+            lr,
+            train_loss: loss,
+            tokens: tokens as u64,
+            seconds,
+            flops_llmc: f.llmc,
+            flops_ne: f.ne,
+            fixed_flops_ne: f.fixed_ne,
+            grad_norm,
+            params: (flops::total_params(&self.dims, depth), flops::non_embedding_params(&self.dims, depth)),
+        });
+        for (device, pool) in self.pools.lock().expect("pools lock").iter() {
+            (self.observer)(&Event::Buffers { device: device.clone(), allocated: pool.allocated(), peer_bytes_in: pool.peer_bytes_in() });
+        }
+        if !grad_norm.is_finite() {
+            (self.observer)(&Event::NonFinite { step: self.step, what: format!("gradient norm {grad_norm}") });
+        }
+        if !loss.is_finite() {
+            (self.observer)(&Event::NonFinite { step: self.step, what: format!("training loss {loss}") });
+            return Err(boxed(RunError::NonFiniteLoss { step: self.step, depth, loss }));
+        }
+        if eval_due(&self.cfg, self.step) {
+            self.eval_pending = true;
+        } else {
+            self.checkpoint_if_due().await?;
+        }
+        self.phase = Phase::Idle;
+        self.again(me)
+    }
+
+    async fn end_eval(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
+        let val_loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len() as f64) as f32;
+        let depth = self.stack.len();
+        if self.log.eval(self.step, depth, val_loss) {
+            self.end = self.step;
+        }
+        (self.observer)(&Event::Eval { step: self.step, depth, val_loss });
+        self.checkpoint_if_due().await?;
+        self.phase = Phase::Idle;
+        self.again(me)
+    }
+
+    async fn checkpoint_if_due(&mut self) -> Res<()> {
+        let every = self.cfg.checkpoint.every;
+        if every > 0 && self.step > 0 && self.step % every == 0 && self.step < self.end {
+            self.write_checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Gather every unit's state and write one checkpoint (temp file, fsync, rename).
+    pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
+        let t0 = Instant::now();
+        let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
+        let mut units = vec![(UnitKey::Embed, embed), (UnitKey::Head, head)];
+        for s in &self.stack {
+            units.push((UnitKey::Layer(s.id), ask(&s.actor, "GetState", LayerMsg::GetState).await?));
+        }
+        let meta = Meta {
+            format_version: checkpoint::FORMAT_VERSION,
+            run_name: self.cfg.run.name.clone(),
+            config_toml: self.cfg.to_toml(),
+            step: self.step,
+            depth: self.stack.len(),
+            stack: self.stack.iter().map(|s| s.id).collect(),
+            next_id: self.next_id,
+            loader: self.loader.cursor(),
+            growth: self.growth.clone(),
+            created_unix_s: checkpoint::unix_now_s(),
+            extra: serde_json::Value::Null,
+        };
+        let dir = self.cfg.checkpoint_dir();
+        let keep = self.cfg.checkpoint.keep;
+        let ck = Checkpoint { meta, units };
+        let path = compute(|| -> anyhow::Result<PathBuf> {
+            let p = checkpoint::save(&dir, &ck)?;
+            checkpoint::prune(&dir, keep)?;
+            Ok(p)
+        })
+        .map_err(|e| boxed(RunError::Checkpoint(format!("writing the checkpoint of step {}: {e:#}", self.step))))?;
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let seconds = t0.elapsed().as_secs_f64();
+        (self.observer)(&Event::Checkpoint { step: self.step, path: path.display().to_string(), seconds, bytes });
+        self.log.say(format!("checkpoint step={} path={} wall_ms={:.1}", self.step, path.display(), seconds * 1e3));
+        Ok(path)
+    }
+
+    /// The run is over (all steps, an early stop, or a stop request): checkpoint if asked to,
+    /// and report to the supervisor.
+    pub(super) async fn finish(&mut self) -> Res<()> {
+        if !matches!(self.phase, Phase::Finished) {
+            self.phase = Phase::Finished;
+            if self.cfg.checkpoint.every > 0 || self.stop_requested {
+                self.write_checkpoint().await?;
+            }
+            let report = self.log.finish();
+            self.ended.send_message(RunEnded(Ok(report))).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let in_flight = match &self.phase {
+            Phase::Train(p) | Phase::Eval(p) => p.issued - p.done,
+            _ => 0,
+        };
+        let elapsed_s = self.log.elapsed_s();
+        let done_here = self.log.steps_done() as f64;
+        let eta_s = (done_here > 0.0).then(|| elapsed_s / done_here * (self.end.saturating_sub(self.step)) as f64);
+        Status {
+            run: self.cfg.run.name.clone(),
+            step: self.step,
+            total_steps: self.cfg.run.steps,
+            depth: self.stack.len(),
+            stack: self.stack.iter().map(|s| (s.id, s.device.clone())).collect(),
+            in_flight,
+            paused: self.paused,
+            elapsed_s,
+            eta_s,
+            placement: self.cfg.placement.devices.clone(),
+        }
+    }
+}
