@@ -26,7 +26,7 @@ pub struct Config {
     pub optim: OptimConfig,
     #[serde(default)]
     pub schedule: Schedule,
-    /// The growth plan: zero, one (default single-stage) or several expansions.
+    /// The growth plan: none (the default: a fixed-size run), one, or several expansions.
     #[serde(default)]
     pub growth: Vec<GrowthSpec>,
     #[serde(default)]
@@ -217,7 +217,8 @@ pub struct ModelConfig {
     pub max_seq: Option<usize>,
     /// Blocks at step 0 (0 or 1 for progressive training; the target for a fixed-size run).
     pub depth: usize,
-    /// Blocks at the end; sets the residual-projection init scale. Default: `depth`.
+    /// Blocks at the end; sets the residual-projection init scale. Default: the largest
+    /// `growth[N].to_depth`, else `depth`.
     #[serde(default)]
     pub target_depth: Option<usize>,
     #[serde(default)]

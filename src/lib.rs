@@ -2,23 +2,40 @@
 //!
 //! Train a zero- or one-layer GPT-2 cheaply, grow it to full depth mid-run by inserting new
 //! blocks at the bottom of the stack, and finish at the loss of a model trained at full depth.
+//! Every method choice, with its config key and default, is written in `docs/METHOD.md`.
+//!
+//! Words, used in one sense each: a **block** is one transformer layer's computation and
+//! parameters (`model::Block`); a **layer** is a block in the stack, owned by one layer actor
+//! and named by its stable id (birth order); a **unit** is anything that owns one `ParamSet`
+//! (the embedding, a block, the head); a **stage** is an actor of the pipeline (a layer actor or
+//! the embed-head actor); the **schedule** is the learning rate over steps
+//! (`optim::schedule`), the **scheduler** the actor that runs the step clock; the **sequential
+//! trainer** is the plain loop (`train::sequential`), the **supervisor** the actor that owns a
+//! runtime run's failures.
 //!
 //! Layout (a newcomer's map):
-//! - [`backend`]: the `Backend` trait (device buffers, streams, explicit forward/backward per op)
-//!   and its CPU reference implementation.
+//! - [`backend`]: the `Backend` trait (device buffers, streams, explicit forward/backward per op),
+//!   the CPU reference implementation (`backend::cpu`), the CUDA implementation (`backend::cuda`:
+//!   cuBLAS and NVRTC kernels, one stream per stage actor), and the per-device pools of
+//!   activation buffers (`backend::pool`).
+//! - [`params`]: a unit's tensors as model and optimizer both see them (`Layout`, `ParamSet`,
+//!   `OptState`, `UnitState`); it depends on the backend only.
 //! - [`model`]: the units a pipeline stage owns (`Embed`, `Block`, `Head`), initialisation and
 //!   the growth operator (`model::growth`).
 //! - [`optim`]: Muon-NSGD, AdamW, Muon-AdamW and the learning-rate schedules (`optim::schedule`,
 //!   where the warmup-stable-decay schedule lives).
 //! - [`data`]: tokenizers, llm.c-format token shards and the deterministic batch loader.
 //! - [`config`]: the TOML run configuration.
-//! - [`train`]: the sequential trainer (the test oracle for the actor runtime).
-//! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the scheduler
-//!   (`runtime::scheduler`: WSD timing, growth at τ), the supervising trainer.
+//! - [`train`]: the sequential trainer (the test oracle for the actor runtime), the run options
+//!   and report every loop shares, and `train::log::RunLog`, the step bookkeeping of every loop.
+//! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the embedding and
+//!   head (`runtime::embed_head`), the scheduler (`runtime::scheduler`: WSD timing;
+//!   `runtime::scheduler::growth`: growth at τ), the supervisor (`runtime::supervisor`).
 //! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
 //! - [`experiment`]: the paper's experiments at our scale (`taproot experiment`) and the τ pilot
 //!   (`taproot plan`): mixing time, speed-up at matched loss, CSV tables and PNG plots.
-//! - [`flops`]: FLOP accounting; [`cli`]: the `taproot` command line.
+//! - [`flops`]: FLOP accounting; [`rng`]: the seeded random streams (keyed by layer id);
+//!   [`cli`]: the `taproot` command line.
 //! - [`daemon`]: `taproot daemon`, a run as a service: Prometheus `/metrics` (from the metrics
 //!   actor, `runtime::metrics`), `/status`, token-protected control endpoints.
 

@@ -22,6 +22,16 @@
 //! step and the caller zeroes them after it); activation gradients named `dinp` are OVERWRITTEN
 //! unless an op says otherwise.
 //!
+//! **What a device error does.** Ops return nothing: a failure of the device itself (a CUDA
+//! launch or copy error, an allocation that the device cannot satisfy, a buffer of another
+//! device) panics with the op and the device in its message. Inside the actor runtime that panic
+//! fails the stage actor that owns the stream; the supervisor (`runtime::supervisor`) receives
+//! the failure and reports it as a named actor failure — `layer 3 (cuda:1) failed at step 120:
+//! …` (`RunError::ActorFailed`) — then stops the run, or rebuilds the pipeline from the newest
+//! checkpoint when `supervision.restart_on_failure` is set. Errors that a caller can act on
+//! (opening a device that does not exist, a missing CUDA library) are returned as `Result`s from
+//! [`Backend::open`] instead, before any actor starts.
+//!
 //! Dimension legend used in shape comments: B batch, T time, C channels, NH heads, hs = C/NH,
 //! OC output channels, V vocabulary, Vp padded vocabulary, N = B*T rows.
 

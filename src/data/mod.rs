@@ -3,7 +3,7 @@
 //! The pipeline, from text to batches:
 //!
 //! 1. [`prepare()`] reads text files, tokenizes them with a [`Tokenizer`] and writes a
-//!    validation shard and a training shard (the `taproot prepare` command).
+//!    validation shard and a training shard (the `taproot data prepare` command).
 //! 2. [`Dataset::open`] reads a directory of shards back, checking every token against the
 //!    model's vocabulary.
 //! 3. [`Loader`] draws random `B x (T + 1)` training batches whose sequence is fixed by a seed

@@ -1,4 +1,4 @@
-//! Turning text files into token shards (`taproot prepare`).
+//! Turning text files into token shards (`taproot data prepare`).
 //!
 //! This is the Rust equivalent of llm.c's `dev/data/tinyshakespeare.py`: read documents,
 //! tokenize them, concatenate them into one token stream and split it into a validation

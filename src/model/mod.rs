@@ -9,7 +9,7 @@
 //! the tie must be exact: `wte` receives the sum of the embedding gradient and the head gradient.
 //! We keep ONE copy of `wte`, owned by [`Embed`], and have [`Head`] borrow it (read `wte`, add into
 //! `dwte`). In the actor runtime both ends of the pipeline live in one actor, so the pipeline is a
-//! ring (ends → layer 0 → … → layer L-1 → ends) and no copy or gradient exchange is ever needed.
+//! ring (embed-head actor → layer 0 → … → layer L-1 → embed-head actor) and no copy or gradient exchange is ever needed.
 //! The alternative (Megatron's two copies and an all-reduce of their gradients at each step) costs
 //! a (Vp, C) transfer per step and two copies that must be kept equal; the ring costs nothing
 //! while the ends share a device, which is also where the data and the loss are.

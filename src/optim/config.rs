@@ -30,7 +30,7 @@ pub struct OptimConfig {
     pub nesterov: bool,
     pub ns_steps: usize,
     pub ns_coeffs: [f32; 3],
-    /// Decoupled weight decay; `None` means the kind's default (0.01 Muon-NSGD, 0.1 AdamW).
+    /// Decoupled weight decay; `None` means the kind's default (0.01 Muon-NSGD; 0.1 AdamW and Muon-AdamW, its Muon matrices included).
     pub weight_decay: Option<f32>,
     pub beta1: f32,
     pub beta2: f32,

@@ -83,14 +83,14 @@ impl<B: Backend> SupervisorActor<B> {
             step: s.step.clone(),
             observer: s.observer.clone(),
         };
-        let (sched, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell())
+        let (scheduler, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell())
             .await
             .map_err(|e| RunError::Device(format!("starting the pipeline: {e}")))?;
-        s.roles.lock().expect("roles lock").insert(sched.get_id(), "scheduler".into());
+        s.roles.lock().expect("roles lock").insert(scheduler.get_id(), "scheduler".into());
         if s.stop_requested {
-            let _ = sched.cast(SchedulerMsg::RequestStop);
+            let _ = scheduler.cast(SchedulerMsg::RequestStop);
         }
-        s.scheduler = Some(sched);
+        s.scheduler = Some(scheduler);
         Ok(())
     }
 
@@ -146,13 +146,13 @@ impl<B: Backend> Actor for SupervisorActor<B> {
             SupervisorMsg::Finished(r) => Self::finish(&me, s, r).await,
             SupervisorMsg::RequestStop => {
                 s.stop_requested = true;
-                if let Some(sched) = &s.scheduler {
-                    let _ = sched.cast(SchedulerMsg::RequestStop);
+                if let Some(scheduler) = &s.scheduler {
+                    let _ = scheduler.cast(SchedulerMsg::RequestStop);
                 }
             }
             SupervisorMsg::Status(reply) => {
                 let st = match &s.scheduler {
-                    Some(sched) => match sched.call(SchedulerMsg::Status, Some(std::time::Duration::from_secs(5))).await {
+                    Some(scheduler) => match scheduler.call(SchedulerMsg::Status, Some(std::time::Duration::from_secs(5))).await {
                         Ok(ractor::rpc::CallResult::Success(st)) => Some(st),
                         _ => None,
                     },
@@ -161,26 +161,26 @@ impl<B: Backend> Actor for SupervisorActor<B> {
                 let _ = reply.send(st);
             }
             SupervisorMsg::Pause => {
-                if let Some(sched) = &s.scheduler {
-                    let _ = sched.cast(SchedulerMsg::Pause);
+                if let Some(scheduler) = &s.scheduler {
+                    let _ = scheduler.cast(SchedulerMsg::Pause);
                 }
             }
             SupervisorMsg::Resume => {
-                if let Some(sched) = &s.scheduler {
-                    let _ = sched.cast(SchedulerMsg::Resume);
+                if let Some(scheduler) = &s.scheduler {
+                    let _ = scheduler.cast(SchedulerMsg::Resume);
                 }
             }
             SupervisorMsg::GrowNow(reply) => match &s.scheduler {
-                Some(sched) => {
-                    let _ = sched.cast(SchedulerMsg::GrowNow(reply));
+                Some(scheduler) => {
+                    let _ = scheduler.cast(SchedulerMsg::GrowNow(reply));
                 }
                 None => {
                     let _ = reply.send(Err(RunError::Refused("the pipeline is restarting".into())));
                 }
             },
             SupervisorMsg::CheckpointNow(reply) => match &s.scheduler {
-                Some(sched) => {
-                    let _ = sched.cast(SchedulerMsg::CheckpointNow(reply));
+                Some(scheduler) => {
+                    let _ = scheduler.cast(SchedulerMsg::CheckpointNow(reply));
                 }
                 None => {
                     let _ = reply.send(Err(RunError::Refused("the pipeline is restarting".into())));

@@ -259,7 +259,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             }
             loader.restore(&ck.meta.loader);
         }
-        let restore_ends = match &resumed {
+        let restore_embed_head = match &resumed {
             Some(_) => {
                 let e = units.remove("embed").ok_or_else(|| boxed(RunError::Checkpoint("no embedding unit".into())))?;
                 let h = units.remove("head").ok_or_else(|| boxed(RunError::Checkpoint("no head unit".into())))?;
@@ -277,7 +277,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             b,
             t,
             done: me.get_derived(),
-            restore: restore_ends,
+            restore: restore_embed_head,
             observer: a.observer.clone(),
             pool: pools[&ends_device].clone(),
         };
