@@ -1,6 +1,6 @@
 //! The checkpoint checksum: FNV-1a over the metadata, the unit list and every tensor byte.
 
-use super::CHECKSUM_PREFIX;
+pub(super) const CHECKSUM_PREFIX: &str = "fnv1a64x4:";
 
 /// FNV-1a (64-bit) over 64-bit little-endian words, in four interleaved lanes so that the four
 /// multiply chains run in parallel (byte-wise FNV-1a is ~10x slower on GB-sized checkpoints).

@@ -59,7 +59,6 @@ const KEY_META: &str = "taproot";
 const KEY_UNITS: &str = "taproot.units";
 /// Metadata key of the checksum.
 const KEY_CHECKSUM: &str = "taproot.checksum";
-const CHECKSUM_PREFIX: &str = "fnv1a64x4:";
 
 /// Which unit a snapshot belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
