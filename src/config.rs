@@ -268,6 +268,43 @@ impl Config {
         Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))
     }
 
+    /// Parse a config's TOML text, apply `--set` overrides (`section.key=value`, the value read
+    /// as TOML or else as a string), then validate. `schedule.total_steps` is `run.steps`.
+    ///
+    /// ```
+    /// use taproot::config::Config;
+    ///
+    /// let text = r#"
+    /// [run]
+    /// name = "tiny"
+    /// steps = 100
+    /// [data]
+    /// dir = "data/tiny"
+    /// tokenizer = "bytes"
+    /// batch_size = 4
+    /// seq_len = 16
+    /// [model]
+    /// channels = 32
+    /// heads = 2
+    /// depth = 0
+    /// target_depth = 2
+    /// [[growth]]
+    /// at = 0.5
+    /// to_depth = 2
+    /// "#;
+    /// let cfg = Config::parse(text, &[]).unwrap();
+    /// assert_eq!((cfg.model.channels, cfg.data.micro_batches, cfg.max_seq()), (32, 1, 16));
+    /// assert_eq!(cfg.out_dir(), std::path::Path::new("runs/tiny"));
+    /// assert_eq!(cfg.expansions()[0].at_step, 50); // at = 0.5 of 100 steps
+    ///
+    /// // An override changes T, and what follows from it.
+    /// let cfg = Config::parse(text, &["run.steps=300".to_string()]).unwrap();
+    /// assert_eq!((cfg.run.steps, cfg.schedule.total_steps, cfg.expansions()[0].at_step), (300, 300, 150));
+    ///
+    /// // Unknown keys are errors that name the key.
+    /// let err = Config::parse(&text.replace("seq_len = 16", "seq_len = 16\nepochs = 3"), &[]).unwrap_err();
+    /// assert!(format!("{err:#}").contains("data.epochs"));
+    /// ```
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         for o in overrides {
@@ -334,7 +371,7 @@ impl Config {
         }
         pos(self.model.channels, "model.channels")?;
         pos(self.model.heads, "model.heads")?;
-        if self.model.channels % self.model.heads != 0 {
+        if !self.model.channels.is_multiple_of(self.model.heads) {
             bail!("`model.heads` ({}) must divide `model.channels` ({})", self.model.heads, self.model.channels);
         }
         if self.max_seq() < self.data.seq_len {
@@ -366,7 +403,7 @@ impl Config {
                 bail!("`{key}` must be in [0, 1), got {beta}");
             }
         }
-        if o.weight_decay.is_some_and(|w| !(w >= 0.0)) {
+        if o.weight_decay.is_some_and(|w| w.is_nan() || w < 0.0) {
             bail!("`optim.weight_decay` must be >= 0");
         }
         pos(self.eval.batches, "eval.batches")?;

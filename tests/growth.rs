@@ -194,8 +194,8 @@ fn check_copying(ls: usize, lt: usize, order: CopyOrder, position: Position, wan
         Position::Top => old_ids.iter().chain(&new_ids).copied().collect(),
     };
     assert_eq!(rep.stack, want_stack, "{what}: stack order");
-    for i in 0..ls {
-        assert_eq!(m.blocks[old_at + i].w.params_to_host(&be), old[i], "{what}: old block {i} moved or changed");
+    for (i, old_i) in old.iter().enumerate().take(ls) {
+        assert_eq!(m.blocks[old_at + i].w.params_to_host(&be), *old_i, "{what}: old block {i} moved or changed");
     }
     for (j, &s) in want_sources.iter().enumerate() {
         let blk = &m.blocks[new_at + j];

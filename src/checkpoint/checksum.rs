@@ -43,11 +43,9 @@ impl Checksum {
 /// The four-lane word hash of one tensor's data, given as its words.
 fn hash_words(n_bytes: u64, words: impl Iterator<Item = u64>) -> u64 {
     let mut lanes = [FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3, FNV_OFFSET ^ 4];
-    let mut i = 0usize;
-    for w in words {
+    for (i, w) in words.enumerate() {
         let l = &mut lanes[i & 3];
         *l = (*l ^ w).wrapping_mul(FNV_PRIME);
-        i += 1;
     }
     let mut c = Checksum::new();
     c.u64(n_bytes);

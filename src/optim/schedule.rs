@@ -78,6 +78,24 @@ impl Schedule {
     }
 
     /// The learning rate of step `s` (0-based).
+    ///
+    /// WSD over T = 100 steps: warmup over the first 10% (from lr/10 at step 0 to lr at step 9),
+    /// constant, then a linear decay over the last 20% that reaches `min_lr` at step 99.
+    ///
+    /// ```
+    /// use taproot::optim::schedule::Schedule;
+    ///
+    /// let s = Schedule { lr: 1.0, warmup: 0.1, decay: 0.2, total_steps: 100, ..Default::default() };
+    /// assert_eq!((s.warmup_steps(), s.decay_start()), (10, 80));
+    /// assert_eq!(s.lr_at(0), 0.1);
+    /// assert_eq!(s.lr_at(4), 0.5);
+    /// assert_eq!(s.lr_at(9), 1.0);
+    /// assert_eq!(s.lr_at(50), 1.0);
+    /// assert_eq!(s.lr_at(79), 1.0);
+    /// assert_eq!(s.lr_at(84), 0.75); // 5 of the 20 decay steps done
+    /// assert_eq!(s.lr_at(89), 0.5);
+    /// assert_eq!(s.lr_at(99), 0.0);
+    /// ```
     pub fn lr_at(&self, s: u64) -> f32 {
         let w = self.warmup_steps();
         if s < w {

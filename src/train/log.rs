@@ -148,7 +148,7 @@ impl RunLog {
             bar.set_position(step);
             bar.set_message(format!("depth={depth} loss={loss:.4} lr={lr:.2e} tok/s={:.0}", tokens / seconds.max(1e-9)));
         }
-        if self.log_every > 0 && step % self.log_every == 0 {
+        if self.log_every > 0 && step.is_multiple_of(self.log_every) {
             let dt = self.last_log.0.elapsed().as_secs_f64();
             let toks = step.saturating_sub(self.last_log.1) as f64 * tokens / dt.max(1e-9);
             self.say(step_line(step, self.total_steps, depth, loss, lr, toks, Some(rec.elapsed_s)));

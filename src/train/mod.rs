@@ -101,5 +101,5 @@ pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
 
 /// Whether to evaluate after `done` updates.
 pub fn eval_due(cfg: &Config, done: u64) -> bool {
-    done == cfg.run.steps || (cfg.eval.every > 0 && done % cfg.eval.every == 0)
+    done == cfg.run.steps || (cfg.eval.every > 0 && done.is_multiple_of(cfg.eval.every))
 }

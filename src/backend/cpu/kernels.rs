@@ -50,6 +50,14 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer, through a method so that a closure captures the whole (Send) wrapper rather
+    /// than the raw pointer field alone (edition 2021 captures disjoint fields).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Sum with 8 independent accumulators: the compiler keeps them in one SIMD register (a plain
 /// `iter().sum()` is a serial dependency chain it may not reorder). The summation order is fixed,
 /// so results are reproducible.
@@ -338,7 +346,6 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
     let outp = SendPtr(out.as_mut_ptr());
     // One task per (b, h): it owns att[b, h] and the h-th head slice of out[b, :].
     att.par_chunks_mut(t * t).enumerate().for_each(|(bh, att_bh)| {
-        let outp = outp;
         let (bi, h) = (bh / nh, bh % nh);
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
         let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
@@ -358,7 +365,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
         }
         unsafe {
             // out[b, :, h] (T, hs), row stride C = att (T, T) @ V (T, hs)
-            let o = outp.0.add(bi * t * c + h * hs);
+            let o = outp.get().add(bi * t * c + h * hs);
             gemm_raw_par(t, hs, t, o, c as isize, 1, att_bh.as_ptr(), t as isize, 1, v, c3 as isize, 1, 0.0, 1.0, false);
         }
     });
@@ -385,14 +392,13 @@ pub fn attention_backward(
     let dp = SendPtr(dqkv.as_mut_ptr());
     // One task per (b, h): it owns datt[b, h] and head h's q/k/v slices of dqkv[b, :].
     datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, ds)| {
-        let dp = dp;
         let (bi, h) = (bh / nh, bh % nh);
         let p = att[bh * t * t..(bh + 1) * t * t].as_ptr();
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
         let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
         let d_o = dout[bi * t * c + h * hs..].as_ptr();
         unsafe {
-            let dq = dp.0.add(bi * t * c3 + h * hs);
+            let dq = dp.get().add(bi * t * c3 + h * hs);
             let dv = dq.add(2 * c);
             // dP (T, T) = dO (T, hs) @ Vᵀ (hs, T)
             gemm_raw_par(t, t, hs, ds.as_mut_ptr(), t as isize, 1, d_o, c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
@@ -410,7 +416,7 @@ pub fn attention_backward(
             d[ti + 1..].fill(0.0);
         }
         unsafe {
-            let dq = dp.0.add(bi * t * c3 + h * hs);
+            let dq = dp.get().add(bi * t * c3 + h * hs);
             let dk = dq.add(c);
             // dQ (T, hs) = dS (T, T) @ K (T, hs) * scale
             gemm_raw_par(t, hs, t, dq, c3 as isize, 1, ds.as_ptr(), t as isize, 1, k, c3 as isize, 1, 0.0, scale, false);
@@ -436,7 +442,7 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }

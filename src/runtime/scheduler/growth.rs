@@ -150,14 +150,14 @@ impl<B: Backend> SchedulerState<B> {
     /// stop, respawn on the new device from the snapshot. Returns how many moved.
     async fn move_layers(&mut self, devices: &[String]) -> Res<usize> {
         let mut moved = 0;
-        for i in 0..self.stack.len() {
-            if self.stack[i].device == devices[i] {
+        for (i, device) in devices.iter().enumerate().take(self.stack.len()) {
+            if &self.stack[i].device == device {
                 continue;
             }
             let st = ask(&self.stack[i].actor, "GetState", LayerMsg::GetState).await?;
             let old = &self.stack[i];
-            old.actor.stop_and_wait(Some("moved to another device".into()), None).await.map_err(|e| gone(e))?;
-            let new = self.spawn_layer(old.id, devices[i].clone(), LayerInit::Restore(st)).await?;
+            old.actor.stop_and_wait(Some("moved to another device".into()), None).await.map_err(gone)?;
+            let new = self.spawn_layer(old.id, device.clone(), LayerInit::Restore(st)).await?;
             self.stack[i] = new;
             moved += 1;
         }

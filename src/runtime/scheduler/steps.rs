@@ -195,7 +195,7 @@ impl<B: Backend> SchedulerState<B> {
 
     async fn checkpoint_if_due(&mut self) -> Res<()> {
         let every = self.cfg.checkpoint.every;
-        if every > 0 && self.step > 0 && self.step % every == 0 && self.step < self.end {
+        if every > 0 && self.step > 0 && self.step.is_multiple_of(every) && self.step < self.end {
             self.write_checkpoint().await?;
         }
         Ok(())
