@@ -55,7 +55,7 @@ fn values(n: usize, salt: u32) -> Vec<f32> {
     ];
     (0..n)
         .map(|i| {
-            if i < special.len() && salt % 2 == 0 {
+            if i < special.len() && salt.is_multiple_of(2) {
                 special[i]
             } else {
                 let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt.wrapping_mul(40_503));
@@ -127,7 +127,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 }
 
 fn err_of(r: anyhow::Result<Checkpoint>) -> String {
-    format!("{:#}", r.err().expect("expected an error"))
+    format!("{:#}", r.expect_err("expected an error"))
 }
 
 /// Header length in bytes, including the 8-byte length prefix.

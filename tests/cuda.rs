@@ -15,6 +15,9 @@
 //! CPU, and the daemon on a CUDA config. With two GPUs (they print SKIP with fewer): a peer copy
 //! ordered by its event, and the pipeline across two GPUs against the same run on one.
 
+mod common;
+
+use common::TestConfig;
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::cuda::{self, CudaBackend};
 use taproot::backend::{Backend, Trans, View};
@@ -283,13 +286,19 @@ parity!(optimizer_kernels_match_cpu, TOL, |be: B| {
 // ------------------------------------------------------------------------------------------
 // whole model, runtime, streams
 
-fn tiny_cfg(dir: &std::path::Path, name: &str, extra: &str) -> taproot::config::Config {
-    let text = format!(
-        "[run]\nname = \"{name}\"\nsteps = 20\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"{}\"\ntokenizer = \"bytes\"\nbatch_size = 4\nseq_len = 32\nmicro_batches = 2\n[model]\nchannels = 64\nheads = 2\ndepth = 1\ntarget_depth = 3\n[eval]\nevery = 10\nbatches = 2\n[[growth]]\nat_step = 10\nto_depth = 3\ninit = \"copying\"\n{extra}",
-        dir.join(name).display(),
-        dir.display()
-    );
-    taproot::config::Config::parse(&text, &[]).unwrap()
+/// 20 steps of C = 64, T = 32, growing 1 -> 3 blocks (copying) at step 10.
+fn tiny_cfg(dir: &std::path::Path, name: &str) -> TestConfig {
+    TestConfig::new(dir)
+        .name(name)
+        .steps(20)
+        .seq_len(32)
+        .micro_batches(2)
+        .channels(64)
+        .depth(1)
+        .target_depth(3)
+        .eval(10, 2)
+        .grow_at_step(10, 3)
+        .growth_init("copying")
 }
 
 fn dataset(dir: &std::path::Path) -> taproot::data::Dataset {
@@ -311,7 +320,7 @@ fn training_with_growth_on_gpu_matches_the_cpu_trainer() {
     use taproot::train::{sequential::Sequential, RunOptions};
     let dir = std::env::temp_dir().join(format!("taproot-cuda-train-{}", std::process::id()));
     let data = dataset(&dir);
-    let cfg = tiny_cfg(&dir, "gpu-seq", "");
+    let cfg = tiny_cfg(&dir, "gpu-seq").build();
     let q = RunOptions { quiet: true, ..Default::default() };
     let cpu = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap().run(&q).unwrap();
     let gpu = Sequential::new(g, &cfg, &data).unwrap().run(&q).unwrap();
@@ -335,7 +344,7 @@ fn actor_runtime_on_gpu_matches_sequential_on_gpu() {
     use taproot::train::{sequential::Sequential, RunOptions};
     let dir = std::env::temp_dir().join(format!("taproot-cuda-rt-{}", std::process::id()));
     let data = dataset(&dir);
-    let cfg = tiny_cfg(&dir, "gpu-rt", "[placement]\ndevices = [\"cuda:0\"]\n");
+    let cfg = tiny_cfg(&dir, "gpu-rt").devices(&["cuda:0"]).build();
     let seq = Sequential::new(g, &cfg, &data).unwrap().run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
     let rt = taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false)
         .unwrap();
@@ -456,14 +465,9 @@ fn pipeline_across_two_gpus_matches_one_gpu() {
     let dir = std::env::temp_dir().join(format!("taproot-cuda-2gpu-{}", std::process::id()));
     let data = dataset(&dir);
     let q = taproot::runtime::RunOptions { quiet: true, ..Default::default() };
-    let one = taproot::runtime::train::<CudaBackend>(
-        &tiny_cfg(&dir, "one-gpu", "[placement]\ndevices = [\"cuda:0\"]\n"),
-        dataset(&dir),
-        q.clone(),
-        false,
-    )
-    .unwrap();
-    let cfg = tiny_cfg(&dir, "two-gpus", "[placement]\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
+    let one_cfg = tiny_cfg(&dir, "one-gpu").devices(&["cuda:0"]).build();
+    let one = taproot::runtime::train::<CudaBackend>(&one_cfg, dataset(&dir), q.clone(), false).unwrap();
+    let cfg = tiny_cfg(&dir, "two-gpus").devices(&["cuda:0", "cuda:1"]).build();
     let copied = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
     let c = copied.clone();
     let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| {
@@ -523,8 +527,7 @@ fn a_gpu_checkpoint_resumes_on_the_cpu() {
     let Some(_g) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("taproot-cuda-ck-{}", std::process::id()));
     let q = taproot::runtime::RunOptions { quiet: true, ..Default::default() };
-    let extra = "[checkpoint]\nevery = 10\n";
-    let gpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cuda:0\"]\n"));
+    let gpu_cfg = tiny_cfg(&dir, "portable").checkpoint_every(10).devices(&["cuda:0"]).build();
     let full = taproot::runtime::train::<CudaBackend>(&gpu_cfg, dataset(&dir), q.clone(), false).unwrap();
     // Same run name: the CPU run finds the GPU run's checkpoints. Keep only the one of step 10.
     let ck_dir = gpu_cfg.checkpoint_dir();
@@ -533,7 +536,7 @@ fn a_gpu_checkpoint_resumes_on_the_cpu() {
             std::fs::remove_file(path).unwrap();
         }
     }
-    let cpu_cfg = tiny_cfg(&dir, "portable", &format!("{extra}[placement]\ndevices = [\"cpu:0\"]\n"));
+    let cpu_cfg = tiny_cfg(&dir, "portable").checkpoint_every(10).devices(&["cpu:0"]).build();
     let resumed =
         taproot::runtime::train::<CpuBackend>(&cpu_cfg, dataset(&dir), taproot::runtime::RunOptions { resume: true, ..q }, false).unwrap();
     assert_eq!(resumed.steps.first().map(|s| s.step), Some(11), "the CPU run did not resume at step 11");
@@ -555,11 +558,10 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
     let dir = std::env::temp_dir().join(format!("taproot-cuda-daemon-{}", std::process::id()));
     let _ = dataset(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cfg = tiny_cfg(
-        &dir,
-        "daemon-gpu",
-        &format!("[placement]\ndevices = [\"cuda:0\"]\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nlinger_s = 5\n"),
-    );
+    let cfg = tiny_cfg(&dir, "daemon-gpu")
+        .devices(&["cuda:0"])
+        .extra(&format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\nlinger_s = 5\n"))
+        .build();
     let path = dir.join("daemon-gpu.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
     let opts = taproot::daemon::DaemonOptions { config: path, sets: vec![], listen: None, log_file: Some(dir.join("daemon-gpu.log")) };

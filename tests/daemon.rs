@@ -20,7 +20,7 @@
 
 mod common;
 
-use common::synthetic_dataset;
+use common::{synthetic_dataset, TestConfig};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -125,43 +125,13 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 // ---------------------------------------------------------------------------------------------
 // Daemons
 
-/// A tiny progressive run (0 -> 2 blocks) far longer than any test; extra TOML appended.
-fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[run]
-name = "{name}"
-steps = 1000000
-log_every = 0
-out_dir = "{out}"
-[data]
-dir = "{data}"
-tokenizer = "bytes"
-batch_size = 4
-seq_len = 16
-micro_batches = 2
-[model]
-channels = 32
-heads = 2
-depth = 0
-target_depth = 2
-[schedule]
-lr = 0.01
-[eval]
-every = 200
-batches = 2
-{extra}
-"#,
-        out = dir.join(name).display(),
-        data = dir.display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+/// A tiny progressive run (0 -> 2 blocks) far longer than any test.
+fn run_config(dir: &Path, name: &str) -> TestConfig {
+    TestConfig::new(dir).name(name).steps(1_000_000).micro_batches(2).target_depth(2).lr(0.01).eval(200, 2)
 }
 
-/// An expansion planned long after any test ends (so that `grow now` has one to apply).
-const FAR_GROWTH: &str = "[[growth]]\nat_step = 900000\nto_depth = 2\n";
+/// The step of an expansion planned long after any test ends (so that `grow now` has one to apply).
+const FAR_GROWTH: u64 = 900_000;
 
 struct Daemon {
     child: Option<Child>,
@@ -326,7 +296,7 @@ fn prometheus_scrapes_the_daemon_and_the_series_move() {
         return;
     }
     let dir = synthetic_dataset("daemon-prom");
-    let cfg = write_config(&dir, "prom", &format!("[checkpoint]\nevery = 500\n{FAR_GROWTH}"));
+    let cfg = run_config(&dir, "prom").checkpoint_every(500).grow_at_step(FAR_GROWTH, 2).write();
     let mut d = spawn_daemon(&cfg, Token::Env("prom-token"), &[]);
 
     // Prometheus on loopback, its own config and storage, scraping the daemon every second.
@@ -427,7 +397,7 @@ fn prometheus_scrapes_the_daemon_and_the_series_move() {
 fn scrape_passes_promtool_and_holds_every_dashboard_metric() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-scrape");
-    let cfg = write_config(&dir, "scrape", &format!("[checkpoint]\nevery = 100\n{FAR_GROWTH}"));
+    let cfg = run_config(&dir, "scrape").checkpoint_every(100).grow_at_step(FAR_GROWTH, 2).write();
     let mut d = spawn_daemon(&cfg, Token::Env("t"), &[]);
     // After some steps at depth 0, a growth (per-layer series exist), a checkpoint and an
     // evaluation.
@@ -488,8 +458,7 @@ fn control_needs_the_token_grow_and_checkpoint_act_and_the_checkpoint_resumes() 
     let token_file = dir.join("token");
     std::fs::write(&token_file, "c0ntrol-t0ken\n").unwrap();
     // The planned expansion (step 4000) comes after the test's grow-now, and after the restart.
-    let extra = format!("[[growth]]\nat_step = 4000\nto_depth = 2\n[daemon]\ntoken_file = \"{}\"\n", token_file.display());
-    let cfg = write_config(&dir, "control", &extra);
+    let cfg = run_config(&dir, "control").grow_at_step(4000, 2).set("daemon.token_file", format!("\"{}\"", token_file.display())).write();
     let run = dir.join("control");
     let mut d = spawn_daemon(&cfg, Token::File, &[]);
     let tok = Some("c0ntrol-t0ken");
@@ -584,7 +553,7 @@ fn control_needs_the_token_grow_and_checkpoint_act_and_the_checkpoint_resumes() 
 fn sigkill_restart_continues_from_the_newest_checkpoint_sigterm_exits_0_sighup_reopens_the_log() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-kill");
-    let cfg = write_config(&dir, "kill", "[checkpoint]\nevery = 100\nkeep = 2\n[[growth]]\nat_step = 250\nto_depth = 2\n");
+    let cfg = run_config(&dir, "kill").checkpoint_every(100).checkpoint_keep(2).grow_at_step(250, 2).write();
     let run = dir.join("kill");
     let mut d = spawn_daemon(&cfg, Token::None, &[]);
     wait_for("a checkpoint past the growth", Duration::from_secs(120), || checkpoints(&run).last().filter(|c| c.0 >= 400).map(|_| ()));
@@ -631,7 +600,7 @@ fn sigkill_restart_continues_from_the_newest_checkpoint_sigterm_exits_0_sighup_r
 fn without_a_token_control_is_disabled_but_metrics_and_status_are_readable() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-notoken");
-    let cfg = write_config(&dir, "notoken", "");
+    let cfg = run_config(&dir, "notoken").write();
     let mut d = spawn_daemon(&cfg, Token::None, &[]);
     for action in ["pause", "resume", "checkpoint", "grow", "stop"] {
         for t in [None, Some("anything")] {
@@ -654,7 +623,7 @@ fn without_a_token_control_is_disabled_but_metrics_and_status_are_readable() {
 fn a_finished_run_lingers_then_exits_0() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-finish");
-    let cfg = write_config(&dir, "finish", "[checkpoint]\nevery = 100\n[daemon]\nlinger_s = 4\n");
+    let cfg = run_config(&dir, "finish").checkpoint_every(100).set("daemon.linger_s", 4).write();
     let sets = ["--set", "run.steps=300"];
     let mut d = spawn_daemon(&cfg, Token::Env("f"), &sets);
     let s = wait_for("the run to finish", Duration::from_secs(60), || Some(status(d.addr)).filter(|s| s["state"] == "finished"));
@@ -676,7 +645,7 @@ fn a_finished_run_lingers_then_exits_0() {
 fn metrics_answer_within_100_ms_while_a_cpu_heavy_step_runs() {
     let _alone = CPU.write().unwrap_or_else(|e| e.into_inner());
     let dir = synthetic_dataset("daemon-latency");
-    let cfg = write_config(&dir, "latency", "");
+    let cfg = run_config(&dir, "latency").write();
     // A 4-block, 256-channel model on 24 x 128 tokens: about 0.6 s per step on an idle 2-core
     // machine of this kind (0.3 s at 12 x 128 once the CPU kernels got faster), more when loaded.
     let sets = [
@@ -740,7 +709,7 @@ fn a_cuda_config_reaches_the_cuda_backend() {
         return;
     }
     let dir = synthetic_dataset("daemon-cuda");
-    let cfg = write_config(&dir, "cuda", "[placement]\ndevices = [\"cuda:0\"]\n");
+    let cfg = run_config(&dir, "cuda").devices(&["cuda:0"]).write();
     let out = Command::new(BIN)
         .arg("daemon")
         .arg("--config")
@@ -762,10 +731,8 @@ fn a_cuda_config_reaches_the_cuda_backend() {
 fn a_two_device_run_reports_buffers_and_cross_device_traffic_per_device() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-2dev");
-    let cfg = write_config(&dir, "two-devices", "[placement]\ndevices = [\"cpu:0\", \"cpu:1\"]\n");
     // depth 2 from the start: one layer per device, the ends on cpu:0
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("depth = 0\n", "depth = 2\n");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = run_config(&dir, "two-devices").devices(&["cpu:0", "cpu:1"]).depth(2).write();
     let d = spawn_daemon(&cfg, Token::None, &[]);
     wait_for("20 steps", Duration::from_secs(60), || (num(&status(d.addr), "step") >= 20).then_some(()));
     let scrape = get(d.addr, "/metrics").body;

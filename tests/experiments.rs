@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::synthetic_dataset;
+use common::{synthetic_dataset, TestConfig};
 use std::path::{Path, PathBuf};
 use taproot::config::Config;
 use taproot::data::Dataset;
@@ -15,37 +15,10 @@ use taproot::experiment::{self, plan, suite, Runner};
 use taproot::flops;
 use taproot::model::Dims;
 
-/// A tiny progressive config file (0 → 4 blocks at `at`) over the synthetic corpus in `data`.
-fn write_config(dir: &Path, name: &str, steps: u64, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"[run]
-name = "{name}"
-steps = {steps}
-log_every = 0
-out_dir = "{out}"
-[data]
-dir = "{data}"
-tokenizer = "bytes"
-batch_size = 4
-seq_len = 16
-[model]
-channels = 32
-heads = 2
-depth = 0
-target_depth = 4
-[eval]
-every = 10
-batches = 3
-{extra}"#,
-        out = dir.join(name).display(),
-        data = dir.display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+/// The tiny model (0 → 4 blocks) over the synthetic corpus in `dir`, run `name` of `steps`.
+fn tiny(dir: &Path, name: &str, steps: u64) -> TestConfig {
+    TestConfig::new(dir).name(name).steps(steps)
 }
-
-const GROW_HALF: &str = "[[growth]]\nat = 0.5\nto_depth = 4\n";
 
 // ---- t_mix on synthetic curves ----
 
@@ -93,9 +66,22 @@ fn t_mix_mixes_then_diverges() {
     assert_eq!(plan::recommend(&tiny_cfg(), &Mixing::Diverged { first_within: 500, final_gap: 0.03 }), None);
 }
 
+/// 1000 steps (0 → 2 blocks at τ = 0.5) of a model that never trains here: only its schedule
+/// and growth plan are read.
 fn tiny_cfg() -> Config {
-    let text = "[run]\nname = \"t\"\nsteps = 1000\n[data]\ndir = \"none\"\ntokenizer = \"bytes\"\nbatch_size = 1\nseq_len = 8\n[model]\nchannels = 8\nheads = 1\ndepth = 0\ntarget_depth = 2\n[[growth]]\nat = 0.5\nto_depth = 2\n";
-    Config::parse(text, &[]).unwrap()
+    TestConfig::new(Path::new("none"))
+        .name("t")
+        .steps(1000)
+        .batch_size(1)
+        .seq_len(8)
+        .channels(8)
+        .heads(1)
+        .target_depth(2)
+        .grow_at(0.5, 2)
+        .unset("run.log_every")
+        .unset("run.out_dir")
+        .unset("eval")
+        .build()
 }
 
 #[test]
@@ -125,7 +111,7 @@ fn flops_per_token_match_hand_computed_values() {
 #[test]
 fn progressive_run_cost_is_the_sum_over_steps_of_the_model_as_it_was() {
     let dir = synthetic_dataset("exp-flops");
-    let cfg = Config::load(&write_config(&dir, "flops", 60, GROW_HALF), &[]).unwrap();
+    let cfg = tiny(&dir, "flops", 60).grow_at(0.5, 4).build();
     let runner = Runner { verbose: false, ..Runner::new(Dataset::open(&dir, 256).unwrap(), dir.join("logs")) };
     let prog = runner.run("prog", &cfg, None).unwrap();
     let fixed = runner.run("fixed", &experiment::fixed(&cfg), None).unwrap();
@@ -159,7 +145,7 @@ fn assert_png(path: &Path) {
 #[test]
 fn every_quick_experiment_writes_csv_plots_and_a_table() {
     let dir = synthetic_dataset("exp-suite");
-    let config = write_config(&dir, "suite", 200, GROW_HALF);
+    let config = tiny(&dir, "suite", 200).grow_at(0.5, 4).write();
     let out = dir.join("out");
     let args = ExperimentArgs { name: "all".into(), quick: true, config: Some(config), out: Some(out.clone()), ..Default::default() };
     let outcomes = experiment_command(&args).unwrap();
@@ -227,7 +213,7 @@ fn plan_args(config: PathBuf, dir: &Path, tag: &str) -> PlanArgs {
 fn plan_writes_the_config_grown_at_decay_start_minus_t_mix() {
     let dir = synthetic_dataset("exp-plan");
     // 200 steps: warmup 4, decay from 180; a loose tolerance so that the pilot mixes
-    let config = write_config(&dir, "plan", 200, &format!("{GROW_HALF}[plan]\nmix_tolerance = 0.3\neval_every = 4\nbudget = 80\n"));
+    let config = tiny(&dir, "plan", 200).grow_at(0.5, 4).extra("[plan]\nmix_tolerance = 0.3\neval_every = 4\nbudget = 80\n").write();
     let args = plan_args(config, &dir, "mix");
     let o = plan_command(&args).unwrap();
     assert_eq!((o.pilot.tau0, o.pilot.budget, o.pilot.eval_every), (4, 80, 4));
@@ -249,8 +235,7 @@ fn plan_refuses_to_invent_a_tau_when_the_runs_do_not_mix() {
     let dir = synthetic_dataset("exp-plan-never");
     // Zero-initialised blocks receive no gradient in their matrices: the grown model stays a
     // 0-layer model (plus biases) and cannot reach the 4-block model's loss.
-    let grow_zero = "[[growth]]\nat = 0.5\nto_depth = 4\ninit = \"zero\"\n[plan]\neval_every = 5\nbudget = 100\n";
-    let config = write_config(&dir, "never", 200, grow_zero);
+    let config = tiny(&dir, "never", 200).grow_at(0.5, 4).growth_init("zero").extra("[plan]\neval_every = 5\nbudget = 100\n").write();
     let args = plan_args(config, &dir, "never");
     let e = plan_command(&args).unwrap_err().to_string();
     assert!(e.contains("did not mix within the budget of 100 steps"), "{e}");
@@ -263,8 +248,7 @@ fn plan_refuses_to_invent_a_tau_when_the_runs_do_not_mix() {
 #[test]
 fn plan_needs_a_single_stage_config() {
     let dir = synthetic_dataset("exp-plan-stages");
-    let two = "[[growth]]\nat = 0.3\nto_depth = 2\n[[growth]]\nat = 0.6\nto_depth = 4\n";
-    let args = plan_args(write_config(&dir, "two", 100, two), &dir, "two");
+    let args = plan_args(tiny(&dir, "two", 100).grow_at(0.3, 2).grow_at(0.6, 4).write(), &dir, "two");
     let e = plan_command(&args).unwrap_err().to_string();
     assert!(e.contains("exactly one [[growth]] entry"), "{e}");
 }

@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{synthetic_dataset, tiny_config};
+use common::{synthetic_dataset, TestConfig};
+use std::path::Path;
 use taproot::backend::cpu::CpuBackend;
 use taproot::data::Dataset;
 use taproot::runtime;
@@ -15,9 +16,14 @@ fn quiet() -> RunOptions {
     RunOptions { quiet: true, ..Default::default() }
 }
 
-fn compare(extra: &str, tag: &str) {
+/// The tiny model (0 -> 4 blocks) on 2 micro-batches of B = 4, run `name` writing under `dir`.
+fn tiny(dir: &Path, name: &str, steps: u64) -> TestConfig {
+    TestConfig::new(dir).name(name).steps(steps).micro_batches(2).lr(0.02)
+}
+
+fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
     let dir = synthetic_dataset(tag);
-    let cfg = tiny_config(&dir, tag, 50, extra);
+    let cfg = config(tiny(&dir, tag, 50)).build();
     let data = Dataset::open(&dir, 256).unwrap();
     let mut seq = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
     let want = seq.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
@@ -43,23 +49,30 @@ fn compare(extra: &str, tag: &str) {
     assert_eq!(want.growth, got.growth);
 }
 
-const THREE_DEVICES: &str = "[placement]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\n";
+const THREE_DEVICES: [&str; 3] = ["cpu:0", "cpu:1", "cpu:2"];
 
 #[test]
 fn pipeline_equals_sequential_2_micro_batches_3_devices_with_growth() {
-    compare(&format!("[[growth]]\nat_step = 20\nto_depth = 4\n{THREE_DEVICES}"), "p2");
+    compare("p2", |c| c.grow_at_step(20, 4).devices(&THREE_DEVICES));
 }
 
 #[test]
 fn pipeline_equals_sequential_4_micro_batches_copying_growth_from_1_layer() {
-    let extra = format!("[[growth]]\nat_step = 25\nto_depth = 4\ninit = \"copying\"\n[placement]\ndevices = [\"cpu:0\", \"cpu:1\", \"cpu:2\"]\npolicy = \"fill\"\n[pipeline]\nmax_in_flight = 2\n");
-    compare(&extra, "p4");
+    compare("p4", |c| {
+        c.micro_batches(4)
+            .depth(1)
+            .grow_at_step(25, 4)
+            .growth_init("copying")
+            .devices(&THREE_DEVICES)
+            .set("placement.policy", "\"fill\"")
+            .set("pipeline.max_in_flight", 2)
+    });
 }
 
 #[test]
 fn growth_reports_depth_and_new_ids_at_the_bottom() {
     let dir = synthetic_dataset("grow-rt");
-    let cfg = tiny_config(&dir, "grow-rt", 30, "[[growth]]\nat_step = 10\nto_depth = 4\n");
+    let cfg = tiny(&dir, "grow-rt", 30).grow_at_step(10, 4).build();
     let data = Dataset::open(&dir, 256).unwrap();
     let rep = runtime::train::<CpuBackend>(&cfg, data, quiet(), false).unwrap();
     assert!(rep.steps.iter().filter(|s| s.step <= 10).all(|s| s.depth == 0));
@@ -76,7 +89,7 @@ fn growth_reports_depth_and_new_ids_at_the_bottom() {
 #[test]
 fn copying_zero_growth_preserves_the_loss_in_a_live_pipeline() {
     let dir = synthetic_dataset("cz");
-    let grown = tiny_config(&dir, "cz-grown", 20, "[[growth]]\nat_step = 10\nto_depth = 3\ninit = \"copying_zero\"\n");
+    let grown = tiny(&dir, "cz-grown", 20).depth(1).grow_at_step(10, 3).growth_init("copying_zero").build();
     assert_eq!(grown.model.depth, 1);
     let mut flat = grown.clone();
     flat.growth.clear();
@@ -99,7 +112,7 @@ fn copying_zero_growth_preserves_the_loss_in_a_live_pipeline() {
 #[test]
 fn a_device_that_does_not_exist_is_an_error_naming_the_key() {
     let dir = synthetic_dataset("nodev");
-    let cfg = tiny_config(&dir, "nodev", 5, "[placement]\ndevices = [\"cuda:7\"]\n");
+    let cfg = tiny(&dir, "nodev", 5).devices(&["cuda:7"]).build();
     let data = Dataset::open(&dir, 256).unwrap();
     // No driver here (CI), or no 8th GPU on a GPU machine: either way a clear error, no panic.
     let err = runtime::train::<taproot::backend::cuda::CudaBackend>(&cfg, data, quiet(), false).unwrap_err().to_string();
@@ -147,7 +160,7 @@ fn buffer_trace(cfg: &taproot::config::Config, dir: &std::path::Path) -> BufferT
 #[test]
 fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
     let dir = synthetic_dataset("xdev");
-    let cfg = tiny_config(&dir, "xdev", 60, &format!("[[growth]]\nat_step = 10\nto_depth = 4\n{THREE_DEVICES}"));
+    let cfg = tiny(&dir, "xdev", 60).grow_at_step(10, 4).devices(&THREE_DEVICES).build();
     let trace = buffer_trace(&cfg, &dir);
     if std::env::var("TRACE").is_ok() {
         for e in &trace.steps {
@@ -176,7 +189,7 @@ fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
         let per_step: Vec<u64> = (32..=39).map(|s| at(s, dev).1 - at(s - 1, dev).1).collect();
         assert!(per_step.windows(2).all(|w| w[0] == w[1]), "{dev}: uneven traffic {per_step:?}");
         assert!(
-            per_step[0] > 0 && per_step[0] % one_buffer == 0,
+            per_step[0] > 0 && per_step[0].is_multiple_of(one_buffer),
             "{dev}: {} bytes per step is not whole buffers of {one_buffer}",
             per_step[0]
         );
@@ -184,7 +197,7 @@ fn cross_device_hand_offs_copy_and_keep_every_pool_bounded() {
     }
 
     let dir1 = synthetic_dataset("xdev1");
-    let cfg1 = tiny_config(&dir1, "xdev1", 60, "[[growth]]\nat_step = 10\nto_depth = 4\n");
+    let cfg1 = tiny(&dir1, "xdev1", 60).grow_at_step(10, 4).build();
     let trace1 = buffer_trace(&cfg1, &dir1);
     assert!(trace1.steps.iter().all(|(_, d, _, p)| d == "cpu:0" && *p == 0), "one device copies nothing");
     let most = trace1.steps.iter().map(|e| e.2).max().unwrap();

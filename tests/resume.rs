@@ -8,59 +8,35 @@
 
 mod common;
 
-use common::synthetic_dataset;
+use common::{synthetic_dataset, TestConfig};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use taproot::backend::cpu::CpuBackend;
 use taproot::checkpoint;
-use taproot::config::Config;
 use taproot::data::Dataset;
 use taproot::runtime::{self, RunOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_taproot");
 
-/// A config file for a run long enough (a few seconds) to be interrupted.
-fn write_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[run]
-name = "{name}"
-steps = 240
-log_every = 0
-out_dir = "{out}"
-[data]
-dir = "{data}"
-tokenizer = "bytes"
-batch_size = 8
-seq_len = 32
-micro_batches = 2
-[model]
-channels = 64
-heads = 2
-depth = 1
-target_depth = 4
-[schedule]
-lr = 0.01
-[eval]
-every = 40
-batches = 2
-[checkpoint]
-every = 10
-keep = 3
-[[growth]]
-at_step = 100
-to_depth = 4
-init = "copying"
-{extra}
-"#,
-        out = dir.join(name).display(),
-        data = dir.display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+/// A run long enough (a few seconds) to be interrupted: 240 steps, 1 -> 4 blocks (copying) at
+/// step 100, a checkpoint every 10 steps (the newest 3 kept).
+fn run_config(dir: &Path, name: &str) -> TestConfig {
+    TestConfig::new(dir)
+        .name(name)
+        .steps(240)
+        .batch_size(8)
+        .seq_len(32)
+        .micro_batches(2)
+        .channels(64)
+        .depth(1)
+        .lr(0.01)
+        .eval(40, 2)
+        .checkpoint_every(10)
+        .checkpoint_keep(3)
+        .grow_at_step(100, 4)
+        .growth_init("copying")
 }
 
 fn spawn(config: &Path, extra_args: &[&str]) -> Child {
@@ -101,12 +77,12 @@ fn newest_checkpoint_step(dir: &Path) -> u64 {
 /// Kill -9 once the run has checkpointed past `after_step`, then resume to the end.
 fn kill_and_resume(tag: &str, after_step: u64) {
     let dir = synthetic_dataset(tag);
-    let reference = write_config(&dir, "reference", "");
+    let reference = run_config(&dir, "reference").write();
     run_to_end(&reference, &[]);
     let want = trajectory(&dir.join("reference"));
     assert_eq!(want.len(), 240);
 
-    let cfg = write_config(&dir, "killed", "");
+    let cfg = run_config(&dir, "killed").write();
     let mut child = spawn(&cfg, &[]);
     let t0 = Instant::now();
     while newest_checkpoint_step(&dir.join("killed")) < after_step {
@@ -144,7 +120,7 @@ fn sigkill_after_growth_then_resume_is_exact() {
 #[test]
 fn sigterm_checkpoints_and_exits_0_within_10_s() {
     let dir = synthetic_dataset("term");
-    let cfg = write_config(&dir, "term", "");
+    let cfg = run_config(&dir, "term").write();
     let mut child = spawn(&cfg, &[]);
     let t0 = Instant::now();
     while trajectory_len(&dir.join("term")) < 30 {
@@ -172,10 +148,10 @@ fn trajectory_len(out: &Path) -> usize {
 #[test]
 fn corrupted_newest_checkpoint_is_reported_and_the_previous_one_used() {
     let dir = synthetic_dataset("corrupt");
-    let reference = write_config(&dir, "reference", "");
+    let reference = run_config(&dir, "reference").write();
     run_to_end(&reference, &[]);
     let want = trajectory(&dir.join("reference"));
-    let cfg = write_config(&dir, "cut", "");
+    let cfg = run_config(&dir, "cut").write();
     run_to_end(&cfg, &["--stop-after", "50"]);
     let ckdir = dir.join("cut/checkpoints");
     let list = checkpoint::list(&ckdir).unwrap();
@@ -192,15 +168,10 @@ fn corrupted_newest_checkpoint_is_reported_and_the_previous_one_used() {
     }
 }
 
-fn load(path: &Path, sets: &[&str]) -> Config {
-    Config::load(path, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
-}
-
 #[test]
 fn failing_layer_stops_the_run_naming_layer_and_step() {
     let dir = synthetic_dataset("fail");
-    let path = write_config(&dir, "fail", "[faults]\npanic_layer = 0\npanic_at_step = 7\n");
-    let cfg = load(&path, &[]);
+    let cfg = run_config(&dir, "fail").extra("[faults]\npanic_layer = 0\npanic_at_step = 7\n").build();
     let data = Dataset::open(&dir, 256).unwrap();
     let t0 = Instant::now();
     let err = runtime::train::<CpuBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap_err().to_string();
@@ -214,15 +185,11 @@ fn failing_layer_stops_the_run_naming_layer_and_step() {
 #[test]
 fn restart_on_failure_resumes_from_the_newest_checkpoint_exactly() {
     let dir = synthetic_dataset("restart");
-    let clean = load(&write_config(&dir, "clean", ""), &["run.steps=120"]);
-    let faulty = load(
-        &write_config(
-            &dir,
-            "faulty",
-            "[faults]\npanic_layer = 0\npanic_at_step = 13\n[supervision]\nrestart_on_failure = true\nmax_restarts = 2\n",
-        ),
-        &["run.steps=120"],
-    );
+    let clean = run_config(&dir, "clean").steps(120).build();
+    let faulty = run_config(&dir, "faulty")
+        .steps(120)
+        .extra("[faults]\npanic_layer = 0\npanic_at_step = 13\n[supervision]\nrestart_on_failure = true\nmax_restarts = 2\n")
+        .build();
     let data = Dataset::open(&dir, 256).unwrap();
     let q = || RunOptions { quiet: true, ..Default::default() };
     runtime::train::<CpuBackend>(&clean, data.clone(), q(), false).unwrap();
@@ -236,10 +203,10 @@ fn restart_on_failure_resumes_from_the_newest_checkpoint_exactly() {
 #[test]
 fn checkpoint_resumes_onto_a_different_placement() {
     let dir = synthetic_dataset("replace");
-    let one = write_config(&dir, "one", "");
+    let one = run_config(&dir, "one").write();
     run_to_end(&one, &["--set", "run.steps=120"]);
     let want = trajectory(&dir.join("one"));
-    let moved = write_config(&dir, "moved", "");
+    let moved = run_config(&dir, "moved").write();
     run_to_end(&moved, &["--set", "run.steps=120", "--stop-after", "60"]);
     let text = run_to_end(&moved, &["--set", "run.steps=120", "--set", "placement.devices=[\"cpu:0\",\"cpu:1\",\"cpu:2\"]", "--resume"]);
     assert!(text.contains("resume from="));
@@ -255,7 +222,7 @@ fn in_flight_bound_limits_peak_memory() {
     let dir = synthetic_dataset("mem");
     let base = r#"--set=data.batch_size=16 --set=data.seq_len=64 --set=model.channels=64 --set=run.steps=6 --set=checkpoint.every=0 --set=eval.batches=1"#;
     let peak = |name: &str, mbs: usize, inflight: usize| -> f64 {
-        let cfg = write_config(&dir, name, "");
+        let cfg = run_config(&dir, name).write();
         let mut args: Vec<String> = base.split(' ').map(String::from).collect();
         args.push(format!("--set=data.micro_batches={mbs}"));
         args.push(format!("--set=pipeline.max_in_flight={inflight}"));

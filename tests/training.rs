@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::synthetic_dataset;
+use common::{synthetic_dataset, TestConfig};
 use std::path::Path;
 use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
@@ -12,33 +12,9 @@ use taproot::config::Config;
 use taproot::data::{prepare, Dataset, PrepareArgs};
 use taproot::train::{sequential::Sequential, RunOptions};
 
-fn tiny_config(dir: &Path, extra: &str) -> Config {
-    let text = format!(
-        r#"
-[run]
-name = "tiny"
-steps = 80
-log_every = 0
-[data]
-dir = "{}"
-tokenizer = "bytes"
-batch_size = 4
-seq_len = 16
-[model]
-channels = 32
-heads = 2
-depth = 0
-target_depth = 2
-[schedule]
-lr = 0.02
-[eval]
-every = 20
-batches = 4
-{extra}
-"#,
-        dir.display()
-    );
-    Config::parse(&text, &[]).unwrap()
+/// The tiny model (0 -> 2 blocks), 80 steps; `run.out_dir` left at its default.
+fn tiny(dir: &Path) -> TestConfig {
+    TestConfig::new(dir).steps(80).target_depth(2).lr(0.02).eval(20, 4).unset("run.out_dir")
 }
 
 fn quiet() -> RunOptions {
@@ -48,7 +24,7 @@ fn quiet() -> RunOptions {
 #[test]
 fn zero_layer_model_trains() {
     let dir = synthetic_dataset("zero");
-    let cfg = tiny_config(&dir, "");
+    let cfg = tiny(&dir).build();
     let data = Dataset::open(&dir, 256).unwrap();
     let mut tr = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
     assert_eq!(tr.model.depth(), 0);
@@ -64,7 +40,7 @@ fn zero_layer_model_trains() {
 #[test]
 fn progressive_run_grows_at_tau_and_keeps_training() {
     let dir = synthetic_dataset("grow");
-    let cfg = tiny_config(&dir, "[[growth]]\nat = 0.5\nto_depth = 2\n");
+    let cfg = tiny(&dir).grow_at(0.5, 2).build();
     let data = Dataset::open(&dir, 256).unwrap();
     let mut tr = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
     let rep = tr.run(&quiet()).unwrap();
@@ -86,7 +62,7 @@ fn progressive_run_grows_at_tau_and_keeps_training() {
 #[test]
 fn sequential_runs_are_bitwise_reproducible() {
     let dir = synthetic_dataset("repro");
-    let cfg = tiny_config(&dir, "[[growth]]\nat = 0.25\nto_depth = 2\n");
+    let cfg = tiny(&dir).grow_at(0.25, 2).build();
     let data = Dataset::open(&dir, 256).unwrap();
     let run = || {
         let mut tr = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();

@@ -1,4 +1,5 @@
-//! Shared helpers of the integration tests: a small synthetic byte corpus and a tiny config.
+//! Shared helpers of the integration tests: a small synthetic byte corpus, test configs of the
+//! tiny model ([`TestConfig`]), and CPU buffers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ pub fn synthetic_dataset(tag: &str) -> PathBuf {
     while text.len() < 60_000 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         text.push_str(words[(x >> 33) as usize % words.len()]);
-        if (x >> 20) % 7 == 0 {
+        if (x >> 20).is_multiple_of(7) {
             text.push_str(".\n");
         }
     }
@@ -30,40 +31,219 @@ pub fn synthetic_dataset(tag: &str) -> PathBuf {
     dir
 }
 
-/// A tiny progressive config (0 -> `target_depth` 4 unless `extra` says otherwise) writing its
-/// run outputs under `dir/<name>`.
-pub fn tiny_config(dir: &Path, name: &str, steps: u64, extra: &str) -> Config {
-    let text = format!(
-        r#"
-[run]
-name = "{name}"
-steps = {steps}
-log_every = 0
-out_dir = "{out}"
-[data]
-dir = "{data}"
-tokenizer = "bytes"
-batch_size = 4
-seq_len = 16
-micro_batches = {mbs}
-[model]
-channels = 32
-heads = 2
-depth = {depth}
-target_depth = 4
-[schedule]
-lr = 0.02
-[eval]
-every = 10
-batches = 3
-{extra}
-"#,
-        out = dir.join(name).display(),
-        data = dir.display(),
-        mbs = if name.starts_with("p4") { 4 } else { 2 },
-        depth = if extra.contains("copying") { 1 } else { 0 },
-    );
-    Config::parse(&text, &[]).unwrap_or_else(|e| panic!("{e:#}"))
+/// A test config of the tiny model, built in code: a TOML table that starts as the tiny
+/// preset below, changed key by key, and parsed by [`Config::parse`] like any config file.
+///
+/// The preset ([`TestConfig::new`]): run `tiny` with `log_every = 0` and `out_dir =
+/// <dir>/<name>`; the byte corpus in `dir` (`tokenizer = "bytes"`), B = 4, T = 16; C = 32,
+/// 2 heads, depth 0 -> `target_depth` 4; `eval` every 10 steps on 3 batches. `run.steps` has no
+/// default: every test says how long it trains. Only the keys set here are in the TOML (the
+/// rest take the parser's defaults), and [`TestConfig::unset`] takes one out again.
+///
+/// ```ignore
+/// let cfg = TestConfig::new(&dir).name("grow").steps(40).grow_at(0.5, 4).devices(&["cpu:0", "cpu:1"]).build();
+/// let path = TestConfig::new(&dir).name("cli").steps(40).checkpoint_every(10).write(); // <dir>/cli.toml
+/// ```
+#[derive(Clone, Debug)]
+pub struct TestConfig {
+    dir: PathBuf,
+    root: toml::Table,
+    /// `run.out_dir` is `<dir>/<run.name>` unless set or unset explicitly.
+    out_dir_in_dir: bool,
+}
+
+impl TestConfig {
+    /// The tiny preset over the corpus in `dir` (see the type's docs).
+    pub fn new(dir: &Path) -> Self {
+        let c = TestConfig { dir: dir.to_path_buf(), root: toml::Table::new(), out_dir_in_dir: true };
+        c.name("tiny")
+            .put("run.log_every", 0)
+            .put("data.dir", dir.display().to_string())
+            .put("data.tokenizer", "bytes")
+            .batch_size(4)
+            .seq_len(16)
+            .channels(32)
+            .heads(2)
+            .depth(0)
+            .target_depth(4)
+            .eval(10, 3)
+    }
+
+    pub fn name(self, name: &str) -> Self {
+        self.put("run.name", name)
+    }
+    pub fn steps(self, steps: u64) -> Self {
+        self.put("run.steps", steps as i64)
+    }
+    pub fn batch_size(self, b: usize) -> Self {
+        self.put("data.batch_size", b as i64)
+    }
+    pub fn seq_len(self, t: usize) -> Self {
+        self.put("data.seq_len", t as i64)
+    }
+    pub fn micro_batches(self, m: usize) -> Self {
+        self.put("data.micro_batches", m as i64)
+    }
+    pub fn channels(self, c: usize) -> Self {
+        self.put("model.channels", c as i64)
+    }
+    pub fn heads(self, h: usize) -> Self {
+        self.put("model.heads", h as i64)
+    }
+    /// Blocks at step 0.
+    pub fn depth(self, d: usize) -> Self {
+        self.put("model.depth", d as i64)
+    }
+    pub fn target_depth(self, d: usize) -> Self {
+        self.put("model.target_depth", d as i64)
+    }
+    /// `schedule.lr`.
+    pub fn lr(self, lr: f64) -> Self {
+        self.put("schedule.lr", lr)
+    }
+    /// `eval.every` and `eval.batches`.
+    pub fn eval(self, every: u64, batches: usize) -> Self {
+        self.put("eval.every", every as i64).put("eval.batches", batches as i64)
+    }
+    pub fn checkpoint_every(self, steps: u64) -> Self {
+        self.put("checkpoint.every", steps as i64)
+    }
+    pub fn checkpoint_keep(self, n: usize) -> Self {
+        self.put("checkpoint.keep", n as i64)
+    }
+    /// `placement.devices`.
+    pub fn devices(self, devices: &[&str]) -> Self {
+        self.put("placement.devices", toml::Value::Array(devices.iter().map(|d| toml::Value::from(*d)).collect()))
+    }
+    /// A `[[growth]]` entry at a fraction `at` of the run.
+    pub fn grow_at(self, at: f64, to_depth: usize) -> Self {
+        self.grow("at", toml::Value::from(at), to_depth)
+    }
+    /// A `[[growth]]` entry at an absolute step.
+    pub fn grow_at_step(self, step: u64, to_depth: usize) -> Self {
+        self.grow("at_step", toml::Value::from(step as i64), to_depth)
+    }
+    /// The `init` of the last `[[growth]]` entry (`copying`, `copying_zero`, `zero`, ...).
+    pub fn growth_init(mut self, init: &str) -> Self {
+        let last = self.growth().last_mut().and_then(toml::Value::as_table_mut).expect("growth_init: no [[growth]] entry yet");
+        last.insert("init".into(), init.into());
+        self
+    }
+
+    /// `--set`-style: `key` is a dotted path (`daemon.linger_s`, `placement.policy`), the value
+    /// (as `Display` writes it: `1.0_f64` is `1`) is read as a TOML value and, where it is not
+    /// one (a bare word), as a string.
+    pub fn set(self, key: &str, value: impl std::fmt::Display) -> Self {
+        let raw = value.to_string();
+        let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+            Ok(mut t) => t.remove("v").expect("parsed a table with key v"),
+            Err(_) => toml::Value::String(raw),
+        };
+        self.put(key, value)
+    }
+
+    /// Take a key (`run.log_every`) or a whole section (`eval`) out of the TOML, so that the
+    /// parser's default applies; `run.out_dir` unset means the default `runs/<name>`. Panics on
+    /// a key that is not there (except `run.out_dir`, which `text` fills in).
+    pub fn unset(mut self, key: &str) -> Self {
+        if key == "run" || key == "run.out_dir" {
+            self.out_dir_in_dir = false;
+        }
+        let (parent, last) = match key.rsplit_once('.') {
+            Some((p, l)) => (Some(p), l),
+            None => (None, key),
+        };
+        let table = match parent {
+            None => Some(&mut self.root),
+            Some(p) => p.split('.').try_fold(&mut self.root, |t, k| t.get_mut(k)?.as_table_mut()),
+        };
+        let removed = table.and_then(|t| t.remove(last));
+        assert!(removed.is_some() || key == "run.out_dir", "unset: {key} is not set");
+        self
+    }
+
+    /// More TOML (whole sections, such as `[faults]` or `[daemon]`), merged in: its sections
+    /// join those already there (a key given twice takes the new value), its `[[growth]]`
+    /// entries come after those already there.
+    pub fn extra(mut self, text: &str) -> Self {
+        let more: toml::Table = toml::from_str(text).unwrap_or_else(|e| panic!("extra TOML {text:?}: {e}"));
+        merge(&mut self.root, more);
+        self
+    }
+
+    /// The TOML text of the config, its sections in the usual order.
+    pub fn text(&self) -> String {
+        let mut root = self.root.clone();
+        if self.out_dir_in_dir {
+            let name = root["run"]["name"].as_str().expect("run.name").to_string();
+            let run = root["run"].as_table_mut().expect("[run] is a table");
+            run.entry("out_dir").or_insert_with(|| self.dir.join(name).display().to_string().into());
+        }
+        let first = ["run", "data", "model", "optim", "schedule", "eval", "checkpoint", "placement", "pipeline"];
+        let mut keys: Vec<String> = first.iter().map(|k| k.to_string()).filter(|k| root.contains_key(k)).collect();
+        keys.extend(root.keys().filter(|k| !first.contains(&k.as_str()) && *k != "growth").cloned());
+        keys.extend(root.contains_key("growth").then(|| "growth".to_string()));
+        keys.iter()
+            .map(|k| {
+                let mut one = toml::Table::new();
+                one.insert(k.clone(), root[k].clone());
+                toml::to_string(&one).unwrap()
+            })
+            .collect()
+    }
+
+    /// The parsed (and validated) config; panics with the parser's error.
+    pub fn build(&self) -> Config {
+        let text = self.text();
+        Config::parse(&text, &[]).unwrap_or_else(|e| panic!("{e:#}\n{text}"))
+    }
+
+    /// The config as a file `<dir>/<run.name>.toml`, for the binary's `--config`; its path.
+    pub fn write(&self) -> PathBuf {
+        let name = self.root["run"]["name"].as_str().expect("run.name");
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, self.text()).unwrap();
+        path
+    }
+
+    fn growth(&mut self) -> &mut Vec<toml::Value> {
+        let g = self.root.entry("growth").or_insert_with(|| toml::Value::Array(Vec::new()));
+        g.as_array_mut().expect("growth is an array")
+    }
+
+    fn grow(mut self, key: &str, at: toml::Value, to_depth: usize) -> Self {
+        let mut entry = toml::Table::new();
+        entry.insert(key.into(), at);
+        entry.insert("to_depth".into(), (to_depth as i64).into());
+        self.growth().push(entry.into());
+        self
+    }
+
+    /// Insert `value` at the dotted `key`, creating the tables on the way.
+    fn put(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        let keys: Vec<&str> = key.split('.').collect();
+        let mut table = &mut self.root;
+        for k in &keys[..keys.len() - 1] {
+            let entry = table.entry(k.to_string()).or_insert_with(|| toml::Table::new().into());
+            table = entry.as_table_mut().unwrap_or_else(|| panic!("{key}: {k} is not a table"));
+        }
+        table.insert(keys[keys.len() - 1].to_string(), value.into());
+        self
+    }
+}
+
+/// Merge `more` into `into`: tables key by key, arrays of tables (`[[growth]]`) appended, any
+/// other value replaced.
+fn merge(into: &mut toml::Table, more: toml::Table) {
+    for (k, v) in more {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (Some(toml::Value::Array(a)), toml::Value::Array(b)) if a.iter().chain(&b).all(toml::Value::is_table) => a.extend(b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 type B = CpuBackend;
