@@ -66,7 +66,7 @@ fn main() -> Result<()> {
 
     // The daemon, on a thread of its own (it builds its own tokio runtime), logging to a file.
     let log = scratch.join("daemon.log");
-    let opts = DaemonOptions { config, sets, listen: Some("127.0.0.1:0".into()), log_file: Some(log.clone()) };
+    let opts = DaemonOptions { config, sets, listen: Some("127.0.0.1:0".into()), log_file: Some(log.clone()), allow_config_change: vec![] };
     let daemon = std::thread::Builder::new().name("daemon".into()).spawn(move || taproot::daemon::run(opts))?;
 
     let result = wait_for_address(&daemon, &log).and_then(|addr| {

@@ -6,6 +6,7 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{prepare, Dataset, PrepareArgs, Tokenizer};
 use crate::experiment::commands::{experiment_command, plan_command, ExperimentArgs, PlanArgs};
+use crate::run_folder::{RunFolder, Start};
 use crate::runtime;
 use crate::train::{sequential::Sequential, RunOptions};
 use anyhow::{Context, Result};
@@ -33,10 +34,18 @@ pub enum Cmd {
         #[arg(long)]
         stop_after: Option<u64>,
         /// Continue from the newest valid checkpoint of the run (fresh if there is none).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
-        /// Run the sequential trainer (the runtime's test oracle) instead of the actor pipeline.
+        /// Start over in a run folder that holds another run: its checkpoints and logs are moved
+        /// into `replaced-<time>/` inside the folder first (nothing is deleted).
         #[arg(long)]
+        overwrite: bool,
+        /// Resume although these config keys (or sections) differ from the checkpoint's and
+        /// change the trajectory, e.g. `--allow-config-change run.steps schedule`.
+        #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
+        allow_config_change: Vec<String>,
+        /// Run the sequential trainer (the runtime's test oracle) instead of the actor pipeline.
+        #[arg(long, conflicts_with = "resume")]
         sequential: bool,
     },
     /// Run training as a long-running service: resumes from the newest checkpoint, serves
@@ -54,6 +63,10 @@ pub enum Cmd {
         /// Append log lines to this file (reopened on SIGHUP) instead of stdout.
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// Resume although these config keys (or sections) differ from the checkpoint's and
+        /// change the trajectory.
+        #[arg(long, value_name = "KEY", num_args = 1..)]
+        allow_config_change: Vec<String>,
     },
     /// The τ pilot: train the fixed-size model and the progressive model grown right after
     /// warmup, measure the mixing time t_mix, recommend τ = T_decay_start − t_mix.
@@ -157,8 +170,18 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", checkpoint::describe(&ck));
             Ok(())
         }
-        Cmd::Train { config, set, stop_after, resume, sequential } => {
+        Cmd::Train { config, set, stop_after, resume, overwrite, allow_config_change, sequential } => {
             let cfg = Config::load(&config, &set)?;
+            let start = match (resume, overwrite) {
+                (true, _) => Start::Resume,
+                (false, true) => Start::Overwrite,
+                (false, false) => Start::Fresh,
+            };
+            // Held until the run ends: one process per run folder.
+            let folder = RunFolder::open(&cfg, start)?;
+            if let Some(r) = &folder.replaced {
+                println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
+            }
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
             let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
                 format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
@@ -178,7 +201,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
                 trainer.run(&RunOptions { quiet: false, stop_after, ..Default::default() })?
             } else {
-                let opts = RunOptions { quiet: false, stop_after, stop_below_val: None, resume, faults_disarmed: false };
+                let opts = RunOptions { quiet: false, stop_after, resume, allow_config_change, ..Default::default() };
                 if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
                     crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
@@ -192,11 +215,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let steps = report.steps.last().map_or(0, |s| s.step);
             let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();
             let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
-            println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}", report.wall_s, dir.display());
+            let ck = report.final_checkpoint.as_ref().map(|p| format!(" checkpoint={}", p.display())).unwrap_or_default();
+            println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}{ck}", report.wall_s, dir.display());
+            drop(folder);
             Ok(())
         }
-        Cmd::Daemon { config, set, listen, log_file } => {
-            let code = crate::daemon::run(crate::daemon::DaemonOptions { config, sets: set, listen, log_file })?;
+        Cmd::Daemon { config, set, listen, log_file, allow_config_change } => {
+            let code = crate::daemon::run(crate::daemon::DaemonOptions { config, sets: set, listen, log_file, allow_config_change })?;
             if code != 0 {
                 std::process::exit(code);
             }

@@ -51,5 +51,6 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod run_folder;
 pub mod runtime;
 pub mod train;

@@ -75,6 +75,8 @@ fn unit(n: usize, tensors: usize, salt: u32, with_v: bool) -> UnitState {
 }
 
 const CONFIG: &str = include_str!("../config/demo.toml");
+/// The run id of the sample checkpoints.
+const RUN: &str = "sample-run";
 
 fn sample(step: u64) -> Checkpoint {
     Checkpoint {
@@ -92,6 +94,7 @@ fn sample(step: u64) -> Checkpoint {
                 GrowthRecord { at_step: step / 2, from_depth: 1, to_depth: 2, new_ids: vec![7], stack: vec![7, 3] },
             ],
             created_unix_s: 1_700_000_000 + step,
+            run_id: Some(RUN.into()),
             extra: serde_json::json!({ "note": "kept as is", "list": [1, 2.5, null] }),
         },
         units: vec![
@@ -271,8 +274,8 @@ fn list_and_prune() {
         assert_eq!(p, d.join(checkpoint::file_name(s)));
     }
 
-    assert!(checkpoint::prune(d, 0).is_err());
-    let mut removed = checkpoint::prune(d, 2).unwrap();
+    assert!(checkpoint::prune(d, 0, RUN).is_err());
+    let mut removed = checkpoint::prune(d, 2, RUN).unwrap().removed;
     removed.sort();
     let mut expect = vec![
         d.join(".step-00000042.safetensors.tmp"),
@@ -284,7 +287,7 @@ fn list_and_prune() {
     assert_eq!(removed, expect);
     let steps: Vec<u64> = checkpoint::list(d).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, [100, 123_456_789]);
-    assert!(checkpoint::prune(d, 10).unwrap().is_empty());
+    assert!(checkpoint::prune(d, 10, RUN).unwrap().removed.is_empty());
     assert!(d.join("notes.txt").exists() && d.join("step-00000077.safetensors").is_dir());
 
     let (ck, path, warnings) = checkpoint::load_newest_valid(d).unwrap().unwrap();
@@ -303,7 +306,7 @@ fn empty_or_missing_dir_has_no_checkpoint() {
     let missing = dir.path().join("does-not-exist");
     assert!(checkpoint::list(&missing).unwrap().is_empty());
     assert!(checkpoint::load_newest_valid(&missing).unwrap().is_none());
-    assert!(checkpoint::prune(&missing, 1).unwrap().is_empty());
+    assert!(checkpoint::prune(&missing, 1, RUN).unwrap().removed.is_empty());
 }
 
 #[test]
@@ -574,4 +577,88 @@ fn describe_summarises() {
     let l7 = s.lines().find(|l| l.contains("layer.7")).unwrap();
     assert!(l3.contains("m + v") && !l7.contains("m + v"), "{s}");
     assert!(l3.contains("64 params") && l7.contains("33 params"), "{s}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pruning deletes only the run's own checkpoints; sizes are checked before a file is read.
+
+/// A checkpoint of run `run` at `step`.
+fn of_run(step: u64, run: &str) -> Checkpoint {
+    let mut ck = sample(step);
+    ck.meta.run_id = Some(run.into());
+    ck
+}
+
+#[test]
+fn garbage_of_a_higher_step_cannot_push_out_the_runs_only_checkpoint() {
+    let dir = TempDir::new("prune-garbage");
+    let d = dir.path();
+    let mine = checkpoint::save(d, &of_run(10, RUN)).unwrap();
+    let garbage = d.join(checkpoint::file_name(99));
+    fs::write(&garbage, vec![0xAB; 4096]).unwrap();
+    let pruned = checkpoint::prune(d, 1, RUN).unwrap();
+    assert!(mine.exists(), "keep = 1 deleted the run's only loadable checkpoint");
+    assert!(pruned.removed.is_empty(), "{pruned:?}");
+    assert!(!garbage.exists(), "the garbage file stayed where it is counted");
+    assert_eq!(pruned.moved_aside.len(), 1);
+    let (to, why) = &pruned.moved_aside[0];
+    assert!(to.starts_with(d.join("rejected")) && to.exists() && !why.is_empty(), "{to:?}: {why}");
+    assert_eq!(checkpoint::load_newest_valid(d).unwrap().unwrap().0.meta.step, 10);
+}
+
+#[test]
+fn pruning_never_touches_another_runs_checkpoints() {
+    let dir = TempDir::new("prune-foreign");
+    let d = dir.path();
+    let theirs: Vec<PathBuf> = (20..25).map(|s| checkpoint::save(d, &of_run(s, "another-run")).unwrap()).collect();
+    let mine: Vec<PathBuf> = (1..5).map(|s| checkpoint::save(d, &of_run(s, RUN)).unwrap()).collect();
+    let pruned = checkpoint::prune(d, 2, RUN).unwrap();
+    assert!(theirs.iter().all(|p| p.exists()), "another run's checkpoint was deleted");
+    assert_eq!(pruned.foreign.len(), 5);
+    let mut removed = pruned.removed.clone();
+    removed.sort();
+    assert_eq!(removed, mine[..2].to_vec(), "not the run's own oldest");
+    assert!(mine[2..].iter().all(|p| p.exists()));
+}
+
+#[test]
+fn a_size_that_disagrees_with_the_header_is_an_error_before_the_payload_is_read() {
+    let dir = TempDir::new("sizes");
+    let d = dir.path();
+    let good = checkpoint::save(d, &sample(7)).unwrap();
+    let bytes = fs::read(&good).unwrap();
+    // One byte short, and one byte long: the header's own arithmetic says so.
+    let short = d.join("short.safetensors");
+    fs::write(&short, &bytes[..bytes.len() - 1]).unwrap();
+    let e = err_of(checkpoint::load(&short));
+    assert!(e.contains(&format!("has {} bytes but its header describes {}", bytes.len() - 1, bytes.len())), "{e}");
+    let long = d.join("long.safetensors");
+    let mut more = bytes.clone();
+    more.push(0);
+    fs::write(&long, &more).unwrap();
+    let e = err_of(checkpoint::load(&long));
+    assert!(e.contains("but its header describes"), "{e}");
+    // Garbage whose first 8 bytes claim a huge header: refused on those 8 bytes.
+    let garbage = d.join("garbage.safetensors");
+    let mut g = (u64::MAX / 3).to_le_bytes().to_vec();
+    g.extend(std::iter::repeat_n(7u8, 1 << 20));
+    fs::write(&garbage, &g).unwrap();
+    let e = err_of(checkpoint::load(&garbage));
+    assert!(e.contains("header claims") && e.contains(&format!("the file has {}", g.len())), "{e}");
+    let e = checkpoint::read_meta(&garbage).unwrap_err().to_string();
+    assert!(e.contains("header claims"), "{e}");
+}
+
+#[test]
+fn non_regular_files_are_refused() {
+    // `/dev/zero` reads forever: a reader that does not check first would exhaust memory.
+    let t0 = std::time::Instant::now();
+    let e = err_of(checkpoint::load(Path::new("/dev/zero")));
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = checkpoint::read_meta(Path::new("/dev/zero")).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let dir = TempDir::new("dir-as-file");
+    let e = err_of(checkpoint::load(dir.path()));
+    assert!(e.contains("not a regular file"), "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
 }

@@ -196,6 +196,10 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("unknown tokenizer", demo_with("tokenizer = \"bytes\"", "tokenizer = \"bpe\""), "data.tokenizer"),
         ("run.name with a slash", demo_with("name = \"demo\"", "name = \"runs/demo\""), "run.name"),
         ("empty run.name", demo_with("name = \"demo\"", "name = \"\""), "run.name"),
+        ("run.name = ..", demo_with("name = \"demo\"", "name = \"..\""), "run.name"),
+        ("run.name = .", demo_with("name = \"demo\"", "name = \".\""), "run.name"),
+        ("run.name with a NUL", demo_with("name = \"demo\"", "name = \"de\\u0000mo\""), "run.name"),
+        ("run.name with a backslash", demo_with("name = \"demo\"", "name = \"..\\\\demo\""), "run.name"),
         ("lr = 0", demo_with("lr = 0.02", "lr = 0.0"), "schedule.lr"),
         ("lr < 0", demo_with("lr = 0.02", "lr = -0.02"), "schedule.lr"),
         ("lr = nan", demo_with("lr = 0.02", "lr = nan"), "schedule.lr"),
@@ -239,6 +243,12 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
             "growth[1].to_depth",
         ),
         ("to_depth above target_depth", demo_with("to_depth = 6", "to_depth = 8"), "growth[0].to_depth"),
+        (
+            "target_depth with no growth plan",
+            demo_with("[[growth]]\nat = 0.8\nto_depth = 6\ninit = \"random\"\n", ""),
+            "model.target_depth` (6) is not reached: there is no growth plan",
+        ),
+        ("target_depth beyond the last expansion", demo_with("to_depth = 6", "to_depth = 4"), "model.target_depth` (6) is not reached"),
         ("copying from 0 blocks", demo_with("init = \"random\"", "init = \"copying\""), "growth[0].init` = \"copying\""),
         ("copying_zero from 0 blocks", demo_with("init = \"random\"", "init = \"copying_zero\""), "growth[0].init` = \"copying_zero\""),
         ("at rounding to step 0", demo_with("at = 0.8", "at = 0.0001"), "growth[0].at"),
@@ -380,4 +390,18 @@ fn set_that_makes_the_config_inconsistent_is_an_error() {
     set_err(DEMO, &["run.steps=-5"], "run.steps");
     set_err(DEMO, &["run.steps=ten"], "run.steps");
     set_err(DEMO_FIXED, &["model.depth=1", "growth=[{ at = 0.8, to_depth = 6 }, { at = 0.5, to_depth = 8 }]"], "growth[1]");
+}
+
+#[test]
+fn set_addresses_growth_entries_by_index() {
+    let c = parse_set(DEMO, &["growth[0].init=\"zero\"", "growth[0].at=0.5"]);
+    assert_eq!(c.growth[0].init, GrowInit::Zero);
+    assert_eq!(c.expansions()[0].at_step, 1500);
+    // The next index appends an entry.
+    let c = parse_set(DEMO, &["growth[1].at=0.9", "growth[1].to_depth=8", "model.target_depth=8"]);
+    assert_eq!(c.growth.len(), 2);
+    assert_eq!((c.expansions()[1].at_step, c.expansions()[1].to_depth), (2700, 8));
+    set_err(DEMO, &["growth[3].init=zero"], "`growth` has 1 entries, so `growth[3]` is out of range");
+    set_err(DEMO, &["growth[x].init=zero"], "\"x\" is not an index");
+    set_err(DEMO, &["run[0].steps=5"], "`run` is not a list");
 }

@@ -564,7 +564,13 @@ fn the_daemon_trains_on_the_gpu_and_reports_its_memory() {
         .build();
     let path = dir.join("daemon-gpu.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let opts = taproot::daemon::DaemonOptions { config: path, sets: vec![], listen: None, log_file: Some(dir.join("daemon-gpu.log")) };
+    let opts = taproot::daemon::DaemonOptions {
+        config: path,
+        sets: vec![],
+        listen: None,
+        log_file: Some(dir.join("daemon-gpu.log")),
+        allow_config_change: vec![],
+    };
     let daemon = std::thread::spawn(move || taproot::daemon::run(opts));
     let scrape = || -> Option<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;

@@ -600,7 +600,7 @@ fn sigkill_restart_continues_from_the_newest_checkpoint_sigterm_exits_0_sighup_r
 fn without_a_token_control_is_disabled_but_metrics_and_status_are_readable() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-notoken");
-    let cfg = run_config(&dir, "notoken").write();
+    let cfg = run_config(&dir, "notoken").unset("model.target_depth").write();
     let mut d = spawn_daemon(&cfg, Token::None, &[]);
     for action in ["pause", "resume", "checkpoint", "grow", "stop"] {
         for t in [None, Some("anything")] {
@@ -623,7 +623,7 @@ fn without_a_token_control_is_disabled_but_metrics_and_status_are_readable() {
 fn a_finished_run_lingers_then_exits_0() {
     let _cpu = shared_cpu();
     let dir = synthetic_dataset("daemon-finish");
-    let cfg = run_config(&dir, "finish").checkpoint_every(100).set("daemon.linger_s", 4).write();
+    let cfg = run_config(&dir, "finish").unset("model.target_depth").checkpoint_every(100).set("daemon.linger_s", 4).write();
     let sets = ["--set", "run.steps=300"];
     let mut d = spawn_daemon(&cfg, Token::Env("f"), &sets);
     let s = wait_for("the run to finish", Duration::from_secs(60), || Some(status(d.addr)).filter(|s| s["state"] == "finished"));
@@ -709,7 +709,7 @@ fn a_cuda_config_reaches_the_cuda_backend() {
         return;
     }
     let dir = synthetic_dataset("daemon-cuda");
-    let cfg = run_config(&dir, "cuda").devices(&["cuda:0"]).write();
+    let cfg = run_config(&dir, "cuda").unset("model.target_depth").devices(&["cuda:0"]).write();
     let out = Command::new(BIN)
         .arg("daemon")
         .arg("--config")

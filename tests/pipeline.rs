@@ -89,7 +89,7 @@ fn growth_reports_depth_and_new_ids_at_the_bottom() {
 #[test]
 fn copying_zero_growth_preserves_the_loss_in_a_live_pipeline() {
     let dir = synthetic_dataset("cz");
-    let grown = tiny(&dir, "cz-grown", 20).depth(1).grow_at_step(10, 3).growth_init("copying_zero").build();
+    let grown = tiny(&dir, "cz-grown", 20).depth(1).target_depth(3).grow_at_step(10, 3).growth_init("copying_zero").build();
     assert_eq!(grown.model.depth, 1);
     let mut flat = grown.clone();
     flat.growth.clear();

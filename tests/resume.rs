@@ -245,3 +245,161 @@ fn in_flight_bound_limits_peak_memory() {
     assert!(bounded <= bound, "bounded run used {bounded:.1} MiB > {bound:.1}");
     assert!(unbounded > bounded + 3.0 * per_mb_mib, "the bound made no difference: {bounded:.1} vs {unbounded:.1}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The run folder: never a fresh run over another, one process at a time, resume checks the
+// whole config, and every run that ends keeps its model.
+
+/// `taproot train` with these args; (succeeded, stdout + stderr).
+fn run_bin(config: &Path, extra_args: &[&str]) -> (bool, String) {
+    let out = spawn(config, extra_args).wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A short run (40 steps, no growth, a checkpoint every 10 steps, 3 kept).
+fn short_config(dir: &Path, name: &str) -> TestConfig {
+    run_config(dir, name).steps(40).unset("growth").target_depth(1)
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_default()
+}
+
+#[test]
+fn a_fresh_run_into_a_folder_that_holds_a_run_is_refused_and_changes_nothing() {
+    let dir = synthetic_dataset("fresh-refused");
+    let cfg = short_config(&dir, "held").write();
+    run_to_end(&cfg, &[]);
+    let out = dir.join("held");
+    let before_csv = file_bytes(&out.join("steps.csv"));
+    let before: Vec<(u64, Vec<u8>)> =
+        checkpoint::list(&out.join("checkpoints")).unwrap().into_iter().map(|(s, p)| (s, file_bytes(&p))).collect();
+    assert!(!before.is_empty());
+    let (ok, text) = run_bin(&cfg, &[]);
+    assert!(!ok, "a fresh run over another run's folder was accepted:\n{text}");
+    assert!(text.contains("already holds a run") && text.contains("--resume") && text.contains("--overwrite"), "{text}");
+    assert_eq!(file_bytes(&out.join("steps.csv")), before_csv, "steps.csv changed");
+    let after: Vec<(u64, Vec<u8>)> =
+        checkpoint::list(&out.join("checkpoints")).unwrap().into_iter().map(|(s, p)| (s, file_bytes(&p))).collect();
+    assert_eq!(after, before, "the checkpoints changed");
+}
+
+#[test]
+fn overwrite_moves_the_old_run_aside_and_starts_over() {
+    let dir = synthetic_dataset("overwrite");
+    let cfg = short_config(&dir, "over").write();
+    run_to_end(&cfg, &[]);
+    let out = dir.join("over");
+    let old_csv = file_bytes(&out.join("steps.csv"));
+    let old_newest = newest_checkpoint_step(&out);
+    let text = run_to_end(&cfg, &["--overwrite"]);
+    assert!(text.contains("moved to"), "{text}");
+    let replaced: Vec<_> =
+        std::fs::read_dir(&out).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("replaced-")).collect();
+    assert_eq!(replaced.len(), 1, "one replaced-* folder");
+    let r = replaced[0].path();
+    assert_eq!(file_bytes(&r.join("steps.csv")), old_csv, "the old log was not kept whole");
+    assert!(
+        checkpoint::list(&r.join("checkpoints")).unwrap().iter().any(|(s, _)| *s == old_newest),
+        "the old newest checkpoint was not kept"
+    );
+    assert_eq!(trajectory_len(&out), 40, "the new run's log holds the new run only");
+}
+
+#[test]
+fn a_second_process_on_a_run_folder_exits_at_once_naming_the_holder() {
+    let dir = synthetic_dataset("lock");
+    let cfg = run_config(&dir, "locked").steps(100_000).checkpoint_every(0).write();
+    let mut first = spawn(&cfg, &[]);
+    let t0 = Instant::now();
+    while trajectory_len(&dir.join("locked")) < 3 {
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t1 = Instant::now();
+    let (ok, text) = run_bin(&cfg, &["--resume"]);
+    let took = t1.elapsed();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!ok, "a second process ran on a locked folder:\n{text}");
+    assert!(text.contains(&format!("pid {}", first.id())) && text.contains("in use"), "the error does not name the holder:\n{text}");
+    assert!(took < Duration::from_secs(10), "took {took:?} to refuse");
+}
+
+#[test]
+fn the_lock_file_of_a_dead_process_is_taken_over() {
+    let dir = synthetic_dataset("stale-lock");
+    let cfg = short_config(&dir, "stale").write();
+    let out = dir.join("stale");
+    std::fs::create_dir_all(&out).unwrap();
+    // A lock file left by a process that no longer exists (its flock died with it).
+    std::fs::write(out.join("taproot.lock"), "pid=4194304\n").unwrap();
+    let text = run_to_end(&cfg, &[]);
+    assert!(text.contains("done steps=40"), "{text}");
+    let holder = std::fs::read_to_string(out.join("taproot.lock")).unwrap();
+    assert!(!holder.contains("4194304"), "the stale pid is still recorded: {holder}");
+}
+
+#[test]
+fn resume_refuses_trajectory_changes_unless_allowed_and_accepts_harmless_ones() {
+    let dir = synthetic_dataset("cfg-change");
+    let cfg = short_config(&dir, "changed").write();
+    run_to_end(&cfg, &["--stop-after", "20"]);
+    for (set, key) in [("model.heads=4", "model.heads"), ("optim.kind=\"adamw\"", "optim.kind"), ("run.seed=7", "run.seed")] {
+        let (ok, text) = run_bin(&cfg, &["--resume", "--set", set]);
+        assert!(!ok, "resumed with {set}:\n{text}");
+        assert!(
+            text.contains(&format!("`{key}`")) && text.contains("--allow-config-change"),
+            "{set}: the error does not name {key}:\n{text}"
+        );
+    }
+    let (ok, text) = run_bin(&cfg, &["--resume", "--set", "model.heads=4", "--set", "run.seed=7"]);
+    assert!(!ok && text.contains("`model.heads`") && text.contains("`run.seed`"), "both differences listed:\n{text}");
+    // Harmless: cadence and placement; allowed: a named key.
+    let text =
+        run_to_end(&cfg, &["--resume", "--stop-after", "30", "--set", "eval.every=5", "--set", "placement.devices=[\"cpu:0\",\"cpu:1\"]"]);
+    assert!(text.contains("resume from=") && text.contains("config change `eval.every`"), "{text}");
+    let text = run_to_end(&cfg, &["--resume", "--set", "schedule.lr=0.005", "--allow-config-change", "schedule.lr"]);
+    assert!(text.contains("config change `schedule.lr`") && text.contains("done steps=40"), "{text}");
+}
+
+#[test]
+fn a_checkpoint_beyond_run_steps_is_an_error() {
+    let dir = synthetic_dataset("beyond");
+    let cfg = short_config(&dir, "beyond").write();
+    run_to_end(&cfg, &[]);
+    let (ok, text) = run_bin(&cfg, &["--resume", "--set", "run.steps=30", "--allow-config-change", "run.steps"]);
+    assert!(!ok, "resumed past its end:\n{text}");
+    assert!(text.contains("step 40") && text.contains("`run.steps` is 30"), "{text}");
+}
+
+#[test]
+fn a_finished_run_keeps_its_model() {
+    let dir = synthetic_dataset("final-ck");
+    let cfg = short_config(&dir, "final").checkpoint_every(0).write();
+    let text = run_to_end(&cfg, &[]);
+    let ck = checkpoint::list(&dir.join("final").join("checkpoints")).unwrap();
+    assert_eq!(ck.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [40], "no final checkpoint");
+    assert!(text.contains(&format!("checkpoint={}", ck[0].1.display())), "the end line does not print the checkpoint:\n{text}");
+    assert_eq!(checkpoint::load(&ck[0].1).unwrap().meta.step, 40);
+}
+
+#[test]
+fn a_diverging_run_checkpoints_its_last_good_step() {
+    let dir = synthetic_dataset("diverge");
+    // A learning rate that makes the loss non-finite within a few steps.
+    let cfg = short_config(&dir, "diverge").checkpoint_every(0).set("schedule.lr", "1.0e30").set("schedule.warmup", 0.0).write();
+    let (ok, text) = run_bin(&cfg, &[]);
+    assert!(!ok, "a diverging run exited 0:\n{text}");
+    assert!(text.contains("training loss became"), "{text}");
+    let ck = checkpoint::list(&dir.join("diverge").join("checkpoints")).unwrap();
+    if let Some((step, path)) = ck.last() {
+        assert!(text.contains(&format!("checkpointed in {}", path.display())), "{text}");
+        let c = checkpoint::load(path).unwrap();
+        assert_eq!(c.meta.step, *step);
+        assert!(c.units.iter().all(|(_, u)| u.params.iter().all(|x| x.is_finite())), "the last good state has non-finite weights");
+    } else {
+        assert!(text.contains("at step 1 "), "no checkpoint although a step succeeded:\n{text}");
+    }
+}

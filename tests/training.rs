@@ -24,7 +24,7 @@ fn quiet() -> RunOptions {
 #[test]
 fn zero_layer_model_trains() {
     let dir = synthetic_dataset("zero");
-    let cfg = tiny(&dir).build();
+    let cfg = tiny(&dir).unset("model.target_depth").build();
     let data = Dataset::open(&dir, 256).unwrap();
     let mut tr = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
     assert_eq!(tr.model.depth(), 0);

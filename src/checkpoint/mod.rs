@@ -52,7 +52,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Metadata key of the [`Meta`] JSON.
 mod checksum;
+mod folder;
+
 use checksum::{file_checksum, hash_bytes, hash_f32};
+pub use folder::{list, load_newest_valid, new_run_id, prune, Pruned};
 
 const KEY_META: &str = "taproot";
 /// Metadata key of the unit table (order and step counters).
@@ -120,6 +123,11 @@ pub struct Meta {
     pub growth: Vec<GrowthRecord>,
     /// Seconds since the Unix epoch when the checkpoint was made.
     pub created_unix_s: u64,
+    /// The run this checkpoint belongs to: made when a run starts fresh, carried through every
+    /// resume. Pruning deletes only checkpoints of its own run (none in files written before
+    /// the field existed: those are never pruned).
+    #[serde(default)]
+    pub run_id: Option<String>,
     /// Free-form, for later additions that do not need a format bump.
     #[serde(default)]
     pub extra: serde_json::Value,
@@ -312,8 +320,56 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 
 /// [`load`] with errors that do not repeat the path (the caller names the file).
 fn load_unnamed(path: &Path) -> Result<Checkpoint> {
-    let bytes = fs::read(path).context("cannot read")?;
+    use std::io::Read;
+    let (mut f, file_len) = open_checked(path)?;
+    // The header's claims match the file's size: only now is the payload read, into a buffer of
+    // exactly that size.
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(file_len as usize).map_err(|_| anyhow!("{file_len} bytes do not fit in memory"))?;
+    f.read_to_end(&mut bytes).context("cannot read")?;
+    ensure!(bytes.len() as u64 == file_len, "the file changed while it was read ({file_len} -> {} bytes)", bytes.len());
     parse(&bytes)
+}
+
+/// The largest safetensors header this reader accepts (a checkpoint's is a few kB per unit).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Open a checkpoint file and check, before reading its payload, that it is a regular file and
+/// that its size is exactly what its safetensors header describes (8 + header + tensor data).
+/// Returns the file (positioned at its start) and its length.
+fn open_checked(path: &Path) -> Result<(fs::File, u64)> {
+    use std::io::{Read, Seek};
+    let md = fs::metadata(path).context("cannot read")?;
+    ensure!(md.is_file(), "not a regular file");
+    let file_len = md.len();
+    let mut f = fs::File::open(path).context("cannot read")?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| anyhow!("{file_len} bytes: too short for a safetensors header"))?;
+    let n = u64::from_le_bytes(len);
+    ensure!(
+        n <= MAX_HEADER && n <= file_len - 8,
+        "its header claims {n} bytes but the file has {file_len}: truncated, or not a checkpoint"
+    );
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).context("truncated safetensors header")?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| anyhow!("the safetensors header is not JSON: {e}"))?;
+    let obj = json.as_object().ok_or_else(|| anyhow!("the safetensors header is not a JSON object"))?;
+    let mut data_len = 0u64;
+    for (name, t) in obj.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let end = t
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| anyhow!("tensor `{name}` has no data_offsets in the header"))?;
+        data_len = data_len.max(end);
+    }
+    let want = 8 + n + data_len;
+    ensure!(
+        file_len == want,
+        "the file has {file_len} bytes but its header describes {want} (8 + {n} header + {data_len} data): truncated or corrupt"
+    );
+    f.rewind().context("cannot read")?;
+    Ok((f, file_len))
 }
 
 fn parse(bytes: &[u8]) -> Result<Checkpoint> {
@@ -393,11 +449,13 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
 pub fn read_meta(path: &Path) -> Result<Meta> {
     use std::io::Read;
     let inner = || -> Result<Meta> {
+        let md = fs::metadata(path).context("cannot read")?;
+        ensure!(md.is_file(), "not a regular file");
         let mut f = fs::File::open(path).context("cannot read")?;
         let mut len = [0u8; 8];
         f.read_exact(&mut len).context("too short for a safetensors header")?;
         let n = u64::from_le_bytes(len);
-        ensure!(n <= 100 << 20, "safetensors header of {n} bytes: not a checkpoint");
+        ensure!(n <= MAX_HEADER && n <= md.len() - 8, "its header claims {n} bytes but the file has {}: not a checkpoint", md.len());
         let mut header = vec![0u8; n as usize];
         f.read_exact(&mut header).context("truncated safetensors header")?;
         let json: serde_json::Value = serde_json::from_slice(&header).context("safetensors header is not JSON")?;
@@ -413,73 +471,6 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
 
 // ------------------------------------------------------------------------------------------
 // Directory operations
-
-/// The checkpoints in `dir` as (step, path), oldest first. Only canonical names count
-/// (`step-<8+ digits>.safetensors`, regular files); temporary and unrelated files are ignored.
-/// A directory that does not exist holds no checkpoints.
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot list checkpoint directory {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for entry in rd {
-        let entry = entry.with_context(|| format!("cannot list checkpoint directory {}", dir.display()))?;
-        let Some(step) = entry.file_name().to_str().and_then(parse_file_name) else { continue };
-        let path = entry.path();
-        if fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false) {
-            out.push((step, path));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// The newest checkpoint of `dir` that loads, with its path and one warning
-/// (`skipping <file>: <reason>`) per newer checkpoint that did not.
-///
-/// `Ok(None)` when `dir` has no checkpoints at all; an error when it has some but none loads.
-pub fn load_newest_valid(dir: &Path) -> Result<Option<(Checkpoint, PathBuf, Vec<String>)>> {
-    let all = list(dir)?;
-    if all.is_empty() {
-        return Ok(None);
-    }
-    let mut warnings = Vec::new();
-    for (_, path) in all.into_iter().rev() {
-        match load_unnamed(&path) {
-            Ok(ck) => return Ok(Some((ck, path, warnings))),
-            Err(e) => warnings.push(format!("skipping {}: {:#}", path.display(), e)),
-        }
-    }
-    bail!("no valid checkpoint in {}:\n  {}", dir.display(), warnings.join("\n  "))
-}
-
-/// Keep the newest `keep` (at least 1) checkpoints of `dir`; delete the older ones and any
-/// stale temporary files. Returns the removed paths. Must not run concurrently with [`save`]
-/// into the same directory (it would delete the save's temporary file).
-pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    ensure!(keep >= 1, "prune must keep at least one checkpoint");
-    let all = list(dir)?;
-    let mut doomed: Vec<PathBuf> = all[..all.len().saturating_sub(keep)].iter().map(|(_, p)| p.clone()).collect();
-    if let Ok(rd) = fs::read_dir(dir) {
-        for entry in rd.flatten() {
-            if entry.file_name().to_str().is_some_and(is_tmp_name) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                doomed.push(entry.path());
-            }
-        }
-    }
-    for p in &doomed {
-        fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
-    }
-    if !doomed.is_empty() {
-        sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
-    }
-    Ok(doomed)
-}
-
-// ------------------------------------------------------------------------------------------
-// Inspection
 
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

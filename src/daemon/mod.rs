@@ -54,6 +54,8 @@ pub struct DaemonOptions {
     pub sets: Vec<String>,
     pub listen: Option<String>,
     pub log_file: Option<PathBuf>,
+    /// Trajectory keys a resume may change (`--allow-config-change`).
+    pub allow_config_change: Vec<String>,
 }
 
 /// The log lines of events (the scheduler runs quiet under the daemon; its lines come from here).
@@ -103,6 +105,8 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
         cfg.validate().context("--listen")?;
     }
     let (token, token_warning) = read_token(&cfg)?;
+    // Held for the daemon's life: one process per run folder (a daemon always resumes).
+    let _folder = crate::run_folder::RunFolder::open(&cfg, crate::run_folder::Start::Resume)?;
     let log = Arc::new(Log::open(opts.log_file.clone())?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
     let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
@@ -173,7 +177,7 @@ async fn serve(
         Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
     let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every, cfg.run.steps)));
 
-    let sched = RunOptions { quiet: true, resume: true, ..Default::default() };
+    let sched = RunOptions { quiet: true, resume: true, allow_config_change: opts.allow_config_change.clone(), ..Default::default() };
     let run = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
         crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
         metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));

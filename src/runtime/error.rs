@@ -14,9 +14,10 @@ pub enum RunError {
     /// the stage's own failure reaches the supervisor, which names it and decides what to do.
     #[error("stage gone: {0}")]
     StageGone(String),
-    /// The training loss (mean over the step) is not finite.
-    #[error("training loss became {loss} at step {step} (depth {depth})")]
-    NonFiniteLoss { step: u64, depth: usize, loss: f32 },
+    /// The training loss (mean over the step) is not finite; the weights of the last good step
+    /// were checkpointed to `checkpoint` when there was one.
+    #[error("training loss became {loss} at step {step} (depth {depth}){}", last_good(checkpoint))]
+    NonFiniteLoss { step: u64, depth: usize, loss: f32, checkpoint: Option<String> },
     /// Reading, writing or restoring a checkpoint failed.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
@@ -35,6 +36,10 @@ pub enum RunError {
     /// A message that the protocol does not allow here (a bug, reported rather than ignored).
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+fn last_good(checkpoint: &Option<String>) -> String {
+    checkpoint.as_ref().map(|p| format!("; the last good state is checkpointed in {p}")).unwrap_or_default()
 }
 
 impl RunError {

@@ -30,6 +30,9 @@ pub struct RunOptions {
     /// Disarm the `[faults]` of the config (the supervisor does so after a restart, so that an
     /// injected fault fires once). The actor runtime only.
     pub faults_disarmed: bool,
+    /// Config keys (or section prefixes) a resumed run may change although they change its
+    /// trajectory (`--allow-config-change`; see `config::changes`).
+    pub allow_config_change: Vec<String>,
 }
 
 /// One optimizer step.
@@ -64,6 +67,8 @@ pub struct TrainReport {
     pub growth: Vec<crate::model::growth::GrowthRecord>,
     /// Wall time of each growth event (drain excluded: growth happens at a step boundary).
     pub growth_wall_s: Vec<f64>,
+    /// The checkpoint written when the run ended (the actor runtime), if any.
+    pub final_checkpoint: Option<std::path::PathBuf>,
     pub wall_s: f64,
 }
 

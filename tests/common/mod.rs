@@ -36,7 +36,7 @@ pub fn synthetic_dataset(tag: &str) -> PathBuf {
 ///
 /// The preset ([`TestConfig::new`]): run `tiny` with `log_every = 0` and `out_dir =
 /// <dir>/<name>`; the byte corpus in `dir` (`tokenizer = "bytes"`), B = 4, T = 16; C = 32,
-/// 2 heads, depth 0 -> `target_depth` 4; `eval` every 10 steps on 3 batches. `run.steps` has no
+/// 2 heads, depth 0 (the target depth follows the growth plan); `eval` every 10 steps on 3 batches. `run.steps` has no
 /// default: every test says how long it trains. Only the keys set here are in the TOML (the
 /// rest take the parser's defaults), and [`TestConfig::unset`] takes one out again.
 ///
@@ -65,7 +65,6 @@ impl TestConfig {
             .channels(32)
             .heads(2)
             .depth(0)
-            .target_depth(4)
             .eval(10, 3)
     }
 

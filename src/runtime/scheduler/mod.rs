@@ -165,6 +165,15 @@ pub struct SchedulerState<B: Backend> {
     stop_requested: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
+    /// This run's id (`checkpoint::Meta::run_id`): pruning deletes only its own checkpoints.
+    run_id: String,
+    /// The loader's cursor at the start of the current step: a checkpoint of the last good
+    /// state taken mid-step (a non-finite loss, a forced stop) resumes from here.
+    step_cursor: crate::data::loader::LoaderState,
+    /// The step of the newest checkpoint this process wrote or resumed from.
+    last_checkpoint: Option<(u64, PathBuf)>,
+    /// Checkpoint files of other runs already reported (reported once each).
+    foreign_reported: std::collections::HashSet<PathBuf>,
     /// Records, CSV files, log lines, FLOPs, early stop.
     log: RunLog,
     ended: DerivedActorRef<RunEnded>,
@@ -205,8 +214,10 @@ async fn ask<M: ractor::Message, T: Send + 'static>(actor: &ActorRef<M>, what: &
     }
 }
 
-/// The newest valid checkpoint of the run, when resuming.
-fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<Checkpoint>> {
+/// The newest valid checkpoint of the run and its path, when resuming. Its config must match
+/// the given one in every key that changes the trajectory (see `config::changes`), unless
+/// `opts.allow_config_change` names the key, and its step must lie within `run.steps`.
+fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<(Checkpoint, PathBuf)>> {
     if !opts.resume {
         return Ok(None);
     }
@@ -216,10 +227,19 @@ fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<Checkpoint>> {
             for w in warnings {
                 eprintln!("warning: {w}");
             }
+            let fail = |m: String| boxed(RunError::Config(format!("cannot resume from {}: {m}", path.display())));
+            let accepted = crate::config::changes::check_resume(&ck.meta.config_toml, cfg, &opts.allow_config_change)
+                .map_err(|e| fail(format!("{e:#}")))?;
+            if ck.meta.step > cfg.run.steps {
+                return Err(fail(format!("it is at step {} but `run.steps` is {}", ck.meta.step, cfg.run.steps)));
+            }
             if !opts.quiet {
                 println!("resume from={} step={} depth={}", path.display(), ck.meta.step, ck.meta.depth);
+                for c in &accepted {
+                    println!("resume: config change {c}");
+                }
             }
-            Ok(Some(ck))
+            Ok(Some((ck, path)))
         }
         None => {
             if !opts.quiet {
@@ -253,7 +273,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         }
         let resumed = resume_point(&cfg, &a.opts)?;
         let mut units: HashMap<String, UnitState> = HashMap::new();
-        if let Some(ck) = &resumed {
+        if let Some((ck, _)) = &resumed {
             for (k, u) in &ck.units {
                 units.insert(k.to_string(), u.clone());
             }
@@ -267,6 +287,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             }
             None => None,
         };
+        let loader_cursor = loader.cursor();
         let ends_device = cfg.placement.ends.clone().unwrap_or_else(|| cfg.placement.devices[0].clone());
         let pools: BTreeMap<String, ActPool<B>> = [(ends_device.clone(), ActPool::default())].into_iter().collect();
         let args = EmbedHeadArgs {
@@ -285,6 +306,9 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             .await
             .map_err(|e| boxed(RunError::Device(format!("spawning the embedding and head on {ends_device}: {e}"))))?;
         a.roles.lock().expect("roles lock").insert(embed_head.get_id(), format!("embedding and head ({ends_device})"));
+        let run_id = resumed.as_ref().and_then(|(ck, _)| ck.meta.run_id.clone()).unwrap_or_else(checkpoint::new_run_id);
+        let last_checkpoint = resumed.as_ref().map(|(ck, p)| (ck.meta.step, p.clone()));
+        let resumed = resumed.map(|(ck, _)| ck);
         let (ids, step, next_id, growth) = match &resumed {
             Some(ck) => (ck.meta.stack.clone(), ck.meta.step, ck.meta.next_id, ck.meta.growth.clone()),
             None => ((0..cfg.model.depth as u64).collect(), 0, cfg.model.depth as u64, Vec::new()),
@@ -316,6 +340,10 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             eval_pending: step == 0,
             stop_requested: false,
             growth,
+            run_id,
+            step_cursor: loader_cursor,
+            last_checkpoint,
+            foreign_reported: Default::default(),
             log,
             ended: a.ended,
             supervisor: a.supervisor,

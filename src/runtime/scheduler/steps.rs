@@ -114,6 +114,7 @@ impl<B: Backend> SchedulerState<B> {
         }
         self.grow_if_due().await?;
         self.step_started = Instant::now();
+        self.step_cursor = self.loader.cursor();
         let mut p = Pending { losses: vec![f32::NAN; self.cfg.data.micro_batches], ..Default::default() };
         self.issue(&mut p, true)?;
         self.phase = Phase::Train(p);
@@ -124,6 +125,16 @@ impl<B: Backend> SchedulerState<B> {
     async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
         let lr = self.schedule.lr_at(self.step);
         let step = self.step;
+        let mbs = losses.len();
+        let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
+        let depth = self.stack.len();
+        if !loss.is_finite() {
+            // Before the update: the weights are still those of the last good step, so they are
+            // worth a checkpoint (resuming replays this step from its first micro-batch).
+            (self.observer)(&Event::NonFinite { step: self.step + 1, what: format!("training loss {loss}") });
+            let checkpoint = self.checkpoint_last_good().await;
+            return Err(boxed(RunError::NonFiniteLoss { step: self.step + 1, depth, loss, checkpoint }));
+        }
         // The barrier: every stage steps; wait for all of them.
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
@@ -139,9 +150,6 @@ impl<B: Backend> SchedulerState<B> {
             grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
         }
         let grad_norm = grad_sumsq.sqrt();
-        let mbs = losses.len();
-        let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
-        let depth = self.stack.len();
         let tokens = (self.cfg.data.batch_size * self.cfg.data.seq_len * mbs) as f64;
         self.step += 1;
         self.step_pub.store(self.step, Ordering::Relaxed);
@@ -167,10 +175,6 @@ impl<B: Backend> SchedulerState<B> {
         }
         if !grad_norm.is_finite() {
             (self.observer)(&Event::NonFinite { step: self.step, what: format!("gradient norm {grad_norm}") });
-        }
-        if !loss.is_finite() {
-            (self.observer)(&Event::NonFinite { step: self.step, what: format!("training loss {loss}") });
-            return Err(boxed(RunError::NonFiniteLoss { step: self.step, depth, loss }));
         }
         if eval_due(&self.cfg, self.step) {
             self.eval_pending = true;
@@ -220,17 +224,31 @@ impl<B: Backend> SchedulerState<B> {
             loader: self.loader.cursor(),
             growth: self.growth.clone(),
             created_unix_s: checkpoint::unix_now_s(),
+            run_id: Some(self.run_id.clone()),
             extra: serde_json::Value::Null,
         };
         let dir = self.cfg.checkpoint_dir();
         let keep = self.cfg.checkpoint.keep;
         let ck = Checkpoint { meta, units };
-        let path = compute(|| -> anyhow::Result<PathBuf> {
+        let run_id = self.run_id.clone();
+        let (path, pruned) = compute(|| -> anyhow::Result<(PathBuf, checkpoint::Pruned)> {
             let p = checkpoint::save(&dir, &ck)?;
-            checkpoint::prune(&dir, keep)?;
-            Ok(p)
+            // Verified by reading it back (checksum included) before anything older is deleted.
+            let back = checkpoint::load(&p)?;
+            anyhow::ensure!(back.meta.step == ck.meta.step, "{} reads back as step {}", p.display(), back.meta.step);
+            let pruned = checkpoint::prune(&dir, keep, &run_id)?;
+            Ok((p, pruned))
         })
         .map_err(|e| boxed(RunError::Checkpoint(format!("writing the checkpoint of step {}: {e:#}", self.step))))?;
+        for (p, why) in &pruned.moved_aside {
+            eprintln!("warning: {why}; moved to {}", p.display());
+            self.log.say(format!("warning: unreadable checkpoint moved to {}: {why}", p.display()));
+        }
+        for p in pruned.foreign.iter().filter(|p| !self.foreign_reported.contains(*p)).cloned().collect::<Vec<_>>() {
+            self.log.say(format!("note: {} belongs to another run: kept, not counted", p.display()));
+            self.foreign_reported.insert(p);
+        }
+        self.last_checkpoint = Some((self.step, path.clone()));
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let seconds = t0.elapsed().as_secs_f64();
         (self.observer)(&Event::Checkpoint { step: self.step, path: path.display().to_string(), seconds, bytes });
@@ -238,15 +256,40 @@ impl<B: Backend> SchedulerState<B> {
         Ok(path)
     }
 
-    /// The run is over (all steps, an early stop, or a stop request): checkpoint if asked to,
-    /// and report to the supervisor.
+    /// A checkpoint of the state after the last completed step, taken mid-step (the loader goes
+    /// back to the step's start). Best effort: the path, or None when it could not be written.
+    pub(super) async fn checkpoint_last_good(&mut self) -> Option<String> {
+        if self.step == 0 {
+            return None; // no good step yet
+        }
+        if let Some((s, p)) = &self.last_checkpoint {
+            if *s == self.step {
+                return Some(p.display().to_string());
+            }
+        }
+        self.loader.restore(&self.step_cursor.clone());
+        match self.write_checkpoint().await {
+            Ok(p) => Some(p.display().to_string()),
+            Err(e) => {
+                eprintln!("warning: the last good state could not be checkpointed: {e}");
+                None
+            }
+        }
+    }
+
+    /// The run is over (all steps, an early stop, or a stop request): write the final checkpoint
+    /// (unless this step's is already on disk) and report to the supervisor.
     pub(super) async fn finish(&mut self) -> Res<()> {
         if !matches!(self.phase, Phase::Finished) {
             self.phase = Phase::Finished;
-            if self.cfg.checkpoint.every > 0 || self.stop_requested {
-                self.write_checkpoint().await?;
-            }
-            let report = self.log.finish();
+            let done = self.last_checkpoint.as_ref().filter(|(s, _)| *s == self.step).map(|(_, p)| p.clone());
+            let path = match done {
+                Some(p) => p,
+                None => self.write_checkpoint().await?,
+            };
+            self.log.say(format!("final checkpoint step={} path={}", self.step, path.display()));
+            let mut report = self.log.finish();
+            report.final_checkpoint = Some(path);
             self.ended.send_message(RunEnded(Ok(report))).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
         }
         Ok(())

@@ -7,6 +7,8 @@
 //! depth below the starting depth, …) naming the key. Relative paths are relative to the working
 //! directory the command runs in (the repository root for every shipped config).
 
+pub mod changes;
+
 pub use crate::model::growth::GrowthSpec;
 use crate::model::growth::{Expansion, GrowInit};
 use crate::model::init::InitScheme;
@@ -357,8 +359,9 @@ impl Config {
             }
             Ok(())
         };
-        if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) {
-            bail!("`run.name` must be a non-empty name without path separators, got {:?}", self.run.name);
+        let n = &self.run.name;
+        if n.is_empty() || n == "." || n == ".." || n.contains(['/', '\\']) || n.chars().any(|c| c.is_control()) {
+            bail!("`run.name` must be a plain name (no path separators, `.` or `..`, control characters or NUL), got {n:?}");
         }
         if self.run.steps == 0 {
             bail!("`run.steps` must be at least 1");
@@ -483,6 +486,18 @@ impl Config {
             depth = e.to_depth;
             last_step = e.at_step;
         }
+        // The model the plan ends at must be the target: a target that no expansion reaches
+        // would set the residual init scale for blocks that never exist.
+        if target != depth {
+            let plan = if self.growth.is_empty() {
+                "there is no growth plan".to_string()
+            } else {
+                format!("the growth plan ends at depth {depth}")
+            };
+            bail!(
+                "`model.target_depth` ({target}) is not reached: {plan} (add a `[[growth]]` entry to depth {target}, or lower the target)"
+            );
+        }
         Ok(())
     }
 }
@@ -507,8 +522,22 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
     };
     let mut table = root;
     for (j, k) in keys[..keys.len() - 1].iter().enumerate() {
-        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let prefix = keys[..=j].join(".");
+        // `growth[N]`: entry N of an array of tables (N = its length appends a new entry).
+        if let Some((name, idx)) = k.strip_suffix(']').and_then(|k| k.split_once('[')) {
+            let i: usize = idx.parse().map_err(|_| anyhow::anyhow!("--set {spec:?}: `{prefix}`: {idx:?} is not an index"))?;
+            let entry = table.entry(name.to_string()).or_insert_with(|| toml::Value::Array(Vec::new()));
+            let items = entry.as_array_mut().with_context(|| format!("--set {spec:?}: `{name}` is not a list"))?;
+            if i == items.len() {
+                items.push(toml::Value::Table(toml::Table::new()));
+            }
+            let n = items.len();
+            let item =
+                items.get_mut(i).with_context(|| format!("--set {spec:?}: `{name}` has {n} entries, so `{prefix}` is out of range"))?;
+            table = item.as_table_mut().with_context(|| format!("--set {spec:?}: `{prefix}` is not a table"))?;
+            continue;
+        }
+        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = entry.as_table_mut().with_context(|| format!("--set {spec:?}: `{prefix}` is not a table"))?;
     }
     table.insert(keys[keys.len() - 1].to_string(), value);

@@ -1,0 +1,117 @@
+//! The checkpoint folder: listing a run's checkpoints, finding the newest that loads, and
+//! pruning (which deletes only the run's own older checkpoints, see [`prune`]).
+
+use super::{is_tmp_name, load_unnamed, open_checked, parse_file_name, read_meta, sync_dir, Checkpoint};
+use anyhow::{bail, ensure, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The checkpoints in `dir` as (step, path), oldest first. Only canonical names count
+/// (`step-<8+ digits>.safetensors`, regular files); temporary and unrelated files are ignored.
+/// A directory that does not exist holds no checkpoints.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list checkpoint directory {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.with_context(|| format!("cannot list checkpoint directory {}", dir.display()))?;
+        let Some(step) = entry.file_name().to_str().and_then(parse_file_name) else { continue };
+        let path = entry.path();
+        if fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false) {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest checkpoint of `dir` that loads, with its path and one warning
+/// (`skipping <file>: <reason>`) per newer checkpoint that did not.
+///
+/// `Ok(None)` when `dir` has no checkpoints at all; an error when it has some but none loads.
+pub fn load_newest_valid(dir: &Path) -> Result<Option<(Checkpoint, PathBuf, Vec<String>)>> {
+    let all = list(dir)?;
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    for (_, path) in all.into_iter().rev() {
+        match load_unnamed(&path) {
+            Ok(ck) => return Ok(Some((ck, path, warnings))),
+            Err(e) => warnings.push(format!("skipping {}: {:#}", path.display(), e)),
+        }
+    }
+    bail!("no valid checkpoint in {}:\n  {}", dir.display(), warnings.join("\n  "))
+}
+
+/// What [`prune`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pruned {
+    /// Older checkpoints of the run, and stale temporary files, deleted.
+    pub removed: Vec<PathBuf>,
+    /// Files named like checkpoints whose header cannot be read, or whose size is not what their
+    /// header says: moved into `rejected/` beside them (never deleted, never counted), with why.
+    pub moved_aside: Vec<(PathBuf, String)>,
+    /// Checkpoints of another run (or of no recorded run), left alone and not counted.
+    pub foreign: Vec<PathBuf>,
+}
+
+/// A fresh run id: the time in nanoseconds and the process id, in hex.
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}-{:x}", nanos, std::process::id())
+}
+
+/// Delete the older checkpoints of run `run_id` in `dir`, keeping its newest `keep`, and the
+/// stale temporary files of interrupted saves.
+///
+/// Only checkpoints whose header names `run_id` count: a file of another run (or of no recorded
+/// run) is never deleted, and a file whose header cannot be read (or whose size disagrees with
+/// its header) is moved aside into `dir/rejected/`, reported, and not counted — so neither can
+/// push the run's own newest checkpoint out.
+pub fn prune(dir: &Path, keep: usize, run_id: &str) -> Result<Pruned> {
+    ensure!(keep >= 1, "prune must keep at least one checkpoint");
+    let mut out = Pruned::default();
+    let mut own = Vec::new();
+    for (step, path) in list(dir)? {
+        match open_checked(&path).and_then(|_| read_meta(&path)) {
+            Ok(meta) if meta.run_id.as_deref() == Some(run_id) => own.push((step, path)),
+            Ok(_) => out.foreign.push(path),
+            Err(e) => {
+                let aside = dir.join("rejected");
+                fs::create_dir_all(&aside).with_context(|| format!("cannot create {}", aside.display()))?;
+                let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                let mut to = aside.join(&name);
+                let mut k = 1;
+                while to.exists() {
+                    to = aside.join(format!("{name}.{k}"));
+                    k += 1;
+                }
+                fs::rename(&path, &to).with_context(|| format!("cannot move {} to {}", path.display(), to.display()))?;
+                out.moved_aside.push((to, format!("{e:#}")));
+            }
+        }
+    }
+    let mut doomed: Vec<PathBuf> = own[..own.len().saturating_sub(keep)].iter().map(|(_, p)| p.clone()).collect();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for entry in rd.flatten() {
+            if entry.file_name().to_str().is_some_and(is_tmp_name) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                doomed.push(entry.path());
+            }
+        }
+    }
+    for p in &doomed {
+        fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    if !doomed.is_empty() || !out.moved_aside.is_empty() {
+        sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    out.removed = doomed;
+    Ok(out)
+}
+
+// ------------------------------------------------------------------------------------------
+// Inspection
