@@ -403,3 +403,88 @@ fn a_diverging_run_checkpoints_its_last_good_step() {
         assert!(text.contains("at step 1 "), "no checkpoint although a step succeeded:\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Stop signals escalate: finish the step; then stop at the next micro-batch boundary; then exit.
+
+/// Steps of many micro-batches (about a second each here), so that a signal lands mid-step.
+fn slow_steps(dir: &Path, name: &str) -> TestConfig {
+    short_config(dir, name).steps(6).micro_batches(400).checkpoint_every(0).eval(100, 1)
+}
+
+fn signal(child: &Child, n: usize) {
+    for _ in 0..n {
+        assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    }
+}
+
+/// Start the run and wait until `steps` steps are done.
+fn start_and_wait(cfg: &Path, out: &Path, steps: usize) -> Child {
+    let mut child = spawn(cfg, &[]);
+    let t0 = Instant::now();
+    while trajectory_len(out) < steps || !out.join("steps.csv").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
+#[test]
+fn a_second_signal_stops_mid_step_and_the_run_resumes_exactly() {
+    let dir = synthetic_dataset("force");
+    let reference = slow_steps(&dir, "force-ref").write();
+    let t0 = Instant::now();
+    run_to_end(&reference, &[]);
+    let per_step = t0.elapsed() / 7;
+    println!("about {per_step:?} per step");
+    let want = trajectory(&dir.join("force-ref"));
+
+    let cfg = slow_steps(&dir, "force").write();
+    let out = dir.join("force");
+    let child = start_and_wait(&cfg, &out, 2);
+    std::thread::sleep(per_step / 10);
+    signal(&child, 1);
+    std::thread::sleep(per_step / 10);
+    let sent = Instant::now();
+    signal(&child, 1);
+    let res = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    assert!(!res.status.success(), "a forced stop exited 0:\n{text}");
+    assert!(text.contains("forced stop at step"), "{text}");
+    assert!(took < per_step / 2, "took {took:?} (a step takes {per_step:?}): the step was not dropped");
+    let done = trajectory_len(&out) as u64;
+    assert!(done < 6);
+    assert_eq!(newest_checkpoint_step(&out), done, "no checkpoint of the last completed step:\n{text}");
+    // The dropped step is replayed from its first micro-batch: the trajectory is exact.
+    run_to_end(&cfg, &["--resume"]);
+    assert_eq!(trajectory(&out), want, "the resumed run diverged from the uninterrupted one");
+}
+
+#[test]
+fn a_stop_not_done_within_the_grace_period_is_forced() {
+    let dir = synthetic_dataset("grace");
+    let cfg = slow_steps(&dir, "grace").micro_batches(3_000).set("run.stop_grace_s", 1).write();
+    let out = dir.join("grace");
+    let child = start_and_wait(&cfg, &out, 1);
+    let sent = Instant::now();
+    signal(&child, 1);
+    let res = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    assert!(!res.status.success() && text.contains("grace period"), "{text}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(newest_checkpoint_step(&out), trajectory_len(&out) as u64, "{text}");
+}
+
+#[test]
+fn a_third_signal_exits_at_once() {
+    let dir = synthetic_dataset("third");
+    let cfg = slow_steps(&dir, "third").micro_batches(20_000).write();
+    let child = start_and_wait(&cfg, &dir.join("third"), 0);
+    std::thread::sleep(Duration::from_millis(500)); // training, inside the first step
+    signal(&child, 3);
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(res.status.code(), Some(130), "{}", String::from_utf8_lossy(&res.stderr));
+}

@@ -178,6 +178,14 @@ pub struct RunConfig {
     /// Print a training-loss line every this many steps (0: never).
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Seconds a stop signal waits for the current step to finish before the stop is forced
+    /// (at the next micro-batch boundary, dropping the step).
+    #[serde(default = "default_stop_grace_s")]
+    pub stop_grace_s: u64,
+}
+
+fn default_stop_grace_s() -> u64 {
+    30
 }
 
 fn default_seed() -> u64 {

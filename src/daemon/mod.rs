@@ -231,12 +231,41 @@ async fn serve(
     log.say(format!("listening on http://{addr} (GET /metrics, GET /status, POST /control/{{pause,resume,checkpoint,grow,stop}})"));
     let signals = {
         let d = d.clone();
+        let grace = Duration::from_secs(cfg.run.stop_grace_s);
         tokio::spawn(async move {
+            // Stop signals escalate as in `runtime::supervisor::watch_stop_signals`: finish the
+            // step; then (a second signal, or the grace period) stop at the next micro-batch
+            // boundary; a third exits at once.
+            let mut seen = 0;
+            let mut deadline: Option<tokio::time::Instant> = None;
             loop {
-                tokio::select! {
-                    _ = term.recv() => d.request_stop("SIGTERM"),
-                    _ = int.recv() => d.request_stop("SIGINT"),
-                    _ = hup.recv() => d.reload(),
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                    _ = hup.recv() => {
+                        d.reload();
+                        continue;
+                    }
+                    _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                        deadline = None;
+                        d.force_stop(&format!("the stop grace period of {} s is over", grace.as_secs()));
+                        continue;
+                    }
+                };
+                seen += 1;
+                match seen {
+                    1 => {
+                        deadline = Some(tokio::time::Instant::now() + grace);
+                        d.request_stop(name);
+                    }
+                    2 => {
+                        deadline = None;
+                        d.force_stop(&format!("{name} again"));
+                    }
+                    _ => {
+                        d.log.say(format!("{name} a third time: exiting now"));
+                        std::process::exit(130);
+                    }
                 }
             }
         })
@@ -267,7 +296,8 @@ async fn serve(
             let steps = report.steps.last().map_or(0, |s| s.step);
             let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();
             let how = if stopped { "stopped" } else { "finished" };
-            log.say(format!("{how} step={steps}{val} wall_s={:.1}", report.wall_s));
+            let ck = report.final_checkpoint.as_ref().map(|p| format!(" checkpoint={}", p.display())).unwrap_or_default();
+            log.say(format!("{how} step={steps}{val} wall_s={:.1}{ck}", report.wall_s));
             *d.phase.lock().expect("phase lock") = Phase::Finished;
             let _ = metrics_actor.cast(MetricsMsg::State("finished"));
             0

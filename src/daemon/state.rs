@@ -182,6 +182,27 @@ impl Daemon {
         }
     }
 
+    /// Force the stop: the run stops at the next micro-batch boundary, dropping the step in
+    /// progress, checkpoints its last completed step and fails (exit 1, without lingering).
+    pub fn force_stop(&self, why: &str) {
+        let mut ph = self.phase.lock().expect("phase lock");
+        match *ph {
+            Phase::Running | Phase::Stopping => {
+                *ph = Phase::Stopping;
+                drop(ph);
+                self.log.say(format!("forced stop ({why}): stopping at the next micro-batch boundary"));
+                let _ = self.metrics.cast(MetricsMsg::State("stopping"));
+                let _ = self.supervisor.cast(SupervisorMsg::ForceStop);
+                // A stored permit: the linger after the run ends is skipped.
+                self.stop.notify_one();
+            }
+            Phase::Finished | Phase::Failed(_) => {
+                drop(ph);
+                self.stop.notify_one();
+            }
+        }
+    }
+
     pub fn reload(&self) {
         if let Err(e) = self.log.reopen() {
             eprintln!("warning: SIGHUP: {e:#}");

@@ -18,6 +18,10 @@ pub enum RunError {
     /// were checkpointed to `checkpoint` when there was one.
     #[error("training loss became {loss} at step {step} (depth {depth}){}", last_good(checkpoint))]
     NonFiniteLoss { step: u64, depth: usize, loss: f32, checkpoint: Option<String> },
+    /// A forced stop (a second signal, or the stop grace period running out) ended the run at a
+    /// micro-batch boundary; the step in progress was not applied.
+    #[error("forced stop at step {step}: the step in progress was dropped{}", last_good(checkpoint))]
+    ForcedStop { step: u64, checkpoint: Option<String> },
     /// Reading, writing or restoring a checkpoint failed.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

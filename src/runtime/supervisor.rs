@@ -32,6 +32,9 @@ pub enum SupervisorMsg {
     Finished(Result<TrainReport, RunError>),
     /// Finish the current step, checkpoint, stop.
     RequestStop,
+    /// Stop at the next micro-batch boundary, dropping the step in progress (see
+    /// `SchedulerMsg::ForceStop`).
+    ForceStop,
     /// Where the run is (None while the pipeline is being rebuilt).
     Status(RpcReplyPort<Option<Status>>),
     /// Control requests, forwarded to the scheduler (see `SchedulerMsg`).
@@ -59,6 +62,7 @@ pub struct SupervisorState {
     restarts: u32,
     stopping: bool,
     stop_requested: bool,
+    force_requested: bool,
     done: Option<tokio::sync::oneshot::Sender<Result<TrainReport, RunError>>>,
     observer: Observer,
 }
@@ -89,6 +93,9 @@ impl<B: Backend> SupervisorActor<B> {
         s.roles.lock().expect("roles lock").insert(scheduler.get_id(), "scheduler".into());
         if s.stop_requested {
             let _ = scheduler.cast(SchedulerMsg::RequestStop);
+        }
+        if s.force_requested {
+            let _ = scheduler.cast(SchedulerMsg::ForceStop);
         }
         s.scheduler = Some(scheduler);
         Ok(())
@@ -129,6 +136,7 @@ impl<B: Backend> Actor for SupervisorActor<B> {
             restarts: 0,
             stopping: false,
             stop_requested: false,
+            force_requested: false,
             done: Some(a.done),
             observer: a.observer,
         })
@@ -144,6 +152,13 @@ impl<B: Backend> Actor for SupervisorActor<B> {
     async fn handle(&self, me: ActorRef<SupervisorMsg>, msg: SupervisorMsg, s: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Finished(r) => Self::finish(&me, s, r).await,
+            SupervisorMsg::ForceStop => {
+                s.stop_requested = true;
+                s.force_requested = true;
+                if let Some(scheduler) = &s.scheduler {
+                    let _ = scheduler.cast(SchedulerMsg::ForceStop);
+                }
+            }
             SupervisorMsg::RequestStop => {
                 s.stop_requested = true;
                 if let Some(scheduler) = &s.scheduler {
@@ -284,25 +299,61 @@ pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, ob
     Ok(RunHandle { supervisor, done: rx, join })
 }
 
+/// Stop signals (SIGTERM, SIGINT) escalate: the first finishes the current step, checkpoints
+/// and ends the run (`RequestStop`); the second — or the first when the step has not finished
+/// within `grace` — stops at the next micro-batch boundary, checkpoints the last completed step
+/// and ends the run with an error (`ForceStop`); the third exits the process at once (code 130).
+/// `say` is told what each signal did.
+pub fn watch_stop_signals(
+    supervisor: ActorRef<SupervisorMsg>,
+    grace: std::time::Duration,
+    say: impl Fn(&str) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        let mut seen = 0;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    deadline = None;
+                    seen = seen.max(1);
+                    say(&format!("the stop grace period ({} s) is over: forcing the stop", grace.as_secs()));
+                    let _ = supervisor.cast(SupervisorMsg::ForceStop);
+                    continue;
+                }
+            };
+            seen += 1;
+            match seen {
+                1 => {
+                    say(&format!("{name}: finishing the current step, then checkpoint and stop (again to stop at once)"));
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                    let _ = supervisor.cast(SupervisorMsg::RequestStop);
+                }
+                2 => {
+                    say(&format!("{name} again: stopping at the next micro-batch boundary (once more to exit now)"));
+                    deadline = None;
+                    let _ = supervisor.cast(SupervisorMsg::ForceStop);
+                }
+                _ => {
+                    say(&format!("{name} a third time: exiting now"));
+                    std::process::exit(130);
+                }
+            }
+        }
+    })
+}
+
 /// [`train`] inside an existing multi-thread tokio runtime.
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, signals: bool) -> anyhow::Result<TrainReport> {
     let run = start::<B>(cfg, data, opts, events::none()).await?;
-    let supervisor = run.supervisor.clone();
-    let watcher = signals.then(|| {
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                let _ = supervisor.cast(SupervisorMsg::RequestStop);
-            }
-        })
-    });
+    let grace = std::time::Duration::from_secs(cfg.run.stop_grace_s);
+    let watcher = signals.then(|| watch_stop_signals(run.supervisor.clone(), grace, |m| eprintln!("{m}")));
     let result = run.wait().await;
     if let Some(w) = watcher {
         w.abort();

@@ -57,6 +57,10 @@ pub enum SchedulerMsg {
     MicroDone(MicroDone),
     /// Finish the current step, write a checkpoint and end the run (SIGTERM, SIGINT).
     RequestStop,
+    /// Stop at the next micro-batch boundary, dropping the step in progress, write a checkpoint
+    /// of the last completed step, and end the run with [`RunError::ForcedStop`] (a second
+    /// signal, or the stop grace period running out).
+    ForceStop,
     Status(RpcReplyPort<Status>),
     /// Stop issuing work at the next step boundary until `Resume`.
     Pause,
@@ -163,6 +167,7 @@ pub struct SchedulerState<B: Backend> {
     phase: Phase,
     eval_pending: bool,
     stop_requested: bool,
+    force_stop: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
     /// This run's id (`checkpoint::Meta::run_id`): pruning deletes only its own checkpoints.
@@ -339,6 +344,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             phase: Phase::Idle,
             eval_pending: step == 0,
             stop_requested: false,
+            force_stop: false,
             growth,
             run_id,
             step_cursor: loader_cursor,
@@ -406,6 +412,15 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
                 s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.step));
             }
             s.stop_requested = true;
+            if matches!(s.phase, Phase::Idle) {
+                s.next(me).await?;
+            }
+        }
+        SchedulerMsg::ForceStop => {
+            if !s.force_stop {
+                s.log.say(format!("forced stop at step {}: dropping the step in progress at the next micro-batch boundary", s.step));
+            }
+            s.force_stop = true;
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }

@@ -69,6 +69,14 @@ impl<B: Backend> SchedulerState<B> {
         let i = *p.index.get(&d.mb).ok_or_else(|| boxed(RunError::Protocol(format!("unknown micro-batch {}", d.mb))))?;
         p.losses[i] = d.loss;
         p.done += 1;
+        if self.force_stop {
+            // Issue nothing more; once the micro-batches in flight are back, stop.
+            if p.done == p.issued {
+                return self.stop_now(train).await;
+            }
+            self.phase = if train { Phase::Train(p) } else { Phase::Eval(p) };
+            return Ok(());
+        }
         let total = if train { self.cfg.data.micro_batches } else { self.val.len() };
         match (p.done == total, train) {
             (true, true) => self.end_step(me, p.losses).await,
@@ -84,6 +92,9 @@ impl<B: Backend> SchedulerState<B> {
     /// At a step boundary: answer control requests, evaluate if due, otherwise grow if due and
     /// start the next step, or finish.
     pub(super) async fn next(&mut self, _me: &ActorRef<SchedulerMsg>) -> Res<()> {
+        if self.force_stop {
+            return self.stop_now(false).await;
+        }
         if self.stop_requested {
             return self.finish().await;
         }
@@ -256,18 +267,30 @@ impl<B: Backend> SchedulerState<B> {
         Ok(path)
     }
 
-    /// A checkpoint of the state after the last completed step, taken mid-step (the loader goes
-    /// back to the step's start). Best effort: the path, or None when it could not be written.
-    pub(super) async fn checkpoint_last_good(&mut self) -> Option<String> {
+    /// A forced stop, with nothing in flight: checkpoint the last completed step and end the
+    /// run with [`RunError::ForcedStop`]. `mid_step`: a training step was in progress.
+    async fn stop_now(&mut self, mid_step: bool) -> Res<()> {
+        if matches!(self.phase, Phase::Finished) {
+            return Ok(());
+        }
+        self.phase = Phase::Finished;
+        let checkpoint = if mid_step { self.checkpoint_last_good().await } else { self.checkpoint_here().await };
+        let err = RunError::ForcedStop { step: self.step, checkpoint };
+        self.log.say(err.to_string());
+        let _ = self.log.finish();
+        self.ended.send_message(RunEnded(Err(err))).map_err(|e| boxed(RunError::Protocol(e.to_string())))
+    }
+
+    /// A checkpoint at this step boundary, unless one is on disk already (best effort).
+    async fn checkpoint_here(&mut self) -> Option<String> {
         if self.step == 0 {
-            return None; // no good step yet
+            return None;
         }
         if let Some((s, p)) = &self.last_checkpoint {
             if *s == self.step {
                 return Some(p.display().to_string());
             }
         }
-        self.loader.restore(&self.step_cursor.clone());
         match self.write_checkpoint().await {
             Ok(p) => Some(p.display().to_string()),
             Err(e) => {
@@ -275,6 +298,16 @@ impl<B: Backend> SchedulerState<B> {
                 None
             }
         }
+    }
+
+    /// A checkpoint of the state after the last completed step, taken mid-step: the weights are
+    /// still those of that step, and the loader goes back to the step's start, so that resuming
+    /// replays the dropped step from its first micro-batch. Best effort, as [`Self::checkpoint_here`].
+    pub(super) async fn checkpoint_last_good(&mut self) -> Option<String> {
+        if self.last_checkpoint.as_ref().is_none_or(|(s, _)| *s != self.step) {
+            self.loader.restore(&self.step_cursor.clone());
+        }
+        self.checkpoint_here().await
     }
 
     /// The run is over (all steps, an early stop, or a stop request): write the final checkpoint
