@@ -148,9 +148,21 @@ enum Token<'a> {
 }
 
 fn spawn_daemon(config: &Path, token: Token, extra: &[&str]) -> Daemon {
+    spawn_daemon_limited(config, token, extra, None)
+}
+
+/// As [`spawn_daemon`], with the process's open-file limit lowered to `nofile` (`ulimit -n`).
+fn spawn_daemon_limited(config: &Path, token: Token, extra: &[&str], nofile: Option<u32>) -> Daemon {
     let log = config.with_extension("log");
     let before = std::fs::read_to_string(&log).map(|t| t.len()).unwrap_or(0);
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     cmd.arg("daemon").arg("--config").arg(config).arg("--listen").arg("127.0.0.1:0").arg("--log-file").arg(&log).args(extra);
     cmd.env_remove("TAPROOT_TOKEN").stdout(Stdio::null()).stderr(Stdio::inherit());
     if let Token::Env(t) = token {
@@ -746,4 +758,106 @@ fn a_two_device_run_reports_buffers_and_cross_device_traffic_per_device() {
         // one (B, T, C) = 4 x 16 x 32 f32 buffer at a time
         assert_eq!(copied % (4.0 * 16.0 * 32.0 * 4.0), 0.0, "{dev}: {copied} bytes is not whole buffers");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The endpoint's limits: connections, timeouts, request rate, Host.
+
+const TOKEN: &str = "l1mits-t0ken";
+
+fn limited_config(dir: &Path, name: &str, sets: &[(&str, &str)]) -> PathBuf {
+    let token_file = dir.join(format!("{name}.token"));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let mut c = run_config(dir, name).unset("model.target_depth").set("daemon.token_file", format!("\"{}\"", token_file.display()));
+    for (k, v) in sets {
+        c = c.set(k, v);
+    }
+    c.write()
+}
+
+/// More idle, half-sent connections than the cap (and than the process's file limit): scrapes
+/// are still answered and a checkpoint is still written.
+#[test]
+fn idle_connections_beyond_the_cap_leave_scrapes_and_checkpoints_working() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-idle");
+    let cfg = limited_config(&dir, "idle", &[("daemon.max_connections", "16"), ("checkpoint.every", "0")]);
+    let mut d = spawn_daemon_limited(&cfg, Token::File, &[], Some(96));
+    wait_for("a few steps", Duration::from_secs(60), || (num(&status(d.addr), "step") >= 3).then_some(()));
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&d.addr, Duration::from_secs(2)) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1");
+            idle.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let r = get(d.addr, "/metrics");
+        assert_eq!(r.code, 200, "a scrape failed with {} idle connections open", idle.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = post(d.addr, "/control/checkpoint", Some(TOKEN));
+    assert_eq!(r.code, 200, "checkpoint: {}\n{}", r.body, d.log_text());
+    let path = r.json()["path"].as_str().unwrap().to_string();
+    assert!(Path::new(&path).exists(), "{path}");
+    assert!(d.alive(), "the daemon died:\n{}", d.log_text());
+    drop(idle);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(60)), 0, "{}", d.log_text());
+}
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-timeout");
+    let cfg = limited_config(&dir, "timeout", &[("daemon.idle_timeout_s", "1"), ("daemon.header_timeout_s", "1")]);
+    let d = spawn_daemon(&cfg, Token::File, &[]);
+    for partial in [&b""[..], b"GET /status HTTP/1.1\r\nHost: 127.0"] {
+        let mut s = TcpStream::connect_timeout(&d.addr, Duration::from_secs(2)).unwrap();
+        s.write_all(partial).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf); // returns when the server closes
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(5), "{partial:?}: open for {took:?}");
+    }
+}
+
+#[test]
+fn scrapes_beyond_the_rate_limit_get_429_and_control_does_not() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-rate");
+    let cfg = limited_config(&dir, "rate", &[("daemon.rate_limit", "5")]);
+    let d = spawn_daemon(&cfg, Token::File, &[]);
+    let codes: Vec<u16> = (0..40).map(|_| get(d.addr, "/metrics").code).collect();
+    assert!(codes.contains(&429), "no 429 in a flood: {codes:?}");
+    assert!(codes[..8].iter().all(|c| *c == 200), "the burst was not allowed: {codes:?}");
+    assert_eq!(post(d.addr, "/control/pause", Some(TOKEN)).code, 200, "control is rate-limited");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(d.addr, "/metrics").code, 200, "the budget did not refill");
+}
+
+#[test]
+fn the_host_header_must_name_this_endpoint() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-host");
+    let cfg = limited_config(&dir, "host", &[]);
+    let d = spawn_daemon(&cfg, Token::File, &[]);
+    let with_host = |host: &str| -> u16 {
+        let mut s = TcpStream::connect_timeout(&d.addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    };
+    let port = d.addr.port();
+    // A DNS-rebinding page reaches 127.0.0.1 under its own name.
+    assert_eq!(with_host(&format!("attacker.example:{port}")), 403);
+    assert_eq!(with_host("attacker.example"), 403);
+    assert_eq!(with_host(&format!("localhost:{}", port + 1)), 403, "another port");
+    assert_eq!(with_host(&format!("localhost:{port}")), 200);
+    assert_eq!(with_host(&format!("127.0.0.1:{port}")), 200);
 }

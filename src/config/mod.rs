@@ -78,11 +78,36 @@ pub struct DaemonConfig {
     /// After the run ends (finished or failed), keep serving `/metrics` and `/status` this many
     /// seconds so that Prometheus scrapes the final values, then exit (0 if finished, 1 if failed).
     pub linger_s: u64,
+    /// Open HTTP connections at most. A new connection beyond it closes the oldest idle one (one
+    /// not in the middle of a request), or is refused when every one is busy: idle clients can
+    /// neither take the run's file descriptors nor lock out a scrape.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_timeout_s: u64,
+    /// Seconds a connection may stay open without a request before it is closed.
+    pub idle_timeout_s: u64,
+    /// Requests per second each client address may make to `/metrics` and `/status` (a burst of
+    /// twice as many is allowed); beyond it, 429. 0: no limit.
+    pub rate_limit: f64,
+    /// Host names the `Host` header may carry besides the listen address itself (and, on a
+    /// loopback address, `localhost`): a page in a browser cannot reach the endpoint through
+    /// DNS rebinding. Empty on a wildcard address (`0.0.0.0`): any host.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        DaemonConfig { listen: "127.0.0.1:9464".into(), token_file: None, peak_flops: 0.0, linger_s: 60 }
+        DaemonConfig {
+            listen: "127.0.0.1:9464".into(),
+            token_file: None,
+            peak_flops: 0.0,
+            linger_s: 60,
+            max_connections: 64,
+            header_timeout_s: 5,
+            idle_timeout_s: 30,
+            rate_limit: 50.0,
+            allowed_hosts: Vec::new(),
+        }
     }
 }
 
@@ -449,6 +474,16 @@ impl Config {
         }
         if self.daemon.token_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             bail!("`daemon.token_file` must be a path (leave it out to read TAPROOT_TOKEN instead)");
+        }
+        let dm = &self.daemon;
+        if dm.max_connections == 0 || dm.max_connections > 4096 {
+            bail!("`daemon.max_connections` must be in 1..=4096, got {}", dm.max_connections);
+        }
+        if dm.header_timeout_s == 0 || dm.idle_timeout_s == 0 {
+            bail!("`daemon.header_timeout_s` and `daemon.idle_timeout_s` must be at least 1 second");
+        }
+        if !(dm.rate_limit.is_finite() && dm.rate_limit >= 0.0) {
+            bail!("`daemon.rate_limit` must be requests per second >= 0 (0: no limit), got {}", dm.rate_limit);
         }
         if !(self.daemon.peak_flops.is_finite() && self.daemon.peak_flops >= 0.0) {
             bail!("`daemon.peak_flops` must be a FLOP/s figure >= 0 (0: unknown), got {}", self.daemon.peak_flops);

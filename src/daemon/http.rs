@@ -19,6 +19,7 @@
 //! 403 when no token is configured; 409 when the run has ended or the request cannot be done
 //! (no expansion left in the plan); 504 when the run does not answer in time.
 
+use super::guard::{host_allowed, Guard};
 use super::state::{Daemon, Live, Phase};
 use crate::runtime::supervisor::SupervisorMsg;
 use axum::extract::{ConnectInfo, Path, State};
@@ -42,10 +43,81 @@ pub fn router(d: Shared) -> Router {
         .with_state(d)
 }
 
+/// Serve the endpoint on `listener` until the task is aborted, within the limits of
+/// [`super::guard`]: every connection holds a slot of `daemon.max_connections` (a new one closes
+/// the oldest idle one, or is refused when all are busy), must send its headers within
+/// `daemon.header_timeout_s` and is closed after `daemon.idle_timeout_s` without a request.
 pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
-    let log = d.log.clone();
-    if let Err(e) = axum::serve(listener, router(d).into_make_service_with_connect_info::<SocketAddr>()).await {
-        log.say(format!("warning: the HTTP server stopped: {e}"));
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let dc = d.cfg.daemon.clone();
+    let guard = Arc::new(Guard::new(dc.max_connections, dc.rate_limit));
+    let listen = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let app = router(d.clone());
+    let idle_ms = dc.idle_timeout_s * 1000;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors or a transient error: wait, never spin or end the server.
+                d.log.say(format!("warning: HTTP accept: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(conn) = guard.admit() else {
+            drop(stream); // every connection is in the middle of a request
+            continue;
+        };
+        let (app, guard, allowed) = (app.clone(), guard.clone(), dc.allowed_hosts.clone());
+        let header_timeout = Duration::from_secs(dc.header_timeout_s);
+        tokio::spawn(async move {
+            let c = conn.clone();
+            let g = guard.clone();
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (app, conn, guard, allowed) = (app.clone(), c.clone(), g.clone(), allowed.clone());
+                async move {
+                    conn.busy.store(true, std::sync::atomic::Ordering::Release);
+                    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
+                    let path = req.uri().path().to_string();
+                    let resp = if !host_allowed(host.as_deref(), listen, &allowed) {
+                        let msg = format!("host {:?} is not this endpoint (daemon.allowed_hosts)", host.unwrap_or_default());
+                        reply(StatusCode::FORBIDDEN, json!({ "error": msg }))
+                    } else if matches!(path.as_str(), "/metrics" | "/status") && !guard.allow(peer.ip()) {
+                        reply(StatusCode::TOO_MANY_REQUESTS, json!({ "error": "too many requests (daemon.rate_limit)" }))
+                    } else {
+                        let mut req = req.map(axum::body::Body::new);
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        match tower::ServiceExt::oneshot(app, req).await {
+                            Ok(r) => r,
+                            Err(e) => match e {},
+                        }
+                    };
+                    conn.last_active_ms.store(guard.now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    conn.busy.store(false, std::sync::atomic::Ordering::Release);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            // Closed when it has been idle too long, or when a new connection needs its slot.
+            let idle = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let quiet = guard.now_ms().saturating_sub(conn.last_active_ms.load(std::sync::atomic::Ordering::Relaxed));
+                    if !conn.busy.load(std::sync::atomic::Ordering::Acquire) && quiet > idle_ms {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = served => {}
+                _ = idle => {}
+                _ = conn.close.notified() => {}
+            }
+            guard.release(&conn);
+        });
     }
 }
 

@@ -28,6 +28,7 @@
 //!   stop answer 409 once the run has ended. A daemon started on a run that is already complete
 //!   resumes at its last step, finishes at once and lingers: it never trains past `run.steps`.
 
+pub mod guard;
 pub mod http;
 pub mod state;
 
