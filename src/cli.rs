@@ -147,6 +147,10 @@ pub enum DataCmd {
         /// File-name prefix of the shards.
         #[arg(long, default_value = "corpus")]
         name: String,
+        /// Write into a folder that holds another corpus, after moving its shards into a
+        /// `replaced-<time>` folder (nothing is merged).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -183,7 +187,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
             }
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
+            let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
                 format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
             })?;
             println!(
@@ -245,8 +249,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {
             experiment_command(&ExperimentArgs { name, quick, config, set, out, fresh, no_cache }).map(|_| ())
         }
-        Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name } } => {
-            let rep = prepare(&PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, name })?;
+        Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name, overwrite } } => {
+            let rep = prepare(&PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, name, overwrite })?;
+            if let Some(r) = &rep.replaced {
+                println!("overwrite: the folder's previous shards were moved to {}", r.display());
+            }
             println!("{rep}");
             Ok(())
         }

@@ -252,6 +252,32 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("copying from 0 blocks", demo_with("init = \"random\"", "init = \"copying\""), "growth[0].init` = \"copying\""),
         ("copying_zero from 0 blocks", demo_with("init = \"random\"", "init = \"copying_zero\""), "growth[0].init` = \"copying_zero\""),
         ("at rounding to step 0", demo_with("at = 0.8", "at = 0.0001"), "growth[0].at"),
+        // Sizes: refused at load time with the estimate, before anything is allocated.
+        ("channels = 2^40", demo_with("channels = 128", "channels = 1099511627776"), "the run needs about"),
+        ("max_seq = 2^40", demo_with("heads = 4\n", "heads = 4\nmax_seq = 1099511627776\n"), "the run needs about"),
+        (
+            "depth = 100000",
+            demo_with("depth = 0\n", "depth = 100000\n").replacen("target_depth = 6", "target_depth = 100000", 1).replacen(
+                "[[growth]]\nat = 0.8\nto_depth = 6\ninit = \"random\"\n",
+                "",
+                1,
+            ),
+            "the run needs about",
+        ),
+        (
+            "a growth to 100,000 blocks",
+            demo_with("to_depth = 6", "to_depth = 100000").replacen("target_depth = 6", "target_depth = 100000", 1),
+            "more than",
+        ),
+        ("micro_batches = 2^40", demo_with("seq_len = 128\n", "seq_len = 128\nmicro_batches = 1099511627776\n"), "the run needs about"),
+        ("batch_size = 2^40", demo_with("batch_size = 16", "batch_size = 1099511627776"), "the run needs about"),
+        ("eval.batches = 2^40", demo_with("batches = 16", "batches = 1099511627776"), "the run needs about"),
+        (
+            "run.max_memory below the estimate",
+            demo_with("log_every = 100\n", "log_every = 100\nmax_memory = \"1MiB\"\n"),
+            "of `run.max_memory`",
+        ),
+        ("run.max_memory not a size", demo_with("log_every = 100\n", "log_every = 100\nmax_memory = \"lots\"\n"), "run.max_memory"),
         // The [daemon] section.
         ("unknown key in [daemon]", format!("{DEMO}\n[daemon]\nport = 9464\n"), "daemon.port"),
         ("daemon.listen without a port", format!("{DEMO}\n[daemon]\nlisten = \"127.0.0.1\"\n"), "daemon.listen"),
@@ -404,4 +430,25 @@ fn set_addresses_growth_entries_by_index() {
     set_err(DEMO, &["growth[3].init=zero"], "`growth` has 1 entries, so `growth[3]` is out of range");
     set_err(DEMO, &["growth[x].init=zero"], "\"x\" is not an index");
     set_err(DEMO, &["run[0].steps=5"], "`run` is not a list");
+}
+
+#[test]
+fn the_memory_estimate_follows_the_model_and_accepts_what_fits() {
+    use taproot::config::memory::{estimate, parse_bytes};
+    let demo = Config::parse(DEMO, &[]).unwrap();
+    let e = estimate(&demo);
+    // The demo at its target depth: P = 256·128 + 128·128 + 2·128 + 6·(12·128² + 13·128) floats.
+    let p = (256 * 128 + 128 * 128 + 2 * 128 + 6 * (12 * 128 * 128 + 13 * 128)) as f64;
+    assert_eq!(e.params, 4.0 * p);
+    assert_eq!(e.grads, 4.0 * p);
+    assert!(e.total() < 2.0 * 1024.0 * 1024.0 * 1024.0, "the demo needs under 2 GiB: {e:?}");
+    // Twice the channels: about four times the block parameters.
+    let wide = parse_set(DEMO, &["model.channels=256"]);
+    assert!(estimate(&wide).params > 3.5 * e.params);
+    // A limit the demo fits in is accepted.
+    parse_set(DEMO, &["run.max_memory=\"4GiB\""]);
+    assert_eq!(parse_bytes("512MiB"), Some(512.0 * 1024.0 * 1024.0));
+    assert_eq!(parse_bytes("2GB"), Some(2e9));
+    assert_eq!(parse_bytes("1000"), Some(1000.0));
+    assert_eq!(parse_bytes("-1GiB"), None);
 }

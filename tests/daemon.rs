@@ -861,3 +861,27 @@ fn the_host_header_must_name_this_endpoint() {
     assert_eq!(with_host(&format!("localhost:{port}")), 200);
     assert_eq!(with_host(&format!("127.0.0.1:{port}")), 200);
 }
+
+/// A token file deleted (or emptied) and SIGHUP: the old token no longer opens control.
+#[test]
+fn a_deleted_token_file_on_sighup_revokes_the_token() {
+    let _cpu = shared_cpu();
+    let dir = synthetic_dataset("daemon-revoke");
+    let cfg = limited_config(&dir, "revoke", &[]);
+    let mut d = spawn_daemon(&cfg, Token::File, &[]);
+    assert_eq!(post(d.addr, "/control/pause", Some(TOKEN)).code, 200);
+    std::fs::remove_file(dir.join("revoke.token")).unwrap();
+    d.signal("HUP");
+    let code = wait_for("the revocation", Duration::from_secs(20), || {
+        let c = post(d.addr, "/control/resume", Some(TOKEN)).code;
+        (c != 200).then_some(c)
+    });
+    assert_eq!(code, 403, "{}", d.log_text());
+    assert!(d.log_text().contains("control is disabled"), "{}", d.log_text());
+    // A new token file and SIGHUP: control with the new token only.
+    std::fs::write(dir.join("revoke.token"), "n3w-t0ken\n").unwrap();
+    d.signal("HUP");
+    wait_for("the new token", Duration::from_secs(20), || (post(d.addr, "/control/resume", Some("n3w-t0ken")).code == 200).then_some(()));
+    assert_eq!(post(d.addr, "/control/pause", Some(TOKEN)).code, 401);
+    assert!(d.alive());
+}

@@ -307,6 +307,7 @@ fn prepare_splits_tail_into_val() {
         tokenizer: "gpt2".to_string(),
         val_fraction: 0.25,
         name: "tiny".to_string(),
+        overwrite: false,
     };
     let report = prepare(&args).unwrap();
     assert_eq!(report.files, 2);
@@ -347,8 +348,14 @@ fn prepare_directory_with_bytes_tokenizer() {
     std::fs::write(input.join("1.txt"), b"hello ").unwrap();
     std::fs::write(input.join("skip.md"), b"not a text file").unwrap();
     let out = tmp.path().join("out");
-    let args =
-        PrepareArgs { inputs: vec![input], out_dir: out.clone(), tokenizer: "bytes".to_string(), val_fraction: 0.1, name: "b".to_string() };
+    let args = PrepareArgs {
+        inputs: vec![input],
+        out_dir: out.clone(),
+        tokenizer: "bytes".to_string(),
+        val_fraction: 0.1,
+        name: "b".to_string(),
+        overwrite: false,
+    };
     let report = prepare(&args).unwrap();
     assert_eq!(report.files, 2);
     let train = read_shard(&out.join("b_train_000001.bin")).unwrap();
@@ -369,6 +376,7 @@ fn prepare_empty_input_errors() {
         tokenizer: "bytes".to_string(),
         val_fraction: 0.1,
         name: "e".to_string(),
+        overwrite: false,
     };
     let msg = err_string(prepare(&args));
     assert!(msg.contains("no input files"), "{msg}");
@@ -392,6 +400,7 @@ fn prepare_rejects_non_utf8_for_gpt2() {
         tokenizer: "gpt2".to_string(),
         val_fraction: 0.1,
         name: "x".to_string(),
+        overwrite: false,
     };
     let msg = err_string(prepare(&args));
     assert!(msg.contains("latin1.txt") && msg.contains("UTF-8"), "{msg}");
@@ -433,4 +442,59 @@ fn dataset_concatenates_train_shards_in_name_order() {
     assert_eq!(ds.train, vec![1, 2, 3, 4]);
     assert_eq!(ds.val, vec![9]);
     assert_eq!(ds.vocab, 256);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A shard folder records its tokenizer, and holds one corpus.
+
+fn bytes_corpus(tmp: &TempDir, out: &Path, name: &str, text: &str) -> PrepareArgs {
+    let input = tmp.path().join(format!("{name}.txt"));
+    std::fs::write(&input, text).unwrap();
+    PrepareArgs {
+        inputs: vec![input],
+        out_dir: out.to_path_buf(),
+        tokenizer: "bytes".into(),
+        val_fraction: 0.2,
+        name: name.into(),
+        overwrite: false,
+    }
+}
+
+#[test]
+fn a_gpt2_config_on_byte_level_shards_is_an_error() {
+    let tmp = TempDir::new("tok-mismatch");
+    let out = tmp.path().join("shards");
+    prepare(&bytes_corpus(&tmp, &out, "plays", "To be, or not to be, that is the question.\n")).unwrap();
+    let gpt2 = Tokenizer::from_name("gpt2").unwrap();
+    let msg = err_string(Dataset::open_for(&out, &gpt2));
+    assert!(msg.contains("tokenized with `bytes`") && msg.contains("`data.tokenizer` is `gpt2`"), "{msg}");
+    let bytes = Tokenizer::from_name("bytes").unwrap();
+    assert!(Dataset::open_for(&out, &bytes).is_ok());
+    // Shards without a record (llm.c's scripts) are read as before.
+    std::fs::remove_file(out.join("corpus.json")).unwrap();
+    assert!(Dataset::open_for(&out, &gpt2).is_ok());
+}
+
+#[test]
+fn prepare_into_a_folder_holding_another_corpus_refuses_unless_overwrite() {
+    let tmp = TempDir::new("prep-other");
+    let out = tmp.path().join("shards");
+    prepare(&bytes_corpus(&tmp, &out, "plays", "Now is the winter of our discontent.\n")).unwrap();
+    let before = read_shard(&out.join("plays_train_000001.bin")).unwrap();
+    // The same corpus again: rewritten in place (the demo script re-runs prepare).
+    prepare(&bytes_corpus(&tmp, &out, "plays", "Now is the winter of our discontent.\n")).unwrap();
+    // Another corpus: refused, nothing written or merged.
+    let msg = err_string(prepare(&bytes_corpus(&tmp, &out, "poems", "Of Mans First Disobedience, and the Fruit.\n")));
+    assert!(msg.contains("already holds") && msg.contains("--overwrite"), "{msg}");
+    assert!(!out.join("poems_train_000001.bin").exists());
+    assert_eq!(read_shard(&out.join("plays_train_000001.bin")).unwrap(), before);
+    // With overwrite: the old corpus is moved aside whole, the new one stands alone.
+    let rep =
+        prepare(&PrepareArgs { overwrite: true, ..bytes_corpus(&tmp, &out, "poems", "Of Mans First Disobedience, and the Fruit.\n") })
+            .unwrap();
+    let aside = rep.replaced.expect("moved aside");
+    assert_eq!(read_shard(&aside.join("plays_train_000001.bin")).unwrap(), before);
+    let ds = Dataset::open(&out, 256).unwrap();
+    let text: String = ds.train.iter().chain(ds.val.iter()).map(|&t| t as u8 as char).collect();
+    assert!(text.starts_with("Of Mans") && !text.contains("winter"), "{text}");
 }

@@ -353,6 +353,7 @@ fn resume_refuses_trajectory_changes_unless_allowed_and_accepts_harmless_ones() 
             text.contains(&format!("`{key}`")) && text.contains("--allow-config-change"),
             "{set}: the error does not name {key}:\n{text}"
         );
+        assert!(!text.contains("panicked"), "a start-up error that is no panic says `panicked`:\n{text}");
     }
     let (ok, text) = run_bin(&cfg, &["--resume", "--set", "model.heads=4", "--set", "run.seed=7"]);
     assert!(!ok && text.contains("`model.heads`") && text.contains("`run.seed`"), "both differences listed:\n{text}");

@@ -34,8 +34,9 @@ impl std::fmt::Display for Change {
 }
 
 /// Keys (or section prefixes) that do not change what a run computes.
-const HARMLESS: [&str; 13] = [
+const HARMLESS: [&str; 14] = [
     "run.log_every",
+    "run.max_memory",
     "run.stop_grace_s",
     "run.out_dir",
     "eval",

@@ -8,9 +8,11 @@
 //! directory the command runs in (the repository root for every shipped config).
 
 pub mod changes;
+pub mod memory;
+mod validate;
 
+use crate::model::growth::Expansion;
 pub use crate::model::growth::GrowthSpec;
-use crate::model::growth::{Expansion, GrowInit};
 use crate::model::init::InitScheme;
 use crate::optim::schedule::Schedule;
 use crate::optim::OptimConfig;
@@ -207,6 +209,11 @@ pub struct RunConfig {
     /// (at the next micro-batch boundary, dropping the step).
     #[serde(default = "default_stop_grace_s")]
     pub stop_grace_s: u64,
+    /// The memory the run may need at its largest (`"24GiB"`, `"512MiB"`, or bytes); the config
+    /// is refused when the estimate exceeds it (see `config::memory`). Default: the host's memory
+    /// on CPU devices, no check on CUDA devices.
+    #[serde(default)]
+    pub max_memory: Option<String>,
 }
 
 fn default_stop_grace_s() -> u64 {
@@ -382,166 +389,6 @@ impl Config {
     /// The growth plan as expansions at absolute steps, in order.
     pub fn expansions(&self) -> Vec<Expansion> {
         self.growth.iter().map(|g| g.resolve(self.run.steps)).collect()
-    }
-
-    /// Consistency checks that the types alone cannot express; each error names its key.
-    pub fn validate(&self) -> Result<()> {
-        let pos = |v: usize, key: &str| -> Result<()> {
-            if v == 0 {
-                bail!("`{key}` must be at least 1");
-            }
-            Ok(())
-        };
-        let n = &self.run.name;
-        if n.is_empty() || n == "." || n == ".." || n.contains(['/', '\\']) || n.chars().any(|c| c.is_control()) {
-            bail!("`run.name` must be a plain name (no path separators, `.` or `..`, control characters or NUL), got {n:?}");
-        }
-        if self.run.steps == 0 {
-            bail!("`run.steps` must be at least 1");
-        }
-        pos(self.data.batch_size, "data.batch_size")?;
-        pos(self.data.seq_len, "data.seq_len")?;
-        pos(self.data.micro_batches, "data.micro_batches")?;
-        if !matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") {
-            bail!("`data.tokenizer` must be \"bytes\" or \"gpt2\", got {:?}", self.data.tokenizer);
-        }
-        pos(self.model.channels, "model.channels")?;
-        pos(self.model.heads, "model.heads")?;
-        if !self.model.channels.is_multiple_of(self.model.heads) {
-            bail!("`model.heads` ({}) must divide `model.channels` ({})", self.model.heads, self.model.channels);
-        }
-        if self.max_seq() < self.data.seq_len {
-            bail!("`model.max_seq` ({}) is shorter than `data.seq_len` ({})", self.max_seq(), self.data.seq_len);
-        }
-        let target = self.target_depth();
-        if target < self.model.depth {
-            bail!("`model.target_depth` ({target}) is below the starting depth `model.depth` ({})", self.model.depth);
-        }
-        let s = &self.schedule;
-        if !(s.lr.is_finite() && s.lr > 0.0) {
-            bail!("`schedule.lr` must be a positive number, got {}", s.lr);
-        }
-        if !(0.0..1.0).contains(&s.warmup) {
-            bail!("`schedule.warmup` is a fraction of the steps in [0, 1), got {}", s.warmup);
-        }
-        if !(0.0..=1.0).contains(&s.decay) || s.warmup + s.decay > 1.0 {
-            bail!("`schedule.decay` must be a fraction in [0, 1] with warmup + decay <= 1, got decay {} and warmup {}", s.decay, s.warmup);
-        }
-        if !(s.min_lr >= 0.0 && s.min_lr <= s.lr) {
-            bail!("`schedule.min_lr` must be in [0, schedule.lr], got {}", s.min_lr);
-        }
-        let o = &self.optim;
-        if !(0.0..1.0).contains(&o.momentum) {
-            bail!("`optim.momentum` must be in [0, 1), got {}", o.momentum);
-        }
-        for (beta, key) in [(o.beta1, "optim.beta1"), (o.beta2, "optim.beta2")] {
-            if !(0.0..1.0).contains(&beta) {
-                bail!("`{key}` must be in [0, 1), got {beta}");
-            }
-        }
-        if o.weight_decay.is_some_and(|w| w.is_nan() || w < 0.0) {
-            bail!("`optim.weight_decay` must be >= 0");
-        }
-        pos(self.eval.batches, "eval.batches")?;
-        if !(self.plan.mix_tolerance > 0.0 && self.plan.mix_tolerance < 1.0) {
-            bail!("`plan.mix_tolerance` must be a relative tolerance in (0, 1), got {}", self.plan.mix_tolerance);
-        }
-        if let Some(b) = self.plan.budget {
-            if b == 0 || b > self.run.steps {
-                bail!("`plan.budget` must be in 1..={} (`run.steps`), got {b}", self.run.steps);
-            }
-        }
-        if self.plan.eval_every == Some(0) {
-            bail!("`plan.eval_every` must be at least 1");
-        }
-        if self.placement.devices.is_empty() {
-            bail!("`placement.devices` must name at least one device");
-        }
-        for (i, d) in self.placement.devices.iter().chain(self.placement.ends.iter()).enumerate() {
-            if !valid_device_name(d) {
-                bail!("`placement.devices[{i}]` = {d:?} is not a device name (\"cpu\", \"cpu:N\" or \"cuda:N\")");
-            }
-        }
-        let cuda = self.placement.devices.iter().chain(self.placement.ends.iter()).filter(|d| d.starts_with("cuda")).count();
-        if cuda != 0 && cuda != self.placement.devices.len() + usize::from(self.placement.ends.is_some()) {
-            bail!("`placement.devices` mixes CPU and CUDA devices: one run uses one backend");
-        }
-        if self.checkpoint.keep == 0 {
-            bail!("`checkpoint.keep` must be at least 1");
-        }
-        if self.daemon.listen.parse::<std::net::SocketAddr>().is_err() {
-            bail!("`daemon.listen` must be an address with a port, like \"127.0.0.1:9464\", got {:?}", self.daemon.listen);
-        }
-        if self.daemon.token_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            bail!("`daemon.token_file` must be a path (leave it out to read TAPROOT_TOKEN instead)");
-        }
-        let dm = &self.daemon;
-        if dm.max_connections == 0 || dm.max_connections > 4096 {
-            bail!("`daemon.max_connections` must be in 1..=4096, got {}", dm.max_connections);
-        }
-        if dm.header_timeout_s == 0 || dm.idle_timeout_s == 0 {
-            bail!("`daemon.header_timeout_s` and `daemon.idle_timeout_s` must be at least 1 second");
-        }
-        if !(dm.rate_limit.is_finite() && dm.rate_limit >= 0.0) {
-            bail!("`daemon.rate_limit` must be requests per second >= 0 (0: no limit), got {}", dm.rate_limit);
-        }
-        if !(self.daemon.peak_flops.is_finite() && self.daemon.peak_flops >= 0.0) {
-            bail!("`daemon.peak_flops` must be a FLOP/s figure >= 0 (0: unknown), got {}", self.daemon.peak_flops);
-        }
-        if self.faults.panic_layer.is_some() != self.faults.panic_at_step.is_some() {
-            bail!("`faults.panic_layer` and `faults.panic_at_step` go together");
-        }
-        let mut depth = self.model.depth;
-        let mut last_step = 0u64;
-        for (i, g) in self.growth.iter().enumerate() {
-            let key = format!("growth[{i}]");
-            match (g.at, g.at_step) {
-                (Some(_), Some(_)) => bail!("`{key}`: give `at` (fraction of run.steps) or `at_step`, not both"),
-                (None, None) => bail!("`{key}`: missing `at` (fraction of run.steps) or `at_step`"),
-                (Some(a), None) if !(a > 0.0 && a < 1.0) => bail!("`{key}.at` must be a fraction in (0, 1), got {a}"),
-                _ => {}
-            }
-        }
-        for (i, e) in self.expansions().iter().enumerate() {
-            let key = format!("growth[{i}]");
-            if e.at_step == 0 || e.at_step >= self.run.steps {
-                let given = if self.growth[i].at_step.is_some() { "at_step" } else { "at" };
-                bail!(
-                    "`{key}.{given}`: τ = step {} is not inside the run (steps 1..{} of `run.steps` = {})",
-                    e.at_step,
-                    self.run.steps - 1,
-                    self.run.steps
-                );
-            }
-            if e.at_step <= last_step && i > 0 {
-                bail!("`{key}`: expansions must be in increasing step order (step {} after step {last_step})", e.at_step);
-            }
-            if e.to_depth <= depth {
-                bail!("`{key}.to_depth` ({}) must exceed the depth before it ({depth})", e.to_depth);
-            }
-            if matches!(e.init, GrowInit::Copying | GrowInit::CopyingZero) && depth == 0 {
-                let init = serde_json::to_string(&e.init).unwrap_or_else(|_| format!("{:?}", e.init));
-                bail!("`{key}.init` = {init} copies trained blocks, but the model has 0 blocks then: use \"random\"");
-            }
-            if e.to_depth > target {
-                bail!("`{key}.to_depth` ({}) exceeds `model.target_depth` ({target})", e.to_depth);
-            }
-            depth = e.to_depth;
-            last_step = e.at_step;
-        }
-        // The model the plan ends at must be the target: a target that no expansion reaches
-        // would set the residual init scale for blocks that never exist.
-        if target != depth {
-            let plan = if self.growth.is_empty() {
-                "there is no growth plan".to_string()
-            } else {
-                format!("the growth plan ends at depth {depth}")
-            };
-            bail!(
-                "`model.target_depth` ({target}) is not reached: {plan} (add a `[[growth]]` entry to depth {target}, or lower the target)"
-            );
-        }
-        Ok(())
     }
 }
 

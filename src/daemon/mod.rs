@@ -110,7 +110,7 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     let _folder = crate::run_folder::RunFolder::open(&cfg, crate::run_folder::Start::Resume)?;
     let log = Arc::new(Log::open(opts.log_file.clone())?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-    let data = Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
+    let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
         format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -215,7 +215,12 @@ impl Daemon {
                         self.log.say(w);
                     }
                 }
-                Err(e) => self.log.say(format!("warning: SIGHUP: keeping the previous token: {e:#}")),
+                Err(e) => {
+                    // The token file is gone or unreadable: deny all control until it is back
+                    // (keeping the old token would honour a token the operator meant to revoke).
+                    *self.token.lock().expect("token lock") = None;
+                    self.log.say(format!("warning: SIGHUP: {e:#}: control is disabled (403) until a token file is in place and SIGHUP"));
+                }
             }
         }
         self.log.say("SIGHUP: log file reopened, token file re-read");

@@ -223,6 +223,13 @@ impl Dataset {
     ///
     /// Every shard is checked against `vocab`. Errors (naming `dir`) if there is no
     /// validation shard or no training shard.
+    /// [`Dataset::open`] for a run whose config names `tokenizer`: shards recorded with another
+    /// tokenizer are refused (see [`super::record`]).
+    pub fn open_for(dir: &Path, tokenizer: &super::Tokenizer) -> Result<Dataset> {
+        super::record::check_tokenizer(dir, tokenizer.name(), tokenizer.vocab_size())?;
+        Dataset::open(dir, tokenizer.vocab_size())
+    }
+
     pub fn open(dir: &Path, vocab: usize) -> Result<Dataset> {
         let entries = std::fs::read_dir(dir).with_context(|| format!("reading dataset directory {}", dir.display()))?;
         let mut files: Vec<(String, PathBuf)> = Vec::new();

@@ -4,8 +4,10 @@
 //!
 //! 1. [`prepare()`] reads text files, tokenizes them with a [`Tokenizer`] and writes a
 //!    validation shard and a training shard (the `taproot data prepare` command).
+//!    It records the tokenizer beside the shards ([`record`], `corpus.json`) and refuses to mix
+//!    a second corpus into a folder.
 //! 2. [`Dataset::open`] reads a directory of shards back, checking every token against the
-//!    model's vocabulary.
+//!    model's vocabulary; [`Dataset::open_for`] also checks the recorded tokenizer.
 //! 3. [`Loader`] draws random `B x (T + 1)` training batches whose sequence is fixed by a seed
 //!    and resumable from a [`LoaderState`]; [`sequential_batches`] walks the validation set
 //!    in order for evaluation.
@@ -14,10 +16,12 @@
 
 pub mod loader;
 pub mod prepare;
+pub mod record;
 pub mod shard;
 pub mod tokenizer;
 
 pub use loader::{num_sequential_batches, sequential_batches, Dataset, Loader, LoaderState, SequentialBatches};
 pub use prepare::{prepare, PrepareArgs, PrepareReport};
+pub use record::CorpusRecord;
 pub use shard::{check_tokens, read_shard, write_shard, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION};
 pub use tokenizer::{Tokenizer, GPT2_EOT, GPT2_VOCAB, TOKENIZER_NAMES};

@@ -34,6 +34,8 @@ pub struct PrepareArgs {
     pub val_fraction: f64,
     /// File prefix: shards are `<name>_val_000000.bin` and `<name>_train_000001.bin`.
     pub name: String,
+    /// Write into a folder that holds another corpus, after moving its shards aside.
+    pub overwrite: bool,
 }
 
 impl Default for PrepareArgs {
@@ -44,6 +46,7 @@ impl Default for PrepareArgs {
             tokenizer: "gpt2".to_string(),
             val_fraction: 0.1,
             name: "data".to_string(),
+            overwrite: false,
         }
     }
 }
@@ -59,6 +62,8 @@ pub struct PrepareReport {
     pub val_tokens: usize,
     /// The shards written: `[val, train]`.
     pub paths: Vec<PathBuf>,
+    /// Where another corpus's shards were moved (`overwrite`).
+    pub replaced: Option<PathBuf>,
 }
 
 impl fmt::Display for PrepareReport {
@@ -174,12 +179,21 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     let (train, val) = stream.split_at(split);
 
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating output directory {}", args.out_dir.display()))?;
+    let replaced = super::record::make_room(&args.out_dir, &args.name, &args.tokenizer, args.overwrite)?;
     let val_path = args.out_dir.join(format!("{}_val_000000.bin", args.name));
     let train_path = args.out_dir.join(format!("{}_train_000001.bin", args.name));
     write_shard(&val_path, val)?;
     write_shard(&train_path, train)?;
+    let record = super::record::CorpusRecord {
+        tokenizer: args.tokenizer.clone(),
+        vocab: tok.vocab_size(),
+        name: args.name.clone(),
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+    };
+    record.write(&args.out_dir)?;
 
-    Ok(PrepareReport { files: files.len(), train_tokens: train.len(), val_tokens: val.len(), paths: vec![val_path, train_path] })
+    Ok(PrepareReport { files: files.len(), train_tokens: train.len(), val_tokens: val.len(), paths: vec![val_path, train_path], replaced })
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ pub fn checked(c: Config) -> Result<Config> {
 /// Open the dataset a config names.
 pub fn open_data(cfg: &Config) -> Result<Dataset> {
     let tok = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
-    Dataset::open(&cfg.data.dir, tok.vocab_size()).with_context(|| {
+    Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
         format!("loading data for {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })
 }

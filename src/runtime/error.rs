@@ -61,6 +61,19 @@ impl RunError {
     }
 }
 
+/// The error of an actor that could not start, as a `RunError`: the error its start-up returned
+/// (ractor reports any start-up error as "Actor panicked during startup", panic or not), or,
+/// for other spawn failures, `Device` with `what` prefixed.
+pub fn from_spawn(what: &str, e: ractor::SpawnErr) -> RunError {
+    match e {
+        ractor::SpawnErr::StartupFailed(inner) => match inner.downcast_ref::<RunError>() {
+            Some(r) => r.clone(),
+            None => RunError::Device(format!("{what}: {inner}")),
+        },
+        other => RunError::Device(format!("{what}: {other}")),
+    }
+}
+
 /// Box a `RunError` for an actor handler.
 pub fn boxed(e: RunError) -> ActorProcessingErr {
     Box::new(e)

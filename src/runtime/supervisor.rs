@@ -89,7 +89,7 @@ impl<B: Backend> SupervisorActor<B> {
         };
         let (scheduler, _) = Actor::spawn_linked(None, SchedulerActor::<B>::default(), args, me.get_cell())
             .await
-            .map_err(|e| RunError::Device(format!("starting the pipeline: {e}")))?;
+            .map_err(|e| super::error::from_spawn("starting the pipeline", e))?;
         s.roles.lock().expect("roles lock").insert(scheduler.get_id(), "scheduler".into());
         if s.stop_requested {
             let _ = scheduler.cast(SchedulerMsg::RequestStop);

@@ -45,7 +45,7 @@ impl<B: Backend> SchedulerState<B> {
         };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
             .await
-            .map_err(|e| boxed(RunError::Device(format!("spawning layer {id} on {device}: {e}"))))?;
+            .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
         Ok(Stage { id, device, actor })
     }

@@ -309,7 +309,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         };
         let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
             .await
-            .map_err(|e| boxed(RunError::Device(format!("spawning the embedding and head on {ends_device}: {e}"))))?;
+            .map_err(|e| boxed(super::error::from_spawn(&format!("spawning the embedding and head on {ends_device}"), e)))?;
         a.roles.lock().expect("roles lock").insert(embed_head.get_id(), format!("embedding and head ({ends_device})"));
         let run_id = resumed.as_ref().and_then(|(ck, _)| ck.meta.run_id.clone()).unwrap_or_else(checkpoint::new_run_id);
         let last_checkpoint = resumed.as_ref().map(|(ck, p)| (ck.meta.step, p.clone()));
