@@ -88,6 +88,7 @@ fn demo_config_reaches_val_loss_below_2_within_3000_steps() {
                 tokenizer: "bytes".into(),
                 val_fraction: 0.1,
                 name: "shakespeare".into(),
+                overwrite: false,
             })
             .unwrap();
         } else if std::env::var("TAPROOT_REQUIRE_DATA").is_ok() {
