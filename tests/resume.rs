@@ -482,10 +482,16 @@ fn a_stop_not_done_within_the_grace_period_is_forced() {
 #[test]
 fn a_third_signal_exits_at_once() {
     let dir = synthetic_dataset("third");
-    let cfg = slow_steps(&dir, "third").micro_batches(20_000).write();
+    // Heavy micro-batches (a few hundred ms each): the forced stop of the second signal waits for
+    // the ones in flight, and the third signal must not.
+    let cfg = slow_steps(&dir, "third").batch_size(16).seq_len(256).channels(256).micro_batches(50).write();
     let child = start_and_wait(&cfg, &dir.join("third"), 0);
-    std::thread::sleep(Duration::from_millis(500)); // training, inside the first step
-    signal(&child, 3);
+    std::thread::sleep(Duration::from_millis(1500)); // training, inside the first step
+                                                     // Apart, so that the kernel does not merge them into one pending signal.
+    for _ in 0..3 {
+        signal(&child, 1);
+        std::thread::sleep(Duration::from_millis(40));
+    }
     let res = child.wait_with_output().unwrap();
     assert_eq!(res.status.code(), Some(130), "{}", String::from_utf8_lossy(&res.stderr));
 }

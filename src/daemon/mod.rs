@@ -2,11 +2,14 @@
 //!
 //! ```text
 //!   taproot daemon --config FILE [--set k=v …] [--listen 127.0.0.1:PORT] [--log-file FILE]
+//!                  [--allow-config-change KEY …]
 //! ```
 //!
-//! - **Start.** Resumes from the newest valid checkpoint of the run's checkpoint directory
-//!   (fresh when there is none): restarting the same command after a crash, a `kill -9` or a
-//!   reboot continues the run, with no flag.
+//! - **Start.** Takes the run folder's lock (`run_folder`: one process per run folder), then
+//!   resumes from the newest valid checkpoint of the run's checkpoint directory (fresh when there
+//!   is none): restarting the same command after a crash, a `kill -9` or a reboot continues the
+//!   run, with no flag. The checkpoint's config must match in every key that changes the
+//!   trajectory (`config::changes`), unless `--allow-config-change` names it.
 //! - **HTTP** (one server, on the runtime's tokio workers; [`http`]): `GET /metrics`
 //!   (Prometheus text format, rendered from the recorder the metrics actor writes to),
 //!   `GET /status` (JSON), and `POST /control/{pause,resume,checkpoint,grow,stop}`. The control
@@ -14,9 +17,13 @@
 //!   `daemon.token_file` or else the `TAPROOT_TOKEN` environment variable; a missing or wrong
 //!   token gets 401 and changes nothing; with no token configured they are disabled (403).
 //!   `/metrics` and `/status` need no token. The address is `daemon.listen` (default
-//!   `127.0.0.1:9464`), or `--listen`; port 0 picks a free port (the log names it).
-//! - **Signals.** SIGTERM or SIGINT: finish the current step, write a checkpoint, exit 0.
-//!   SIGHUP: reopen the log file (for logrotate) and re-read the token file.
+//!   `127.0.0.1:9464`), or `--listen`; port 0 picks a free port (the log names it). The
+//!   endpoint's limits (connections, timeouts, request rate, `Host`) are in [`guard`].
+//! - **Signals.** SIGTERM or SIGINT: finish the current step, write a checkpoint, exit 0. A
+//!   second one (or `run.stop_grace_s` passing first): stop at the next micro-batch boundary,
+//!   checkpoint the last completed step, exit 1. A third: exit at once (130). SIGHUP: reopen the
+//!   log file (for logrotate) and re-read the token file; a token file that is gone or empty
+//!   disables control until it is back.
 //! - **Log.** Timestamped lines (start, resume point, steps every `run.log_every`, evaluations,
 //!   growth, checkpoints, control requests, the end) go to `--log-file` (appended to), or to
 //!   stdout without it. Warnings of the runtime itself go to stderr.
