@@ -16,14 +16,17 @@
 //! The tiny run writes its corpus and run outputs to a fresh temporary directory, removed at the
 //! end. With a config, the data and outputs are the config's (`data.dir`, `run.out_dir`).
 
+mod common;
+
 use anyhow::{Context, Result};
+use common::{scratch_dir, synthetic_corpus, toml_path};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
 use taproot::config::Config;
-use taproot::data::{write_shard, Dataset, Tokenizer};
+use taproot::data::{Dataset, Tokenizer};
 use taproot::runtime::events::{Event, Observer};
 use taproot::runtime::RunOptions;
 
@@ -169,39 +172,4 @@ to_depth = 3
         out = toml_path(&dir.join("run")),
         data = toml_path(data),
     )
-}
-
-/// A path as a TOML string literal.
-fn toml_path(p: &Path) -> String {
-    toml::Value::String(p.display().to_string()).to_string()
-}
-
-/// A fresh directory under the system's temp dir.
-fn scratch_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("taproot-example-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// A byte corpus with learnable structure (random words from a small vocabulary), written as
-/// llm.c-format train and val shards into `dir/data`.
-fn synthetic_corpus(dir: &Path) -> Result<PathBuf> {
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    let words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "];
-    let mut x: u64 = 7;
-    let mut text = String::new();
-    while text.len() < 60_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 33) as usize % words.len()]);
-        if (x >> 20).is_multiple_of(7) {
-            text.push_str(".\n");
-        }
-    }
-    let toks: Vec<u32> = text.bytes().map(u32::from).collect();
-    let split = toks.len() * 9 / 10;
-    write_shard(&data.join("syn_train_000001.bin"), &toks[..split])?;
-    write_shard(&data.join("syn_val_000000.bin"), &toks[split..])?;
-    Ok(data)
 }

@@ -23,14 +23,16 @@
 //! and still listens on a free loopback port; the token is the config's `daemon.token_file` or
 //! `TAPROOT_TOKEN`, or else a token this example makes up and puts in `TAPROOT_TOKEN`.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
+use common::{scratch_dir, synthetic_corpus, toml_path};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use taproot::config::Config;
 use taproot::daemon::DaemonOptions;
-use taproot::data::write_shard;
 
 /// How long the client watches `/metrics` at most, and how many samples it takes once the model
 /// has its target depth.
@@ -285,39 +287,4 @@ linger_s = 5
         data = toml_path(data),
         token = toml_path(token_file),
     )
-}
-
-/// A path as a TOML string literal.
-fn toml_path(p: &Path) -> String {
-    toml::Value::String(p.display().to_string()).to_string()
-}
-
-/// A fresh directory under the system's temp dir.
-fn scratch_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("taproot-example-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// A byte corpus with learnable structure (random words from a small vocabulary), written as
-/// llm.c-format train and val shards into `dir/data`.
-fn synthetic_corpus(dir: &Path) -> Result<PathBuf> {
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    let words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "];
-    let mut x: u64 = 7;
-    let mut text = String::new();
-    while text.len() < 60_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 33) as usize % words.len()]);
-        if (x >> 20).is_multiple_of(7) {
-            text.push_str(".\n");
-        }
-    }
-    let toks: Vec<u32> = text.bytes().map(u32::from).collect();
-    let split = toks.len() * 9 / 10;
-    write_shard(&data.join("syn_train_000001.bin"), &toks[..split])?;
-    write_shard(&data.join("syn_val_000000.bin"), &toks[split..])?;
-    Ok(data)
 }

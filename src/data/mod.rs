@@ -18,6 +18,7 @@ pub mod loader;
 pub mod prepare;
 pub mod record;
 pub mod shard;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use loader::{num_sequential_batches, sequential_batches, Dataset, Loader, LoaderState, SequentialBatches};

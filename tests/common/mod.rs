@@ -6,28 +6,14 @@ use std::path::{Path, PathBuf};
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::Backend;
 use taproot::config::Config;
-use taproot::data::write_shard;
 use taproot::rng::Rng;
 
-/// A byte corpus with learnable structure, as shards in a fresh temp dir unique to `tag`.
+/// The synthetic byte corpus (`taproot::data::synthetic`), as shards in a fresh temp dir unique
+/// to `tag`.
 pub fn synthetic_dataset(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("taproot-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "];
-    let mut x: u64 = 7;
-    let mut text = String::new();
-    while text.len() < 60_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        text.push_str(words[(x >> 33) as usize % words.len()]);
-        if (x >> 20).is_multiple_of(7) {
-            text.push_str(".\n");
-        }
-    }
-    let toks: Vec<u32> = text.bytes().map(u32::from).collect();
-    let split = toks.len() * 9 / 10;
-    write_shard(&dir.join("syn_train_000001.bin"), &toks[..split]).unwrap();
-    write_shard(&dir.join("syn_val_000000.bin"), &toks[split..]).unwrap();
+    taproot::data::synthetic::word_corpus(&dir).unwrap();
     dir
 }
 
