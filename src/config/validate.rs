@@ -62,8 +62,29 @@ impl Config {
                 bail!("`{key}` must be in [0, 1), got {beta}");
             }
         }
-        if o.weight_decay.is_some_and(|w| w.is_nan() || w < 0.0) {
-            bail!("`optim.weight_decay` must be >= 0");
+        if o.weight_decay.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
+            bail!("`optim.weight_decay` must be a finite number >= 0");
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            bail!("`optim.eps` must be a positive number, got {}", o.eps);
+        }
+        if !(1..=100).contains(&o.ns_steps) {
+            bail!("`optim.ns_steps` (Newton-Schulz iterations) must be in 1..=100, got {}", o.ns_steps);
+        }
+        if o.ns_coeffs.iter().any(|c| !c.is_finite()) {
+            bail!("`optim.ns_coeffs` must be finite numbers, got {:?}", o.ns_coeffs);
+        }
+        if !(o.adam_lr_scale.is_finite() && o.adam_lr_scale > 0.0) {
+            bail!("`optim.adam_lr_scale` must be a positive number, got {}", o.adam_lr_scale);
+        }
+        if self.run.stop_grace_s > 86_400 {
+            bail!("`run.stop_grace_s` must be at most a day (86400 s), got {}", self.run.stop_grace_s);
+        }
+        if self.daemon.linger_s > 86_400 {
+            bail!("`daemon.linger_s` must be at most a day (86400 s), got {}", self.daemon.linger_s);
+        }
+        if self.supervision.max_restarts > 1000 {
+            bail!("`supervision.max_restarts` must be at most 1000, got {}", self.supervision.max_restarts);
         }
         pos(self.eval.batches, "eval.batches")?;
         if !(self.plan.mix_tolerance > 0.0 && self.plan.mix_tolerance < 1.0) {
