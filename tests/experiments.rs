@@ -93,6 +93,23 @@ fn recommended_tau_is_decay_start_minus_t_mix_never_before_warmup() {
     assert_eq!((r.tau, r.clamped), (20, true));
 }
 
+#[test]
+fn the_plan_says_whether_the_budget_is_in_the_mixing_regime_and_what_saving_tau_supports() {
+    let cfg = tiny_cfg(); // 1000 steps: warmup 20, decay from 900; 0 -> 2 blocks
+                          // Mixing in 150 of the 880 stable steps: τ = 750, the last 250 steps at depth 2.
+    let r = plan::recommend(&cfg, &Mixing::Mixed { at_step: 170, t_mix: 150 }).unwrap();
+    assert!(r.in_mixing_regime(), "{r:?}");
+    assert!((r.mix_fraction - 150.0 / 880.0).abs() < 1e-12);
+    assert!((r.saving_ne - 1000.0 / 250.0).abs() < 1e-12, "{}", r.saving_ne);
+    assert!(r.regime(1000).starts_with("In the mixing regime"), "{}", r.regime(1000));
+    // Mixing in 750 steps: τ = 150 (15% of T), a saving of 1000/850 only — and the plan says so.
+    let r = plan::recommend(&cfg, &Mixing::Mixed { at_step: 770, t_mix: 750 }).unwrap();
+    assert_eq!(r.tau, 150);
+    assert!(!r.in_mixing_regime());
+    let text = r.regime(1000);
+    assert!(text.starts_with("Not in the mixing regime") && text.contains("15% of T") && text.contains("1.18×"), "{text}");
+}
+
 // ---- FLOPs ----
 
 #[test]
@@ -178,7 +195,7 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
     assert_eq!(summary.len(), 6, "header, fixed, 0→L and 1→L at the config's τ and at 0.8 T");
     assert!(summary[2].starts_with("0→4 random τ=30,30,"), "{}", summary[2]);
     assert!(summary[4].starts_with("0→4 random τ=48,48,"), "{}", summary[4]);
-    for f in ["loss_vs_step", "loss_vs_flops_llmc", "loss_vs_flops_ne", "loss_vs_wall"] {
+    for f in ["loss_vs_step", "loss_vs_step_late", "loss_vs_flops_llmc", "loss_vs_flops_ne", "loss_vs_wall"] {
         assert_png(&out.join(format!("progressive-vs-fixed/{f}.png")));
     }
     assert_png(&out.join("tau-sweep/final_loss_vs_tau.png"));

@@ -54,6 +54,43 @@ pub struct Recommendation {
     pub warmup_end: u64,
     /// τ = T_decay_start − t_mix fell before warmup ended and was moved to its end.
     pub clamped: bool,
+    /// t_mix as a fraction of the stable phase (T_decay_start − warmup end).
+    pub mix_fraction: f64,
+    /// The compute saving τ supports, in the non-embedding convention: the fixed run's
+    /// non-embedding FLOPs over the progressive run's, T·L / (τ·L_s + (T − τ)·L) for growth from
+    /// L_s to L blocks at τ (every step costs the same tokens).
+    pub saving_ne: f64,
+}
+
+/// The pilot's budget is in the mixing regime when the progressive model catches up within this
+/// fraction of the stable phase: τ then sits late in the run and the saving is large.
+pub const MIXING_REGIME: f64 = 0.25;
+
+impl Recommendation {
+    pub fn in_mixing_regime(&self) -> bool {
+        self.mix_fraction <= MIXING_REGIME
+    }
+
+    /// The regime verdict, said before τ.
+    pub fn regime(&self, total_steps: u64) -> String {
+        let at = 100.0 * self.tau as f64 / total_steps as f64;
+        if self.in_mixing_regime() {
+            format!(
+                "In the mixing regime: t_mix = {} is {:.0}% of the stable phase, so τ can be late ({at:.0}% of T), a non-embedding compute saving of {:.2}×.",
+                self.t_mix,
+                100.0 * self.mix_fraction,
+                self.saving_ne
+            )
+        } else {
+            format!(
+                "Not in the mixing regime: t_mix = {} is {:.0}% of the stable phase (more than {:.0}%), so τ can be no later than {at:.0}% of T and the saving is small: {:.2}× in non-embedding compute. A longer run (more tokens per parameter) mixes in a smaller share of it.",
+                self.t_mix,
+                100.0 * self.mix_fraction,
+                100.0 * MIXING_REGIME,
+                self.saving_ne
+            )
+        }
+    }
 }
 
 /// The outcome of a plan: the runs, the mixing finding and τ if there is one.
@@ -105,7 +142,18 @@ pub fn recommend(cfg: &Config, mixing: &Mixing) -> Option<Recommendation> {
     let decay_start = cfg.schedule.decay_start();
     let raw = decay_start.saturating_sub(t_mix);
     let tau = raw.max(warmup_end).min(cfg.run.steps - 1);
-    Some(Recommendation { tau, t_mix, decay_start, warmup_end, clamped: raw < warmup_end })
+    let stable = decay_start.saturating_sub(warmup_end).max(1);
+    let (t, l, ls) = (cfg.run.steps as f64, cfg.target_depth() as f64, cfg.model.depth as f64);
+    let saving_ne = t * l / (tau as f64 * ls + (t - tau as f64) * l);
+    Some(Recommendation {
+        tau,
+        t_mix,
+        decay_start,
+        warmup_end,
+        clamped: raw < warmup_end,
+        mix_fraction: t_mix as f64 / stable as f64,
+        saving_ne,
+    })
 }
 
 /// Train the pilot and measure.
@@ -184,7 +232,8 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
     );
     match &o.recommendation {
         Some(r) => md.push_str(&format!(
-            "Recommended τ = T_decay_start − t_mix = {} − {} = {}{}.\n",
+            "{}\n\nRecommended τ = T_decay_start − t_mix = {} − {} = {}{}.\n",
+            r.regime(o.pilot.fixed.run.steps),
             r.decay_start,
             r.t_mix,
             r.tau,
@@ -197,8 +246,11 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
         None => md.push_str("No τ recommended.\n"),
     }
     std::fs::write(dir.join("plan.md"), &md)?;
-    let series =
-        |r: &RunResult| plot::Series { label: r.label.clone(), points: r.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect() };
+    let series = |r: &RunResult| plot::Series {
+        label: r.label.clone(),
+        points: r.evals.iter().map(|e| (e.step as f64, e.val_loss)).collect(),
+        marks: r.growth_marks(None),
+    };
     let chart = plot::Chart {
         title: "taproot plan: pilot".into(),
         x_label: "step".into(),
@@ -207,6 +259,7 @@ pub fn write_report(o: &PlanOutcome, dir: &Path) -> Result<String> {
         series: vec![series(&o.fixed), series(&o.progressive)],
         markers: false,
         legend: plot::Legend::UpperRight,
+        y_range: plot::YRange::Whole,
     };
     plot::render(&chart, &dir.join("plan.png"), plot::SIZE)?;
     Ok(md)

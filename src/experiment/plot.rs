@@ -4,9 +4,12 @@
 //! (Hack, through `epaint_default_fonts`), registered once as the family `sans-serif`: no system
 //! fonts and no fontconfig are needed, so the plots look the same on every machine.
 //!
-//! Every chart is a set of named series of `(x, y)` points; the y range is cut at
-//! [`y_range`]'s upper bound so the first evaluations (a fresh model's ~ln 256 nats) do not
-//! flatten the region where the runs differ.
+//! Every chart is a set of named series of `(x, y)` points, each with optional marks (the
+//! moments a run grew, drawn as triangles on its curve). The y range either holds every point
+//! of every series ([`YRange::Whole`], [`y_range_whole`]: the jump at growth and each run's whole
+//! pre-growth phase are visible), or is cut at [`y_range`]'s upper bound ([`YRange::Late`]) so
+//! that the late region where the runs differ by hundredths is readable; the experiments draw
+//! both.
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
@@ -30,10 +33,22 @@ fn register_font() {
 pub const SIZE: (u32, u32) = (720, 432);
 
 /// One line of a chart.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    /// Points drawn as triangles on the line (where the run grew).
+    pub marks: Vec<(f64, f64)>,
+}
+
+/// How the y axis is bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum YRange {
+    /// Every point of every series.
+    #[default]
+    Whole,
+    /// Cut above the late, close part of the curves ([`y_range`]).
+    Late,
 }
 
 /// How the x axis is drawn.
@@ -55,6 +70,7 @@ pub struct Chart {
     pub markers: bool,
     /// Where the legend goes.
     pub legend: Legend,
+    pub y_range: YRange,
 }
 
 /// The corner of the legend box.
@@ -95,6 +111,19 @@ pub fn y_range(series: &[Series]) -> (f64, f64) {
     (lo - pad, top + pad)
 }
 
+/// The y range holding every point of every series (and its marks), with a little padding.
+pub fn y_range_whole(series: &[Series]) -> (f64, f64) {
+    let ys = || series.iter().flat_map(|s| s.points.iter().chain(s.marks.iter()).map(|p| p.1)).filter(|y| y.is_finite());
+    let lo = ys().fold(f64::INFINITY, f64::min);
+    let hi = ys().fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let top = hi.max(lo + 1e-3);
+    let pad = 0.03 * (top - lo);
+    (lo - pad, top + pad)
+}
+
 /// Render `chart` to a PNG of `size` pixels at `path`.
 pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
     register_font();
@@ -102,7 +131,10 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
     if pts().next().is_none() {
         return Err(anyhow!("chart {:?} has no points", chart.title));
     }
-    let (y0, y1) = y_range(&chart.series);
+    let (y0, y1) = match chart.y_range {
+        YRange::Whole => y_range_whole(&chart.series),
+        YRange::Late => y_range(&chart.series),
+    };
     let xs = || pts().map(|p| p.0).filter(|&x| chart.x_scale == XScale::Linear || x > 0.0);
     let x0 = xs().fold(f64::INFINITY, f64::min);
     let x1 = xs().fold(f64::NEG_INFINITY, f64::max);
@@ -170,6 +202,9 @@ where
         if chart.markers {
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
         }
+        let marks: Vec<(f64, f64)> =
+            s.marks.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite() && *y >= y0 && *y <= y1).collect();
+        c.draw_series(marks.iter().map(|&p| TriangleMarker::new(p, 7, color.filled()))).map_err(|e| anyhow!("{e}"))?;
     }
     c.configure_series_labels()
         .position(match chart.legend {
@@ -191,12 +226,25 @@ mod tests {
     #[test]
     fn y_range_cuts_the_fresh_model_losses() {
         let s = vec![
-            Series { label: "a".into(), points: vec![(1.0, 5.5), (2.0, 2.0), (3.0, 1.6)] },
-            Series { label: "b".into(), points: vec![(1.0, 5.5), (2.0, 2.1), (3.0, 1.62)] },
+            Series { label: "a".into(), points: vec![(1.0, 5.5), (2.0, 2.0), (3.0, 1.6)], ..Default::default() },
+            Series { label: "b".into(), points: vec![(1.0, 5.5), (2.0, 2.1), (3.0, 1.62)], ..Default::default() },
         ];
         let (lo, hi) = y_range(&s);
         assert!(lo < 1.6 && lo > 1.5, "{lo}");
         assert!(hi < 2.1 && hi > 1.99, "{hi}");
+    }
+
+    #[test]
+    fn y_range_whole_holds_every_point_and_mark() {
+        let s = vec![
+            Series { label: "fixed".into(), points: vec![(0.0, 5.5), (10.0, 2.0), (20.0, 1.6)], ..Default::default() },
+            // a grown run: flat before growth at step 10, a jump up, then down
+            Series { label: "0→6".into(), points: vec![(0.0, 5.5), (10.0, 2.4), (12.0, 3.1), (20.0, 1.7)], marks: vec![(10.0, 2.4)] },
+        ];
+        let (lo, hi) = y_range_whole(&s);
+        assert!(lo < 1.6 && hi > 5.5, "({lo}, {hi}) cuts a point");
+        let (_, cut) = y_range(&s);
+        assert!(cut < 5.5, "the late range still cuts the fresh model's loss: {cut}");
     }
 
     #[test]
@@ -208,9 +256,10 @@ mod tests {
             x_label: "step".into(),
             y_label: "val loss".into(),
             x_scale: XScale::Log,
-            series: vec![Series { label: "fixed".into(), points: vec![(1.0, 3.0), (10.0, 2.0), (100.0, 1.5)] }],
+            series: vec![Series { label: "fixed".into(), points: vec![(1.0, 3.0), (10.0, 2.0), (100.0, 1.5)], marks: vec![(10.0, 2.0)] }],
             markers: true,
             legend: Legend::UpperLeft,
+            y_range: YRange::Whole,
         };
         let p = dir.join("a.png");
         render(&chart, &p, (480, 320)).unwrap();

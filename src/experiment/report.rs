@@ -160,6 +160,26 @@ impl RunResult {
         self.evals.iter().map(|e| (e.step, e.val_loss)).collect()
     }
 
+    /// Where the run grew, as points on its curve: x is the step (`axis` None) or the cost on
+    /// `axis` at the growth step, y the validation loss there, both interpolated linearly between
+    /// the evaluations around it.
+    pub fn growth_marks(&self, axis: Option<Axis>) -> Vec<(f64, f64)> {
+        let x_of = |e: &EvalPoint| axis.map_or(e.step as f64, |a| a.of(e));
+        self.growth
+            .iter()
+            .filter_map(|&(step, _, _)| {
+                let j = self.evals.iter().position(|e| e.step >= step)?;
+                let b = &self.evals[j];
+                if j == 0 || b.step == step {
+                    return Some((x_of(b), b.val_loss));
+                }
+                let a = &self.evals[j - 1];
+                let w = (step - a.step) as f64 / (b.step - a.step) as f64;
+                Some((x_of(a) + w * (x_of(b) - x_of(a)), a.val_loss + w * (b.val_loss - a.val_loss)))
+            })
+            .collect()
+    }
+
     /// Median seconds of one training step at `depth`, if measured.
     pub fn step_seconds(&self, depth: usize) -> Option<f64> {
         self.step_s_by_depth.iter().find(|(d, _, _)| *d == depth).map(|(_, s, _)| *s)
@@ -294,6 +314,17 @@ mod tests {
             growth: vec![],
             step_s_by_depth: vec![],
         }
+    }
+
+    #[test]
+    fn growth_marks_sit_on_the_curve_at_the_growth_step() {
+        let mut r = run("0→6", &[(0, 5.5, 0.0), (10, 2.5, 100.0), (20, 2.0, 300.0)]);
+        r.growth = vec![(15, 0, 6), (20, 6, 8)];
+        let m = r.growth_marks(None);
+        assert_eq!(m, vec![(15.0, 2.25), (20.0, 2.0)]);
+        let m = r.growth_marks(Some(Axis::FlopsLlmc));
+        assert_eq!(m[0], (200.0, 2.25));
+        assert!(run("fixed", &[(0, 5.5, 0.0), (10, 2.0, 1.0)]).growth_marks(None).is_empty());
     }
 
     #[test]

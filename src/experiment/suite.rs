@@ -15,7 +15,7 @@
 //! `summary.csv` and `table.md` (one row per run), and PNG plots.
 
 use super::mixing::{mixing_time, Mixing};
-use super::plot::{self, Chart, Series, XScale};
+use super::plot::{self, Chart, Series, XScale, YRange};
 use super::report::{self, final_gap, matched_speedup, pct, sci, Axis, RunResult};
 use super::{fixed, grow, progressive, with_schedule, Runner};
 use crate::config::Config;
@@ -151,6 +151,7 @@ fn series(runs: &[&RunResult], axis: Option<Axis>) -> Vec<Series> {
     runs.iter()
         .map(|r| Series {
             label: r.label.clone(),
+            marks: r.growth_marks(axis),
             points: r
                 .evals
                 .iter()
@@ -161,9 +162,11 @@ fn series(runs: &[&RunResult], axis: Option<Axis>) -> Vec<Series> {
         .collect()
 }
 
-/// Loss against step (linear) and, with `all_axes`, against each cost axis (log x).
+/// Loss against step (linear) and, with `all_axes`, against each cost axis (log x); every run
+/// whole, growth marked with a triangle on each grown run's curve. The loss-against-step plot
+/// has a `_late` twin whose y axis is cut to the late, close part of the curves.
 fn loss_plots(out: &Path, title: &str, prefix: &str, runs: &[&RunResult], all_axes: bool) -> Result<()> {
-    let chart = |x_label: &str, x_scale, axis| Chart {
+    let chart = |x_label: &str, x_scale, axis, y_range| Chart {
         title: title.to_string(),
         x_label: x_label.to_string(),
         y_label: "validation loss (nats/byte)".into(),
@@ -171,13 +174,17 @@ fn loss_plots(out: &Path, title: &str, prefix: &str, runs: &[&RunResult], all_ax
         series: series(runs, axis),
         markers: false,
         legend: plot::Legend::UpperRight,
+        y_range,
     };
-    plot::render(&chart("step", XScale::Linear, None), &out.join(format!("{prefix}loss_vs_step.png")), plot::SIZE)?;
+    plot::render(&chart("step", XScale::Linear, None, YRange::Whole), &out.join(format!("{prefix}loss_vs_step.png")), plot::SIZE)?;
+    let late = format!("{prefix}loss_vs_step_late.png");
+    plot::render(&chart("step (late part: y axis cut)", XScale::Linear, None, YRange::Late), &out.join(late), plot::SIZE)?;
     if all_axes {
         for (axis, file) in
             [(Axis::FlopsLlmc, "loss_vs_flops_llmc"), (Axis::FlopsNe, "loss_vs_flops_ne"), (Axis::TrainWall, "loss_vs_wall")]
         {
-            plot::render(&chart(axis.name(), XScale::Log, Some(axis)), &out.join(format!("{prefix}{file}.png")), plot::SIZE)?;
+            let c = chart(axis.name(), XScale::Log, Some(axis), YRange::Whole);
+            plot::render(&c, &out.join(format!("{prefix}{file}.png")), plot::SIZE)?;
         }
     }
     Ok(())
@@ -267,10 +274,12 @@ fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
         finals.push(Series {
             label: format!("0→{l} {sched}"),
             points: TAUS.iter().zip(&arms).map(|(&t, a)| (t, a.run.final_val_loss())).collect(),
+            ..Default::default()
         });
         finals.push(Series {
             label: format!("fixed {l} {sched}"),
             points: vec![(TAUS[0], f.run.final_val_loss()), (TAUS[TAUS.len() - 1], f.run.final_val_loss())],
+            ..Default::default()
         });
         all.push((sched.clone(), f));
         all.extend(arms.into_iter().map(|a| (sched.clone(), a)));
@@ -285,6 +294,7 @@ fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
         series: finals,
         markers: true,
         legend: plot::Legend::UpperLeft,
+        y_range: YRange::Whole,
     };
     plot::render(&chart, &out.join("final_loss_vs_tau.png"), plot::SIZE)?;
     Ok(md)
