@@ -181,8 +181,10 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
         let d = out.join(name);
         let evals = csv_rows(&d.join("evals.csv"));
         assert_eq!(evals[0], "run,step,depth,val_loss,flops_llmc,flops_ne,train_s");
-        // --quick: 60 steps evaluated every 5 (and at step 0) = 13 evaluations per run
-        assert_eq!(evals.len() - 1, 13 * runs_of(name), "{name}: rows of evals.csv");
+        // --quick: 60 steps evaluated every 5 (and at step 0) = 13 evaluations per run; the
+        // frontier's fixed runs of 15 and 30 steps are evaluated every 1 and 2 steps (16 each)
+        let frontier = if name == "progressive-vs-fixed" { 2 * 16 } else { 0 };
+        assert_eq!(evals.len() - 1, 13 * runs_of(name) + frontier, "{name}: rows of evals.csv");
         let table = std::fs::read_to_string(d.join("table.md")).unwrap();
         assert!(table.contains("| run | τ (step) | final val loss |"), "{name}: {table}");
         for png in
@@ -195,7 +197,14 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
     assert_eq!(summary.len(), 6, "header, fixed, 0→L and 1→L at the config's τ and at 0.8 T");
     assert!(summary[2].starts_with("0→4 random τ=30,30,"), "{}", summary[2]);
     assert!(summary[4].starts_with("0→4 random τ=48,48,"), "{}", summary[4]);
-    for f in ["loss_vs_step", "loss_vs_step_late", "loss_vs_flops_llmc", "loss_vs_flops_ne", "loss_vs_wall"] {
+    let frontier = csv_rows(&out.join("progressive-vs-fixed/frontier.csv"));
+    assert_eq!(frontier.len(), 4, "header and fixed runs of 15, 30 and 60 steps: {frontier:?}");
+    assert!(frontier[1].starts_with("fixed 4 T=15,") && frontier[3].starts_with("fixed 4,"), "{frontier:?}");
+    let header = &csv_rows(&out.join("progressive-vs-fixed/summary.csv"))[0];
+    assert!(header.contains("saving vs frontier non-emb") && header.contains("matched-loss speed-up non-emb"), "{header}");
+    for f in
+        ["loss_vs_step", "loss_vs_step_late", "loss_vs_flops_llmc", "loss_vs_flops_ne", "loss_vs_wall", "pareto_flops_ne", "pareto_wall"]
+    {
         assert_png(&out.join(format!("progressive-vs-fixed/{f}.png")));
     }
     assert_png(&out.join("tau-sweep/final_loss_vs_tau.png"));

@@ -143,7 +143,10 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let mut builder = ChartBuilder::on(&root);
     builder.caption(&chart.title, (FONT, 20)).margin(12).x_label_area_size(42).y_label_area_size(64);
-    match chart.x_scale {
+    // A log axis within one decade has no power of ten inside to label: draw it linear.
+    let scale = if chart.x_scale == XScale::Log && x1 / x0 < 10.0 { XScale::Linear } else { chart.x_scale };
+    let sci_labels = chart.x_scale == XScale::Log;
+    match scale {
         XScale::Linear => {
             let mut c = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| anyhow!("{e}"))?;
             let whole = x1 - x0 >= 20.0;
@@ -153,7 +156,15 @@ pub fn render(chart: &Chart, path: &Path, size: (u32, u32)) -> Result<()> {
                 .label_style((FONT, 13))
                 .x_labels(8)
                 .max_light_lines(1)
-                .x_label_formatter(&|x| if whole { format!("{x:.0}") } else { format!("{x:.2}") })
+                .x_label_formatter(&|x| {
+                    if sci_labels {
+                        format!("{x:.1e}")
+                    } else if whole {
+                        format!("{x:.0}")
+                    } else {
+                        format!("{x:.2}")
+                    }
+                })
                 .y_labels(8)
                 .y_label_formatter(&|y| format!("{y:.2}"))
                 .draw()

@@ -14,6 +14,13 @@
 //!   over what the progressive run needed to match it. (Charging the worse run only up to its
 //!   first crossing would credit a grown run with its small model's early losses.) Beside it we
 //!   always quote the plain same-steps ratio (fixed total / progressive total).
+//!   Under WSD this **overstates** the saving when the progressive run ends worse: the fixed run
+//!   is read mid-curve, at peak learning rate, where no fixed run of that length would stop.
+//! - [`frontier_cost`] / [`frontier_saving`]: **the saving at equal loss against the frontier**
+//!   of fixed runs — fixed-depth runs of several lengths, each with its own full schedule. The
+//!   frontier's cost to reach a loss is interpolated between the two fixed runs whose final
+//!   losses bracket it, linearly in log cost; the saving is that cost over the progressive run's
+//!   whole cost. This is the figure to quote; the matched-loss speed-up is kept, labelled.
 //! - [`write_csv`], [`markdown_table`]: the files under `runs/NAME/`.
 
 use super::mixing::relative_gap;
@@ -240,6 +247,62 @@ pub fn matched_speedup(fixed: &RunResult, prog: &RunResult, axis: Axis) -> Optio
     Some(Speedup { loss, fixed_cost, prog_cost, ratio: fixed_cost / prog_cost, same_steps_ratio: fixed.total(axis) / prog.total(axis) })
 }
 
+/// What the frontier of fixed runs costs to reach a loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FrontierCost {
+    /// Interpolated between two fixed runs of the frontier.
+    Within(f64),
+    /// The loss is lower than every fixed run's final loss: the frontier needs more than its
+    /// longest run's cost (this one).
+    Beyond(f64),
+    /// The loss is higher than every fixed run's final loss: less than its shortest run's cost.
+    Below(f64),
+}
+
+/// The cost on `axis` at which the frontier of fixed runs `fixed` (each trained with its own
+/// full schedule) reaches final loss `loss`: interpolated linearly in log cost between the two
+/// runs whose final losses bracket it (after taking the lower envelope: a longer run that ends
+/// worse than a shorter one does not raise the frontier). None without a run.
+pub fn frontier_cost(fixed: &[&RunResult], loss: f64, axis: Axis) -> Option<FrontierCost> {
+    let mut pts: Vec<(f64, f64)> =
+        fixed.iter().map(|r| (r.total(axis), r.final_val_loss())).filter(|(c, l)| *c > 0.0 && l.is_finite()).collect();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // lower envelope: the best loss reachable at each cost
+    let mut env: Vec<(f64, f64)> = Vec::with_capacity(pts.len());
+    for (c, l) in pts {
+        let best = env.last().map_or(f64::INFINITY, |p: &(f64, f64)| p.1);
+        if l < best {
+            env.push((c, l));
+        }
+    }
+    let (first, last) = (*env.first()?, *env.last()?);
+    if loss >= first.1 {
+        return Some(if loss == first.1 { FrontierCost::Within(first.0) } else { FrontierCost::Below(first.0) });
+    }
+    if loss < last.1 {
+        return Some(FrontierCost::Beyond(last.0));
+    }
+    let i = env.iter().position(|p| p.1 <= loss).expect("bracketed above");
+    if env[i].1 == loss {
+        return Some(FrontierCost::Within(env[i].0));
+    }
+    let (a, b) = (env[i - 1], env[i]);
+    let w = (a.1 - loss) / (a.1 - b.1);
+    Some(FrontierCost::Within((a.0.ln() + w * (b.0.ln() - a.0.ln())).exp()))
+}
+
+/// The saving of `prog` at equal loss against the frontier on `axis`: the frontier's cost to
+/// reach `prog`'s final loss over `prog`'s whole cost, as text (`2.31×`, or a bound `> 1.20×` /
+/// `< 0.80×` when the loss lies outside the frontier).
+pub fn frontier_saving(fixed: &[&RunResult], prog: &RunResult, axis: Axis) -> Option<String> {
+    let own = prog.total(axis);
+    Some(match frontier_cost(fixed, prog.final_val_loss(), axis)? {
+        FrontierCost::Within(c) => format!("{:.2}×", c / own),
+        FrontierCost::Beyond(c) => format!("> {:.2}×", c / own),
+        FrontierCost::Below(c) => format!("< {:.2}×", c / own),
+    })
+}
+
 /// Final validation-loss gap of `run` over `fixed`, relative.
 pub fn final_gap(run: &RunResult, fixed: &RunResult) -> f64 {
     relative_gap(run.final_val_loss(), fixed.final_val_loss())
@@ -314,6 +377,32 @@ mod tests {
             growth: vec![],
             step_s_by_depth: vec![],
         }
+    }
+
+    #[test]
+    fn frontier_cost_interpolates_in_log_cost_and_bounds_outside() {
+        // three fixed runs, each ending where its own schedule ends
+        let a = run("T/4", &[(0, 5.5, 0.0), (25, 2.4, 100.0)]);
+        let b = run("T/2", &[(0, 5.5, 0.0), (50, 2.0, 200.0)]);
+        let c = run("T", &[(0, 5.5, 0.0), (100, 1.8, 400.0)]);
+        let f = [&a, &b, &c];
+        // halfway in loss between 2.4 and 2.0: the geometric mean of 100 and 200
+        match frontier_cost(&f, 2.2, Axis::FlopsLlmc).unwrap() {
+            FrontierCost::Within(x) => assert!((x - (100.0f64 * 200.0).sqrt()).abs() < 1e-9, "{x}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(frontier_cost(&f, 1.8, Axis::FlopsLlmc), Some(FrontierCost::Within(400.0)));
+        assert_eq!(frontier_cost(&f, 1.7, Axis::FlopsLlmc), Some(FrontierCost::Beyond(400.0)));
+        assert_eq!(frontier_cost(&f, 2.5, Axis::FlopsLlmc), Some(FrontierCost::Below(100.0)));
+        // a longer run that ends worse does not lower the frontier's cost
+        let worse = run("T/2 bad", &[(0, 5.5, 0.0), (50, 2.5, 150.0)]);
+        assert_eq!(frontier_cost(&[&a, &worse, &b, &c], 2.0, Axis::FlopsLlmc), Some(FrontierCost::Within(200.0)));
+        // the saving: a progressive run ending at 2.0 for 50 (non-emb: cost/2 per the helper)
+        let p = run("prog", &[(0, 5.5, 0.0), (100, 2.0, 50.0)]);
+        assert_eq!(frontier_saving(&f, &p, Axis::FlopsLlmc).unwrap(), "4.00×");
+        let q = run("prog better", &[(0, 5.5, 0.0), (100, 1.7, 50.0)]);
+        assert_eq!(frontier_saving(&f, &q, Axis::FlopsLlmc).unwrap(), "> 8.00×");
+        assert!(frontier_cost(&[], 2.0, Axis::FlopsLlmc).is_none());
     }
 
     #[test]

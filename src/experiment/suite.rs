@@ -83,7 +83,7 @@ fn tau_of(base: &Config) -> Result<u64> {
     }
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 14] = [
     "run",
     "τ (step)",
     "final val loss",
@@ -92,14 +92,18 @@ const HEADER: [&str; 11] = [
     "FLOPs llm.c",
     "FLOPs non-emb",
     "train s",
-    "speed-up llm.c",
-    "speed-up non-emb",
-    "speed-up wall",
+    "saving vs frontier llm.c",
+    "saving vs frontier non-emb",
+    "saving vs frontier wall",
+    "matched-loss speed-up llm.c",
+    "matched-loss speed-up non-emb",
+    "matched-loss speed-up wall",
 ];
 
 /// One row per arm against `fixed`: final loss and gap, t_mix after the last expansion, totals,
-/// and the speed-up at matched final loss on each axis (with the same-steps ratio after it).
-fn rows(fixed: &Arm, arms: &[&Arm], tol: f64) -> Vec<Vec<String>> {
+/// the saving at equal loss against the frontier of fixed runs `frontier` on each axis, and the
+/// old speed-up at matched final loss against the fixed run's curve (same-steps ratio after it).
+fn rows(fixed: &Arm, arms: &[&Arm], tol: f64, frontier: &[&RunResult]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     for a in std::iter::once(&fixed).chain(arms.iter()) {
         let r = &a.run;
@@ -122,6 +126,12 @@ fn rows(fixed: &Arm, arms: &[&Arm], tol: f64) -> Vec<Vec<String>> {
                 None => format!("– ({:.2}×)", fixed.run.total(axis) / r.total(axis)),
             }
         };
+        let saving = |axis: Axis| {
+            if is_fixed {
+                return "1".to_string();
+            }
+            report::frontier_saving(frontier, r, axis).unwrap_or_else(|| "–".into())
+        };
         out.push(vec![
             r.label.clone(),
             a.tau.map_or("–".into(), |t| t.to_string()),
@@ -131,6 +141,9 @@ fn rows(fixed: &Arm, arms: &[&Arm], tol: f64) -> Vec<Vec<String>> {
             sci(r.flops_llmc),
             sci(r.flops_ne),
             format!("{:.1}", r.train_s),
+            saving(Axis::FlopsLlmc),
+            saving(Axis::FlopsNe),
+            saving(Axis::TrainWall),
             speedup(Axis::FlopsLlmc),
             speedup(Axis::FlopsNe),
             speedup(Axis::TrainWall),
@@ -139,9 +152,10 @@ fn rows(fixed: &Arm, arms: &[&Arm], tol: f64) -> Vec<Vec<String>> {
     out
 }
 
-/// `summary.csv` (plain numbers) and the markdown table, for arms against one fixed run.
-fn tables(out: &Path, fixed: &Arm, arms: &[&Arm], tol: f64, file: &str) -> Result<String> {
-    let rows = rows(fixed, arms, tol);
+/// `summary.csv` (plain numbers) and the markdown table, for arms against one fixed run (and the
+/// frontier of fixed runs `frontier`; just the fixed run where an experiment has no other).
+fn tables(out: &Path, fixed: &Arm, arms: &[&Arm], tol: f64, file: &str, frontier: &[&RunResult]) -> Result<String> {
+    let rows = rows(fixed, arms, tol, frontier);
     let csv_rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| c.replace(',', ";")).collect()).collect();
     report::write_table_csv(&out.join(file), &HEADER, &csv_rows)?;
     Ok(report::markdown_table(&HEADER, &rows))
@@ -200,7 +214,7 @@ fn tol(base: &Config) -> f64 {
 
 fn note(base: &Config) -> String {
     format!(
-        "{} steps, L = {}, C = {}, B×T = {}×{}, {} schedule, evaluated every {} steps on {} batches; speed-up = cost of the fixed run to reach the matched final loss / cost of the run to reach it (same-steps cost ratio in parentheses); t_mix against the fixed run at tolerance {:.1}%.\n\n",
+        "{} steps, L = {}, C = {}, B×T = {}×{}, {} schedule, evaluated every {} steps on {} batches. Saving vs frontier = what the frontier of fixed runs (each with its own full schedule) costs to reach the run's final loss, interpolated in log cost, over the run's whole cost (`>`/`<`: the loss lies outside the frontier; where an experiment has one fixed run, it is the frontier). Matched-loss speed-up = cost of the fixed run to reach the matched final loss on its own curve / cost of the run to reach it (same-steps cost ratio in parentheses): under WSD it overstates the saving, since it reads the fixed run at peak learning rate. t_mix against the fixed run at tolerance {:.1}%.\n\n",
         base.run.steps,
         base.target_depth(),
         base.model.channels,
@@ -211,6 +225,53 @@ fn note(base: &Config) -> String {
         base.eval.batches,
         100.0 * tol(base)
     )
+}
+
+/// The lengths, as fractions of T, of the shorter fixed runs that make the frontier with the
+/// fixed run of T steps.
+const FRONTIER_FRACTIONS: [f64; 2] = [0.25, 0.5];
+
+/// The fixed model trained for `steps` steps with its own full schedule (warmup and decay as
+/// fractions of its own length), evaluated about as often, relative to its length.
+fn fixed_of_length(base: &Config, steps: u64) -> Config {
+    let mut c = fixed(base);
+    let t = base.run.steps.max(1);
+    c.run.steps = steps;
+    c.schedule.total_steps = steps;
+    c.eval.every = (base.eval.every * steps / t).max(1);
+    c.plan.budget = None;
+    c
+}
+
+/// Final loss against total cost: the fixed runs of several lengths as the reference curve,
+/// each progressive run a point (log x).
+fn pareto_plots(out: &Path, frontier: &[&RunResult], arms: &[&Arm]) -> Result<()> {
+    for (axis, file) in [(Axis::FlopsNe, "pareto_flops_ne"), (Axis::TrainWall, "pareto_wall")] {
+        let mut series = vec![Series {
+            label: "fixed runs of several lengths".into(),
+            points: frontier.iter().map(|r| (r.total(axis), r.final_val_loss())).collect(),
+            ..Default::default()
+        }];
+        for a in arms {
+            series.push(Series {
+                label: a.run.label.clone(),
+                points: vec![(a.run.total(axis), a.run.final_val_loss())],
+                ..Default::default()
+            });
+        }
+        let chart = Chart {
+            title: "final loss against cost".into(),
+            x_label: axis.name().into(),
+            y_label: "final validation loss".into(),
+            x_scale: XScale::Log,
+            series,
+            markers: true,
+            legend: plot::Legend::UpperRight,
+            y_range: YRange::Whole,
+        };
+        plot::render(&chart, &out.join(format!("{file}.png")), plot::SIZE)?;
+    }
+    Ok(())
 }
 
 fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
@@ -226,13 +287,34 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
         arms.push(arm(runner, &format!("0→{l} random τ={t}"), progressive(base, 0, vec![at(GrowInit::Random)]))?);
         arms.push(arm(runner, &format!("1→{l} copying τ={t}"), progressive(base, 1, vec![at(GrowInit::Copying)]))?);
     }
+    // The frontier: fixed runs of T/4 and T/2 steps, each with its own full schedule, and T.
+    let mut shorter = Vec::new();
+    for k in FRONTIER_FRACTIONS {
+        let steps = ((base.run.steps as f64 * k).round() as u64).max(2);
+        shorter.push(arm(runner, &format!("fixed {l} T={steps}"), fixed_of_length(base, steps))?);
+    }
+    let frontier: Vec<&RunResult> = shorter.iter().map(|a| &a.run).chain(std::iter::once(&f.run)).collect();
     let refs: Vec<&Arm> = arms.iter().collect();
     let runs = all_runs(&f, &refs);
-    report::write_csv(&out.join("evals.csv"), &runs)?;
+    let mut with_frontier = runs.clone();
+    with_frontier.extend(shorter.iter().map(|a| &a.run));
+    report::write_csv(&out.join("evals.csv"), &with_frontier)?;
     loss_plots(out, &format!("progressive vs fixed, {} steps", base.run.steps), "", &runs, true)?;
+    pareto_plots(out, &frontier, &refs)?;
+    let frontier_rows: Vec<Vec<String>> = frontier
+        .iter()
+        .map(|r| {
+            vec![r.label.clone(), format!("{:.4}", r.final_val_loss()), sci(r.flops_llmc), sci(r.flops_ne), format!("{:.1}", r.train_s)]
+        })
+        .collect();
+    let frontier_header = ["fixed run", "final val loss", "FLOPs llm.c", "FLOPs non-emb", "train s"];
+    report::write_table_csv(&out.join("frontier.csv"), &frontier_header, &frontier_rows)?;
     let mut md = note(base);
     md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
-    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv")?);
+    md.push_str("The frontier of fixed runs (each with its own full schedule):\n\n");
+    md.push_str(&report::markdown_table(&frontier_header, &frontier_rows));
+    md.push('\n');
+    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv", &frontier)?);
     md.push_str(&step_cost_note(&f.run, &arms[0].run));
     Ok(md)
 }
@@ -267,7 +349,7 @@ fn tau_sweep(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
         }
         let refs: Vec<&Arm> = arms.iter().collect();
         md.push_str(&format!("**{sched}**\n\n"));
-        md.push_str(&tables(out, &f, &refs, tol(base), &format!("summary_{sched}.csv"))?);
+        md.push_str(&tables(out, &f, &refs, tol(base), &format!("summary_{sched}.csv"), &[&f.run])?);
         md.push('\n');
         let runs = all_runs(&f, &refs);
         loss_plots(out, &format!("0→{l} at τ, {sched}"), &format!("{sched}_"), &runs, false)?;
@@ -321,7 +403,7 @@ fn init_ablation(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
     let runs = all_runs(&f, &refs);
     report::write_csv(&out.join("evals.csv"), &runs)?;
     loss_plots(out, &format!("init ablation: 1→{l} and 2→{l} at 0.5T"), "", &runs, false)?;
-    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv", &[&f.run])?))
 }
 
 fn stages(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
@@ -340,7 +422,7 @@ fn stages(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
     let runs = all_runs(&f, &refs);
     report::write_csv(&out.join("evals.csv"), &runs)?;
     loss_plots(out, &format!("single stage 0→{l} against two stages 0→2→{l}"), "", &runs, true)?;
-    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv", &[&f.run])?))
 }
 
 fn optimizer_state(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
@@ -356,5 +438,5 @@ fn optimizer_state(runner: &Runner, base: &Config, out: &Path) -> Result<String>
     let runs = all_runs(&f, &refs);
     report::write_csv(&out.join("evals.csv"), &runs)?;
     loss_plots(out, &format!("optimizer state at expansion (1→{l} copying at 0.5T)"), "", &runs, false)?;
-    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv")?))
+    Ok(format!("{}{}", note(base), tables(out, &f, &refs, tol(base), "summary.csv", &[&f.run])?))
 }
