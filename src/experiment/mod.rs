@@ -60,6 +60,7 @@ impl Runner {
             if let Ok(text) = std::fs::read_to_string(path) {
                 if let Ok(mut r) = serde_json::from_str::<RunResult>(&text) {
                     r.label = label.to_string();
+                    r.passes = self.passes(cfg, &r);
                     self.say(label, &r, true);
                     return Ok(r);
                 }
@@ -70,13 +71,21 @@ impl Runner {
         cfg.run.log_every = 0;
         let opts = RunOptions { quiet: true, stop_after, ..Default::default() };
         let rep = runtime::train::<CpuBackend>(&cfg, self.data.clone(), opts, false).with_context(|| format!("run {label}"))?;
-        let r = RunResult::from_report(label, &rep);
+        let mut r = RunResult::from_report(label, &rep);
+        r.passes = self.passes(&cfg, &r);
         if let Some(path) = cached {
             std::fs::create_dir_all(path.parent().expect("cache file has a parent"))?;
             std::fs::write(&path, serde_json::to_string(&r)?)?;
         }
         self.say(label, &r, false);
         Ok(r)
+    }
+
+    /// Passes over the training split a run of `cfg` made by its last evaluation.
+    fn passes(&self, cfg: &Config, r: &RunResult) -> f64 {
+        let steps = r.evals.last().map_or(0, |e| e.step) as f64;
+        let per_step = (cfg.data.batch_size * cfg.data.seq_len * cfg.data.micro_batches) as f64;
+        steps * per_step / (self.data.train.len().max(1) as f64)
     }
 
     fn say(&self, label: &str, r: &RunResult, cached: bool) {

@@ -86,6 +86,9 @@ pub struct RunResult {
     pub growth: Vec<(u64, usize, usize)>,
     /// (depth, median seconds of one training step at that depth, steps measured).
     pub step_s_by_depth: Vec<(usize, f64, usize)>,
+    /// Passes over the training split the run made (tokens trained on / training tokens).
+    #[serde(default)]
+    pub passes: f64,
 }
 
 impl RunResult {
@@ -146,6 +149,7 @@ impl RunResult {
             wall_s: rep.wall_s,
             growth,
             step_s_by_depth,
+            passes: 0.0,
         }
     }
 
@@ -376,6 +380,7 @@ mod tests {
             wall_s: last.train_s,
             growth: vec![],
             step_s_by_depth: vec![],
+            passes: 0.0,
         }
     }
 

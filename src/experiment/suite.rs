@@ -83,10 +83,12 @@ fn tau_of(base: &Config) -> Result<u64> {
     }
 }
 
-const HEADER: [&str; 14] = [
+const HEADER: [&str; 16] = [
     "run",
     "τ (step)",
     "final val loss",
+    "final train loss",
+    "passes over data",
     "gap vs fixed",
     "t_mix",
     "FLOPs llm.c",
@@ -136,6 +138,8 @@ fn rows(fixed: &Arm, arms: &[&Arm], tol: f64, frontier: &[&RunResult]) -> Vec<Ve
             r.label.clone(),
             a.tau.map_or("–".into(), |t| t.to_string()),
             format!("{:.4}", r.final_val_loss()),
+            format!("{:.4}", r.final_train_loss),
+            format!("{:.2}", r.passes),
             if is_fixed { "–".into() } else { pct(final_gap(r, &fixed.run)) },
             t_mix,
             sci(r.flops_llmc),
@@ -304,10 +308,19 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
     let frontier_rows: Vec<Vec<String>> = frontier
         .iter()
         .map(|r| {
-            vec![r.label.clone(), format!("{:.4}", r.final_val_loss()), sci(r.flops_llmc), sci(r.flops_ne), format!("{:.1}", r.train_s)]
+            vec![
+                r.label.clone(),
+                format!("{:.4}", r.final_val_loss()),
+                format!("{:.4}", r.final_train_loss),
+                format!("{:.2}", r.passes),
+                sci(r.flops_llmc),
+                sci(r.flops_ne),
+                format!("{:.1}", r.train_s),
+            ]
         })
         .collect();
-    let frontier_header = ["fixed run", "final val loss", "FLOPs llm.c", "FLOPs non-emb", "train s"];
+    let frontier_header =
+        ["fixed run", "final val loss", "final train loss", "passes over data", "FLOPs llm.c", "FLOPs non-emb", "train s"];
     report::write_table_csv(&out.join("frontier.csv"), &frontier_header, &frontier_rows)?;
     let mut md = note(base);
     md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
