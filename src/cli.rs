@@ -181,15 +181,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 (false, true) => Start::Overwrite,
                 (false, false) => Start::Fresh,
             };
+            // The data first: a run that cannot start must not move an old run aside.
+            let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
+            let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
+                format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+            })?;
             // Held until the run ends: one process per run folder.
             let folder = RunFolder::open(&cfg, start)?;
             if let Some(r) = &folder.replaced {
                 println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
             }
-            let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
-                format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
-            })?;
             println!(
                 "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",
                 cfg.run.name,

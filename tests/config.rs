@@ -194,6 +194,8 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("batch_size = 0", demo_with("batch_size = 16", "batch_size = 0"), "data.batch_size"),
         ("micro_batches = 0", demo_with("seq_len = 128\n", "seq_len = 128\nmicro_batches = 0\n"), "data.micro_batches"),
         ("unknown tokenizer", demo_with("tokenizer = \"bytes\"", "tokenizer = \"bpe\""), "data.tokenizer"),
+        ("bpe vocabulary not above the bytes", demo_with("tokenizer = \"bytes\"", "tokenizer = \"bpe:200\""), "data.tokenizer"),
+        ("bpe vocabulary not a number", demo_with("tokenizer = \"bytes\"", "tokenizer = \"bpe:big\""), "data.tokenizer"),
         ("run.name with a slash", demo_with("name = \"demo\"", "name = \"runs/demo\""), "run.name"),
         ("empty run.name", demo_with("name = \"demo\"", "name = \"\""), "run.name"),
         ("run.name = ..", demo_with("name = \"demo\"", "name = \"..\""), "run.name"),
@@ -472,4 +474,14 @@ fn the_memory_estimate_follows_the_model_and_accepts_what_fits() {
     assert_eq!(parse_bytes("2GB"), Some(2e9));
     assert_eq!(parse_bytes("1000"), Some(1000.0));
     assert_eq!(parse_bytes("-1GiB"), None);
+}
+
+#[test]
+fn a_bpe_tokenizer_sizes_the_vocabulary() {
+    let c = parse_set(DEMO, &["data.tokenizer=\"bpe:4096\""]);
+    assert_eq!(c.data.tokenizer, "bpe:4096");
+    let e = taproot::config::memory::estimate(&c);
+    let bytes = taproot::config::memory::estimate(&Config::parse(DEMO, &[]).unwrap());
+    // 4096 rows of the tied embedding instead of 256: 3840 · 128 more parameters.
+    assert_eq!(e.params - bytes.params, 4.0 * 3840.0 * 128.0);
 }

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use taproot::data::{
-    check_tokens, num_sequential_batches, prepare, read_shard, sequential_batches, write_shard, Dataset, Loader, PrepareArgs, Tokenizer,
+    check_tokens, num_sequential_batches, prepare, read_shard, sequential_batches, write_shard, CorpusRecord, Dataset, Loader, PrepareArgs,
+    Tokenizer,
 };
 
 /// A fresh, empty temp folder, unique per test and per process; removed on drop.
@@ -497,4 +498,60 @@ fn prepare_into_a_folder_holding_another_corpus_refuses_unless_overwrite() {
     let ds = Dataset::open(&out, 256).unwrap();
     let text: String = ds.train.iter().chain(ds.val.iter()).map(|&t| t as u8 as char).collect();
     assert!(text.starts_with("Of Mans") && !text.contains("winter"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpe:N: a byte-level BPE learnt from the corpus.
+
+#[test]
+fn prepare_with_a_learnt_bpe_writes_its_vocabulary_and_round_trips() {
+    let tmp = TempDir::new("bpe");
+    let words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran ", "far "];
+    let mut text = String::new();
+    let mut x: u64 = 11;
+    while text.len() < 40_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        text.push_str(words[(x >> 33) as usize % words.len()]);
+        if (x >> 20).is_multiple_of(9) {
+            text.push_str("é.\n");
+        }
+    }
+    let input = tmp.path().join("words.txt");
+    std::fs::write(&input, &text).unwrap();
+    let out = tmp.path().join("shards");
+    let args = PrepareArgs {
+        inputs: vec![input],
+        out_dir: out.clone(),
+        tokenizer: "bpe:300".into(),
+        val_fraction: 0.1,
+        name: "words".into(),
+        overwrite: false,
+    };
+    let rep = prepare(&args).unwrap();
+    // The merges shorten the stream well below one token per byte, and use ids past the bytes.
+    assert!(rep.train_tokens + rep.val_tokens < text.len() / 2, "{rep}");
+    let train = read_shard(&out.join("words_train_000001.bin")).unwrap();
+    assert!(train.iter().all(|&t| (t as usize) < 300) && train.iter().any(|&t| t >= 256));
+    // The vocabulary is beside the shards, and decodes the stream back to the text.
+    let bpe = taproot::data::bpe::load(&out).unwrap();
+    let val = read_shard(&out.join("words_val_000000.bin")).unwrap();
+    let ids: Vec<u32> = train.iter().chain(val.iter()).map(|&t| t as u32).collect();
+    assert_eq!(taproot::data::bpe::decode(&bpe, &ids).unwrap(), text);
+    // The record says bpe:300: a config with that tokenizer reads the shards, another does not.
+    let record = CorpusRecord::read(&out).unwrap().unwrap();
+    assert_eq!((record.tokenizer.as_str(), record.vocab), ("bpe:300", 300));
+    let ds = Dataset::open_for(&out, &Tokenizer::from_name("bpe:300").unwrap()).unwrap();
+    assert_eq!(ds.train.len(), train.len());
+    assert!(err_string(Dataset::open_for(&out, &Tokenizer::from_name("bytes").unwrap())).contains("tokenized with `bpe:300`"));
+    assert!(err_string(Dataset::open_for(&out, &Tokenizer::from_name("bpe:512").unwrap())).contains("tokenized with `bpe:300`"));
+}
+
+#[test]
+fn bpe_tokenizer_names_are_checked() {
+    assert_eq!(Tokenizer::from_name("bpe:4096").unwrap().vocab_size(), 4096);
+    assert_eq!(Tokenizer::from_name("bpe:4096").unwrap().name(), "bpe:4096");
+    for bad in ["bpe:256", "bpe:70000", "bpe:x", "bpe:"] {
+        let e = format!("{:#}", Tokenizer::from_name(bad).unwrap_err());
+        assert!(e.contains("bpe:"), "{bad}: {e}");
+    }
 }

@@ -42,7 +42,7 @@ impl Estimate {
 pub fn vocab_of(tokenizer: &str) -> usize {
     match tokenizer {
         "gpt2" => 50257,
-        _ => 256,
+        other => crate::data::bpe::parse_name(other).and_then(Result::ok).unwrap_or(256),
     }
 }
 

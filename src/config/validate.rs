@@ -25,8 +25,11 @@ impl Config {
         pos(self.data.batch_size, "data.batch_size")?;
         pos(self.data.seq_len, "data.seq_len")?;
         pos(self.data.micro_batches, "data.micro_batches")?;
-        if !matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") {
-            bail!("`data.tokenizer` must be \"bytes\" or \"gpt2\", got {:?}", self.data.tokenizer);
+        match crate::data::bpe::parse_name(&self.data.tokenizer) {
+            Some(Err(e)) => bail!("`data.tokenizer`: {e:#}"),
+            Some(Ok(_)) => {}
+            None if matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") => {}
+            None => bail!("`data.tokenizer` must be \"bytes\", \"gpt2\" or \"bpe:N\", got {:?}", self.data.tokenizer),
         }
         pos(self.model.channels, "model.channels")?;
         pos(self.model.heads, "model.heads")?;

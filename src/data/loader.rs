@@ -226,7 +226,7 @@ impl Dataset {
     /// [`Dataset::open`] for a run whose config names `tokenizer`: shards recorded with another
     /// tokenizer are refused (see [`super::record`]).
     pub fn open_for(dir: &Path, tokenizer: &super::Tokenizer) -> Result<Dataset> {
-        super::record::check_tokenizer(dir, tokenizer.name(), tokenizer.vocab_size())?;
+        super::record::check_tokenizer(dir, &tokenizer.name(), tokenizer.vocab_size())?;
         Dataset::open(dir, tokenizer.vocab_size())
     }
 

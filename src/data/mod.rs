@@ -14,6 +14,7 @@
 //!
 //! Shards use llm.c's `.bin` format (see [`shard`]) so data can be shared with llm.c.
 
+pub mod bpe;
 pub mod loader;
 pub mod prepare;
 pub mod record;

@@ -116,20 +116,50 @@ fn tokenize_document(tok: &Tokenizer, raw: &[u8], path: &Path) -> Result<Vec<u32
         // Bytes are the tokens; the file need not be valid UTF-8.
         Tokenizer::Bytes => tokens.extend(raw.iter().map(|&b| u32::from(b))),
         Tokenizer::Gpt2(_) => {
-            let text = std::str::from_utf8(raw).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not valid UTF-8 (first bad byte at offset {}); \
-                     the gpt2 tokenizer needs UTF-8 text",
-                    path.display(),
-                    e.valid_up_to()
-                )
-            })?;
+            let text = utf8(raw, path, &tok.name())?;
             // Like llm.c: the delimiter comes before each document.
             tokens.extend(tok.eot());
             tokens.extend(tok.encode(text));
         }
+        Tokenizer::Bpe { model, .. } => {
+            let text = utf8(raw, path, &tok.name())?;
+            let m = model.as_ref().ok_or_else(|| anyhow::anyhow!("{}: the BPE is not trained yet (a bug)", path.display()))?;
+            tokens.extend(super::bpe::encode(m, text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?);
+        }
     }
     Ok(tokens)
+}
+
+/// `raw` as UTF-8, or an error naming the file and the first bad byte.
+fn utf8<'a>(raw: &'a [u8], path: &Path, tokenizer: &str) -> Result<&'a str> {
+    std::str::from_utf8(raw).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not valid UTF-8 (first bad byte at offset {}); the {tokenizer} tokenizer needs UTF-8 text",
+            path.display(),
+            e.valid_up_to()
+        )
+    })
+}
+
+/// Learn a `bpe:N` tokenizer from the training part of the corpus: the documents' text up to
+/// `1 − val_fraction` of its bytes (the validation shard is the tail of the token stream).
+fn train_bpe(files: &[PathBuf], raws: &[Vec<u8>], vocab: usize, val_fraction: f64) -> Result<super::bpe::Bpe> {
+    let total: usize = raws.iter().map(Vec::len).sum();
+    let mut budget = ((1.0 - val_fraction) * total as f64) as usize;
+    let mut texts = Vec::new();
+    for (path, raw) in files.iter().zip(raws) {
+        if budget == 0 {
+            break;
+        }
+        let text = utf8(raw, path, &format!("bpe:{vocab}"))?;
+        let mut end = raw.len().min(budget);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        texts.push(&text[..end]);
+        budget -= end.min(budget);
+    }
+    super::bpe::train(&texts, vocab)
 }
 
 /// How many of `total` tokens go to validation: `ceil(total * fraction)`, but at least 1
@@ -148,7 +178,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     if args.name.is_empty() || args.name.contains(['/', '\\']) {
         bail!("shard name prefix {:?} must be non-empty and contain no path separator", args.name);
     }
-    let tok = Tokenizer::from_name(&args.tokenizer)?;
+    let mut tok = Tokenizer::from_name(&args.tokenizer)?;
 
     let files = collect_files(&args.inputs)?;
     if files.is_empty() {
@@ -162,6 +192,9 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     for path in &files {
         let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         raws.push(raw);
+    }
+    if let Tokenizer::Bpe { vocab, model } = &mut tok {
+        *model = Some(Box::new(train_bpe(&files, &raws, *vocab, args.val_fraction)?));
     }
     let docs: Vec<Vec<u32>> =
         files.par_iter().zip(raws.par_iter()).map(|(path, raw)| tokenize_document(&tok, raw, path)).collect::<Result<_>>()?;
@@ -184,8 +217,11 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     let train_path = args.out_dir.join(format!("{}_train_000001.bin", args.name));
     write_shard(&val_path, val)?;
     write_shard(&train_path, train)?;
+    if let Tokenizer::Bpe { model: Some(m), .. } = &tok {
+        super::bpe::save(m, &args.out_dir)?;
+    }
     let record = super::record::CorpusRecord {
-        tokenizer: args.tokenizer.clone(),
+        tokenizer: tok.name(),
         vocab: tok.vocab_size(),
         name: args.name.clone(),
         train_tokens: train.len(),

@@ -21,7 +21,7 @@ pub const GPT2_VOCAB: usize = 50257;
 /// GPT-2's `<|endoftext|>` token, used as a document delimiter.
 pub const GPT2_EOT: u32 = 50256;
 /// The names [`Tokenizer::from_name`] accepts, in the order error messages list them.
-pub const TOKENIZER_NAMES: &[&str] = &["bytes", "gpt2"];
+pub const TOKENIZER_NAMES: &[&str] = &["bytes", "gpt2", "bpe:N"];
 
 /// A tokenizer, selected by name. See the module docs for what each variant does.
 #[derive(Clone)]
@@ -31,6 +31,10 @@ pub enum Tokenizer {
     /// GPT-2 BPE. Boxed because `CoreBPE` is large (its merge tables live on the heap anyway,
     /// but the struct itself carries per-thread regex caches).
     Gpt2(Box<CoreBPE>),
+    /// A byte-level BPE of `vocab` tokens learnt from the corpus (`bpe:N`, see [`super::bpe`]);
+    /// its merges once trained or loaded (`data prepare`), else only its size (training reads
+    /// token ids, never text).
+    Bpe { vocab: usize, model: Option<Box<super::bpe::Bpe>> },
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -52,15 +56,19 @@ impl Tokenizer {
                 let bpe = tiktoken_rs::r50k_base().map_err(|e| anyhow::anyhow!("building the gpt2 (r50k_base) tokenizer: {e}"))?;
                 Ok(Tokenizer::Gpt2(Box::new(bpe)))
             }
-            other => bail!("unknown tokenizer {other:?}; valid names are: {}", TOKENIZER_NAMES.join(", ")),
+            other => match super::bpe::parse_name(other) {
+                Some(vocab) => Ok(Tokenizer::Bpe { vocab: vocab?, model: None }),
+                None => bail!("unknown tokenizer {other:?}; valid names are: {}", TOKENIZER_NAMES.join(", ")),
+            },
         }
     }
 
     /// The name this tokenizer was built from (round-trips through [`Tokenizer::from_name`]).
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> String {
         match self {
-            Tokenizer::Bytes => "bytes",
-            Tokenizer::Gpt2(_) => "gpt2",
+            Tokenizer::Bytes => "bytes".into(),
+            Tokenizer::Gpt2(_) => "gpt2".into(),
+            Tokenizer::Bpe { vocab, .. } => format!("bpe:{vocab}"),
         }
     }
 
@@ -69,13 +77,14 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => BYTES_VOCAB,
             Tokenizer::Gpt2(_) => GPT2_VOCAB,
+            Tokenizer::Bpe { vocab, .. } => *vocab,
         }
     }
 
     /// The end-of-text (document delimiter) token, if this tokenizer has one.
     pub fn eot(&self) -> Option<u32> {
         match self {
-            Tokenizer::Bytes => None,
+            Tokenizer::Bytes | Tokenizer::Bpe { .. } => None,
             Tokenizer::Gpt2(_) => Some(GPT2_EOT),
         }
     }
@@ -89,6 +98,9 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
             Tokenizer::Gpt2(bpe) => bpe.encode_ordinary(text),
+            // A byte-level BPE encodes any text; without its merges (a name only) it has none.
+            Tokenizer::Bpe { model: Some(m), .. } => super::bpe::encode(m, text).unwrap_or_default(),
+            Tokenizer::Bpe { model: None, .. } => Vec::new(),
         }
     }
 
@@ -116,6 +128,10 @@ impl Tokenizer {
                 }
                 out
             }
+            Tokenizer::Bpe { model, .. } => match model.as_ref().map(|m| super::bpe::decode(m, ids)) {
+                Some(Ok(text)) => text.into_bytes(),
+                _ => REPLACEMENT.repeat(ids.len()),
+            },
             Tokenizer::Gpt2(bpe) => {
                 // Fast path: all ids known. Otherwise decode one id at a time so one bad id
                 // does not lose the rest of the text.
