@@ -47,6 +47,7 @@ use crate::config::Config;
 use crate::data::{Dataset, Tokenizer};
 use crate::runtime::events::{Event, Observer};
 use crate::runtime::metrics::{self, MetricsActor, MetricsArgs, MetricsMsg, Seed, Shared};
+use crate::runtime::supervisor::StopStep;
 use crate::runtime::{self, RunOptions};
 use crate::train::log::{eval_line, growth_line, step_line};
 use anyhow::{Context, Result};
@@ -136,8 +137,8 @@ async fn serve(
 ) -> Result<i32> {
     // Signal handlers first: a SIGTERM during start-up waits for the run to exist, then stops it.
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen)
         .await
@@ -240,43 +241,24 @@ async fn serve(
     let signals = {
         let d = d.clone();
         let grace = Duration::from_secs(cfg.run.stop_grace_s);
-        tokio::spawn(async move {
-            // Stop signals escalate as in `runtime::supervisor::watch_stop_signals`: finish the
-            // step; then (a second signal, or the grace period) stop at the next micro-batch
-            // boundary; a third exits at once.
-            let mut seen = 0;
-            let mut deadline: Option<tokio::time::Instant> = None;
-            loop {
-                let name = tokio::select! {
-                    _ = term.recv() => "SIGTERM",
-                    _ = int.recv() => "SIGINT",
-                    _ = hup.recv() => {
-                        d.reload();
-                        continue;
-                    }
-                    _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                        deadline = None;
-                        d.force_stop(&format!("the stop grace period of {} s is over", grace.as_secs()));
-                        continue;
-                    }
-                };
-                seen += 1;
-                match seen {
-                    1 => {
-                        deadline = Some(tokio::time::Instant::now() + grace);
-                        d.request_stop(name);
-                    }
-                    2 => {
-                        deadline = None;
-                        d.force_stop(&format!("{name} again"));
-                    }
-                    _ => {
-                        d.log.say(format!("{name} a third time: exiting now"));
-                        std::process::exit(130);
-                    }
-                }
+        // Stop signals escalate as `runtime::supervisor::watch_stop_signals` says: finish the
+        // step; then (a second signal, or the grace period) stop at the next micro-batch
+        // boundary; a third exits at once.
+        let on = {
+            let d = d.clone();
+            move |step: StopStep| match step {
+                StopStep::Finish(name) => d.request_stop(name),
+                StopStep::Force(why) => d.force_stop(&why),
             }
-        })
+        };
+        let log = d.log.clone();
+        let stops = crate::runtime::supervisor::watch_stop_signals(term, int, grace, on, move |m| log.say(m));
+        let hups = tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                d.reload();
+            }
+        });
+        (stops, hups)
     };
     let poll = {
         let d = d.clone();
@@ -328,7 +310,8 @@ async fn serve(
         }
     }
     log.say(format!("exit {code}"));
-    signals.abort();
+    signals.0.abort();
+    signals.1.abort();
     server.abort();
     metrics_actor.stop(None);
     let _ = metrics_join.await;

@@ -299,21 +299,29 @@ pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, ob
     Ok(RunHandle { supervisor, done: rx, join })
 }
 
-/// Stop signals (SIGTERM, SIGINT) escalate: the first finishes the current step, checkpoints
-/// and ends the run (`RequestStop`); the second — or the first when the step has not finished
-/// within `grace` — stops at the next micro-batch boundary, checkpoints the last completed step
-/// and ends the run with an error (`ForceStop`); the third exits the process at once (code 130).
-/// `say` is told what each signal did.
+/// What a stop signal asks for (see [`watch_stop_signals`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum StopStep {
+    /// Finish the current step, checkpoint and end the run (the first signal, by name).
+    Finish(&'static str),
+    /// Stop at the next micro-batch boundary (a second signal, or the grace period over; why).
+    Force(String),
+}
+
+/// Stop signals (SIGTERM, SIGINT) escalate: the first asks to finish the current step,
+/// checkpoint and end the run ([`StopStep::Finish`]); the second — or the first when the step
+/// has not finished within `grace` — to stop at the next micro-batch boundary, checkpoint the
+/// last completed step and end the run with an error ([`StopStep::Force`]); the third exits the
+/// process at once (code 130), after telling `say`. `on` carries out each step. The signal
+/// streams are the caller's, so that it can install them before anything else starts.
 pub fn watch_stop_signals(
-    supervisor: ActorRef<SupervisorMsg>,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
     grace: std::time::Duration,
+    on: impl Fn(StopStep) + Send + 'static,
     say: impl Fn(&str) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
         let mut seen = 0;
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -322,23 +330,19 @@ pub fn watch_stop_signals(
                 _ = int.recv() => "SIGINT",
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     deadline = None;
-                    seen = seen.max(1);
-                    say(&format!("the stop grace period ({} s) is over: forcing the stop", grace.as_secs()));
-                    let _ = supervisor.cast(SupervisorMsg::ForceStop);
+                    on(StopStep::Force(format!("the stop grace period of {} s is over", grace.as_secs())));
                     continue;
                 }
             };
             seen += 1;
             match seen {
                 1 => {
-                    say(&format!("{name}: finishing the current step, then checkpoint and stop (again to stop at once)"));
                     deadline = Some(tokio::time::Instant::now() + grace);
-                    let _ = supervisor.cast(SupervisorMsg::RequestStop);
+                    on(StopStep::Finish(name));
                 }
                 2 => {
-                    say(&format!("{name} again: stopping at the next micro-batch boundary (once more to exit now)"));
                     deadline = None;
-                    let _ = supervisor.cast(SupervisorMsg::ForceStop);
+                    on(StopStep::Force(format!("{name} again")));
                 }
                 _ => {
                     say(&format!("{name} a third time: exiting now"));
@@ -353,7 +357,29 @@ pub fn watch_stop_signals(
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, signals: bool) -> anyhow::Result<TrainReport> {
     let run = start::<B>(cfg, data, opts, events::none()).await?;
     let grace = std::time::Duration::from_secs(cfg.run.stop_grace_s);
-    let watcher = signals.then(|| watch_stop_signals(run.supervisor.clone(), grace, |m| eprintln!("{m}")));
+    let supervisor = run.supervisor.clone();
+    let watcher = signals
+        .then(|| {
+            let on = move |step: StopStep| {
+                let msg = match step {
+                    StopStep::Finish(name) => {
+                        eprintln!("{name}: finishing the current step, then checkpoint and stop (again to stop at once)");
+                        SupervisorMsg::RequestStop
+                    }
+                    StopStep::Force(why) => {
+                        eprintln!("{why}: stopping at the next micro-batch boundary (a third signal exits now)");
+                        SupervisorMsg::ForceStop
+                    }
+                };
+                let _ = supervisor.cast(msg);
+            };
+            use tokio::signal::unix::{signal, SignalKind};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(int)) => Some(watch_stop_signals(term, int, grace, on, |m| eprintln!("{m}"))),
+                _ => None, // no signal handling: the default disposition stays
+            }
+        })
+        .flatten();
     let result = run.wait().await;
     if let Some(w) = watcher {
         w.abort();
