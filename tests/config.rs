@@ -208,6 +208,7 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("warmup = 1", demo_with("lr = 0.02\n", "lr = 0.02\nwarmup = 1.0\n"), "schedule.warmup"),
         ("warmup + decay > 1", demo_with("lr = 0.02\n", "lr = 0.02\nwarmup = 0.5\ndecay = 0.6\n"), "schedule.decay"),
         ("min_lr > lr", demo_with("lr = 0.02\n", "lr = 0.02\nmin_lr = 0.1\n"), "schedule.min_lr"),
+        ("rewarmup as long as the run", demo_with("lr = 0.02\n", "lr = 0.02\nrewarmup = 3000\n"), "schedule.rewarmup"),
         ("momentum = 1", demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nmomentum = 1.0\n"), "optim.momentum"),
         ("beta2 = 1", demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nbeta2 = 1.0\n"), "optim.beta2"),
         ("negative weight_decay", demo_with("kind = \"muon_nsgd\"\n", "kind = \"muon_nsgd\"\nweight_decay = -0.1\n"), "optim.weight_decay"),

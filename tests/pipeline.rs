@@ -51,6 +51,25 @@ fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
 
 const THREE_DEVICES: [&str; 3] = ["cpu:0", "cpu:1", "cpu:2"];
 
+/// A learning-rate re-warmup after growth: the same in both loops, and ramped as stated.
+#[test]
+fn pipeline_equals_sequential_with_a_rewarmup_after_growth() {
+    compare("rewarm", |c| c.grow_at_step(20, 4).set("schedule.rewarmup", 5));
+    let dir = synthetic_dataset("rewarm-lr");
+    let cfg = tiny(&dir, "rewarm-lr", 50).grow_at_step(20, 4).set("schedule.rewarmup", 5).build();
+    let plain = tiny(&dir, "plain-lr", 50).grow_at_step(20, 4).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    let rep = runtime::train::<CpuBackend>(&cfg, data.clone(), quiet(), false).unwrap();
+    let base = runtime::train::<CpuBackend>(&plain, data, quiet(), false).unwrap();
+    // records are 1-based: record 21 is the update of step 20, the first of the grown model
+    for (i, k) in (20..25).zip(1..=5) {
+        let want = base.steps[i].lr * (k as f32 / 5.0);
+        assert_eq!(rep.steps[i].lr, want, "update {i}: lr {} vs {want}", rep.steps[i].lr);
+    }
+    assert_eq!(rep.steps[25].lr, base.steps[25].lr);
+    assert_eq!(rep.steps[19].lr, base.steps[19].lr);
+}
+
 #[test]
 fn pipeline_equals_sequential_2_micro_batches_3_devices_with_growth() {
     compare("p2", |c| c.grow_at_step(20, 4).devices(&THREE_DEVICES));

@@ -53,6 +53,9 @@ impl Config {
         if !(0.0..=1.0).contains(&s.decay) || s.warmup + s.decay > 1.0 {
             bail!("`schedule.decay` must be a fraction in [0, 1] with warmup + decay <= 1, got decay {} and warmup {}", s.decay, s.warmup);
         }
+        if s.rewarmup >= self.run.steps {
+            bail!("`schedule.rewarmup` ({}) must be shorter than the run (`run.steps` = {})", s.rewarmup, self.run.steps);
+        }
         if !(s.min_lr >= 0.0 && s.min_lr <= s.lr) {
             bail!("`schedule.min_lr` must be in [0, schedule.lr], got {}", s.min_lr);
         }

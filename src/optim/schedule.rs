@@ -44,6 +44,9 @@ pub struct Schedule {
     /// `wsd` only: decay length as a fraction of the total steps.
     pub decay: f64,
     pub decay_shape: DecayShape,
+    /// Steps of a linear learning-rate re-warmup after each growth (0: none): the update of
+    /// step τ + i runs at `(i + 1) / rewarmup` of the schedule's rate, for i < `rewarmup`.
+    pub rewarmup: u64,
     /// Total steps T (filled from the run's `steps`).
     #[serde(skip)]
     pub total_steps: u64,
@@ -58,6 +61,7 @@ impl Default for Schedule {
             warmup: 0.02,
             decay: 0.1,
             decay_shape: DecayShape::Linear,
+            rewarmup: 0,
             total_steps: 0,
         }
     }
@@ -74,6 +78,27 @@ impl Schedule {
             ScheduleKind::Wsd => self.total_steps - (self.decay * self.total_steps as f64).round() as u64,
             ScheduleKind::Cosine => self.warmup_steps(),
             ScheduleKind::Constant => self.total_steps,
+        }
+    }
+
+    /// The learning rate of step `s` when the model last grew before the update of step
+    /// `grown_at` (None: it never grew): [`Schedule::lr_at`], ramped up again over `rewarmup`
+    /// steps after the growth.
+    ///
+    /// ```
+    /// use taproot::optim::schedule::Schedule;
+    ///
+    /// let s = Schedule { lr: 1.0, warmup: 0.0, rewarmup: 4, total_steps: 100, ..Default::default() };
+    /// assert_eq!(s.lr_after_growth(50, None), 1.0);
+    /// assert_eq!(s.lr_after_growth(50, Some(50)), 0.25); // the first update of the grown model
+    /// assert_eq!(s.lr_after_growth(52, Some(50)), 0.75);
+    /// assert_eq!(s.lr_after_growth(53, Some(50)), 1.0);
+    /// ```
+    pub fn lr_after_growth(&self, s: u64, grown_at: Option<u64>) -> f32 {
+        let lr = self.lr_at(s);
+        match grown_at {
+            Some(tau) if self.rewarmup > 0 && s >= tau && s - tau < self.rewarmup => lr * ((s - tau + 1) as f32 / self.rewarmup as f32),
+            _ => lr,
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Sequential<B: Backend> {
     tmp_tgt: Vec<u32>,
     /// Updates done so far.
     pub step: u64,
+    /// The step before whose update the model last grew (the learning-rate re-warmup's origin).
+    grown_at: Option<u64>,
 }
 
 impl<B: Backend> Sequential<B> {
@@ -67,6 +69,7 @@ impl<B: Backend> Sequential<B> {
             tmp_in: Vec::new(),
             tmp_tgt: Vec::new(),
             step: 0,
+            grown_at: None,
             cfg: cfg.clone(),
             model,
             be,
@@ -89,6 +92,7 @@ impl<B: Backend> Sequential<B> {
         let due: Vec<Expansion> = self.plan.iter().filter(|e| e.at_step == self.step).cloned().collect();
         for e in due {
             out.push(growth::grow(&self.be, &mut self.model, &e, &self.init)?);
+            self.grown_at = Some(self.step);
         }
         Ok(out)
     }
@@ -105,7 +109,7 @@ impl<B: Backend> Sequential<B> {
             loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
         }
         self.model.finish_grads(&self.be);
-        let lr = self.schedule.lr_at(self.step);
+        let lr = self.schedule.lr_after_growth(self.step, self.grown_at);
         let m = &mut self.model;
         self.opt.step(&self.be, &mut m.embed.w, &mut self.scratch, lr);
         for blk in m.blocks.iter_mut() {

@@ -134,7 +134,7 @@ impl<B: Backend> SchedulerState<B> {
 
     /// All micro-batches of the step are done: the optimizer step on every stage, records, logs.
     async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
-        let lr = self.schedule.lr_at(self.step);
+        let lr = self.schedule.lr_after_growth(self.step, self.growth.last().map(|g| g.at_step));
         let step = self.step;
         let mbs = losses.len();
         let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
