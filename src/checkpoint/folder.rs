@@ -1,7 +1,7 @@
 //! The checkpoint folder: listing a run's checkpoints, finding the newest that loads, and
 //! pruning (which deletes only the run's own older checkpoints, see [`prune`]).
 
-use super::{is_tmp_name, load_unnamed, open_checked, parse_file_name, read_meta, sync_dir, Checkpoint};
+use super::{is_tmp_name, load_unnamed, parse_file_name, read_meta, sync_dir, Checkpoint};
 use anyhow::{bail, ensure, Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -77,7 +77,8 @@ pub fn prune(dir: &Path, keep: usize, run_id: &str) -> Result<Pruned> {
     let mut out = Pruned::default();
     let mut own = Vec::new();
     for (step, path) in list(dir)? {
-        match open_checked(&path).and_then(|_| read_meta(&path)) {
+        // read_meta checks the file's size against its header too (`open_checked`).
+        match read_meta(&path) {
             Ok(meta) if meta.run_id.as_deref() == Some(run_id) => own.push((step, path)),
             Ok(_) => out.foreign.push(path),
             Err(e) => {

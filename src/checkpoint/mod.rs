@@ -321,7 +321,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 /// [`load`] with errors that do not repeat the path (the caller names the file).
 fn load_unnamed(path: &Path) -> Result<Checkpoint> {
     use std::io::Read;
-    let (mut f, file_len) = open_checked(path)?;
+    let (mut f, file_len, _) = open_checked(path)?;
     // The header's claims match the file's size: only now is the payload read, into a buffer of
     // exactly that size.
     let mut bytes = Vec::new();
@@ -336,8 +336,8 @@ const MAX_HEADER: u64 = 100 << 20;
 
 /// Open a checkpoint file and check, before reading its payload, that it is a regular file and
 /// that its size is exactly what its safetensors header describes (8 + header + tensor data).
-/// Returns the file (positioned at its start) and its length.
-fn open_checked(path: &Path) -> Result<(fs::File, u64)> {
+/// Returns the file (positioned at its start), its length and the parsed header.
+fn open_checked(path: &Path) -> Result<(fs::File, u64, serde_json::Value)> {
     use std::io::{Read, Seek};
     let md = fs::metadata(path).context("cannot read")?;
     ensure!(md.is_file(), "not a regular file");
@@ -347,7 +347,7 @@ fn open_checked(path: &Path) -> Result<(fs::File, u64)> {
     f.read_exact(&mut len).map_err(|_| anyhow!("{file_len} bytes: too short for a safetensors header"))?;
     let n = u64::from_le_bytes(len);
     ensure!(
-        n <= MAX_HEADER && n <= file_len - 8,
+        n <= MAX_HEADER && n <= file_len.saturating_sub(8),
         "its header claims {n} bytes but the file has {file_len}: truncated, or not a checkpoint"
     );
     let mut header = vec![0u8; n as usize];
@@ -369,7 +369,7 @@ fn open_checked(path: &Path) -> Result<(fs::File, u64)> {
         "the file has {file_len} bytes but its header describes {want} (8 + {n} header + {data_len} data): truncated or corrupt"
     );
     f.rewind().context("cannot read")?;
-    Ok((f, file_len))
+    Ok((f, file_len, json))
 }
 
 fn parse(bytes: &[u8]) -> Result<Checkpoint> {
@@ -444,21 +444,12 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
 }
 
 /// Only the [`Meta`] of a checkpoint file, from its safetensors header (a few kB read, no
-/// tensor bytes, no checksum verification): for monitoring, which must not read gigabytes to
-/// learn a step and a growth history. Use [`load`] to trust the file.
+/// tensor bytes, no checksum verification; the file's size is checked against the header): for
+/// monitoring and pruning, which must not read gigabytes to learn a step, a run and a growth
+/// history. Use [`load`] to trust the file.
 pub fn read_meta(path: &Path) -> Result<Meta> {
-    use std::io::Read;
     let inner = || -> Result<Meta> {
-        let md = fs::metadata(path).context("cannot read")?;
-        ensure!(md.is_file(), "not a regular file");
-        let mut f = fs::File::open(path).context("cannot read")?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).context("too short for a safetensors header")?;
-        let n = u64::from_le_bytes(len);
-        ensure!(n <= MAX_HEADER && n <= md.len() - 8, "its header claims {n} bytes but the file has {}: not a checkpoint", md.len());
-        let mut header = vec![0u8; n as usize];
-        f.read_exact(&mut header).context("truncated safetensors header")?;
-        let json: serde_json::Value = serde_json::from_slice(&header).context("safetensors header is not JSON")?;
+        let (_, _, json) = open_checked(path)?;
         let meta = json
             .get("__metadata__")
             .and_then(|m| m.get(KEY_META))

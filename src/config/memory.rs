@@ -104,10 +104,10 @@ pub fn parse_bytes(s: &str) -> Option<f64> {
 
 fn human(bytes: f64) -> String {
     let gib = bytes / 1024.0f64.powi(3);
-    if gib >= 1.0 {
-        format!("{gib:.3e} GiB").replace("e0 ", " ")
-    } else {
-        format!("{:.1} MiB", bytes / 1024.0f64.powi(2))
+    match gib {
+        g if g < 1.0 => format!("{:.1} MiB", bytes / 1024.0f64.powi(2)),
+        g if g < 1e4 => format!("{g:.2} GiB"),
+        g => format!("{g:.3e} GiB"),
     }
 }
 

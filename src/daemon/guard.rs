@@ -33,9 +33,6 @@ pub struct Guard {
     open: Mutex<HashMap<u64, Arc<Conn>>>,
     rate: f64,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-    /// Connections closed to make room, and connections refused (all busy), so far.
-    pub evicted: AtomicU64,
-    pub refused: AtomicU64,
 }
 
 impl Guard {
@@ -47,8 +44,6 @@ impl Guard {
             open: Mutex::new(HashMap::new()),
             rate: rate_limit,
             buckets: Mutex::new(HashMap::new()),
-            evicted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         }
     }
 
@@ -67,12 +62,8 @@ impl Guard {
                 Some(c) => {
                     open.remove(&c.id);
                     c.close.notify_one();
-                    self.evicted.fetch_add(1, Ordering::Relaxed);
                 }
-                None => {
-                    self.refused.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
+                None => return None,
             }
         }
         let c = Arc::new(Conn {
@@ -88,10 +79,6 @@ impl Guard {
     /// The connection has closed.
     pub fn release(&self, c: &Conn) {
         self.open.lock().expect("guard lock").remove(&c.id);
-    }
-
-    pub fn open_connections(&self) -> usize {
-        self.open.lock().expect("guard lock").len()
     }
 
     /// Take one request from `client`'s budget (a token bucket of `rate` per second, burst

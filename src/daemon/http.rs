@@ -54,6 +54,7 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
     let listen = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
     let app = router(d.clone());
     let idle_ms = dc.idle_timeout_s * 1000;
+    let allowed_hosts: Arc<[String]> = dc.allowed_hosts.clone().into();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -68,7 +69,7 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
             drop(stream); // every connection is in the middle of a request
             continue;
         };
-        let (app, guard, allowed) = (app.clone(), guard.clone(), dc.allowed_hosts.clone());
+        let (app, guard, allowed) = (app.clone(), guard.clone(), allowed_hosts.clone());
         let header_timeout = Duration::from_secs(dc.header_timeout_s);
         tokio::spawn(async move {
             let c = conn.clone();

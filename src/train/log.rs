@@ -14,7 +14,7 @@
 //! grow step=2400 depth=0->6 new_ids=[0, 1, 2, 3, 4, 5] stack=[0, 1, 2, 3, 4, 5] wall_ms=20.7
 //! ```
 
-use super::{EvalRecord, RunOptions, StepRecord, TrainReport};
+use super::{EvalRecord, RunOptions, StepRecord, TrainReport, EVALS_CSV_HEADER, STEPS_CSV_HEADER};
 use crate::config::Config;
 use crate::flops;
 use crate::model::growth::GrowthRecord;
@@ -22,9 +22,6 @@ use crate::model::Dims;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
-
-const STEPS_HEADER: &str = "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s";
-const EVALS_HEADER: &str = "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s";
 
 /// Cumulative FLOPs of a run (this process).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -78,8 +75,8 @@ impl RunLog {
     /// (a resumed run), started afresh with their header otherwise.
     pub fn with_csv(mut self, dir: &Path, append: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-        let steps = open_csv(&dir.join("steps.csv"), append, STEPS_HEADER)?;
-        let evals = open_csv(&dir.join("evals.csv"), append, EVALS_HEADER)?;
+        let steps = open_csv(&dir.join("steps.csv"), append, STEPS_CSV_HEADER)?;
+        let evals = open_csv(&dir.join("evals.csv"), append, EVALS_CSV_HEADER)?;
         self.csv = Some((steps, evals));
         Ok(self)
     }
@@ -137,11 +134,7 @@ impl RunLog {
         };
         if let Some((f, _)) = self.csv.as_mut() {
             // Flushed per row, so a killed run leaves its trajectory behind.
-            let _ = writeln!(
-                f,
-                "{},{},{},{},{:e},{:e},{:.3}",
-                rec.step, rec.depth, rec.lr, rec.train_loss, rec.flops_llmc, rec.flops_ne, rec.elapsed_s
-            );
+            let _ = writeln!(f, "{}", rec.csv_row());
             let _ = f.flush();
         }
         if let Some(bar) = &self.bar {
@@ -164,7 +157,7 @@ impl RunLog {
         let e = EvalRecord { step, depth, val_loss, flops_llmc: self.flops.llmc, flops_ne: self.flops.ne, elapsed_s: self.elapsed_s() };
         self.say(eval_line(e.step, self.total_steps, e.depth, e.val_loss, Some((e.flops_llmc, e.flops_ne)), Some(e.elapsed_s)));
         if let Some((_, f)) = self.csv.as_mut() {
-            let _ = writeln!(f, "{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s);
+            let _ = writeln!(f, "{}", e.csv_row());
             let _ = f.flush();
         }
         self.report.evals.push(e);
@@ -182,11 +175,6 @@ impl RunLog {
         self.say(format!("{}{note}", growth_line(rec, Some(wall_s))));
         self.report.growth.push(rec.clone());
         self.report.growth_wall_s.push(wall_s);
-    }
-
-    /// The report of the run so far; the log keeps counting if the run goes on.
-    pub fn report(&self) -> &TrainReport {
-        &self.report
     }
 
     /// End of the run: clear the progress bar and hand over the report.

@@ -35,6 +35,11 @@ pub struct RunOptions {
     pub allow_config_change: Vec<String>,
 }
 
+/// The header of `steps.csv`; [`StepRecord::csv_row`] writes its rows.
+pub const STEPS_CSV_HEADER: &str = "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s";
+/// The header of `evals.csv`; [`EvalRecord::csv_row`] writes its rows.
+pub const EVALS_CSV_HEADER: &str = "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s";
+
 /// One optimizer step.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StepRecord {
@@ -47,6 +52,22 @@ pub struct StepRecord {
     pub flops_llmc: f64,
     pub flops_ne: f64,
     pub elapsed_s: f64,
+}
+
+impl StepRecord {
+    /// The record as a row of `steps.csv`.
+    pub fn csv_row(&self) -> String {
+        let s = self;
+        format!("{},{},{},{},{:e},{:e},{:.3}", s.step, s.depth, s.lr, s.train_loss, s.flops_llmc, s.flops_ne, s.elapsed_s)
+    }
+}
+
+impl EvalRecord {
+    /// The record as a row of `evals.csv`.
+    pub fn csv_row(&self) -> String {
+        let e = self;
+        format!("{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s)
+    }
 }
 
 /// One evaluation on the validation split.
@@ -78,22 +99,18 @@ impl TrainReport {
     }
 
     /// Write `steps.csv` and `evals.csv` into `dir`.
+    /// (The runtime streams both files as it goes, through `log::RunLog`, in the same format.)
     pub fn write_csv(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         let mut f = std::fs::File::create(dir.join("steps.csv"))?;
-        writeln!(f, "step,depth,lr,train_loss,flops_llmc,flops_ne,elapsed_s")?;
+        writeln!(f, "{STEPS_CSV_HEADER}")?;
         for s in &self.steps {
-            writeln!(f, "{},{},{},{},{:e},{:e},{:.3}", s.step, s.depth, s.lr, s.train_loss, s.flops_llmc, s.flops_ne, s.elapsed_s)?;
+            writeln!(f, "{}", s.csv_row())?;
         }
-        self.write_evals_csv(dir)
-    }
-
-    /// Write `evals.csv` into `dir` (the runtime streams `steps.csv` itself, step by step).
-    pub fn write_evals_csv(&self, dir: &Path) -> anyhow::Result<()> {
         let mut f = std::fs::File::create(dir.join("evals.csv"))?;
-        writeln!(f, "step,depth,val_loss,flops_llmc,flops_ne,elapsed_s")?;
+        writeln!(f, "{EVALS_CSV_HEADER}")?;
         for e in &self.evals {
-            writeln!(f, "{},{},{},{:e},{:e},{:.3}", e.step, e.depth, e.val_loss, e.flops_llmc, e.flops_ne, e.elapsed_s)?;
+            writeln!(f, "{}", e.csv_row())?;
         }
         Ok(())
     }
