@@ -1,16 +1,26 @@
-//! GPU benchmark (run by `scripts/gpu-check.sh`): GPT-2 124M training (T=1024) on one GPU —
-//! tokens/s and MFU against 989 TFLOP/s (H100/H200 dense bf16, the usual yardstick) and
-//! against the cuBLAS fp32/TF32 peak measured here — a live 0 → 12 growth on the GPU, and the
-//! 12-layer actor pipeline (4 micro-batches) on one GPU and, where there are two, split over
-//! two. Prints SKIP and exits 0 where there is no GPU.
+//! GPU benchmark (run by `scripts/gpu-check.sh`; prints SKIP and exits 0 without a GPU).
 //!
-//! Protocol: AdamW, random tokens, 2 warmup steps discarded, median of the timed steps (the
-//! step ends with a host read of the loss, so the GPU work is included). FLOPs: llm.c's
-//! 6N + 6·L·T·C per token.
+//! Every figure is measured in this run, on this GPU, and printed beside its baseline:
+//! 1. cuBLAS peaks (8192³) in fp32, tf32 and bf16 — the ceilings the step can approach;
+//! 2. where a GPT-2 124M step spends its time (B=8, T=1024): every op at its real shapes, in
+//!    fp32 and bf16, and their sum against the measured step;
+//! 3. the GPT-2 124M training step (T=1024) in fp32 / tf32 / bf16 at B=8 and the largest batch
+//!    among 8/16/32/64 that fits: ms/step, tokens/s, TFLOP/s, MFU against 989 TFLOP/s (the
+//!    H100/H200 dense bf16 figure), and each precision's speed-up over fp32 and tf32 at B=8;
+//! 4. the 0-layer step against the 12-layer step (bf16, B=8);
+//! 5. a 0 → 12 progressive run at τ = 0.8·T against a fixed 12-layer run of the same steps, both
+//!    on the actor runtime in bf16: wall time and the saving;
+//! 6. bf16 against fp32 after 500 steps of the demo model (config/demo.toml; the Shakespeare
+//!    shards in data/shakespeare-bytes, or a synthetic corpus where they are missing);
+//! 7. the 12-layer actor pipeline, 4 micro-batches, on one GPU.
+//!
+//! Protocol: AdamW; random tokens for the 124M shapes; 2 warm-up steps discarded, median of the
+//! timed steps (each ends with a host read of the loss, so the GPU work is inside the timing).
+//! FLOPs: llm.c's 6N + 6·L·T·C per token. `--quick` times fewer steps.
 
 use std::time::Instant;
 use taproot::backend::cuda::{self, CudaBackend};
-use taproot::backend::{Backend, Trans};
+use taproot::backend::{Attention, Backend, Precision, Trans};
 use taproot::config::Config;
 use taproot::data::Dataset;
 use taproot::flops;
@@ -20,145 +30,434 @@ use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
 use taproot::rng::Rng;
 use taproot::runtime::{self, RunOptions};
 
+const PEAK_BF16: f64 = 989.0;
+const V: usize = 50257;
+const T: usize = 1024;
+
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-fn gemm_peak(be: &CudaBackend, tf32: bool) -> f64 {
-    be.set_tf32(tf32).unwrap();
+/// A compute mode of the benchmark: a precision, and flash or materialized attention.
+#[derive(Clone, Copy, PartialEq)]
+struct Mode(Precision, Attention);
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Attention::Flash => write!(f, "{}+flash", self.0),
+            Attention::Materialized => write!(f, "{}", self.0),
+        }
+    }
+}
+
+const FP32: Mode = Mode(Precision::Fp32, Attention::Materialized);
+const TF32: Mode = Mode(Precision::Tf32, Attention::Materialized);
+const BF16: Mode = Mode(Precision::Bf16, Attention::Materialized);
+const FLASH: Mode = Mode(Precision::Bf16, Attention::Flash);
+
+fn stream_in(m: Mode) -> CudaBackend {
+    let be = CudaBackend::open("cuda:0").expect("open cuda:0");
+    be.set_precision(m.0).expect("set precision");
+    be.set_attention(m.1).expect("set attention");
+    be
+}
+
+fn stream(p: Precision) -> CudaBackend {
+    stream_in(Mode(p, Attention::Materialized))
+}
+
+/// Median wall time (ms) of `f` over `reps` calls after one warm-up, the stream drained around each.
+fn time_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    be.synchronize();
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f();
+        be.synchronize();
+        v.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    median(v)
+}
+
+fn v(buf: &taproot::backend::cuda::CudaBuf, len: usize) -> taproot::backend::View<'_, taproot::backend::cuda::CudaBuf> {
+    taproot::backend::View::new(buf, 0, len)
+}
+
+fn gemm_peak(p: Precision) -> f64 {
+    let be = stream(p);
     let n = 8192;
     let (a, b, c) = (be.alloc(n * n), be.alloc(n * n), be.alloc(n * n));
     be.fill(CudaBackend::whole(&a), 0.01);
     be.fill(CudaBackend::whole(&b), 0.02);
-    let mut best = 0.0f64;
-    for i in 0..6 {
-        be.synchronize();
-        let t0 = Instant::now();
-        be.gemm(CudaBackend::whole(&c), CudaBackend::whole(&a), Trans::N, CudaBackend::whole(&b), Trans::N, n, n, n, 1.0, 0.0);
-        be.synchronize();
-        if i > 0 {
-            best = best.max(2.0 * (n as f64).powi(3) / t0.elapsed().as_secs_f64() / 1e12);
-        }
-    }
-    be.set_tf32(false).unwrap();
-    best
+    let ms = time_ms(&be, 5, || {
+        be.gemm(CudaBackend::whole(&c), CudaBackend::whole(&a), Trans::N, CudaBackend::whole(&b), Trans::N, n, n, n, 1.0, 0.0)
+    });
+    2.0 * (n as f64).powi(3) / (ms / 1e3) / 1e12
 }
 
-/// Median step time of GPT-2 124M at B x 1024 on `be`.
-fn train_step_ms(be: &CudaBackend, b: usize, steps: usize) -> (f64, f32) {
-    let t = 1024;
-    let dims = Dims::new(50257, 1024, 768, 12);
-    let mut model = Model::new(be, dims, 12, &InitConfig::new(InitScheme::Gpt2, 12, 1));
-    let opt = Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, ..OptimConfig::default() });
-    let mut scratch = Scratch::default();
-    let mut rng = Rng::new(5);
-    let mut windows = vec![0u32; b * (t + 1)];
-    let mut batch = Batch::from_windows(be, &windows, b, t);
-    let (mut ti, mut tt) = (Vec::new(), Vec::new());
-    let mut times = Vec::new();
-    let mut loss = 0.0;
-    for i in 0..steps + 2 {
-        windows.iter_mut().for_each(|w| *w = rng.below(50257) as u32);
-        batch.load(be, &windows, &mut ti, &mut tt);
-        let t0 = Instant::now();
-        loss = model.forward_backward(be, &batch, 1.0 / (b * t) as f32);
-        model.finish_grads(be);
-        opt.step(be, &mut model.embed.w, &mut scratch, 3e-4);
-        for blk in model.blocks.iter_mut() {
-            opt.step(be, &mut blk.w, &mut scratch, 3e-4);
-        }
-        opt.step(be, &mut model.head.w, &mut scratch, 3e-4);
-        model.zero_grad(be);
-        be.synchronize();
-        if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
+/// Every op of a GPT-2 124M step at its real shapes (B=8, T=1024): (name, calls per step, ms).
+fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
+    let be = stream_in(mode);
+    let (c, nh, l) = (768, 12, 12);
+    let n = b * T;
+    let vp = 50304;
+    let w = |len: usize| {
+        let x = be.alloc(len);
+        be.fill(CudaBackend::whole(&x), 0.01);
+        x
+    };
+    let x = w(n * 4 * c);
+    let y = w(n * 4 * c);
+    let dx = w(n * 4 * c);
+    let wt = w(vp * c);
+    let dwt = w(vp * c);
+    let bias = w(4 * c);
+    let dbias = w(4 * c);
+    let logits = w(n * vp);
+    let (natt, ndatt) = (be.attention_state_len(b, T, nh), be.attention_scratch_len(b, T, nh));
+    let att = w(natt);
+    let datt = w(ndatt);
+    let qkv = w(n * 3 * c);
+    let dqkv = w(n * 3 * c);
+    let (mean, rstd) = (w(n), w(n));
+    let lnw = w(c);
+    let (wpe, dwpe) = (w(T * c), w(T * c));
+    let (dlnw, dlnb) = (w(c), w(c));
+    let losses = w(n);
+    let ids = be.alloc_ids(n);
+    let reps = 5;
+    let mut rows: Vec<(&'static str, usize, f64)> = Vec::new();
+    for (name, ic, oc) in [
+        ("matmul qkv 768->2304", c, 3 * c),
+        ("matmul attn-proj 768->768", c, c),
+        ("matmul fc 768->3072", c, 4 * c),
+        ("matmul fc-proj 3072->768", 4 * c, c),
+    ] {
+        let f = time_ms(&be, reps, || be.matmul_forward(v(&y, n * oc), v(&x, n * ic), v(&wt, oc * ic), Some(v(&bias, oc)), n, ic, oc));
+        let bw = time_ms(&be, reps, || {
+            be.matmul_backward(
+                Some(v(&dx, n * ic)),
+                v(&dwt, oc * ic),
+                Some(v(&dbias, oc)),
+                v(&y, n * oc),
+                v(&x, n * ic),
+                v(&wt, oc * ic),
+                n,
+                ic,
+                oc,
+            )
+        });
+        rows.push((name, l, f));
+        rows.push((Box::leak(format!("{name} backward").into_boxed_str()), l, bw));
     }
-    (median(times), loss)
+    let f = time_ms(&be, reps, || be.attention_forward(v(&y, n * c), v(&att, natt), v(&qkv, n * 3 * c), b, T, c, nh));
+    rows.push(("attention", l, f));
+    let bw = time_ms(&be, reps, || {
+        be.attention_backward(
+            v(&dqkv, n * 3 * c),
+            v(&datt, ndatt),
+            v(&y, n * c),
+            v(&qkv, n * 3 * c),
+            v(&dx, n * c),
+            v(&att, natt),
+            b,
+            T,
+            c,
+            nh,
+        )
+    });
+    rows.push(("attention backward", l, bw));
+    let f = time_ms(&be, reps, || be.layernorm_forward(v(&y, n * c), v(&mean, n), v(&rstd, n), v(&x, n * c), v(&lnw, c), v(&lnw, c), n, c));
+    rows.push(("layernorm", 2 * l + 1, f));
+    let bw = time_ms(&be, reps, || {
+        be.layernorm_backward(
+            v(&dx, n * c),
+            v(&dlnw, c),
+            v(&dlnb, c),
+            v(&y, n * c),
+            v(&x, n * c),
+            v(&lnw, c),
+            v(&mean, n),
+            v(&rstd, n),
+            n,
+            c,
+        )
+    });
+    rows.push(("layernorm backward", 2 * l + 1, bw));
+    let f = time_ms(&be, reps, || be.gelu_forward(v(&y, n * 4 * c), v(&x, n * 4 * c)));
+    rows.push(("gelu", l, f));
+    let bw = time_ms(&be, reps, || be.gelu_backward(v(&dx, n * 4 * c), v(&x, n * 4 * c), v(&y, n * 4 * c)));
+    rows.push(("gelu backward", l, bw));
+    let f = time_ms(&be, reps, || be.add(v(&y, n * c), v(&x, n * c), v(&dx, n * c)));
+    rows.push(("residual add (and its backward)", 4 * l, f));
+    let f = time_ms(&be, reps, || be.matmul_forward(v(&logits, n * vp), v(&x, n * c), v(&wt, vp * c), None, n, c, vp));
+    rows.push(("head matmul 768->50304", 1, f));
+    let bw = time_ms(&be, reps, || {
+        be.matmul_backward(Some(v(&dx, n * c)), v(&dwt, vp * c), None, v(&logits, n * vp), v(&x, n * c), v(&wt, vp * c), n, c, vp)
+    });
+    rows.push(("head matmul backward", 1, bw));
+    let f = time_ms(&be, reps, || be.crossentropy_forward_backward(v(&logits, n * vp), v(&losses, n), &ids, 1.0 / n as f32, n, V, vp));
+    rows.push(("softmax + cross-entropy (fused)", 1, f));
+    let f = time_ms(&be, reps, || be.encoder_forward(v(&y, n * c), &ids, v(&wt, vp * c), v(&wpe, T * c), b, T, c));
+    rows.push(("embedding", 1, f));
+    let bw = time_ms(&be, reps, || be.encoder_backward(v(&dwt, vp * c), v(&dwpe, T * c), v(&y, n * c), &ids, b, T, c));
+    rows.push(("embedding backward", 1, bw));
+    // AdamW over the 124M parameters in the trainer's unit sizes: 12 blocks of 7.1M, 38.6M + 0.8M ends.
+    let params = w(7_087_872);
+    let (g, m, vv) = (w(7_087_872), w(7_087_872), w(7_087_872));
+    let f = time_ms(&be, reps, || {
+        be.adamw_update(v(&params, 7_087_872), v(&g, 7_087_872), v(&m, 7_087_872), v(&vv, 7_087_872), 1e-4, 0.9, 0.95, 1e-8, 0.1, 3)
+    });
+    rows.push(("adamw, one block (7.1M)", l + 6, f));
+    rows
+}
+
+/// Median step time (ms) and last loss of GPT-2 124M at B x 1024 and `depth` layers, or None if it
+/// does not fit in memory.
+fn train_step_ms(mode: Mode, b: usize, depth: usize, steps: usize) -> Option<(f64, f32)> {
+    let r = std::panic::catch_unwind(|| {
+        let be = stream_in(mode);
+        let dims = Dims::new(V, T, 768, 12);
+        let mut model = Model::new(&be, dims, depth, &InitConfig::new(InitScheme::Gpt2, 12, 1));
+        let opt = Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, ..OptimConfig::default() });
+        let mut scratch = Scratch::default();
+        let mut rng = Rng::new(5);
+        let mut windows = vec![0u32; b * (T + 1)];
+        let mut batch = Batch::from_windows(&be, &windows, b, T);
+        let (mut ti, mut tt) = (Vec::new(), Vec::new());
+        let mut times = Vec::new();
+        let mut loss = 0.0;
+        for i in 0..steps + 2 {
+            windows.iter_mut().for_each(|w| *w = rng.below(V as u64) as u32);
+            batch.load(&be, &windows, &mut ti, &mut tt);
+            let t0 = Instant::now();
+            loss = model.forward_backward(&be, &batch, 1.0 / (b * T) as f32);
+            model.finish_grads(&be);
+            opt.step(&be, &mut model.embed.w, &mut scratch, 3e-4);
+            for blk in model.blocks.iter_mut() {
+                opt.step(&be, &mut blk.w, &mut scratch, 3e-4);
+            }
+            opt.step(&be, &mut model.head.w, &mut scratch, 3e-4);
+            model.zero_grad(&be);
+            be.synchronize();
+            if i >= 2 {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        (median(times), loss)
+    });
+    r.ok()
+}
+
+fn gen(n: usize, r: &mut Rng) -> Vec<u16> {
+    (0..n).map(|_| r.below(V as u64) as u16).collect()
+}
+
+fn gpt2_run(name: &str, p: Mode, b: usize, steps: u64, depth: usize, growth_at: Option<u64>, extra: &str) -> taproot::train::TrainReport {
+    let cfg = gpt2_cfg(name, p, b, steps, depth, growth_at, extra);
+    let mut r = Rng::new(9);
+    let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: V };
+    runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap()
+}
+
+fn gpt2_cfg(name: &str, p: Mode, b: usize, steps: u64, depth: usize, growth_at: Option<u64>, extra: &str) -> Config {
+    let growth = growth_at.map(|s| format!("[[growth]]\nat_step = {s}\nto_depth = 12\n")).unwrap_or_default();
+    let text = format!(
+        "[run]\nname = \"{name}\"\nsteps = {steps}\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"unused\"\ntokenizer = \"gpt2\"\nbatch_size = {b}\nseq_len = 1024\n{extra}[model]\nchannels = 768\nheads = 12\ndepth = {depth}\ntarget_depth = 12\n[optim]\nkind = \"adamw\"\n[eval]\nevery = 100000\nbatches = 1\n[checkpoint]\nevery = 0\n[precision]\ncompute = \"{}\"\n[kernels]\nattention = \"{}\"\n[placement]\ndevices = [\"cuda:0\"]\n{growth}",
+        std::env::temp_dir().join(format!("taproot-gpu-{name}")).display(),
+        p.0,
+        p.1.name()
+    );
+    Config::parse(&text, &[]).unwrap_or_else(|e| panic!("bench config {name}: {e:#}"))
+}
+
+fn step_ms_at(rep: &taproot::train::TrainReport, depth: usize) -> f64 {
+    median(
+        rep.steps
+            .windows(2)
+            .filter(|w| w[1].depth == depth && w[0].depth == depth)
+            .map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3)
+            .collect(),
+    )
+}
+
+/// The demo model (config/demo.toml) for `steps` steps in precision `p`: (last val loss, mean
+/// train loss of the last 50 steps, which data).
+fn demo_cfg(p: Precision, steps: u64) -> Config {
+    let dir = std::env::temp_dir().join(format!("taproot-gpu-demo-{p}"));
+    let text = std::fs::read_to_string("config/demo.toml").expect("config/demo.toml");
+    let sets = [
+        format!("run.steps={steps}"),
+        "run.log_every=0".into(),
+        format!("run.out_dir=\"{}\"", dir.display()),
+        format!("eval.every={}", steps / 2),
+        "placement.devices=[\"cuda:0\"]".into(),
+        format!("precision.compute=\"{p}\""),
+        "checkpoint.every=0".into(),
+    ];
+    Config::parse(&text, &sets).unwrap_or_else(|e| panic!("demo config: {e:#}"))
+}
+
+fn demo_run(p: Precision, steps: u64) -> (f32, f32, String) {
+    let shards = std::path::Path::new("data/shakespeare-bytes");
+    let (data, which) = match Dataset::open(shards, 256) {
+        Ok(d) => (d, "Shakespeare bytes".to_string()),
+        Err(_) => {
+            let syn = std::env::temp_dir().join("taproot-gpu-words");
+            taproot::data::synthetic::word_corpus(&syn).unwrap();
+            (Dataset::open(&syn, 256).unwrap(), "synthetic words (data/shakespeare-bytes missing)".to_string())
+        }
+    };
+    let cfg = demo_cfg(p, steps);
+    let rep = runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let tail: Vec<f32> = rep.steps.iter().rev().take(50).map(|s| s.train_loss).collect();
+    (rep.final_val_loss().unwrap_or(f32::NAN), tail.iter().sum::<f32>() / tail.len() as f32, which)
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let be = match cuda::device_count() {
-        Ok(n) if n > 0 => CudaBackend::open("cuda:0").expect("open cuda:0"),
+    if std::env::args().any(|a| a == "--check-configs") {
+        // Parse every config the benchmark builds (no GPU needed): CI runs this.
+        gpt2_cfg("prog", FLASH, 8, 50, 0, Some(40), "");
+        gpt2_cfg("pipe", FLASH, 2, 10, 12, None, "micro_batches = 4\n");
+        demo_cfg(Precision::Bf16, 500);
+        return println!("benchmark configs parse");
+    }
+    match cuda::device_count() {
+        Ok(n) if n > 0 => {}
         Ok(_) => return println!("SKIP: no CUDA device"),
         Err(e) => return println!("SKIP: {e:#}"),
-    };
-    let fp32 = gemm_peak(&be, false);
-    let tf32 = gemm_peak(&be, true);
-    println!("cuBLAS 8192^3 peak: fp32 {fp32:.1} TFLOP/s, tf32 {tf32:.1} TFLOP/s");
-    let b = 8;
-    let steps = if quick { 3 } else { 8 };
-    let dims = Dims::new(50257, 1024, 768, 12);
-    let per_token = flops::flops_per_token_llmc(&dims, 12, 1024);
-    let mut rows = Vec::new();
-    for (mode, on) in [("fp32", false), ("tf32", true)] {
-        let be = CudaBackend::open("cuda:0").unwrap();
-        be.set_tf32(on).unwrap();
-        let (ms, loss) = train_step_ms(&be, b, steps);
-        let tok_s = (b * 1024) as f64 / (ms / 1e3);
-        let tflops = per_token * tok_s / 1e12;
-        let peak = if on { tf32 } else { fp32 };
-        println!("GPT-2 124M B={b} T=1024 {mode}: {ms:.1} ms/step, {tok_s:.0} tok/s, {tflops:.1} TFLOP/s, MFU {:.1}% of 989, {:.1}% of measured cuBLAS {mode} peak (loss {loss:.3})", 100.0 * tflops / 989.0, 100.0 * tflops / peak);
-        rows.push((mode, ms, tok_s, tflops, peak));
     }
-    // Live growth 0 -> 12 on the actor runtime, GPT-2 124M shape.
-    let mut r = Rng::new(9);
-    let gen = |n: usize, r: &mut Rng| (0..n).map(|_| r.below(50257) as u16).collect::<Vec<u16>>();
-    let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: 50257 };
-    let text = format!(
-        "[run]\nname = \"gpu-growth\"\nsteps = 12\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"unused\"\ntokenizer = \"gpt2\"\nbatch_size = {b}\nseq_len = 1024\n[model]\nchannels = 768\nheads = 12\ndepth = 0\ntarget_depth = 12\n[optim]\nkind = \"adamw\"\n[eval]\nevery = 1000\nbatches = 1\n[placement]\ndevices = [\"cuda:0\"]\n[[growth]]\nat_step = 6\nto_depth = 12\n",
-        std::env::temp_dir().join("taproot-gpu-growth").display()
+    let steps = if quick { 3 } else { 6 };
+    let mut table: Vec<(String, String)> = Vec::new();
+
+    // 1. peaks
+    let peaks: Vec<(Precision, f64)> = [Precision::Fp32, Precision::Tf32, Precision::Bf16].iter().map(|&p| (p, gemm_peak(p))).collect();
+    for (p, t) in &peaks {
+        println!("cuBLAS 8192^3 {p}: {t:.1} TFLOP/s");
+    }
+    table.push((
+        "cuBLAS 8192³ peak fp32 / tf32 / bf16".into(),
+        format!("{:.1} / {:.1} / {:.1} TFLOP/s (bf16 includes converting the fp32 operands)", peaks[0].1, peaks[1].1, peaks[2].1),
+    ));
+
+    // 2. op profile
+    let dims = Dims::new(V, T, 768, 12);
+    let per_token = flops::flops_per_token_llmc(&dims, 12, T);
+    let mut profile_sum = Vec::new();
+    for mode in [FP32, BF16, FLASH] {
+        let rows = op_profile(mode, 8);
+        println!("\nwhere a GPT-2 124M step goes, {mode}, B=8 T=1024 (ms per call x calls per step):");
+        let mut total = 0.0;
+        for (name, calls, ms) in &rows {
+            println!("  {name:<36} {ms:8.3} ms x {calls:2} = {:8.2} ms", ms * *calls as f64);
+            total += ms * *calls as f64;
+        }
+        println!("  {:<36} {total:8.2} ms", "sum");
+        profile_sum.push((mode, total));
+    }
+
+    // 3. the training step: B=8 in every mode, and the largest batch that fits
+    let mut b8: Vec<(Mode, f64)> = Vec::new();
+    println!();
+    for mode in [FP32, TF32, BF16, FLASH] {
+        let batches: &[usize] = if mode == FLASH { &[64, 32, 16, 8] } else { &[64, 32, 8] };
+        let mut fitted = false;
+        for &b in batches {
+            if fitted && b != 8 && mode != FLASH {
+                continue;
+            }
+            match train_step_ms(mode, b, 12, if b >= 32 { steps.min(4) } else { steps }) {
+                Some((ms, loss)) => {
+                    let tok_s = (b * T) as f64 / (ms / 1e3);
+                    let tflops = per_token * tok_s / 1e12;
+                    let mfu = 100.0 * tflops / PEAK_BF16;
+                    println!(
+                        "GPT-2 124M {mode} B={b}: {ms:.1} ms/step, {tok_s:.0} tok/s, {tflops:.1} TFLOP/s, MFU {mfu:.1}% (loss {loss:.3})"
+                    );
+                    table.push((
+                        format!("GPT-2 124M, {mode}, B={b}, T=1024"),
+                        format!("{ms:.1} ms/step, {tok_s:.0} tok/s, {tflops:.1} TFLOP/s, MFU {mfu:.1}%"),
+                    ));
+                    if b == 8 {
+                        b8.push((mode, ms));
+                    }
+                    fitted = true;
+                }
+                None => println!("GPT-2 124M {mode} B={b}: does not fit (allocation failed)"),
+            }
+        }
+    }
+    let at = |m: Mode| b8.iter().find(|(q, _)| *q == m).map(|x| x.1).unwrap_or(f64::NAN);
+    for m in [BF16, FLASH] {
+        table.push((
+            format!("{m} speed-up at B=8 (same run)"),
+            format!("{:.2}x over fp32, {:.2}x over tf32 (target: 4x over tf32)", at(FP32) / at(m), at(TF32) / at(m)),
+        ));
+    }
+    for (m, sum) in &profile_sum {
+        table.push((format!("sum of the op profile, {m}, B=8"), format!("{sum:.1} ms against a measured step of {:.1} ms", at(*m))));
+    }
+
+    // 4. depth 0 against depth 12
+    let best = FLASH;
+    let d0 = train_step_ms(best, 8, 0, steps).map(|x| x.0).unwrap_or(f64::NAN);
+    let d12 = at(best);
+    println!("{best} B=8: depth-0 step {d0:.1} ms, depth-12 step {d12:.1} ms ({:.1}%)", 100.0 * d0 / d12);
+    table.push((
+        format!("0-layer step / 12-layer step, {best}, B=8"),
+        format!("{d0:.1} / {d12:.1} ms = {:.1}% (target ≤ 10%)", 100.0 * d0 / d12),
+    ));
+
+    // 5. progressive against fixed, actor runtime: the time to the last step's end (start-up,
+    // evaluation and the final checkpoint excluded; the growth itself included)
+    let n = 50u64;
+    let tau = n * 4 / 5;
+    let prog = gpt2_run("prog", best, 8, n, 0, Some(tau), "");
+    let fixed = gpt2_run("fixed", best, 8, n, 12, None, "");
+    let end = |r: &taproot::train::TrainReport| r.steps.last().map_or(f64::NAN, |s| s.elapsed_s);
+    let (tp, tf) = (end(&prog), end(&fixed));
+    let saving = 1.0 - tp / tf;
+    println!(
+        "actor runtime {best} B=8, {n} steps: progressive 0 -> 12 at step {tau} {tp:.2} s, fixed 12 {tf:.2} s: saving {:.1}% (steps at depth 0 {:.1} ms, depth 12 {:.1} ms, growth {:.0} ms)",
+        100.0 * saving,
+        step_ms_at(&prog, 0),
+        step_ms_at(&fixed, 12),
+        prog.growth_wall_s.first().copied().unwrap_or(f64::NAN) * 1e3
     );
-    let cfg = Config::parse(&text, &[]).unwrap();
-    let rep = runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap();
-    let step_ms = |depth: usize| {
-        let v: Vec<f64> = rep
-            .steps
-            .windows(2)
-            .filter(|w| w[1].depth == depth && w[0].depth == depth)
-            .map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3)
-            .collect();
-        median(v)
-    };
-    let (d0, d12, g) = (step_ms(0), step_ms(12), rep.growth_wall_s[0] * 1e3);
-    println!("actor runtime, growth 0 -> 12 at step 6: depth-0 step {d0:.1} ms, depth-12 step {d12:.1} ms, growth {g:.1} ms");
-    // Pipeline parallelism: 12 layers, 4 micro-batches of 2 sequences, on one GPU and split over
-    // two (ends and layers 0-5 on cuda:0, 6-11 on cuda:1; hand-offs are peer copies).
-    let n_gpus = cuda::device_count().unwrap_or(0);
-    let pipe = |devices: &str| -> f64 {
-        let text = format!(
-            "[run]\nname = \"gpu-pipe\"\nsteps = 10\nlog_every = 0\nout_dir = \"{}\"\n[data]\ndir = \"unused\"\ntokenizer = \"gpt2\"\nbatch_size = 2\nseq_len = 1024\nmicro_batches = 4\n[model]\nchannels = 768\nheads = 12\ndepth = 12\n[optim]\nkind = \"adamw\"\n[eval]\nevery = 1000\nbatches = 1\n[placement]\ndevices = [{devices}]\n",
-            std::env::temp_dir().join("taproot-gpu-pipe").display()
-        );
-        let cfg = Config::parse(&text, &[]).unwrap();
-        let mut r = Rng::new(10);
-        let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: 50257 };
-        let rep = runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap();
-        let v: Vec<f64> = rep.steps.windows(2).skip(2).map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3).collect();
-        median(v)
-    };
-    let one = pipe("\"cuda:0\"");
-    let two = (n_gpus >= 2).then(|| pipe("\"cuda:0\", \"cuda:1\""));
-    match two {
-        Some(t) => println!(
-            "actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step, two GPUs {t:.1} ms/step ({:.2}x)",
-            one / t
-        ),
-        None => println!(
-            "actor runtime, 12 layers, 4 micro-batches x 2 x 1024: one GPU {one:.1} ms/step; two GPUs skipped ({n_gpus} CUDA device)"
-        ),
-    }
+    table.push((
+        format!("0 → 12 at τ = 0.8·T against fixed 12, {n} steps (actor runtime, {best}, B=8)"),
+        format!("{tp:.2} s against {tf:.2} s to the last step: {:.1}% of the wall time saved", 100.0 * saving),
+    ));
+
+    // 6. bf16 against fp32, demo model, 500 steps
+    let (v32, t32, which) = demo_run(Precision::Fp32, 500);
+    let (v16, t16, _) = demo_run(Precision::Bf16, 500);
+    let dv = 100.0 * (v16 - v32) / v32;
+    let dt = 100.0 * (t16 - t32) / t32;
+    println!("demo model, 500 steps on {which}: val loss fp32 {v32:.4} bf16 {v16:.4} ({dv:+.2}%); train loss (last 50) fp32 {t32:.4} bf16 {t16:.4} ({dt:+.2}%)");
+    table.push((
+        format!("demo model, 500 steps ({which}): bf16 against fp32"),
+        format!("val loss {v16:.4} / {v32:.4} ({dv:+.2}%), train loss {t16:.4} / {t32:.4} ({dt:+.2}%) (target within 1%)"),
+    ));
+
+    // 7. the pipeline
+    let rep = gpt2_run("pipe", best, 2, 10, 12, None, "micro_batches = 4\n");
+    let one = median(rep.steps.windows(2).skip(2).map(|w| (w[1].elapsed_s - w[0].elapsed_s) * 1e3).collect());
+    println!("actor runtime, 12 layers, 4 micro-batches x 2 x 1024, {best}: one GPU {one:.1} ms/step");
+    table.push((
+        format!("pipeline, 12 layers, 4 micro-batches of 2, {best}, one GPU"),
+        format!("{one:.1} ms/step ({:.0} tok/s)", 8.0 * 1024.0 / one * 1e3),
+    ));
+
     println!("\n| what | value |\n|---|---|");
-    println!("| cuBLAS fp32 / tf32 peak (8192^3) | {fp32:.1} / {tf32:.1} TFLOP/s |");
-    for (mode, ms, tok_s, tflops, peak) in rows {
-        println!("| GPT-2 124M, B={b}, T=1024, {mode} | {ms:.1} ms/step, {tok_s:.0} tok/s, {tflops:.1} TFLOP/s, MFU {:.1}% (989) / {:.1}% (measured {mode} peak) |", 100.0 * tflops / 989.0, 100.0 * tflops / peak);
-    }
-    println!("| growth 0 -> 12 (actor runtime) | {g:.1} ms; step {d0:.1} ms at depth 0, {d12:.1} ms at depth 12 ({:.1}x) |", d12 / d0);
-    let tok = (8 * 1024) as f64;
-    match two {
-        Some(t) => println!("| pipeline, 12 layers, 4 micro-batches | one GPU {one:.1} ms/step ({:.0} tok/s); two GPUs {t:.1} ms/step ({:.0} tok/s), {:.2}x |", tok / one * 1e3, tok / t * 1e3, one / t),
-        None => println!("| pipeline, 12 layers, 4 micro-batches | one GPU {one:.1} ms/step ({:.0} tok/s); two GPUs not run ({n_gpus} CUDA device) |", tok / one * 1e3),
+    for (k, v) in table {
+        println!("| {k} | {v} |");
     }
 }

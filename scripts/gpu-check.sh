@@ -4,21 +4,22 @@
 # the GPU benchmark (GPT-2 124M, T=1024: tokens/s and MFU; a live 0 -> 12 growth), ending with
 # a short table. Sized to finish well under 8 minutes on an H100.
 #
-# On a machine with cargo it builds first. On one without (the lent GPU machines), it runs the
-# binaries that `scripts/gpu-check.sh --prepare` built and copied into .gpu/ on a build machine.
-set -uo pipefail
+# On a machine with cargo it builds first. On one without (the lent GPU machines), or with
+# GPU_CHECK_PREBUILT=1, it runs the binaries that `scripts/gpu-check.sh --prepare` built and
+# copied into .gpu/ on a build machine (carry .gpu/ and data/shakespeare-bytes along).
+set -uo pipefail  # pipefail: a failing test binary fails its `| tee`
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
   # Build the test and benchmark binaries here, for a GPU machine without a Rust toolchain.
   set -e
-  mkdir -p .gpu
+  mkdir -p .gpu .git/info
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable")]' \
+    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["test"]]' \
     | while read -r exe; do cp "$exe" .gpu/cuda-tests; done
   cargo bench --bench gpu --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable")]' \
+    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["bench"]]' \
     | while read -r exe; do cp "$exe" .gpu/gpu-bench; done
   strip .gpu/cuda-tests .gpu/gpu-bench
   ls -la .gpu
@@ -30,14 +31,17 @@ NV=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"c
 [ -n "$NV" ] && export LD_LIBRARY_PATH="$NV:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
 
+# Logs go to $GPU_CHECK_LOGS (default target/gpu-check/): tests.log and bench.log.
+logs="${GPU_CHECK_LOGS:-target/gpu-check}"
+mkdir -p "$logs"
 status=0
-if command -v cargo >/dev/null; then
-  cargo test --release --test cuda -- --test-threads=1 --nocapture || status=1
-  cargo bench --bench gpu || status=1
+if command -v cargo >/dev/null && [ "${GPU_CHECK_PREBUILT:-0}" != 1 ]; then
+  timeout 400 cargo test --release --test cuda -- --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
+  timeout 400 cargo bench --bench gpu 2>&1 | tee "$logs/bench.log" || status=1
 else
   [ -x .gpu/cuda-tests ] || { echo "no cargo and no prebuilt .gpu/ binaries: run scripts/gpu-check.sh --prepare on a build machine"; exit 2; }
-  .gpu/cuda-tests --test-threads=1 --nocapture || status=1
-  .gpu/gpu-bench || status=1
+  timeout "${GPU_CHECK_TEST_S:-240}" .gpu/cuda-tests --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
+  timeout "${GPU_CHECK_BENCH_S:-300}" .gpu/gpu-bench 2>&1 | tee "$logs/bench.log" || status=1
 fi
 echo "gpu-check exit status: $status"
 exit $status

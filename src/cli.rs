@@ -208,7 +208,6 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 let opts = RunOptions { quiet: false, stop_after, resume, allow_config_change, ..Default::default() };
                 if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
-                    crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
                 } else {
                     runtime::train::<CpuBackend>(&cfg, data, opts, true)?

@@ -157,7 +157,7 @@ fn attention_backward_matches_finite_differences() {
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
     let (dqkv, datt) = (buf(&be, &vec![7.0; b * t * 3 * c]), be.alloc(b * nh * t * t));
-    be.attention_backward(B::whole(&dqkv), B::whole(&datt), B::whole(&rb), B::whole(&qb), B::whole(&att), b, t, c, nh);
+    be.attention_backward(B::whole(&dqkv), B::whole(&datt), B::whole(&rb), B::whole(&qb), B::whole(&out), B::whole(&att), b, t, c, nh);
     check("attention dqkv", &host(&be, &dqkv), &(0..b * t * 3 * c).collect::<Vec<_>>(), |i, h| {
         let mut x = qkv.clone();
         x[i] += h;

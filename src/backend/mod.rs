@@ -38,6 +38,32 @@
 pub mod cpu;
 pub mod cuda;
 pub mod pool;
+pub mod precision;
+
+pub use precision::Precision;
+
+/// How attention keeps what its backward needs (`kernels.attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// The (B, NH, T, T) probabilities are written by the forward and read by the backward
+    /// (products through the backend's matrix multiply). The verified reference.
+    #[default]
+    Materialized,
+    /// FlashAttention-2's algorithm: tiles with an online softmax; the forward keeps only the
+    /// (B, NH, T) logsumexp and the backward recomputes the probabilities from it. On CUDA it
+    /// runs on bf16 tensor cores (precision `bf16`, head size 64 or 128).
+    Flash,
+}
+
+impl Attention {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attention::Materialized => "materialized",
+            Attention::Flash => "flash",
+        }
+    }
+}
 
 /// A window into a device buffer: `len` elements starting at `off`.
 pub struct View<'a, Buf> {
@@ -89,8 +115,27 @@ pub trait Backend: Send + Sized + 'static {
     fn open(device: &str) -> anyhow::Result<Self>;
     /// The device this stream runs on, e.g. `cpu:0`, `cuda:1`.
     fn device(&self) -> &str;
-    /// A new stream on the same device.
+    /// A new stream on the same device (in fp32: set its precision again).
     fn fork(&self) -> anyhow::Result<Self>;
+    /// The precision this stream's matrix products compute in ([`precision`]); a stream opens in
+    /// fp32. Only the products change: storage, master weights and optimizer state stay fp32.
+    fn set_precision(&self, p: Precision) -> anyhow::Result<()>;
+    fn precision(&self) -> Precision;
+    /// The attention algorithm of this stream ([`Attention`]); a stream opens materialized. An
+    /// algorithm the device cannot run in the stream's precision is an error naming both.
+    fn set_attention(&self, a: Attention) -> anyhow::Result<()>;
+    fn attention(&self) -> Attention;
+    /// Floats of the state [`Backend::attention_forward`] saves for the backward (`att`).
+    fn attention_state_len(&self, b: usize, t: usize, nh: usize) -> usize {
+        match self.attention() {
+            Attention::Materialized => b * nh * t * t,
+            Attention::Flash => b * nh * t,
+        }
+    }
+    /// Floats of the backward's scratch (`datt`).
+    fn attention_scratch_len(&self, b: usize, t: usize, nh: usize) -> usize {
+        self.attention_state_len(b, t, nh)
+    }
 
     // ----- memory -----
     /// A zero-filled buffer of `n` f32.
@@ -234,10 +279,13 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
     );
     /// Causal multi-head self-attention, scale 1/sqrt(hs).
-    /// qkv (B, T, 3C) -> out (B, T, C); saves att (B, NH, T, T) post-softmax probabilities.
+    /// qkv (B, T, 3C) -> out (B, T, C); saves `att` ([`Backend::attention_state_len`] floats):
+    /// the (B, NH, T, T) post-softmax probabilities, or with flash attention the (B, NH, T)
+    /// logsumexp of each row's scores.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(&self, out: View<Self::Buf>, att: View<Self::Buf>, qkv: View<Self::Buf>, b: usize, t: usize, c: usize, nh: usize);
-    /// dqkv (B, T, 3C) overwritten; datt (B, NH, T, T) is scratch.
+    /// dqkv (B, T, 3C) overwritten; datt ([`Backend::attention_scratch_len`]) is scratch;
+    /// out (B, T, C) is the forward's output (flash attention's backward needs rowsum(dout·out)).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -245,6 +293,7 @@ pub trait Backend: Send + Sized + 'static {
         datt: View<Self::Buf>,
         dout: View<Self::Buf>,
         qkv: View<Self::Buf>,
+        out: View<Self::Buf>,
         att: View<Self::Buf>,
         b: usize,
         t: usize,

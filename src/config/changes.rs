@@ -34,7 +34,10 @@ impl std::fmt::Display for Change {
 }
 
 /// Keys (or section prefixes) that do not change what a run computes.
-const HARMLESS: [&str; 14] = [
+///
+/// `precision` is here because checkpoints hold fp32 master weights whatever the precision: a
+/// run resumed under another precision continues the same model (the change is reported).
+const HARMLESS: [&str; 16] = [
     "run.log_every",
     "run.max_memory",
     "run.stop_grace_s",
@@ -43,6 +46,8 @@ const HARMLESS: [&str; 14] = [
     "checkpoint",
     "placement",
     "cuda",
+    "precision",
+    "kernels",
     "daemon",
     "supervision",
     "faults",

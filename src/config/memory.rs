@@ -58,7 +58,12 @@ pub fn estimate(cfg: &Config) -> Estimate {
     let optimizer = params * if adam { 2.0 } else { 1.0 } + 3.0 * largest;
     let cap = if cfg.pipeline.max_in_flight == 0 { cfg.target_depth() + 1 } else { cfg.pipeline.max_in_flight };
     let in_flight = f(cap.min(cfg.data.micro_batches).max(1));
-    let per_mb = l * (21.0 * b * t * c + 2.0 * b * nh * t * t) + 2.0 * b * t * v;
+    // Attention keeps (B, NH, T, T) probabilities and a scratch of that size, or, flash, (B, NH, T).
+    let att = match cfg.kernels.attention {
+        crate::backend::Attention::Materialized => 2.0 * b * nh * t * t,
+        crate::backend::Attention::Flash => 2.0 * b * nh * t,
+    };
+    let per_mb = l * (21.0 * b * t * c + att) + 2.0 * b * t * v;
     let activations = in_flight * per_mb;
     let window = b * (t + 1.0);
     let data_floats = f(cfg.eval.batches) * window + window;

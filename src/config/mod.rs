@@ -51,6 +51,12 @@ pub struct Config {
     pub faults: FaultConfig,
     #[serde(default)]
     pub cuda: CudaConfig,
+    /// `[precision]`: what the matrix products compute in (storage stays fp32).
+    #[serde(default)]
+    pub precision: PrecisionConfig,
+    /// `[kernels]`: algorithm choices that do not change the model (attention).
+    #[serde(default)]
+    pub kernels: KernelsConfig,
     /// `taproot daemon`: the HTTP endpoint, its control token, the MFU reference.
     #[serde(default)]
     pub daemon: DaemonConfig,
@@ -60,8 +66,30 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct CudaConfig {
-    /// Let cuBLAS use TF32 tensor cores for fp32 products (faster, ~1e-3 relative error).
+    /// The older spelling of `precision.compute = "tf32"` (kept so existing configs run).
     pub tf32: bool,
+}
+
+/// `[kernels]`: which algorithm computes an op, where several compute the same function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelsConfig {
+    /// `"materialized"` (default: the (B, NH, T, T) probabilities are kept for the backward) or
+    /// `"flash"` (tiles with an online softmax; only a logsumexp per row is kept). On CUDA, flash
+    /// runs on bf16 tensor cores: it needs `precision.compute = "bf16"` and a head size of 64 or
+    /// 128.
+    pub attention: crate::backend::Attention,
+}
+
+/// `[precision]`: the precision of the matrix products (see `backend::precision`). Master
+/// weights, optimizer state, checkpoints and every non-product op stay fp32, so a run may be
+/// resumed under another precision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrecisionConfig {
+    /// `"fp32"` (default: the verified reference), `"tf32"` or `"bf16"`. The CPU backend
+    /// emulates tf32/bf16 by rounding the products' operands (slower than fp32 there).
+    pub compute: crate::backend::Precision,
 }
 
 /// `[daemon]`: only `taproot daemon` reads it (`taproot train` ignores it).
@@ -304,6 +332,16 @@ impl Default for PlanConfig {
 }
 
 impl Config {
+    /// The precision the run's products compute in (`precision.compute`, or tf32 where only the
+    /// older `cuda.tf32 = true` asks for it).
+    pub fn compute_precision(&self) -> crate::backend::Precision {
+        use crate::backend::Precision;
+        match self.precision.compute {
+            Precision::Fp32 if self.cuda.tf32 => Precision::Tf32,
+            p => p,
+        }
+    }
+
     /// Read, apply `--set` overrides, parse strictly, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;

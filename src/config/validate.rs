@@ -19,6 +19,29 @@ impl Config {
         if n.is_empty() || n == "." || n == ".." || n.contains(['/', '\\']) || n.chars().any(|c| c.is_control()) {
             bail!("`run.name` must be a plain name (no path separators, `.` or `..`, control characters or NUL), got {n:?}");
         }
+        if self.cuda.tf32 && self.precision.compute != crate::backend::Precision::Fp32 {
+            bail!(
+                "`cuda.tf32` = true contradicts `precision.compute` = \"{}\": drop `cuda.tf32` (the older spelling of `precision.compute = \"tf32\"`)",
+                self.precision.compute
+            );
+        }
+        let on_cuda = self.placement.devices.iter().chain(self.placement.ends.iter()).any(|d| d.starts_with("cuda"));
+        if on_cuda && self.kernels.attention == crate::backend::Attention::Flash {
+            if self.compute_precision() != crate::backend::Precision::Bf16 {
+                bail!(
+                    "`kernels.attention` = \"flash\" on CUDA runs on bf16 tensor cores: it needs `precision.compute` = \"bf16\", not \"{}\"",
+                    self.compute_precision()
+                );
+            }
+            let hs = self.model.channels.checked_div(self.model.heads).unwrap_or(0);
+            if hs != 64 && hs != 128 {
+                bail!(
+                    "`kernels.attention` = \"flash\" on CUDA supports head sizes 64 and 128; `model.channels` / `model.heads` = {} / {} = {hs}",
+                    self.model.channels,
+                    self.model.heads
+                );
+            }
+        }
         if self.run.steps == 0 {
             bail!("`run.steps` must be at least 1");
         }

@@ -188,7 +188,6 @@ async fn serve(
 
     let sched = RunOptions { quiet: true, resume: true, allow_config_change: opts.allow_config_change.clone(), ..Default::default() };
     let run = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
-        crate::backend::cuda::set_default_tf32(cfg.cuda.tf32);
         metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));
         runtime::start::<crate::backend::cuda::CudaBackend>(&cfg, data, sched, observer).await?
     } else {

@@ -30,7 +30,7 @@ pub struct BlockActs<B: Backend> {
     ln1_rstd: B::Buf,      // (N)
     qkv: B::Buf,           // (N, 3C)
     atty: B::Buf,          // (N, C) attention output before the projection
-    att: B::Buf,           // (B, NH, T, T) attention probabilities
+    att: B::Buf,           // (B, NH, T, T) attention probabilities, or (B, NH, T) logsumexps (flash)
     res2: B::Buf,          // (N, C) x + attention branch
     ln2: B::Buf,           // (N, C)
     ln2_mean: B::Buf,      // (N)
@@ -50,7 +50,7 @@ impl<B: Backend> BlockActs<B> {
             ln1_rstd: be.alloc(n),
             qkv: be.alloc(n * 3 * c),
             atty: be.alloc(n * c),
-            att: be.alloc(b * d.heads * t * t),
+            att: be.alloc(be.attention_state_len(b, t, d.heads)),
             res2: be.alloc(n * c),
             ln2: be.alloc(n * c),
             ln2_mean: be.alloc(n),
@@ -66,7 +66,7 @@ struct BlockScratch<B: Backend> {
     shape: (usize, usize),
     dc: B::Buf,        // (N, C) dln2, then datty, then dln1
     dqkv: B::Buf,      // (N, 3C)
-    datt: B::Buf,      // (B, NH, T, T)
+    datt: B::Buf,      // (B, NH, T, T), or (B, NH, T) (flash)
     dfch: B::Buf,      // (N, 4C)
     dfch_gelu: B::Buf, // (N, 4C)
 }
@@ -78,7 +78,7 @@ impl<B: Backend> BlockScratch<B> {
             shape: (b, t),
             dc: be.alloc(n * c),
             dqkv: be.alloc(n * 3 * c),
-            datt: be.alloc(b * d.heads * t * t),
+            datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
             dfch: be.alloc(n * 4 * c),
             dfch_gelu: be.alloc(n * 4 * c),
         }
@@ -239,7 +239,18 @@ impl<B: Backend> Block<B> {
         );
         // Attention branch: res2 = x + attproj(attn(qkv(ln1(x))))
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("attprojw"), Some(p.g("attprojb")), d, w::<B>(&a.atty), p.p("attprojw"), n, c, c);
-        be.attention_backward(w::<B>(&s.dqkv), w::<B>(&s.datt), w::<B>(&s.dc), w::<B>(&a.qkv), w::<B>(&a.att), b, t, c, nh);
+        be.attention_backward(
+            w::<B>(&s.dqkv),
+            w::<B>(&s.datt),
+            w::<B>(&s.dc),
+            w::<B>(&a.qkv),
+            w::<B>(&a.atty),
+            w::<B>(&a.att),
+            b,
+            t,
+            c,
+            nh,
+        );
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), Some(p.g("qkvb")), w::<B>(&s.dqkv), w::<B>(&a.ln1), p.p("qkvw"), n, c, 3 * c);
         // dy += ln1 backward: dy now holds dx
         be.layernorm_backward(

@@ -88,6 +88,8 @@ pub struct EmbedHeadArgs<B: Backend> {
     pub dims: Dims,
     pub init_cfg: InitConfig,
     pub optim: OptimConfig,
+    /// The precision of the stream's products and its attention algorithm.
+    pub stream: crate::runtime::StreamSettings,
     pub b: usize,
     pub t: usize,
     /// Where finished micro-batches are reported (the scheduler).
@@ -218,7 +220,8 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
     type Arguments = EmbedHeadArgs<B>;
 
     async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EmbedHeadArgs<B>) -> Result<Self::State, ActorProcessingErr> {
-        let be = B::open(&a.device).map_err(|e| RunError::Device(format!("embedding and head: {e:#}")))?;
+        let be =
+            crate::runtime::open_stream::<B>(&a.device, a.stream).map_err(|e| RunError::Device(format!("embedding and head: {e:#}")))?;
         let (mut embed, mut head) = compute(|| (Embed::new(&be, &a.dims, &a.init_cfg), Head::new(&be, &a.dims)));
         embed.use_pool(a.pool.clone());
         head.use_pool(a.pool.clone());

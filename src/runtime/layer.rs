@@ -79,6 +79,8 @@ pub struct LayerArgs<B: Backend> {
     pub dims: Dims,
     pub init: LayerInit,
     pub optim: OptimConfig,
+    /// The precision of the stream's products and its attention algorithm.
+    pub stream: crate::runtime::StreamSettings,
     /// Fault injection: panic when taking the optimizer step with this index.
     pub panic_at_step: Option<u64>,
     pub observer: Observer,
@@ -154,9 +156,9 @@ impl<B: Backend> Actor for LayerActor<B> {
         // Opening the stream and building the block (host-side init of up to millions of
         // parameters, or a restore) run on a blocking thread that this future awaits: when
         // growth spawns k layers together, their inits run in parallel instead of one by one.
-        let (id, device, dims, init) = (a.id, a.device.clone(), a.dims.clone(), a.init);
+        let (id, device, dims, init, settings) = (a.id, a.device.clone(), a.dims.clone(), a.init, a.stream);
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(B, Block<B>)> {
-            let be = B::open(&device)?;
+            let be = crate::runtime::open_stream::<B>(&device, settings)?;
             let block = match init {
                 LayerInit::Fresh { init, source, policy, init_cfg } => {
                     make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg)?

@@ -72,6 +72,32 @@ use std::sync::{Arc, Mutex};
 /// Actor id → what it is ("layer 3 (cpu:1)"), so that the supervisor can name a failed actor.
 pub type Roles = Arc<Mutex<HashMap<ActorId, String>>>;
 
+/// How a stage's stream computes: the precision of its products and its attention algorithm
+/// (`precision.compute`, `kernels.attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSettings {
+    pub precision: crate::backend::Precision,
+    pub attention: crate::backend::Attention,
+}
+
+impl StreamSettings {
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        StreamSettings { precision: cfg.compute_precision(), attention: cfg.kernels.attention }
+    }
+    /// Apply to a stream (precision first: flash attention on CUDA needs bf16).
+    pub fn apply<B: crate::backend::Backend>(&self, be: &B) -> anyhow::Result<()> {
+        be.set_precision(self.precision)?;
+        be.set_attention(self.attention)
+    }
+}
+
+/// Open a stage's stream on `device` with `settings`.
+pub fn open_stream<B: crate::backend::Backend>(device: &str, settings: StreamSettings) -> anyhow::Result<B> {
+    let be = B::open(device)?;
+    settings.apply(&be)?;
+    Ok(be)
+}
+
 /// Run CPU-heavy work without stalling the async workers (the metrics endpoint, other actors'
 /// mailboxes): the worker thread hands its other tasks off while this closure runs.
 pub fn compute<R>(f: impl FnOnce() -> R) -> R {

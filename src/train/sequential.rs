@@ -43,6 +43,7 @@ pub struct Sequential<B: Backend> {
 impl<B: Backend> Sequential<B> {
     pub fn new(be: B, cfg: &Config, data: &Dataset) -> Result<Self> {
         let dims = dims_of(cfg, data.vocab);
+        crate::runtime::StreamSettings::of(cfg).apply(&be)?;
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
         let init = InitConfig::new(cfg.model.init, cfg.target_depth(), cfg.run.seed);
         let model = Model::new(&be, dims, cfg.model.depth, &init);

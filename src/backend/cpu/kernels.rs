@@ -46,14 +46,14 @@ const ROWS: usize = 64;
 
 /// A raw pointer that may cross into rayon tasks; each task writes a disjoint region.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer, through a method so that a closure captures the whole (Send) wrapper rather
     /// than the raw pointer field alone (edition 2021 captures disjoint fields).
-    fn get(&self) -> *mut f32 {
+    pub(super) fn get(&self) -> *mut f32 {
         self.0
     }
 }
@@ -208,19 +208,23 @@ pub fn matmul_backward(
     unsafe {
         gemm_raw_par(oc, c, n, dw.as_mut_ptr(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0, true)
     }
-    // db (OC) += sum over rows of dout; split by columns so each element has one writer.
     if let Some(db) = db {
-        const COLS: usize = 64;
-        db.par_chunks_mut(COLS).enumerate().for_each(|(ci, dbc)| {
-            let o0 = ci * COLS;
-            for r in 0..n {
-                let row = &dout[r * oc + o0..r * oc + o0 + dbc.len()];
-                for (d, &g) in dbc.iter_mut().zip(row) {
-                    *d += g;
-                }
-            }
-        });
+        bias_backward(db, dout, n, oc);
     }
+}
+
+/// db (OC) += sum over rows of dout (N, OC); split by columns so each element has one writer.
+pub fn bias_backward(db: &mut [f32], dout: &[f32], n: usize, oc: usize) {
+    const COLS: usize = 64;
+    db.par_chunks_mut(COLS).enumerate().for_each(|(ci, dbc)| {
+        let o0 = ci * COLS;
+        for r in 0..n {
+            let row = &dout[r * oc + o0..r * oc + o0 + dbc.len()];
+            for (d, &g) in dbc.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------

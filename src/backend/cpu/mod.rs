@@ -18,11 +18,15 @@
 //! Parallelism: all CPU work, across every stage actor, runs on the ONE global rayon pool, so two
 //! actors never each start a 2-thread GEMM on a 2-core machine.
 
+pub mod flash;
 mod kernels;
 pub mod order;
 
-use super::{Backend, Trans, View};
+use super::precision::rounded;
+use super::{Attention, Backend, Precision, Trans, View};
+use std::borrow::Cow;
 use std::cell::{RefCell, UnsafeCell};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// f32 memory of the CPU backend.
@@ -119,12 +123,31 @@ pub struct CpuBackend {
     device: String,
     index: u32,
     stream: Arc<order::Stream>,
+    /// The compute precision (a `Precision` as u8), shared by clones (the same stream).
+    precision: Arc<AtomicU8>,
+    /// Flash attention instead of the materialized one (shared by clones).
+    flash: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CpuBackend {
     /// A new stream on CPU "device" `index` (several CPU devices stand in for GPUs in tests).
     pub fn new(index: usize) -> Self {
-        CpuBackend { device: format!("cpu:{index}"), index: index as u32, stream: Arc::new(order::Stream::new()) }
+        CpuBackend {
+            device: format!("cpu:{index}"),
+            index: index as u32,
+            stream: Arc::new(order::Stream::new()),
+            precision: Arc::new(AtomicU8::new(Precision::Fp32.to_u8())),
+            flash: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// An operand of a matrix product as this stream's precision reads it: the slice itself in
+    /// fp32, a rounded copy otherwise (emulating a device that reads bf16 or TF32 operands).
+    fn operand<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match Backend::precision(self) {
+            Precision::Fp32 => Cow::Borrowed(x),
+            p => Cow::Owned(rounded(x, p)),
+        }
     }
 
     /// Read-only slice of a view, after checking that this stream may read it now.
@@ -179,6 +202,24 @@ impl Backend for CpuBackend {
     }
     fn fork(&self) -> anyhow::Result<Self> {
         Ok(CpuBackend::new(self.index as usize))
+    }
+    fn set_precision(&self, p: Precision) -> anyhow::Result<()> {
+        self.precision.store(p.to_u8(), Ordering::Relaxed);
+        Ok(())
+    }
+    fn precision(&self) -> Precision {
+        Precision::from_u8(self.precision.load(Ordering::Relaxed))
+    }
+    fn set_attention(&self, a: Attention) -> anyhow::Result<()> {
+        self.flash.store(a == Attention::Flash, Ordering::Relaxed);
+        Ok(())
+    }
+    fn attention(&self) -> Attention {
+        if self.flash.load(Ordering::Relaxed) {
+            Attention::Flash
+        } else {
+            Attention::Materialized
+        }
     }
 
     fn alloc(&self, n: usize) -> CpuBuf {
@@ -261,7 +302,8 @@ impl Backend for CpuBackend {
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
         disjoint(&c, &[&a, &b]);
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
-        let (c, a, b) = unsafe { (self.wr(c).as_mut_ptr(), self.rd(a).as_ptr(), self.rd(b).as_ptr()) };
+        let (a, b) = unsafe { (self.operand(self.rd(a)), self.operand(self.rd(b))) };
+        let (c, a, b) = unsafe { (self.wr(c).as_mut_ptr(), a.as_ptr(), b.as_ptr()) };
         // Row-major strides; a transposed operand is the same memory read with swapped strides.
         let (a_rs, a_cs) = match ta {
             Trans::N => (k as isize, 1),
@@ -280,7 +322,8 @@ impl Backend for CpuBackend {
             disjoint(&out, &[b]);
         }
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
-        unsafe { kernels::matmul_forward(self.wr(out), self.rd(inp), self.rd(w), b.map(|b| self.rd(b)), n, c, oc) }
+        let (inp, w) = unsafe { (self.operand(self.rd(inp)), self.operand(self.rd(w))) };
+        unsafe { kernels::matmul_forward(self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) }
     }
 
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
@@ -295,19 +338,13 @@ impl Backend for CpuBackend {
             disjoint(db, &[&dw, &dout, &inp, &w]);
         }
         assert!(dout.len == n * oc && inp.len == n * c && w.len == oc * c && dw.len == oc * c, "matmul_backward: shapes");
-        unsafe {
-            kernels::matmul_backward(
-                dinp.map(|d| self.wr(d)),
-                self.wr(dw),
-                db.map(|d| self.wr(d)),
-                self.rd(dout),
-                self.rd(inp),
-                self.rd(w),
-                n,
-                c,
-                oc,
-            )
+        // The bias gradient sums dout in fp32 (it is no product); the products read rounded
+        // operands in bf16/tf32.
+        if let Some(db) = db {
+            unsafe { kernels::bias_backward(self.wr(db), self.rd(dout), n, oc) }
         }
+        let (dout, inp, w) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(inp)), self.operand(self.rd(w))) };
+        unsafe { kernels::matmul_backward(dinp.map(|d| self.wr(d)), self.wr(dw), None, &dout, &inp, &w, n, c, oc) }
     }
 
     fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
@@ -353,12 +390,39 @@ impl Backend for CpuBackend {
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
         disjoint(&out, &[&att, &qkv]);
         disjoint(&att, &[&qkv]);
-        unsafe { kernels::attention_forward(self.wr(out), self.wr(att), self.rd(qkv), b, t, c, nh) }
+        assert!(
+            att.len == self.attention_state_len(b, t, nh),
+            "attention_forward: att holds {} floats, not {}",
+            att.len,
+            self.attention_state_len(b, t, nh)
+        );
+        let qkv = unsafe { self.operand(self.rd(qkv)) };
+        match self.attention() {
+            Attention::Materialized => unsafe { kernels::attention_forward(self.wr(out), self.wr(att), &qkv, b, t, c, nh) },
+            Attention::Flash => unsafe { flash::flash_forward(self.wr(out), self.wr(att), &qkv, b, t, c, nh, self.precision()) },
+        }
     }
-    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
-        disjoint(&dqkv, &[&datt, &dout, &qkv, &att]);
-        disjoint(&datt, &[&dout, &qkv, &att]);
-        unsafe { kernels::attention_backward(self.wr(dqkv), self.wr(datt), self.rd(dout), self.rd(qkv), self.rd(att), b, t, c, nh) }
+    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, out: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+        disjoint(&dqkv, &[&datt, &dout, &qkv, &out, &att]);
+        disjoint(&datt, &[&dout, &qkv, &out, &att]);
+        assert!(
+            att.len == self.attention_state_len(b, t, nh) && datt.len == self.attention_scratch_len(b, t, nh),
+            "attention_backward: att/datt sizes"
+        );
+        match self.attention() {
+            Attention::Materialized => {
+                // In bf16/tf32 q, k, v and dout are read rounded; the probabilities enter the
+                // softmax backward (and, unlike on a GPU, the dV product) unrounded.
+                let (dout, qkv) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(qkv))) };
+                unsafe { kernels::attention_backward(self.wr(dqkv), self.wr(datt), &dout, &qkv, self.rd(att), b, t, c, nh) }
+            }
+            Attention::Flash => {
+                // D = rowsum(dout · out) from the fp32 values, into the scratch.
+                unsafe { flash::flash_rowdot(self.wr(datt), self.rd(dout), self.rd(out), b, t, c, nh) };
+                let (g, x) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(qkv))) };
+                unsafe { flash::flash_backward(self.wr(dqkv), &g, &x, self.rd(att), self.rd(datt), b, t, c, nh, self.precision()) }
+            }
+        }
     }
 
     fn gelu_forward(&self, out: V, inp: V) {

@@ -108,6 +108,98 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// [`Blas::gemm_rm`] with bf16 operands `a` and `b` (raw addresses of bf16 data) and an fp32
+    /// `c`, accumulating in fp32 on the tensor cores (`cublasGemmEx` with `CUBLAS_COMPUTE_32F`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rm_bf16(
+        &self,
+        c: u64,
+        a: u64,
+        ta: Trans,
+        b: u64,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+        batch: usize,
+        stride_c: i64,
+        stride_a: i64,
+        stride_b: i64,
+    ) {
+        let (op_a, lda) = match ta {
+            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, k),
+            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, m),
+        };
+        let (op_b, ldb) = match tb {
+            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, n),
+            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, k),
+        };
+        let (m_, n_, k_) = (n as i32, m as i32, k as i32);
+        let bf16 = sys::cudaDataType::CUDA_R_16BF;
+        let f32t = sys::cudaDataType::CUDA_R_32F;
+        let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
+        let (alpha_p, beta_p) = (&alpha as *const f32 as *const std::ffi::c_void, &beta as *const f32 as *const std::ffi::c_void);
+        let r = unsafe {
+            if batch <= 1 {
+                result::gemm_ex(
+                    self.handle,
+                    op_b,
+                    op_a,
+                    m_,
+                    n_,
+                    k_,
+                    alpha_p,
+                    b as *const std::ffi::c_void,
+                    bf16,
+                    ldb as i32,
+                    a as *const std::ffi::c_void,
+                    bf16,
+                    lda as i32,
+                    beta_p,
+                    c as *mut std::ffi::c_void,
+                    f32t,
+                    n as i32,
+                    compute,
+                    algo,
+                )
+            } else {
+                result::gemm_strided_batched_ex(
+                    self.handle,
+                    op_b,
+                    op_a,
+                    m_,
+                    n_,
+                    k_,
+                    alpha_p,
+                    b as *const std::ffi::c_void,
+                    bf16,
+                    ldb as i32,
+                    stride_b,
+                    a as *const std::ffi::c_void,
+                    bf16,
+                    lda as i32,
+                    stride_a,
+                    beta_p,
+                    c as *mut std::ffi::c_void,
+                    f32t,
+                    n as i32,
+                    stride_c,
+                    batch as i32,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        if let Err(e) = r {
+            panic!("cuBLAS bf16 gemm ({m}x{n}x{k}, batch {batch}) failed: {e:?}");
+        }
+    }
+}
+
 impl Drop for Blas {
     fn drop(&mut self) {
         unsafe {

@@ -78,13 +78,26 @@ extern "C" __global__ void add_bias_kernel(float* out, const float* b, int N, in
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (long)N * OC) out[i] += b[i % OC];
 }
-// db (OC) += column sums of dout (N, OC): one thread per column, rows in order (coalesced).
+// db (OC) += column sums of dout (N, OC). Block (32, 8): 32 columns, 8 row lanes; grid
+// (OC/32, row chunks). Each thread sums a strided run of rows of its column (coalesced across
+// the 32 columns), the 8 lanes reduce in shared memory, one atomic per column per block.
+// (One thread per column looping over all N rows left the GPU nearly idle: OC/256 blocks.)
+#define BIAS_ROWS 256
 extern "C" __global__ void bias_backward_kernel(float* db, const float* dout, int N, int OC) {
-    int o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= OC) return;
+    __shared__ float part[8][33];
+    int o = blockIdx.x * 32 + threadIdx.x;
+    int r0 = blockIdx.y * BIAS_ROWS;
+    int r1 = min(N, r0 + BIAS_ROWS);
     float s = 0.0f;
-    for (int r = 0; r < N; r++) s += dout[(long)r * OC + o];
-    db[o] += s;
+    if (o < OC)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) s += dout[(long)r * OC + o];
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && o < OC) {
+        float t = 0.0f;
+        for (int i = 0; i < 8; i++) t += part[i][threadIdx.x];
+        atomicAdd(&db[o], t);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,26 +138,39 @@ extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, flo
     for (int i = lane; i < C; i += WARP) o[i] = (x[i] - m) * r * w[i] + b[i];
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
-// dinp += ...; dw += ...; db += ... (atomics over rows)
+// dinp += ...; dw += ...; db += ... One warp per row, rows strided over the grid; each block
+// accumulates its rows' dw and db in shared memory (2C floats, dynamic) and adds them to the
+// global sums once at the end, instead of an atomic per element per row (llm.c's scheme).
 extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w, const float* mean, const float* rstd, int N, int C) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
-    if (row >= N) return;
-    const float* x = inp + (long)row * C;
-    const float* d = dout + (long)row * C;
-    float m = mean[row], r = rstd[row];
-    float a = 0.0f, bb = 0.0f;
-    for (int i = lane; i < C; i += WARP) {
-        float norm = (x[i] - m) * r, dn = w[i] * d[i];
-        a += dn; bb += dn * norm;
+    extern __shared__ float sh[];
+    float* sdw = sh;
+    float* sdb = sh + C;
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nwarps = blockDim.x / WARP;
+    for (int row = blockIdx.x * nwarps + warp; row < N; row += gridDim.x * nwarps) {
+        const float* x = inp + (long)row * C;
+        const float* d = dout + (long)row * C;
+        float m = mean[row], r = rstd[row];
+        float a = 0.0f, bb = 0.0f;
+        for (int i = lane; i < C; i += WARP) {
+            float norm = (x[i] - m) * r, dn = w[i] * d[i];
+            a += dn; bb += dn * norm;
+        }
+        a = warp_sum(a) / C;
+        bb = warp_sum(bb) / C;
+        float* di = dinp + (long)row * C;
+        for (int i = lane; i < C; i += WARP) {
+            float norm = (x[i] - m) * r, dn = w[i] * d[i];
+            di[i] += (dn - a - norm * bb) * r;
+            atomicAdd(&sdw[i], norm * d[i]);
+            atomicAdd(&sdb[i], d[i]);
+        }
     }
-    a = warp_sum(a) / C;
-    bb = warp_sum(bb) / C;
-    float* di = dinp + (long)row * C;
-    for (int i = lane; i < C; i += WARP) {
-        float norm = (x[i] - m) * r, dn = w[i] * d[i];
-        di[i] += (dn - a - norm * bb) * r;
-        atomicAdd(&dw[i], norm * d[i]);
-        atomicAdd(&db[i], d[i]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        atomicAdd(&dw[i], sdw[i]);
+        atomicAdd(&db[i], sdb[i]);
     }
 }
 
@@ -262,6 +288,21 @@ extern "C" __global__ void crossentropy_kernel(float* logits, float* losses, con
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float p = i < V ? expf(x[i] - m) * inv : 0.0f;
         x[i] = i < V ? (p - (i == tgt ? 1.0f : 0.0f)) * dscale : 0.0f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 operand copies
+
+// out = bf16(in), round to nearest even; NaN stays a quiet NaN (the bits of
+// backend::precision::f32_to_bf16). Grid-stride.
+extern "C" __global__ void f32_to_bf16_kernel(unsigned short* out, const float* in, long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        unsigned int u = __float_as_uint(in[i]);
+        unsigned short b;
+        if ((u & 0x7fffffffu) > 0x7f800000u) b = (unsigned short)((u >> 16) | 0x40u);
+        else b = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        out[i] = b;
     }
 }
 

@@ -15,9 +15,13 @@
 //!   events (`record` / `wait`), so a hand-off between stage actors never synchronises the host.
 //! - **Synchronisation.** Within a step the host waits only in `download` (the loss, metrics).
 //!   Token ids go up through a ring of pinned staging buffers, so their copies are asynchronous.
-//! - **Numerics.** fp32 throughout. TF32 tensor-core math for cuBLAS is off unless the config
-//!   enables it (`CudaBackend::set_tf32`), so parity tests against the CPU reference hold at
-//!   1e-5 relative. Float atomics in a few reductions make results not bitwise reproducible.
+//! - **Numerics.** Storage is fp32. The products compute in the stream's precision
+//!   ([`Backend::set_precision`], the `[precision] compute` key): fp32 by default, so parity tests
+//!   against the CPU reference hold at 1e-5 relative; `tf32` switches cuBLAS to TF32 tensor-core
+//!   math; `bf16` converts each operand into a bf16 scratch copy (`f32_to_bf16_kernel`, round to
+//!   nearest even) and multiplies with `cublasGemmEx` (bf16 inputs, fp32 accumulation and
+//!   output), matching the CPU backend's emulation of the same scheme. Float atomics in a few
+//!   reductions make results not bitwise reproducible.
 //! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
 //!   that allow it. A buffer handed to a stage on another device is brought over with a peer
 //!   copy ([`Backend::copy_peer`], `cuMemcpyPeerAsync` on the receiver's stream, after waiting on
@@ -25,14 +29,15 @@
 
 mod blas;
 
-use super::{Backend, Trans, View};
+use super::{Attention, Backend, Precision, Trans, View};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The kernel source, compiled at run time by NVRTC.
-pub const KERNELS_CU: &str = include_str!("kernels.cu");
+pub const KERNELS_CU: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"));
 
 /// Every kernel the backend launches (the CI test compiles the source and looks each one up).
 pub const KERNEL_NAMES: &[&str] = &[
@@ -59,7 +64,19 @@ pub const KERNEL_NAMES: &[&str] = &[
     "adamw_kernel",
     "momentum_kernel",
     "apply_update_kernel",
+    "f32_to_bf16_kernel",
+    "flash_fwd_64_kernel",
+    "flash_fwd_128_kernel",
+    "flash_rowdot_kernel",
+    "flash_bwd_64_kernel",
+    "flash_bwd_128_kernel",
 ];
+
+/// Dynamic shared memory of the flash backward for head size `hs` (`FA_BWD_SMEM` in flash.cu):
+/// Q, dO and K tiles of 64 × (hs + 8) bf16, a 64 × 72 bf16 dS tile, 64 lse and 64 D floats.
+fn flash_bwd_smem(hs: usize) -> usize {
+    3 * 64 * (hs + 8) * 2 + 64 * 72 * 2 + 2 * 64 * 4
+}
 
 /// Compile the kernel source to PTX for `arch` (e.g. `sm_90`) with NVRTC. Needs only libnvrtc,
 /// not a GPU: this is what CI runs.
@@ -69,14 +86,6 @@ pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     }
     let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), use_fast_math: Some(false), ..Default::default() };
     cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| anyhow!("NVRTC failed to compile the CUDA kernels for {arch}: {e}"))
-}
-
-static TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Allow TF32 tensor-core math in the cuBLAS handles of streams opened from now on (the
-/// `cuda.tf32` config key). Off by default: parity with the CPU reference needs full fp32.
-pub fn set_default_tf32(on: bool) {
-    TF32.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether libnvrtc can be loaded (through LD_LIBRARY_PATH and the system paths).
@@ -145,6 +154,12 @@ fn open_device(ordinal: usize) -> Result<Arc<Device>> {
     for name in KERNEL_NAMES {
         funcs.insert(*name, module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"))?);
     }
+    // The flash backward for head size 128 takes more than the default 48 KiB of shared memory.
+    for (name, hs) in [("flash_bwd_64_kernel", 64), ("flash_bwd_128_kernel", 128)] {
+        funcs[name]
+            .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, flash_bwd_smem(hs) as i32)
+            .map_err(|e| anyhow!("cuda:{ordinal}: allowing {} bytes of shared memory to {name}: {e:?}", flash_bwd_smem(hs)))?;
+    }
     // Let this device read its peers' memory (activations handed across devices).
     for (other, d) in map.iter() {
         let _ = enable_peer(&ctx, &d.ctx);
@@ -208,6 +223,14 @@ struct AttnScratch {
     len: usize,
 }
 
+/// bf16 copies of product operands, grown on demand and owned by the stream. Three slots: a
+/// product reads two operands, and a linear layer's backward reads dout, w and inp, converting
+/// dout once for both its products.
+#[derive(Default)]
+struct Bf16Scratch {
+    slots: [Option<CudaSlice<u16>>; 3],
+}
+
 /// Uploads of token ids in flight at once per stream before the host waits on the oldest.
 const STAGING_SLOTS: usize = 8;
 
@@ -233,6 +256,16 @@ impl Drop for Staging {
     }
 }
 
+macro_rules! launch {
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $self.f($name);
+        let mut b = $self.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        let r = unsafe { b.launch($cfg) }.map(|_| ());
+        $self.check($name, r);
+    }};
+}
+
 /// A stream on a CUDA device: the `Backend` of one stage actor.
 pub struct CudaBackend {
     device_name: String,
@@ -241,7 +274,10 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: blas::Blas,
     scratch: Mutex<AttnScratch>,
+    bf16: Mutex<Bf16Scratch>,
     staging: Mutex<Staging>,
+    precision: AtomicU8,
+    flash: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the cuBLAS handle and the stream are used from one thread at a time (the owning actor);
@@ -249,9 +285,52 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
-    /// Allow TF32 tensor-core math in cuBLAS (faster, ~1e-3 relative error). Off by default.
-    pub fn set_tf32(&self, on: bool) -> Result<()> {
-        self.blas.set_tf32(on)
+    /// A product operand as the stream's precision reads it: `src` itself in fp32 and TF32
+    /// (cuBLAS rounds TF32 on the fly), else a bf16 copy of its `len` floats in scratch `slot`.
+    fn operand(&self, slot: usize, src: u64, len: usize) -> u64 {
+        if Backend::precision(self) != Precision::Bf16 {
+            return src;
+        }
+        let mut s = self.bf16.lock().expect("bf16 scratch lock");
+        let have = s.slots[slot].as_ref().map_or(0, |b| b.len());
+        if have < len {
+            // The old copy is freed in stream order (after the work that reads it).
+            let mem =
+                self.stream.alloc_zeros::<u16>(len).unwrap_or_else(|e| panic!("cuda alloc of {len} bf16 on {}: {e:?}", self.device_name));
+            s.slots[slot] = Some(mem);
+        }
+        let (dst, _) = s.slots[slot].as_ref().expect("allocated").device_ptr(&self.stream);
+        drop(s);
+        let n = len as i64;
+        let blocks = len.div_ceil(256).clamp(1, 65536) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "f32_to_bf16_kernel", cfg, &dst, &src, &n);
+        dst
+    }
+
+    /// `c = alpha op(a) op(b) + beta c` on operands made by [`CudaBackend::operand`].
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        c: u64,
+        a: u64,
+        ta: Trans,
+        b: u64,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+        batch: usize,
+        strides: (i64, i64, i64),
+    ) {
+        let (sc, sa, sb) = strides;
+        if Backend::precision(self) == Precision::Bf16 {
+            self.blas.gemm_rm_bf16(c, a, ta, b, tb, m, n, k, alpha, beta, batch, sc, sa, sb);
+        } else {
+            self.blas.gemm_rm(c, a, ta, b, tb, m, n, k, alpha, beta, batch, sc, sa, sb);
+        }
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -302,16 +381,6 @@ fn p(v: &V) -> u64 {
     v.buf.ptr + 4 * v.off as u64
 }
 
-macro_rules! launch {
-    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let f = $self.f($name);
-        let mut b = $self.stream.launch_builder(f);
-        $( b.arg($arg); )*
-        let r = unsafe { b.launch($cfg) }.map(|_| ());
-        $self.check($name, r);
-    }};
-}
-
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaIds;
@@ -325,9 +394,6 @@ impl Backend for CudaBackend {
         let dev = open_device(ordinal)?;
         let stream = dev.ctx.new_stream().map_err(|e| anyhow!("creating a stream on {device}: {e:?}"))?;
         let blas = blas::Blas::new(&stream)?;
-        if TF32.load(std::sync::atomic::Ordering::Relaxed) {
-            blas.set_tf32(true)?;
-        }
         Ok(CudaBackend {
             device_name: device.to_string(),
             ordinal,
@@ -335,7 +401,10 @@ impl Backend for CudaBackend {
             stream,
             blas,
             scratch: Mutex::new(AttnScratch::default()),
+            bf16: Mutex::new(Bf16Scratch::default()),
             staging: Mutex::new(Staging::default()),
+            precision: AtomicU8::new(Precision::Fp32.to_u8()),
+            flash: std::sync::atomic::AtomicBool::new(false),
         })
     }
     fn device(&self) -> &str {
@@ -343,6 +412,32 @@ impl Backend for CudaBackend {
     }
     fn fork(&self) -> Result<Self> {
         Self::open(&self.device_name)
+    }
+    fn set_precision(&self, p: Precision) -> Result<()> {
+        self.blas.set_tf32(p == Precision::Tf32)?;
+        self.precision.store(p.to_u8(), Ordering::Relaxed);
+        Ok(())
+    }
+    fn precision(&self) -> Precision {
+        Precision::from_u8(self.precision.load(Ordering::Relaxed))
+    }
+    fn set_attention(&self, a: Attention) -> Result<()> {
+        if a == Attention::Flash && Backend::precision(self) != Precision::Bf16 {
+            bail!(
+                "flash attention on {} runs on bf16 tensor cores: it needs `precision.compute = \"bf16\"` (this stream computes in {})",
+                self.device_name,
+                Backend::precision(self)
+            );
+        }
+        self.flash.store(a == Attention::Flash, Ordering::Relaxed);
+        Ok(())
+    }
+    fn attention(&self) -> Attention {
+        if self.flash.load(Ordering::Relaxed) {
+            Attention::Flash
+        } else {
+            Attention::Materialized
+        }
     }
 
     fn alloc(&self, n: usize) -> CudaBuf {
@@ -479,14 +574,16 @@ impl Backend for CudaBackend {
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
         self.bind(); // cuBLAS works in the current context
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
-        self.blas.gemm_rm(p(&c), p(&a), ta, p(&b), tb, m, n, k, alpha, beta, 1, 0, 0, 0);
+        let (a, b) = (self.operand(0, p(&a), m * k), self.operand(1, p(&b), k * n));
+        self.product(p(&c), a, ta, b, tb, m, n, k, alpha, beta, 1, (0, 0, 0));
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
         self.bind(); // cuBLAS works in the current context
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
         // out (N, OC) = inp (N, C) @ w^T
-        self.blas.gemm_rm(p(&out), p(&inp), Trans::N, p(&w), Trans::T, n, oc, c, 1.0, 0.0, 1, 0, 0, 0);
+        let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
+        self.product(p(&out), x, Trans::N, ww, Trans::T, n, oc, c, 1.0, 0.0, 1, (0, 0, 0));
         if let Some(b) = b {
             let (o, bb, ni, oci) = (p(&out), p(&b), n as i32, oc as i32);
             launch!(self, "add_bias_kernel", Self::cfg1d(n * oc), &o, &bb, &ni, &oci);
@@ -494,24 +591,40 @@ impl Backend for CudaBackend {
     }
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
         self.bind(); // cuBLAS works in the current context
+        let g = self.operand(0, p(&dout), n * oc);
         if let Some(d) = dinp {
             // dinp (N, C) = dout (N, OC) @ w (OC, C)
-            self.blas.gemm_rm(p(&d), p(&dout), Trans::N, p(&w), Trans::N, n, c, oc, 1.0, 0.0, 1, 0, 0, 0);
+            let ww = self.operand(1, p(&w), oc * c);
+            self.product(p(&d), g, Trans::N, ww, Trans::N, n, c, oc, 1.0, 0.0, 1, (0, 0, 0));
         }
         // dw (OC, C) += dout^T (OC, N) @ inp (N, C)
-        self.blas.gemm_rm(p(&dw), p(&dout), Trans::T, p(&inp), Trans::N, oc, c, n, 1.0, 1.0, 1, 0, 0, 0);
+        let x = self.operand(2, p(&inp), n * c);
+        self.product(p(&dw), g, Trans::T, x, Trans::N, oc, c, n, 1.0, 1.0, 1, (0, 0, 0));
         if let Some(db) = db {
             let (d, g, ni, oci) = (p(&db), p(&dout), n as i32, oc as i32);
-            launch!(self, "bias_backward_kernel", Self::cfg1d(oc), &d, &g, &ni, &oci);
+            let cfg = LaunchConfig {
+                grid_dim: ((oc as u32).div_ceil(32), (n as u32).div_ceil(256).max(1), 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "bias_backward_kernel", cfg, &d, &g, &ni, &oci);
         }
     }
 
     fn encoder_forward(&self, out: V, ids: &CudaIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
+        assert!(
+            out.len >= b * t * c && wpe.len >= t * c && ids.len >= b * t && wte.len >= c,
+            "encoder_forward: views too small for ({b},{t},{c})"
+        );
         let (o, i, we, pe) = (p(&out), ids.ptr, p(&wte), p(&wpe));
         let (bi, ti, ci) = (b as i32, t as i32, c as i32);
         launch!(self, "encoder_forward_kernel", Self::cfg1d(b * t * c), &o, &i, &we, &pe, &bi, &ti, &ci);
     }
     fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CudaIds, b: usize, t: usize, c: usize) {
+        assert!(
+            dout.len >= b * t * c && dwpe.len >= t * c && ids.len >= b * t && dwte.len >= c,
+            "encoder_backward: views too small for ({b},{t},{c})"
+        );
         let (dw, dp, d, i) = (p(&dwte), p(&dwpe), p(&dout), ids.ptr);
         let (bi, ti, ci) = (b as i32, t as i32, c as i32);
         launch!(self, "encoder_backward_kernel", Self::cfg1d(b * t * c), &dw, &dp, &d, &i, &bi, &ti, &ci);
@@ -525,12 +638,31 @@ impl Backend for CudaBackend {
     fn layernorm_backward(&self, dinp: V, dw: V, db: V, dout: V, inp: V, w: V, mean: V, rstd: V, n: usize, c: usize) {
         let (di, dww, dbb, d, x, ww, m, r) = (p(&dinp), p(&dw), p(&db), p(&dout), p(&inp), p(&w), p(&mean), p(&rstd));
         let (ni, ci) = (n as i32, c as i32);
-        launch!(self, "layernorm_backward_kernel", Self::cfg_rows(n), &di, &dww, &dbb, &d, &x, &ww, &m, &r, &ni, &ci);
+        // 8 warps a block, at most 1024 blocks (rows stride over them): few enough that the
+        // per-block dw/db partials cost little to add, enough to fill the device.
+        let blocks = (n as u32).div_ceil(8).clamp(1, 1024);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (8 * c) as u32 };
+        launch!(self, "layernorm_backward_kernel", cfg, &di, &dww, &dbb, &d, &x, &ww, &m, &r, &ni, &ci);
     }
 
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
         self.bind(); // cuBLAS works in the current context
         let hs = c / nh;
+        assert!(
+            att.len >= self.attention_state_len(b, t, nh) && qkv.len >= b * t * 3 * c && out.len >= b * t * c,
+            "attention_forward: views too small"
+        );
+        if Backend::attention(self) == Attention::Flash {
+            let name = match hs {
+                64 => "flash_fwd_64_kernel",
+                128 => "flash_fwd_128_kernel",
+                _ => panic!("flash attention on CUDA supports head sizes 64 and 128, not {hs}"),
+            };
+            let (o, l, x, ti, nhi) = (p(&out), p(&att), p(&qkv), t as i32, nh as i32);
+            let cfg = LaunchConfig { grid_dim: ((t as u32).div_ceil(64), (b * nh) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, name, cfg, &o, &l, &x, &ti, &nhi);
+            return;
+        }
         let n = b * t * c;
         let s = self.attn_scratch(4 * n);
         let (q, k, v, y) = (s, s + 4 * n as u64, s + 8 * n as u64, s + 12 * n as u64);
@@ -541,17 +673,44 @@ impl Backend for CudaBackend {
         let bh = b * nh;
         // pre (BH, T, T) = q @ k^T * scale, written into att, then the causal softmax in place
         let scale = 1.0 / (hs as f32).sqrt();
-        self.blas.gemm_rm(a, q, Trans::N, k, Trans::T, t, t, hs, scale, 0.0, bh, (t * t) as i64, (t * hs) as i64, (t * hs) as i64);
-        let (rows, tt) = ((bh * t) as i32, t as i32);
-        launch!(self, "softmax_causal_kernel", Self::cfg_rows(bh * t), &a, &rows, &tt);
+        let (tt, ths) = ((t * t) as i64, (t * hs) as i64);
+        let (q16, k16) = (self.operand(0, q, n), self.operand(1, k, n));
+        self.product(a, q16, Trans::N, k16, Trans::T, t, t, hs, scale, 0.0, bh, (tt, ths, ths));
+        let (rows, tti) = ((bh * t) as i32, t as i32);
+        launch!(self, "softmax_causal_kernel", Self::cfg_rows(bh * t), &a, &rows, &tti);
         // y (BH, T, hs) = att @ v
-        self.blas.gemm_rm(y, a, Trans::N, v, Trans::N, t, hs, t, 1.0, 0.0, bh, (t * hs) as i64, (t * t) as i64, (t * hs) as i64);
+        let (a16, v16) = (self.operand(0, a, bh * t * t), self.operand(1, v, n));
+        self.product(y, a16, Trans::N, v16, Trans::N, t, hs, t, 1.0, 0.0, bh, (ths, tt, ths));
         let o = p(&out);
         launch!(self, "unpermute_y_kernel", Self::cfg1d(n), &o, &y, &bi, &ti, &nhi, &hsi);
     }
-    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+    fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, out: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
         self.bind(); // cuBLAS works in the current context
         let hs = c / nh;
+        assert!(
+            att.len >= self.attention_state_len(b, t, nh) && datt.len >= self.attention_scratch_len(b, t, nh) && dqkv.len >= b * t * 3 * c,
+            "attention_backward: views too small"
+        );
+        if Backend::attention(self) == Attention::Flash {
+            let name = match hs {
+                64 => "flash_bwd_64_kernel",
+                128 => "flash_bwd_128_kernel",
+                _ => panic!("flash attention on CUDA supports head sizes 64 and 128, not {hs}"),
+            };
+            // D = rowsum(dout * out) into the scratch; dQ accumulates atomically into a zeroed dqkv.
+            let (dd, g, o) = (p(&datt), p(&dout), p(&out));
+            let (bi, ti, nhi, hsi) = (b as i32, t as i32, nh as i32, hs as i32);
+            launch!(self, "flash_rowdot_kernel", Self::cfg_rows(b * nh * t), &dd, &g, &o, &bi, &ti, &nhi, &hsi);
+            self.fill(dqkv.sub(0, b * t * 3 * c), 0.0);
+            let (dx, x, l) = (p(&dqkv), p(&qkv), p(&att));
+            let cfg = LaunchConfig {
+                grid_dim: ((t as u32).div_ceil(64), (b * nh) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_bwd_smem(hs) as u32,
+            };
+            launch!(self, name, cfg, &dx, &g, &x, &l, &dd, &ti, &nhi);
+            return;
+        }
         let n = b * t * c;
         let s = self.attn_scratch(7 * n);
         let off = |i: u64| s + i * 4 * n as u64;
@@ -565,14 +724,18 @@ impl Backend for CudaBackend {
         let bh = b * nh;
         let (tt, ths) = ((t * t) as i64, (t * hs) as i64);
         // datt = dy @ v^T ; dv = att^T @ dy
-        self.blas.gemm_rm(da, dy, Trans::N, v, Trans::T, t, t, hs, 1.0, 0.0, bh, tt, ths, ths);
-        self.blas.gemm_rm(dv, a, Trans::T, dy, Trans::N, t, hs, t, 1.0, 0.0, bh, ths, tt, ths);
+        let (dy16, v16) = (self.operand(0, dy, n), self.operand(1, v, n));
+        self.product(da, dy16, Trans::N, v16, Trans::T, t, t, hs, 1.0, 0.0, bh, (tt, ths, ths));
+        let a16 = self.operand(2, a, bh * t * t);
+        self.product(dv, a16, Trans::T, dy16, Trans::N, t, hs, t, 1.0, 0.0, bh, (ths, tt, ths));
         let (rows, tti) = ((bh * t) as i32, t as i32);
         launch!(self, "softmax_backward_kernel", Self::cfg_rows(bh * t), &da, &a, &rows, &tti);
         // dq = dpre @ k * scale ; dk = dpre^T @ q * scale
         let scale = 1.0 / (hs as f32).sqrt();
-        self.blas.gemm_rm(dq, da, Trans::N, k, Trans::N, t, hs, t, scale, 0.0, bh, ths, tt, ths);
-        self.blas.gemm_rm(dk, da, Trans::T, q, Trans::N, t, hs, t, scale, 0.0, bh, ths, tt, ths);
+        let (da16, k16) = (self.operand(2, da, bh * t * t), self.operand(1, k, n));
+        self.product(dq, da16, Trans::N, k16, Trans::N, t, hs, t, scale, 0.0, bh, (ths, tt, ths));
+        let q16 = self.operand(0, q, n);
+        self.product(dk, da16, Trans::T, q16, Trans::N, t, hs, t, scale, 0.0, bh, (ths, tt, ths));
         let d = p(&dqkv);
         launch!(self, "unpermute_qkv_kernel", Self::cfg1d(n), &d, &dq, &dk, &dv, &bi, &ti, &nhi, &hsi);
     }

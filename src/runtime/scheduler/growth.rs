@@ -39,6 +39,7 @@ impl<B: Backend> SchedulerState<B> {
             dims: self.dims.clone(),
             init,
             optim: self.cfg.optim.clone(),
+            stream: crate::runtime::StreamSettings::of(&self.cfg),
             panic_at_step,
             observer: self.observer.clone(),
             pool: self.pool(&device),

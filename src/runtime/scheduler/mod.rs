@@ -300,6 +300,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             dims: dims.clone(),
             init_cfg: init_cfg.clone(),
             optim: cfg.optim.clone(),
+            stream: crate::runtime::StreamSettings::of(&cfg),
             b,
             t,
             done: me.get_derived(),
