@@ -783,3 +783,121 @@ fn bf16_training_with_growth_on_gpu_follows_fp32_and_the_cpu_emulation() {
     let diff = fp32.steps.iter().zip(&bf16.steps).any(|(a, b)| a.train_loss != b.train_loss);
     assert!(diff, "the bf16 run's losses equal the fp32 run's bit for bit: bf16 is not in use");
 }
+
+/// Flash attention on the GPU (bf16 tensor cores, `kernels.attention = "flash"`), head sizes 64
+/// and 128, T = 200 (four key tiles, the last partial): against the CPU's flash kernel in bf16,
+/// which rounds the same operands (q, k, v, dO, P, dS) at the same points — bound 5e-3 (the GPU
+/// takes exp2 where the CPU takes exp, and an operand near a bf16 rounding boundary may round
+/// the other way) — and its logsumexp within 1e-4; against the materialized attention in bf16 on
+/// the GPU within 2e-2 (one more rounding: the probabilities); and every key before a query
+/// matters (a causal mask off by one tile would be far outside these bounds).
+#[test]
+fn flash_attention_on_gpu_matches_the_cpu_flash_kernel() {
+    let Some(_g) = gpu() else { return };
+    use taproot::backend::{Attention, Precision};
+    fn case<B: Backend>(be: &B, hs: usize) -> Vec<(&'static str, Vec<f32>)> {
+        let (b, t, nh) = (2, 200, 2);
+        let c = hs * nh;
+        let mut r = Rng::new(hs as u64);
+        let qkv = up(be, &randn(&mut r, b * t * 3 * c, 1.0));
+        let (out, att) = (be.alloc(b * t * c), be.alloc(be.attention_state_len(b, t, nh)));
+        be.attention_forward(B::whole(&out), B::whole(&att), B::whole(&qkv), b, t, c, nh);
+        let dout = up(be, &randn(&mut r, b * t * c, 1.0));
+        let (dqkv, datt) = (up(be, &vec![5.0; b * t * 3 * c]), be.alloc(be.attention_scratch_len(b, t, nh)));
+        be.attention_backward(
+            B::whole(&dqkv),
+            B::whole(&datt),
+            B::whole(&dout),
+            B::whole(&qkv),
+            B::whole(&out),
+            B::whole(&att),
+            b,
+            t,
+            c,
+            nh,
+        );
+        let lse = if be.attention() == Attention::Flash { down(be, &att) } else { vec![] };
+        vec![("out", down(be, &out)), ("dqkv", down(be, &dqkv)), ("lse", lse)]
+    }
+    let open = |a: Attention| {
+        let g = CudaBackend::open("cuda:0").unwrap();
+        g.set_precision(Precision::Bf16).unwrap();
+        g.set_attention(a).unwrap();
+        g
+    };
+    let cpu = CpuBackend::default();
+    cpu.set_precision(Precision::Bf16).unwrap();
+    cpu.set_attention(Attention::Flash).unwrap();
+    for hs in [64, 128] {
+        let want = case(&cpu, hs);
+        let got = case(&open(Attention::Flash), hs);
+        let mat = case(&open(Attention::Materialized), hs);
+        for i in 0..2 {
+            let (name, x) = (&got[i].0, &got[i].1);
+            let (r_cpu, r_mat) = (rel(x, &want[i].1), rel(x, &mat[i].1));
+            println!(
+                "flash hs={hs} {name:<5} vs cpu flash bf16 {r_cpu:.2e} (bound 5e-3); vs gpu materialized bf16 {r_mat:.2e} (bound 2e-2)"
+            );
+            assert!(r_cpu <= 5e-3, "hs={hs} {name}: {r_cpu:.3e} from the CPU flash kernel");
+            assert!(r_mat <= 2e-2, "hs={hs} {name}: {r_mat:.3e} from the materialized attention");
+        }
+        let r_lse = rel(&got[2].1, &want[2].1);
+        println!("flash hs={hs} lse   vs cpu flash bf16 {r_lse:.2e} (bound 1e-4)");
+        assert!(r_lse <= 1e-4, "hs={hs} lse: {r_lse:.3e}");
+    }
+    let g = CudaBackend::open("cuda:0").unwrap();
+    assert!(g.set_attention(Attention::Flash).is_err(), "flash attention accepted on an fp32 stream");
+}
+
+/// A bf16 run with flash attention and growth on the GPU (heads of 64): it follows the same run
+/// with the materialized attention (2e-2 per step, both bf16) and the CPU's bf16 flash (2e-2),
+/// and the actor runtime with flash follows the sequential trainer (5e-3, as in bf16 above).
+#[test]
+fn bf16_flash_training_on_gpu_follows_the_materialized_run() {
+    let Some(g) = gpu() else { return };
+    use taproot::train::{sequential::Sequential, RunOptions};
+    let dir = std::env::temp_dir().join(format!("taproot-cuda-flash-{}", std::process::id()));
+    let data = dataset(&dir);
+    let q = RunOptions { quiet: true, ..Default::default() };
+    let base = |name: &str| {
+        TestConfig::new(&dir)
+            .name(name)
+            .steps(40)
+            .seq_len(80)
+            .micro_batches(2)
+            .channels(128)
+            .heads(2)
+            .depth(1)
+            .target_depth(3)
+            .eval(20, 2)
+            .grow_at_step(20, 3)
+            .growth_init("copying")
+            .devices(&["cuda:0"])
+            .set("precision.compute", "bf16")
+    };
+    let mat_cfg = base("gpu-bf16-mat").build();
+    let flash_cfg = base("gpu-bf16-flash").set("kernels.attention", "flash").build();
+    let mat = Sequential::new(g, &mat_cfg, &data).unwrap().run(&q).unwrap();
+    let flash = Sequential::new(CudaBackend::open("cuda:0").unwrap(), &flash_cfg, &data).unwrap().run(&q).unwrap();
+    let cpu = Sequential::new(CpuBackend::default(), &flash_cfg, &data).unwrap().run(&q).unwrap();
+    let rt = taproot::runtime::train::<CudaBackend>(
+        &flash_cfg,
+        dataset(&dir),
+        taproot::runtime::RunOptions { quiet: true, ..Default::default() },
+        false,
+    )
+    .unwrap();
+    assert_eq!(flash.growth.len(), 1);
+    for (((a, b), c), r) in mat.steps.iter().zip(&flash.steps).zip(&cpu.steps).zip(&rt.steps) {
+        let (vm, vc, vr) = (
+            ((a.train_loss - b.train_loss) / a.train_loss).abs(),
+            ((c.train_loss - b.train_loss) / c.train_loss).abs(),
+            ((r.train_loss - b.train_loss) / b.train_loss).abs(),
+        );
+        println!(
+            "step {:2} depth {} materialized {:.5} flash {:.5} cpu-flash {:.5} runtime-flash {:.5} ({vm:.1e}, {vc:.1e}, {vr:.1e})",
+            a.step, b.depth, a.train_loss, b.train_loss, c.train_loss, r.train_loss
+        );
+        assert!(vm < 2e-2 && vc < 2e-2 && vr < 5e-3, "step {}", a.step);
+    }
+}

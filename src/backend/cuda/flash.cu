@@ -39,24 +39,6 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned int* a, unsign
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragments of rows r0 = row0 + g and r0 + 8 of a (rows, HS) fp32 matrix with row stride
-// `stride` (rows at or beyond T read as 0), rounded to bf16.
-template <int HS>
-__device__ __forceinline__ void load_a_rows(unsigned int (*fr)[4], const float* base, long stride, int row0, int T, int g, int tq) {
-    int r0 = row0 + g, r1 = r0 + 8;
-    const float* x0 = base + (long)r0 * stride;
-    const float* x1 = base + (long)r1 * stride;
-    bool v0 = r0 < T, v1 = r1 < T;
-#pragma unroll
-    for (int kc = 0; kc < HS / 16; kc++) {
-        int d0 = kc * 16 + 2 * tq, d1 = d0 + 8;
-        fr[kc][0] = v0 ? pack2(x0[d0], x0[d0 + 1]) : 0u;
-        fr[kc][1] = v1 ? pack2(x1[d0], x1[d0 + 1]) : 0u;
-        fr[kc][2] = v0 ? pack2(x0[d1], x0[d1 + 1]) : 0u;
-        fr[kc][3] = v1 ? pack2(x1[d1], x1[d1 + 1]) : 0u;
-    }
-}
-
 // A fragments (16 rows x 64 cols) from eight C tiles: pa[kc] covers columns 16kc..16kc+15.
 __device__ __forceinline__ void c_to_a(unsigned int (*pa)[4], float (*s)[4]) {
 #pragma unroll
@@ -68,48 +50,98 @@ __device__ __forceinline__ void c_to_a(unsigned int (*pa)[4], float (*s)[4]) {
     }
 }
 
-// Rows [row0, row0 + 64) x HS of an fp32 matrix (row stride `stride`) into shared bf16 with row
-// stride HS + 8 halves (the padding spreads a warp's fragment loads over all 32 banks).
-template <int HS>
-__device__ __forceinline__ void tile_to_shared(unsigned short* dst, const float* base, long stride, int row0, int T) {
-    const int SK = HS + 8;
-    for (int i = threadIdx.x; i < FA_TILE * HS / 2; i += blockDim.x) {
-        int r = i / (HS / 2), d = (i % (HS / 2)) * 2;
-        int row = row0 + r;
-        unsigned int v = 0u;
-        if (row < T) {
-            const float* x = base + (long)row * stride + d;
-            v = pack2(x[0], x[1]);
-        }
-        *(unsigned int*)&dst[r * SK + d] = v;
+// q, k, v (or dO) as bf16 in a head-major layout (B, NH, T, HS), so that a tile is one contiguous
+// block read with 16-byte loads: qkv (B, T, parts, NH, HS) fp32 -> dst (parts, B, NH, T, HS).
+// Two elements per thread (HS is even).
+extern "C" __global__ void heads_to_bf16_kernel(unsigned int* dst, const float* src, int B, int T, int parts, int NH, int HS) {
+    long n = (long)B * NH * T * HS;
+    long pairs = parts * n / 2;
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < pairs; k += (long)gridDim.x * blockDim.x) {
+        long i = 2 * k;
+        int part = i / n;
+        long r = i % n;
+        int d = r % HS; r /= HS;
+        int t = r % T; r /= T;
+        int h = r % NH; int b = r / NH;
+        const float* x = src + (((long)b * T + t) * parts + part) * NH * HS + h * HS + d;
+        dst[k] = pack2(x[0], x[1]);
     }
 }
 
-// grid (ceil(T/64), B*NH), block 128: 64 queries, 16 per warp.
+// Tile loads: 64 rows x HS bf16 of a head-major matrix, as 16-byte chunks, CH per thread
+// (128 threads), into registers (the next tile is fetched while the current one computes) and
+// then into shared memory with row stride HS + 8 halves.
 template <int HS>
-__device__ void flash_fwd(float* out, float* lse, const float* qkv, int T, int NH) {
-    const int SK = HS + 8;
-    __shared__ unsigned short Ks[FA_TILE * (HS + 8)];
-    __shared__ unsigned short Vs[FA_TILE * (HS + 8)];
-    const int C = NH * HS, C3 = 3 * C;
+__device__ __forceinline__ void tile_fetch(uint4* reg, const unsigned short* src, int row0, int T) {
+    const int CH = FA_TILE * HS / 8 / 128;
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+        int ch = threadIdx.x + i * 128;
+        int r = ch / (HS / 8), col = (ch % (HS / 8)) * 8;
+        int row = row0 + r;
+        uint4 z;
+        z.x = z.y = z.z = z.w = 0u;
+        reg[i] = row < T ? *(const uint4*)&src[(long)row * HS + col] : z;
+    }
+}
+template <int HS>
+__device__ __forceinline__ void tile_store(unsigned short* dst, const uint4* reg) {
+    const int CH = FA_TILE * HS / 8 / 128, SK = HS + 8;
+#pragma unroll
+    for (int i = 0; i < CH; i++) {
+        int ch = threadIdx.x + i * 128;
+        int r = ch / (HS / 8), col = (ch % (HS / 8)) * 8;
+        *(uint4*)&dst[r * SK + col] = reg[i];
+    }
+}
+
+// A fragments of rows row0 + g and row0 + g + 8 of a head-major bf16 (T, HS) matrix.
+template <int HS>
+__device__ __forceinline__ void load_a_bf16(unsigned int (*fr)[4], const unsigned short* m, int row0, int T, int g, int tq) {
+    int r0 = row0 + g, r1 = r0 + 8;
+    bool v0 = r0 < T, v1 = r1 < T;
+#pragma unroll
+    for (int kc = 0; kc < HS / 16; kc++) {
+        int d0 = kc * 16 + 2 * tq, d1 = d0 + 8;
+        fr[kc][0] = v0 ? *(const unsigned int*)&m[(long)r0 * HS + d0] : 0u;
+        fr[kc][1] = v1 ? *(const unsigned int*)&m[(long)r1 * HS + d0] : 0u;
+        fr[kc][2] = v0 ? *(const unsigned int*)&m[(long)r0 * HS + d1] : 0u;
+        fr[kc][3] = v1 ? *(const unsigned int*)&m[(long)r1 * HS + d1] : 0u;
+    }
+}
+
+// grid (ceil(T/64), B*NH), block 128: 64 queries, 16 per warp. q16/k16/v16: head-major bf16.
+template <int HS>
+__device__ void flash_fwd(float* out, float* lse, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, int T, int NH) {
+    const int SK = HS + 8, CH = FA_TILE * HS / 8 / 128;
+    __shared__ __align__(16) unsigned short Ks[FA_TILE * (HS + 8)];
+    __shared__ __align__(16) unsigned short Vs[FA_TILE * (HS + 8)];
+    const int C = NH * HS;
     const int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
     const int q0 = blockIdx.x * FA_TILE + warp * 16;
     const int r0 = q0 + g, r1 = r0 + 8;
-    const float* base = qkv + (long)b * T * C3 + h * HS;
+    const long head = (long)bh * T * HS;
     unsigned int qa[HS / 16][4];
-    load_a_rows<HS>(qa, base, C3, q0, T, g, tq);
+    load_a_bf16<HS>(qa, q16 + head, q0, T, g, tq);
     float o[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;  // base-2 units
     const float sl2 = rsqrtf((float)HS) * LOG2E;
     const int last = min(blockIdx.x * FA_TILE + FA_TILE - 1, T - 1) / FA_TILE;
+    uint4 kreg[CH], vreg[CH];
+    tile_fetch<HS>(kreg, k16 + head, 0, T);
+    tile_fetch<HS>(vreg, v16 + head, 0, T);
     for (int kt = 0; kt <= last; kt++) {
         __syncthreads();
-        tile_to_shared<HS>(Ks, base + C, C3, kt * FA_TILE, T);
-        tile_to_shared<HS>(Vs, base + 2 * C, C3, kt * FA_TILE, T);
+        tile_store<HS>(Ks, kreg);
+        tile_store<HS>(Vs, vreg);
         __syncthreads();
+        if (kt < last) {
+            tile_fetch<HS>(kreg, k16 + head, (kt + 1) * FA_TILE, T);
+            tile_fetch<HS>(vreg, v16 + head, (kt + 1) * FA_TILE, T);
+        }
         if (kt * FA_TILE > q0 + 15) continue;  // every key of the tile is after this warp's queries
         float s[8][4];
 #pragma unroll
@@ -193,11 +225,11 @@ __device__ void flash_fwd(float* out, float* lse, const float* qkv, int T, int N
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_64_kernel(float* out, float* lse, const float* qkv, int T, int NH) {
-    flash_fwd<64>(out, lse, qkv, T, NH);
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_64_kernel(float* out, float* lse, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, int T, int NH) {
+    flash_fwd<64>(out, lse, q16, k16, v16, T, NH);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_fwd_128_kernel(float* out, float* lse, const float* qkv, int T, int NH) {
-    flash_fwd<128>(out, lse, qkv, T, NH);
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_128_kernel(float* out, float* lse, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, int T, int NH) {
+    flash_fwd<128>(out, lse, q16, k16, v16, T, NH);
 }
 
 // D (B, NH, T) = rowsum(dout * out) per head: one warp per (b, h, t).
@@ -215,16 +247,14 @@ extern "C" __global__ void flash_rowdot_kernel(float* D, const float* dout, cons
     if (lane == 0) D[row] = s;
 }
 
-// Bytes of dynamic shared memory of flash_bwd<HS>: Q, dO and K tiles, the dS tile, lse and D.
-#define FA_BWD_SMEM(HS) (3 * FA_TILE * ((HS) + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4)
-
 // grid (ceil(T/64), B*NH), block 128: 64 keys, 16 per warp; loops over the query tiles at or
 // after its key tile. dqkv must be zeroed first: dQ is accumulated with atomics (blocks of
-// several key tiles add to the same queries); dK and dV are stored.
+// several key tiles add to the same queries); dK and dV are stored. q16/k16/v16/g16 (dO):
+// head-major bf16. Dynamic shared memory: flash_bwd_smem on the host.
 template <int HS>
-__device__ void flash_bwd(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* Dg, int T, int NH) {
-    extern __shared__ unsigned char smem[];
-    const int SK = HS + 8, SS = FA_TILE + 8;
+__device__ void flash_bwd(float* dqkv, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, const unsigned short* g16, const float* lse, const float* Dg, int T, int NH) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int SK = HS + 8, SS = FA_TILE + 8, CH = FA_TILE * HS / 8 / 128;
     unsigned short* Qs = (unsigned short*)smem;
     unsigned short* Gs = Qs + FA_TILE * SK;
     unsigned short* Ks = Gs + FA_TILE * SK;
@@ -236,13 +266,14 @@ __device__ void flash_bwd(float* dqkv, const float* dout, const float* qkv, cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
     const int kb = blockIdx.x;
     const int k0 = kb * FA_TILE + warp * 16;
-    const float* base = qkv + (long)b * T * C3 + h * HS;
-    const float* gbase = dout + (long)b * T * C + h * HS;
+    const long head = (long)bh * T * HS;
     float* dbase = dqkv + (long)b * T * C3 + h * HS;
-    tile_to_shared<HS>(Ks, base + C, C3, kb * FA_TILE, T);
+    uint4 qreg[CH], greg[CH];
+    tile_fetch<HS>(qreg, k16 + head, kb * FA_TILE, T);
+    tile_store<HS>(Ks, qreg);
     unsigned int ka[HS / 16][4], va[HS / 16][4];
-    load_a_rows<HS>(ka, base + C, C3, k0, T, g, tq);
-    load_a_rows<HS>(va, base + 2 * C, C3, k0, T, g, tq);
+    load_a_bf16<HS>(ka, k16 + head, k0, T, g, tq);
+    load_a_bf16<HS>(va, v16 + head, k0, T, g, tq);
     float dk[HS / 8][4], dv[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++)
@@ -250,16 +281,22 @@ __device__ void flash_bwd(float* dqkv, const float* dout, const float* qkv, cons
         for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.0f;
     const float scale = rsqrtf((float)HS), sl2 = scale * LOG2E;
     const int nqt = (T + FA_TILE - 1) / FA_TILE;
+    tile_fetch<HS>(qreg, q16 + head, kb * FA_TILE, T);
+    tile_fetch<HS>(greg, g16 + head, kb * FA_TILE, T);
     for (int qt = kb; qt < nqt; qt++) {
         __syncthreads();
-        tile_to_shared<HS>(Qs, base, C3, qt * FA_TILE, T);
-        tile_to_shared<HS>(Gs, gbase, C, qt * FA_TILE, T);
+        tile_store<HS>(Qs, qreg);
+        tile_store<HS>(Gs, greg);
         for (int r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
             int q = qt * FA_TILE + r;
             Ls[r] = q < T ? lse[(long)bh * T + q] * LOG2E : 0.0f;
             Ds[r] = q < T ? Dg[(long)bh * T + q] : 0.0f;
         }
         __syncthreads();
+        if (qt + 1 < nqt) {
+            tile_fetch<HS>(qreg, q16 + head, (qt + 1) * FA_TILE, T);
+            tile_fetch<HS>(greg, g16 + head, (qt + 1) * FA_TILE, T);
+        }
         // S^T (16 keys x 64 queries) = K Q^T and dP^T = V dO^T
         float st[8][4], dpt[8][4];
 #pragma unroll
@@ -352,9 +389,9 @@ __device__ void flash_bwd(float* dqkv, const float* dout, const float* qkv, cons
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_64_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* D, int T, int NH) {
-    flash_bwd<64>(dqkv, dout, qkv, lse, D, T, NH);
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_64_kernel(float* dqkv, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, const unsigned short* g16, const float* lse, const float* D, int T, int NH) {
+    flash_bwd<64>(dqkv, q16, k16, v16, g16, lse, D, T, NH);
 }
-extern "C" __global__ void __launch_bounds__(128) flash_bwd_128_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* D, int T, int NH) {
-    flash_bwd<128>(dqkv, dout, qkv, lse, D, T, NH);
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_128_kernel(float* dqkv, const unsigned short* q16, const unsigned short* k16, const unsigned short* v16, const unsigned short* g16, const float* lse, const float* D, int T, int NH) {
+    flash_bwd<128>(dqkv, q16, k16, v16, g16, lse, D, T, NH);
 }

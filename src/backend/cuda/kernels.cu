@@ -270,20 +270,41 @@ extern "C" __global__ void gelu_backward_kernel(float* dinp, const float* inp, c
 // ---------------------------------------------------------------------------------------------
 // fused softmax + cross-entropy over a padded vocabulary: one block per row.
 // logits (N, Vp) become dlogits = (softmax - onehot) * dscale; columns >= V are masked (0).
+// Two passes over the row, not three: the first keeps an online (max, sum of exp) pair per
+// thread, rescaling the sum when the max grows, and the pairs are merged across the block.
+__device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2) {
+    float mm = fmaxf(m, m2);
+    if (mm == NEG_INF) return;
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
 extern "C" __global__ void crossentropy_kernel(float* logits, float* losses, const unsigned int* targets, float dscale, int N, int V, int Vp) {
+    __shared__ float sm[32], ss[32];
     int row = blockIdx.x;
     if (row >= N) return;
     float* x = logits + (long)row * Vp;
-    float m = NEG_INF;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, x[i]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(x[i] - m);
-    s = block_sum(s);
+    float m = NEG_INF, s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = x[i];
+        if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
+        else s += expf(v - m);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+        ms_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nwarps = blockDim.x / WARP;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    m = lane < nwarps ? sm[lane] : NEG_INF;
+    s = lane < nwarps ? ss[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+        ms_merge(m, s, m2, s2);
+    }
     int tgt = targets[row];
-    __syncthreads();
     if (threadIdx.x == 0) losses[row] = logf(s) + m - x[tgt];
-    __syncthreads();
+    __syncthreads();  // every thread has read x[tgt] before it is overwritten
     float inv = 1.0f / s;
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float p = i < V ? expf(x[i] - m) * inv : 0.0f;

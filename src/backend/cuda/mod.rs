@@ -65,6 +65,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "momentum_kernel",
     "apply_update_kernel",
     "f32_to_bf16_kernel",
+    "heads_to_bf16_kernel",
     "flash_fwd_64_kernel",
     "flash_fwd_128_kernel",
     "flash_rowdot_kernel",
@@ -291,6 +292,16 @@ impl CudaBackend {
         if Backend::precision(self) != Precision::Bf16 {
             return src;
         }
+        let dst = self.bf16_slot(slot, len);
+        let n = len as i64;
+        let blocks = len.div_ceil(256).clamp(1, 65536) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "f32_to_bf16_kernel", cfg, &dst, &src, &n);
+        dst
+    }
+
+    /// The address of bf16 scratch `slot`, grown to at least `len` elements.
+    fn bf16_slot(&self, slot: usize, len: usize) -> u64 {
         let mut s = self.bf16.lock().expect("bf16 scratch lock");
         let have = s.slots[slot].as_ref().map_or(0, |b| b.len());
         if have < len {
@@ -300,11 +311,19 @@ impl CudaBackend {
             s.slots[slot] = Some(mem);
         }
         let (dst, _) = s.slots[slot].as_ref().expect("allocated").device_ptr(&self.stream);
-        drop(s);
-        let n = len as i64;
-        let blocks = len.div_ceil(256).clamp(1, 65536) as u32;
+        dst
+    }
+
+    /// `parts` (B, T, parts, NH, hs) fp32 rows as head-major bf16 (parts, B, NH, T, hs) in scratch
+    /// `slot`: the layout the flash kernels read in 16-byte tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn heads_bf16(&self, slot: usize, src: u64, b: usize, t: usize, parts: usize, nh: usize, hs: usize) -> u64 {
+        let len = parts * b * t * nh * hs;
+        let dst = self.bf16_slot(slot, len);
+        let (bi, ti, pi, nhi, hsi) = (b as i32, t as i32, parts as i32, nh as i32, hs as i32);
+        let blocks = (len / 2).div_ceil(256).clamp(1, 65536) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "f32_to_bf16_kernel", cfg, &dst, &src, &n);
+        launch!(self, "heads_to_bf16_kernel", cfg, &dst, &src, &bi, &ti, &pi, &nhi, &hsi);
         dst
     }
 
@@ -658,9 +677,12 @@ impl Backend for CudaBackend {
                 128 => "flash_fwd_128_kernel",
                 _ => panic!("flash attention on CUDA supports head sizes 64 and 128, not {hs}"),
             };
-            let (o, l, x, ti, nhi) = (p(&out), p(&att), p(&qkv), t as i32, nh as i32);
+            let n = (b * t * c) as u64;
+            let q16 = self.heads_bf16(0, p(&qkv), b, t, 3, nh, hs);
+            let (k16, v16) = (q16 + 2 * n, q16 + 4 * n);
+            let (o, l, ti, nhi) = (p(&out), p(&att), t as i32, nh as i32);
             let cfg = LaunchConfig { grid_dim: ((t as u32).div_ceil(64), (b * nh) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, name, cfg, &o, &l, &x, &ti, &nhi);
+            launch!(self, name, cfg, &o, &l, &q16, &k16, &v16, &ti, &nhi);
             return;
         }
         let n = b * t * c;
@@ -702,13 +724,17 @@ impl Backend for CudaBackend {
             let (bi, ti, nhi, hsi) = (b as i32, t as i32, nh as i32, hs as i32);
             launch!(self, "flash_rowdot_kernel", Self::cfg_rows(b * nh * t), &dd, &g, &o, &bi, &ti, &nhi, &hsi);
             self.fill(dqkv.sub(0, b * t * 3 * c), 0.0);
-            let (dx, x, l) = (p(&dqkv), p(&qkv), p(&att));
+            let n = (b * t * c) as u64;
+            let q16 = self.heads_bf16(0, p(&qkv), b, t, 3, nh, hs);
+            let (k16, v16) = (q16 + 2 * n, q16 + 4 * n);
+            let g16 = self.heads_bf16(1, g, b, t, 1, nh, hs);
+            let (dx, l) = (p(&dqkv), p(&att));
             let cfg = LaunchConfig {
                 grid_dim: ((t as u32).div_ceil(64), (b * nh) as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: flash_bwd_smem(hs) as u32,
             };
-            launch!(self, name, cfg, &dx, &g, &x, &l, &dd, &ti, &nhi);
+            launch!(self, name, cfg, &dx, &q16, &k16, &v16, &g16, &l, &dd, &ti, &nhi);
             return;
         }
         let n = b * t * c;
