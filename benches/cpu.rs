@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
-use taproot::backend::{Backend, Trans};
+use taproot::backend::{Attention, Backend, Trans};
 use taproot::flops;
 use taproot::model::init::{InitConfig, InitScheme};
 use taproot::model::{Batch, Dims, Model};
@@ -170,5 +170,48 @@ fn main() {
     let only: Option<String> = std::env::args().skip_while(|a| a != "--case").nth(1);
     for c in cases.iter().filter(|c| only.as_ref().is_none_or(|o| c.name.starts_with(o.as_str()))) {
         run_case(&be, c, peak);
+    }
+    if only.is_none() {
+        attention_cases(quick);
+    }
+}
+
+/// Attention forward + backward, materialized against flash (`kernels.attention`), in the same
+/// run: median ms and the floats each keeps for its backward.
+fn attention_cases(quick: bool) {
+    println!("\nattention forward + backward, materialized against flash (fp32, median of {} calls):", if quick { 3 } else { 7 });
+    for (b, t, c, nh) in [(16usize, 128usize, 128usize, 4usize), (2, 1024, 256, 4)] {
+        let mut row = Vec::new();
+        for a in [Attention::Materialized, Attention::Flash] {
+            let be = CpuBackend::default();
+            be.set_attention(a).unwrap();
+            let mut rng = Rng::new(3);
+            let mut qkv_h = vec![0.0f32; b * t * 3 * c];
+            rng.fill_normal(&mut qkv_h, 1.0);
+            let qkv = be.alloc(b * t * 3 * c);
+            be.upload(CpuBackend::whole(&qkv), &qkv_h);
+            let (out, dout, dqkv) = (be.alloc(b * t * c), be.alloc(b * t * c), be.alloc(b * t * 3 * c));
+            be.fill(CpuBackend::whole(&dout), 0.5);
+            let (att, datt) = (be.alloc(be.attention_state_len(b, t, nh)), be.alloc(be.attention_scratch_len(b, t, nh)));
+            let w = CpuBackend::whole;
+            let mut times = Vec::new();
+            for _ in 0..if quick { 3 } else { 7 } {
+                let t0 = Instant::now();
+                be.attention_forward(w(&out), w(&att), w(&qkv), b, t, c, nh);
+                be.attention_backward(w(&dqkv), w(&datt), w(&dout), w(&qkv), w(&out), w(&att), b, t, c, nh);
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            row.push((a, median(&mut times), be.attention_state_len(b, t, nh) + be.attention_scratch_len(b, t, nh)));
+        }
+        let (m, f) = (row[0], row[1]);
+        println!(
+            "  B={b} T={t} C={c} NH={nh}: materialized {:.2} ms ({} floats kept), flash {:.2} ms ({} floats): time ratio flash/materialized {:.2}, memory ratio {:.4}",
+            m.1,
+            m.2,
+            f.1,
+            f.2,
+            f.1 / m.1,
+            f.2 as f64 / m.2 as f64
+        );
     }
 }

@@ -14,6 +14,8 @@ cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 scripts/check-dashboard.sh
 cargo build --release --benches
+# The GPU benchmark's configs parse (no GPU needed), so a config change cannot break a GPU run.
+cargo bench --bench gpu -- --check-configs
 cargo build --release --examples
 cargo test --release --lib --bins --tests "$@"
 cargo test --release --doc

@@ -147,3 +147,22 @@ fn precision_config_keys_are_checked() {
     be.set_precision(Precision::Bf16).unwrap();
     assert_eq!(be.precision(), Precision::Bf16);
 }
+
+/// Every shipped config parses, and the GPU ones ask for the fastest verified GPU setting.
+#[test]
+fn shipped_configs_parse_and_the_gpu_ones_use_bf16_and_flash() {
+    let mut gpu = 0;
+    for entry in std::fs::read_dir("config").unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let cfg = Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+            gpu += 1;
+            assert_eq!(cfg.compute_precision(), Precision::Bf16, "{}", path.display());
+            assert_eq!(cfg.kernels.attention, taproot::backend::Attention::Flash, "{}", path.display());
+        }
+    }
+    assert!(gpu >= 2, "the GPU configs were not found");
+}
