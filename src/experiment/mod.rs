@@ -33,7 +33,8 @@ use anyhow::{Context, Result};
 use report::RunResult;
 use std::path::{Path, PathBuf};
 
-/// Runs configs on the actor runtime, with an optional on-disk cache of results.
+/// Runs configs on the actor runtime (on the CPU, or on CUDA when the config's placement names
+/// CUDA devices), with an optional on-disk cache of results.
 pub struct Runner {
     pub data: Dataset,
     /// Where cached results live (None: no cache).
@@ -70,7 +71,13 @@ impl Runner {
         cfg.run.out_dir = Some(self.logs.join(sanitize(label)));
         cfg.run.log_every = 0;
         let opts = RunOptions { quiet: true, stop_after, ..Default::default() };
-        let rep = runtime::train::<CpuBackend>(&cfg, self.data.clone(), opts, false).with_context(|| format!("run {label}"))?;
+        // A config placed on CUDA devices runs there (scripts/gpu-science.sh); others on the CPU.
+        let rep = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+            runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, self.data.clone(), opts, false)
+        } else {
+            runtime::train::<CpuBackend>(&cfg, self.data.clone(), opts, false)
+        }
+        .with_context(|| format!("run {label}"))?;
         let mut r = RunResult::from_report(label, &rep);
         r.passes = self.passes(&cfg, &r);
         if let Some(path) = cached {
