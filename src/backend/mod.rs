@@ -56,6 +56,32 @@ pub enum Attention {
     Flash,
 }
 
+/// A stream's compute settings — its precision and attention algorithm — read and set through
+/// `&self` (ops take the stream by shared reference). Both backends keep one per stream.
+#[derive(Debug, Default)]
+pub struct StreamMode {
+    precision: std::sync::atomic::AtomicU8,
+    flash: std::sync::atomic::AtomicBool,
+}
+
+impl StreamMode {
+    pub fn precision(&self) -> Precision {
+        Precision::from_u8(self.precision.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    pub fn set_precision(&self, p: Precision) {
+        self.precision.store(p.to_u8(), std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn attention(&self) -> Attention {
+        match self.flash.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Attention::Flash,
+            false => Attention::Materialized,
+        }
+    }
+    pub fn set_attention(&self, a: Attention) {
+        self.flash.store(a == Attention::Flash, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Attention {
     pub fn name(self) -> &'static str {
         match self {

@@ -23,10 +23,9 @@ mod kernels;
 pub mod order;
 
 use super::precision::rounded;
-use super::{Attention, Backend, Precision, Trans, View};
+use super::{Attention, Backend, Precision, StreamMode, Trans, View};
 use std::borrow::Cow;
 use std::cell::{RefCell, UnsafeCell};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// f32 memory of the CPU backend.
@@ -123,10 +122,8 @@ pub struct CpuBackend {
     device: String,
     index: u32,
     stream: Arc<order::Stream>,
-    /// The compute precision (a `Precision` as u8), shared by clones (the same stream).
-    precision: Arc<AtomicU8>,
-    /// Flash attention instead of the materialized one (shared by clones).
-    flash: Arc<std::sync::atomic::AtomicBool>,
+    /// Precision and attention algorithm, shared by clones (the same stream).
+    mode: Arc<StreamMode>,
 }
 
 impl CpuBackend {
@@ -136,8 +133,7 @@ impl CpuBackend {
             device: format!("cpu:{index}"),
             index: index as u32,
             stream: Arc::new(order::Stream::new()),
-            precision: Arc::new(AtomicU8::new(Precision::Fp32.to_u8())),
-            flash: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            mode: Arc::new(StreamMode::default()),
         }
     }
 
@@ -204,22 +200,18 @@ impl Backend for CpuBackend {
         Ok(CpuBackend::new(self.index as usize))
     }
     fn set_precision(&self, p: Precision) -> anyhow::Result<()> {
-        self.precision.store(p.to_u8(), Ordering::Relaxed);
+        self.mode.set_precision(p);
         Ok(())
     }
     fn precision(&self) -> Precision {
-        Precision::from_u8(self.precision.load(Ordering::Relaxed))
+        self.mode.precision()
     }
     fn set_attention(&self, a: Attention) -> anyhow::Result<()> {
-        self.flash.store(a == Attention::Flash, Ordering::Relaxed);
+        self.mode.set_attention(a);
         Ok(())
     }
     fn attention(&self) -> Attention {
-        if self.flash.load(Ordering::Relaxed) {
-            Attention::Flash
-        } else {
-            Attention::Materialized
-        }
+        self.mode.attention()
     }
 
     fn alloc(&self, n: usize) -> CpuBuf {

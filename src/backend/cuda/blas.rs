@@ -32,53 +32,15 @@ impl Blas {
         unsafe { sys::cublasSetMathMode(self.handle, mode).result() }.map_err(|e| anyhow!("cublasSetMathMode: {e:?}"))
     }
 
-    /// Row-major `C = alpha · op(A) · op(B) + beta · C` for `batch` matrices at the given element
-    /// strides (C (m, n), op(A) (m, k), op(B) (k, n)); device pointers are raw addresses.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_rm(
-        &self,
-        c: u64,
-        a: u64,
-        ta: Trans,
-        b: u64,
-        tb: Trans,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        beta: f32,
-        batch: usize,
-        stride_c: i64,
-        stride_a: i64,
-        stride_b: i64,
-    ) {
-        let (op_a, lda) = match ta {
-            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, k),
-            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, m),
-        };
-        let (op_b, ldb) = match tb {
-            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, n),
-            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, k),
-        };
-        let (m_, n_, k_) = (n as i32, m as i32, k as i32);
+    /// `p` in fp32 (or TF32, as the handle's math mode says): `cublasSgemm(StridedBatched)`.
+    pub fn gemm_rm(&self, p: &Product) {
+        let (op_a, lda, op_b, ldb) = p.ops();
+        let (m_, n_, k_) = (p.n as i32, p.m as i32, p.k as i32);
+        let (sc, sa, sb) = p.strides;
+        let (a, b, c) = (p.a as *const f32, p.b as *const f32, p.c as *mut f32);
         let r = unsafe {
-            if batch <= 1 {
-                result::sgemm(
-                    self.handle,
-                    op_b,
-                    op_a,
-                    m_,
-                    n_,
-                    k_,
-                    &alpha,
-                    b as *const f32,
-                    ldb as i32,
-                    a as *const f32,
-                    lda as i32,
-                    &beta,
-                    c as *mut f32,
-                    n as i32,
-                )
+            if p.batch <= 1 {
+                result::sgemm(self.handle, op_b, op_a, m_, n_, k_, &p.alpha, b, ldb, a, lda, &p.beta, c, m_)
             } else {
                 result::sgemm_strided_batched(
                     self.handle,
@@ -87,86 +49,43 @@ impl Blas {
                     m_,
                     n_,
                     k_,
-                    &alpha,
-                    b as *const f32,
-                    ldb as i32,
-                    stride_b,
-                    a as *const f32,
-                    lda as i32,
-                    stride_a,
-                    &beta,
-                    c as *mut f32,
-                    n as i32,
-                    stride_c,
-                    batch as i32,
+                    &p.alpha,
+                    b,
+                    ldb,
+                    sb,
+                    a,
+                    lda,
+                    sa,
+                    &p.beta,
+                    c,
+                    m_,
+                    sc,
+                    p.batch as i32,
                 )
             }
         };
         if let Err(e) = r {
-            panic!("cuBLAS sgemm ({m}x{n}x{k}, batch {batch}) failed: {e:?}");
+            panic!("cuBLAS sgemm ({}x{}x{}, batch {}) failed: {e:?}", p.m, p.n, p.k, p.batch);
         }
     }
-}
 
-impl Blas {
-    /// [`Blas::gemm_rm`] with bf16 operands `a` and `b` (raw addresses of bf16 data) and an fp32
-    /// `c`, accumulating in fp32 on the tensor cores (`cublasGemmEx` with `CUBLAS_COMPUTE_32F`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_rm_bf16(
-        &self,
-        c: u64,
-        a: u64,
-        ta: Trans,
-        b: u64,
-        tb: Trans,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        beta: f32,
-        batch: usize,
-        stride_c: i64,
-        stride_a: i64,
-        stride_b: i64,
-    ) {
-        let (op_a, lda) = match ta {
-            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, k),
-            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, m),
-        };
-        let (op_b, ldb) = match tb {
-            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, n),
-            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, k),
-        };
-        let (m_, n_, k_) = (n as i32, m as i32, k as i32);
-        let bf16 = sys::cudaDataType::CUDA_R_16BF;
-        let f32t = sys::cudaDataType::CUDA_R_32F;
+    /// `p` with bf16 operands `a` and `b` (raw addresses of bf16 data) and an fp32 `c`,
+    /// accumulating in fp32 on the tensor cores (`cublasGemmEx` with `CUBLAS_COMPUTE_32F`).
+    pub fn gemm_rm_bf16(&self, p: &Product) {
+        use std::ffi::c_void;
+        let (op_a, lda, op_b, ldb) = p.ops();
+        let (m_, n_, k_) = (p.n as i32, p.m as i32, p.k as i32);
+        let (sc, sa, sb) = p.strides;
+        let (a, b, c) = (p.a as *const c_void, p.b as *const c_void, p.c as *mut c_void);
+        let (bf16, f32t) = (sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_32F);
         let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
-        let (alpha_p, beta_p) = (&alpha as *const f32 as *const std::ffi::c_void, &beta as *const f32 as *const std::ffi::c_void);
+        let (alpha, beta) = (&p.alpha as *const f32 as *const c_void, &p.beta as *const f32 as *const c_void);
         let r = unsafe {
-            if batch <= 1 {
-                result::gemm_ex(
-                    self.handle,
-                    op_b,
-                    op_a,
-                    m_,
-                    n_,
-                    k_,
-                    alpha_p,
-                    b as *const std::ffi::c_void,
-                    bf16,
-                    ldb as i32,
-                    a as *const std::ffi::c_void,
-                    bf16,
-                    lda as i32,
-                    beta_p,
-                    c as *mut std::ffi::c_void,
-                    f32t,
-                    n as i32,
-                    compute,
-                    algo,
-                )
+            if p.batch <= 1 {
+                result::gemm_ex(self.handle, op_b, op_a, m_, n_, k_, alpha, b, bf16, ldb, a, bf16, lda, beta, c, f32t, m_, compute, algo)
             } else {
+                let batch = p.batch as i32;
                 result::gemm_strided_batched_ex(
                     self.handle,
                     op_b,
@@ -174,29 +93,63 @@ impl Blas {
                     m_,
                     n_,
                     k_,
-                    alpha_p,
-                    b as *const std::ffi::c_void,
+                    alpha,
+                    b,
                     bf16,
-                    ldb as i32,
-                    stride_b,
-                    a as *const std::ffi::c_void,
+                    ldb,
+                    sb,
+                    a,
                     bf16,
-                    lda as i32,
-                    stride_a,
-                    beta_p,
-                    c as *mut std::ffi::c_void,
+                    lda,
+                    sa,
+                    beta,
+                    c,
                     f32t,
-                    n as i32,
-                    stride_c,
-                    batch as i32,
+                    m_,
+                    sc,
+                    batch,
                     compute,
                     algo,
                 )
             }
         };
         if let Err(e) = r {
-            panic!("cuBLAS bf16 gemm ({m}x{n}x{k}, batch {batch}) failed: {e:?}");
+            panic!("cuBLAS bf16 gemm ({}x{}x{}, batch {}) failed: {e:?}", p.m, p.n, p.k, p.batch);
         }
+    }
+}
+
+/// A row-major product `C = alpha · op(A) · op(B) + beta · C` over `batch` matrices at element
+/// strides (c, a, b): C (m, n), op(A) (m, k), op(B) (k, n); operands are raw device addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Product {
+    pub c: u64,
+    pub a: u64,
+    pub ta: Trans,
+    pub b: u64,
+    pub tb: Trans,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub strides: (i64, i64, i64),
+}
+
+impl Product {
+    /// cuBLAS's operations and leading dimensions of A and B, read column-major (see the module
+    /// doc: the product is computed as Cᵀ = op(B)ᵀ · op(A)ᵀ).
+    fn ops(&self) -> (sys::cublasOperation_t, i32, sys::cublasOperation_t, i32) {
+        let (op_a, lda) = match self.ta {
+            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, self.k),
+            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, self.m),
+        };
+        let (op_b, ldb) = match self.tb {
+            Trans::N => (sys::cublasOperation_t::CUBLAS_OP_N, self.n),
+            Trans::T => (sys::cublasOperation_t::CUBLAS_OP_T, self.k),
+        };
+        (op_a, lda as i32, op_b, ldb as i32)
     }
 }
 

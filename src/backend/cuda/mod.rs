@@ -29,11 +29,10 @@
 
 mod blas;
 
-use super::{Attention, Backend, Precision, Trans, View};
+use super::{Attention, Backend, Precision, StreamMode, Trans, View};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The kernel source, compiled at run time by NVRTC.
@@ -277,8 +276,7 @@ pub struct CudaBackend {
     scratch: Mutex<AttnScratch>,
     bf16: Mutex<Bf16Scratch>,
     staging: Mutex<Staging>,
-    precision: AtomicU8,
-    flash: std::sync::atomic::AtomicBool,
+    mode: StreamMode,
 }
 
 // SAFETY: the cuBLAS handle and the stream are used from one thread at a time (the owning actor);
@@ -344,11 +342,11 @@ impl CudaBackend {
         batch: usize,
         strides: (i64, i64, i64),
     ) {
-        let (sc, sa, sb) = strides;
+        let prod = blas::Product { c, a, ta, b, tb, m, n, k, alpha, beta, batch, strides };
         if Backend::precision(self) == Precision::Bf16 {
-            self.blas.gemm_rm_bf16(c, a, ta, b, tb, m, n, k, alpha, beta, batch, sc, sa, sb);
+            self.blas.gemm_rm_bf16(&prod);
         } else {
-            self.blas.gemm_rm(c, a, ta, b, tb, m, n, k, alpha, beta, batch, sc, sa, sb);
+            self.blas.gemm_rm(&prod);
         }
     }
 
@@ -422,8 +420,7 @@ impl Backend for CudaBackend {
             scratch: Mutex::new(AttnScratch::default()),
             bf16: Mutex::new(Bf16Scratch::default()),
             staging: Mutex::new(Staging::default()),
-            precision: AtomicU8::new(Precision::Fp32.to_u8()),
-            flash: std::sync::atomic::AtomicBool::new(false),
+            mode: StreamMode::default(),
         })
     }
     fn device(&self) -> &str {
@@ -434,11 +431,11 @@ impl Backend for CudaBackend {
     }
     fn set_precision(&self, p: Precision) -> Result<()> {
         self.blas.set_tf32(p == Precision::Tf32)?;
-        self.precision.store(p.to_u8(), Ordering::Relaxed);
+        self.mode.set_precision(p);
         Ok(())
     }
     fn precision(&self) -> Precision {
-        Precision::from_u8(self.precision.load(Ordering::Relaxed))
+        self.mode.precision()
     }
     fn set_attention(&self, a: Attention) -> Result<()> {
         if a == Attention::Flash && Backend::precision(self) != Precision::Bf16 {
@@ -448,15 +445,11 @@ impl Backend for CudaBackend {
                 Backend::precision(self)
             );
         }
-        self.flash.store(a == Attention::Flash, Ordering::Relaxed);
+        self.mode.set_attention(a);
         Ok(())
     }
     fn attention(&self) -> Attention {
-        if self.flash.load(Ordering::Relaxed) {
-            Attention::Flash
-        } else {
-            Attention::Materialized
-        }
+        self.mode.attention()
     }
 
     fn alloc(&self, n: usize) -> CudaBuf {
