@@ -36,10 +36,17 @@ for t in $steps; do
       --set run.steps="$t" --set run.seed="$s" --set "growth[0].at_step=$tau" ${sets[@]+"${sets[@]}"}
   done
 done
-python3 - "$out" "$config" "$steps" "$seeds" <<'PY'
+python3 - "$out" "$config" "$steps" "$seeds" ${sets[@]+"${sets[@]}"} <<'PY'
 import csv, sys, tomllib, statistics as st
 out, config, steps, seeds = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
 cfg = tomllib.load(open(config, "rb"))
+# the --set overrides of the sizes that set tokens per parameter
+for kv in sys.argv[5:]:
+    if "=" in kv:
+        key, value = kv.split("=", 1)
+        sec, _, name = key.partition(".")
+        if sec in ("data", "model") and name in ("batch_size", "seq_len", "channels", "target_depth"):
+            cfg[sec][name] = int(value)
 b, t, c, l = cfg["data"]["batch_size"], cfg["data"]["seq_len"], cfg["model"]["channels"], cfg["model"]["target_depth"]
 ne = l * (12 * c * c + 13 * c)  # non-embedding parameters of the fixed model
 def num(x):
