@@ -23,7 +23,8 @@
 //! without a GPU, and the GPU's bf16 path is tested against it.
 //!
 //! What this version does not do yet: activations are stored in fp32 between ops (bf16 storage
-//! would halve their memory traffic), and the attention products keep their T×T fp32 scores.
+//! would halve their memory traffic); the materialized attention keeps its T×T scores in fp32
+//! (flash attention, `kernels.attention`, keeps none).
 
 use serde::{Deserialize, Serialize};
 

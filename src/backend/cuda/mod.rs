@@ -20,7 +20,9 @@
 //!   against the CPU reference hold at 1e-5 relative; `tf32` switches cuBLAS to TF32 tensor-core
 //!   math; `bf16` converts each operand into a bf16 scratch copy (`f32_to_bf16_kernel`, round to
 //!   nearest even) and multiplies with `cublasGemmEx` (bf16 inputs, fp32 accumulation and
-//!   output), matching the CPU backend's emulation of the same scheme. Float atomics in a few
+//!   output), matching the CPU backend's emulation of the same scheme. Flash attention
+//!   (`flash.cu`, bf16 `mma.sync` tensor-core kernels) is chosen per stream
+//!   ([`Backend::set_attention`]) and needs bf16. Float atomics in a few
 //!   reductions make results not bitwise reproducible.
 //! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
 //!   that allow it. A buffer handed to a stage on another device is brought over with a peer
