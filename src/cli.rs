@@ -121,6 +121,15 @@ pub enum Cmd {
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
+    /// Write a checkpoint (a file, or the newest valid one in a directory) as a Hugging Face
+    /// `GPT2LMHeadModel` folder: config.json + model.safetensors (docs: src/export.rs)
+    Export {
+        /// Checkpoint file, or a directory of checkpoints
+        path: PathBuf,
+        /// Output folder
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Data preparation.
     Data {
         #[command(subcommand)]
@@ -156,6 +165,17 @@ pub enum DataCmd {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Export { path, out } => {
+            let e = crate::export::export_path(&path, &out)?;
+            println!(
+                "exported {} layers ({} tensors, {} parameters) to {} as a GPT2LMHeadModel folder",
+                e.layers,
+                e.tensors,
+                e.params,
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Inspect { path } => {
             let ck = if path.is_dir() {
                 match checkpoint::load_newest_valid(&path)? {

@@ -46,6 +46,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod experiment;
+pub mod export;
 pub mod flops;
 pub mod model;
 pub mod optim;

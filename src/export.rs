@@ -1,0 +1,174 @@
+//! `taproot export`: a checkpoint as a Hugging Face model folder (`config.json` +
+//! `model.safetensors`), in the tensor names and layouts of `transformers`' `GPT2LMHeadModel`, so
+//! a model trained (and grown) here loads with `GPT2LMHeadModel.from_pretrained(folder)`.
+//!
+//! The mapping, per block at stack position i (position 0 = the bottom block, whatever its
+//! layer id; the checkpoint's `stack` gives the order):
+//!
+//! | taproot | Hugging Face | layout |
+//! |---|---|---|
+//! | `wte` (Vp, C) | `transformer.wte.weight` (V, C) | the first V rows (the padding rows are zero) |
+//! | `wpe` (maxT, C) | `transformer.wpe.weight` | as is |
+//! | `ln1w`, `ln1b` | `transformer.h.i.ln_1.weight`, `.bias` | as is |
+//! | `qkvw` (3C, C) | `transformer.h.i.attn.c_attn.weight` (C, 3C) | transposed: HF's `Conv1D` stores (in, out) |
+//! | `qkvb` | `transformer.h.i.attn.c_attn.bias` | as is (q, k, v side by side, heads inside each) |
+//! | `attprojw` (C, C) | `transformer.h.i.attn.c_proj.weight` | transposed |
+//! | `ln2w`, `ln2b` | `transformer.h.i.ln_2.*` | as is |
+//! | `fcw` (4C, C) | `transformer.h.i.mlp.c_fc.weight` (C, 4C) | transposed |
+//! | `fcprojw` (C, 4C) | `transformer.h.i.mlp.c_proj.weight` (4C, C) | transposed |
+//! | `lnfw`, `lnfb` | `transformer.ln_f.weight`, `.bias` | as is |
+//!
+//! The LM head is tied to `wte` (`tie_word_embeddings`), as in GPT-2, so no `lm_head.weight` is
+//! written. `config.json` says `gelu_new` (GELU's tanh approximation, the one taproot trains
+//! with), `layer_norm_epsilon` 1e-5, `n_positions` = `model.max_seq`, and `vocab_size` = V of the
+//! run's tokenizer: GPT-2's 50257 BPE ids, or the 256 byte values of `bytes` (token id = byte
+//! value; a GPT-2 tokenizer does not apply to such a model). Only the weights travel: optimizer
+//! state and the run's bookkeeping stay in the checkpoint.
+
+use crate::checkpoint::{self, Checkpoint, UnitKey};
+use crate::config::memory::vocab_of;
+use crate::model::{Block, Dims};
+use crate::params::Layout;
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, View};
+use std::borrow::Cow;
+use std::path::Path;
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    pub layers: usize,
+    pub tensors: usize,
+    pub params: usize,
+}
+
+struct Tensor {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &Tensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn tensor(shape: Vec<usize>, values: &[f32]) -> Tensor {
+    Tensor { shape, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+}
+
+/// `rows x cols` row-major `x`, transposed.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// The named tensor of a unit's parameters.
+fn part<'a>(params: &'a [f32], layout: &Layout, name: &str) -> &'a [f32] {
+    let s = layout.get(name);
+    &params[s.offset..s.offset + s.numel()]
+}
+
+/// Write `ck` as a Hugging Face `GPT2LMHeadModel` folder in `out` (created; existing
+/// `config.json` / `model.safetensors` there are replaced).
+pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
+    let cfg = ck.meta.config().context("the checkpoint's config")?;
+    let vocab = vocab_of(&cfg.data.tokenizer);
+    let dims = Dims::new(vocab, cfg.max_seq(), cfg.model.channels, cfg.model.heads);
+    let c = dims.channels;
+    let embed = ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?;
+    let head = ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?;
+    let el = crate::model::embed::Embed::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    let hl = crate::model::head::Head::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    let bl = Block::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    for (what, got, want) in [("embedding", embed.params.len(), el.total), ("head", head.params.len(), hl.total)] {
+        if got != want {
+            bail!("the checkpoint's {what} holds {got} values, not the {want} its config implies");
+        }
+    }
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let wte = part(&embed.params, &el, "wte");
+    tensors.push(("transformer.wte.weight".into(), tensor(vec![vocab, c], &wte[..vocab * c])));
+    tensors.push(("transformer.wpe.weight".into(), tensor(vec![dims.max_seq, c], part(&embed.params, &el, "wpe"))));
+    for (i, id) in ck.meta.stack.iter().enumerate() {
+        let u = ck.unit(UnitKey::Layer(*id)).with_context(|| format!("the checkpoint has no unit for layer {id}"))?;
+        if u.params.len() != bl.total {
+            bail!("layer {id} holds {} values, not the {} of a block of width {c}", u.params.len(), bl.total);
+        }
+        let p = |name: &str| part(&u.params, &bl, name);
+        let h = |name: &str| format!("transformer.h.{i}.{name}");
+        tensors.push((h("ln_1.weight"), tensor(vec![c], p("ln1w"))));
+        tensors.push((h("ln_1.bias"), tensor(vec![c], p("ln1b"))));
+        tensors.push((h("attn.c_attn.weight"), tensor(vec![c, 3 * c], &transpose(p("qkvw"), 3 * c, c))));
+        tensors.push((h("attn.c_attn.bias"), tensor(vec![3 * c], p("qkvb"))));
+        tensors.push((h("attn.c_proj.weight"), tensor(vec![c, c], &transpose(p("attprojw"), c, c))));
+        tensors.push((h("attn.c_proj.bias"), tensor(vec![c], p("attprojb"))));
+        tensors.push((h("ln_2.weight"), tensor(vec![c], p("ln2w"))));
+        tensors.push((h("ln_2.bias"), tensor(vec![c], p("ln2b"))));
+        tensors.push((h("mlp.c_fc.weight"), tensor(vec![c, 4 * c], &transpose(p("fcw"), 4 * c, c))));
+        tensors.push((h("mlp.c_fc.bias"), tensor(vec![4 * c], p("fcb"))));
+        tensors.push((h("mlp.c_proj.weight"), tensor(vec![4 * c, c], &transpose(p("fcprojw"), c, 4 * c))));
+        tensors.push((h("mlp.c_proj.bias"), tensor(vec![c], p("fcprojb"))));
+    }
+    tensors.push(("transformer.ln_f.weight".into(), tensor(vec![c], part(&head.params, &hl, "lnfw"))));
+    tensors.push(("transformer.ln_f.bias".into(), tensor(vec![c], part(&head.params, &hl, "lnfb"))));
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let params = tensors.iter().map(|(_, t)| t.bytes.len() / 4).sum();
+    let n = tensors.len();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let views: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+    let file = out.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &file).with_context(|| format!("writing {}", file.display()))?;
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_positions": dims.max_seq,
+        "n_ctx": dims.max_seq,
+        "n_embd": c,
+        "n_layer": ck.meta.stack.len(),
+        "n_head": dims.heads,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": true,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+        "taproot": {
+            "run_name": ck.meta.run_name,
+            "step": ck.meta.step,
+            "tokenizer": cfg.data.tokenizer,
+            "layer_ids_bottom_to_top": ck.meta.stack,
+        },
+    });
+    let cfile = out.join("config.json");
+    std::fs::write(&cfile, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", cfile.display()))?;
+    Ok(Exported { layers: ck.meta.stack.len(), tensors: n, params })
+}
+
+/// Export the checkpoint at `path` (a file, or a folder: its newest valid checkpoint).
+pub fn export_path(path: &Path, out: &Path) -> Result<Exported> {
+    let ck = if path.is_dir() {
+        checkpoint::load_newest_valid(path)?.map(|(ck, _, _)| ck).with_context(|| format!("no valid checkpoint in {}", path.display()))?
+    } else {
+        checkpoint::load(path)?
+    };
+    export_gpt2(&ck, out)
+}

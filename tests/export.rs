@@ -1,0 +1,147 @@
+//! `taproot export` (src/export.rs): a grown run's checkpoint as a Hugging Face `GPT2LMHeadModel`
+//! folder.
+//!
+//! - Every tensor of the folder is the checkpoint's tensor under the documented mapping, bit for
+//!   bit (transposes included), in stack order — the run grew at the bottom, so stack positions
+//!   and layer ids differ.
+//! - An independent reference (`scripts/hf_gpt2_loss.py`: GPT-2's forward in float64 with numpy,
+//!   reading the safetensors bytes itself; no PyTorch) computes the exported model's loss on a
+//!   batch, and taproot's own loss on that batch, with the checkpoint's weights, agrees to 1e-5
+//!   relative. Needs python3 with numpy (CI installs it; TAPROOT_REQUIRE_NUMPY=1 makes a missing
+//!   numpy a failure instead of a printed skip).
+//! - The CLI exports from a checkpoint folder and names a bad path.
+
+mod common;
+
+use common::{synthetic_dataset, TestConfig};
+use taproot::backend::cpu::CpuBackend;
+use taproot::checkpoint::{self, UnitKey};
+use taproot::data::Dataset;
+use taproot::model::{Batch, Block, Dims, Model};
+
+/// A 1 -> 3 block run grown at the bottom (stack [1, 2, 0]), 30 steps, its final checkpoint.
+fn trained(tag: &str) -> (std::path::PathBuf, checkpoint::Checkpoint, taproot::config::Config) {
+    let dir = synthetic_dataset(tag);
+    let cfg = TestConfig::new(&dir).name("exp").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let (ck, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().expect("a final checkpoint");
+    (dir, ck, cfg)
+}
+
+/// A folder's tensors by name: (shape, values).
+type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn read(folder: &std::path::Path) -> (serde_json::Value, Tensors) {
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(folder.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut m = std::collections::HashMap::new();
+    for (name, view) in st.tensors() {
+        let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        m.insert(name, (view.shape().to_vec(), v));
+    }
+    (config, m)
+}
+
+#[test]
+fn an_exported_checkpoint_holds_every_tensor_under_the_gpt2_mapping() {
+    let (dir, ck, _) = trained("export-map");
+    assert_ne!(ck.meta.stack, vec![0, 1, 2], "the run grew at the bottom: positions and ids differ");
+    let out = dir.join("hf");
+    let e = taproot::export::export_gpt2(&ck, &out).unwrap();
+    let (config, t) = read(&out);
+    assert_eq!(config["n_layer"], 3);
+    assert_eq!(config["n_embd"], 32);
+    assert_eq!(config["n_head"], 2);
+    assert_eq!(config["vocab_size"], 256);
+    assert_eq!(config["activation_function"], "gelu_new");
+    assert_eq!(e.tensors, t.len());
+    assert_eq!(t.len(), 2 + 12 * 3 + 2);
+    let dims = Dims::new(256, 32, 32, 2);
+    let bl = Block::<CpuBackend>::layout(&dims);
+    let c = 32;
+    for (pos, id) in ck.meta.stack.iter().enumerate() {
+        let u = ck.unit(UnitKey::Layer(*id)).unwrap();
+        let part = |name: &str| {
+            let s = bl.get(name);
+            u.params[s.offset..s.offset + s.numel()].to_vec()
+        };
+        // Conv1D (in, out): element [i][o] is taproot's w[o][i].
+        let (shape, qkv) = &t[&format!("transformer.h.{pos}.attn.c_attn.weight")];
+        assert_eq!(shape, &vec![c, 3 * c]);
+        let w = part("qkvw");
+        for o in 0..3 * c {
+            for i in 0..c {
+                assert_eq!(qkv[i * 3 * c + o].to_bits(), w[o * c + i].to_bits(), "layer {id} at position {pos}: c_attn[{i}][{o}]");
+            }
+        }
+        let (_, proj) = &t[&format!("transformer.h.{pos}.mlp.c_proj.weight")];
+        let w = part("fcprojw");
+        for o in 0..c {
+            for i in 0..4 * c {
+                assert_eq!(proj[i * c + o].to_bits(), w[o * 4 * c + i].to_bits());
+            }
+        }
+        assert_eq!(t[&format!("transformer.h.{pos}.ln_1.weight")].1, part("ln1w"));
+        assert_eq!(t[&format!("transformer.h.{pos}.mlp.c_fc.bias")].1, part("fcb"));
+    }
+    let embed = ck.unit(UnitKey::Embed).unwrap();
+    assert_eq!(t["transformer.wte.weight"].1, embed.params[..256 * c].to_vec());
+    assert!(!t.contains_key("lm_head.weight"), "the head is tied: no separate copy");
+}
+
+#[test]
+fn the_exported_model_has_taproots_loss_under_an_independent_numpy_reference() {
+    let python_ok = std::process::Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
+    if !python_ok {
+        if std::env::var("TAPROOT_REQUIRE_NUMPY").is_ok() {
+            panic!("TAPROOT_REQUIRE_NUMPY is set but python3 cannot import numpy (PYTHONPATH)");
+        }
+        println!("SKIP: python3 with numpy not found");
+        return;
+    }
+    let (dir, ck, cfg) = trained("export-numpy");
+    let out = dir.join("hf");
+    taproot::export::export_gpt2(&ck, &out).unwrap();
+    // taproot's loss on one batch, with the checkpoint's weights in stack order.
+    let be = CpuBackend::default();
+    let dims = Dims::new(256, cfg.max_seq(), 32, 2);
+    let init = taproot::model::init::InitConfig::new(cfg.model.init, 3, 1);
+    let mut model = Model::new(&be, dims.clone(), 0, &init);
+    model.embed.w.restore(&be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
+    model.head.w.restore(&be, ck.unit(UnitKey::Head).unwrap()).unwrap();
+    for id in &ck.meta.stack {
+        let mut blk = Block::new_empty(&be, &dims, *id);
+        blk.w.restore(&be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
+        model.blocks.push(blk);
+    }
+    let data = Dataset::open(&dir, 256).unwrap();
+    let (b, t) = (4, 32);
+    let windows: Vec<u32> = data.val[..b * (t + 1)].iter().map(|&x| x as u32).collect();
+    let batch = Batch::from_windows(&be, &windows, b, t);
+    let ours = model.eval_loss(&be, &batch) as f64;
+    let wfile = dir.join("windows.json");
+    let rows: Vec<&[u32]> = windows.chunks(t + 1).collect();
+    std::fs::write(&wfile, serde_json::to_string(&rows).unwrap()).unwrap();
+    let o = std::process::Command::new("python3").arg("scripts/hf_gpt2_loss.py").arg(&out).arg(&wfile).output().unwrap();
+    assert!(o.status.success(), "the reference failed: {}", String::from_utf8_lossy(&o.stderr));
+    let theirs: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let rel = ((ours - theirs) / theirs).abs();
+    println!("taproot {ours:.7} numpy reference {theirs:.7} relative {rel:.2e}");
+    assert!(rel < 1e-5, "taproot {ours} against the numpy reference {theirs}");
+}
+
+#[test]
+fn export_from_the_command_line() {
+    let (dir, _, cfg) = trained("export-cli");
+    let bin = env!("CARGO_BIN_EXE_taproot");
+    let out = dir.join("hf-cli");
+    let o = std::process::Command::new(bin).args(["export"]).arg(cfg.checkpoint_dir()).arg("--out").arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("exported 3 layers"), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
+    let o = std::process::Command::new(bin).args(["export", "no/such/checkpoint", "--out"]).arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no/such/checkpoint"), "{err}");
+}
