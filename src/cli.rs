@@ -121,6 +121,20 @@ pub enum Cmd {
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
+    /// Read a Hugging Face GPT2LMHeadModel folder as the step-0 checkpoint of the run a config
+    /// describes (its model must match the folder); `taproot train --resume` then trains and
+    /// grows it (docs: src/export.rs)
+    Import {
+        /// The folder (config.json + model.safetensors)
+        folder: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Import into a run folder that holds a run, after moving it aside (as `train --overwrite`)
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Write a checkpoint (a file, or the newest valid one in a directory) as a Hugging Face
     /// `GPT2LMHeadModel` folder: config.json + model.safetensors (docs: src/export.rs)
     Export {
@@ -165,6 +179,24 @@ pub enum DataCmd {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Import { folder, config, set, overwrite } => {
+            let cfg = Config::load(&config, &set)?;
+            let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
+            let data =
+                Dataset::open_for(&cfg.data.dir, &tok).with_context(|| format!("loading data for run {:?} (data.dir)", cfg.run.name))?;
+            let loader = crate::data::Loader::new(data.train, cfg.data.batch_size, cfg.data.seq_len, cfg.run.seed)?.cursor();
+            let ck = crate::export::import_gpt2(&folder, &cfg, loader)?;
+            let _folder = RunFolder::open(&cfg, if overwrite { Start::Overwrite } else { Start::Fresh })?;
+            let path = checkpoint::save(&cfg.checkpoint_dir(), &ck)?;
+            println!(
+                "imported {} layers from {} as {}; continue with: taproot train --config {} --resume",
+                ck.meta.depth,
+                folder.display(),
+                path.display(),
+                config.display()
+            );
+            Ok(())
+        }
         Cmd::Export { path, out } => {
             let e = crate::export::export_path(&path, &out)?;
             println!(

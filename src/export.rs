@@ -1,6 +1,8 @@
-//! `taproot export`: a checkpoint as a Hugging Face model folder (`config.json` +
-//! `model.safetensors`), in the tensor names and layouts of `transformers`' `GPT2LMHeadModel`, so
-//! a model trained (and grown) here loads with `GPT2LMHeadModel.from_pretrained(folder)`.
+//! `taproot export` and `taproot import`: a checkpoint as a Hugging Face model folder
+//! (`config.json` + `model.safetensors`) in the tensor names and layouts of `transformers`'
+//! `GPT2LMHeadModel`, so a model trained (and grown) here loads with
+//! `GPT2LMHeadModel.from_pretrained(folder)`; and such a folder back as the step-0 checkpoint of a
+//! run, which then trains and grows like any other (e.g. from a small pretrained model).
 //!
 //! The mapping, per block at stack position i (position 0 = the bottom block, whatever its
 //! layer id; the checkpoint's `stack` gives the order):
@@ -171,4 +173,117 @@ pub fn export_path(path: &Path, out: &Path) -> Result<Exported> {
         checkpoint::load(path)?
     };
     export_gpt2(&ck, out)
+}
+
+/// The tensors of a Hugging Face folder's `model.safetensors`, as f32 (F32 or BF16 on disk).
+fn read_tensors(folder: &Path) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let file = folder.join("model.safetensors");
+    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", file.display()))?;
+    let mut m = std::collections::HashMap::new();
+    for (name, view) in st.tensors() {
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => {
+                view.data().chunks_exact(2).map(|b| crate::backend::precision::bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
+            }
+            other => bail!("{}: tensor {name} is {other:?}; taproot imports F32 and BF16 weights", file.display()),
+        };
+        m.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(m)
+}
+
+/// A Hugging Face `GPT2LMHeadModel` folder as the step-0 checkpoint of the run `cfg` describes:
+/// its blocks become layers 0…n−1 (bottom first), its weights the parameters, with fresh
+/// optimizer state. `cfg` must match the folder (`model.channels` = `n_embd`, `model.heads` =
+/// `n_head`, `model.depth` = `n_layer`, the tokenizer's vocabulary = `vocab_size`,
+/// `n_positions` ≥ `model.max_seq`); its growth plan then grows the imported model like any
+/// other. `loader` is the training loader's state at step 0.
+pub fn import_gpt2(folder: &Path, cfg: &crate::config::Config, loader: crate::data::LoaderState) -> Result<Checkpoint> {
+    let cfile = folder.join("config.json");
+    let text = std::fs::read_to_string(&cfile).with_context(|| format!("reading {}", cfile.display()))?;
+    let hf: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", cfile.display()))?;
+    let field =
+        |k: &str| hf.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).with_context(|| format!("{}: no integer `{k}`", cfile.display()));
+    let vocab = vocab_of(&cfg.data.tokenizer);
+    let (c, nh, depth, max_seq) = (cfg.model.channels, cfg.model.heads, cfg.model.depth, cfg.max_seq());
+    for (key, got, want) in [
+        ("n_embd", field("n_embd")?, c),
+        ("n_head", field("n_head")?, nh),
+        ("n_layer", field("n_layer")?, depth),
+        ("vocab_size", field("vocab_size")?, vocab),
+    ] {
+        if got != want {
+            bail!("{}: `{key}` = {got}, but the config wants {want} (model.channels, model.heads, model.depth and data.tokenizer must match the folder)", cfile.display());
+        }
+    }
+    let positions = field("n_positions")?;
+    if positions < max_seq {
+        bail!("{}: `n_positions` = {positions} is fewer than the config's model.max_seq = {max_seq}", cfile.display());
+    }
+    let act = hf.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new");
+    if act != "gelu_new" {
+        bail!("{}: `activation_function` = {act:?}; taproot's GELU is the tanh approximation (`gelu_new`)", cfile.display());
+    }
+    let t = read_tensors(folder)?;
+    let get = |name: &str, shape: &[usize]| -> Result<&Vec<f32>> {
+        let (s, v) = t.get(name).with_context(|| format!("{}: no tensor {name}", folder.join("model.safetensors").display()))?;
+        if s != shape {
+            bail!("tensor {name} has shape {s:?}, not {shape:?}");
+        }
+        Ok(v)
+    };
+    let dims = Dims::new(vocab, max_seq, c, nh);
+    let fresh = |params: Vec<f32>, layout: &Layout| crate::params::UnitState {
+        m: vec![0.0; params.len()],
+        params,
+        v: None,
+        steps: vec![0; layout.specs.len()],
+    };
+    let el = crate::model::embed::Embed::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    let hl = crate::model::head::Head::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    let bl = Block::<crate::backend::cpu::CpuBackend>::layout(&dims);
+    let mut embed = get("transformer.wte.weight", &[vocab, c])?.clone();
+    embed.resize(dims.padded_vocab * c, 0.0); // the padding rows stay zero
+    embed.extend_from_slice(&get("transformer.wpe.weight", &[positions, c])?[..max_seq * c]);
+    let mut head = get("transformer.ln_f.weight", &[c])?.clone();
+    head.extend_from_slice(get("transformer.ln_f.bias", &[c])?);
+    let mut units = vec![(UnitKey::Embed, fresh(embed, &el)), (UnitKey::Head, fresh(head, &hl))];
+    for i in 0..depth {
+        let h = |name: &str, shape: &[usize]| get(&format!("transformer.h.{i}.{name}"), shape).cloned();
+        let mut p = Vec::with_capacity(bl.total);
+        p.extend(h("ln_1.weight", &[c])?);
+        p.extend(h("ln_1.bias", &[c])?);
+        p.extend(transpose(&h("attn.c_attn.weight", &[c, 3 * c])?, c, 3 * c));
+        p.extend(h("attn.c_attn.bias", &[3 * c])?);
+        p.extend(transpose(&h("attn.c_proj.weight", &[c, c])?, c, c));
+        p.extend(h("attn.c_proj.bias", &[c])?);
+        p.extend(h("ln_2.weight", &[c])?);
+        p.extend(h("ln_2.bias", &[c])?);
+        p.extend(transpose(&h("mlp.c_fc.weight", &[c, 4 * c])?, c, 4 * c));
+        p.extend(h("mlp.c_fc.bias", &[4 * c])?);
+        p.extend(transpose(&h("mlp.c_proj.weight", &[4 * c, c])?, 4 * c, c));
+        p.extend(h("mlp.c_proj.bias", &[c])?);
+        debug_assert_eq!(p.len(), bl.total);
+        units.push((UnitKey::Layer(i as u64), fresh(p, &bl)));
+    }
+    let meta = checkpoint::Meta {
+        format_version: checkpoint::FORMAT_VERSION,
+        run_name: cfg.run.name.clone(),
+        config_toml: cfg.to_toml(),
+        step: 0,
+        depth,
+        stack: (0..depth as u64).collect(),
+        next_id: depth as u64,
+        loader,
+        growth: Vec::new(),
+        created_unix_s: checkpoint::unix_now_s(),
+        run_id: Some(checkpoint::new_run_id()),
+        extra: serde_json::json!({ "imported_from": folder.display().to_string() }),
+    };
+    let ck = Checkpoint { meta, units };
+    ck.validate()?;
+    Ok(ck)
 }

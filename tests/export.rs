@@ -145,3 +145,48 @@ fn export_from_the_command_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("no/such/checkpoint"), "{err}");
 }
+
+/// Export, then `taproot import` into a new run: every weight comes back bit for bit (layers by
+/// stack position, the vocabulary's padding rows zero, fresh optimizer state), `taproot train
+/// --resume` trains it on and grows it, starting from the imported model's loss rather than a
+/// fresh model's, and a folder that does not match the config is an error naming the key.
+#[test]
+fn an_exported_model_imports_back_bit_exactly_and_trains_and_grows() {
+    let (dir, ck, _) = trained("export-import");
+    let hf = dir.join("hf");
+    taproot::export::export_gpt2(&ck, &hf).unwrap();
+    let bin = env!("CARGO_BIN_EXE_taproot");
+    let next = TestConfig::new(&dir).name("imported").steps(10).seq_len(32).channels(32).depth(3).target_depth(4).grow_at_step(5, 4);
+    let path = next.write();
+    let o = std::process::Command::new(bin).arg("import").arg(&hf).arg("--config").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("imported 3 layers"), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = next.build();
+    let (back, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().expect("the imported checkpoint");
+    assert_eq!(back.meta.step, 0);
+    assert_eq!(back.meta.stack, vec![0, 1, 2]);
+    for (pos, id) in ck.meta.stack.iter().enumerate() {
+        let (a, b) = (&ck.unit(UnitKey::Layer(*id)).unwrap().params, &back.unit(UnitKey::Layer(pos as u64)).unwrap().params);
+        assert!(a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(), "layer {id} (position {pos})");
+        assert!(back.unit(UnitKey::Layer(pos as u64)).unwrap().m.iter().all(|&m| m == 0.0), "fresh optimizer state");
+    }
+    for key in [UnitKey::Embed, UnitKey::Head] {
+        assert_eq!(ck.unit(key).unwrap().params, back.unit(key).unwrap().params, "{key}");
+    }
+    // Train on from it, through a growth 3 -> 4.
+    let o = std::process::Command::new(bin).args(["train", "--resume", "--config"]).arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{text}");
+    let steps = std::fs::read_to_string(cfg.out_dir().join("steps.csv")).unwrap();
+    let rows: Vec<Vec<String>> = steps.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows.last().unwrap()[1], "4", "the imported model grew to 4 blocks");
+    let first: f32 = rows[0][3].parse().unwrap();
+    println!("first loss after import {first:.4} (a fresh model starts near ln 256 = 5.55)");
+    assert!(first < 4.0, "the first step's loss {first} is a fresh model's: the weights were not imported");
+    // A config that does not match the folder.
+    let wrong = TestConfig::new(&dir).name("wrong").steps(10).seq_len(32).channels(64).depth(3).write();
+    let o = std::process::Command::new(bin).arg("import").arg(&hf).arg("--config").arg(&wrong).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("n_embd"), "{err}");
+}
