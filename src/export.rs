@@ -175,8 +175,11 @@ pub fn export_path(path: &Path, out: &Path) -> Result<Exported> {
     export_gpt2(&ck, out)
 }
 
+/// Tensors by name: (shape, values as f32).
+type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// The tensors of a Hugging Face folder's `model.safetensors`, as f32 (F32 or BF16 on disk).
-fn read_tensors(folder: &Path) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
+fn read_tensors(folder: &Path) -> Result<Tensors> {
     let file = folder.join("model.safetensors");
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let st =
