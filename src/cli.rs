@@ -135,6 +135,27 @@ pub enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Text from a checkpoint (a file, or the newest valid one in a directory): the prompt, then
+    /// tokens drawn one at a time with a KV cache (docs: src/sample.rs)
+    Sample {
+        path: PathBuf,
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        /// New tokens to draw
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// 0: always the most likely token
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Keep the k most likely tokens (0: all)
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling: the most likely tokens up to this probability (1: all)
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Write a checkpoint (a file, or the newest valid one in a directory) as a Hugging Face
     /// `GPT2LMHeadModel` folder: config.json + model.safetensors (docs: src/export.rs)
     Export {
@@ -195,6 +216,28 @@ pub fn run(cli: Cli) -> Result<()> {
                 path.display(),
                 config.display()
             );
+            Ok(())
+        }
+        Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
+            let ck = if path.is_dir() {
+                checkpoint::load_newest_valid(&path)?
+                    .map(|(ck, _, _)| ck)
+                    .with_context(|| format!("no valid checkpoint in {}", path.display()))?
+            } else {
+                checkpoint::load(&path)?
+            };
+            let cfg = ck.meta.config()?;
+            let mut tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
+            if let Tokenizer::Bpe { model, .. } = &mut tok {
+                // A learnt BPE's merges live beside the run's shards.
+                *model = Some(Box::new(
+                    crate::data::bpe::load(&cfg.data.dir).with_context(|| format!("the {} tokenizer of the run", cfg.data.tokenizer))?,
+                ));
+            }
+            let model = crate::sample::HostModel::from_checkpoint(&ck)?;
+            let opts = crate::sample::SampleOptions { tokens, temperature, top_k, top_p, seed };
+            let ids = crate::sample::generate(&model, &tok.encode(&prompt), &opts)?;
+            println!("{}", tok.decode(&ids));
             Ok(())
         }
         Cmd::Export { path, out } => {

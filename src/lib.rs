@@ -54,4 +54,5 @@ pub mod params;
 pub mod rng;
 pub mod run_folder;
 pub mod runtime;
+pub mod sample;
 pub mod train;

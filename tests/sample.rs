@@ -1,0 +1,136 @@
+//! `taproot sample` (src/sample.rs): decoding with a KV cache from a grown run's checkpoint.
+//!
+//! - At every position the cached decoder's logits equal the CPU backend's full forward of the
+//!   same sequence (1e-5 relative): the cache, the stack order and the tied head are right.
+//! - The draw: temperature 0, top-k 1 and a tiny top-p are all greedy; at temperature 1 the draw
+//!   frequencies follow the softmax (±0.015 over 20,000 draws); top-k and top-p cut the tail;
+//!   a seed reproduces a sample.
+//! - Bad options and a full context are handled; the CLI prints text.
+
+mod common;
+
+use common::{synthetic_dataset, TestConfig};
+use taproot::backend::cpu::CpuBackend;
+use taproot::checkpoint::{self, UnitKey};
+use taproot::data::Dataset;
+use taproot::model::{Batch, Block, Model};
+use taproot::rng::Rng;
+use taproot::sample::{draw, generate, HostModel, SampleOptions};
+
+fn trained(tag: &str) -> (std::path::PathBuf, checkpoint::Checkpoint, taproot::config::Config) {
+    let dir = synthetic_dataset(tag);
+    let cfg = TestConfig::new(&dir).name("s").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let (ck, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().unwrap();
+    (dir, ck, cfg)
+}
+
+fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SampleOptions {
+    SampleOptions { tokens: 20, temperature, top_k, top_p, seed }
+}
+
+#[test]
+fn the_kv_cache_decoder_gives_the_full_forward_logits_at_every_position() {
+    let (dir, ck, cfg) = trained("sample-logits");
+    let host = HostModel::from_checkpoint(&ck).unwrap();
+    let be = CpuBackend::default();
+    let dims = host.dims.clone();
+    let mut model = Model::new(&be, dims.clone(), 0, &taproot::model::init::InitConfig::new(cfg.model.init, 3, 1));
+    model.embed.w.restore(&be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
+    model.head.w.restore(&be, ck.unit(UnitKey::Head).unwrap()).unwrap();
+    for id in &ck.meta.stack {
+        let mut b = Block::new_empty(&be, &dims, *id);
+        b.w.restore(&be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
+        model.blocks.push(b);
+    }
+    let t = 32;
+    let data = Dataset::open(&dir, 256).unwrap();
+    let window: Vec<u32> = data.val[..t + 1].iter().map(|&x| x as u32).collect();
+    let full = model.logits(&be, &Batch::from_windows(&be, &window, 1, t));
+    let mut cache = host.cache();
+    let mut worst = 0.0f64;
+    for (pos, &tok) in window[..t].iter().enumerate() {
+        let got = host.step(&mut cache, tok).unwrap();
+        let want = &full[pos * dims.padded_vocab..pos * dims.padded_vocab + dims.vocab];
+        let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        worst = worst.max((num / den).sqrt());
+    }
+    println!("cached decoder against the full forward: worst relative {worst:.2e} over {t} positions");
+    assert!(worst < 1e-5, "{worst:.3e}");
+    assert_eq!(cache.len, t);
+}
+
+#[test]
+fn the_draw_follows_temperature_top_k_and_top_p() {
+    let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln(), f32::NEG_INFINITY];
+    let mut rng = Rng::new(3);
+    for o in [opts(0.0, 0, 1.0, 1), opts(1.0, 1, 1.0, 1), opts(1.0, 0, 1e-6, 1)] {
+        for _ in 0..50 {
+            assert_eq!(draw(&logits, &o, &mut rng), 0, "{o:?} is greedy");
+        }
+    }
+    let count = |o: &SampleOptions| {
+        let mut rng = Rng::new(o.seed);
+        let mut n = [0usize; 4];
+        for _ in 0..20_000 {
+            n[draw(&logits, o, &mut rng) as usize] += 1;
+        }
+        n.map(|x| x as f64 / 20_000.0)
+    };
+    let f = count(&opts(1.0, 0, 1.0, 5));
+    println!("frequencies at temperature 1: {f:?}");
+    for (got, want) in f.iter().zip([0.5, 0.3, 0.2, 0.0]) {
+        assert!((got - want).abs() < 0.015, "{f:?}");
+    }
+    let k2 = count(&opts(1.0, 2, 1.0, 6));
+    assert_eq!(k2[2], 0.0);
+    assert!((k2[0] - 0.625).abs() < 0.015, "top-k 2 renormalises: {k2:?}");
+    let p6 = count(&opts(1.0, 0, 0.6, 7));
+    assert_eq!(p6[2], 0.0, "top-p 0.6 keeps the two tokens that reach it: {p6:?}");
+    // Temperature sharpens: at 0.5 the first token is drawn more often than its 0.5.
+    assert!(count(&opts(0.5, 0, 1.0, 8))[0] > 0.6);
+}
+
+#[test]
+fn samples_are_reproducible_and_errors_are_clear() {
+    let (_, ck, _) = trained("sample-gen");
+    let host = HostModel::from_checkpoint(&ck).unwrap();
+    let prompt: Vec<u32> = b"the ".iter().map(|&b| b as u32).collect();
+    let a = generate(&host, &prompt, &opts(1.0, 0, 1.0, 11)).unwrap();
+    let b = generate(&host, &prompt, &opts(1.0, 0, 1.0, 11)).unwrap();
+    let c = generate(&host, &prompt, &opts(1.0, 0, 1.0, 12)).unwrap();
+    assert_eq!(a, b, "a seed reproduces its sample");
+    assert_ne!(a, c, "another seed draws another sample");
+    assert_eq!(&a[..4], &prompt[..], "the sample starts with the prompt");
+    assert_eq!(a.len(), 4 + 20);
+    // The context holds max_seq positions: a longer request stops there.
+    let long = generate(&host, &prompt, &SampleOptions { tokens: 1000, ..opts(1.0, 0, 1.0, 1) }).unwrap();
+    assert_eq!(long.len(), host.dims.max_seq);
+    for (o, what) in
+        [(opts(-1.0, 0, 1.0, 1), "--temperature"), (opts(1.0, 0, 0.0, 1), "--top-p"), (opts(f32::NAN, 0, 1.0, 1), "--temperature")]
+    {
+        let e = generate(&host, &prompt, &o).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    assert!(generate(&host, &[], &opts(1.0, 0, 1.0, 1)).unwrap_err().to_string().contains("prompt"));
+    assert!(generate(&host, &[9999], &opts(1.0, 0, 1.0, 1)).unwrap_err().to_string().contains("vocabulary"));
+}
+
+#[test]
+fn sample_from_the_command_line() {
+    let (_, _, cfg) = trained("sample-cli");
+    let bin = env!("CARGO_BIN_EXE_taproot");
+    let o = std::process::Command::new(bin)
+        .args(["sample"])
+        .arg(cfg.checkpoint_dir())
+        .args(["--prompt", "the cat", "--tokens", "30", "--seed", "4"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.starts_with("the cat") && text.trim_end().len() > "the cat".len(), "{text:?}");
+    let o = std::process::Command::new(bin).args(["sample", "no/such/dir"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no/such/dir"));
+}
