@@ -219,13 +219,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
-            let ck = if path.is_dir() {
-                checkpoint::load_newest_valid(&path)?
-                    .map(|(ck, _, _)| ck)
-                    .with_context(|| format!("no valid checkpoint in {}", path.display()))?
-            } else {
-                checkpoint::load(&path)?
-            };
+            let ck = checkpoint::load_file_or_newest(&path)?;
             let cfg = ck.meta.config()?;
             let mut tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
             if let Tokenizer::Bpe { model, .. } = &mut tok {

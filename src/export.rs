@@ -167,12 +167,7 @@ pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
 
 /// Export the checkpoint at `path` (a file, or a folder: its newest valid checkpoint).
 pub fn export_path(path: &Path, out: &Path) -> Result<Exported> {
-    let ck = if path.is_dir() {
-        checkpoint::load_newest_valid(path)?.map(|(ck, _, _)| ck).with_context(|| format!("no valid checkpoint in {}", path.display()))?
-    } else {
-        checkpoint::load(path)?
-    };
-    export_gpt2(&ck, out)
+    export_gpt2(&checkpoint::load_file_or_newest(path)?, out)
 }
 
 /// Tensors by name: (shape, values as f32).

@@ -116,3 +116,12 @@ pub fn prune(dir: &Path, keep: usize, run_id: &str) -> Result<Pruned> {
 
 // ------------------------------------------------------------------------------------------
 // Inspection
+
+/// The checkpoint at `path`: the file itself, or the newest valid one of a folder.
+pub fn load_file_or_newest(path: &Path) -> Result<Checkpoint> {
+    if path.is_dir() {
+        load_newest_valid(path)?.map(|(ck, _, _)| ck).with_context(|| format!("no valid checkpoint in {}", path.display()))
+    } else {
+        super::load(path)
+    }
+}

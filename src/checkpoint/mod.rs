@@ -55,7 +55,7 @@ mod checksum;
 mod folder;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};
-pub use folder::{list, load_newest_valid, new_run_id, prune, Pruned};
+pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, Pruned};
 
 const KEY_META: &str = "taproot";
 /// Metadata key of the unit table (order and step counters).
