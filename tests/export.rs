@@ -13,21 +13,11 @@
 
 mod common;
 
-use common::{synthetic_dataset, TestConfig};
+use common::{grown_checkpoint, model_of, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::checkpoint::{self, UnitKey};
 use taproot::data::Dataset;
-use taproot::model::{Batch, Block, Dims, Model};
-
-/// A 1 -> 3 block run grown at the bottom (stack [1, 2, 0]), 30 steps, its final checkpoint.
-fn trained(tag: &str) -> (std::path::PathBuf, checkpoint::Checkpoint, taproot::config::Config) {
-    let dir = synthetic_dataset(tag);
-    let cfg = TestConfig::new(&dir).name("exp").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3).build();
-    let data = Dataset::open(&dir, 256).unwrap();
-    taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
-    let (ck, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().expect("a final checkpoint");
-    (dir, ck, cfg)
-}
+use taproot::model::{Batch, Block, Dims};
 
 /// A folder's tensors by name: (shape, values).
 type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
@@ -46,7 +36,7 @@ fn read(folder: &std::path::Path) -> (serde_json::Value, Tensors) {
 
 #[test]
 fn an_exported_checkpoint_holds_every_tensor_under_the_gpt2_mapping() {
-    let (dir, ck, _) = trained("export-map");
+    let (dir, ck, _) = grown_checkpoint("export-map");
     assert_ne!(ck.meta.stack, vec![0, 1, 2], "the run grew at the bottom: positions and ids differ");
     let out = dir.join("hf");
     let e = taproot::export::export_gpt2(&ck, &out).unwrap();
@@ -101,21 +91,12 @@ fn the_exported_model_has_taproots_loss_under_an_independent_numpy_reference() {
         println!("SKIP: python3 with numpy not found");
         return;
     }
-    let (dir, ck, cfg) = trained("export-numpy");
+    let (dir, ck, cfg) = grown_checkpoint("export-numpy");
     let out = dir.join("hf");
     taproot::export::export_gpt2(&ck, &out).unwrap();
     // taproot's loss on one batch, with the checkpoint's weights in stack order.
     let be = CpuBackend::default();
-    let dims = Dims::new(256, cfg.max_seq(), 32, 2);
-    let init = taproot::model::init::InitConfig::new(cfg.model.init, 3, 1);
-    let mut model = Model::new(&be, dims.clone(), 0, &init);
-    model.embed.w.restore(&be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
-    model.head.w.restore(&be, ck.unit(UnitKey::Head).unwrap()).unwrap();
-    for id in &ck.meta.stack {
-        let mut blk = Block::new_empty(&be, &dims, *id);
-        blk.w.restore(&be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
-        model.blocks.push(blk);
-    }
+    let mut model = model_of(&be, &ck, &Dims::new(256, cfg.max_seq(), 32, 2));
     let data = Dataset::open(&dir, 256).unwrap();
     let (b, t) = (4, 32);
     let windows: Vec<u32> = data.val[..b * (t + 1)].iter().map(|&x| x as u32).collect();
@@ -134,7 +115,7 @@ fn the_exported_model_has_taproots_loss_under_an_independent_numpy_reference() {
 
 #[test]
 fn export_from_the_command_line() {
-    let (dir, _, cfg) = trained("export-cli");
+    let (dir, _, cfg) = grown_checkpoint("export-cli");
     let bin = env!("CARGO_BIN_EXE_taproot");
     let out = dir.join("hf-cli");
     let o = std::process::Command::new(bin).args(["export"]).arg(cfg.checkpoint_dir()).arg("--out").arg(&out).output().unwrap();
@@ -152,7 +133,7 @@ fn export_from_the_command_line() {
 /// fresh model's, and a folder that does not match the config is an error naming the key.
 #[test]
 fn an_exported_model_imports_back_bit_exactly_and_trains_and_grows() {
-    let (dir, ck, _) = trained("export-import");
+    let (dir, ck, _) = grown_checkpoint("export-import");
     let hf = dir.join("hf");
     taproot::export::export_gpt2(&ck, &hf).unwrap();
     let bin = env!("CARGO_BIN_EXE_taproot");

@@ -9,22 +9,12 @@
 
 mod common;
 
-use common::{synthetic_dataset, TestConfig};
+use common::{grown_checkpoint, model_of};
 use taproot::backend::cpu::CpuBackend;
-use taproot::checkpoint::{self, UnitKey};
 use taproot::data::Dataset;
-use taproot::model::{Batch, Block, Model};
+use taproot::model::Batch;
 use taproot::rng::Rng;
 use taproot::sample::{draw, generate, HostModel, SampleOptions};
-
-fn trained(tag: &str) -> (std::path::PathBuf, checkpoint::Checkpoint, taproot::config::Config) {
-    let dir = synthetic_dataset(tag);
-    let cfg = TestConfig::new(&dir).name("s").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3).build();
-    let data = Dataset::open(&dir, 256).unwrap();
-    taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
-    let (ck, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().unwrap();
-    (dir, ck, cfg)
-}
 
 fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SampleOptions {
     SampleOptions { tokens: 20, temperature, top_k, top_p, seed }
@@ -32,18 +22,11 @@ fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SampleOptions 
 
 #[test]
 fn the_kv_cache_decoder_gives_the_full_forward_logits_at_every_position() {
-    let (dir, ck, cfg) = trained("sample-logits");
+    let (dir, ck, _) = grown_checkpoint("sample-logits");
     let host = HostModel::from_checkpoint(&ck).unwrap();
     let be = CpuBackend::default();
     let dims = host.dims.clone();
-    let mut model = Model::new(&be, dims.clone(), 0, &taproot::model::init::InitConfig::new(cfg.model.init, 3, 1));
-    model.embed.w.restore(&be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
-    model.head.w.restore(&be, ck.unit(UnitKey::Head).unwrap()).unwrap();
-    for id in &ck.meta.stack {
-        let mut b = Block::new_empty(&be, &dims, *id);
-        b.w.restore(&be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
-        model.blocks.push(b);
-    }
+    let mut model = model_of(&be, &ck, &dims);
     let t = 32;
     let data = Dataset::open(&dir, 256).unwrap();
     let window: Vec<u32> = data.val[..t + 1].iter().map(|&x| x as u32).collect();
@@ -95,7 +78,7 @@ fn the_draw_follows_temperature_top_k_and_top_p() {
 
 #[test]
 fn samples_are_reproducible_and_errors_are_clear() {
-    let (_, ck, _) = trained("sample-gen");
+    let (_, ck, _) = grown_checkpoint("sample-gen");
     let host = HostModel::from_checkpoint(&ck).unwrap();
     let prompt: Vec<u32> = b"the ".iter().map(|&b| b as u32).collect();
     let a = generate(&host, &prompt, &opts(1.0, 0, 1.0, 11)).unwrap();
@@ -120,7 +103,7 @@ fn samples_are_reproducible_and_errors_are_clear() {
 
 #[test]
 fn sample_from_the_command_line() {
-    let (_, _, cfg) = trained("sample-cli");
+    let (_, _, cfg) = grown_checkpoint("sample-cli");
     let bin = env!("CARGO_BIN_EXE_taproot");
     let o = std::process::Command::new(bin)
         .args(["sample"])

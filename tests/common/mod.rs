@@ -253,3 +253,29 @@ pub fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
     rng.fill_normal(&mut v, std);
     v
 }
+
+/// A 1 -> 3 block run grown at the bottom at step 15 (stack [1, 2, 0]), 30 steps of C = 32,
+/// T = 32 on the synthetic corpus, on the actor runtime: its folder, final checkpoint and config.
+pub fn grown_checkpoint(tag: &str) -> (PathBuf, taproot::checkpoint::Checkpoint, Config) {
+    let dir = synthetic_dataset(tag);
+    let cfg = TestConfig::new(&dir).name("grown").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3).build();
+    let data = taproot::data::Dataset::open(&dir, 256).unwrap();
+    taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().expect("a final checkpoint");
+    (dir, ck, cfg)
+}
+
+/// The checkpoint's model on the CPU backend: its embedding, head and blocks in stack order.
+pub fn model_of(be: &CpuBackend, ck: &taproot::checkpoint::Checkpoint, dims: &taproot::model::Dims) -> taproot::model::Model<CpuBackend> {
+    use taproot::checkpoint::UnitKey;
+    let init = taproot::model::init::InitConfig::new(taproot::model::init::InitScheme::Gpt2, 3, 1);
+    let mut model = taproot::model::Model::new(be, dims.clone(), 0, &init);
+    model.embed.w.restore(be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
+    model.head.w.restore(be, ck.unit(UnitKey::Head).unwrap()).unwrap();
+    for id in &ck.meta.stack {
+        let mut b = taproot::model::Block::new_empty(be, dims, *id);
+        b.w.restore(be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
+        model.blocks.push(b);
+    }
+    model
+}
