@@ -61,10 +61,7 @@ const BF16: Mode = Mode(Precision::Bf16, Attention::Materialized);
 const FLASH: Mode = Mode(Precision::Bf16, Attention::Flash);
 
 fn stream_in(m: Mode) -> CudaBackend {
-    let be = CudaBackend::open("cuda:0").expect("open cuda:0");
-    be.set_precision(m.0).expect("set precision");
-    be.set_attention(m.1).expect("set attention");
-    be
+    runtime::open_stream("cuda:0", runtime::StreamSettings { precision: m.0, attention: m.1 }).expect("open cuda:0")
 }
 
 fn stream(p: Precision) -> CudaBackend {
@@ -102,7 +99,7 @@ fn gemm_peak(p: Precision) -> f64 {
 }
 
 /// Every op of a GPT-2 124M step at its real shapes (B=8, T=1024): (name, calls per step, ms).
-fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
+fn op_profile(mode: Mode, b: usize) -> Vec<(String, usize, f64)> {
     let be = stream_in(mode);
     let (c, nh, l) = (768, 12, 12);
     let n = b * T;
@@ -132,7 +129,7 @@ fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
     let losses = w(n);
     let ids = be.alloc_ids(n);
     let reps = 5;
-    let mut rows: Vec<(&'static str, usize, f64)> = Vec::new();
+    let mut rows: Vec<(String, usize, f64)> = Vec::new();
     for (name, ic, oc) in [
         ("matmul qkv 768->2304", c, 3 * c),
         ("matmul attn-proj 768->768", c, c),
@@ -153,11 +150,11 @@ fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
                 oc,
             )
         });
-        rows.push((name, l, f));
-        rows.push((Box::leak(format!("{name} backward").into_boxed_str()), l, bw));
+        rows.push((name.to_string(), l, f));
+        rows.push((format!("{name} backward"), l, bw));
     }
     let f = time_ms(&be, reps, || be.attention_forward(v(&y, n * c), v(&att, natt), v(&qkv, n * 3 * c), b, T, c, nh));
-    rows.push(("attention", l, f));
+    rows.push(("attention".into(), l, f));
     let bw = time_ms(&be, reps, || {
         be.attention_backward(
             v(&dqkv, n * 3 * c),
@@ -172,9 +169,9 @@ fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
             nh,
         )
     });
-    rows.push(("attention backward", l, bw));
+    rows.push(("attention backward".into(), l, bw));
     let f = time_ms(&be, reps, || be.layernorm_forward(v(&y, n * c), v(&mean, n), v(&rstd, n), v(&x, n * c), v(&lnw, c), v(&lnw, c), n, c));
-    rows.push(("layernorm", 2 * l + 1, f));
+    rows.push(("layernorm".into(), 2 * l + 1, f));
     let bw = time_ms(&be, reps, || {
         be.layernorm_backward(
             v(&dx, n * c),
@@ -189,32 +186,32 @@ fn op_profile(mode: Mode, b: usize) -> Vec<(&'static str, usize, f64)> {
             c,
         )
     });
-    rows.push(("layernorm backward", 2 * l + 1, bw));
+    rows.push(("layernorm backward".into(), 2 * l + 1, bw));
     let f = time_ms(&be, reps, || be.gelu_forward(v(&y, n * 4 * c), v(&x, n * 4 * c)));
-    rows.push(("gelu", l, f));
+    rows.push(("gelu".into(), l, f));
     let bw = time_ms(&be, reps, || be.gelu_backward(v(&dx, n * 4 * c), v(&x, n * 4 * c), v(&y, n * 4 * c)));
-    rows.push(("gelu backward", l, bw));
+    rows.push(("gelu backward".into(), l, bw));
     let f = time_ms(&be, reps, || be.add(v(&y, n * c), v(&x, n * c), v(&dx, n * c)));
-    rows.push(("residual add (and its backward)", 4 * l, f));
+    rows.push(("residual add (and its backward)".into(), 4 * l, f));
     let f = time_ms(&be, reps, || be.matmul_forward(v(&logits, n * vp), v(&x, n * c), v(&wt, vp * c), None, n, c, vp));
-    rows.push(("head matmul 768->50304", 1, f));
+    rows.push(("head matmul 768->50304".into(), 1, f));
     let bw = time_ms(&be, reps, || {
         be.matmul_backward(Some(v(&dx, n * c)), v(&dwt, vp * c), None, v(&logits, n * vp), v(&x, n * c), v(&wt, vp * c), n, c, vp)
     });
-    rows.push(("head matmul backward", 1, bw));
+    rows.push(("head matmul backward".into(), 1, bw));
     let f = time_ms(&be, reps, || be.crossentropy_forward_backward(v(&logits, n * vp), v(&losses, n), &ids, 1.0 / n as f32, n, V, vp));
-    rows.push(("softmax + cross-entropy (fused)", 1, f));
+    rows.push(("softmax + cross-entropy (fused)".into(), 1, f));
     let f = time_ms(&be, reps, || be.encoder_forward(v(&y, n * c), &ids, v(&wt, vp * c), v(&wpe, T * c), b, T, c));
-    rows.push(("embedding", 1, f));
+    rows.push(("embedding".into(), 1, f));
     let bw = time_ms(&be, reps, || be.encoder_backward(v(&dwt, vp * c), v(&dwpe, T * c), v(&y, n * c), &ids, b, T, c));
-    rows.push(("embedding backward", 1, bw));
+    rows.push(("embedding backward".into(), 1, bw));
     // AdamW over the 124M parameters in the trainer's unit sizes: 12 blocks of 7.1M, 38.6M + 0.8M ends.
     let params = w(7_087_872);
     let (g, m, vv) = (w(7_087_872), w(7_087_872), w(7_087_872));
     let f = time_ms(&be, reps, || {
         be.adamw_update(v(&params, 7_087_872), v(&g, 7_087_872), v(&m, 7_087_872), v(&vv, 7_087_872), 1e-4, 0.9, 0.95, 1e-8, 0.1, 3)
     });
-    rows.push(("adamw, one block (7.1M)", l + 6, f));
+    rows.push(("adamw, one block (7.1M)".into(), l + 6, f));
     rows
 }
 

@@ -296,7 +296,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 trainer.run(&RunOptions { quiet: false, stop_after, ..Default::default() })?
             } else {
                 let opts = RunOptions { quiet: false, stop_after, resume, allow_config_change, ..Default::default() };
-                if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+                if cfg.on_cuda() {
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
                 } else {
                     runtime::train::<CpuBackend>(&cfg, data, opts, true)?

@@ -79,12 +79,6 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// The named tensor of a unit's parameters.
-fn part<'a>(params: &'a [f32], layout: &Layout, name: &str) -> &'a [f32] {
-    let s = layout.get(name);
-    &params[s.offset..s.offset + s.numel()]
-}
-
 /// Write `ck` as a Hugging Face `GPT2LMHeadModel` folder in `out` (created; existing
 /// `config.json` / `model.safetensors` there are replaced).
 pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
@@ -103,15 +97,15 @@ pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         }
     }
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let wte = part(&embed.params, &el, "wte");
+    let wte = el.slice(&embed.params, "wte");
     tensors.push(("transformer.wte.weight".into(), tensor(vec![vocab, c], &wte[..vocab * c])));
-    tensors.push(("transformer.wpe.weight".into(), tensor(vec![dims.max_seq, c], part(&embed.params, &el, "wpe"))));
+    tensors.push(("transformer.wpe.weight".into(), tensor(vec![dims.max_seq, c], el.slice(&embed.params, "wpe"))));
     for (i, id) in ck.meta.stack.iter().enumerate() {
         let u = ck.unit(UnitKey::Layer(*id)).with_context(|| format!("the checkpoint has no unit for layer {id}"))?;
         if u.params.len() != bl.total {
             bail!("layer {id} holds {} values, not the {} of a block of width {c}", u.params.len(), bl.total);
         }
-        let p = |name: &str| part(&u.params, &bl, name);
+        let p = |name: &str| bl.slice(&u.params, name);
         let h = |name: &str| format!("transformer.h.{i}.{name}");
         tensors.push((h("ln_1.weight"), tensor(vec![c], p("ln1w"))));
         tensors.push((h("ln_1.bias"), tensor(vec![c], p("ln1b"))));
@@ -126,8 +120,8 @@ pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         tensors.push((h("mlp.c_proj.weight"), tensor(vec![4 * c, c], &transpose(p("fcprojw"), c, 4 * c))));
         tensors.push((h("mlp.c_proj.bias"), tensor(vec![c], p("fcprojb"))));
     }
-    tensors.push(("transformer.ln_f.weight".into(), tensor(vec![c], part(&head.params, &hl, "lnfw"))));
-    tensors.push(("transformer.ln_f.bias".into(), tensor(vec![c], part(&head.params, &hl, "lnfb"))));
+    tensors.push(("transformer.ln_f.weight".into(), tensor(vec![c], hl.slice(&head.params, "lnfw"))));
+    tensors.push(("transformer.ln_f.bias".into(), tensor(vec![c], hl.slice(&head.params, "lnfb"))));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let params = tensors.iter().map(|(_, t)| t.bytes.len() / 4).sum();
     let n = tensors.len();

@@ -55,6 +55,11 @@ impl Layout {
         }
         Layout { specs, total: off }
     }
+    /// The named tensor's values in a unit's flat parameter vector of this layout.
+    pub fn slice<'a>(&self, params: &'a [f32], name: &str) -> &'a [f32] {
+        let s = self.get(name);
+        &params[s.offset..s.offset + s.numel()]
+    }
     pub fn get(&self, name: &str) -> &ParamSpec {
         self.specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
     }

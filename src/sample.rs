@@ -49,8 +49,7 @@ struct HostBlock {
 
 impl HostBlock {
     fn get(&self, name: &str) -> &[f32] {
-        let s = self.layout.get(name);
-        &self.p[s.offset..s.offset + s.numel()]
+        self.layout.slice(&self.p, name)
     }
 }
 

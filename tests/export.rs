@@ -53,10 +53,7 @@ fn an_exported_checkpoint_holds_every_tensor_under_the_gpt2_mapping() {
     let c = 32;
     for (pos, id) in ck.meta.stack.iter().enumerate() {
         let u = ck.unit(UnitKey::Layer(*id)).unwrap();
-        let part = |name: &str| {
-            let s = bl.get(name);
-            u.params[s.offset..s.offset + s.numel()].to_vec()
-        };
+        let part = |name: &str| bl.slice(&u.params, name).to_vec();
         // Conv1D (in, out): element [i][o] is taproot's w[o][i].
         let (shape, qkv) = &t[&format!("transformer.h.{pos}.attn.c_attn.weight")];
         assert_eq!(shape, &vec![c, 3 * c]);

@@ -19,7 +19,7 @@
 //! does not do.
 //!
 //! The CPU backend follows the same scheme by rounding the operands it hands to its f32 products
-//! ([`round_slice`]), so CI proves what a bf16 run does to training (loss, growth, checkpoints)
+//! ([`Precision::round`]), so CI proves what a bf16 run does to training (loss, growth, checkpoints)
 //! without a GPU, and the GPU's bf16 path is tested against it.
 //!
 //! What this version does not do yet: activations are stored in fp32 between ops (bf16 storage
@@ -114,23 +114,6 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 /// bfloat16 bits → f32 (exact).
 pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
-}
-
-/// Round every value of `x` in place as `p`'s products read it.
-pub fn round_slice(x: &mut [f32], p: Precision) {
-    if p == Precision::Fp32 {
-        return;
-    }
-    for v in x.iter_mut() {
-        *v = p.round(*v);
-    }
-}
-
-/// A copy of `x` rounded as `p`'s products read it.
-pub fn rounded(x: &[f32], p: Precision) -> Vec<f32> {
-    let mut v = x.to_vec();
-    round_slice(&mut v, p);
-    v
 }
 
 #[cfg(test)]

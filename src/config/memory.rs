@@ -124,9 +124,8 @@ pub fn check(cfg: &Config) -> Result<()> {
             None => bail!("`run.max_memory` must be bytes, like \"24GiB\" or \"512MiB\", got {s:?}"),
         },
         None => {
-            let cuda = cfg.placement.devices.iter().any(|d| d.starts_with("cuda"));
             match host_memory() {
-                Some(b) if !cuda => (b, "the host's memory (set `run.max_memory` to change it)".to_string()),
+                Some(b) if !cfg.on_cuda() => (b, "the host's memory (set `run.max_memory` to change it)".to_string()),
                 _ => return Ok(()), // a device's memory is learnt only by opening it
             }
         }

@@ -332,6 +332,12 @@ impl Default for PlanConfig {
 }
 
 impl Config {
+    /// Whether the run is placed on CUDA devices (validation makes a placement all-CUDA or
+    /// all-CPU, so any CUDA device means every stage is on one).
+    pub fn on_cuda(&self) -> bool {
+        self.placement.devices.iter().chain(self.placement.ends.iter()).any(|d| d.starts_with("cuda"))
+    }
+
     /// The precision the run's products compute in (`precision.compute`, or tf32 where only the
     /// older `cuda.tf32 = true` asks for it).
     pub fn compute_precision(&self) -> crate::backend::Precision {

@@ -25,8 +25,7 @@ impl Config {
                 self.precision.compute
             );
         }
-        let on_cuda = self.placement.devices.iter().chain(self.placement.ends.iter()).any(|d| d.starts_with("cuda"));
-        if on_cuda && self.kernels.attention == crate::backend::Attention::Flash {
+        if self.on_cuda() && self.kernels.attention == crate::backend::Attention::Flash {
             if self.compute_precision() != crate::backend::Precision::Bf16 {
                 bail!(
                     "`kernels.attention` = \"flash\" on CUDA runs on bf16 tensor cores: it needs `precision.compute` = \"bf16\", not \"{}\"",

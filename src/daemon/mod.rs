@@ -187,7 +187,7 @@ async fn serve(
     let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every, cfg.run.steps)));
 
     let sched = RunOptions { quiet: true, resume: true, allow_config_change: opts.allow_config_change.clone(), ..Default::default() };
-    let run = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+    let run = if cfg.on_cuda() {
         metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));
         runtime::start::<crate::backend::cuda::CudaBackend>(&cfg, data, sched, observer).await?
     } else {

@@ -72,7 +72,7 @@ impl Runner {
         cfg.run.log_every = 0;
         let opts = RunOptions { quiet: true, stop_after, ..Default::default() };
         // A config placed on CUDA devices runs there (scripts/gpu-science.sh); others on the CPU.
-        let rep = if cfg.placement.devices.iter().any(|d| d.starts_with("cuda")) {
+        let rep = if cfg.on_cuda() {
             runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, self.data.clone(), opts, false)
         } else {
             runtime::train::<CpuBackend>(&cfg, self.data.clone(), opts, false)

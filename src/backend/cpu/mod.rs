@@ -22,11 +22,9 @@ pub mod flash;
 mod kernels;
 pub mod order;
 
-use super::precision::rounded;
 use super::{Attention, Backend, Precision, StreamMode, Trans, View};
-use std::borrow::Cow;
 use std::cell::{RefCell, UnsafeCell};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// f32 memory of the CPU backend.
 pub struct CpuBuf {
@@ -124,6 +122,34 @@ pub struct CpuBackend {
     stream: Arc<order::Stream>,
     /// Precision and attention algorithm, shared by clones (the same stream).
     mode: Arc<StreamMode>,
+    /// Buffers for rounded operand copies (tf32/bf16 emulation), reused across ops so that an
+    /// emulated step allocates only until the pool holds its largest operands.
+    spare: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+/// A matrix-product operand as the stream reads it: the slice itself (fp32), or a rounded copy
+/// in a buffer lent by the stream's pool and given back when dropped.
+enum Operand<'a> {
+    Slice(&'a [f32]),
+    Rounded(Vec<f32>, &'a Mutex<Vec<Vec<f32>>>),
+}
+
+impl std::ops::Deref for Operand<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Operand::Slice(x) => x,
+            Operand::Rounded(v, _) => v,
+        }
+    }
+}
+
+impl Drop for Operand<'_> {
+    fn drop(&mut self) {
+        if let Operand::Rounded(v, pool) = self {
+            pool.lock().expect("operand pool lock").push(std::mem::take(v));
+        }
+    }
 }
 
 impl CpuBackend {
@@ -134,15 +160,21 @@ impl CpuBackend {
             index: index as u32,
             stream: Arc::new(order::Stream::new()),
             mode: Arc::new(StreamMode::default()),
+            spare: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
     /// An operand of a matrix product as this stream's precision reads it: the slice itself in
     /// fp32, a rounded copy otherwise (emulating a device that reads bf16 or TF32 operands).
-    fn operand<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+    fn operand<'a>(&'a self, x: &'a [f32]) -> Operand<'a> {
         match Backend::precision(self) {
-            Precision::Fp32 => Cow::Borrowed(x),
-            p => Cow::Owned(rounded(x, p)),
+            Precision::Fp32 => Operand::Slice(x),
+            p => {
+                let mut v = self.spare.lock().expect("operand pool lock").pop().unwrap_or_default();
+                v.clear();
+                v.extend(x.iter().map(|&a| p.round(a)));
+                Operand::Rounded(v, &self.spare)
+            }
         }
     }
 

@@ -315,15 +315,18 @@ extern "C" __global__ void crossentropy_kernel(float* logits, float* losses, con
 // ---------------------------------------------------------------------------------------------
 // bf16 operand copies
 
-// out = bf16(in), round to nearest even; NaN stays a quiet NaN (the bits of
-// backend::precision::f32_to_bf16). Grid-stride.
+// bf16 bits of x, round to nearest even; NaN stays a quiet NaN (the bits of
+// backend::precision::f32_to_bf16). Also the flash kernels' rounding (flash.cu).
+__device__ __forceinline__ unsigned int f2bf(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// out = bf16(in). Grid-stride.
 extern "C" __global__ void f32_to_bf16_kernel(unsigned short* out, const float* in, long n) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        unsigned int u = __float_as_uint(in[i]);
-        unsigned short b;
-        if ((u & 0x7fffffffu) > 0x7f800000u) b = (unsigned short)((u >> 16) | 0x40u);
-        else b = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        out[i] = b;
+        out[i] = (unsigned short)f2bf(in[i]);
     }
 }
 

@@ -720,6 +720,8 @@ impl Backend for CudaBackend {
             launch!(self, "flash_rowdot_kernel", Self::cfg_rows(b * nh * t), &dd, &g, &o, &bi, &ti, &nhi, &hsi);
             self.fill(dqkv.sub(0, b * t * 3 * c), 0.0);
             let n = (b * t * c) as u64;
+            // Converted again, not kept from the forward: the bf16 scratch is the stream's and other
+            // ops reuse it in between (keeping a copy per block would cost 3·B·T·C bf16 each).
             let q16 = self.heads_bf16(0, p(&qkv), b, t, 3, nh, hs);
             let (k16, v16) = (q16 + 2 * n, q16 + 4 * n);
             let g16 = self.heads_bf16(1, g, b, t, 1, nh, hs);
