@@ -55,6 +55,7 @@ fn main() -> Result<()> {
         init: GrowInit::Copying,
         order: CopyOrder::Inter,
         opt_state: OptStatePolicy::Copy,
+        init_scale: 1.0,
     };
     cfg.growth = vec![stage(None, Some((cfg.run.steps as f64 * 0.3).round() as u64), 2 * l), stage(Some(0.6), None, 6 * l)];
     cfg.model.target_depth = None; // the plan's last depth: the residual-projection init scale follows it

@@ -84,8 +84,12 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
     let cfg = ck.meta.config().context("the checkpoint's config")?;
     let vocab = vocab_of(&cfg.data.tokenizer);
-    let dims = Dims::new(vocab, cfg.max_seq(), cfg.model.channels, cfg.model.heads);
+    let dims = crate::train::dims_of(&cfg, vocab);
     let c = dims.channels;
+    // GPT-2 has no residual-branch multiplier: under `depth_mup` α is folded into the two
+    // residual projections (α·(xW + b) = x(αW) + αb), so the exported model computes the same.
+    let alpha = dims.residual;
+    let folded = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| alpha * x).collect() };
     let embed = ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?;
     let head = ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?;
     let el = crate::model::embed::Embed::<crate::backend::cpu::CpuBackend>::layout(&dims);
@@ -111,14 +115,14 @@ pub fn export_gpt2(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         tensors.push((h("ln_1.bias"), tensor(vec![c], p("ln1b"))));
         tensors.push((h("attn.c_attn.weight"), tensor(vec![c, 3 * c], &transpose(p("qkvw"), 3 * c, c))));
         tensors.push((h("attn.c_attn.bias"), tensor(vec![3 * c], p("qkvb"))));
-        tensors.push((h("attn.c_proj.weight"), tensor(vec![c, c], &transpose(p("attprojw"), c, c))));
-        tensors.push((h("attn.c_proj.bias"), tensor(vec![c], p("attprojb"))));
+        tensors.push((h("attn.c_proj.weight"), tensor(vec![c, c], &transpose(&folded(p("attprojw")), c, c))));
+        tensors.push((h("attn.c_proj.bias"), tensor(vec![c], &folded(p("attprojb")))));
         tensors.push((h("ln_2.weight"), tensor(vec![c], p("ln2w"))));
         tensors.push((h("ln_2.bias"), tensor(vec![c], p("ln2b"))));
         tensors.push((h("mlp.c_fc.weight"), tensor(vec![c, 4 * c], &transpose(p("fcw"), 4 * c, c))));
         tensors.push((h("mlp.c_fc.bias"), tensor(vec![4 * c], p("fcb"))));
-        tensors.push((h("mlp.c_proj.weight"), tensor(vec![4 * c, c], &transpose(p("fcprojw"), c, 4 * c))));
-        tensors.push((h("mlp.c_proj.bias"), tensor(vec![c], p("fcprojb"))));
+        tensors.push((h("mlp.c_proj.weight"), tensor(vec![4 * c, c], &transpose(&folded(p("fcprojw")), c, 4 * c))));
+        tensors.push((h("mlp.c_proj.bias"), tensor(vec![c], &folded(p("fcprojb")))));
     }
     tensors.push(("transformer.ln_f.weight".into(), tensor(vec![c], hl.slice(&head.params, "lnfw"))));
     tensors.push(("transformer.ln_f.bias".into(), tensor(vec![c], hl.slice(&head.params, "lnfb"))));
@@ -228,6 +232,16 @@ pub fn import_gpt2(folder: &Path, cfg: &crate::config::Config, loader: crate::da
         Ok(v)
     };
     let dims = Dims::new(vocab, max_seq, c, nh);
+    // Under a `depth_mup` config the residual projections are stored without α (export folds it
+    // in): divide it back out.
+    let alpha = cfg.model.parameterization.residual_multiplier(cfg.target_depth());
+    let unfold = |v: Vec<f32>| -> Vec<f32> {
+        if alpha == 1.0 {
+            v
+        } else {
+            v.into_iter().map(|x| x / alpha).collect()
+        }
+    };
     let fresh = |params: Vec<f32>, layout: &Layout| crate::params::UnitState {
         m: vec![0.0; params.len()],
         params,
@@ -250,14 +264,14 @@ pub fn import_gpt2(folder: &Path, cfg: &crate::config::Config, loader: crate::da
         p.extend(h("ln_1.bias", &[c])?);
         p.extend(transpose(&h("attn.c_attn.weight", &[c, 3 * c])?, c, 3 * c));
         p.extend(h("attn.c_attn.bias", &[3 * c])?);
-        p.extend(transpose(&h("attn.c_proj.weight", &[c, c])?, c, c));
-        p.extend(h("attn.c_proj.bias", &[c])?);
+        p.extend(unfold(transpose(&h("attn.c_proj.weight", &[c, c])?, c, c)));
+        p.extend(unfold(h("attn.c_proj.bias", &[c])?));
         p.extend(h("ln_2.weight", &[c])?);
         p.extend(h("ln_2.bias", &[c])?);
         p.extend(transpose(&h("mlp.c_fc.weight", &[c, 4 * c])?, c, 4 * c));
         p.extend(h("mlp.c_fc.bias", &[4 * c])?);
-        p.extend(transpose(&h("mlp.c_proj.weight", &[4 * c, c])?, 4 * c, c));
-        p.extend(h("mlp.c_proj.bias", &[c])?);
+        p.extend(unfold(transpose(&h("mlp.c_proj.weight", &[4 * c, c])?, 4 * c, c)));
+        p.extend(unfold(h("mlp.c_proj.bias", &[c])?));
         debug_assert_eq!(p.len(), bl.total);
         units.push((UnitKey::Layer(i as u64), fresh(p, &bl)));
     }

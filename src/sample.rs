@@ -94,7 +94,7 @@ fn gelu(x: f32) -> f32 {
 impl HostModel {
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<HostModel> {
         let cfg = ck.meta.config().context("the checkpoint's config")?;
-        let dims = Dims::new(vocab_of(&cfg.data.tokenizer), cfg.max_seq(), cfg.model.channels, cfg.model.heads);
+        let dims = crate::train::dims_of(&cfg, vocab_of(&cfg.data.tokenizer));
         let c = dims.channels;
         let embed = ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?;
         let head = ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?;
@@ -158,11 +158,12 @@ impl HostModel {
                 }
             }
             let a = linear(b.get("attprojw"), b.get("attprojb"), &y);
-            x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+            let alpha = self.dims.residual;
+            x.iter_mut().zip(&a).for_each(|(x, a)| *x += alpha * a);
             let h = layernorm(&x, b.get("ln2w"), b.get("ln2b"));
             let f: Vec<f32> = linear(b.get("fcw"), b.get("fcb"), &h).into_iter().map(gelu).collect();
             let o = linear(b.get("fcprojw"), b.get("fcprojb"), &f);
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
         }
         cache.len += 1;
         let h = layernorm(&x, &self.lnf.0, &self.lnf.1);

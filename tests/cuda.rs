@@ -614,7 +614,7 @@ fn every_growth_operator_builds_the_same_block_on_gpu_as_on_cpu() {
     use taproot::params::UnitState;
     let cpu = CpuBackend::default();
     let dims = Dims::new(67, 16, 64, 4);
-    let init_cfg = InitConfig { scheme: InitScheme::Gpt2, target_depth: 4, seed: 7, std: 0.02 };
+    let init_cfg = InitConfig::new(InitScheme::Gpt2, 4, 7);
     // A source block with trained-looking state: random parameters, moments and step counters.
     let n = Block::<CpuBackend>::layout(&dims).total;
     let specs = Block::<CpuBackend>::layout(&dims).specs.len();

@@ -174,6 +174,10 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
             "init-ablation" => 8,
             "stages" => 3,
             "optimizer-state" => 4,
+            // fixed, then 0→4, 1→4 and 2→4 at three τ each (the frontier's two shorter runs apart)
+            "pareto" => 10,
+            // fixed, five arms on today's recipe, and a fixed/grown pair for each of two recipes
+            "recipe" => 10,
             _ => unreachable!(),
         }
     };
@@ -183,7 +187,7 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
         assert_eq!(evals[0], "run,step,depth,val_loss,flops_llmc,flops_ne,train_s");
         // --quick: 60 steps evaluated every 5 (and at step 0) = 13 evaluations per run; the
         // frontier's fixed runs of 15 and 30 steps are evaluated every 1 and 2 steps (16 each)
-        let frontier = if name == "progressive-vs-fixed" { 2 * 16 } else { 0 };
+        let frontier = if name == "progressive-vs-fixed" || name == "pareto" { 2 * 16 } else { 0 };
         assert_eq!(evals.len() - 1, 13 * runs_of(name) + frontier, "{name}: rows of evals.csv");
         let table = std::fs::read_to_string(d.join("table.md")).unwrap();
         assert!(table.contains("| run | τ (step) | final val loss |"), "{name}: {table}");
@@ -210,10 +214,26 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
     assert_png(&out.join("tau-sweep/final_loss_vs_tau.png"));
     assert_eq!(csv_rows(&out.join("tau-sweep/summary_wsd.csv")).len(), 7);
     assert_eq!(csv_rows(&out.join("tau-sweep/summary_cosine.csv")).len(), 7);
+    let pareto = csv_rows(&out.join("pareto/summary.csv"));
+    assert_eq!(pareto.len(), 11, "header, fixed and 3 sources × 3 τ: {pareto:?}");
+    assert!(pareto[2].starts_with("0→4 random τ=0.5T,30,") && pareto[10].starts_with("2→4 copying τ=0.8T,48,"), "{pareto:?}");
+    for f in ["pareto_flops_ne", "pareto_flops_llmc", "pareto_wall"] {
+        assert_png(&out.join(format!("pareto/{f}.png")));
+    }
+    let recipe = csv_rows(&out.join("recipe/summary.csv"));
+    assert_eq!(recipe.len(), 7, "{recipe:?}");
+    assert!(recipe[3].starts_with("0→4 re-warmup 1 steps,48,"), "{recipe:?}");
+    for (file, name) in [("summary_nsgd.csv", "NSGD embedding/head"), ("summary_depth_mup.csv", "depth-µP")] {
+        let rows = csv_rows(&out.join("recipe").join(file));
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(rows[1].starts_with(&format!("fixed 4 {name},")) && rows[2].starts_with(&format!("0→4 {name},48,")), "{rows:?}");
+    }
+    // depth-µP changes the model: its fixed run differs from today's
+    assert_ne!(recipe[1].split(',').nth(2), csv_rows(&out.join("recipe/summary_depth_mup.csv"))[1].split(',').nth(2));
     assert!(std::fs::read_to_string(out.join("suite.md")).unwrap().contains("| **total** |"));
     // the fixed WSD baseline is shared through the cache: one cache entry per distinct run
     let cached = std::fs::read_dir(out.join("_cache")).unwrap().count();
-    assert!(cached < 30, "{cached} cache entries for 30 runs");
+    assert!(cached < 56, "{cached} cache entries for 56 runs");
 }
 
 #[test]

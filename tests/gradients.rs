@@ -284,9 +284,12 @@ fn model_batch(be: &B, rng: &mut Rng, b: usize, t: usize, v: usize) -> Batch<B> 
 }
 
 fn check_whole_model(depth: usize) {
+    check_whole_model_with(depth, tiny_dims());
+}
+
+fn check_whole_model_with(depth: usize, dims: Dims) {
     let be = B::default();
     let mut rng = Rng::new(100 + depth as u64);
-    let dims = tiny_dims();
     let (b, t) = (2, 5);
     let mut model = Model::new(&be, dims.clone(), depth, &InitConfig::new(InitScheme::Gpt2, 2, 7));
     perturb(&be, &model.embed.w, &mut rng);
@@ -346,6 +349,13 @@ fn whole_model_gradients_0_blocks() {
 #[test]
 fn whole_model_gradients_1_block() {
     check_whole_model(1);
+}
+
+#[test]
+fn whole_model_gradients_with_a_residual_multiplier() {
+    // depth-µP's branch multiplier (1/sqrt(L) for L = 4): the backward scales each branch's
+    // gradient by it, and finite differences of the scaled forward agree.
+    check_whole_model_with(2, tiny_dims().with_residual(0.5));
 }
 
 #[test]

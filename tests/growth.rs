@@ -13,7 +13,7 @@
 
 use taproot::backend::cpu::CpuBackend;
 use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position, RESIDUAL_OUTPUTS};
-use taproot::model::init::{InitConfig, InitScheme};
+use taproot::model::init::{InitConfig, InitScheme, Parameterization};
 use taproot::model::{Batch, Block, Dims, Model};
 use taproot::optim::adamw::adamw_reference;
 use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
@@ -48,7 +48,7 @@ fn batch(be: &B, vocab: usize, seed: u64) -> Batch<B> {
 }
 
 fn exp(to_depth: usize, init: GrowInit, order: CopyOrder, position: Position, opt_state: OptStatePolicy) -> Expansion {
-    Expansion { at_step: 0, to_depth, position, init, order, opt_state }
+    Expansion { at_step: 0, to_depth, position, init, order, opt_state, init_scale: 1.0 }
 }
 
 /// One optimizer step over one micro-batch; returns the training loss.
@@ -400,6 +400,72 @@ fn random_uses_target_depth_init() {
     assert_ne!(m.blocks[0].w.params_to_host(&be), m.blocks[1].w.params_to_host(&be));
 }
 
+/// The std of every block matrix of `blk` against `want(name)`, within 5%.
+fn assert_matrix_stds(what: &str, be: &B, blk: &Block<B>, want: impl Fn(&str) -> f64) {
+    let h = blk.w.params_to_host(be);
+    for name in ["qkvw", "attprojw", "fcw", "fcprojw"] {
+        let (_, std) = mean_std(tensor(blk, &h, name));
+        let w = want(name);
+        assert!((std / w - 1.0).abs() <= 0.05, "{what} {name}: std {std:.5} vs {w:.5}");
+    }
+}
+
+#[test]
+fn depth_mup_init_and_the_init_scale_of_new_blocks() {
+    let be = B::default();
+    let d = Dims::new(67, 8, 64, 4);
+    let target = 8;
+    // Standard: the residual projections are shrunk by 1/sqrt(2L); depth-µP: they are not (the
+    // branch multiplier does the depth scaling).
+    let std_cfg = init_cfg(target);
+    let mup_cfg = init_cfg(target).with_parameterization(Parameterization::DepthMup);
+    let shrunk = 0.02 / (2.0 * target as f64).sqrt();
+    let m = Model::new(&be, d.clone(), 1, &std_cfg);
+    assert_matrix_stds("standard", &be, &m.blocks[0], |n| if n.ends_with("projw") { shrunk } else { 0.02 });
+    let m = Model::new(&be, d.clone(), 1, &mup_cfg);
+    assert_matrix_stds("depth_mup", &be, &m.blocks[0], |_| 0.02);
+    // `init_scale` widens or narrows the blocks an expansion creates, and only those.
+    for (cfg, proj) in [(&std_cfg, shrunk), (&mup_cfg, 0.02)] {
+        let mut m = Model::new(&be, d.clone(), 1, cfg);
+        let old = m.blocks[0].w.params_to_host(&be);
+        let mut e = exp(3, GrowInit::Random, CopyOrder::Stack, Position::Bottom, OptStatePolicy::Inherit);
+        e.init_scale = 0.5;
+        growth::grow(&be, &mut m, &e, cfg).unwrap();
+        for p in 0..2 {
+            assert_matrix_stds("init_scale 0.5", &be, &m.blocks[p], |n| 0.5 * if n.ends_with("projw") { proj } else { 0.02 });
+        }
+        assert_eq!(m.blocks[2].w.params_to_host(&be), old, "the old block changed");
+    }
+}
+
+#[test]
+fn a_residual_multiplier_is_the_standard_block_with_scaled_projections() {
+    // The definition of depth-µP's branch multiplier α: x + α·(h W + b) for each branch, which is
+    // the standard block with W and b of both residual projections multiplied by α.
+    let be = B::default();
+    let alpha = 1.0 / 3f32.sqrt();
+    let mut scaled = trained(&be, dims(), 3, 3, 4);
+    scaled.dims = scaled.dims.clone().with_residual(alpha);
+    for blk in scaled.blocks.iter_mut() {
+        blk.dims = blk.dims.clone().with_residual(alpha);
+    }
+    let mut folded = trained(&be, dims(), 3, 3, 4);
+    for blk in &folded.blocks {
+        let mut h = blk.w.params_to_host(&be);
+        for name in RESIDUAL_OUTPUTS {
+            let s = blk.w.layout.get(name);
+            h[s.offset..s.offset + s.numel()].iter_mut().for_each(|x| *x *= alpha);
+        }
+        blk.w.params_from_host(&be, &h);
+    }
+    let bt = batch(&be, dims().vocab, 9);
+    let (a, b) = (scaled.logits(&be, &bt), folded.logits(&be, &bt));
+    let plain = trained(&be, dims(), 3, 3, 4).logits(&be, &bt);
+    assert!(max_abs_diff(&a, &plain) > 1e-2, "α changed nothing: the multiplier is not applied");
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff <= 1e-5, "α·branch and the folded block differ by {diff:e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. optimizer-state policies and per-block bias correction
 // ---------------------------------------------------------------------------------------------
@@ -603,6 +669,7 @@ fn multi_stage_plan_zero_to_two_to_four() {
             init: GrowInit::Random,
             order: CopyOrder::Stack,
             opt_state: OptStatePolicy::Inherit,
+            init_scale: 1.0,
         },
         Expansion {
             at_step: 4,
@@ -611,6 +678,7 @@ fn multi_stage_plan_zero_to_two_to_four() {
             init: GrowInit::Copying,
             order: CopyOrder::Stack,
             opt_state: OptStatePolicy::Inherit,
+            init_scale: 1.0,
         },
     ];
     let mut m = Model::new(&be, d.clone(), 0, &cfg);

@@ -13,7 +13,7 @@ mod validate;
 
 use crate::model::growth::Expansion;
 pub use crate::model::growth::GrowthSpec;
-use crate::model::init::InitScheme;
+use crate::model::init::{InitScheme, Parameterization};
 use crate::optim::schedule::Schedule;
 use crate::optim::OptimConfig;
 use anyhow::{bail, Context, Result};
@@ -293,6 +293,9 @@ pub struct ModelConfig {
     pub target_depth: Option<usize>,
     #[serde(default)]
     pub init: InitScheme,
+    /// `standard` or `depth_mup` (a 1/sqrt(L) multiplier on each residual branch; `model::init`).
+    #[serde(default, skip_serializing_if = "Parameterization::is_standard")]
+    pub parameterization: Parameterization,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -411,6 +414,12 @@ impl Config {
 
     pub fn target_depth(&self) -> usize {
         self.model.target_depth.unwrap_or_else(|| self.growth.iter().map(|g| g.to_depth).max().unwrap_or(self.model.depth))
+    }
+
+    /// How the blocks of this run are initialised (scheme, parameterisation, target depth, seed).
+    pub fn init_config(&self) -> crate::model::init::InitConfig {
+        crate::model::init::InitConfig::new(self.model.init, self.target_depth(), self.run.seed)
+            .with_parameterization(self.model.parameterization)
     }
 
     pub fn max_seq(&self) -> usize {

@@ -195,6 +195,13 @@ impl Config {
                 let init = serde_json::to_string(&e.init).unwrap_or_else(|_| format!("{:?}", e.init));
                 bail!("`{key}.init` = {init} copies trained blocks, but the model has 0 blocks then: use \"random\"");
             }
+            if !(e.init_scale.is_finite() && e.init_scale > 0.0) {
+                bail!("`{key}.init_scale` must be a positive number, got {}", e.init_scale);
+            }
+            if e.init_scale != 1.0 && e.init != GrowInit::Random {
+                let init = serde_json::to_string(&e.init).unwrap_or_else(|_| format!("{:?}", e.init));
+                bail!("`{key}.init_scale` = {} scales a random init, but `{key}.init` = {init}", e.init_scale);
+            }
             if e.to_depth > target {
                 bail!("`{key}.to_depth` ({}) exceeds `model.target_depth` ({target})", e.to_depth);
             }

@@ -150,6 +150,7 @@ pub fn grow(at: f64, to_depth: usize, init: GrowInit) -> GrowthSpec {
         init,
         order: CopyOrder::Stack,
         opt_state: OptStatePolicy::Inherit,
+        init_scale: 1.0,
     }
 }
 

@@ -10,6 +10,8 @@
 //! | `init-ablation` | 1→L at 0.5T with `random`, `copying`, `zero`, `copying_zero`; 2→L at 0.5T copying in order `stack`, `inter`, `last` |
 //! | `stages` | 0→L at 0.8T against 0→2 at 0.4T →L at 0.8T |
 //! | `optimizer-state` | 1→L (`copying`) at 0.5T with optimizer state `inherit`, `copy`, `reset` |
+//! | `pareto` | sources 0, 1, 2, 4 blocks (random from 0, copying from more) grown to L at τ ∈ {0.5, 0.7, 0.8}·T, against the frontier of fixed runs (T/4, T/2, T) |
+//! | `recipe` | 0→L (`random`) at 0.8T: today's recipe; a 2% learning-rate re-warmup after growth; new-block init ×0.5 and ×2; optimizer state `reset`; NSGD instead of Muon on the embedding/head; the depth-µP parameterisation — each against the fixed model of its own recipe |
 //!
 //! Each writes under its output directory: `evals.csv` (every evaluation of every run),
 //! `summary.csv` and `table.md` (one row per run), and PNG plots.
@@ -26,7 +28,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Every experiment, in the order `taproot experiment all` runs them.
-pub const NAMES: [&str; 5] = ["progressive-vs-fixed", "tau-sweep", "init-ablation", "stages", "optimizer-state"];
+pub const NAMES: [&str; 7] = ["progressive-vs-fixed", "tau-sweep", "init-ablation", "stages", "optimizer-state", "pareto", "recipe"];
 
 /// The base config an experiment reads by default.
 pub fn default_config(name: &str) -> &'static str {
@@ -56,6 +58,8 @@ pub fn run(name: &str, runner: &Runner, base: &Config, out: &Path) -> Result<Out
         "init-ablation" => init_ablation(runner, base, out)?,
         "stages" => stages(runner, base, out)?,
         "optimizer-state" => optimizer_state(runner, base, out)?,
+        "pareto" => pareto(runner, base, out)?,
+        "recipe" => recipe(runner, base, out)?,
         _ => bail!("unknown experiment {name:?}: one of {}", NAMES.join(", ")),
     };
     std::fs::write(out.join("table.md"), &markdown)?;
@@ -249,17 +253,26 @@ fn fixed_of_length(base: &Config, steps: u64) -> Config {
 
 /// Final loss against total cost: the fixed runs of several lengths as the reference curve,
 /// each progressive run a point (log x).
-fn pareto_plots(out: &Path, frontier: &[&RunResult], arms: &[&Arm]) -> Result<()> {
-    for (axis, file) in [(Axis::FlopsNe, "pareto_flops_ne"), (Axis::TrainWall, "pareto_wall")] {
+/// Each group of `groups` is one series (its runs as points, in order).
+fn pareto_plots(out: &Path, frontier: &[&RunResult], groups: &[Vec<&Arm>]) -> Result<()> {
+    for (axis, file) in [(Axis::FlopsNe, "pareto_flops_ne"), (Axis::FlopsLlmc, "pareto_flops_llmc"), (Axis::TrainWall, "pareto_wall")] {
         let mut series = vec![Series {
             label: "fixed runs of several lengths".into(),
             points: frontier.iter().map(|r| (r.total(axis), r.final_val_loss())).collect(),
             ..Default::default()
         }];
-        for a in arms {
+        for g in groups {
+            let label = match g.as_slice() {
+                [one] => one.run.label.clone(),
+                many => format!(
+                    "{} (τ = {})",
+                    many[0].run.label.split(" τ=").next().unwrap_or_default(),
+                    many.iter().map(|a| a.tau.map_or("–".into(), |t| t.to_string())).collect::<Vec<_>>().join(", ")
+                ),
+            };
             series.push(Series {
-                label: a.run.label.clone(),
-                points: vec![(a.run.total(axis), a.run.final_val_loss())],
+                label,
+                points: g.iter().map(|a| (a.run.total(axis), a.run.final_val_loss())).collect(),
                 ..Default::default()
             });
         }
@@ -282,7 +295,7 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
     let l = base.target_depth();
     let tau = tau_of(base)?;
     let paper_tau = (0.8 * base.run.steps as f64).round() as u64;
-    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let (shorter, f) = frontier_runs(runner, base)?;
     let mut arms = Vec::new();
     // the config's τ (the one `taproot plan` wrote), then the paper's 0.8 T if it differs
     let taus = if tau == paper_tau { vec![tau] } else { vec![tau, paper_tau] };
@@ -292,19 +305,25 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
         arms.push(arm(runner, &format!("1→{l} copying τ={t}"), progressive(base, 1, vec![at(GrowInit::Copying)]))?);
     }
     // The frontier: fixed runs of T/4 and T/2 steps, each with its own full schedule, and T.
-    let mut shorter = Vec::new();
-    for k in FRONTIER_FRACTIONS {
-        let steps = ((base.run.steps as f64 * k).round() as u64).max(2);
-        shorter.push(arm(runner, &format!("fixed {l} T={steps}"), fixed_of_length(base, steps))?);
-    }
     let frontier: Vec<&RunResult> = shorter.iter().map(|a| &a.run).chain(std::iter::once(&f.run)).collect();
     let refs: Vec<&Arm> = arms.iter().collect();
     let runs = all_runs(&f, &refs);
+    let frontier_md = frontier_table(out, &frontier)?;
     let mut with_frontier = runs.clone();
     with_frontier.extend(shorter.iter().map(|a| &a.run));
     report::write_csv(&out.join("evals.csv"), &with_frontier)?;
     loss_plots(out, &format!("progressive vs fixed, {} steps", base.run.steps), "", &runs, true)?;
-    pareto_plots(out, &frontier, &refs)?;
+    pareto_plots(out, &frontier, &refs.iter().map(|a| vec![*a]).collect::<Vec<_>>())?;
+    let mut md = note(base);
+    md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
+    md.push_str(&frontier_md);
+    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv", &frontier)?);
+    md.push_str(&step_cost_note(&f.run, &arms[0].run));
+    Ok(md)
+}
+
+/// The fixed runs of the frontier: `frontier.csv` and its markdown table.
+fn frontier_table(out: &Path, frontier: &[&RunResult]) -> Result<String> {
     let frontier_rows: Vec<Vec<String>> = frontier
         .iter()
         .map(|r| {
@@ -322,13 +341,103 @@ fn progressive_vs_fixed(runner: &Runner, base: &Config, out: &Path) -> Result<St
     let frontier_header =
         ["fixed run", "final val loss", "final train loss", "passes over data", "FLOPs llm.c", "FLOPs non-emb", "train s"];
     report::write_table_csv(&out.join("frontier.csv"), &frontier_header, &frontier_rows)?;
-    let mut md = note(base);
-    md.push_str(&format!("τ = {tau} is the config's own (in the default config/experiments/planned.toml, the τ `taproot plan` wrote); τ = {paper_tau} is 0.8 T, the paper's.\n\n"));
-    md.push_str("The frontier of fixed runs (each with its own full schedule):\n\n");
+    let mut md = String::from("The frontier of fixed runs (each with its own full schedule):\n\n");
     md.push_str(&report::markdown_table(&frontier_header, &frontier_rows));
     md.push('\n');
+    Ok(md)
+}
+
+/// The fixed model of `base` at T/4 and T/2 (each with its own full schedule) and at T: the
+/// frontier, shortest first, and the fixed run of T steps.
+fn frontier_runs(runner: &Runner, base: &Config) -> Result<(Vec<Arm>, Arm)> {
+    let l = base.target_depth();
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let mut shorter = Vec::new();
+    for k in FRONTIER_FRACTIONS {
+        let steps = ((base.run.steps as f64 * k).round() as u64).max(2);
+        shorter.push(arm(runner, &format!("fixed {l} T={steps}"), fixed_of_length(base, steps))?);
+    }
+    Ok((shorter, f))
+}
+
+const PARETO_SOURCES: [usize; 4] = [0, 1, 2, 4];
+const PARETO_TAUS: [f64; 3] = [0.5, 0.7, 0.8];
+
+/// The paper's Pareto claim: every (source depth, τ) run as a point of final loss against cost,
+/// beside the frontier of fixed runs; one plot per cost axis, one series per source depth.
+fn pareto(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    let l = base.target_depth();
+    let (shorter, f) = frontier_runs(runner, base)?;
+    let mut groups: Vec<Vec<Arm>> = Vec::new();
+    for &from in PARETO_SOURCES.iter().filter(|&&d| d < l) {
+        let init = if from == 0 { GrowInit::Random } else { GrowInit::Copying };
+        let name = if from == 0 { "random" } else { "copying" };
+        let mut g = Vec::new();
+        for &t in &PARETO_TAUS {
+            g.push(arm(runner, &format!("{from}→{l} {name} τ={t}T"), progressive(base, from, vec![grow(t, l, init)]))?);
+        }
+        groups.push(g);
+    }
+    let frontier: Vec<&RunResult> = shorter.iter().map(|a| &a.run).chain(std::iter::once(&f.run)).collect();
+    let refs: Vec<&Arm> = groups.iter().flatten().collect();
+    let mut runs = all_runs(&f, &refs);
+    runs.extend(shorter.iter().map(|a| &a.run));
+    report::write_csv(&out.join("evals.csv"), &runs)?;
+    pareto_plots(out, &frontier, &groups.iter().map(|g| g.iter().collect()).collect::<Vec<_>>())?;
+    let mut md = note(base);
+    md.push_str(&frontier_table(out, &frontier)?);
     md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv", &frontier)?);
-    md.push_str(&step_cost_note(&f.run, &arms[0].run));
+    md.push_str("\nOn the front: a run whose saving against the frontier is above 1× on an axis sits below the fixed runs' curve there (`pareto_flops_ne.png`, `pareto_flops_llmc.png`, `pareto_wall.png`).\n");
+    Ok(md)
+}
+
+/// Which recipe choices move the gap (issue: µP, init scale, re-warmup, the embedding's
+/// optimizer, optimizer state), each on 0→L `random` at 0.8T and against the fixed model trained
+/// with the same recipe (a choice that changes the fixed model too gets its own fixed run).
+fn recipe(runner: &Runner, base: &Config, out: &Path) -> Result<String> {
+    use crate::model::init::Parameterization;
+    use crate::optim::EmbeddingOptimizer;
+    let l = base.target_depth();
+    let g = |scale: f64, state: OptStatePolicy| {
+        let mut e = grow(0.8, l, GrowInit::Random);
+        e.init_scale = scale;
+        e.opt_state = state;
+        e
+    };
+    let today = g(1.0, OptStatePolicy::Inherit);
+    let f = arm(runner, &format!("fixed {l}"), fixed(base))?;
+    let mut arms = vec![arm(runner, &format!("0→{l} today's recipe"), progressive(base, 0, vec![today.clone()]))?];
+    let mut rewarm = progressive(base, 0, vec![today.clone()]);
+    rewarm.schedule.rewarmup = base.schedule.warmup_steps().max(1);
+    arms.push(arm(runner, &format!("0→{l} re-warmup {} steps", rewarm.schedule.rewarmup), rewarm)?);
+    for scale in [0.5, 2.0] {
+        arms.push(arm(runner, &format!("0→{l} new-block init ×{scale}"), progressive(base, 0, vec![g(scale, OptStatePolicy::Inherit)]))?);
+    }
+    arms.push(arm(runner, &format!("0→{l} optimizer state reset"), progressive(base, 0, vec![g(1.0, OptStatePolicy::Reset)]))?);
+    let refs: Vec<&Arm> = arms.iter().collect();
+    let mut md = note(base);
+    md.push_str("**Choices that leave the fixed model unchanged** (against today's fixed run):\n\n");
+    md.push_str(&tables(out, &f, &refs, tol(base), "summary.csv", &[&f.run])?);
+    let mut all: Vec<&RunResult> = all_runs(&f, &refs);
+    // Choices that change the fixed model too: each against its own fixed run.
+    let mut nsgd = base.clone();
+    nsgd.optim.embedding_optimizer = EmbeddingOptimizer::Nsgd;
+    let mut mup = base.clone();
+    mup.model.parameterization = Parameterization::DepthMup;
+    let mut other = Vec::new();
+    for (b, name, file) in [(&nsgd, "NSGD embedding/head", "nsgd"), (&mup, "depth-µP", "depth_mup")] {
+        let fb = arm(runner, &format!("fixed {l} {name}"), fixed(b))?;
+        let pb = arm(runner, &format!("0→{l} {name}"), progressive(b, 0, vec![today.clone()]))?;
+        md.push_str(&format!("\n**{name}** (against the fixed model with the same choice):\n\n"));
+        md.push_str(&tables(out, &fb, &[&pb], tol(base), &format!("summary_{file}.csv"), &[&fb.run])?);
+        other.push((fb, pb));
+    }
+    for (fb, pb) in &other {
+        all.push(&fb.run);
+        all.push(&pb.run);
+    }
+    report::write_csv(&out.join("evals.csv"), &all)?;
+    loss_plots(out, &format!("recipe ablation: 0→{l} at 0.8T"), "", &all, false)?;
     Ok(md)
 }
 

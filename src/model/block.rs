@@ -1,9 +1,13 @@
 //! `Block`: one pre-LN GPT-2 transformer layer — the unit a layer actor owns.
 //!
 //! ```text
-//! x ─► ln1 ─► qkv = ln1 @ Wqkv^T + b ─► causal attention ─► @ Wproj^T + b ─► + x = res2
-//! res2 ─► ln2 ─► fch = ln2 @ Wfc^T + b ─► gelu ─► @ Wfcproj^T + b ─► + res2 = y
+//! x ─► ln1 ─► qkv = ln1 @ Wqkv^T + b ─► causal attention ─► @ Wproj^T + b ─► ·α + x = res2
+//! res2 ─► ln2 ─► fch = ln2 @ Wfc^T + b ─► gelu ─► @ Wfcproj^T + b ─► ·α + res2 = y
 //! ```
+//!
+//! α is the residual-branch multiplier (`Dims::residual`): 1 under the standard
+//! parameterisation (the multiply is skipped, so that path is GPT-2's exactly), 1/sqrt(L) under
+//! `depth_mup`.
 //!
 //! Activations are stashed per micro-batch id (`mb`) between forward and backward, so a pipeline
 //! stage can hold several micro-batches in flight (1F1B). Stashes and backward scratch are
@@ -64,11 +68,12 @@ impl<B: Backend> BlockActs<B> {
 /// Backward scratch, one set per block (a stage runs one backward at a time).
 struct BlockScratch<B: Backend> {
     shape: (usize, usize),
-    dc: B::Buf,        // (N, C) dln2, then datty, then dln1
-    dqkv: B::Buf,      // (N, 3C)
-    datt: B::Buf,      // (B, NH, T, T), or (B, NH, T) (flash)
-    dfch: B::Buf,      // (N, 4C)
-    dfch_gelu: B::Buf, // (N, 4C)
+    dc: B::Buf,              // (N, C) dln2, then datty, then dln1
+    dqkv: B::Buf,            // (N, 3C)
+    datt: B::Buf,            // (B, NH, T, T), or (B, NH, T) (flash)
+    dfch: B::Buf,            // (N, 4C)
+    dfch_gelu: B::Buf,       // (N, 4C)
+    dbranch: Option<B::Buf>, // (N, C) α·dy, the gradient of a branch output (only when α ≠ 1)
 }
 
 impl<B: Backend> BlockScratch<B> {
@@ -81,6 +86,7 @@ impl<B: Backend> BlockScratch<B> {
             datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
             dfch: be.alloc(n * 4 * c),
             dfch_gelu: be.alloc(n * 4 * c),
+            dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
         }
     }
 }
@@ -156,14 +162,24 @@ impl<B: Backend> Block<B> {
         be.layernorm_forward(w::<B>(&a.ln1), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), xv, p.p("ln1w"), p.p("ln1b"), n, c);
         be.matmul_forward(w::<B>(&a.qkv), w::<B>(&a.ln1), p.p("qkvw"), Some(p.p("qkvb")), n, c, 3 * c);
         be.attention_forward(w::<B>(&a.atty), w::<B>(&a.att), w::<B>(&a.qkv), b, t, c, nh);
-        // The projection lands in y (free until the very end), then res2 = x + y.
+        let alpha = self.dims.residual;
+        // The projection lands in y (free until the very end), then res2 = x + α·y.
         be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p("attprojw"), Some(p.p("attprojb")), n, c, c);
-        be.add(w::<B>(&a.res2), xv, w::<B>(&y));
+        if alpha == 1.0 {
+            be.add(w::<B>(&a.res2), xv, w::<B>(&y));
+        } else {
+            be.copy(w::<B>(&a.res2), xv);
+            be.axpby(w::<B>(&a.res2), 1.0, alpha, w::<B>(&y));
+        }
         be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p("ln2w"), p.p("ln2b"), n, c);
         be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p("fcw"), Some(p.p("fcb")), n, c, 4 * c);
         be.gelu_forward(w::<B>(&a.fch_gelu), w::<B>(&a.fch));
         be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p("fcprojw"), Some(p.p("fcprojb")), n, 4 * c, c);
-        be.add_assign(w::<B>(&y), w::<B>(&a.res2));
+        if alpha == 1.0 {
+            be.add_assign(w::<B>(&y), w::<B>(&a.res2));
+        } else {
+            be.axpby(w::<B>(&y), alpha, 1.0, w::<B>(&a.res2));
+        }
         let mut a = a;
         a.input = Some(x);
         if let Some(old) = self.stash.insert(mb, a) {
@@ -210,12 +226,22 @@ impl<B: Backend> Block<B> {
         let p = &self.w;
         let d = w::<B>(&dy);
         let x = a.input.as_ref().expect("stash holds its input");
-        // MLP branch: y = res2 + fcproj(gelu(fc(ln2(res2))))
+        // The gradient of a branch's output: dy itself, or α·dy in `dbranch` when α ≠ 1.
+        let alpha = self.dims.residual;
+        let branch = || match &s.dbranch {
+            None => w::<B>(&dy),
+            Some(g) => {
+                be.copy(w::<B>(g), w::<B>(&dy));
+                be.axpby(w::<B>(g), alpha, 0.0, w::<B>(&dy));
+                w::<B>(g)
+            }
+        };
+        // MLP branch: y = res2 + α·fcproj(gelu(fc(ln2(res2))))
         be.matmul_backward(
             Some(w::<B>(&s.dfch_gelu)),
             p.g("fcprojw"),
             Some(p.g("fcprojb")),
-            d,
+            branch(),
             w::<B>(&a.fch_gelu),
             p.p("fcprojw"),
             n,
@@ -237,8 +263,18 @@ impl<B: Backend> Block<B> {
             n,
             c,
         );
-        // Attention branch: res2 = x + attproj(attn(qkv(ln1(x))))
-        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("attprojw"), Some(p.g("attprojb")), d, w::<B>(&a.atty), p.p("attprojw"), n, c, c);
+        // Attention branch: res2 = x + α·attproj(attn(qkv(ln1(x))))
+        be.matmul_backward(
+            Some(w::<B>(&s.dc)),
+            p.g("attprojw"),
+            Some(p.g("attprojb")),
+            branch(),
+            w::<B>(&a.atty),
+            p.p("attprojw"),
+            n,
+            c,
+            c,
+        );
         be.attention_backward(
             w::<B>(&s.dqkv),
             w::<B>(&s.datt),

@@ -15,10 +15,24 @@ pub struct Dims {
     pub channels: usize,
     /// Attention heads NH.
     pub heads: usize,
+    /// The multiplier of each residual branch (1 under the standard parameterisation; 1/sqrt(L)
+    /// under `depth_mup`, `model::init`).
+    #[serde(default = "one")]
+    pub residual: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Dims {
     pub fn new(vocab: usize, max_seq: usize, channels: usize, heads: usize) -> Self {
-        Dims { vocab, padded_vocab: vocab.div_ceil(128) * 128, max_seq, channels, heads }
+        Dims { vocab, padded_vocab: vocab.div_ceil(128) * 128, max_seq, channels, heads, residual: 1.0 }
+    }
+
+    /// The same shape with residual branches multiplied by `residual`.
+    pub fn with_residual(mut self, residual: f32) -> Self {
+        self.residual = residual;
+        self
     }
 }

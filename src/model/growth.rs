@@ -81,6 +81,18 @@ pub struct GrowthSpec {
     pub order: CopyOrder,
     #[serde(default)]
     pub opt_state: OptStatePolicy,
+    /// Multiplies the init standard deviation of the new blocks (`random` init only; 1 = the
+    /// model's own init, `model::init`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub init_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 impl GrowthSpec {
@@ -93,6 +105,7 @@ impl GrowthSpec {
             init: self.init,
             order: self.order,
             opt_state: self.opt_state,
+            init_scale: self.init_scale,
         }
     }
 }
@@ -114,6 +127,8 @@ pub struct Expansion {
     pub order: CopyOrder,
     #[serde(default)]
     pub opt_state: OptStatePolicy,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub init_scale: f64,
 }
 
 /// For each of the `k` new blocks (bottom-most first), the index of the existing block it copies
@@ -217,7 +232,15 @@ pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg:
     let mut new_blocks = Vec::with_capacity(k);
     for (j, src) in sources.iter().enumerate() {
         let id = model.next_id + j as u64;
-        new_blocks.push(make_block(be, &model.dims, id, exp.init, src.map(|i| &snaps[i]), exp.opt_state, init_cfg)?);
+        new_blocks.push(make_block(
+            be,
+            &model.dims,
+            id,
+            exp.init,
+            src.map(|i| &snaps[i]),
+            exp.opt_state,
+            &init_cfg.scaled(exp.init_scale),
+        )?);
     }
     model.next_id += k as u64;
     let new_ids: Vec<u64> = new_blocks.iter().map(|b| b.id).collect();

@@ -8,6 +8,18 @@
 //!   `spectral` too — their "fan_in" is a one-hot vector, and the tied head would otherwise start
 //!   with huge logits.
 //!
+//! Parameterisation (`model.parameterization`):
+//! - `standard` (default): each residual branch adds its output to the stream as it is; depth
+//!   enters only through the residual-projection init scale above.
+//! - `depth_mup`: each residual branch is multiplied by 1/sqrt(L) (L = the target depth) before it
+//!   is added (depth-µP's branch multiplier), and the residual projections start at the same
+//!   scale as every other matrix (no 1/sqrt(2·L): the multiplier does the depth scaling). L is
+//!   the *target* depth, so a 0- or 1-block model and the model it grows into share one
+//!   multiplier and one learning rate, and growth changes no existing block's function.
+//!
+//! `scale` multiplies every block matrix's standard deviation (growth's `init_scale`, the init
+//! scale of blocks born at an expansion; 1 for the blocks of step 0).
+//!
 //! Rows of `wte` beyond the real vocabulary (padding up to Vp) are zero and stay zero: their
 //! logits are masked, so they never receive a gradient.
 //!
@@ -27,9 +39,35 @@ pub enum InitScheme {
     Spectral,
 }
 
+/// How depth enters the model (`model.parameterization`; module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Parameterization {
+    #[default]
+    Standard,
+    DepthMup,
+}
+
+impl Parameterization {
+    /// The multiplier of each residual branch in a model whose target depth is `target_depth`.
+    pub fn residual_multiplier(self, target_depth: usize) -> f32 {
+        match self {
+            Parameterization::Standard => 1.0,
+            Parameterization::DepthMup => (1.0 / (target_depth.max(1) as f64).sqrt()) as f32,
+        }
+    }
+
+    pub fn is_standard(&self) -> bool {
+        *self == Parameterization::Standard
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct InitConfig {
     pub scheme: InitScheme,
+    pub parameterization: Parameterization,
+    /// Multiplies every block matrix's standard deviation (growth's `init_scale`).
+    pub scale: f64,
     /// L in the residual-projection scale: the depth the model will finally have.
     pub target_depth: usize,
     pub seed: u64,
@@ -39,7 +77,17 @@ pub struct InitConfig {
 
 impl InitConfig {
     pub fn new(scheme: InitScheme, target_depth: usize, seed: u64) -> Self {
-        InitConfig { scheme, target_depth, seed, std: 0.02 }
+        InitConfig { scheme, parameterization: Parameterization::Standard, target_depth, seed, std: 0.02, scale: 1.0 }
+    }
+
+    pub fn with_parameterization(mut self, p: Parameterization) -> Self {
+        self.parameterization = p;
+        self
+    }
+
+    /// The same config with block matrices drawn `scale` times wider.
+    pub fn scaled(&self, scale: f64) -> Self {
+        InitConfig { scale: self.scale * scale, ..self.clone() }
     }
 }
 
@@ -49,9 +97,9 @@ pub const BLOCK_STREAM: u64 = 1 << 20;
 /// The standard deviation of a block tensor under `cfg`.
 pub fn block_tensor_std(cfg: &InitConfig, name: &str, shape: &[usize]) -> f64 {
     let residual_out = name == "attprojw" || name == "fcprojw";
-    match cfg.scheme {
+    let std = match cfg.scheme {
         InitScheme::Gpt2 => {
-            if residual_out {
+            if residual_out && cfg.parameterization.is_standard() {
                 cfg.std / (2.0 * cfg.target_depth.max(1) as f64).sqrt()
             } else {
                 cfg.std
@@ -61,7 +109,8 @@ pub fn block_tensor_std(cfg: &InitConfig, name: &str, shape: &[usize]) -> f64 {
             let (fan_out, fan_in) = (shape[0] as f64, shape[1] as f64);
             (1.0 / fan_in.sqrt()) * (fan_out / fan_in).sqrt().min(1.0)
         }
-    }
+    };
+    std * cfg.scale
 }
 
 /// Host values of a freshly initialised block with layer id `id`.

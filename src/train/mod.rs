@@ -119,6 +119,7 @@ impl TrainReport {
 /// The model shape a config describes.
 pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
     Dims::new(vocab, cfg.max_seq(), cfg.model.channels, cfg.model.heads)
+        .with_residual(cfg.model.parameterization.residual_multiplier(cfg.target_depth()))
 }
 
 /// Whether to evaluate after `done` updates.

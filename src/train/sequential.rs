@@ -45,7 +45,7 @@ impl<B: Backend> Sequential<B> {
         let dims = dims_of(cfg, data.vocab);
         crate::runtime::StreamSettings::of(cfg).apply(&be)?;
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
-        let init = InitConfig::new(cfg.model.init, cfg.target_depth(), cfg.run.seed);
+        let init = cfg.init_config();
         let model = Model::new(&be, dims, cfg.model.depth, &init);
         let loader = Loader::new(data.train.clone(), b, t, cfg.run.seed)?;
         let val: Vec<Vec<u32>> = sequential_batches(&data.val, b, t, cfg.eval.batches).collect();

@@ -116,7 +116,7 @@ impl<B: Backend> SchedulerState<B> {
                 init: e.init,
                 source: src.map(|i| snaps[&i].clone()),
                 policy: e.opt_state,
-                init_cfg: self.init_cfg.clone(),
+                init_cfg: self.init_cfg.scaled(e.init_scale),
             };
             self.spawn_layer(id, devices[positions[j]].clone(), init)
         });

@@ -266,7 +266,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         let cfg = a.cfg;
         let dims = dims_of(&cfg, a.data.vocab);
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
-        let init_cfg = InitConfig::new(cfg.model.init, cfg.target_depth(), cfg.run.seed);
+        let init_cfg = cfg.init_config();
         let mut loader = Loader::new(a.data.train.clone(), b, t, cfg.run.seed).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
         let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches).collect();
         if val.is_empty() {
