@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{grown_checkpoint, model_of, TestConfig};
+use common::{grown_checkpoint, grown_checkpoint_with, model_of, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::checkpoint::{self, UnitKey};
 use taproot::data::Dataset;
@@ -80,6 +80,17 @@ fn an_exported_checkpoint_holds_every_tensor_under_the_gpt2_mapping() {
 
 #[test]
 fn the_exported_model_has_taproots_loss_under_an_independent_numpy_reference() {
+    check_numpy_reference("export-numpy", |t| t);
+}
+
+#[test]
+fn a_depth_mup_model_exports_with_its_branch_multiplier_folded_in() {
+    // GPT-2 has no residual multiplier: the export folds α = 1/sqrt(3) into the projections, and
+    // the reference (which knows nothing of α) still computes taproot's loss.
+    check_numpy_reference("export-mup", |t| t.set("model.parameterization", "depth_mup"));
+}
+
+fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let python_ok = std::process::Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
     if !python_ok {
         if std::env::var("TAPROOT_REQUIRE_NUMPY").is_ok() {
@@ -88,12 +99,12 @@ fn the_exported_model_has_taproots_loss_under_an_independent_numpy_reference() {
         println!("SKIP: python3 with numpy not found");
         return;
     }
-    let (dir, ck, cfg) = grown_checkpoint("export-numpy");
+    let (dir, ck, cfg) = grown_checkpoint_with(tag, change);
     let out = dir.join("hf");
     taproot::export::export_gpt2(&ck, &out).unwrap();
     // taproot's loss on one batch, with the checkpoint's weights in stack order.
     let be = CpuBackend::default();
-    let mut model = model_of(&be, &ck, &Dims::new(256, cfg.max_seq(), 32, 2));
+    let mut model = model_of(&be, &ck, &taproot::train::dims_of(&cfg, 256));
     let data = Dataset::open(&dir, 256).unwrap();
     let (b, t) = (4, 32);
     let windows: Vec<u32> = data.val[..b * (t + 1)].iter().map(|&x| x as u32).collect();

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{grown_checkpoint, model_of};
+use common::{grown_checkpoint, grown_checkpoint_with, model_of};
 use taproot::backend::cpu::CpuBackend;
 use taproot::data::Dataset;
 use taproot::model::Batch;
@@ -22,7 +22,15 @@ fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SampleOptions 
 
 #[test]
 fn the_kv_cache_decoder_gives_the_full_forward_logits_at_every_position() {
-    let (dir, ck, _) = grown_checkpoint("sample-logits");
+    check_decoder(grown_checkpoint("sample-logits"));
+}
+
+#[test]
+fn the_decoder_applies_the_depth_mup_branch_multiplier() {
+    check_decoder(grown_checkpoint_with("sample-mup", |t| t.set("model.parameterization", "depth_mup")));
+}
+
+fn check_decoder((dir, ck, _): (std::path::PathBuf, taproot::checkpoint::Checkpoint, taproot::config::Config)) {
     let host = HostModel::from_checkpoint(&ck).unwrap();
     let be = CpuBackend::default();
     let dims = host.dims.clone();
