@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Tokens per parameter, with seeds: `taproot experiment progressive-vs-fixed` at each run length T
-# and seed, growth at the paper's τ = 0.8 T. Each point keeps its own tables, CSVs and plots under
-# <out>/T<T>-seed<S>/, and the result cache makes an interrupted series resumable (a finished
-# point is not trained again). The script ends with one table: per T, the mean and the spread
-# (min–max) over seeds of the fixed run's final loss, and of each grown run's gap and saving
-# against the frontier of fixed runs.
+# Tokens per parameter, with seeds: `taproot experiment progressive-vs-fixed` (or another
+# experiment, `--experiment NAME`) at each run length T and seed, growth at the paper's
+# τ = 0.8 T. Each point keeps its own tables, CSVs and plots under <out>/T<T>-seed<S>/, and the
+# result cache makes an interrupted series resumable (a finished run is not trained again). The
+# script ends with one table: per T and run, the mean and the spread (min–max) over seeds of the
+# final loss, the gap against its fixed run and the saving against the frontier of fixed runs.
 #
 #   scripts/seed-series.sh [--steps "3000 10000"] [--seeds "1 2 3"] [--out runs/series]
+#                          [--experiment progressive-vs-fixed]
 #                          [--config config/experiments/planned.toml] [--set KEY=VALUE ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ steps="3000 10000"
 seeds="1 2 3"
 out=runs/series
 config=config/experiments/planned.toml
+experiment=progressive-vs-fixed
 sets=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -21,8 +23,9 @@ while [ $# -gt 0 ]; do
     --seeds) seeds="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
+    --experiment) experiment="$2"; shift 2 ;;
     --set) sets+=(--set "$2"); shift 2 ;;
-    *) echo "usage: scripts/seed-series.sh [--steps \"T ...\"] [--seeds \"S ...\"] [--out DIR] [--config F] [--set KEY=VALUE ...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/seed-series.sh [--steps \"T ...\"] [--seeds \"S ...\"] [--out DIR] [--experiment NAME] [--config F] [--set KEY=VALUE ...]" >&2; exit 2 ;;
   esac
 done
 bin=target/release/taproot
@@ -32,7 +35,7 @@ for t in $steps; do
   for s in $seeds; do
     dir="$out/T$t-seed$s"
     echo "== T=$t seed=$s τ=$tau -> $dir"
-    "$bin" experiment progressive-vs-fixed --config "$config" --out "$dir" \
+    "$bin" experiment "$experiment" --config "$config" --out "$dir" \
       --set run.steps="$t" --set run.seed="$s" --set "growth[0].at_step=$tau" ${sets[@]+"${sets[@]}"}
   done
 done
@@ -57,31 +60,31 @@ def fmt(v, unit=""):
     if not v: return "–"
     m = st.mean(v)
     return f"{m:.4g}{unit} ({min(v):.4g}–{max(v):.4g})" if len(v) > 1 else f"{m:.4g}{unit}"
-print("\n| T | tokens / non-emb. param | seeds | fixed final val | run | gap vs fixed | saving vs frontier (llm.c) | saving vs frontier (non-emb) |")
+print("\n| T | tokens / non-emb. param | seeds | run | final val | gap vs its fixed | saving vs frontier (llm.c) | saving vs frontier (non-emb) |")
 print("|---|---|---|---|---|---|---|---|")
+import glob, os
 for T in steps:
-    rows = {}
-    fixed = []
-    outside = set()
+    rows, order, outside = {}, [], set()
     for s in seeds:
-        try:
-            r = list(csv.DictReader(open(f"{out}/T{T}-seed{s}/summary.csv")))
-        except FileNotFoundError:
-            continue
-        for row in r:
-            name = row["run"].split(" τ=")[0]
-            if name.startswith("fixed"):
-                fixed.append(float(row["final val loss"]))
-                continue
-            g, _ = num(row["gap vs fixed"])
-            s1, f1 = num(row["saving vs frontier llm.c"])
-            s2, f2 = num(row["saving vs frontier non-emb"])
-            if f1 or f2: outside.add(name)
-            d = rows.setdefault(name, ([], [], []))
-            d[0].append(g); d[1].append(s1); d[2].append(s2)
+        for path in sorted(glob.glob(f"{out}/T{T}-seed{s}/summary*.csv")):
+            for row in csv.DictReader(open(path)):
+                name = row["run"].split(" τ=")[0] if " τ=" in row["run"] and not row["run"].split(" τ=")[1].endswith("T") else row["run"]
+                if name not in rows:
+                    rows[name] = ([], [], [], [])
+                    order.append(name)
+                d = rows[name]
+                d[0].append(float(row["final val loss"]))
+                if row["gap vs fixed"].strip() not in ("–", ""):
+                    d[1].append(num(row["gap vs fixed"])[0])
+                for k, col in ((2, "saving vs frontier llm.c"), (3, "saving vs frontier non-emb")):
+                    v, f = num(row[col]) if row[col].strip() not in ("–", "") else (None, "")
+                    if v is not None and not row["run"].startswith("fixed"):
+                        d[k].append(v)
+                        if f: outside.add(name)
     tpp = int(T) * b * t / ne
-    for name, (g, s1, s2) in rows.items():
+    for name in order:
+        fl, g, s1, s2 = rows[name]
         note = " (some outside the frontier)" if name in outside else ""
-        print(f"| {T} | {tpp:.1f} | {len(g)} | {fmt(fixed)} | {name} | {fmt(g, '%')} | {fmt(s1, '×')}{note} | {fmt(s2, '×')} |")
-print("\nmean (min–max) over seeds; `<`/`>` savings (a loss outside the frontier) enter at their bound.")
+        print(f"| {T} | {tpp:.1f} | {len(fl)} | {name} | {fmt(fl)} | {fmt(g, '%')} | {fmt(s1, '×')}{note} | {fmt(s2, '×')} |")
+print("\nmean (min–max) over seeds; `<`/`>` savings (a loss outside the frontier) enter at their bound; a run's gap is against the fixed run of its own table (its own recipe).")
 PY
