@@ -8,21 +8,28 @@
 # with TAPROOT_REQUIRE_DATA=1 (CI) a missing corpus is a failure instead of a printed skip.
 # tests/daemon.rs runs a real Prometheus and promtool when installed (Debian's `prometheus`);
 # with TAPROOT_REQUIRE_PROMETHEUS=1 (CI) a missing one is a failure instead of a printed skip.
+# With an MPI library (mpicc; Debian's openmpi-bin libopenmpi-dev libclang-dev) everything is
+# built and tested with the `mpi` feature, so tests/parallel.rs runs real mpirun launches;
+# without one, without it (those tests print why they skip; TAPROOT_REQUIRE_MPI=1 makes that a
+# failure). The build without the feature is checked either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+features=()
+if command -v mpicc >/dev/null; then features=(--features mpi); fi
 cargo fmt --check
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --all-targets ${features[@]+"${features[@]}"} -- -D warnings
+[ ${#features[@]} -eq 0 ] || cargo check --release --all-targets
 scripts/check-dashboard.sh
-cargo build --release --benches
+cargo build --release --benches ${features[@]+"${features[@]}"}
 # The GPU benchmark's configs parse (no GPU needed), so a config change cannot break a GPU run.
-cargo bench --bench gpu -- --check-configs
-cargo build --release --examples
-cargo test --release --lib --bins --tests "$@"
-cargo test --release --doc
+cargo bench --bench gpu ${features[@]+"${features[@]}"} -- --check-configs
+cargo build --release --examples ${features[@]+"${features[@]}"}
+cargo test --release --lib --bins --tests ${features[@]+"${features[@]}"} "$@"
+cargo test --release --doc ${features[@]+"${features[@]}"}
 # The programs of examples/ (a few seconds each, on data they make): a failing one fails the script.
 for example in grow_live custom_growth metrics_client; do
     echo "example $example"
-    if ! out=$(cargo run --release --quiet --example "$example" 2>&1); then
+    if ! out=$(cargo run --release --quiet ${features[@]+"${features[@]}"} --example "$example" 2>&1); then
         printf '%s\n' "$out"
         echo "example $example failed" >&2
         exit 1

@@ -119,6 +119,22 @@ pub enum Cmd {
         #[arg(long)]
         no_cache: bool,
     },
+    /// Start the processes of a multi-process run (`[parallel]`): `mpirun` over the config's
+    /// hosts, running `taproot train` on each; under Slurm, print the `srun` line instead.
+    Launch {
+        /// The run configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value (repeatable; passed on to every process).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the command line, start nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Passed on to `taproot train`.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
     /// Read a Hugging Face GPT2LMHeadModel folder as the step-0 checkpoint of the run a config
@@ -218,6 +234,23 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Launch { config, set, dry_run, resume } => {
+            let cfg = Config::load(&config, &set)?;
+            let exe = std::env::current_exe().context("finding the taproot binary to launch")?;
+            let line = crate::dist::launch_line(&cfg, &exe, &config, &set, resume, std::env::var_os("SLURM_JOB_ID").is_some());
+            println!("{}", line.join(" "));
+            if dry_run || line[0] == "srun" {
+                return Ok(());
+            }
+            let status = std::process::Command::new(&line[0])
+                .args(&line[1..])
+                .status()
+                .with_context(|| format!("starting {} (is an MPI launcher installed? Debian: openmpi-bin)", line[0]))?;
+            if !status.success() {
+                anyhow::bail!("the launched run failed ({status})");
+            }
+            Ok(())
+        }
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
             let ck = checkpoint::load_file_or_newest(&path)?;
             let cfg = ck.meta.config()?;
@@ -265,6 +298,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Train { config, set, stop_after, resume, overwrite, allow_config_change, sequential } => {
             let cfg = Config::load(&config, &set)?;
+            // Several processes (`parallel.data`, or an MPI launcher): rank 0 leads, owning the run
+            // folder, the logs and the checkpoints; the others train their share quietly.
+            crate::dist::init(cfg.parallel.data)?;
+            let lead = crate::dist::rank() == 0;
+            if sequential && crate::dist::size() > 1 {
+                anyhow::bail!("`--sequential` trains in one process; `parallel.data` must be 1");
+            }
             let start = match (resume, overwrite) {
                 (true, _) => Start::Resume,
                 (false, true) => Start::Overwrite,
@@ -275,10 +315,22 @@ pub fn run(cli: Cli) -> Result<()> {
             let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
                 format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
             })?;
-            // Held until the run ends: one process per run folder.
-            let folder = RunFolder::open(&cfg, start)?;
-            if let Some(r) = &folder.replaced {
+            // Held until the run ends: one process per run folder (rank 0's, in a parallel run).
+            let folder = if lead { Some(RunFolder::open(&cfg, start)?) } else { None };
+            if let Some(r) = folder.as_ref().and_then(|f| f.replaced.as_ref()) {
                 println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
+            }
+            if !lead {
+                let opts = RunOptions { quiet: true, stop_after, resume, allow_config_change, ..Default::default() };
+                if cfg.on_cuda() {
+                    runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, false)?;
+                } else {
+                    runtime::train::<CpuBackend>(&cfg, data, opts, false)?;
+                }
+                return Ok(());
+            }
+            if crate::dist::size() > 1 {
+                println!("parallel: {} data-parallel replicas (rank 0 logs and checkpoints)", crate::dist::size());
             }
             println!(
                 "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",

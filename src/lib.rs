@@ -45,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod dist;
 pub mod experiment;
 pub mod export;
 pub mod flops;

@@ -5,7 +5,14 @@ use clap::Parser;
 fn main() {
     let cli = taproot::cli::Cli::parse();
     if let Err(e) = taproot::cli::run(cli) {
+        let rank = taproot::dist::rank();
+        if taproot::dist::size() > 1 {
+            eprintln!("error (rank {rank}): {e:#}");
+            // The other ranks may be waiting in a collective: stop them all.
+            taproot::dist::abort(1);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    taproot::dist::finalize();
 }

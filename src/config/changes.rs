@@ -37,7 +37,11 @@ impl std::fmt::Display for Change {
 ///
 /// `precision` is here because checkpoints hold fp32 master weights whatever the precision: a
 /// run resumed under another precision continues the same model (the change is reported).
-const HARMLESS: [&str; 16] = [
+///
+/// `parallel` is here because D replicas of one global batch compute the same step as one
+/// process (up to the order of floating-point sums): a run may resume onto another D.
+const HARMLESS: [&str; 17] = [
+    "parallel",
     "run.log_every",
     "run.max_memory",
     "run.stop_grace_s",

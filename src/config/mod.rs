@@ -42,6 +42,8 @@ pub struct Config {
     pub placement: PlacementConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default, skip_serializing_if = "ParallelConfig::is_default")]
+    pub parallel: ParallelConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
@@ -176,6 +178,33 @@ pub struct PipelineConfig {
     /// Micro-batches in flight at once (1F1B memory bound). 0 = one per stage (depth + 1),
     /// capped by `data.micro_batches`.
     pub max_in_flight: usize,
+}
+
+/// Processes of one run (`crate::dist`): `data` data-parallel replicas, each training its share
+/// of every step's micro-batches; `data × pipeline` processes in all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Data-parallel replicas D (`data.micro_batches` must be a multiple of it).
+    pub data: usize,
+    /// Pipeline stages across processes P (only 1 so far: stages within a process come from
+    /// `[placement]`).
+    pub pipeline: usize,
+    /// Hosts for `taproot launch` (empty: this machine), and processes per host.
+    pub hosts: Vec<String>,
+    pub processes_per_host: Option<usize>,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None }
+    }
+}
+
+impl ParallelConfig {
+    pub fn is_default(&self) -> bool {
+        *self == ParallelConfig::default()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

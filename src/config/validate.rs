@@ -47,6 +47,23 @@ impl Config {
         pos(self.data.batch_size, "data.batch_size")?;
         pos(self.data.seq_len, "data.seq_len")?;
         pos(self.data.micro_batches, "data.micro_batches")?;
+        pos(self.parallel.data, "parallel.data")?;
+        if !self.data.micro_batches.is_multiple_of(self.parallel.data) {
+            bail!(
+                "`data.micro_batches` ({}) must be a multiple of `parallel.data` ({}): the replicas split each step's micro-batches evenly",
+                self.data.micro_batches,
+                self.parallel.data
+            );
+        }
+        if self.parallel.pipeline != 1 {
+            bail!(
+                "`parallel.pipeline` = {}: pipeline stages across processes are not implemented yet; stages within one process come from `[placement] devices`",
+                self.parallel.pipeline
+            );
+        }
+        if self.parallel.processes_per_host == Some(0) {
+            bail!("`parallel.processes_per_host` must be at least 1");
+        }
         match crate::data::bpe::parse_name(&self.data.tokenizer) {
             Some(Err(e)) => bail!("`data.tokenizer`: {e:#}"),
             Some(Ok(_)) => {}

@@ -260,6 +260,9 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             EmbedHeadMsg::Step { lr, step: _, reply } => {
                 let ss = compute(|| {
                     s.head.flush_tied_grad(&s.be, &s.embed.w);
+                    // Data parallelism: the gradient of the global batch (a no-op alone).
+                    s.embed.w.all_reduce_grads(&s.be);
+                    s.head.w.all_reduce_grads(&s.be);
                     let ss = grad_sumsq(&s.be, &s.embed.w, &mut s.scratch) + grad_sumsq(&s.be, &s.head.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
                     s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);

@@ -198,6 +198,8 @@ impl<B: Backend> Actor for LayerActor<B> {
                     panic!("injected fault: layer {} fails at step {step}", s.block.id);
                 }
                 let ss = compute(|| {
+                    // Data parallelism: the gradient of the global batch (a no-op alone).
+                    s.block.w.all_reduce_grads(&s.be);
                     let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
                     s.block.w.zero_grad(&s.be);

@@ -263,7 +263,8 @@ pub fn grown_checkpoint(tag: &str) -> (PathBuf, taproot::checkpoint::Checkpoint,
 /// [`grown_checkpoint`] with `change` applied to its config (a parameterisation, say).
 pub fn grown_checkpoint_with(tag: &str, change: impl Fn(TestConfig) -> TestConfig) -> (PathBuf, taproot::checkpoint::Checkpoint, Config) {
     let dir = synthetic_dataset(tag);
-    let cfg = change(TestConfig::new(&dir).name("grown").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3)).build();
+    let cfg =
+        change(TestConfig::new(&dir).name("grown").steps(30).seq_len(32).channels(32).depth(1).target_depth(3).grow_at_step(15, 3)).build();
     let data = taproot::data::Dataset::open(&dir, 256).unwrap();
     taproot::runtime::train::<CpuBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false).unwrap();
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().expect("a final checkpoint");

@@ -193,6 +193,9 @@ pub struct SchedulerState<B: Backend> {
     /// One activation-buffer pool per device, shared by the stages placed there (see
     /// `backend::pool::ActPool`); stages born later on a device join its pool.
     pools: Mutex<BTreeMap<String, ActPool<B>>>,
+    /// This process's rank and the run's number of data-parallel replicas (`crate::dist`).
+    rank: usize,
+    replicas: usize,
 }
 
 pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -321,11 +324,15 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         };
         let devices = placement::initial(cfg.placement.policy, &cfg.placement.devices, ids.len(), cfg.target_depth());
         let end = a.opts.stop_after.map_or(cfg.run.steps, |s| s.min(cfg.run.steps));
-        // The trajectory, streamed: appended to across resumes.
-        let log = RunLog::new(&cfg, &dims, &a.opts, step)
-            .with_csv(&cfg.out_dir(), a.opts.resume)
-            .map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?
-            .with_progress_bar(step, end);
+        // The trajectory, streamed: appended to across resumes. In a data-parallel run rank 0
+        // alone writes it (every rank computes the same records).
+        let (rank, replicas) = (crate::dist::rank(), crate::dist::size());
+        let log = RunLog::new(&cfg, &dims, &a.opts, step);
+        let log = if rank == 0 {
+            log.with_csv(&cfg.out_dir(), a.opts.resume).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?.with_progress_bar(step, end)
+        } else {
+            log
+        };
         let mut st = SchedulerState {
             opts: a.opts.clone(),
             dims,
@@ -362,6 +369,8 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             checkpoint_now: Vec::new(),
             step_started: Instant::now(),
             pools: Mutex::new(pools),
+            rank,
+            replicas,
             cfg,
         };
         st.step_pub.store(step, Ordering::Relaxed);

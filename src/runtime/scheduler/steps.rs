@@ -30,10 +30,25 @@ impl<B: Backend> SchedulerState<B> {
         me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))
     }
 
+    /// The micro-batches of a step this process trains: `data.micro_batches` split evenly over
+    /// the data-parallel replicas (rank r takes the r-th consecutive share of the step's
+    /// batches, so the global batch is the same whatever the number of replicas).
+    fn local_micro_batches(&self) -> usize {
+        self.cfg.data.micro_batches / self.replicas
+    }
+
+    /// Draw and drop `n` batches: the shares of the other replicas.
+    fn skip_batches(&mut self, n: usize) {
+        let mut scratch = Vec::new();
+        for _ in 0..n {
+            self.loader.next_batch(&mut scratch);
+        }
+    }
+
     /// Issue micro-batches of `p` (a training step when `train`, else an evaluation) while
     /// fewer than the bound are in flight.
     fn issue(&mut self, p: &mut Pending, train: bool) -> Res<()> {
-        let total = if train { self.cfg.data.micro_batches } else { self.val.len() };
+        let total = if train { self.local_micro_batches() } else { self.val.len() };
         let dscale = 1.0 / (self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.data.micro_batches) as f32;
         while p.issued < total && p.issued - p.done < self.max_in_flight() {
             let mb = self.next_mb;
@@ -77,7 +92,7 @@ impl<B: Backend> SchedulerState<B> {
             self.phase = if train { Phase::Train(p) } else { Phase::Eval(p) };
             return Ok(());
         }
-        let total = if train { self.cfg.data.micro_batches } else { self.val.len() };
+        let total = if train { self.local_micro_batches() } else { self.val.len() };
         match (p.done == total, train) {
             (true, true) => self.end_step(me, p.losses).await,
             (true, false) => self.end_eval(me, p.losses).await,
@@ -126,7 +141,8 @@ impl<B: Backend> SchedulerState<B> {
         self.grow_if_due().await?;
         self.step_started = Instant::now();
         self.step_cursor = self.loader.cursor();
-        let mut p = Pending { losses: vec![f32::NAN; self.cfg.data.micro_batches], ..Default::default() };
+        self.skip_batches(self.rank * self.local_micro_batches());
+        let mut p = Pending { losses: vec![f32::NAN; self.local_micro_batches()], ..Default::default() };
         self.issue(&mut p, true)?;
         self.phase = Phase::Train(p);
         Ok(())
@@ -136,8 +152,12 @@ impl<B: Backend> SchedulerState<B> {
     async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
         let lr = self.schedule.lr_after_growth(self.step, self.growth.last().map(|g| g.at_step));
         let step = self.step;
-        let mbs = losses.len();
-        let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / mbs as f64) as f32;
+        // The replicas after this one take the rest of the step's batches.
+        self.skip_batches((self.replicas - 1 - self.rank) * self.local_micro_batches());
+        let mbs = self.cfg.data.micro_batches;
+        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>()];
+        crate::dist::all_reduce_sum_f64(&mut sum);
+        let loss = (sum[0] / mbs as f64) as f32;
         let depth = self.stack.len();
         if !loss.is_finite() {
             // Before the update: the weights are still those of the last good step, so they are
@@ -146,17 +166,25 @@ impl<B: Backend> SchedulerState<B> {
             let checkpoint = self.checkpoint_last_good().await;
             return Err(boxed(RunError::NonFiniteLoss { step: self.step + 1, depth, loss, checkpoint }));
         }
-        // The barrier: every stage steps; wait for all of them.
+        // The barrier: every stage steps; wait for all of them. With several replicas each
+        // stage first sums its gradients over them (an MPI collective), so the stages step one
+        // after another, in the same order on every rank (MPI calls are serialised).
+        let serial = self.replicas > 1;
+        let mut grad_sumsq = 0.0f64;
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
         self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
         for s in &self.stack {
+            if serial {
+                for w in waits.drain(..) {
+                    grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
+                }
+            }
             let (tx, rx) = ractor::concurrency::oneshot();
             s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);
         }
-        let mut grad_sumsq = 0.0f64;
         for w in waits {
             grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
         }
@@ -216,8 +244,13 @@ impl<B: Backend> SchedulerState<B> {
         Ok(())
     }
 
-    /// Gather every unit's state and write one checkpoint (temp file, fsync, rename).
+    /// Gather every unit's state and write one checkpoint (temp file, fsync, rename). In a
+    /// data-parallel run rank 0 writes the run's checkpoints (every replica holds the same
+    /// state); the others write nothing and answer with the checkpoint folder.
     pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
+        if self.rank != 0 {
+            return Ok(self.cfg.checkpoint_dir());
+        }
         let t0 = Instant::now();
         let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
         let mut units = vec![(UnitKey::Embed, embed), (UnitKey::Head, head)];

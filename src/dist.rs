@@ -1,0 +1,207 @@
+//! Processes of one run: rank and world size, and the collectives data parallelism needs.
+//!
+//! A run of `[parallel] data = D` is D processes started by `mpirun -np D` (or `srun`, or
+//! `taproot launch`), each running the same deterministic scheduler (SPMD) over its share of
+//! every step's micro-batches. MPI bootstraps and reduces (the `mpi` cargo feature, over the
+//! MPI library the machine has); a one-process run never touches MPI, and a build without the
+//! feature runs one process only.
+//!
+//! What crosses processes, all of it in the same order on every rank:
+//! - each unit's gradients, summed by [`all_reduce_sum`] at the optimizer barrier (the scheduler
+//!   steps the units one after another when D > 1, so the MPI calls are serialised: MPI is
+//!   initialised at `MPI_THREAD_SERIALIZED`, the calls coming from the actors' worker threads);
+//! - the step's loss sum (`all_reduce_sum_f64`), so every rank logs the same global loss.
+//!
+//! Nothing else does: every rank holds the same weights after every step, evaluates the same
+//! validation batches, and grows at the same step with the same layer ids and the same init;
+//! rank 0 alone writes logs and checkpoints.
+
+use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static RANK: AtomicUsize = AtomicUsize::new(0);
+static SIZE: AtomicUsize = AtomicUsize::new(1);
+
+/// This process's rank (0 in a one-process run).
+pub fn rank() -> usize {
+    RANK.load(Ordering::Relaxed)
+}
+
+/// The number of processes of the run (1 in a one-process run).
+pub fn size() -> usize {
+    SIZE.load(Ordering::Relaxed)
+}
+
+/// Whether this process was started by an MPI launcher (mpirun, srun with PMI/PMIx).
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// The rank of this process among those of its host (`cuda:LOCAL_RANK` placement, metrics
+/// ports), from the launcher's environment; 0 when it says nothing.
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Start MPI when this process was launched by an MPI launcher or the config asks for more than
+/// one data-parallel replica; then check that the world has `data` processes.
+pub fn init(data: usize) -> Result<()> {
+    // One replica in a build without MPI runs as it would anywhere, launcher or not.
+    if data <= 1 && (!launched_by_mpi() || !cfg!(feature = "mpi")) {
+        return Ok(());
+    }
+    imp::init()?;
+    if size() != data {
+        let n = size();
+        bail!(
+            "`parallel.data` = {data}, but this run has {n} process{}: start it with `mpirun -np {data}` (or `taproot launch --config FILE`)",
+            if n == 1 { "" } else { "es" }
+        );
+    }
+    Ok(())
+}
+
+/// The command line that starts every process of `cfg`'s run: `mpirun -np N [--host
+/// h1:n1,…] taproot train --config F [--set …]`, or under Slurm (`slurm`) the `srun` line to run
+/// inside the allocation. N = `parallel.data × parallel.pipeline`; on several hosts each runs
+/// `parallel.processes_per_host` (default: N / hosts, rounded up).
+pub fn launch_line(
+    cfg: &crate::config::Config,
+    exe: &std::path::Path,
+    config: &std::path::Path,
+    sets: &[String],
+    resume: bool,
+    slurm: bool,
+) -> Vec<String> {
+    let p = &cfg.parallel;
+    let n = p.data * p.pipeline;
+    let per_host = p.processes_per_host.unwrap_or_else(|| n.div_ceil(p.hosts.len().max(1)));
+    let mut line: Vec<String> = if slurm {
+        let mut l = vec!["srun".to_string(), format!("--ntasks={n}")];
+        if p.processes_per_host.is_some() || !p.hosts.is_empty() {
+            l.push(format!("--ntasks-per-node={per_host}"));
+        }
+        l
+    } else {
+        let mut l = vec!["mpirun".to_string(), "-np".to_string(), n.to_string()];
+        if !p.hosts.is_empty() {
+            l.push("--host".into());
+            l.push(p.hosts.iter().map(|h| format!("{h}:{per_host}")).collect::<Vec<_>>().join(","));
+        }
+        l
+    };
+    line.push(exe.display().to_string());
+    line.push("train".into());
+    line.push("--config".into());
+    line.push(config.display().to_string());
+    for s in sets {
+        line.push("--set".into());
+        line.push(s.clone());
+    }
+    if resume {
+        line.push("--resume".into());
+    }
+    line
+}
+
+/// `buf` summed over every rank, in place (a no-op in a one-process run).
+pub fn all_reduce_sum(buf: &mut [f32]) {
+    if size() > 1 {
+        imp::all_reduce_f32(buf);
+    }
+}
+
+/// `x` summed over every rank, in place.
+pub fn all_reduce_sum_f64(x: &mut [f64]) {
+    if size() > 1 {
+        imp::all_reduce_f64(x);
+    }
+}
+
+/// End MPI (after the run, on every rank); a no-op when it was never started.
+pub fn finalize() {
+    imp::finalize();
+}
+
+/// Stop every process of the run (a failed rank must not leave the others waiting in a
+/// collective). Does not return when MPI is running.
+pub fn abort(code: i32) {
+    if size() > 1 {
+        imp::abort(code);
+    }
+}
+
+#[cfg(feature = "mpi")]
+mod imp {
+    use super::{RANK, SIZE};
+    use anyhow::{bail, Result};
+    use mpi::collective::SystemOperation;
+    use mpi::environment::Universe;
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::traits::*;
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+
+    static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
+
+    fn world() -> SimpleCommunicator {
+        SimpleCommunicator::world()
+    }
+
+    pub fn init() -> Result<()> {
+        let mut u = UNIVERSE.lock().expect("MPI universe lock");
+        if u.is_some() {
+            return Ok(());
+        }
+        let Some((universe, threading)) = mpi::initialize_with_threading(mpi::Threading::Serialized) else {
+            bail!("MPI was initialised twice in this process");
+        };
+        if threading < mpi::Threading::Serialized {
+            bail!("the MPI library provides thread support {threading:?}; taproot needs at least Serialized");
+        }
+        let w = universe.world();
+        RANK.store(w.rank() as usize, Ordering::Relaxed);
+        SIZE.store(w.size() as usize, Ordering::Relaxed);
+        *u = Some(universe);
+        Ok(())
+    }
+
+    pub fn all_reduce_f32(buf: &mut [f32]) {
+        let send = buf.to_vec();
+        world().all_reduce_into(&send[..], buf, SystemOperation::sum());
+    }
+
+    pub fn all_reduce_f64(x: &mut [f64]) {
+        let send = x.to_vec();
+        world().all_reduce_into(&send[..], x, SystemOperation::sum());
+    }
+
+    pub fn finalize() {
+        // Dropping the universe calls MPI_Finalize.
+        drop(UNIVERSE.lock().expect("MPI universe lock").take());
+    }
+
+    pub fn abort(code: i32) {
+        world().abort(code);
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+mod imp {
+    use anyhow::{bail, Result};
+
+    pub fn init() -> Result<()> {
+        bail!("this run asks for several processes (`parallel.data` > 1, or an MPI launcher started it), but taproot was built without MPI: rebuild with `cargo build --release --features mpi`")
+    }
+    pub fn all_reduce_f32(_: &mut [f32]) {
+        unreachable!("the world has one process without the `mpi` feature")
+    }
+    pub fn all_reduce_f64(_: &mut [f64]) {
+        unreachable!("the world has one process without the `mpi` feature")
+    }
+    pub fn finalize() {}
+    pub fn abort(_: i32) {}
+}
