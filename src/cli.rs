@@ -362,6 +362,17 @@ pub fn run(cli: Cli) -> Result<()> {
             let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
             let ck = report.final_checkpoint.as_ref().map(|p| format!(" checkpoint={}", p.display())).unwrap_or_default();
             println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}{ck}", report.wall_s, dir.display());
+            if crate::dist::size() > 1 {
+                let st = crate::dist::stats();
+                let hidden = if st.reduce_s > 0.0 { 100.0 * (1.0 - st.wait_s / st.reduce_s).max(0.0) } else { 100.0 };
+                println!(
+                    "allreduce rank=0 reductions={} mib={:.2} reduce_s={:.3} waited_s={:.3} hidden_pct={hidden:.0}",
+                    st.reductions,
+                    st.bytes as f64 / (1 << 20) as f64,
+                    st.reduce_s,
+                    st.wait_s
+                );
+            }
             drop(folder);
             Ok(())
         }

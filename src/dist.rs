@@ -7,20 +7,122 @@
 //! feature runs one process only.
 //!
 //! What crosses processes, all of it in the same order on every rank:
-//! - each unit's gradients, summed by [`all_reduce_sum`] at the optimizer barrier (the scheduler
-//!   steps the units one after another when D > 1, so the MPI calls are serialised: MPI is
-//!   initialised at `MPI_THREAD_SERIALIZED`, the calls coming from the actors' worker threads);
-//! - the step's loss sum (`all_reduce_sum_f64`), so every rank logs the same global loss.
+//! - each unit's gradients: a unit starts their all-reduce ([`all_reduce_start`]) as soon as its
+//!   last backward of the step is done, before it hands its input gradient down, and waits for
+//!   the sum only at the optimizer step. So the reduction of the upper layers runs while the
+//!   lower ones are still in backward (DDP's bucket overlap, one bucket per layer), and the
+//!   requests are made top layer first, then down the stack, then the embedding and head —
+//!   the same order on every rank, since each is made before the next unit can finish;
+//! - the step's loss sum ([`all_reduce_sum_f64`]), so every rank logs the same global loss.
+//!
+//! One thread of this module makes every MPI call, in the order the requests arrive (MPI is
+//! initialised at `MPI_THREAD_SERIALIZED`); [`stats`] says how long it spent reducing and how
+//! long the units waited for it, the part of the reduction that backward did not hide.
 //!
 //! Nothing else does: every rank holds the same weights after every step, evaluates the same
 //! validation batches, and grows at the same step with the same layer ids and the same init;
 //! rank 0 alone writes logs and checkpoints.
 
 use anyhow::{bail, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
 
 static RANK: AtomicUsize = AtomicUsize::new(0);
 static SIZE: AtomicUsize = AtomicUsize::new(1);
+static REDUCE_NS: AtomicU64 = AtomicU64::new(0);
+static WAIT_NS: AtomicU64 = AtomicU64::new(0);
+static REDUCED_BYTES: AtomicU64 = AtomicU64::new(0);
+static REDUCTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What the collectives cost so far in this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Seconds the communication thread spent inside all-reduce calls.
+    pub reduce_s: f64,
+    /// Seconds the units spent waiting for a sum (the part backward did not hide).
+    pub wait_s: f64,
+    pub bytes: u64,
+    pub reductions: u64,
+}
+
+pub fn stats() -> Stats {
+    Stats {
+        reduce_s: REDUCE_NS.load(Ordering::Relaxed) as f64 * 1e-9,
+        wait_s: WAIT_NS.load(Ordering::Relaxed) as f64 * 1e-9,
+        bytes: REDUCED_BYTES.load(Ordering::Relaxed),
+        reductions: REDUCTIONS.load(Ordering::Relaxed),
+    }
+}
+
+fn add_ns(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// A request to the communication thread.
+enum Job {
+    F32(Vec<f32>, mpsc::Sender<Vec<f32>>),
+    F64(Vec<f64>, mpsc::Sender<Vec<f64>>),
+}
+
+/// An all-reduce under way; [`Pending::wait`] gives the sum.
+pub struct Pending(mpsc::Receiver<Vec<f32>>);
+
+impl Pending {
+    /// The sum over every rank (blocks until the communication thread has it).
+    pub fn wait(self) -> Vec<f32> {
+        let t0 = Instant::now();
+        let v = self.0.recv().expect("the communication thread ended during a run");
+        add_ns(&WAIT_NS, t0);
+        v
+    }
+}
+
+static JOBS: std::sync::Mutex<Option<mpsc::Sender<Job>>> = std::sync::Mutex::new(None);
+
+fn submit(job: Job) {
+    JOBS.lock()
+        .expect("jobs lock")
+        .as_ref()
+        .expect("MPI is running when the world has several processes")
+        .send(job)
+        .expect("the communication thread is alive");
+}
+
+/// Start summing `buf` over every rank; the sum comes from [`Pending::wait`]. Every rank must
+/// start the same reductions in the same order. In a one-process run the sum is `buf`.
+pub fn all_reduce_start(buf: Vec<f32>) -> Pending {
+    let (tx, rx) = mpsc::channel();
+    if size() > 1 {
+        submit(Job::F32(buf, tx));
+    } else {
+        tx.send(buf).expect("the receiver is here");
+    }
+    Pending(rx)
+}
+
+/// The thread that makes every MPI call, one request at a time, in arrival order.
+fn serve(jobs: mpsc::Receiver<Job>) {
+    for job in jobs {
+        let t0 = Instant::now();
+        match job {
+            Job::F32(mut v, reply) => {
+                imp::all_reduce_f32(&mut v);
+                REDUCED_BYTES.fetch_add(4 * v.len() as u64, Ordering::Relaxed);
+                add_ns(&REDUCE_NS, t0);
+                REDUCTIONS.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(v);
+            }
+            Job::F64(mut v, reply) => {
+                imp::all_reduce_f64(&mut v);
+                REDUCED_BYTES.fetch_add(8 * v.len() as u64, Ordering::Relaxed);
+                add_ns(&REDUCE_NS, t0);
+                REDUCTIONS.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(v);
+            }
+        }
+    }
+}
 
 /// This process's rank (0 in a one-process run).
 pub fn rank() -> usize {
@@ -54,6 +156,11 @@ pub fn init(data: usize) -> Result<()> {
         return Ok(());
     }
     imp::init()?;
+    if size() > 1 {
+        let (tx, rx) = mpsc::channel();
+        *JOBS.lock().expect("jobs lock") = Some(tx);
+        std::thread::Builder::new().name("taproot-mpi".into()).spawn(move || serve(rx))?;
+    }
     if size() != data {
         let n = size();
         bail!(
@@ -107,22 +214,19 @@ pub fn launch_line(
     line
 }
 
-/// `buf` summed over every rank, in place (a no-op in a one-process run).
-pub fn all_reduce_sum(buf: &mut [f32]) {
-    if size() > 1 {
-        imp::all_reduce_f32(buf);
-    }
-}
-
-/// `x` summed over every rank, in place.
+/// `x` summed over every rank, in place (a no-op in a one-process run).
 pub fn all_reduce_sum_f64(x: &mut [f64]) {
     if size() > 1 {
-        imp::all_reduce_f64(x);
+        let (tx, rx) = mpsc::channel();
+        submit(Job::F64(x.to_vec(), tx));
+        x.copy_from_slice(&rx.recv().expect("the communication thread ended during a run"));
     }
 }
 
-/// End MPI (after the run, on every rank); a no-op when it was never started.
+/// End MPI (after the run, on every rank): the communication thread's queue closes, then MPI
+/// finalises. A no-op when it was never started.
 pub fn finalize() {
+    drop(JOBS.lock().expect("jobs lock").take());
     imp::finalize();
 }
 

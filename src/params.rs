@@ -113,14 +113,8 @@ impl<B: Backend> ParamSet<B> {
     pub fn params_from_host(&self, be: &B, host: &[f32]) {
         be.upload(B::whole(&self.params), host);
     }
-    /// Sum this unit's gradients over every process of the run (`crate::dist`; data
-    /// parallelism), in place. A no-op in a one-process run.
-    pub fn all_reduce_grads(&self, be: &B) {
-        if crate::dist::size() > 1 {
-            let mut g = self.grads_to_host(be);
-            crate::dist::all_reduce_sum(&mut g);
-            be.upload(B::whole(&self.grads), &g);
-        }
+    pub fn grads_from_host(&self, be: &B, host: &[f32]) {
+        be.upload(B::whole(&self.grads), host);
     }
 }
 

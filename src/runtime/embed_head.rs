@@ -99,6 +99,8 @@ pub struct EmbedHeadArgs<B: Backend> {
     pub observer: Observer,
     /// The buffer pool shared by the stages on this device.
     pub pool: ActPool<B>,
+    /// Backwards per step on this replica (`data.micro_batches / parallel.data`).
+    pub micro_batches: usize,
 }
 
 enum Kind {
@@ -112,6 +114,7 @@ struct InFlight<B: Backend> {
 }
 
 pub struct EmbedHeadState<B: Backend> {
+    sync: crate::runtime::grad_sync::GradSync,
     be: B,
     pool: ActPool<B>,
     embed: Embed<B>,
@@ -204,6 +207,13 @@ impl<B: Backend> EmbedHeadState<B> {
         compute(|| {
             let dx = grad.receive(&self.be, &self.pool);
             self.embed.backward(&self.be, dx, &f.batch.inputs, b, t);
+            // The step's last backward: every layer has started its reduction; start the
+            // embedding's (with the tied head's share folded in) and the head's.
+            if self.sync.backward_done() {
+                self.head.flush_tied_grad(&self.be, &self.embed.w);
+                self.sync.start(&self.be, &self.embed.w);
+                self.sync.start(&self.be, &self.head.w);
+            }
         });
         self.spare.push(f.batch);
         let loss = match f.kind {
@@ -233,6 +243,7 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             .map_err(|e| RunError::Checkpoint(format!("embedding and head: restoring: {e:#}")))?;
         }
         Ok(EmbedHeadState {
+            sync: crate::runtime::grad_sync::GradSync::new(a.micro_batches),
             be,
             pool: a.pool,
             embed,
@@ -260,9 +271,8 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             EmbedHeadMsg::Step { lr, step: _, reply } => {
                 let ss = compute(|| {
                     s.head.flush_tied_grad(&s.be, &s.embed.w);
-                    // Data parallelism: the gradient of the global batch (a no-op alone).
-                    s.embed.w.all_reduce_grads(&s.be);
-                    s.head.w.all_reduce_grads(&s.be);
+                    // Data parallelism: the gradient of the global batch (nothing to do alone).
+                    s.sync.finish(&s.be, &[&s.embed.w, &s.head.w]);
                     let ss = grad_sumsq(&s.be, &s.embed.w, &mut s.scratch) + grad_sumsq(&s.be, &s.head.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
                     s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);

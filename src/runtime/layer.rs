@@ -86,9 +86,12 @@ pub struct LayerArgs<B: Backend> {
     pub observer: Observer,
     /// The buffer pool shared by the stages on this device.
     pub pool: ActPool<B>,
+    /// Backwards per step on this replica (`data.micro_batches / parallel.data`).
+    pub micro_batches: usize,
 }
 
 pub struct LayerState<B: Backend> {
+    sync: crate::runtime::grad_sync::GradSync,
     be: B,
     pool: ActPool<B>,
     block: Block<B>,
@@ -137,7 +140,13 @@ impl<B: Backend> LayerState<B> {
             let (b, t) = (grad.b, grad.t);
             let dy = grad.receive(&self.be, &self.pool);
             let dx = self.block.backward(&self.be, mb, dy);
-            Activation::send(&self.be, dx, b, t, &self.pool)
+            let dx = Activation::send(&self.be, dx, b, t, &self.pool);
+            // The step's last backward here: start summing the gradients over the replicas
+            // before handing dx down, so the lower layers' requests come after this one.
+            if self.sync.backward_done() {
+                self.sync.start(&self.be, &self.block.w);
+            }
+            dx
         });
         let seconds = t0.elapsed().as_secs_f64();
         (self.observer)(&Event::LayerTime { layer: self.block.id, device: self.device.clone(), backward: true, seconds });
@@ -176,6 +185,7 @@ impl<B: Backend> Actor for LayerActor<B> {
         let (be, mut block) = built.map_err(|e| RunError::Device(format!("layer {}: {e:#}", a.id)))?;
         block.use_pool(a.pool.clone());
         Ok(LayerState {
+            sync: crate::runtime::grad_sync::GradSync::new(a.micro_batches),
             be,
             pool: a.pool,
             block,
@@ -198,8 +208,8 @@ impl<B: Backend> Actor for LayerActor<B> {
                     panic!("injected fault: layer {} fails at step {step}", s.block.id);
                 }
                 let ss = compute(|| {
-                    // Data parallelism: the gradient of the global batch (a no-op alone).
-                    s.block.w.all_reduce_grads(&s.be);
+                    // Data parallelism: the gradient of the global batch (nothing to do alone).
+                    s.sync.finish(&s.be, &[&s.block.w]);
                     let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
                     s.block.w.zero_grad(&s.be);

@@ -53,6 +53,7 @@
 pub mod embed_head;
 pub mod error;
 pub mod events;
+pub mod grad_sync;
 pub mod handoff;
 pub mod layer;
 pub mod metrics;

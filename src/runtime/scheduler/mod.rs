@@ -310,6 +310,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             restore: restore_embed_head,
             observer: a.observer.clone(),
             pool: pools[&ends_device].clone(),
+            micro_batches: cfg.data.micro_batches / crate::dist::size(),
         };
         let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
             .await

@@ -166,21 +166,15 @@ impl<B: Backend> SchedulerState<B> {
             let checkpoint = self.checkpoint_last_good().await;
             return Err(boxed(RunError::NonFiniteLoss { step: self.step + 1, depth, loss, checkpoint }));
         }
-        // The barrier: every stage steps; wait for all of them. With several replicas each
-        // stage first sums its gradients over them (an MPI collective), so the stages step one
-        // after another, in the same order on every rank (MPI calls are serialised).
-        let serial = self.replicas > 1;
+        // The barrier: every stage steps; wait for all of them. (With several replicas each
+        // stage first waits for the sum of its gradients, which it started after its last
+        // backward: `runtime::grad_sync`.)
         let mut grad_sumsq = 0.0f64;
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
         self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
         for s in &self.stack {
-            if serial {
-                for w in waits.drain(..) {
-                    grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
-                }
-            }
             let (tx, rx) = ractor::concurrency::oneshot();
             s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);

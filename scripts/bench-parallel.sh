@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Data parallelism on the CPU, one core per rank: the same run (the global batch fixed) trained
+# by one process and by D = 2 processes under mpirun, measured in the same invocation. Prints
+# each one's time per step, the speed-up and scaling efficiency of D = 2 against D = 1, the
+# all-reduce time per layer and step, and the fraction of it hidden behind backward.
+#
+#   scripts/bench-parallel.sh [--steps 40] [--channels 128] [--depth 6]
+#
+# Needs an MPI library (Debian: openmpi-bin libopenmpi-dev libclang-dev); builds
+# `--features mpi`. Run it on an otherwise idle machine: on 2 cores the two ranks fill it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=40
+channels=128
+depth=6
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --steps) steps="$2"; shift 2 ;;
+    --channels) channels="$2"; shift 2 ;;
+    --depth) depth="$2"; shift 2 ;;
+    *) echo "usage: scripts/bench-parallel.sh [--steps N] [--channels C] [--depth L]" >&2; exit 2 ;;
+  esac
+done
+command -v mpirun >/dev/null || { echo "mpirun not found (Debian: openmpi-bin libopenmpi-dev libclang-dev)" >&2; exit 1; }
+cargo build --release --features mpi --quiet
+[ -d data/shakespeare-bytes ] || { scripts/fetch-data.sh && ./target/release/taproot data prepare data/raw/shakespeare --out data/shakespeare-bytes --tokenizer bytes --name shakespeare; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+cat > "$out/bench.toml" <<EOF
+[run]
+name = "bench-parallel"
+seed = 1
+steps = $steps
+log_every = 0
+
+[data]
+dir = "data/shakespeare-bytes"
+tokenizer = "bytes"
+batch_size = 8
+seq_len = 64
+micro_batches = 4
+
+[model]
+channels = $channels
+heads = 4
+depth = $depth
+
+[eval]
+every = $steps
+batches = 1
+EOF
+export RAYON_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+run() { # label, command...
+  local label=$1; shift
+  "$@" > "$out/$label.log" 2>&1 || { cat "$out/$label.log"; exit 1; }
+}
+run d1 ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/d1"
+run d2 mpirun -np 2 --oversubscribe --bind-to core ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/d2" --set parallel.data=2
+python3 - "$out" "$steps" "$depth" <<'PY'
+import re, sys
+out, steps, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def steps_s(label):
+    # the training clock of steps.csv (elapsed_s after the last step, evaluation excluded
+    # by the run log), over the steps after the first (warm-up)
+    rows = [l.split(",") for l in open(f"{out}/{label}/steps.csv").read().split("\n")[1:] if l]
+    t = [float(r[-1]) for r in rows]
+    return (t[-1] - t[0]) / (len(t) - 1)
+t1, t2 = steps_s("d1"), steps_s("d2")
+ar = re.search(r"allreduce rank=0 reductions=(\d+) mib=([\d.]+) reduce_s=([\d.]+) waited_s=([\d.]+) hidden_pct=(\d+)", open(f"{out}/d2.log").read())
+n, mib, red, wait, hidden = int(ar[1]), float(ar[2]), float(ar[3]), float(ar[4]), ar[5]
+units = depth + 2  # layers, embedding, head (+ the loss: one tiny reduction per step)
+print(f"| replicas | s / step | speed-up vs D=1 | scaling efficiency |")
+print(f"|---|---|---|---|")
+print(f"| 1 (one process, 1 core) | {t1:.4f} | 1 | 1 |")
+print(f"| 2 (mpirun, 1 core per rank) | {t2:.4f} | {t1 / t2:.2f}× | {t1 / t2 / 2:.0%} |")
+print(f"\nall-reduce on rank 0: {n} reductions, {mib:.1f} MiB, {red:.3f} s in MPI over {steps} steps = "
+      f"{1e3 * red / steps / units:.2f} ms per unit and step; waited {wait:.3f} s: {hidden}% hidden behind backward")
+PY
