@@ -302,6 +302,13 @@ pub fn run(cli: Cli) -> Result<()> {
             // folder, the logs and the checkpoints; the others train their share quietly.
             crate::dist::init(cfg.parallel.data)?;
             let lead = crate::dist::rank() == 0;
+            let mut cfg = cfg;
+            if crate::dist::size() > 1 {
+                let local = crate::dist::local_rank();
+                let k = cfg.placement.devices.len();
+                cfg.placement.ends = cfg.placement.ends.as_ref().map(|e| crate::dist::replica_device(e, local, k));
+                cfg.placement.devices = crate::dist::replica_devices(&cfg.placement.devices, local);
+            }
             if sequential && crate::dist::size() > 1 {
                 anyhow::bail!("`--sequential` trains in one process; `parallel.data` must be 1");
             }

@@ -148,6 +148,22 @@ pub fn local_rank() -> usize {
         .unwrap_or(0)
 }
 
+/// The devices of this process's replica: `cuda:N` in `[placement]` becomes
+/// `cuda:(N + local_rank × k)`, k the number of devices listed, so that the replicas on one host
+/// take consecutive, disjoint groups of its GPUs (a one-GPU config runs on `cuda:LOCAL_RANK`).
+/// CPU devices are logical and stay as they are.
+pub fn replica_devices(devices: &[String], local_rank: usize) -> Vec<String> {
+    devices.iter().map(|d| replica_device(d, local_rank, devices.len())).collect()
+}
+
+/// One device of [`replica_devices`], for a replica of `k` devices.
+pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
+    match device.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) => format!("cuda:{}", n + local_rank * k),
+        None => device.to_string(),
+    }
+}
+
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
 /// one data-parallel replica; then check that the world has `data` processes.
 pub fn init(data: usize) -> Result<()> {
@@ -308,4 +324,28 @@ mod imp {
     }
     pub fn finalize() {}
     pub fn abort(_: i32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_on_one_host_take_disjoint_gpu_groups() {
+        let two = ["cuda:0".to_string(), "cuda:1".to_string()];
+        assert_eq!(replica_devices(&two, 0), two);
+        assert_eq!(replica_devices(&two, 1), ["cuda:2", "cuda:3"]);
+        assert_eq!(replica_devices(&["cuda:0".to_string()], 3), ["cuda:3"]);
+        assert_eq!(replica_device("cuda:1", 1, 2), "cuda:3");
+        assert_eq!(replica_devices(&["cpu:0".to_string(), "cpu:1".to_string()], 1), ["cpu:0", "cpu:1"]);
+    }
+
+    #[test]
+    fn one_process_reduces_to_itself() {
+        assert_eq!(size(), 1);
+        assert_eq!(all_reduce_start(vec![1.5, -2.0]).wait(), vec![1.5, -2.0]);
+        let mut x = [3.0f64];
+        all_reduce_sum_f64(&mut x);
+        assert_eq!(x, [3.0]);
+    }
 }
