@@ -329,10 +329,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if !lead {
                 let opts = RunOptions { quiet: true, stop_after, resume, allow_config_change, ..Default::default() };
+                // Stop signals too (mpirun forwards them): the replicas agree on the step to stop at.
                 if cfg.on_cuda() {
-                    runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, false)?;
+                    runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?;
                 } else {
-                    runtime::train::<CpuBackend>(&cfg, data, opts, false)?;
+                    runtime::train::<CpuBackend>(&cfg, data, opts, true)?;
                 }
                 return Ok(());
             }

@@ -219,3 +219,115 @@ fn launch_starts_a_two_process_run() {
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&dir.join("launched").join("checkpoints")).unwrap().unwrap();
     assert_eq!((ck.meta.step, ck.meta.depth), (12, 3));
 }
+
+/// A long 2-replica run under mpirun in the background, checkpointing every 10 steps; returns
+/// once its first checkpoint is on disk.
+fn start_long_run(dir: &Path, name: &str) -> (std::process::Child, PathBuf, PathBuf) {
+    let cfg = TestConfig::new(dir).name(name).steps(100_000).micro_batches(2).depth(1).checkpoint_every(10).write();
+    let mut child = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(env!("CARGO_BIN_EXE_taproot"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = dir.join(name);
+    let t0 = std::time::Instant::now();
+    while taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).ok().flatten().is_none() {
+        assert!(t0.elapsed().as_secs() < 60, "no checkpoint after 60 s");
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the run ended early: {st}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (child, cfg, run)
+}
+
+/// Wait for `child` at most `secs` seconds.
+fn wait_within(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            panic!("still running {secs} s later");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The pids of the ranks of the run of config `cfg` (their command lines name it).
+fn rank_pids(cfg: &Path) -> Vec<String> {
+    let pids = Command::new("pgrep").args(["-f", &format!("train --config {}", cfg.display())]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout).split_whitespace().map(String::from).collect();
+    assert!(pids.len() >= 2, "found ranks {pids:?}");
+    pids
+}
+
+/// Both replicas stopped after the same step (a replica that went on would wait forever in
+/// the next reduction), and rank 0 checkpointed that step.
+fn assert_clean_stop(run: &Path, out: &Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("done steps="), "rank 0 did not finish:\n{stdout}\n{stderr}");
+    assert!(!stderr.contains("error") && !stderr.contains("signal 9"), "{stderr}");
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    let rows = std::fs::read_to_string(run.join("steps.csv")).unwrap();
+    let last: u64 = rows.lines().last().unwrap().split(',').next().unwrap().parse().unwrap();
+    assert_eq!(ck.meta.step, last, "the final checkpoint is the last logged step");
+    assert!(last < 100_000);
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_every_replica_after_the_same_step() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-sigterm-rank");
+    let (mut child, cfg, run) = start_long_run(&dir, "term-rank");
+    // Only the last rank hears it: the stop wish travels with the next step's reduction.
+    Command::new("kill").args(["-TERM", rank_pids(&cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 30);
+    let out = child.wait_with_output().unwrap();
+    assert!(st.success(), "mpirun exited {st}: a rank failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_clean_stop(&run, &out);
+}
+
+#[test]
+fn sigterm_to_the_launcher_checkpoints_and_stops_every_rank() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-sigterm");
+    let (mut child, _, run) = start_long_run(&dir, "term");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    // mpirun forwards SIGTERM to every rank; each exits 0 after the agreed step (OpenMPI's
+    // mpirun itself then exits 1 for having been signalled, whatever its ranks did).
+    wait_within(&mut child, 30);
+    let out = child.wait_with_output().unwrap();
+    assert_clean_stop(&run, &out);
+}
+
+#[test]
+fn a_killed_rank_stops_the_run_and_it_resumes() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-kill");
+    let (mut child, cfg, run) = start_long_run(&dir, "killed");
+    Command::new("kill").args(["-KILL", rank_pids(&cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 20);
+    assert!(!st.success(), "the run ended well although a rank was killed");
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    let from = ck.meta.step;
+    let until = (from + 15).to_string();
+    let o = mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2", "--resume", "--stop-after", &until]);
+    ok("resumed", &o);
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    assert_eq!(ck.meta.step, from + 15);
+}

@@ -167,6 +167,8 @@ pub struct SchedulerState<B: Backend> {
     phase: Phase,
     eval_pending: bool,
     stop_requested: bool,
+    /// A stop asked of this replica, not yet agreed by all (data parallelism).
+    stop_wanted: bool,
     force_stop: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
@@ -353,6 +355,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             phase: Phase::Idle,
             eval_pending: step == 0,
             stop_requested: false,
+            stop_wanted: false,
             force_stop: false,
             growth,
             run_id,
@@ -419,10 +422,16 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
         }
         SchedulerMsg::MicroDone(d) => s.micro_done(me, d).await?,
         SchedulerMsg::RequestStop => {
-            if !s.stop_requested {
+            if !s.stop_requested && !s.stop_wanted {
                 s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.step));
             }
-            s.stop_requested = true;
+            if s.replicas > 1 {
+                // Every replica must stop after the same step: the wish travels with the next
+                // step's loss reduction, and all stop once any asked (`end_step`).
+                s.stop_wanted = true;
+            } else {
+                s.stop_requested = true;
+            }
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }

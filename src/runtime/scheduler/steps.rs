@@ -155,8 +155,12 @@ impl<B: Backend> SchedulerState<B> {
         // The replicas after this one take the rest of the step's batches.
         self.skip_batches((self.replicas - 1 - self.rank) * self.local_micro_batches());
         let mbs = self.cfg.data.micro_batches;
-        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>()];
+        // With the loss, whether any replica was asked to stop: then all stop after this step.
+        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>(), if self.stop_wanted { 1.0 } else { 0.0 }];
         crate::dist::all_reduce_sum_f64(&mut sum);
+        if sum[1] > 0.0 {
+            self.stop_requested = true;
+        }
         let loss = (sum[0] / mbs as f64) as f32;
         let depth = self.stack.len();
         if !loss.is_finite() {
