@@ -27,7 +27,13 @@ cargo build --release --examples ${features[@]+"${features[@]}"}
 cargo test --release --lib --bins --tests ${features[@]+"${features[@]}"} "$@"
 cargo test --release --doc ${features[@]+"${features[@]}"}
 # The programs of examples/ (a few seconds each, on data they make): a failing one fails the script.
-for example in grow_live custom_growth metrics_client; do
+examples=(grow_live custom_growth metrics_client)
+if [ ${#features[@]} -gt 0 ]; then
+    examples+=(data_parallel)
+    # OpenMPI refuses to start as root unless told (CI runs as root).
+    if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+fi
+for example in "${examples[@]}"; do
     echo "example $example"
     if ! out=$(cargo run --release --quiet ${features[@]+"${features[@]}"} --example "$example" 2>&1); then
         printf '%s\n' "$out"
