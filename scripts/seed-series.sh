@@ -40,26 +40,12 @@ for t in $steps; do
   done
 done
 python3 - "$out" "$config" "$steps" "$seeds" ${sets[@]+"${sets[@]}"} <<'PY'
-import csv, sys, tomllib, statistics as st
+import csv, sys
+sys.path.insert(0, "scripts")
+from series_common import fmt, non_embedding_params, num, sizes
 out, config, steps, seeds = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
-cfg = tomllib.load(open(config, "rb"))
-# the --set overrides of the sizes that set tokens per parameter
-for kv in sys.argv[5:]:
-    if "=" in kv:
-        key, value = kv.split("=", 1)
-        sec, _, name = key.partition(".")
-        if sec in ("data", "model") and name in ("batch_size", "seq_len", "channels", "target_depth"):
-            cfg[sec][name] = int(value)
-b, t, c, l = cfg["data"]["batch_size"], cfg["data"]["seq_len"], cfg["model"]["channels"], cfg["model"]["target_depth"]
-ne = l * (12 * c * c + 13 * c)  # non-embedding parameters of the fixed model
-def num(x):
-    x = x.strip().replace("×", "").replace("%", "").replace("+", "")
-    flag = "<" if x.startswith("<") else ">" if x.startswith(">") else ""
-    return float(x.lstrip("<> ").split(" ")[0]), flag
-def fmt(v, unit=""):
-    if not v: return "–"
-    m = st.mean(v)
-    return f"{m:.4g}{unit} ({min(v):.4g}–{max(v):.4g})" if len(v) > 1 else f"{m:.4g}{unit}"
+b, t, c, l = sizes(config, sys.argv[5:])
+ne = non_embedding_params(c, l)
 print("\n| T | tokens / non-emb. param | seeds | run | final val | gap vs its fixed | saving vs frontier (llm.c) | saving vs frontier (non-emb) |")
 print("|---|---|---|---|---|---|---|---|")
 import glob, os
