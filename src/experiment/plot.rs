@@ -82,7 +82,7 @@ pub enum Legend {
 }
 
 /// The colours of successive series (a colour-blind-safe palette, Okabe–Ito).
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 12] = [
     RGBColor(0, 0, 0),
     RGBColor(230, 159, 0),
     RGBColor(86, 180, 233),
@@ -91,6 +91,11 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(240, 228, 66),
+    // beyond the 8 colour-blind-safe ones: the recipe ablation draws 10 curves
+    RGBColor(128, 128, 128),
+    RGBColor(120, 60, 160),
+    RGBColor(0, 90, 40),
+    RGBColor(150, 90, 40),
 ];
 
 /// The y range: from just below the lowest point to a cut that keeps the late, close part of
