@@ -327,41 +327,38 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(r) = folder.as_ref().and_then(|f| f.replaced.as_ref()) {
                 println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
             }
-            if !lead {
-                let opts = RunOptions { quiet: true, stop_after, resume, allow_config_change, ..Default::default() };
-                // Stop signals too (mpirun forwards them): the replicas agree on the step to stop at.
-                if cfg.on_cuda() {
-                    runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?;
-                } else {
-                    runtime::train::<CpuBackend>(&cfg, data, opts, true)?;
+            if lead {
+                if crate::dist::size() > 1 {
+                    println!("parallel: {} data-parallel replicas (rank 0 logs and checkpoints)", crate::dist::size());
                 }
-                return Ok(());
+                println!(
+                    "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",
+                    cfg.run.name,
+                    tok.name(),
+                    data.train.len(),
+                    data.val.len(),
+                    cfg.model.depth,
+                    cfg.target_depth(),
+                    cfg.run.steps
+                );
             }
-            if crate::dist::size() > 1 {
-                println!("parallel: {} data-parallel replicas (rank 0 logs and checkpoints)", crate::dist::size());
-            }
-            println!(
-                "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",
-                cfg.run.name,
-                tok.name(),
-                data.train.len(),
-                data.val.len(),
-                cfg.model.depth,
-                cfg.target_depth(),
-                cfg.run.steps
-            );
             let dir = cfg.out_dir();
             let report = if sequential {
                 let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
                 trainer.run(&RunOptions { quiet: false, stop_after, ..Default::default() })?
             } else {
-                let opts = RunOptions { quiet: false, stop_after, resume, allow_config_change, ..Default::default() };
+                // The other ranks train quietly; every rank takes stop signals (mpirun forwards
+                // them), and the replicas agree on the step to stop at.
+                let opts = RunOptions { quiet: !lead, stop_after, resume, allow_config_change, ..Default::default() };
                 if cfg.on_cuda() {
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
                 } else {
                     runtime::train::<CpuBackend>(&cfg, data, opts, true)?
                 }
             };
+            if !lead {
+                return Ok(());
+            }
             if sequential {
                 report.write_csv(&dir)?; // the runtime streams its CSV files as it goes
             }

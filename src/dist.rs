@@ -101,27 +101,35 @@ pub fn all_reduce_start(buf: Vec<f32>) -> Pending {
     Pending(rx)
 }
 
-/// The thread that makes every MPI call, one request at a time, in arrival order.
+/// The thread that makes every MPI call, one request at a time, in arrival order. The sums are
+/// written into the request's own buffer; the send side is a copy in a buffer of this thread,
+/// reused, so a steady run allocates nothing here.
 fn serve(jobs: mpsc::Receiver<Job>) {
+    let (mut send32, mut send64) = (Vec::new(), Vec::new());
     for job in jobs {
-        let t0 = Instant::now();
         match job {
             Job::F32(mut v, reply) => {
-                imp::all_reduce_f32(&mut v);
-                REDUCED_BYTES.fetch_add(4 * v.len() as u64, Ordering::Relaxed);
-                add_ns(&REDUCE_NS, t0);
-                REDUCTIONS.fetch_add(1, Ordering::Relaxed);
+                reduce(&mut v, &mut send32, imp::all_reduce_f32);
                 let _ = reply.send(v);
             }
             Job::F64(mut v, reply) => {
-                imp::all_reduce_f64(&mut v);
-                REDUCED_BYTES.fetch_add(8 * v.len() as u64, Ordering::Relaxed);
-                add_ns(&REDUCE_NS, t0);
-                REDUCTIONS.fetch_add(1, Ordering::Relaxed);
+                reduce(&mut v, &mut send64, imp::all_reduce_f64);
                 let _ = reply.send(v);
             }
         }
     }
+}
+
+/// `v` summed over every rank by `all_reduce(send, recv)`, with `send` as the send buffer; counted
+/// in [`stats`].
+fn reduce<T: Copy>(v: &mut [T], send: &mut Vec<T>, all_reduce: fn(&[T], &mut [T])) {
+    let t0 = Instant::now();
+    send.clear();
+    send.extend_from_slice(v);
+    all_reduce(send, v);
+    REDUCED_BYTES.fetch_add(std::mem::size_of_val(v) as u64, Ordering::Relaxed);
+    add_ns(&REDUCE_NS, t0);
+    REDUCTIONS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// This process's rank (0 in a one-process run).
@@ -289,14 +297,12 @@ mod imp {
         Ok(())
     }
 
-    pub fn all_reduce_f32(buf: &mut [f32]) {
-        let send = buf.to_vec();
-        world().all_reduce_into(&send[..], buf, SystemOperation::sum());
+    pub fn all_reduce_f32(send: &[f32], recv: &mut [f32]) {
+        world().all_reduce_into(send, recv, SystemOperation::sum());
     }
 
-    pub fn all_reduce_f64(x: &mut [f64]) {
-        let send = x.to_vec();
-        world().all_reduce_into(&send[..], x, SystemOperation::sum());
+    pub fn all_reduce_f64(send: &[f64], recv: &mut [f64]) {
+        world().all_reduce_into(send, recv, SystemOperation::sum());
     }
 
     pub fn finalize() {
@@ -316,10 +322,10 @@ mod imp {
     pub fn init() -> Result<()> {
         bail!("this run asks for several processes (`parallel.data` > 1, or an MPI launcher started it), but taproot was built without MPI: rebuild with `cargo build --release --features mpi`")
     }
-    pub fn all_reduce_f32(_: &mut [f32]) {
+    pub fn all_reduce_f32(_: &[f32], _: &mut [f32]) {
         unreachable!("the world has one process without the `mpi` feature")
     }
-    pub fn all_reduce_f64(_: &mut [f64]) {
+    pub fn all_reduce_f64(_: &[f64], _: &mut [f64]) {
         unreachable!("the world has one process without the `mpi` feature")
     }
     pub fn finalize() {}

@@ -15,11 +15,14 @@ pub struct GradSync {
     micro_batches: usize,
     done: usize,
     pending: Vec<dist::Pending>,
+    /// Host buffers of the last step's sums, in start order, reused for the next downloads
+    /// (each unit's buffer comes back to it, so a steady run allocates nothing).
+    spare: std::collections::VecDeque<Vec<f32>>,
 }
 
 impl GradSync {
     pub fn new(micro_batches: usize) -> Self {
-        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new() }
+        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new(), spare: Default::default() }
     }
 
     /// Count one backward; true when it was the step's last and the run has several replicas
@@ -38,7 +41,10 @@ impl GradSync {
 
     /// Start summing `set`'s gradients over the replicas.
     pub fn start<B: Backend>(&mut self, be: &B, set: &ParamSet<B>) {
-        self.pending.push(dist::all_reduce_start(set.grads_to_host(be)));
+        let mut host = self.spare.pop_front().unwrap_or_default();
+        host.resize(set.layout.total, 0.0);
+        be.download(B::whole(&set.grads), &mut host);
+        self.pending.push(dist::all_reduce_start(host));
     }
 
     /// Wait for the sums started, in order, and write them into `sets` (the same sets, in the
@@ -49,7 +55,9 @@ impl GradSync {
         }
         assert_eq!(self.pending.len(), sets.len(), "all-reduces started for {} units, finished for {}", self.pending.len(), sets.len());
         for (p, set) in self.pending.drain(..).zip(sets) {
-            set.grads_from_host(be, &p.wait());
+            let sum = p.wait();
+            set.grads_from_host(be, &sum);
+            self.spare.push_back(sum);
         }
     }
 }

@@ -43,7 +43,7 @@ impl<B: Backend> SchedulerState<B> {
             panic_at_step,
             observer: self.observer.clone(),
             pool: self.pool(&device),
-            micro_batches: self.cfg.data.micro_batches / crate::dist::size(),
+            micro_batches: self.local_micro_batches(),
         };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
             .await

@@ -33,7 +33,7 @@ impl<B: Backend> SchedulerState<B> {
     /// The micro-batches of a step this process trains: `data.micro_batches` split evenly over
     /// the data-parallel replicas (rank r takes the r-th consecutive share of the step's
     /// batches, so the global batch is the same whatever the number of replicas).
-    fn local_micro_batches(&self) -> usize {
+    pub(super) fn local_micro_batches(&self) -> usize {
         self.cfg.data.micro_batches / self.replicas
     }
 
@@ -173,7 +173,6 @@ impl<B: Backend> SchedulerState<B> {
         // The barrier: every stage steps; wait for all of them. (With several replicas each
         // stage first waits for the sum of its gradients, which it started after its last
         // backward: `runtime::grad_sync`.)
-        let mut grad_sumsq = 0.0f64;
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
         let (tx, rx) = ractor::concurrency::oneshot();
         self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
@@ -183,6 +182,7 @@ impl<B: Backend> SchedulerState<B> {
             s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);
         }
+        let mut grad_sumsq = 0.0f64;
         for w in waits {
             grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
         }
