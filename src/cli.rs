@@ -298,9 +298,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Train { config, set, stop_after, resume, overwrite, allow_config_change, sequential } => {
             let cfg = Config::load(&config, &set)?;
-            // Several processes (`parallel.data`, or an MPI launcher): rank 0 leads, owning the run
-            // folder, the logs and the checkpoints; the others train their share quietly.
-            crate::dist::init(cfg.parallel.data)?;
+            // Several processes (`parallel.data` × `parallel.pipeline`, or an MPI launcher): rank 0
+            // leads, owning the run folder, the logs and the checkpoints; the other replicas train
+            // their share quietly, and the other pipeline stages host the layers placed on them.
+            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline)?;
             let lead = crate::dist::rank() == 0;
             let mut cfg = cfg;
             if crate::dist::size() > 1 {
@@ -310,7 +311,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cfg.placement.devices = crate::dist::replica_devices(&cfg.placement.devices, local);
             }
             if sequential && crate::dist::size() > 1 {
-                anyhow::bail!("`--sequential` trains in one process; `parallel.data` must be 1");
+                anyhow::bail!("`--sequential` trains in one process; `parallel.data` and `parallel.pipeline` must be 1");
             }
             let start = match (resume, overwrite) {
                 (true, _) => Start::Resume,
@@ -322,6 +323,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
                 format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
             })?;
+            if crate::dist::stage() > 0 {
+                // A hosting stage: its layers until stage 0 shuts it down.
+                return if cfg.on_cuda() {
+                    runtime::remote::serve::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab)
+                } else {
+                    runtime::remote::serve::<CpuBackend>(&cfg, data.vocab)
+                };
+            }
             // Held until the run ends: one process per run folder (rank 0's, in a parallel run).
             let folder = if lead { Some(RunFolder::open(&cfg, start)?) } else { None };
             if let Some(r) = folder.as_ref().and_then(|f| f.replaced.as_ref()) {
@@ -329,7 +338,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if lead {
                 if crate::dist::size() > 1 {
-                    println!("parallel: {} data-parallel replicas (rank 0 logs and checkpoints)", crate::dist::size());
+                    println!(
+                        "parallel: {} data-parallel replicas × {} pipeline stages (rank 0 logs and checkpoints)",
+                        crate::dist::replicas(),
+                        crate::dist::stages()
+                    );
                 }
                 println!(
                     "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",

@@ -1,12 +1,23 @@
-//! Processes of one run: rank and world size, and the collectives data parallelism needs.
+//! Processes of one run: rank and world size, the collectives data parallelism needs, and the
+//! point-to-point frames of a pipeline split across processes.
 //!
-//! A run of `[parallel] data = D` is D processes started by `mpirun -np D` (or `srun`, or
-//! `taproot launch`), each running the same deterministic scheduler (SPMD) over its share of
-//! every step's micro-batches. MPI bootstraps and reduces (the `mpi` cargo feature, over the
-//! MPI library the machine has); a one-process run never touches MPI, and a build without the
-//! feature runs one process only.
+//! A run of `[parallel] data = D, pipeline = P` is D·P processes started by `mpirun -np D·P`
+//! (or `srun`, or `taproot launch`). Rank r is stage `r mod P` of replica `r div P`: the P
+//! stages of one replica are consecutive ranks (so `--host h:n` packs a pipeline onto one
+//! host, where its hand-offs are cheapest), and the D replicas of one stage form that stage's
+//! *replica communicator*, over which its gradients are summed. Stage 0 of each replica runs
+//! the scheduler, the embedding and the head, and the layers placed on it; stages 1..P host
+//! the layers placed on them (`runtime::remote`). The D schedulers run the same deterministic
+//! step loop (SPMD) over their shares of every step's micro-batches. MPI bootstraps, reduces
+//! and carries the frames (the `mpi` cargo feature, over the MPI library the machine has); a
+//! one-process run never touches MPI, and a build without the feature runs one process only.
 //!
-//! What crosses processes, all of it in the same order on every rank:
+//! Frames between the stages of one replica ([`send_frame`], [`take_incoming`]) go over the
+//! replica's *pipeline communicator* as non-blocking sends; the communication thread polls for
+//! incoming ones between requests, so a send never waits for its receiver to be ready and a
+//! collective in progress never stops a frame (no cycle of blocked calls across replicas).
+//!
+//! What the replicas exchange, all of it in the same order on every rank of a stage:
 //! - each unit's gradients: a unit starts their all-reduce ([`all_reduce_start`]) as soon as its
 //!   last backward of the step is done, before it hands its input gradient down, and waits for
 //!   the sum only at the optimizer step. So the reduction of the upper layers runs while the
@@ -19,9 +30,10 @@
 //! initialised at `MPI_THREAD_SERIALIZED`); [`stats`] says how long it spent reducing and how
 //! long the units waited for it, the part of the reduction that backward did not hide.
 //!
-//! Nothing else does: every rank holds the same weights after every step, evaluates the same
-//! validation batches, and grows at the same step with the same layer ids and the same init;
-//! rank 0 alone writes logs and checkpoints.
+//! Nothing else does: every replica holds the same weights after every step, evaluates the
+//! same validation batches, and grows at the same step with the same layer ids and the same
+//! init (checked after every growth with [`all_max_u64`]); rank 0 alone writes logs and
+//! checkpoints.
 
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,6 +42,12 @@ use std::time::Instant;
 
 static RANK: AtomicUsize = AtomicUsize::new(0);
 static SIZE: AtomicUsize = AtomicUsize::new(1);
+/// Pipeline stages per replica (P) and this process's stage.
+static STAGES: AtomicUsize = AtomicUsize::new(1);
+static STAGE: AtomicUsize = AtomicUsize::new(0);
+static FRAMES_SENT: AtomicU64 = AtomicU64::new(0);
+static FRAME_BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+static FRAME_BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
 static REDUCE_NS: AtomicU64 = AtomicU64::new(0);
 static WAIT_NS: AtomicU64 = AtomicU64::new(0);
 static REDUCED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -44,6 +62,10 @@ pub struct Stats {
     pub wait_s: f64,
     pub bytes: u64,
     pub reductions: u64,
+    /// Pipeline frames sent, and their bytes sent and received.
+    pub frames_sent: u64,
+    pub frame_bytes_sent: u64,
+    pub frame_bytes_received: u64,
 }
 
 pub fn stats() -> Stats {
@@ -52,6 +74,9 @@ pub fn stats() -> Stats {
         wait_s: WAIT_NS.load(Ordering::Relaxed) as f64 * 1e-9,
         bytes: REDUCED_BYTES.load(Ordering::Relaxed),
         reductions: REDUCTIONS.load(Ordering::Relaxed),
+        frames_sent: FRAMES_SENT.load(Ordering::Relaxed),
+        frame_bytes_sent: FRAME_BYTES_SENT.load(Ordering::Relaxed),
+        frame_bytes_received: FRAME_BYTES_RECEIVED.load(Ordering::Relaxed),
     }
 }
 
@@ -63,6 +88,12 @@ fn add_ns(counter: &AtomicU64, since: Instant) {
 enum Job {
     F32(Vec<f32>, mpsc::Sender<Vec<f32>>),
     F64(Vec<f64>, mpsc::Sender<Vec<f64>>),
+    MaxU64(Vec<u64>, mpsc::Sender<Vec<u64>>),
+    /// A frame for stage `to` of this replica.
+    Send {
+        to: usize,
+        bytes: Vec<u8>,
+    },
 }
 
 /// An all-reduce under way; [`Pending::wait`] gives the sum.
@@ -79,6 +110,12 @@ impl Pending {
 }
 
 static JOBS: std::sync::Mutex<Option<mpsc::Sender<Job>>> = std::sync::Mutex::new(None);
+static THREAD: std::sync::Mutex<Option<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(None);
+/// Frames from the other stages of this replica: (sending stage, bytes), until taken.
+static INCOMING: std::sync::Mutex<Option<mpsc::Receiver<Frame>>> = std::sync::Mutex::new(None);
+
+/// A frame from another stage of this replica: (its stage, its bytes).
+pub type Frame = (usize, Vec<u8>);
 
 fn submit(job: Job) {
     JOBS.lock()
@@ -89,11 +126,12 @@ fn submit(job: Job) {
         .expect("the communication thread is alive");
 }
 
-/// Start summing `buf` over every rank; the sum comes from [`Pending::wait`]. Every rank must
-/// start the same reductions in the same order. In a one-process run the sum is `buf`.
+/// Start summing `buf` over the replicas of this stage; the sum comes from [`Pending::wait`].
+/// Every replica must start the same reductions in the same order. With one replica the sum is
+/// `buf`.
 pub fn all_reduce_start(buf: Vec<f32>) -> Pending {
     let (tx, rx) = mpsc::channel();
-    if size() > 1 {
+    if replicas() > 1 {
         submit(Job::F32(buf, tx));
     } else {
         tx.send(buf).expect("the receiver is here");
@@ -103,26 +141,77 @@ pub fn all_reduce_start(buf: Vec<f32>) -> Pending {
 
 /// The thread that makes every MPI call, one request at a time, in arrival order. The sums are
 /// written into the request's own buffer; the send side is a copy in a buffer of this thread,
-/// reused, so a steady run allocates nothing here.
-fn serve(jobs: mpsc::Receiver<Job>) {
-    let (mut send32, mut send64) = (Vec::new(), Vec::new());
-    for job in jobs {
+/// reused, so a steady run allocates nothing here. With several pipeline stages it also polls
+/// for incoming frames between requests (every 50 µs when idle) and keeps the non-blocking
+/// sends it started until they complete; it waits for all of them before it ends.
+fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, incoming: mpsc::Sender<Frame>) {
+    let comms = match imp::Comms::new(stage(), replica()) {
+        Ok(c) => {
+            let _ = ready.send(Ok(()));
+            c
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("{e:#}")));
+            return;
+        }
+    };
+    let polling = stages() > 1;
+    let (mut send32, mut send64, mut sendu64) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sends: Vec<imp::SendRequest> = Vec::new();
+    loop {
+        let job = if polling {
+            match jobs.recv_timeout(std::time::Duration::from_micros(50)) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match jobs.recv() {
+                Ok(j) => Some(j),
+                Err(_) => break,
+            }
+        };
         match job {
-            Job::F32(mut v, reply) => {
-                reduce(&mut v, &mut send32, imp::all_reduce_f32);
+            Some(Job::F32(mut v, reply)) => {
+                reduce(&mut v, &mut send32, |s, r| comms.all_reduce_f32(s, r));
                 let _ = reply.send(v);
             }
-            Job::F64(mut v, reply) => {
-                reduce(&mut v, &mut send64, imp::all_reduce_f64);
+            Some(Job::F64(mut v, reply)) => {
+                reduce(&mut v, &mut send64, |s, r| comms.all_reduce_f64(s, r));
                 let _ = reply.send(v);
+            }
+            Some(Job::MaxU64(mut v, reply)) => {
+                sendu64.clear();
+                sendu64.extend_from_slice(&v);
+                comms.all_max_u64(&sendu64, &mut v);
+                let _ = reply.send(v);
+            }
+            Some(Job::Send { to, bytes }) => {
+                FRAMES_SENT.fetch_add(1, Ordering::Relaxed);
+                FRAME_BYTES_SENT.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                sends.push(comms.send(to, bytes));
+            }
+            None => {}
+        }
+        if polling {
+            sends.retain_mut(|r| !r.done());
+            while let Some((from, bytes)) = comms.receive() {
+                FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let _ = incoming.send((from, bytes));
             }
         }
+    }
+    // Every frame started must have left before MPI ends.
+    while !sends.is_empty() {
+        sends.retain_mut(|r| !r.done());
+        while let Some((_, _)) = comms.receive() {}
+        std::thread::yield_now();
     }
 }
 
 /// `v` summed over every rank by `all_reduce(send, recv)`, with `send` as the send buffer; counted
 /// in [`stats`].
-fn reduce<T: Copy>(v: &mut [T], send: &mut Vec<T>, all_reduce: fn(&[T], &mut [T])) {
+fn reduce<T: Copy>(v: &mut [T], send: &mut Vec<T>, all_reduce: impl Fn(&[T], &mut [T])) {
     let t0 = Instant::now();
     send.clear();
     send.extend_from_slice(v);
@@ -140,6 +229,47 @@ pub fn rank() -> usize {
 /// The number of processes of the run (1 in a one-process run).
 pub fn size() -> usize {
     SIZE.load(Ordering::Relaxed)
+}
+
+/// Pipeline stages per replica (`parallel.pipeline`).
+pub fn stages() -> usize {
+    STAGES.load(Ordering::Relaxed)
+}
+
+/// This process's pipeline stage (0: the scheduler, the embedding and the head).
+pub fn stage() -> usize {
+    STAGE.load(Ordering::Relaxed)
+}
+
+/// Data-parallel replicas (`parallel.data`).
+pub fn replicas() -> usize {
+    size() / stages()
+}
+
+/// This process's replica.
+pub fn replica() -> usize {
+    rank() / stages()
+}
+
+/// Send `bytes` to stage `to` of this replica (non-blocking: the communication thread sends
+/// it; frames to one stage arrive in the order they were sent).
+pub fn send_frame(to: usize, bytes: Vec<u8>) {
+    submit(Job::Send { to, bytes });
+}
+
+/// The frames other stages of this replica send here: (their stage, bytes), in the order each
+/// sent them. Given once (None after).
+pub fn take_incoming() -> Option<mpsc::Receiver<Frame>> {
+    INCOMING.lock().expect("incoming lock").take()
+}
+
+/// The element-wise maximum of `x` over the replicas of this stage (in place).
+pub fn all_max_u64(x: &mut [u64]) {
+    if replicas() > 1 {
+        let (tx, rx) = mpsc::channel();
+        submit(Job::MaxU64(x.to_vec(), tx));
+        x.copy_from_slice(&rx.recv().expect("the communication thread ended during a run"));
+    }
 }
 
 /// Whether this process was started by an MPI launcher (mpirun, srun with PMI/PMIx).
@@ -173,24 +303,37 @@ pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
 }
 
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
-/// one data-parallel replica; then check that the world has `data` processes.
-pub fn init(data: usize) -> Result<()> {
-    // One replica in a build without MPI runs as it would anywhere, launcher or not.
-    if data <= 1 && (!launched_by_mpi() || !cfg!(feature = "mpi")) {
+/// one process; then check that the world has `data × pipeline` processes.
+pub fn init(data: usize, pipeline: usize) -> Result<()> {
+    let want = data * pipeline;
+    // One process in a build without MPI runs as it would anywhere, launcher or not.
+    if want <= 1 && (!launched_by_mpi() || !cfg!(feature = "mpi")) {
         return Ok(());
     }
     imp::init()?;
-    if size() > 1 {
-        let (tx, rx) = mpsc::channel();
-        *JOBS.lock().expect("jobs lock") = Some(tx);
-        std::thread::Builder::new().name("taproot-mpi".into()).spawn(move || serve(rx))?;
-    }
-    if size() != data {
-        let n = size();
+    let n = size();
+    if n != want {
         bail!(
-            "`parallel.data` = {data}, but this run has {n} process{}: start it with `mpirun -np {data}` (or `taproot launch --config FILE`)",
+            "`parallel.data` × `parallel.pipeline` = {data} × {pipeline} = {want}, but this run has {n} process{}: start it with `mpirun -np {want}` (or `taproot launch --config FILE`)",
             if n == 1 { "" } else { "es" }
         );
+    }
+    STAGES.store(pipeline, Ordering::Relaxed);
+    STAGE.store(rank() % pipeline, Ordering::Relaxed);
+    if n > 1 {
+        let (tx, rx) = mpsc::channel();
+        let (in_tx, in_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        *JOBS.lock().expect("jobs lock") = Some(tx);
+        *INCOMING.lock().expect("incoming lock") = Some(in_rx);
+        let t = std::thread::Builder::new().name("taproot-mpi".into()).spawn(move || serve(rx, ready_tx, in_tx))?;
+        *THREAD.lock().expect("thread lock") = Some(t);
+        // The thread splits the world into the replica and pipeline communicators first.
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("setting up the communicators: {e}"),
+            Err(_) => bail!("the communication thread ended while setting up"),
+        }
     }
     Ok(())
 }
@@ -238,9 +381,9 @@ pub fn launch_line(
     line
 }
 
-/// `x` summed over every rank, in place (a no-op in a one-process run).
+/// `x` summed over the replicas of this stage, in place (a no-op with one replica).
 pub fn all_reduce_sum_f64(x: &mut [f64]) {
-    if size() > 1 {
+    if replicas() > 1 {
         let (tx, rx) = mpsc::channel();
         submit(Job::F64(x.to_vec(), tx));
         x.copy_from_slice(&rx.recv().expect("the communication thread ended during a run"));
@@ -251,6 +394,9 @@ pub fn all_reduce_sum_f64(x: &mut [f64]) {
 /// finalises. A no-op when it was never started.
 pub fn finalize() {
     drop(JOBS.lock().expect("jobs lock").take());
+    if let Some(t) = THREAD.lock().expect("thread lock").take() {
+        let _ = t.join();
+    }
     imp::finalize();
 }
 
@@ -265,10 +411,12 @@ pub fn abort(code: i32) {
 #[cfg(feature = "mpi")]
 mod imp {
     use super::{RANK, SIZE};
-    use anyhow::{bail, Result};
+    use anyhow::{bail, Context, Result};
     use mpi::collective::SystemOperation;
     use mpi::environment::Universe;
-    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::point_to_point::MatchedReceiveVec;
+    use mpi::request::{Request, StaticScope};
+    use mpi::topology::{Color, Communicator, SimpleCommunicator};
     use mpi::traits::*;
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
@@ -297,12 +445,81 @@ mod imp {
         Ok(())
     }
 
-    pub fn all_reduce_f32(send: &[f32], recv: &mut [f32]) {
-        world().all_reduce_into(send, recv, SystemOperation::sum());
+    /// The communicators of this process: its stage's replicas (gradient sums) and its
+    /// replica's stages (pipeline frames). Made by the communication thread, which alone uses
+    /// them.
+    pub struct Comms {
+        replicas: SimpleCommunicator,
+        pipeline: SimpleCommunicator,
     }
 
-    pub fn all_reduce_f64(send: &[f64], recv: &mut [f64]) {
-        world().all_reduce_into(send, recv, SystemOperation::sum());
+    /// A frame on its way: the request and the buffer it reads, freed when it completes.
+    pub struct SendRequest {
+        req: Option<Request<'static, [u8], StaticScope>>,
+        buf: *mut [u8],
+    }
+
+    // The raw buffer is owned by this request alone (leaked from a Box at the send).
+    unsafe impl Send for SendRequest {}
+
+    impl SendRequest {
+        /// Whether the send has completed (then its buffer is freed).
+        pub fn done(&mut self) -> bool {
+            match self.req.take().expect("a pending request").test() {
+                Ok(_) => {
+                    // SAFETY: the buffer came from `Box::leak` in `Comms::send` and MPI no longer
+                    // reads it: its request has completed.
+                    drop(unsafe { Box::from_raw(self.buf) });
+                    true
+                }
+                Err(r) => {
+                    self.req = Some(r);
+                    false
+                }
+            }
+        }
+    }
+
+    impl Comms {
+        pub fn new(stage: usize, replica: usize) -> Result<Self> {
+            let w = world();
+            let replicas = w
+                .split_by_color_with_key(Color::with_value(stage as i32), replica as i32)
+                .context("splitting the world by pipeline stage")?;
+            let pipeline =
+                w.split_by_color_with_key(Color::with_value(replica as i32), stage as i32).context("splitting the world by replica")?;
+            Ok(Comms { replicas, pipeline })
+        }
+
+        pub fn all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
+            self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+        }
+
+        pub fn all_reduce_f64(&self, send: &[f64], recv: &mut [f64]) {
+            self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+        }
+
+        pub fn all_max_u64(&self, send: &[u64], recv: &mut [u64]) {
+            self.replicas.all_reduce_into(send, recv, SystemOperation::max());
+        }
+
+        /// Start sending `bytes` to stage `to`.
+        pub fn send(&self, to: usize, bytes: Vec<u8>) -> SendRequest {
+            let buf: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
+            let ptr: *mut [u8] = buf;
+            // SAFETY: `ptr` stays valid until `SendRequest::done` frees it after completion.
+            let read: &'static [u8] = unsafe { &*ptr };
+            let req = self.pipeline.process_at_rank(to as i32).immediate_send(StaticScope, read);
+            SendRequest { req: Some(req), buf: ptr }
+        }
+
+        /// A frame that has arrived, if any: (its stage, its bytes).
+        pub fn receive(&self) -> Option<(usize, Vec<u8>)> {
+            let probed = self.pipeline.any_process().immediate_matched_probe()?;
+            let from = probed.1.source_rank() as usize;
+            let (bytes, _) = probed.matched_receive_vec::<u8>();
+            Some((from, bytes))
+        }
     }
 
     pub fn finalize() {
@@ -320,13 +537,28 @@ mod imp {
     use anyhow::{bail, Result};
 
     pub fn init() -> Result<()> {
-        bail!("this run asks for several processes (`parallel.data` > 1, or an MPI launcher started it), but taproot was built without MPI: rebuild with `cargo build --release --features mpi`")
+        bail!("this run asks for several processes (`parallel.data` or `parallel.pipeline` > 1, or an MPI launcher started it), but taproot was built without MPI: rebuild with `cargo build --release --features mpi`")
     }
-    pub fn all_reduce_f32(_: &[f32], _: &mut [f32]) {
-        unreachable!("the world has one process without the `mpi` feature")
+    pub struct Comms;
+    pub struct SendRequest;
+    impl SendRequest {
+        pub fn done(&mut self) -> bool {
+            true
+        }
     }
-    pub fn all_reduce_f64(_: &[f64], _: &mut [f64]) {
-        unreachable!("the world has one process without the `mpi` feature")
+    impl Comms {
+        pub fn new(_: usize, _: usize) -> Result<Self> {
+            bail!("built without MPI")
+        }
+        pub fn all_reduce_f32(&self, _: &[f32], _: &mut [f32]) {}
+        pub fn all_reduce_f64(&self, _: &[f64], _: &mut [f64]) {}
+        pub fn all_max_u64(&self, _: &[u64], _: &mut [u64]) {}
+        pub fn send(&self, _: usize, _: Vec<u8>) -> SendRequest {
+            SendRequest
+        }
+        pub fn receive(&self) -> Option<(usize, Vec<u8>)> {
+            None
+        }
     }
     pub fn finalize() {}
     pub fn abort(_: i32) {}

@@ -161,7 +161,7 @@ impl<B: Backend> OptState<B> {
 
 /// A host snapshot of a unit: parameters and optimizer state. Used by growth (`copying` reads
 /// its sources this way, as a layer actor answers `GetState`) and by checkpoints.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UnitState {
     pub params: Vec<f32>,
     pub m: Vec<f32>,

@@ -331,3 +331,75 @@ fn a_killed_rank_stops_the_run_and_it_resumes() {
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
     assert_eq!(ck.meta.step, from + 15);
 }
+
+/// Every byte of the newest checkpoint's tensors and every logged loss, as text: two runs are
+/// bitwise equal when these are.
+fn exact_trajectory(run: &Path) -> (Vec<(String, Vec<u32>)>, Vec<String>) {
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().expect("a checkpoint");
+    let mut tensors: Vec<(String, Vec<u32>)> = Vec::new();
+    for (k, u) in &ck.units {
+        tensors.push((format!("{k}.params"), u.params.iter().map(|x| x.to_bits()).collect()));
+        tensors.push((format!("{k}.m"), u.m.iter().map(|x| x.to_bits()).collect()));
+        tensors.push((format!("{k}.v"), u.v.iter().flatten().map(|x| x.to_bits()).collect()));
+    }
+    tensors.sort();
+    // step, depth, lr, loss (wall times differ).
+    let steps = std::fs::read_to_string(run.join("steps.csv")).unwrap();
+    let evals = std::fs::read_to_string(run.join("evals.csv")).unwrap_or_default();
+    let cols = |l: &str, n: usize| l.split(',').take(n).collect::<Vec<_>>().join(",");
+    let mut log: Vec<String> = steps.lines().map(|l| cols(l, 4)).collect();
+    log.extend(evals.lines().map(|l| cols(l, 3)));
+    (tensors, log)
+}
+
+fn assert_bitwise_runs(a: &Path, b: &Path) {
+    let (ta, la) = exact_trajectory(a);
+    let (tb, lb) = exact_trajectory(b);
+    assert_eq!(la.len(), lb.len(), "logged rows");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x, y, "logged row");
+    }
+    assert_eq!(ta.iter().map(|t| &t.0).collect::<Vec<_>>(), tb.iter().map(|t| &t.0).collect::<Vec<_>>(), "units");
+    for ((k, x), (_, y)) in ta.iter().zip(&tb) {
+        assert!(x == y, "{k} differs between the runs");
+    }
+}
+
+#[test]
+fn pipeline_stages_in_processes_equal_the_one_process_pipeline_bitwise() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("pp-equal");
+    for p in [2usize, 3] {
+        // One process, P devices; against P processes of one device each. Growth 1 -> 3 at step
+        // 6 under `balanced` moves the old layer from stage 0 to the last stage.
+        let devices: Vec<String> = (0..p).map(|i| format!("cpu:{i}")).collect();
+        let one = config(&dir, &format!("one-{p}"));
+        let one_out = dir.join(format!("one-{p}"));
+        let list = format!("placement.devices=[{}]", devices.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(","));
+        ok("one process", &taproot().args(["train", "--config", one.to_str().unwrap(), "--set", &list]).output().unwrap());
+        let multi = dir.join(format!("p{p}"));
+        let o = mpirun(
+            p,
+            &[
+                "train",
+                "--config",
+                one.to_str().unwrap(),
+                "--set",
+                &format!("run.out_dir={}", multi.display()),
+                "--set",
+                &format!("parallel.pipeline={p}"),
+                "--set",
+                "run.log_every=1",
+            ],
+        );
+        ok(&format!("{p} pipeline stages"), &o);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains(&format!("1 data-parallel replicas × {p} pipeline stages")), "{stdout}");
+        assert!(stdout.contains("moved=1"), "the growth moved a layer across processes: {stdout}");
+        let last = format!("cpu:0@{}", p - 1);
+        assert!(stdout.contains(&last), "the stack reached the last stage: {stdout}");
+        assert_bitwise_runs(&one_out, &multi);
+    }
+}

@@ -56,7 +56,7 @@ fn hash_words(n_bytes: u64, words: impl Iterator<Item = u64>) -> u64 {
 }
 
 /// Data hash of a tensor from its little-endian bytes (load side).
-pub(super) fn hash_bytes(data: &[u8]) -> u64 {
+pub(crate) fn hash_bytes(data: &[u8]) -> u64 {
     let chunks = data.chunks_exact(8);
     let rem = chunks.remainder();
     let tail = (!rem.is_empty()).then(|| {
@@ -68,7 +68,7 @@ pub(super) fn hash_bytes(data: &[u8]) -> u64 {
 }
 
 /// Data hash of an f32 tensor from its values (save side); equals `hash_bytes` of its LE bytes.
-pub(super) fn hash_f32(x: &[f32]) -> u64 {
+pub(crate) fn hash_f32(x: &[f32]) -> u64 {
     let pairs = x.chunks_exact(2);
     let tail = pairs.remainder().first().map(|v| v.to_bits() as u64);
     hash_words(4 * x.len() as u64, pairs.map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32).chain(tail))

@@ -51,7 +51,7 @@ use std::str::FromStr;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Metadata key of the [`Meta`] JSON.
-mod checksum;
+pub(crate) mod checksum;
 mod folder;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};

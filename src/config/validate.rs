@@ -55,12 +55,7 @@ impl Config {
                 self.parallel.data
             );
         }
-        if self.parallel.pipeline != 1 {
-            bail!(
-                "`parallel.pipeline` = {}: pipeline stages across processes are not implemented yet; stages within one process come from `[placement] devices`",
-                self.parallel.pipeline
-            );
-        }
+        pos(self.parallel.pipeline, "parallel.pipeline")?;
         if self.parallel.processes_per_host == Some(0) {
             bail!("`parallel.processes_per_host` must be at least 1");
         }

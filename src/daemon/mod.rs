@@ -109,11 +109,12 @@ fn resumed_from(cfg: &Config, step: u64) -> Option<(PathBuf, checkpoint::Meta)> 
 /// Run the daemon until the run ends (and lingers) or is stopped; returns the exit code.
 pub fn run(opts: DaemonOptions) -> Result<i32> {
     let mut cfg = Config::load(&opts.config, &opts.sets)?;
-    if cfg.parallel.data > 1 {
+    if cfg.parallel.data * cfg.parallel.pipeline > 1 {
         anyhow::bail!(
-            "{}: `parallel.data` = {}: the daemon runs one process so far; start a data-parallel run with `taproot train` under mpirun (or `taproot launch`)",
+            "{}: `parallel.data` = {}, `parallel.pipeline` = {}: the daemon runs one process so far; start a multi-process run with `taproot train` under mpirun (or `taproot launch`)",
             opts.config.display(),
-            cfg.parallel.data
+            cfg.parallel.data,
+            cfg.parallel.pipeline
         );
     }
     if let Some(l) = &opts.listen {

@@ -62,7 +62,7 @@ impl Parameterization {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InitConfig {
     pub scheme: InitScheme,
     pub parameterization: Parameterization,

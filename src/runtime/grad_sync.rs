@@ -28,7 +28,7 @@ impl GradSync {
     /// Count one backward; true when it was the step's last and the run has several replicas
     /// (then the caller starts its reductions, before handing anything on).
     pub fn backward_done(&mut self) -> bool {
-        if dist::size() == 1 {
+        if dist::replicas() == 1 {
             return false;
         }
         self.done += 1;

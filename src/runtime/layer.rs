@@ -65,7 +65,8 @@ impl<B: Backend> TryFrom<LayerMsg<B>> for Handoff<B> {
     }
 }
 
-/// How a layer's block comes to be.
+/// How a layer's block comes to be (serialisable: a remote stage is told it in a frame).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub enum LayerInit {
     /// Born at τ (or at step 0) per the growth operator.
     Fresh { init: GrowInit, source: Option<UnitState>, policy: OptStatePolicy, init_cfg: InitConfig },

@@ -53,11 +53,13 @@
 pub mod embed_head;
 pub mod error;
 pub mod events;
+pub mod frame;
 pub mod grad_sync;
 pub mod handoff;
 pub mod layer;
 pub mod metrics;
 pub mod placement;
+pub mod remote;
 pub mod scheduler;
 pub mod supervisor;
 

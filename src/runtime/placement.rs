@@ -12,7 +12,33 @@
 //! buffers, an op that mixes two devices' buffers fails, and hand-offs across devices are copies,
 //! so the policy, the moves and the hand-off protocol are the same code a multi-GPU run uses.
 
+//!
+//! A pipeline split over P processes (`[parallel] pipeline = P`) places layers on P × k
+//! *slots* ([`pipeline_slots`]): stage 0's devices as they are, then each device of stage q
+//! as `DEVICE@q`. The policies run over the slots unchanged, so `balanced` splits the stack
+//! over the processes and moves layers across them at growth.
+
 use crate::config::PlacementPolicy;
+
+/// The slots of a pipeline over `stages` processes, each with the devices `devices`, in
+/// pipeline order: `devices` (stage 0), then `d@1` for each device d, …, then `d@(P-1)`.
+pub fn pipeline_slots(devices: &[String], stages: usize) -> Vec<String> {
+    let mut out = devices.to_vec();
+    for q in 1..stages {
+        out.extend(devices.iter().map(|d| format!("{d}@{q}")));
+    }
+    out
+}
+
+/// The stage of a slot and the index of its device in `devices` (stage 0's device list, which
+/// has the length of every stage's).
+pub fn slot_of(slot: &str, devices: &[String]) -> (usize, usize) {
+    let (dev, stage) = match slot.rsplit_once('@').and_then(|(d, q)| Some((d, q.parse::<usize>().ok()?))) {
+        Some((d, q)) => (d, q),
+        None => (slot, 0),
+    };
+    (stage, devices.iter().position(|d| d == dev).unwrap_or(0))
+}
 
 /// Devices for a stack of `depth` layers under `balanced`: contiguous, near-equal ranges.
 pub fn balanced(devices: &[String], depth: usize) -> Vec<String> {
@@ -63,4 +89,22 @@ pub fn after_growth(
 /// Devices for a fresh (or resumed) stack of `depth` layers.
 pub fn initial(policy: PlacementPolicy, devices: &[String], depth: usize, target_depth: usize) -> Vec<String> {
     after_growth(policy, devices, &[], &(0..depth).collect::<Vec<_>>(), target_depth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_name_the_stage_and_the_device() {
+        let devs = vec!["cpu:0".to_string(), "cpu:1".to_string()];
+        let slots = pipeline_slots(&devs, 3);
+        assert_eq!(slots, ["cpu:0", "cpu:1", "cpu:0@1", "cpu:1@1", "cpu:0@2", "cpu:1@2"]);
+        assert_eq!(slot_of("cpu:1", &devs), (0, 1));
+        assert_eq!(slot_of("cpu:0@2", &devs), (2, 0));
+        assert_eq!(slot_of("cpu:1@1", &devs), (1, 1));
+        // Balanced over two single-device stages: the bottom half on stage 0.
+        let two = pipeline_slots(&devs[..1], 2);
+        assert_eq!(balanced(&two, 3), ["cpu:0", "cpu:0", "cpu:0@1"]);
+    }
 }

@@ -356,6 +356,30 @@ pub fn watch_stop_signals(
 /// [`train`] inside an existing multi-thread tokio runtime.
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, signals: bool) -> anyhow::Result<TrainReport> {
     let run = start::<B>(cfg, data, opts, events::none()).await?;
+    // A pipeline over several processes: frames from the other stages, and their stop requests.
+    let stop_listener = if crate::dist::stages() > 1 {
+        super::remote::set_run(&cfg.run.name);
+        let mut requests = super::remote::listen();
+        super::remote::start_dispatch::<B>(super::StreamSettings::of(cfg))?;
+        let supervisor = run.supervisor.clone();
+        Some(tokio::spawn(async move {
+            while let Some((_, _, req)) = requests.recv().await {
+                if let super::frame::Request::StopRun { force } = req {
+                    eprintln!(
+                        "a pipeline stage was signalled: {}",
+                        if force {
+                            "stopping at the next micro-batch boundary"
+                        } else {
+                            "finishing the current step, then checkpoint and stop"
+                        }
+                    );
+                    let _ = supervisor.cast(if force { SupervisorMsg::ForceStop } else { SupervisorMsg::RequestStop });
+                }
+            }
+        }))
+    } else {
+        None
+    };
     let grace = std::time::Duration::from_secs(cfg.run.stop_grace_s);
     let supervisor = run.supervisor.clone();
     let watcher = signals
@@ -383,6 +407,10 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptio
     let result = run.wait().await;
     if let Some(w) = watcher {
         w.abort();
+    }
+    if let Some(l) = stop_listener {
+        l.abort();
+        super::remote::shutdown_stages().await;
     }
     result
 }

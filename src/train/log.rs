@@ -84,7 +84,11 @@ impl RunLog {
     /// A progress bar (step, loss, lr, tok/s, depth, ETA) when stdout is a terminal and the run
     /// is not quiet; log lines are then printed above it.
     pub fn with_progress_bar(mut self, start_step: u64, end_step: u64) -> Self {
-        if !self.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // The bar draws on stderr and prints lines above itself there; where either stream is not
+        // a terminal (mpirun gives ranks a pty for stdout and a pipe for stderr) lines said
+        // through a hidden bar would be lost, so there is no bar.
+        use std::io::IsTerminal;
+        if !self.quiet && std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(end_step);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")

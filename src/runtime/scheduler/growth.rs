@@ -16,9 +16,12 @@ use crate::params::UnitState;
 use crate::runtime::embed_head::EmbedHeadMsg;
 use crate::runtime::error::RunError;
 use crate::runtime::events::Event;
+use crate::runtime::frame::{Addr, Request, Unit};
 use crate::runtime::handoff::Peer;
 use crate::runtime::layer::{LayerActor, LayerArgs, LayerInit, LayerMsg};
 use crate::runtime::placement;
+use crate::runtime::remote::{self, RemoteLayerActor, RemoteLayerArgs, Route};
+use crate::runtime::StreamSettings;
 use ractor::Actor;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -29,10 +32,21 @@ impl<B: Backend> SchedulerState<B> {
         self.pools.lock().expect("pools lock").entry(device.to_string()).or_default().clone()
     }
 
-    /// Spawn the layer actor `id` on `device`, linked to the supervisor.
+    /// Spawn the layer actor `id` on `device` (a slot: on another stage it is a
+    /// `RemoteLayerActor` standing in for the layer there), linked to the supervisor.
     pub(super) async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
         let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
         let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
+        let (stage, device_index) = placement::slot_of(&device, &self.cfg.placement.devices);
+        if stage > 0 {
+            let args = RemoteLayerArgs { id, stage, device_index, init, panic_at_step, micro_batches: self.local_micro_batches() };
+            let (actor, _) = Actor::spawn_linked(None, RemoteLayerActor::<B>::default(), args, self.supervisor.clone())
+                .await
+                .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
+            let rank = crate::dist::replica() * crate::dist::stages() + stage;
+            self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device}, rank {rank})"));
+            return Ok(Stage { id, device, actor });
+        }
         let args = LayerArgs {
             id,
             device: device.clone(),
@@ -52,16 +66,92 @@ impl<B: Backend> SchedulerState<B> {
         Ok(Stage { id, device, actor })
     }
 
+    /// The stage of stack position `i` (None: the embed-head actor, on stage 0).
+    fn stage_of(&self, i: Option<usize>) -> usize {
+        i.map_or(0, |i| placement::slot_of(&self.stack[i].device, &self.cfg.placement.devices).0)
+    }
+
+    fn addr(&self, i: Option<usize>) -> Addr {
+        let unit = i.map_or(Unit::Ends, |i| Unit::Layer(self.stack[i].id));
+        Addr { stage: self.stage_of(i), unit }
+    }
+
+    /// The peer a local unit on `from_device` hands to for stack position `to` (None: the
+    /// embed-head actor): the actor itself when it is in this process, else a new link to it.
+    async fn peer_for(&mut self, from_device: &str, to: Option<usize>) -> Res<Peer<B>> {
+        if self.stage_of(to) == 0 {
+            return Ok(match to {
+                Some(i) => self.stack[i].actor.get_derived(),
+                None => self.embed_head.get_derived(),
+            });
+        }
+        let link = remote::remote_peer::<B>(from_device, StreamSettings::of(&self.cfg), self.addr(to)).await.map_err(boxed)?;
+        let p = link.get_derived();
+        self.links.push(link);
+        Ok(p)
+    }
+
     /// Tell every stage its neighbours. Called whenever the stack changes (nothing in flight).
-    pub(super) fn relink(&self) -> Res<()> {
+    /// Layers on other stages are told by address, and the call returns once every stage has
+    /// them linked, so no frame of the next step can reach an unlinked layer.
+    pub(super) async fn relink(&mut self) -> Res<()> {
+        for l in self.links.drain(..) {
+            l.stop(None);
+        }
         let n = self.stack.len();
-        let ring: Peer<B> = self.embed_head.get_derived();
-        let peer = |i: usize| -> Peer<B> { self.stack[i].actor.get_derived() };
-        self.embed_head.cast(EmbedHeadMsg::Link { first: (n > 0).then(|| peer(0)), last: (n > 0).then(|| peer(n - 1)) }).map_err(gone)?;
-        for (i, s) in self.stack.iter().enumerate() {
-            let prev = if i == 0 { ring.clone() } else { peer(i - 1) };
-            let next = if i + 1 == n { ring.clone() } else { peer(i + 1) };
-            s.actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
+        if crate::dist::stages() > 1 {
+            // The units frames may be addressed to in this process.
+            let routes = remote::routes::<B>();
+            routes.clear();
+            let ends = self.ends_device.clone();
+            routes.set(Unit::Ends, Route { peer: self.embed_head.get_derived(), device: ends.clone(), pool: self.pool(&ends) });
+            for i in (0..n).filter(|&i| self.stage_of(Some(i)) == 0) {
+                let s = &self.stack[i];
+                routes.set(Unit::Layer(s.id), Route { peer: s.actor.get_derived(), device: s.device.clone(), pool: self.pool(&s.device) });
+            }
+        }
+        let ends = self.ends_device.clone();
+        let (first, last) =
+            if n > 0 { (Some(self.peer_for(&ends, Some(0)).await?), Some(self.peer_for(&ends, Some(n - 1)).await?)) } else { (None, None) };
+        self.embed_head.cast(EmbedHeadMsg::Link { first, last }).map_err(gone)?;
+        for i in 0..n {
+            let (below, above) = (i.checked_sub(1), (i + 1 < n).then_some(i + 1));
+            let stage = self.stage_of(Some(i));
+            if stage == 0 {
+                let device = self.stack[i].device.clone();
+                let prev = self.peer_for(&device, below).await?;
+                let next = self.peer_for(&device, above).await?;
+                self.stack[i].actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
+            } else {
+                let req = Request::Link { id: self.stack[i].id, prev: self.addr(below), next: self.addr(above) };
+                remote::request(stage, req).await.map_err(boxed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With several replicas: check that the layers `ids`, just born, are identical in every
+    /// replica (their init is keyed by layer id, so they must be); an error names the first
+    /// that is not.
+    async fn check_replicas_agree(&self, ids: &[u64]) -> Res<()> {
+        if crate::dist::replicas() == 1 {
+            return Ok(());
+        }
+        let mut sums = Vec::with_capacity(2 * ids.len());
+        for s in self.stack.iter().filter(|s| ids.contains(&s.id)) {
+            let st = ask(&s.actor, "GetState", LayerMsg::GetState).await?;
+            let h = crate::checkpoint::checksum::hash_f32(&st.params);
+            // max(h) and max(!h) = !min(h): equal everywhere iff max(h) == min(h).
+            sums.extend([h, !h]);
+        }
+        crate::dist::all_max_u64(&mut sums);
+        for (s, pair) in self.stack.iter().filter(|s| ids.contains(&s.id)).zip(sums.chunks(2)) {
+            if pair[0] != !pair[1] {
+                return Err(boxed(RunError::Protocol(format!(
+                    "after growth at step {}, layer {} is not the same in every data-parallel replica",
+                    self.step, s.id
+                ))));
+            }
         }
         Ok(())
     }
@@ -109,7 +199,7 @@ impl<B: Backend> SchedulerState<B> {
         };
         let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
         let p = &self.cfg.placement;
-        let devices = placement::after_growth(p.policy, &p.devices, &old_devices, &positions, self.cfg.target_depth());
+        let devices = placement::after_growth(p.policy, &self.slots, &old_devices, &positions, self.cfg.target_depth());
         // All newborns at once: each initialises its block on its own thread.
         let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
@@ -138,12 +228,13 @@ impl<B: Backend> SchedulerState<B> {
             Position::Top => self.stack.append(&mut newborn),
         }
         let moved = self.move_layers(&devices).await?;
-        self.relink()?;
+        self.relink().await?;
+        self.check_replicas_agree(&new_ids).await?;
         let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
         let record = GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids, stack };
         let seconds = t0.elapsed().as_secs_f64();
         self.growth.push(record.clone());
-        self.log.growth(&record, seconds, &format!(" moved={moved}"));
+        self.log.growth(&record, seconds, &format!(" moved={moved} placement={}", devices.join(",")));
         (self.observer)(&Event::Growth { record, seconds });
         Ok(())
     }

@@ -195,9 +195,16 @@ pub struct SchedulerState<B: Backend> {
     /// One activation-buffer pool per device, shared by the stages placed there (see
     /// `backend::pool::ActPool`); stages born later on a device join its pool.
     pools: Mutex<BTreeMap<String, ActPool<B>>>,
-    /// This process's rank and the run's number of data-parallel replicas (`crate::dist`).
+    /// This process's replica and the run's number of data-parallel replicas (`crate::dist`).
     rank: usize,
     replicas: usize,
+    /// Where layers can be placed: `[placement] devices`, or with a pipeline over P processes
+    /// every stage's devices (`placement::pipeline_slots`).
+    slots: Vec<String>,
+    ends_device: String,
+    /// Links of local units to units in other processes (`remote::RemotePeerActor`), replaced
+    /// at every relink.
+    links: Vec<ActorRef<super::handoff::Handoff<B>>>,
 }
 
 pub struct SchedulerActor<B: Backend>(PhantomData<fn() -> B>);
@@ -312,7 +319,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             restore: restore_embed_head,
             observer: a.observer.clone(),
             pool: pools[&ends_device].clone(),
-            micro_batches: cfg.data.micro_batches / crate::dist::size(),
+            micro_batches: cfg.data.micro_batches / crate::dist::replicas(),
         };
         let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
             .await
@@ -325,11 +332,12 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             Some(ck) => (ck.meta.stack.clone(), ck.meta.step, ck.meta.next_id, ck.meta.growth.clone()),
             None => ((0..cfg.model.depth as u64).collect(), 0, cfg.model.depth as u64, Vec::new()),
         };
-        let devices = placement::initial(cfg.placement.policy, &cfg.placement.devices, ids.len(), cfg.target_depth());
+        let slots = placement::pipeline_slots(&cfg.placement.devices, crate::dist::stages());
+        let devices = placement::initial(cfg.placement.policy, &slots, ids.len(), cfg.target_depth());
         let end = a.opts.stop_after.map_or(cfg.run.steps, |s| s.min(cfg.run.steps));
         // The trajectory, streamed: appended to across resumes. In a data-parallel run rank 0
         // alone writes it (every rank computes the same records).
-        let (rank, replicas) = (crate::dist::rank(), crate::dist::size());
+        let (rank, replicas) = (crate::dist::replica(), crate::dist::replicas());
         let log = RunLog::new(&cfg, &dims, &a.opts, step);
         let log = if rank == 0 {
             log.with_csv(&cfg.out_dir(), a.opts.resume).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?.with_progress_bar(step, end)
@@ -375,6 +383,9 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             pools: Mutex::new(pools),
             rank,
             replicas,
+            slots,
+            ends_device: ends_device.clone(),
+            links: Vec::new(),
             cfg,
         };
         st.step_pub.store(step, Ordering::Relaxed);
@@ -395,7 +406,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         // Spawned together: each layer initialises (or restores) its block on its own thread.
         let spawns = ids.iter().zip(inits).enumerate().map(|(i, (id, init))| st.spawn_layer(*id, devices[i].clone(), init));
         st.stack = futures::future::try_join_all(spawns).await?;
-        st.relink()?;
+        st.relink().await?;
         me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
         Ok(st)
     }

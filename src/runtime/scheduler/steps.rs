@@ -190,6 +190,7 @@ impl<B: Backend> SchedulerState<B> {
         let tokens = (self.cfg.data.batch_size * self.cfg.data.seq_len * mbs) as f64;
         self.step += 1;
         self.step_pub.store(self.step, Ordering::Relaxed);
+        crate::runtime::remote::set_step(self.step);
         let seconds = self.step_started.elapsed().as_secs_f64();
         self.log.step(self.step, depth, lr, loss, tokens, seconds);
         let f = self.log.flops;
@@ -377,7 +378,7 @@ impl<B: Backend> SchedulerState<B> {
             paused: self.paused,
             elapsed_s,
             eta_s,
-            placement: self.cfg.placement.devices.clone(),
+            placement: self.slots.clone(),
         }
     }
 }
