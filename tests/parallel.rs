@@ -168,7 +168,7 @@ fn replicas_the_launch_does_not_provide_are_a_clear_error() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     if cfg!(feature = "mpi") {
-        assert!(err.contains("`parallel.data` = 2") && err.contains("mpirun -np 2"), "{err}");
+        assert!(err.contains("`parallel.data` × `parallel.pipeline` = 2 × 1 = 2") && err.contains("mpirun -np 2"), "{err}");
     } else {
         assert!(err.contains("--features mpi"), "{err}");
     }
@@ -177,6 +177,26 @@ fn replicas_the_launch_does_not_provide_are_a_clear_error() {
     let o = taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=3"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("`data.micro_batches` (4)") && err.contains("`parallel.data` (3)"), "{err}");
+    let o = taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.pipeline=0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("parallel.pipeline"), "{err}");
+}
+
+#[test]
+fn replicas_that_grow_different_layers_stop_the_run() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-diverge");
+    // Random init (copying would copy the same trained layer in every replica).
+    let cfg = TestConfig::new(&dir).name("diverge").steps(12).micro_batches(4).depth(1).target_depth(3).grow_at_step(6, 3).growth_init("random").write();
+    let o = mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2", "--set", "faults.diverge_replica=1"]);
+    assert!(!o.status.success(), "the run went on with replicas that differ");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("after growth at step 6, layer 1 is not the same in every data-parallel replica"), "{err}");
+    // Without the fault the same run passes the check.
+    let out = format!("run.out_dir={}", dir.join("agree").display());
+    ok("replicas that agree", &mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2", "--set", &out]));
 }
 
 #[test]
@@ -223,23 +243,29 @@ fn launch_starts_a_two_process_run() {
 /// A long 2-replica run under mpirun in the background, checkpointing every 10 steps; returns
 /// once its first checkpoint is on disk.
 fn start_long_run(dir: &Path, name: &str) -> (std::process::Child, PathBuf, PathBuf) {
-    let cfg = TestConfig::new(dir).name(name).steps(100_000).micro_batches(2).depth(1).checkpoint_every(10).write();
-    let mut child = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe"])
+    start_long_run_with(dir, name, 2, 1, &["parallel.data=2"])
+}
+
+/// A long run of `n` processes and `depth` blocks with the settings `sets`, as [`start_long_run`].
+fn start_long_run_with(dir: &Path, name: &str, n: usize, depth: usize, sets: &[&str]) -> (std::process::Child, PathBuf, PathBuf) {
+    let cfg = TestConfig::new(dir).name(name).steps(100_000).micro_batches(2).depth(depth).checkpoint_every(10).write();
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &n.to_string(), "--oversubscribe"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .arg(env!("CARGO_BIN_EXE_taproot"))
-        .args(["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .args(["train", "--config", cfg.to_str().unwrap()]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let run = dir.join(name);
     let t0 = std::time::Instant::now();
     while taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).ok().flatten().is_none() {
         assert!(t0.elapsed().as_secs() < 60, "no checkpoint after 60 s");
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("the run ended early: {st}");
+            let out = child.wait_with_output().unwrap();
+            panic!("the run ended early: {st}\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -402,4 +428,93 @@ fn pipeline_stages_in_processes_equal_the_one_process_pipeline_bitwise() {
         assert!(stdout.contains(&last), "the stack reached the last stage: {stdout}");
         assert_bitwise_runs(&one_out, &multi);
     }
+}
+
+#[test]
+fn a_pipelined_run_resumes_onto_one_process_bitwise() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("pp-resume");
+    let cfg = config(&dir, "straight");
+    let two = "placement.devices=[\"cpu:0\",\"cpu:1\"]";
+    ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", two]).output().unwrap());
+    // Two stages to step 8 (after growth moved a layer to stage 1), then one process of two
+    // devices to the end: the checkpoint is keyed by layer id, not by process.
+    let split = dir.join("split");
+    let out = format!("run.out_dir={}", split.display());
+    ok(
+        "two stages, first part",
+        &mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", "parallel.pipeline=2", "--stop-after", "8"]),
+    );
+    ok("one process, resumed", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", two, "--resume"]).output().unwrap());
+    assert_bitwise_runs(&dir.join("straight"), &split);
+}
+
+#[test]
+fn two_replicas_of_two_stages_train_as_one_process() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-pp");
+    let cfg = config(&dir, "one");
+    ok("one process", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
+    let four = dir.join("four");
+    let o = mpirun(
+        4,
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &format!("run.out_dir={}", four.display()),
+            "--set",
+            "parallel.data=2",
+            "--set",
+            "parallel.pipeline=2",
+            "--set",
+            "run.log_every=1",
+        ],
+    );
+    ok("2 x 2", &o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2 data-parallel replicas × 2 pipeline stages"), "{stdout}");
+    assert!(stdout.contains("placement=cpu:0,cpu:0,cpu:0@1"), "{stdout}");
+    // Growth happened in both replicas and the newborn layers were checked equal across them.
+    assert_close_runs(&dir.join("one"), &four);
+}
+
+#[test]
+fn sigterm_to_a_pipeline_stage_stops_the_run_cleanly() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("pp-sigterm");
+    let (mut child, cfg, run) = start_long_run_with(&dir, "term-stage", 2, 2, &["parallel.pipeline=2"]);
+    // The last rank is stage 1, which hosts the top layer: it passes the stop to stage 0.
+    Command::new("kill").args(["-TERM", rank_pids(&cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 30);
+    let out = child.wait_with_output().unwrap();
+    assert!(st.success(), "mpirun exited {st}:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_clean_stop(&run, &out);
+}
+
+#[test]
+fn a_killed_rank_of_a_two_by_two_run_stops_it_and_it_resumes() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-pp-kill");
+    let sets = ["parallel.data=2", "parallel.pipeline=2"];
+    let (mut child, cfg, run) = start_long_run_with(&dir, "killed", 4, 2, &sets);
+    Command::new("kill").args(["-KILL", rank_pids(&cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 20);
+    assert!(!st.success(), "the run ended well although a rank was killed");
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    let from = ck.meta.step;
+    let until = (from + 15).to_string();
+    let o = mpirun(4, &["train", "--config", cfg.to_str().unwrap(), "--set", sets[0], "--set", sets[1], "--resume", "--stop-after", &until]);
+    ok("resumed", &o);
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    assert_eq!((ck.meta.step, ck.meta.depth), (from + 15, 2));
 }

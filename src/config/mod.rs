@@ -246,6 +246,9 @@ pub struct FaultConfig {
     pub panic_layer: Option<u64>,
     /// ... when it takes the optimizer step with this (0-based) index.
     pub panic_at_step: Option<u64>,
+    /// Give the layers this data-parallel replica grows another init seed (the check that every
+    /// replica grows the same layers must then stop the run).
+    pub diverge_replica: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

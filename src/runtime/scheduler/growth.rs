@@ -200,6 +200,10 @@ impl<B: Backend> SchedulerState<B> {
         let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
         let p = &self.cfg.placement;
         let devices = placement::after_growth(p.policy, &self.slots, &old_devices, &positions, self.cfg.target_depth());
+        let mut init_cfg = self.init_cfg.scaled(e.init_scale);
+        if self.cfg.faults.diverge_replica == Some(self.rank) {
+            init_cfg.seed ^= 1;
+        }
         // All newborns at once: each initialises its block on its own thread.
         let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
@@ -207,7 +211,7 @@ impl<B: Backend> SchedulerState<B> {
                 init: e.init,
                 source: src.map(|i| snaps[&i].clone()),
                 policy: e.opt_state,
-                init_cfg: self.init_cfg.scaled(e.init_scale),
+                init_cfg: init_cfg.clone(),
             };
             self.spawn_layer(id, devices[positions[j]].clone(), init)
         });
