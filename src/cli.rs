@@ -304,12 +304,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline)?;
             let lead = crate::dist::rank() == 0;
             let mut cfg = cfg;
-            if crate::dist::size() > 1 {
-                let local = crate::dist::local_rank();
-                let k = cfg.placement.devices.len();
-                cfg.placement.ends = cfg.placement.ends.as_ref().map(|e| crate::dist::replica_device(e, local, k));
-                cfg.placement.devices = crate::dist::replica_devices(&cfg.placement.devices, local);
-            }
+            crate::dist::map_devices(&mut cfg);
             if sequential && crate::dist::size() > 1 {
                 anyhow::bail!("`--sequential` trains in one process; `parallel.data` and `parallel.pipeline` must be 1");
             }
@@ -397,6 +392,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Daemon { config, set, listen, log_file, allow_config_change } => {
             let code = crate::daemon::run(crate::daemon::DaemonOptions { config, sets: set, listen, log_file, allow_config_change })?;
             if code != 0 {
+                // Under MPI the other ranks may be waiting on this one: end them all.
+                crate::dist::abort(code);
                 std::process::exit(code);
             }
             Ok(())

@@ -48,6 +48,28 @@ static STAGE: AtomicUsize = AtomicUsize::new(0);
 static FRAMES_SENT: AtomicU64 = AtomicU64::new(0);
 static FRAME_BYTES_SENT: AtomicU64 = AtomicU64::new(0);
 static FRAME_BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// Frame bytes sent to and received from each stage of this replica (a link per pair).
+static LINK_SENT: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+static LINK_RECEIVED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn count_link(table: &std::sync::Mutex<Vec<u64>>, stage: usize, bytes: usize) {
+    let mut t = table.lock().expect("link counters lock");
+    if t.len() <= stage {
+        t.resize(stage + 1, 0);
+    }
+    t[stage] += bytes as u64;
+}
+
+/// Frame bytes this process sent to each other stage of its replica, and received from each:
+/// (stage, sent, received), for every stage it exchanged frames with.
+pub fn link_bytes() -> Vec<(usize, u64, u64)> {
+    let (s, r) = (LINK_SENT.lock().expect("link counters lock").clone(), LINK_RECEIVED.lock().expect("link counters lock").clone());
+    (0..s.len().max(r.len()))
+        .filter(|&q| q != stage())
+        .map(|q| (q, s.get(q).copied().unwrap_or(0), r.get(q).copied().unwrap_or(0)))
+        .filter(|&(_, a, b)| a + b > 0)
+        .collect()
+}
 static REDUCE_NS: AtomicU64 = AtomicU64::new(0);
 static WAIT_NS: AtomicU64 = AtomicU64::new(0);
 static REDUCED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -105,6 +127,7 @@ impl Pending {
         let t0 = Instant::now();
         let v = self.0.recv().expect("the communication thread ended during a run");
         add_ns(&WAIT_NS, t0);
+        ::metrics::histogram!("taproot_allreduce_wait_seconds").record(t0.elapsed().as_secs_f64());
         v
     }
 }
@@ -189,6 +212,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
             Some(Job::Send { to, bytes }) => {
                 FRAMES_SENT.fetch_add(1, Ordering::Relaxed);
                 FRAME_BYTES_SENT.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                count_link(&LINK_SENT, to, bytes.len());
                 sends.push(comms.send(to, bytes));
             }
             None => {}
@@ -197,6 +221,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
             sends.retain_mut(|r| !r.done());
             while let Some((from, bytes)) = comms.receive() {
                 FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                count_link(&LINK_RECEIVED, from, bytes.len());
                 let _ = incoming.send((from, bytes));
             }
         }
@@ -218,6 +243,7 @@ fn reduce<T: Copy>(v: &mut [T], send: &mut Vec<T>, all_reduce: impl Fn(&[T], &mu
     all_reduce(send, v);
     REDUCED_BYTES.fetch_add(std::mem::size_of_val(v) as u64, Ordering::Relaxed);
     add_ns(&REDUCE_NS, t0);
+    ::metrics::histogram!("taproot_allreduce_duration_seconds").record(t0.elapsed().as_secs_f64());
     REDUCTIONS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -284,6 +310,25 @@ pub fn local_rank() -> usize {
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// This process's HTTP address when several processes of a run share hosts: the port of
+/// `listen` plus the local rank (port 0, "any free port", stays 0).
+pub fn rank_listen(listen: &str, local_rank: usize) -> String {
+    match listen.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+        Some((h, p)) if p > 0 => format!("{h}:{}", p as usize + local_rank),
+        _ => listen.to_string(),
+    }
+}
+
+/// Map `[placement]` to this process's devices (see [`replica_devices`]); a no-op alone.
+pub fn map_devices(cfg: &mut crate::config::Config) {
+    if size() > 1 {
+        let local = local_rank();
+        let k = cfg.placement.devices.len();
+        cfg.placement.ends = cfg.placement.ends.as_ref().map(|e| replica_device(e, local, k));
+        cfg.placement.devices = replica_devices(&cfg.placement.devices, local);
+    }
 }
 
 /// The devices of this process's replica: `cuda:N` in `[placement]` becomes
@@ -576,6 +621,14 @@ mod tests {
         assert_eq!(replica_devices(&["cuda:0".to_string()], 3), ["cuda:3"]);
         assert_eq!(replica_device("cuda:1", 1, 2), "cuda:3");
         assert_eq!(replica_devices(&["cpu:0".to_string(), "cpu:1".to_string()], 1), ["cpu:0", "cpu:1"]);
+    }
+
+    #[test]
+    fn ranks_on_one_host_listen_on_consecutive_ports() {
+        assert_eq!(rank_listen("127.0.0.1:9464", 0), "127.0.0.1:9464");
+        assert_eq!(rank_listen("127.0.0.1:9464", 3), "127.0.0.1:9467");
+        assert_eq!(rank_listen("0.0.0.0:0", 2), "0.0.0.0:0");
+        assert_eq!(rank_listen("[::1]:9000", 1), "[::1]:9001");
     }
 
     #[test]

@@ -424,8 +424,10 @@ fn scrape_passes_promtool_and_holds_every_dashboard_metric() {
     let names = series_names(&scrape.body);
     let mut missing = Vec::new();
     for m in dashboard_metrics() {
-        // GPU memory exists only on CUDA runs (the CUDA daemon test checks that it is emitted).
-        if !names.contains(&m) && m != "taproot_device_memory_used_bytes" {
+        // GPU memory exists only on CUDA runs (the CUDA daemon test checks that it is emitted),
+        // pipeline links only between processes (the multi-process daemon test checks them).
+        let elsewhere = ["taproot_device_memory_used_bytes", "taproot_link_bytes_sent_total", "taproot_link_bytes_received_total"];
+        if !names.contains(&m) && !elsewhere.contains(&m.as_str()) {
             missing.push(m);
         }
     }
@@ -884,4 +886,188 @@ fn a_deleted_token_file_on_sighup_revokes_the_token() {
     wait_for("the new token", Duration::from_secs(20), || (post(d.addr, "/control/resume", Some("n3w-t0ken")).code == 200).then_some(()));
     assert_eq!(post(d.addr, "/control/pause", Some(TOKEN)).code, 401);
     assert!(d.alive());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several processes
+
+/// The first sample of `name` whatever its labels (the ranks of a multi-process run label every
+/// series with rank, replica and stage).
+fn sample_any(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = if rest.starts_with('{') { rest.rsplit_once(' ')?.1 } else { rest.strip_prefix(' ')? };
+        value.trim().parse().ok()
+    })
+}
+
+fn promtool_check(scrape: &str, what: &str) {
+    if !have("promtool") {
+        return;
+    }
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && findings.trim().is_empty(), "promtool check metrics of {what}: {:?}\n{findings}", out.status);
+}
+
+fn mpi_ready() -> bool {
+    let ready = cfg!(feature = "mpi") && Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ready {
+        assert!(std::env::var("TAPROOT_REQUIRE_MPI").is_err(), "TAPROOT_REQUIRE_MPI is set but MPI is not usable");
+        println!("SKIP: no MPI (a build without the `mpi` feature, or no mpirun)");
+    }
+    ready
+}
+
+/// `taproot daemon` under `mpirun -np 4`: 2 data-parallel replicas × 2 pipeline stages. Every
+/// rank serves `/metrics` labelled with its rank and stage (promtool-clean), a real Prometheus
+/// scrapes all four, control goes to rank 0 only, and a growth asked of rank 0 happens in both
+/// replicas and puts a layer on each stage.
+#[test]
+fn a_daemon_under_mpirun_serves_every_rank_and_takes_control_at_rank_0() {
+    let _cpu = shared_cpu();
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("daemon-mpi");
+    let cfg = run_config(&dir, "mpi").checkpoint_every(500).grow_at_step(FAR_GROWTH, 2).write();
+    let log = cfg.with_extension("log");
+    let mut child = Command::new("mpirun")
+        .args(["-np", "4", "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("TAPROOT_TOKEN", "t")
+        .arg(BIN)
+        .args(["daemon", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--log-file", log.to_str().unwrap()])
+        .args(["--set", "parallel.data=2", "--set", "parallel.pipeline=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let logs: Vec<PathBuf> =
+        (0..4).map(|r| if r == 0 { log.clone() } else { PathBuf::from(format!("{}.rank{r}", log.display())) }).collect();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // Each rank names the port it bound (port 0: one free port each).
+        let addrs: Vec<SocketAddr> = logs
+            .iter()
+            .map(|l| {
+                wait_for("a rank's listening line", Duration::from_secs(90), || {
+                    let text = std::fs::read_to_string(l).ok()?;
+                    let line = text.lines().find(|x| x.contains("listening on http://"))?.to_string();
+                    line.split("http://").nth(1)?.split_whitespace().next()?.parse().ok()
+                })
+            })
+            .collect();
+        wait_for("20 steps at rank 0", Duration::from_secs(90), || (num(&status(addrs[0]), "step") >= 20).then_some(()));
+        let st = status(addrs[0]);
+        assert_eq!((st["rank"].as_u64(), st["processes"].as_u64()), (Some(0), Some(4)), "{st}");
+        // Control goes to rank 0: the other ranks refuse it, naming rank 0.
+        for (r, a) in addrs.iter().enumerate().skip(1) {
+            let c = post(*a, "/control/grow", Some("t"));
+            assert!(c.code == 421 && c.body.contains("go to rank 0"), "rank {r}: {} {}", c.code, c.body);
+        }
+        let g = post(addrs[0], "/control/grow", Some("t"));
+        assert_eq!((g.code, g.json()["depth"].as_u64()), (200, Some(2)), "{}", g.body);
+        // The other replica grew at the same step (its own metrics say so), and each stage
+        // hosts one layer of each replica: stage 1's ranks time their layer and send frames.
+        wait_for("depth 2 at rank 2", Duration::from_secs(60), || {
+            (sample_any(&get(addrs[2], "/metrics").body, "taproot_model_depth") == Some(2.0)).then_some(())
+        });
+        for r in [1, 3] {
+            wait_for("stage 1 timing its layer", Duration::from_secs(60), || {
+                let m = get(addrs[r], "/metrics").body;
+                (sample_any(&m, "taproot_layer_forward_seconds_count").is_some_and(|n| n > 0.0)
+                    && sample_any(&m, "taproot_link_bytes_sent_total").is_some_and(|b| b > 0.0))
+                .then_some(())
+            });
+        }
+        for (r, a) in addrs.iter().enumerate() {
+            let m = get(*a, "/metrics");
+            assert_eq!(m.code, 200);
+            let (replica, stage) = (r / 2, r % 2);
+            let labels = format!("rank=\"{r}\"");
+            assert!(
+                m.body.contains(&labels)
+                    && m.body.contains(&format!("stage=\"{stage}\""))
+                    && m.body.contains(&format!("replica=\"{replica}\"")),
+                "rank {r}:\n{}",
+                m.body
+            );
+            if stage == 0 {
+                assert!(
+                    sample_any(&m.body, "taproot_allreduce_duration_seconds_count").is_some_and(|n| n > 0.0),
+                    "rank {r} reduced nothing"
+                );
+            }
+            promtool_check(&m.body, &format!("rank {r}"));
+        }
+        // A real Prometheus scrapes all four ranks.
+        if have("prometheus") {
+            let pdir = dir.join("prometheus");
+            std::fs::create_dir_all(pdir.join("data")).unwrap();
+            let pport = free_port();
+            let targets = addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+            let pcfg = pdir.join("prometheus.yml");
+            std::fs::write(&pcfg, format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: taproot\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [{targets}]\n")).unwrap();
+            let mut prom = Command::new("prometheus")
+                .arg(format!("--config.file={}", pcfg.display()))
+                .arg(format!("--storage.tsdb.path={}", pdir.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let paddr: SocketAddr = format!("127.0.0.1:{pport}").parse().unwrap();
+            let count = |q: &str| -> Option<f64> {
+                let r = get(paddr, &format!("/api/v1/query?query={}", percent_encode(q)));
+                (r.code == 200).then(|| r.json()["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse().ok())).flatten()
+            };
+            let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wait_for("Prometheus to scrape the four ranks", Duration::from_secs(90), || {
+                    (TcpStream::connect(paddr).is_ok()
+                        && count("count(count by (rank) (taproot_info))") == Some(4.0)
+                        && count("count(up == 1)") == Some(4.0))
+                    .then_some(())
+                });
+                assert_eq!(
+                    count("count(count by (stage) (taproot_layer_forward_seconds_count))"),
+                    Some(2.0),
+                    "layer times from both stages"
+                );
+            }));
+            let _ = prom.kill();
+            let _ = prom.wait();
+            if let Err(p) = seen {
+                std::panic::resume_unwind(p);
+            }
+            println!("Prometheus scraped all four ranks");
+        }
+    }));
+    // SIGTERM to mpirun reaches every rank: each stops after the same step, rank 0 checkpoints.
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the daemons did not stop within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Err(p) = result {
+        for l in &logs {
+            eprintln!("{}:\n{}", l.display(), std::fs::read_to_string(l).unwrap_or_default());
+        }
+        std::panic::resume_unwind(p);
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("stopped step="), "{text}");
+    assert!(!checkpoints(&dir.join("mpi")).is_empty(), "rank 0 wrote the final checkpoint");
 }

@@ -189,7 +189,15 @@ fn replicas_that_grow_different_layers_stop_the_run() {
     }
     let dir = synthetic_dataset("dp-diverge");
     // Random init (copying would copy the same trained layer in every replica).
-    let cfg = TestConfig::new(&dir).name("diverge").steps(12).micro_batches(4).depth(1).target_depth(3).grow_at_step(6, 3).growth_init("random").write();
+    let cfg = TestConfig::new(&dir)
+        .name("diverge")
+        .steps(12)
+        .micro_batches(4)
+        .depth(1)
+        .target_depth(3)
+        .grow_at_step(6, 3)
+        .growth_init("random")
+        .write();
     let o = mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2", "--set", "faults.diverge_replica=1"]);
     assert!(!o.status.success(), "the run went on with replicas that differ");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -447,7 +455,10 @@ fn a_pipelined_run_resumes_onto_one_process_bitwise() {
         "two stages, first part",
         &mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", "parallel.pipeline=2", "--stop-after", "8"]),
     );
-    ok("one process, resumed", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", two, "--resume"]).output().unwrap());
+    ok(
+        "one process, resumed",
+        &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", two, "--resume"]).output().unwrap(),
+    );
     assert_bitwise_runs(&dir.join("straight"), &split);
 }
 
@@ -513,7 +524,8 @@ fn a_killed_rank_of_a_two_by_two_run_stops_it_and_it_resumes() {
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
     let from = ck.meta.step;
     let until = (from + 15).to_string();
-    let o = mpirun(4, &["train", "--config", cfg.to_str().unwrap(), "--set", sets[0], "--set", sets[1], "--resume", "--stop-after", &until]);
+    let o =
+        mpirun(4, &["train", "--config", cfg.to_str().unwrap(), "--set", sets[0], "--set", sets[1], "--resume", "--stop-after", &until]);
     ok("resumed", &o);
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
     assert_eq!((ck.meta.step, ck.meta.depth), (from + 15, 2));

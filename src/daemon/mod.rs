@@ -109,30 +109,111 @@ fn resumed_from(cfg: &Config, step: u64) -> Option<(PathBuf, checkpoint::Meta)> 
 /// Run the daemon until the run ends (and lingers) or is stopped; returns the exit code.
 pub fn run(opts: DaemonOptions) -> Result<i32> {
     let mut cfg = Config::load(&opts.config, &opts.sets)?;
-    if cfg.parallel.data * cfg.parallel.pipeline > 1 {
-        anyhow::bail!(
-            "{}: `parallel.data` = {}, `parallel.pipeline` = {}: the daemon runs one process so far; start a multi-process run with `taproot train` under mpirun (or `taproot launch`)",
-            opts.config.display(),
-            cfg.parallel.data,
-            cfg.parallel.pipeline
-        );
-    }
+    // Several processes (under mpirun or srun): every rank serves its own /metrics on the
+    // configured port plus its local rank; rank 0 owns the run folder and takes control
+    // requests (which reach the other replicas with the next step's reduction, and the other
+    // pipeline stages as requests of stage 0).
+    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline)?;
+    crate::dist::map_devices(&mut cfg);
     if let Some(l) = &opts.listen {
         cfg.daemon.listen = l.clone();
         cfg.validate().context("--listen")?;
     }
+    if crate::dist::size() > 1 {
+        cfg.daemon.listen = crate::dist::rank_listen(&cfg.daemon.listen, crate::dist::local_rank());
+    }
     let (token, token_warning) = read_token(&cfg)?;
     // Held for the daemon's life: one process per run folder (a daemon always resumes).
-    let _folder = crate::run_folder::RunFolder::open(&cfg, crate::run_folder::Start::Resume)?;
-    let log = Arc::new(Log::open(opts.log_file.clone())?);
+    let rank = crate::dist::rank();
+    let _folder = if rank == 0 { Some(crate::run_folder::RunFolder::open(&cfg, crate::run_folder::Start::Resume)?) } else { None };
+    // The other ranks log beside rank 0's file, one file each.
+    let log_file = opts.log_file.clone().map(|p| if rank == 0 { p } else { PathBuf::from(format!("{}.rank{rank}", p.display())) });
+    let log = Arc::new(Log::open(log_file)?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
     let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
         format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let code = rt.block_on(serve(cfg, data, opts, log, token, token_warning));
+    let code = if crate::dist::stage() > 0 {
+        rt.block_on(serve_stage(cfg, data, log))
+    } else {
+        rt.block_on(serve(cfg, data, opts, log, token, token_warning))
+    };
     rt.shutdown_timeout(Duration::from_secs(2));
     code
+}
+
+/// A pipeline stage q > 0 under the daemon: it hosts the layers stage 0 places on it until
+/// stage 0 shuts it down, and serves `GET /metrics` (its layers' times, its links, its memory;
+/// labelled with its rank and stage) and `GET /status`.
+async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen)
+        .await
+        .with_context(|| format!("listening on {} (daemon.listen / --listen, plus the local rank)", cfg.daemon.listen))?;
+    let addr = listener.local_addr()?;
+    let prometheus = metrics::install_recorder()?;
+    ::metrics::gauge!("taproot_info", "run" => cfg.run.name.clone(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let (rank, stage) = (crate::dist::rank(), crate::dist::stage());
+    log.say(format!(
+        "daemon pid={} run={} rank={rank} stage={stage}: hosts the layers stage 0 places here; listening on http://{addr} (GET /metrics, GET /status)",
+        std::process::id(),
+        cfg.run.name
+    ));
+    let status = serde_json::json!({
+        "run": cfg.run.name,
+        "state": "running",
+        "pid": std::process::id(),
+        "rank": rank,
+        "stage": stage,
+        "replica": crate::dist::replica(),
+        "processes": crate::dist::size(),
+        "note": "a pipeline stage: the run's status and control are at rank 0",
+    });
+    let shared = Shared::new();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (p, shared) = (prometheus.clone(), shared.clone());
+                async move {
+                    metrics::refresh_scrape_gauges(&shared);
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], p.render())
+                }
+            }),
+        )
+        .route("/status", get(move || std::future::ready(axum::Json(status.clone()))))
+        .route(
+            "/control/{action}",
+            axum::routing::post(move || {
+                let body = serde_json::json!({"error": format!("this is rank {rank}, pipeline stage {stage}: control requests go to rank 0, which passes them to every rank")});
+                std::future::ready((axum::http::StatusCode::MISDIRECTED_REQUEST, axum::Json(body)))
+            }),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // Its layers' compute times, as stage 0's metrics actor records them.
+    let observer: Observer = Arc::new(|e: &Event| {
+        if let Event::LayerTime { layer, device, backward, seconds } = e {
+            let name = if *backward { "taproot_layer_backward_seconds" } else { "taproot_layer_forward_seconds" };
+            ::metrics::histogram!(name, "layer" => layer.to_string(), "device" => device.clone()).record(*seconds);
+        }
+    });
+    let r = if cfg.on_cuda() {
+        runtime::remote::serve_async::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, observer).await
+    } else {
+        runtime::remote::serve_async::<CpuBackend>(&cfg, data.vocab, observer).await
+    };
+    server.abort();
+    match r {
+        Ok(()) => {
+            log.say("shut down by stage 0: exit 0");
+            Ok(0)
+        }
+        Err(e) => {
+            log.say(format!("failed: {e:#}"));
+            Ok(1)
+        }
+    }
 }
 
 async fn serve(

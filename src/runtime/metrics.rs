@@ -128,6 +128,24 @@ pub const CATALOG: &[MetricDef] = &[
         "Activation/gradient buffers allocated by a device's pool (label device); flat after the first steps.",
     ),
     m("taproot_peer_copy_bytes_total", C, "Bytes of activations and gradients copied into a device from other devices (label device)."),
+    m(
+        "taproot_allreduce_duration_seconds",
+        H,
+        "Seconds per all-reduce over the data-parallel replicas: one unit's gradients, or the step's loss (none with one replica).",
+    ),
+    m(
+        "taproot_allreduce_wait_seconds",
+        H,
+        "Seconds a unit waited for its gradient sum at the optimizer step: the part of the all-reduce backward did not hide.",
+    ),
+    m("taproot_allreduce_bytes_total", C, "Gradient bytes this process summed over the data-parallel replicas."),
+];
+
+/// Metrics of a pipeline over several processes, emitted only there (label peer_stage: the
+/// other end of the link, within this process's replica).
+pub const LINK_METRICS: &[MetricDef] = &[
+    m("taproot_link_bytes_sent_total", C, "Frame bytes (activations, gradients, control) this process sent to another pipeline stage."),
+    m("taproot_link_bytes_received_total", C, "Frame bytes this process received from another pipeline stage."),
 ];
 
 /// Run states of `taproot_state` (and of the daemon's `/status`).
@@ -147,15 +165,25 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     for d in CATALOG.iter().filter(|d| d.kind == Kind::Histogram) {
         let buckets = match d.name {
             "taproot_step_duration_seconds" => STEP_BUCKETS,
-            "taproot_layer_forward_seconds" | "taproot_layer_backward_seconds" => LAYER_BUCKETS,
+            "taproot_layer_forward_seconds"
+            | "taproot_layer_backward_seconds"
+            | "taproot_allreduce_duration_seconds"
+            | "taproot_allreduce_wait_seconds" => LAYER_BUCKETS,
             _ => SLOW_BUCKETS,
         };
         b = b.set_buckets_for_metric(Matcher::Full(d.name.to_string()), buckets)?;
     }
+    // Several processes: every series says which one it comes from.
+    if crate::dist::size() > 1 {
+        b = b
+            .add_global_label("rank", crate::dist::rank().to_string())
+            .add_global_label("replica", crate::dist::replica().to_string())
+            .add_global_label("stage", crate::dist::stage().to_string());
+    }
     let recorder = b.build_recorder();
     let handle = recorder.handle();
     ::metrics::set_global_recorder(recorder).map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
-    for d in CATALOG {
+    for d in CATALOG.iter().chain(LINK_METRICS) {
         match d.kind {
             Kind::Counter => describe_counter!(d.name, d.help),
             Kind::Gauge => describe_gauge!(d.name, d.help),
@@ -212,11 +240,22 @@ pub fn refresh_scrape_gauges(shared: &Shared) {
     if let Some(rss) = resident_memory_bytes() {
         gauge!("taproot_resident_memory_bytes").set(rss as f64);
     }
+    refresh_process_metrics();
     let probe = DEVICE_MEMORY_PROBE.lock().expect("probe lock").clone();
     if let Some(p) = probe {
         for (device, bytes) in p() {
             gauge!("taproot_device_memory_used_bytes", "device" => device).set(bytes as f64);
         }
+    }
+}
+
+/// The collectives and links of this process (`crate::dist`), as counters. (The durations of
+/// all-reduces are recorded as they happen, into the two histograms.)
+pub fn refresh_process_metrics() {
+    counter!("taproot_allreduce_bytes_total").absolute(crate::dist::stats().bytes);
+    for (q, sent, received) in crate::dist::link_bytes() {
+        counter!("taproot_link_bytes_sent_total", "peer_stage" => q.to_string()).absolute(sent);
+        counter!("taproot_link_bytes_received_total", "peer_stage" => q.to_string()).absolute(received);
     }
 }
 
@@ -477,13 +516,20 @@ impl Actor for MetricsActor {
             "taproot_flops_llmc_total",
             "taproot_flops_non_embedding_total",
             "taproot_actor_restarts_total",
+            "taproot_allreduce_bytes_total",
         ] {
             counter!(name).absolute(0);
         }
         for kind in ["loss", "gradient_norm"] {
             counter!("taproot_non_finite_events_total", "kind" => kind).absolute(0);
         }
-        for name in ["taproot_step_duration_seconds", "taproot_growth_duration_seconds", "taproot_checkpoint_duration_seconds"] {
+        for name in [
+            "taproot_step_duration_seconds",
+            "taproot_growth_duration_seconds",
+            "taproot_checkpoint_duration_seconds",
+            "taproot_allreduce_duration_seconds",
+            "taproot_allreduce_wait_seconds",
+        ] {
             let _ = histogram!(name);
         }
         let seed = a.seed.clone();

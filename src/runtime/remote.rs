@@ -458,10 +458,11 @@ impl Actor for Watch {
 /// snapshot, restore and stop the layers stage 0 places here. `vocab` sizes the model.
 pub fn serve<B: Backend>(cfg: &Config, vocab: usize) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve_async::<B>(cfg, vocab))
+    rt.block_on(serve_async::<B>(cfg, vocab, events::none()))
 }
 
-async fn serve_async<B: Backend>(cfg: &Config, vocab: usize) -> anyhow::Result<()> {
+/// [`serve`] inside a multi-thread tokio runtime; the layers' events go to `observer`.
+pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: events::Observer) -> anyhow::Result<()> {
     set_run(&cfg.run.name);
     let settings = StreamSettings::of(cfg);
     let mut requests = listen();
@@ -531,7 +532,7 @@ async fn serve_async<B: Backend>(cfg: &Config, vocab: usize) -> anyhow::Result<(
                         optim: cfg.optim.clone(),
                         stream: settings,
                         panic_at_step,
-                        observer: events::none(),
+                        observer: observer.clone(),
                         pool: pool.clone(),
                         micro_batches,
                     };

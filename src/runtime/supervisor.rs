@@ -271,14 +271,21 @@ pub struct RunHandle {
     pub supervisor: ActorRef<SupervisorMsg>,
     pub done: tokio::sync::oneshot::Receiver<Result<TrainReport, RunError>>,
     pub join: ractor::concurrency::JoinHandle<()>,
+    /// With pipeline stages in other processes: the task passing their stop requests on.
+    stages: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunHandle {
     /// Wait for the run to end.
     pub async fn wait(self) -> anyhow::Result<TrainReport> {
-        let result = self.done.await.map_err(|_| anyhow::anyhow!("the supervisor stopped without a result"))?;
+        let result = self.done.await.map_err(|_| anyhow::anyhow!("the supervisor stopped without a result"));
         let _ = self.join.await;
-        Ok(result?)
+        if let Some(l) = self.stages {
+            // The run is over: the other stages of this replica end too.
+            l.abort();
+            super::remote::shutdown_stages().await;
+        }
+        Ok(result??)
     }
 }
 
@@ -294,9 +301,32 @@ pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, ob
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let args = SupervisorArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
+    // A pipeline over several processes: frames from the other stages, and their stop requests.
+    let mut requests = None;
+    if crate::dist::stages() > 1 {
+        super::remote::set_run(&cfg.run.name);
+        requests = Some(super::remote::listen());
+        super::remote::start_dispatch::<B>(super::StreamSettings::of(cfg))?;
+    }
     let (supervisor, join) =
         Actor::spawn(None, SupervisorActor::<B>::default(), args).await.map_err(|e| anyhow::anyhow!("starting the supervisor: {e}"))?;
-    Ok(RunHandle { supervisor, done: rx, join })
+    let stages = requests.map(|mut requests| {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            while let Some((q, _, req)) = requests.recv().await {
+                if let super::frame::Request::StopRun { force } = req {
+                    let what = if force {
+                        "stopping at the next micro-batch boundary"
+                    } else {
+                        "finishing the current step, then checkpoint and stop"
+                    };
+                    eprintln!("pipeline stage {q} was signalled: {what}");
+                    let _ = supervisor.cast(if force { SupervisorMsg::ForceStop } else { SupervisorMsg::RequestStop });
+                }
+            }
+        })
+    });
+    Ok(RunHandle { supervisor, done: rx, join, stages })
 }
 
 /// What a stop signal asks for (see [`watch_stop_signals`]).
@@ -356,30 +386,6 @@ pub fn watch_stop_signals(
 /// [`train`] inside an existing multi-thread tokio runtime.
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, signals: bool) -> anyhow::Result<TrainReport> {
     let run = start::<B>(cfg, data, opts, events::none()).await?;
-    // A pipeline over several processes: frames from the other stages, and their stop requests.
-    let stop_listener = if crate::dist::stages() > 1 {
-        super::remote::set_run(&cfg.run.name);
-        let mut requests = super::remote::listen();
-        super::remote::start_dispatch::<B>(super::StreamSettings::of(cfg))?;
-        let supervisor = run.supervisor.clone();
-        Some(tokio::spawn(async move {
-            while let Some((_, _, req)) = requests.recv().await {
-                if let super::frame::Request::StopRun { force } = req {
-                    eprintln!(
-                        "a pipeline stage was signalled: {}",
-                        if force {
-                            "stopping at the next micro-batch boundary"
-                        } else {
-                            "finishing the current step, then checkpoint and stop"
-                        }
-                    );
-                    let _ = supervisor.cast(if force { SupervisorMsg::ForceStop } else { SupervisorMsg::RequestStop });
-                }
-            }
-        }))
-    } else {
-        None
-    };
     let grace = std::time::Duration::from_secs(cfg.run.stop_grace_s);
     let supervisor = run.supervisor.clone();
     let watcher = signals
@@ -407,10 +413,6 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptio
     let result = run.wait().await;
     if let Some(w) = watcher {
         w.abort();
-    }
-    if let Some(l) = stop_listener {
-        l.abort();
-        super::remote::shutdown_stages().await;
     }
     result
 }

@@ -207,12 +207,8 @@ impl<B: Backend> SchedulerState<B> {
         // All newborns at once: each initialises its block on its own thread.
         let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
-            let init = LayerInit::Fresh {
-                init: e.init,
-                source: src.map(|i| snaps[&i].clone()),
-                policy: e.opt_state,
-                init_cfg: init_cfg.clone(),
-            };
+            let init =
+                LayerInit::Fresh { init: e.init, source: src.map(|i| snaps[&i].clone()), policy: e.opt_state, init_cfg: init_cfg.clone() };
             self.spawn_layer(id, devices[positions[j]].clone(), init)
         });
         let mut newborn = futures::future::try_join_all(spawns).await?;

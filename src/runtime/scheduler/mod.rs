@@ -169,6 +169,10 @@ pub struct SchedulerState<B: Backend> {
     stop_requested: bool,
     /// A stop asked of this replica, not yet agreed by all (data parallelism).
     stop_wanted: bool,
+    /// A `GrowNow` asked of this replica, not yet agreed by all; agreed: every replica grows at
+    /// the next step boundary (data parallelism: only rank 0 takes control requests).
+    grow_wanted: bool,
+    grow_agreed: bool,
     force_stop: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
@@ -364,6 +368,8 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             eval_pending: step == 0,
             stop_requested: false,
             stop_wanted: false,
+            grow_wanted: false,
+            grow_agreed: false,
             force_stop: false,
             growth,
             run_id,
@@ -438,8 +444,10 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
             }
             if s.replicas > 1 {
                 // Every replica must stop after the same step: the wish travels with the next
-                // step's loss reduction, and all stop once any asked (`end_step`).
+                // step's loss reduction, and all stop once any asked (`end_step`). A paused
+                // replica takes that step (the others wait for it in the reduction).
                 s.stop_wanted = true;
+                s.paused = false;
             } else {
                 s.stop_requested = true;
             }
@@ -472,6 +480,9 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
         }
         SchedulerMsg::GrowNow(reply) => {
             s.grow_now.push(reply);
+            // With replicas every one must grow at the same boundary: the wish travels with the
+            // next step's reduction (`end_step`), and all grow at the boundary after it.
+            s.grow_wanted = s.replicas > 1;
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }

@@ -119,7 +119,8 @@ impl<B: Backend> SchedulerState<B> {
                 let _ = reply.send(r.clone());
             }
         }
-        if !self.grow_now.is_empty() {
+        let grow = if self.replicas > 1 { std::mem::take(&mut self.grow_agreed) } else { !self.grow_now.is_empty() };
+        if grow {
             let r = self.grow_next_planned().await;
             for reply in self.grow_now.drain(..) {
                 let _ = reply.send(r.clone());
@@ -156,10 +157,16 @@ impl<B: Backend> SchedulerState<B> {
         self.skip_batches((self.replicas - 1 - self.rank) * self.local_micro_batches());
         let mbs = self.cfg.data.micro_batches;
         // With the loss, whether any replica was asked to stop: then all stop after this step.
-        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>(), if self.stop_wanted { 1.0 } else { 0.0 }];
+        // And whether any was asked to grow now (then all grow at the next boundary).
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>(), flag(self.stop_wanted), flag(self.grow_wanted)];
         crate::dist::all_reduce_sum_f64(&mut sum);
         if sum[1] > 0.0 {
             self.stop_requested = true;
+        }
+        if sum[2] > 0.0 {
+            self.grow_wanted = false;
+            self.grow_agreed = true;
         }
         let loss = (sum[0] / mbs as f64) as f32;
         let depth = self.stack.len();
