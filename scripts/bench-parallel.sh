@@ -7,6 +7,11 @@
 # reach with free communication: what each replica still does in full (the optimizer step, the
 # per-step overheads) is in it.
 #
+# Pipeline stages across processes: the same run with its layers split over two stages, once in
+# one process (two logical devices, `placement.devices = ["cpu:0", "cpu:1"]`) and once as P = 2
+# processes under mpirun (one device each); the cost of the process boundary is the difference
+# (frames: download, checksum, MPI send, upload), printed with the frame bytes per step.
+#
 #   scripts/bench-parallel.sh [--steps 40] [--channels 128] [--depth 6]
 #
 # Needs an MPI library (Debian: openmpi-bin libopenmpi-dev libclang-dev); builds
@@ -60,6 +65,8 @@ run() { # label, command...
 run d1 ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/d1"
 run share ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/share" --set data.micro_batches=2
 run d2 mpirun -np 2 --oversubscribe ${MPIRUN_ARGS:---bind-to core} ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/d2" --set parallel.data=2
+run p1 ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/p1" --set 'placement.devices=["cpu:0","cpu:1"]'
+run p2 mpirun -np 2 --oversubscribe ${MPIRUN_ARGS:---bind-to core} ./target/release/taproot train --config "$out/bench.toml" --set run.out_dir="$out/p2" --set parallel.pipeline=2
 python3 - "$out" "$steps" "$depth" <<'PY'
 import re, sys
 out, steps, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -80,4 +87,13 @@ print(f"| 2 (mpirun, 1 core per rank) | {t2:.4f} | {t1 / t2:.2f}× | {t1 / t2 / 
 print(f"| bound: one replica's share alone (1 process, half the micro-batches) | {ts:.4f} | {t1 / ts:.2f}× | {t1 / ts / 2:.0%} |")
 print(f"\nall-reduce on rank 0: {n} reductions, {mib:.1f} MiB, {red:.3f} s in MPI over {steps} steps = "
       f"{1e3 * red / steps / units:.2f} ms per unit and step; waited {wait:.3f} s: {hidden}% hidden behind backward")
+tp1, tp2 = steps_s("p1"), steps_s("p2")
+fr = re.search(r"frames rank=0 sent=(\d+) mib_sent=([\d.]+) mib_received=([\d.]+)", open(f"{out}/p2.log").read())
+print(f"\n| pipeline ({depth} layers over 2 stages) | s / step | speed-up vs 1 device |")
+print(f"|---|---|---|")
+print(f"| 1 process, 1 device | {t1:.4f} | 1 |")
+print(f"| 1 process, 2 devices (P = 1) | {tp1:.4f} | {t1 / tp1:.2f}× |")
+print(f"| 2 processes, 1 device each (P = 2, mpirun) | {tp2:.4f} | {t1 / tp2:.2f}× |")
+print(f"\nP = 2 against P = 1: {tp1 / tp2:.2f}× (the process boundary's cost or gain); stage 0 sent {int(fr[1]) / steps:.0f} frames, "
+      f"{float(fr[2]) / steps:.2f} MiB per step and received {float(fr[3]) / steps:.2f} MiB per step")
 PY

@@ -385,6 +385,14 @@ pub fn run(cli: Cli) -> Result<()> {
                     st.reduce_s,
                     st.wait_s
                 );
+                if crate::dist::stages() > 1 {
+                    println!(
+                        "frames rank=0 sent={} mib_sent={:.2} mib_received={:.2}",
+                        st.frames_sent,
+                        st.frame_bytes_sent as f64 / (1 << 20) as f64,
+                        st.frame_bytes_received as f64 / (1 << 20) as f64
+                    );
+                }
             }
             drop(folder);
             Ok(())

@@ -165,7 +165,7 @@ pub fn all_reduce_start(buf: Vec<f32>) -> Pending {
 /// The thread that makes every MPI call, one request at a time, in arrival order. The sums are
 /// written into the request's own buffer; the send side is a copy in a buffer of this thread,
 /// reused, so a steady run allocates nothing here. With several pipeline stages it also polls
-/// for incoming frames between requests (every 50 µs when idle) and keeps the non-blocking
+/// for incoming frames between requests and keeps the non-blocking
 /// sends it started until they complete; it waits for all of them before it ends.
 fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, incoming: mpsc::Sender<Frame>) {
     let comms = match imp::Comms::new(stage(), replica()) {
@@ -181,9 +181,13 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
     let polling = stages() > 1;
     let (mut send32, mut send64, mut sendu64) = (Vec::new(), Vec::new(), Vec::new());
     let mut sends: Vec<imp::SendRequest> = Vec::new();
+    // Polling backs off while nothing happens (20 µs doubling to 1 ms), so an idle stage does
+    // not take a core from the compute threads, and snaps back at the next frame or request.
+    let mut idle = 0u32;
     loop {
         let job = if polling {
-            match jobs.recv_timeout(std::time::Duration::from_micros(50)) {
+            let wait = std::time::Duration::from_micros((20u64 << idle.min(6)).min(1000));
+            match jobs.recv_timeout(wait) {
                 Ok(j) => Some(j),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -194,6 +198,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
                 Err(_) => break,
             }
         };
+        let had_job = job.is_some();
         match job {
             Some(Job::F32(mut v, reply)) => {
                 reduce(&mut v, &mut send32, |s, r| comms.all_reduce_f32(s, r));
@@ -218,12 +223,16 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
             None => {}
         }
         if polling {
+            let busy = had_job || !sends.is_empty();
             sends.retain_mut(|r| !r.done());
+            let mut received = false;
             while let Some((from, bytes)) = comms.receive() {
+                received = true;
                 FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 count_link(&LINK_RECEIVED, from, bytes.len());
                 let _ = incoming.send((from, bytes));
             }
+            idle = if busy || received { 0 } else { idle + 1 };
         }
     }
     // Every frame started must have left before MPI ends.
