@@ -351,6 +351,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let dir = cfg.out_dir();
+            let data_vocab = data.vocab;
             let report = if sequential {
                 let mut trainer = Sequential::new(CpuBackend::default(), &cfg, &data)?;
                 trainer.run(&RunOptions { quiet: false, stop_after, ..Default::default() })?
@@ -385,6 +386,23 @@ pub fn run(cli: Cli) -> Result<()> {
                     st.reduce_s,
                     st.wait_s
                 );
+                if cfg.parallel.zero == 1 && crate::dist::replicas() > 1 {
+                    // The share of the target-depth model's optimizer state rank 0 keeps (the
+                    // same dealing as the units do: `params::Shard`).
+                    use crate::params::Shard;
+                    let dims = crate::train::dims_of(&cfg, data_vocab);
+                    let d = crate::dist::replicas();
+                    let mut units = vec![
+                        (crate::model::Embed::<CpuBackend>::layout(&dims), u64::MAX),
+                        (crate::model::Head::<CpuBackend>::layout(&dims), u64::MAX - 1),
+                    ];
+                    units.extend((0..cfg.target_depth() as u64).map(|id| (crate::model::Block::<CpuBackend>::layout(&dims), id)));
+                    let (kept, all): (usize, usize) = units
+                        .iter()
+                        .map(|(l, salt)| (Shard::new(l, 0, d, *salt).total, l.total))
+                        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                    println!("zero rank=0 optimizer_state_values={kept} of {all} ({:.1}%, {d} replicas)", 100.0 * kept as f64 / all as f64);
+                }
                 if crate::dist::stages() > 1 {
                     println!(
                         "frames rank=0 sent={} mib_sent={:.2} mib_received={:.2}",

@@ -530,3 +530,80 @@ fn a_killed_rank_of_a_two_by_two_run_stops_it_and_it_resumes() {
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
     assert_eq!((ck.meta.step, ck.meta.depth), (from + 15, 2));
 }
+
+#[test]
+fn zero_1_shards_the_optimizer_state_and_trains_bitwise_as_unsharded_replicas() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-zero");
+    // Muon-NSGD (momentum only) and Muon-AdamW (a second moment on the embeddings, gains and
+    // biases); checkpoints every 4 steps gather the sharded state mid-run, growth copies it.
+    for kind in ["muon_nsgd", "muon_adamw"] {
+        let cfg = TestConfig::new(&dir)
+            .name(&format!("z-{kind}"))
+            .steps(12)
+            .micro_batches(4)
+            .depth(1)
+            .target_depth(3)
+            .grow_at_step(6, 3)
+            .growth_init("copying")
+            .eval(6, 2)
+            .checkpoint_every(4)
+            .set("optim.kind", format!("\"{kind}\""))
+            .write();
+        let run = |name: &str, zero: u8| -> (PathBuf, u64) {
+            let out = dir.join(format!("{kind}-{name}"));
+            let o = mpirun(
+                2,
+                &[
+                    "train",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--set",
+                    &format!("run.out_dir={}", out.display()),
+                    "--set",
+                    "parallel.data=2",
+                    "--set",
+                    &format!("parallel.zero={zero}"),
+                ],
+            );
+            ok(&format!("{kind} zero={zero}"), &o);
+            let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+            let n = stdout.split("allreduce rank=0 reductions=").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok());
+            (out, n.expect("the all-reduce summary"))
+        };
+        let ((plain, n_plain), (zero, n_zero)) = (run("plain", 0), run("zero", 1));
+        // Sharded, every unit's new weights are gathered from their owners after every update:
+        // 2 ends units x 12 steps + 1 layer x 6 steps + 3 layers x 6 steps = 48 more reductions.
+        // (Were the state not sharded, the gather would add every value twice and the weights
+        // below would differ.)
+        assert!(n_zero >= n_plain + 48, "{kind}: {n_zero} reductions sharded, {n_plain} not");
+        // The weights, the gathered optimizer state (m, and v under AdamW) and every logged loss.
+        assert_bitwise_runs(&plain, &zero);
+        let (ck, _, _) = taproot::checkpoint::load_newest_valid(&zero.join("checkpoints")).unwrap().unwrap();
+        let has_v = ck.units.iter().any(|(_, u)| u.v.is_some());
+        assert_eq!(has_v, kind == "muon_adamw", "{kind}: second moments in the checkpoint");
+    }
+    // A sharded run resumes on one process (the checkpoint holds the whole state).
+    let cfg = config(&dir, "z-straight");
+    ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
+    let split = dir.join("z-split");
+    let out = format!("run.out_dir={}", split.display());
+    let first = [
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &out,
+        "--set",
+        "parallel.data=2",
+        "--set",
+        "parallel.zero=1",
+        "--stop-after",
+        "8",
+    ];
+    ok("sharded, first part", &mpirun(2, &first));
+    ok("one process, resumed", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--resume"]).output().unwrap());
+    assert_close_runs(&dir.join("z-straight"), &split);
+}

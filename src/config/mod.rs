@@ -187,17 +187,20 @@ pub struct PipelineConfig {
 pub struct ParallelConfig {
     /// Data-parallel replicas D (`data.micro_batches` must be a multiple of it).
     pub data: usize,
-    /// Pipeline stages across processes P (only 1 so far: stages within a process come from
-    /// `[placement]`).
+    /// Pipeline stages across processes P (stage 0 runs the scheduler; each stage has the
+    /// devices of `[placement]`).
     pub pipeline: usize,
     /// Hosts for `taproot launch` (empty: this machine), and processes per host.
     pub hosts: Vec<String>,
     pub processes_per_host: Option<usize>,
+    /// ZeRO stage: 0 (every replica keeps the whole optimizer state) or 1 (each keeps and
+    /// updates its share of every unit's tensors; the weights are the same bitwise).
+    pub zero: u8,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None }
+        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None, zero: 0 }
     }
 }
 

@@ -56,6 +56,9 @@ impl Config {
             );
         }
         pos(self.parallel.pipeline, "parallel.pipeline")?;
+        if self.parallel.zero > 1 {
+            bail!("`parallel.zero` = {}: ZeRO stage 0 or 1 (sharded optimizer state) is supported", self.parallel.zero);
+        }
         if self.parallel.processes_per_host == Some(0) {
             bail!("`parallel.processes_per_host` must be at least 1");
         }

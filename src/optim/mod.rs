@@ -44,24 +44,34 @@ impl Optimizer {
         for (i, spec) in set.layout.specs.iter().enumerate() {
             let wd = if spec.is_matrix() { wd_all } else { 0.0 };
             let (off, n) = (spec.offset, spec.numel());
+            set.state.steps[i] += 1;
+            // ZeRO-1: another replica owns this tensor's state and update.
+            let Some(so) = set.state.offset(i, spec) else { continue };
             let p = View::new(&set.params, off, n);
             let g = View::new(&set.grads, off, n);
-            let m = View::new(&set.state.m, off, n);
-            set.state.steps[i] += 1;
+            let m = View::new(&set.state.m, so, n);
             match self.cfg.rule(spec) {
                 Rule::Muon => muon::muon_update(be, &self.cfg, p, g, m, spec.rows(), spec.cols(), scratch, lr, wd),
                 Rule::Nsgd => muon::nsgd_update(be, &self.cfg, p, g, m, scratch, lr, wd),
                 Rule::AdamW => {
                     if set.state.v.is_none() {
-                        set.state.v = Some(be.alloc(set.layout.total));
+                        set.state.v = Some(be.alloc(set.state.len()));
                     }
-                    let v = View::new(set.state.v.as_ref().expect("allocated above"), off, n);
+                    let v = View::new(set.state.v.as_ref().expect("allocated above"), so, n);
                     let lr = if self.cfg.kind == OptimizerKind::MuonAdamw { lr * self.cfg.adam_lr_scale } else { lr };
                     let c = &self.cfg;
                     be.adamw_update(p, g, m, v, lr, c.beta1, c.beta2, c.eps, wd, set.state.steps[i]);
                 }
             }
         }
+    }
+}
+
+impl Optimizer {
+    /// Whether some tensor of `layout` is updated by AdamW (then the unit has a second moment
+    /// once it has stepped).
+    pub fn uses_adamw(&self, layout: &crate::params::Layout) -> bool {
+        layout.specs.iter().any(|s| self.cfg.rule(s) == Rule::AdamW)
     }
 }
 

@@ -101,6 +101,8 @@ pub struct EmbedHeadArgs<B: Backend> {
     pub pool: ActPool<B>,
     /// Backwards per step on this replica (`data.micro_batches / parallel.data`).
     pub micro_batches: usize,
+    /// ZeRO-1: shard the optimizer state over the replicas (`parallel.zero = 1`).
+    pub zero: bool,
 }
 
 enum Kind {
@@ -242,8 +244,13 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             })
             .map_err(|e| RunError::Checkpoint(format!("embedding and head: restoring: {e:#}")))?;
         }
+        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero);
+        compute(|| {
+            sync.shard(&be, &mut embed.w, u64::MAX);
+            sync.shard(&be, &mut head.w, u64::MAX - 1);
+        });
         Ok(EmbedHeadState {
-            sync: crate::runtime::grad_sync::GradSync::new(a.micro_batches),
+            sync,
             be,
             pool: a.pool,
             embed,
@@ -276,6 +283,7 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
                     let ss = grad_sumsq(&s.be, &s.embed.w, &mut s.scratch) + grad_sumsq(&s.be, &s.head.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
                     s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);
+                    s.sync.gather_params(&s.be, &[&s.embed.w, &s.head.w]);
                     s.embed.w.zero_grad(&s.be);
                     s.head.w.zero_grad(&s.be);
                     s.be.synchronize();
@@ -284,7 +292,7 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
                 let _ = reply.send(ss);
             }
             EmbedHeadMsg::GetState(reply) => {
-                let st = compute(|| (s.embed.w.snapshot(&s.be), s.head.w.snapshot(&s.be)));
+                let st = compute(|| (s.sync.snapshot(&s.be, &s.embed.w), s.sync.snapshot(&s.be, &s.head.w)));
                 let _ = reply.send(st);
             }
             EmbedHeadMsg::SetState { embed, head, reply } => {

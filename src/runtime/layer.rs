@@ -89,6 +89,8 @@ pub struct LayerArgs<B: Backend> {
     pub pool: ActPool<B>,
     /// Backwards per step on this replica (`data.micro_batches / parallel.data`).
     pub micro_batches: usize,
+    /// ZeRO-1: shard the optimizer state over the replicas (`parallel.zero = 1`).
+    pub zero: bool,
 }
 
 pub struct LayerState<B: Backend> {
@@ -185,8 +187,10 @@ impl<B: Backend> Actor for LayerActor<B> {
         .map_err(|e| RunError::Device(format!("layer {}: initialisation thread failed: {e}", a.id)))?;
         let (be, mut block) = built.map_err(|e| RunError::Device(format!("layer {}: {e:#}", a.id)))?;
         block.use_pool(a.pool.clone());
+        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero);
+        sync.shard(&be, &mut block.w, a.id);
         Ok(LayerState {
-            sync: crate::runtime::grad_sync::GradSync::new(a.micro_batches),
+            sync,
             be,
             pool: a.pool,
             block,
@@ -213,6 +217,7 @@ impl<B: Backend> Actor for LayerActor<B> {
                     s.sync.finish(&s.be, &[&s.block.w]);
                     let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
+                    s.sync.gather_params(&s.be, &[&s.block.w]);
                     s.block.w.zero_grad(&s.be);
                     s.be.synchronize();
                     ss
@@ -220,7 +225,7 @@ impl<B: Backend> Actor for LayerActor<B> {
                 let _ = reply.send(ss);
             }
             LayerMsg::GetState(reply) => {
-                let st = compute(|| s.block.w.snapshot(&s.be));
+                let st = compute(|| s.sync.snapshot(&s.be, &s.block.w));
                 let _ = reply.send(st);
             }
             LayerMsg::SetState(st, reply) => {

@@ -535,6 +535,7 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
                         observer: observer.clone(),
                         pool: pool.clone(),
                         micro_batches,
+                        zero: cfg.parallel.zero == 1,
                     };
                     let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, watch.get_cell())
                         .await

@@ -58,6 +58,7 @@ impl<B: Backend> SchedulerState<B> {
             observer: self.observer.clone(),
             pool: self.pool(&device),
             micro_batches: self.local_micro_batches(),
+            zero: self.cfg.parallel.zero == 1,
         };
         let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
             .await

@@ -173,6 +173,8 @@ pub struct SchedulerState<B: Backend> {
     /// the next step boundary (data parallelism: only rank 0 takes control requests).
     grow_wanted: bool,
     grow_agreed: bool,
+    /// Sharded optimizer state: a `CheckpointNow` agreed by all replicas (they all gather).
+    checkpoint_agreed: bool,
     force_stop: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
@@ -324,6 +326,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             observer: a.observer.clone(),
             pool: pools[&ends_device].clone(),
             micro_batches: cfg.data.micro_batches / crate::dist::replicas(),
+            zero: cfg.parallel.zero == 1,
         };
         let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
             .await
@@ -370,6 +373,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             stop_wanted: false,
             grow_wanted: false,
             grow_agreed: false,
+            checkpoint_agreed: false,
             force_stop: false,
             growth,
             run_id,

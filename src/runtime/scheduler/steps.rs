@@ -30,6 +30,11 @@ impl<B: Backend> SchedulerState<B> {
         me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))
     }
 
+    /// Whether the optimizer state is sharded over the replicas (ZeRO-1).
+    pub(super) fn sharded(&self) -> bool {
+        self.cfg.parallel.zero == 1 && self.replicas > 1
+    }
+
     /// The micro-batches of a step this process trains: `data.micro_batches` split evenly over
     /// the data-parallel replicas (rank r takes the r-th consecutive share of the step's
     /// batches, so the global batch is the same whatever the number of replicas).
@@ -113,7 +118,10 @@ impl<B: Backend> SchedulerState<B> {
         if self.stop_requested {
             return self.finish().await;
         }
-        if !self.checkpoint_now.is_empty() {
+        // Sharded, every replica writes together: rank 0's request is agreed with the next
+        // step's reduction, like a growth.
+        let checkpoint = if self.sharded() { std::mem::take(&mut self.checkpoint_agreed) } else { !self.checkpoint_now.is_empty() };
+        if checkpoint {
             let r = self.write_checkpoint().await.map_err(|e| RunError::from_actor(&e));
             for reply in self.checkpoint_now.drain(..) {
                 let _ = reply.send(r.clone());
@@ -159,8 +167,16 @@ impl<B: Backend> SchedulerState<B> {
         // With the loss, whether any replica was asked to stop: then all stop after this step.
         // And whether any was asked to grow now (then all grow at the next boundary).
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        let mut sum = [losses.iter().map(|&l| l as f64).sum::<f64>(), flag(self.stop_wanted), flag(self.grow_wanted)];
+        let mut sum = [
+            losses.iter().map(|&l| l as f64).sum::<f64>(),
+            flag(self.stop_wanted),
+            flag(self.grow_wanted),
+            flag(self.sharded() && !self.checkpoint_now.is_empty()),
+        ];
         crate::dist::all_reduce_sum_f64(&mut sum);
+        if sum[3] > 0.0 {
+            self.checkpoint_agreed = true;
+        }
         if sum[1] > 0.0 {
             self.stop_requested = true;
         }
@@ -180,16 +196,24 @@ impl<B: Backend> SchedulerState<B> {
         // The barrier: every stage steps; wait for all of them. (With several replicas each
         // stage first waits for the sum of its gradients, which it started after its last
         // backward: `runtime::grad_sync`.)
+        // ZeRO-1: each stage's step ends in collectives (the owners' new weights), which every
+        // replica must make in the same order, so the stages step one after the other.
+        let one_by_one = self.sharded();
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
+        let mut grad_sumsq = 0.0f64;
         let (tx, rx) = ractor::concurrency::oneshot();
         self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
         for s in &self.stack {
+            if one_by_one {
+                for w in waits.drain(..) {
+                    grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
+                }
+            }
             let (tx, rx) = ractor::concurrency::oneshot();
             s.actor.cast(LayerMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
             waits.push(rx);
         }
-        let mut grad_sumsq = 0.0f64;
         for w in waits {
             grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
         }
@@ -254,14 +278,18 @@ impl<B: Backend> SchedulerState<B> {
     /// data-parallel run rank 0 writes the run's checkpoints (every replica holds the same
     /// state); the others write nothing and answer with the checkpoint folder.
     pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
-        if self.rank != 0 {
+        if self.rank != 0 && !self.sharded() {
             return Ok(self.cfg.checkpoint_dir());
         }
         let t0 = Instant::now();
+        // Sharded (ZeRO-1), every replica takes part: each snapshot gathers the state.
         let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
         let mut units = vec![(UnitKey::Embed, embed), (UnitKey::Head, head)];
         for s in &self.stack {
             units.push((UnitKey::Layer(s.id), ask(&s.actor, "GetState", LayerMsg::GetState).await?));
+        }
+        if self.rank != 0 {
+            return Ok(self.cfg.checkpoint_dir());
         }
         let meta = Meta {
             format_version: checkpoint::FORMAT_VERSION,
@@ -324,6 +352,12 @@ impl<B: Backend> SchedulerState<B> {
     async fn checkpoint_here(&mut self) -> Option<String> {
         if self.step == 0 {
             return None;
+        }
+        if self.force_stop && self.sharded() {
+            // Gathering sharded state needs every replica, and a forced stop is this replica's
+            // alone: the newest periodic checkpoint stands.
+            self.log.say("forced stop with the optimizer state sharded (parallel.zero = 1): no checkpoint of this step");
+            return self.last_checkpoint.as_ref().map(|(_, p)| p.display().to_string());
         }
         if let Some((s, p)) = &self.last_checkpoint {
             if *s == self.step {
