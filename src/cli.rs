@@ -134,6 +134,10 @@ pub enum Cmd {
         /// Passed on to `taproot train`.
         #[arg(long)]
         resume: bool,
+        /// Start `taproot daemon` on every process instead of `taproot train` (every rank serves
+        /// its metrics; control goes to rank 0).
+        #[arg(long)]
+        daemon: bool,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
@@ -234,10 +238,14 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Launch { config, set, dry_run, resume } => {
+        Cmd::Launch { config, set, dry_run, resume, daemon } => {
+            if daemon && resume {
+                anyhow::bail!("`--resume` is for `train`: a daemon always resumes from the run's newest checkpoint");
+            }
             let cfg = Config::load(&config, &set)?;
             let exe = std::env::current_exe().context("finding the taproot binary to launch")?;
-            let line = crate::dist::launch_line(&cfg, &exe, &config, &set, resume, std::env::var_os("SLURM_JOB_ID").is_some());
+            let command = if daemon { "daemon" } else { "train" };
+            let line = crate::dist::launch_line(&cfg, &exe, command, &config, &set, resume, std::env::var_os("SLURM_JOB_ID").is_some());
             println!("{}", line.join(" "));
             if dry_run || line[0] == "srun" {
                 return Ok(());

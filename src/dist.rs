@@ -393,12 +393,13 @@ pub fn init(data: usize, pipeline: usize) -> Result<()> {
 }
 
 /// The command line that starts every process of `cfg`'s run: `mpirun -np N [--host
-/// h1:n1,…] taproot train --config F [--set …]`, or under Slurm (`slurm`) the `srun` line to run
+/// h1:n1,…] taproot COMMAND --config F [--set …]` (COMMAND: `train` or `daemon`), or under Slurm (`slurm`) the `srun` line to run
 /// inside the allocation. N = `parallel.data × parallel.pipeline`; on several hosts each runs
 /// `parallel.processes_per_host` (default: N / hosts, rounded up).
 pub fn launch_line(
     cfg: &crate::config::Config,
     exe: &std::path::Path,
+    command: &str,
     config: &std::path::Path,
     sets: &[String],
     resume: bool,
@@ -422,7 +423,7 @@ pub fn launch_line(
         l
     };
     line.push(exe.display().to_string());
-    line.push("train".into());
+    line.push(command.into());
     line.push("--config".into());
     line.push(config.display().to_string());
     for s in sets {

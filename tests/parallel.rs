@@ -226,6 +226,19 @@ fn launch_prints_the_mpirun_and_srun_lines_of_the_config() {
     ok("launch under Slurm", &o);
     let line = String::from_utf8_lossy(&o.stdout);
     assert!(line.starts_with("srun --ntasks=4 --ntasks-per-node=2 "), "{line}");
+    // Daemons instead of a training run; pipeline stages count as processes.
+    let o = taproot()
+        .args(["launch", "--config", cfg.to_str().unwrap(), "--daemon", "--dry-run", "--set", "parallel.pipeline=2"])
+        .output()
+        .unwrap();
+    ok("launch --daemon", &o);
+    let line = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        line.starts_with("mpirun -np 8 --host gpu-a:4,gpu-b:4 ") && line.contains(&format!(" daemon --config {} ", cfg.display())),
+        "{line}"
+    );
+    let o = taproot().args(["launch", "--config", cfg.to_str().unwrap(), "--daemon", "--resume"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("a daemon always resumes"));
 }
 
 #[test]
