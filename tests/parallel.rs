@@ -106,6 +106,24 @@ fn assert_close_runs(a: &Path, b: &Path) {
     }
 }
 
+/// Train `cfg` to step 8 with 2 processes and `sets` (into `dir/name`), then resume it in one
+/// process (with `one_sets`) to the end; returns the run folder.
+fn split_run(dir: &Path, cfg: &Path, name: &str, sets: &[&str], one_sets: &[&str]) -> PathBuf {
+    let split = dir.join(name);
+    let out = format!("run.out_dir={}", split.display());
+    let mut first = vec!["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--stop-after", "8"];
+    let mut then = vec!["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--resume"];
+    for s in sets {
+        first.extend(["--set", s]);
+    }
+    for s in one_sets {
+        then.extend(["--set", s]);
+    }
+    ok("2 processes, first part", &mpirun(2, &first));
+    ok("one process, resumed", &taproot().args(&then).output().unwrap());
+    split
+}
+
 #[test]
 fn two_replicas_train_as_one_process_through_growth() {
     if !mpi_ready() {
@@ -148,13 +166,7 @@ fn a_run_resumes_onto_another_number_of_replicas() {
     let cfg = config(&dir, "straight");
     ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     // 2 replicas to step 8 (after growth), then one process to the end.
-    let split = dir.join("split");
-    let out = format!("run.out_dir={}", split.display());
-    ok(
-        "two replicas, first part",
-        &mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", "parallel.data=2", "--stop-after", "8"]),
-    );
-    ok("one process, resumed", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--resume"]).output().unwrap());
+    let split = split_run(&dir, &cfg, "split", &["parallel.data=2"], &[]);
     assert_close_runs(&dir.join("straight"), &split);
 }
 
@@ -330,19 +342,44 @@ fn assert_clean_stop(run: &Path, out: &Output) {
     assert!(last < 100_000);
 }
 
+/// SIGTERM to the last rank of `child`'s run (the highest pid: the last rank started), then a
+/// clean stop of every rank within 30 s.
+fn sigterm_last_rank_stops_cleanly(mut child: std::process::Child, cfg: &Path, run: &Path) {
+    Command::new("kill").args(["-TERM", rank_pids(cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 30);
+    let out = child.wait_with_output().unwrap();
+    assert!(st.success(), "mpirun exited {st}: a rank failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_clean_stop(run, &out);
+}
+
+/// SIGKILL to the last rank of `child`'s run: the run stops within 20 s, and `n` processes with
+/// `sets` resume it for 15 more steps. Returns the resumed checkpoint's depth.
+fn sigkill_last_rank_then_resume(mut child: std::process::Child, cfg: &Path, run: &Path, n: usize, sets: &[&str]) -> usize {
+    Command::new("kill").args(["-KILL", rank_pids(cfg).last().unwrap()]).status().unwrap();
+    let st = wait_within(&mut child, 20);
+    assert!(!st.success(), "the run ended well although a rank was killed");
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    let from = ck.meta.step;
+    let until = (from + 15).to_string();
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--resume", "--stop-after", &until];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    ok("resumed", &mpirun(n, &args));
+    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    assert_eq!(ck.meta.step, from + 15);
+    ck.meta.depth
+}
+
 #[test]
 fn sigterm_to_one_rank_stops_every_replica_after_the_same_step() {
     if !mpi_ready() {
         return;
     }
     let dir = synthetic_dataset("dp-sigterm-rank");
-    let (mut child, cfg, run) = start_long_run(&dir, "term-rank");
+    let (child, cfg, run) = start_long_run(&dir, "term-rank");
     // Only the last rank hears it: the stop wish travels with the next step's reduction.
-    Command::new("kill").args(["-TERM", rank_pids(&cfg).last().unwrap()]).status().unwrap();
-    let st = wait_within(&mut child, 30);
-    let out = child.wait_with_output().unwrap();
-    assert!(st.success(), "mpirun exited {st}: a rank failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_clean_stop(&run, &out);
+    sigterm_last_rank_stops_cleanly(child, &cfg, &run);
 }
 
 #[test]
@@ -366,17 +403,8 @@ fn a_killed_rank_stops_the_run_and_it_resumes() {
         return;
     }
     let dir = synthetic_dataset("dp-kill");
-    let (mut child, cfg, run) = start_long_run(&dir, "killed");
-    Command::new("kill").args(["-KILL", rank_pids(&cfg).last().unwrap()]).status().unwrap();
-    let st = wait_within(&mut child, 20);
-    assert!(!st.success(), "the run ended well although a rank was killed");
-    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
-    let from = ck.meta.step;
-    let until = (from + 15).to_string();
-    let o = mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", "parallel.data=2", "--resume", "--stop-after", &until]);
-    ok("resumed", &o);
-    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
-    assert_eq!(ck.meta.step, from + 15);
+    let (child, cfg, run) = start_long_run(&dir, "killed");
+    sigkill_last_rank_then_resume(child, &cfg, &run, 2, &["parallel.data=2"]);
 }
 
 /// Every byte of the newest checkpoint's tensors and every logged loss, as text: two runs are
@@ -462,16 +490,7 @@ fn a_pipelined_run_resumes_onto_one_process_bitwise() {
     ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", two]).output().unwrap());
     // Two stages to step 8 (after growth moved a layer to stage 1), then one process of two
     // devices to the end: the checkpoint is keyed by layer id, not by process.
-    let split = dir.join("split");
-    let out = format!("run.out_dir={}", split.display());
-    ok(
-        "two stages, first part",
-        &mpirun(2, &["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", "parallel.pipeline=2", "--stop-after", "8"]),
-    );
-    ok(
-        "one process, resumed",
-        &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--set", two, "--resume"]).output().unwrap(),
-    );
+    let split = split_run(&dir, &cfg, "split", &["parallel.pipeline=2"], &[two]);
     assert_bitwise_runs(&dir.join("straight"), &split);
 }
 
@@ -514,13 +533,9 @@ fn sigterm_to_a_pipeline_stage_stops_the_run_cleanly() {
         return;
     }
     let dir = synthetic_dataset("pp-sigterm");
-    let (mut child, cfg, run) = start_long_run_with(&dir, "term-stage", 2, 2, &["parallel.pipeline=2"]);
+    let (child, cfg, run) = start_long_run_with(&dir, "term-stage", 2, 2, &["parallel.pipeline=2"]);
     // The last rank is stage 1, which hosts the top layer: it passes the stop to stage 0.
-    Command::new("kill").args(["-TERM", rank_pids(&cfg).last().unwrap()]).status().unwrap();
-    let st = wait_within(&mut child, 30);
-    let out = child.wait_with_output().unwrap();
-    assert!(st.success(), "mpirun exited {st}:\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_clean_stop(&run, &out);
+    sigterm_last_rank_stops_cleanly(child, &cfg, &run);
 }
 
 #[test]
@@ -530,18 +545,8 @@ fn a_killed_rank_of_a_two_by_two_run_stops_it_and_it_resumes() {
     }
     let dir = synthetic_dataset("dp-pp-kill");
     let sets = ["parallel.data=2", "parallel.pipeline=2"];
-    let (mut child, cfg, run) = start_long_run_with(&dir, "killed", 4, 2, &sets);
-    Command::new("kill").args(["-KILL", rank_pids(&cfg).last().unwrap()]).status().unwrap();
-    let st = wait_within(&mut child, 20);
-    assert!(!st.success(), "the run ended well although a rank was killed");
-    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
-    let from = ck.meta.step;
-    let until = (from + 15).to_string();
-    let o =
-        mpirun(4, &["train", "--config", cfg.to_str().unwrap(), "--set", sets[0], "--set", sets[1], "--resume", "--stop-after", &until]);
-    ok("resumed", &o);
-    let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
-    assert_eq!((ck.meta.step, ck.meta.depth), (from + 15, 2));
+    let (child, cfg, run) = start_long_run_with(&dir, "killed", 4, 2, &sets);
+    assert_eq!(sigkill_last_rank_then_resume(child, &cfg, &run, 4, &sets), 2);
 }
 
 #[test]
@@ -601,22 +606,6 @@ fn zero_1_shards_the_optimizer_state_and_trains_bitwise_as_unsharded_replicas() 
     // A sharded run resumes on one process (the checkpoint holds the whole state).
     let cfg = config(&dir, "z-straight");
     ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
-    let split = dir.join("z-split");
-    let out = format!("run.out_dir={}", split.display());
-    let first = [
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        &out,
-        "--set",
-        "parallel.data=2",
-        "--set",
-        "parallel.zero=1",
-        "--stop-after",
-        "8",
-    ];
-    ok("sharded, first part", &mpirun(2, &first));
-    ok("one process, resumed", &taproot().args(["train", "--config", cfg.to_str().unwrap(), "--set", &out, "--resume"]).output().unwrap());
+    let split = split_run(&dir, &cfg, "z-split", &["parallel.data=2", "parallel.zero=1"], &[]);
     assert_close_runs(&dir.join("z-straight"), &split);
 }
