@@ -446,15 +446,17 @@ fn pipeline_stages_in_processes_equal_the_one_process_pipeline_bitwise() {
         return;
     }
     let dir = synthetic_dataset("pp-equal");
-    for p in [2usize, 3] {
+    for (p, policy) in [(2usize, "balanced"), (3, "balanced"), (2, "fill")] {
         // One process, P devices; against P processes of one device each. Growth 1 -> 3 at step
-        // 6 under `balanced` moves the old layer from stage 0 to the last stage.
+        // 6 under `balanced` moves the old layer from stage 0 to the last stage; under `fill`
+        // nothing moves and the ring crosses between the processes twice (0, 1, 0).
         let devices: Vec<String> = (0..p).map(|i| format!("cpu:{i}")).collect();
-        let one = config(&dir, &format!("one-{p}"));
-        let one_out = dir.join(format!("one-{p}"));
+        let one = config(&dir, &format!("one-{p}-{policy}"));
+        let one_out = dir.join(format!("one-{p}-{policy}"));
         let list = format!("placement.devices=[{}]", devices.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(","));
-        ok("one process", &taproot().args(["train", "--config", one.to_str().unwrap(), "--set", &list]).output().unwrap());
-        let multi = dir.join(format!("p{p}"));
+        let pol = format!("placement.policy=\"{policy}\"");
+        ok("one process", &taproot().args(["train", "--config", one.to_str().unwrap(), "--set", &list, "--set", &pol]).output().unwrap());
+        let multi = dir.join(format!("p{p}-{policy}"));
         let o = mpirun(
             p,
             &[
@@ -467,14 +469,20 @@ fn pipeline_stages_in_processes_equal_the_one_process_pipeline_bitwise() {
                 &format!("parallel.pipeline={p}"),
                 "--set",
                 "run.log_every=1",
+                "--set",
+                &pol,
             ],
         );
         ok(&format!("{p} pipeline stages"), &o);
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(stdout.contains(&format!("1 data-parallel replicas × {p} pipeline stages")), "{stdout}");
-        assert!(stdout.contains("moved=1"), "the growth moved a layer across processes: {stdout}");
-        let last = format!("cpu:0@{}", p - 1);
-        assert!(stdout.contains(&last), "the stack reached the last stage: {stdout}");
+        if policy == "balanced" {
+            assert!(stdout.contains("moved=1"), "the growth moved a layer across processes: {stdout}");
+            let last = format!("cpu:0@{}", p - 1);
+            assert!(stdout.contains(&last), "the stack reached the last stage: {stdout}");
+        } else {
+            assert!(stdout.contains("moved=0 placement=cpu:0,cpu:0@1,cpu:0"), "{stdout}");
+        }
         assert_bitwise_runs(&one_out, &multi);
     }
 }
