@@ -160,6 +160,40 @@ parity!(gemm_all_transposes_match_cpu, TOL, |be: B| {
     outs
 });
 
+parity!(rmsnorm_rope_swiglu_match_cpu, TOL, |be: B| {
+    let mut r = Rng::new(31);
+    let (n, c, f) = (B_ * T_, C_, 3 * C_);
+    let inp = up(be, &randn(&mut r, n * c, 1.0));
+    let w = up(be, &randn(&mut r, c, 0.2).iter().map(|x| 1.0 + x).collect::<Vec<_>>());
+    let (out, rstd) = (be.alloc(n * c), be.alloc(n));
+    be.rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&inp), B::whole(&w), n, c, 1e-6);
+    let dout = up(be, &randn(&mut r, n * c, 1.0));
+    let (dinp, dw) = (up(be, &randn(&mut r, n * c, 1.0)), be.alloc(c));
+    be.rmsnorm_backward(B::whole(&dinp), B::whole(&dw), B::whole(&dout), B::whole(&inp), B::whole(&w), B::whole(&rstd), n, c);
+    // Rotary positions on the q and k heads of fused qkv rows (NH q heads, NH/2 kv heads).
+    let (hd, kv) = (C_ / NH_, NH_ / 2);
+    let stride = (NH_ + 2 * kv) * hd;
+    let qkv = up(be, &randn(&mut r, n * stride, 1.0));
+    be.rope(B::whole(&qkv), n, T_, stride, NH_ + kv, hd, 10_000.0, false);
+    let rot = down(be, &qkv);
+    be.rope(B::whole(&qkv), n, T_, stride, NH_ + kv, hd, 500_000.0, true);
+    let g = up(be, &randn(&mut r, n * 2 * f, 2.0));
+    let (sw, dsw) = (be.alloc(n * f), be.alloc(n * 2 * f));
+    be.swiglu_forward(B::whole(&sw), B::whole(&g), n, f);
+    let dsout = up(be, &randn(&mut r, n * f, 1.0));
+    be.swiglu_backward(B::whole(&dsw), B::whole(&g), B::whole(&dsout), n, f);
+    vec![
+        ("rmsnorm out", down(be, &out)),
+        ("rmsnorm rstd", down(be, &rstd)),
+        ("rmsnorm dinp", down(be, &dinp)),
+        ("rmsnorm dw", down(be, &dw)),
+        ("rope", rot),
+        ("rope inverse", down(be, &qkv)),
+        ("swiglu out", down(be, &sw)),
+        ("swiglu dinp", down(be, &dsw)),
+    ]
+});
+
 parity!(layernorm_forward_backward_match_cpu, TOL, |be: B| {
     let mut r = Rng::new(3);
     let (n, c) = (B_ * T_, C_);

@@ -191,6 +191,123 @@ fn gelu_backward_matches_finite_differences() {
 }
 
 #[test]
+fn rmsnorm_backward_matches_finite_differences() {
+    let be = B::default();
+    let mut rng = Rng::new(21);
+    let (n, c, eps) = (4, 8, 1e-6);
+    let inp = randn(&mut rng, n * c, 1.0);
+    let w: Vec<f32> = randn(&mut rng, c, 0.3).iter().map(|x| 1.0 + x).collect();
+    let r = randn(&mut rng, n * c, 1.0);
+    let f = |inp: &[f32], w: &[f32]| {
+        let (out, rstd) = (be.alloc(n * c), be.alloc(n));
+        be.rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&buf(&be, inp)), B::whole(&buf(&be, w)), n, c, eps);
+        dot(&host(&be, &out), &r)
+    };
+    let (out, rstd) = (be.alloc(n * c), be.alloc(n));
+    let (ib, wb, rb) = (buf(&be, &inp), buf(&be, &w), buf(&be, &r));
+    be.rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&ib), B::whole(&wb), n, c, eps);
+    // Its definition: x / sqrt(mean(x²) + eps) · w.
+    let o = host(&be, &out);
+    for row in 0..n {
+        let x = &inp[row * c..(row + 1) * c];
+        let rs = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / c as f32 + eps).sqrt();
+        for i in 0..c {
+            assert!((o[row * c + i] - x[i] * rs * w[i]).abs() < 1e-5);
+        }
+    }
+    // dinp accumulates: start it at a known value and subtract it afterwards.
+    let base = randn(&mut rng, n * c, 1.0);
+    let dinp = buf(&be, &base);
+    let dw = be.alloc(c);
+    be.rmsnorm_backward(B::whole(&dinp), B::whole(&dw), B::whole(&rb), B::whole(&ib), B::whole(&wb), B::whole(&rstd), n, c);
+    let dinp: Vec<f32> = host(&be, &dinp).iter().zip(&base).map(|(a, b)| a - b).collect();
+    let all = |n| (0..n).collect::<Vec<_>>();
+    check("rmsnorm dinp", &dinp, &all(n * c), |i, h| {
+        let mut x = inp.clone();
+        x[i] += h;
+        f(&x, &w)
+    });
+    check("rmsnorm dw", &host(&be, &dw), &all(c), |i, h| {
+        let mut x = w.clone();
+        x[i] += h;
+        f(&inp, &x)
+    });
+}
+
+#[test]
+fn rope_is_a_rotation_and_its_backward_matches_finite_differences() {
+    let be = B::default();
+    let mut rng = Rng::new(22);
+    // 2 sequences of 3 positions; rows of 5 heads of 4, the first 3 heads rotated (q and k
+    // heads of a fused qkv row), the rest untouched.
+    let (b, t, heads, hd, stride, theta) = (2, 3, 3, 4, 20, 10_000.0f32);
+    let rows = b * t;
+    let x = randn(&mut rng, rows * stride, 1.0);
+    let r = randn(&mut rng, rows * stride, 1.0);
+    let f = |x: &[f32]| {
+        let xb = buf(&be, x);
+        be.rope(B::whole(&xb), rows, t, stride, heads, hd, theta, false);
+        dot(&host(&be, &xb), &r)
+    };
+    let xb = buf(&be, &x);
+    be.rope(B::whole(&xb), rows, t, stride, heads, hd, theta, false);
+    let y = host(&be, &xb);
+    // Its definition, at position 1 (row 1), head 2, pair 1: angle 1 · θ^(-2/4).
+    let (i, h, row) = (1, 2, 1);
+    let a = (theta as f64).powf(-0.5);
+    let (x0, x1) = (x[row * stride + h * hd + i] as f64, x[row * stride + h * hd + i + 2] as f64);
+    assert!((y[row * stride + h * hd + i] as f64 - (x0 * a.cos() - x1 * a.sin())).abs() < 1e-6);
+    assert!((y[row * stride + h * hd + i + 2] as f64 - (x1 * a.cos() + x0 * a.sin())).abs() < 1e-6);
+    // Position 0 and the heads past `heads` are unchanged; norms are kept.
+    assert_eq!(&y[..heads * hd], &x[..heads * hd]);
+    assert_eq!(&y[stride + heads * hd..2 * stride], &x[stride + heads * hd..2 * stride]);
+    let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+    assert!((norm(&y) - norm(&x)).abs() < 1e-4 * norm(&x));
+    // The backward is the inverse rotation of the upstream gradient.
+    let g = buf(&be, &r);
+    be.rope(B::whole(&g), rows, t, stride, heads, hd, theta, true);
+    check("rope dx", &host(&be, &g), &(0..rows * stride).collect::<Vec<_>>(), |i, h| {
+        let mut v = x.clone();
+        v[i] += h;
+        f(&v)
+    });
+    // Forward then inverse is the identity.
+    be.rope(B::whole(&xb), rows, t, stride, heads, hd, theta, true);
+    for (a, b) in host(&be, &xb).iter().zip(&x) {
+        assert!((a - b).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    let be = B::default();
+    let mut rng = Rng::new(23);
+    let (n, f) = (3, 5);
+    let inp = randn(&mut rng, n * 2 * f, 2.0);
+    let r = randn(&mut rng, n * f, 1.0);
+    let fw = |inp: &[f32]| {
+        let out = be.alloc(n * f);
+        be.swiglu_forward(B::whole(&out), B::whole(&buf(&be, inp)), n, f);
+        host(&be, &out)
+    };
+    // Its definition: silu(g) · u.
+    let o = fw(&inp);
+    for row in 0..n {
+        for i in 0..f {
+            let (g, u) = (inp[row * 2 * f + i], inp[row * 2 * f + f + i]);
+            assert!((o[row * f + i] - g / (1.0 + (-g).exp()) * u).abs() < 1e-5);
+        }
+    }
+    let dinp = be.alloc(n * 2 * f);
+    be.swiglu_backward(B::whole(&dinp), B::whole(&buf(&be, &inp)), B::whole(&buf(&be, &r)), n, f);
+    check("swiglu dinp", &host(&be, &dinp), &(0..n * 2 * f).collect::<Vec<_>>(), |i, h| {
+        let mut x = inp.clone();
+        x[i] += h;
+        dot(&fw(&x), &r)
+    });
+}
+
+#[test]
 fn residual_and_encoder_backward_match_finite_differences() {
     let be = B::default();
     let mut rng = Rng::new(5);

@@ -326,6 +326,40 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
         nh: usize,
     );
+    /// RMSNorm over rows of C: out = x · rstd · w, rstd = 1 / sqrt(mean(x²) + eps), kept (N).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    );
+    /// dinp += (ACCUMULATES, as LayerNorm's); dw += .
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: View<Self::Buf>,
+        dw: View<Self::Buf>,
+        dout: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        n: usize,
+        c: usize,
+    );
+    /// Rotary positions in place on the first `heads` heads (size `hd`) of each of `rows` rows of
+    /// `stride` floats (row r is position r mod t): pair (i, i + hd/2) rotated by
+    /// pos · θ^(−2i/hd), the Hugging Face layout. `inverse` rotates back: the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, x: View<Self::Buf>, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool);
+    /// out (N, F) = silu(gate) · up from inp (N, 2F) = [gate | up] per row.
+    fn swiglu_forward(&self, out: View<Self::Buf>, inp: View<Self::Buf>, n: usize, f: usize);
+    /// dinp (N, 2F) = [dgate | dup] (overwritten).
+    fn swiglu_backward(&self, dinp: View<Self::Buf>, inp: View<Self::Buf>, dout: View<Self::Buf>, n: usize, f: usize);
     /// out = gelu(inp), tanh approximation.
     fn gelu_forward(&self, out: View<Self::Buf>, inp: View<Self::Buf>);
     /// dinp = gelu'(inp) * dout (overwritten).

@@ -449,6 +449,31 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, n: usize, c: usize, eps: f32) {
+        for o in [&out, &rstd] {
+            disjoint(o, &[&inp, &w]);
+        }
+        disjoint(&out, &[&rstd]);
+        unsafe { kernels::rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), n, c, eps) }
+    }
+    fn rmsnorm_backward(&self, dinp: V, dw: V, dout: V, inp: V, w: V, rstd: V, n: usize, c: usize) {
+        for o in [&dinp, &dw] {
+            disjoint(o, &[&dout, &inp, &w, &rstd]);
+        }
+        disjoint(&dinp, &[&dw]);
+        unsafe { kernels::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
+    }
+    fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
+        unsafe { kernels::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
+    }
+    fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
+        disjoint(&out, &[&inp]);
+        unsafe { kernels::swiglu_forward(self.wr(out), self.rd(inp), n, f) }
+    }
+    fn swiglu_backward(&self, dinp: V, inp: V, dout: V, n: usize, f: usize) {
+        disjoint(&dinp, &[&inp, &dout]);
+        unsafe { kernels::swiglu_backward(self.wr(dinp), self.rd(inp), self.rd(dout), n, f) }
+    }
     fn gelu_forward(&self, out: V, inp: V) {
         disjoint(&out, &[&inp]);
         unsafe { kernels::gelu_forward(self.wr(out), self.rd(inp)) }

@@ -251,6 +251,77 @@ extern "C" __global__ void softmax_backward_kernel(float* datt, const float* att
 // gelu, tanh approximation
 
 #define GELU_SCALE 0.7978845608028654f
+// RMSNorm: one warp per row; rstd kept for the backward.
+extern "C" __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (row >= N) return;
+    const float* x = inp + (long)row * C;
+    float s = 0.0f;
+    for (int i = lane; i < C; i += WARP) s += x[i] * x[i];
+    float r = 1.0f / sqrtf(warp_sum(s) / C + eps);
+    float* o = out + (long)row * C;
+    for (int i = lane; i < C; i += WARP) o[i] = x[i] * r * w[i];
+    if (lane == 0) rstd[row] = r;
+}
+// dinp += (w*dout - norm * mean(w*dout*norm)) * rstd; dw += sum_rows norm*dout, per block in
+// shared memory (C floats) and added to the global sums once, as the LayerNorm backward does.
+extern "C" __global__ void rmsnorm_backward_kernel(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd, int N, int C) {
+    extern __shared__ float sh[];
+    for (int i = threadIdx.x; i < C; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nwarps = blockDim.x / WARP;
+    for (int row = blockIdx.x * nwarps + warp; row < N; row += gridDim.x * nwarps) {
+        const float* x = inp + (long)row * C;
+        const float* d = dout + (long)row * C;
+        float r = rstd[row];
+        float a = 0.0f;
+        for (int i = lane; i < C; i += WARP) a += w[i] * d[i] * x[i] * r;
+        float m = warp_sum(a) / C;
+        float* di = dinp + (long)row * C;
+        for (int i = lane; i < C; i += WARP) {
+            di[i] += (w[i] * d[i] - x[i] * r * m) * r;
+            atomicAdd(&sh[i], x[i] * r * d[i]);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < C; i += blockDim.x) atomicAdd(&dw[i], sh[i]);
+}
+// Rotary positions in place: one thread per (row, head, pair i < hd/2); row r is position r mod T.
+// The angle is computed in double, as the CPU kernel does, so both backends rotate alike.
+extern "C" __global__ void rope_kernel(float* x, int rows, int T, int stride, int heads, int hd, float theta, float sign) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int half = hd / 2;
+    long total = (long)rows * heads * half;
+    if (idx >= total) return;
+    int i = idx % half;
+    int h = (idx / half) % heads;
+    long r = idx / ((long)half * heads);
+    double a = (double)(r % T) * pow((double)theta, -2.0 * i / hd);
+    float c = (float)cos(a), s = (float)sin(a) * sign;
+    float* p = x + r * stride + (long)h * hd;
+    float x0 = p[i], x1 = p[i + half];
+    p[i] = x0 * c - x1 * s;
+    p[i + half] = x1 * c + x0 * s;
+}
+// SwiGLU: out (N, F) = silu(gate) * up, inp (N, 2F) = [gate | up] per row.
+extern "C" __global__ void swiglu_forward_kernel(float* out, const float* inp, int N, int F) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * F) return;
+    long r = idx / F;
+    int i = idx % F;
+    float g = inp[r * 2 * F + i], u = inp[r * 2 * F + F + i];
+    out[idx] = g / (1.0f + expf(-g)) * u;
+}
+extern "C" __global__ void swiglu_backward_kernel(float* dinp, const float* inp, const float* dout, int N, int F) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)N * F) return;
+    long r = idx / F;
+    int i = idx % F;
+    float g = inp[r * 2 * F + i], u = inp[r * 2 * F + F + i], d = dout[idx];
+    float sg = 1.0f / (1.0f + expf(-g));
+    dinp[r * 2 * F + F + i] = g * sg * d;
+    dinp[r * 2 * F + i] = d * u * sg * (1.0f + g * (1.0f - sg));
+}
 extern "C" __global__ void gelu_forward_kernel(float* out, const float* inp, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;

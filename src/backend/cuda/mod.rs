@@ -61,6 +61,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "softmax_backward_kernel",
     "gelu_forward_kernel",
     "gelu_backward_kernel",
+    "rmsnorm_forward_kernel",
+    "rmsnorm_backward_kernel",
+    "rope_kernel",
+    "swiglu_forward_kernel",
+    "swiglu_backward_kernel",
     "crossentropy_kernel",
     "adamw_kernel",
     "momentum_kernel",
@@ -763,6 +768,40 @@ impl Backend for CudaBackend {
         launch!(self, "unpermute_qkv_kernel", Self::cfg1d(n), &d, &dq, &dk, &dv, &bi, &ti, &nhi, &hsi);
     }
 
+    fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, n: usize, c: usize, eps: f32) {
+        assert!(out.len >= n * c && inp.len >= n * c && rstd.len >= n && w.len >= c, "rmsnorm_forward: views too small");
+        let (o, r, x, ww) = (p(&out), p(&rstd), p(&inp), p(&w));
+        let (ni, ci) = (n as i32, c as i32);
+        launch!(self, "rmsnorm_forward_kernel", Self::cfg_rows(n), &o, &r, &x, &ww, &ni, &ci, &eps);
+    }
+    fn rmsnorm_backward(&self, dinp: V, dw: V, dout: V, inp: V, w: V, rstd: V, n: usize, c: usize) {
+        assert!(
+            dinp.len >= n * c && dout.len >= n * c && inp.len >= n * c && rstd.len >= n && dw.len >= c,
+            "rmsnorm_backward: views too small"
+        );
+        let (di, dww, d, x, ww, r) = (p(&dinp), p(&dw), p(&dout), p(&inp), p(&w), p(&rstd));
+        let (ni, ci) = (n as i32, c as i32);
+        let blocks = (n as u32).div_ceil(8).clamp(1, 1024);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (4 * c) as u32 };
+        launch!(self, "rmsnorm_backward_kernel", cfg, &di, &dww, &d, &x, &ww, &r, &ni, &ci);
+    }
+    fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
+        assert!(hd % 2 == 0 && heads * hd <= stride && x.len >= rows * stride, "rope: views too small");
+        let xx = p(&x);
+        let (ri, ti, si, hi, hdi) = (rows as i32, t as i32, stride as i32, heads as i32, hd as i32);
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        launch!(self, "rope_kernel", Self::cfg1d(rows * heads * hd / 2), &xx, &ri, &ti, &si, &hi, &hdi, &theta, &sign);
+    }
+    fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
+        assert!(out.len >= n * f && inp.len >= 2 * n * f, "swiglu_forward: views too small");
+        let (o, x, ni, fi) = (p(&out), p(&inp), n as i32, f as i32);
+        launch!(self, "swiglu_forward_kernel", Self::cfg1d(n * f), &o, &x, &ni, &fi);
+    }
+    fn swiglu_backward(&self, dinp: V, inp: V, dout: V, n: usize, f: usize) {
+        assert!(dinp.len >= 2 * n * f && inp.len >= 2 * n * f && dout.len >= n * f, "swiglu_backward: views too small");
+        let (di, x, d, ni, fi) = (p(&dinp), p(&inp), p(&dout), n as i32, f as i32);
+        launch!(self, "swiglu_backward_kernel", Self::cfg1d(n * f), &di, &x, &d, &ni, &fi);
+    }
     fn gelu_forward(&self, out: V, inp: V) {
         let (o, x, n) = (p(&out), p(&inp), out.len as i64);
         launch!(self, "gelu_forward_kernel", Self::cfg1d(out.len), &o, &x, &n);
