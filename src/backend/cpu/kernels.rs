@@ -392,7 +392,7 @@ fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
 /// (the backward: the rotation is orthogonal, so dx = Rᵀ dy).
 #[allow(clippy::too_many_arguments)]
 pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, sign: f32) {
-    assert!(hd % 2 == 0 && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
+    assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
     let half = hd / 2;
     x.par_chunks_mut(stride).take(rows).enumerate().for_each(|(r, row)| {
         let pos = r % t;

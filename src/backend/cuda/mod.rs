@@ -786,7 +786,7 @@ impl Backend for CudaBackend {
         launch!(self, "rmsnorm_backward_kernel", cfg, &di, &dww, &d, &x, &ww, &r, &ni, &ci);
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
-        assert!(hd % 2 == 0 && heads * hd <= stride && x.len >= rows * stride, "rope: views too small");
+        assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len >= rows * stride, "rope: views too small");
         let xx = p(&x);
         let (ri, ti, si, hi, hdi) = (rows as i32, t as i32, stride as i32, heads as i32, hd as i32);
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
