@@ -160,7 +160,7 @@ parity!(gemm_all_transposes_match_cpu, TOL, |be: B| {
     outs
 });
 
-parity!(rmsnorm_rope_swiglu_match_cpu, TOL, |be: B| {
+parity!(rmsnorm_rope_gqa_swiglu_match_cpu, TOL, |be: B| {
     let mut r = Rng::new(31);
     let (n, c, f) = (B_ * T_, C_, 3 * C_);
     let inp = up(be, &randn(&mut r, n * c, 1.0));
@@ -177,6 +177,9 @@ parity!(rmsnorm_rope_swiglu_match_cpu, TOL, |be: B| {
     be.rope(B::whole(&qkv), n, T_, stride, NH_ + kv, hd, 10_000.0, false);
     let rot = down(be, &qkv);
     be.rope(B::whole(&qkv), n, T_, stride, NH_ + kv, hd, 500_000.0, true);
+    let (expanded, reduced) = (be.alloc(n * 3 * NH_ * hd), be.alloc(n * stride));
+    be.gqa_expand(B::whole(&expanded), B::whole(&qkv), n, NH_, kv, hd);
+    be.gqa_reduce(B::whole(&reduced), B::whole(&expanded), n, NH_, kv, hd);
     let g = up(be, &randn(&mut r, n * 2 * f, 2.0));
     let (sw, dsw) = (be.alloc(n * f), be.alloc(n * 2 * f));
     be.swiglu_forward(B::whole(&sw), B::whole(&g), n, f);
@@ -189,6 +192,8 @@ parity!(rmsnorm_rope_swiglu_match_cpu, TOL, |be: B| {
         ("rmsnorm dw", down(be, &dw)),
         ("rope", rot),
         ("rope inverse", down(be, &qkv)),
+        ("gqa expand", down(be, &expanded)),
+        ("gqa reduce", down(be, &reduced)),
         ("swiglu out", down(be, &sw)),
         ("swiglu dinp", down(be, &dsw)),
     ]

@@ -279,6 +279,43 @@ fn rope_is_a_rotation_and_its_backward_matches_finite_differences() {
 }
 
 #[test]
+fn gqa_expand_repeats_each_kv_head_for_its_group_and_reduce_is_its_adjoint() {
+    let be = B::default();
+    let mut rng = Rng::new(24);
+    // 4 query heads sharing 2 key/value heads of size 3, 5 rows.
+    let (n, nh, kv, hd) = (5, 4, 2, 3);
+    let (wi, wo) = ((nh + 2 * kv) * hd, 3 * nh * hd);
+    let x = randn(&mut rng, n * wi, 1.0);
+    let y = randn(&mut rng, n * wo, 1.0);
+    let out = be.alloc(n * wo);
+    be.gqa_expand(B::whole(&out), B::whole(&buf(&be, &x)), n, nh, kv, hd);
+    let e = host(&be, &out);
+    // Its definition: q as is; query head h's key and value are kv head h / 2's.
+    for r in 0..n {
+        for h in 0..nh {
+            for k in 0..hd {
+                assert_eq!(e[r * wo + h * hd + k], x[r * wi + h * hd + k]);
+                assert_eq!(e[r * wo + nh * hd + h * hd + k], x[r * wi + nh * hd + (h / 2) * hd + k]);
+                assert_eq!(e[r * wo + 2 * nh * hd + h * hd + k], x[r * wi + (nh + kv) * hd + (h / 2) * hd + k]);
+            }
+        }
+    }
+    // The backward is the adjoint: <expand(x), y> = <x, reduce(y)>, and it is exactly what
+    // finite differences of L = <expand(x), y> give.
+    let d = be.alloc(n * wi);
+    be.gqa_reduce(B::whole(&d), B::whole(&buf(&be, &y)), n, nh, kv, hd);
+    let d = host(&be, &d);
+    assert!((dot(&e, &y) - dot(&x, &d)).abs() < 1e-4);
+    check("gqa dinp", &d, &(0..n * wi).collect::<Vec<_>>(), |i, h| {
+        let mut v = x.clone();
+        v[i] += h;
+        let o = be.alloc(n * wo);
+        be.gqa_expand(B::whole(&o), B::whole(&buf(&be, &v)), n, nh, kv, hd);
+        dot(&host(&be, &o), &y)
+    });
+}
+
+#[test]
 fn swiglu_backward_matches_finite_differences() {
     let be = B::default();
     let mut rng = Rng::new(23);

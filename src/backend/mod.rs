@@ -356,6 +356,14 @@ pub trait Backend: Send + Sized + 'static {
     /// pos · θ^(−2i/hd), the Hugging Face layout. `inverse` rotates back: the backward.
     #[allow(clippy::too_many_arguments)]
     fn rope(&self, x: View<Self::Buf>, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool);
+    /// Grouped-query attention's shared keys and values: out (N, 3·nh·hd) = [q | k | v] with
+    /// query head h reading key/value head h / (nh / kv), from inp (N, (nh + 2·kv)·hd).
+    #[allow(clippy::too_many_arguments)]
+    fn gqa_expand(&self, out: View<Self::Buf>, inp: View<Self::Buf>, n: usize, nh: usize, kv: usize, hd: usize);
+    /// The adjoint of `gqa_expand` (overwrites dinp): each key/value head's gradient is the sum
+    /// over the query heads that read it.
+    #[allow(clippy::too_many_arguments)]
+    fn gqa_reduce(&self, dinp: View<Self::Buf>, dout: View<Self::Buf>, n: usize, nh: usize, kv: usize, hd: usize);
     /// out (N, F) = silu(gate) · up from inp (N, 2F) = [gate | up] per row.
     fn swiglu_forward(&self, out: View<Self::Buf>, inp: View<Self::Buf>, n: usize, f: usize);
     /// dinp (N, 2F) = [dgate | dup] (overwritten).

@@ -409,6 +409,45 @@ pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, h
     });
 }
 
+/// Grouped-query attention's shared keys and values: out (N, 3·nh·hd) = [q | k | v] where
+/// query head h reads key/value head h / (nh / kv), from inp (N, (nh + 2·kv)·hd) = [q | k | v].
+pub fn gqa_expand(out: &mut [f32], inp: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
+    let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
+    assert!(nh % kv == 0 && out.len() == n * wo && inp.len() == n * wi, "gqa_expand: shapes");
+    out.par_chunks_mut(wo).enumerate().for_each(|(r, o)| {
+        let x = &inp[r * wi..(r + 1) * wi];
+        o[..nh * hd].copy_from_slice(&x[..nh * hd]);
+        for h in 0..nh {
+            let j = h / g;
+            for (part, src) in [(1, nh * hd + j * hd), (2, (nh + kv) * hd + j * hd)] {
+                let dst = part * nh * hd + h * hd;
+                o[dst..dst + hd].copy_from_slice(&x[src..src + hd]);
+            }
+        }
+    });
+}
+
+/// The adjoint of [`gqa_expand`]: dinp (N, (nh + 2·kv)·hd) = [dq | Σ_group dk | Σ_group dv]
+/// (overwritten), the group's query heads summed in order.
+pub fn gqa_reduce(dinp: &mut [f32], dout: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
+    let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
+    assert!(nh % kv == 0 && dout.len() == n * wo && dinp.len() == n * wi, "gqa_reduce: shapes");
+    dinp.par_chunks_mut(wi).enumerate().for_each(|(r, d)| {
+        let y = &dout[r * wo..(r + 1) * wo];
+        d[..nh * hd].copy_from_slice(&y[..nh * hd]);
+        d[nh * hd..].fill(0.0);
+        for h in 0..nh {
+            let j = h / g;
+            for (part, dst) in [(1, nh * hd + j * hd), (2, (nh + kv) * hd + j * hd)] {
+                let src = part * nh * hd + h * hd;
+                for k in 0..hd {
+                    d[dst + k] += y[src + k];
+                }
+            }
+        }
+    });
+}
+
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }

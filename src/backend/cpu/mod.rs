@@ -466,6 +466,14 @@ impl Backend for CpuBackend {
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         unsafe { kernels::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
     }
+    fn gqa_expand(&self, out: V, inp: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        disjoint(&out, &[&inp]);
+        unsafe { kernels::gqa_expand(self.wr(out), self.rd(inp), n, nh, kv, hd) }
+    }
+    fn gqa_reduce(&self, dinp: V, dout: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        disjoint(&dinp, &[&dout]);
+        unsafe { kernels::gqa_reduce(self.wr(dinp), self.rd(dout), n, nh, kv, hd) }
+    }
     fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
         disjoint(&out, &[&inp]);
         unsafe { kernels::swiglu_forward(self.wr(out), self.rd(inp), n, f) }

@@ -303,6 +303,32 @@ extern "C" __global__ void rope_kernel(float* x, int rows, int T, int stride, in
     p[i] = x0 * c - x1 * s;
     p[i + half] = x1 * c + x0 * s;
 }
+// Grouped-query attention: one thread per output element of (N, 3*nh*hd); query head h reads
+// key/value head h / (nh / kv).
+extern "C" __global__ void gqa_expand_kernel(float* out, const float* inp, int N, int nh, int kv, int hd) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long wo = 3L * nh * hd, wi = (long)(nh + 2 * kv) * hd;
+    if (idx >= (long)N * wo) return;
+    long r = idx / wo;
+    int col = idx % wo, part = col / (nh * hd), h = (col % (nh * hd)) / hd, k = col % hd;
+    long src = part == 0 ? col : (long)(part == 1 ? nh : nh + kv) * hd + (long)(h / (nh / kv)) * hd + k;
+    out[idx] = inp[r * wi + src];
+}
+// The adjoint: one thread per input element of (N, (nh+2kv)*hd); a key/value element sums its
+// group's query heads in order (no atomics, so the result is deterministic).
+extern "C" __global__ void gqa_reduce_kernel(float* dinp, const float* dout, int N, int nh, int kv, int hd) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long wo = 3L * nh * hd, wi = (long)(nh + 2 * kv) * hd;
+    if (idx >= (long)N * wi) return;
+    long r = idx / wi;
+    int col = idx % wi;
+    if (col < nh * hd) { dinp[idx] = dout[r * wo + col]; return; }
+    int part = col < (nh + kv) * hd ? 1 : 2;
+    int j = (col - (part == 1 ? nh : nh + kv) * hd) / hd, k = col % hd, g = nh / kv;
+    float s = 0.0f;
+    for (int h = j * g; h < (j + 1) * g; h++) s += dout[r * wo + (long)part * nh * hd + (long)h * hd + k];
+    dinp[idx] = s;
+}
 // SwiGLU: out (N, F) = silu(gate) * up, inp (N, 2F) = [gate | up] per row.
 extern "C" __global__ void swiglu_forward_kernel(float* out, const float* inp, int N, int F) {
     long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;

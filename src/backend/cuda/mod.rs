@@ -64,6 +64,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rmsnorm_forward_kernel",
     "rmsnorm_backward_kernel",
     "rope_kernel",
+    "gqa_expand_kernel",
+    "gqa_reduce_kernel",
     "swiglu_forward_kernel",
     "swiglu_backward_kernel",
     "crossentropy_kernel",
@@ -791,6 +793,18 @@ impl Backend for CudaBackend {
         let (ri, ti, si, hi, hdi) = (rows as i32, t as i32, stride as i32, heads as i32, hd as i32);
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         launch!(self, "rope_kernel", Self::cfg1d(rows * heads * hd / 2), &xx, &ri, &ti, &si, &hi, &hdi, &theta, &sign);
+    }
+    fn gqa_expand(&self, out: V, inp: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        assert!(nh.is_multiple_of(kv) && out.len >= n * 3 * nh * hd && inp.len >= n * (nh + 2 * kv) * hd, "gqa_expand: views too small");
+        let (o, x) = (p(&out), p(&inp));
+        let (ni, nhi, kvi, hdi) = (n as i32, nh as i32, kv as i32, hd as i32);
+        launch!(self, "gqa_expand_kernel", Self::cfg1d(n * 3 * nh * hd), &o, &x, &ni, &nhi, &kvi, &hdi);
+    }
+    fn gqa_reduce(&self, dinp: V, dout: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        assert!(nh.is_multiple_of(kv) && dout.len >= n * 3 * nh * hd && dinp.len >= n * (nh + 2 * kv) * hd, "gqa_reduce: views too small");
+        let (di, d) = (p(&dinp), p(&dout));
+        let (ni, nhi, kvi, hdi) = (n as i32, nh as i32, kv as i32, hd as i32);
+        launch!(self, "gqa_reduce_kernel", Self::cfg1d(n * (nh + 2 * kv) * hd), &di, &d, &ni, &nhi, &kvi, &hdi);
     }
     fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
         assert!(out.len >= n * f && inp.len >= 2 * n * f, "swiglu_forward: views too small");
