@@ -413,7 +413,7 @@ pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, h
 /// query head h reads key/value head h / (nh / kv), from inp (N, (nh + 2·kv)·hd) = [q | k | v].
 pub fn gqa_expand(out: &mut [f32], inp: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
     let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
-    assert!(nh % kv == 0 && out.len() == n * wo && inp.len() == n * wi, "gqa_expand: shapes");
+    assert!(nh.is_multiple_of(kv) && out.len() == n * wo && inp.len() == n * wi, "gqa_expand: shapes");
     out.par_chunks_mut(wo).enumerate().for_each(|(r, o)| {
         let x = &inp[r * wi..(r + 1) * wi];
         o[..nh * hd].copy_from_slice(&x[..nh * hd]);
@@ -431,7 +431,7 @@ pub fn gqa_expand(out: &mut [f32], inp: &[f32], n: usize, nh: usize, kv: usize, 
 /// (overwritten), the group's query heads summed in order.
 pub fn gqa_reduce(dinp: &mut [f32], dout: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
     let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
-    assert!(nh % kv == 0 && dout.len() == n * wo && dinp.len() == n * wi, "gqa_reduce: shapes");
+    assert!(nh.is_multiple_of(kv) && dout.len() == n * wo && dinp.len() == n * wi, "gqa_reduce: shapes");
     dinp.par_chunks_mut(wi).enumerate().for_each(|(r, d)| {
         let y = &dout[r * wo..(r + 1) * wo];
         d[..nh * hd].copy_from_slice(&y[..nh * hd]);
