@@ -329,9 +329,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if crate::dist::stage() > 0 {
                 // A hosting stage: its layers until stage 0 shuts it down.
                 return if cfg.on_cuda() {
-                    runtime::remote::serve::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab)
+                    runtime::host::serve::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab)
                 } else {
-                    runtime::remote::serve::<CpuBackend>(&cfg, data.vocab)
+                    runtime::host::serve::<CpuBackend>(&cfg, data.vocab)
                 };
             }
             // Held until the run ends: one process per run folder (rank 0's, in a parallel run).

@@ -199,9 +199,9 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
         }
     });
     let r = if cfg.on_cuda() {
-        runtime::remote::serve_async::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, observer).await
+        runtime::host::serve_async::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, observer).await
     } else {
-        runtime::remote::serve_async::<CpuBackend>(&cfg, data.vocab, observer).await
+        runtime::host::serve_async::<CpuBackend>(&cfg, data.vocab, observer).await
     };
     server.abort();
     match r {

@@ -56,6 +56,7 @@ pub mod events;
 pub mod frame;
 pub mod grad_sync;
 pub mod handoff;
+pub mod host;
 pub mod layer;
 pub mod metrics;
 pub mod placement;

@@ -20,6 +20,7 @@
 
 pub mod flash;
 mod kernels;
+mod llama;
 pub mod order;
 
 use super::{Attention, Backend, Precision, StreamMode, Trans, View};
@@ -454,33 +455,33 @@ impl Backend for CpuBackend {
             disjoint(o, &[&inp, &w]);
         }
         disjoint(&out, &[&rstd]);
-        unsafe { kernels::rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), n, c, eps) }
+        unsafe { llama::rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), n, c, eps) }
     }
     fn rmsnorm_backward(&self, dinp: V, dw: V, dout: V, inp: V, w: V, rstd: V, n: usize, c: usize) {
         for o in [&dinp, &dw] {
             disjoint(o, &[&dout, &inp, &w, &rstd]);
         }
         disjoint(&dinp, &[&dw]);
-        unsafe { kernels::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
+        unsafe { llama::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
-        unsafe { kernels::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
+        unsafe { llama::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
     }
     fn gqa_expand(&self, out: V, inp: V, n: usize, nh: usize, kv: usize, hd: usize) {
         disjoint(&out, &[&inp]);
-        unsafe { kernels::gqa_expand(self.wr(out), self.rd(inp), n, nh, kv, hd) }
+        unsafe { llama::gqa_expand(self.wr(out), self.rd(inp), n, nh, kv, hd) }
     }
     fn gqa_reduce(&self, dinp: V, dout: V, n: usize, nh: usize, kv: usize, hd: usize) {
         disjoint(&dinp, &[&dout]);
-        unsafe { kernels::gqa_reduce(self.wr(dinp), self.rd(dout), n, nh, kv, hd) }
+        unsafe { llama::gqa_reduce(self.wr(dinp), self.rd(dout), n, nh, kv, hd) }
     }
     fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
         disjoint(&out, &[&inp]);
-        unsafe { kernels::swiglu_forward(self.wr(out), self.rd(inp), n, f) }
+        unsafe { llama::swiglu_forward(self.wr(out), self.rd(inp), n, f) }
     }
     fn swiglu_backward(&self, dinp: V, inp: V, dout: V, n: usize, f: usize) {
         disjoint(&dinp, &[&inp, &dout]);
-        unsafe { kernels::swiglu_backward(self.wr(dinp), self.rd(inp), self.rd(dout), n, f) }
+        unsafe { llama::swiglu_backward(self.wr(dinp), self.rd(inp), self.rd(dout), n, f) }
     }
     fn gelu_forward(&self, out: V, inp: V) {
         disjoint(&out, &[&inp]);

@@ -1,0 +1,149 @@
+//! CPU kernels of the LLaMA/Qwen block's ops: RMSNorm, rotary positions, grouped-query
+//! key/value sharing and SwiGLU (the GPT-2 ops are in `kernels`). Rows in parallel over rayon,
+//! as there.
+
+use super::kernels::dot8;
+use rayon::prelude::*;
+
+/// out = x · rstd · w per row, rstd = 1 / sqrt(mean(x²) + eps); rstd (N) is kept for backward.
+pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
+    assert!(out.len() == n * c && rstd.len() >= n && inp.len() == n * c && w.len() == c, "rmsnorm_forward: shapes");
+    out.par_chunks_mut(c).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, (o, s))| {
+        let x = &inp[r * c..r * c + c];
+        let rs = 1.0 / (dot8(x, x) / c as f32 + eps).sqrt();
+        for ((oi, &xi), &wi) in o.iter_mut().zip(x).zip(w) {
+            *oi = xi * rs * wi;
+        }
+        *s = rs;
+    });
+}
+
+/// dinp += (w·dout − norm · mean(w·dout·norm)) · rstd, norm = x · rstd; dw += Σ_rows norm · dout.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
+    assert!(dinp.len() == n * c && dw.len() == c && dout.len() == n * c && rstd.len() >= n, "rmsnorm_backward: shapes");
+    dinp.par_chunks_mut(c).enumerate().for_each(|(r, di)| {
+        let x = &inp[r * c..r * c + c];
+        let d = &dout[r * c..r * c + c];
+        let rs = rstd[r];
+        // mean over the row of (w·dout)·norm
+        let mut acc = 0.0f32;
+        for i in 0..c {
+            acc += w[i] * d[i] * x[i] * rs;
+        }
+        let m = acc / c as f32;
+        for i in 0..c {
+            di[i] += (w[i] * d[i] - x[i] * rs * m) * rs;
+        }
+    });
+    const COLS: usize = 64;
+    dw.par_chunks_mut(COLS).enumerate().for_each(|(ci, dwc)| {
+        let c0 = ci * COLS;
+        for r in 0..n {
+            let rs = rstd[r];
+            for (j, dj) in dwc.iter_mut().enumerate() {
+                *dj += inp[r * c + c0 + j] * rs * dout[r * c + c0 + j];
+            }
+        }
+    });
+}
+
+/// The angle of rotary pair `i` (of hd / 2) at position `pos`: pos · θ^(−2i / hd).
+fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
+    let inv = (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+    let a = pos as f64 * inv;
+    (a.cos() as f32, a.sin() as f32)
+}
+
+/// Rotary positions, in place, on the first `heads` heads (of size `hd`) of every row of `x`
+/// (rows of `stride` floats; row r is position r mod t): the pairs (i, i + hd/2) of a head are
+/// rotated by pos · θ^(−2i/hd) (the Hugging Face `rotate_half` layout). `sign` −1 rotates back
+/// (the backward: the rotation is orthogonal, so dx = Rᵀ dy).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, sign: f32) {
+    assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
+    let half = hd / 2;
+    x.par_chunks_mut(stride).take(rows).enumerate().for_each(|(r, row)| {
+        let pos = r % t;
+        for i in 0..half {
+            let (cos, sin) = rope_angle(pos, i, hd, theta);
+            let sin = sin * sign;
+            for h in 0..heads {
+                let (a, b) = (h * hd + i, h * hd + i + half);
+                let (x0, x1) = (row[a], row[b]);
+                row[a] = x0 * cos - x1 * sin;
+                row[b] = x1 * cos + x0 * sin;
+            }
+        }
+    });
+}
+
+/// Grouped-query attention's shared keys and values: out (N, 3·nh·hd) = [q | k | v] where
+/// query head h reads key/value head h / (nh / kv), from inp (N, (nh + 2·kv)·hd) = [q | k | v].
+pub fn gqa_expand(out: &mut [f32], inp: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
+    let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
+    assert!(nh.is_multiple_of(kv) && out.len() == n * wo && inp.len() == n * wi, "gqa_expand: shapes");
+    out.par_chunks_mut(wo).enumerate().for_each(|(r, o)| {
+        let x = &inp[r * wi..(r + 1) * wi];
+        o[..nh * hd].copy_from_slice(&x[..nh * hd]);
+        for h in 0..nh {
+            let j = h / g;
+            for (part, src) in [(1, nh * hd + j * hd), (2, (nh + kv) * hd + j * hd)] {
+                let dst = part * nh * hd + h * hd;
+                o[dst..dst + hd].copy_from_slice(&x[src..src + hd]);
+            }
+        }
+    });
+}
+
+/// The adjoint of [`gqa_expand`]: dinp (N, (nh + 2·kv)·hd) = [dq | Σ_group dk | Σ_group dv]
+/// (overwritten), the group's query heads summed in order.
+pub fn gqa_reduce(dinp: &mut [f32], dout: &[f32], n: usize, nh: usize, kv: usize, hd: usize) {
+    let (wi, wo, g) = ((nh + 2 * kv) * hd, 3 * nh * hd, nh / kv);
+    assert!(nh.is_multiple_of(kv) && dout.len() == n * wo && dinp.len() == n * wi, "gqa_reduce: shapes");
+    dinp.par_chunks_mut(wi).enumerate().for_each(|(r, d)| {
+        let y = &dout[r * wo..(r + 1) * wo];
+        d[..nh * hd].copy_from_slice(&y[..nh * hd]);
+        d[nh * hd..].fill(0.0);
+        for h in 0..nh {
+            let j = h / g;
+            for (part, dst) in [(1, nh * hd + j * hd), (2, (nh + kv) * hd + j * hd)] {
+                let src = part * nh * hd + h * hd;
+                for k in 0..hd {
+                    d[dst + k] += y[src + k];
+                }
+            }
+        }
+    });
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// out (N, F) = silu(gate) · up, inp (N, 2F) = [gate | up] per row.
+pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, f: usize) {
+    assert!(out.len() == n * f && inp.len() == 2 * n * f, "swiglu_forward: shapes");
+    out.par_chunks_mut(f).enumerate().for_each(|(r, o)| {
+        let (g, u) = inp[r * 2 * f..(r + 1) * 2 * f].split_at(f);
+        for i in 0..f {
+            o[i] = silu(g[i]) * u[i];
+        }
+    });
+}
+
+/// dinp (N, 2F) = [dgate | dup] (written, not accumulated): dup = silu(g) · dout,
+/// dgate = dout · u · σ(g) · (1 + g · (1 − σ(g))).
+pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, f: usize) {
+    assert!(dinp.len() == 2 * n * f && inp.len() == 2 * n * f && dout.len() == n * f, "swiglu_backward: shapes");
+    dinp.par_chunks_mut(2 * f).enumerate().for_each(|(r, di)| {
+        let (g, u) = inp[r * 2 * f..(r + 1) * 2 * f].split_at(f);
+        let d = &dout[r * f..(r + 1) * f];
+        let (dg, du) = di.split_at_mut(f);
+        for i in 0..f {
+            let sg = 1.0 / (1.0 + (-g[i]).exp());
+            du[i] = g[i] * sg * d[i];
+            dg[i] = d[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+        }
+    });
+}

@@ -1,0 +1,122 @@
+//! The MPI side of `crate::dist` (the `mpi` cargo feature): start and end MPI, the
+//! communicators of a process, its collectives and its non-blocking frame sends.
+
+use super::{RANK, SIZE};
+use anyhow::{bail, Context, Result};
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::point_to_point::MatchedReceiveVec;
+use mpi::request::{Request, StaticScope};
+use mpi::topology::{Color, Communicator, SimpleCommunicator};
+use mpi::traits::*;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
+
+fn world() -> SimpleCommunicator {
+    SimpleCommunicator::world()
+}
+
+pub fn init() -> Result<()> {
+    let mut u = UNIVERSE.lock().expect("MPI universe lock");
+    if u.is_some() {
+        return Ok(());
+    }
+    let Some((universe, threading)) = mpi::initialize_with_threading(mpi::Threading::Serialized) else {
+        bail!("MPI was initialised twice in this process");
+    };
+    if threading < mpi::Threading::Serialized {
+        bail!("the MPI library provides thread support {threading:?}; taproot needs at least Serialized");
+    }
+    let w = universe.world();
+    RANK.store(w.rank() as usize, Ordering::Relaxed);
+    SIZE.store(w.size() as usize, Ordering::Relaxed);
+    *u = Some(universe);
+    Ok(())
+}
+
+/// The communicators of this process: its stage's replicas (gradient sums) and its
+/// replica's stages (pipeline frames). Made by the communication thread, which alone uses
+/// them.
+pub struct Comms {
+    replicas: SimpleCommunicator,
+    pipeline: SimpleCommunicator,
+}
+
+/// A frame on its way: the request and the buffer it reads, freed when it completes.
+pub struct SendRequest {
+    req: Option<Request<'static, [u8], StaticScope>>,
+    buf: *mut [u8],
+}
+
+// The raw buffer is owned by this request alone (leaked from a Box at the send).
+unsafe impl Send for SendRequest {}
+
+impl SendRequest {
+    /// Whether the send has completed (then its buffer is freed).
+    pub fn done(&mut self) -> bool {
+        match self.req.take().expect("a pending request").test() {
+            Ok(_) => {
+                // SAFETY: the buffer came from `Box::leak` in `Comms::send` and MPI no longer
+                // reads it: its request has completed.
+                drop(unsafe { Box::from_raw(self.buf) });
+                true
+            }
+            Err(r) => {
+                self.req = Some(r);
+                false
+            }
+        }
+    }
+}
+
+impl Comms {
+    pub fn new(stage: usize, replica: usize) -> Result<Self> {
+        let w = world();
+        let replicas =
+            w.split_by_color_with_key(Color::with_value(stage as i32), replica as i32).context("splitting the world by pipeline stage")?;
+        let pipeline =
+            w.split_by_color_with_key(Color::with_value(replica as i32), stage as i32).context("splitting the world by replica")?;
+        Ok(Comms { replicas, pipeline })
+    }
+
+    pub fn all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
+        self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+    }
+
+    pub fn all_reduce_f64(&self, send: &[f64], recv: &mut [f64]) {
+        self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+    }
+
+    pub fn all_max_u64(&self, send: &[u64], recv: &mut [u64]) {
+        self.replicas.all_reduce_into(send, recv, SystemOperation::max());
+    }
+
+    /// Start sending `bytes` to stage `to`.
+    pub fn send(&self, to: usize, bytes: Vec<u8>) -> SendRequest {
+        let buf: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
+        let ptr: *mut [u8] = buf;
+        // SAFETY: `ptr` stays valid until `SendRequest::done` frees it after completion.
+        let read: &'static [u8] = unsafe { &*ptr };
+        let req = self.pipeline.process_at_rank(to as i32).immediate_send(StaticScope, read);
+        SendRequest { req: Some(req), buf: ptr }
+    }
+
+    /// A frame that has arrived, if any: (its stage, its bytes).
+    pub fn receive(&self) -> Option<(usize, Vec<u8>)> {
+        let probed = self.pipeline.any_process().immediate_matched_probe()?;
+        let from = probed.1.source_rank() as usize;
+        let (bytes, _) = probed.matched_receive_vec::<u8>();
+        Some((from, bytes))
+    }
+}
+
+pub fn finalize() {
+    // Dropping the universe calls MPI_Finalize.
+    drop(UNIVERSE.lock().expect("MPI universe lock").take());
+}
+
+pub fn abort(code: i32) {
+    world().abort(code);
+}
