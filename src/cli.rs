@@ -262,13 +262,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
             let ck = checkpoint::load_file_or_newest(&path)?;
             let cfg = ck.meta.config()?;
-            let mut tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            if let Tokenizer::Bpe { model, .. } = &mut tok {
-                // A learnt BPE's merges live beside the run's shards.
-                *model = Some(Box::new(
-                    crate::data::bpe::load(&cfg.data.dir).with_context(|| format!("the {} tokenizer of the run", cfg.data.tokenizer))?,
-                ));
-            }
+            let tok = crate::sample::tokenizer_of(&cfg)?;
             let model = crate::sample::HostModel::from_checkpoint(&ck)?;
             let opts = crate::sample::SampleOptions { tokens, temperature, top_k, top_p, seed };
             let ids = crate::sample::generate(&model, &tok.encode(&prompt), &opts)?;

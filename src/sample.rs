@@ -203,6 +203,17 @@ pub fn draw(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     order[keep - 1] as u32
 }
 
+/// The tokenizer of a run's config, with a learnt BPE's merges read from beside its shards.
+pub fn tokenizer_of(cfg: &crate::config::Config) -> Result<crate::data::Tokenizer> {
+    let mut tok = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
+    if let crate::data::Tokenizer::Bpe { model, .. } = &mut tok {
+        *model = Some(Box::new(
+            crate::data::bpe::load(&cfg.data.dir).with_context(|| format!("the {} tokenizer of the run", cfg.data.tokenizer))?,
+        ));
+    }
+    Ok(tok)
+}
+
 /// The prompt's tokens followed by `opts.tokens` drawn ones (fewer if the context fills up).
 pub fn generate(model: &HostModel, prompt: &[u32], opts: &SampleOptions) -> Result<Vec<u32>> {
     opts.check()?;

@@ -390,7 +390,7 @@ fn set_enum_as_toml_string_or_bare_word() {
 #[test]
 fn set_nested_new_table_values() {
     // A key in a section the file does not have creates that section.
-    let no_eval = demo_with("[eval]\nevery = 250\nbatches = 16\n", "");
+    let no_eval = demo_with("[eval]\nevery = 250\nbatches = 16\nsample_tokens = 64\n", "");
     let cfg = parse_set(&no_eval, &["eval.every=10"]);
     assert_eq!((cfg.eval.every, cfg.eval.batches), (10, 16));
     // A whole table as an inline TOML table replaces the section.

@@ -199,6 +199,20 @@ parity!(rmsnorm_rope_gqa_swiglu_match_cpu, TOL, |be: B| {
     ]
 });
 
+parity!(llama_block_forward_backward_match_cpu, 1e-4, |be: B| {
+    use taproot::model::llama_block::{LlamaBlock, LlamaDims};
+    let mut r = Rng::new(32);
+    let dims = LlamaDims { channels: C_, heads: NH_, kv_heads: NH_ / 2, ffn_hidden: 2 * C_, rope_theta: 10_000.0, norm_eps: 1e-6 };
+    let mut blk = LlamaBlock::new_empty(be, &dims, 0);
+    let n_params = blk.w.layout.total;
+    blk.w.params_from_host(be, &randn(&mut r, n_params, 0.05));
+    let x = up(be, &randn(&mut r, B_ * T_ * C_, 1.0));
+    let y = blk.forward(be, 0, x, B_, T_);
+    let y_host = down(be, &y);
+    let dx = blk.backward(be, 0, up(be, &randn(&mut r, B_ * T_ * C_, 1.0)));
+    vec![("y", y_host), ("dx", down(be, &dx)), ("grads", blk.w.grads_to_host(be))]
+});
+
 parity!(layernorm_forward_backward_match_cpu, TOL, |be: B| {
     let mut r = Rng::new(3);
     let (n, c) = (B_ * T_, C_);

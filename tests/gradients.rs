@@ -567,3 +567,52 @@ fn gradient_of_the_embedding_output_matches_finite_differences() {
         run(&mut model, &x, false).0
     });
 }
+
+#[test]
+fn llama_block_gradients_match_finite_differences() {
+    use taproot::model::llama_block::{LlamaBlock, LlamaDims};
+    let be = B::default();
+    let mut rng = Rng::new(25);
+    // 4 query heads of 2 sharing 2 key/value heads, SwiGLU of 12: every op of the block kind.
+    let dims = LlamaDims { channels: 8, heads: 4, kv_heads: 2, ffn_hidden: 12, rope_theta: 10_000.0, norm_eps: 1e-6 };
+    let (b, t, c) = (2, 5, 8);
+    let layout = LlamaBlock::<B>::layout(&dims);
+    let params: Vec<f32> = layout
+        .specs
+        .iter()
+        .flat_map(|s| {
+            let v = randn(&mut rng, s.numel(), if s.is_matrix() { 0.4 } else { 0.2 });
+            if s.is_matrix() {
+                v
+            } else {
+                v.iter().map(|x| 1.0 + x).collect()
+            }
+        })
+        .collect();
+    let x = randn(&mut rng, b * t * c, 1.0);
+    let r = randn(&mut rng, b * t * c, 1.0);
+    let loss = |params: &[f32], x: &[f32]| {
+        let mut blk = LlamaBlock::new_empty(&be, &dims, 0);
+        blk.w.params_from_host(&be, params);
+        let y = blk.forward(&be, 0, buf(&be, x), b, t);
+        dot(&host(&be, &y), &r)
+    };
+    let mut blk = LlamaBlock::new_empty(&be, &dims, 0);
+    blk.w.params_from_host(&be, &params);
+    let _ = blk.forward(&be, 7, buf(&be, &x), b, t);
+    let dx = host(&be, &blk.backward(&be, 7, buf(&be, &r)));
+    let grads = blk.w.grads_to_host(&be);
+    check("llama block dx", &dx, &(0..x.len()).collect::<Vec<_>>(), |i, h| {
+        let mut v = x.clone();
+        v[i] += h;
+        loss(&params, &v)
+    });
+    for spec in &layout.specs {
+        let idx: Vec<usize> = (spec.offset..spec.offset + spec.numel()).collect();
+        check(&format!("llama block {}", spec.name), &grads, &idx, |i, h| {
+            let mut v = params.clone();
+            v[i] += h;
+            loss(&v, &x)
+        });
+    }
+}

@@ -125,3 +125,50 @@ fn sample_from_the_command_line() {
     let o = std::process::Command::new(bin).args(["sample", "no/such/dir"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no/such/dir"));
 }
+
+/// `eval.sample_tokens`: a sample at every evaluation of a training run, from the model as it
+/// is then; the same as `taproot sample` draws from that step's checkpoint, and the same
+/// again in a repeated run.
+#[test]
+fn training_prints_a_sample_at_every_evaluation() {
+    let dir = common::synthetic_dataset("sample-eval");
+    let cfg = common::TestConfig::new(&dir)
+        .name("samples")
+        .steps(12)
+        .micro_batches(2)
+        .depth(1)
+        .target_depth(2)
+        .grow_at_step(6, 2)
+        .eval(6, 2)
+        .checkpoint_every(6)
+        .set("eval.sample_tokens", 24)
+        .set("eval.sample_prompt", "\"ab\"")
+        .set("run.seed", 5)
+        .write();
+    let run = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_taproot"))
+            .args(["train", "--overwrite", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("sample ")).map(String::from).collect::<Vec<_>>()
+    };
+    let lines = run();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (l, (step, depth)) in lines.iter().zip([(0, 1), (6, 1), (12, 2)]) {
+        assert!(l.starts_with(&format!("sample step={step} depth={depth}: \"ab")), "{l}");
+    }
+    // The model changes between evaluations, so do the samples (same seed, same prompt).
+    assert_ne!(lines[0].split_once(": ").unwrap().1, lines[2].split_once(": ").unwrap().1);
+    // What `taproot sample` draws from the step-12 checkpoint with the same options.
+    let ck = dir.join("samples").join("checkpoints");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_taproot"))
+        .args(["sample", ck.to_str().unwrap(), "--prompt", "ab", "--tokens", "24", "--temperature", "1", "--top-k", "40", "--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    assert_eq!(lines[2], format!("sample step=12 depth=2: {text:?}"));
+    assert_eq!(run(), lines, "a repeated run draws the same samples");
+}

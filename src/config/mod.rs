@@ -340,11 +340,27 @@ pub struct EvalConfig {
     pub every: u64,
     /// Validation batches (of B sequences of T tokens) per evaluation.
     pub batches: usize,
+    /// Print a sample of this many tokens at each evaluation (0: none), drawn from the model
+    /// as it is then (temperature 1, top-k 40, the run's seed), so that the text shows the model
+    /// learn and grow.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sample_tokens: usize,
+    /// The sample's prompt.
+    #[serde(skip_serializing_if = "is_newline")]
+    pub sample_prompt: String,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_newline(s: &str) -> bool {
+    s == "\n"
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { every: 250, batches: 16 }
+        EvalConfig { every: 250, batches: 16, sample_tokens: 0, sample_prompt: "\n".into() }
     }
 }
 

@@ -130,6 +130,9 @@ impl Config {
             bail!("`supervision.max_restarts` must be at most 1000, got {}", self.supervision.max_restarts);
         }
         pos(self.eval.batches, "eval.batches")?;
+        if self.eval.sample_tokens > 0 && self.eval.sample_prompt.is_empty() {
+            bail!("`eval.sample_prompt` is empty: a sample needs at least one prompt token (the default is a newline)");
+        }
         if !(self.plan.mix_tolerance > 0.0 && self.plan.mix_tolerance < 1.0) {
             bail!("`plan.mix_tolerance` must be a relative tolerance in (0, 1), got {}", self.plan.mix_tolerance);
         }

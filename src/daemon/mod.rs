@@ -79,6 +79,7 @@ fn event_logger(log: Arc<Log>, log_every: u64, total_steps: u64) -> Observer {
                     }
                 }
                 Event::Eval { step, depth, val_loss } => log.say(eval_line(step, total_steps, depth, val_loss, None, None)),
+                Event::Sample { step, depth, text } => log.say(format!("sample step={step} depth={depth}: {text:?}")),
                 Event::Growth { record, seconds } => log.say(growth_line(&record, Some(seconds))),
                 Event::Checkpoint { step, path, seconds, bytes } => {
                     log.say(format!("checkpoint step={step} path={path} bytes={bytes} wall_ms={:.1}", seconds * 1e3))

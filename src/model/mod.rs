@@ -22,6 +22,7 @@ pub mod embed;
 pub mod growth;
 pub mod head;
 pub mod init;
+pub mod llama_block;
 
 pub use block::Block;
 pub use dims::Dims;

@@ -34,6 +34,12 @@ pub enum Event {
         depth: usize,
         val_loss: f32,
     },
+    /// A text sample drawn from the model at an evaluation (`eval.sample_tokens`).
+    Sample {
+        step: u64,
+        depth: usize,
+        text: String,
+    },
     /// An expansion was applied, taking `seconds` of wall time.
     Growth {
         record: GrowthRecord,

@@ -438,6 +438,7 @@ impl MetricsState {
                 }
             }
             Event::Eval { val_loss, .. } => gauge!("taproot_validation_loss").set(val_loss as f64),
+            Event::Sample { .. } => {}
             Event::Growth { record, seconds } => {
                 self.history.split_off(&record.at_step);
                 self.history.insert(record.at_step, record.to_depth);

@@ -261,6 +261,7 @@ impl<B: Backend> SchedulerState<B> {
             self.end = self.step;
         }
         (self.observer)(&Event::Eval { step: self.step, depth, val_loss });
+        self.sample().await?;
         self.checkpoint_if_due().await?;
         self.phase = Phase::Idle;
         self.again(me)
@@ -277,21 +278,48 @@ impl<B: Backend> SchedulerState<B> {
     /// Gather every unit's state and write one checkpoint (temp file, fsync, rename). In a
     /// data-parallel run rank 0 writes the run's checkpoints (every replica holds the same
     /// state); the others write nothing and answer with the checkpoint folder.
-    pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
-        if self.rank != 0 && !self.sharded() {
-            return Ok(self.cfg.checkpoint_dir());
-        }
-        let t0 = Instant::now();
-        // Sharded (ZeRO-1), every replica takes part: each snapshot gathers the state.
+    /// Every unit's state, read from its actor. Sharded (ZeRO-1), every replica must call this
+    /// at the same point: each snapshot gathers the state from all of them.
+    async fn gather_units(&self) -> Res<Vec<(UnitKey, crate::params::UnitState)>> {
         let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
         let mut units = vec![(UnitKey::Embed, embed), (UnitKey::Head, head)];
         for s in &self.stack {
             units.push((UnitKey::Layer(s.id), ask(&s.actor, "GetState", LayerMsg::GetState).await?));
         }
-        if self.rank != 0 {
-            return Ok(self.cfg.checkpoint_dir());
+        Ok(units)
+    }
+
+    /// `eval.sample_tokens`: a text sample drawn from the model as it is now, said in the log
+    /// (rank 0) and reported as an event. Best effort: a failure is a warning.
+    async fn sample(&mut self) -> Res<()> {
+        let n = self.cfg.eval.sample_tokens;
+        if n == 0 || (self.rank != 0 && !self.sharded()) {
+            return Ok(());
         }
-        let meta = Meta {
+        let units = self.gather_units().await?;
+        if crate::dist::rank() != 0 {
+            return Ok(());
+        }
+        let ck = Checkpoint { meta: self.meta(), units };
+        let drawn = compute(|| -> anyhow::Result<String> {
+            let tok = crate::sample::tokenizer_of(&self.cfg)?;
+            let model = crate::sample::HostModel::from_checkpoint(&ck)?;
+            let opts = crate::sample::SampleOptions { tokens: n, temperature: 1.0, top_k: 40, top_p: 1.0, seed: self.cfg.run.seed };
+            Ok(tok.decode(&crate::sample::generate(&model, &tok.encode(&self.cfg.eval.sample_prompt), &opts)?))
+        });
+        let depth = self.stack.len();
+        match drawn {
+            Ok(text) => {
+                self.log.say(format!("sample step={} depth={depth}: {text:?}", self.step));
+                (self.observer)(&Event::Sample { step: self.step, depth, text });
+            }
+            Err(e) => self.log.say(format!("warning: no sample at step {}: {e:#}", self.step)),
+        }
+        Ok(())
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
             format_version: checkpoint::FORMAT_VERSION,
             run_name: self.cfg.run.name.clone(),
             config_toml: self.cfg.to_toml(),
@@ -304,7 +332,19 @@ impl<B: Backend> SchedulerState<B> {
             created_unix_s: checkpoint::unix_now_s(),
             run_id: Some(self.run_id.clone()),
             extra: serde_json::Value::Null,
-        };
+        }
+    }
+
+    pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
+        if self.rank != 0 && !self.sharded() {
+            return Ok(self.cfg.checkpoint_dir());
+        }
+        let t0 = Instant::now();
+        let units = self.gather_units().await?;
+        if self.rank != 0 {
+            return Ok(self.cfg.checkpoint_dir());
+        }
+        let meta = self.meta();
         let dir = self.cfg.checkpoint_dir();
         let keep = self.cfg.checkpoint.keep;
         let ck = Checkpoint { meta, units };
