@@ -181,6 +181,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
     let polling = stages() > 1;
     let (mut send32, mut send64, mut sendu64) = (Vec::new(), Vec::new(), Vec::new());
     let mut sends: Vec<imp::SendRequest> = Vec::new();
+    let mut joiner = Joiner::default();
     // Polling backs off while nothing happens (20 µs doubling to 1 ms), so an idle stage does
     // not take a core from the compute threads, and snaps back at the next frame or request.
     let mut idle = 0u32;
@@ -218,7 +219,9 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
                 FRAMES_SENT.fetch_add(1, Ordering::Relaxed);
                 FRAME_BYTES_SENT.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 count_link(&LINK_SENT, to, bytes.len());
-                sends.push(comms.send(to, bytes));
+                for part in split_frame(bytes, MAX_MESSAGE) {
+                    sends.push(comms.send(to, part));
+                }
             }
             None => {}
         }
@@ -226,11 +229,13 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
             let busy = had_job || !sends.is_empty();
             sends.retain_mut(|r| !r.done());
             let mut received = false;
-            while let Some((from, bytes)) = comms.receive() {
+            while let Some((from, part)) = comms.receive() {
                 received = true;
-                FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                count_link(&LINK_RECEIVED, from, bytes.len());
-                let _ = incoming.send((from, bytes));
+                if let Some(bytes) = joiner.push(from, part) {
+                    FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    count_link(&LINK_RECEIVED, from, bytes.len());
+                    let _ = incoming.send((from, bytes));
+                }
             }
             idle = if busy || received { 0 } else { idle + 1 };
         }
@@ -240,6 +245,42 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
         sends.retain_mut(|r| !r.done());
         while let Some((_, _)) = comms.receive() {}
         std::thread::yield_now();
+    }
+}
+
+/// The largest MPI message a frame part may be (MPI counts are 32-bit: a frame of a
+/// multi-GB unit state is sent in parts).
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// A frame as MPI messages of at most `max` payload bytes each, each led by one byte: 1 when
+/// more parts follow, 0 for the last.
+fn split_frame(bytes: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+    let n = bytes.len().div_ceil(max).max(1);
+    (0..n)
+        .map(|i| {
+            let part = &bytes[(i * max).min(bytes.len())..((i + 1) * max).min(bytes.len())];
+            let mut m = Vec::with_capacity(part.len() + 1);
+            m.push(u8::from(i + 1 < n));
+            m.extend_from_slice(part);
+            m
+        })
+        .collect()
+}
+
+/// Reassembles frames from their parts, per sending stage (parts from one sender arrive in
+/// order: MPI does not overtake between two processes on one communicator and tag).
+#[derive(Default)]
+struct Joiner {
+    partial: std::collections::HashMap<usize, Vec<u8>>,
+}
+
+impl Joiner {
+    /// Add a part from `from`; the whole frame once its last part is in.
+    fn push(&mut self, from: usize, part: Vec<u8>) -> Option<Vec<u8>> {
+        let (more, body) = part.split_first()?;
+        let buf = self.partial.entry(from).or_default();
+        buf.extend_from_slice(body);
+        (*more == 0).then(|| self.partial.remove(&from).unwrap_or_default())
     }
 }
 
@@ -482,6 +523,31 @@ mod tests {
         assert_eq!(replica_devices(&["cuda:0".to_string()], 3), ["cuda:3"]);
         assert_eq!(replica_device("cuda:1", 1, 2), "cuda:3");
         assert_eq!(replica_devices(&["cpu:0".to_string(), "cpu:1".to_string()], 1), ["cpu:0", "cpu:1"]);
+    }
+
+    #[test]
+    fn frames_larger_than_an_mpi_message_go_in_parts_and_come_back_whole() {
+        let frame: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for max in [1, 7, 999, 1000, 1001, 4096] {
+            let parts = split_frame(frame.clone(), max);
+            assert_eq!(parts.len(), frame.len().div_ceil(max));
+            assert!(parts.iter().all(|p| p.len() <= max + 1));
+            // Two senders interleaved: each frame comes back whole, in its sender's order.
+            let mut j = Joiner::default();
+            let mut whole = Vec::new();
+            for p in &parts {
+                if let Some(f) = j.push(1, p.clone()) {
+                    whole.push(f);
+                }
+                if let Some(f) = j.push(2, vec![0, 42]) {
+                    whole.push(f);
+                }
+            }
+            assert_eq!(whole.iter().filter(|f| **f == frame).count(), 1, "max {max}");
+            assert_eq!(whole.iter().filter(|f| **f == [42]).count(), parts.len());
+        }
+        // An empty frame is one part.
+        assert_eq!(split_frame(Vec::new(), 8), vec![vec![0u8]]);
     }
 
     #[test]
