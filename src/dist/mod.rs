@@ -13,7 +13,8 @@
 //! one-process run never touches MPI, and a build without the feature runs one process only.
 //!
 //! Frames between the stages of one replica ([`send_frame`], [`take_incoming`]) go over the
-//! replica's *pipeline communicator* as non-blocking sends; the communication thread polls for
+//! replica's *pipeline communicator* as non-blocking sends (in parts of at most 1 GiB, since MPI
+//! counts are 32-bit); the communication thread polls for
 //! incoming ones between requests, so a send never waits for its receiver to be ready and a
 //! collective in progress never stops a frame (no cycle of blocked calls across replicas).
 //!
