@@ -602,6 +602,13 @@ fn llama_block_gradients_match_finite_differences() {
     let _ = blk.forward(&be, 7, buf(&be, &x), b, t);
     let dx = host(&be, &blk.backward(&be, 7, buf(&be, &r)));
     let grads = blk.w.grads_to_host(&be);
+    // Again on the same block, through its recycled buffers: the same dx bitwise, and the
+    // parameter gradients accumulated to twice (to rounding: the products add into the sum).
+    let _ = blk.forward(&be, 8, buf(&be, &x), b, t);
+    assert_eq!(host(&be, &blk.backward(&be, 8, buf(&be, &r))), dx);
+    for (g2, g) in blk.w.grads_to_host(&be).iter().zip(&grads) {
+        assert!((g2 - 2.0 * g).abs() <= 1e-5 * (1.0 + g.abs()), "{g2} against 2 × {g}");
+    }
     check("llama block dx", &dx, &(0..x.len()).collect::<Vec<_>>(), |i, h| {
         let mut v = x.clone();
         v[i] += h;

@@ -253,16 +253,22 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
 /// multi-GB unit state is sent in parts).
 const MAX_MESSAGE: usize = 1 << 30;
 
-/// A frame as MPI messages of at most `max` payload bytes each, each led by one byte: 1 when
-/// more parts follow, 0 for the last.
-fn split_frame(bytes: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
-    let n = bytes.len().div_ceil(max).max(1);
-    (0..n)
-        .map(|i| {
-            let part = &bytes[(i * max).min(bytes.len())..((i + 1) * max).min(bytes.len())];
+/// A frame as MPI messages of at most `max` payload bytes each, each followed by one byte: 1
+/// when more parts follow, 0 for the last. A frame that fits in one message (every activation)
+/// is sent as it is, with its byte appended: no copy.
+fn split_frame(mut bytes: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+    if bytes.len() <= max {
+        bytes.push(0);
+        return vec![bytes];
+    }
+    let n = bytes.len().div_ceil(max);
+    bytes
+        .chunks(max)
+        .enumerate()
+        .map(|(i, part)| {
             let mut m = Vec::with_capacity(part.len() + 1);
-            m.push(u8::from(i + 1 < n));
             m.extend_from_slice(part);
+            m.push(u8::from(i + 1 < n));
             m
         })
         .collect()
@@ -276,12 +282,26 @@ struct Joiner {
 }
 
 impl Joiner {
-    /// Add a part from `from`; the whole frame once its last part is in.
-    fn push(&mut self, from: usize, part: Vec<u8>) -> Option<Vec<u8>> {
-        let (more, body) = part.split_first()?;
-        let buf = self.partial.entry(from).or_default();
-        buf.extend_from_slice(body);
-        (*more == 0).then(|| self.partial.remove(&from).unwrap_or_default())
+    /// Add a part from `from`; the whole frame once its last part is in (a one-part frame is
+    /// the message itself, its last byte dropped).
+    fn push(&mut self, from: usize, mut part: Vec<u8>) -> Option<Vec<u8>> {
+        let more = part.pop()?;
+        match (more, self.partial.remove(&from)) {
+            (0, None) => Some(part),
+            (0, Some(mut buf)) => {
+                buf.extend_from_slice(&part);
+                Some(buf)
+            }
+            (_, Some(mut buf)) => {
+                buf.extend_from_slice(&part);
+                self.partial.insert(from, buf);
+                None
+            }
+            (_, None) => {
+                self.partial.insert(from, part);
+                None
+            }
+        }
     }
 }
 
@@ -540,7 +560,7 @@ mod tests {
                 if let Some(f) = j.push(1, p.clone()) {
                     whole.push(f);
                 }
-                if let Some(f) = j.push(2, vec![0, 42]) {
+                if let Some(f) = j.push(2, vec![42, 0]) {
                     whole.push(f);
                 }
             }

@@ -13,7 +13,7 @@
 //! a layer (fresh at growth, or restored from a checkpoint or a move, its `UnitState` inside),
 //! link it to its neighbours, take its optimizer step, read or write its state, stop it.
 
-use crate::checkpoint::checksum::hash_bytes;
+use crate::checkpoint::checksum::{hash_bytes, hash_f32};
 use crate::params::UnitState;
 use crate::runtime::layer::LayerInit;
 use anyhow::{bail, ensure, Context, Result};
@@ -176,26 +176,37 @@ pub fn from_bincode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     Ok(x)
 }
 
-/// A whole frame: magic, header length, header, `payload`.
-pub fn encode(kind: Kind, run: &str, step: u64, to: Unit, dtype: Dtype, shape: Vec<u64>, payload: &[u8]) -> Vec<u8> {
-    let h = Header { kind, run: run.to_string(), step, to, dtype, shape, len: payload.len() as u64, checksum: hash_bytes(payload) };
-    let hb = bincode::serde::encode_to_vec(&h, config()).expect("headers serialise");
-    let mut out = Vec::with_capacity(8 + hb.len() + payload.len());
+/// The bytes before the payload: magic, header length, header; room reserved for `extra`
+/// more (the payload).
+fn prefix(h: &Header, extra: usize) -> Vec<u8> {
+    let hb = bincode::serde::encode_to_vec(h, config()).expect("headers serialise");
+    let mut out = Vec::with_capacity(8 + hb.len() + extra);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(hb.len() as u32).to_le_bytes());
     out.extend_from_slice(&hb);
+    out
+}
+
+/// A whole frame: magic, header length, header, `payload`.
+pub fn encode(kind: Kind, run: &str, step: u64, to: Unit, dtype: Dtype, shape: Vec<u64>, payload: &[u8]) -> Vec<u8> {
+    let h = Header { kind, run: run.to_string(), step, to, dtype, shape, len: payload.len() as u64, checksum: hash_bytes(payload) };
+    let mut out = prefix(&h, payload.len());
     out.extend_from_slice(payload);
     out
 }
 
-/// An activation as a frame (`x` is (b, t, c)).
+/// An activation as a frame (`x` is (b, t, c)), written once into the frame's one buffer (the
+/// checksum of the values equals that of their little-endian bytes).
 pub fn encode_f32(kind: Kind, run: &str, step: u64, to: Unit, b: usize, t: usize, x: &[f32]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(4 * x.len());
-    for v in x {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
     let c = x.len() / (b * t).max(1);
-    encode(kind, run, step, to, Dtype::F32, vec![b as u64, t as u64, c as u64], &bytes)
+    let shape = vec![b as u64, t as u64, c as u64];
+    let len = 4 * x.len();
+    let h = Header { kind, run: run.to_string(), step, to, dtype: Dtype::F32, shape, len: len as u64, checksum: hash_f32(x) };
+    let mut out = prefix(&h, len);
+    for v in x {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
 }
 
 /// The header and payload of `bytes`, checked: magic, lengths, checksum, and (for f32

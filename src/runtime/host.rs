@@ -139,7 +139,7 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
                         .await
                         .map_err(|e| super::error::from_spawn(&format!("spawning layer {id} on {device}"), e).to_string())?;
                     roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
-                    routes.set(Unit::Layer(id), Route { peer: actor.get_derived(), device: device.clone(), pool });
+                    routes.set(Unit::Layer(id), Route { peer: actor.get_derived(), device: device.as_str().into(), pool });
                     layers.insert(id, Hosted { actor, device, links: Vec::new() });
                     Ok(())
                 }

@@ -43,7 +43,8 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 /// Where frames for a unit of this process go: its actor, its device and that device's pool.
 pub struct Route<B: Backend> {
     pub peer: Peer<B>,
-    pub device: String,
+    /// Shared, so that looking a route up for every frame copies no string.
+    pub device: Arc<str>,
     pub pool: ActPool<B>,
 }
 
@@ -60,7 +61,7 @@ impl<B: Backend> Routes<B> {
     pub fn clear(&self) {
         self.0.lock().expect("routes lock").clear();
     }
-    fn get(&self, unit: Unit) -> Option<(Peer<B>, String, ActPool<B>)> {
+    fn get(&self, unit: Unit) -> Option<(Peer<B>, Arc<str>, ActPool<B>)> {
         self.0.lock().expect("routes lock").get(&unit).map(|r| (r.peer.clone(), r.device.clone(), r.pool.clone()))
     }
     pub fn peer(&self, unit: Unit) -> Option<Peer<B>> {
@@ -81,17 +82,19 @@ static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 /// Who takes the requests that arrive here (the host loop; on stage 0, the stop listener).
 type Incoming = (usize, u64, Request);
 static LISTENER: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Incoming>>> = Mutex::new(None);
-static RUN: Mutex<String> = Mutex::new(String::new());
+/// The run this process's frames belong to (one per process).
+static RUN: OnceLock<String> = OnceLock::new();
 /// The step frames are stamped with (the last optimizer step this process saw).
 static STEP: AtomicU64 = AtomicU64::new(0);
 
 /// Name the run this process's frames belong to (a frame of another run is an error).
 pub fn set_run(name: &str) {
-    *RUN.lock().expect("run lock") = name.to_string();
+    let set = RUN.get_or_init(|| name.to_string());
+    debug_assert_eq!(set, name, "one run per process");
 }
 
-fn run_name() -> String {
-    RUN.lock().expect("run lock").clone()
+fn run_name() -> &'static str {
+    RUN.get().map_or("", String::as_str)
 }
 
 /// The step to stamp frames with.
@@ -129,7 +132,7 @@ fn send_request(stage: usize, id: u64, req: &Request) {
     let payload = frame::to_bincode(req);
     let f = frame::encode(
         Kind::Request { id },
-        &run_name(),
+        run_name(),
         STEP.load(Ordering::Relaxed),
         unit_of(req),
         Dtype::Bincode,
@@ -164,7 +167,7 @@ pub fn reply(stage: usize, id: u64, rep: Reply) {
     let payload = frame::to_bincode(&rep);
     let f = frame::encode(
         Kind::Reply { id },
-        &run_name(),
+        run_name(),
         STEP.load(Ordering::Relaxed),
         Unit::Ends,
         Dtype::Bincode,
@@ -221,10 +224,10 @@ fn dispatch_one<B: Backend>(
             let Some((peer, device, pool)) = routes.get(h.to) else {
                 bail!("{} is not on stage {}", h.to, dist::stage());
             };
-            if !streams.contains_key(&device) {
-                streams.insert(device.clone(), super::open_stream::<B>(&device, settings)?);
+            if !streams.contains_key(&*device) {
+                streams.insert(device.to_string(), super::open_stream::<B>(&device, settings)?);
             }
-            let be = &streams[&device];
+            let be = &streams[&*device];
             frame::f32s(payload, host);
             let (b, t) = (h.shape[0] as usize, h.shape[1] as usize);
             let buf = pool.take(be, host.len());
@@ -298,7 +301,7 @@ impl<B: Backend> Actor for RemotePeerActor<B> {
             s.be.wait(&x.ready);
             s.host.resize(B::buf_len(&x.buf), 0.0);
             s.be.download(B::whole(&x.buf), &mut s.host);
-            let f = frame::encode_f32(kind, &run_name(), STEP.load(Ordering::Relaxed), s.to.unit, x.b, x.t, &s.host);
+            let f = frame::encode_f32(kind, run_name(), STEP.load(Ordering::Relaxed), s.to.unit, x.b, x.t, &s.host);
             x.home.put_after(x.buf, s.be.record());
             f
         });

@@ -105,10 +105,13 @@ impl<B: Backend> SchedulerState<B> {
             let routes = remote::routes::<B>();
             routes.clear();
             let ends = self.ends_device.clone();
-            routes.set(Unit::Ends, Route { peer: self.embed_head.get_derived(), device: ends.clone(), pool: self.pool(&ends) });
+            routes.set(Unit::Ends, Route { peer: self.embed_head.get_derived(), device: ends.as_str().into(), pool: self.pool(&ends) });
             for i in (0..n).filter(|&i| self.stage_of(Some(i)) == 0) {
                 let s = &self.stack[i];
-                routes.set(Unit::Layer(s.id), Route { peer: s.actor.get_derived(), device: s.device.clone(), pool: self.pool(&s.device) });
+                routes.set(
+                    Unit::Layer(s.id),
+                    Route { peer: s.actor.get_derived(), device: s.device.as_str().into(), pool: self.pool(&s.device) },
+                );
             }
         }
         let ends = self.ends_device.clone();

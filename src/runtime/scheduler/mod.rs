@@ -175,6 +175,8 @@ pub struct SchedulerState<B: Backend> {
     grow_agreed: bool,
     /// Sharded optimizer state: a `CheckpointNow` agreed by all replicas (they all gather).
     checkpoint_agreed: bool,
+    /// The tokenizer of `eval.sample_tokens`'s samples, made at the first one.
+    sample_tokenizer: Option<crate::data::Tokenizer>,
     force_stop: bool,
     /// Expansions done so far (written into checkpoints).
     growth: Vec<GrowthRecord>,
@@ -374,6 +376,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             grow_wanted: false,
             grow_agreed: false,
             checkpoint_agreed: false,
+            sample_tokenizer: None,
             force_stop: false,
             growth,
             run_id,

@@ -302,7 +302,11 @@ impl<B: Backend> SchedulerState<B> {
         }
         let ck = Checkpoint { meta: self.meta(), units };
         let drawn = compute(|| -> anyhow::Result<String> {
-            let tok = crate::sample::tokenizer_of(&self.cfg)?;
+            // Built once (a GPT-2 or learnt BPE tokenizer takes a while to load).
+            if self.sample_tokenizer.is_none() {
+                self.sample_tokenizer = Some(crate::sample::tokenizer_of(&self.cfg)?);
+            }
+            let tok = self.sample_tokenizer.as_ref().expect("set above");
             let model = crate::sample::HostModel::from_checkpoint(&ck)?;
             let opts = crate::sample::SampleOptions { tokens: n, temperature: 1.0, top_k: 40, top_p: 1.0, seed: self.cfg.run.seed };
             Ok(tok.decode(&crate::sample::generate(&model, &tok.encode(&self.cfg.eval.sample_prompt), &opts)?))
