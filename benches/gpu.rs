@@ -201,9 +201,9 @@ fn op_profile(mode: Mode, b: usize) -> Vec<(String, usize, f64)> {
     rows.push(("head matmul backward".into(), 1, bw));
     let f = time_ms(&be, reps, || be.crossentropy_forward_backward(v(&logits, n * vp), v(&losses, n), &ids, 1.0 / n as f32, n, V, vp));
     rows.push(("softmax + cross-entropy (fused)".into(), 1, f));
-    let f = time_ms(&be, reps, || be.encoder_forward(v(&y, n * c), &ids, v(&wt, vp * c), v(&wpe, T * c), b, T, c));
+    let f = time_ms(&be, reps, || be.encoder_forward(v(&y, n * c), &ids, v(&wt, vp * c), Some(v(&wpe, T * c)), b, T, c));
     rows.push(("embedding".into(), 1, f));
-    let bw = time_ms(&be, reps, || be.encoder_backward(v(&dwt, vp * c), v(&dwpe, T * c), v(&y, n * c), &ids, b, T, c));
+    let bw = time_ms(&be, reps, || be.encoder_backward(v(&dwt, vp * c), Some(v(&dwpe, T * c)), v(&y, n * c), &ids, b, T, c));
     rows.push(("embedding backward".into(), 1, bw));
     // AdamW over the 124M parameters in the trainer's unit sizes: 12 blocks of 7.1M, 38.6M + 0.8M ends.
     let params = w(7_087_872);

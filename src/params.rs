@@ -44,12 +44,13 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Build from (name, shape) in order; the embedding tables are the ones named `wte`, `wpe`.
+    /// Build from (name, shape) in order. The embedding tables are the ones named `wte`, `wpe`,
+    /// and an untied `lm_head` (the vocabulary-sized matrix the optimizer treats like `wte`).
     pub fn new(tensors: &[(&'static str, Vec<usize>)]) -> Self {
         let mut specs = Vec::with_capacity(tensors.len());
         let mut off = 0;
         for (name, shape) in tensors {
-            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: matches!(*name, "wte" | "wpe") };
+            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: matches!(*name, "wte" | "wpe" | "lm_head") };
             off += spec.numel();
             specs.push(spec);
         }
@@ -62,6 +63,10 @@ impl Layout {
     }
     pub fn get(&self, name: &str) -> &ParamSpec {
         self.specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))
+    }
+    /// The named tensor, if the layout has it.
+    pub fn find(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
     }
     pub fn index(&self, name: &str) -> usize {
         self.specs.iter().position(|s| s.name == name).unwrap_or_else(|| panic!("no tensor named {name} in layout"))

@@ -160,6 +160,21 @@ parity!(gemm_all_transposes_match_cpu, TOL, |be: B| {
     outs
 });
 
+parity!(head_rmsnorm_matches_cpu, TOL, |be: B| {
+    // QK-norm on the k heads of fused qkv rows: a view that starts inside the row.
+    let mut r = Rng::new(33);
+    let (n, hd, kv) = (B_ * T_, C_ / NH_, NH_ / 2);
+    let stride = (NH_ + 2 * kv) * hd;
+    let inp = up(be, &randn(&mut r, n * stride, 1.0));
+    let w = up(be, &randn(&mut r, hd, 0.2).iter().map(|x| 1.0 + x).collect::<Vec<_>>());
+    let (out, rstd) = (up(be, &vec![0.0; n * stride]), be.alloc(n * kv));
+    let k = |buf| B::whole(buf).sub(NH_ * hd, n * stride - NH_ * hd);
+    be.head_rmsnorm_forward(k(&out), B::whole(&rstd), k(&inp), B::whole(&w), n, stride, kv, hd, 1e-6);
+    let (d, dw) = (up(be, &randn(&mut r, n * stride, 1.0)), up(be, &randn(&mut r, hd, 1.0)));
+    be.head_rmsnorm_backward(k(&d), B::whole(&dw), k(&inp), B::whole(&w), B::whole(&rstd), n, stride, kv, hd);
+    vec![("out", down(be, &out)), ("rstd", down(be, &rstd)), ("d", down(be, &d)), ("dw", down(be, &dw))]
+});
+
 parity!(rmsnorm_rope_gqa_swiglu_match_cpu, TOL, |be: B| {
     let mut r = Rng::new(31);
     let (n, c, f) = (B_ * T_, C_, 3 * C_);
@@ -200,10 +215,10 @@ parity!(rmsnorm_rope_gqa_swiglu_match_cpu, TOL, |be: B| {
 });
 
 parity!(llama_block_forward_backward_match_cpu, 1e-4, |be: B| {
-    use taproot::model::llama_block::{LlamaBlock, LlamaDims};
+    // qwen3: the llama block with QK-norm, so every op of both kinds runs.
     let mut r = Rng::new(32);
-    let dims = LlamaDims { channels: C_, heads: NH_, kv_heads: NH_ / 2, ffn_hidden: 2 * C_, rope_theta: 10_000.0, norm_eps: 1e-6 };
-    let mut blk = LlamaBlock::new_empty(be, &dims, 0);
+    let dims = taproot::model::Dims::llama(67, T_, C_, NH_, NH_ / 2, 2 * C_).with_arch(taproot::model::Arch::Qwen3);
+    let mut blk = taproot::model::Block::new_empty(be, &dims, 0);
     let n_params = blk.w.layout.total;
     blk.w.params_from_host(be, &randn(&mut r, n_params, 0.05));
     let x = up(be, &randn(&mut r, B_ * T_ * C_, 1.0));
@@ -280,10 +295,10 @@ parity!(embedding_and_crossentropy_match_cpu, TOL, |be: B| {
     let (idb, tgb) = (ids(be, &tok), ids(be, &tg));
     let (wte, wpe) = (up(be, &randn(&mut r, vp * c, 1.0)), up(be, &randn(&mut r, t * c, 1.0)));
     let x = be.alloc(b * t * c);
-    be.encoder_forward(B::whole(&x), &idb, B::whole(&wte), B::whole(&wpe), b, t, c);
+    be.encoder_forward(B::whole(&x), &idb, B::whole(&wte), Some(B::whole(&wpe)), b, t, c);
     let dout = up(be, &randn(&mut r, b * t * c, 1.0));
     let (dwte, dwpe) = (be.alloc(vp * c), be.alloc(t * c));
-    be.encoder_backward(B::whole(&dwte), B::whole(&dwpe), B::whole(&dout), &idb, b, t, c);
+    be.encoder_backward(B::whole(&dwte), Some(B::whole(&dwpe)), B::whole(&dout), &idb, b, t, c);
     let logits = up(be, &randn(&mut r, b * t * vp, 3.0));
     let losses = be.alloc(b * t);
     be.crossentropy_forward_backward(B::whole(&logits), B::whole(&losses), &tgb, 1.0 / (b * t) as f32, b * t, v, vp);
@@ -564,10 +579,10 @@ fn pinned_id_uploads_stay_in_order_across_the_staging_ring() {
         let ids_h: Vec<u32> = (0..b * t).map(|_| rng.below(vp as u64) as u32).collect();
         g.upload_ids(&ids_dev, &ids_h);
         let out = g.alloc(b * t * c);
-        g.encoder_forward(CudaBackend::whole(&out), &ids_dev, CudaBackend::whole(&wte), CudaBackend::whole(&wpe), b, t, c);
+        g.encoder_forward(CudaBackend::whole(&out), &ids_dev, CudaBackend::whole(&wte), Some(CudaBackend::whole(&wpe)), b, t, c);
         outs.push(out);
         let cout = cpu.alloc(b * t * c);
-        cpu.encoder_forward(CpuBackend::whole(&cout), &ids(&cpu, &ids_h), CpuBackend::whole(&cwte), CpuBackend::whole(&cwpe), b, t, c);
+        cpu.encoder_forward(CpuBackend::whole(&cout), &ids(&cpu, &ids_h), CpuBackend::whole(&cwte), Some(CpuBackend::whole(&cwpe)), b, t, c);
         wants.push(down(&cpu, &cout));
     }
     for (i, (o, w)) in outs.iter().zip(&wants).enumerate() {

@@ -10,7 +10,7 @@
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::Backend;
 use taproot::model::init::{InitConfig, InitScheme};
-use taproot::model::{Batch, Dims, Model};
+use taproot::model::{Arch, Batch, Block, Dims, Model};
 use taproot::params::ParamSet;
 use taproot::rng::Rng;
 
@@ -359,7 +359,7 @@ fn residual_and_encoder_backward_match_finite_differences() {
     // L = sum((encoder(wte, wpe) + other) * r): exercises encoder and residual add together.
     let f = |wte: &[f32], wpe: &[f32]| {
         let (x, y) = (be.alloc(b * t * c), be.alloc(b * t * c));
-        be.encoder_forward(B::whole(&x), &idb, B::whole(&buf(&be, wte)), B::whole(&buf(&be, wpe)), b, t, c);
+        be.encoder_forward(B::whole(&x), &idb, B::whole(&buf(&be, wte)), Some(B::whole(&buf(&be, wpe))), b, t, c);
         be.add(B::whole(&y), B::whole(&x), B::whole(&buf(&be, &other)));
         dot(&host(&be, &y), &r)
     };
@@ -367,7 +367,7 @@ fn residual_and_encoder_backward_match_finite_differences() {
     let dx = be.alloc(b * t * c);
     be.add_assign(B::whole(&dx), B::whole(&buf(&be, &r)));
     let (dwte, dwpe) = (be.alloc(vp * c), be.alloc(maxt * c));
-    be.encoder_backward(B::whole(&dwte), B::whole(&dwpe), B::whole(&dx), &idb, b, t, c);
+    be.encoder_backward(B::whole(&dwte), Some(B::whole(&dwpe)), B::whole(&dx), &idb, b, t, c);
     let g = host(&be, &dwte);
     assert!(g[2 * c..3 * c].iter().all(|&x| x == 0.0), "unused token row got a gradient");
     check("encoder dwte", &g, &(0..vp * c).collect::<Vec<_>>(), |i, h| {
@@ -466,7 +466,8 @@ fn check_whole_model_with(depth: usize, dims: Dims) {
         for spec in unit(&model, u).layout.specs.clone() {
             // wte: sample rows of the real vocabulary (padded rows are zero and get no gradient);
             // being tied, its gradient is the embedding's share plus the head's.
-            let range = if spec.name == "wte" { dims.vocab * dims.channels } else { spec.numel() };
+            // The same for an untied lm_head's rows.
+            let range = if matches!(spec.name, "wte" | "lm_head") { dims.vocab * dims.channels } else { spec.numel() };
             let idx: Vec<usize> = (0..24).map(|_| spec.offset + rng.below(range as u64) as usize).collect();
             check(&format!("{depth} blocks: {u:?}.{}", spec.name), &grads, &idx, |i, h| {
                 let mut p = base.clone();
@@ -515,6 +516,29 @@ fn whole_model_gradients_with_a_residual_multiplier() {
 #[test]
 fn whole_model_gradients_2_blocks() {
     check_whole_model(2);
+}
+
+/// A LLaMA shape at the tiny size: 4 query heads of 4 sharing 2 key/value heads, SwiGLU of 24.
+fn tiny_llama() -> Dims {
+    Dims::llama(67, 8, 16, 4, 2, 24)
+}
+
+#[test]
+fn whole_model_gradients_llama_untied_head() {
+    // Embedding without positions, RMSNorm head with its own lm_head, two LLaMA blocks.
+    check_whole_model_with(2, tiny_llama());
+}
+
+#[test]
+fn whole_model_gradients_llama_0_blocks_tied() {
+    check_whole_model_with(0, tiny_llama().with_tied(true));
+}
+
+#[test]
+fn whole_model_gradients_qwen3_tied_with_a_residual_multiplier() {
+    // Head size 8 (2 query heads sharing 1 key/value head): at head size 4 the QK-norm is so
+    // curved that the central difference's own O(h²) error reaches the tolerance.
+    check_whole_model_with(2, Dims::llama(67, 8, 16, 2, 1, 24).with_arch(Arch::Qwen3).with_tied(true).with_residual(0.5));
 }
 
 /// The gradient with respect to the embedding output (the input of the block stack), checked by
@@ -568,15 +592,13 @@ fn gradient_of_the_embedding_output_matches_finite_differences() {
     });
 }
 
-#[test]
-fn llama_block_gradients_match_finite_differences() {
-    use taproot::model::llama_block::{LlamaBlock, LlamaDims};
+/// One block of `dims`' kind: finite differences on every tensor and the input, and a second
+/// pass through the recycled buffers.
+fn check_block(dims: &Dims, seed: u64) {
     let be = B::default();
-    let mut rng = Rng::new(25);
-    // 4 query heads of 2 sharing 2 key/value heads, SwiGLU of 12: every op of the block kind.
-    let dims = LlamaDims { channels: 8, heads: 4, kv_heads: 2, ffn_hidden: 12, rope_theta: 10_000.0, norm_eps: 1e-6 };
-    let (b, t, c) = (2, 5, 8);
-    let layout = LlamaBlock::<B>::layout(&dims);
+    let mut rng = Rng::new(seed);
+    let (b, t, c) = (2, 5, dims.channels);
+    let layout = Block::<B>::layout(dims);
     let params: Vec<f32> = layout
         .specs
         .iter()
@@ -592,12 +614,12 @@ fn llama_block_gradients_match_finite_differences() {
     let x = randn(&mut rng, b * t * c, 1.0);
     let r = randn(&mut rng, b * t * c, 1.0);
     let loss = |params: &[f32], x: &[f32]| {
-        let mut blk = LlamaBlock::new_empty(&be, &dims, 0);
+        let mut blk = Block::new_empty(&be, dims, 0);
         blk.w.params_from_host(&be, params);
         let y = blk.forward(&be, 0, buf(&be, x), b, t);
         dot(&host(&be, &y), &r)
     };
-    let mut blk = LlamaBlock::new_empty(&be, &dims, 0);
+    let mut blk = Block::new_empty(&be, dims, 0);
     blk.w.params_from_host(&be, &params);
     let _ = blk.forward(&be, 7, buf(&be, &x), b, t);
     let dx = host(&be, &blk.backward(&be, 7, buf(&be, &r)));
@@ -609,17 +631,82 @@ fn llama_block_gradients_match_finite_differences() {
     for (g2, g) in blk.w.grads_to_host(&be).iter().zip(&grads) {
         assert!((g2 - 2.0 * g).abs() <= 1e-5 * (1.0 + g.abs()), "{g2} against 2 × {g}");
     }
-    check("llama block dx", &dx, &(0..x.len()).collect::<Vec<_>>(), |i, h| {
+    let kind = dims.arch.name();
+    check(&format!("{kind} block dx"), &dx, &(0..x.len()).collect::<Vec<_>>(), |i, h| {
         let mut v = x.clone();
         v[i] += h;
         loss(&params, &v)
     });
     for spec in &layout.specs {
         let idx: Vec<usize> = (spec.offset..spec.offset + spec.numel()).collect();
-        check(&format!("llama block {}", spec.name), &grads, &idx, |i, h| {
+        check(&format!("{kind} block {}", spec.name), &grads, &idx, |i, h| {
             let mut v = params.clone();
             v[i] += h;
             loss(&v, &x)
         });
     }
+}
+
+#[test]
+fn llama_block_gradients_match_finite_differences() {
+    // 4 query heads of 2 sharing 2 key/value heads, SwiGLU of 12: every op of the block kind.
+    check_block(&Dims::llama(67, 8, 8, 4, 2, 12), 25);
+}
+
+#[test]
+fn qwen3_block_gradients_match_finite_differences() {
+    // QK-norm on top, and a residual multiplier: q_norm, k_norm and α's backward too.
+    check_block(&Dims::llama(67, 8, 16, 4, 2, 12).with_arch(Arch::Qwen3).with_residual(0.5), 26);
+}
+
+#[test]
+fn gpt2_block_gradients_match_finite_differences() {
+    check_block(&Dims::new(67, 8, 8, 2).with_residual(0.5), 27);
+}
+
+#[test]
+fn head_rmsnorm_backward_matches_finite_differences() {
+    // Rows of 2 heads of 4 plus 5 floats the op must not touch; the gradient is in place.
+    let be = B::default();
+    let mut rng = Rng::new(28);
+    let (rows, heads, hd, stride) = (3, 2, 4, 2 * 4 + 5);
+    let x = randn(&mut rng, rows * stride, 1.0);
+    let wv: Vec<f32> = randn(&mut rng, hd, 0.3).iter().map(|v| 1.0 + v).collect();
+    let r = randn(&mut rng, rows * stride, 1.0);
+    let fwd = |x: &[f32], wv: &[f32]| {
+        let (out, rstd) = (buf(&be, &vec![7.0; rows * stride]), be.alloc(rows * heads));
+        be.head_rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&buf(&be, x)), B::whole(&buf(&be, wv)), rows, stride, heads, hd, 1e-6);
+        (host(&be, &out), rstd)
+    };
+    let (y, rstd) = fwd(&x, &wv);
+    for row in 0..rows {
+        assert!(y[row * stride + heads * hd..(row + 1) * stride].iter().all(|&v| v == 7.0), "only the head vectors are written");
+        let h0 = &y[row * stride..row * stride + hd];
+        let ms: f32 = h0.iter().zip(&wv).map(|(v, w)| (v / w) * (v / w)).sum::<f32>() / hd as f32;
+        assert!((ms - 1.0).abs() < 1e-4, "a normed head has unit mean square before its gain: {ms}");
+    }
+    let loss = |x: &[f32], wv: &[f32]| {
+        let (y, _) = fwd(x, wv);
+        // Only the head vectors count (the rest of `out` is left as it was).
+        (0..rows).flat_map(|row| row * stride..row * stride + heads * hd).map(|i| y[i] as f64 * r[i] as f64).sum::<f64>()
+    };
+    let d = buf(&be, &r);
+    let dw = be.alloc(hd);
+    be.head_rmsnorm_backward(B::whole(&d), B::whole(&dw), B::whole(&buf(&be, &x)), B::whole(&buf(&be, &wv)), B::whole(&rstd), rows, stride, heads, hd);
+    let dx = host(&be, &d);
+    for row in 0..rows {
+        let tail = row * stride + heads * hd..(row + 1) * stride;
+        assert_eq!(&dx[tail.clone()], &r[tail], "the other floats of a row are left alone");
+    }
+    let heads_idx: Vec<usize> = (0..rows).flat_map(|row| row * stride..row * stride + heads * hd).collect();
+    check("head rmsnorm dinp", &dx, &heads_idx, |i, h| {
+        let mut v = x.clone();
+        v[i] += h;
+        loss(&v, &wv)
+    });
+    check("head rmsnorm dw", &host(&be, &dw), &(0..hd).collect::<Vec<_>>(), |i, h| {
+        let mut v = wv.clone();
+        v[i] += h;
+        loss(&x, &v)
+    });
 }

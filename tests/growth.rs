@@ -12,7 +12,7 @@
 //! the target (the smallest sample, a (64, 64) matrix, has a standard error of about 1.1%).
 
 use taproot::backend::cpu::CpuBackend;
-use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position, RESIDUAL_OUTPUTS};
+use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position};
 use taproot::model::init::{InitConfig, InitScheme, Parameterization};
 use taproot::model::{Batch, Block, Dims, Model};
 use taproot::optim::adamw::adamw_reference;
@@ -140,7 +140,7 @@ fn copying_zero_preserves_the_function() {
                     let src = &old[sources[j].unwrap()];
                     for name in ALL {
                         let got = tensor(blk, &h, name);
-                        if RESIDUAL_OUTPUTS.contains(&name) {
+                        if growth::residual_outputs(taproot::model::Arch::Gpt2).contains(&name) {
                             assert!(got.iter().all(|&x| x == 0.0), "{what}: new block {p} {name} is not zero");
                         } else {
                             assert_eq!(got, tensor(blk, src, name), "{what}: new block {p} {name} is not its source's");
@@ -452,7 +452,7 @@ fn a_residual_multiplier_is_the_standard_block_with_scaled_projections() {
     let mut folded = trained(&be, dims(), 3, 3, 4);
     for blk in &folded.blocks {
         let mut h = blk.w.params_to_host(&be);
-        for name in RESIDUAL_OUTPUTS {
+        for name in growth::residual_outputs(taproot::model::Arch::Gpt2) {
             let s = blk.w.layout.get(name);
             h[s.offset..s.offset + s.numel()].iter_mut().for_each(|x| *x *= alpha);
         }

@@ -252,24 +252,25 @@ pub trait Backend: Send + Sized + 'static {
     );
 
     // ----- transformer ops -----
-    /// out (B, T, C) = wte[ids] + wpe[t]; wte (Vp, C), wpe (maxT, C), ids (B, T).
+    /// out (B, T, C) = wte[ids] + wpe[t]; wte (Vp, C), wpe (maxT, C) or none (rotary models),
+    /// ids (B, T).
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
         out: View<Self::Buf>,
         ids: &Self::Ids,
         wte: View<Self::Buf>,
-        wpe: View<Self::Buf>,
+        wpe: Option<View<Self::Buf>>,
         b: usize,
         t: usize,
         c: usize,
     );
-    /// dwte[ids] += dout; dwpe[t] += dout.
+    /// dwte[ids] += dout; dwpe[t] += dout (when there is a wpe).
     #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
         dwte: View<Self::Buf>,
-        dwpe: View<Self::Buf>,
+        dwpe: Option<View<Self::Buf>>,
         dout: View<Self::Buf>,
         ids: &Self::Ids,
         b: usize,
@@ -350,6 +351,38 @@ pub trait Backend: Send + Sized + 'static {
         rstd: View<Self::Buf>,
         n: usize,
         c: usize,
+    );
+    /// Per-head RMSNorm (qwen3's QK-norm): in each of `rows` rows of `stride` floats, the first
+    /// `heads` vectors of `hd` floats become x · rstd · w, w (hd) shared by the heads; rstd
+    /// (rows · heads) is kept. `out` has `inp`'s layout; only those vectors are written.
+    #[allow(clippy::too_many_arguments)]
+    fn head_rmsnorm_forward(
+        &self,
+        out: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        hd: usize,
+        eps: f32,
+    );
+    /// The backward of [`Backend::head_rmsnorm_forward`], IN PLACE: `d` holds the gradient of
+    /// the output vectors on entry and that of the input vectors on return (the other floats of
+    /// each row are left alone); dw += Σ over every vector of norm · dout.
+    #[allow(clippy::too_many_arguments)]
+    fn head_rmsnorm_backward(
+        &self,
+        d: View<Self::Buf>,
+        dw: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        hd: usize,
     );
     /// Rotary positions in place on the first `heads` heads (size `hd`) of each of `rows` rows of
     /// `stride` floats (row r is position r mod t): pair (i, i + hd/2) rotated by

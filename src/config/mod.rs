@@ -14,6 +14,7 @@ mod validate;
 use crate::model::growth::Expansion;
 pub use crate::model::growth::GrowthSpec;
 use crate::model::init::{InitScheme, Parameterization};
+use crate::model::Arch;
 use crate::optim::schedule::Schedule;
 use crate::optim::OptimConfig;
 use anyhow::{bail, Context, Result};
@@ -310,13 +311,35 @@ fn one() -> usize {
     1
 }
 
+fn is_gpt2(a: &Arch) -> bool {
+    a.is_gpt2()
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// The block kind: `gpt2` (default), `llama` or `qwen3` (`model::Arch`).
+    #[serde(default, skip_serializing_if = "is_gpt2")]
+    pub arch: Arch,
     /// C.
     pub channels: usize,
-    /// NH.
+    /// NH (query heads).
     pub heads: usize,
+    /// Key/value heads of grouped-query attention (LLaMA kinds; default: `heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<usize>,
+    /// SwiGLU hidden units (LLaMA kinds; default: 8C/3 rounded up to a multiple of 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_hidden: Option<usize>,
+    /// Rotary base θ (LLaMA kinds; default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f32>,
+    /// RMSNorm's ε (LLaMA kinds; default 1e-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f32>,
+    /// Whether the LM head is the token embedding (default: true for `gpt2`, false otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_embeddings: Option<bool>,
     /// Rows of the position embedding (default: `data.seq_len`).
     #[serde(default)]
     pub max_seq: Option<usize>,

@@ -73,6 +73,36 @@ impl Config {
         if !self.model.channels.is_multiple_of(self.model.heads) {
             bail!("`model.heads` ({}) must divide `model.channels` ({})", self.model.heads, self.model.channels);
         }
+        let m = &self.model;
+        if m.arch.is_gpt2() {
+            for (set, key) in [
+                (m.kv_heads.is_some(), "kv_heads"),
+                (m.ffn_hidden.is_some(), "ffn_hidden"),
+                (m.rope_theta.is_some(), "rope_theta"),
+                (m.norm_eps.is_some(), "norm_eps"),
+            ] {
+                if set {
+                    bail!("`model.{key}` applies to the LLaMA block kinds; this config's `model.arch` is \"gpt2\" (set `model.arch = \"llama\"` or \"qwen3\", or remove the key)");
+                }
+            }
+        } else {
+            let kv = m.kv_heads.unwrap_or(m.heads);
+            if kv == 0 || !m.heads.is_multiple_of(kv) {
+                bail!("`model.kv_heads` ({kv}) must be at least 1 and divide `model.heads` ({})", m.heads);
+            }
+            if !(m.channels / m.heads).is_multiple_of(2) {
+                bail!("rotary positions need an even head size: `model.channels` / `model.heads` = {} / {} is odd", m.channels, m.heads);
+            }
+            if m.ffn_hidden == Some(0) {
+                bail!("`model.ffn_hidden` must be at least 1");
+            }
+            if m.rope_theta.is_some_and(|t| !(t.is_finite() && t > 1.0)) {
+                bail!("`model.rope_theta` must be a finite number > 1, got {}", m.rope_theta.unwrap_or(0.0));
+            }
+            if m.norm_eps.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+                bail!("`model.norm_eps` must be a finite number > 0, got {}", m.norm_eps.unwrap_or(0.0));
+            }
+        }
         if self.max_seq() < self.data.seq_len {
             bail!("`model.max_seq` ({}) is shorter than `data.seq_len` ({})", self.max_seq(), self.data.seq_len);
         }

@@ -1,6 +1,8 @@
-//! `Embed`: token + position embedding, the first unit of the pipeline.
+//! `Embed`: token (+ position) embedding, the first unit of the pipeline.
 //!
-//! Owns `wte` (Vp, C) — also the tied LM head's matrix, see the `model` docs — and `wpe` (maxT, C).
+//! Owns `wte` (Vp, C) — also the LM head's matrix when the head is tied, see the `model` docs —
+//! and, for `gpt2`, the learned positions `wpe` (maxT, C). The LLaMA kinds have no position table:
+//! their blocks rotate q and k by position instead.
 
 use super::dims::Dims;
 use super::init;
@@ -16,7 +18,12 @@ pub struct Embed<B: Backend> {
 
 impl<B: Backend> Embed<B> {
     pub fn layout(d: &Dims) -> Layout {
-        Layout::new(&[("wte", vec![d.padded_vocab, d.channels]), ("wpe", vec![d.max_seq, d.channels])])
+        let wte = ("wte", vec![d.padded_vocab, d.channels]);
+        if d.arch.is_gpt2() {
+            Layout::new(&[wte, ("wpe", vec![d.max_seq, d.channels])])
+        } else {
+            Layout::new(&[wte])
+        }
     }
 
     pub fn new(be: &B, dims: &Dims, cfg: &init::InitConfig) -> Self {
@@ -25,19 +32,21 @@ impl<B: Backend> Embed<B> {
         Embed { w, dims: dims.clone(), pool: ActPool::default() }
     }
 
-    /// x (B, T, C) = wte[ids] + wpe[0..T]. The returned buffer comes from this unit's pool.
+    /// x (B, T, C) = wte[ids] (+ wpe[0..T]). The returned buffer comes from this unit's pool.
     pub fn forward(&mut self, be: &B, ids: &B::Ids, b: usize, t: usize) -> B::Buf {
         let c = self.dims.channels;
         assert!(t <= self.dims.max_seq, "sequence length {t} exceeds max_seq {}", self.dims.max_seq);
         let x = self.pool.take(be, b * t * c);
-        be.encoder_forward(B::whole(&x), ids, self.w.p("wte"), self.w.p("wpe"), b, t, c);
+        let wpe = self.w.layout.find("wpe").map(|_| self.w.p("wpe"));
+        be.encoder_forward(B::whole(&x), ids, self.w.p("wte"), wpe, b, t, c);
         x
     }
 
-    /// dwte[ids] += dx; dwpe += dx. Takes the gradient buffer back into the pool.
+    /// dwte[ids] += dx (dwpe += dx). Takes the gradient buffer back into the pool.
     pub fn backward(&mut self, be: &B, dx: B::Buf, ids: &B::Ids, b: usize, t: usize) {
         let c = self.dims.channels;
-        be.encoder_backward(self.w.g("wte"), self.w.g("wpe"), B::whole(&dx), ids, b, t, c);
+        let dwpe = self.w.layout.find("wpe").map(|_| self.w.g("wpe"));
+        be.encoder_backward(self.w.g("wte"), dwpe, B::whole(&dx), ids, b, t, c);
         self.pool.put(be, dx);
     }
 

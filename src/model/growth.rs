@@ -7,9 +7,12 @@
 //!   - `copying`: every new block a copy of a trained block, in the order `stack` =
 //!     [w1..wk, w1..wk, …] (default), `inter` = [w1, w1, …, w2, w2, …] or `last` = copies of the
 //!     last block, where w1 is the bottom-most existing block;
-//!   - `zero`: all block matrices and biases 0, LayerNorm gains 1 (a dead block, for ablation);
-//!   - `copying_zero`: copy, then zero the attention-out and MLP-out projections and their
-//!     biases — an identity block, so the grown model computes the same function.
+//!   - `zero`: all block matrices and biases 0, norm gains 1 (a dead block, for ablation);
+//!   - `copying_zero`: copy, then zero the attention-out and MLP-out projections (and their
+//!     biases, for GPT-2) — an identity block, so the grown model computes the same function.
+//!   The tensors each kind zeroes or sets to 1 are [`residual_outputs`] and
+//!   [`block::gains`](super::block::gains); every other tensor is copied or drawn alike for
+//!   every kind.
 //! - **Optimizer state**: `inherit` (default: old tensors keep theirs, new blocks start from zero
 //!   state at step 0), `copy` (a copied block also copies its source's state; new blocks without
 //!   a source start from zero), `reset` (every unit's state zeroed, old ones too).
@@ -153,8 +156,9 @@ pub fn plan_sources(init: GrowInit, order: CopyOrder, ls: usize, k: usize) -> an
     }
 }
 
-/// The tensors `copying_zero` zeroes: the residual output projections and their biases.
-pub const RESIDUAL_OUTPUTS: [&str; 4] = ["attprojw", "attprojb", "fcprojw", "fcprojb"];
+/// The tensors `copying_zero` zeroes, per block kind: the residual output projections (and
+/// their biases, where the kind has them).
+pub use super::block::residual_outputs;
 
 /// Build one new block with layer id `id`.
 ///
@@ -174,7 +178,7 @@ pub fn make_block<B: Backend>(
         GrowInit::Zero => {
             let blk = Block::new_empty(be, dims, id);
             let mut host = vec![0.0; blk.w.layout.total];
-            for name in ["ln1w", "ln2w"] {
+            for name in super::block::gains(dims.arch) {
                 let s = blk.w.layout.get(name);
                 host[s.offset..s.offset + s.numel()].fill(1.0);
             }
@@ -186,7 +190,7 @@ pub fn make_block<B: Backend>(
             let mut blk = Block::new_empty(be, dims, id);
             let mut host = src.params.clone();
             if init == GrowInit::CopyingZero {
-                for name in RESIDUAL_OUTPUTS {
+                for name in residual_outputs(dims.arch) {
                     let s = blk.w.layout.get(name);
                     host[s.offset..s.offset + s.numel()].fill(0.0);
                 }

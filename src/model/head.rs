@@ -1,13 +1,17 @@
-//! `Head`: final LayerNorm, the LM head tied to the token embedding, and the loss.
+//! `Head`: the final norm, the LM head, and the loss.
 //!
-//! The head owns only the final LayerNorm (`lnfw`, `lnfb`); it borrows `wte` from [`Embed`]'s
-//! parameter set and adds its gradient into `Embed`'s `dwte` (the tie; see the `model` docs).
+//! The final norm is GPT-2's LayerNorm (`lnfw`, `lnfb`) or the LLaMA kinds' RMSNorm (`normw`).
+//! A **tied** head (GPT-2's, and any kind's under `model.tie_embeddings = true`) owns only the
+//! norm: it borrows `wte` from [`Embed`]'s parameter set and adds its gradient into `Embed`'s
+//! `dwte` (the tie; see the `model` docs). An **untied** head (the LLaMA kinds' default) owns its
+//! own `lm_head` (Vp, C) as well, and its gradient stays in the head.
 //! Forward and backward run back to back (the last stage of 1F1B does exactly that), so the head
 //! keeps one set of activations rather than a per-micro-batch stash.
 //!
 //! [`Embed`]: super::Embed
 
 use super::dims::Dims;
+use super::init;
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::params::{Layout, ParamSet};
@@ -38,16 +42,27 @@ pub struct Head<B: Backend> {
 
 impl<B: Backend> Head<B> {
     pub fn layout(d: &Dims) -> Layout {
-        Layout::new(&[("lnfw", vec![d.channels]), ("lnfb", vec![d.channels])])
+        let c = d.channels;
+        let mut specs = if d.arch.is_gpt2() { vec![("lnfw", vec![c]), ("lnfb", vec![c])] } else { vec![("normw", vec![c])] };
+        if !d.tied {
+            specs.push(("lm_head", vec![d.padded_vocab, c]));
+        }
+        Layout::new(&specs)
     }
 
-    pub fn new(be: &B, dims: &Dims) -> Self {
+    pub fn new(be: &B, dims: &Dims, cfg: &init::InitConfig) -> Self {
         let w = ParamSet::new(be, Self::layout(dims));
-        let c = dims.channels;
-        let mut host = vec![0.0; 2 * c];
-        host[..c].fill(1.0);
-        w.params_from_host(be, &host);
+        w.params_from_host(be, &init::head_init(&w.layout, dims, cfg));
         Head { w, dims: dims.clone(), acts: None, pool: ActPool::default(), dwte: None }
+    }
+
+    /// The LM head's matrix (Vp, C): the borrowed `wte` when tied, else the head's own.
+    fn matrix<'a>(&'a self, embed: &'a ParamSet<B>) -> crate::backend::View<'a, B::Buf> {
+        if self.dims.tied {
+            embed.p("wte")
+        } else {
+            self.w.p("lm_head")
+        }
     }
 
     /// Share `pool` (the device's pool, in the actor runtime) instead of a private one.
@@ -71,13 +86,17 @@ impl<B: Backend> Head<B> {
         }
     }
 
-    /// lnf = LN(x); logits = lnf @ wte^T. Returns nothing; the activations stay in `self.acts`.
+    /// lnf = norm(x); logits = lnf @ W^T. Returns nothing; the activations stay in `self.acts`.
     fn forward_logits(&mut self, be: &B, x: &B::Buf, embed: &ParamSet<B>, b: usize, t: usize) {
         self.ensure_acts(be, b, t);
         let a = self.acts.as_ref().expect("acts ensured");
         let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
-        be.layernorm_forward(B::whole(&a.lnf), B::whole(&a.mean), B::whole(&a.rstd), B::whole(x), self.w.p("lnfw"), self.w.p("lnfb"), n, c);
-        be.matmul_forward(B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), None, n, c, vp);
+        if self.dims.arch.is_gpt2() {
+            be.layernorm_forward(B::whole(&a.lnf), B::whole(&a.mean), B::whole(&a.rstd), B::whole(x), self.w.p("lnfw"), self.w.p("lnfb"), n, c);
+        } else {
+            be.rmsnorm_forward(B::whole(&a.lnf), B::whole(&a.rstd), B::whole(x), self.w.p("normw"), n, c, self.dims.norm_eps);
+        }
+        be.matmul_forward(B::whole(&a.logits), B::whole(&a.lnf), self.matrix(embed), None, n, c, vp);
     }
 
     /// Fused softmax cross-entropy; returns the mean loss over the N rows (host read-back).
@@ -115,27 +134,35 @@ impl<B: Backend> Head<B> {
         let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
         self.forward_logits(be, &x, embed, b, t);
         let loss = self.loss(be, targets, dscale, n);
-        if self.dwte.is_none() {
+        if self.dims.tied && self.dwte.is_none() {
             self.dwte = Some(be.alloc(vp * c));
         }
-        let dwte = B::whole(self.dwte.as_ref().expect("allocated above"));
+        // The matrix's gradient: the tied share, kept apart until the flush, or the own lm_head's.
+        let dmat = match &self.dwte {
+            Some(d) => B::whole(d),
+            None => self.w.g("lm_head"),
+        };
         let a = self.acts.as_ref().expect("acts ensured");
         // logits now hold dlogits (N, Vp)
-        be.matmul_backward(Some(B::whole(&a.dlnf)), dwte, None, B::whole(&a.logits), B::whole(&a.lnf), embed.p("wte"), n, c, vp);
+        be.matmul_backward(Some(B::whole(&a.dlnf)), dmat, None, B::whole(&a.logits), B::whole(&a.lnf), self.matrix(embed), n, c, vp);
         let dx = self.pool.take(be, n * c);
-        be.fill(B::whole(&dx), 0.0); // layernorm_backward accumulates into dx
-        be.layernorm_backward(
-            B::whole(&dx),
-            self.w.g("lnfw"),
-            self.w.g("lnfb"),
-            B::whole(&a.dlnf),
-            B::whole(&x),
-            self.w.p("lnfw"),
-            B::whole(&a.mean),
-            B::whole(&a.rstd),
-            n,
-            c,
-        );
+        be.fill(B::whole(&dx), 0.0); // the norms' backward accumulates into dx
+        if self.dims.arch.is_gpt2() {
+            be.layernorm_backward(
+                B::whole(&dx),
+                self.w.g("lnfw"),
+                self.w.g("lnfb"),
+                B::whole(&a.dlnf),
+                B::whole(&x),
+                self.w.p("lnfw"),
+                B::whole(&a.mean),
+                B::whole(&a.rstd),
+                n,
+                c,
+            );
+        } else {
+            be.rmsnorm_backward(B::whole(&dx), self.w.g("normw"), B::whole(&a.dlnf), B::whole(&x), self.w.p("normw"), B::whole(&a.rstd), n, c);
+        }
         self.pool.put(be, x);
         (dx, loss)
     }

@@ -26,7 +26,7 @@
 //! Every unit draws from its own random stream (`Rng::stream(seed, id)`), so a block's initial
 //! weights depend only on the seed and its layer id, never on the order units are created in.
 
-use super::dims::Dims;
+use super::dims::{Arch, Dims};
 use crate::params::Layout;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -94,9 +94,9 @@ impl InitConfig {
 /// Random-stream ids: 0 for the embedding, `BLOCK_STREAM + id` for block `id`.
 pub const BLOCK_STREAM: u64 = 1 << 20;
 
-/// The standard deviation of a block tensor under `cfg`.
-pub fn block_tensor_std(cfg: &InitConfig, name: &str, shape: &[usize]) -> f64 {
-    let residual_out = name == "attprojw" || name == "fcprojw";
+/// The standard deviation of a block tensor of kind `arch` under `cfg`.
+pub fn block_tensor_std(cfg: &InitConfig, arch: Arch, name: &str, shape: &[usize]) -> f64 {
+    let residual_out = super::block::residual_outputs(arch).contains(&name);
     let std = match cfg.scheme {
         InitScheme::Gpt2 => {
             if residual_out && cfg.parameterization.is_standard() {
@@ -113,29 +113,46 @@ pub fn block_tensor_std(cfg: &InitConfig, name: &str, shape: &[usize]) -> f64 {
     std * cfg.scale
 }
 
-/// Host values of a freshly initialised block with layer id `id`.
-pub fn block_init(layout: &Layout, cfg: &InitConfig, id: u64) -> Vec<f32> {
+/// Host values of a freshly initialised block of kind `arch` with layer id `id`.
+pub fn block_init(layout: &Layout, arch: Arch, cfg: &InitConfig, id: u64) -> Vec<f32> {
     let mut rng = Rng::stream(cfg.seed, BLOCK_STREAM + id);
     let mut host = vec![0.0f32; layout.total];
     for s in &layout.specs {
         let dst = &mut host[s.offset..s.offset + s.numel()];
         if s.is_matrix() {
-            rng.fill_normal(dst, block_tensor_std(cfg, s.name, &s.shape));
-        } else if s.name.ends_with('w') {
-            dst.fill(1.0); // LayerNorm gains (ln1w, ln2w)
+            rng.fill_normal(dst, block_tensor_std(cfg, arch, s.name, &s.shape));
+        } else if super::block::gains(arch).contains(&s.name) {
+            dst.fill(1.0); // the norms' gains
         } // biases stay 0
     }
     host
 }
 
-/// Host values of a fresh embedding unit (wte then wpe).
+/// Host values of a fresh embedding unit (wte, then wpe for `gpt2`).
 pub fn embed_init(layout: &Layout, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
     let mut rng = Rng::stream(cfg.seed, 0);
     let mut host = vec![0.0f32; layout.total];
     let wte = layout.get("wte");
     // Only the real vocabulary rows are random; padded rows stay 0.
     rng.fill_normal(&mut host[wte.offset..wte.offset + dims.vocab * dims.channels], cfg.std);
-    let wpe = layout.get("wpe");
-    rng.fill_normal(&mut host[wpe.offset..wpe.offset + wpe.numel()], cfg.std);
+    if let Some(wpe) = layout.find("wpe") {
+        rng.fill_normal(&mut host[wpe.offset..wpe.offset + wpe.numel()], cfg.std);
+    }
+    host
+}
+
+/// The random stream of the head (an untied `lm_head`).
+pub const HEAD_STREAM: u64 = 1;
+
+/// Host values of a fresh head unit: the final norm's gain 1 (bias 0), and an untied `lm_head`
+/// drawn like `wte` (N(0, std) on the real vocabulary rows, the padding rows 0).
+pub fn head_init(layout: &Layout, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
+    let mut host = vec![0.0f32; layout.total];
+    let g = layout.get(if dims.arch.is_gpt2() { "lnfw" } else { "normw" });
+    host[g.offset..g.offset + g.numel()].fill(1.0);
+    if let Some(h) = layout.find("lm_head") {
+        let mut rng = Rng::stream(cfg.seed, HEAD_STREAM);
+        rng.fill_normal(&mut host[h.offset..h.offset + dims.vocab * dims.channels], cfg.std);
+    }
     host
 }

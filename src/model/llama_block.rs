@@ -1,76 +1,62 @@
-//! `LlamaBlock`: one pre-RMSNorm LLaMA-style transformer layer, as a unit with an explicit
-//! forward and backward (the `llama` block kind; not yet wired into the model and the runtime,
-//! which train GPT-2 blocks).
+//! The LLaMA-family block's forward and backward (`llama`, and `qwen3` = llama + QK-norm).
 //!
 //! ```text
-//! x ─► rms1 ─► qkv = rms1 @ Wqkv^T ─► rotary(q, k) ─► share k, v over head groups ─►
-//!      causal attention ─► @ Wo^T + x = res2
-//! res2 ─► rms2 ─► [gate | up] = rms2 @ Wgu^T ─► silu(gate)·up ─► @ Wdown^T + res2 = y
+//! x ─► rms1 ─► qkv = rms1 @ Wqkv^T ─► [qwen3: RMSNorm on each q and k head] ─► rotary(q, k) ─►
+//!      share k, v over head groups ─► causal attention ─► @ Wo^T ─► ·α + x = res2
+//! res2 ─► rms2 ─► [gate | up] = rms2 @ Wgu^T ─► silu(gate)·up ─► @ Wdown^T ─► ·α + res2 = y
 //! ```
 //!
 //! No biases; grouped-query attention (`kv_heads` key/value heads shared by `heads / kv_heads`
 //! query heads each); SwiGLU with `ffn_hidden` units. Fused tensors keep the products few:
 //! `qkvw` is q_proj, k_proj and v_proj stacked (rows (NH + 2·KV)·hd), `gate_upw` is gate_proj
-//! and up_proj stacked (rows 2F); an export splits them into the Hugging Face names. Shapes are
-//! for N = B·T rows.
+//! and up_proj stacked (rows 2F); an export splits them into the Hugging Face names. α is the
+//! residual-branch multiplier, as in the GPT-2 block. Shapes are for N = B·T rows.
 
-use crate::backend::pool::ActPool;
+use super::dims::{Arch, Dims};
+use super::stash::{Acts, Stashes};
 use crate::backend::{Backend, View};
 use crate::params::{Layout, ParamSet};
-use std::collections::HashMap;
 
-/// The shape of a LLaMA-style block.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LlamaDims {
-    /// Channels C.
-    pub channels: usize,
-    /// Query heads NH (head size hd = C / NH).
-    pub heads: usize,
-    /// Key/value heads KV (NH a multiple of KV; KV = NH is plain multi-head attention).
-    pub kv_heads: usize,
-    /// SwiGLU hidden units F.
-    pub ffn_hidden: usize,
-    /// Rotary base θ.
-    pub rope_theta: f32,
-    /// RMSNorm's ε.
-    pub norm_eps: f32,
+/// Columns of the fused q, k, v rows: (NH + 2·KV)·hd.
+pub fn qkv_width(d: &Dims) -> usize {
+    (d.heads + 2 * d.kv_heads) * d.head_size()
 }
 
-impl LlamaDims {
-    pub fn head_size(&self) -> usize {
-        self.channels / self.heads
-    }
-    /// Columns of the fused q, k, v rows: (NH + 2·KV)·hd.
-    pub fn qkv_width(&self) -> usize {
-        (self.heads + 2 * self.kv_heads) * self.head_size()
-    }
-}
-
-/// What one micro-batch's forward leaves for its backward (allocated once per shape, then
-/// recycled).
-struct Acts<B: Backend> {
+/// What one micro-batch's forward leaves for its backward.
+pub struct LlamaActs<B: Backend> {
     shape: (usize, usize),
-    input: Option<B::Buf>, // (N, C)
-    rms1: B::Buf,          // (N, C)
-    rstd1: B::Buf,         // (N)
-    qkv3: B::Buf,          // (N, 3·NH·hd) rotated q and k, keys and values repeated per query head
-    att: B::Buf,           // attention state
-    atty: B::Buf,          // (N, NH·hd)
-    res2: B::Buf,          // (N, C)
-    rms2: B::Buf,          // (N, C)
-    rstd2: B::Buf,         // (N)
-    gu: B::Buf,            // (N, 2F)
-    h: B::Buf,             // (N, F)
+    rms1: B::Buf,            // (N, C)
+    rstd1: B::Buf,           // (N)
+    qkv_raw: Option<B::Buf>, // (N, (NH + 2KV)·hd) the projection before QK-norm (qwen3 only)
+    rstd_q: Option<B::Buf>,  // (N·NH) (qwen3 only)
+    rstd_k: Option<B::Buf>,  // (N·KV) (qwen3 only)
+    qkv3: B::Buf,            // (N, 3·NH·hd) rotated q and k, keys and values repeated per query head
+    att: B::Buf,             // attention state
+    atty: B::Buf,            // (N, NH·hd)
+    res2: B::Buf,            // (N, C)
+    rms2: B::Buf,            // (N, C)
+    rstd2: B::Buf,           // (N)
+    gu: B::Buf,              // (N, 2F)
+    h: B::Buf,               // (N, F)
 }
 
-impl<B: Backend> Acts<B> {
-    fn new(be: &B, d: &LlamaDims, b: usize, t: usize) -> Self {
+impl<B: Backend> Acts for LlamaActs<B> {
+    fn shape(&self) -> (usize, usize) {
+        self.shape
+    }
+}
+
+impl<B: Backend> LlamaActs<B> {
+    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
         let (n, c, a, f) = (b * t, d.channels, d.heads * d.head_size(), d.ffn_hidden);
-        Acts {
+        let qk = d.arch == Arch::Qwen3;
+        LlamaActs {
             shape: (b, t),
-            input: None,
             rms1: be.alloc(n * c),
             rstd1: be.alloc(n),
+            qkv_raw: qk.then(|| be.alloc(n * qkv_width(d))),
+            rstd_q: qk.then(|| be.alloc(n * d.heads)),
+            rstd_k: qk.then(|| be.alloc(n * d.kv_heads)),
             qkv3: be.alloc(n * 3 * a),
             att: be.alloc(be.attention_state_len(b, t, d.heads)),
             atty: be.alloc(n * a),
@@ -86,152 +72,149 @@ impl<B: Backend> Acts<B> {
 /// Working buffers of one forward or backward, one set per block (a stage runs one at a time).
 struct Scratch<B: Backend> {
     shape: (usize, usize),
-    qkv: B::Buf,   // (N, (NH + 2KV)·hd): the fused projection, then its gradient
-    dh: B::Buf,    // (N, F)
-    dgu: B::Buf,   // (N, 2F)
-    dc: B::Buf,    // (N, C)
-    datty: B::Buf, // (N, NH·hd)
-    dqkv3: B::Buf, // (N, 3·NH·hd)
-    datt: B::Buf,  // attention backward scratch
+    qkv: B::Buf,             // (N, (NH + 2KV)·hd): the projection (normed, rotated), then its gradient
+    dh: B::Buf,              // (N, F)
+    dgu: B::Buf,             // (N, 2F)
+    dc: B::Buf,              // (N, C)
+    datty: B::Buf,           // (N, NH·hd)
+    dqkv3: B::Buf,           // (N, 3·NH·hd)
+    datt: B::Buf,            // attention backward scratch
+    dbranch: Option<B::Buf>, // (N, C) α·dy (only when α ≠ 1)
 }
 
 impl<B: Backend> Scratch<B> {
-    fn new(be: &B, d: &LlamaDims, b: usize, t: usize) -> Self {
+    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
         let (n, c, a, f) = (b * t, d.channels, d.heads * d.head_size(), d.ffn_hidden);
         Scratch {
             shape: (b, t),
-            qkv: be.alloc(n * d.qkv_width()),
+            qkv: be.alloc(n * qkv_width(d)),
             dh: be.alloc(n * f),
             dgu: be.alloc(n * 2 * f),
             dc: be.alloc(n * c),
             datty: be.alloc(n * a),
             dqkv3: be.alloc(n * 3 * a),
             datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
+            dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
         }
     }
 }
 
-pub struct LlamaBlock<B: Backend> {
-    pub id: u64,
-    pub w: ParamSet<B>,
-    pub dims: LlamaDims,
-    stash: HashMap<u64, Acts<B>>,
-    spare: Vec<Acts<B>>,
+/// The LLaMA-family block's working state: its stashes and scratch.
+pub struct LlamaBody<B: Backend> {
+    pub stash: Stashes<B, LlamaActs<B>>,
     scratch: Option<Scratch<B>>,
-    pool: ActPool<B>,
+}
+
+impl<B: Backend> Default for LlamaBody<B> {
+    fn default() -> Self {
+        LlamaBody { stash: Stashes::default(), scratch: None }
+    }
 }
 
 fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
     B::whole(buf)
 }
 
-impl<B: Backend> LlamaBlock<B> {
-    pub fn layout(d: &LlamaDims) -> Layout {
-        let (c, f) = (d.channels, d.ffn_hidden);
-        Layout::new(&[
-            ("attn_norm", vec![c]),
-            ("qkvw", vec![d.qkv_width(), c]),
-            ("ow", vec![c, d.heads * d.head_size()]),
-            ("mlp_norm", vec![c]),
-            ("gate_upw", vec![2 * f, c]),
-            ("downw", vec![c, f]),
-        ])
-    }
+/// The q heads and the k heads of fused (N, qkv_width) rows, as two views.
+fn q_and_k<'a, B: Backend>(buf: &'a B::Buf, d: &Dims) -> (View<'a, B::Buf>, View<'a, B::Buf>) {
+    let v = B::whole(buf);
+    let koff = d.heads * d.head_size();
+    (v, v.sub(koff, v.len - koff))
+}
 
-    /// A block with zeroed parameters (the caller fills them).
-    pub fn new_empty(be: &B, dims: &LlamaDims, id: u64) -> Self {
-        assert!(
-            dims.heads.is_multiple_of(dims.kv_heads) && dims.channels.is_multiple_of(dims.heads) && dims.head_size().is_multiple_of(2),
-            "llama block: heads {} must be a multiple of kv_heads {}, and channels {} of heads with an even head size",
-            dims.heads,
-            dims.kv_heads,
-            dims.channels
-        );
-        LlamaBlock {
-            id,
-            w: ParamSet::new(be, Self::layout(dims)),
-            dims: dims.clone(),
-            stash: HashMap::new(),
-            spare: Vec::new(),
-            scratch: None,
-            pool: ActPool::default(),
+impl<B: Backend> LlamaBody<B> {
+    pub fn layout(d: &Dims) -> Layout {
+        let (c, f, hd) = (d.channels, d.ffn_hidden, d.head_size());
+        let mut specs = vec![("attn_norm", vec![c]), ("qkvw", vec![qkv_width(d), c])];
+        if d.arch == Arch::Qwen3 {
+            specs.push(("q_norm", vec![hd]));
+            specs.push(("k_norm", vec![hd]));
         }
-    }
-
-    /// Share `pool` (the device's pool, in the actor runtime) instead of a private one.
-    pub fn use_pool(&mut self, pool: ActPool<B>) {
-        self.pool = pool;
+        specs.extend([("ow", vec![c, d.heads * hd]), ("mlp_norm", vec![c]), ("gate_upw", vec![2 * f, c]), ("downw", vec![c, f])]);
+        Layout::new(&specs)
     }
 
     /// The scratch for micro-batches of (b, t), made on the first one of that shape.
-    fn scratch(&mut self, be: &B, b: usize, t: usize) {
+    fn scratch(&mut self, be: &B, d: &Dims, b: usize, t: usize) {
         if self.scratch.as_ref().map(|s| s.shape) != Some((b, t)) {
-            self.scratch = Some(Scratch::new(be, &self.dims, b, t));
+            self.scratch = Some(Scratch::new(be, d, b, t));
         }
     }
 
     /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.
-    pub fn forward(&mut self, be: &B, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
-        let (n, c, nh, kv, hd, f) =
-            (b * t, self.dims.channels, self.dims.heads, self.dims.kv_heads, self.dims.head_size(), self.dims.ffn_hidden);
-        let (qw, a) = (self.dims.qkv_width(), nh * hd);
-        self.scratch(be, b, t);
-        let acts = match self.spare.iter().position(|s| s.shape == (b, t)) {
-            Some(i) => self.spare.swap_remove(i),
-            None => Acts::new(be, &self.dims, b, t),
-        };
-        let (d, p, qkv) = (&self.dims, &self.w, &self.scratch.as_ref().expect("made above").qkv);
-        let y = self.pool.take(be, n * c);
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
+        let (n, c, nh, kv, hd, f) = (b * t, d.channels, d.heads, d.kv_heads, d.head_size(), d.ffn_hidden);
+        let (qw, a, alpha) = (qkv_width(d), nh * hd, d.residual);
+        self.scratch(be, d, b, t);
+        let acts = self.stash.take(b, t, || LlamaActs::new(be, d, b, t));
+        let qkv = &self.scratch.as_ref().expect("made above").qkv;
+        let y = self.stash.pool.take(be, n * c);
         let xv = w::<B>(&x);
         be.rmsnorm_forward(w::<B>(&acts.rms1), w::<B>(&acts.rstd1), xv, p.p("attn_norm"), n, c, d.norm_eps);
-        be.matmul_forward(w::<B>(qkv), w::<B>(&acts.rms1), p.p("qkvw"), None, n, c, qw);
+        if let (Some(raw), Some(rq), Some(rk)) = (&acts.qkv_raw, &acts.rstd_q, &acts.rstd_k) {
+            // qwen3: the projection is kept raw for the backward; q and k heads are normed into
+            // the working copy, v is copied as it is.
+            be.matmul_forward(w::<B>(raw), w::<B>(&acts.rms1), p.p("qkvw"), None, n, c, qw);
+            be.copy(w::<B>(qkv), w::<B>(raw));
+            let ((oq, ok), (iq, ik)) = (q_and_k::<B>(qkv, d), q_and_k::<B>(raw, d));
+            be.head_rmsnorm_forward(oq, w::<B>(rq), iq, p.p("q_norm"), n, qw, nh, hd, d.norm_eps);
+            be.head_rmsnorm_forward(ok, w::<B>(rk), ik, p.p("k_norm"), n, qw, kv, hd, d.norm_eps);
+        } else {
+            be.matmul_forward(w::<B>(qkv), w::<B>(&acts.rms1), p.p("qkvw"), None, n, c, qw);
+        }
         // Rotary positions on the q and k heads, then every query head gets its group's k, v.
         be.rope(w::<B>(qkv), n, t, qw, nh + kv, hd, d.rope_theta, false);
         be.gqa_expand(w::<B>(&acts.qkv3), w::<B>(qkv), n, nh, kv, hd);
         be.attention_forward(w::<B>(&acts.atty), w::<B>(&acts.att), w::<B>(&acts.qkv3), b, t, a, nh);
+        // The projection lands in y (free until the very end), then res2 = x + α·y.
         be.matmul_forward(w::<B>(&y), w::<B>(&acts.atty), p.p("ow"), None, n, a, c);
-        be.add(w::<B>(&acts.res2), xv, w::<B>(&y));
+        if alpha == 1.0 {
+            be.add(w::<B>(&acts.res2), xv, w::<B>(&y));
+        } else {
+            be.copy(w::<B>(&acts.res2), xv);
+            be.axpby(w::<B>(&acts.res2), 1.0, alpha, w::<B>(&y));
+        }
         be.rmsnorm_forward(w::<B>(&acts.rms2), w::<B>(&acts.rstd2), w::<B>(&acts.res2), p.p("mlp_norm"), n, c, d.norm_eps);
         be.matmul_forward(w::<B>(&acts.gu), w::<B>(&acts.rms2), p.p("gate_upw"), None, n, c, 2 * f);
         be.swiglu_forward(w::<B>(&acts.h), w::<B>(&acts.gu), n, f);
         be.matmul_forward(w::<B>(&y), w::<B>(&acts.h), p.p("downw"), None, n, f, c);
-        be.add_assign(w::<B>(&y), w::<B>(&acts.res2));
-        let mut acts = acts;
-        acts.input = Some(x);
-        if let Some(old) = self.stash.insert(mb, acts) {
-            // A micro-batch id reused before its backward: keep the memory, drop nothing.
-            self.recycle(be, old);
+        if alpha == 1.0 {
+            be.add_assign(w::<B>(&y), w::<B>(&acts.res2));
+        } else {
+            be.axpby(w::<B>(&y), alpha, 1.0, w::<B>(&acts.res2));
         }
+        self.stash.keep(be, mb, acts, x);
         y
-    }
-
-    fn recycle(&mut self, be: &B, mut a: Acts<B>) {
-        if let Some(x) = a.input.take() {
-            self.pool.put(be, x);
-        }
-        self.spare.push(a);
     }
 
     /// dx = d block / dx · dy for micro-batch `mb`; parameter gradients accumulate. `dy` is
     /// updated in place and returned as dx.
-    pub fn backward(&mut self, be: &B, mb: u64, dy: B::Buf) -> B::Buf {
-        let a =
-            self.stash.remove(&mb).unwrap_or_else(|| panic!("llama layer {}: backward for micro-batch {mb} without a forward", self.id));
+    pub fn backward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, id: u64, mb: u64, dy: B::Buf) -> B::Buf {
+        let (a, x) = self.stash.remove(mb).unwrap_or_else(|| panic!("layer {id}: backward for micro-batch {mb} without a forward"));
         let (b, t) = a.shape;
-        self.scratch(be, b, t);
-        let (d, p, s) = (&self.dims, &self.w, self.scratch.as_ref().expect("made above"));
+        self.scratch(be, d, b, t);
+        let s = self.scratch.as_ref().expect("made above");
         let (n, c, nh, kv, hd, f) = (b * t, d.channels, d.heads, d.kv_heads, d.head_size(), d.ffn_hidden);
-        let (qw, att_c) = (d.qkv_width(), nh * hd);
-        let x = a.input.as_ref().expect("stash holds its input");
+        let (qw, att_c, alpha) = (qkv_width(d), nh * hd, d.residual);
         let dyv = w::<B>(&dy);
-        // MLP branch: y = res2 + down(swiglu(gate_up(rms2(res2))))
-        be.matmul_backward(Some(w::<B>(&s.dh)), p.g("downw"), None, dyv, w::<B>(&a.h), p.p("downw"), n, f, c);
+        // The gradient of a branch's output: dy itself, or α·dy in `dbranch` when α ≠ 1.
+        let branch = || match &s.dbranch {
+            None => dyv,
+            Some(g) => {
+                be.copy(w::<B>(g), dyv);
+                be.axpby(w::<B>(g), alpha, 0.0, dyv);
+                w::<B>(g)
+            }
+        };
+        // MLP branch: y = res2 + α·down(swiglu(gate_up(rms2(res2))))
+        be.matmul_backward(Some(w::<B>(&s.dh)), p.g("downw"), None, branch(), w::<B>(&a.h), p.p("downw"), n, f, c);
         be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n, f);
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("gate_upw"), None, w::<B>(&s.dgu), w::<B>(&a.rms2), p.p("gate_upw"), n, c, 2 * f);
         // dy += rms2 backward: dy now holds dres2
         be.rmsnorm_backward(dyv, p.g("mlp_norm"), w::<B>(&s.dc), w::<B>(&a.res2), p.p("mlp_norm"), w::<B>(&a.rstd2), n, c);
-        // Attention branch: res2 = x + o(attn(share(rotary(qkv(rms1(x))))))
-        be.matmul_backward(Some(w::<B>(&s.datty)), p.g("ow"), None, dyv, w::<B>(&a.atty), p.p("ow"), n, att_c, c);
+        // Attention branch: res2 = x + α·o(attn(share(rotary(norm(qkv(rms1(x)))))))
+        be.matmul_backward(Some(w::<B>(&s.datty)), p.g("ow"), None, branch(), w::<B>(&a.atty), p.p("ow"), n, att_c, c);
         be.attention_backward(
             w::<B>(&s.dqkv3),
             w::<B>(&s.datt),
@@ -246,10 +229,15 @@ impl<B: Backend> LlamaBlock<B> {
         );
         be.gqa_reduce(w::<B>(&s.qkv), w::<B>(&s.dqkv3), n, nh, kv, hd);
         be.rope(w::<B>(&s.qkv), n, t, qw, nh + kv, hd, d.rope_theta, true);
+        if let (Some(raw), Some(rq), Some(rk)) = (&a.qkv_raw, &a.rstd_q, &a.rstd_k) {
+            let ((dq, dk), (iq, ik)) = (q_and_k::<B>(&s.qkv, d), q_and_k::<B>(raw, d));
+            be.head_rmsnorm_backward(dq, p.g("q_norm"), iq, p.p("q_norm"), w::<B>(rq), n, qw, nh, hd);
+            be.head_rmsnorm_backward(dk, p.g("k_norm"), ik, p.p("k_norm"), w::<B>(rk), n, qw, kv, hd);
+        }
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), None, w::<B>(&s.qkv), w::<B>(&a.rms1), p.p("qkvw"), n, c, qw);
         // dy += rms1 backward: dy now holds dx
-        be.rmsnorm_backward(dyv, p.g("attn_norm"), w::<B>(&s.dc), w::<B>(x), p.p("attn_norm"), w::<B>(&a.rstd1), n, c);
-        self.recycle(be, a);
+        be.rmsnorm_backward(dyv, p.g("attn_norm"), w::<B>(&s.dc), w::<B>(&x), p.p("attn_norm"), w::<B>(&a.rstd1), n, c);
+        self.stash.recycle(be, a, x);
         dy
     }
 }

@@ -1,11 +1,12 @@
-//! The model as the units a pipeline stage owns: [`Embed`], [`Block`] (one transformer layer) and
-//! [`Head`] (final LayerNorm + tied LM head + loss), plus [`Model`], their sequential composition.
+//! The model as the units a pipeline stage owns: [`Embed`], [`Block`] (one transformer layer, of
+//! the kind `Dims::arch` says: GPT-2, LLaMA or Qwen3) and [`Head`] (final norm + LM head + loss),
+//! plus [`Model`], their sequential composition.
 //!
 //! Every unit owns a [`ParamSet`]: ONE contiguous parameter buffer, ONE gradient buffer of the same
 //! layout, and its optimizer state, described by a [`Layout`] (name, shape, offset per tensor).
 //! Units never reach into each other's memory, except for the one documented exception below.
 //!
-//! **The tied embedding.** The LM head multiplies by the token embedding `wte` (GPT-2's tie), and
+//! **The tied embedding.** A tied LM head multiplies by the token embedding `wte` (GPT-2's tie), and
 //! the tie must be exact: `wte` receives the sum of the embedding gradient and the head gradient.
 //! We keep ONE copy of `wte`, owned by [`Embed`], and have [`Head`] borrow it (read `wte`, add into
 //! `dwte`). In the actor runtime both ends of the pipeline live in one actor, so the pipeline is a
@@ -19,13 +20,15 @@
 pub mod block;
 pub mod dims;
 pub mod embed;
+pub mod gpt2_block;
 pub mod growth;
 pub mod head;
 pub mod init;
 pub mod llama_block;
+pub mod stash;
 
 pub use block::Block;
-pub use dims::Dims;
+pub use dims::{Arch, Dims};
 pub use embed::Embed;
 pub use head::Head;
 
@@ -90,7 +93,7 @@ impl<B: Backend> Model<B> {
     /// (docs/METHOD.md: grown and fixed models start their blocks alike).
     pub fn new(be: &B, dims: Dims, depth: usize, init: &init::InitConfig) -> Self {
         let embed = Embed::new(be, &dims, init);
-        let head = Head::new(be, &dims);
+        let head = Head::new(be, &dims, init);
         let blocks = (0..depth as u64).map(|id| Block::new_init(be, &dims, id, init)).collect();
         Model { dims, embed, blocks, head, next_id: depth as u64 }
     }

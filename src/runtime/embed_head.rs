@@ -234,7 +234,7 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
     async fn pre_start(&self, _me: ActorRef<Self::Msg>, a: EmbedHeadArgs<B>) -> Result<Self::State, ActorProcessingErr> {
         let be =
             crate::runtime::open_stream::<B>(&a.device, a.stream).map_err(|e| RunError::Device(format!("embedding and head: {e:#}")))?;
-        let (mut embed, mut head) = compute(|| (Embed::new(&be, &a.dims, &a.init_cfg), Head::new(&be, &a.dims)));
+        let (mut embed, mut head) = compute(|| (Embed::new(&be, &a.dims, &a.init_cfg), Head::new(&be, &a.dims, &a.init_cfg)));
         embed.use_pool(a.pool.clone());
         head.use_pool(a.pool.clone());
         if let Some((e, h)) = &a.restore {

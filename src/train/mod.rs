@@ -118,8 +118,26 @@ impl TrainReport {
 
 /// The model shape a config describes.
 pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
-    Dims::new(vocab, cfg.max_seq(), cfg.model.channels, cfg.model.heads)
-        .with_residual(cfg.model.parameterization.residual_multiplier(cfg.target_depth()))
+    let m = &cfg.model;
+    let d = match m.arch {
+        crate::model::Arch::Gpt2 => Dims::new(vocab, cfg.max_seq(), m.channels, m.heads),
+        arch => {
+            let mut d = Dims::llama(
+                vocab,
+                cfg.max_seq(),
+                m.channels,
+                m.heads,
+                m.kv_heads.unwrap_or(m.heads),
+                m.ffn_hidden.unwrap_or_else(|| Dims::default_ffn_hidden(m.channels)),
+            )
+            .with_arch(arch);
+            d.rope_theta = m.rope_theta.unwrap_or(d.rope_theta);
+            d.norm_eps = m.norm_eps.unwrap_or(d.norm_eps);
+            d
+        }
+    };
+    let tied = m.tie_embeddings.unwrap_or(d.tied);
+    d.with_tied(tied).with_residual(m.parameterization.residual_multiplier(cfg.target_depth()))
 }
 
 /// Whether to evaluate after `done` updates.

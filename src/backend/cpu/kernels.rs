@@ -230,20 +230,25 @@ pub fn bias_backward(db: &mut [f32], dout: &[f32], n: usize, oc: usize) {
 // ----------------------------------------------------------------------------------------------
 // embedding
 
-pub fn encoder_forward(out: &mut [f32], ids: &[u32], wte: &[f32], wpe: &[f32], b: usize, t: usize, c: usize) {
+pub fn encoder_forward(out: &mut [f32], ids: &[u32], wte: &[f32], wpe: Option<&[f32]>, b: usize, t: usize, c: usize) {
     assert!(ids.len() >= b * t && out.len() == b * t * c, "encoder_forward: shapes");
     out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
         let ix = ids[r] as usize;
         let pos = r % t;
         let we = &wte[ix * c..ix * c + c];
-        let pe = &wpe[pos * c..pos * c + c];
-        for i in 0..c {
-            o[i] = we[i] + pe[i];
+        match wpe {
+            Some(wpe) => {
+                let pe = &wpe[pos * c..pos * c + c];
+                for i in 0..c {
+                    o[i] = we[i] + pe[i];
+                }
+            }
+            None => o.copy_from_slice(we),
         }
     });
 }
 
-pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
+pub fn encoder_backward(dwte: &mut [f32], mut dwpe: Option<&mut [f32]>, dout: &[f32], ids: &[u32], b: usize, t: usize, c: usize) {
     // Serial on purpose: two rows with the same token write the same dwte row. This is
     // O(B*T*C) adds, negligible beside any matrix product.
     for r in 0..b * t {
@@ -252,7 +257,11 @@ pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &
         let d = &dout[r * c..r * c + c];
         for i in 0..c {
             dwte[ix * c + i] += d[i];
-            dwpe[pos * c + i] += d[i];
+        }
+        if let Some(dwpe) = dwpe.as_deref_mut() {
+            for i in 0..c {
+                dwpe[pos * c + i] += d[i];
+            }
         }
     }
 }

@@ -48,6 +48,59 @@ pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f
     });
 }
 
+/// Per-head RMSNorm (QK-norm): the first `heads` vectors of `hd` floats of each of `rows` rows
+/// of `stride` floats become x · rstd · w; rstd (rows · heads) is kept.
+#[allow(clippy::too_many_arguments)]
+pub fn head_rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
+    assert!(
+        heads * hd <= stride && out.len() >= (rows - 1) * stride + heads * hd && inp.len() >= (rows - 1) * stride + heads * hd,
+        "head_rmsnorm_forward: shapes"
+    );
+    assert!(rstd.len() >= rows * heads && w.len() == hd, "head_rmsnorm_forward: shapes");
+    out.par_chunks_mut(stride).zip(rstd.par_chunks_mut(heads)).take(rows).enumerate().for_each(|(r, (o, s))| {
+        for h in 0..heads {
+            let x = &inp[r * stride + h * hd..r * stride + (h + 1) * hd];
+            let rs = 1.0 / (dot8(x, x) / hd as f32 + eps).sqrt();
+            for ((oi, &xi), &wi) in o[h * hd..(h + 1) * hd].iter_mut().zip(x).zip(w) {
+                *oi = xi * rs * wi;
+            }
+            s[h] = rs;
+        }
+    });
+}
+
+/// The backward of [`head_rmsnorm_forward`], in place on `d` (dout in, dinp out, per vector:
+/// (w·dout − norm · mean(w·dout·norm)) · rstd); dw += Σ_vectors norm · dout, summed first, in
+/// row and head order.
+#[allow(clippy::too_many_arguments)]
+pub fn head_rmsnorm_backward(d: &mut [f32], dw: &mut [f32], inp: &[f32], w: &[f32], rstd: &[f32], rows: usize, stride: usize, heads: usize, hd: usize) {
+    assert!(heads * hd <= stride && d.len() >= (rows - 1) * stride + heads * hd && rstd.len() >= rows * heads && dw.len() == hd);
+    for r in 0..rows {
+        for h in 0..heads {
+            let o = r * stride + h * hd;
+            let rs = rstd[r * heads + h];
+            for i in 0..hd {
+                dw[i] += inp[o + i] * rs * d[o + i];
+            }
+        }
+    }
+    d.par_chunks_mut(stride).take(rows).enumerate().for_each(|(r, dr)| {
+        for h in 0..heads {
+            let x = &inp[r * stride + h * hd..r * stride + (h + 1) * hd];
+            let dv = &mut dr[h * hd..(h + 1) * hd];
+            let rs = rstd[r * heads + h];
+            let mut acc = 0.0f32;
+            for i in 0..hd {
+                acc += w[i] * dv[i] * x[i] * rs;
+            }
+            let m = acc / hd as f32;
+            for i in 0..hd {
+                dv[i] = (w[i] * dv[i] - x[i] * rs * m) * rs;
+            }
+        }
+    });
+}
+
 /// The angle of rotary pair `i` (of hd / 2) at position `pos`: pos · θ^(−2i / hd).
 fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
     let inv = (theta as f64).powf(-2.0 * i as f64 / hd as f64);

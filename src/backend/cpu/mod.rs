@@ -372,14 +372,20 @@ impl Backend for CpuBackend {
         unsafe { kernels::matmul_backward(dinp.map(|d| self.wr(d)), self.wr(dw), None, &dout, &inp, &w, n, c, oc) }
     }
 
-    fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
-        disjoint(&out, &[&wte, &wpe]);
-        unsafe { kernels::encoder_forward(self.wr(out), ids.slice(), self.rd(wte), self.rd(wpe), b, t, c) }
+    fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: Option<V>, b: usize, t: usize, c: usize) {
+        disjoint(&out, &[&wte]);
+        if let Some(wpe) = &wpe {
+            disjoint(&out, &[wpe]);
+        }
+        unsafe { kernels::encoder_forward(self.wr(out), ids.slice(), self.rd(wte), wpe.map(|v| self.rd(v)), b, t, c) }
     }
-    fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
-        disjoint(&dwte, &[&dwpe, &dout]);
-        disjoint(&dwpe, &[&dout]);
-        unsafe { kernels::encoder_backward(self.wr(dwte), self.wr(dwpe), self.rd(dout), ids.slice(), b, t, c) }
+    fn encoder_backward(&self, dwte: V, dwpe: Option<V>, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
+        disjoint(&dwte, &[&dout]);
+        if let Some(dwpe) = &dwpe {
+            disjoint(&dwte, &[dwpe]);
+            disjoint(dwpe, &[&dout]);
+        }
+        unsafe { kernels::encoder_backward(self.wr(dwte), dwpe.map(|v| self.wr(v)), self.rd(dout), ids.slice(), b, t, c) }
     }
 
     fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
@@ -463,6 +469,20 @@ impl Backend for CpuBackend {
         }
         disjoint(&dinp, &[&dw]);
         unsafe { llama::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
+    }
+    fn head_rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
+        for o in [&out, &rstd] {
+            disjoint(o, &[&inp, &w]);
+        }
+        disjoint(&out, &[&rstd]);
+        unsafe { llama::head_rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), rows, stride, heads, hd, eps) }
+    }
+    fn head_rmsnorm_backward(&self, d: V, dw: V, inp: V, w: V, rstd: V, rows: usize, stride: usize, heads: usize, hd: usize) {
+        for o in [&d, &dw] {
+            disjoint(o, &[&inp, &w, &rstd]);
+        }
+        disjoint(&d, &[&dw]);
+        unsafe { llama::head_rmsnorm_backward(self.wr(d), self.wr(dw), self.rd(inp), self.rd(w), self.rd(rstd), rows, stride, heads, hd) }
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         unsafe { llama::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }

@@ -103,13 +103,13 @@ extern "C" __global__ void bias_backward_kernel(float* db, const float* dout, in
 // ---------------------------------------------------------------------------------------------
 // embedding
 
-// out (B, T, C) = wte[ids] + wpe[t]
+// out (B, T, C) = wte[ids] + wpe[t] (wpe null: no position table, rotary models)
 extern "C" __global__ void encoder_forward_kernel(float* out, const unsigned int* ids, const float* wte, const float* wpe, int B, int T, int C) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)B * T * C) return;
     long bt = i / C;
     int c = i % C, t = bt % T;
-    out[i] = wte[(long)ids[bt] * C + c] + wpe[(long)t * C + c];
+    out[i] = wte[(long)ids[bt] * C + c] + (wpe ? wpe[(long)t * C + c] : 0.0f);
 }
 // dwte[ids] += dout; dwpe[t] += dout (atomics: tokens repeat)
 extern "C" __global__ void encoder_backward_kernel(float* dwte, float* dwpe, const float* dout, const unsigned int* ids, int B, int T, int C) {
@@ -118,7 +118,7 @@ extern "C" __global__ void encoder_backward_kernel(float* dwte, float* dwpe, con
     long bt = i / C;
     int c = i % C, t = bt % T;
     atomicAdd(&dwte[(long)ids[bt] * C + c], dout[i]);
-    atomicAdd(&dwpe[(long)t * C + c], dout[i]);
+    if (dwpe) atomicAdd(&dwpe[(long)t * C + c], dout[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,6 +285,50 @@ extern "C" __global__ void rmsnorm_backward_kernel(float* dinp, float* dw, const
     }
     __syncthreads();
     for (int i = threadIdx.x; i < C; i += blockDim.x) atomicAdd(&dw[i], sh[i]);
+}
+// Per-head RMSNorm (QK-norm): one warp per vector v = (row, head), the first `heads` vectors of
+// hd floats of each row of `stride` floats; w (hd) is shared by the heads.
+extern "C" __global__ void head_rmsnorm_forward_kernel(float* out, float* rstd, const float* inp, const float* w, int rows, int stride, int heads, int hd, float eps) {
+    int v = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (v >= rows * heads) return;
+    long off = (long)(v / heads) * stride + (long)(v % heads) * hd;
+    const float* x = inp + off;
+    float s = 0.0f;
+    for (int i = lane; i < hd; i += WARP) s += x[i] * x[i];
+    float r = 1.0f / sqrtf(warp_sum(s) / hd + eps);
+    for (int i = lane; i < hd; i += WARP) out[off + i] = x[i] * r * w[i];
+    if (lane == 0) rstd[v] = r;
+}
+// dw[i] += sum over vectors of norm_i * dout_i: block i, threads stride over the vectors, then a
+// fixed-order tree sum in shared memory (deterministic). Runs before the in-place backward.
+extern "C" __global__ void head_rmsnorm_dw_kernel(float* dw, const float* d, const float* inp, const float* rstd, int rows, int stride, int heads, int hd) {
+    __shared__ float sh[256];
+    int i = blockIdx.x;
+    float a = 0.0f;
+    for (int v = threadIdx.x; v < rows * heads; v += blockDim.x) {
+        long off = (long)(v / heads) * stride + (long)(v % heads) * hd + i;
+        a += inp[off] * rstd[v] * d[off];
+    }
+    sh[threadIdx.x] = a;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) dw[i] += sh[0];
+}
+// In place: d (dout in, dinp out) = (w*dout - norm * mean(w*dout*norm)) * rstd, one warp a vector.
+extern "C" __global__ void head_rmsnorm_backward_kernel(float* d, const float* inp, const float* w, const float* rstd, int rows, int stride, int heads, int hd) {
+    int v = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (v >= rows * heads) return;
+    long off = (long)(v / heads) * stride + (long)(v % heads) * hd;
+    const float* x = inp + off;
+    float* dv = d + off;
+    float r = rstd[v];
+    float a = 0.0f;
+    for (int i = lane; i < hd; i += WARP) a += w[i] * dv[i] * x[i] * r;
+    float m = warp_sum(a) / hd;
+    for (int i = lane; i < hd; i += WARP) dv[i] = (w[i] * dv[i] - x[i] * r * m) * r;
 }
 // Rotary positions in place: one thread per (row, head, pair i < hd/2); row r is position r mod T.
 // The angle is computed in double, as the CPU kernel does, so both backends rotate alike.

@@ -63,6 +63,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gelu_backward_kernel",
     "rmsnorm_forward_kernel",
     "rmsnorm_backward_kernel",
+    "head_rmsnorm_forward_kernel",
+    "head_rmsnorm_dw_kernel",
+    "head_rmsnorm_backward_kernel",
     "rope_kernel",
     "gqa_expand_kernel",
     "gqa_reduce_kernel",
@@ -632,21 +635,22 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn encoder_forward(&self, out: V, ids: &CudaIds, wte: V, wpe: V, b: usize, t: usize, c: usize) {
+    fn encoder_forward(&self, out: V, ids: &CudaIds, wte: V, wpe: Option<V>, b: usize, t: usize, c: usize) {
         assert!(
-            out.len >= b * t * c && wpe.len >= t * c && ids.len >= b * t && wte.len >= c,
+            out.len >= b * t * c && wpe.is_none_or(|w| w.len >= t * c) && ids.len >= b * t && wte.len >= c,
             "encoder_forward: views too small for ({b},{t},{c})"
         );
-        let (o, i, we, pe) = (p(&out), ids.ptr, p(&wte), p(&wpe));
+        // No position table (rotary models): a null pointer, which the kernel skips.
+        let (o, i, we, pe) = (p(&out), ids.ptr, p(&wte), wpe.map_or(0, |w| p(&w)));
         let (bi, ti, ci) = (b as i32, t as i32, c as i32);
         launch!(self, "encoder_forward_kernel", Self::cfg1d(b * t * c), &o, &i, &we, &pe, &bi, &ti, &ci);
     }
-    fn encoder_backward(&self, dwte: V, dwpe: V, dout: V, ids: &CudaIds, b: usize, t: usize, c: usize) {
+    fn encoder_backward(&self, dwte: V, dwpe: Option<V>, dout: V, ids: &CudaIds, b: usize, t: usize, c: usize) {
         assert!(
-            dout.len >= b * t * c && dwpe.len >= t * c && ids.len >= b * t && dwte.len >= c,
+            dout.len >= b * t * c && dwpe.is_none_or(|w| w.len >= t * c) && ids.len >= b * t && dwte.len >= c,
             "encoder_backward: views too small for ({b},{t},{c})"
         );
-        let (dw, dp, d, i) = (p(&dwte), p(&dwpe), p(&dout), ids.ptr);
+        let (dw, dp, d, i) = (p(&dwte), dwpe.map_or(0, |w| p(&w)), p(&dout), ids.ptr);
         let (bi, ti, ci) = (b as i32, t as i32, c as i32);
         launch!(self, "encoder_backward_kernel", Self::cfg1d(b * t * c), &dw, &dp, &d, &i, &bi, &ti, &ci);
     }
@@ -786,6 +790,29 @@ impl Backend for CudaBackend {
         let blocks = (n as u32).div_ceil(8).clamp(1, 1024);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (4 * c) as u32 };
         launch!(self, "rmsnorm_backward_kernel", cfg, &di, &dww, &d, &x, &ww, &r, &ni, &ci);
+    }
+    fn head_rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
+        let need = (rows - 1) * stride + heads * hd;
+        assert!(
+            heads * hd <= stride && out.len >= need && inp.len >= need && rstd.len >= rows * heads && w.len >= hd,
+            "head_rmsnorm_forward: views too small"
+        );
+        let (o, r, x, ww) = (p(&out), p(&rstd), p(&inp), p(&w));
+        let (ri, si, hi, hdi) = (rows as i32, stride as i32, heads as i32, hd as i32);
+        launch!(self, "head_rmsnorm_forward_kernel", Self::cfg_rows(rows * heads), &o, &r, &x, &ww, &ri, &si, &hi, &hdi, &eps);
+    }
+    fn head_rmsnorm_backward(&self, d: V, dw: V, inp: V, w: V, rstd: V, rows: usize, stride: usize, heads: usize, hd: usize) {
+        let need = (rows - 1) * stride + heads * hd;
+        assert!(
+            heads * hd <= stride && d.len >= need && inp.len >= need && rstd.len >= rows * heads && dw.len >= hd,
+            "head_rmsnorm_backward: views too small"
+        );
+        let (dd, dww, x, ww, r) = (p(&d), p(&dw), p(&inp), p(&w), p(&rstd));
+        let (ri, si, hi, hdi) = (rows as i32, stride as i32, heads as i32, hd as i32);
+        // dw first, while d still holds dout: one block per element of w, a fixed-order tree sum.
+        let cfg = LaunchConfig { grid_dim: (hd as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "head_rmsnorm_dw_kernel", cfg, &dww, &dd, &x, &r, &ri, &si, &hi, &hdi);
+        launch!(self, "head_rmsnorm_backward_kernel", Self::cfg_rows(rows * heads), &dd, &x, &ww, &r, &ri, &si, &hi, &hdi);
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len >= rows * stride, "rope: views too small");

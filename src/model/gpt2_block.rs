@@ -1,0 +1,245 @@
+//! The GPT-2 block's forward and backward: pre-LayerNorm, multi-head attention, GELU MLP, biases.
+//!
+//! ```text
+//! x ─► ln1 ─► qkv = ln1 @ Wqkv^T + b ─► causal attention ─► @ Wproj^T + b ─► ·α + x = res2
+//! res2 ─► ln2 ─► fch = ln2 @ Wfc^T + b ─► gelu ─► @ Wfcproj^T + b ─► ·α + res2 = y
+//! ```
+//!
+//! α is the residual-branch multiplier (`Dims::residual`): 1 under the standard
+//! parameterisation (the multiply is skipped, so that path is GPT-2's exactly), 1/sqrt(L) under
+//! `depth_mup`.
+//!
+//! Backward accumulates into the upstream gradient buffer IN PLACE (dy becomes dres2, then dx),
+//! as llm.c does with its residual gradient: the buffer handed down is the one handed in.
+
+use super::dims::Dims;
+use super::stash::{Acts, Stashes};
+use crate::backend::{Backend, View};
+use crate::params::{Layout, ParamSet};
+
+/// What one micro-batch's forward leaves for its backward. Shapes for N = B*T rows.
+pub struct Gpt2Acts<B: Backend> {
+    shape: (usize, usize),
+    ln1: B::Buf,           // (N, C)
+    ln1_mean: B::Buf,      // (N)
+    ln1_rstd: B::Buf,      // (N)
+    qkv: B::Buf,           // (N, 3C)
+    atty: B::Buf,          // (N, C) attention output before the projection
+    att: B::Buf,           // (B, NH, T, T) attention probabilities, or (B, NH, T) logsumexps (flash)
+    res2: B::Buf,          // (N, C) x + attention branch
+    ln2: B::Buf,           // (N, C)
+    ln2_mean: B::Buf,      // (N)
+    ln2_rstd: B::Buf,      // (N)
+    fch: B::Buf,           // (N, 4C)
+    fch_gelu: B::Buf,      // (N, 4C)
+}
+
+impl<B: Backend> Acts for Gpt2Acts<B> {
+    fn shape(&self) -> (usize, usize) {
+        self.shape
+    }
+}
+
+impl<B: Backend> Gpt2Acts<B> {
+    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
+        let (n, c) = (b * t, d.channels);
+        Gpt2Acts {
+            shape: (b, t),
+            ln1: be.alloc(n * c),
+            ln1_mean: be.alloc(n),
+            ln1_rstd: be.alloc(n),
+            qkv: be.alloc(n * 3 * c),
+            atty: be.alloc(n * c),
+            att: be.alloc(be.attention_state_len(b, t, d.heads)),
+            res2: be.alloc(n * c),
+            ln2: be.alloc(n * c),
+            ln2_mean: be.alloc(n),
+            ln2_rstd: be.alloc(n),
+            fch: be.alloc(n * 4 * c),
+            fch_gelu: be.alloc(n * 4 * c),
+        }
+    }
+}
+
+/// Backward scratch, one set per block (a stage runs one backward at a time).
+struct Gpt2Scratch<B: Backend> {
+    shape: (usize, usize),
+    dc: B::Buf,              // (N, C) dln2, then datty, then dln1
+    dqkv: B::Buf,            // (N, 3C)
+    datt: B::Buf,            // (B, NH, T, T), or (B, NH, T) (flash)
+    dfch: B::Buf,            // (N, 4C)
+    dfch_gelu: B::Buf,       // (N, 4C)
+    dbranch: Option<B::Buf>, // (N, C) α·dy, the gradient of a branch output (only when α ≠ 1)
+}
+
+impl<B: Backend> Gpt2Scratch<B> {
+    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
+        let (n, c) = (b * t, d.channels);
+        Gpt2Scratch {
+            shape: (b, t),
+            dc: be.alloc(n * c),
+            dqkv: be.alloc(n * 3 * c),
+            datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
+            dfch: be.alloc(n * 4 * c),
+            dfch_gelu: be.alloc(n * 4 * c),
+            dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
+        }
+    }
+}
+
+/// The GPT-2 block's working state: its stashes and its backward scratch.
+pub struct Gpt2Body<B: Backend> {
+    pub stash: Stashes<B, Gpt2Acts<B>>,
+    scratch: Option<Gpt2Scratch<B>>,
+}
+
+fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
+    B::whole(buf)
+}
+
+impl<B: Backend> Default for Gpt2Body<B> {
+    fn default() -> Self {
+        Gpt2Body { stash: Stashes::default(), scratch: None }
+    }
+}
+
+impl<B: Backend> Gpt2Body<B> {
+    pub fn layout(d: &Dims) -> Layout {
+        let c = d.channels;
+        Layout::new(&[
+            ("ln1w", vec![c]),
+            ("ln1b", vec![c]),
+            ("qkvw", vec![3 * c, c]),
+            ("qkvb", vec![3 * c]),
+            ("attprojw", vec![c, c]),
+            ("attprojb", vec![c]),
+            ("ln2w", vec![c]),
+            ("ln2b", vec![c]),
+            ("fcw", vec![4 * c, c]),
+            ("fcb", vec![4 * c]),
+            ("fcprojw", vec![c, 4 * c]),
+            ("fcprojb", vec![c]),
+        ])
+    }
+
+    /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.
+    pub fn forward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
+        let (n, c, nh) = (b * t, d.channels, d.heads);
+        let a = self.stash.take(b, t, || Gpt2Acts::new(be, d, b, t));
+        let y = self.stash.pool.take(be, n * c);
+        let xv = w::<B>(&x);
+        be.layernorm_forward(w::<B>(&a.ln1), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), xv, p.p("ln1w"), p.p("ln1b"), n, c);
+        be.matmul_forward(w::<B>(&a.qkv), w::<B>(&a.ln1), p.p("qkvw"), Some(p.p("qkvb")), n, c, 3 * c);
+        be.attention_forward(w::<B>(&a.atty), w::<B>(&a.att), w::<B>(&a.qkv), b, t, c, nh);
+        let alpha = d.residual;
+        // The projection lands in y (free until the very end), then res2 = x + α·y.
+        be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p("attprojw"), Some(p.p("attprojb")), n, c, c);
+        if alpha == 1.0 {
+            be.add(w::<B>(&a.res2), xv, w::<B>(&y));
+        } else {
+            be.copy(w::<B>(&a.res2), xv);
+            be.axpby(w::<B>(&a.res2), 1.0, alpha, w::<B>(&y));
+        }
+        be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p("ln2w"), p.p("ln2b"), n, c);
+        be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p("fcw"), Some(p.p("fcb")), n, c, 4 * c);
+        be.gelu_forward(w::<B>(&a.fch_gelu), w::<B>(&a.fch));
+        be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p("fcprojw"), Some(p.p("fcprojb")), n, 4 * c, c);
+        if alpha == 1.0 {
+            be.add_assign(w::<B>(&y), w::<B>(&a.res2));
+        } else {
+            be.axpby(w::<B>(&y), alpha, 1.0, w::<B>(&a.res2));
+        }
+        self.stash.keep(be, mb, a, x);
+        y
+    }
+
+    /// dx = d block / dx · dy for micro-batch `mb`; parameter gradients accumulate.
+    /// `dy` is updated in place and returned as dx.
+    pub fn backward(&mut self, be: &B, p: &ParamSet<B>, dims: &Dims, id: u64, mb: u64, dy: B::Buf) -> B::Buf {
+        let (a, x) = self.stash.remove(mb).unwrap_or_else(|| panic!("layer {id}: backward for micro-batch {mb} without a forward"));
+        let (b, t) = a.shape;
+        let (n, c, nh) = (b * t, dims.channels, dims.heads);
+        if self.scratch.as_ref().map(|s| s.shape) != Some((b, t)) {
+            self.scratch = Some(Gpt2Scratch::new(be, dims, b, t));
+        }
+        let s = self.scratch.as_ref().expect("scratch just set");
+        let d = w::<B>(&dy);
+        // The gradient of a branch's output: dy itself, or α·dy in `dbranch` when α ≠ 1.
+        let alpha = dims.residual;
+        let branch = || match &s.dbranch {
+            None => w::<B>(&dy),
+            Some(g) => {
+                be.copy(w::<B>(g), w::<B>(&dy));
+                be.axpby(w::<B>(g), alpha, 0.0, w::<B>(&dy));
+                w::<B>(g)
+            }
+        };
+        // MLP branch: y = res2 + α·fcproj(gelu(fc(ln2(res2))))
+        be.matmul_backward(
+            Some(w::<B>(&s.dfch_gelu)),
+            p.g("fcprojw"),
+            Some(p.g("fcprojb")),
+            branch(),
+            w::<B>(&a.fch_gelu),
+            p.p("fcprojw"),
+            n,
+            4 * c,
+            c,
+        );
+        be.gelu_backward(w::<B>(&s.dfch), w::<B>(&a.fch), w::<B>(&s.dfch_gelu));
+        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("fcw"), Some(p.g("fcb")), w::<B>(&s.dfch), w::<B>(&a.ln2), p.p("fcw"), n, c, 4 * c);
+        // dy += ln2 backward: dy now holds dres2 (residual path plus MLP path)
+        be.layernorm_backward(
+            d,
+            p.g("ln2w"),
+            p.g("ln2b"),
+            w::<B>(&s.dc),
+            w::<B>(&a.res2),
+            p.p("ln2w"),
+            w::<B>(&a.ln2_mean),
+            w::<B>(&a.ln2_rstd),
+            n,
+            c,
+        );
+        // Attention branch: res2 = x + α·attproj(attn(qkv(ln1(x))))
+        be.matmul_backward(
+            Some(w::<B>(&s.dc)),
+            p.g("attprojw"),
+            Some(p.g("attprojb")),
+            branch(),
+            w::<B>(&a.atty),
+            p.p("attprojw"),
+            n,
+            c,
+            c,
+        );
+        be.attention_backward(
+            w::<B>(&s.dqkv),
+            w::<B>(&s.datt),
+            w::<B>(&s.dc),
+            w::<B>(&a.qkv),
+            w::<B>(&a.atty),
+            w::<B>(&a.att),
+            b,
+            t,
+            c,
+            nh,
+        );
+        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), Some(p.g("qkvb")), w::<B>(&s.dqkv), w::<B>(&a.ln1), p.p("qkvw"), n, c, 3 * c);
+        // dy += ln1 backward: dy now holds dx
+        be.layernorm_backward(
+            d,
+            p.g("ln1w"),
+            p.g("ln1b"),
+            w::<B>(&s.dc),
+            w::<B>(&x),
+            p.p("ln1w"),
+            w::<B>(&a.ln1_mean),
+            w::<B>(&a.ln1_rstd),
+            n,
+            c,
+        );
+        self.stash.recycle(be, a, x);
+        dy
+    }
+}
