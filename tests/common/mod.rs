@@ -183,6 +183,11 @@ impl TestConfig {
         Config::parse(&text, &[]).unwrap_or_else(|e| panic!("{e:#}\n{text}"))
     }
 
+    /// The config, or the error parsing and validating it gives.
+    pub fn build_result(&self) -> anyhow::Result<Config> {
+        Config::parse(&self.text(), &[])
+    }
+
     /// The config as a file `<dir>/<run.name>.toml`, for the binary's `--config`; its path.
     pub fn write(&self) -> PathBuf {
         let name = self.root["run"]["name"].as_str().expect("run.name");

@@ -1,0 +1,239 @@
+//! The block kinds (`model.arch` = `gpt2`, `llama`, `qwen3`) through everything else: every
+//! growth operator against its definition for each kind (by the kind's own tensor names), the
+//! actor pipeline against the sequential trainer bitwise through growth, and the config's errors.
+//! The ops and blocks themselves are checked by finite differences in `tests/gradients.rs`.
+
+mod common;
+
+use common::{synthetic_dataset, TestConfig};
+use taproot::backend::cpu::CpuBackend;
+use taproot::data::Dataset;
+use taproot::model::block::{gains, residual_outputs};
+use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position};
+use taproot::model::init::{block_tensor_std, InitConfig, InitScheme};
+use taproot::model::{Arch, Batch, Block, Dims, Model};
+use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
+use taproot::rng::Rng;
+use taproot::runtime;
+use taproot::train::{sequential::Sequential, RunOptions};
+
+type B = CpuBackend;
+
+/// Every kind at a tiny size; the LLaMA kinds with grouped-query attention (4 heads, 2 kv).
+fn kinds() -> Vec<Dims> {
+    vec![
+        Dims::new(67, 8, 16, 4),
+        Dims::llama(67, 8, 16, 4, 2, 24),
+        Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_tied(true),
+    ]
+}
+
+fn batch(be: &B, vocab: usize, seed: u64) -> Batch<B> {
+    let mut rng = Rng::new(seed);
+    let w: Vec<u32> = (0..2 * 6).map(|_| rng.below(vocab as u64) as u32).collect();
+    Batch::from_windows(be, &w, 2, 5)
+}
+
+fn exp(to_depth: usize, init: GrowInit, opt_state: OptStatePolicy) -> Expansion {
+    Expansion { at_step: 0, to_depth, position: Position::Bottom, init, order: CopyOrder::Stack, opt_state, init_scale: 1.0 }
+}
+
+/// A model of `depth` blocks trained a few AdamW steps, so weights and state are not the init's.
+fn trained(be: &B, d: &Dims, depth: usize) -> Model<B> {
+    let mut m = Model::new(be, d.clone(), depth, &InitConfig::new(InitScheme::Gpt2, 4, 9));
+    let opt = Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, ..Default::default() });
+    let mut sc = Scratch::default();
+    for s in 0..4 {
+        let bt = batch(be, d.vocab, 100 + s);
+        let l = m.forward_backward(be, &bt, 0.1);
+        assert!(l.is_finite());
+        m.finish_grads(be);
+        opt.step(be, &mut m.embed.w, &mut sc, 1e-2);
+        for blk in m.blocks.iter_mut() {
+            opt.step(be, &mut blk.w, &mut sc, 1e-2);
+        }
+        opt.step(be, &mut m.head.w, &mut sc, 1e-2);
+        m.zero_grad(be);
+    }
+    m
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn every_kind_has_its_own_tensors() {
+    let names = |d: &Dims| Block::<B>::layout(d).specs.iter().map(|s| s.name).collect::<Vec<_>>();
+    let [g, l, q] = <[Dims; 3]>::try_from(kinds()).unwrap();
+    assert_eq!(names(&g), ["ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"]);
+    assert_eq!(names(&l), ["attn_norm", "qkvw", "ow", "mlp_norm", "gate_upw", "downw"]);
+    assert_eq!(names(&q), ["attn_norm", "qkvw", "q_norm", "k_norm", "ow", "mlp_norm", "gate_upw", "downw"]);
+    // GQA: q (4 heads of 4) + k, v (2 heads each) rows; SwiGLU's gate and up stacked.
+    let ll = Block::<B>::layout(&l);
+    assert_eq!(ll.get("qkvw").shape, vec![(4 + 2 * 2) * 4, 16]);
+    assert_eq!(ll.get("gate_upw").shape, vec![48, 16]);
+    assert_eq!(ll.get("downw").shape, vec![16, 24]);
+    // Rotary models have no position table; an untied head owns lm_head.
+    let be = B::default();
+    let m = Model::new(&be, l.clone(), 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
+    assert_eq!(m.embed.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["wte"]);
+    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["normw", "lm_head"]);
+    let m = Model::new(&be, q, 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
+    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["normw"]);
+    // The untied lm_head starts like wte (its own stream), padding rows zero.
+    let m = Model::new(&be, l.clone(), 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
+    let h = m.head.w.params_to_host(&be);
+    let lm = m.head.w.layout.slice(&h, "lm_head");
+    assert!(lm[l.vocab * 16..].iter().all(|&x| x == 0.0));
+    let std = (lm[..l.vocab * 16].iter().map(|x| (x * x) as f64).sum::<f64>() / (l.vocab * 16) as f64).sqrt();
+    assert!((std / 0.02 - 1.0).abs() < 0.1, "lm_head std {std}");
+    assert_ne!(lm, &m.embed.w.params_to_host(&be)[..lm.len()]);
+}
+
+/// `random`: gains 1, biases 0, matrices at the kind's target-depth std (residual outputs
+/// scaled by 1/sqrt(2L)); the same weights as block `id` of a fixed-depth model.
+#[test]
+fn random_growth_draws_each_kind_at_its_init() {
+    let be = B::default();
+    for d in kinds() {
+        let d = Dims { channels: 64, heads: 4, kv_heads: if d.arch.is_gpt2() { 4 } else { 2 }, ffn_hidden: if d.arch.is_gpt2() { 256 } else { 176 }, ..d };
+        let cfg = InitConfig::new(InitScheme::Gpt2, 8, 5);
+        let mut m = Model::new(&be, d.clone(), 0, &cfg);
+        growth::grow(&be, &mut m, &exp(8, GrowInit::Random, OptStatePolicy::Inherit), &cfg).unwrap();
+        let fixed = Model::new(&be, d.clone(), 8, &cfg);
+        for (p, blk) in m.blocks.iter().enumerate() {
+            let h = blk.w.params_to_host(&be);
+            for s in &blk.w.layout.specs {
+                let t = &h[s.offset..s.offset + s.numel()];
+                let what = format!("{} block {p} {}", d.arch.name(), s.name);
+                if gains(d.arch).contains(&s.name) {
+                    assert!(t.iter().all(|&x| x == 1.0), "{what}: a gain starts at 1");
+                } else if !s.is_matrix() {
+                    assert!(t.iter().all(|&x| x == 0.0), "{what}: a bias starts at 0");
+                } else {
+                    let want = if residual_outputs(d.arch).contains(&s.name) { 0.02 / 4.0 } else { 0.02 };
+                    assert_eq!(block_tensor_std(&cfg, d.arch, s.name, &s.shape), want, "{what}");
+                    let std = (t.iter().map(|x| (x * x) as f64).sum::<f64>() / t.len() as f64).sqrt();
+                    assert!((std / want - 1.0).abs() < 0.06, "{what}: std {std} against {want}");
+                }
+            }
+            assert_eq!(h, fixed.blocks[p].w.params_to_host(&be), "{}: a grown block starts as a fixed one", d.arch.name());
+        }
+    }
+}
+
+/// `copying` (stack order) copies every tensor bit for bit, and under `copy` the optimizer state
+/// too; `copying_zero` zeroes exactly the kind's residual outputs and keeps the function; `zero`
+/// blocks are identities too (gains 1, everything else 0); `reset` zeroes every state.
+#[test]
+fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
+    let be = B::default();
+    for d in kinds() {
+        let kind = d.arch.name();
+        let bt = batch(&be, d.vocab, 7);
+        let cfg = InitConfig::new(InitScheme::Gpt2, 4, 9);
+        // copying, copy policy: 2 -> 4 blocks; new block j copies old block j % 2.
+        let mut m = trained(&be, &d, 2);
+        let src: Vec<_> = m.blocks.iter().map(|b| b.w.snapshot(&be)).collect();
+        growth::grow(&be, &mut m, &exp(4, GrowInit::Copying, OptStatePolicy::Copy), &cfg).unwrap();
+        for j in 0..2 {
+            let got = m.blocks[j].w.snapshot(&be);
+            assert_eq!(got.params, src[j % 2].params, "{kind}: copying copies every tensor");
+            assert_eq!((got.m, got.v, got.steps), (src[j % 2].m.clone(), src[j % 2].v.clone(), src[j % 2].steps.clone()), "{kind}: copy policy");
+        }
+        // copying_zero: the function is kept, and only the residual outputs are zero.
+        let mut m = trained(&be, &d, 2);
+        let before = m.logits(&be, &bt);
+        let src: Vec<_> = m.blocks.iter().map(|b| b.w.params_to_host(&be)).collect();
+        growth::grow(&be, &mut m, &exp(4, GrowInit::CopyingZero, OptStatePolicy::Inherit), &cfg).unwrap();
+        assert!(max_abs_diff(&before, &m.logits(&be, &bt)) <= 1e-6, "{kind}: copying_zero changes the function");
+        let blk = &m.blocks[0];
+        let h = blk.w.params_to_host(&be);
+        for s in &blk.w.layout.specs {
+            let (t, o) = (&h[s.offset..s.offset + s.numel()], &src[0][s.offset..s.offset + s.numel()]);
+            if residual_outputs(d.arch).contains(&s.name) {
+                assert!(t.iter().all(|&x| x == 0.0), "{kind} {}: zeroed", s.name);
+            } else {
+                assert_eq!(t, o, "{kind} {}: copied", s.name);
+            }
+        }
+        // zero: identity blocks; reset: every unit's state zero, parameters kept.
+        let mut m = trained(&be, &d, 1);
+        let before = m.logits(&be, &bt);
+        let params: Vec<_> = std::iter::once(m.embed.w.params_to_host(&be)).chain(m.blocks.iter().map(|b| b.w.params_to_host(&be))).collect();
+        growth::grow(&be, &mut m, &exp(3, GrowInit::Zero, OptStatePolicy::Reset), &cfg).unwrap();
+        assert!(max_abs_diff(&before, &m.logits(&be, &bt)) <= 1e-6, "{kind}: zero blocks are not identities");
+        for s in &m.blocks[0].w.layout.specs {
+            let t = m.blocks[0].w.layout.slice(&m.blocks[0].w.params_to_host(&be), s.name).to_vec();
+            let want = if gains(d.arch).contains(&s.name) { 1.0 } else { 0.0 };
+            assert!(t.iter().all(|&x| x == want), "{kind} zero block {}", s.name);
+        }
+        assert_eq!(m.embed.w.params_to_host(&be), params[0]);
+        assert_eq!(m.blocks[2].w.params_to_host(&be), params[1], "{kind}: the old block moves up unchanged");
+        for u in [&m.embed.w, &m.head.w, &m.blocks[2].w] {
+            let s = u.snapshot(&be);
+            assert!(s.m.iter().all(|&x| x == 0.0) && s.steps.iter().all(|&x| x == 0), "{kind}: reset");
+        }
+    }
+}
+
+fn quiet() -> RunOptions {
+    RunOptions { quiet: true, ..Default::default() }
+}
+
+/// The actor runtime against the sequential trainer, bitwise, through a growth.
+fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
+    let dir = synthetic_dataset(tag);
+    let cfg = config(TestConfig::new(&dir).name(tag).steps(30).micro_batches(2).lr(0.02)).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    let want = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap().run(&quiet()).unwrap();
+    let got = runtime::train::<CpuBackend>(&cfg, data, quiet(), false).unwrap();
+    assert_eq!(got.steps.len(), 30);
+    assert!(got.growth.len() == 1 && got.steps.last().unwrap().depth == 4);
+    for (a, b) in want.steps.iter().zip(&got.steps) {
+        assert_eq!((a.step, a.depth), (b.step, b.depth));
+        assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits(), "step {}: sequential {} vs pipeline {}", a.step, a.train_loss, b.train_loss);
+    }
+    let ev = |r: &taproot::train::TrainReport| r.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect::<Vec<_>>();
+    assert_eq!(ev(&want), ev(&got), "validation losses differ");
+    let (first, last) = (got.steps[0].train_loss, got.steps.last().unwrap().train_loss);
+    assert!(last < first, "{tag}: the loss did not fall: {first} -> {last}");
+}
+
+#[test]
+fn llama_pipeline_equals_sequential_through_growth_from_0_layers() {
+    compare("arch-llama", |c| {
+        c.set("model.arch", "\"llama\"").set("model.kv_heads", 1).grow_at_step(12, 4).devices(&["cpu:0", "cpu:1", "cpu:2"])
+    });
+}
+
+#[test]
+fn qwen3_pipeline_equals_sequential_through_copying_growth_tied() {
+    compare("arch-qwen3", |c| {
+        c.set("model.arch", "\"qwen3\"")
+            .set("model.tie_embeddings", true)
+            .set("model.ffn_hidden", 40)
+            .micro_batches(4)
+            .depth(1)
+            .grow_at_step(15, 4)
+            .growth_init("copying")
+            .devices(&["cpu:0", "cpu:1", "cpu:2"])
+            .set("placement.policy", "\"fill\"")
+    });
+}
+
+#[test]
+fn config_errors_name_the_block_kind_keys() {
+    let dir = synthetic_dataset("arch-cfg");
+    let err = |c: TestConfig| format!("{:#}", c.build_result().unwrap_err());
+    let base = || TestConfig::new(&dir).name("arch-cfg").steps(10);
+    let e = err(base().set("model.kv_heads", 1));
+    assert!(e.contains("`model.kv_heads`") && e.contains("gpt2"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").set("model.kv_heads", 3));
+    assert!(e.contains("`model.kv_heads` (3)") && e.contains("divide"), "{e}");
+    let e = err(base().set("model.arch", "\"mamba\""));
+    assert!(e.contains("arch") && e.contains("llama"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").set("model.rope_theta", 0.5));
+    assert!(e.contains("`model.rope_theta`"), "{e}");
+}
