@@ -1,29 +1,47 @@
 //! FLOP accounting (docs/METHOD.md, "Compute accounting").
 //!
 //! Two conventions, always reported together and named:
-//! - **llm.c**: `6·N + 6·L·T·C` per token, N = every stored parameter (padded vocabulary rows and
-//!   position embedding included, as llm.c counts them), the second term for attention.
-//! - **non-embedding** (the paper's): `6·N_ne` per token, N_ne = the block parameters plus the final
-//!   LayerNorm (the tied head matrix is the embedding, so it is not counted).
+//! - **llm.c**: `6·N + 6·L·T·C` per token, N = every stored parameter (padded vocabulary rows,
+//!   the position embedding and an untied `lm_head` included, as llm.c counts them), the second
+//!   term for attention.
+//! - **non-embedding** (the paper's): `6·N_ne` per token, N_ne = the block parameters plus the
+//!   final norm. The vocabulary matrices (`wte`, `wpe`, an untied `lm_head`) are not counted, as
+//!   in Kaplan et al.'s convention.
+//!
+//! Parameter counts are closed forms per block kind; `tests/arch.rs` checks them against the
+//! layouts the model allocates.
 //!
 //! A progressive run's cost is the sum over steps of the cost of the model as it was at that step.
 
-use crate::model::Dims;
+use crate::model::{Arch, Dims};
 
-/// Parameters of one block: qkv 3C²+3C, attn proj C²+C, fc 4C²+4C, fc proj 4C²+C, 2 LayerNorms 4C.
-pub fn block_params(c: usize) -> u64 {
-    let c = c as u64;
-    12 * c * c + 13 * c
+/// Parameters of one block of `d`'s kind:
+/// - `gpt2`: qkv 3C²+3C, attn proj C²+C, fc 4C²+4C, fc proj 4C²+C, 2 LayerNorms 4C = 12C²+13C;
+/// - `llama`: 2 RMSNorm gains 2C, qkv (NH+2KV)·hd·C, o C·NH·hd, gate/up 2F·C, down F·C;
+/// - `qwen3`: llama + the q and k norms' gains 2·hd.
+pub fn block_params(d: &Dims) -> u64 {
+    let (c, hd, f) = (d.channels as u64, d.head_size() as u64, d.ffn_hidden as u64);
+    let (nh, kv) = (d.heads as u64, d.kv_heads as u64);
+    match d.arch {
+        Arch::Gpt2 => 12 * c * c + 13 * c,
+        Arch::Llama | Arch::Qwen3 => {
+            let qk_norm = if d.arch == Arch::Qwen3 { 2 * hd } else { 0 };
+            2 * c + (nh + 2 * kv) * hd * c + c * nh * hd + 3 * f * c + qk_norm
+        }
+    }
 }
 
-/// Stored embedding parameters: wte (Vp, C) + wpe (maxT, C).
+/// Stored vocabulary-sized parameters: wte (Vp, C), wpe (maxT, C) for `gpt2`, an untied lm_head (Vp, C).
 pub fn embedding_params(d: &Dims) -> u64 {
-    ((d.padded_vocab + d.max_seq) * d.channels) as u64
+    let wpe = if d.arch.is_gpt2() { d.max_seq } else { 0 };
+    let lm_head = if d.tied { 0 } else { d.padded_vocab };
+    ((d.padded_vocab + wpe + lm_head) * d.channels) as u64
 }
 
-/// Non-embedding parameters at depth L: the blocks and the final LayerNorm.
+/// Non-embedding parameters at depth L: the blocks and the final norm (LayerNorm 2C, RMSNorm C).
 pub fn non_embedding_params(d: &Dims, depth: usize) -> u64 {
-    depth as u64 * block_params(d.channels) + 2 * d.channels as u64
+    let norm = if d.arch.is_gpt2() { 2 } else { 1 } * d.channels as u64;
+    depth as u64 * block_params(d) + norm
 }
 
 pub fn total_params(d: &Dims, depth: usize) -> u64 {

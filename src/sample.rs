@@ -2,12 +2,13 @@
 //! token costs one position (attention over the cached keys and values), not a forward pass over
 //! the whole context.
 //!
-//! It runs on the host in f32 from the checkpoint's weights (GPT-2 blocks in stack order, the
-//! tied head), independently of the training backends: the test checks its logits at every
+//! It runs on the host in f32 from the checkpoint's weights (the blocks of the run's kind in
+//! stack order, the tied or untied head), independently of the training backends: the test checks its logits at every
 //! position against the CPU backend's full forward. Decoding: temperature (0: greedy), then
 //! top-k, then top-p (nucleus) on the renormalised distribution, then a draw from the seeded
 //! generator, so a seed gives the same text every time. The context is capped at `max_seq`: a
-//! sample longer than that stops there (learned positions do not extend).
+//! sample longer than that stops there (learned positions do not extend, and rotary models are
+//! trained on no longer context).
 
 use crate::checkpoint::{Checkpoint, UnitKey};
 use crate::config::memory::vocab_of;
@@ -53,16 +54,15 @@ impl HostBlock {
     }
 }
 
-/// A GPT-2 on the host, for decoding.
+/// A model of any block kind on the host, for decoding.
 pub struct HostModel {
     pub dims: Dims,
-    wte: Vec<f32>,
-    wpe: Vec<f32>,
-    lnf: (Vec<f32>, Vec<f32>),
+    embed: HostBlock,
+    head: HostBlock,
     blocks: Vec<HostBlock>,
 }
 
-/// Keys and values of the positions decoded so far, per layer: (T, C) each.
+/// Keys and values of the positions decoded so far, per layer: (T, KV·hd) each.
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
@@ -73,10 +73,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// out (OC) = w (OC, C) · x (C) + b.
-fn linear(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
+/// out (OC) = w (OC, C) · x (C) (+ b).
+fn linear(w: &[f32], b: Option<&[f32]>, x: &[f32]) -> Vec<f32> {
     let c = x.len();
-    w.chunks_exact(c).zip(b).map(|(row, bias)| dot(row, x) + bias).collect()
+    let out = w.chunks_exact(c).map(|row| dot(row, x));
+    match b {
+        Some(b) => out.zip(b).map(|(o, bias)| o + bias).collect(),
+        None => out.collect(),
+    }
 }
 
 fn layernorm(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
@@ -87,87 +91,162 @@ fn layernorm(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     x.iter().zip(w).zip(b).map(|((v, w), b)| (v - mean) * r * w + b).collect()
 }
 
+fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let r = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * r * w).collect()
+}
+
+/// Rotary position `pos` on each head of `x` (heads of `hd`): the training kernels' rotation.
+fn rotate(x: &mut [f32], hd: usize, pos: usize, theta: f32) {
+    let half = hd / 2;
+    for head in x.chunks_exact_mut(hd) {
+        for i in 0..half {
+            let a = pos as f64 * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+            let (c, s) = (a.cos() as f32, a.sin() as f32);
+            let (x0, x1) = (head[i], head[i + half]);
+            head[i] = x0 * c - x1 * s;
+            head[i + half] = x1 * c + x0 * s;
+        }
+    }
+}
+
 fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
 }
 
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Causal attention of one new position over the cache: query heads `q` (NH·hd), cached keys
+/// and values (positions × KV·hd); query head h reads key/value head h / (NH / KV).
+fn attend(q: &[f32], k: &[f32], v: &[f32], nh: usize, kv: usize, hd: usize) -> Vec<f32> {
+    let (scale, width, group) = (1.0 / (hd as f32).sqrt(), kv * hd, nh / kv);
+    let positions = k.len() / width;
+    let mut y = vec![0.0f32; nh * hd];
+    for head in 0..nh {
+        let o = (head / group) * hd;
+        let qh = &q[head * hd..(head + 1) * hd];
+        let scores: Vec<f32> = (0..positions).map(|j| dot(qh, &k[j * width + o..j * width + o + hd]) * scale).collect();
+        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        for (j, p) in e.iter().enumerate() {
+            let vj = &v[j * width + o..j * width + o + hd];
+            for (out, vv) in y[head * hd..(head + 1) * hd].iter_mut().zip(vj) {
+                *out += p / z * vv;
+            }
+        }
+    }
+    y
+}
+
 impl HostModel {
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<HostModel> {
+        type Cpu = crate::backend::cpu::CpuBackend;
         let cfg = ck.meta.config().context("the checkpoint's config")?;
         let dims = crate::train::dims_of(&cfg, vocab_of(&cfg.data.tokenizer));
-        let c = dims.channels;
-        let embed = ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?;
-        let head = ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?;
-        let (nwte, nwpe) = (dims.padded_vocab * c, dims.max_seq * c);
-        if embed.params.len() != nwte + nwpe || head.params.len() != 2 * c {
-            bail!("the checkpoint's embedding or head does not match its config");
-        }
-        let layout = Block::<crate::backend::cpu::CpuBackend>::layout(&dims);
-        let mut blocks = Vec::new();
-        for id in &ck.meta.stack {
-            let u = ck.unit(UnitKey::Layer(*id)).with_context(|| format!("the checkpoint has no unit for layer {id}"))?;
+        let unit = |key: UnitKey, what: &str, layout: crate::params::Layout| -> Result<HostBlock> {
+            let u = ck.unit(key).with_context(|| format!("the checkpoint has no {what}"))?;
             if u.params.len() != layout.total {
-                bail!("layer {id} does not match the config's block size");
+                bail!("the checkpoint's {what} holds {} values, not the {} its config implies", u.params.len(), layout.total);
             }
-            blocks.push(HostBlock { p: u.params.clone(), layout: layout.clone() });
-        }
-        Ok(HostModel {
-            dims,
-            wte: embed.params[..nwte].to_vec(),
-            wpe: embed.params[nwte..].to_vec(),
-            lnf: (head.params[..c].to_vec(), head.params[c..].to_vec()),
-            blocks,
-        })
+            Ok(HostBlock { p: u.params.clone(), layout })
+        };
+        let embed = unit(UnitKey::Embed, "embedding unit", crate::model::Embed::<Cpu>::layout(&dims))?;
+        let head = unit(UnitKey::Head, "head unit", crate::model::Head::<Cpu>::layout(&dims))?;
+        let blocks = ck
+            .meta
+            .stack
+            .iter()
+            .map(|id| unit(UnitKey::Layer(*id), &format!("unit for layer {id}"), Block::<Cpu>::layout(&dims)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostModel { dims, embed, head, blocks })
     }
 
     pub fn cache(&self) -> KvCache {
-        let cap = self.dims.max_seq * self.dims.channels;
+        let cap = self.dims.max_seq * self.dims.kv_heads * self.dims.head_size();
         KvCache { k: vec![Vec::with_capacity(cap); self.blocks.len()], v: vec![Vec::with_capacity(cap); self.blocks.len()], len: 0 }
     }
 
     /// Feed `token` at the next position; the logits (V) of the token after it.
     pub fn step(&self, cache: &mut KvCache, token: u32) -> Result<Vec<f32>> {
-        let (c, nh, t) = (self.dims.channels, self.dims.heads, cache.len);
-        let hs = c / nh;
-        if t >= self.dims.max_seq {
-            bail!("the context is full: the model has {} positions", self.dims.max_seq);
+        let d = &self.dims;
+        let (c, t) = (d.channels, cache.len);
+        if t >= d.max_seq {
+            bail!("the context is full: the model has {} positions", d.max_seq);
         }
-        if token as usize >= self.dims.vocab {
-            bail!("token {token} is outside the vocabulary of {}", self.dims.vocab);
+        if token as usize >= d.vocab {
+            bail!("token {token} is outside the vocabulary of {}", d.vocab);
         }
         let tok = token as usize;
-        let mut x: Vec<f32> = (0..c).map(|i| self.wte[tok * c + i] + self.wpe[t * c + i]).collect();
-        let scale = 1.0 / (hs as f32).sqrt();
+        let wte = self.embed.get("wte");
+        let mut x: Vec<f32> = wte[tok * c..(tok + 1) * c].to_vec();
+        if d.arch.is_gpt2() {
+            x.iter_mut().zip(&self.embed.get("wpe")[t * c..(t + 1) * c]).for_each(|(x, p)| *x += p);
+        }
         for (l, b) in self.blocks.iter().enumerate() {
-            let h = layernorm(&x, b.get("ln1w"), b.get("ln1b"));
-            let qkv = linear(b.get("qkvw"), b.get("qkvb"), &h);
-            cache.k[l].extend_from_slice(&qkv[c..2 * c]);
-            cache.v[l].extend_from_slice(&qkv[2 * c..]);
-            let mut y = vec![0.0f32; c];
-            for head in 0..nh {
-                let q = &qkv[head * hs..(head + 1) * hs];
-                let scores: Vec<f32> = (0..=t).map(|j| dot(q, &cache.k[l][j * c + head * hs..j * c + (head + 1) * hs]) * scale).collect();
-                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for (j, p) in e.iter().enumerate() {
-                    let v = &cache.v[l][j * c + head * hs..j * c + (head + 1) * hs];
-                    for (o, vv) in y[head * hs..(head + 1) * hs].iter_mut().zip(v) {
-                        *o += p / z * vv;
-                    }
-                }
+            if d.arch.is_gpt2() {
+                self.gpt2_block(b, &mut x, cache, l);
+            } else {
+                self.llama_block(b, &mut x, cache, l, t);
             }
-            let a = linear(b.get("attprojw"), b.get("attprojb"), &y);
-            let alpha = self.dims.residual;
-            x.iter_mut().zip(&a).for_each(|(x, a)| *x += alpha * a);
-            let h = layernorm(&x, b.get("ln2w"), b.get("ln2b"));
-            let f: Vec<f32> = linear(b.get("fcw"), b.get("fcb"), &h).into_iter().map(gelu).collect();
-            let o = linear(b.get("fcprojw"), b.get("fcprojb"), &f);
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
         }
         cache.len += 1;
-        let h = layernorm(&x, &self.lnf.0, &self.lnf.1);
-        Ok(self.wte[..self.dims.vocab * c].chunks_exact(c).map(|row| dot(row, &h)).collect())
+        let h = if d.arch.is_gpt2() {
+            layernorm(&x, self.head.get("lnfw"), self.head.get("lnfb"))
+        } else {
+            rmsnorm(&x, self.head.get("normw"), d.norm_eps)
+        };
+        let w = if d.tied { wte } else { self.head.get("lm_head") };
+        Ok(w[..d.vocab * c].chunks_exact(c).map(|row| dot(row, &h)).collect())
+    }
+
+    /// A GPT-2 block (layer `l`) at the new position, its two branches added into `x`.
+    fn gpt2_block(&self, b: &HostBlock, x: &mut [f32], cache: &mut KvCache, l: usize) {
+        let (c, nh, alpha) = (self.dims.channels, self.dims.heads, self.dims.residual);
+        let h = layernorm(x, b.get("ln1w"), b.get("ln1b"));
+        let qkv = linear(b.get("qkvw"), Some(b.get("qkvb")), &h);
+        cache.k[l].extend_from_slice(&qkv[c..2 * c]);
+        cache.v[l].extend_from_slice(&qkv[2 * c..]);
+        let y = attend(&qkv[..c], &cache.k[l], &cache.v[l], nh, nh, c / nh);
+        let a = linear(b.get("attprojw"), Some(b.get("attprojb")), &y);
+        x.iter_mut().zip(&a).for_each(|(x, a)| *x += alpha * a);
+        let h = layernorm(x, b.get("ln2w"), b.get("ln2b"));
+        let f: Vec<f32> = linear(b.get("fcw"), Some(b.get("fcb")), &h).into_iter().map(gelu).collect();
+        let o = linear(b.get("fcprojw"), Some(b.get("fcprojb")), &f);
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
+    }
+
+    /// A LLaMA-kind block (layer `l`) at position `pos`, its two branches added into `x`.
+    fn llama_block(&self, b: &HostBlock, x: &mut [f32], cache: &mut KvCache, l: usize, pos: usize) {
+        let d = &self.dims;
+        let (nh, kv, hd, alpha) = (d.heads, d.kv_heads, d.head_size(), d.residual);
+        let h = rmsnorm(x, b.get("attn_norm"), d.norm_eps);
+        let mut qkv = linear(b.get("qkvw"), None, &h);
+        let (q, rest) = qkv.split_at_mut(nh * hd);
+        let (k, v) = rest.split_at_mut(kv * hd);
+        if d.arch == crate::model::Arch::Qwen3 {
+            for (heads, w) in [(&mut *q, b.get("q_norm")), (&mut *k, b.get("k_norm"))] {
+                for head in heads.chunks_exact_mut(hd) {
+                    let n = rmsnorm(head, w, d.norm_eps);
+                    head.copy_from_slice(&n);
+                }
+            }
+        }
+        rotate(q, hd, pos, d.rope_theta);
+        rotate(k, hd, pos, d.rope_theta);
+        cache.k[l].extend_from_slice(k);
+        cache.v[l].extend_from_slice(v);
+        let y = attend(q, &cache.k[l], &cache.v[l], nh, kv, hd);
+        let o = linear(b.get("ow"), None, &y);
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
+        let h = rmsnorm(x, b.get("mlp_norm"), d.norm_eps);
+        let gu = linear(b.get("gate_upw"), None, &h);
+        let f = d.ffn_hidden;
+        let m: Vec<f32> = (0..f).map(|i| silu(gu[i]) * gu[f + i]).collect();
+        let o = linear(b.get("downw"), None, &m);
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
     }
 }
 

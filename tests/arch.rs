@@ -91,6 +91,22 @@ fn every_kind_has_its_own_tensors() {
     assert_ne!(lm, &m.embed.w.params_to_host(&be)[..lm.len()]);
 }
 
+#[test]
+fn parameter_counts_match_the_layouts_of_every_kind() {
+    use taproot::model::{Embed, Head};
+    for d in kinds().into_iter().chain([Dims::llama(300, 8, 16, 4, 1, 24)]) {
+        let be = B::default();
+        assert_eq!(taproot::flops::block_params(&d), Block::<B>::layout(&d).total as u64, "{}", d.arch.name());
+        let m = Model::new(&be, d.clone(), 3, &InitConfig::new(InitScheme::Gpt2, 3, 1));
+        let (total, _, _) = m.param_counts();
+        assert_eq!(taproot::flops::total_params(&d, 3), total as u64, "{}", d.arch.name());
+        let head_norm = Head::<B>::layout(&d).specs.iter().filter(|s| s.name != "lm_head").map(|s| s.numel()).sum::<usize>();
+        let ne = 3 * Block::<B>::layout(&d).total + head_norm;
+        assert_eq!(taproot::flops::non_embedding_params(&d, 3), ne as u64, "{}", d.arch.name());
+        assert_eq!(taproot::flops::embedding_params(&d) as usize + head_norm, Embed::<B>::layout(&d).total + Head::<B>::layout(&d).total);
+    }
+}
+
 /// `random`: gains 1, biases 0, matrices at the kind's target-depth std (residual outputs
 /// scaled by 1/sqrt(2L)); the same weights as block `id` of a fixed-depth model.
 #[test]

@@ -116,7 +116,7 @@ fn the_plan_says_whether_the_budget_is_in_the_mixing_regime_and_what_saving_tau_
 fn flops_per_token_match_hand_computed_values() {
     // C = 32, vocabulary 256 (already a multiple of 128), position table 16 rows.
     let d = Dims::new(256, 16, 32, 2);
-    assert_eq!(flops::block_params(32), 12 * 32 * 32 + 13 * 32); // 12704
+    assert_eq!(flops::block_params(&d), 12 * 32 * 32 + 13 * 32); // 12704
     assert_eq!(flops::total_params(&d, 0), (256 + 16) * 32 + 2 * 32); // 8768
     assert_eq!(flops::total_params(&d, 4), 8768 + 4 * 12704); // 59584
     assert_eq!(flops::flops_per_token_llmc(&d, 4, 16), 6.0 * 59584.0 + 6.0 * 4.0 * 16.0 * 32.0); // 369792

@@ -30,6 +30,19 @@ fn the_decoder_applies_the_depth_mup_branch_multiplier() {
     check_decoder(grown_checkpoint_with("sample-mup", |t| t.set("model.parameterization", "depth_mup")));
 }
 
+#[test]
+fn the_decoder_runs_llama_blocks_with_an_untied_head() {
+    // Rotary positions, grouped-query attention (4 heads sharing 2), SwiGLU, RMSNorm, lm_head.
+    check_decoder(grown_checkpoint_with("sample-llama", |t| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2)));
+}
+
+#[test]
+fn the_decoder_runs_qwen3_blocks_with_qk_norm_and_a_branch_multiplier() {
+    check_decoder(grown_checkpoint_with("sample-qwen3", |t| {
+        t.set("model.arch", "\"qwen3\"").heads(4).set("model.kv_heads", 1).set("model.parameterization", "\"depth_mup\"")
+    }));
+}
+
 fn check_decoder((dir, ck, _): (std::path::PathBuf, taproot::checkpoint::Checkpoint, taproot::config::Config)) {
     let host = HostModel::from_checkpoint(&ck).unwrap();
     let be = CpuBackend::default();

@@ -7,11 +7,13 @@
 //! The estimate, in 4-byte floats (llm.c's layout; `B` batch, `T` sequence, `C` channels, `NH`
 //! heads, `Vp` padded vocabulary, `L` target depth, `P` parameters, `M` micro-batches in flight
 //! = min(`pipeline.max_in_flight` or L+1, `data.micro_batches`)):
-//! - parameters P = Vp·C + T_max·C + 2C + L·(12C² + 13C), and as many gradients;
+//! - parameters P = Vp·C + T_max·C + 2C + L·(12C² + 13C) for `gpt2` (for the LLaMA kinds: no
+//!   T_max·C, Vp·C more for an untied head, and their block size, `flops::block_params`), and
+//!   as many gradients;
 //! - optimizer state: P (momentum), P more under AdamW (second moments), and Muon's scratch,
 //!   three times the largest matrix;
-//! - activations: M micro-batches, each stashing 21·B·T·C + 2·B·NH·T² per block and 2·B·T·Vp in
-//!   the head;
+//! - activations: M micro-batches, each stashing 21·B·T·C (LLaMA kinds: B·T·(5C + 4·NH·hd +
+//!   3F), + the raw qkv under QK-norm) + 2·B·NH·T² per block and 2·B·T·Vp in the head;
 //! - data held by the step loop: the evaluation batches, one micro-batch of token windows, and
 //!   per-micro-batch bookkeeping (32 bytes each).
 //!
@@ -52,9 +54,21 @@ pub fn estimate(cfg: &Config) -> Estimate {
     let v = f(vocab_of(&cfg.data.tokenizer).div_ceil(128) * 128);
     let (c, nh, l) = (f(cfg.model.channels), f(cfg.model.heads), f(cfg.target_depth()));
     let (b, t, tmax) = (f(cfg.data.batch_size), f(cfg.data.seq_len), f(cfg.max_seq()));
-    let params = v * c + tmax * c + 2.0 * c + l * (12.0 * c * c + 13.0 * c);
+    let m = &cfg.model;
+    // Per block: parameters, and the floats one micro-batch stashes per token.
+    let (block, act, vocab_mats, pos) = if m.arch.is_gpt2() {
+        (12.0 * c * c + 13.0 * c, 21.0 * c, 1.0, tmax)
+    } else {
+        let hd = (c / nh).floor();
+        let (kv, ff) = (f(m.kv_heads.unwrap_or(m.heads)), f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))));
+        let qw = (nh + 2.0 * kv) * hd;
+        let tied = m.tie_embeddings.unwrap_or(false);
+        let qk = if m.arch == crate::model::Arch::Qwen3 { qw } else { 0.0 };
+        (2.0 * c + qw * c + c * nh * hd + 3.0 * ff * c + 2.0 * hd, 5.0 * c + 4.0 * nh * hd + 3.0 * ff + qk, if tied { 1.0 } else { 2.0 }, 0.0)
+    };
+    let params = vocab_mats * v * c + pos * c + 2.0 * c + l * block;
     let adam = matches!(cfg.optim.kind, OptimizerKind::Adamw | OptimizerKind::MuonAdamw);
-    let largest = (v * c).max(4.0 * c * c);
+    let largest = (v * c).max(4.0 * c * c).max(2.0 * c * f(m.ffn_hidden.unwrap_or(0)));
     let optimizer = params * if adam { 2.0 } else { 1.0 } + 3.0 * largest;
     let cap = if cfg.pipeline.max_in_flight == 0 { cfg.target_depth() + 1 } else { cfg.pipeline.max_in_flight };
     let in_flight = f(cap.min(cfg.data.micro_batches).max(1));
@@ -63,7 +77,7 @@ pub fn estimate(cfg: &Config) -> Estimate {
         crate::backend::Attention::Materialized => 2.0 * b * nh * t * t,
         crate::backend::Attention::Flash => 2.0 * b * nh * t,
     };
-    let per_mb = l * (21.0 * b * t * c + att) + 2.0 * b * t * v;
+    let per_mb = l * (act * b * t + att) + 2.0 * b * t * v;
     let activations = in_flight * per_mb;
     let window = b * (t + 1.0);
     let data_floats = f(cfg.eval.batches) * window + window;
