@@ -141,9 +141,10 @@ pub enum Cmd {
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
-    /// Read a Hugging Face GPT2LMHeadModel folder as the step-0 checkpoint of the run a config
-    /// describes (its model must match the folder); `taproot train --resume` then trains and
-    /// grows it (docs: src/export.rs)
+    /// Read a Hugging Face folder (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM, as the
+    /// config's model.arch says) as the step-0 checkpoint of the run a config describes (its
+    /// model must match the folder); `taproot train --resume` then trains and grows it (docs:
+    /// src/export/)
     Import {
         /// The folder (config.json + model.safetensors)
         folder: PathBuf,
@@ -177,7 +178,8 @@ pub enum Cmd {
         seed: u64,
     },
     /// Write a checkpoint (a file, or the newest valid one in a directory) as a Hugging Face
-    /// `GPT2LMHeadModel` folder: config.json + model.safetensors (docs: src/export.rs)
+    /// folder of its block kind (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM):
+    /// config.json + model.safetensors (docs: src/export/)
     Export {
         /// Checkpoint file, or a directory of checkpoints
         path: PathBuf,
@@ -226,7 +228,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let data =
                 Dataset::open_for(&cfg.data.dir, &tok).with_context(|| format!("loading data for run {:?} (data.dir)", cfg.run.name))?;
             let loader = crate::data::Loader::new(data.train, cfg.data.batch_size, cfg.data.seq_len, cfg.run.seed)?.cursor();
-            let ck = crate::export::import_gpt2(&folder, &cfg, loader)?;
+            let ck = crate::export::import(&folder, &cfg, loader)?;
             let _folder = RunFolder::open(&cfg, if overwrite { Start::Overwrite } else { Start::Fresh })?;
             let path = checkpoint::save(&cfg.checkpoint_dir(), &ck)?;
             println!(
@@ -272,11 +274,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Export { path, out } => {
             let e = crate::export::export_path(&path, &out)?;
             println!(
-                "exported {} layers ({} tensors, {} parameters) to {} as a GPT2LMHeadModel folder",
+                "exported {} layers ({} tensors, {} parameters) to {} as a {} folder",
                 e.layers,
                 e.tensors,
                 e.params,
-                out.display()
+                out.display(),
+                e.class
             );
             Ok(())
         }

@@ -1,11 +1,11 @@
-//! `taproot export` (src/export.rs): a grown run's checkpoint as a Hugging Face `GPT2LMHeadModel`
-//! folder.
+//! `taproot export` / `taproot import` (src/export/): a grown run's checkpoint as a Hugging Face
+//! folder of its block kind (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM`).
 //!
 //! - Every tensor of the folder is the checkpoint's tensor under the documented mapping, bit for
 //!   bit (transposes included), in stack order — the run grew at the bottom, so stack positions
 //!   and layer ids differ.
-//! - An independent reference (`scripts/hf_gpt2_loss.py`: GPT-2's forward in float64 with numpy,
-//!   reading the safetensors bytes itself; no PyTorch) computes the exported model's loss on a
+//! - An independent reference (`scripts/hf_gpt2_loss.py`, `scripts/hf_llama_loss.py`: each
+//!   class's forward in float64 with numpy, reading the safetensors bytes itself; no PyTorch) computes the exported model's loss on a
 //!   batch, and taproot's own loss on that batch, with the checkpoint's weights, agrees to 1e-5
 //!   relative. Needs python3 with numpy (CI installs it; TAPROOT_REQUIRE_NUMPY=1 makes a missing
 //!   numpy a failure instead of a printed skip).
@@ -39,7 +39,7 @@ fn an_exported_checkpoint_holds_every_tensor_under_the_gpt2_mapping() {
     let (dir, ck, _) = grown_checkpoint("export-map");
     assert_ne!(ck.meta.stack, vec![0, 1, 2], "the run grew at the bottom: positions and ids differ");
     let out = dir.join("hf");
-    let e = taproot::export::export_gpt2(&ck, &out).unwrap();
+    let e = taproot::export::export(&ck, &out).unwrap();
     let (config, t) = read(&out);
     assert_eq!(config["n_layer"], 3);
     assert_eq!(config["n_embd"], 32);
@@ -90,6 +90,26 @@ fn a_depth_mup_model_exports_with_its_branch_multiplier_folded_in() {
     check_numpy_reference("export-mup", |t| t.set("model.parameterization", "depth_mup"));
 }
 
+#[test]
+fn an_exported_llama_model_has_taproots_loss_under_an_independent_numpy_reference() {
+    // Grouped-query attention, rotary positions, SwiGLU, an untied head.
+    check_numpy_reference("export-llama", |t| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2));
+}
+
+#[test]
+fn an_exported_qwen3_model_has_taproots_loss_under_an_independent_numpy_reference() {
+    // QK-norm, a tied head, θ and ε of its own, and depth-µP's multiplier folded in.
+    check_numpy_reference("export-qwen3", |t| {
+        t.set("model.arch", "\"qwen3\"")
+            .heads(4)
+            .set("model.kv_heads", 1)
+            .set("model.tie_embeddings", true)
+            .set("model.rope_theta", 1000.0)
+            .set("model.norm_eps", 1e-5)
+            .set("model.parameterization", "\"depth_mup\"")
+    });
+}
+
 fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let python_ok = std::process::Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
     if !python_ok {
@@ -101,7 +121,7 @@ fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     }
     let (dir, ck, cfg) = grown_checkpoint_with(tag, change);
     let out = dir.join("hf");
-    taproot::export::export_gpt2(&ck, &out).unwrap();
+    taproot::export::export(&ck, &out).unwrap();
     // taproot's loss on one batch, with the checkpoint's weights in stack order.
     let be = CpuBackend::default();
     let mut model = model_of(&be, &ck, &taproot::train::dims_of(&cfg, 256));
@@ -113,7 +133,8 @@ fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let wfile = dir.join("windows.json");
     let rows: Vec<&[u32]> = windows.chunks(t + 1).collect();
     std::fs::write(&wfile, serde_json::to_string(&rows).unwrap()).unwrap();
-    let o = std::process::Command::new("python3").arg("scripts/hf_gpt2_loss.py").arg(&out).arg(&wfile).output().unwrap();
+    let script = if cfg.model.arch.is_gpt2() { "scripts/hf_gpt2_loss.py" } else { "scripts/hf_llama_loss.py" };
+    let o = std::process::Command::new("python3").arg(script).arg(&out).arg(&wfile).output().unwrap();
     assert!(o.status.success(), "the reference failed: {}", String::from_utf8_lossy(&o.stderr));
     let theirs: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
     let rel = ((ours - theirs) / theirs).abs();
@@ -143,7 +164,7 @@ fn export_from_the_command_line() {
 fn an_exported_model_imports_back_bit_exactly_and_trains_and_grows() {
     let (dir, ck, _) = grown_checkpoint("export-import");
     let hf = dir.join("hf");
-    taproot::export::export_gpt2(&ck, &hf).unwrap();
+    taproot::export::export(&ck, &hf).unwrap();
     let bin = env!("CARGO_BIN_EXE_taproot");
     let next = TestConfig::new(&dir).name("imported").steps(10).seq_len(32).channels(32).depth(3).target_depth(4).grow_at_step(5, 4);
     let path = next.write();
@@ -178,4 +199,56 @@ fn an_exported_model_imports_back_bit_exactly_and_trains_and_grows() {
     let o = std::process::Command::new(bin).arg("import").arg(&hf).arg("--config").arg(&wrong).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("n_embd"), "{err}");
+}
+
+/// A LLaMA-kind model's folder holds every tensor under the documented mapping (q, k, v and
+/// gate, up split by rows, nothing transposed), imports back bit for bit, and the import refuses
+/// a config that does not match the folder, naming the key.
+#[test]
+fn llama_and_qwen3_folders_hold_the_mapping_and_import_back_bit_exactly() {
+    for (kind, class) in [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM")] {
+        let change = |t: TestConfig| t.set("model.arch", format!("\"{kind}\"")).heads(4).set("model.kv_heads", 2).set("model.ffn_hidden", 40);
+        let (dir, ck, cfg) = grown_checkpoint_with(&format!("export-{kind}"), change);
+        let out = dir.join("hf");
+        let e = taproot::export::export(&ck, &out).unwrap();
+        assert_eq!(e.class, class);
+        let (config, t) = read(&out);
+        assert_eq!((config["model_type"].as_str(), config["num_key_value_heads"].as_u64()), (Some(kind), Some(2)));
+        assert_eq!((config["intermediate_size"].as_u64(), config["head_dim"].as_u64()), (Some(40), Some(8)));
+        let per_layer = if kind == "qwen3" { 11 } else { 9 };
+        assert_eq!(t.len(), 1 + per_layer * 3 + 1 + 1, "embedding, layers, norm, lm_head");
+        let dims = taproot::train::dims_of(&cfg, 256);
+        let bl = Block::<CpuBackend>::layout(&dims);
+        let (c, hd) = (32, 8);
+        for (pos, id) in ck.meta.stack.iter().enumerate() {
+            let u = ck.unit(UnitKey::Layer(*id)).unwrap();
+            let qkv = bl.slice(&u.params, "qkvw");
+            let k = &t[&format!("model.layers.{pos}.self_attn.k_proj.weight")];
+            assert_eq!(k.0, vec![2 * hd, c]);
+            assert_eq!(k.1, qkv[4 * hd * c..6 * hd * c].to_vec(), "k_proj is the rows after q's");
+            let up = &t[&format!("model.layers.{pos}.mlp.up_proj.weight")];
+            assert_eq!(up.1, bl.slice(&u.params, "gate_upw")[40 * c..].to_vec(), "up_proj is the second half");
+        }
+        // Import it back into a run of the same shape: every unit bit for bit.
+        let next = change(TestConfig::new(&dir).name(&format!("{kind}-imported")).steps(10).seq_len(32).channels(32).depth(3));
+        let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap();
+        for (pos, id) in ck.meta.stack.iter().enumerate() {
+            let (a, b) = (&ck.unit(UnitKey::Layer(*id)).unwrap().params, &back.unit(UnitKey::Layer(pos as u64)).unwrap().params);
+            assert!(a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind} layer {id}");
+        }
+        for key in [UnitKey::Embed, UnitKey::Head] {
+            assert_eq!(ck.unit(key).unwrap().params, back.unit(key).unwrap().params, "{kind} {key}");
+        }
+        // Mismatches name the folder's key.
+        for (wrong, key) in [
+            (next.clone().set("model.kv_heads", 4), "num_key_value_heads"),
+            (next.clone().set("model.ffn_hidden", 48), "intermediate_size"),
+            (next.clone().set("model.rope_theta", 500.0), "rope_theta"),
+            (next.clone().set("model.tie_embeddings", true), "tie_word_embeddings"),
+            (next.clone().set("model.arch", if kind == "llama" { "\"qwen3\"" } else { "\"llama\"" }), "model_type"),
+        ] {
+            let err = format!("{:#}", taproot::export::import(&out, &wrong.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap_err());
+            assert!(err.contains(key), "{kind}: {err}");
+        }
+    }
 }
