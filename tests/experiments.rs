@@ -236,6 +236,33 @@ fn every_quick_experiment_writes_csv_plots_and_a_table() {
     assert!(cached < 56, "{cached} cache entries for 56 runs");
 }
 
+/// `progressive-vs-fixed` for the LLaMA kinds: the same runs and files, and every run is of
+/// the config's kind (its FLOPs are the kind's: 6 · the LLaMA model's non-embedding parameters
+/// per token at each depth).
+#[test]
+fn progressive_vs_fixed_runs_for_each_block_kind() {
+    for kind in ["llama", "qwen3"] {
+        let dir = synthetic_dataset(&format!("exp-{kind}"));
+        let t = tiny(&dir, kind, 200).grow_at(0.5, 4).set("model.arch", format!("\"{kind}\"")).heads(4).set("model.kv_heads", 2);
+        let cfg = t.build();
+        let out = dir.join("out");
+        let args = ExperimentArgs { name: "progressive-vs-fixed".into(), quick: true, config: Some(t.write()), out: Some(out.clone()), ..Default::default() };
+        experiment_command(&args).unwrap();
+        let d = out; // one experiment writes into --out itself
+        assert_eq!(csv_rows(&d.join("summary.csv")).len(), 6, "{kind}");
+        let evals = csv_rows(&d.join("evals.csv"));
+        let fixed_last = evals.iter().filter(|r| r.starts_with("fixed 4,")).last().unwrap().clone();
+        let cols: Vec<&str> = fixed_last.split(',').collect();
+        let (step, flops_ne): (f64, f64) = (cols[1].parse().unwrap(), cols[5].parse().unwrap());
+        let dims = taproot::train::dims_of(&cfg, 256);
+        let tokens = (cfg.data.batch_size * cfg.data.seq_len * cfg.data.micro_batches) as f64;
+        let want = flops::flops_per_token_non_embedding(&dims, 4) * tokens * step;
+        assert!((flops_ne / want - 1.0).abs() < 1e-6, "{kind}: fixed run's FLOPs {flops_ne} against the kind's {want}");
+        assert_ne!(flops::block_params(&dims), flops::block_params(&Dims::new(256, dims.max_seq, dims.channels, 4)));
+        assert!(std::fs::read_to_string(d.join("table.md")).unwrap().contains("| run | τ (step) | final val loss |"));
+    }
+}
+
 #[test]
 fn unknown_experiment_is_an_error_naming_the_choices() {
     let e = experiment_command(&ExperimentArgs { name: "nope".into(), ..Default::default() }).unwrap_err();

@@ -13,12 +13,17 @@
 //! safetensors layout lets any standard tool open the weights.
 //!
 //! **Format** (version [`FORMAT_VERSION`]). `step-<step, 8+ digits>.safetensors` holding:
-//! - tensors `<unitkey>.params`, `<unitkey>.m` and, only when the unit has AdamW second moments,
-//!   `<unitkey>.v`; all F32, 1-D, little-endian; `<unitkey>` is `embed`, `head` or `layer.<id>`;
+//! - every parameter tensor of every unit under its name and shape: `<unitkey>/<name>` (e.g.
+//!   `layer.3/qkvw`, a (3C, C) matrix), its first moments `<unitkey>/<name>.m` and, only when
+//!   the unit has AdamW second moments, `<unitkey>/<name>.v`; all F32, little-endian;
+//!   `<unitkey>` is `embed`, `head` or `layer.<id>` ([`named`]). A unit the config gives no
+//!   layout of its size is written flat instead: `<unitkey>.params`, `<unitkey>.m`, `<unitkey>.v`
+//!   (1-D), as every unit of a version-1 file is; both versions load.
 //! - in the safetensors `__metadata__` string map:
 //!   - `taproot`: the [`Meta`] as JSON;
-//!   - `taproot.units`: a JSON array `[{"key": "<unitkey>", "steps": [..]}, ..]` in the order of
-//!     [`Checkpoint::units`], carrying each unit's per-tensor optimizer step counters;
+//!   - `taproot.units`: a JSON array `[{"key": "<unitkey>", "steps": [..], "tensors": [{"name",
+//!     "shape"}, ..]}, ..]` in the order of [`Checkpoint::units`], carrying each unit's
+//!     per-tensor optimizer step counters and, for a named unit, its tensors in buffer order;
 //!   - `taproot.checksum`: `fnv1a64x4:<16 hex digits>`, a checksum over the two JSON strings
 //!     above, every tensor's name and length, and every tensor byte (see `checksum::Checksum`). It is
 //!     verified on load, so a flipped bit anywhere in the payload is detected, not only a
@@ -48,11 +53,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads.
+pub const OLDEST_READABLE: u32 = 1;
 
 /// Metadata key of the [`Meta`] JSON.
 pub(crate) mod checksum;
 mod folder;
+pub mod named;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};
 pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, Pruned};
@@ -159,8 +167,8 @@ impl Checkpoint {
     pub fn validate(&self) -> Result<()> {
         let m = &self.meta;
         ensure!(
-            m.format_version == FORMAT_VERSION,
-            "unsupported format_version {} (this build handles {FORMAT_VERSION})",
+            (OLDEST_READABLE..=FORMAT_VERSION).contains(&m.format_version),
+            "unsupported format_version {} (this build handles {OLDEST_READABLE} to {FORMAT_VERSION})",
             m.format_version
         );
         ensure!(m.depth == m.stack.len(), "depth is {} but the stack has {} layer ids", m.depth, m.stack.len());
@@ -222,6 +230,9 @@ fn is_tmp_name(name: &str) -> bool {
 struct UnitEntry {
     key: String,
     steps: Vec<u64>,
+    /// The unit's named tensors in buffer order; empty for a flat unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tensors: Vec<named::TensorEntry>,
 }
 
 /// Write `ck` to `dir/step-<step>.safetensors` atomically (see the module docs) and return the
@@ -232,21 +243,32 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
     ck.validate().with_context(|| format!("refusing to save an inconsistent checkpoint to {}", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
 
-    // Tensors in name order (the order safetensors itself writes, and the checksum order).
-    let mut tensors: Vec<(String, &[f32])> = Vec::new();
+    // Tensors in name order (the order safetensors itself writes, and the checksum order), each
+    // with its shape: named per parameter tensor where the config gives the unit's layout.
+    let layouts = named::unit_layouts(&ck.meta);
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    let mut units: Vec<UnitEntry> = Vec::new();
     for (key, s) in &ck.units {
-        tensors.push((format!("{key}.params"), &s.params));
-        tensors.push((format!("{key}.m"), &s.m));
-        if let Some(v) = &s.v {
-            tensors.push((format!("{key}.v"), v));
+        let entries = layouts.get(key).filter(|l| l.total == s.params.len()).map(named::entries).unwrap_or_default();
+        let parts = [("params", Some(&s.params)), ("m", Some(&s.m)), ("v", s.v.as_ref())];
+        for (part, flat) in parts.into_iter().filter_map(|(p, x)| x.map(|x| (p, x))) {
+            if entries.is_empty() {
+                tensors.push((format!("{key}.{part}"), vec![flat.len()], flat));
+            } else {
+                for (piece, e) in named::pieces(flat, &entries) {
+                    tensors.push((named::tensor_name(*key, &e.name, part), e.shape.clone(), piece));
+                }
+            }
         }
+        units.push(UnitEntry { key: key.to_string(), steps: s.steps.clone(), tensors: entries });
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let meta_json = serde_json::to_string(&ck.meta).context("cannot serialise checkpoint metadata")?;
-    let units: Vec<UnitEntry> = ck.units.iter().map(|(k, s)| UnitEntry { key: k.to_string(), steps: s.steps.clone() }).collect();
+    // Always written as this build's version (a run resumed from an older file saves the new one).
+    let meta = Meta { format_version: FORMAT_VERSION, ..ck.meta.clone() };
+    let meta_json = serde_json::to_string(&meta).context("cannot serialise checkpoint metadata")?;
     let units_json = serde_json::to_string(&units)?;
-    let checksum = file_checksum(&meta_json, &units_json, tensors.iter().map(|(n, x)| (n.as_str(), x.len() as u64, hash_f32(x))));
+    let checksum = file_checksum(&meta_json, &units_json, tensors.iter().map(|(n, _, x)| (n.as_str(), x.len() as u64, hash_f32(x))));
 
     // The safetensors header: JSON, space-padded to a multiple of 8 bytes.
     let mut header = serde_json::Map::new();
@@ -256,9 +278,9 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
     md.insert(KEY_CHECKSUM.into(), checksum.into());
     header.insert("__metadata__".into(), md.into());
     let mut off = 0usize;
-    for (name, x) in &tensors {
+    for (name, shape, x) in &tensors {
         let end = off + 4 * x.len();
-        header.insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": [x.len()], "data_offsets": [off, end] }));
+        header.insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [off, end] }));
         off = end;
     }
     let mut header = serde_json::to_vec(&header)?;
@@ -271,7 +293,7 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
         let mut buf = Vec::with_capacity(1 << 16);
-        for (_, x) in &tensors {
+        for (_, _, x) in &tensors {
             for chunk in x.chunks(1 << 14) {
                 buf.clear();
                 for v in chunk {
@@ -382,60 +404,107 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
     let raw: serde_json::Value = serde_json::from_str(meta_json).map_err(|e| anyhow!("`{KEY_META}` metadata is not JSON: {e}"))?;
     let version =
         raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
-    ensure!(version == FORMAT_VERSION as u64, "unsupported format_version {version} (this build reads {FORMAT_VERSION})");
+    ensure!(
+        (OLDEST_READABLE as u64..=FORMAT_VERSION as u64).contains(&version),
+        "unsupported format_version {version} (this build reads {OLDEST_READABLE} to {FORMAT_VERSION})"
+    );
     let meta: Meta = serde_json::from_value(raw).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))?;
 
     let units_json = md.get(KEY_UNITS).ok_or_else(|| anyhow!("no `{KEY_UNITS}` metadata"))?;
     let entries: Vec<UnitEntry> = serde_json::from_str(units_json).map_err(|e| anyhow!("bad `{KEY_UNITS}` metadata: {e}"))?;
     let stored_sum = md.get(KEY_CHECKSUM).ok_or_else(|| anyhow!("no `{KEY_CHECKSUM}` metadata"))?;
 
-    // Structure: every tensor F32 and 1-D, belongs to a listed unit, and each unit is complete.
+    // Structure: every tensor F32, belongs to a listed unit, and each unit is complete. A flat
+    // unit's tensors are 1-D; a named unit's have the shapes its table entry lists.
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
     let mut views = BTreeMap::new();
     for &name in &names {
         let t = st.tensor(name).map_err(|e| anyhow!("tensor `{name}`: {e}"))?;
         ensure!(t.dtype() == Dtype::F32, "tensor `{name}` has dtype {:?}, expected F32", t.dtype());
-        ensure!(t.shape().len() == 1, "tensor `{name}` has shape {:?}, expected 1-D", t.shape());
         views.insert(name, t);
     }
+    // Per unit and part, the file's tensors that make up its flat buffer, in order, with shapes.
     let mut keys = Vec::with_capacity(entries.len());
     let mut claimed = HashSet::new();
+    let mut layout_of: Vec<Vec<(String, Vec<usize>)>> = Vec::new();
     for e in &entries {
         let key: UnitKey = e.key.parse()?;
         ensure!(!keys.contains(&key), "unit {key} is listed twice");
         keys.push(key);
+        let pieces: Vec<(String, Vec<usize>)> = if e.tensors.is_empty() {
+            vec![(String::new(), Vec::new())]
+        } else {
+            e.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+        };
         for part in ["params", "m", "v"] {
-            claimed.insert(format!("{key}.{part}"));
+            for (name, _) in &pieces {
+                claimed.insert(if e.tensors.is_empty() { format!("{key}.{part}") } else { named::tensor_name(key, name, part) });
+            }
         }
+        layout_of.push(pieces);
     }
     if let Some(stray) = names.iter().find(|n| !claimed.contains(**n)) {
         bail!("tensor `{stray}` belongs to no unit listed in `{KEY_UNITS}`");
     }
-    for key in &keys {
-        for part in ["params", "m"] {
-            ensure!(views.contains_key(format!("{key}.{part}").as_str()), "unit {key} has no `{key}.{part}` tensor");
+    let file_name = |key: UnitKey, name: &str, part: &str| {
+        if name.is_empty() {
+            format!("{key}.{part}")
+        } else {
+            named::tensor_name(key, name, part)
         }
-        let n = views[format!("{key}.params").as_str()].shape()[0];
-        for part in ["m", "v"] {
-            if let Some(t) = views.get(format!("{key}.{part}").as_str()) {
-                ensure!(t.shape()[0] == n, "unit {key}: `{key}.{part}` has {} values but `{key}.params` has {n}", t.shape()[0]);
+    };
+    for (key, pieces) in keys.iter().zip(&layout_of) {
+        for (name, shape) in pieces {
+            for part in ["params", "m", "v"] {
+                let n = file_name(*key, name, part);
+                let Some(t) = views.get(n.as_str()) else {
+                    ensure!(part == "v", "unit {key} has no `{n}` tensor");
+                    continue;
+                };
+                if name.is_empty() {
+                    ensure!(t.shape().len() == 1, "tensor `{n}` has shape {:?}, expected 1-D", t.shape());
+                } else {
+                    ensure!(t.shape() == &shape[..], "tensor `{n}` has shape {:?}, but the unit table says {shape:?}", t.shape());
+                }
             }
+        }
+        let len = |part: &str| -> usize {
+            pieces.iter().filter_map(|(name, _)| views.get(file_name(*key, name, part).as_str())).map(|t| t.shape().iter().product::<usize>()).sum()
+        };
+        let has_v = |name: &str| views.contains_key(file_name(*key, name, "v").as_str());
+        ensure!(
+            pieces.iter().all(|(n, _)| has_v(n)) || !pieces.iter().any(|(n, _)| has_v(n)),
+            "unit {key}: second moments for some of its tensors but not all"
+        );
+        let n = len("params");
+        for part in ["m", "v"] {
+            let got = len(part);
+            let flat = pieces.len() == 1 && pieces[0].0.is_empty();
+            let absent = part == "v" && !pieces.iter().any(|(name, _)| has_v(name));
+            ensure!(got == n || absent, "unit {key}: {} {got} values but {} {n}", if flat { format!("`{key}.{part}` has") } else { format!("its `{part}` tensors have") }, if flat { format!("`{key}.params` has") } else { "its parameters".to_string() });
         }
     }
 
     // Integrity: the checksum over the metadata and every tensor byte.
-    let sum = file_checksum(meta_json, units_json, views.iter().map(|(n, t)| (*n, t.shape()[0] as u64, hash_bytes(t.data()))));
+    let numel = |t: &safetensors::tensor::TensorView| t.shape().iter().product::<usize>() as u64;
+    let sum = file_checksum(meta_json, units_json, views.iter().map(|(n, t)| (*n, numel(t), hash_bytes(t.data()))));
     ensure!(&sum == stored_sum, "checksum mismatch (stored {stored_sum}, computed {sum}): the file is corrupt");
 
-    let f32s = |name: String| -> Option<Vec<f32>> {
-        views.get(name.as_str()).map(|t| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    // Each part's flat buffer: its tensors concatenated in table order.
+    let flat = |key: UnitKey, pieces: &[(String, Vec<usize>)], part: &str| -> Option<Vec<f32>> {
+        let mut out = Vec::new();
+        for (name, _) in pieces {
+            let t = views.get(file_name(key, name, part).as_str())?;
+            out.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        }
+        Some(out)
     };
     let mut units = Vec::with_capacity(keys.len());
-    for (key, e) in keys.into_iter().zip(entries) {
-        let params = f32s(format!("{key}.params")).unwrap_or_default();
-        let m = f32s(format!("{key}.m")).unwrap_or_default();
-        let v = f32s(format!("{key}.v"));
+    for ((key, e), pieces) in keys.into_iter().zip(entries).zip(&layout_of) {
+        let params = flat(key, pieces, "params").unwrap_or_default();
+        let m = flat(key, pieces, "m").unwrap_or_default();
+        let v = flat(key, pieces, "v");
         units.push((key, UnitState { params, m, v, steps: e.steps }));
     }
     let ck = Checkpoint { meta, units };
