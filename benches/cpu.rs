@@ -58,35 +58,110 @@ fn gemm_peak(be: &CpuBackend) -> f64 {
     best
 }
 
-fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
-    let dims = Dims::new(c.vocab, c.max_seq, c.channels, c.heads);
-    let init = InitConfig::new(InitScheme::Gpt2, c.depth.max(1), 1);
-    let mut model = Model::new(be, dims.clone(), c.depth, &init);
-    let opt = Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, beta2: 0.999, weight_decay: Some(0.0), ..OptimConfig::default() });
-    let mut scratch = Scratch::default();
-    let mut rng = Rng::new(42);
-    let mut windows = vec![0u32; c.b * (c.t + 1)];
-    let mut batch = Batch::from_windows(be, &windows, c.b, c.t);
-    let (mut ti, mut tt) = (Vec::new(), Vec::new());
-    let dscale = 1.0 / (c.b * c.t) as f32;
-    let mut times = Vec::new();
-    for i in 0..c.warmup + c.steps {
-        windows.iter_mut().for_each(|w| *w = rng.below(c.vocab as u64) as u32);
-        batch.load(be, &windows, &mut ti, &mut tt);
-        let t0 = Instant::now();
-        model.forward_backward(be, &batch, dscale);
-        model.finish_grads(be);
-        opt.step(be, &mut model.embed.w, &mut scratch, 1e-4);
-        for blk in model.blocks.iter_mut() {
-            opt.step(be, &mut blk.w, &mut scratch, 1e-4);
-        }
-        opt.step(be, &mut model.head.w, &mut scratch, 1e-4);
-        model.zero_grad(be);
-        be.synchronize();
-        if i >= c.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+/// One model's training loop on random tokens, one timed step at a time (so that cases can be
+/// interleaved step by step, which spreads this machine's drift over all of them alike).
+struct Trainer {
+    model: Model<CpuBackend>,
+    opt: Optimizer,
+    scratch: Scratch<CpuBackend>,
+    rng: Rng,
+    windows: Vec<u32>,
+    batch: Batch<CpuBackend>,
+    ids: (Vec<u32>, Vec<u32>),
+    vocab: usize,
+}
+
+impl Trainer {
+    fn new(be: &CpuBackend, dims: &Dims, depth: usize, b: usize, t: usize) -> Self {
+        let init = InitConfig::new(InitScheme::Gpt2, depth.max(1), 1);
+        let windows = vec![0u32; b * (t + 1)];
+        Trainer {
+            model: Model::new(be, dims.clone(), depth, &init),
+            opt: Optimizer::new(OptimConfig {
+                kind: OptimizerKind::Adamw,
+                beta2: 0.999,
+                weight_decay: Some(0.0),
+                ..OptimConfig::default()
+            }),
+            scratch: Scratch::default(),
+            rng: Rng::new(42),
+            batch: Batch::from_windows(be, &windows, b, t),
+            windows,
+            ids: (Vec::new(), Vec::new()),
+            vocab: dims.vocab,
         }
     }
+
+    /// One step (forward, backward, AdamW) on fresh random tokens; its seconds.
+    fn step(&mut self, be: &CpuBackend) -> f64 {
+        let vocab = self.vocab as u64;
+        self.windows.iter_mut().for_each(|w| *w = self.rng.below(vocab) as u32);
+        self.batch.load(be, &self.windows, &mut self.ids.0, &mut self.ids.1);
+        let dscale = 1.0 / (self.batch.b * self.batch.t) as f32;
+        let (m, opt, sc) = (&mut self.model, &self.opt, &mut self.scratch);
+        let t0 = Instant::now();
+        m.forward_backward(be, &self.batch, dscale);
+        m.finish_grads(be);
+        opt.step(be, &mut m.embed.w, sc, 1e-4);
+        for blk in m.blocks.iter_mut() {
+            opt.step(be, &mut blk.w, sc, 1e-4);
+        }
+        opt.step(be, &mut m.head.w, sc, 1e-4);
+        m.zero_grad(be);
+        be.synchronize();
+        t0.elapsed().as_secs_f64()
+    }
+}
+
+/// Seconds of each of `steps` timed training steps (after `warmup`) of a `depth`-block model of
+/// `dims` on batches of (b, t) random tokens.
+fn time_steps(be: &CpuBackend, dims: &Dims, depth: usize, b: usize, t: usize, warmup: usize, steps: usize) -> Vec<f64> {
+    let mut tr = Trainer::new(be, dims, depth, b, t);
+    (0..warmup + steps).map(|_| tr.step(be)).skip(warmup).collect()
+}
+
+/// Each block kind at the demo size (C = 128, 6 blocks, B = 16, T = 128, bytes), measured in this
+/// run beside GPT-2 of the same parameter count: `llama` with as many key/value heads as query
+/// heads has GPT-2's block size to 0.2% (SwiGLU's 3·C·344 against 8·C², no biases); the demo's
+/// grouped-query `llama` and `qwen3` have 2 key/value heads (9% fewer block parameters).
+fn kind_cases(be: &CpuBackend, quick: bool) {
+    use taproot::model::Arch;
+    let steps = if quick { 5 } else { 15 };
+    println!(
+        "\nblock kinds at the demo size (C=128, 6 blocks, B=16, T=128, V=256; AdamW; median of {steps} steps), against GPT-2 in this run:"
+    );
+    let gpt2 = Dims::new(256, 128, 128, 4);
+    let kinds = [
+        ("gpt2 (tied)", gpt2.clone()),
+        ("llama MHA (kv 4, untied)", Dims::llama(256, 128, 128, 4, 4, Dims::default_ffn_hidden(128))),
+        ("llama GQA (kv 2, untied; the llama demo)", Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128))),
+        ("qwen3 GQA (kv 2, untied, QK-norm)", Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128)).with_arch(Arch::Qwen3)),
+    ];
+    // Interleaved: one step of each kind per round, so drift hits every kind alike.
+    let mut trainers: Vec<Trainer> = kinds.iter().map(|(_, d)| Trainer::new(be, d, 6, 16, 128)).collect();
+    let mut times = vec![Vec::new(); kinds.len()];
+    for round in 0..2 + steps {
+        for (k, tr) in trainers.iter_mut().enumerate() {
+            let dt = tr.step(be);
+            if round >= 2 {
+                times[k].push(dt);
+            }
+        }
+    }
+    let ms: Vec<f64> = times.iter_mut().map(|t| median(t) * 1e3).collect();
+    for ((name, d), ms_k) in kinds.iter().zip(&ms) {
+        println!(
+            "  {name:<42} {ms_k:8.1} ms/step  block params {:>7}  non-embedding {:>8}  time {:.2}x gpt2",
+            flops::block_params(d),
+            flops::non_embedding_params(d, 6),
+            ms_k / ms[0]
+        );
+    }
+}
+
+fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
+    let dims = Dims::new(c.vocab, c.max_seq, c.channels, c.heads);
+    let mut times = time_steps(be, &dims, c.depth, c.b, c.t, c.warmup, c.steps);
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min) * 1e3;
     let max = times.iter().cloned().fold(0.0, f64::max) * 1e3;
     let ms = median(&mut times) * 1e3;
@@ -166,13 +241,17 @@ fn main() {
         demo("(b') demo config, 0 blocks (the first 80% of a progressive run)", 0, Some(4.7)),
         demo("(b'') demo config, 1 block", 1, Some(39.1)),
     ];
-    // `--case NAME-PREFIX` runs only the matching cases (e.g. `--case "(b')"` for profiling).
+    // `--case NAME-PREFIX` runs only the matching cases (e.g. `--case "(b')"` for profiling;
+    // `--case kinds` the block kinds alone).
     let only: Option<String> = std::env::args().skip_while(|a| a != "--case").nth(1);
     for c in cases.iter().filter(|c| only.as_ref().is_none_or(|o| c.name.starts_with(o.as_str()))) {
         run_case(&be, c, peak);
     }
     if only.is_none() {
         attention_cases(quick);
+    }
+    if only.as_ref().is_none_or(|o| o == "kinds") {
+        kind_cases(&be, quick);
     }
 }
 

@@ -21,11 +21,7 @@ type B = CpuBackend;
 
 /// Every kind at a tiny size; the LLaMA kinds with grouped-query attention (4 heads, 2 kv).
 fn kinds() -> Vec<Dims> {
-    vec![
-        Dims::new(67, 8, 16, 4),
-        Dims::llama(67, 8, 16, 4, 2, 24),
-        Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_tied(true),
-    ]
+    vec![Dims::new(67, 8, 16, 4), Dims::llama(67, 8, 16, 4, 2, 24), Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_tied(true)]
 }
 
 fn batch(be: &B, vocab: usize, seed: u64) -> Batch<B> {
@@ -113,7 +109,13 @@ fn parameter_counts_match_the_layouts_of_every_kind() {
 fn random_growth_draws_each_kind_at_its_init() {
     let be = B::default();
     for d in kinds() {
-        let d = Dims { channels: 64, heads: 4, kv_heads: if d.arch.is_gpt2() { 4 } else { 2 }, ffn_hidden: if d.arch.is_gpt2() { 256 } else { 176 }, ..d };
+        let d = Dims {
+            channels: 64,
+            heads: 4,
+            kv_heads: if d.arch.is_gpt2() { 4 } else { 2 },
+            ffn_hidden: if d.arch.is_gpt2() { 256 } else { 176 },
+            ..d
+        };
         let cfg = InitConfig::new(InitScheme::Gpt2, 8, 5);
         let mut m = Model::new(&be, d.clone(), 0, &cfg);
         growth::grow(&be, &mut m, &exp(8, GrowInit::Random, OptStatePolicy::Inherit), &cfg).unwrap();
@@ -156,7 +158,11 @@ fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
         for j in 0..2 {
             let got = m.blocks[j].w.snapshot(&be);
             assert_eq!(got.params, src[j % 2].params, "{kind}: copying copies every tensor");
-            assert_eq!((got.m, got.v, got.steps), (src[j % 2].m.clone(), src[j % 2].v.clone(), src[j % 2].steps.clone()), "{kind}: copy policy");
+            assert_eq!(
+                (got.m, got.v, got.steps),
+                (src[j % 2].m.clone(), src[j % 2].v.clone(), src[j % 2].steps.clone()),
+                "{kind}: copy policy"
+            );
         }
         // copying_zero: the function is kept, and only the residual outputs are zero.
         let mut m = trained(&be, &d, 2);
@@ -177,7 +183,8 @@ fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
         // zero: identity blocks; reset: every unit's state zero, parameters kept.
         let mut m = trained(&be, &d, 1);
         let before = m.logits(&be, &bt);
-        let params: Vec<_> = std::iter::once(m.embed.w.params_to_host(&be)).chain(m.blocks.iter().map(|b| b.w.params_to_host(&be))).collect();
+        let params: Vec<_> =
+            std::iter::once(m.embed.w.params_to_host(&be)).chain(m.blocks.iter().map(|b| b.w.params_to_host(&be))).collect();
         growth::grow(&be, &mut m, &exp(3, GrowInit::Zero, OptStatePolicy::Reset), &cfg).unwrap();
         assert!(max_abs_diff(&before, &m.logits(&be, &bt)) <= 1e-6, "{kind}: zero blocks are not identities");
         for s in &m.blocks[0].w.layout.specs {
@@ -209,7 +216,14 @@ fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
     assert!(got.growth.len() == 1 && got.steps.last().unwrap().depth == 4);
     for (a, b) in want.steps.iter().zip(&got.steps) {
         assert_eq!((a.step, a.depth), (b.step, b.depth));
-        assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits(), "step {}: sequential {} vs pipeline {}", a.step, a.train_loss, b.train_loss);
+        assert_eq!(
+            a.train_loss.to_bits(),
+            b.train_loss.to_bits(),
+            "step {}: sequential {} vs pipeline {}",
+            a.step,
+            a.train_loss,
+            b.train_loss
+        );
     }
     let ev = |r: &taproot::train::TrainReport| r.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect::<Vec<_>>();
     assert_eq!(ev(&want), ev(&got), "validation losses differ");

@@ -23,7 +23,8 @@ fn f32s(t: &safetensors::tensor::TensorView) -> Vec<f32> {
 
 #[test]
 fn a_runs_checkpoint_names_and_shapes_every_tensor() {
-    let change = |t: common::TestConfig| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2).set("optim.kind", "\"muon_adamw\"");
+    let change =
+        |t: common::TestConfig| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2).set("optim.kind", "\"muon_adamw\"");
     let (_, ck, cfg) = grown_checkpoint_with("named-ckpt", change);
     let (path, _, _) = checkpoint::load_newest_valid(&cfg.checkpoint_dir()).unwrap().map(|(c, p, w)| (p, c, w)).unwrap();
     let bytes = std::fs::read(&path).unwrap();

@@ -582,7 +582,15 @@ fn pinned_id_uploads_stay_in_order_across_the_staging_ring() {
         g.encoder_forward(CudaBackend::whole(&out), &ids_dev, CudaBackend::whole(&wte), Some(CudaBackend::whole(&wpe)), b, t, c);
         outs.push(out);
         let cout = cpu.alloc(b * t * c);
-        cpu.encoder_forward(CpuBackend::whole(&cout), &ids(&cpu, &ids_h), CpuBackend::whole(&cwte), Some(CpuBackend::whole(&cwpe)), b, t, c);
+        cpu.encoder_forward(
+            CpuBackend::whole(&cout),
+            &ids(&cpu, &ids_h),
+            CpuBackend::whole(&cwte),
+            Some(CpuBackend::whole(&cwpe)),
+            b,
+            t,
+            c,
+        );
         wants.push(down(&cpu, &cout));
     }
     for (i, (o, w)) in outs.iter().zip(&wants).enumerate() {

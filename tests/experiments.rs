@@ -246,7 +246,13 @@ fn progressive_vs_fixed_runs_for_each_block_kind() {
         let t = tiny(&dir, kind, 200).grow_at(0.5, 4).set("model.arch", format!("\"{kind}\"")).heads(4).set("model.kv_heads", 2);
         let cfg = t.build();
         let out = dir.join("out");
-        let args = ExperimentArgs { name: "progressive-vs-fixed".into(), quick: true, config: Some(t.write()), out: Some(out.clone()), ..Default::default() };
+        let args = ExperimentArgs {
+            name: "progressive-vs-fixed".into(),
+            quick: true,
+            config: Some(t.write()),
+            out: Some(out.clone()),
+            ..Default::default()
+        };
         experiment_command(&args).unwrap();
         let d = out; // one experiment writes into --out itself
         assert_eq!(csv_rows(&d.join("summary.csv")).len(), 6, "{kind}");

@@ -207,7 +207,8 @@ fn an_exported_model_imports_back_bit_exactly_and_trains_and_grows() {
 #[test]
 fn llama_and_qwen3_folders_hold_the_mapping_and_import_back_bit_exactly() {
     for (kind, class) in [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM")] {
-        let change = |t: TestConfig| t.set("model.arch", format!("\"{kind}\"")).heads(4).set("model.kv_heads", 2).set("model.ffn_hidden", 40);
+        let change =
+            |t: TestConfig| t.set("model.arch", format!("\"{kind}\"")).heads(4).set("model.kv_heads", 2).set("model.ffn_hidden", 40);
         let (dir, ck, cfg) = grown_checkpoint_with(&format!("export-{kind}"), change);
         let out = dir.join("hf");
         let e = taproot::export::export(&ck, &out).unwrap();
@@ -247,7 +248,10 @@ fn llama_and_qwen3_folders_hold_the_mapping_and_import_back_bit_exactly() {
             (next.clone().set("model.tie_embeddings", true), "tie_word_embeddings"),
             (next.clone().set("model.arch", if kind == "llama" { "\"qwen3\"" } else { "\"llama\"" }), "model_type"),
         ] {
-            let err = format!("{:#}", taproot::export::import(&out, &wrong.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap_err());
+            let err = format!(
+                "{:#}",
+                taproot::export::import(&out, &wrong.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap_err()
+            );
             assert!(err.contains(key), "{kind}: {err}");
         }
     }

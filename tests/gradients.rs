@@ -675,7 +675,17 @@ fn head_rmsnorm_backward_matches_finite_differences() {
     let r = randn(&mut rng, rows * stride, 1.0);
     let fwd = |x: &[f32], wv: &[f32]| {
         let (out, rstd) = (buf(&be, &vec![7.0; rows * stride]), be.alloc(rows * heads));
-        be.head_rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&buf(&be, x)), B::whole(&buf(&be, wv)), rows, stride, heads, hd, 1e-6);
+        be.head_rmsnorm_forward(
+            B::whole(&out),
+            B::whole(&rstd),
+            B::whole(&buf(&be, x)),
+            B::whole(&buf(&be, wv)),
+            rows,
+            stride,
+            heads,
+            hd,
+            1e-6,
+        );
         (host(&be, &out), rstd)
     };
     let (y, rstd) = fwd(&x, &wv);
@@ -692,7 +702,17 @@ fn head_rmsnorm_backward_matches_finite_differences() {
     };
     let d = buf(&be, &r);
     let dw = be.alloc(hd);
-    be.head_rmsnorm_backward(B::whole(&d), B::whole(&dw), B::whole(&buf(&be, &x)), B::whole(&buf(&be, &wv)), B::whole(&rstd), rows, stride, heads, hd);
+    be.head_rmsnorm_backward(
+        B::whole(&d),
+        B::whole(&dw),
+        B::whole(&buf(&be, &x)),
+        B::whole(&buf(&be, &wv)),
+        B::whole(&rstd),
+        rows,
+        stride,
+        heads,
+        hd,
+    );
     let dx = host(&be, &d);
     for row in 0..rows {
         let tail = row * stride + heads * hd..(row + 1) * stride;

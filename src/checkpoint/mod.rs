@@ -470,7 +470,11 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
             }
         }
         let len = |part: &str| -> usize {
-            pieces.iter().filter_map(|(name, _)| views.get(file_name(*key, name, part).as_str())).map(|t| t.shape().iter().product::<usize>()).sum()
+            pieces
+                .iter()
+                .filter_map(|(name, _)| views.get(file_name(*key, name, part).as_str()))
+                .map(|t| t.shape().iter().product::<usize>())
+                .sum()
         };
         let has_v = |name: &str| views.contains_key(file_name(*key, name, "v").as_str());
         ensure!(
@@ -482,7 +486,12 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
             let got = len(part);
             let flat = pieces.len() == 1 && pieces[0].0.is_empty();
             let absent = part == "v" && !pieces.iter().any(|(name, _)| has_v(name));
-            ensure!(got == n || absent, "unit {key}: {} {got} values but {} {n}", if flat { format!("`{key}.{part}` has") } else { format!("its `{part}` tensors have") }, if flat { format!("`{key}.params` has") } else { "its parameters".to_string() });
+            ensure!(
+                got == n || absent,
+                "unit {key}: {} {got} values but {} {n}",
+                if flat { format!("`{key}.{part}` has") } else { format!("its `{part}` tensors have") },
+                if flat { format!("`{key}.params` has") } else { "its parameters".to_string() }
+            );
         }
     }
 

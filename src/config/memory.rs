@@ -60,11 +60,17 @@ pub fn estimate(cfg: &Config) -> Estimate {
         (12.0 * c * c + 13.0 * c, 21.0 * c, 1.0, tmax)
     } else {
         let hd = (c / nh).floor();
-        let (kv, ff) = (f(m.kv_heads.unwrap_or(m.heads)), f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))));
+        let (kv, ff) =
+            (f(m.kv_heads.unwrap_or(m.heads)), f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))));
         let qw = (nh + 2.0 * kv) * hd;
         let tied = m.tie_embeddings.unwrap_or(false);
         let qk = if m.arch == crate::model::Arch::Qwen3 { qw } else { 0.0 };
-        (2.0 * c + qw * c + c * nh * hd + 3.0 * ff * c + 2.0 * hd, 5.0 * c + 4.0 * nh * hd + 3.0 * ff + qk, if tied { 1.0 } else { 2.0 }, 0.0)
+        (
+            2.0 * c + qw * c + c * nh * hd + 3.0 * ff * c + 2.0 * hd,
+            5.0 * c + 4.0 * nh * hd + 3.0 * ff + qk,
+            if tied { 1.0 } else { 2.0 },
+            0.0,
+        )
     };
     let params = vocab_mats * v * c + pos * c + 2.0 * c + l * block;
     let adam = matches!(cfg.optim.kind, OptimizerKind::Adamw | OptimizerKind::MuonAdamw);

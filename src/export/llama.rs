@@ -36,7 +36,8 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
     let (vocab, c, hd, f) = (d.vocab, d.channels, d.head_size(), d.ffn_hidden);
     let (q_rows, kv_rows) = (d.heads * hd, d.kv_heads * hd);
     let folded = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| d.residual * x).collect() };
-    let mut tensors: Vec<(String, Tensor)> = vec![("model.embed_tokens.weight".into(), tensor(vec![vocab, c], &u.embed("wte")[..vocab * c]))];
+    let mut tensors: Vec<(String, Tensor)> =
+        vec![("model.embed_tokens.weight".into(), tensor(vec![vocab, c], &u.embed("wte")[..vocab * c]))];
     for i in 0..u.layers.len() {
         let p = |name: &str| u.layer(i, name);
         let h = |name: &str| format!("model.layers.{i}.{name}");
@@ -110,7 +111,9 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     if positions < d.max_seq {
         bail!("{}: `max_position_embeddings` = {positions} is fewer than the config's model.max_seq = {}", hf.path.display(), d.max_seq);
     }
-    for (key, ours, name) in [("rope_theta", d.rope_theta as f64, "model.rope_theta"), ("rms_norm_eps", d.norm_eps as f64, "model.norm_eps")] {
+    for (key, ours, name) in
+        [("rope_theta", d.rope_theta as f64, "model.rope_theta"), ("rms_norm_eps", d.norm_eps as f64, "model.norm_eps")]
+    {
         let got = hf.float(key)?;
         if (got - ours).abs() > 1e-6 * ours.abs() {
             bail!("{}: `{key}` = {got}, but the config has {ours} (set `{name} = {got}`)", hf.path.display());

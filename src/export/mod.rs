@@ -19,9 +19,9 @@ pub mod gpt2;
 pub mod llama;
 
 use crate::checkpoint::{self, Checkpoint, UnitKey};
+use crate::model::Arch;
 use crate::model::Dims;
 use crate::params::Layout;
-use crate::model::Arch;
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
@@ -307,4 +307,3 @@ pub fn read_tensors(folder: &Path) -> Result<Tensors> {
     }
     Ok(m)
 }
-

@@ -20,18 +20,18 @@ use crate::params::{Layout, ParamSet};
 /// What one micro-batch's forward leaves for its backward. Shapes for N = B*T rows.
 pub struct Gpt2Acts<B: Backend> {
     shape: (usize, usize),
-    ln1: B::Buf,           // (N, C)
-    ln1_mean: B::Buf,      // (N)
-    ln1_rstd: B::Buf,      // (N)
-    qkv: B::Buf,           // (N, 3C)
-    atty: B::Buf,          // (N, C) attention output before the projection
-    att: B::Buf,           // (B, NH, T, T) attention probabilities, or (B, NH, T) logsumexps (flash)
-    res2: B::Buf,          // (N, C) x + attention branch
-    ln2: B::Buf,           // (N, C)
-    ln2_mean: B::Buf,      // (N)
-    ln2_rstd: B::Buf,      // (N)
-    fch: B::Buf,           // (N, 4C)
-    fch_gelu: B::Buf,      // (N, 4C)
+    ln1: B::Buf,      // (N, C)
+    ln1_mean: B::Buf, // (N)
+    ln1_rstd: B::Buf, // (N)
+    qkv: B::Buf,      // (N, 3C)
+    atty: B::Buf,     // (N, C) attention output before the projection
+    att: B::Buf,      // (B, NH, T, T) attention probabilities, or (B, NH, T) logsumexps (flash)
+    res2: B::Buf,     // (N, C) x + attention branch
+    ln2: B::Buf,      // (N, C)
+    ln2_mean: B::Buf, // (N)
+    ln2_rstd: B::Buf, // (N)
+    fch: B::Buf,      // (N, 4C)
+    fch_gelu: B::Buf, // (N, 4C)
 }
 
 impl<B: Backend> Acts for Gpt2Acts<B> {

@@ -92,7 +92,16 @@ impl<B: Backend> Head<B> {
         let a = self.acts.as_ref().expect("acts ensured");
         let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
         if self.dims.arch.is_gpt2() {
-            be.layernorm_forward(B::whole(&a.lnf), B::whole(&a.mean), B::whole(&a.rstd), B::whole(x), self.w.p("lnfw"), self.w.p("lnfb"), n, c);
+            be.layernorm_forward(
+                B::whole(&a.lnf),
+                B::whole(&a.mean),
+                B::whole(&a.rstd),
+                B::whole(x),
+                self.w.p("lnfw"),
+                self.w.p("lnfb"),
+                n,
+                c,
+            );
         } else {
             be.rmsnorm_forward(B::whole(&a.lnf), B::whole(&a.rstd), B::whole(x), self.w.p("normw"), n, c, self.dims.norm_eps);
         }
@@ -161,7 +170,16 @@ impl<B: Backend> Head<B> {
                 c,
             );
         } else {
-            be.rmsnorm_backward(B::whole(&dx), self.w.g("normw"), B::whole(&a.dlnf), B::whole(&x), self.w.p("normw"), B::whole(&a.rstd), n, c);
+            be.rmsnorm_backward(
+                B::whole(&dx),
+                self.w.g("normw"),
+                B::whole(&a.dlnf),
+                B::whole(&x),
+                self.w.p("normw"),
+                B::whole(&a.rstd),
+                n,
+                c,
+            );
         }
         self.pool.put(be, x);
         (dx, loss)

@@ -51,7 +51,17 @@ pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f
 /// Per-head RMSNorm (QK-norm): the first `heads` vectors of `hd` floats of each of `rows` rows
 /// of `stride` floats become x · rstd · w; rstd (rows · heads) is kept.
 #[allow(clippy::too_many_arguments)]
-pub fn head_rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
+pub fn head_rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    rows: usize,
+    stride: usize,
+    heads: usize,
+    hd: usize,
+    eps: f32,
+) {
     assert!(
         heads * hd <= stride && out.len() >= (rows - 1) * stride + heads * hd && inp.len() >= (rows - 1) * stride + heads * hd,
         "head_rmsnorm_forward: shapes"
@@ -73,7 +83,17 @@ pub fn head_rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &
 /// (w·dout − norm · mean(w·dout·norm)) · rstd); dw += Σ_vectors norm · dout, summed first, in
 /// row and head order.
 #[allow(clippy::too_many_arguments)]
-pub fn head_rmsnorm_backward(d: &mut [f32], dw: &mut [f32], inp: &[f32], w: &[f32], rstd: &[f32], rows: usize, stride: usize, heads: usize, hd: usize) {
+pub fn head_rmsnorm_backward(
+    d: &mut [f32],
+    dw: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    rows: usize,
+    stride: usize,
+    heads: usize,
+    hd: usize,
+) {
     assert!(heads * hd <= stride && d.len() >= (rows - 1) * stride + heads * hd && rstd.len() >= rows * heads && dw.len() == hd);
     for r in 0..rows {
         for h in 0..heads {
@@ -116,10 +136,13 @@ fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
 pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, sign: f32) {
     assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
     let half = hd / 2;
+    // The (cos, sin) of every (position, pair), once per call: t·hd/2 angles instead of one per
+    // row and pair (the same f64 formula, so the same f32 values).
+    let table: Vec<(f32, f32)> = (0..t.min(rows) * half).map(|k| rope_angle(k / half, k % half, hd, theta)).collect();
     x.par_chunks_mut(stride).take(rows).enumerate().for_each(|(r, row)| {
         let pos = r % t;
         for i in 0..half {
-            let (cos, sin) = rope_angle(pos, i, hd, theta);
+            let (cos, sin) = table[pos * half + i];
             let sin = sin * sign;
             for h in 0..heads {
                 let (a, b) = (h * hd + i, h * hd + i + half);
