@@ -257,7 +257,7 @@ fn progressive_vs_fixed_runs_for_each_block_kind() {
         let d = out; // one experiment writes into --out itself
         assert_eq!(csv_rows(&d.join("summary.csv")).len(), 6, "{kind}");
         let evals = csv_rows(&d.join("evals.csv"));
-        let fixed_last = evals.iter().filter(|r| r.starts_with("fixed 4,")).last().unwrap().clone();
+        let fixed_last = evals.iter().rfind(|r| r.starts_with("fixed 4,")).unwrap().clone();
         let cols: Vec<&str> = fixed_last.split(',').collect();
         let (step, flops_ne): (f64, f64) = (cols[1].parse().unwrap(), cols[5].parse().unwrap());
         let dims = taproot::train::dims_of(&cfg, 256);

@@ -384,6 +384,38 @@ pub trait Backend: Send + Sized + 'static {
         heads: usize,
         hd: usize,
     );
+    /// Mixture of experts: out (M, C)[i] = inp[rows[i]] — each expert's tokens gathered into
+    /// contiguous rows (`model::moe::Plan`).
+    fn gather_rows(&self, out: View<Self::Buf>, inp: View<Self::Buf>, rows: &Self::Ids, m: usize, c: usize);
+    /// Mixture of experts: out (N, C)[t] = Σ_j w[t, j] · ys[slots[t, j]] over the k choices of
+    /// each token, in choice order (overwritten; w = 1 when `weights` is None, which makes this
+    /// the adjoint of [`Backend::gather_rows`]).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_combine(
+        &self,
+        out: View<Self::Buf>,
+        ys: View<Self::Buf>,
+        slots: &Self::Ids,
+        weights: Option<View<Self::Buf>>,
+        n: usize,
+        k: usize,
+        c: usize,
+    );
+    /// The backward of [`Backend::moe_combine`] (both overwritten): dys[slots[t, j]] =
+    /// w[t, j] · dout[t] and dweights[t, j] = dout[t] · ys[slots[t, j]].
+    #[allow(clippy::too_many_arguments)]
+    fn moe_combine_backward(
+        &self,
+        dys: View<Self::Buf>,
+        dweights: View<Self::Buf>,
+        dout: View<Self::Buf>,
+        ys: View<Self::Buf>,
+        slots: &Self::Ids,
+        weights: View<Self::Buf>,
+        n: usize,
+        k: usize,
+        c: usize,
+    );
     /// Rotary positions in place on the first `heads` heads (size `hd`) of each of `rows` rows of
     /// `stride` floats (row r is position r mod t): pair (i, i + hd/2) rotated by
     /// pos · θ^(−2i/hd), the Hugging Face layout. `inverse` rotates back: the backward.

@@ -123,6 +123,7 @@ impl<B: Backend> Gpt2Body<B> {
     }
 
     /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
         let (n, c, nh) = (b * t, d.channels, d.heads);
         let a = self.stash.take(b, t, || Gpt2Acts::new(be, d, b, t));

@@ -10,6 +10,7 @@
 //!   - `zero`: all block matrices and biases 0, norm gains 1 (a dead block, for ablation);
 //!   - `copying_zero`: copy, then zero the attention-out and MLP-out projections (and their
 //!     biases, for GPT-2) — an identity block, so the grown model computes the same function.
+//!
 //!   The tensors each kind zeroes or sets to 1 are [`residual_outputs`] and
 //!   [`block::gains`](super::block::gains); every other tensor is copied or drawn alike for
 //!   every kind.

@@ -121,6 +121,52 @@ pub fn head_rmsnorm_backward(
     });
 }
 
+/// out (M, C)[i] = inp[rows[i]].
+pub fn gather_rows(out: &mut [f32], inp: &[f32], rows: &[u32], m: usize, c: usize) {
+    assert!(out.len() >= m * c && rows.len() >= m, "gather_rows: shapes");
+    out[..m * c].par_chunks_mut(c).zip(&rows[..m]).for_each(|(o, &r)| o.copy_from_slice(&inp[r as usize * c..(r as usize + 1) * c]));
+}
+
+/// out (N, C)[t] = Σ_j w[t, j] · ys[slots[t, j]], choices in order (w = 1 without weights).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&[f32]>, n: usize, k: usize, c: usize) {
+    assert!(out.len() >= n * c && slots.len() >= n * k, "moe_combine: shapes");
+    out[..n * c].par_chunks_mut(c).enumerate().for_each(|(t, o)| {
+        o.fill(0.0);
+        for j in 0..k {
+            let s = slots[t * k + j] as usize;
+            let w = weights.map_or(1.0, |w| w[t * k + j]);
+            for (oi, &y) in o.iter_mut().zip(&ys[s * c..(s + 1) * c]) {
+                *oi += w * y;
+            }
+        }
+    });
+}
+
+/// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]].
+#[allow(clippy::too_many_arguments)]
+pub fn moe_combine_backward(
+    dys: &mut [f32],
+    dweights: &mut [f32],
+    dout: &[f32],
+    ys: &[f32],
+    slots: &[u32],
+    weights: &[f32],
+    n: usize,
+    k: usize,
+    c: usize,
+) {
+    assert!(dys.len() >= n * k * c && dweights.len() >= n * k && slots.len() >= n * k, "moe_combine_backward: shapes");
+    for (tj, dw) in dweights[..n * k].iter_mut().enumerate() {
+        let (t, s) = (tj / k, slots[tj] as usize);
+        let d = &dout[t * c..(t + 1) * c];
+        *dw = dot8(d, &ys[s * c..(s + 1) * c]);
+        for (o, &g) in dys[s * c..(s + 1) * c].iter_mut().zip(d) {
+            *o = weights[tj] * g;
+        }
+    }
+}
+
 /// The angle of rotary pair `i` (of hd / 2) at position `pos`: pos · θ^(−2i / hd).
 fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
     let inv = (theta as f64).powf(-2.0 * i as f64 / hd as f64);

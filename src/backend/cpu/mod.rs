@@ -484,6 +484,36 @@ impl Backend for CpuBackend {
         disjoint(&d, &[&dw]);
         unsafe { llama::head_rmsnorm_backward(self.wr(d), self.wr(dw), self.rd(inp), self.rd(w), self.rd(rstd), rows, stride, heads, hd) }
     }
+    fn gather_rows(&self, out: V, inp: V, rows: &CpuIds, m: usize, c: usize) {
+        disjoint(&out, &[&inp]);
+        unsafe { llama::gather_rows(self.wr(out), self.rd(inp), rows.slice(), m, c) }
+    }
+    fn moe_combine(&self, out: V, ys: V, slots: &CpuIds, weights: Option<V>, n: usize, k: usize, c: usize) {
+        disjoint(&out, &[&ys]);
+        if let Some(w) = &weights {
+            disjoint(&out, &[w]);
+        }
+        unsafe { llama::moe_combine(self.wr(out), self.rd(ys), slots.slice(), weights.map(|w| self.rd(w)), n, k, c) }
+    }
+    fn moe_combine_backward(&self, dys: V, dweights: V, dout: V, ys: V, slots: &CpuIds, weights: V, n: usize, k: usize, c: usize) {
+        for o in [&dys, &dweights] {
+            disjoint(o, &[&dout, &ys, &weights]);
+        }
+        disjoint(&dys, &[&dweights]);
+        unsafe {
+            llama::moe_combine_backward(
+                self.wr(dys),
+                self.wr(dweights),
+                self.rd(dout),
+                self.rd(ys),
+                slots.slice(),
+                self.rd(weights),
+                n,
+                k,
+                c,
+            )
+        }
+    }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         unsafe { llama::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
     }

@@ -330,6 +330,42 @@ extern "C" __global__ void head_rmsnorm_backward_kernel(float* d, const float* i
     float m = warp_sum(a) / hd;
     for (int i = lane; i < hd; i += WARP) dv[i] = (w[i] * dv[i] - x[i] * r * m) * r;
 }
+// Mixture of experts. out (M, C)[i] = inp[rows[i]]: one thread per output element.
+extern "C" __global__ void gather_rows_kernel(float* out, const float* inp, const unsigned int* rows, int M, int C) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)M * C) return;
+    out[i] = inp[(long)rows[i / C] * C + i % C];
+}
+// out (N, C)[t] = sum_j w[t, j] * ys[slots[t, j]] in choice order (w = 1 when null): one thread
+// per output element, no atomics (deterministic).
+extern "C" __global__ void moe_combine_kernel(float* out, const float* ys, const unsigned int* slots, const float* w, int N, int K, int C) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)N * C) return;
+    long t = i / C;
+    int c = i % C;
+    float acc = 0.0f;
+    for (int j = 0; j < K; j++) acc += (w ? w[t * K + j] : 1.0f) * ys[(long)slots[t * K + j] * C + c];
+    out[i] = acc;
+}
+// dys[slots[t, j]] = w[t, j] * dout[t]: one thread per element of (N*K, C).
+extern "C" __global__ void moe_combine_dys_kernel(float* dys, const float* dout, const unsigned int* slots, const float* w, int N, int K, int C) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)N * K * C) return;
+    long tj = i / C;
+    int c = i % C;
+    dys[(long)slots[tj] * C + c] = w[tj] * dout[(tj / K) * C + c];
+}
+// dweights[t, j] = dout[t] . ys[slots[t, j]]: one warp per (token, choice).
+extern "C" __global__ void moe_combine_dweights_kernel(float* dw, const float* dout, const float* ys, const unsigned int* slots, int N, int K, int C) {
+    int tj = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
+    if (tj >= N * K) return;
+    const float* d = dout + (long)(tj / K) * C;
+    const float* y = ys + (long)slots[tj] * C;
+    float a = 0.0f;
+    for (int i = lane; i < C; i += WARP) a += d[i] * y[i];
+    a = warp_sum(a);
+    if (lane == 0) dw[tj] = a;
+}
 // Rotary positions in place: one thread per (row, head, pair i < hd/2); row r is position r mod T.
 // The angle is computed in double, as the CPU kernel does, so both backends rotate alike.
 extern "C" __global__ void rope_kernel(float* x, int rows, int T, int stride, int heads, int hd, float theta, float sign) {

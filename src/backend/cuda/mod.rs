@@ -66,6 +66,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "head_rmsnorm_forward_kernel",
     "head_rmsnorm_dw_kernel",
     "head_rmsnorm_backward_kernel",
+    "gather_rows_kernel",
+    "moe_combine_kernel",
+    "moe_combine_dys_kernel",
+    "moe_combine_dweights_kernel",
     "rope_kernel",
     "gqa_expand_kernel",
     "gqa_reduce_kernel",
@@ -813,6 +817,29 @@ impl Backend for CudaBackend {
         let cfg = LaunchConfig { grid_dim: (hd as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         launch!(self, "head_rmsnorm_dw_kernel", cfg, &dww, &dd, &x, &r, &ri, &si, &hi, &hdi);
         launch!(self, "head_rmsnorm_backward_kernel", Self::cfg_rows(rows * heads), &dd, &x, &ww, &r, &ri, &si, &hi, &hdi);
+    }
+    fn gather_rows(&self, out: V, inp: V, rows: &CudaIds, m: usize, c: usize) {
+        assert!(out.len >= m * c && rows.len >= m, "gather_rows: views too small");
+        let (o, x, r) = (p(&out), p(&inp), rows.ptr);
+        let (mi, ci) = (m as i32, c as i32);
+        launch!(self, "gather_rows_kernel", Self::cfg1d(m * c), &o, &x, &r, &mi, &ci);
+    }
+    fn moe_combine(&self, out: V, ys: V, slots: &CudaIds, weights: Option<V>, n: usize, k: usize, c: usize) {
+        assert!(out.len >= n * c && slots.len >= n * k && weights.is_none_or(|w| w.len >= n * k), "moe_combine: views too small");
+        let (o, y, s, w) = (p(&out), p(&ys), slots.ptr, weights.map_or(0, |w| p(&w)));
+        let (ni, ki, ci) = (n as i32, k as i32, c as i32);
+        launch!(self, "moe_combine_kernel", Self::cfg1d(n * c), &o, &y, &s, &w, &ni, &ki, &ci);
+    }
+    fn moe_combine_backward(&self, dys: V, dweights: V, dout: V, ys: V, slots: &CudaIds, weights: V, n: usize, k: usize, c: usize) {
+        assert!(
+            dys.len >= n * k * c && dweights.len >= n * k && slots.len >= n * k && weights.len >= n * k,
+            "moe_combine_backward: views too small"
+        );
+        let (dy, dw, d, y, s, w) = (p(&dys), p(&dweights), p(&dout), p(&ys), slots.ptr, p(&weights));
+        let (ni, ki, ci) = (n as i32, k as i32, c as i32);
+        launch!(self, "moe_combine_dys_kernel", Self::cfg1d(n * k * c), &dy, &d, &s, &w, &ni, &ki, &ci);
+        // One warp per (token, choice) for the dot products.
+        launch!(self, "moe_combine_dweights_kernel", Self::cfg_rows(n * k), &dw, &d, &y, &s, &ni, &ki, &ci);
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len >= rows * stride, "rope: views too small");

@@ -1,0 +1,201 @@
+//! The mixture-of-experts MLP (`[model.moe]`): routing, the dispatch plan, and the aux-loss-free
+//! balancing bias. The block's forward and backward that use them are in
+//! [`llama_block`](super::llama_block).
+//!
+//! ```text
+//! rms2 ─► logits = rms2 @ Wr^T (N, E) ─► route: top-k experts and their weights per token
+//!      ─► gather each expert's tokens ─► SwiGLU expert e on its rows ─► Σ_k weight · output
+//!      (+ the shared experts: one SwiGLU of S·F units on every token)
+//! ```
+//!
+//! **Routing** (`routing`):
+//! - `softmax` (Mixtral, Qwen-MoE): p = softmax(logits); the k largest p; weights p / Σ_top-k p
+//!   (renormalised), which is the softmax of the selected logits.
+//! - `sigmoid` (DeepSeek-V3): s = sigmoid(logits); the k largest s + b, where b is a per-expert
+//!   bias that only steers the selection; weights s / Σ_top-k s. After every optimizer step each
+//!   expert's bias moves by `bias_update_rate` towards balance: b_e += γ · sign(mean load − load_e),
+//!   load_e = the tokens routed to e during the step (the auxiliary-loss-free balancing). The
+//!   bias is a tensor of the unit (`router_bias`: checkpointed, copied by growth) that the
+//!   optimizer never updates.
+//!
+//! Ties in the top-k go to the lower expert index. Dropless: every token goes to its k experts,
+//! however many tokens an expert gets. The selection is piecewise constant in the logits, so
+//! gradients flow through the weights only, as in every top-k router.
+//!
+//! Routing runs on the host, from the logits read back (N·E floats per block and micro-batch),
+//! on every backend alike; the experts' products run on the device, each expert on the
+//! contiguous rows of its tokens.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// How tokens choose their experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    #[default]
+    Softmax,
+    Sigmoid,
+}
+
+/// The resolved shape of a mixture-of-experts MLP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Moe {
+    /// Routed experts E.
+    pub experts: usize,
+    /// Experts per token k.
+    pub top_k: usize,
+    /// Shared experts S (every token goes through them; 0: none).
+    pub shared: usize,
+    /// SwiGLU hidden units F of each expert (routed and shared).
+    pub hidden: usize,
+    pub routing: Routing,
+    /// γ of the auxiliary-loss-free bias update (`sigmoid` routing).
+    pub bias_rate: f32,
+    /// Blocks that stay dense: those whose position in the final model is below this.
+    pub first_dense: usize,
+}
+
+/// Whether a block's MLP is dense or a mixture of experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Mlp {
+    #[default]
+    Dense,
+    Moe,
+}
+
+/// `expert.<e>.<part>` as a `&'static str` (tensor names of a layout are static; each distinct
+/// name is made once).
+pub fn expert_tensor(e: usize, part: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let key = format!("expert.{e}.{part}");
+    let mut m = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    m.entry(key.clone()).or_insert_with(|| Box::leak(key.into_boxed_str()))
+}
+
+/// The MoE MLP's tensors for channels `c`: the router, its bias (`sigmoid`), the shared
+/// experts as one SwiGLU of S·F units, and each expert's fused [gate | up] and down matrices.
+pub fn specs(m: &Moe, c: usize) -> Vec<(&'static str, Vec<usize>)> {
+    let f = m.hidden;
+    let mut s = vec![("routerw", vec![m.experts, c])];
+    if m.routing == Routing::Sigmoid {
+        s.push(("router_bias", vec![m.experts]));
+    }
+    if m.shared > 0 {
+        s.push(("shared_gate_upw", vec![2 * m.shared * f, c]));
+        s.push(("shared_downw", vec![c, m.shared * f]));
+    }
+    for e in 0..m.experts {
+        s.push((expert_tensor(e, "gate_upw"), vec![2 * f, c]));
+        s.push((expert_tensor(e, "downw"), vec![c, f]));
+    }
+    s
+}
+
+/// One micro-batch's routing: per token its k experts (best first) and their weights, and the
+/// scores (softmax probabilities or sigmoids, (N, E)) the backward needs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Route {
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub scores: Vec<f32>,
+}
+
+/// Route `n` tokens from their logits (N, E); `bias` (E) steers the `sigmoid` selection.
+pub fn route(logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize, routing: Routing) -> Route {
+    assert!(logits.len() == n * e && k >= 1 && k <= e, "route: {n} tokens of {e} logits, top {k}");
+    let mut r = Route { experts: Vec::with_capacity(n * k), weights: Vec::with_capacity(n * k), scores: Vec::with_capacity(n * e) };
+    let mut order: Vec<usize> = Vec::with_capacity(e);
+    for l in logits.chunks_exact(e) {
+        let start = r.scores.len();
+        match routing {
+            Routing::Softmax => {
+                let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+                r.scores.extend(l.iter().map(|&x| (((x - m) as f64).exp() / z) as f32));
+            }
+            Routing::Sigmoid => r.scores.extend(l.iter().map(|&x| (1.0 / (1.0 + (-(x as f64)).exp())) as f32)),
+        }
+        let s = &r.scores[start..];
+        let key = |i: usize| s[i] + bias.map_or(0.0, |b| b[i]);
+        order.clear();
+        order.extend(0..e);
+        // Descending key, ties to the lower index (a stable sort keeps index order).
+        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+        let sum: f32 = order[..k].iter().map(|&i| s[i]).sum();
+        for &i in &order[..k] {
+            r.experts.push(i as u32);
+            r.weights.push(s[i] / sum);
+        }
+    }
+    r
+}
+
+/// dlogits (N, E) from the weights' gradient dweights (N, k): the selected logits only.
+/// `softmax`: the weights are the softmax of the selected logits, dl_j = w_j (dw_j − Σ w·dw).
+/// `sigmoid`: w_j = s_j / S, so ds_j = (dw_j − Σ w·dw) / S and dl_j = ds_j · s_j (1 − s_j).
+pub fn route_backward(r: &Route, dweights: &[f32], n: usize, e: usize, k: usize, routing: Routing) -> Vec<f32> {
+    let mut dl = vec![0.0f32; n * e];
+    for t in 0..n {
+        let (sel, w, dw) = (&r.experts[t * k..(t + 1) * k], &r.weights[t * k..(t + 1) * k], &dweights[t * k..(t + 1) * k]);
+        let dot: f32 = w.iter().zip(dw).map(|(a, b)| a * b).sum();
+        let s = &r.scores[t * e..(t + 1) * e];
+        let total: f32 = sel.iter().map(|&i| s[i as usize]).sum();
+        for j in 0..k {
+            let i = sel[j] as usize;
+            dl[t * e + i] = match routing {
+                Routing::Softmax => w[j] * (dw[j] - dot),
+                Routing::Sigmoid => (dw[j] - dot) / total * s[i] * (1.0 - s[i]),
+            };
+        }
+    }
+    dl
+}
+
+/// Where each (token, choice) goes: the slots sorted by expert (then token, then choice), so
+/// that each expert's tokens are contiguous rows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Slot → the token whose row it holds (M = N·k).
+    pub rows: Vec<u32>,
+    /// (token, choice) → its slot (N·k).
+    pub slots: Vec<u32>,
+    /// Expert e's slots are offsets[e]..offsets[e + 1].
+    pub offsets: Vec<usize>,
+}
+
+impl Plan {
+    pub fn new(experts: &[u32], n: usize, e: usize, k: usize) -> Plan {
+        let mut offsets = vec![0usize; e + 1];
+        for &x in experts {
+            offsets[x as usize + 1] += 1;
+        }
+        for i in 0..e {
+            offsets[i + 1] += offsets[i];
+        }
+        let mut next = offsets.clone();
+        let (mut rows, mut slots) = (vec![0u32; n * k], vec![0u32; n * k]);
+        for (tj, &x) in experts.iter().enumerate() {
+            let slot = next[x as usize];
+            next[x as usize] += 1;
+            rows[slot] = (tj / k) as u32;
+            slots[tj] = slot as u32;
+        }
+        Plan { rows, slots, offsets }
+    }
+
+    /// Tokens routed to expert `e`.
+    pub fn count(&self, e: usize) -> usize {
+        self.offsets[e + 1] - self.offsets[e]
+    }
+}
+
+/// The auxiliary-loss-free update: b_e += γ · sign(mean − load_e).
+pub fn update_bias(bias: &mut [f32], load: &[u64], rate: f32) {
+    let mean = load.iter().sum::<u64>() as f64 / load.len().max(1) as f64;
+    for (b, &l) in bias.iter_mut().zip(load) {
+        let d = mean - l as f64;
+        *b += rate * if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 };
+    }
+}
