@@ -9,26 +9,51 @@
 //!   in Kaplan et al.'s convention.
 //!
 //! Parameter counts are closed forms per block kind; `tests/arch.rs` checks them against the
-//! layouts the model allocates.
+//! layouts the model allocates. A mixture-of-experts model's FLOPs count the parameters each
+//! token uses (its k routed experts, the shared ones and the router), not every expert.
 //!
 //! A progressive run's cost is the sum over steps of the cost of the model as it was at that step.
 
 use crate::model::{Arch, Dims};
 
-/// Parameters of one block of `d`'s kind:
+/// Parameters of one dense block of `d`'s kind:
 /// - `gpt2`: qkv 3C²+3C, attn proj C²+C, fc 4C²+4C, fc proj 4C²+C, 2 LayerNorms 4C = 12C²+13C;
 /// - `llama`: 2 RMSNorm gains 2C, qkv (NH+2KV)·hd·C, o C·NH·hd, gate/up 2F·C, down F·C;
 /// - `qwen3`: llama + the q and k norms' gains 2·hd.
 pub fn block_params(d: &Dims) -> u64 {
-    let (c, hd, f) = (d.channels as u64, d.head_size() as u64, d.ffn_hidden as u64);
+    let (c, f) = (d.channels as u64, d.ffn_hidden as u64);
+    // GPT-2's MLP: fc (F, C) + bias F, proj (C, F) + bias C; SwiGLU's: gate and up (F, C), down (C, F).
+    attention_params(d) + if d.arch.is_gpt2() { 2 * f * c + f + c } else { 3 * f * c }
+}
+
+/// A block's parameters outside its MLP (norms, attention; GPT-2's biases but the MLP's).
+fn attention_params(d: &Dims) -> u64 {
+    let (c, hd) = (d.channels as u64, d.head_size() as u64);
     let (nh, kv) = (d.heads as u64, d.kv_heads as u64);
     match d.arch {
-        Arch::Gpt2 => 12 * c * c + 13 * c,
+        Arch::Gpt2 => 4 * c * c + 8 * c,
         Arch::Llama | Arch::Qwen3 => {
             let qk_norm = if d.arch == Arch::Qwen3 { 2 * hd } else { 0 };
-            2 * c + (nh + 2 * kv) * hd * c + c * nh * hd + 3 * f * c + qk_norm
+            2 * c + (nh + 2 * kv) * hd * c + c * nh * hd + qk_norm
         }
     }
+}
+
+/// Parameters of one MoE block (stored: every expert), and those a token uses (active: the k
+/// experts it is routed to, the shared experts and the router).
+pub fn moe_block_params(d: &Dims) -> Option<(u64, u64)> {
+    let m = d.moe.as_ref()?;
+    let (c, f) = (d.channels as u64, m.hidden as u64);
+    let expert = 3 * f * c;
+    let bias = if m.routing == crate::model::moe::Routing::Sigmoid { m.experts as u64 } else { 0 };
+    let common = attention_params(d) + m.experts as u64 * c + bias + m.shared as u64 * expert;
+    Some((common + m.experts as u64 * expert, common + m.top_k as u64 * expert))
+}
+
+/// The dense blocks of a depth-L model under `[model.moe]`: its first `first_dense_layers`
+/// (counted as the model has them), all of them without MoE.
+fn dense_blocks(d: &Dims, depth: usize) -> usize {
+    d.moe.as_ref().map_or(depth, |m| m.first_dense.min(depth))
 }
 
 /// Stored vocabulary-sized parameters: wte (Vp, C), wpe (maxT, C) for `gpt2`, an untied lm_head (Vp, C).
@@ -38,22 +63,37 @@ pub fn embedding_params(d: &Dims) -> u64 {
     ((d.padded_vocab + wpe + lm_head) * d.channels) as u64
 }
 
-/// Non-embedding parameters at depth L: the blocks and the final norm (LayerNorm 2C, RMSNorm C).
+fn final_norm(d: &Dims) -> u64 {
+    (if d.arch.is_gpt2() { 2 } else { 1 }) * d.channels as u64
+}
+
+/// Non-embedding parameters at depth L (stored): the blocks and the final norm (LayerNorm 2C,
+/// RMSNorm C).
 pub fn non_embedding_params(d: &Dims, depth: usize) -> u64 {
-    let norm = if d.arch.is_gpt2() { 2 } else { 1 } * d.channels as u64;
-    depth as u64 * block_params(d) + norm
+    let dense = dense_blocks(d, depth);
+    let moe = moe_block_params(d).map_or(0, |p| p.0) * (depth - dense) as u64;
+    dense as u64 * block_params(d) + moe + final_norm(d)
+}
+
+/// Non-embedding parameters a token uses at depth L: as stored for a dense model; an MoE block
+/// counts its active parameters.
+pub fn active_non_embedding_params(d: &Dims, depth: usize) -> u64 {
+    let dense = dense_blocks(d, depth);
+    let moe = moe_block_params(d).map_or(0, |p| p.1) * (depth - dense) as u64;
+    dense as u64 * block_params(d) + moe + final_norm(d)
 }
 
 pub fn total_params(d: &Dims, depth: usize) -> u64 {
     embedding_params(d) + non_embedding_params(d, depth)
 }
 
-/// Training FLOPs per token, llm.c's convention, for sequences of length `t`.
+/// Training FLOPs per token, llm.c's convention, for sequences of length `t` (an MoE model's
+/// active parameters in place of N).
 pub fn flops_per_token_llmc(d: &Dims, depth: usize, t: usize) -> f64 {
-    6.0 * total_params(d, depth) as f64 + 6.0 * (depth * t * d.channels) as f64
+    6.0 * (embedding_params(d) + active_non_embedding_params(d, depth)) as f64 + 6.0 * (depth * t * d.channels) as f64
 }
 
-/// Training FLOPs per token, the paper's non-embedding convention.
+/// Training FLOPs per token, the paper's non-embedding convention (active parameters).
 pub fn flops_per_token_non_embedding(d: &Dims, depth: usize) -> f64 {
-    6.0 * non_embedding_params(d, depth) as f64
+    6.0 * active_non_embedding_params(d, depth) as f64
 }

@@ -8,9 +8,10 @@ mod common;
 use common::{synthetic_dataset, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::data::Dataset;
-use taproot::model::block::{gains, residual_outputs};
+use taproot::model::block::{gains, is_residual_output};
 use taproot::model::growth::{self, CopyOrder, Expansion, GrowInit, OptStatePolicy, Position};
 use taproot::model::init::{block_tensor_std, InitConfig, InitScheme};
+use taproot::model::moe::{Mlp, Moe, Routing};
 use taproot::model::{Arch, Batch, Block, Dims, Model};
 use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
 use taproot::rng::Rng;
@@ -19,9 +20,24 @@ use taproot::train::{sequential::Sequential, RunOptions};
 
 type B = CpuBackend;
 
-/// Every kind at a tiny size; the LLaMA kinds with grouped-query attention (4 heads, 2 kv).
+/// Every kind at a tiny size; the LLaMA kinds with grouped-query attention (4 heads, 2 kv); the
+/// last two with a mixture of experts in every block (4 experts of 24, 2 per token; one shared).
 fn kinds() -> Vec<Dims> {
-    vec![Dims::new(67, 8, 16, 4), Dims::llama(67, 8, 16, 4, 2, 24), Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_tied(true)]
+    vec![
+        Dims::new(67, 8, 16, 4),
+        Dims::llama(67, 8, 16, 4, 2, 24),
+        Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_tied(true),
+        Dims::llama(67, 8, 16, 4, 2, 24).with_moe(moe(Routing::Softmax, 1)),
+        Dims::llama(67, 8, 16, 4, 2, 24).with_arch(Arch::Qwen3).with_moe(moe(Routing::Sigmoid, 0)),
+    ]
+}
+
+fn moe(routing: Routing, shared: usize) -> Moe {
+    Moe { experts: 4, top_k: 2, shared, hidden: 24, routing, bias_rate: 0.01, first_dense: 0 }
+}
+
+fn kind_name(d: &Dims) -> String {
+    format!("{}{}", d.arch.name(), if d.moe.is_some() { " moe" } else { "" })
 }
 
 fn batch(be: &B, vocab: usize, seed: u64) -> Batch<B> {
@@ -61,7 +77,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn every_kind_has_its_own_tensors() {
     let names = |d: &Dims| Block::<B>::layout(d).specs.iter().map(|s| s.name).collect::<Vec<_>>();
-    let [g, l, q] = <[Dims; 3]>::try_from(kinds()).unwrap();
+    let [g, l, q, ..] = <[Dims; 5]>::try_from(kinds()).unwrap();
     assert_eq!(names(&g), ["ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"]);
     assert_eq!(names(&l), ["attn_norm", "qkvw", "ow", "mlp_norm", "gate_upw", "downw"]);
     assert_eq!(names(&q), ["attn_norm", "qkvw", "q_norm", "k_norm", "ow", "mlp_norm", "gate_upw", "downw"]);
@@ -92,13 +108,19 @@ fn parameter_counts_match_the_layouts_of_every_kind() {
     use taproot::model::{Embed, Head};
     for d in kinds().into_iter().chain([Dims::llama(300, 8, 16, 4, 1, 24)]) {
         let be = B::default();
-        assert_eq!(taproot::flops::block_params(&d), Block::<B>::layout(&d).total as u64, "{}", d.arch.name());
+        let moe = taproot::flops::moe_block_params(&d);
+        let stored = moe.map_or(taproot::flops::block_params(&d), |p| p.0);
+        assert_eq!(stored, Block::<B>::layout_of(&d, if moe.is_some() { Mlp::Moe } else { Mlp::Dense }).total as u64, "{}", kind_name(&d));
+        if let (Some((all, active)), Some(m)) = (moe, &d.moe) {
+            // A token uses k of the E experts' 3·F·C weights each.
+            assert_eq!(all - active, ((m.experts - m.top_k) * 3 * m.hidden * d.channels) as u64);
+        }
         let m = Model::new(&be, d.clone(), 3, &InitConfig::new(InitScheme::Gpt2, 3, 1));
         let (total, _, _) = m.param_counts();
-        assert_eq!(taproot::flops::total_params(&d, 3), total as u64, "{}", d.arch.name());
+        assert_eq!(taproot::flops::total_params(&d, 3), total as u64, "{}", kind_name(&d));
         let head_norm = Head::<B>::layout(&d).specs.iter().filter(|s| s.name != "lm_head").map(|s| s.numel()).sum::<usize>();
-        let ne = 3 * Block::<B>::layout(&d).total + head_norm;
-        assert_eq!(taproot::flops::non_embedding_params(&d, 3), ne as u64, "{}", d.arch.name());
+        let ne = m.blocks.iter().map(|b| b.w.layout.total).sum::<usize>() + head_norm;
+        assert_eq!(taproot::flops::non_embedding_params(&d, 3), ne as u64, "{}", kind_name(&d));
         assert_eq!(taproot::flops::embedding_params(&d) as usize + head_norm, Embed::<B>::layout(&d).total + Head::<B>::layout(&d).total);
     }
 }
@@ -124,19 +146,19 @@ fn random_growth_draws_each_kind_at_its_init() {
             let h = blk.w.params_to_host(&be);
             for s in &blk.w.layout.specs {
                 let t = &h[s.offset..s.offset + s.numel()];
-                let what = format!("{} block {p} {}", d.arch.name(), s.name);
+                let what = format!("{} block {p} {}", kind_name(&d), s.name);
                 if gains(d.arch).contains(&s.name) {
                     assert!(t.iter().all(|&x| x == 1.0), "{what}: a gain starts at 1");
                 } else if !s.is_matrix() {
                     assert!(t.iter().all(|&x| x == 0.0), "{what}: a bias starts at 0");
                 } else {
-                    let want = if residual_outputs(d.arch).contains(&s.name) { 0.02 / 4.0 } else { 0.02 };
+                    let want = if is_residual_output(d.arch, s.name) { 0.02 / 4.0 } else { 0.02 };
                     assert_eq!(block_tensor_std(&cfg, d.arch, s.name, &s.shape), want, "{what}");
                     let std = (t.iter().map(|x| (x * x) as f64).sum::<f64>() / t.len() as f64).sqrt();
                     assert!((std / want - 1.0).abs() < 0.06, "{what}: std {std} against {want}");
                 }
             }
-            assert_eq!(h, fixed.blocks[p].w.params_to_host(&be), "{}: a grown block starts as a fixed one", d.arch.name());
+            assert_eq!(h, fixed.blocks[p].w.params_to_host(&be), "{}: a grown block starts as a fixed one", kind_name(&d));
         }
     }
 }
@@ -148,7 +170,7 @@ fn random_growth_draws_each_kind_at_its_init() {
 fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
     let be = B::default();
     for d in kinds() {
-        let kind = d.arch.name();
+        let kind = kind_name(&d);
         let bt = batch(&be, d.vocab, 7);
         let cfg = InitConfig::new(InitScheme::Gpt2, 4, 9);
         // copying, copy policy: 2 -> 4 blocks; new block j copies old block j % 2.
@@ -174,7 +196,7 @@ fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
         let h = blk.w.params_to_host(&be);
         for s in &blk.w.layout.specs {
             let (t, o) = (&h[s.offset..s.offset + s.numel()], &src[0][s.offset..s.offset + s.numel()]);
-            if residual_outputs(d.arch).contains(&s.name) {
+            if is_residual_output(d.arch, s.name) {
                 assert!(t.iter().all(|&x| x == 0.0), "{kind} {}: zeroed", s.name);
             } else {
                 assert_eq!(t, o, "{kind} {}: copied", s.name);

@@ -10,6 +10,7 @@
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::Backend;
 use taproot::model::init::{InitConfig, InitScheme};
+use taproot::model::moe::{Mlp, Moe, Routing};
 use taproot::model::{Arch, Batch, Block, Dims, Model};
 use taproot::params::ParamSet;
 use taproot::rng::Rng;
@@ -595,10 +596,14 @@ fn gradient_of_the_embedding_output_matches_finite_differences() {
 /// One block of `dims`' kind: finite differences on every tensor and the input, and a second
 /// pass through the recycled buffers.
 fn check_block(dims: &Dims, seed: u64) {
+    check_block_mlp(dims, seed, Mlp::Dense);
+}
+
+fn check_block_mlp(dims: &Dims, seed: u64, mlp: Mlp) {
     let be = B::default();
     let mut rng = Rng::new(seed);
     let (b, t, c) = (2, 5, dims.channels);
-    let layout = Block::<B>::layout(dims);
+    let layout = Block::<B>::layout_of(dims, mlp);
     let params: Vec<f32> = layout
         .specs
         .iter()
@@ -614,12 +619,12 @@ fn check_block(dims: &Dims, seed: u64) {
     let x = randn(&mut rng, b * t * c, 1.0);
     let r = randn(&mut rng, b * t * c, 1.0);
     let loss = |params: &[f32], x: &[f32]| {
-        let mut blk = Block::new_empty(&be, dims, 0);
+        let mut blk = Block::new_empty_mlp(&be, dims, 0, mlp);
         blk.w.params_from_host(&be, params);
         let y = blk.forward(&be, 0, buf(&be, x), b, t);
         dot(&host(&be, &y), &r)
     };
-    let mut blk = Block::new_empty(&be, dims, 0);
+    let mut blk = Block::new_empty_mlp(&be, dims, 0, mlp);
     blk.w.params_from_host(&be, &params);
     let _ = blk.forward(&be, 7, buf(&be, &x), b, t);
     let dx = host(&be, &blk.backward(&be, 7, buf(&be, &r)));
@@ -631,7 +636,7 @@ fn check_block(dims: &Dims, seed: u64) {
     for (g2, g) in blk.w.grads_to_host(&be).iter().zip(&grads) {
         assert!((g2 - 2.0 * g).abs() <= 1e-5 * (1.0 + g.abs()), "{g2} against 2 × {g}");
     }
-    let kind = dims.arch.name();
+    let kind = format!("{}{}", dims.arch.name(), if mlp == Mlp::Moe { " moe" } else { "" });
     check(&format!("{kind} block dx"), &dx, &(0..x.len()).collect::<Vec<_>>(), |i, h| {
         let mut v = x.clone();
         v[i] += h;
@@ -639,6 +644,17 @@ fn check_block(dims: &Dims, seed: u64) {
     });
     for spec in &layout.specs {
         let idx: Vec<usize> = (spec.offset..spec.offset + spec.numel()).collect();
+        if spec.name == "router_bias" {
+            // It only steers the selection, which is piecewise constant: no gradient, and the
+            // loss does not move under a small change of it.
+            assert!(idx.iter().all(|&i| grads[i] == 0.0), "{kind}: router_bias has a gradient");
+            for &i in &idx {
+                let mut v = params.clone();
+                v[i] += H;
+                assert_eq!(loss(&v, &x), loss(&params, &x), "{kind}: router_bias moved the loss");
+            }
+            continue;
+        }
         check(&format!("{kind} block {}", spec.name), &grads, &idx, |i, h| {
             let mut v = params.clone();
             v[i] += h;
@@ -657,6 +673,25 @@ fn llama_block_gradients_match_finite_differences() {
 fn qwen3_block_gradients_match_finite_differences() {
     // QK-norm on top, and a residual multiplier: q_norm, k_norm and α's backward too.
     check_block(&Dims::llama(67, 8, 16, 4, 2, 12).with_arch(Arch::Qwen3).with_residual(0.5), 26);
+}
+
+fn moe(routing: Routing, shared: usize) -> Moe {
+    Moe { experts: 4, top_k: 2, shared, hidden: 6, routing, bias_rate: 0.001, first_dense: 0 }
+}
+
+#[test]
+fn moe_block_gradients_match_finite_differences_softmax_routing_with_shared_experts() {
+    // 4 experts, 2 per token, renormalised softmax weights, one shared expert, α = 0.5: every
+    // expert matrix, the router and the shared expert against finite differences. The selection
+    // is piecewise constant; this seed's margins keep every perturbation on one side of it.
+    let d = Dims::llama(67, 8, 8, 4, 2, 12).with_residual(0.5).with_moe(moe(Routing::Softmax, 1));
+    check_block_mlp(&d, 30, Mlp::Moe);
+}
+
+#[test]
+fn moe_block_gradients_match_finite_differences_sigmoid_routing_qwen3() {
+    let d = Dims::llama(67, 8, 8, 4, 2, 12).with_arch(Arch::Qwen3).with_moe(moe(Routing::Sigmoid, 0));
+    check_block_mlp(&d, 31, Mlp::Moe);
 }
 
 #[test]

@@ -245,7 +245,7 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
 
     // Tensors in name order (the order safetensors itself writes, and the checksum order), each
     // with its shape: named per parameter tensor where the config gives the unit's layout.
-    let layouts = named::unit_layouts(&ck.meta);
+    let layouts = named::unit_layouts(&ck.meta, &ck.units);
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     let mut units: Vec<UnitEntry> = Vec::new();
     for (key, s) in &ck.units {

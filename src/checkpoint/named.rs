@@ -22,7 +22,8 @@ pub struct TensorEntry {
 }
 
 /// The layouts the run's config gives its units (none when the config does not parse).
-pub fn unit_layouts(meta: &Meta) -> HashMap<UnitKey, Layout> {
+/// A layer's layout is the dense or the MoE one, whichever has its size.
+pub fn unit_layouts(meta: &Meta, units: &[(UnitKey, crate::params::UnitState)]) -> HashMap<UnitKey, Layout> {
     type Cpu = crate::backend::cpu::CpuBackend;
     let Ok(cfg) = meta.config() else { return HashMap::new() };
     let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
@@ -30,8 +31,10 @@ pub fn unit_layouts(meta: &Meta) -> HashMap<UnitKey, Layout> {
         (UnitKey::Embed, crate::model::Embed::<Cpu>::layout(&dims)),
         (UnitKey::Head, crate::model::Head::<Cpu>::layout(&dims)),
     ]);
-    for &id in &meta.stack {
-        m.insert(UnitKey::Layer(id), crate::model::Block::<Cpu>::layout(&dims));
+    for (key, u) in units {
+        if let (UnitKey::Layer(_), Some(mlp)) = (key, crate::model::Block::<Cpu>::mlp_of_len(&dims, u.params.len())) {
+            m.insert(*key, crate::model::Block::<Cpu>::layout_of(&dims, mlp));
+        }
     }
     m
 }

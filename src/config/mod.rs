@@ -311,6 +311,35 @@ fn one() -> usize {
     1
 }
 
+/// `[model.moe]`: the mixture-of-experts MLP (`model::moe`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    /// Routed experts E.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Shared experts that every token goes through (default 0).
+    #[serde(default)]
+    pub shared_experts: usize,
+    /// SwiGLU hidden units of each expert (default: `model.ffn_hidden`'s value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_hidden: Option<usize>,
+    /// `softmax` (renormalised top-k; default) or `sigmoid` (with the aux-loss-free bias).
+    #[serde(default)]
+    pub routing: crate::model::moe::Routing,
+    /// γ of the balancing bias's update after each step (`sigmoid` routing; default 0.001).
+    #[serde(default = "default_bias_rate")]
+    pub bias_update_rate: f32,
+    /// Blocks whose position in the final model is below this are dense (default 0).
+    #[serde(default)]
+    pub first_dense_layers: usize,
+}
+
+fn default_bias_rate() -> f32 {
+    0.001
+}
+
 fn is_gpt2(a: &Arch) -> bool {
     a.is_gpt2()
 }
@@ -340,6 +369,9 @@ pub struct ModelConfig {
     /// Whether the LM head is the token embedding (default: true for `gpt2`, false otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tie_embeddings: Option<bool>,
+    /// A mixture-of-experts MLP in place of the dense one (LLaMA kinds; `model::moe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
     /// Rows of the position embedding (default: `data.seq_len`).
     #[serde(default)]
     pub max_seq: Option<usize>,

@@ -103,6 +103,23 @@ impl Config {
                 bail!("`model.norm_eps` must be a finite number > 0, got {}", m.norm_eps.unwrap_or(0.0));
             }
         }
+        if let Some(x) = &m.moe {
+            if m.arch.is_gpt2() {
+                bail!("`[model.moe]`: mixture-of-experts blocks have SwiGLU experts; set `model.arch` = \"llama\" or \"qwen3\"");
+            }
+            if x.experts == 0 || x.top_k == 0 || x.top_k > x.experts {
+                bail!("`model.moe.top_k` ({}) must be between 1 and `model.moe.experts` ({})", x.top_k, x.experts);
+            }
+            if x.expert_hidden == Some(0) {
+                bail!("`model.moe.expert_hidden` must be at least 1");
+            }
+            if !(x.bias_update_rate.is_finite() && x.bias_update_rate >= 0.0) {
+                bail!("`model.moe.bias_update_rate` must be a finite number >= 0, got {}", x.bias_update_rate);
+            }
+            if x.routing == crate::model::moe::Routing::Sigmoid && self.parallel.data > 1 {
+                bail!("`model.moe.routing` = \"sigmoid\" balances each replica's bias by its own load, which would make data-parallel replicas diverge: use `softmax` with `parallel.data` > 1");
+            }
+        }
         if self.max_seq() < self.data.seq_len {
             bail!("`model.max_seq` ({}) is shorter than `data.seq_len` ({})", self.max_seq(), self.data.seq_len);
         }

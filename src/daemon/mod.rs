@@ -87,12 +87,12 @@ fn event_logger(log: Arc<Log>, log_every: u64, total_steps: u64) -> Observer {
                 Event::NonFinite { step, what } => log.say(format!("warning: non-finite {what} at step {step}")),
                 Event::Restart { step, reason } => log.say(format!("restart at step {step}: {reason}")),
                 Event::Paused(p) => log.say(if p { "paused (at the next step boundary)" } else { "resumed" }),
-                Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. } => {}
+                Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. } | Event::ExpertLoad { .. } => {}
             }
         }
     });
     Arc::new(move |e: &Event| {
-        if !matches!(e, Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. }) {
+        if !matches!(e, Event::LayerTime { .. } | Event::InFlight(_) | Event::Buffers { .. } | Event::ExpertLoad { .. }) {
             let _ = tx.send(e.clone());
         }
     })

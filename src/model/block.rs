@@ -15,6 +15,7 @@ use super::dims::{Arch, Dims};
 use super::gpt2_block::Gpt2Body;
 use super::init;
 use super::llama_block::LlamaBody;
+use super::moe::Mlp;
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::params::{Layout, ParamSet};
@@ -41,8 +42,10 @@ pub fn gains(arch: Arch) -> &'static [&'static str] {
     }
 }
 
-/// The residual output projections of a block of kind `arch` (and their biases): the tensors
-/// whose init scales with depth and which `copying_zero` zeroes, making a block the identity.
+/// The residual output projections of a dense block of kind `arch` (and their biases): the
+/// tensors whose init scales with depth and which `copying_zero` zeroes, making a block the
+/// identity. An MoE block's are `ow` and every expert's and the shared experts' down matrix
+/// ([`is_residual_output`]).
 pub fn residual_outputs(arch: Arch) -> &'static [&'static str] {
     match arch {
         Arch::Gpt2 => &["attprojw", "attprojb", "fcprojw", "fcprojb"],
@@ -50,17 +53,53 @@ pub fn residual_outputs(arch: Arch) -> &'static [&'static str] {
     }
 }
 
+/// Whether tensor `name` of a block of kind `arch` is a residual output projection (or its bias).
+pub fn is_residual_output(arch: Arch, name: &str) -> bool {
+    residual_outputs(arch).contains(&name) || (arch.is_llama() && name.ends_with("downw"))
+}
+
 impl<B: Backend> Block<B> {
-    /// The tensors of a block of shape `d`, by name.
+    /// The tensors of a dense block of shape `d`, by name.
     pub fn layout(d: &Dims) -> Layout {
+        Self::layout_of(d, Mlp::Dense)
+    }
+
+    /// The tensors of a block of shape `d` whose MLP is `mlp`.
+    pub fn layout_of(d: &Dims, mlp: Mlp) -> Layout {
         match d.arch {
             Arch::Gpt2 => Gpt2Body::<B>::layout(d),
-            Arch::Llama | Arch::Qwen3 => LlamaBody::<B>::layout(d),
+            Arch::Llama | Arch::Qwen3 => LlamaBody::<B>::layout(d, mlp),
         }
     }
 
-    /// A block with zeroed parameters (the caller fills them).
+    /// The MLP kind of a block of `d` holding `len` parameters (None: no block of `d` has that
+    /// many). Dense and MoE blocks always differ in size: an MoE block has a router.
+    pub fn mlp_of_len(d: &Dims, len: usize) -> Option<Mlp> {
+        if len == Self::layout(d).total {
+            Some(Mlp::Dense)
+        } else if d.moe.is_some() && len == Self::layout_of(d, Mlp::Moe).total {
+            Some(Mlp::Moe)
+        } else {
+            None
+        }
+    }
+
+    /// This block's MLP kind.
+    pub fn mlp(&self) -> Mlp {
+        match &self.body {
+            Body::Llama(l) => l.mlp,
+            Body::Gpt2(_) => Mlp::Dense,
+        }
+    }
+
+    /// A dense block with zeroed parameters (the caller fills them).
     pub fn new_empty(be: &B, dims: &Dims, id: u64) -> Self {
+        Self::new_empty_mlp(be, dims, id, Mlp::Dense)
+    }
+
+    /// A block with zeroed parameters whose MLP is `mlp`.
+    pub fn new_empty_mlp(be: &B, dims: &Dims, id: u64, mlp: Mlp) -> Self {
+        assert!(mlp == Mlp::Dense || dims.moe.is_some(), "an MoE block needs the shape's [model.moe]");
         let body = match dims.arch {
             Arch::Gpt2 => Body::Gpt2(Gpt2Body::default()),
             Arch::Llama | Arch::Qwen3 => {
@@ -71,17 +110,32 @@ impl<B: Backend> Block<B> {
                     dims.heads,
                     dims.kv_heads
                 );
-                Body::Llama(LlamaBody::default())
+                Body::Llama(LlamaBody::new(mlp))
             }
         };
-        Block { id, w: ParamSet::new(be, Self::layout(dims)), dims: dims.clone(), body }
+        Block { id, w: ParamSet::new(be, Self::layout_of(dims, mlp)), dims: dims.clone(), body }
     }
 
-    /// A block initialised per `cfg` (its random stream is keyed by `id`).
+    /// A dense block initialised per `cfg` (its random stream is keyed by `id`).
     pub fn new_init(be: &B, dims: &Dims, id: u64, cfg: &init::InitConfig) -> Self {
-        let blk = Self::new_empty(be, dims, id);
+        Self::new_init_mlp(be, dims, id, cfg, Mlp::Dense)
+    }
+
+    /// A block whose MLP is `mlp`, initialised per `cfg`.
+    pub fn new_init_mlp(be: &B, dims: &Dims, id: u64, cfg: &init::InitConfig, mlp: Mlp) -> Self {
+        let blk = Self::new_empty_mlp(be, dims, id, mlp);
         blk.w.params_from_host(be, &init::block_init(&blk.w.layout, dims.arch, cfg, id));
         blk
+    }
+
+    /// After this block's optimizer update: an MoE block records the step's expert load and,
+    /// under `sigmoid` routing, moves its balancing bias (`model::moe`). Returns the load
+    /// (tokens routed to each expert during the step), or None for a dense block.
+    pub fn after_update(&mut self, be: &B) -> Option<Vec<u64>> {
+        match &mut self.body {
+            Body::Llama(l) => l.after_update(be, &self.w, &self.dims),
+            Body::Gpt2(_) => None,
+        }
     }
 
     /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.

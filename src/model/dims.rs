@@ -65,6 +65,8 @@ pub struct Dims {
     pub norm_eps: f32,
     /// Whether the LM head is the token embedding `wte` (tied) or a matrix of its own (`lm_head`).
     pub tied: bool,
+    /// The mixture-of-experts MLP of the blocks that have one (`[model.moe]`; LLaMA kinds).
+    pub moe: Option<super::moe::Moe>,
 }
 
 impl Dims {
@@ -83,6 +85,7 @@ impl Dims {
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             tied: true,
+            moe: None,
         }
     }
 
@@ -107,6 +110,12 @@ impl Dims {
     /// The same shape with the LM head tied to `wte` or not.
     pub fn with_tied(mut self, tied: bool) -> Self {
         self.tied = tied;
+        self
+    }
+
+    /// The same shape whose MoE blocks have the mixture `moe`.
+    pub fn with_moe(mut self, moe: super::moe::Moe) -> Self {
+        self.moe = Some(moe);
         self
     }
 

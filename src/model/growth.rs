@@ -25,6 +25,7 @@
 //! a sequential [`Model`].
 
 use super::init::InitConfig;
+use super::moe::Mlp;
 use super::{Block, Dims, Model};
 use crate::backend::Backend;
 use crate::params::UnitState;
@@ -161,10 +162,28 @@ pub fn plan_sources(init: GrowInit, order: CopyOrder, ls: usize, k: usize) -> an
 /// their biases, where the kind has them).
 pub use super::block::residual_outputs;
 
-/// Build one new block with layer id `id`.
+/// The MLP of a block born at `position` of a stack of `depth` blocks (after the birth) in a
+/// model of `target` blocks, under `[model.moe]`'s `first_dense_layers`: dense when its
+/// position in the final model is below it. Growth at the bottom (`top` false) pushes the
+/// blocks above up, so a block's final position is its position at birth plus the blocks still
+/// to come, target − depth; growth at the top leaves positions as they are. A model without
+/// `[model.moe]` is dense throughout.
+pub fn mlp_at_birth(d: &Dims, position: usize, depth: usize, target: usize, top: bool) -> Mlp {
+    let Some(m) = &d.moe else { return Mlp::Dense };
+    let last = if top { position } else { position + target.saturating_sub(depth) };
+    if last < m.first_dense {
+        Mlp::Dense
+    } else {
+        Mlp::Moe
+    }
+}
+
+/// Build one new block with layer id `id` whose MLP is `mlp`.
 ///
 /// `source`: the snapshot of the block it copies (`copying`, `copying_zero`); its optimizer state
-/// is taken along only under the `copy` policy.
+/// is taken along only under the `copy` policy. A copy is of its source's kind, dense or MoE
+/// (`mlp` then does not apply): experts, router and balancing bias are copied as they are.
+#[allow(clippy::too_many_arguments)]
 pub fn make_block<B: Backend>(
     be: &B,
     dims: &Dims,
@@ -173,11 +192,12 @@ pub fn make_block<B: Backend>(
     source: Option<&UnitState>,
     policy: OptStatePolicy,
     init_cfg: &InitConfig,
+    mlp: Mlp,
 ) -> anyhow::Result<Block<B>> {
     let blk = match init {
-        GrowInit::Random => Block::new_init(be, dims, id, init_cfg),
+        GrowInit::Random => Block::new_init_mlp(be, dims, id, init_cfg, mlp),
         GrowInit::Zero => {
-            let blk = Block::new_empty(be, dims, id);
+            let blk = Block::new_empty_mlp(be, dims, id, mlp);
             let mut host = vec![0.0; blk.w.layout.total];
             for name in super::block::gains(dims.arch) {
                 let s = blk.w.layout.get(name);
@@ -188,11 +208,12 @@ pub fn make_block<B: Backend>(
         }
         GrowInit::Copying | GrowInit::CopyingZero => {
             let src = source.ok_or_else(|| anyhow::anyhow!("init `{init:?}` needs a source block"))?;
-            let mut blk = Block::new_empty(be, dims, id);
+            let kind = Block::<B>::mlp_of_len(dims, src.params.len())
+                .ok_or_else(|| anyhow::anyhow!("the source block holds {} values, which no block of this model has", src.params.len()))?;
+            let mut blk = Block::new_empty_mlp(be, dims, id, kind);
             let mut host = src.params.clone();
             if init == GrowInit::CopyingZero {
-                for name in residual_outputs(dims.arch) {
-                    let s = blk.w.layout.get(name);
+                for s in blk.w.layout.specs.iter().filter(|s| super::block::is_residual_output(dims.arch, s.name)) {
                     host[s.offset..s.offset + s.numel()].fill(0.0);
                 }
             }
@@ -235,8 +256,11 @@ pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg:
     let sources = plan_sources(exp.init, exp.order, ls, k)?;
     let snaps: Vec<UnitState> = model.blocks.iter().map(|b| b.w.snapshot(be)).collect();
     let mut new_blocks = Vec::with_capacity(k);
+    let top = exp.position == Position::Top;
     for (j, src) in sources.iter().enumerate() {
         let id = model.next_id + j as u64;
+        let position = if top { ls + j } else { j };
+        let mlp = mlp_at_birth(&model.dims, position, exp.to_depth, init_cfg.target_depth, top);
         new_blocks.push(make_block(
             be,
             &model.dims,
@@ -245,6 +269,7 @@ pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg:
             src.map(|i| &snaps[i]),
             exp.opt_state,
             &init_cfg.scaled(exp.init_scale),
+            mlp,
         )?);
     }
     model.next_id += k as u64;

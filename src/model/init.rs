@@ -96,7 +96,7 @@ pub const BLOCK_STREAM: u64 = 1 << 20;
 
 /// The standard deviation of a block tensor of kind `arch` under `cfg`.
 pub fn block_tensor_std(cfg: &InitConfig, arch: Arch, name: &str, shape: &[usize]) -> f64 {
-    let residual_out = super::block::residual_outputs(arch).contains(&name);
+    let residual_out = super::block::is_residual_output(arch, name);
     let std = match cfg.scheme {
         InitScheme::Gpt2 => {
             if residual_out && cfg.parameterization.is_standard() {

@@ -13,6 +13,8 @@
 //! residual-branch multiplier, as in the GPT-2 block. Shapes are for N = B·T rows.
 
 use super::dims::{Arch, Dims};
+use super::moe::{Mlp, Routing};
+use super::moe_mlp::{self, MoeActs, MoeScratch};
 use super::stash::{Acts, Stashes};
 use crate::backend::{Backend, View};
 use crate::params::{Layout, ParamSet};
@@ -36,8 +38,9 @@ pub struct LlamaActs<B: Backend> {
     res2: B::Buf,            // (N, C)
     rms2: B::Buf,            // (N, C)
     rstd2: B::Buf,           // (N)
-    gu: B::Buf,              // (N, 2F)
-    h: B::Buf,               // (N, F)
+    gu: B::Buf,              // (N, 2F) (dense MLP; empty for MoE)
+    h: B::Buf,               // (N, F) (dense MLP; empty for MoE)
+    moe: Option<MoeActs<B>>, // the MoE MLP's
 }
 
 impl<B: Backend> Acts for LlamaActs<B> {
@@ -47,9 +50,11 @@ impl<B: Backend> Acts for LlamaActs<B> {
 }
 
 impl<B: Backend> LlamaActs<B> {
-    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
-        let (n, c, a, f) = (b * t, d.channels, d.heads * d.head_size(), d.ffn_hidden);
+    fn new(be: &B, d: &Dims, b: usize, t: usize, mlp: Mlp) -> Self {
+        let (n, c, a) = (b * t, d.channels, d.heads * d.head_size());
         let qk = d.arch == Arch::Qwen3;
+        let moe = d.moe.as_ref().filter(|_| mlp == Mlp::Moe);
+        let f = if moe.is_some() { 0 } else { d.ffn_hidden };
         LlamaActs {
             shape: (b, t),
             rms1: be.alloc(n * c),
@@ -65,6 +70,7 @@ impl<B: Backend> LlamaActs<B> {
             rstd2: be.alloc(n),
             gu: be.alloc(n * 2 * f),
             h: be.alloc(n * f),
+            moe: moe.map(|m| MoeActs::new(be, d, m, n)),
         }
     }
 }
@@ -80,11 +86,14 @@ struct Scratch<B: Backend> {
     dqkv3: B::Buf,           // (N, 3·NH·hd)
     datt: B::Buf,            // attention backward scratch
     dbranch: Option<B::Buf>, // (N, C) α·dy (only when α ≠ 1)
+    moe: Option<MoeScratch<B>>,
 }
 
 impl<B: Backend> Scratch<B> {
-    fn new(be: &B, d: &Dims, b: usize, t: usize) -> Self {
-        let (n, c, a, f) = (b * t, d.channels, d.heads * d.head_size(), d.ffn_hidden);
+    fn new(be: &B, d: &Dims, b: usize, t: usize, mlp: Mlp) -> Self {
+        let (n, c, a) = (b * t, d.channels, d.heads * d.head_size());
+        let moe = d.moe.as_ref().filter(|_| mlp == Mlp::Moe);
+        let f = if moe.is_some() { 0 } else { d.ffn_hidden };
         Scratch {
             shape: (b, t),
             qkv: be.alloc(n * qkv_width(d)),
@@ -95,20 +104,18 @@ impl<B: Backend> Scratch<B> {
             dqkv3: be.alloc(n * 3 * a),
             datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
             dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
+            moe: moe.map(|m| MoeScratch::new(be, d, m, n)),
         }
     }
 }
 
-/// The LLaMA-family block's working state: its stashes and scratch.
+/// The LLaMA-family block's working state: its stashes and scratch, its MLP kind, and (MoE) the
+/// tokens routed to each expert so far in the current step.
 pub struct LlamaBody<B: Backend> {
     pub stash: Stashes<B, LlamaActs<B>>,
     scratch: Option<Scratch<B>>,
-}
-
-impl<B: Backend> Default for LlamaBody<B> {
-    fn default() -> Self {
-        LlamaBody { stash: Stashes::default(), scratch: None }
-    }
+    pub mlp: Mlp,
+    load: Vec<u64>,
 }
 
 fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
@@ -123,22 +130,45 @@ fn q_and_k<'a, B: Backend>(buf: &'a B::Buf, d: &Dims) -> (View<'a, B::Buf>, View
 }
 
 impl<B: Backend> LlamaBody<B> {
-    pub fn layout(d: &Dims) -> Layout {
+    pub fn new(mlp: Mlp) -> Self {
+        LlamaBody { stash: Stashes::default(), scratch: None, mlp, load: Vec::new() }
+    }
+
+    pub fn layout(d: &Dims, mlp: Mlp) -> Layout {
         let (c, f, hd) = (d.channels, d.ffn_hidden, d.head_size());
         let mut specs = vec![("attn_norm", vec![c]), ("qkvw", vec![qkv_width(d), c])];
         if d.arch == Arch::Qwen3 {
             specs.push(("q_norm", vec![hd]));
             specs.push(("k_norm", vec![hd]));
         }
-        specs.extend([("ow", vec![c, d.heads * hd]), ("mlp_norm", vec![c]), ("gate_upw", vec![2 * f, c]), ("downw", vec![c, f])]);
+        specs.extend([("ow", vec![c, d.heads * hd]), ("mlp_norm", vec![c])]);
+        match d.moe.as_ref().filter(|_| mlp == Mlp::Moe) {
+            Some(m) => specs.extend(super::moe::specs(m, c)),
+            None => specs.extend([("gate_upw", vec![2 * f, c]), ("downw", vec![c, f])]),
+        }
         Layout::new(&specs)
     }
 
     /// The scratch for micro-batches of (b, t), made on the first one of that shape.
     fn scratch(&mut self, be: &B, d: &Dims, b: usize, t: usize) {
         if self.scratch.as_ref().map(|s| s.shape) != Some((b, t)) {
-            self.scratch = Some(Scratch::new(be, d, b, t));
+            self.scratch = Some(Scratch::new(be, d, b, t, self.mlp));
         }
+    }
+
+    /// After the optimizer's update: the step's expert load, and under `sigmoid` routing the
+    /// balancing bias moved by it (`model::moe::update_bias`). None for a dense block.
+    pub fn after_update(&mut self, be: &B, p: &ParamSet<B>, d: &Dims) -> Option<Vec<u64>> {
+        let m = d.moe.as_ref().filter(|_| self.mlp == Mlp::Moe)?;
+        let load = std::mem::replace(&mut self.load, vec![0; m.experts]);
+        let load = if load.is_empty() { vec![0; m.experts] } else { load };
+        if m.routing == Routing::Sigmoid && load.iter().any(|&l| l > 0) {
+            let mut bias = vec![0.0f32; m.experts];
+            be.download(p.p("router_bias"), &mut bias);
+            super::moe::update_bias(&mut bias, &load, m.bias_rate);
+            be.upload(p.p("router_bias"), &bias);
+        }
+        Some(load)
     }
 
     /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.
@@ -147,8 +177,10 @@ impl<B: Backend> LlamaBody<B> {
         let (n, c, nh, kv, hd, f) = (b * t, d.channels, d.heads, d.kv_heads, d.head_size(), d.ffn_hidden);
         let (qw, a, alpha) = (qkv_width(d), nh * hd, d.residual);
         self.scratch(be, d, b, t);
-        let acts = self.stash.take(b, t, || LlamaActs::new(be, d, b, t));
-        let qkv = &self.scratch.as_ref().expect("made above").qkv;
+        let mlp = self.mlp;
+        let mut acts = self.stash.take(b, t, || LlamaActs::new(be, d, b, t, mlp));
+        let sc = self.scratch.as_ref().expect("made above");
+        let qkv = &sc.qkv;
         let y = self.stash.pool.take(be, n * c);
         let xv = w::<B>(&x);
         be.rmsnorm_forward(w::<B>(&acts.rms1), w::<B>(&acts.rstd1), xv, p.p("attn_norm"), n, c, d.norm_eps);
@@ -176,9 +208,14 @@ impl<B: Backend> LlamaBody<B> {
             be.axpby(w::<B>(&acts.res2), 1.0, alpha, w::<B>(&y));
         }
         be.rmsnorm_forward(w::<B>(&acts.rms2), w::<B>(&acts.rstd2), w::<B>(&acts.res2), p.p("mlp_norm"), n, c, d.norm_eps);
-        be.matmul_forward(w::<B>(&acts.gu), w::<B>(&acts.rms2), p.p("gate_upw"), None, n, c, 2 * f);
-        be.swiglu_forward(w::<B>(&acts.h), w::<B>(&acts.gu), n, f);
-        be.matmul_forward(w::<B>(&y), w::<B>(&acts.h), p.p("downw"), None, n, f, c);
+        match (&mut acts.moe, &d.moe) {
+            (Some(ma), Some(m)) => moe_mlp::forward(be, p, d, m, ma, &acts.rms2, &y, &sc.dc, n),
+            _ => {
+                be.matmul_forward(w::<B>(&acts.gu), w::<B>(&acts.rms2), p.p("gate_upw"), None, n, c, 2 * f);
+                be.swiglu_forward(w::<B>(&acts.h), w::<B>(&acts.gu), n, f);
+                be.matmul_forward(w::<B>(&y), w::<B>(&acts.h), p.p("downw"), None, n, f, c);
+            }
+        }
         if alpha == 1.0 {
             be.add_assign(w::<B>(&y), w::<B>(&acts.res2));
         } else {
@@ -194,7 +231,14 @@ impl<B: Backend> LlamaBody<B> {
         let (a, x) = self.stash.remove(mb).unwrap_or_else(|| panic!("layer {id}: backward for micro-batch {mb} without a forward"));
         let (b, t) = a.shape;
         self.scratch(be, d, b, t);
-        let s = self.scratch.as_ref().expect("made above");
+        if let Some(ma) = &a.moe {
+            // The tokens routed to each expert by the micro-batches trained this step.
+            self.load.resize(d.moe.as_ref().map_or(0, |m| m.experts), 0);
+            for &x in ma.experts() {
+                self.load[x as usize] += 1;
+            }
+        }
+        let s = self.scratch.as_mut().expect("made above");
         let (n, c, nh, kv, hd, f) = (b * t, d.channels, d.heads, d.kv_heads, d.head_size(), d.ffn_hidden);
         let (qw, att_c, alpha) = (qkv_width(d), nh * hd, d.residual);
         let dyv = w::<B>(&dy);
@@ -207,10 +251,35 @@ impl<B: Backend> LlamaBody<B> {
                 w::<B>(g)
             }
         };
-        // MLP branch: y = res2 + α·down(swiglu(gate_up(rms2(res2))))
-        be.matmul_backward(Some(w::<B>(&s.dh)), p.g("downw"), None, branch(), w::<B>(&a.h), p.p("downw"), n, f, c);
-        be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n, f);
-        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("gate_upw"), None, w::<B>(&s.dgu), w::<B>(&a.rms2), p.p("gate_upw"), n, c, 2 * f);
+        // MLP branch: y = res2 + α·down(swiglu(gate_up(rms2(res2)))), or α·MoE(rms2(res2))
+        match (&a.moe, &mut s.moe, &d.moe) {
+            (Some(ma), Some(ms), Some(m)) => {
+                let g = match &s.dbranch {
+                    None => dyv,
+                    Some(g) => {
+                        be.copy(w::<B>(g), dyv);
+                        be.axpby(w::<B>(g), alpha, 0.0, dyv);
+                        w::<B>(g)
+                    }
+                };
+                moe_mlp::backward(be, p, d, m, ma, ms, &a.rms2, g, &s.dc, n);
+            }
+            _ => {
+                be.matmul_backward(Some(w::<B>(&s.dh)), p.g("downw"), None, branch(), w::<B>(&a.h), p.p("downw"), n, f, c);
+                be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n, f);
+                be.matmul_backward(
+                    Some(w::<B>(&s.dc)),
+                    p.g("gate_upw"),
+                    None,
+                    w::<B>(&s.dgu),
+                    w::<B>(&a.rms2),
+                    p.p("gate_upw"),
+                    n,
+                    c,
+                    2 * f,
+                );
+            }
+        }
         // dy += rms2 backward: dy now holds dres2
         be.rmsnorm_backward(dyv, p.g("mlp_norm"), w::<B>(&s.dc), w::<B>(&a.res2), p.p("mlp_norm"), w::<B>(&a.rstd2), n, c);
         // Attention branch: res2 = x + α·o(attn(share(rotary(norm(qkv(rms1(x)))))))

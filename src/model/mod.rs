@@ -25,6 +25,8 @@ pub mod growth;
 pub mod head;
 pub mod init;
 pub mod llama_block;
+pub mod moe;
+pub mod moe_mlp;
 pub mod stash;
 
 pub use block::Block;
@@ -94,7 +96,9 @@ impl<B: Backend> Model<B> {
     pub fn new(be: &B, dims: Dims, depth: usize, init: &init::InitConfig) -> Self {
         let embed = Embed::new(be, &dims, init);
         let head = Head::new(be, &dims, init);
-        let blocks = (0..depth as u64).map(|id| Block::new_init(be, &dims, id, init)).collect();
+        let blocks = (0..depth)
+            .map(|p| Block::new_init_mlp(be, &dims, p as u64, init, growth::mlp_at_birth(&dims, p, depth, init.target_depth, false)))
+            .collect();
         Model { dims, embed, blocks, head, next_id: depth as u64 }
     }
 

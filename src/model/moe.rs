@@ -196,6 +196,13 @@ pub fn update_bias(bias: &mut [f32], load: &[u64], rate: f32) {
     let mean = load.iter().sum::<u64>() as f64 / load.len().max(1) as f64;
     for (b, &l) in bias.iter_mut().zip(load) {
         let d = mean - l as f64;
-        *b += rate * if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 };
+        *b += rate
+            * if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
     }
 }

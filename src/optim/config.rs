@@ -68,6 +68,10 @@ impl OptimConfig {
 
     /// The update rule of one tensor.
     pub fn rule(&self, spec: &ParamSpec) -> Rule {
+        if spec.name == "router_bias" {
+            // The balancing bias of `sigmoid` routing moves by its own rule (`model::moe`).
+            return Rule::Fixed;
+        }
         let embedding = spec.is_embedding;
         match self.kind {
             OptimizerKind::Adamw => Rule::AdamW,
@@ -96,4 +100,6 @@ pub enum Rule {
     Muon,
     Nsgd,
     AdamW,
+    /// Not updated by the optimizer.
+    Fixed,
 }

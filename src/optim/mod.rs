@@ -51,6 +51,7 @@ impl Optimizer {
             let g = View::new(&set.grads, off, n);
             let m = View::new(&set.state.m, so, n);
             match self.cfg.rule(spec) {
+                Rule::Fixed => {}
                 Rule::Muon => muon::muon_update(be, &self.cfg, p, g, m, spec.rows(), spec.cols(), scratch, lr, wd),
                 Rule::Nsgd => muon::nsgd_update(be, &self.cfg, p, g, m, scratch, lr, wd),
                 Rule::AdamW => {

@@ -58,6 +58,13 @@ pub enum Event {
         backward: bool,
         seconds: f64,
     },
+    /// After each step, per mixture-of-experts layer: the tokens routed to each of its experts
+    /// during the step (k per token).
+    ExpertLoad {
+        layer: u64,
+        step: u64,
+        load: Vec<u64>,
+    },
     /// After each step, per device: activation buffers its pool has allocated so far (flat after
     /// warmup; growth means a leak), and bytes copied into it from other devices so far.
     Buffers {

@@ -69,7 +69,9 @@ impl<B: Backend> TryFrom<LayerMsg<B>> for Handoff<B> {
 #[derive(serde::Serialize, serde::Deserialize)]
 pub enum LayerInit {
     /// Born at τ (or at step 0) per the growth operator.
-    Fresh { init: GrowInit, source: Option<UnitState>, policy: OptStatePolicy, init_cfg: InitConfig },
+    /// `mlp`: dense or mixture of experts (`model::growth::mlp_at_birth`; a copy takes its
+    /// source's).
+    Fresh { init: GrowInit, source: Option<UnitState>, policy: OptStatePolicy, init_cfg: InitConfig, mlp: crate::model::moe::Mlp },
     /// Restored from a checkpoint or moved from another device.
     Restore(UnitState),
 }
@@ -172,11 +174,14 @@ impl<B: Backend> Actor for LayerActor<B> {
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(B, Block<B>)> {
             let be = crate::runtime::open_stream::<B>(&device, settings)?;
             let block = match init {
-                LayerInit::Fresh { init, source, policy, init_cfg } => {
-                    make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg)?
+                LayerInit::Fresh { init, source, policy, init_cfg, mlp } => {
+                    make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg, mlp)?
                 }
                 LayerInit::Restore(state) => {
-                    let mut blk = Block::new_empty(&be, &dims, id);
+                    let mlp = Block::<B>::mlp_of_len(&dims, state.params.len()).ok_or_else(|| {
+                        anyhow::anyhow!("layer {id}: its state holds {} parameters, which no block of this model has", state.params.len())
+                    })?;
+                    let mut blk = Block::new_empty_mlp(&be, &dims, id, mlp);
                     blk.w.restore(&be, &state)?;
                     blk
                 }
@@ -218,8 +223,12 @@ impl<B: Backend> Actor for LayerActor<B> {
                     let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
                     s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
                     s.sync.gather_params(&s.be, &[&s.block.w]);
+                    let load = s.block.after_update(&s.be);
                     s.block.w.zero_grad(&s.be);
                     s.be.synchronize();
+                    if let Some(load) = load {
+                        (s.observer)(&Event::ExpertLoad { layer: s.block.id, step, load });
+                    }
                     ss
                 });
                 let _ = reply.send(ss);

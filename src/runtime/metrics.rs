@@ -456,6 +456,13 @@ impl MetricsState {
             }
             Event::LayerTime { layer, device, backward, seconds } => self.layer_histogram(layer, &device, backward).record(seconds),
             Event::InFlight(n) => gauge!("taproot_micro_batches_in_flight").set(n as f64),
+            Event::ExpertLoad { layer, load, .. } => {
+                // Each expert's share of the layer's routed tokens in the step (1/E when balanced).
+                let total = load.iter().sum::<u64>().max(1) as f64;
+                for (e, l) in load.iter().enumerate() {
+                    gauge!("taproot_expert_load", "layer" => layer.to_string(), "expert" => e.to_string()).set(*l as f64 / total);
+                }
+            }
             Event::Buffers { device, allocated, peer_bytes_in } => {
                 gauge!("taproot_activation_buffers", "device" => device.clone()).set(allocated as f64);
                 counter!("taproot_peer_copy_bytes_total", "device" => device).absolute(peer_bytes_in);

@@ -137,7 +137,19 @@ pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
         }
     };
     let tied = m.tie_embeddings.unwrap_or(d.tied);
-    d.with_tied(tied).with_residual(m.parameterization.residual_multiplier(cfg.target_depth()))
+    let mut d = d.with_tied(tied).with_residual(m.parameterization.residual_multiplier(cfg.target_depth()));
+    if let Some(x) = &m.moe {
+        d.moe = Some(crate::model::moe::Moe {
+            experts: x.experts,
+            top_k: x.top_k,
+            shared: x.shared_experts,
+            hidden: x.expert_hidden.unwrap_or(d.ffn_hidden),
+            routing: x.routing,
+            bias_rate: x.bias_update_rate,
+            first_dense: x.first_dense_layers,
+        });
+    }
+    d
 }
 
 /// Whether to evaluate after `done` updates.

@@ -115,6 +115,7 @@ impl<B: Backend> Sequential<B> {
         self.opt.step(&self.be, &mut m.embed.w, &mut self.scratch, lr);
         for blk in m.blocks.iter_mut() {
             self.opt.step(&self.be, &mut blk.w, &mut self.scratch, lr);
+            blk.after_update(&self.be);
         }
         self.opt.step(&self.be, &mut m.head.w, &mut self.scratch, lr);
         m.zero_grad(&self.be);

@@ -209,10 +209,17 @@ impl<B: Backend> SchedulerState<B> {
             init_cfg.seed ^= 1;
         }
         // All newborns at once: each initialises its block on its own thread.
+        let top = e.position == Position::Top;
         let spawns = sources.iter().enumerate().map(|(j, src)| {
             let id = self.next_id + j as u64;
-            let init =
-                LayerInit::Fresh { init: e.init, source: src.map(|i| snaps[&i].clone()), policy: e.opt_state, init_cfg: init_cfg.clone() };
+            let mlp = crate::model::growth::mlp_at_birth(&self.dims, positions[j], e.to_depth, init_cfg.target_depth, top);
+            let init = LayerInit::Fresh {
+                init: e.init,
+                source: src.map(|i| snaps[&i].clone()),
+                policy: e.opt_state,
+                init_cfg: init_cfg.clone(),
+                mlp,
+            };
             self.spawn_layer(id, devices[positions[j]].clone(), init)
         });
         let mut newborn = futures::future::try_join_all(spawns).await?;

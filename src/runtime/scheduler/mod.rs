@@ -403,7 +403,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         };
         st.step_pub.store(step, Ordering::Relaxed);
         let mut inits = Vec::with_capacity(ids.len());
-        for id in &ids {
+        for (position, id) in ids.iter().enumerate() {
             inits.push(match units.remove(&UnitKey::Layer(*id).to_string()) {
                 Some(u) => LayerInit::Restore(u),
                 None if resumed.is_some() => {
@@ -411,9 +411,13 @@ impl<B: Backend> Actor for SchedulerActor<B> {
                         "the stack lists layer {id} but the checkpoint holds no tensors for it"
                     ))))
                 }
-                None => {
-                    LayerInit::Fresh { init: GrowInit::Random, source: None, policy: OptStatePolicy::Inherit, init_cfg: init_cfg.clone() }
-                }
+                None => LayerInit::Fresh {
+                    init: GrowInit::Random,
+                    source: None,
+                    policy: OptStatePolicy::Inherit,
+                    init_cfg: init_cfg.clone(),
+                    mlp: crate::model::growth::mlp_at_birth(&st.dims, position, ids.len(), init_cfg.target_depth, false),
+                },
             });
         }
         // Spawned together: each layer initialises (or restores) its block on its own thread.

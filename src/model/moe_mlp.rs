@@ -1,0 +1,210 @@
+//! The mixture-of-experts MLP's forward and backward on a backend (the routing and the plan are
+//! host code in [`moe`](super::moe)). Used by the LLaMA-family block in place of its SwiGLU MLP.
+//!
+//! Shapes: N = B·T tokens, k choices each, M = N·k slots (every token in k experts: dropless),
+//! E experts of F hidden units, S shared experts (one SwiGLU of S·F units).
+
+use super::dims::Dims;
+use super::moe::{self, expert_tensor, Moe, Plan, Route, Routing};
+use crate::backend::{Backend, View};
+use crate::params::ParamSet;
+
+fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
+    B::whole(buf)
+}
+
+/// What one micro-batch's MoE forward leaves for its backward.
+pub struct MoeActs<B: Backend> {
+    route: Route,
+    plan: Plan,
+    rows: B::Ids,                     // (M) slot → token
+    slots: B::Ids,                    // (N·k) (token, choice) → slot
+    weights: B::Buf,                  // (N·k)
+    logits: B::Buf,                   // (N, E)
+    xs: B::Buf,                       // (M, C) each expert's tokens, contiguous
+    gu: B::Buf,                       // (M, 2F)
+    h: B::Buf,                        // (M, F)
+    ys: B::Buf,                       // (M, C)
+    shared: Option<(B::Buf, B::Buf)>, // (N, 2SF), (N, SF)
+}
+
+impl<B: Backend> MoeActs<B> {
+    pub fn new(be: &B, d: &Dims, m: &Moe, n: usize) -> Self {
+        let (c, f, k) = (d.channels, m.hidden, m.top_k);
+        let slots = n * k;
+        MoeActs {
+            route: Route::default(),
+            plan: Plan::default(),
+            rows: be.alloc_ids(slots),
+            slots: be.alloc_ids(slots),
+            weights: be.alloc(slots),
+            logits: be.alloc(n * m.experts),
+            xs: be.alloc(slots * c),
+            gu: be.alloc(slots * 2 * f),
+            h: be.alloc(slots * f),
+            ys: be.alloc(slots * c),
+            shared: (m.shared > 0).then(|| (be.alloc(n * 2 * m.shared * f), be.alloc(n * m.shared * f))),
+        }
+    }
+
+    /// The experts each token went to (N·k), for the load count.
+    pub fn experts(&self) -> &[u32] {
+        &self.route.experts
+    }
+}
+
+/// The MoE backward's working buffers (one set per block).
+pub struct MoeScratch<B: Backend> {
+    dys: B::Buf,                      // (M, C)
+    dh: B::Buf,                       // (M, F)
+    dgu: B::Buf,                      // (M, 2F)
+    dxs: B::Buf,                      // (M, C)
+    dweights: B::Buf,                 // (N·k)
+    dlogits: B::Buf,                  // (N, E)
+    dc2: B::Buf,                      // (N, C)
+    shared: Option<(B::Buf, B::Buf)>, // dh (N, SF), dgu (N, 2SF)
+    host_dw: Vec<f32>,
+}
+
+impl<B: Backend> MoeScratch<B> {
+    pub fn new(be: &B, d: &Dims, m: &Moe, n: usize) -> Self {
+        let (c, f, slots) = (d.channels, m.hidden, n * m.top_k);
+        MoeScratch {
+            dys: be.alloc(slots * c),
+            dh: be.alloc(slots * f),
+            dgu: be.alloc(slots * 2 * f),
+            dxs: be.alloc(slots * c),
+            dweights: be.alloc(slots),
+            dlogits: be.alloc(n * m.experts),
+            dc2: be.alloc(n * c),
+            shared: (m.shared > 0).then(|| (be.alloc(n * m.shared * f), be.alloc(n * 2 * m.shared * f))),
+            host_dw: vec![0.0; slots],
+        }
+    }
+}
+
+/// y (N, C) = the MoE MLP of x (N, C) (overwritten); `tmp` (N, C) is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut MoeActs<B>, x: &B::Buf, y: &B::Buf, tmp: &B::Buf, n: usize) {
+    let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
+    // Route on the host from the logits (and the balancing bias).
+    be.matmul_forward(w::<B>(&a.logits), w::<B>(x), p.p("routerw"), None, n, c, e);
+    let mut logits = vec![0.0f32; n * e];
+    be.download(w::<B>(&a.logits), &mut logits);
+    let bias = (m.routing == Routing::Sigmoid).then(|| {
+        let mut b = vec![0.0f32; e];
+        be.download(p.p("router_bias"), &mut b);
+        b
+    });
+    a.route = moe::route(&logits, bias.as_deref(), n, e, k, m.routing);
+    a.plan = Plan::new(&a.route.experts, n, e, k);
+    be.upload_ids(&a.rows, &a.plan.rows);
+    be.upload_ids(&a.slots, &a.plan.slots);
+    be.upload(w::<B>(&a.weights), &a.route.weights);
+    // Each expert on its own contiguous rows.
+    be.gather_rows(w::<B>(&a.xs), w::<B>(x), &a.rows, n * k, c);
+    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
+        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
+        be.matmul_forward(
+            w::<B>(&a.gu).sub(o * 2 * f, r * 2 * f),
+            w::<B>(&a.xs).sub(o * c, r * c),
+            p.p(expert_tensor(ex, "gate_upw")),
+            None,
+            r,
+            c,
+            2 * f,
+        );
+    }
+    be.swiglu_forward(w::<B>(&a.h), w::<B>(&a.gu), n * k, f);
+    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
+        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
+        be.matmul_forward(w::<B>(&a.ys).sub(o * c, r * c), w::<B>(&a.h).sub(o * f, r * f), p.p(expert_tensor(ex, "downw")), None, r, f, c);
+    }
+    be.moe_combine(w::<B>(y), w::<B>(&a.ys), &a.slots, Some(w::<B>(&a.weights)), n, k, c);
+    if let Some((gu, h)) = &a.shared {
+        let sf = m.shared * f;
+        be.matmul_forward(w::<B>(gu), w::<B>(x), p.p("shared_gate_upw"), None, n, c, 2 * sf);
+        be.swiglu_forward(w::<B>(h), w::<B>(gu), n, sf);
+        be.matmul_forward(w::<B>(tmp), w::<B>(h), p.p("shared_downw"), None, n, sf, c);
+        be.add_assign(w::<B>(y), w::<B>(tmp));
+    }
+}
+
+/// dx (N, C) of the MoE MLP (overwritten) from its output's gradient `dy`; parameter gradients
+/// accumulate.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    be: &B,
+    p: &ParamSet<B>,
+    d: &Dims,
+    m: &Moe,
+    a: &MoeActs<B>,
+    s: &mut MoeScratch<B>,
+    x: &B::Buf,
+    dy: View<B::Buf>,
+    dx: &B::Buf,
+    n: usize,
+) {
+    let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
+    // Shared experts: a dense SwiGLU; its input gradient starts dx.
+    match (&a.shared, &s.shared) {
+        (Some((gu, h)), Some((dh, dgu))) => {
+            let sf = m.shared * f;
+            be.matmul_backward(Some(w::<B>(dh)), p.g("shared_downw"), None, dy, w::<B>(h), p.p("shared_downw"), n, sf, c);
+            be.swiglu_backward(w::<B>(dgu), w::<B>(gu), w::<B>(dh), n, sf);
+            be.matmul_backward(
+                Some(w::<B>(dx)),
+                p.g("shared_gate_upw"),
+                None,
+                w::<B>(dgu),
+                w::<B>(x),
+                p.p("shared_gate_upw"),
+                n,
+                c,
+                2 * sf,
+            );
+        }
+        _ => be.fill(w::<B>(dx), 0.0),
+    }
+    // Routed experts: the combine, each expert's SwiGLU, the gather's adjoint.
+    be.moe_combine_backward(w::<B>(&s.dys), w::<B>(&s.dweights), dy, w::<B>(&a.ys), &a.slots, w::<B>(&a.weights), n, k, c);
+    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
+        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
+        let name = expert_tensor(ex, "downw");
+        be.matmul_backward(
+            Some(w::<B>(&s.dh).sub(o * f, r * f)),
+            p.g(name),
+            None,
+            w::<B>(&s.dys).sub(o * c, r * c),
+            w::<B>(&a.h).sub(o * f, r * f),
+            p.p(name),
+            r,
+            f,
+            c,
+        );
+    }
+    be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n * k, f);
+    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
+        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
+        let name = expert_tensor(ex, "gate_upw");
+        be.matmul_backward(
+            Some(w::<B>(&s.dxs).sub(o * c, r * c)),
+            p.g(name),
+            None,
+            w::<B>(&s.dgu).sub(o * 2 * f, r * 2 * f),
+            w::<B>(&a.xs).sub(o * c, r * c),
+            p.p(name),
+            r,
+            c,
+            2 * f,
+        );
+    }
+    be.moe_combine(w::<B>(&s.dc2), w::<B>(&s.dxs), &a.slots, None, n, k, c);
+    be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
+    // The router, through the weights (the selection itself has no gradient).
+    be.download(w::<B>(&s.dweights), &mut s.host_dw);
+    let dl = moe::route_backward(&a.route, &s.host_dw, n, e, k, m.routing);
+    be.upload(w::<B>(&s.dlogits), &dl);
+    be.matmul_backward(Some(w::<B>(&s.dc2)), p.g("routerw"), None, w::<B>(&s.dlogits), w::<B>(x), p.p("routerw"), n, c, e);
+    be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
+}
