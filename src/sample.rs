@@ -118,6 +118,32 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// down(silu(gate(x)) · up(x)) with [gate | up] stacked in `gate_up`.
+fn swiglu_mlp(gate_up: &[f32], down: &[f32], x: &[f32]) -> Vec<f32> {
+    let gu = linear(gate_up, None, x);
+    let f = gu.len() / 2;
+    let m: Vec<f32> = (0..f).map(|i| silu(gu[i]) * gu[f + i]).collect();
+    linear(down, None, &m)
+}
+
+/// The mixture of experts at one position: the token's k experts weighted by the router (the
+/// training's routing, `model::moe::route`), plus the shared experts.
+fn moe_mlp(b: &HostBlock, m: &crate::model::moe::Moe, x: &[f32]) -> Vec<f32> {
+    use crate::model::moe::{expert_tensor, route};
+    let logits = linear(b.get("routerw"), None, x);
+    let bias = b.layout.find("router_bias").map(|_| b.get("router_bias"));
+    let r = route(&logits, bias, 1, m.experts, m.top_k, m.routing);
+    let mut out = match b.layout.find("shared_gate_upw") {
+        Some(_) => swiglu_mlp(b.get("shared_gate_upw"), b.get("shared_downw"), x),
+        None => vec![0.0; x.len()],
+    };
+    for (&e, &w) in r.experts.iter().zip(&r.weights) {
+        let y = swiglu_mlp(b.get(expert_tensor(e as usize, "gate_upw")), b.get(expert_tensor(e as usize, "downw")), x);
+        out.iter_mut().zip(&y).for_each(|(o, y)| *o += w * y);
+    }
+    out
+}
+
 /// Causal attention of one new position over the cache: query heads `q` (NH·hd), cached keys
 /// and values (positions × KV·hd); query head h reads key/value head h / (NH / KV).
 fn attend(q: &[f32], k: &[f32], v: &[f32], nh: usize, kv: usize, hd: usize) -> Vec<f32> {
@@ -159,7 +185,12 @@ impl HostModel {
             .meta
             .stack
             .iter()
-            .map(|id| unit(UnitKey::Layer(*id), &format!("unit for layer {id}"), Block::<Cpu>::layout(&dims)))
+            .map(|id| {
+                let what = format!("unit for layer {id}");
+                let len = ck.unit(UnitKey::Layer(*id)).map_or(0, |u| u.params.len());
+                let mlp = Block::<Cpu>::mlp_of_len(&dims, len).unwrap_or_default();
+                unit(UnitKey::Layer(*id), &what, Block::<Cpu>::layout_of(&dims, mlp))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(HostModel { dims, embed, head, blocks })
     }
@@ -242,10 +273,10 @@ impl HostModel {
         let o = linear(b.get("ow"), None, &y);
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
         let h = rmsnorm(x, b.get("mlp_norm"), d.norm_eps);
-        let gu = linear(b.get("gate_upw"), None, &h);
-        let f = d.ffn_hidden;
-        let m: Vec<f32> = (0..f).map(|i| silu(gu[i]) * gu[f + i]).collect();
-        let o = linear(b.get("downw"), None, &m);
+        let o = match (&d.moe, b.layout.find("routerw")) {
+            (Some(m), Some(_)) => moe_mlp(b, m, &h),
+            _ => swiglu_mlp(b.get("gate_upw"), b.get("downw"), &h),
+        };
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
     }
 }

@@ -289,3 +289,117 @@ fn config_errors_name_the_block_kind_keys() {
     let e = err(base().set("model.arch", "\"llama\"").set("model.rope_theta", 0.5));
     assert!(e.contains("`model.rope_theta`"), "{e}");
 }
+
+/// A mixture-of-experts model through the actor runtime: bitwise the sequential trainer through
+/// a growth 1 → 4, with `first_dense_layers = 1` making the bottom block of the final model
+/// dense (the initial block ends on top, MoE); the sigmoid router's bias moves as the loads say.
+#[test]
+fn moe_pipeline_equals_sequential_through_growth_with_a_dense_first_layer() {
+    let moe = |c: TestConfig| {
+        c.set("model.arch", "\"llama\"")
+            .set("model.kv_heads", 1)
+            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nshared_experts = 1\nexpert_hidden = 16\nrouting = \"sigmoid\"\nbias_update_rate = 0.01\nfirst_dense_layers = 1\n")
+            .depth(1)
+            .grow_at_step(12, 4)
+            .devices(&["cpu:0", "cpu:1", "cpu:2"])
+    };
+    compare("arch-moe", moe);
+    // The sequential trainer's model after the same run: the kinds and the bias.
+    let dir = synthetic_dataset("arch-moe");
+    let cfg = moe(TestConfig::new(&dir).name("arch-moe-seq").steps(30).micro_batches(2).lr(0.02)).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    let mut seq = Sequential::new(CpuBackend::default(), &cfg, &data).unwrap();
+    seq.run(&quiet()).unwrap();
+    let kinds: Vec<Mlp> = seq.model.blocks.iter().map(|b| b.mlp()).collect();
+    let ids: Vec<u64> = seq.model.blocks.iter().map(|b| b.id).collect();
+    assert_eq!(kinds, [Mlp::Dense, Mlp::Moe, Mlp::Moe, Mlp::Moe], "bottom block dense, the rest MoE (stack {ids:?})");
+    // The initial block (id 0, now on top) has balanced for 30 steps: its bias moved both ways,
+    // by at most γ a step.
+    let top = seq.model.blocks.last().unwrap();
+    assert_eq!(top.id, 0);
+    let h = top.w.params_to_host(&seq.be);
+    let bias = top.w.layout.slice(&h, "router_bias");
+    assert!(bias.iter().any(|&b| b > 0.0) && bias.iter().any(|&b| b < 0.0), "bias {bias:?}");
+    assert!(bias.iter().all(|b| b.abs() <= 0.01 * 30.0 + 1e-6), "bias {bias:?}");
+}
+
+/// The routing's definitions, on hand-made logits.
+#[test]
+fn routing_follows_its_definition() {
+    use taproot::model::moe::{route, route_backward, update_bias, Plan};
+    // softmax, top 2 of 4: the weights are the softmax of the two largest logits.
+    let l = [1.0f32, 3.0, 2.0, 3.0];
+    let r = route(&l, None, 1, 4, 2, Routing::Softmax);
+    assert_eq!(r.experts, [1, 3], "descending, ties to the lower index");
+    assert!((r.weights[0] - 0.5).abs() < 1e-6 && (r.weights[1] - 0.5).abs() < 1e-6);
+    let r = route(&[0.0, 1.0, 2.0, -1.0], None, 1, 4, 2, Routing::Softmax);
+    let z = 1.0f32.exp() + 2.0f32.exp();
+    assert_eq!(r.experts, [2, 1]);
+    assert!((r.weights[0] - 2.0f32.exp() / z).abs() < 1e-6);
+    // sigmoid: the bias steers the choice, the weights are the sigmoids renormalised.
+    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let r = route(&[0.0, 1.0, 2.0, -1.0], Some(&[0.0, 0.0, 0.0, 5.0]), 1, 4, 2, Routing::Sigmoid);
+    assert_eq!(r.experts, [3, 2], "expert 3's bias wins it the first place");
+    assert!((r.weights[0] - sig(-1.0) / (sig(-1.0) + sig(2.0))).abs() < 1e-6);
+    // The gradient lands on the selected logits only.
+    let dl = route_backward(&r, &[1.0, -1.0], 1, 4, 2, Routing::Sigmoid);
+    assert!(dl[0] == 0.0 && dl[1] == 0.0 && dl[2] != 0.0 && dl[3] != 0.0);
+    // The plan: each expert's slots contiguous, in token order.
+    let p = Plan::new(&[2, 0, 0, 2, 1, 2], 3, 4, 2);
+    assert_eq!(p.offsets, [0, 2, 3, 6, 6]);
+    assert_eq!(p.rows, [0, 1, 2, 0, 1, 2]);
+    assert_eq!(p.slots, [3, 0, 1, 4, 2, 5]);
+    // The bias update: underloaded experts up, overloaded down, balanced unchanged.
+    let mut b = [0.0f32; 4];
+    update_bias(&mut b, &[1, 3, 2, 2], 0.5);
+    assert_eq!(b, [0.5, -0.5, 0.0, 0.0]);
+}
+
+#[test]
+fn moe_config_errors_are_named() {
+    let dir = synthetic_dataset("arch-moe-cfg");
+    let base = || TestConfig::new(&dir).name("arch-moe-cfg").steps(10);
+    let err = |c: TestConfig| format!("{:#}", c.build_result().unwrap_err());
+    let e = err(base().extra("[model.moe]\nexperts = 4\ntop_k = 2\n"));
+    assert!(e.contains("[model.moe]") && e.contains("llama"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 5\n"));
+    assert!(e.contains("`model.moe.top_k` (5)"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"sigmoid\"\n").set("parallel.data", 2).micro_batches(2));
+    assert!(e.contains("sigmoid") && e.contains("parallel.data"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"hash\"\n"));
+    assert!(e.contains("routing") || e.contains("hash"), "{e}");
+}
+
+/// The expert load reaches the observer (and so the metrics) after every step, for every MoE
+/// layer: k assignments per trained token, however the experts share them.
+#[test]
+fn the_expert_load_of_every_moe_layer_is_reported_each_step() {
+    use std::sync::{Arc, Mutex};
+    use taproot::runtime::events::Event;
+    let dir = synthetic_dataset("arch-moe-load");
+    let cfg = TestConfig::new(&dir)
+        .name("arch-moe-load")
+        .steps(6)
+        .micro_batches(2)
+        .set("model.arch", "\"llama\"")
+        .extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 16\n")
+        .depth(2)
+        .build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| {
+        if let Event::ExpertLoad { layer, step, load } = e {
+            s.lock().unwrap().push((*layer, *step, load.clone()));
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async { runtime::start::<CpuBackend>(&cfg, data, quiet(), observer).await.unwrap().wait().await.unwrap() });
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2 * 6, "two MoE layers, six steps: {seen:?}");
+    let tokens = (cfg.data.batch_size * cfg.data.seq_len * cfg.data.micro_batches) as u64;
+    for (layer, step, load) in seen.iter() {
+        assert_eq!(load.len(), 4);
+        assert_eq!(load.iter().sum::<u64>(), 2 * tokens, "layer {layer} step {step}: {load:?}");
+    }
+}

@@ -284,8 +284,10 @@ pub fn model_of(be: &CpuBackend, ck: &taproot::checkpoint::Checkpoint, dims: &ta
     model.embed.w.restore(be, ck.unit(UnitKey::Embed).unwrap()).unwrap();
     model.head.w.restore(be, ck.unit(UnitKey::Head).unwrap()).unwrap();
     for id in &ck.meta.stack {
-        let mut b = taproot::model::Block::new_empty(be, dims, *id);
-        b.w.restore(be, ck.unit(UnitKey::Layer(*id)).unwrap()).unwrap();
+        let u = ck.unit(UnitKey::Layer(*id)).unwrap();
+        let mlp = taproot::model::Block::<CpuBackend>::mlp_of_len(dims, u.params.len()).expect("a block of this model");
+        let mut b = taproot::model::Block::new_empty_mlp(be, dims, *id, mlp);
+        b.w.restore(be, u).unwrap();
         model.blocks.push(b);
     }
     model
