@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The mean next-token loss of a Hugging Face LlamaForCausalLM or Qwen3ForCausalLM folder
+"""The mean next-token loss of a Hugging Face LlamaForCausalLM, Qwen3ForCausalLM,
+MixtralForCausalLM or Qwen3MoeForCausalLM folder
 (config.json + model.safetensors) on a batch of token windows, computed in float64 with numpy
 alone, from the published definitions of those models: an independent check of `taproot export`
 that needs neither PyTorch nor transformers.
@@ -7,7 +8,10 @@ that needs neither PyTorch nor transformers.
 RMSNorm x / sqrt(mean(x^2) + eps) * w; rotary positions with the rotate_half pairing
 (inv_freq = theta^(-2i/hd)); grouped-query attention (query head h reads key/value head
 h // (heads / kv_heads)); Qwen3's per-head RMSNorm on q and k before the rotation; SwiGLU
-down(silu(gate(x)) * up(x)); an untied lm_head or the tied embedding.
+down(silu(gate(x)) * up(x)); a mixture of experts as those classes define it (softmax over
+every expert's router logit, the top k, their probabilities renormalised to sum to 1, each
+expert a SwiGLU; Qwen3-MoE's `mlp_only_layers` dense); an untied lm_head or the tied
+embedding.
 
 usage: hf_llama_loss.py FOLDER WINDOWS.json   (a JSON list of B windows of T+1 token ids)
 prints the loss (nats per token)."""
@@ -39,10 +43,38 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def swiglu(h, gate, up, down):
+    return (silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+
+def moe(cfg, kind, p, h):
+    if kind == "mixtral":
+        gate, experts, names = p("block_sparse_moe.gate.weight"), "block_sparse_moe.experts", ("w1", "w3", "w2")
+        n = cfg["num_local_experts"]
+    else:
+        gate, experts, names = p("mlp.gate.weight"), "mlp.experts", ("gate_proj", "up_proj", "down_proj")
+        n = cfg["num_experts"]
+        assert cfg.get("norm_topk_prob", False)
+    k = cfg["num_experts_per_tok"]
+    logits = h @ gate.T  # (B, T, E)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    # top k by probability (ties to the lower index, as a stable sort of -p gives)
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    w = np.take_along_axis(probs, top, -1)
+    w /= w.sum(-1, keepdims=True)
+    for e in range(n):
+        y = swiglu(h, *(p(f"{experts}.{e}.{name}.weight") for name in names))
+        weight = ((top == e) * w).sum(-1, keepdims=True)
+        out = out + weight * y
+    return out
+
+
 def loss(folder, windows):
     cfg = json.load(open(f"{folder}/config.json"))
     kind = cfg["model_type"]
-    assert kind in ("llama", "qwen3"), kind
+    assert kind in ("llama", "qwen3", "mixtral", "qwen3_moe"), kind
     assert cfg["hidden_act"] == "silu" and not cfg.get("rope_scaling")
     w = load_safetensors(f"{folder}/model.safetensors")
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
@@ -60,7 +92,7 @@ def loss(folder, windows):
         q = (h @ p("self_attn.q_proj.weight").T).reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
         k = (h @ p("self_attn.k_proj.weight").T).reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
         v = (h @ p("self_attn.v_proj.weight").T).reshape(b, t, kv, hd).transpose(0, 2, 1, 3)
-        if kind == "qwen3":
+        if kind in ("qwen3", "qwen3_moe"):
             q = rms_norm(q, p("self_attn.q_norm.weight"), eps)
             k = rms_norm(k, p("self_attn.k_norm.weight"), eps)
         q, k = rotate(q, theta), rotate(k, theta)
@@ -73,8 +105,11 @@ def loss(folder, windows):
         y = (a @ v).transpose(0, 2, 1, 3).reshape(b, t, nh * hd)
         x = x + y @ p("self_attn.o_proj.weight").T
         h = rms_norm(x, p("post_attention_layernorm.weight"), eps)
-        m = silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)
-        x = x + m @ p("mlp.down_proj.weight").T
+        dense = kind in ("llama", "qwen3") or (kind == "qwen3_moe" and i in cfg.get("mlp_only_layers", []))
+        if dense:
+            x = x + swiglu(h, p("mlp.gate_proj.weight"), p("mlp.up_proj.weight"), p("mlp.down_proj.weight"))
+        else:
+            x = x + moe(cfg, kind, p, h)
     x = rms_norm(x, w["model.norm.weight"], eps)
     head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
     logits = x @ head.T

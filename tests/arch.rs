@@ -364,7 +364,11 @@ fn moe_config_errors_are_named() {
     assert!(e.contains("[model.moe]") && e.contains("llama"), "{e}");
     let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 5\n"));
     assert!(e.contains("`model.moe.top_k` (5)"), "{e}");
-    let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"sigmoid\"\n").set("parallel.data", 2).micro_batches(2));
+    let e = err(base()
+        .set("model.arch", "\"llama\"")
+        .extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"sigmoid\"\n")
+        .set("parallel.data", 2)
+        .micro_batches(2));
     assert!(e.contains("sigmoid") && e.contains("parallel.data"), "{e}");
     let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"hash\"\n"));
     assert!(e.contains("routing") || e.contains("hash"), "{e}");

@@ -160,6 +160,23 @@ parity!(gemm_all_transposes_match_cpu, TOL, |be: B| {
     outs
 });
 
+parity!(moe_block_forward_backward_match_cpu, 1e-4, |be: B| {
+    // A llama MoE block: routing on the host from the device's logits, gather_rows, each expert
+    // on its rows, moe_combine and its backward, the shared expert.
+    use taproot::model::moe::{Mlp, Moe, Routing};
+    let mut r = Rng::new(34);
+    let m = Moe { experts: 4, top_k: 2, shared: 1, hidden: C_, routing: Routing::Softmax, bias_rate: 0.0, first_dense: 0 };
+    let dims = taproot::model::Dims::llama(67, T_, C_, NH_, NH_ / 2, 2 * C_).with_moe(m);
+    let mut blk = taproot::model::Block::new_empty_mlp(be, &dims, 0, Mlp::Moe);
+    let n_params = blk.w.layout.total;
+    blk.w.params_from_host(be, &randn(&mut r, n_params, 0.05));
+    let x = up(be, &randn(&mut r, B_ * T_ * C_, 1.0));
+    let y = blk.forward(be, 0, x, B_, T_);
+    let y_host = down(be, &y);
+    let dx = blk.backward(be, 0, up(be, &randn(&mut r, B_ * T_ * C_, 1.0)));
+    vec![("y", y_host), ("dx", down(be, &dx)), ("grads", blk.w.grads_to_host(be))]
+});
+
 parity!(head_rmsnorm_matches_cpu, TOL, |be: B| {
     // QK-norm on the k heads of fused qkv rows: a view that starts inside the row.
     let mut r = Rng::new(33);
@@ -703,8 +720,12 @@ fn every_growth_operator_builds_the_same_block_on_gpu_as_on_cpu() {
     };
     for init in [GrowInit::Random, GrowInit::Copying, GrowInit::Zero, GrowInit::CopyingZero] {
         for policy in [OptStatePolicy::Inherit, OptStatePolicy::Copy, OptStatePolicy::Reset] {
-            let on_cpu = make_block(&cpu, &dims, 5, init, Some(&source), policy, &init_cfg).unwrap().w.snapshot(&cpu);
-            let on_gpu = make_block(&g, &dims, 5, init, Some(&source), policy, &init_cfg).unwrap().w.snapshot(&g);
+            let on_cpu = make_block(&cpu, &dims, 5, init, Some(&source), policy, &init_cfg, taproot::model::moe::Mlp::Dense)
+                .unwrap()
+                .w
+                .snapshot(&cpu);
+            let on_gpu =
+                make_block(&g, &dims, 5, init, Some(&source), policy, &init_cfg, taproot::model::moe::Mlp::Dense).unwrap().w.snapshot(&g);
             assert_eq!(on_cpu.params, on_gpu.params, "{init:?}/{policy:?}: parameters differ");
             assert_eq!(on_cpu.m, on_gpu.m, "{init:?}/{policy:?}: first moments differ");
             assert_eq!(on_cpu.v, on_gpu.v, "{init:?}/{policy:?}: second moments differ");

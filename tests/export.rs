@@ -110,6 +110,48 @@ fn an_exported_qwen3_model_has_taproots_loss_under_an_independent_numpy_referenc
     });
 }
 
+#[test]
+fn exported_mixtral_and_qwen3_moe_models_have_taproots_loss_under_the_numpy_reference() {
+    // Mixtral: MoE in every layer. Qwen3-MoE: the bottom layer dense (mlp_only_layers).
+    check_numpy_reference("export-mixtral", |t| {
+        t.set("model.arch", "\"llama\"")
+            .heads(4)
+            .set("model.kv_heads", 2)
+            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 24\n")
+    });
+    check_numpy_reference("export-qwen3-moe", |t| {
+        t.set("model.arch", "\"qwen3\"")
+            .heads(4)
+            .set("model.parameterization", "\"depth_mup\"")
+            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 24\nfirst_dense_layers = 1\n")
+    });
+}
+
+/// MoE folders import back bit for bit; what no class computes is refused with the reason.
+#[test]
+fn moe_folders_import_back_bit_exactly_and_unexportable_mixtures_are_refused() {
+    let change = |t: TestConfig| {
+        t.set("model.arch", "\"qwen3\"").heads(4).extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 24\nfirst_dense_layers = 1\n")
+    };
+    let (dir, ck, _) = grown_checkpoint_with("export-moe-import", change);
+    let out = dir.join("hf");
+    assert_eq!(taproot::export::export(&ck, &out).unwrap().class, "Qwen3MoeForCausalLM");
+    let (config, t) = read(&out);
+    assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
+    assert!(t.contains_key("model.layers.0.mlp.gate_proj.weight") && t.contains_key("model.layers.2.mlp.experts.3.down_proj.weight"));
+    let next = change(TestConfig::new(&dir).name("moe-imported").steps(10).seq_len(32).channels(32).depth(3));
+    let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap();
+    for (pos, id) in ck.meta.stack.iter().enumerate() {
+        let (a, b) = (&ck.unit(UnitKey::Layer(*id)).unwrap().params, &back.unit(UnitKey::Layer(pos as u64)).unwrap().params);
+        assert!(a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "layer {id}");
+    }
+    let (_, ck, _) = grown_checkpoint_with("export-moe-sigmoid", |t| {
+        t.set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"sigmoid\"\n")
+    });
+    let err = format!("{:#}", taproot::export::export(&ck, &dir.join("hf-sigmoid")).unwrap_err());
+    assert!(err.contains("no transformers class") && err.contains("Sigmoid"), "{err}");
+}
+
 fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let python_ok = std::process::Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
     if !python_ok {

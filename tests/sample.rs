@@ -46,9 +46,9 @@ fn the_decoder_runs_qwen3_blocks_with_qk_norm_and_a_branch_multiplier() {
 #[test]
 fn the_decoder_runs_mixture_of_experts_blocks() {
     check_decoder(grown_checkpoint_with("sample-moe", |t| {
-        t.set("model.arch", "\"llama\"")
-            .heads(4)
-            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nshared_experts = 1\nexpert_hidden = 32\nrouting = \"sigmoid\"\nfirst_dense_layers = 1\n")
+        t.set("model.arch", "\"llama\"").heads(4).extra(
+            "[model.moe]\nexperts = 4\ntop_k = 2\nshared_experts = 1\nexpert_hidden = 32\nrouting = \"sigmoid\"\nfirst_dense_layers = 1\n",
+        )
     }));
 }
 

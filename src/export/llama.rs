@@ -1,5 +1,6 @@
 //! The LLaMA kinds as Hugging Face folders: `llama` → `LlamaForCausalLM`, `qwen3` →
-//! `Qwen3ForCausalLM`.
+//! `Qwen3ForCausalLM`; with `[model.moe]`, `llama` → `MixtralForCausalLM` (every layer MoE)
+//! and `qwen3` → `Qwen3MoeForCausalLM` (dense layers listed in `mlp_only_layers`).
 //!
 //! The mapping, per block at stack position i (0 = the bottom); every matrix is an `nn.Linear`
 //! weight (out, in), which is taproot's layout too, so nothing is transposed:
@@ -16,6 +17,13 @@
 //! | `downw` (C, F) | `…mlp.down_proj.weight` | × α |
 //! | `normw` | `model.norm.weight` | as is |
 //! | `lm_head` (Vp, C), untied | `lm_head.weight` (V, C) | the first V rows |
+//! | MoE `routerw` (E, C) | Mixtral `…block_sparse_moe.gate.weight`, Qwen3-MoE `…mlp.gate.weight` | as is |
+//! | `expert.<e>.gate_upw` (2F, C) | Mixtral `…experts.<e>.w1`, `w3`; Qwen3-MoE `…mlp.experts.<e>.gate_proj`, `up_proj` | rows split |
+//! | `expert.<e>.downw` (C, F) | Mixtral `…experts.<e>.w2`; Qwen3-MoE `…down_proj` | × α |
+//!
+//! Both MoE classes route by the softmax over every expert, the top k renormalised
+//! (`norm_topk_prob`), which is taproot's `softmax` routing; a model with `sigmoid` routing or
+//! shared experts has no such class, and its export is refused saying so.
 //!
 //! Rotary positions already use the `rotate_half` pairing of `transformers` (dimension i with
 //! i + hd/2), so q and k need no permutation. `config.json` carries `rope_theta`,
@@ -25,7 +33,8 @@
 
 use super::{fresh, get, imported, provenance, read_tensors, tensor, write_folder, Exported, HfConfig, Tensor};
 use crate::checkpoint::{Checkpoint, UnitKey};
-use crate::model::Arch;
+use crate::model::moe::{expert_tensor, Mlp, Routing};
+use crate::model::{Arch, Dims};
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -52,17 +61,37 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         }
         tensors.push((h("self_attn.o_proj.weight"), tensor(vec![c, q_rows], &folded(p("ow")))));
         tensors.push((h("post_attention_layernorm.weight"), tensor(vec![c], p("mlp_norm"))));
-        let gu = p("gate_upw");
-        tensors.push((h("mlp.gate_proj.weight"), tensor(vec![f, c], &gu[..f * c])));
-        tensors.push((h("mlp.up_proj.weight"), tensor(vec![f, c], &gu[f * c..])));
-        tensors.push((h("mlp.down_proj.weight"), tensor(vec![c, f], &folded(p("downw")))));
+        if u.mlp(i) == Mlp::Dense {
+            let gu = p("gate_upw");
+            tensors.push((h("mlp.gate_proj.weight"), tensor(vec![f, c], &gu[..f * c])));
+            tensors.push((h("mlp.up_proj.weight"), tensor(vec![f, c], &gu[f * c..])));
+            tensors.push((h("mlp.down_proj.weight"), tensor(vec![c, f], &folded(p("downw")))));
+            continue;
+        }
+        let m = d.moe.as_ref().expect("an MoE layer has [model.moe]");
+        let fe = m.hidden;
+        let (gate, [w_gate, w_up, w_down]) = if d.arch == Arch::Qwen3 {
+            ("mlp.gate", ["gate_proj", "up_proj", "down_proj"])
+        } else {
+            ("block_sparse_moe.gate", ["w1", "w3", "w2"])
+        };
+        let experts = if d.arch == Arch::Qwen3 { "mlp.experts" } else { "block_sparse_moe.experts" };
+        tensors.push((h(&format!("{gate}.weight")), tensor(vec![m.experts, c], p("routerw"))));
+        for e in 0..m.experts {
+            let gu = p(expert_tensor(e, "gate_upw"));
+            let x = |part: &str| h(&format!("{experts}.{e}.{part}.weight"));
+            tensors.push((x(w_gate), tensor(vec![fe, c], &gu[..fe * c])));
+            tensors.push((x(w_up), tensor(vec![fe, c], &gu[fe * c..])));
+            tensors.push((x(w_down), tensor(vec![c, fe], &folded(p(expert_tensor(e, "downw"))))));
+        }
     }
     tensors.push(("model.norm.weight".into(), tensor(vec![c], u.head("normw"))));
     if !d.tied {
         tensors.push(("lm_head.weight".into(), tensor(vec![vocab, c], &u.head("lm_head")[..vocab * c])));
     }
-    let (class, kind) = if d.arch == Arch::Qwen3 { ("Qwen3ForCausalLM", "qwen3") } else { ("LlamaForCausalLM", "llama") };
-    let config = serde_json::json!({
+    let dense_layers: Vec<usize> = (0..u.layers.len()).filter(|&i| u.mlp(i) == Mlp::Dense).collect();
+    let (class, kind) = hf_class(d, dense_layers.len() == u.layers.len())?;
+    let mut config = serde_json::json!({
         "architectures": [class],
         "model_type": kind,
         "vocab_size": vocab,
@@ -85,7 +114,59 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         "torch_dtype": "float32",
         "taproot": provenance(ck, &u.tokenizer),
     });
+    if let Some(m) = &d.moe {
+        let extra = if kind == "qwen3_moe" {
+            serde_json::json!({
+                "num_experts": m.experts,
+                "num_experts_per_tok": m.top_k,
+                "moe_intermediate_size": m.hidden,
+                "norm_topk_prob": true,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": dense_layers,
+                "router_aux_loss_coef": 0.0,
+                "output_router_logits": false,
+            })
+        } else if dense_layers.is_empty() {
+            serde_json::json!({
+                "num_local_experts": m.experts,
+                "num_experts_per_tok": m.top_k,
+                "intermediate_size": m.hidden,
+                "router_aux_loss_coef": 0.0,
+                "output_router_logits": false,
+                "sliding_window": null,
+            })
+        } else {
+            bail!("MixtralForCausalLM has no dense layers, but layers {dense_layers:?} of this model are dense (first_dense_layers): use model.arch = \"qwen3\" (Qwen3MoeForCausalLM lists them in mlp_only_layers)");
+        };
+        config.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+    }
     write_folder(out, tensors, config, u.layers.len())
+}
+
+/// The `transformers` class and `model_type` of a LLaMA-kind model; an MoE model needs
+/// softmax routing without shared experts (what Mixtral and Qwen3-MoE compute).
+fn hf_class(d: &Dims, all_dense: bool) -> Result<(&'static str, &'static str)> {
+    match (&d.moe, d.arch) {
+        (Some(m), _) if m.routing != Routing::Softmax || m.shared > 0 => bail!(
+            "no transformers class computes this mixture of experts (routing {:?}, {} shared experts): Mixtral and Qwen3-MoE route by renormalised softmax without shared experts",
+            m.routing,
+            m.shared
+        ),
+        (Some(_), Arch::Qwen3) => Ok(("Qwen3MoeForCausalLM", "qwen3_moe")),
+        (Some(_), _) if !all_dense => Ok(("MixtralForCausalLM", "mixtral")),
+        (_, Arch::Qwen3) => Ok(("Qwen3ForCausalLM", "qwen3")),
+        _ => Ok(("LlamaForCausalLM", "llama")),
+    }
+}
+
+/// The `model_type` a folder for run `cfg` must have.
+pub fn model_type(cfg: &crate::config::Config) -> &'static str {
+    match (cfg.model.moe.is_some(), cfg.model.arch) {
+        (true, Arch::Qwen3) => "qwen3_moe",
+        (true, _) => "mixtral",
+        (false, Arch::Qwen3) => "qwen3",
+        (false, _) => "llama",
+    }
 }
 
 /// A `LlamaForCausalLM` / `Qwen3ForCausalLM` folder as the step-0 checkpoint of the run `cfg`
@@ -101,7 +182,40 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     hf.expect("num_attention_heads", hf.int("num_attention_heads")?, d.heads, "model.heads")?;
     let kv = if hf.json.get("num_key_value_heads").is_some_and(|v| !v.is_null()) { hf.int("num_key_value_heads")? } else { d.heads };
     hf.expect("num_key_value_heads", kv, d.kv_heads, "model.kv_heads")?;
-    hf.expect("intermediate_size", hf.int("intermediate_size")?, f, "model.ffn_hidden")?;
+    match &d.moe {
+        Some(m) => {
+            let experts = if d.arch == Arch::Qwen3 { "num_experts" } else { "num_local_experts" };
+            hf.expect(experts, hf.int(experts)?, m.experts, "model.moe.experts")?;
+            hf.expect("num_experts_per_tok", hf.int("num_experts_per_tok")?, m.top_k, "model.moe.top_k")?;
+            let hidden = if d.arch == Arch::Qwen3 { "moe_intermediate_size" } else { "intermediate_size" };
+            hf.expect(hidden, hf.int(hidden)?, m.hidden, "model.moe.expert_hidden")?;
+            if m.routing != Routing::Softmax || m.shared > 0 {
+                bail!("{}: Mixtral and Qwen3-MoE route by renormalised softmax without shared experts; set model.moe.routing = \"softmax\" and shared_experts = 0", hf.path.display());
+            }
+            if d.arch == Arch::Qwen3 {
+                if !hf.flag("norm_topk_prob", false)? {
+                    bail!("{}: `norm_topk_prob` is false; taproot renormalises the top-k weights", hf.path.display());
+                }
+                hf.expect("intermediate_size", hf.int("intermediate_size")?, f, "model.ffn_hidden")?;
+            }
+        }
+        None => hf.expect("intermediate_size", hf.int("intermediate_size")?, f, "model.ffn_hidden")?,
+    }
+    // Qwen3-MoE's dense layers (`mlp_only_layers`; a `decoder_sparse_step` other than 1 is refused).
+    let dense_layers: Vec<usize> = match (&d.moe, d.arch) {
+        (Some(_), Arch::Qwen3) => {
+            if hf.json.get("decoder_sparse_step").is_some_and(|v| v.as_u64() != Some(1)) {
+                bail!("{}: `decoder_sparse_step` other than 1 is not supported; list dense layers in `mlp_only_layers`", hf.path.display());
+            }
+            hf.json
+                .get("mlp_only_layers")
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+                .unwrap_or_default()
+        }
+        (Some(_), _) => Vec::new(),
+        (None, _) => (0..depth).collect(),
+    };
     hf.expect("num_hidden_layers", hf.int("num_hidden_layers")?, depth, "model.depth")?;
     hf.expect("vocab_size", hf.int("vocab_size")?, vocab, "data.tokenizer")?;
     if hf.json.get("head_dim").is_some_and(|v| !v.is_null()) {
@@ -132,7 +246,7 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     let t = read_tensors(folder)?;
     let get = |name: &str, shape: &[usize]| get(&t, folder, name, shape);
     let unfold = super::unfold(d.residual);
-    let (el, hl, bl) = super::layouts(&d);
+    let (el, hl, _) = super::layouts(&d);
     let (q_rows, kv_rows) = (d.heads * hd, d.kv_heads * hd);
     let mut embed = get("model.embed_tokens.weight", &[vocab, c])?.clone();
     embed.resize(d.padded_vocab * c, 0.0); // the padding rows stay zero
@@ -144,6 +258,8 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     let mut units = vec![(UnitKey::Embed, fresh(embed, &el)), (UnitKey::Head, fresh(head, &hl))];
     for i in 0..depth {
         let h = |name: &str, shape: &[usize]| get(&format!("model.layers.{i}.{name}"), shape).cloned();
+        let mlp = if dense_layers.contains(&i) { Mlp::Dense } else { Mlp::Moe };
+        let bl = crate::model::Block::<crate::backend::cpu::CpuBackend>::layout_of(&d, mlp);
         let mut p = Vec::with_capacity(bl.total);
         p.extend(h("input_layernorm.weight", &[c])?);
         p.extend(h("self_attn.q_proj.weight", &[q_rows, c])?);
@@ -155,9 +271,28 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
         }
         p.extend(unfold(h("self_attn.o_proj.weight", &[c, q_rows])?));
         p.extend(h("post_attention_layernorm.weight", &[c])?);
-        p.extend(h("mlp.gate_proj.weight", &[f, c])?);
-        p.extend(h("mlp.up_proj.weight", &[f, c])?);
-        p.extend(unfold(h("mlp.down_proj.weight", &[c, f])?));
+        match (mlp, &d.moe) {
+            (Mlp::Moe, Some(m)) => {
+                let fe = m.hidden;
+                let (gate, experts, [w_gate, w_up, w_down]) = if d.arch == Arch::Qwen3 {
+                    ("mlp.gate", "mlp.experts", ["gate_proj", "up_proj", "down_proj"])
+                } else {
+                    ("block_sparse_moe.gate", "block_sparse_moe.experts", ["w1", "w3", "w2"])
+                };
+                p.extend(h(&format!("{gate}.weight"), &[m.experts, c])?);
+                for e in 0..m.experts {
+                    let x = |part: &str, shape: &[usize]| h(&format!("{experts}.{e}.{part}.weight"), shape);
+                    p.extend(x(w_gate, &[fe, c])?);
+                    p.extend(x(w_up, &[fe, c])?);
+                    p.extend(unfold(x(w_down, &[c, fe])?));
+                }
+            }
+            _ => {
+                p.extend(h("mlp.gate_proj.weight", &[f, c])?);
+                p.extend(h("mlp.up_proj.weight", &[f, c])?);
+                p.extend(unfold(h("mlp.down_proj.weight", &[c, f])?));
+            }
+        }
         debug_assert_eq!(p.len(), bl.total);
         units.push((UnitKey::Layer(i as u64), fresh(p, &bl)));
     }

@@ -94,8 +94,7 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     let hf = HfConfig::read(folder)?;
     let want = match cfg.model.arch {
         Arch::Gpt2 => "gpt2",
-        Arch::Llama => "llama",
-        Arch::Qwen3 => "qwen3",
+        Arch::Llama | Arch::Qwen3 => llama::model_type(cfg),
     };
     if let Some(got) = hf.json.get("model_type").and_then(|v| v.as_str()) {
         if got != want {
@@ -149,7 +148,8 @@ pub struct Units<'a> {
     pub tokenizer: String,
     el: Layout,
     hl: Layout,
-    bl: Layout,
+    /// Each layer's layout (dense or MoE) and MLP kind, bottom to top.
+    bls: Vec<(Layout, crate::model::moe::Mlp)>,
     embed: &'a [f32],
     head: &'a [f32],
     pub layers: Vec<&'a [f32]>,
@@ -159,7 +159,7 @@ impl<'a> Units<'a> {
     pub fn of(ck: &'a Checkpoint) -> Result<Units<'a>> {
         let cfg = ck.meta.config().context("the checkpoint's config")?;
         let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
-        let (el, hl, bl) = layouts(&dims);
+        let (el, hl, _) = layouts(&dims);
         let embed = &ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?.params;
         let head = &ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?.params;
         for (what, got, want) in [("embedding", embed.len(), el.total), ("head", head.len(), hl.total)] {
@@ -167,15 +167,17 @@ impl<'a> Units<'a> {
                 bail!("the checkpoint's {what} holds {got} values, not the {want} its config implies");
             }
         }
-        let mut layers = Vec::new();
+        let (mut layers, mut bls) = (Vec::new(), Vec::new());
         for id in &ck.meta.stack {
             let u = ck.unit(UnitKey::Layer(*id)).with_context(|| format!("the checkpoint has no unit for layer {id}"))?;
-            if u.params.len() != bl.total {
-                bail!("layer {id} holds {} values, not the {} of a {} block of this config", u.params.len(), bl.total, dims.arch.name());
-            }
+            type Cpu = crate::backend::cpu::CpuBackend;
+            let mlp = crate::model::Block::<Cpu>::mlp_of_len(&dims, u.params.len()).with_context(|| {
+                format!("layer {id} holds {} values, which no {} block of this config has", u.params.len(), dims.arch.name())
+            })?;
+            bls.push((crate::model::Block::<Cpu>::layout_of(&dims, mlp), mlp));
             layers.push(&u.params[..]);
         }
-        Ok(Units { dims, tokenizer: cfg.data.tokenizer.clone(), el, hl, bl, embed, head, layers })
+        Ok(Units { dims, tokenizer: cfg.data.tokenizer.clone(), el, hl, bls, embed, head, layers })
     }
     pub fn embed(&self, name: &str) -> &'a [f32] {
         self.el.slice(self.embed, name)
@@ -185,7 +187,11 @@ impl<'a> Units<'a> {
     }
     /// Tensor `name` of the block at stack position `i` (0 = the bottom).
     pub fn layer(&self, i: usize, name: &str) -> &'a [f32] {
-        self.bl.slice(self.layers[i], name)
+        self.bls[i].0.slice(self.layers[i], name)
+    }
+    /// The MLP kind of the block at stack position `i`.
+    pub fn mlp(&self, i: usize) -> crate::model::moe::Mlp {
+        self.bls[i].1
     }
 }
 
