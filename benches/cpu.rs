@@ -123,7 +123,9 @@ fn time_steps(be: &CpuBackend, dims: &Dims, depth: usize, b: usize, t: usize, wa
 /// Each block kind at the demo size (C = 128, 6 blocks, B = 16, T = 128, bytes), measured in this
 /// run beside GPT-2 of the same parameter count: `llama` with as many key/value heads as query
 /// heads has GPT-2's block size to 0.2% (SwiGLU's 3·C·344 against 8·C², no biases); the demo's
-/// grouped-query `llama` and `qwen3` have 2 key/value heads (9% fewer block parameters).
+/// grouped-query `llama` and `qwen3` have 2 key/value heads (9% fewer block parameters). The MoE
+/// case is timed against its dense equivalent, the grouped-query `llama`, whose MLP has the
+/// active parameters of 2 of its 8 experts.
 fn kind_cases(be: &CpuBackend, quick: bool) {
     use taproot::model::Arch;
     let steps = if quick { 5 } else { 15 };
@@ -136,6 +138,8 @@ fn kind_cases(be: &CpuBackend, quick: bool) {
         ("llama MHA (kv 4, untied)", Dims::llama(256, 128, 128, 4, 4, Dims::default_ffn_hidden(128))),
         ("llama GQA (kv 2, untied; the llama demo)", Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128))),
         ("qwen3 GQA (kv 2, untied, QK-norm)", Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128)).with_arch(Arch::Qwen3)),
+        // The MoE demo: 8 experts of 172 units, 2 per token: the dense GQA llama's active MLP.
+        ("llama MoE 8x172 top 2 (the moe demo)", Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128)).with_moe(moe_demo())),
     ];
     // Interleaved: one step of each kind per round, so drift hits every kind alike.
     let mut trainers: Vec<Trainer> = kinds.iter().map(|(_, d)| Trainer::new(be, d, 6, 16, 128)).collect();
@@ -151,12 +155,20 @@ fn kind_cases(be: &CpuBackend, quick: bool) {
     let ms: Vec<f64> = times.iter_mut().map(|t| median(t) * 1e3).collect();
     for ((name, d), ms_k) in kinds.iter().zip(&ms) {
         println!(
-            "  {name:<42} {ms_k:8.1} ms/step  block params {:>7}  non-embedding {:>8}  time {:.2}x gpt2",
-            flops::block_params(d),
+            "  {name:<42} {ms_k:8.1} ms/step  block params {:>7}  non-embedding {:>8} (active {:>8})  time {:.2}x gpt2",
+            flops::moe_block_params(d).map_or(flops::block_params(d), |p| p.0),
             flops::non_embedding_params(d, 6),
+            flops::active_non_embedding_params(d, 6),
             ms_k / ms[0]
         );
     }
+    println!("  MoE against its dense equivalent (the same active parameters, llama GQA): {:.2}x the time", ms[4] / ms[2]);
+}
+
+/// config/moe-demo.toml's mixture (its dense first layer aside: every block MoE here).
+fn moe_demo() -> taproot::model::moe::Moe {
+    use taproot::model::moe::{Moe, Routing};
+    Moe { experts: 8, top_k: 2, shared: 0, hidden: 172, routing: Routing::Sigmoid, bias_rate: 0.001, first_dense: 0 }
 }
 
 fn run_case(be: &CpuBackend, c: &Case, peak: f64) {

@@ -159,6 +159,7 @@ pub enum Cmd {
     /// Text from a checkpoint (a file, or the newest valid one in a directory): the prompt, then
     /// tokens drawn one at a time with a KV cache (docs: src/sample.rs)
     Sample {
+        /// A checkpoint file, a folder of checkpoints, or a Hugging Face folder from `taproot export`
         path: PathBuf,
         #[arg(long, default_value = "\n")]
         prompt: String,
@@ -262,7 +263,13 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
-            let ck = checkpoint::load_file_or_newest(&path)?;
+            // A checkpoint (file or folder), or a Hugging Face folder an export wrote.
+            let ck = if path.join("config.json").is_file() && path.join("model.safetensors").is_file() {
+                let cfg = crate::export::config_of_folder(&path)?;
+                crate::export::import(&path, &cfg, crate::data::LoaderState { rng: 0, batches: 0 })?
+            } else {
+                checkpoint::load_file_or_newest(&path)?
+            };
             let cfg = ck.meta.config()?;
             let tok = crate::sample::tokenizer_of(&cfg)?;
             let model = crate::sample::HostModel::from_checkpoint(&ck)?;

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{grown_checkpoint, grown_checkpoint_with, model_of};
+use common::{grown_checkpoint, grown_checkpoint_with, model_of, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::data::Dataset;
 use taproot::model::Batch;
@@ -146,6 +146,36 @@ fn sample_from_the_command_line() {
     assert!(text.starts_with("the cat") && text.trim_end().len() > "the cat".len(), "{text:?}");
     let o = std::process::Command::new(bin).args(["sample", "no/such/dir"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no/such/dir"));
+}
+
+/// `taproot sample` on an exported Hugging Face folder draws the same text as on the checkpoint
+/// it came from, for each class (GPT-2, LLaMA, Qwen3-MoE), under the same seed.
+#[test]
+fn sample_from_an_exported_folder_is_the_checkpoints_sample() {
+    let bin = env!("CARGO_BIN_EXE_taproot");
+    let kinds: [(&str, fn(TestConfig) -> TestConfig); 3] = [
+        ("gpt2", |t| t),
+        ("llama", |t| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2)),
+        ("qwen3-moe", |t| t.set("model.arch", "\"qwen3\"").heads(4).extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 16\n")),
+    ];
+    for (kind, change) in kinds {
+        let (dir, ck, cfg) = grown_checkpoint_with(&format!("sample-hf-{kind}"), change);
+        let hf = dir.join("hf");
+        taproot::export::export(&ck, &hf).unwrap();
+        let sample = |path: &std::path::Path| {
+            let o = std::process::Command::new(bin)
+                .arg("sample")
+                .arg(path)
+                .args(["--prompt", "the", "--tokens", "24", "--seed", "9"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{kind}: {}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let (a, b) = (sample(&cfg.checkpoint_dir()), sample(&hf));
+        assert!(a.starts_with("the") && a.len() > 10, "{kind}: {a:?}");
+        assert_eq!(a, b, "{kind}: the folder's sample differs from the checkpoint's");
+    }
 }
 
 /// `eval.sample_tokens`: a sample at every evaluation of a training run, from the model as it

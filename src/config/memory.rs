@@ -8,8 +8,8 @@
 //! heads, `Vp` padded vocabulary, `L` target depth, `P` parameters, `M` micro-batches in flight
 //! = min(`pipeline.max_in_flight` or L+1, `data.micro_batches`)):
 //! - parameters P = Vp·C + T_max·C + 2C + L·(12C² + 13C) for `gpt2` (for the LLaMA kinds: no
-//!   T_max·C, Vp·C more for an untied head, and their block size, `flops::block_params`), and
-//!   as many gradients;
+//!   T_max·C, Vp·C more for an untied head, and their block size, `flops::block_params`; under
+//!   `[model.moe]` every block counted with all its experts), and as many gradients;
 //! - optimizer state: P (momentum), P more under AdamW (second moments), and Muon's scratch,
 //!   three times the largest matrix;
 //! - activations: M micro-batches, each stashing 21·B·T·C (LLaMA kinds: B·T·(5C + 4·NH·hd +
@@ -65,12 +65,17 @@ pub fn estimate(cfg: &Config) -> Estimate {
         let qw = (nh + 2.0 * kv) * hd;
         let tied = m.tie_embeddings.unwrap_or(false);
         let qk = if m.arch == crate::model::Arch::Qwen3 { qw } else { 0.0 };
-        (
-            2.0 * c + qw * c + c * nh * hd + 3.0 * ff * c + 2.0 * hd,
-            5.0 * c + 4.0 * nh * hd + 3.0 * ff + qk,
-            if tied { 1.0 } else { 2.0 },
-            0.0,
-        )
+        let (mlp, mlp_act) = match &m.moe {
+            // Every block counted as MoE (an upper bound): all experts stored; per token k
+            // slots of input, output and 3·F_e hidden floats, and E logits.
+            Some(x) => {
+                let (e, k, s) = (f(x.experts), f(x.top_k), f(x.shared_experts));
+                let fe = x.expert_hidden.map_or(ff, f);
+                (e * c + (e + s) * 3.0 * fe * c, k * (2.0 * c + 3.0 * fe) + e + 3.0 * s * fe)
+            }
+            None => (3.0 * ff * c, 3.0 * ff),
+        };
+        (2.0 * c + qw * c + c * nh * hd + mlp + 2.0 * hd, 5.0 * c + 4.0 * nh * hd + mlp_act + qk, if tied { 1.0 } else { 2.0 }, 0.0)
     };
     let params = vocab_mats * v * c + pos * c + 2.0 * c + l * block;
     let adam = matches!(cfg.optim.kind, OptimizerKind::Adamw | OptimizerKind::MuonAdamw);

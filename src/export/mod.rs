@@ -107,6 +107,76 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     }
 }
 
+/// The run config a Hugging Face folder of one of the exported classes describes, to read it as
+/// a model of its own (`taproot sample FOLDER`): its kind, sizes and experts, and the tokenizer
+/// the `taproot` block names (else `bytes` for a vocabulary of 256, `gpt2` for 50257).
+pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
+    let hf = HfConfig::read(folder)?;
+    let kind = hf.json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let vocab = hf.int("vocab_size")?;
+    let tokenizer = match hf.json.pointer("/taproot/tokenizer").and_then(|v| v.as_str()) {
+        Some(t) if !t.starts_with("bpe:") => t.to_string(),
+        Some(t) => bail!("{}: the model was trained with the learnt tokenizer {t}, whose merges live beside its run's shards: sample from that run's checkpoint", hf.path.display()),
+        None if vocab == 256 => "bytes".into(),
+        None if vocab == 50257 => "gpt2".into(),
+        None => bail!("{}: `vocab_size` = {vocab} matches no tokenizer taproot has (bytes: 256, gpt2: 50257)", hf.path.display()),
+    };
+    let mut model = toml::Table::new();
+    let (arch, layers, positions) = match kind {
+        "gpt2" => {
+            model.insert("channels".into(), (hf.int("n_embd")? as i64).into());
+            model.insert("heads".into(), (hf.int("n_head")? as i64).into());
+            ("gpt2", hf.int("n_layer")?, hf.int("n_positions")?)
+        }
+        "llama" | "qwen3" | "mixtral" | "qwen3_moe" => {
+            let c = hf.int("hidden_size")?;
+            model.insert("channels".into(), (c as i64).into());
+            model.insert("heads".into(), (hf.int("num_attention_heads")? as i64).into());
+            if hf.json.get("num_key_value_heads").is_some_and(|v| !v.is_null()) {
+                model.insert("kv_heads".into(), (hf.int("num_key_value_heads")? as i64).into());
+            }
+            model.insert("rope_theta".into(), hf.float("rope_theta")?.into());
+            model.insert("norm_eps".into(), hf.float("rms_norm_eps")?.into());
+            let moe = matches!(kind, "mixtral" | "qwen3_moe");
+            let dense_ffn = if kind == "mixtral" { None } else { Some(hf.int("intermediate_size")?) };
+            if let Some(f) = dense_ffn {
+                model.insert("ffn_hidden".into(), (f as i64).into());
+            }
+            model.insert("tie_embeddings".into(), hf.flag("tie_word_embeddings", false)?.into());
+            if moe {
+                let mut m = toml::Table::new();
+                let (experts, hidden) =
+                    if kind == "mixtral" { ("num_local_experts", "intermediate_size") } else { ("num_experts", "moe_intermediate_size") };
+                m.insert("experts".into(), (hf.int(experts)? as i64).into());
+                m.insert("top_k".into(), (hf.int("num_experts_per_tok")? as i64).into());
+                m.insert("expert_hidden".into(), (hf.int(hidden)? as i64).into());
+                model.insert("moe".into(), m.into());
+            }
+            (if kind.starts_with("qwen3") { "qwen3" } else { "llama" }, hf.int("num_hidden_layers")?, hf.int("max_position_embeddings")?)
+        }
+        other => bail!("{}: `model_type` = {other:?}; taproot reads gpt2, llama, qwen3, mixtral and qwen3_moe folders", hf.path.display()),
+    };
+    if arch != "gpt2" {
+        model.insert("arch".into(), arch.into());
+    }
+    model.insert("depth".into(), (layers as i64).into());
+    model.insert("max_seq".into(), (positions as i64).into());
+    let name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "exported".into());
+    let name: String = name.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '-' }).collect();
+    let mut root = toml::Table::new();
+    root.insert("run".into(), toml::toml! { steps = 1 }.into());
+    root["run"].as_table_mut().expect("a table").insert("name".into(), name.into());
+    let mut data = toml::Table::new();
+    data.insert("dir".into(), folder.display().to_string().into());
+    data.insert("tokenizer".into(), tokenizer.into());
+    data.insert("batch_size".into(), 1.into());
+    data.insert("seq_len".into(), (positions.min(1 << 16) as i64).into());
+    root.insert("data".into(), data.into());
+    root.insert("model".into(), model.into());
+    let text = toml::to_string(&root)?;
+    crate::config::Config::parse(&text, &[]).with_context(|| format!("{}: the run it describes", hf.path.display()))
+}
+
 /// A folder's `config.json`, with typed reads that name the file and the key.
 pub struct HfConfig {
     pub path: std::path::PathBuf,
