@@ -153,7 +153,8 @@ fn sample_from_the_command_line() {
 #[test]
 fn sample_from_an_exported_folder_is_the_checkpoints_sample() {
     let bin = env!("CARGO_BIN_EXE_taproot");
-    let kinds: [(&str, fn(TestConfig) -> TestConfig); 3] = [
+    type Change = fn(TestConfig) -> TestConfig;
+    let kinds: [(&str, Change); 3] = [
         ("gpt2", |t| t),
         ("llama", |t| t.set("model.arch", "\"llama\"").heads(4).set("model.kv_heads", 2)),
         ("qwen3-moe", |t| t.set("model.arch", "\"qwen3\"").heads(4).extra("[model.moe]\nexperts = 4\ntop_k = 2\nexpert_hidden = 16\n")),
