@@ -168,7 +168,7 @@ fn kind_cases(be: &CpuBackend, quick: bool) {
 /// config/moe-demo.toml's mixture (its dense first layer aside: every block MoE here).
 fn moe_demo() -> taproot::model::moe::Moe {
     use taproot::model::moe::{Moe, Routing};
-    Moe { experts: 8, top_k: 2, shared: 0, hidden: 172, routing: Routing::Sigmoid, bias_rate: 0.001, first_dense: 0 }
+    Moe { experts: 8, top_k: 2, shared: 0, hidden: 172, routing: Routing::Sigmoid, bias_rate: 0.001, first_dense: 0, aux: 0.0 }
 }
 
 fn run_case(be: &CpuBackend, c: &Case, peak: f64) {

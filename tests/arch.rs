@@ -33,7 +33,7 @@ fn kinds() -> Vec<Dims> {
 }
 
 fn moe(routing: Routing, shared: usize) -> Moe {
-    Moe { experts: 4, top_k: 2, shared, hidden: 24, routing, bias_rate: 0.01, first_dense: 0 }
+    Moe { experts: 4, top_k: 2, shared, hidden: 24, routing, bias_rate: 0.01, first_dense: 0, aux: 0.0 }
 }
 
 fn kind_name(d: &Dims) -> String {
@@ -292,13 +292,14 @@ fn config_errors_name_the_block_kind_keys() {
 
 /// A mixture-of-experts model through the actor runtime: bitwise the sequential trainer through
 /// a growth 1 → 4, with `first_dense_layers = 1` making the bottom block of the final model
-/// dense (the initial block ends on top, MoE); the sigmoid router's bias moves as the loads say.
+/// dense (the initial block ends on top, MoE); the sigmoid router's bias moves as the loads say,
+/// and the auxiliary balancing loss adds its gradient.
 #[test]
 fn moe_pipeline_equals_sequential_through_growth_with_a_dense_first_layer() {
     let moe = |c: TestConfig| {
         c.set("model.arch", "\"llama\"")
             .set("model.kv_heads", 1)
-            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nshared_experts = 1\nexpert_hidden = 16\nrouting = \"sigmoid\"\nbias_update_rate = 0.01\nfirst_dense_layers = 1\n")
+            .extra("[model.moe]\nexperts = 4\ntop_k = 2\nshared_experts = 1\nexpert_hidden = 16\nrouting = \"sigmoid\"\nbias_update_rate = 0.01\nfirst_dense_layers = 1\naux_loss = 0.01\n")
             .depth(1)
             .grow_at_step(12, 4)
             .devices(&["cpu:0", "cpu:1", "cpu:2"])
@@ -370,6 +371,8 @@ fn moe_config_errors_are_named() {
         .set("parallel.data", 2)
         .micro_batches(2));
     assert!(e.contains("sigmoid") && e.contains("parallel.data"), "{e}");
+    let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\naux_loss = -1.0\n"));
+    assert!(e.contains("`model.moe.aux_loss`"), "{e}");
     let e = err(base().set("model.arch", "\"llama\"").extra("[model.moe]\nexperts = 4\ntop_k = 2\nrouting = \"hash\"\n"));
     assert!(e.contains("routing") || e.contains("hash"), "{e}");
 }

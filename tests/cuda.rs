@@ -165,7 +165,7 @@ parity!(moe_block_forward_backward_match_cpu, 1e-4, |be: B| {
     // on its rows, moe_combine and its backward, the shared expert.
     use taproot::model::moe::{Mlp, Moe, Routing};
     let mut r = Rng::new(34);
-    let m = Moe { experts: 4, top_k: 2, shared: 1, hidden: C_, routing: Routing::Softmax, bias_rate: 0.0, first_dense: 0 };
+    let m = Moe { experts: 4, top_k: 2, shared: 1, hidden: C_, routing: Routing::Softmax, bias_rate: 0.0, first_dense: 0, aux: 0.0 };
     let dims = taproot::model::Dims::llama(67, T_, C_, NH_, NH_ / 2, 2 * C_).with_moe(m);
     let mut blk = taproot::model::Block::new_empty_mlp(be, &dims, 0, Mlp::Moe);
     let n_params = blk.w.layout.total;

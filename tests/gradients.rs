@@ -622,7 +622,9 @@ fn check_block_mlp(dims: &Dims, seed: u64, mlp: Mlp) {
         let mut blk = Block::new_empty_mlp(&be, dims, 0, mlp);
         blk.w.params_from_host(&be, params);
         let y = blk.forward(&be, 0, buf(&be, x), b, t);
-        dot(&host(&be, &y), &r)
+        // The objective the backward differentiates: the output against r, and the MoE
+        // balancing loss (0 unless the test sets its weight).
+        dot(&host(&be, &y), &r) + blk.last_aux_loss() as f64
     };
     let mut blk = Block::new_empty_mlp(&be, dims, 0, mlp);
     blk.w.params_from_host(&be, &params);
@@ -676,7 +678,17 @@ fn qwen3_block_gradients_match_finite_differences() {
 }
 
 fn moe(routing: Routing, shared: usize) -> Moe {
-    Moe { experts: 4, top_k: 2, shared, hidden: 6, routing, bias_rate: 0.001, first_dense: 0 }
+    Moe { experts: 4, top_k: 2, shared, hidden: 6, routing, bias_rate: 0.001, first_dense: 0, aux: 0.0 }
+}
+
+#[test]
+fn moe_block_gradients_with_the_auxiliary_balancing_loss_match_finite_differences() {
+    // The balancing loss's gradient through the softmax and through the normalised sigmoids,
+    // at a weight large enough to matter beside the output's (0.5).
+    for (routing, seed) in [(Routing::Softmax, 30), (Routing::Sigmoid, 31)] {
+        let d = Dims::llama(67, 8, 8, 4, 2, 12).with_moe(Moe { aux: 0.5, ..moe(routing, 0) });
+        check_block_mlp(&d, seed, Mlp::Moe);
+    }
 }
 
 #[test]

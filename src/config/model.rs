@@ -71,6 +71,13 @@ pub struct MoeConfig {
     /// Blocks whose position in the final model is below this are dense (default 0).
     #[serde(default)]
     pub first_dense_layers: usize,
+    /// Weight of the auxiliary balancing loss E·Σ f_e·P_e (default 0: none; `model::moe`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub aux_loss: f32,
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 fn default_bias_rate() -> f32 {

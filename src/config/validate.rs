@@ -113,6 +113,9 @@ impl Config {
             if x.expert_hidden == Some(0) {
                 bail!("`model.moe.expert_hidden` must be at least 1");
             }
+            if !(x.aux_loss.is_finite() && x.aux_loss >= 0.0) {
+                bail!("`model.moe.aux_loss` must be a finite number >= 0, got {}", x.aux_loss);
+            }
             if !(x.bias_update_rate.is_finite() && x.bias_update_rate >= 0.0) {
                 bail!("`model.moe.bias_update_rate` must be a finite number >= 0, got {}", x.bias_update_rate);
             }

@@ -171,6 +171,16 @@ impl<B: Backend> Block<B> {
         }
     }
 
+    /// The weighted auxiliary balancing loss of the last forward (`[model.moe] aux_loss`; 0 for
+    /// a dense block or without one). Its gradient is part of the block's backward; the
+    /// reported training loss is the LM loss alone.
+    pub fn last_aux_loss(&self) -> f32 {
+        match &self.body {
+            Body::Llama(l) => l.last_aux,
+            Body::Gpt2(_) => 0.0,
+        }
+    }
+
     /// Number of micro-batches stashed (in flight through this block).
     pub fn in_flight(&self) -> usize {
         match &self.body {

@@ -116,6 +116,8 @@ pub struct LlamaBody<B: Backend> {
     scratch: Option<Scratch<B>>,
     pub mlp: Mlp,
     load: Vec<u64>,
+    /// The weighted auxiliary balancing loss of the last forward (0 without one).
+    pub last_aux: f32,
 }
 
 fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
@@ -131,7 +133,7 @@ fn q_and_k<'a, B: Backend>(buf: &'a B::Buf, d: &Dims) -> (View<'a, B::Buf>, View
 
 impl<B: Backend> LlamaBody<B> {
     pub fn new(mlp: Mlp) -> Self {
-        LlamaBody { stash: Stashes::default(), scratch: None, mlp, load: Vec::new() }
+        LlamaBody { stash: Stashes::default(), scratch: None, mlp, load: Vec::new(), last_aux: 0.0 }
     }
 
     pub fn layout(d: &Dims, mlp: Mlp) -> Layout {
@@ -209,7 +211,10 @@ impl<B: Backend> LlamaBody<B> {
         }
         be.rmsnorm_forward(w::<B>(&acts.rms2), w::<B>(&acts.rstd2), w::<B>(&acts.res2), p.p("mlp_norm"), n, c, d.norm_eps);
         match (&mut acts.moe, &d.moe) {
-            (Some(ma), Some(m)) => moe_mlp::forward(be, p, d, m, ma, &acts.rms2, &y, &sc.dc, n),
+            (Some(ma), Some(m)) => {
+                moe_mlp::forward(be, p, d, m, ma, &acts.rms2, &y, &sc.dc, n);
+                self.last_aux = ma.aux;
+            }
             _ => {
                 be.matmul_forward(w::<B>(&acts.gu), w::<B>(&acts.rms2), p.p("gate_upw"), None, n, c, 2 * f);
                 be.swiglu_forward(w::<B>(&acts.h), w::<B>(&acts.gu), n, f);

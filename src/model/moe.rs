@@ -55,6 +55,11 @@ pub struct Moe {
     pub bias_rate: f32,
     /// Blocks that stay dense: those whose position in the final model is below this.
     pub first_dense: usize,
+    /// The auxiliary balancing loss's weight per micro-batch: `aux_loss` / the step's
+    /// micro-batches, so that a step minimises the mean over its micro-batches of the LM loss
+    /// plus `aux_loss` times the balancing loss (0: none).
+    #[serde(default)]
+    pub aux: f32,
 }
 
 /// Whether a block's MLP is dense or a mixture of experts.
@@ -151,6 +156,40 @@ pub fn route_backward(r: &Route, dweights: &[f32], n: usize, e: usize, k: usize,
         }
     }
     dl
+}
+
+/// The auxiliary balancing loss of one micro-batch and its gradient with respect to the logits
+/// (N, E), times `weight`: L = E · Σ_e f_e · P_e, where f_e is the fraction of the N·k choices
+/// that went to e (a constant) and P_e the mean over tokens of q_e, the softmax probability
+/// (`softmax` routing) or the sigmoid score normalised over the experts (`sigmoid`: DeepSeek's
+/// sequence-wise balance loss). dL/dq_te = E · f_e / N; through the softmax
+/// dl_t = q_t ⊙ (g − q_t·g); through the normalised sigmoids ds = (g − q·g) / Σs and
+/// dl = ds · s (1 − s).
+pub fn aux_loss(r: &Route, n: usize, e: usize, k: usize, routing: Routing, weight: f32) -> (f32, Vec<f32>) {
+    let mut f = vec![0.0f64; e];
+    for &x in &r.experts {
+        f[x as usize] += 1.0 / (n * k) as f64;
+    }
+    let g: Vec<f64> = f.iter().map(|fe| e as f64 * fe / n as f64).collect();
+    let (mut loss, mut dl) = (0.0f64, vec![0.0f32; n * e]);
+    for t in 0..n {
+        let s = &r.scores[t * e..(t + 1) * e];
+        let total: f64 = match routing {
+            Routing::Softmax => 1.0,
+            Routing::Sigmoid => s.iter().map(|&x| x as f64).sum(),
+        };
+        let q: Vec<f64> = s.iter().map(|&x| x as f64 / total).collect();
+        let qg: f64 = q.iter().zip(&g).map(|(a, b)| a * b).sum();
+        loss += qg; // Σ_e g_e q_te = E/N · Σ_e f_e q_te
+        for i in 0..e {
+            let d = match routing {
+                Routing::Softmax => q[i] * (g[i] - qg),
+                Routing::Sigmoid => (g[i] - qg) / total * s[i] as f64 * (1.0 - s[i] as f64),
+            };
+            dl[t * e + i] = (weight as f64 * d) as f32;
+        }
+    }
+    ((weight as f64 * loss) as f32, dl)
 }
 
 /// Where each (token, choice) goes: the slots sorted by expert (then token, then choice), so

@@ -26,6 +26,8 @@ pub struct MoeActs<B: Backend> {
     h: B::Buf,                        // (M, F)
     ys: B::Buf,                       // (M, C)
     shared: Option<(B::Buf, B::Buf)>, // (N, 2SF), (N, SF)
+    /// The weighted auxiliary balancing loss of this micro-batch (0 without one).
+    pub aux: f32,
 }
 
 impl<B: Backend> MoeActs<B> {
@@ -44,6 +46,7 @@ impl<B: Backend> MoeActs<B> {
             h: be.alloc(slots * f),
             ys: be.alloc(slots * c),
             shared: (m.shared > 0).then(|| (be.alloc(n * 2 * m.shared * f), be.alloc(n * m.shared * f))),
+            aux: 0.0,
         }
     }
 
@@ -98,6 +101,7 @@ pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut M
     });
     a.route = moe::route(&logits, bias.as_deref(), n, e, k, m.routing);
     a.plan = Plan::new(&a.route.experts, n, e, k);
+    a.aux = if m.aux > 0.0 { moe::aux_loss(&a.route, n, e, k, m.routing, m.aux).0 } else { 0.0 };
     be.upload_ids(&a.rows, &a.plan.rows);
     be.upload_ids(&a.slots, &a.plan.slots);
     be.upload(w::<B>(&a.weights), &a.route.weights);
@@ -203,7 +207,12 @@ pub fn backward<B: Backend>(
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
     // The router, through the weights (the selection itself has no gradient).
     be.download(w::<B>(&s.dweights), &mut s.host_dw);
-    let dl = moe::route_backward(&a.route, &s.host_dw, n, e, k, m.routing);
+    let mut dl = moe::route_backward(&a.route, &s.host_dw, n, e, k, m.routing);
+    if m.aux > 0.0 {
+        // The balancing loss's own gradient, added to the logits'.
+        let (_, da) = moe::aux_loss(&a.route, n, e, k, m.routing, m.aux);
+        dl.iter_mut().zip(&da).for_each(|(d, a)| *d += a);
+    }
     be.upload(w::<B>(&s.dlogits), &dl);
     be.matmul_backward(Some(w::<B>(&s.dc2)), p.g("routerw"), None, w::<B>(&s.dlogits), w::<B>(x), p.p("routerw"), n, c, e);
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));

@@ -147,6 +147,7 @@ pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
             routing: x.routing,
             bias_rate: x.bias_update_rate,
             first_dense: x.first_dense_layers,
+            aux: x.aux_loss / cfg.data.micro_batches.max(1) as f32,
         });
     }
     d
