@@ -236,19 +236,7 @@ fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
     let got = runtime::train::<CpuBackend>(&cfg, data, quiet(), false).unwrap();
     assert_eq!(got.steps.len(), 30);
     assert!(got.growth.len() == 1 && got.steps.last().unwrap().depth == 4);
-    for (a, b) in want.steps.iter().zip(&got.steps) {
-        assert_eq!((a.step, a.depth), (b.step, b.depth));
-        assert_eq!(
-            a.train_loss.to_bits(),
-            b.train_loss.to_bits(),
-            "step {}: sequential {} vs pipeline {}",
-            a.step,
-            a.train_loss,
-            b.train_loss
-        );
-    }
-    let ev = |r: &taproot::train::TrainReport| r.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect::<Vec<_>>();
-    assert_eq!(ev(&want), ev(&got), "validation losses differ");
+    common::assert_same_run(&want, &got);
     let (first, last) = (got.steps[0].train_loss, got.steps.last().unwrap().train_loss);
     assert!(last < first, "{tag}: the loss did not fall: {first} -> {last}");
 }

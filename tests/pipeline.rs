@@ -29,24 +29,7 @@ fn compare(tag: &str, config: impl FnOnce(TestConfig) -> TestConfig) {
     let want = seq.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
     let got = runtime::train::<CpuBackend>(&cfg, data, quiet(), false).unwrap();
     assert_eq!(got.steps.len(), 50);
-    for (a, b) in want.steps.iter().zip(&got.steps) {
-        assert_eq!((a.step, a.depth), (b.step, b.depth));
-        assert_eq!(
-            a.train_loss.to_bits(),
-            b.train_loss.to_bits(),
-            "step {}: sequential {} vs pipeline {}",
-            a.step,
-            a.train_loss,
-            b.train_loss
-        );
-        assert_eq!(a.lr, b.lr);
-    }
-    let (ev_a, ev_b): (Vec<_>, Vec<_>) = (
-        want.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect(),
-        got.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect(),
-    );
-    assert_eq!(ev_a, ev_b, "validation losses differ");
-    assert_eq!(want.growth, got.growth);
+    common::assert_same_run(&want, &got);
 }
 
 const THREE_DEVICES: [&str; 3] = ["cpu:0", "cpu:1", "cpu:2"];

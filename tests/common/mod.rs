@@ -276,6 +276,28 @@ pub fn grown_checkpoint_with(tag: &str, change: impl Fn(TestConfig) -> TestConfi
     (dir, ck, cfg)
 }
 
+/// The sequential trainer's run `want` and the actor runtime's `got` are the same run: every
+/// step's depth, learning rate and training loss bit for bit, every validation loss bit for bit,
+/// and the same growth records.
+pub fn assert_same_run(want: &taproot::train::TrainReport, got: &taproot::train::TrainReport) {
+    assert_eq!(want.steps.len(), got.steps.len());
+    for (a, b) in want.steps.iter().zip(&got.steps) {
+        assert_eq!((a.step, a.depth), (b.step, b.depth));
+        assert_eq!(
+            a.train_loss.to_bits(),
+            b.train_loss.to_bits(),
+            "step {}: sequential {} vs pipeline {}",
+            a.step,
+            a.train_loss,
+            b.train_loss
+        );
+        assert_eq!(a.lr, b.lr);
+    }
+    let ev = |r: &taproot::train::TrainReport| r.evals.iter().map(|e| (e.step, e.val_loss.to_bits())).collect::<Vec<_>>();
+    assert_eq!(ev(want), ev(got), "validation losses differ");
+    assert_eq!(want.growth, got.growth);
+}
+
 /// The checkpoint's model on the CPU backend: its embedding, head and blocks in stack order.
 pub fn model_of(be: &CpuBackend, ck: &taproot::checkpoint::Checkpoint, dims: &taproot::model::Dims) -> taproot::model::Model<CpuBackend> {
     use taproot::checkpoint::UnitKey;
