@@ -426,7 +426,13 @@ fn scrape_passes_promtool_and_holds_every_dashboard_metric() {
     for m in dashboard_metrics() {
         // GPU memory exists only on CUDA runs (the CUDA daemon test checks that it is emitted),
         // pipeline links only between processes (the multi-process daemon test checks them).
-        let elsewhere = ["taproot_device_memory_used_bytes", "taproot_link_bytes_sent_total", "taproot_link_bytes_received_total"];
+        // Expert load only from mixture-of-experts layers (tests/arch.rs checks its events).
+        let elsewhere = [
+            "taproot_device_memory_used_bytes",
+            "taproot_link_bytes_sent_total",
+            "taproot_link_bytes_received_total",
+            "taproot_expert_load",
+        ];
         if !names.contains(&m) && !elsewhere.contains(&m.as_str()) {
             missing.push(m);
         }
