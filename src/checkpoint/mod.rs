@@ -41,11 +41,12 @@
 use crate::config::Config;
 use crate::data::loader::LoaderState;
 pub use crate::model::growth::GrowthRecord;
+use crate::params::Layout;
 use crate::params::UnitState;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::io::Write;
@@ -59,8 +60,10 @@ pub const OLDEST_READABLE: u32 = 1;
 
 /// Metadata key of the [`Meta`] JSON.
 pub(crate) mod checksum;
+mod describe;
 mod folder;
 pub mod named;
+pub use describe::describe;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};
 pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, Pruned};
@@ -245,7 +248,7 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
 
     // Tensors in name order (the order safetensors itself writes, and the checksum order), each
     // with its shape: named per parameter tensor where the config gives the unit's layout.
-    let layouts = named::unit_layouts(&ck.meta, &ck.units);
+    let layouts = unit_layouts(&ck.meta, &ck.units);
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     let mut units: Vec<UnitEntry> = Vec::new();
     for (key, s) in &ck.units {
@@ -316,6 +319,24 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
     }
     sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
     Ok(path)
+}
+
+/// The layouts the run's config gives its units (none when the config does not parse).
+/// A layer's layout is the dense or the MoE one, whichever has its size.
+fn unit_layouts(meta: &Meta, units: &[(UnitKey, crate::params::UnitState)]) -> HashMap<UnitKey, Layout> {
+    type Cpu = crate::backend::cpu::CpuBackend;
+    let Ok(cfg) = meta.config() else { return HashMap::new() };
+    let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
+    let mut m = HashMap::from([
+        (UnitKey::Embed, crate::model::Embed::<Cpu>::layout(&dims)),
+        (UnitKey::Head, crate::model::Head::<Cpu>::layout(&dims)),
+    ]);
+    for (key, u) in units {
+        if let (UnitKey::Layer(_), Some(mlp)) = (key, crate::model::Block::<Cpu>::mlp_of_len(&dims, u.params.len())) {
+            m.insert(*key, crate::model::Block::<Cpu>::layout_of(&dims, mlp));
+        }
+    }
+    m
 }
 
 /// Make a rename in `dir` durable.
@@ -536,63 +557,4 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
         serde_json::from_str(meta).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))
     };
     inner().map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
-}
-
-// ------------------------------------------------------------------------------------------
-// Directory operations
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
-}
-
-/// A human summary (for `taproot inspect`).
-pub fn describe(ck: &Checkpoint) -> String {
-    use std::fmt::Write as _;
-    let m = &ck.meta;
-    let mut s = String::new();
-    let _ = writeln!(s, "run:      {}", m.run_name);
-    let _ = writeln!(s, "step:     {} (updates done)", m.step);
-    let _ = writeln!(s, "depth:    {}", m.depth);
-    let _ = writeln!(s, "stack:    {:?} (layer ids, bottom to top; next id {})", m.stack, m.next_id);
-    let _ = writeln!(s, "loader:   {} batches drawn, rng state {:#018x}", m.loader.batches, m.loader.rng);
-    let _ = writeln!(s, "created:  {} (unix seconds), format v{}", m.created_unix_s, m.format_version);
-    if m.growth.is_empty() {
-        let _ = writeln!(s, "growth:   none yet");
-    } else {
-        let _ = writeln!(s, "growth:");
-        for g in &m.growth {
-            let _ = writeln!(
-                s,
-                "  at step {}: depth {} -> {}, new ids {:?}, stack {:?}",
-                g.at_step, g.from_depth, g.to_depth, g.new_ids, g.stack
-            );
-        }
-    }
-    let _ = writeln!(s, "units:");
-    let mut total_params = 0u64;
-    let mut total_bytes = 0u64;
-    for (key, u) in &ck.units {
-        let n = u.params.len() as u64;
-        let bytes = 4 * (u.params.len() + u.m.len() + u.v.as_ref().map_or(0, Vec::len)) as u64;
-        total_params += n;
-        total_bytes += bytes;
-        let second = if u.v.is_some() { "m + v (AdamW second moments)" } else { "m only" };
-        let _ = writeln!(s, "  {:<10} {:>12} params  {:<29} {}", key.to_string(), n, second, human_bytes(bytes));
-    }
-    let _ = writeln!(s, "total:    {total_params} params, {} of tensors ({total_bytes} bytes)", human_bytes(total_bytes));
-    if !m.extra.is_null() {
-        let _ = writeln!(s, "extra:    {}", m.extra);
-    }
-    s
 }

@@ -9,10 +9,8 @@
 //! layout, and every unit of a format-1 file, is one flat tensor per part: `<unit>.params`,
 //! `<unit>.m`, `<unit>.v`.
 
-use super::{Meta, UnitKey};
 use crate::params::Layout;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// One named tensor of a unit, as the unit table lists it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,31 +19,13 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
-/// The layouts the run's config gives its units (none when the config does not parse).
-/// A layer's layout is the dense or the MoE one, whichever has its size.
-pub fn unit_layouts(meta: &Meta, units: &[(UnitKey, crate::params::UnitState)]) -> HashMap<UnitKey, Layout> {
-    type Cpu = crate::backend::cpu::CpuBackend;
-    let Ok(cfg) = meta.config() else { return HashMap::new() };
-    let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
-    let mut m = HashMap::from([
-        (UnitKey::Embed, crate::model::Embed::<Cpu>::layout(&dims)),
-        (UnitKey::Head, crate::model::Head::<Cpu>::layout(&dims)),
-    ]);
-    for (key, u) in units {
-        if let (UnitKey::Layer(_), Some(mlp)) = (key, crate::model::Block::<Cpu>::mlp_of_len(&dims, u.params.len())) {
-            m.insert(*key, crate::model::Block::<Cpu>::layout_of(&dims, mlp));
-        }
-    }
-    m
-}
-
 /// The table entries of a unit written named under `layout`.
 pub fn entries(layout: &Layout) -> Vec<TensorEntry> {
     layout.specs.iter().map(|s| TensorEntry { name: s.name.to_string(), shape: s.shape.clone() }).collect()
 }
 
 /// The file's tensor name of part `part` ("params", "m" or "v") of tensor `name` of unit `key`.
-pub fn tensor_name(key: UnitKey, name: &str, part: &str) -> String {
+pub fn tensor_name(key: impl std::fmt::Display, name: &str, part: &str) -> String {
     match part {
         "params" => format!("{key}/{name}"),
         _ => format!("{key}/{name}.{part}"),

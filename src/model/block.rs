@@ -33,29 +33,22 @@ pub struct Block<B: Backend> {
     body: Body<B>,
 }
 
-/// The norm gains of a block of kind `arch`: 1 at init (the other vectors start at 0).
-pub fn gains(arch: Arch) -> &'static [&'static str] {
-    match arch {
-        Arch::Gpt2 => &["ln1w", "ln2w"],
-        Arch::Llama => &["attn_norm", "mlp_norm"],
-        Arch::Qwen3 => &["attn_norm", "mlp_norm", "q_norm", "k_norm"],
-    }
-}
+pub use super::dims::{gains, is_residual_output, residual_outputs};
 
-/// The residual output projections of a dense block of kind `arch` (and their biases): the
-/// tensors whose init scales with depth and which `copying_zero` zeroes, making a block the
-/// identity. An MoE block's are `ow` and every expert's and the shared experts' down matrix
-/// ([`is_residual_output`]).
-pub fn residual_outputs(arch: Arch) -> &'static [&'static str] {
-    match arch {
-        Arch::Gpt2 => &["attprojw", "attprojb", "fcprojw", "fcprojb"],
-        Arch::Llama | Arch::Qwen3 => &["ow", "downw"],
+/// The MLP of a block born at `position` of a stack of `depth` blocks (after the birth) in a
+/// model of `target` blocks, under `[model.moe]`'s `first_dense_layers`: dense when its
+/// position in the final model is below it. Growth at the bottom (`top` false) pushes the
+/// blocks above up, so a block's final position is its position at birth plus the blocks still
+/// to come, target − depth; growth at the top leaves positions as they are. A model without
+/// `[model.moe]` is dense throughout.
+pub fn mlp_at_birth(d: &Dims, position: usize, depth: usize, target: usize, top: bool) -> Mlp {
+    let Some(m) = &d.moe else { return Mlp::Dense };
+    let last = if top { position } else { position + target.saturating_sub(depth) };
+    if last < m.first_dense {
+        Mlp::Dense
+    } else {
+        Mlp::Moe
     }
-}
-
-/// Whether tensor `name` of a block of kind `arch` is a residual output projection (or its bias).
-pub fn is_residual_output(arch: Arch, name: &str) -> bool {
-    residual_outputs(arch).contains(&name) || (arch.is_llama() && name.ends_with("downw"))
 }
 
 impl<B: Backend> Block<B> {

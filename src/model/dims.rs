@@ -130,3 +130,28 @@ impl Dims {
         (8 * channels).div_ceil(3).div_ceil(8) * 8
     }
 }
+
+/// The norm gains of a block of kind `arch`: 1 at init (the other vectors start at 0).
+pub fn gains(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Gpt2 => &["ln1w", "ln2w"],
+        Arch::Llama => &["attn_norm", "mlp_norm"],
+        Arch::Qwen3 => &["attn_norm", "mlp_norm", "q_norm", "k_norm"],
+    }
+}
+
+/// The residual output projections of a dense block of kind `arch` (and their biases): the
+/// tensors whose init scales with depth and which `copying_zero` zeroes, making a block the
+/// identity. An MoE block's are `ow` and every expert's and the shared experts' down matrix
+/// ([`is_residual_output`]).
+pub fn residual_outputs(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Gpt2 => &["attprojw", "attprojb", "fcprojw", "fcprojb"],
+        Arch::Llama | Arch::Qwen3 => &["ow", "downw"],
+    }
+}
+
+/// Whether tensor `name` of a block of kind `arch` is a residual output projection (or its bias).
+pub fn is_residual_output(arch: Arch, name: &str) -> bool {
+    residual_outputs(arch).contains(&name) || (arch.is_llama() && name.ends_with("downw"))
+}

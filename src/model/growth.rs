@@ -162,21 +162,7 @@ pub fn plan_sources(init: GrowInit, order: CopyOrder, ls: usize, k: usize) -> an
 /// their biases, where the kind has them).
 pub use super::block::residual_outputs;
 
-/// The MLP of a block born at `position` of a stack of `depth` blocks (after the birth) in a
-/// model of `target` blocks, under `[model.moe]`'s `first_dense_layers`: dense when its
-/// position in the final model is below it. Growth at the bottom (`top` false) pushes the
-/// blocks above up, so a block's final position is its position at birth plus the blocks still
-/// to come, target − depth; growth at the top leaves positions as they are. A model without
-/// `[model.moe]` is dense throughout.
-pub fn mlp_at_birth(d: &Dims, position: usize, depth: usize, target: usize, top: bool) -> Mlp {
-    let Some(m) = &d.moe else { return Mlp::Dense };
-    let last = if top { position } else { position + target.saturating_sub(depth) };
-    if last < m.first_dense {
-        Mlp::Dense
-    } else {
-        Mlp::Moe
-    }
-}
+pub use super::block::mlp_at_birth;
 
 /// Build one new block with layer id `id` whose MLP is `mlp`.
 ///

@@ -96,7 +96,7 @@ pub const BLOCK_STREAM: u64 = 1 << 20;
 
 /// The standard deviation of a block tensor of kind `arch` under `cfg`.
 pub fn block_tensor_std(cfg: &InitConfig, arch: Arch, name: &str, shape: &[usize]) -> f64 {
-    let residual_out = super::block::is_residual_output(arch, name);
+    let residual_out = super::dims::is_residual_output(arch, name);
     let std = match cfg.scheme {
         InitScheme::Gpt2 => {
             if residual_out && cfg.parameterization.is_standard() {
@@ -121,7 +121,7 @@ pub fn block_init(layout: &Layout, arch: Arch, cfg: &InitConfig, id: u64) -> Vec
         let dst = &mut host[s.offset..s.offset + s.numel()];
         if s.is_matrix() {
             rng.fill_normal(dst, block_tensor_std(cfg, arch, s.name, &s.shape));
-        } else if super::block::gains(arch).contains(&s.name) {
+        } else if super::dims::gains(arch).contains(&s.name) {
             dst.fill(1.0); // the norms' gains
         } // biases stay 0
     }

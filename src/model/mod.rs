@@ -97,7 +97,7 @@ impl<B: Backend> Model<B> {
         let embed = Embed::new(be, &dims, init);
         let head = Head::new(be, &dims, init);
         let blocks = (0..depth)
-            .map(|p| Block::new_init_mlp(be, &dims, p as u64, init, growth::mlp_at_birth(&dims, p, depth, init.target_depth, false)))
+            .map(|p| Block::new_init_mlp(be, &dims, p as u64, init, block::mlp_at_birth(&dims, p, depth, init.target_depth, false)))
             .collect();
         Model { dims, embed, blocks, head, next_id: depth as u64 }
     }
