@@ -167,15 +167,26 @@ parity!(moe_block_forward_backward_match_cpu, 1e-4, |be: B| {
     let mut r = Rng::new(34);
     let m = Moe { experts: 4, top_k: 2, shared: 1, hidden: C_, routing: Routing::Softmax, bias_rate: 0.0, first_dense: 0, aux: 0.0 };
     let dims = taproot::model::Dims::llama(67, T_, C_, NH_, NH_ / 2, 2 * C_).with_moe(m);
-    let mut blk = taproot::model::Block::new_empty_mlp(be, &dims, 0, Mlp::Moe);
+    block_outputs(be, &dims, Mlp::Moe, &mut r)
+});
+
+/// One block of `dims` (MLP `mlp`) with random weights: its output, input gradient and
+/// parameter gradients on `be`.
+fn block_outputs<Be: Backend>(
+    be: &Be,
+    dims: &taproot::model::Dims,
+    mlp: taproot::model::moe::Mlp,
+    r: &mut Rng,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let mut blk = taproot::model::Block::new_empty_mlp(be, dims, 0, mlp);
     let n_params = blk.w.layout.total;
-    blk.w.params_from_host(be, &randn(&mut r, n_params, 0.05));
-    let x = up(be, &randn(&mut r, B_ * T_ * C_, 1.0));
+    blk.w.params_from_host(be, &randn(r, n_params, 0.05));
+    let x = up(be, &randn(r, B_ * T_ * C_, 1.0));
     let y = blk.forward(be, 0, x, B_, T_);
     let y_host = down(be, &y);
-    let dx = blk.backward(be, 0, up(be, &randn(&mut r, B_ * T_ * C_, 1.0)));
+    let dx = blk.backward(be, 0, up(be, &randn(r, B_ * T_ * C_, 1.0)));
     vec![("y", y_host), ("dx", down(be, &dx)), ("grads", blk.w.grads_to_host(be))]
-});
+}
 
 parity!(head_rmsnorm_matches_cpu, TOL, |be: B| {
     // QK-norm on the k heads of fused qkv rows: a view that starts inside the row.
@@ -235,14 +246,7 @@ parity!(llama_block_forward_backward_match_cpu, 1e-4, |be: B| {
     // qwen3: the llama block with QK-norm, so every op of both kinds runs.
     let mut r = Rng::new(32);
     let dims = taproot::model::Dims::llama(67, T_, C_, NH_, NH_ / 2, 2 * C_).with_arch(taproot::model::Arch::Qwen3);
-    let mut blk = taproot::model::Block::new_empty(be, &dims, 0);
-    let n_params = blk.w.layout.total;
-    blk.w.params_from_host(be, &randn(&mut r, n_params, 0.05));
-    let x = up(be, &randn(&mut r, B_ * T_ * C_, 1.0));
-    let y = blk.forward(be, 0, x, B_, T_);
-    let y_host = down(be, &y);
-    let dx = blk.backward(be, 0, up(be, &randn(&mut r, B_ * T_ * C_, 1.0)));
-    vec![("y", y_host), ("dx", down(be, &dx)), ("grads", blk.w.grads_to_host(be))]
+    block_outputs(be, &dims, taproot::model::moe::Mlp::Dense, &mut r)
 });
 
 parity!(layernorm_forward_backward_match_cpu, TOL, |be: B| {
