@@ -45,6 +45,17 @@ fn mpirun(n: usize, args: &[&str]) -> Output {
     c.output().expect("mpirun starts")
 }
 
+/// `taproot train --config cfg` under mpirun with `n` processes, writing into `out`, with
+/// `--set` overrides `sets`.
+fn mpirun_train(n: usize, cfg: &Path, out: &Path, sets: &[&str]) -> Output {
+    let out = format!("run.out_dir={}", out.display());
+    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--set", &out];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    mpirun(n, &args)
+}
+
 fn ok(what: &str, o: &Output) {
     assert!(o.status.success(), "{what} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
@@ -133,10 +144,7 @@ fn two_replicas_train_as_one_process_through_growth() {
     let cfg = config(&dir, "one");
     ok("one process", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     let two = dir.join("two");
-    let o = mpirun(
-        2,
-        &["train", "--config", cfg.to_str().unwrap(), "--set", &format!("run.out_dir={}", two.display()), "--set", "parallel.data=2"],
-    );
+    let o = mpirun_train(2, &cfg, &two, &["parallel.data=2"]);
     ok("two replicas", &o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(stdout.matches("done steps=12").count(), 1, "rank 0 alone reports: {stdout}");
@@ -147,13 +155,7 @@ fn two_replicas_train_as_one_process_through_growth() {
     assert_close_runs(&dir.join("one"), &two);
     // Four replicas of one micro-batch each: the same again.
     let four = dir.join("four");
-    ok(
-        "four replicas",
-        &mpirun(
-            4,
-            &["train", "--config", cfg.to_str().unwrap(), "--set", &format!("run.out_dir={}", four.display()), "--set", "parallel.data=4"],
-        ),
-    );
+    ok("four replicas", &mpirun_train(4, &cfg, &four, &["parallel.data=4"]));
     assert_close_runs(&dir.join("one"), &four);
 }
 
@@ -457,22 +459,7 @@ fn pipeline_stages_in_processes_equal_the_one_process_pipeline_bitwise() {
         let pol = format!("placement.policy=\"{policy}\"");
         ok("one process", &taproot().args(["train", "--config", one.to_str().unwrap(), "--set", &list, "--set", &pol]).output().unwrap());
         let multi = dir.join(format!("p{p}-{policy}"));
-        let o = mpirun(
-            p,
-            &[
-                "train",
-                "--config",
-                one.to_str().unwrap(),
-                "--set",
-                &format!("run.out_dir={}", multi.display()),
-                "--set",
-                &format!("parallel.pipeline={p}"),
-                "--set",
-                "run.log_every=1",
-                "--set",
-                &pol,
-            ],
-        );
+        let o = mpirun_train(p, &one, &multi, &[&format!("parallel.pipeline={p}"), "run.log_every=1", &pol]);
         ok(&format!("{p} pipeline stages"), &o);
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(stdout.contains(&format!("1 data-parallel replicas × {p} pipeline stages")), "{stdout}");
@@ -511,22 +498,7 @@ fn two_replicas_of_two_stages_train_as_one_process() {
     let cfg = config(&dir, "one");
     ok("one process", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     let four = dir.join("four");
-    let o = mpirun(
-        4,
-        &[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--set",
-            &format!("run.out_dir={}", four.display()),
-            "--set",
-            "parallel.data=2",
-            "--set",
-            "parallel.pipeline=2",
-            "--set",
-            "run.log_every=1",
-        ],
-    );
+    let o = mpirun_train(4, &cfg, &four, &["parallel.data=2", "parallel.pipeline=2", "run.log_every=1"]);
     ok("2 x 2", &o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("2 data-parallel replicas × 2 pipeline stages"), "{stdout}");
@@ -580,20 +552,7 @@ fn zero_1_shards_the_optimizer_state_and_trains_bitwise_as_unsharded_replicas() 
             .write();
         let run = |name: &str, zero: u8| -> (PathBuf, u64) {
             let out = dir.join(format!("{kind}-{name}"));
-            let o = mpirun(
-                2,
-                &[
-                    "train",
-                    "--config",
-                    cfg.to_str().unwrap(),
-                    "--set",
-                    &format!("run.out_dir={}", out.display()),
-                    "--set",
-                    "parallel.data=2",
-                    "--set",
-                    &format!("parallel.zero={zero}"),
-                ],
-            );
+            let o = mpirun_train(2, &cfg, &out, &["parallel.data=2", &format!("parallel.zero={zero}")]);
             ok(&format!("{kind} zero={zero}"), &o);
             let stdout = String::from_utf8_lossy(&o.stdout).to_string();
             let n = stdout.split("allreduce rank=0 reductions=").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok());

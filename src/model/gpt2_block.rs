@@ -13,6 +13,7 @@
 //! as llm.c does with its residual gradient: the buffer handed down is the one handed in.
 
 use super::dims::Dims;
+use super::residual;
 use super::stash::{Acts, Stashes};
 use crate::backend::{Backend, View};
 use crate::params::{Layout, ParamSet};
@@ -135,21 +136,12 @@ impl<B: Backend> Gpt2Body<B> {
         let alpha = d.residual;
         // The projection lands in y (free until the very end), then res2 = x + α·y.
         be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p("attprojw"), Some(p.p("attprojb")), n, c, c);
-        if alpha == 1.0 {
-            be.add(w::<B>(&a.res2), xv, w::<B>(&y));
-        } else {
-            be.copy(w::<B>(&a.res2), xv);
-            be.axpby(w::<B>(&a.res2), 1.0, alpha, w::<B>(&y));
-        }
+        residual::add_branch(be, w::<B>(&a.res2), xv, w::<B>(&y), alpha);
         be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p("ln2w"), p.p("ln2b"), n, c);
         be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p("fcw"), Some(p.p("fcb")), n, c, 4 * c);
         be.gelu_forward(w::<B>(&a.fch_gelu), w::<B>(&a.fch));
         be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p("fcprojw"), Some(p.p("fcprojb")), n, 4 * c, c);
-        if alpha == 1.0 {
-            be.add_assign(w::<B>(&y), w::<B>(&a.res2));
-        } else {
-            be.axpby(w::<B>(&y), alpha, 1.0, w::<B>(&a.res2));
-        }
+        residual::add_onto_branch(be, w::<B>(&y), w::<B>(&a.res2), alpha);
         self.stash.keep(be, mb, a, x);
         y
     }
@@ -167,14 +159,7 @@ impl<B: Backend> Gpt2Body<B> {
         let d = w::<B>(&dy);
         // The gradient of a branch's output: dy itself, or α·dy in `dbranch` when α ≠ 1.
         let alpha = dims.residual;
-        let branch = || match &s.dbranch {
-            None => w::<B>(&dy),
-            Some(g) => {
-                be.copy(w::<B>(g), w::<B>(&dy));
-                be.axpby(w::<B>(g), alpha, 0.0, w::<B>(&dy));
-                w::<B>(g)
-            }
-        };
+        let branch = || residual::branch_grad(be, s.dbranch.as_ref(), d, alpha);
         // MLP branch: y = res2 + α·fcproj(gelu(fc(ln2(res2))))
         be.matmul_backward(
             Some(w::<B>(&s.dfch_gelu)),

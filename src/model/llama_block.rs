@@ -15,6 +15,7 @@
 use super::dims::{Arch, Dims};
 use super::moe::{Mlp, Routing};
 use super::moe_mlp::{self, MoeActs, MoeScratch};
+use super::residual;
 use super::stash::{Acts, Stashes};
 use crate::backend::{Backend, View};
 use crate::params::{Layout, ParamSet};
@@ -203,12 +204,7 @@ impl<B: Backend> LlamaBody<B> {
         be.attention_forward(w::<B>(&acts.atty), w::<B>(&acts.att), w::<B>(&acts.qkv3), b, t, a, nh);
         // The projection lands in y (free until the very end), then res2 = x + α·y.
         be.matmul_forward(w::<B>(&y), w::<B>(&acts.atty), p.p("ow"), None, n, a, c);
-        if alpha == 1.0 {
-            be.add(w::<B>(&acts.res2), xv, w::<B>(&y));
-        } else {
-            be.copy(w::<B>(&acts.res2), xv);
-            be.axpby(w::<B>(&acts.res2), 1.0, alpha, w::<B>(&y));
-        }
+        residual::add_branch(be, w::<B>(&acts.res2), xv, w::<B>(&y), alpha);
         be.rmsnorm_forward(w::<B>(&acts.rms2), w::<B>(&acts.rstd2), w::<B>(&acts.res2), p.p("mlp_norm"), n, c, d.norm_eps);
         match (&mut acts.moe, &d.moe) {
             (Some(ma), Some(m)) => {
@@ -221,11 +217,7 @@ impl<B: Backend> LlamaBody<B> {
                 be.matmul_forward(w::<B>(&y), w::<B>(&acts.h), p.p("downw"), None, n, f, c);
             }
         }
-        if alpha == 1.0 {
-            be.add_assign(w::<B>(&y), w::<B>(&acts.res2));
-        } else {
-            be.axpby(w::<B>(&y), alpha, 1.0, w::<B>(&acts.res2));
-        }
+        residual::add_onto_branch(be, w::<B>(&y), w::<B>(&acts.res2), alpha);
         self.stash.keep(be, mb, acts, x);
         y
     }
@@ -248,27 +240,10 @@ impl<B: Backend> LlamaBody<B> {
         let (qw, att_c, alpha) = (qkv_width(d), nh * hd, d.residual);
         let dyv = w::<B>(&dy);
         // The gradient of a branch's output: dy itself, or α·dy in `dbranch` when α ≠ 1.
-        let branch = || match &s.dbranch {
-            None => dyv,
-            Some(g) => {
-                be.copy(w::<B>(g), dyv);
-                be.axpby(w::<B>(g), alpha, 0.0, dyv);
-                w::<B>(g)
-            }
-        };
+        let branch = || residual::branch_grad(be, s.dbranch.as_ref(), dyv, alpha);
         // MLP branch: y = res2 + α·down(swiglu(gate_up(rms2(res2)))), or α·MoE(rms2(res2))
         match (&a.moe, &mut s.moe, &d.moe) {
-            (Some(ma), Some(ms), Some(m)) => {
-                let g = match &s.dbranch {
-                    None => dyv,
-                    Some(g) => {
-                        be.copy(w::<B>(g), dyv);
-                        be.axpby(w::<B>(g), alpha, 0.0, dyv);
-                        w::<B>(g)
-                    }
-                };
-                moe_mlp::backward(be, p, d, m, ma, ms, &a.rms2, g, &s.dc, n);
-            }
+            (Some(ma), Some(ms), Some(m)) => moe_mlp::backward(be, p, d, m, ma, ms, &a.rms2, branch(), &s.dc, n),
             _ => {
                 be.matmul_backward(Some(w::<B>(&s.dh)), p.g("downw"), None, branch(), w::<B>(&a.h), p.p("downw"), n, f, c);
                 be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n, f);

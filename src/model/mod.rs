@@ -27,6 +27,7 @@ pub mod init;
 pub mod llama_block;
 pub mod moe;
 pub mod moe_mlp;
+pub mod residual;
 pub mod stash;
 
 pub use block::Block;

@@ -109,8 +109,18 @@ pub struct Route {
 
 /// Route `n` tokens from their logits (N, E); `bias` (E) steers the `sigmoid` selection.
 pub fn route(logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize, routing: Routing) -> Route {
+    let mut r = Route::default();
+    route_into(&mut r, logits, bias, n, e, k, routing);
+    r
+}
+
+/// [`route`] into `r`, reusing its vectors (the block routes every micro-batch).
+#[allow(clippy::too_many_arguments)]
+pub fn route_into(r: &mut Route, logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize, routing: Routing) {
     assert!(logits.len() == n * e && k >= 1 && k <= e, "route: {n} tokens of {e} logits, top {k}");
-    let mut r = Route { experts: Vec::with_capacity(n * k), weights: Vec::with_capacity(n * k), scores: Vec::with_capacity(n * e) };
+    r.experts.clear();
+    r.weights.clear();
+    r.scores.clear();
     let mut order: Vec<usize> = Vec::with_capacity(e);
     for l in logits.chunks_exact(e) {
         let start = r.scores.len();
@@ -134,14 +144,22 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize,
             r.weights.push(s[i] / sum);
         }
     }
-    r
 }
 
 /// dlogits (N, E) from the weights' gradient dweights (N, k): the selected logits only.
 /// `softmax`: the weights are the softmax of the selected logits, dl_j = w_j (dw_j − Σ w·dw).
 /// `sigmoid`: w_j = s_j / S, so ds_j = (dw_j − Σ w·dw) / S and dl_j = ds_j · s_j (1 − s_j).
 pub fn route_backward(r: &Route, dweights: &[f32], n: usize, e: usize, k: usize, routing: Routing) -> Vec<f32> {
-    let mut dl = vec![0.0f32; n * e];
+    let mut dl = Vec::new();
+    route_backward_into(&mut dl, r, dweights, n, e, k, routing);
+    dl
+}
+
+/// [`route_backward`] into `dl` (resized to N·E), reusing its memory.
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward_into(dl: &mut Vec<f32>, r: &Route, dweights: &[f32], n: usize, e: usize, k: usize, routing: Routing) {
+    dl.clear();
+    dl.resize(n * e, 0.0);
     for t in 0..n {
         let (sel, w, dw) = (&r.experts[t * k..(t + 1) * k], &r.weights[t * k..(t + 1) * k], &dweights[t * k..(t + 1) * k]);
         let dot: f32 = w.iter().zip(dw).map(|(a, b)| a * b).sum();
@@ -155,7 +173,6 @@ pub fn route_backward(r: &Route, dweights: &[f32], n: usize, e: usize, k: usize,
             };
         }
     }
-    dl
 }
 
 /// The auxiliary balancing loss of one micro-batch and its gradient with respect to the logits
@@ -206,22 +223,32 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(experts: &[u32], n: usize, e: usize, k: usize) -> Plan {
-        let mut offsets = vec![0usize; e + 1];
+        let mut p = Plan::default();
+        p.refill(experts, n, e, k);
+        p
+    }
+
+    /// The plan of another routing, in this plan's memory.
+    pub fn refill(&mut self, experts: &[u32], n: usize, e: usize, k: usize) {
+        let offsets = &mut self.offsets;
+        offsets.clear();
+        offsets.resize(e + 1, 0);
         for &x in experts {
             offsets[x as usize + 1] += 1;
         }
         for i in 0..e {
             offsets[i + 1] += offsets[i];
         }
-        let mut next = offsets.clone();
-        let (mut rows, mut slots) = (vec![0u32; n * k], vec![0u32; n * k]);
+        self.rows.resize(n * k, 0);
+        self.slots.resize(n * k, 0);
+        // `next` counts each expert's slots handed out so far, from its offset.
+        let mut next = vec![0usize; e];
         for (tj, &x) in experts.iter().enumerate() {
-            let slot = next[x as usize];
+            let slot = self.offsets[x as usize] + next[x as usize];
             next[x as usize] += 1;
-            rows[slot] = (tj / k) as u32;
-            slots[tj] = slot as u32;
+            self.rows[slot] = (tj / k) as u32;
+            self.slots[tj] = slot as u32;
         }
-        Plan { rows, slots, offsets }
     }
 
     /// Tokens routed to expert `e`.

@@ -26,8 +26,12 @@ pub struct MoeActs<B: Backend> {
     h: B::Buf,                        // (M, F)
     ys: B::Buf,                       // (M, C)
     shared: Option<(B::Buf, B::Buf)>, // (N, 2SF), (N, SF)
-    /// The weighted auxiliary balancing loss of this micro-batch (0 without one).
+    /// The weighted auxiliary balancing loss of this micro-batch (0 without one), and its
+    /// gradient with respect to the logits (N, E; empty without one), made once in the forward.
     pub aux: f32,
+    aux_grad: Vec<f32>,
+    host_logits: Vec<f32>, // (N, E) the logits read back
+    host_bias: Vec<f32>,   // (E) the balancing bias read back (`sigmoid`)
 }
 
 impl<B: Backend> MoeActs<B> {
@@ -47,6 +51,9 @@ impl<B: Backend> MoeActs<B> {
             ys: be.alloc(slots * c),
             shared: (m.shared > 0).then(|| (be.alloc(n * 2 * m.shared * f), be.alloc(n * m.shared * f))),
             aux: 0.0,
+            aux_grad: Vec::new(),
+            host_logits: vec![0.0; n * m.experts],
+            host_bias: vec![0.0; m.experts],
         }
     }
 
@@ -67,6 +74,7 @@ pub struct MoeScratch<B: Backend> {
     dc2: B::Buf,                      // (N, C)
     shared: Option<(B::Buf, B::Buf)>, // dh (N, SF), dgu (N, 2SF)
     host_dw: Vec<f32>,
+    host_dl: Vec<f32>,
 }
 
 impl<B: Backend> MoeScratch<B> {
@@ -82,6 +90,7 @@ impl<B: Backend> MoeScratch<B> {
             dc2: be.alloc(n * c),
             shared: (m.shared > 0).then(|| (be.alloc(n * m.shared * f), be.alloc(n * 2 * m.shared * f))),
             host_dw: vec![0.0; slots],
+            host_dl: Vec::with_capacity(n * m.experts),
         }
     }
 }
@@ -92,16 +101,14 @@ pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut M
     let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
     // Route on the host from the logits (and the balancing bias).
     be.matmul_forward(w::<B>(&a.logits), w::<B>(x), p.p("routerw"), None, n, c, e);
-    let mut logits = vec![0.0f32; n * e];
-    be.download(w::<B>(&a.logits), &mut logits);
-    let bias = (m.routing == Routing::Sigmoid).then(|| {
-        let mut b = vec![0.0f32; e];
-        be.download(p.p("router_bias"), &mut b);
-        b
-    });
-    a.route = moe::route(&logits, bias.as_deref(), n, e, k, m.routing);
-    a.plan = Plan::new(&a.route.experts, n, e, k);
-    a.aux = if m.aux > 0.0 { moe::aux_loss(&a.route, n, e, k, m.routing, m.aux).0 } else { 0.0 };
+    be.download(w::<B>(&a.logits), &mut a.host_logits);
+    let sigmoid = m.routing == Routing::Sigmoid;
+    if sigmoid {
+        be.download(p.p("router_bias"), &mut a.host_bias);
+    }
+    moe::route_into(&mut a.route, &a.host_logits, sigmoid.then_some(&a.host_bias[..]), n, e, k, m.routing);
+    a.plan.refill(&a.route.experts, n, e, k);
+    (a.aux, a.aux_grad) = if m.aux > 0.0 { moe::aux_loss(&a.route, n, e, k, m.routing, m.aux) } else { (0.0, Vec::new()) };
     be.upload_ids(&a.rows, &a.plan.rows);
     be.upload_ids(&a.slots, &a.plan.slots);
     be.upload(w::<B>(&a.weights), &a.route.weights);
@@ -207,13 +214,10 @@ pub fn backward<B: Backend>(
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
     // The router, through the weights (the selection itself has no gradient).
     be.download(w::<B>(&s.dweights), &mut s.host_dw);
-    let mut dl = moe::route_backward(&a.route, &s.host_dw, n, e, k, m.routing);
-    if m.aux > 0.0 {
-        // The balancing loss's own gradient, added to the logits'.
-        let (_, da) = moe::aux_loss(&a.route, n, e, k, m.routing, m.aux);
-        dl.iter_mut().zip(&da).for_each(|(d, a)| *d += a);
-    }
-    be.upload(w::<B>(&s.dlogits), &dl);
+    moe::route_backward_into(&mut s.host_dl, &a.route, &s.host_dw, n, e, k, m.routing);
+    // The balancing loss's own gradient (made in the forward), added to the logits'.
+    s.host_dl.iter_mut().zip(&a.aux_grad).for_each(|(d, g)| *d += g);
+    be.upload(w::<B>(&s.dlogits), &s.host_dl);
     be.matmul_backward(Some(w::<B>(&s.dc2)), p.g("routerw"), None, w::<B>(&s.dlogits), w::<B>(x), p.p("routerw"), n, c, e);
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
 }
