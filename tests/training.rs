@@ -106,6 +106,10 @@ fn moe_demo_config_at_full_depth_reaches_val_loss_below_2_within_3000_steps() {
 fn demo_reaches_2(config: &str, change: impl Fn(&mut Config)) {
     let shards = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare-bytes");
     let raw = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/raw/shakespeare");
+    // The demo tests run in parallel: one of them prepares the shards while the others wait
+    // (two preparing at once race on the same temporary files).
+    static PREPARING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = PREPARING.lock().unwrap_or_else(|p| p.into_inner());
     if !shards.join("shakespeare_val_000000.bin").exists() {
         if raw.exists() {
             prepare(&PrepareArgs {
@@ -124,6 +128,7 @@ fn demo_reaches_2(config: &str, change: impl Fn(&mut Config)) {
             return;
         }
     }
+    drop(guard);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(config);
     let mut cfg = Config::load(&path, &[]).unwrap();
     cfg.data.dir = shards;
