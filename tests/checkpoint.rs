@@ -11,6 +11,11 @@ use taproot::checkpoint::{self, Checkpoint, GrowthRecord, Meta, UnitKey, FORMAT_
 use taproot::data::loader::LoaderState;
 use taproot::params::UnitState;
 
+/// Prune `d` as a run would, protecting nothing, with nothing verified yet.
+fn prune(d: &Path, keep: usize, run_id: &str) -> anyhow::Result<checkpoint::Pruned> {
+    checkpoint::prune(d, &checkpoint::Retention { keep, run_id, protect: &[] }, &mut checkpoint::Verified::default())
+}
+
 /// A fresh, empty directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -274,8 +279,8 @@ fn list_and_prune() {
         assert_eq!(p, d.join(checkpoint::file_name(s)));
     }
 
-    assert!(checkpoint::prune(d, 0, RUN).is_err());
-    let mut removed = checkpoint::prune(d, 2, RUN).unwrap().removed;
+    assert!(prune(d, 0, RUN).is_err());
+    let mut removed = prune(d, 2, RUN).unwrap().removed;
     removed.sort();
     let mut expect = vec![
         d.join(".step-00000042.safetensors.tmp"),
@@ -287,7 +292,7 @@ fn list_and_prune() {
     assert_eq!(removed, expect);
     let steps: Vec<u64> = checkpoint::list(d).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, [100, 123_456_789]);
-    assert!(checkpoint::prune(d, 10, RUN).unwrap().removed.is_empty());
+    assert!(prune(d, 10, RUN).unwrap().removed.is_empty());
     assert!(d.join("notes.txt").exists() && d.join("step-00000077.safetensors").is_dir());
 
     let (ck, path, warnings) = checkpoint::load_newest_valid(d).unwrap().unwrap();
@@ -306,7 +311,7 @@ fn empty_or_missing_dir_has_no_checkpoint() {
     let missing = dir.path().join("does-not-exist");
     assert!(checkpoint::list(&missing).unwrap().is_empty());
     assert!(checkpoint::load_newest_valid(&missing).unwrap().is_none());
-    assert!(checkpoint::prune(&missing, 1, RUN).unwrap().removed.is_empty());
+    assert!(prune(&missing, 1, RUN).unwrap().removed.is_empty());
 }
 
 #[test]
@@ -596,7 +601,7 @@ fn garbage_of_a_higher_step_cannot_push_out_the_runs_only_checkpoint() {
     let mine = checkpoint::save(d, &of_run(10, RUN)).unwrap();
     let garbage = d.join(checkpoint::file_name(99));
     fs::write(&garbage, vec![0xAB; 4096]).unwrap();
-    let pruned = checkpoint::prune(d, 1, RUN).unwrap();
+    let pruned = prune(d, 1, RUN).unwrap();
     assert!(mine.exists(), "keep = 1 deleted the run's only loadable checkpoint");
     assert!(pruned.removed.is_empty(), "{pruned:?}");
     assert!(!garbage.exists(), "the garbage file stayed where it is counted");
@@ -612,7 +617,7 @@ fn pruning_never_touches_another_runs_checkpoints() {
     let d = dir.path();
     let theirs: Vec<PathBuf> = (20..25).map(|s| checkpoint::save(d, &of_run(s, "another-run")).unwrap()).collect();
     let mine: Vec<PathBuf> = (1..5).map(|s| checkpoint::save(d, &of_run(s, RUN)).unwrap()).collect();
-    let pruned = checkpoint::prune(d, 2, RUN).unwrap();
+    let pruned = prune(d, 2, RUN).unwrap();
     assert!(theirs.iter().all(|p| p.exists()), "another run's checkpoint was deleted");
     assert_eq!(pruned.foreign.len(), 5);
     let mut removed = pruned.removed.clone();
@@ -661,4 +666,68 @@ fn non_regular_files_are_refused() {
     let e = err_of(checkpoint::load(dir.path()));
     assert!(e.contains("not a regular file"), "{e}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// Flip one bit in the middle of a checkpoint's tensor data (header and size intact).
+fn flip_a_data_bit(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    let h = header_end(&bytes);
+    let pos = (h + bytes.len()) / 2;
+    bytes[pos] ^= 0x10;
+    fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn verify_passes_good_files_and_names_a_flipped_data_bit() {
+    let dir = TempDir::new("verify");
+    let path = checkpoint::save(dir.path(), &of_run(30, RUN)).unwrap();
+    assert_eq!(checkpoint::verify(&path).unwrap(), checkpoint::load(&path).unwrap().meta);
+    flip_a_data_bit(&path);
+    let e = format!("{:#}", checkpoint::verify(&path).unwrap_err());
+    assert!(e.contains("checksum mismatch") && e.contains("step-00000030"), "{e}");
+    // The cache sees the change (another modification time or size) and verifies again.
+    let mut v = checkpoint::Verified::default();
+    assert!(v.check(&path).is_err());
+}
+
+/// The hostile case: a resumed run (from step 10, the newest good file) writes step 15 while a
+/// corrupt step 20 (one flipped data bit) sits in the folder. With `keep = 1`, pruning by
+/// header alone kept the corrupt file and deleted both good ones.
+#[test]
+fn a_corrupt_newest_checkpoint_never_costs_the_good_ones() {
+    let dir = TempDir::new("prune-corrupt-newest");
+    let d = dir.path();
+    let resumed = checkpoint::save(d, &of_run(10, RUN)).unwrap();
+    let corrupt = checkpoint::save(d, &of_run(20, RUN)).unwrap();
+    flip_a_data_bit(&corrupt);
+    let written = checkpoint::save(d, &of_run(15, RUN)).unwrap();
+    let protect = [written.clone(), resumed.clone()];
+    let mut verified = checkpoint::Verified::default();
+    let pruned = checkpoint::prune(d, &checkpoint::Retention { keep: 1, run_id: RUN, protect: &protect }, &mut verified).unwrap();
+    assert!(written.exists() && resumed.exists(), "a good checkpoint was deleted: {pruned:?}");
+    assert!(!corrupt.exists(), "the corrupt file stayed where it is counted");
+    assert_eq!(pruned.moved_aside.len(), 1, "{pruned:?}");
+    assert!(pruned.moved_aside[0].0.starts_with(d.join("rejected")) && pruned.moved_aside[0].1.contains("checksum"), "{pruned:?}");
+    assert_eq!(checkpoint::load_newest_valid(d).unwrap().unwrap().0.meta.step, 15);
+
+    // The next checkpoint: the resumed-from file stays (protected), the older written one goes.
+    let next = checkpoint::save(d, &of_run(25, RUN)).unwrap();
+    let protect = [next.clone(), resumed.clone()];
+    let pruned = checkpoint::prune(d, &checkpoint::Retention { keep: 1, run_id: RUN, protect: &protect }, &mut verified).unwrap();
+    assert_eq!(pruned.removed, vec![written], "{pruned:?}");
+    assert!(next.exists() && resumed.exists());
+}
+
+/// With `keep = 3`, a corrupt file does not count toward the three: every good one stays.
+#[test]
+fn a_corrupt_checkpoint_does_not_count_toward_keep() {
+    let dir = TempDir::new("prune-corrupt-keep");
+    let d = dir.path();
+    let good: Vec<PathBuf> = [10, 20, 40].iter().map(|&s| checkpoint::save(d, &of_run(s, RUN)).unwrap()).collect();
+    let corrupt = checkpoint::save(d, &of_run(30, RUN)).unwrap();
+    flip_a_data_bit(&corrupt);
+    let pruned = prune(d, 3, RUN).unwrap();
+    assert!(pruned.removed.is_empty(), "{pruned:?}");
+    assert!(good.iter().all(|p| p.exists()), "a good checkpoint was deleted for a corrupt one");
+    assert!(!corrupt.exists() && pruned.moved_aside.len() == 1, "{pruned:?}");
 }

@@ -495,3 +495,33 @@ fn a_third_signal_exits_at_once() {
     let res = child.wait_with_output().unwrap();
     assert_eq!(res.status.code(), Some(130), "{}", String::from_utf8_lossy(&res.stderr));
 }
+
+/// One flipped data bit in the newest checkpoint (header and size intact), then `--resume`
+/// with `checkpoint.keep = 1`: the run resumes from the older good file, moves the corrupt one
+/// into `rejected/`, and keeps the good file it resumed from beside its own new one. (Pruning
+/// by header alone kept the corrupt file and deleted both good ones.)
+#[test]
+fn a_corrupt_newest_checkpoint_is_moved_aside_and_costs_no_good_one() {
+    let dir = synthetic_dataset("corrupt-keep1");
+    let cfg = run_config(&dir, "flip").checkpoint_keep(2).write();
+    run_to_end(&cfg, &["--stop-after", "55"]);
+    let ckdir = dir.join("flip/checkpoints");
+    let steps = |d: &Path| checkpoint::list(d).unwrap().into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(steps(&ckdir), [50, 55]);
+    let newest = ckdir.join(checkpoint::file_name(55));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 1000] ^= 0x04;
+    std::fs::write(&newest, &bytes).unwrap();
+
+    let cfg = run_config(&dir, "flip").checkpoint_keep(1).write();
+    let text = run_to_end(&cfg, &["--resume", "--stop-after", "52"]);
+    assert!(text.contains("step=50") && text.contains("rejected"), "did not resume from 50 and move 55 aside:\n{text}");
+    assert_eq!(steps(&ckdir), [50, 52], "\n{text}");
+    for (_, p) in checkpoint::list(&ckdir).unwrap() {
+        checkpoint::verify(&p).unwrap();
+    }
+    assert!(ckdir.join("rejected").join(checkpoint::file_name(55)).exists());
+    let out = Command::new(BIN).arg("inspect").arg(&ckdir).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("step-00000052"), "{out:?}");
+}

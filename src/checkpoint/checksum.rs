@@ -87,3 +87,88 @@ pub(super) fn file_checksum<'a>(meta_json: &str, units_json: &str, tensors: impl
     }
     format!("{CHECKSUM_PREFIX}{:016x}", c.finish())
 }
+
+/// [`hash_bytes`] fed in pieces: a tensor's data streamed from a file in chunks of any size,
+/// with the same result as hashing it in one slice.
+pub(super) struct StreamHash {
+    lanes: [u64; 4],
+    words: usize,
+    n_bytes: u64,
+    pending: [u8; 8],
+    pending_len: usize,
+}
+
+impl StreamHash {
+    pub(super) fn new() -> Self {
+        StreamHash {
+            lanes: [FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3, FNV_OFFSET ^ 4],
+            words: 0,
+            n_bytes: 0,
+            pending: [0; 8],
+            pending_len: 0,
+        }
+    }
+
+    fn word(&mut self, w: u64) {
+        let l = &mut self.lanes[self.words & 3];
+        *l = (*l ^ w).wrapping_mul(FNV_PRIME);
+        self.words += 1;
+    }
+
+    pub(super) fn feed(&mut self, mut data: &[u8]) {
+        self.n_bytes += data.len() as u64;
+        if self.pending_len > 0 {
+            let take = (8 - self.pending_len).min(data.len());
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&data[..take]);
+            self.pending_len += take;
+            data = &data[take..];
+            if self.pending_len < 8 {
+                return;
+            }
+            let w = u64::from_le_bytes(self.pending);
+            self.word(w);
+            self.pending_len = 0;
+        }
+        let chunks = data.chunks_exact(8);
+        let rem = chunks.remainder();
+        for c in chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        self.pending[..rem.len()].copy_from_slice(rem);
+        self.pending_len = rem.len();
+    }
+
+    pub(super) fn finish(mut self) -> u64 {
+        if self.pending_len > 0 {
+            let mut w = [0u8; 8];
+            w[..self.pending_len].copy_from_slice(&self.pending[..self.pending_len]);
+            self.word(u64::from_le_bytes(w));
+        }
+        let mut c = Checksum::new();
+        c.u64(self.n_bytes);
+        for l in self.lanes {
+            c.u64(l);
+        }
+        c.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_hash_equals_the_one_slice_hash_for_any_chunking() {
+        let data: Vec<u8> = (0..1001u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+        for len in [0, 1, 7, 8, 9, 64, 1001] {
+            let want = hash_bytes(&data[..len]);
+            for chunk in [1, 3, 8, 13, 1000] {
+                let mut s = StreamHash::new();
+                for c in data[..len].chunks(chunk) {
+                    s.feed(c);
+                }
+                assert_eq!(s.finish(), want, "len {len} chunk {chunk}");
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The checkpoint folder: listing a run's checkpoints, finding the newest that loads, and
 //! pruning (which deletes only the run's own older checkpoints, see [`prune`]).
 
+use super::verify::Verified;
 use super::{is_tmp_name, load_unnamed, parse_file_name, read_meta, sync_dir, Checkpoint};
 use anyhow::{bail, ensure, Context, Result};
 use std::fs;
@@ -52,8 +53,9 @@ pub fn load_newest_valid(dir: &Path) -> Result<Option<(Checkpoint, PathBuf, Vec<
 pub struct Pruned {
     /// Older checkpoints of the run, and stale temporary files, deleted.
     pub removed: Vec<PathBuf>,
-    /// Files named like checkpoints whose header cannot be read, or whose size is not what their
-    /// header says: moved into `rejected/` beside them (never deleted, never counted), with why.
+    /// Files named like the run's checkpoints that do not verify (a header that cannot be read, a
+    /// size that is not what the header says, a checksum that fails): moved into `rejected/`
+    /// beside them (never deleted, never counted), with why.
     pub moved_aside: Vec<(PathBuf, String)>,
     /// Checkpoints of another run (or of no recorded run), left alone and not counted.
     pub foreign: Vec<PathBuf>,
@@ -65,38 +67,70 @@ pub fn new_run_id() -> String {
     format!("{:x}-{:x}", nanos, std::process::id())
 }
 
-/// Delete the older checkpoints of run `run_id` in `dir`, keeping its newest `keep`, and the
-/// stale temporary files of interrupted saves.
+/// Which of a run's checkpoints [`prune`] keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention<'a> {
+    /// How many of the run's newest verified checkpoints to keep (at least 1).
+    pub keep: usize,
+    /// The run whose checkpoints count (see [`super::Meta::run_id`]).
+    pub run_id: &'a str,
+    /// Never deleted by this prune, whatever `keep` says: the checkpoint just written and read
+    /// back, and the one the run resumed from.
+    pub protect: &'a [PathBuf],
+}
+
+/// Move a checkpoint that failed to load or verify into `rejected/` beside it (never deleted:
+/// a person may want it), under a name not taken there yet. Returns where it went.
+pub fn reject(path: &Path) -> Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let aside = dir.join("rejected");
+    fs::create_dir_all(&aside).with_context(|| format!("cannot create {}", aside.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let mut to = aside.join(&name);
+    let mut k = 1;
+    while to.exists() {
+        to = aside.join(format!("{name}.{k}"));
+        k += 1;
+    }
+    fs::rename(path, &to).with_context(|| format!("cannot move {} to {}", path.display(), to.display()))?;
+    sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    Ok(to)
+}
+
+/// Delete the older checkpoints of run `r.run_id` in `dir`, keeping its newest `r.keep` that
+/// verify, and the stale temporary files of interrupted saves.
 ///
-/// Only checkpoints whose header names `run_id` count: a file of another run (or of no recorded
-/// run) is never deleted, and a file whose header cannot be read (or whose size disagrees with
-/// its header) is moved aside into `dir/rejected/`, reported, and not counted — so neither can
-/// push the run's own newest checkpoint out.
-pub fn prune(dir: &Path, keep: usize, run_id: &str) -> Result<Pruned> {
-    ensure!(keep >= 1, "prune must keep at least one checkpoint");
+/// Only files that pass [`super::verify`] (in full: header, size and the checksum over every
+/// byte; cached in `verified` so that each file is read once per run) count toward `keep`. A file
+/// of the run that fails is moved into `dir/rejected/` at once, reported and never counted, so
+/// a corrupt checkpoint can never push a good one out. A file whose header cannot be read is
+/// moved aside the same way. A checkpoint of another run (or of no recorded run) is never
+/// touched. The files of `r.protect` are never deleted.
+pub fn prune(dir: &Path, r: &Retention, verified: &mut Verified) -> Result<Pruned> {
+    ensure!(r.keep >= 1, "prune must keep at least one checkpoint");
     let mut out = Pruned::default();
     let mut own = Vec::new();
     for (step, path) in list(dir)? {
         // read_meta checks the file's size against its header too (`open_checked`).
-        match read_meta(&path) {
-            Ok(meta) if meta.run_id.as_deref() == Some(run_id) => own.push((step, path)),
-            Ok(_) => out.foreign.push(path),
+        let checked = match read_meta(&path) {
+            Ok(meta) if meta.run_id.as_deref() != Some(r.run_id) => {
+                out.foreign.push(path);
+                continue;
+            }
+            Ok(_) => verified.check(&path),
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(_) => own.push((step, path)),
             Err(e) => {
-                let aside = dir.join("rejected");
-                fs::create_dir_all(&aside).with_context(|| format!("cannot create {}", aside.display()))?;
-                let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                let mut to = aside.join(&name);
-                let mut k = 1;
-                while to.exists() {
-                    to = aside.join(format!("{name}.{k}"));
-                    k += 1;
-                }
-                fs::rename(&path, &to).with_context(|| format!("cannot move {} to {}", path.display(), to.display()))?;
+                verified.forget(&path);
+                let to = reject(&path)?;
                 out.moved_aside.push((to, format!("{e:#}")));
             }
         }
     }
-    let mut doomed: Vec<PathBuf> = own[..own.len().saturating_sub(keep)].iter().map(|(_, p)| p.clone()).collect();
+    let mut doomed: Vec<PathBuf> =
+        own[..own.len().saturating_sub(r.keep)].iter().map(|(_, p)| p.clone()).filter(|p| !r.protect.contains(p)).collect();
     if let Ok(rd) = fs::read_dir(dir) {
         for entry in rd.flatten() {
             if entry.file_name().to_str().is_some_and(is_tmp_name) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
@@ -106,8 +140,9 @@ pub fn prune(dir: &Path, keep: usize, run_id: &str) -> Result<Pruned> {
     }
     for p in &doomed {
         fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        verified.forget(p);
     }
-    if !doomed.is_empty() || !out.moved_aside.is_empty() {
+    if !doomed.is_empty() {
         sync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
     }
     out.removed = doomed;

@@ -66,7 +66,9 @@ pub mod named;
 pub use describe::describe;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};
-pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, Pruned};
+pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, reject, Pruned, Retention};
+mod verify;
+pub use verify::{verify, Verified};
 
 const KEY_META: &str = "taproot";
 /// Metadata key of the unit table (order and step counters).

@@ -189,6 +189,10 @@ pub struct SchedulerState<B: Backend> {
     last_checkpoint: Option<(u64, PathBuf)>,
     /// Checkpoint files of other runs already reported (reported once each).
     foreign_reported: std::collections::HashSet<PathBuf>,
+    /// The checkpoint this run resumed from: never deleted by this run's pruning.
+    resumed_from: Option<PathBuf>,
+    /// Checkpoint files verified in full so far (pruning counts only those).
+    verified: checkpoint::Verified,
     /// Records, CSV files, log lines, FLOPs, early stop.
     log: RunLog,
     ended: DerivedActorRef<RunEnded>,
@@ -257,6 +261,16 @@ fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<(Checkpoint, Path
                 .map_err(|e| fail(format!("{e:#}")))?;
             if ck.meta.step > cfg.run.steps {
                 return Err(fail(format!("it is at step {} but `run.steps` is {}", ck.meta.step, cfg.run.steps)));
+            }
+            // The newer files were skipped because they do not load: moved into `rejected/` now,
+            // so that no later prune counts them or deletes a good file for them (rank 0 owns
+            // the folder).
+            if crate::dist::rank() == 0 {
+                let newer = checkpoint::list(&dir).map_err(|e| boxed(RunError::Checkpoint(format!("{e:#}"))))?;
+                for (_, bad) in newer.into_iter().filter(|(s, _)| *s > ck.meta.step) {
+                    let to = checkpoint::reject(&bad).map_err(|e| boxed(RunError::Checkpoint(format!("{e:#}"))))?;
+                    eprintln!("warning: {} does not load; moved to {}", bad.display(), to.display());
+                }
             }
             if !opts.quiet {
                 println!("resume from={} step={} depth={}", path.display(), ck.meta.step, ck.meta.depth);
@@ -381,8 +395,10 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             growth,
             run_id,
             step_cursor: loader_cursor,
+            resumed_from: last_checkpoint.as_ref().map(|(_, p)| p.clone()),
             last_checkpoint,
             foreign_reported: Default::default(),
+            verified: Default::default(),
             log,
             ended: a.ended,
             supervisor: a.supervisor,

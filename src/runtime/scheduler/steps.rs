@@ -353,18 +353,22 @@ impl<B: Backend> SchedulerState<B> {
         let keep = self.cfg.checkpoint.keep;
         let ck = Checkpoint { meta, units };
         let run_id = self.run_id.clone();
+        let verified = &mut self.verified;
+        let resumed_from = self.resumed_from.clone();
         let (path, pruned) = compute(|| -> anyhow::Result<(PathBuf, checkpoint::Pruned)> {
             let p = checkpoint::save(&dir, &ck)?;
             // Verified by reading it back (checksum included) before anything older is deleted.
-            let back = checkpoint::load(&p)?;
-            anyhow::ensure!(back.meta.step == ck.meta.step, "{} reads back as step {}", p.display(), back.meta.step);
-            let pruned = checkpoint::prune(&dir, keep, &run_id)?;
+            let back = checkpoint::verify(&p)?;
+            anyhow::ensure!(back.step == ck.meta.step, "{} reads back as step {}", p.display(), back.step);
+            verified.record(&p, back);
+            let protect: Vec<PathBuf> = std::iter::once(p.clone()).chain(resumed_from).collect();
+            let pruned = checkpoint::prune(&dir, &checkpoint::Retention { keep, run_id: &run_id, protect: &protect }, verified)?;
             Ok((p, pruned))
         })
         .map_err(|e| boxed(RunError::Checkpoint(format!("writing the checkpoint of step {}: {e:#}", self.step))))?;
         for (p, why) in &pruned.moved_aside {
             eprintln!("warning: {why}; moved to {}", p.display());
-            self.log.say(format!("warning: unreadable checkpoint moved to {}: {why}", p.display()));
+            self.log.say(format!("warning: checkpoint that does not verify moved to {}: {why}", p.display()));
         }
         for p in pruned.foreign.iter().filter(|p| !self.foreign_reported.contains(*p)).cloned().collect::<Vec<_>>() {
             self.log.say(format!("note: {} belongs to another run: kept, not counted", p.display()));
