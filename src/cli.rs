@@ -313,7 +313,18 @@ pub fn run(cli: Cli) -> Result<()> {
             // Several processes (`parallel.data` × `parallel.pipeline`, or an MPI launcher): rank 0
             // leads, owning the run folder, the logs and the checkpoints; the other replicas train
             // their share quietly, and the other pipeline stages host the layers placed on them.
-            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline)?;
+            let facts = crate::dist::Facts::of_run(
+                &cfg,
+                &[
+                    ("command", "train".into()),
+                    ("resume", resume.to_string()),
+                    ("overwrite", overwrite.to_string()),
+                    ("stop_after", format!("{stop_after:?}")),
+                    ("allow_config_change", format!("{allow_config_change:?}")),
+                    ("sequential", sequential.to_string()),
+                ],
+            );
+            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, &facts)?;
             let lead = crate::dist::rank() == 0;
             let mut cfg = cfg;
             crate::dist::map_devices(&mut cfg);

@@ -16,6 +16,7 @@ use common::{synthetic_dataset, TestConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use taproot::checkpoint;
 
 fn mpi_ready() -> bool {
     let have_mpirun = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -575,4 +576,81 @@ fn zero_1_shards_the_optimizer_state_and_trains_bitwise_as_unsharded_replicas() 
     ok("straight", &taproot().args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap());
     let split = split_run(&dir, &cfg, "z-split", &["parallel.data=2", "parallel.zero=1"], &[]);
     assert_close_runs(&dir.join("z-straight"), &split);
+}
+
+/// `mpirun -np 1 taproot ARGS0 : -np 1 taproot ARGS1`: two ranks given different command lines.
+fn mpirun_two(args0: &[&str], args1: &[&str]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_taproot");
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", "1", bin])
+        .args(args0)
+        .args([":", "-np", "1", bin])
+        .args(args1)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c.output().expect("mpirun starts")
+}
+
+/// Ranks that disagree on anything that changes the run stop before step 1, every one of them,
+/// with one message naming the key and the rank. Before, another `model.channels` segfaulted
+/// rank 0, another `schedule.lr`, `model.heads`, `run.seed` or `data.micro_batches` trained
+/// silently to another loss, and another `run.steps` or growth step aborted in MPI_ERR_TRUNCATE.
+#[test]
+fn ranks_that_disagree_stop_before_step_1_naming_the_key_and_rank() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-disagree");
+    let cfg = config(&dir, "disagree");
+    let c = cfg.to_str().unwrap();
+    let out = format!("run.out_dir={}", dir.join("out").display());
+    let base = ["train", "--config", c, "--set", &out, "--set", "parallel.data=2"];
+    let cases: [(&[&str], &str); 9] = [
+        (&["--set", "model.channels=128"], "`model.channels` (128 on rank 1, 32 on rank 0)"),
+        (&["--set", "schedule.lr=0.03"], "`schedule.lr`"),
+        (&["--set", "model.heads=4"], "`model.heads`"),
+        (&["--set", "run.seed=12345"], "`run.seed`"),
+        (&["--set", "data.micro_batches=8"], "`data.micro_batches`"),
+        (&["--set", "run.steps=13"], "`run.steps`"),
+        (&["--set", "growth[0].at_step=5"], "`growth[0].at_step`"),
+        (&["--stop-after", "5"], "`option.stop_after`"),
+        (&["--set", "parallel.data=1"], "`parallel.data` (1 on rank 1, 2 on rank 0)"),
+    ];
+    for (extra, key) in cases {
+        let args1: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let o = mpirun_two(&base, &args1);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?}: the run went on");
+        assert!(
+            err.contains("do not agree")
+                && err.contains("rank 1 differs from rank 0 in")
+                && err.contains(key)
+                && !err.contains("rank 0 differs"),
+            "{extra:?}: {err}"
+        );
+        assert!(!dir.join("out").join("disagree").join("checkpoints").exists(), "{extra:?}: a checkpoint was written");
+    }
+    // The same command lines agree.
+    ok("ranks that agree", &mpirun_two(&base, &base));
+}
+
+/// Replicas compare a checksum of their weights at every checkpoint: a replica whose embedding
+/// drifted (here: initialised with another seed) stops the run at the first one, naming the unit
+/// and the step, before a checkpoint of either replica's weights is written.
+#[test]
+fn replicas_whose_weights_drift_apart_stop_at_the_next_checkpoint() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-drift");
+    let cfg = TestConfig::new(&dir).name("drift").steps(12).micro_batches(4).depth(2).checkpoint_every(5).write();
+    let c = cfg.to_str().unwrap();
+    let o = mpirun(2, &["train", "--config", c, "--set", "parallel.data=2", "--set", "faults.drift_replica=1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the run went on with replicas that differ:\n{err}");
+    assert!(err.contains("at the checkpoint of step 5, the embedding is not the same in every data-parallel replica"), "{err}");
+    assert!(checkpoint::list(&dir.join("drift").join("checkpoints")).unwrap().is_empty(), "a checkpoint was written");
+    // Without the fault the same run passes every comparison.
+    let out = format!("run.out_dir={}", dir.join("agree").display());
+    ok("replicas that agree", &mpirun(2, &["train", "--config", c, "--set", "parallel.data=2", "--set", &out]));
 }

@@ -92,6 +92,14 @@ pub fn diff_texts(was: &str, now: &str) -> Result<Vec<Change>> {
         .collect())
 }
 
+/// A config text's keys and values, flattened as [`diff_texts`] compares them.
+pub fn flat_keys(text: &str) -> Result<Vec<(String, String)>> {
+    let t: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("the config is not TOML: {e}"))?;
+    let mut out = Vec::new();
+    flatten("", &toml::Value::Table(t), &mut out);
+    Ok(out)
+}
+
 fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
     match v {
         toml::Value::Table(t) => {

@@ -253,6 +253,9 @@ pub struct FaultConfig {
     /// Give the layers this data-parallel replica grows another init seed (the check that every
     /// replica grows the same layers must then stop the run).
     pub diverge_replica: Option<usize>,
+    /// Initialise this data-parallel replica's embedding with another seed (the replicas'
+    /// comparison of their weights at every checkpoint must then stop the run).
+    pub drift_replica: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -382,7 +385,7 @@ impl Config {
 
     /// Read, apply `--set` overrides, parse strictly, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = crate::userfile::read_to_string(path, "config", crate::userfile::TEXT_MAX)?;
         Self::parse(&text, overrides).with_context(|| format!("in config {}", path.display()))
     }
 

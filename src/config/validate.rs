@@ -2,6 +2,9 @@
 //! naming its key (the bounds of every key, the growth plan against the run, the memory the run
 //! needs at its largest).
 
+/// The most processes one run may have (`parallel.data` × `parallel.pipeline`).
+pub const MAX_PROCESSES: usize = 1 << 20;
+
 use super::{memory, valid_device_name, Config};
 use crate::model::growth::GrowInit;
 use anyhow::{bail, Result};
@@ -56,6 +59,14 @@ impl Config {
             );
         }
         pos(self.parallel.pipeline, "parallel.pipeline")?;
+        match self.parallel.data.checked_mul(self.parallel.pipeline) {
+            Some(n) if n <= MAX_PROCESSES => {}
+            _ => bail!(
+                "`parallel.data` × `parallel.pipeline` = {} × {} is more than {MAX_PROCESSES} processes",
+                self.parallel.data,
+                self.parallel.pipeline
+            ),
+        }
         if self.parallel.zero > 1 {
             bail!("`parallel.zero` = {}: ZeRO stage 0 or 1 (sharded optimizer state) is supported", self.parallel.zero);
         }

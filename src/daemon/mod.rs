@@ -114,7 +114,15 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     // configured port plus its local rank; rank 0 owns the run folder and takes control
     // requests (which reach the other replicas with the next step's reduction, and the other
     // pipeline stages as requests of stage 0).
-    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline)?;
+    let facts = crate::dist::Facts::of_run(
+        &cfg,
+        &[
+            ("command", "daemon".into()),
+            ("allow_config_change", format!("{:?}", opts.allow_config_change)),
+            ("listen", format!("{:?}", opts.listen)),
+        ],
+    );
+    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, &facts)?;
     crate::dist::map_devices(&mut cfg);
     if let Some(l) = &opts.listen {
         cfg.daemon.listen = l.clone();

@@ -36,6 +36,9 @@
 //! init (checked after every growth with [`all_max_u64`]); rank 0 alone writes logs and
 //! checkpoints.
 
+pub mod agree;
+pub use agree::Facts;
+
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -419,15 +422,28 @@ pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
 }
 
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
-/// one process; then check that the world has `data × pipeline` processes.
-pub fn init(data: usize, pipeline: usize) -> Result<()> {
-    let want = data * pipeline;
+/// one process; then check that every process states the same [`Facts`] (see [`agree`]) and
+/// that the world has `data × pipeline` processes.
+pub fn init(data: usize, pipeline: usize, facts: &Facts) -> Result<()> {
+    let Some(want) = data.checked_mul(pipeline) else {
+        bail!("`parallel.data` × `parallel.pipeline` = {data} × {pipeline} overflows");
+    };
     // One process in a build without MPI runs as it would anywhere, launcher or not.
     if want <= 1 && (!launched_by_mpi() || !cfg!(feature = "mpi")) {
         return Ok(());
     }
     imp::init()?;
     let n = size();
+    // Agreement first: ranks that disagree on `parallel` itself must all stop here, together.
+    if n > 1 {
+        if let Some(msg) = imp::exchange_facts(facts) {
+            if rank() != 0 {
+                // Rank 0 says it first; the others follow it (the first abort ends them all).
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+            }
+            bail!("{msg}");
+        }
+    }
     if n != want {
         bail!(
             "`parallel.data` × `parallel.pipeline` = {data} × {pipeline} = {want}, but this run has {n} process{}: start it with `mpirun -np {want}` (or `taproot launch --config FILE`)",

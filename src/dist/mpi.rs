@@ -112,6 +112,38 @@ impl Comms {
     }
 }
 
+/// Compare every rank's facts: `None` when they all agree, else the message naming the ranks and
+/// keys that differ from rank 0 (the same on every rank). Collective over the world; made before
+/// the communication thread starts.
+pub fn exchange_facts(mine: &super::Facts) -> Option<String> {
+    use super::agree::{message, Facts, MESSAGE_BYTES};
+    let w = world();
+    let n = w.size() as usize;
+    let mut digests = vec![0u64; n];
+    w.all_gather_into(&mine.digest(), &mut digests[..]);
+    if digests.iter().all(|&d| d == digests[0]) {
+        return None;
+    }
+    let root = w.process_at_rank(0);
+    let mut text = if w.rank() == 0 { mine.text().into_bytes() } else { Vec::new() };
+    let mut len = text.len() as u64;
+    root.broadcast_into(&mut len);
+    text.resize(len as usize, 0);
+    root.broadcast_into(&mut text[..]);
+    let rank0 = Facts::parse(&String::from_utf8_lossy(&text));
+    let mut diff = mine.differences(&rank0, w.rank() as usize).into_bytes();
+    diff.resize(MESSAGE_BYTES, 0);
+    let mut all = vec![0u8; MESSAGE_BYTES * n];
+    w.all_gather_into(&diff[..], &mut all[..]);
+    let per_rank: Vec<String> = all
+        .chunks(MESSAGE_BYTES)
+        .map(|c| String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(c.len())]).into_owned())
+        .collect();
+    // Digests differ but no key does (a hash collision of the texts cannot be, so this is the
+    // binary's own nondeterminism): say so rather than start.
+    message(&per_rank).or_else(|| Some("the processes of this run state different facts, yet no key differs".to_string()))
+}
+
 pub fn finalize() {
     // Dropping the universe calls MPI_Finalize.
     drop(UNIVERSE.lock().expect("MPI universe lock").take());

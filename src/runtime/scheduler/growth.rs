@@ -134,28 +134,34 @@ impl<B: Backend> SchedulerState<B> {
         Ok(())
     }
 
-    /// With several replicas: check that the layers `ids`, just born, are identical in every
-    /// replica (their init is keyed by layer id, so they must be); an error names the first
-    /// that is not.
-    async fn check_replicas_agree(&self, ids: &[u64]) -> Res<()> {
+    /// With several replicas: check that the layers `ids` (and, with `ends`, the embedding and
+    /// head) are identical in every replica, as they must be (each step applies the same summed
+    /// gradients; a newborn's init is keyed by its layer id). `when` starts the error, which
+    /// names the first unit that differs. Every replica must call this at the same point.
+    pub(super) async fn check_replicas_agree(&self, ids: &[u64], ends: bool, when: &str) -> Res<()> {
         if crate::dist::replicas() == 1 {
             return Ok(());
         }
-        let mut sums = Vec::with_capacity(2 * ids.len());
+        let mut names = Vec::new();
+        let mut sums = Vec::new();
+        // max(h) and max(!h) = !min(h): equal everywhere iff max(h) == min(h).
+        let mut add = |name: String, params: &[f32]| {
+            let h = crate::checkpoint::checksum::hash_f32(params);
+            names.push(name);
+            sums.extend([h, !h]);
+        };
+        if ends {
+            let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
+            add("the embedding".into(), &embed.params);
+            add("the head".into(), &head.params);
+        }
         for s in self.stack.iter().filter(|s| ids.contains(&s.id)) {
             let st = ask(&s.actor, "GetState", LayerMsg::GetState).await?;
-            let h = crate::checkpoint::checksum::hash_f32(&st.params);
-            // max(h) and max(!h) = !min(h): equal everywhere iff max(h) == min(h).
-            sums.extend([h, !h]);
+            add(format!("layer {}", s.id), &st.params);
         }
         crate::dist::all_max_u64(&mut sums);
-        for (s, pair) in self.stack.iter().filter(|s| ids.contains(&s.id)).zip(sums.chunks(2)) {
-            if pair[0] != !pair[1] {
-                return Err(boxed(RunError::Protocol(format!(
-                    "after growth at step {}, layer {} is not the same in every data-parallel replica",
-                    self.step, s.id
-                ))));
-            }
+        if let Some((name, _)) = names.iter().zip(sums.chunks(2)).find(|(_, pair)| pair[0] != !pair[1]) {
+            return Err(boxed(RunError::Protocol(format!("{when}, {name} is not the same in every data-parallel replica"))));
         }
         Ok(())
     }
@@ -240,7 +246,7 @@ impl<B: Backend> SchedulerState<B> {
         }
         let moved = self.move_layers(&devices).await?;
         self.relink().await?;
-        self.check_replicas_agree(&new_ids).await?;
+        self.check_replicas_agree(&new_ids, false, &format!("after growth at step {}", self.step)).await?;
         let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
         let record = GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids, stack };
         let seconds = t0.elapsed().as_secs_f64();

@@ -332,7 +332,11 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         let args = EmbedHeadArgs {
             device: ends_device.clone(),
             dims: dims.clone(),
-            init_cfg: init_cfg.clone(),
+            init_cfg: if cfg.faults.drift_replica == Some(crate::dist::replica()) {
+                InitConfig { seed: init_cfg.seed ^ 1, ..init_cfg.clone() }
+            } else {
+                init_cfg.clone()
+            },
             optim: cfg.optim.clone(),
             stream: crate::runtime::StreamSettings::of(&cfg),
             b,

@@ -267,9 +267,17 @@ impl<B: Backend> SchedulerState<B> {
         self.again(me)
     }
 
+    /// Before a checkpoint every replica reaches at the same step (periodic, final): the
+    /// replicas compare a checksum of every unit's weights (see `check_replicas_agree`).
+    async fn check_all_replicas_agree(&self) -> Res<()> {
+        let ids: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
+        self.check_replicas_agree(&ids, true, &format!("at the checkpoint of step {}", self.step)).await
+    }
+
     async fn checkpoint_if_due(&mut self) -> Res<()> {
         let every = self.cfg.checkpoint.every;
         if every > 0 && self.step > 0 && self.step.is_multiple_of(every) && self.step < self.end {
+            self.check_all_replicas_agree().await?;
             self.write_checkpoint().await?;
         }
         Ok(())
@@ -439,7 +447,10 @@ impl<B: Backend> SchedulerState<B> {
             let done = self.last_checkpoint.as_ref().filter(|(s, _)| *s == self.step).map(|(_, p)| p.clone());
             let path = match done {
                 Some(p) => p,
-                None => self.write_checkpoint().await?,
+                None => {
+                    self.check_all_replicas_agree().await?;
+                    self.write_checkpoint().await?
+                }
             };
             self.log.say(format!("final checkpoint step={} path={}", self.step, path.display()));
             let mut report = self.log.finish();
