@@ -50,7 +50,7 @@ fn main() -> Result<()> {
         let dir = PathBuf::from(dir);
         let text = std::fs::read_to_string(dir.join("two.toml"))?;
         let cfg = Config::parse(&text, &[])?;
-        taproot::dist::init(cfg.parallel.data, cfg.parallel.pipeline, &taproot::dist::Facts::of_run(&cfg, &[]))?;
+        taproot::dist::init(cfg.parallel.data, cfg.parallel.pipeline, || taproot::dist::Facts::of_run(&cfg, &[]))?;
         let loss = train(&cfg);
         if loss.is_err() {
             taproot::dist::abort(1);

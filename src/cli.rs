@@ -138,6 +138,11 @@ pub enum Cmd {
         /// its metrics; control goes to rank 0).
         #[arg(long)]
         daemon: bool,
+        /// An option for the launcher (mpirun, or srun under Slurm), placed before the program:
+        /// repeat it per word, e.g. `--launcher-arg=--bind-to --launcher-arg=none`,
+        /// `--launcher-arg=--oversubscribe`, `--launcher-arg=--mpi=pmix`
+        #[arg(long = "launcher-arg", value_name = "ARG", allow_hyphen_values = true)]
+        launcher_args: Vec<String>,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
@@ -187,6 +192,10 @@ pub enum Cmd {
         /// Output folder
         #[arg(long)]
         out: PathBuf,
+        /// Export into a folder that holds other files: they are moved into `replaced-<time>/`
+        /// inside it first (nothing is deleted)
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Data preparation.
     Data {
@@ -241,22 +250,31 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Launch { config, set, dry_run, resume, daemon } => {
+        Cmd::Launch { config, set, dry_run, resume, daemon, launcher_args } => {
             if daemon && resume {
                 anyhow::bail!("`--resume` is for `train`: a daemon always resumes from the run's newest checkpoint");
             }
             let cfg = Config::load(&config, &set)?;
             let exe = std::env::current_exe().context("finding the taproot binary to launch")?;
             let command = if daemon { "daemon" } else { "train" };
-            let line = crate::dist::launch_line(&cfg, &exe, command, &config, &set, resume, std::env::var_os("SLURM_JOB_ID").is_some());
-            println!("{}", line.join(" "));
-            if dry_run || line[0] == "srun" {
+            let slurm = std::env::var_os("SLURM_JOB_ID").is_some();
+            let mut line = crate::dist::launch_line(&cfg, &exe, command, &config, &set, resume, slurm);
+            // The launcher's own options go right after its name.
+            line.splice(1..1, launcher_args);
+            // Quoted for a POSIX shell, so that the printed line runs as it is when pasted.
+            println!("{}", crate::dist::shell_line(&line));
+            if dry_run {
                 return Ok(());
             }
-            let status = std::process::Command::new(&line[0])
-                .args(&line[1..])
-                .status()
-                .with_context(|| format!("starting {} (is an MPI launcher installed? Debian: openmpi-bin)", line[0]))?;
+            // Inside a Slurm allocation the line is `srun …`, run here like `mpirun` elsewhere, so
+            // that a batch script's `taproot launch` is the job's work and its exit status.
+            let hint = if slurm {
+                "is this a Slurm allocation with srun on the PATH? (run `taproot launch --dry-run` to print the line)"
+            } else {
+                "is an MPI launcher installed? Debian: openmpi-bin"
+            };
+            let status =
+                std::process::Command::new(&line[0]).args(&line[1..]).status().with_context(|| format!("starting {} ({hint})", line[0]))?;
             if !status.success() {
                 anyhow::bail!("the launched run failed ({status})");
             }
@@ -278,8 +296,8 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", tok.decode(&ids));
             Ok(())
         }
-        Cmd::Export { path, out } => {
-            let e = crate::export::export_path(&path, &out)?;
+        Cmd::Export { path, out, overwrite } => {
+            let e = crate::export::export_path(&path, &out, overwrite)?;
             println!(
                 "exported {} layers ({} tensors, {} parameters) to {} as a {} folder",
                 e.layers,
@@ -309,22 +327,30 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Train { config, set, stop_after, resume, overwrite, allow_config_change, sequential } => {
+            // Before anything slow: a stop signal during start-up is kept for the run (the
+            // sequential trainer has no stop handling: a signal ends it as it would any program).
+            if !sequential {
+                crate::signals::install();
+            }
             let cfg = Config::load(&config, &set)?;
+            std::thread::sleep(std::time::Duration::from_millis(cfg.faults.start_delay_ms));
             // Several processes (`parallel.data` × `parallel.pipeline`, or an MPI launcher): rank 0
             // leads, owning the run folder, the logs and the checkpoints; the other replicas train
             // their share quietly, and the other pipeline stages host the layers placed on them.
-            let facts = crate::dist::Facts::of_run(
-                &cfg,
-                &[
-                    ("command", "train".into()),
-                    ("resume", resume.to_string()),
-                    ("overwrite", overwrite.to_string()),
-                    ("stop_after", format!("{stop_after:?}")),
-                    ("allow_config_change", format!("{allow_config_change:?}")),
-                    ("sequential", sequential.to_string()),
-                ],
-            );
-            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, &facts)?;
+            let facts = || {
+                crate::dist::Facts::of_run(
+                    &cfg,
+                    &[
+                        ("command", "train".into()),
+                        ("resume", resume.to_string()),
+                        ("overwrite", overwrite.to_string()),
+                        ("stop_after", format!("{stop_after:?}")),
+                        ("allow_config_change", format!("{allow_config_change:?}")),
+                        ("sequential", sequential.to_string()),
+                    ],
+                )
+            };
+            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
             let lead = crate::dist::rank() == 0;
             let mut cfg = cfg;
             crate::dist::map_devices(&mut cfg);
@@ -439,6 +465,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Daemon { config, set, listen, log_file, allow_config_change } => {
+            crate::signals::install();
             let code = crate::daemon::run(crate::daemon::DaemonOptions { config, sets: set, listen, log_file, allow_config_change })?;
             if code != 0 {
                 // Under MPI the other ranks may be waiting on this one: end them all.

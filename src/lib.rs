@@ -56,4 +56,6 @@ pub mod rng;
 pub mod run_folder;
 pub mod runtime;
 pub mod sample;
+pub mod signals;
 pub mod train;
+pub mod userfile;

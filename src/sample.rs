@@ -195,9 +195,31 @@ impl HostModel {
         Ok(HostModel { dims, embed, head, blocks })
     }
 
-    pub fn cache(&self) -> KvCache {
-        let cap = self.dims.max_seq * self.dims.kv_heads * self.dims.head_size();
-        KvCache { k: vec![Vec::with_capacity(cap); self.blocks.len()], v: vec![Vec::with_capacity(cap); self.blocks.len()], len: 0 }
+    /// A KV cache for `positions` positions (at most `max_seq`), reserved up front; an error,
+    /// not an allocation abort, when it does not fit in memory.
+    pub fn cache_for(&self, positions: usize) -> Result<KvCache> {
+        let positions = positions.min(self.dims.max_seq);
+        let cap = positions.saturating_mul(self.dims.kv_heads * self.dims.head_size());
+        let mut k = Vec::with_capacity(self.blocks.len());
+        let mut v = Vec::with_capacity(self.blocks.len());
+        for _ in 0..self.blocks.len() {
+            for side in [&mut k, &mut v] {
+                let mut x: Vec<f32> = Vec::new();
+                x.try_reserve_exact(cap).map_err(|_| {
+                    anyhow::anyhow!(
+                        "a KV cache of {positions} positions ({} bytes per layer and side) does not fit in memory: ask for fewer tokens",
+                        4 * cap as u128
+                    )
+                })?;
+                side.push(x);
+            }
+        }
+        Ok(KvCache { k, v, len: 0 })
+    }
+
+    /// A KV cache for the model's whole context (`max_seq` positions).
+    pub fn cache(&self) -> Result<KvCache> {
+        self.cache_for(self.dims.max_seq)
     }
 
     /// Feed `token` at the next position; the logits (V) of the token after it.
@@ -331,7 +353,7 @@ pub fn generate(model: &HostModel, prompt: &[u32], opts: &SampleOptions) -> Resu
         bail!("the prompt is empty: give at least one token (e.g. one character with the bytes tokenizer)");
     }
     let mut rng = Rng::new(opts.seed);
-    let mut cache = model.cache();
+    let mut cache = model.cache_for(prompt.len().saturating_add(opts.tokens))?;
     let mut out = prompt.to_vec();
     let mut logits = Vec::new();
     for &tok in prompt {

@@ -731,3 +731,61 @@ fn a_corrupt_checkpoint_does_not_count_toward_keep() {
     assert!(good.iter().all(|p| p.exists()), "a good checkpoint was deleted for a corrupt one");
     assert!(!corrupt.exists() && pruned.moved_aside.len() == 1, "{pruned:?}");
 }
+
+/// A `next_id` with no room for the ids growth gives is refused when the checkpoint is checked
+/// (on load and on save), not found at the next save of a resumed run.
+#[test]
+fn a_next_id_without_room_is_refused() {
+    let dir = TempDir::new("next-id");
+    let mut ck = sample(5);
+    ck.meta.next_id = u64::MAX;
+    let e = format!("{:#}", checkpoint::save(dir.path(), &ck).unwrap_err());
+    assert!(e.contains("next_id 18446744073709551615 is beyond the largest layer id"), "{e}");
+    assert!(ck.validate().is_err());
+}
+
+/// A named unit's table must be the layout its config gives (shapes, names, order).
+#[test]
+fn a_unit_table_that_disagrees_with_the_config_is_refused() {
+    let text = "[run]\nname = \"t\"\nsteps = 10\n[data]\ndir = \"d\"\ntokenizer = \"bytes\"\nbatch_size = 2\nseq_len = 8\n[model]\nchannels = 16\nheads = 2\ndepth = 1\n";
+    let cfg = taproot::config::Config::parse(text, &[]).unwrap();
+    let dims = taproot::train::dims_of(&cfg, 256);
+    let state = |n: usize| UnitState { params: vec![0.0; n], m: vec![0.0; n], v: None, steps: vec![] };
+    let (embed, head, layer) = (
+        taproot::model::Embed::<taproot::backend::cpu::CpuBackend>::layout(&dims),
+        taproot::model::Head::<taproot::backend::cpu::CpuBackend>::layout(&dims),
+        taproot::model::Block::<taproot::backend::cpu::CpuBackend>::layout(&dims),
+    );
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        run_name: "t".into(),
+        config_toml: cfg.to_toml(),
+        step: 1,
+        depth: 1,
+        stack: vec![0],
+        next_id: 1,
+        loader: taproot::data::LoaderState { rng: 0, batches: 0 },
+        growth: vec![],
+        created_unix_s: 0,
+        run_id: None,
+        extra: serde_json::Value::Null,
+    };
+    let ck = Checkpoint {
+        meta,
+        units: vec![(UnitKey::Embed, state(embed.total)), (UnitKey::Head, state(head.total)), (UnitKey::Layer(0), state(layer.total))],
+    };
+    let good = checkpoint::named::entries(&layer);
+    checkpoint::check_named_tables(&ck, &[(UnitKey::Layer(0), good.clone())]).unwrap();
+    // The first matrix transposed: the same size, another shape.
+    let mut bad = good.clone();
+    let i = bad.iter().position(|e| e.shape.len() == 2 && e.shape[0] != e.shape[1]).unwrap();
+    bad[i].shape.reverse();
+    let e = format!("{:#}", checkpoint::check_named_tables(&ck, &[(UnitKey::Layer(0), bad)]).unwrap_err());
+    assert!(e.contains("unit layer.0: tensor") && e.contains("the config's layout has"), "{e}");
+    // Two tensors swapped, and one missing.
+    let mut swapped = good.clone();
+    swapped.swap(0, 1);
+    assert!(checkpoint::check_named_tables(&ck, &[(UnitKey::Layer(0), swapped)]).is_err());
+    let e = format!("{:#}", checkpoint::check_named_tables(&ck, &[(UnitKey::Layer(0), good[1..].to_vec())]).unwrap_err());
+    assert!(e.contains("unit layer.0"), "{e}");
+}

@@ -270,7 +270,11 @@ fn malformed() -> Vec<(&'static str, String, &'static str)> {
         ("at rounding to step 0", demo_with("at = 0.8", "at = 0.0001"), "growth[0].at"),
         // Sizes: refused at load time with the estimate, before anything is allocated.
         ("channels = 2^40", demo_with("channels = 128", "channels = 1099511627776"), "the run needs about"),
-        ("max_seq = 2^40", demo_with("heads = 4\n", "heads = 4\nmax_seq = 1099511627776\n"), "the run needs about"),
+        (
+            "max_seq = 2^40",
+            demo_with("heads = 4\n", "heads = 4\nmax_seq = 1099511627776\n"),
+            "`model.max_seq` (1099511627776) must be at most",
+        ),
         (
             "depth = 100000",
             demo_with("depth = 0\n", "depth = 100000\n").replacen("target_depth = 6", "target_depth = 100000", 1).replacen(

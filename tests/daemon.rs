@@ -962,6 +962,29 @@ fn a_daemon_under_mpirun_serves_every_rank_and_takes_control_at_rank_0() {
         wait_for("20 steps at rank 0", Duration::from_secs(90), || (num(&status(addrs[0]), "step") >= 20).then_some(()));
         let st = status(addrs[0]);
         assert_eq!((st["rank"].as_u64(), st["processes"].as_u64()), (Some(0), Some(4)), "{st}");
+        // A pipeline stage's listener has the same HTTP front as rank 0's: a Host check, and
+        // more idle, half-sent connections than its cap leave its scrapes answered.
+        let stage1 = addrs[1];
+        let bad_host = {
+            let mut s = TcpStream::connect(stage1).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").unwrap();
+            let mut raw = String::new();
+            let _ = s.read_to_string(&mut raw);
+            raw
+        };
+        assert!(bad_host.starts_with("HTTP/1.1 403"), "stage 1 answered a foreign Host: {bad_host}");
+        let idle: Vec<TcpStream> = (0..200)
+            .filter_map(|_| {
+                let mut s = TcpStream::connect_timeout(&stage1, Duration::from_secs(2)).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1").ok()?;
+                Some(s)
+            })
+            .collect();
+        let t0 = Instant::now();
+        assert_eq!(get(stage1, "/metrics").code, 200, "stage 1 with {} idle connections open", idle.len());
+        assert!(t0.elapsed() < Duration::from_secs(5), "stage 1's scrape took {:?}", t0.elapsed());
+        drop(idle);
         // Control goes to rank 0: the other ranks refuse it, naming rank 0.
         for (r, a) in addrs.iter().enumerate().skip(1) {
             let c = post(*a, "/control/grow", Some("t"));
@@ -1063,4 +1086,170 @@ fn a_daemon_under_mpirun_serves_every_rank_and_takes_control_at_rank_0() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("stopped step="), "{text}");
     assert!(!checkpoints(&dir.join("mpi")).is_empty(), "rank 0 wrote the final checkpoint");
+}
+
+/// One request, with errors returned (a reset or a timeout counts as not answered).
+fn try_request(addr: SocketAddr, method: &str, path: &str, auth: Option<&str>, timeout: Duration) -> Result<u16, String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {:?}", &text[..text.len().min(80)]))
+}
+
+/// Steps per second of the daemon's run over `secs` seconds (from `/status`).
+fn steps_per_second(addr: SocketAddr, secs: f64) -> f64 {
+    let (s0, t0) = (num(&status(addr), "step"), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let s1 = num(&status(addr), "step");
+    (s1 - s0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The soak test of the HTTP front: a daemon under `ulimit -n 256` trains and checkpoints every
+/// 20 steps while a bounded flood runs for 40 s — 400 idle connections (reopened as they are
+/// closed), 40 slow-header connections (a byte every 400 ms) and unauthenticated `/status`
+/// loops from 20 loopback addresses (at most 50 requests a second each). Throughout, a
+/// `/metrics` scrape every second and a token-holding `POST /control/checkpoint` every 5 s must
+/// be answered 200; afterwards every checkpoint verifies, and the steps per second under the
+/// flood stay at least half those without it (the flood's own client runs on the same 2 cores).
+#[test]
+fn a_daemon_under_a_connection_flood_keeps_scrapes_control_and_checkpoints() {
+    let _alone = CPU.write().unwrap_or_else(|e| e.into_inner());
+    let dir = synthetic_dataset("daemon-soak");
+    let cfg = limited_config(&dir, "soak", &[("checkpoint.every", "20"), ("checkpoint.keep", "100"), ("eval.every", "20")]);
+    let mut d = spawn_daemon_limited(&cfg, Token::File, &[], Some(256));
+    let addr = d.addr;
+    wait_for("a few steps", Duration::from_secs(60), || (num(&status(addr), "step") >= 3).then_some(()));
+    let quiet = steps_per_second(addr, 8.0);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood_for = Duration::from_secs(40);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let flood = {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tasks = Vec::new();
+            // Idle, half-sent connections, kept at 400 (bounded: one reconnect per 5 ms).
+            let s = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut idle = std::collections::VecDeque::new();
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+                        let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1").await;
+                        idle.push_back(c);
+                        if idle.len() > 400 {
+                            idle.pop_front();
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+            // Slow headers: a byte every 400 ms.
+            for _ in 0..40 {
+                let s = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        for b in b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" {
+                            if s.load(std::sync::atomic::Ordering::Relaxed) || c.write_all(&[*b]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(400)).await;
+                        }
+                    }
+                }));
+            }
+            // /status loops from 20 loopback addresses, keep-alive, at most 50 a second each.
+            for n in 0..20u8 {
+                let s = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                        if sock.bind(SocketAddr::from(([127, 0, 1, 10 + n], 0))).is_err() {
+                            return;
+                        }
+                        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(1), sock.connect(addr)).await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                            if c.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.is_err() {
+                                break;
+                            }
+                            match tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await {
+                                Ok(Ok(n)) if n > 0 => {}
+                                _ => break,
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+
+    // Throughout the flood: scrapes every second, a checkpoint by control every 5 s.
+    let t0 = Instant::now();
+    let mut failures = Vec::new();
+    let (mut scrapes, mut controls) = (0, 0);
+    let rate_from = Instant::now() + Duration::from_secs(5);
+    let mut step_at = None;
+    while t0.elapsed() < flood_for {
+        if step_at.is_none() && Instant::now() >= rate_from {
+            step_at = Some((num(&status(addr), "step"), Instant::now()));
+        }
+        match try_request(addr, "GET", "/metrics", None, Duration::from_secs(5)) {
+            Ok(200) => scrapes += 1,
+            other => failures.push(format!("{:.1} s: /metrics {other:?}", t0.elapsed().as_secs_f64())),
+        }
+        if t0.elapsed().as_secs() / 5 >= controls as u64 {
+            match try_request(addr, "POST", "/control/checkpoint", Some(&format!("Bearer {TOKEN}")), Duration::from_secs(30)) {
+                Ok(200) => controls += 1,
+                other => failures.push(format!("{:.1} s: POST /control/checkpoint {other:?}", t0.elapsed().as_secs_f64())),
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let flooded = step_at.map(|(s0, at)| (num(&status(addr), "step") - s0) as f64 / at.elapsed().as_secs_f64()).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), flood).await }).ok();
+    rt.shutdown_timeout(Duration::from_secs(2));
+
+    assert!(d.alive(), "the daemon died under the flood:\n{}", d.log_text());
+    assert!(
+        failures.is_empty(),
+        "not answered during the flood ({scrapes} scrapes and {controls} checkpoints were):\n{}",
+        failures.join("\n")
+    );
+    let cks = checkpoints(&dir.join("soak"));
+    assert!(cks.len() >= controls, "{} checkpoints for {controls} control requests", cks.len());
+    for (_, p) in &cks {
+        checkpoint::verify(p).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let log = d.log_text();
+    assert!(!log.contains("Too many open files") && !log.contains("warning: the checkpoint of step"), "{log}");
+    let ratio = flooded / quiet;
+    println!(
+        "soak: {scrapes} scrapes and {controls} control checkpoints answered, {} checkpoints verified; steps/s {quiet:.1} quiet, {flooded:.1} flooded ({ratio:.2}x)",
+        cks.len()
+    );
+    assert!(ratio >= 0.5, "the flood cut training to {ratio:.2} of its speed ({quiet:.1} -> {flooded:.1} steps/s)");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(60)), 0, "{}", d.log_text());
 }

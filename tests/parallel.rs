@@ -237,10 +237,33 @@ fn launch_prints_the_mpirun_and_srun_lines_of_the_config() {
     let line = String::from_utf8_lossy(&o.stdout);
     let want = format!("train --config {} --set run.seed=3", cfg.display());
     assert!(line.starts_with("mpirun -np 4 --host gpu-a:2,gpu-b:2 ") && line.trim_end().ends_with(&want), "{line}");
-    let o = taproot().args(["launch", "--config", cfg.to_str().unwrap()]).env("SLURM_JOB_ID", "1").output().unwrap();
+    let o = taproot().args(["launch", "--config", cfg.to_str().unwrap(), "--dry-run"]).env("SLURM_JOB_ID", "1").output().unwrap();
     ok("launch under Slurm", &o);
     let line = String::from_utf8_lossy(&o.stdout);
     assert!(line.starts_with("srun --ntasks=4 --ntasks-per-node=2 "), "{line}");
+    // Under Slurm, without --dry-run, launch runs srun itself: here there is none, so it fails
+    // saying so (it printed the line and exited 0 having started nothing, ending a batch job).
+    let o = taproot()
+        .args(["launch", "--config", cfg.to_str().unwrap()])
+        .env("SLURM_JOB_ID", "1")
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("starting srun"), "{err}");
+    // Printed lines are shell-quoted (they run when pasted), and launcher options come first.
+    let o = taproot()
+        .args(["launch", "--config", cfg.to_str().unwrap(), "--dry-run", "--set", r#"parallel.hosts=["a","b"]"#])
+        .args(["--launcher-arg=--oversubscribe", "--launcher-arg", "--bind-to", "--launcher-arg", "none"])
+        .output()
+        .unwrap();
+    ok("launch with launcher options", &o);
+    let line = String::from_utf8_lossy(&o.stdout);
+    assert!(line.starts_with("mpirun --oversubscribe --bind-to none -np 4 --host a:2,b:2 "), "{line}");
+    assert!(line.trim_end().ends_with(r#"--set 'parallel.hosts=["a","b"]'"#), "{line}");
+    let sh = Command::new("sh").arg("-c").arg(format!("printf '%s\\n' {}", line.trim_end())).output().unwrap();
+    let words: Vec<String> = String::from_utf8_lossy(&sh.stdout).lines().map(String::from).collect();
+    assert_eq!(words.last().map(String::as_str), Some(r#"parallel.hosts=["a","b"]"#), "the shell reads back {words:?}");
     // Daemons instead of a training run; pipeline stages count as processes.
     let o = taproot()
         .args(["launch", "--config", cfg.to_str().unwrap(), "--daemon", "--dry-run", "--set", "parallel.pipeline=2"])

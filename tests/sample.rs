@@ -61,7 +61,7 @@ fn check_decoder((dir, ck, _): (std::path::PathBuf, taproot::checkpoint::Checkpo
     let data = Dataset::open(&dir, 256).unwrap();
     let window: Vec<u32> = data.val[..t + 1].iter().map(|&x| x as u32).collect();
     let full = model.logits(&be, &Batch::from_windows(&be, &window, 1, t));
-    let mut cache = host.cache();
+    let mut cache = host.cache().unwrap();
     let mut worst = 0.0f64;
     for (pos, &tok) in window[..t].iter().enumerate() {
         let got = host.step(&mut cache, tok).unwrap();

@@ -55,6 +55,8 @@ use std::str::FromStr;
 
 /// The on-disk format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 2;
+/// The largest layer id a checkpoint may hold (2^53: exact as a JSON number too).
+pub const MAX_LAYER_ID: u64 = 1 << 53;
 /// The oldest format version this build still reads.
 pub const OLDEST_READABLE: u32 = 1;
 
@@ -176,6 +178,8 @@ impl Checkpoint {
             "unsupported format_version {} (this build handles {OLDEST_READABLE} to {FORMAT_VERSION})",
             m.format_version
         );
+        // Room for every id a run could still give (growth adds `next_id + j`).
+        ensure!(m.next_id <= MAX_LAYER_ID, "next_id {} is beyond the largest layer id {MAX_LAYER_ID}", m.next_id);
         ensure!(m.depth == m.stack.len(), "depth is {} but the stack has {} layer ids", m.depth, m.stack.len());
         let mut stack_ids = HashSet::new();
         for &id in &m.stack {
@@ -532,6 +536,8 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
         }
         Some(out)
     };
+    let tables: Vec<(UnitKey, Vec<named::TensorEntry>)> =
+        keys.iter().zip(&entries).filter(|(_, e)| !e.tensors.is_empty()).map(|(k, e)| (*k, e.tensors.clone())).collect();
     let mut units = Vec::with_capacity(keys.len());
     for ((key, e), pieces) in keys.into_iter().zip(entries).zip(&layout_of) {
         let params = flat(key, pieces, "params").unwrap_or_default();
@@ -541,6 +547,7 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
     }
     let ck = Checkpoint { meta, units };
     ck.validate()?;
+    check_named_tables(&ck, &tables)?;
     Ok(ck)
 }
 
@@ -559,4 +566,32 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
         serde_json::from_str(meta).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))
     };
     inner().map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
+}
+
+/// Check that every named unit's table (its tensors' names and shapes, in buffer order) is the
+/// layout the checkpoint's own config gives that unit: a file whose shapes disagree with the
+/// model is refused, not resumed as a flat buffer under another meaning. Run by [`load`].
+pub fn check_named_tables(ck: &Checkpoint, tables: &[(UnitKey, Vec<named::TensorEntry>)]) -> Result<()> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    ck.meta.config().map_err(|e| anyhow!("its named tensors cannot be checked against its config: {e:#}"))?;
+    let layouts = unit_layouts(&ck.meta, &ck.units);
+    for (key, table) in tables {
+        let n = ck.unit(*key).map_or(0, |u| u.params.len());
+        let layout =
+            layouts.get(key).ok_or_else(|| anyhow!("unit {key}: its tensors are named, but its config gives no layout of {n} values"))?;
+        let want = named::entries(layout);
+        ensure!(table.len() == want.len(), "unit {key}: the file has {} tensors, but the config's layout has {}", table.len(), want.len());
+        if let Some((i, (g, w))) = table.iter().zip(&want).enumerate().find(|(_, (g, w))| g != w) {
+            bail!(
+                "unit {key}: tensor {i} is `{}` of shape {:?} in the file, but the config's layout has `{}` of shape {:?}",
+                g.name,
+                g.shape,
+                w.name,
+                w.shape
+            );
+        }
+    }
+    Ok(())
 }

@@ -122,6 +122,10 @@ pub struct DaemonConfig {
     /// Requests per second each client address may make to `/metrics` and `/status` (a burst of
     /// twice as many is allowed); beyond it, 429. 0: no limit.
     pub rate_limit: f64,
+    /// Requests per second all clients together may make to `/metrics`, and as many to
+    /// `/status` (a burst of twice as many); beyond it, 429. Many client addresses cannot
+    /// multiply the per-client budget into a load on the run. 0: no limit.
+    pub global_rate_limit: f64,
     /// Host names the `Host` header may carry besides the listen address itself (and, on a
     /// loopback address, `localhost`): a page in a browser cannot reach the endpoint through
     /// DNS rebinding. Empty on a wildcard address (`0.0.0.0`): any host.
@@ -139,6 +143,7 @@ impl Default for DaemonConfig {
             header_timeout_s: 5,
             idle_timeout_s: 30,
             rate_limit: 50.0,
+            global_rate_limit: 100.0,
             allowed_hosts: Vec::new(),
         }
     }
@@ -256,6 +261,9 @@ pub struct FaultConfig {
     /// Initialise this data-parallel replica's embedding with another seed (the replicas'
     /// comparison of their weights at every checkpoint must then stop the run).
     pub drift_replica: Option<usize>,
+    /// Milliseconds `taproot train` waits after reading its config, before anything else: a
+    /// slow start-up (a large corpus, a slow file system), to test signals that arrive then.
+    pub start_delay_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

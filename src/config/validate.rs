@@ -2,6 +2,10 @@
 //! naming its key (the bounds of every key, the growth plan against the run, the memory the run
 //! needs at its largest).
 
+/// The most experts (routed, or shared) one MoE layer may have.
+pub const MAX_EXPERTS: usize = 4096;
+/// The longest context a model may have (`model.max_seq`; 16M positions).
+pub const MAX_SEQ: usize = 1 << 24;
 /// The most processes one run may have (`parallel.data` × `parallel.pipeline`).
 pub const MAX_PROCESSES: usize = 1 << 20;
 
@@ -107,16 +111,23 @@ impl Config {
             if m.ffn_hidden == Some(0) {
                 bail!("`model.ffn_hidden` must be at least 1");
             }
-            if m.rope_theta.is_some_and(|t| !(t.is_finite() && t > 1.0)) {
-                bail!("`model.rope_theta` must be a finite number > 1, got {}", m.rope_theta.unwrap_or(0.0));
+            if m.rope_theta.is_some_and(|t| !(t.is_finite() && t > 1.0 && t <= 1e12)) {
+                bail!("`model.rope_theta` must be a number in (1, 1e12], got {}", m.rope_theta.unwrap_or(0.0));
             }
-            if m.norm_eps.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
-                bail!("`model.norm_eps` must be a finite number > 0, got {}", m.norm_eps.unwrap_or(0.0));
+            // ε only guards a division: models use 1e-6 to 1e-5; beyond 1 it changes the function.
+            if m.norm_eps.is_some_and(|e| !(e.is_finite() && e > 0.0 && e <= 1.0)) {
+                bail!("`model.norm_eps` must be a number in (0, 1], got {}", m.norm_eps.unwrap_or(0.0));
             }
         }
         if let Some(x) = &m.moe {
             if m.arch.is_gpt2() {
                 bail!("`[model.moe]`: mixture-of-experts blocks have SwiGLU experts; set `model.arch` = \"llama\" or \"qwen3\"");
+            }
+            if x.experts > MAX_EXPERTS {
+                bail!("`model.moe.experts` must be at most {MAX_EXPERTS}, got {}", x.experts);
+            }
+            if x.shared_experts > MAX_EXPERTS {
+                bail!("`model.moe.shared_experts` must be at most {MAX_EXPERTS}, got {}", x.shared_experts);
             }
             if x.experts == 0 || x.top_k == 0 || x.top_k > x.experts {
                 bail!("`model.moe.top_k` ({}) must be between 1 and `model.moe.experts` ({})", x.top_k, x.experts);
@@ -124,15 +135,26 @@ impl Config {
             if x.expert_hidden == Some(0) {
                 bail!("`model.moe.expert_hidden` must be at least 1");
             }
-            if !(x.aux_loss.is_finite() && x.aux_loss >= 0.0) {
-                bail!("`model.moe.aux_loss` must be a finite number >= 0, got {}", x.aux_loss);
+            // Both are small in practice (1e-4 to 1e-2); beyond 1 they swamp the language loss.
+            if !(x.aux_loss.is_finite() && (0.0..=1.0).contains(&x.aux_loss)) {
+                bail!("`model.moe.aux_loss` must be a number in [0, 1], got {}", x.aux_loss);
             }
-            if !(x.bias_update_rate.is_finite() && x.bias_update_rate >= 0.0) {
-                bail!("`model.moe.bias_update_rate` must be a finite number >= 0, got {}", x.bias_update_rate);
+            if !(x.bias_update_rate.is_finite() && (0.0..=1.0).contains(&x.bias_update_rate)) {
+                bail!("`model.moe.bias_update_rate` must be a number in [0, 1], got {}", x.bias_update_rate);
+            }
+            let target = self.target_depth();
+            if target > 0 && x.first_dense_layers >= target {
+                bail!(
+                    "`model.moe.first_dense_layers` ({}) makes every one of the model's {target} layers (`model.target_depth`) dense, so no layer has experts: lower it, or remove `[model.moe]`",
+                    x.first_dense_layers
+                );
             }
             if x.routing == crate::model::moe::Routing::Sigmoid && self.parallel.data > 1 {
                 bail!("`model.moe.routing` = \"sigmoid\" balances each replica's bias by its own load, which would make data-parallel replicas diverge: use `softmax` with `parallel.data` > 1");
             }
+        }
+        if self.max_seq() > MAX_SEQ {
+            bail!("`model.max_seq` ({}) must be at most {MAX_SEQ} positions", self.max_seq());
         }
         if self.max_seq() < self.data.seq_len {
             bail!("`model.max_seq` ({}) is shorter than `data.seq_len` ({})", self.max_seq(), self.data.seq_len);
@@ -233,11 +255,17 @@ impl Config {
         if dm.header_timeout_s == 0 || dm.idle_timeout_s == 0 {
             bail!("`daemon.header_timeout_s` and `daemon.idle_timeout_s` must be at least 1 second");
         }
+        if !(dm.global_rate_limit.is_finite() && dm.global_rate_limit >= 0.0) {
+            bail!("`daemon.global_rate_limit` must be requests per second >= 0 (0: no limit), got {}", dm.global_rate_limit);
+        }
         if !(dm.rate_limit.is_finite() && dm.rate_limit >= 0.0) {
             bail!("`daemon.rate_limit` must be requests per second >= 0 (0: no limit), got {}", dm.rate_limit);
         }
         if !(self.daemon.peak_flops.is_finite() && self.daemon.peak_flops >= 0.0) {
             bail!("`daemon.peak_flops` must be a FLOP/s figure >= 0 (0: unknown), got {}", self.daemon.peak_flops);
+        }
+        if self.faults.start_delay_ms > 600_000 {
+            bail!("`faults.start_delay_ms` must be at most 600000 (10 minutes), got {}", self.faults.start_delay_ms);
         }
         if self.faults.panic_layer.is_some() != self.faults.panic_at_step.is_some() {
             bail!("`faults.panic_layer` and `faults.panic_at_step` go together");

@@ -19,7 +19,7 @@
 //! 403 when no token is configured; 409 when the run has ended or the request cannot be done
 //! (no expansion left in the plan); 504 when the run does not answer in time.
 
-use super::guard::{host_allowed, Guard};
+use super::guard::{host_allowed, Guard, Route};
 use super::state::{Daemon, Live, Phase};
 use crate::runtime::supervisor::SupervisorMsg;
 use axum::extract::{ConnectInfo, Path, State};
@@ -43,30 +43,44 @@ pub fn router(d: Shared) -> Router {
         .with_state(d)
 }
 
-/// Serve the endpoint on `listener` until the task is aborted, within the limits of
-/// [`super::guard`]: every connection holds a slot of `daemon.max_connections` (a new one closes
-/// the oldest idle one, or is refused when all are busy), must send its headers within
-/// `daemon.header_timeout_s` and is closed after `daemon.idle_timeout_s` without a request.
+/// Serve the endpoint on `listener` until the task is aborted (see [`serve_app`]).
 pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
+    let log = d.log.clone();
+    serve_app(listener, router(d.clone()), &d.cfg.daemon, move |m| log.say(m)).await
+}
+
+/// Serve `app` on `listener` until the task is aborted, within the limits of [`super::guard`]
+/// (the one HTTP front of every listener of a run): every connection holds a slot of
+/// `daemon.max_connections` (lowered to what the file limit leaves after a reserve for
+/// checkpoints), must send its headers within `daemon.header_timeout_s` and is closed after
+/// `daemon.idle_timeout_s` without a request; requests pass the `Host` check and the budgets.
+pub async fn serve_app(listener: tokio::net::TcpListener, app: Router, dc: &crate::config::DaemonConfig, say: impl Fn(String)) {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let dc = d.cfg.daemon.clone();
-    let guard = Arc::new(Guard::new(dc.max_connections, dc.rate_limit));
+    let (max, lowered) = super::guard::fd_budget(dc.max_connections);
+    if let Some(why) = lowered {
+        say(format!("note: {why}"));
+    }
+    let guard = Arc::new(Guard::new(max, dc.rate_limit, dc.global_rate_limit));
     let listen = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let app = router(d.clone());
     let idle_ms = dc.idle_timeout_s * 1000;
     let allowed_hosts: Arc<[String]> = dc.allowed_hosts.clone().into();
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                // Out of descriptors or a transient error: wait, never spin or end the server.
-                d.log.say(format!("warning: HTTP accept: {e}"));
+                // Out of descriptors or a transient error: wait, never spin or end the server
+                // (and say so at most once a minute).
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    say(format!("warning: HTTP accept: {e}"));
+                    last_warning = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Some(conn) = guard.admit() else {
-            drop(stream); // every connection is in the middle of a request
+        let Some(conn) = guard.admit(peer.ip()) else {
+            drop(stream); // every connection, reserved ones too, is in the middle of a request
             continue;
         };
         let (app, guard, allowed) = (app.clone(), guard.clone(), allowed_hosts.clone());
@@ -80,11 +94,22 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
                     conn.busy.store(true, std::sync::atomic::Ordering::Release);
                     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
                     let path = req.uri().path().to_string();
+                    let route = match path.as_str() {
+                        "/metrics" => Some(Route::Metrics),
+                        p if p.starts_with("/control/") => None,
+                        _ => Some(Route::Status),
+                    };
                     let resp = if !host_allowed(host.as_deref(), listen, &allowed) {
                         let msg = format!("host {:?} is not this endpoint (daemon.allowed_hosts)", host.unwrap_or_default());
                         reply(StatusCode::FORBIDDEN, json!({ "error": msg }))
-                    } else if matches!(path.as_str(), "/metrics" | "/status") && !guard.allow(peer.ip()) {
-                        reply(StatusCode::TOO_MANY_REQUESTS, json!({ "error": "too many requests (daemon.rate_limit)" }))
+                    } else if conn.reserved && route == Some(Route::Status) {
+                        let msg = "every connection is busy: this reserved one serves /metrics and /control only";
+                        reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": msg }))
+                    } else if route.is_some_and(|r| !guard.allow(peer.ip(), r)) {
+                        reply(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            json!({ "error": "too many requests (daemon.rate_limit, daemon.global_rate_limit)" }),
+                        )
                     } else {
                         let mut req = req.map(axum::body::Body::new);
                         req.extensions_mut().insert(ConnectInfo(peer));
@@ -93,6 +118,7 @@ pub async fn serve(listener: tokio::net::TcpListener, d: Shared) {
                             Err(e) => match e {},
                         }
                     };
+                    conn.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     conn.last_active_ms.store(guard.now_ms(), std::sync::atomic::Ordering::Relaxed);
                     conn.busy.store(false, std::sync::atomic::Ordering::Release);
                     Ok::<_, std::convert::Infallible>(resp)

@@ -114,15 +114,17 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     // configured port plus its local rank; rank 0 owns the run folder and takes control
     // requests (which reach the other replicas with the next step's reduction, and the other
     // pipeline stages as requests of stage 0).
-    let facts = crate::dist::Facts::of_run(
-        &cfg,
-        &[
-            ("command", "daemon".into()),
-            ("allow_config_change", format!("{:?}", opts.allow_config_change)),
-            ("listen", format!("{:?}", opts.listen)),
-        ],
-    );
-    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, &facts)?;
+    let facts = || {
+        crate::dist::Facts::of_run(
+            &cfg,
+            &[
+                ("command", "daemon".into()),
+                ("allow_config_change", format!("{:?}", opts.allow_config_change)),
+                ("listen", format!("{:?}", opts.listen)),
+            ],
+        )
+    };
+    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
     crate::dist::map_devices(&mut cfg);
     if let Some(l) = &opts.listen {
         cfg.daemon.listen = l.clone();
@@ -199,7 +201,11 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
                 std::future::ready((axum::http::StatusCode::MISDIRECTED_REQUEST, axum::Json(body)))
             }),
         );
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // The same HTTP front as rank 0's: connection cap, timeouts, budgets, Host check.
+    let server = {
+        let (log, dc) = (log.clone(), cfg.daemon.clone());
+        tokio::spawn(async move { http::serve_app(listener, app, &dc, move |m| log.say(m)).await })
+    };
     // Its layers' compute times, as stage 0's metrics actor records them.
     let observer: Observer = Arc::new(|e: &Event| {
         if let Event::LayerTime { layer, device, backward, seconds } = e {
@@ -237,6 +243,8 @@ async fn serve(
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Those that came while the process started (`crate::signals`).
+    let early_signals = crate::signals::received();
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen)
         .await
@@ -349,7 +357,7 @@ async fn serve(
             }
         };
         let log = d.log.clone();
-        let stops = crate::runtime::supervisor::watch_stop_signals(term, int, grace, on, move |m| log.say(m));
+        let stops = crate::runtime::supervisor::watch_stop_signals(term, int, early_signals, grace, on, move |m| log.say(m));
         let hups = tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 d.reload();

@@ -93,7 +93,7 @@ pub fn utc_now() -> String {
 /// when the file is readable by group or others.
 pub fn read_token(cfg: &Config) -> Result<(Option<String>, Option<String>)> {
     if let Some(path) = &cfg.daemon.token_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("daemon.token_file: cannot read {}", path.display()))?;
+        let text = crate::userfile::read_to_string(path, "daemon.token_file", crate::userfile::TEXT_MAX)?;
         let token = text.trim().to_string();
         if token.is_empty() {
             bail!("daemon.token_file: {} is empty", path.display());

@@ -78,8 +78,9 @@ pub fn save(tok: &Bpe, dir: &Path) -> Result<()> {
 /// Load the tokenizer saved in `dir`.
 pub fn load(dir: &Path) -> Result<Bpe> {
     let path = dir.join(FILE);
-    if !path.is_file() {
+    if std::fs::symlink_metadata(&path).is_err() {
         bail!("{} does not exist: the shards of {} were not prepared with a bpe:N tokenizer", path.display(), dir.display());
     }
-    Bpe::from_file(&path).map_err(|e| anyhow!("loading {}: {e}", path.display()))
+    let bytes = crate::userfile::read(&path, "tokenizer", crate::userfile::TOKENIZER_MAX)?;
+    Bpe::from_bytes(&bytes).map_err(|e| anyhow!("loading {}: {e}", path.display()))
 }

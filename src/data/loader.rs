@@ -236,7 +236,12 @@ impl Dataset {
         for entry in entries {
             let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
             let path = entry.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if !path.is_file() {
+                // Named like a shard but a FIFO, device or folder: said, not skipped in silence.
+                if classify_shard(name).is_some() {
+                    crate::userfile::check(&path, "shard")?;
+                }
                 continue;
             }
             if let Some(name) = path.file_name().and_then(|n| n.to_str()) {

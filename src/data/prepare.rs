@@ -190,7 +190,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     // documents in parallel: BPE is the slow part. `collect` keeps the input order.
     let mut raws = Vec::with_capacity(files.len());
     for path in &files {
-        let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let raw = crate::userfile::read(path, "input", crate::userfile::MEMORY)?;
         raws.push(raw);
     }
     if let Tokenizer::Bpe { vocab, model } = &mut tok {

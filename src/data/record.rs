@@ -27,11 +27,11 @@ impl CorpusRecord {
     /// The record of `dir`, if it has one.
     pub fn read(dir: &Path) -> Result<Option<CorpusRecord>> {
         let path = dir.join(RECORD);
-        match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t).map(Some).with_context(|| format!("{} is not a corpus record", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
         }
+        let t = crate::userfile::read_to_string(&path, "corpus record", crate::userfile::TEXT_MAX)?;
+        serde_json::from_str(&t).map(Some).with_context(|| format!("{} is not a corpus record", path.display()))
     }
 
     /// Write the record of `dir` (a temporary file renamed into place).

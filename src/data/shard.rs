@@ -109,7 +109,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// count of zero, or a file size that does not match the count (truncated, or trailing
 /// bytes after the last token).
 pub fn read_shard(path: &Path) -> Result<Vec<u16>> {
-    let bytes = fs::read(path).with_context(|| format!("reading shard {}", path.display()))?;
+    let bytes = crate::userfile::read(path, "shard", crate::userfile::MEMORY)?;
     let p = path.display();
     if bytes.len() < HEADER_BYTES {
         bail!(

@@ -103,9 +103,22 @@ pub fn message(per_rank: &[String]) -> Option<String> {
 /// The crate version and a hash of this process's executable file (two builds of one version
 /// differ).
 fn binary_fingerprint() -> String {
-    let exe = std::env::current_exe().ok().and_then(|p| std::fs::read(p).ok());
-    let h = exe.map_or_else(|| "unreadable".to_string(), |b| format!("{:016x}", crate::checkpoint::checksum::hash_bytes(&b)));
-    format!("taproot {} {h}", env!("CARGO_PKG_VERSION"))
+    use std::io::Read;
+    // Read 1 MiB at a time (the binary is ~100 MB), each chunk's hash folded into the text.
+    let hash = || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(std::env::current_exe()?)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut text = String::new();
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            text.push_str(&format!("{:x}", crate::checkpoint::checksum::hash_bytes(&buf[..n])));
+        }
+        Ok(format!("{:016x}", crate::checkpoint::checksum::hash_bytes(text.as_bytes())))
+    };
+    format!("taproot {} {}", env!("CARGO_PKG_VERSION"), hash().unwrap_or_else(|_| "unreadable".into()))
 }
 
 /// The data folder's files by name and size, with a hash of the first and last 64 KiB of each
@@ -167,7 +180,7 @@ mod tests {
 
     #[test]
     fn the_run_facts_cover_config_options_binary_and_data() {
-        let cfg = Config::parse("[run]\nname = \"x\"\n", &[]).unwrap();
+        let cfg = Config::parse("[run]\nname = \"x\"\nsteps = 10\n[data]\ndir = \"d\"\ntokenizer = \"bytes\"\nbatch_size = 2\nseq_len = 8\n[model]\nchannels = 16\nheads = 2\ndepth = 1\n", &[]).unwrap();
         let f = Facts::of_run(&cfg, &[("resume", "true".into())]);
         for k in ["model.channels", "schedule.lr", "run.seed", "data.micro_batches", "option.resume", "binary", "data.files"] {
             assert!(f.0.contains_key(k), "no `{k}` in {:?}", f.0.keys().collect::<Vec<_>>());

@@ -38,6 +38,8 @@
 
 pub mod agree;
 pub use agree::Facts;
+mod launch;
+pub use launch::{launch_line, shell_line, shell_word};
 
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -424,7 +426,7 @@ pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
 /// one process; then check that every process states the same [`Facts`] (see [`agree`]) and
 /// that the world has `data × pipeline` processes.
-pub fn init(data: usize, pipeline: usize, facts: &Facts) -> Result<()> {
+pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Result<()> {
     let Some(want) = data.checked_mul(pipeline) else {
         bail!("`parallel.data` × `parallel.pipeline` = {data} × {pipeline} overflows");
     };
@@ -436,7 +438,7 @@ pub fn init(data: usize, pipeline: usize, facts: &Facts) -> Result<()> {
     let n = size();
     // Agreement first: ranks that disagree on `parallel` itself must all stop here, together.
     if n > 1 {
-        if let Some(msg) = imp::exchange_facts(facts) {
+        if let Some(msg) = imp::exchange_facts(&facts()) {
             if rank() != 0 {
                 // Rank 0 says it first; the others follow it (the first abort ends them all).
                 std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -468,50 +470,6 @@ pub fn init(data: usize, pipeline: usize, facts: &Facts) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The command line that starts every process of `cfg`'s run: `mpirun -np N [--host
-/// h1:n1,…] taproot COMMAND --config F [--set …]` (COMMAND: `train` or `daemon`), or under Slurm (`slurm`) the `srun` line to run
-/// inside the allocation. N = `parallel.data × parallel.pipeline`; on several hosts each runs
-/// `parallel.processes_per_host` (default: N / hosts, rounded up).
-pub fn launch_line(
-    cfg: &crate::config::Config,
-    exe: &std::path::Path,
-    command: &str,
-    config: &std::path::Path,
-    sets: &[String],
-    resume: bool,
-    slurm: bool,
-) -> Vec<String> {
-    let p = &cfg.parallel;
-    let n = p.data * p.pipeline;
-    let per_host = p.processes_per_host.unwrap_or_else(|| n.div_ceil(p.hosts.len().max(1)));
-    let mut line: Vec<String> = if slurm {
-        let mut l = vec!["srun".to_string(), format!("--ntasks={n}")];
-        if p.processes_per_host.is_some() || !p.hosts.is_empty() {
-            l.push(format!("--ntasks-per-node={per_host}"));
-        }
-        l
-    } else {
-        let mut l = vec!["mpirun".to_string(), "-np".to_string(), n.to_string()];
-        if !p.hosts.is_empty() {
-            l.push("--host".into());
-            l.push(p.hosts.iter().map(|h| format!("{h}:{per_host}")).collect::<Vec<_>>().join(","));
-        }
-        l
-    };
-    line.push(exe.display().to_string());
-    line.push(command.into());
-    line.push("--config".into());
-    line.push(config.display().to_string());
-    for s in sets {
-        line.push("--set".into());
-        line.push(s.clone());
-    }
-    if resume {
-        line.push("--resume".into());
-    }
-    line
 }
 
 /// `x` summed over the replicas of this stage, in place (a no-op with one replica).

@@ -37,7 +37,7 @@ pub fn plan_command(a: &PlanArgs) -> Result<plan::PlanOutcome> {
     if let Some(e) = a.eval_every {
         set.push(format!("plan.eval_every={e}"));
     }
-    let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read config {}", a.config.display()))?;
+    let text = crate::userfile::read_to_string(&a.config, "config", crate::userfile::TEXT_MAX)?;
     let cfg = Config::parse(&text, &set).with_context(|| format!("in config {}", a.config.display()))?;
     let p = plan::pilot(&cfg)?;
     let report_dir = a.report_dir.clone().unwrap_or_else(|| cfg.out_dir().join("plan"));

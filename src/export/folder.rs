@@ -63,7 +63,7 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn read(folder: &Path) -> Result<HfConfig> {
         let path = folder.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::userfile::read_to_string(&path, "Hugging Face config", crate::userfile::TEXT_MAX)?;
         let json = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
         Ok(HfConfig { path, json })
     }
@@ -172,6 +172,52 @@ pub fn expect_tie(hf: &HfConfig, d: &Dims, default: bool) -> Result<()> {
     Ok(())
 }
 
+/// Make `out` ready for an export: absent, empty, or holding only a previous taproot export
+/// (`config.json` with a `taproot` block, and `model.safetensors`). Otherwise an error listing
+/// what is there, unless `overwrite`: then everything in it moves into `replaced-<time>/`.
+pub fn claim(out: &Path, overwrite: bool) -> Result<()> {
+    let rd = match std::fs::read_dir(out) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("export folder {}", out.display())),
+    };
+    let names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let ours = |n: &str| match n {
+        "model.safetensors" => true,
+        "config.json" => crate::userfile::read_to_string(&out.join(n), "config", crate::userfile::TEXT_MAX)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|j| j.get("taproot").is_some()),
+        _ => false,
+    };
+    let foreign: Vec<&String> = names.iter().filter(|n| !ours(n)).collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        let shown: Vec<String> = foreign.iter().take(8).map(|n| format!("`{n}`")).collect();
+        let more = if foreign.len() > 8 { format!(" and {} more", foreign.len() - 8) } else { String::new() };
+        bail!(
+            "export folder {} holds files a taproot export did not write ({}{more}): a loader would read them beside the new weights. Export into an empty folder, or pass --overwrite to move what is there into a `replaced-<time>/` folder inside it first",
+            out.display(),
+            shown.join(", ")
+        );
+    }
+    let stamp = crate::checkpoint::unix_now_s();
+    let mut aside = out.join(format!("replaced-{stamp}"));
+    let mut k = 1;
+    while aside.exists() {
+        aside = out.join(format!("replaced-{stamp}-{k}"));
+        k += 1;
+    }
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for n in &names {
+        std::fs::rename(out.join(n), aside.join(n))
+            .with_context(|| format!("moving {} into {}", out.join(n).display(), aside.display()))?;
+    }
+    Ok(())
+}
+
 /// Write `tensors` as `model.safetensors` and `config` as `config.json` in `out` (created).
 pub fn write_folder(out: &Path, tensors: Vec<(String, Tensor)>, config: serde_json::Value, layers: usize) -> Result<Exported> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -244,7 +290,7 @@ pub type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
 /// The tensors of a Hugging Face folder's `model.safetensors`, as f32 (F32 or BF16 on disk).
 pub fn read_tensors(folder: &Path) -> Result<Tensors> {
     let file = folder.join("model.safetensors");
-    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let bytes = crate::userfile::read(&file, "Hugging Face weights", crate::userfile::MEMORY)?;
     let st =
         safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", file.display()))?;
     let mut m = std::collections::HashMap::new();

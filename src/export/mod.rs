@@ -26,10 +26,20 @@ use crate::model::Arch;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Write `ck` as a Hugging Face folder of its block kind in `out` (created; existing
-/// `config.json` / `model.safetensors` there are replaced).
+/// Write `ck` as a Hugging Face folder of its block kind in `out` (created; a previous export
+/// of taproot there is replaced). A folder that holds anything else is refused (see
+/// [`export_into`]).
 pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
+    export_into(ck, out, false)
+}
+
+/// [`export`], where `overwrite` first moves whatever `out` holds into `out/replaced-<time>/`
+/// (nothing is deleted). Without it, a folder that holds files taproot's export did not write
+/// (another model's shards or index, a tokenizer, anything) is refused: loaders would read
+/// them beside the new weights.
+pub fn export_into(ck: &Checkpoint, out: &Path, overwrite: bool) -> Result<Exported> {
     let cfg = ck.meta.config().context("the checkpoint's config")?;
+    folder::claim(out, overwrite)?;
     match cfg.model.arch {
         Arch::Gpt2 => gpt2::export(ck, out),
         Arch::Llama | Arch::Qwen3 => llama::export(ck, out),
@@ -37,8 +47,8 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
 }
 
 /// Export the checkpoint at `path` (a file, or a folder: its newest valid checkpoint).
-pub fn export_path(path: &Path, out: &Path) -> Result<Exported> {
-    export(&checkpoint::load_file_or_newest(path)?, out)
+pub fn export_path(path: &Path, out: &Path, overwrite: bool) -> Result<Exported> {
+    export_into(&checkpoint::load_file_or_newest(path)?, out, overwrite)
 }
 
 /// A Hugging Face folder as the step-0 checkpoint of the run `cfg` describes (its
@@ -124,7 +134,8 @@ pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
     data.insert("dir".into(), folder.display().to_string().into());
     data.insert("tokenizer".into(), tokenizer.into());
     data.insert("batch_size".into(), 1.into());
-    data.insert("seq_len".into(), (positions.min(1 << 16) as i64).into());
+    // A sampling run's window: the context the folder declares does not size any buffer.
+    data.insert("seq_len".into(), (positions.min(256) as i64).into());
     root.insert("data".into(), data.into());
     root.insert("model".into(), model.into());
     let text = toml::to_string(&root)?;

@@ -72,8 +72,13 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
     let signals = {
         use tokio::signal::unix::{signal, SignalKind};
         let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let early = crate::signals::received().min(2);
         tokio::spawn(async move {
             let mut seen = 0;
+            for _ in 0..early {
+                seen += 1;
+                notify(0, Request::StopRun { force: seen > 1 });
+            }
             loop {
                 tokio::select! {
                     _ = term.recv() => {}

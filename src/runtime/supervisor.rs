@@ -343,17 +343,32 @@ pub enum StopStep {
 /// has not finished within `grace` — to stop at the next micro-batch boundary, checkpoint the
 /// last completed step and end the run with an error ([`StopStep::Force`]); the third exits the
 /// process at once (code 130), after telling `say`. `on` carries out each step. The signal
-/// streams are the caller's, so that it can install them before anything else starts.
+/// streams are the caller's, so that it can install them before anything else starts; `early`
+/// is `crate::signals::received()` read just after they were made.
 pub fn watch_stop_signals(
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
+    early: usize,
     grace: std::time::Duration,
     on: impl Fn(StopStep) + Send + 'static,
     say: impl Fn(&str) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
+    // Signals that came before the streams existed (`crate::signals`, read by the caller just
+    // after it made them) count first.
+    let early = early.min(2);
     tokio::spawn(async move {
         let mut seen = 0;
         let mut deadline: Option<tokio::time::Instant> = None;
+        for _ in 0..early {
+            seen += 1;
+            if seen == 1 {
+                deadline = Some(tokio::time::Instant::now() + grace);
+                on(StopStep::Finish("a stop signal during start-up"));
+            } else {
+                deadline = None;
+                on(StopStep::Force("a second stop signal during start-up".into()));
+            }
+        }
         loop {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -405,7 +420,7 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptio
             };
             use tokio::signal::unix::{signal, SignalKind};
             match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                (Ok(term), Ok(int)) => Some(watch_stop_signals(term, int, grace, on, |m| eprintln!("{m}"))),
+                (Ok(term), Ok(int)) => Some(watch_stop_signals(term, int, crate::signals::received(), grace, on, |m| eprintln!("{m}"))),
                 _ => None, // no signal handling: the default disposition stays
             }
         })

@@ -1,6 +1,9 @@
 //! The scheduler's step loop: issuing micro-batches under the in-flight bound, ending a step
 //! (the optimizer barrier) or an evaluation, checkpoints, and the end of the run.
 
+/// How many times a checkpoint's save is tried before it counts as failed.
+const SAVE_TRIES: u32 = 3;
+
 use super::{ask, boxed, gone, Pending, Phase, Res, RunEnded, SchedulerMsg, SchedulerState, Status};
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, Meta, UnitKey};
@@ -278,7 +281,13 @@ impl<B: Backend> SchedulerState<B> {
         let every = self.cfg.checkpoint.every;
         if every > 0 && self.step > 0 && self.step.is_multiple_of(every) && self.step < self.end {
             self.check_all_replicas_agree().await?;
-            self.write_checkpoint().await?;
+            // A periodic checkpoint that fails even when tried again does not end the run: the
+            // next one may succeed (the final one must). Said in the log and as an event.
+            if let Err(e) = self.write_checkpoint().await {
+                let why = RunError::from_actor(&e).to_string();
+                eprintln!("warning: {why}; training goes on");
+                self.log.say(format!("warning: {why}; training goes on (the newest checkpoint on disk stands)"));
+            }
         }
         Ok(())
     }
@@ -347,6 +356,7 @@ impl<B: Backend> SchedulerState<B> {
         }
     }
 
+    /// Gather every unit's state and write one checkpoint, tried [`SAVE_TRIES`] times.
     pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
         if self.rank != 0 && !self.sharded() {
             return Ok(self.cfg.checkpoint_dir());
@@ -361,19 +371,37 @@ impl<B: Backend> SchedulerState<B> {
         let keep = self.cfg.checkpoint.keep;
         let ck = Checkpoint { meta, units };
         let run_id = self.run_id.clone();
-        let verified = &mut self.verified;
         let resumed_from = self.resumed_from.clone();
-        let (path, pruned) = compute(|| -> anyhow::Result<(PathBuf, checkpoint::Pruned)> {
-            let p = checkpoint::save(&dir, &ck)?;
-            // Verified by reading it back (checksum included) before anything older is deleted.
-            let back = checkpoint::verify(&p)?;
-            anyhow::ensure!(back.step == ck.meta.step, "{} reads back as step {}", p.display(), back.step);
-            verified.record(&p, back);
-            let protect: Vec<PathBuf> = std::iter::once(p.clone()).chain(resumed_from).collect();
-            let pruned = checkpoint::prune(&dir, &checkpoint::Retention { keep, run_id: &run_id, protect: &protect }, verified)?;
-            Ok((p, pruned))
-        })
-        .map_err(|e| boxed(RunError::Checkpoint(format!("writing the checkpoint of step {}: {e:#}", self.step))))?;
+        // A save that fails (descriptors or disk space run out for a moment) is tried again:
+        // SAVE_TRIES in all, a second apart, from the state gathered once.
+        let mut tries = 0;
+        let (path, pruned) = loop {
+            tries += 1;
+            let verified = &mut self.verified;
+            let saved = compute(|| -> anyhow::Result<(PathBuf, checkpoint::Pruned)> {
+                let p = checkpoint::save(&dir, &ck)?;
+                // Verified by reading it back (checksum included) before anything older is deleted.
+                let back = checkpoint::verify(&p)?;
+                anyhow::ensure!(back.step == ck.meta.step, "{} reads back as step {}", p.display(), back.step);
+                verified.record(&p, back);
+                let protect: Vec<PathBuf> = std::iter::once(p.clone()).chain(resumed_from.clone()).collect();
+                let pruned = checkpoint::prune(&dir, &checkpoint::Retention { keep, run_id: &run_id, protect: &protect }, verified)?;
+                Ok((p, pruned))
+            });
+            match saved {
+                Ok(x) => break x,
+                Err(e) if tries < SAVE_TRIES => {
+                    self.log.say(format!("warning: the checkpoint of step {} failed (try {tries} of {SAVE_TRIES}): {e:#}", self.step));
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(boxed(RunError::Checkpoint(format!(
+                        "writing the checkpoint of step {} ({SAVE_TRIES} tries): {e:#}",
+                        self.step
+                    ))))
+                }
+            }
+        };
         for (p, why) in &pruned.moved_aside {
             eprintln!("warning: {why}; moved to {}", p.display());
             self.log.say(format!("warning: checkpoint that does not verify moved to {}: {why}", p.display()));
