@@ -350,6 +350,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     ],
                 )
             };
+            crate::dist::set_timeout(cfg.parallel.timeout_s);
             crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
             let lead = crate::dist::rank() == 0;
             let mut cfg = cfg;

@@ -38,6 +38,13 @@
 //!   [`cli`]: the `taproot` command line.
 //! - [`daemon`]: `taproot daemon`, a run as a service: Prometheus `/metrics` (from the metrics
 //!   actor, `runtime::metrics`), `/status`, token-protected control endpoints.
+//!   Every listener of a run goes through one HTTP front (`daemon::guard`, `daemon::http`).
+//! - [`dist`]: the processes of a run (MPI): rank, communicators, collectives with a timeout,
+//!   the agreement of every rank before step 1 (`dist::agree`), `taproot launch`.
+//! - [`export`]: Hugging Face folders out and in; [`sample`]: drawing text with a KV cache;
+//!   [`run_folder`]: one process per run folder, never a fresh run over another.
+//! - [`userfile`]: the one bounded reader of every file a user names; [`signals`]: stop signals
+//!   that arrive while a process is still starting.
 
 pub mod backend;
 pub mod checkpoint;

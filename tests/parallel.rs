@@ -677,3 +677,36 @@ fn replicas_whose_weights_drift_apart_stop_at_the_next_checkpoint() {
     let out = format!("run.out_dir={}", dir.join("agree").display());
     ok("replicas that agree", &mpirun(2, &["train", "--config", c, "--set", "parallel.data=2", "--set", &out]));
 }
+
+/// The pid of world rank `rank` of the run of config `cfg` (from its MPI environment).
+fn pid_of_rank(cfg: &Path, rank: usize) -> String {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    rank_pids(cfg)
+        .into_iter()
+        .find(|p| std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == want.as_bytes())))
+        .unwrap_or_else(|| panic!("no process of rank {rank}"))
+}
+
+/// A rank that stops answering (SIGSTOP: as a process stuck on its device looks to the others)
+/// stalled the run forever while the others spun a core each. Now the others wait at most
+/// `parallel.timeout_s` in the collective, then stop the run with a message naming the rank.
+#[test]
+fn a_rank_that_stops_answering_is_named_within_the_timeout() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-hung");
+    let (mut child, cfg, _) = start_long_run_with(&dir, "hung", 2, 1, &["parallel.data=2", "parallel.timeout_s=3"]);
+    let stopped = pid_of_rank(&cfg, 1);
+    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
+    let t0 = std::time::Instant::now();
+    let st = wait_within(&mut child, 60);
+    let took = t0.elapsed();
+    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!st.success(), "the run went on");
+    assert!(err.contains("rank 1 (replica 1) did not join") && err.contains("within 3 s (`parallel.timeout_s`)"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    println!("rank 1 stopped: the run ended in {took:?} naming it");
+}

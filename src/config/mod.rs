@@ -202,11 +202,15 @@ pub struct ParallelConfig {
     /// ZeRO stage: 0 (every replica keeps the whole optimizer state) or 1 (each keeps and
     /// updates its share of every unit's tensors; the weights are the same bitwise).
     pub zero: u8,
+    /// Seconds a rank waits in a collective for the other replicas before it stops the run,
+    /// naming the ranks that did not join (a stopped, stuck or vanished process). Rank 0's
+    /// checkpoints and evaluations keep the others waiting, so it is generous. 0: forever.
+    pub timeout_s: u64,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None, zero: 0 }
+        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None, zero: 0, timeout_s: 600 }
     }
 }
 

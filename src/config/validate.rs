@@ -74,6 +74,9 @@ impl Config {
         if self.parallel.zero > 1 {
             bail!("`parallel.zero` = {}: ZeRO stage 0 or 1 (sharded optimizer state) is supported", self.parallel.zero);
         }
+        if self.parallel.timeout_s > 86_400 {
+            bail!("`parallel.timeout_s` must be at most a day (86400 s; 0: wait forever), got {}", self.parallel.timeout_s);
+        }
         if self.parallel.processes_per_host == Some(0) {
             bail!("`parallel.processes_per_host` must be at least 1");
         }

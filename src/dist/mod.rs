@@ -51,6 +51,8 @@ static SIZE: AtomicUsize = AtomicUsize::new(1);
 /// Pipeline stages per replica (P) and this process's stage.
 static STAGES: AtomicUsize = AtomicUsize::new(1);
 static STAGE: AtomicUsize = AtomicUsize::new(0);
+/// `parallel.timeout_s` (0: wait forever), read by the communication thread at each collective.
+static TIMEOUT_S: AtomicU64 = AtomicU64::new(0);
 static FRAMES_SENT: AtomicU64 = AtomicU64::new(0);
 static FRAME_BYTES_SENT: AtomicU64 = AtomicU64::new(0);
 static FRAME_BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -252,6 +254,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
         while let Some((_, _)) = comms.receive() {}
         std::thread::yield_now();
     }
+    comms.finish_beats();
 }
 
 /// The largest MPI message a frame part may be (MPI counts are 32-bit: a frame of a
@@ -321,6 +324,17 @@ fn reduce<T: Copy>(v: &mut [T], send: &mut Vec<T>, all_reduce: impl Fn(&[T], &mu
     add_ns(&REDUCE_NS, t0);
     ::metrics::histogram!("taproot_allreduce_duration_seconds").record(t0.elapsed().as_secs_f64());
     REDUCTIONS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How long a collective may wait for the other replicas (`parallel.timeout_s`; 0: forever).
+/// Past it, the rank stops the run naming the ranks that did not join (see `mpi.rs`).
+pub fn set_timeout(seconds: u64) {
+    TIMEOUT_S.store(seconds, Ordering::Relaxed);
+}
+
+/// The timeout of [`set_timeout`], if any.
+pub fn timeout() -> Option<std::time::Duration> {
+    Some(TIMEOUT_S.load(Ordering::Relaxed)).filter(|&s| s > 0).map(std::time::Duration::from_secs)
 }
 
 /// This process's rank (0 in a one-process run).

@@ -42,7 +42,16 @@ pub fn init() -> Result<()> {
 pub struct Comms {
     replicas: SimpleCommunicator,
     pipeline: SimpleCommunicator,
+    /// Collectives started on the replica communicator so far (this rank's count).
+    started: std::cell::Cell<u64>,
+    /// The highest collective number each replica announced (see [`Comms::collective`]).
+    seen: std::cell::RefCell<Vec<u64>>,
+    /// Announcements on their way.
+    beats: std::cell::RefCell<Vec<SendRequest>>,
 }
+
+/// The tag of a collective's announcement on the replica communicator.
+const BEAT: i32 = 7;
 
 /// A frame on its way: the request and the buffer it reads, freed when it completes.
 pub struct SendRequest {
@@ -71,6 +80,16 @@ impl SendRequest {
     }
 }
 
+/// Start sending `bytes` to rank `to` of `comm` with `tag`.
+fn send_on(comm: &SimpleCommunicator, to: usize, bytes: Vec<u8>, tag: i32) -> SendRequest {
+    let buf: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
+    let ptr: *mut [u8] = buf;
+    // SAFETY: `ptr` stays valid until `SendRequest::done` frees it after completion.
+    let read: &'static [u8] = unsafe { &*ptr };
+    let req = comm.process_at_rank(to as i32).immediate_send_with_tag(StaticScope, read, tag);
+    SendRequest { req: Some(req), buf: ptr }
+}
+
 impl Comms {
     pub fn new(stage: usize, replica: usize) -> Result<Self> {
         let w = world();
@@ -78,29 +97,98 @@ impl Comms {
             w.split_by_color_with_key(Color::with_value(stage as i32), replica as i32).context("splitting the world by pipeline stage")?;
         let pipeline =
             w.split_by_color_with_key(Color::with_value(replica as i32), stage as i32).context("splitting the world by replica")?;
-        Ok(Comms { replicas, pipeline })
+        let n = replicas.size() as usize;
+        Ok(Comms { replicas, pipeline, started: 0.into(), seen: vec![0; n].into(), beats: Vec::new().into() })
     }
 
     pub fn all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
-        self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+        self.collective(send, recv, SystemOperation::sum(), "a gradient all-reduce");
     }
 
     pub fn all_reduce_f64(&self, send: &[f64], recv: &mut [f64]) {
-        self.replicas.all_reduce_into(send, recv, SystemOperation::sum());
+        self.collective(send, recv, SystemOperation::sum(), "the step's agreement (loss and requests)");
     }
 
     pub fn all_max_u64(&self, send: &[u64], recv: &mut [u64]) {
-        self.replicas.all_reduce_into(send, recv, SystemOperation::max());
+        self.collective(send, recv, SystemOperation::max(), "a comparison of the replicas' weights");
+    }
+
+    /// One all-reduce over the replicas, which waits at most `parallel.timeout_s` (and does not
+    /// spin a core while it waits). Each rank first announces the collective's number to every
+    /// other replica; when the wait runs out, the ranks whose announcement of this number never
+    /// came are the ones named: stopped (SIGSTOP), stuck on a device, or gone. The rank then
+    /// stops the whole run (`MPI_Abort`), since a collective cannot be taken back.
+    fn collective<T: Equivalence>(&self, send: &[T], recv: &mut [T], op: SystemOperation, what: &str) {
+        let k = self.started.get() + 1;
+        self.started.set(k);
+        let me = self.replicas.rank() as usize;
+        let n = self.replicas.size() as usize;
+        {
+            let mut beats = self.beats.borrow_mut();
+            beats.retain_mut(|b| !b.done());
+            for r in (0..n).filter(|&r| r != me) {
+                beats.push(send_on(&self.replicas, r, k.to_le_bytes().to_vec(), BEAT));
+            }
+        }
+        let timeout = super::timeout();
+        let t0 = std::time::Instant::now();
+        mpi::request::scope(|scope| {
+            let mut req = self.replicas.immediate_all_reduce_into(scope, send, recv, op);
+            let mut idle = 0u32;
+            loop {
+                match req.test() {
+                    Ok(_) => break,
+                    Err(r) => req = r,
+                }
+                self.take_beats();
+                if let Some(limit) = timeout.filter(|l| t0.elapsed() > *l) {
+                    let seen = self.seen.borrow();
+                    let stages = super::stages();
+                    let missing: Vec<String> = (0..n)
+                        .filter(|&r| r != me && seen[r] < k)
+                        .map(|r| format!("rank {} (replica {r})", r * stages + super::stage()))
+                        .collect();
+                    let who =
+                        if missing.is_empty() { "a rank that announced it but never completed it".to_string() } else { missing.join(", ") };
+                    eprintln!(
+                        "error (rank {}): {who} did not join {what} (collective #{k}) within {} s (`parallel.timeout_s`): stopped, stuck on its device, or gone. Stopping every rank; the newest checkpoint on disk stands (`--resume` continues from it).",
+                        super::rank(),
+                        limit.as_secs()
+                    );
+                    world().abort(3);
+                }
+                // 20 µs doubling to 1 ms: a wait for a slow rank costs no core.
+                std::thread::sleep(std::time::Duration::from_micros((20u64 << idle.min(6)).min(1000)));
+                idle += 1;
+            }
+        });
+    }
+
+    /// Record the announcements that have arrived.
+    fn take_beats(&self) {
+        let mut seen = self.seen.borrow_mut();
+        while let Some(probed) = self.replicas.any_process().immediate_matched_probe_with_tag(BEAT) {
+            let from = probed.1.source_rank() as usize;
+            let (bytes, _) = probed.matched_receive_vec::<u8>();
+            if let (Some(s), Ok(b)) = (seen.get_mut(from), <[u8; 8]>::try_from(bytes.as_slice())) {
+                *s = (*s).max(u64::from_le_bytes(b));
+            }
+        }
+    }
+
+    /// Wait for the announcements still on their way (before MPI ends).
+    pub fn finish_beats(&self) {
+        let mut beats = self.beats.borrow_mut();
+        while !beats.is_empty() {
+            beats.retain_mut(|b| !b.done());
+            self.take_beats();
+            std::thread::yield_now();
+        }
     }
 
     /// Start sending `bytes` to stage `to`.
     pub fn send(&self, to: usize, bytes: Vec<u8>) -> SendRequest {
-        let buf: &'static mut [u8] = Box::leak(bytes.into_boxed_slice());
-        let ptr: *mut [u8] = buf;
-        // SAFETY: `ptr` stays valid until `SendRequest::done` frees it after completion.
-        let read: &'static [u8] = unsafe { &*ptr };
-        let req = self.pipeline.process_at_rank(to as i32).immediate_send(StaticScope, read);
-        SendRequest { req: Some(req), buf: ptr }
+        send_on(&self.pipeline, to, bytes, 0)
     }
 
     /// A frame that has arrived, if any: (its stage, its bytes).

@@ -26,6 +26,7 @@ impl Comms {
     pub fn receive(&self) -> Option<(usize, Vec<u8>)> {
         None
     }
+    pub fn finish_beats(&self) {}
 }
 pub fn exchange_facts(_: &super::Facts) -> Option<String> {
     None
