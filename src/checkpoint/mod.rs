@@ -421,13 +421,9 @@ fn open_checked(path: &Path) -> Result<(fs::File, u64, serde_json::Value)> {
     Ok((f, file_len, json))
 }
 
-fn parse(bytes: &[u8]) -> Result<Checkpoint> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a valid safetensors file: {e}"))?;
-    let md = header.metadata().as_ref().ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
-    let meta_json = md.get(KEY_META).ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
-
-    // The version first, so that a newer file says so rather than failing on a changed field.
+/// The [`Meta`] of its JSON text: the version first, so that a newer file says so rather than
+/// failing on a changed field.
+fn meta_of(meta_json: &str) -> Result<Meta> {
     let raw: serde_json::Value = serde_json::from_str(meta_json).map_err(|e| anyhow!("`{KEY_META}` metadata is not JSON: {e}"))?;
     let version =
         raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
@@ -436,6 +432,16 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint> {
         "unsupported format_version {version} (this build reads {OLDEST_READABLE} to {FORMAT_VERSION})"
     );
     let meta: Meta = serde_json::from_value(raw).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))?;
+    Ok(meta)
+}
+
+fn parse(bytes: &[u8]) -> Result<Checkpoint> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a valid safetensors file (truncated or corrupt?): {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a valid safetensors file: {e}"))?;
+    let md = header.metadata().as_ref().ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
+    let meta_json = md.get(KEY_META).ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
+
+    let meta = meta_of(meta_json)?;
 
     let units_json = md.get(KEY_UNITS).ok_or_else(|| anyhow!("no `{KEY_UNITS}` metadata"))?;
     let entries: Vec<UnitEntry> = serde_json::from_str(units_json).map_err(|e| anyhow!("bad `{KEY_UNITS}` metadata: {e}"))?;
@@ -568,9 +574,8 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
     inner().map_err(|e| anyhow!("checkpoint {}: {e:#}", path.display()))
 }
 
-/// Check that every named unit's table (its tensors' names and shapes, in buffer order) is the
-/// layout the checkpoint's own config gives that unit: a file whose shapes disagree with the
-/// model is refused, not resumed as a flat buffer under another meaning. Run by [`load`].
+/// Check (on every [`load`]) that each named unit's table — names and shapes in buffer order —
+/// is the layout its config gives: a file whose shapes disagree with the model is refused.
 pub fn check_named_tables(ck: &Checkpoint, tables: &[(UnitKey, Vec<named::TensorEntry>)]) -> Result<()> {
     if tables.is_empty() {
         return Ok(());
@@ -584,13 +589,8 @@ pub fn check_named_tables(ck: &Checkpoint, tables: &[(UnitKey, Vec<named::Tensor
         let want = named::entries(layout);
         ensure!(table.len() == want.len(), "unit {key}: the file has {} tensors, but the config's layout has {}", table.len(), want.len());
         if let Some((i, (g, w))) = table.iter().zip(&want).enumerate().find(|(_, (g, w))| g != w) {
-            bail!(
-                "unit {key}: tensor {i} is `{}` of shape {:?} in the file, but the config's layout has `{}` of shape {:?}",
-                g.name,
-                g.shape,
-                w.name,
-                w.shape
-            );
+            let (got, want) = (format!("`{}` of shape {:?}", g.name, g.shape), format!("`{}` of shape {:?}", w.name, w.shape));
+            bail!("unit {key}: tensor {i} is {got} in the file, but the config's layout has {want}");
         }
     }
     Ok(())

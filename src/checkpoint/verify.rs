@@ -4,7 +4,7 @@
 //! count as one of the checkpoints a run keeps.
 
 use super::checksum::{file_checksum, StreamHash};
-use super::{open_checked, Meta, FORMAT_VERSION, KEY_CHECKSUM, KEY_META, KEY_UNITS, OLDEST_READABLE};
+use super::{meta_of, open_checked, Meta, KEY_CHECKSUM, KEY_META, KEY_UNITS};
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,14 +25,7 @@ pub(super) fn verify_unnamed(path: &Path) -> Result<Meta> {
         .ok_or_else(|| anyhow!("no `{KEY_META}` metadata: not a taproot checkpoint"))?;
     let text = |key: &str| md.get(key).and_then(|v| v.as_str()).ok_or_else(|| anyhow!("no `{key}` metadata"));
     let (meta_json, units_json, stored) = (text(KEY_META)?, text(KEY_UNITS)?, text(KEY_CHECKSUM)?);
-    let raw: serde_json::Value = serde_json::from_str(meta_json).map_err(|e| anyhow!("`{KEY_META}` metadata is not JSON: {e}"))?;
-    let version =
-        raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("`{KEY_META}` metadata has no format_version"))?;
-    ensure!(
-        (OLDEST_READABLE as u64..=FORMAT_VERSION as u64).contains(&version),
-        "unsupported format_version {version} (this build reads {OLDEST_READABLE} to {FORMAT_VERSION})"
-    );
-    let meta: Meta = serde_json::from_value(raw).map_err(|e| anyhow!("bad `{KEY_META}` metadata: {e}"))?;
+    let meta = meta_of(meta_json)?;
 
     // Every tensor, in name order (the checksum's order), with its byte range.
     let mut tensors = Vec::new();
