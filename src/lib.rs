@@ -40,7 +40,8 @@
 //!   actor, `runtime::metrics`), `/status`, token-protected control endpoints.
 //!   Every listener of a run goes through one HTTP front (`daemon::guard`, `daemon::http`).
 //! - [`dist`]: the processes of a run (MPI): rank, communicators, collectives with a timeout,
-//!   the agreement of every rank before step 1 (`dist::agree`), `taproot launch`.
+//!   the agreement of every rank before step 1 (`dist::agree`), stage 0's watchdog of the
+//!   pipeline stages (`dist::watchdog`), `taproot launch`.
 //! - [`export`]: Hugging Face folders out and in; [`sample`]: drawing text with a KV cache;
 //!   [`run_folder`]: one process per run folder, never a fresh run over another.
 //! - [`userfile`]: the one bounded reader of every file a user names; [`signals`]: stop signals

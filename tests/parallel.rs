@@ -710,3 +710,25 @@ fn a_rank_that_stops_answering_is_named_within_the_timeout() {
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
     println!("rank 1 stopped: the run ended in {took:?} naming it");
 }
+
+/// A pipeline stage that stops answering (SIGSTOP) is named by stage 0 within
+/// `parallel.timeout_s`: its frames are point-to-point, so no collective would ever time out.
+#[test]
+fn a_pipeline_stage_that_stops_answering_is_named_within_the_timeout() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("pp-hung");
+    let (mut child, cfg, _) = start_long_run_with(&dir, "pphung", 2, 2, &["parallel.pipeline=2", "parallel.timeout_s=3"]);
+    let stopped = pid_of_rank(&cfg, 1);
+    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
+    let t0 = std::time::Instant::now();
+    let st = wait_within(&mut child, 60);
+    let took = t0.elapsed();
+    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!st.success(), "the run went on");
+    assert!(err.contains("pipeline stage 1 (rank 1) sent nothing for 3 s during step"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}

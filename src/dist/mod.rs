@@ -39,6 +39,7 @@
 pub mod agree;
 pub use agree::Facts;
 mod launch;
+pub mod watchdog;
 pub use launch::{launch_line, shell_line, shell_word};
 
 use anyhow::{bail, Result};
@@ -239,6 +240,7 @@ fn serve(jobs: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), String>>, inc
             let mut received = false;
             while let Some((from, part)) = comms.receive() {
                 received = true;
+                watchdog::heard_from(from);
                 if let Some(bytes) = joiner.push(from, part) {
                     FRAME_BYTES_RECEIVED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     count_link(&LINK_RECEIVED, from, bytes.len());
@@ -482,6 +484,7 @@ pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Resu
             Ok(Err(e)) => bail!("setting up the communicators: {e}"),
             Err(_) => bail!("the communication thread ended while setting up"),
         }
+        watchdog::start();
     }
     Ok(())
 }

@@ -44,8 +44,9 @@ pub struct Comms {
     pipeline: SimpleCommunicator,
     /// Collectives started on the replica communicator so far (this rank's count).
     started: std::cell::Cell<u64>,
-    /// The highest collective number each replica announced (see [`Comms::collective`]).
-    seen: std::cell::RefCell<Vec<u64>>,
+    /// The highest collective number each replica announced (see [`Comms::collective`]), and
+    /// when its last announcement came.
+    seen: std::cell::RefCell<Vec<(u64, Option<std::time::Instant>)>>,
     /// Announcements on their way.
     beats: std::cell::RefCell<Vec<SendRequest>>,
 }
@@ -98,7 +99,7 @@ impl Comms {
         let pipeline =
             w.split_by_color_with_key(Color::with_value(replica as i32), stage as i32).context("splitting the world by replica")?;
         let n = replicas.size() as usize;
-        Ok(Comms { replicas, pipeline, started: 0.into(), seen: vec![0; n].into(), beats: Vec::new().into() })
+        Ok(Comms { replicas, pipeline, started: 0.into(), seen: vec![(0, None); n].into(), beats: Vec::new().into() })
     }
 
     pub fn all_reduce_f32(&self, send: &[f32], recv: &mut [f32]) {
@@ -114,24 +115,28 @@ impl Comms {
     }
 
     /// One all-reduce over the replicas, which waits at most `parallel.timeout_s` (and does not
-    /// spin a core while it waits). Each rank first announces the collective's number to every
-    /// other replica; when the wait runs out, the ranks whose announcement of this number never
-    /// came are the ones named: stopped (SIGSTOP), stuck on a device, or gone. The rank then
-    /// stops the whole run (`MPI_Abort`), since a collective cannot be taken back.
+    /// spin a core while it waits). Each rank announces the collective's number to every other
+    /// replica when it starts it, and again every second while it waits; when the wait runs
+    /// out, the ranks named are those whose announcement of this number never came, or whose
+    /// last one is older than half the timeout (a rank stopped inside the collective): stopped
+    /// (SIGSTOP), stuck on a device, or gone. The rank then stops the whole run (`MPI_Abort`),
+    /// since a collective cannot be taken back.
     fn collective<T: Equivalence>(&self, send: &[T], recv: &mut [T], op: SystemOperation, what: &str) {
         let k = self.started.get() + 1;
         self.started.set(k);
         let me = self.replicas.rank() as usize;
         let n = self.replicas.size() as usize;
-        {
+        let announce = || {
             let mut beats = self.beats.borrow_mut();
             beats.retain_mut(|b| !b.done());
             for r in (0..n).filter(|&r| r != me) {
                 beats.push(send_on(&self.replicas, r, k.to_le_bytes().to_vec(), BEAT));
             }
-        }
+        };
+        announce();
         let timeout = super::timeout();
         let t0 = std::time::Instant::now();
+        let mut announced = t0;
         mpi::request::scope(|scope| {
             let mut req = self.replicas.immediate_all_reduce_into(scope, send, recv, op);
             let mut idle = 0u32;
@@ -141,15 +146,23 @@ impl Comms {
                     Err(r) => req = r,
                 }
                 self.take_beats();
+                if announced.elapsed() > std::time::Duration::from_secs(1) {
+                    announce();
+                    announced = std::time::Instant::now();
+                }
                 if let Some(limit) = timeout.filter(|l| t0.elapsed() > *l) {
                     let seen = self.seen.borrow();
                     let stages = super::stages();
+                    let stale = |at: Option<std::time::Instant>| at.is_none_or(|t| t.elapsed() > limit / 2);
                     let missing: Vec<String> = (0..n)
-                        .filter(|&r| r != me && seen[r] < k)
+                        .filter(|&r| r != me && (seen[r].0 < k || stale(seen[r].1)))
                         .map(|r| format!("rank {} (replica {r})", r * stages + super::stage()))
                         .collect();
-                    let who =
-                        if missing.is_empty() { "a rank that announced it but never completed it".to_string() } else { missing.join(", ") };
+                    let who = if missing.is_empty() {
+                        "a rank that is waiting in it too (an MPI failure)".to_string()
+                    } else {
+                        missing.join(", ")
+                    };
                     eprintln!(
                         "error (rank {}): {who} did not join {what} (collective #{k}) within {} s (`parallel.timeout_s`): stopped, stuck on its device, or gone. Stopping every rank; the newest checkpoint on disk stands (`--resume` continues from it).",
                         super::rank(),
@@ -171,7 +184,7 @@ impl Comms {
             let from = probed.1.source_rank() as usize;
             let (bytes, _) = probed.matched_receive_vec::<u8>();
             if let (Some(s), Ok(b)) = (seen.get_mut(from), <[u8; 8]>::try_from(bytes.as_slice())) {
-                *s = (*s).max(u64::from_le_bytes(b));
+                *s = (s.0.max(u64::from_le_bytes(b)), Some(std::time::Instant::now()));
             }
         }
     }

@@ -115,6 +115,8 @@ impl<B: Backend> SchedulerState<B> {
     /// At a step boundary: answer control requests, evaluate if due, otherwise grow if due and
     /// start the next step, or finish.
     pub(super) async fn next(&mut self, _me: &ActorRef<SchedulerMsg>) -> Res<()> {
+        // At a boundary: nothing is waited for from the other stages (see `dist::watchdog`).
+        crate::dist::watchdog::step_ended();
         if self.force_stop {
             return self.stop_now(false).await;
         }
@@ -143,6 +145,7 @@ impl<B: Backend> SchedulerState<B> {
         if self.eval_pending {
             self.eval_pending = false;
             let mut p = Pending { losses: vec![f32::NAN; self.val.len()], ..Default::default() };
+            crate::dist::watchdog::step_began(self.step);
             self.issue(&mut p, false)?;
             self.phase = Phase::Eval(p);
             return Ok(());
@@ -152,6 +155,7 @@ impl<B: Backend> SchedulerState<B> {
         }
         self.grow_if_due().await?;
         self.step_started = Instant::now();
+        crate::dist::watchdog::step_began(self.step);
         self.step_cursor = self.loader.cursor();
         self.skip_batches(self.rank * self.local_micro_batches());
         let mut p = Pending { losses: vec![f32::NAN; self.local_micro_batches()], ..Default::default() };
@@ -363,6 +367,8 @@ impl<B: Backend> SchedulerState<B> {
         }
         let t0 = Instant::now();
         let units = self.gather_units().await?;
+        // The disk write needs no other stage: not timed by the watchdog.
+        crate::dist::watchdog::step_ended();
         if self.rank != 0 {
             return Ok(self.cfg.checkpoint_dir());
         }
