@@ -384,6 +384,13 @@ fn sigkill_last_rank_then_resume(mut child: std::process::Child, cfg: &Path, run
     Command::new("kill").args(["-KILL", rank_pids(cfg).last().unwrap()]).status().unwrap();
     let st = wait_within(&mut child, 20);
     assert!(!st.success(), "the run ended well although a rank was killed");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // mpirun sends the survivors SIGTERM before it ends them: they must not promise a
+    // checkpoint that a dead rank makes impossible.
+    if err.contains("finishing the current step") {
+        assert!(err.contains("if every rank is still there (a rank that is gone makes that impossible"), "{err}");
+    }
     let (ck, _, _) = taproot::checkpoint::load_newest_valid(&run.join("checkpoints")).unwrap().unwrap();
     let from = ck.meta.step;
     let until = (from + 15).to_string();
@@ -730,5 +737,30 @@ fn a_pipeline_stage_that_stops_answering_is_named_within_the_timeout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!st.success(), "the run went on");
     assert!(err.contains("pipeline stage 1 (rank 1) sent nothing for 3 s during step"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}
+
+/// SIGTERM to a run one of whose ranks is gone (here: stopped) cannot write the final
+/// checkpoint: the waiting ranks say so plainly within 10 s of the signal, name the rank, and
+/// exit non-zero (they waited for it until `parallel.timeout_s`, 600 s, or forever before).
+#[test]
+fn a_stop_with_a_rank_gone_says_plainly_that_no_checkpoint_can_follow() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("dp-stop-gone");
+    let (mut child, cfg, _) = start_long_run_with(&dir, "stopgone", 2, 1, &["parallel.data=2"]);
+    let stopped = pid_of_rank(&cfg, 1);
+    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(Command::new("kill").args(["-TERM", &pid_of_rank(&cfg, 0)]).status().unwrap().success());
+    let t0 = std::time::Instant::now();
+    let st = wait_within(&mut child, 60);
+    let took = t0.elapsed();
+    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!st.success(), "exit 0 without a final checkpoint");
+    assert!(err.contains("rank 1 (replica 1) did not join") && err.contains("no final checkpoint can be written"), "{err}");
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }

@@ -53,6 +53,8 @@ pub struct Comms {
 
 /// The tag of a collective's announcement on the replica communicator.
 const BEAT: i32 = 7;
+/// How long, once a stop was asked for, a collective waits for a missing rank.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A frame on its way: the request and the buffer it reads, freed when it completes.
 pub struct SendRequest {
@@ -150,7 +152,12 @@ impl Comms {
                     announce();
                     announced = std::time::Instant::now();
                 }
-                if let Some(limit) = timeout.filter(|l| t0.elapsed() > *l) {
+                // A stop was asked for (mpirun forwards SIGTERM, and sends one when a rank
+                // died): a rank missing for STOP_GRACE is taken as gone, said plainly, rather
+                // than waited for until the timeout or mpirun's kill.
+                let stopping = crate::signals::received() > 0 && t0.elapsed() > STOP_GRACE;
+                let limit = if stopping { Some(STOP_GRACE) } else { timeout.filter(|l| t0.elapsed() > *l) };
+                if let Some(limit) = limit {
                     let seen = self.seen.borrow();
                     let stages = super::stages();
                     let stale = |at: Option<std::time::Instant>| at.is_none_or(|t| t.elapsed() > limit / 2);
@@ -163,10 +170,17 @@ impl Comms {
                     } else {
                         missing.join(", ")
                     };
+                    let why = if stopping {
+                        format!(
+                            "within {} s of a stop request: it is gone or stuck, so no final checkpoint can be written (the step needs it)",
+                            limit.as_secs()
+                        )
+                    } else {
+                        format!("within {} s (`parallel.timeout_s`): stopped, stuck on its device, or gone", limit.as_secs())
+                    };
                     eprintln!(
-                        "error (rank {}): {who} did not join {what} (collective #{k}) within {} s (`parallel.timeout_s`): stopped, stuck on its device, or gone. Stopping every rank; the newest checkpoint on disk stands (`--resume` continues from it).",
-                        super::rank(),
-                        limit.as_secs()
+                        "error (rank {}): {who} did not join {what} (collective #{k}) {why}. Stopping every rank; the newest checkpoint on disk stands (`--resume` continues from it).",
+                        super::rank()
                     );
                     world().abort(3);
                 }

@@ -408,7 +408,14 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptio
             let on = move |step: StopStep| {
                 let msg = match step {
                     StopStep::Finish(name) => {
-                        eprintln!("{name}: finishing the current step, then checkpoint and stop (again to stop at once)");
+                        // Under MPI the step needs every rank: mpirun also sends SIGTERM when a
+                        // rank has died, and then no checkpoint can follow.
+                        let caveat = if crate::dist::size() > 1 {
+                            " if every rank is still there (a rank that is gone makes that impossible: then the newest checkpoint on disk stands)"
+                        } else {
+                            ""
+                        };
+                        eprintln!("{name}: finishing the current step, then checkpoint and stop{caveat} (again to stop at once)");
                         SupervisorMsg::RequestStop
                     }
                     StopStep::Force(why) => {
