@@ -484,7 +484,8 @@ pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Resu
             Ok(Err(e)) => bail!("setting up the communicators: {e}"),
             Err(_) => bail!("the communication thread ended while setting up"),
         }
-        watchdog::start();
+        let place = watchdog::Place { limit: timeout(), stages: stages(), stage: stage(), replica: replica(), rank: rank() };
+        watchdog::start(place, abort);
     }
     Ok(())
 }

@@ -57,10 +57,20 @@ fn silent(now: u64, limit_ms: u64, stages: usize) -> Vec<usize> {
     (1..stages).filter(|&q| now.saturating_sub(h.get(q).copied().unwrap_or(0)) > limit_ms).collect()
 }
 
-/// Start the watchdog on stage 0 of a pipelined run (a no-op elsewhere, or without a timeout).
-pub fn start() {
-    let (Some(limit), true, true) = (super::timeout(), super::stages() > 1, super::stage() == 0) else { return };
-    let stages = super::stages();
+/// Where this process stands: the timeout, stages per replica, its stage, replica and rank.
+pub struct Place {
+    pub limit: Option<std::time::Duration>,
+    pub stages: usize,
+    pub stage: usize,
+    pub replica: usize,
+    pub rank: usize,
+}
+
+/// Start the watchdog on stage 0 of a pipelined run (a no-op elsewhere, or without a timeout);
+/// `abort` stops every process of the run.
+pub fn start(p: Place, abort: fn(i32)) {
+    let (Some(limit), true, true) = (p.limit, p.stages > 1, p.stage == 0) else { return };
+    let stages = p.stages;
     {
         let now = now_ms();
         *HEARD.lock().expect("watchdog lock") = vec![now; stages];
@@ -69,16 +79,16 @@ pub fn start() {
         std::thread::sleep(std::time::Duration::from_secs(1));
         let quiet = silent(now_ms(), limit.as_millis() as u64, stages);
         if !quiet.is_empty() {
-            let base = super::replica() * stages;
+            let base = p.replica * stages;
             let who: Vec<String> = quiet.iter().map(|&q| format!("pipeline stage {q} (rank {})", base + q)).collect();
             eprintln!(
                 "error (rank {}): {} sent nothing for {} s during step {} (`parallel.timeout_s`): stopped, stuck on its device, or gone. Stopping every rank; the newest checkpoint on disk stands (`--resume` continues from it).",
-                super::rank(),
+                p.rank,
                 who.join(", "),
                 limit.as_secs(),
                 STEP.load(Ordering::Relaxed).saturating_sub(1)
             );
-            super::abort(3);
+            abort(3);
         }
     });
     if let Err(e) = spawned {
