@@ -694,50 +694,48 @@ fn pid_of_rank(cfg: &Path, rank: usize) -> String {
         .unwrap_or_else(|| panic!("no process of rank {rank}"))
 }
 
-/// A rank that stops answering (SIGSTOP: as a process stuck on its device looks to the others)
-/// stalled the run forever while the others spun a core each. Now the others wait at most
-/// `parallel.timeout_s` in the collective, then stop the run with a message naming the rank.
+/// A long run of 2 processes with `sets`, whose rank 1 is then stopped (SIGSTOP: as a process
+/// stuck on its device looks to the others), and `then` done: the run must end non-zero within
+/// 30 s; its stderr.
+fn stop_rank_1(tag: &str, depth: usize, sets: &[&str], then: impl FnOnce(&Path)) -> String {
+    let dir = synthetic_dataset(tag);
+    let (mut child, cfg, _) = start_long_run_with(&dir, tag, 2, depth, sets);
+    let stopped = pid_of_rank(&cfg, 1);
+    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
+    then(&cfg);
+    let t0 = std::time::Instant::now();
+    let st = wait_within(&mut child, 60);
+    let took = t0.elapsed();
+    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!st.success(), "{tag}: the run ended well with rank 1 stopped:\n{err}");
+    assert!(took < std::time::Duration::from_secs(30), "{tag}: took {took:?}");
+    println!("{tag}: rank 1 stopped, the run ended in {took:?}");
+    err
+}
+
+/// A rank that stops answering stalled the run forever while the others spun a core each. Now
+/// the others wait at most `parallel.timeout_s` in the collective, then stop the run with a
+/// message naming the rank.
 #[test]
 fn a_rank_that_stops_answering_is_named_within_the_timeout() {
     if !mpi_ready() {
         return;
     }
-    let dir = synthetic_dataset("dp-hung");
-    let (mut child, cfg, _) = start_long_run_with(&dir, "hung", 2, 1, &["parallel.data=2", "parallel.timeout_s=3"]);
-    let stopped = pid_of_rank(&cfg, 1);
-    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
-    let t0 = std::time::Instant::now();
-    let st = wait_within(&mut child, 60);
-    let took = t0.elapsed();
-    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!st.success(), "the run went on");
+    let err = stop_rank_1("dp-hung", 1, &["parallel.data=2", "parallel.timeout_s=3"], |_| {});
     assert!(err.contains("rank 1 (replica 1) did not join") && err.contains("within 3 s (`parallel.timeout_s`)"), "{err}");
-    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
-    println!("rank 1 stopped: the run ended in {took:?} naming it");
 }
 
-/// A pipeline stage that stops answering (SIGSTOP) is named by stage 0 within
-/// `parallel.timeout_s`: its frames are point-to-point, so no collective would ever time out.
+/// A pipeline stage that stops answering is named by stage 0 within `parallel.timeout_s`: its
+/// frames are point-to-point, so no collective would ever time out.
 #[test]
 fn a_pipeline_stage_that_stops_answering_is_named_within_the_timeout() {
     if !mpi_ready() {
         return;
     }
-    let dir = synthetic_dataset("pp-hung");
-    let (mut child, cfg, _) = start_long_run_with(&dir, "pphung", 2, 2, &["parallel.pipeline=2", "parallel.timeout_s=3"]);
-    let stopped = pid_of_rank(&cfg, 1);
-    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
-    let t0 = std::time::Instant::now();
-    let st = wait_within(&mut child, 60);
-    let took = t0.elapsed();
-    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!st.success(), "the run went on");
+    let err = stop_rank_1("pp-hung", 2, &["parallel.pipeline=2", "parallel.timeout_s=3"], |_| {});
     assert!(err.contains("pipeline stage 1 (rank 1) sent nothing for 3 s during step"), "{err}");
-    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }
 
 /// SIGTERM to a run one of whose ranks is gone (here: stopped) cannot write the final
@@ -748,19 +746,9 @@ fn a_stop_with_a_rank_gone_says_plainly_that_no_checkpoint_can_follow() {
     if !mpi_ready() {
         return;
     }
-    let dir = synthetic_dataset("dp-stop-gone");
-    let (mut child, cfg, _) = start_long_run_with(&dir, "stopgone", 2, 1, &["parallel.data=2"]);
-    let stopped = pid_of_rank(&cfg, 1);
-    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(Command::new("kill").args(["-TERM", &pid_of_rank(&cfg, 0)]).status().unwrap().success());
-    let t0 = std::time::Instant::now();
-    let st = wait_within(&mut child, 60);
-    let took = t0.elapsed();
-    let _ = Command::new("kill").args(["-KILL", &stopped]).status();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!st.success(), "exit 0 without a final checkpoint");
+    let err = stop_rank_1("dp-stop-gone", 1, &["parallel.data=2"], |cfg| {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(Command::new("kill").args(["-TERM", &pid_of_rank(cfg, 0)]).status().unwrap().success());
+    });
     assert!(err.contains("rank 1 (replica 1) did not join") && err.contains("no final checkpoint can be written"), "{err}");
-    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }
