@@ -2,9 +2,11 @@
 //! without CUDA), cuBLAS for every matrix product, NVRTC-compiled kernels (`kernels.cu`) for
 //! everything else, one `CudaStream` per backend value — that is, per stage actor.
 //!
-//! Why this file is long: it is one `impl Backend for CudaBackend`, a method per op of the
-//! trait, kept in one place so that it reads side by side with the CPU backend and the trait;
-//! the kernels themselves are in `kernels.cu` and the cuBLAS calls in `blas.rs`.
+//! Rooms: this file is the `impl Backend for CudaBackend`, a method per op of the trait, so that
+//! it reads side by side with the CPU backend and the trait; the devices (kernel compile,
+//! contexts, peer access) are in `device.rs`, the buffers and per-stream scratch in
+//! `buffers.rs`, the stream's own helpers (bf16 operands, the product, launch shapes) in
+//! `stream.rs`, the cuBLAS calls in `blas.rs`, the kernels in `kernels.cu` and `flash.cu`.
 //!
 //! - **Probing.** [`CudaBackend::open`] checks that libcuda can be loaded before creating a
 //!   context (creating one without it panics inside the driver bindings); a missing library or
@@ -30,247 +32,19 @@
 //!   the sender's event); the runtime then sends the original home (see `backend::pool::ActPool`).
 
 mod blas;
+mod buffers;
+mod device;
+
+use buffers::{AttnScratch, Bf16Scratch, Staging, StagingSlot, STAGING_SLOTS};
+pub use buffers::{CudaBuf, CudaIds};
+
+pub use device::{compile_kernels, device_count, driver_present, memory_used, nvrtc_present, KERNELS_CU, KERNEL_NAMES};
+use device::{flash_bwd_smem, open_device, Device};
 
 use super::{Attention, Backend, Precision, StreamMode, Trans, View};
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
-/// The kernel source, compiled at run time by NVRTC.
-pub const KERNELS_CU: &str = concat!(include_str!("kernels.cu"), include_str!("flash.cu"));
-
-/// Every kernel the backend launches (the CI test compiles the source and looks each one up).
-pub const KERNEL_NAMES: &[&str] = &[
-    "fill_kernel",
-    "add_kernel",
-    "axpby_kernel",
-    "sumsq_kernel",
-    "scale_by_rnorm_kernel",
-    "add_bias_kernel",
-    "bias_backward_kernel",
-    "encoder_forward_kernel",
-    "encoder_backward_kernel",
-    "layernorm_forward_kernel",
-    "layernorm_backward_kernel",
-    "permute_qkv_kernel",
-    "unpermute_qkv_kernel",
-    "unpermute_y_kernel",
-    "permute_y_kernel",
-    "softmax_causal_kernel",
-    "softmax_backward_kernel",
-    "gelu_forward_kernel",
-    "gelu_backward_kernel",
-    "rmsnorm_forward_kernel",
-    "rmsnorm_backward_kernel",
-    "head_rmsnorm_forward_kernel",
-    "head_rmsnorm_dw_kernel",
-    "head_rmsnorm_backward_kernel",
-    "gather_rows_kernel",
-    "moe_combine_kernel",
-    "moe_combine_dys_kernel",
-    "moe_combine_dweights_kernel",
-    "rope_kernel",
-    "gqa_expand_kernel",
-    "gqa_reduce_kernel",
-    "swiglu_forward_kernel",
-    "swiglu_backward_kernel",
-    "crossentropy_kernel",
-    "adamw_kernel",
-    "momentum_kernel",
-    "apply_update_kernel",
-    "f32_to_bf16_kernel",
-    "heads_to_bf16_kernel",
-    "flash_fwd_64_kernel",
-    "flash_fwd_128_kernel",
-    "flash_rowdot_kernel",
-    "flash_bwd_64_kernel",
-    "flash_bwd_128_kernel",
-];
-
-/// Dynamic shared memory of the flash backward for head size `hs` (`FA_BWD_SMEM` in flash.cu):
-/// Q, dO and K tiles of 64 × (hs + 8) bf16, a 64 × 72 bf16 dS tile, 64 lse and 64 D floats.
-fn flash_bwd_smem(hs: usize) -> usize {
-    3 * 64 * (hs + 8) * 2 + 64 * 72 * 2 + 2 * 64 * 4
-}
-
-/// Compile the kernel source to PTX for `arch` (e.g. `sm_90`) with NVRTC. Needs only libnvrtc,
-/// not a GPU: this is what CI runs.
-pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
-    if !nvrtc_present() {
-        bail!("libnvrtc could not be loaded: add the directory holding libnvrtc.so (e.g. the `nvidia-cuda-nvrtc` pip package's nvidia/cu13/lib) to LD_LIBRARY_PATH");
-    }
-    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), use_fast_math: Some(false), ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| anyhow!("NVRTC failed to compile the CUDA kernels for {arch}: {e}"))
-}
-
-/// Whether libnvrtc can be loaded (through LD_LIBRARY_PATH and the system paths).
-pub fn nvrtc_present() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
-}
-
-/// Whether libcuda (the driver) can be loaded.
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
-}
-
-/// Number of CUDA devices, or an error naming the problem.
-pub fn device_count() -> Result<usize> {
-    if !driver_present() {
-        bail!("no CUDA driver: libcuda.so could not be loaded (is this a GPU machine? check LD_LIBRARY_PATH)");
-    }
-    let n = CudaContext::device_count().map_err(|e| anyhow!("cuInit / device count failed: {e:?}"))?;
-    Ok(n as usize)
-}
-
-/// One device's context, kernels and a cuBLAS handle per stream, shared by its streams.
-struct Device {
-    ctx: Arc<CudaContext>,
-    _module: Arc<CudaModule>,
-    funcs: HashMap<&'static str, CudaFunction>,
-}
-
-fn devices() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
-    static D: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
-    D.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-fn arch_name(cc: (i32, i32)) -> &'static str {
-    match cc {
-        (9, 0) => "sm_90",
-        (8, 0) => "sm_80",
-        (8, 6) => "sm_86",
-        (8, 9) => "sm_89",
-        (10, 0) => "sm_100",
-        (12, 0) => "sm_120",
-        (7, 5) => "sm_75",
-        (7, 0) => "sm_70",
-        _ => "sm_80",
-    }
-}
-
-fn open_device(ordinal: usize) -> Result<Arc<Device>> {
-    let mut map = devices().lock().expect("device map lock");
-    if let Some(d) = map.get(&ordinal) {
-        return Ok(d.clone());
-    }
-    let n = device_count()?;
-    if ordinal >= n {
-        bail!("device cuda:{ordinal} does not exist: this machine has {n} CUDA device(s)");
-    }
-    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a context on cuda:{ordinal}: {e:?}"))?;
-    // Ordering across streams is ours (events at hand-offs), not cudarc's per-buffer tracking.
-    unsafe { ctx.disable_event_tracking() };
-    let cc = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
-    let ptx = compile_kernels(arch_name(cc))?;
-    let module = ctx.load_module(ptx).map_err(|e| anyhow!("loading the kernels on cuda:{ordinal}: {e:?}"))?;
-    let mut funcs = HashMap::new();
-    for name in KERNEL_NAMES {
-        funcs.insert(*name, module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"))?);
-    }
-    // The flash backward for head size 128 takes more than the default 48 KiB of shared memory.
-    for (name, hs) in [("flash_bwd_64_kernel", 64), ("flash_bwd_128_kernel", 128)] {
-        funcs[name]
-            .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, flash_bwd_smem(hs) as i32)
-            .map_err(|e| anyhow!("cuda:{ordinal}: allowing {} bytes of shared memory to {name}: {e:?}", flash_bwd_smem(hs)))?;
-    }
-    // Let this device read its peers' memory (activations handed across devices).
-    for (other, d) in map.iter() {
-        let _ = enable_peer(&ctx, &d.ctx);
-        let _ = enable_peer(&d.ctx, &ctx);
-        let _ = other;
-    }
-    let dev = Arc::new(Device { ctx, _module: module, funcs });
-    map.insert(ordinal, dev.clone());
-    Ok(dev)
-}
-
-/// Bytes in use on every CUDA device this process has opened: (device name, total − free).
-/// Feeds `taproot_device_memory_used_bytes` in the daemon.
-pub fn memory_used() -> Vec<(String, u64)> {
-    let map = devices().lock().expect("device map lock");
-    let mut out: Vec<(String, u64)> = map
-        .iter()
-        .filter_map(|(ordinal, d)| d.ctx.mem_get_info().ok().map(|(free, total)| (format!("cuda:{ordinal}"), (total - free) as u64)))
-        .collect();
-    out.sort();
-    out
-}
-
-fn enable_peer(from: &Arc<CudaContext>, to: &Arc<CudaContext>) -> Result<()> {
-    from.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-    let mut can = 0i32;
-    unsafe {
-        sys::cuDeviceCanAccessPeer(&mut can, from.cu_device(), to.cu_device()).result().map_err(|e| anyhow!("{e:?}"))?;
-        if can == 1 {
-            let r = sys::cuCtxEnablePeerAccess(to.cu_ctx(), 0);
-            if r != sys::CUresult::CUDA_SUCCESS && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
-                bail!("cuCtxEnablePeerAccess: {r:?}");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// f32 device memory.
-pub struct CudaBuf {
-    ptr: u64,
-    len: usize,
-    /// The device it lives on (`cuda:N`) and that device's context, for peer copies.
-    ordinal: usize,
-    ctx: Arc<CudaContext>,
-    _mem: CudaSlice<f32>,
-}
-
-/// u32 device memory (token ids).
-pub struct CudaIds {
-    ptr: u64,
-    len: usize,
-    _mem: CudaSlice<u32>,
-}
-
-/// Scratch the attention ops need beyond what the trait passes (permuted q, k, v and their
-/// gradients), grown on demand and owned by the stream.
-#[derive(Default)]
-struct AttnScratch {
-    buf: Option<CudaSlice<f32>>,
-    len: usize,
-}
-
-/// bf16 copies of product operands, grown on demand and owned by the stream. Three slots: a
-/// product reads two operands, and a linear layer's backward reads dout, w and inp, converting
-/// dout once for both its products.
-#[derive(Default)]
-struct Bf16Scratch {
-    slots: [Option<CudaSlice<u16>>; 3],
-}
-
-/// Uploads of token ids in flight at once per stream before the host waits on the oldest.
-const STAGING_SLOTS: usize = 8;
-
-/// One pinned host buffer for asynchronous uploads, and the event after its last copy.
-struct StagingSlot {
-    host: cudarc::driver::PinnedHostSlice<u32>,
-    done: CudaEvent,
-}
-
-/// A ring of pinned staging buffers owned by a stream.
-#[derive(Default)]
-struct Staging {
-    slots: Vec<Option<StagingSlot>>,
-    next: usize,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // The pinned memory is freed right after: let the copies still reading it finish.
-        for slot in self.slots.iter().flatten() {
-            let _ = slot.done.synchronize();
-        }
-    }
-}
+use cudarc::driver::{CudaEvent, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::{Arc, Mutex};
 
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
@@ -281,6 +55,9 @@ macro_rules! launch {
         $self.check($name, r);
     }};
 }
+
+// Declared after `launch!`, which it uses.
+mod stream;
 
 /// A stream on a CUDA device: the `Backend` of one stage actor.
 pub struct CudaBackend {
@@ -298,112 +75,6 @@ pub struct CudaBackend {
 // SAFETY: the cuBLAS handle and the stream are used from one thread at a time (the owning actor);
 // cudarc's types are Send; the handle is bound to this stream only.
 unsafe impl Send for CudaBackend {}
-
-impl CudaBackend {
-    /// A product operand as the stream's precision reads it: `src` itself in fp32 and TF32
-    /// (cuBLAS rounds TF32 on the fly), else a bf16 copy of its `len` floats in scratch `slot`.
-    fn operand(&self, slot: usize, src: u64, len: usize) -> u64 {
-        if Backend::precision(self) != Precision::Bf16 {
-            return src;
-        }
-        let dst = self.bf16_slot(slot, len);
-        let n = len as i64;
-        let blocks = len.div_ceil(256).clamp(1, 65536) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "f32_to_bf16_kernel", cfg, &dst, &src, &n);
-        dst
-    }
-
-    /// The address of bf16 scratch `slot`, grown to at least `len` elements.
-    fn bf16_slot(&self, slot: usize, len: usize) -> u64 {
-        let mut s = self.bf16.lock().expect("bf16 scratch lock");
-        let have = s.slots[slot].as_ref().map_or(0, |b| b.len());
-        if have < len {
-            // The old copy is freed in stream order (after the work that reads it).
-            let mem =
-                self.stream.alloc_zeros::<u16>(len).unwrap_or_else(|e| panic!("cuda alloc of {len} bf16 on {}: {e:?}", self.device_name));
-            s.slots[slot] = Some(mem);
-        }
-        let (dst, _) = s.slots[slot].as_ref().expect("allocated").device_ptr(&self.stream);
-        dst
-    }
-
-    /// `parts` (B, T, parts, NH, hs) fp32 rows as head-major bf16 (parts, B, NH, T, hs) in scratch
-    /// `slot`: the layout the flash kernels read in 16-byte tiles.
-    #[allow(clippy::too_many_arguments)]
-    fn heads_bf16(&self, slot: usize, src: u64, b: usize, t: usize, parts: usize, nh: usize, hs: usize) -> u64 {
-        let len = parts * b * t * nh * hs;
-        let dst = self.bf16_slot(slot, len);
-        let (bi, ti, pi, nhi, hsi) = (b as i32, t as i32, parts as i32, nh as i32, hs as i32);
-        let blocks = (len / 2).div_ceil(256).clamp(1, 65536) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "heads_to_bf16_kernel", cfg, &dst, &src, &bi, &ti, &pi, &nhi, &hsi);
-        dst
-    }
-
-    /// `c = alpha op(a) op(b) + beta c` on operands made by [`CudaBackend::operand`].
-    #[allow(clippy::too_many_arguments)]
-    fn product(
-        &self,
-        c: u64,
-        a: u64,
-        ta: Trans,
-        b: u64,
-        tb: Trans,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        beta: f32,
-        batch: usize,
-        strides: (i64, i64, i64),
-    ) {
-        let prod = blas::Product { c, a, ta, b, tb, m, n, k, alpha, beta, batch, strides };
-        if Backend::precision(self) == Precision::Bf16 {
-            self.blas.gemm_rm_bf16(&prod);
-        } else {
-            self.blas.gemm_rm(&prod);
-        }
-    }
-
-    fn f(&self, name: &str) -> &CudaFunction {
-        self.dev.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} missing from KERNEL_NAMES"))
-    }
-
-    fn check(&self, what: &str, r: std::result::Result<(), cudarc::driver::DriverError>) {
-        if let Err(e) = r {
-            panic!("CUDA error in {what} on {}: {e:?}", self.device_name);
-        }
-    }
-
-    /// Make this device's context current on the calling thread. Actors move between threads
-    /// and a thread may last have worked for another device; cudarc binds before its own calls,
-    /// the raw driver calls below (copies) bind here.
-    fn bind(&self) {
-        self.check("binding the context", self.dev.ctx.bind_to_thread());
-    }
-
-    fn cfg1d(n: usize) -> LaunchConfig {
-        let threads = 256u32;
-        LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
-    }
-
-    /// One warp per row, 8 warps per block.
-    fn cfg_rows(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: ((rows as u32).div_ceil(8).max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-    }
-
-    fn attn_scratch(&self, n: usize) -> u64 {
-        let mut s = self.scratch.lock().expect("scratch lock");
-        if s.len < n {
-            let mem = self.stream.alloc_zeros::<f32>(n).unwrap_or_else(|e| panic!("cuda alloc of {n} floats: {e:?}"));
-            s.buf = Some(mem);
-            s.len = n;
-        }
-        let (p, _) = s.buf.as_ref().expect("allocated").device_ptr(&self.stream);
-        p
-    }
-}
 
 use cudarc::driver::DevicePtr;
 

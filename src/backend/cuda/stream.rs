@@ -1,0 +1,112 @@
+//! The CUDA backend's own helpers on a stream: bf16 operand copies, the one cuBLASLt product
+//! every linear op goes through, kernel lookup and launch shapes, and the attention scratch.
+
+use super::super::{Backend, Precision, Trans};
+use super::blas;
+use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
+
+impl super::CudaBackend {
+    /// A product operand as the stream's precision reads it: `src` itself in fp32 and TF32
+    /// (cuBLAS rounds TF32 on the fly), else a bf16 copy of its `len` floats in scratch `slot`.
+    pub(super) fn operand(&self, slot: usize, src: u64, len: usize) -> u64 {
+        if Backend::precision(self) != Precision::Bf16 {
+            return src;
+        }
+        let dst = self.bf16_slot(slot, len);
+        let n = len as i64;
+        let blocks = len.div_ceil(256).clamp(1, 65536) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "f32_to_bf16_kernel", cfg, &dst, &src, &n);
+        dst
+    }
+
+    /// The address of bf16 scratch `slot`, grown to at least `len` elements.
+    pub(super) fn bf16_slot(&self, slot: usize, len: usize) -> u64 {
+        let mut s = self.bf16.lock().expect("bf16 scratch lock");
+        let have = s.slots[slot].as_ref().map_or(0, |b| b.len());
+        if have < len {
+            // The old copy is freed in stream order (after the work that reads it).
+            let mem =
+                self.stream.alloc_zeros::<u16>(len).unwrap_or_else(|e| panic!("cuda alloc of {len} bf16 on {}: {e:?}", self.device_name));
+            s.slots[slot] = Some(mem);
+        }
+        let (dst, _) = s.slots[slot].as_ref().expect("allocated").device_ptr(&self.stream);
+        dst
+    }
+
+    /// `parts` (B, T, parts, NH, hs) fp32 rows as head-major bf16 (parts, B, NH, T, hs) in scratch
+    /// `slot`: the layout the flash kernels read in 16-byte tiles.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn heads_bf16(&self, slot: usize, src: u64, b: usize, t: usize, parts: usize, nh: usize, hs: usize) -> u64 {
+        let len = parts * b * t * nh * hs;
+        let dst = self.bf16_slot(slot, len);
+        let (bi, ti, pi, nhi, hsi) = (b as i32, t as i32, parts as i32, nh as i32, hs as i32);
+        let blocks = (len / 2).div_ceil(256).clamp(1, 65536) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "heads_to_bf16_kernel", cfg, &dst, &src, &bi, &ti, &pi, &nhi, &hsi);
+        dst
+    }
+
+    /// `c = alpha op(a) op(b) + beta c` on operands made by [`CudaBackend::operand`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn product(
+        &self,
+        c: u64,
+        a: u64,
+        ta: Trans,
+        b: u64,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+        batch: usize,
+        strides: (i64, i64, i64),
+    ) {
+        let prod = blas::Product { c, a, ta, b, tb, m, n, k, alpha, beta, batch, strides };
+        if Backend::precision(self) == Precision::Bf16 {
+            self.blas.gemm_rm_bf16(&prod);
+        } else {
+            self.blas.gemm_rm(&prod);
+        }
+    }
+
+    pub(super) fn f(&self, name: &str) -> &CudaFunction {
+        self.dev.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} missing from KERNEL_NAMES"))
+    }
+
+    pub(super) fn check(&self, what: &str, r: std::result::Result<(), cudarc::driver::DriverError>) {
+        if let Err(e) = r {
+            panic!("CUDA error in {what} on {}: {e:?}", self.device_name);
+        }
+    }
+
+    /// Make this device's context current on the calling thread. Actors move between threads
+    /// and a thread may last have worked for another device; cudarc binds before its own calls,
+    /// the raw driver calls below (copies) bind here.
+    pub(super) fn bind(&self) {
+        self.check("binding the context", self.dev.ctx.bind_to_thread());
+    }
+
+    pub(super) fn cfg1d(n: usize) -> LaunchConfig {
+        let threads = 256u32;
+        LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// One warp per row, 8 warps per block.
+    pub(super) fn cfg_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((rows as u32).div_ceil(8).max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    pub(super) fn attn_scratch(&self, n: usize) -> u64 {
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.len < n {
+            let mem = self.stream.alloc_zeros::<f32>(n).unwrap_or_else(|e| panic!("cuda alloc of {n} floats: {e:?}"));
+            s.buf = Some(mem);
+            s.len = n;
+        }
+        let (p, _) = s.buf.as_ref().expect("allocated").device_ptr(&self.stream);
+        p
+    }
+}
