@@ -14,29 +14,21 @@
 //!
 //! A progressive run's cost is the sum over steps of the cost of the model as it was at that step.
 
-use crate::model::{Arch, Dims};
+use crate::model::kinds::{self, spec::Norm, spec::Positions};
+use crate::model::Dims;
 
 /// Parameters of one dense block of `d`'s kind:
 /// - `gpt2`: qkv 3C²+3C, attn proj C²+C, fc 4C²+4C, fc proj 4C²+C, 2 LayerNorms 4C = 12C²+13C;
 /// - `llama`: 2 RMSNorm gains 2C, qkv (NH+2KV)·hd·C, o C·NH·hd, gate/up 2F·C, down F·C;
 /// - `qwen3`: llama + the q and k norms' gains 2·hd.
 pub fn block_params(d: &Dims) -> u64 {
-    let (c, f) = (d.channels as u64, d.ffn_hidden as u64);
     // GPT-2's MLP: fc (F, C) + bias F, proj (C, F) + bias C; SwiGLU's: gate and up (F, C), down (C, F).
-    attention_params(d) + if d.arch.is_gpt2() { 2 * f * c + f + c } else { 3 * f * c }
+    attention_params(d) + kinds::spec(d.arch).mlp_params(d)
 }
 
 /// A block's parameters outside its MLP (norms, attention; GPT-2's biases but the MLP's).
 fn attention_params(d: &Dims) -> u64 {
-    let (c, hd) = (d.channels as u64, d.head_size() as u64);
-    let (nh, kv) = (d.heads as u64, d.kv_heads as u64);
-    match d.arch {
-        Arch::Gpt2 => 4 * c * c + 8 * c,
-        Arch::Llama | Arch::Qwen3 => {
-            let qk_norm = if d.arch == Arch::Qwen3 { 2 * hd } else { 0 };
-            2 * c + (nh + 2 * kv) * hd * c + c * nh * hd + qk_norm
-        }
-    }
+    kinds::spec(d.arch).attention_params(d)
 }
 
 /// Parameters of one MoE block (stored: every expert), and those a token uses (active: the k
@@ -58,13 +50,17 @@ fn dense_blocks(d: &Dims, depth: usize) -> usize {
 
 /// Stored vocabulary-sized parameters: wte (Vp, C), wpe (maxT, C) for `gpt2`, an untied lm_head (Vp, C).
 pub fn embedding_params(d: &Dims) -> u64 {
-    let wpe = if d.arch.is_gpt2() { d.max_seq } else { 0 };
+    let wpe = if kinds::spec(d.arch).positions() == Positions::Learned { d.max_seq } else { 0 };
     let lm_head = if d.tied { 0 } else { d.padded_vocab };
     ((d.padded_vocab + wpe + lm_head) * d.channels) as u64
 }
 
 fn final_norm(d: &Dims) -> u64 {
-    (if d.arch.is_gpt2() { 2 } else { 1 }) * d.channels as u64
+    let tensors = match kinds::spec(d.arch).norm() {
+        Norm::LayerNorm => 2,
+        Norm::RmsNorm => 1,
+    };
+    tensors * d.channels as u64
 }
 
 /// Non-embedding parameters at depth L (stored): the blocks and the final norm (LayerNorm 2C,

@@ -12,7 +12,7 @@ use crate::backend::{Backend, View};
 /// One tensor of a unit: its name, shape and offset in the unit's buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
-    pub name: &'static str,
+    pub name: String,
     pub shape: Vec<usize>,
     pub offset: usize,
     /// An embedding table (`wte`, `wpe`): Muon or NSGD per `embedding_optimizer`, AdamW under
@@ -36,6 +36,56 @@ impl ParamSpec {
     }
 }
 
+/// A typed handle to one tensor of a unit: where it sits in the unit's one buffer (parameters,
+/// gradients and, unsharded, optimizer state alike). A unit's handles are made once, with its
+/// layout, by a [`LayoutBuilder`]; the forward and backward read tensors through them, never by
+/// name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tensor {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Tensor {
+    /// This tensor's values in a host copy of the unit's buffer.
+    pub fn of(self, host: &[f32]) -> &[f32] {
+        &host[self.offset..self.offset + self.len]
+    }
+    /// This tensor's values in a host copy of the unit's buffer, to write.
+    pub fn of_mut(self, host: &mut [f32]) -> &mut [f32] {
+        &mut host[self.offset..self.offset + self.len]
+    }
+    /// This tensor in a device buffer of the unit's layout.
+    pub fn view<Buf>(self, buf: &Buf) -> View<'_, Buf> {
+        View::new(buf, self.offset, self.len)
+    }
+}
+
+/// Builds a [`Layout`] one tensor at a time, handing back each tensor's [`Tensor`] handle: a
+/// unit's table of tensors is written once, as the fields of its handle struct, in buffer order.
+#[derive(Default)]
+pub struct LayoutBuilder {
+    specs: Vec<ParamSpec>,
+    total: usize,
+}
+
+impl LayoutBuilder {
+    /// Append tensor `name` of `shape`. The embedding tables are the ones named `wte`, `wpe`
+    /// and an untied `lm_head` (the vocabulary-sized matrix the optimizer treats like `wte`).
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize]) -> Tensor {
+        let name = name.into();
+        let is_embedding = matches!(name.as_str(), "wte" | "wpe" | "lm_head");
+        let spec = ParamSpec { name, shape: shape.to_vec(), offset: self.total, is_embedding };
+        let t = Tensor { offset: self.total, len: spec.numel() };
+        self.total += t.len;
+        self.specs.push(spec);
+        t
+    }
+    pub fn finish(self) -> Layout {
+        Layout { specs: self.specs, total: self.total }
+    }
+}
+
 /// The tensors of a unit, in buffer order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layout {
@@ -44,17 +94,13 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Build from (name, shape) in order. The embedding tables are the ones named `wte`, `wpe`,
-    /// and an untied `lm_head` (the vocabulary-sized matrix the optimizer treats like `wte`).
-    pub fn new(tensors: &[(&'static str, Vec<usize>)]) -> Self {
-        let mut specs = Vec::with_capacity(tensors.len());
-        let mut off = 0;
+    /// Build from (name, shape) in order (see [`LayoutBuilder::add`] for the embedding tables).
+    pub fn new(tensors: &[(&str, Vec<usize>)]) -> Self {
+        let mut b = LayoutBuilder::default();
         for (name, shape) in tensors {
-            let spec = ParamSpec { name, shape: shape.clone(), offset: off, is_embedding: matches!(*name, "wte" | "wpe" | "lm_head") };
-            off += spec.numel();
-            specs.push(spec);
+            b.add(*name, shape);
         }
-        Layout { specs, total: off }
+        b.finish()
     }
     /// The named tensor's values in a unit's flat parameter vector of this layout.
     pub fn slice<'a>(&self, params: &'a [f32], name: &str) -> &'a [f32] {
@@ -89,14 +135,12 @@ impl<B: Backend> ParamSet<B> {
         ParamSet { layout, params, grads, state }
     }
     /// View of one parameter tensor.
-    pub fn p(&self, name: &str) -> View<'_, B::Buf> {
-        let s = self.layout.get(name);
-        View::new(&self.params, s.offset, s.numel())
+    pub fn p(&self, t: Tensor) -> View<'_, B::Buf> {
+        t.view(&self.params)
     }
     /// View of one gradient tensor.
-    pub fn g(&self, name: &str) -> View<'_, B::Buf> {
-        let s = self.layout.get(name);
-        View::new(&self.grads, s.offset, s.numel())
+    pub fn g(&self, t: Tensor) -> View<'_, B::Buf> {
+        t.view(&self.grads)
     }
     pub fn zero_grad(&self, be: &B) {
         be.fill(B::whole(&self.grads), 0.0);

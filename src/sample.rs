@@ -12,6 +12,10 @@
 
 use crate::checkpoint::{Checkpoint, UnitKey};
 use crate::config::memory::vocab_of;
+use crate::model::embed::EmbedTensors;
+use crate::model::head::HeadTensors;
+use crate::model::host::{dot, layernorm, rmsnorm};
+use crate::model::kinds::{self, spec::HostBlock, spec::KvSlot};
 use crate::model::{Block, Dims};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -42,24 +46,14 @@ impl SampleOptions {
     }
 }
 
-/// One block's weights, row-major as taproot keeps them (a linear layer's weight is (OC, C)).
-struct HostBlock {
-    p: Vec<f32>,
-    layout: crate::params::Layout,
-}
-
-impl HostBlock {
-    fn get(&self, name: &str) -> &[f32] {
-        self.layout.slice(&self.p, name)
-    }
-}
-
-/// A model of any block kind on the host, for decoding.
+/// A model of any block kind on the host, for decoding: the embedding's and the head's weights
+/// with their tensors' handles, and each block's kind decoder (`KindSpec::host_block`), all
+/// row-major as taproot keeps them (a linear layer's weight is (OC, C)).
 pub struct HostModel {
     pub dims: Dims,
-    embed: HostBlock,
-    head: HostBlock,
-    blocks: Vec<HostBlock>,
+    embed: (EmbedTensors, Vec<f32>),
+    head: (HeadTensors, Vec<f32>),
+    blocks: Vec<Box<dyn HostBlock>>,
 }
 
 /// Keys and values of the positions decoded so far, per layer: (T, KV·hd) each.
@@ -69,118 +63,23 @@ pub struct KvCache {
     pub len: usize,
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// out (OC) = w (OC, C) · x (C) (+ b).
-fn linear(w: &[f32], b: Option<&[f32]>, x: &[f32]) -> Vec<f32> {
-    let c = x.len();
-    let out = w.chunks_exact(c).map(|row| dot(row, x));
-    match b {
-        Some(b) => out.zip(b).map(|(o, bias)| o + bias).collect(),
-        None => out.collect(),
-    }
-}
-
-fn layernorm(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let r = 1.0 / (var + 1e-5).sqrt();
-    x.iter().zip(w).zip(b).map(|((v, w), b)| (v - mean) * r * w + b).collect()
-}
-
-fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let r = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
-    x.iter().zip(w).map(|(v, w)| v * r * w).collect()
-}
-
-/// Rotary position `pos` on each head of `x` (heads of `hd`): the training kernels' rotation.
-fn rotate(x: &mut [f32], hd: usize, pos: usize, theta: f32) {
-    let half = hd / 2;
-    for head in x.chunks_exact_mut(hd) {
-        for i in 0..half {
-            let a = pos as f64 * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
-            let (c, s) = (a.cos() as f32, a.sin() as f32);
-            let (x0, x1) = (head[i], head[i + half]);
-            head[i] = x0 * c - x1 * s;
-            head[i + half] = x1 * c + x0 * s;
-        }
-    }
-}
-
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// down(silu(gate(x)) · up(x)) with [gate | up] stacked in `gate_up`.
-fn swiglu_mlp(gate_up: &[f32], down: &[f32], x: &[f32]) -> Vec<f32> {
-    let gu = linear(gate_up, None, x);
-    let f = gu.len() / 2;
-    let m: Vec<f32> = (0..f).map(|i| silu(gu[i]) * gu[f + i]).collect();
-    linear(down, None, &m)
-}
-
-/// The mixture of experts at one position: the token's k experts weighted by the router (the
-/// training's routing, `model::moe::route`), plus the shared experts.
-fn moe_mlp(b: &HostBlock, m: &crate::model::moe::Moe, x: &[f32]) -> Vec<f32> {
-    use crate::model::moe::{expert_tensor, route};
-    let logits = linear(b.get("routerw"), None, x);
-    let bias = b.layout.find("router_bias").map(|_| b.get("router_bias"));
-    let r = route(&logits, bias, 1, m.experts, m.top_k, m.routing);
-    let mut out = match b.layout.find("shared_gate_upw") {
-        Some(_) => swiglu_mlp(b.get("shared_gate_upw"), b.get("shared_downw"), x),
-        None => vec![0.0; x.len()],
-    };
-    for (&e, &w) in r.experts.iter().zip(&r.weights) {
-        let y = swiglu_mlp(b.get(expert_tensor(e as usize, "gate_upw")), b.get(expert_tensor(e as usize, "downw")), x);
-        out.iter_mut().zip(&y).for_each(|(o, y)| *o += w * y);
-    }
-    out
-}
-
-/// Causal attention of one new position over the cache: query heads `q` (NH·hd), cached keys
-/// and values (positions × KV·hd); query head h reads key/value head h / (NH / KV).
-fn attend(q: &[f32], k: &[f32], v: &[f32], nh: usize, kv: usize, hd: usize) -> Vec<f32> {
-    let (scale, width, group) = (1.0 / (hd as f32).sqrt(), kv * hd, nh / kv);
-    let positions = k.len() / width;
-    let mut y = vec![0.0f32; nh * hd];
-    for head in 0..nh {
-        let o = (head / group) * hd;
-        let qh = &q[head * hd..(head + 1) * hd];
-        let scores: Vec<f32> = (0..positions).map(|j| dot(qh, &k[j * width + o..j * width + o + hd]) * scale).collect();
-        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-        let z: f32 = e.iter().sum();
-        for (j, p) in e.iter().enumerate() {
-            let vj = &v[j * width + o..j * width + o + hd];
-            for (out, vv) in y[head * hd..(head + 1) * hd].iter_mut().zip(vj) {
-                *out += p / z * vv;
-            }
-        }
-    }
-    y
-}
-
 impl HostModel {
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<HostModel> {
         type Cpu = crate::backend::cpu::CpuBackend;
         let cfg = ck.meta.config().context("the checkpoint's config")?;
         let dims = crate::train::dims_of(&cfg, vocab_of(&cfg.data.tokenizer));
-        let unit = |key: UnitKey, what: &str, layout: crate::params::Layout| -> Result<HostBlock> {
+        let unit = |key: UnitKey, what: &str, layout: crate::params::Layout| -> Result<Vec<f32>> {
             let u = ck.unit(key).with_context(|| format!("the checkpoint has no {what}"))?;
             if u.params.len() != layout.total {
                 bail!("the checkpoint's {what} holds {} values, not the {} its config implies", u.params.len(), layout.total);
             }
-            Ok(HostBlock { p: u.params.clone(), layout })
+            Ok(u.params.clone())
         };
-        let embed = unit(UnitKey::Embed, "embedding unit", crate::model::Embed::<Cpu>::layout(&dims))?;
-        let head = unit(UnitKey::Head, "head unit", crate::model::Head::<Cpu>::layout(&dims))?;
+        let (el, et) = EmbedTensors::new(&dims);
+        let (hl, ht) = HeadTensors::new(&dims);
+        let embed = (et, unit(UnitKey::Embed, "embedding unit", el)?);
+        let head = (ht, unit(UnitKey::Head, "head unit", hl)?);
+        let kind = kinds::spec(dims.arch);
         let blocks = ck
             .meta
             .stack
@@ -189,7 +88,8 @@ impl HostModel {
                 let what = format!("unit for layer {id}");
                 let len = ck.unit(UnitKey::Layer(*id)).map_or(0, |u| u.params.len());
                 let mlp = Block::<Cpu>::mlp_of_len(&dims, len).unwrap_or_default();
-                unit(UnitKey::Layer(*id), &what, Block::<Cpu>::layout_of(&dims, mlp))
+                let params = unit(UnitKey::Layer(*id), &what, kind.layout(&dims, mlp))?;
+                Ok(kind.host_block(&dims, params, mlp))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(HostModel { dims, embed, head, blocks })
@@ -233,73 +133,22 @@ impl HostModel {
             bail!("token {token} is outside the vocabulary of {}", d.vocab);
         }
         let tok = token as usize;
-        let wte = self.embed.get("wte");
+        let ((et, ep), (ht, hp)) = (&self.embed, &self.head);
+        let wte = et.wte.of(ep);
         let mut x: Vec<f32> = wte[tok * c..(tok + 1) * c].to_vec();
-        if d.arch.is_gpt2() {
-            x.iter_mut().zip(&self.embed.get("wpe")[t * c..(t + 1) * c]).for_each(|(x, p)| *x += p);
+        if let Some(wpe) = et.wpe {
+            x.iter_mut().zip(&wpe.of(ep)[t * c..(t + 1) * c]).for_each(|(x, p)| *x += p);
         }
         for (l, b) in self.blocks.iter().enumerate() {
-            if d.arch.is_gpt2() {
-                self.gpt2_block(b, &mut x, cache, l);
-            } else {
-                self.llama_block(b, &mut x, cache, l, t);
-            }
+            b.step(d, &mut x, KvSlot { k: &mut cache.k[l], v: &mut cache.v[l] }, t);
         }
         cache.len += 1;
-        let h = if d.arch.is_gpt2() {
-            layernorm(&x, self.head.get("lnfw"), self.head.get("lnfb"))
-        } else {
-            rmsnorm(&x, self.head.get("normw"), d.norm_eps)
+        let h = match ht.norm_b {
+            Some(bias) => layernorm(&x, ht.norm_w.of(hp), bias.of(hp)),
+            None => rmsnorm(&x, ht.norm_w.of(hp), d.norm_eps),
         };
-        let w = if d.tied { wte } else { self.head.get("lm_head") };
+        let w = ht.lm_head.map_or(wte, |m| m.of(hp));
         Ok(w[..d.vocab * c].chunks_exact(c).map(|row| dot(row, &h)).collect())
-    }
-
-    /// A GPT-2 block (layer `l`) at the new position, its two branches added into `x`.
-    fn gpt2_block(&self, b: &HostBlock, x: &mut [f32], cache: &mut KvCache, l: usize) {
-        let (c, nh, alpha) = (self.dims.channels, self.dims.heads, self.dims.residual);
-        let h = layernorm(x, b.get("ln1w"), b.get("ln1b"));
-        let qkv = linear(b.get("qkvw"), Some(b.get("qkvb")), &h);
-        cache.k[l].extend_from_slice(&qkv[c..2 * c]);
-        cache.v[l].extend_from_slice(&qkv[2 * c..]);
-        let y = attend(&qkv[..c], &cache.k[l], &cache.v[l], nh, nh, c / nh);
-        let a = linear(b.get("attprojw"), Some(b.get("attprojb")), &y);
-        x.iter_mut().zip(&a).for_each(|(x, a)| *x += alpha * a);
-        let h = layernorm(x, b.get("ln2w"), b.get("ln2b"));
-        let f: Vec<f32> = linear(b.get("fcw"), Some(b.get("fcb")), &h).into_iter().map(gelu).collect();
-        let o = linear(b.get("fcprojw"), Some(b.get("fcprojb")), &f);
-        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
-    }
-
-    /// A LLaMA-kind block (layer `l`) at position `pos`, its two branches added into `x`.
-    fn llama_block(&self, b: &HostBlock, x: &mut [f32], cache: &mut KvCache, l: usize, pos: usize) {
-        let d = &self.dims;
-        let (nh, kv, hd, alpha) = (d.heads, d.kv_heads, d.head_size(), d.residual);
-        let h = rmsnorm(x, b.get("attn_norm"), d.norm_eps);
-        let mut qkv = linear(b.get("qkvw"), None, &h);
-        let (q, rest) = qkv.split_at_mut(nh * hd);
-        let (k, v) = rest.split_at_mut(kv * hd);
-        if d.arch == crate::model::Arch::Qwen3 {
-            for (heads, w) in [(&mut *q, b.get("q_norm")), (&mut *k, b.get("k_norm"))] {
-                for head in heads.chunks_exact_mut(hd) {
-                    let n = rmsnorm(head, w, d.norm_eps);
-                    head.copy_from_slice(&n);
-                }
-            }
-        }
-        rotate(q, hd, pos, d.rope_theta);
-        rotate(k, hd, pos, d.rope_theta);
-        cache.k[l].extend_from_slice(k);
-        cache.v[l].extend_from_slice(v);
-        let y = attend(q, &cache.k[l], &cache.v[l], nh, kv, hd);
-        let o = linear(b.get("ow"), None, &y);
-        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
-        let h = rmsnorm(x, b.get("mlp_norm"), d.norm_eps);
-        let o = match (&d.moe, b.layout.find("routerw")) {
-            (Some(m), Some(_)) => moe_mlp(b, m, &h),
-            _ => swiglu_mlp(b.get("gate_upw"), b.get("downw"), &h),
-        };
-        x.iter_mut().zip(&o).for_each(|(x, o)| *x += alpha * o);
     }
 }
 

@@ -76,7 +76,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn every_kind_has_its_own_tensors() {
-    let names = |d: &Dims| Block::<B>::layout(d).specs.iter().map(|s| s.name).collect::<Vec<_>>();
+    let names = |d: &Dims| Block::<B>::layout(d).specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
     let [g, l, q, ..] = <[Dims; 5]>::try_from(kinds()).unwrap();
     assert_eq!(names(&g), ["ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"]);
     assert_eq!(names(&l), ["attn_norm", "qkvw", "ow", "mlp_norm", "gate_upw", "downw"]);
@@ -89,10 +89,10 @@ fn every_kind_has_its_own_tensors() {
     // Rotary models have no position table; an untied head owns lm_head.
     let be = B::default();
     let m = Model::new(&be, l.clone(), 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
-    assert_eq!(m.embed.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["wte"]);
-    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["normw", "lm_head"]);
+    assert_eq!(m.embed.w.layout.specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["wte"]);
+    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["normw", "lm_head"]);
     let m = Model::new(&be, q, 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
-    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name).collect::<Vec<_>>(), ["normw"]);
+    assert_eq!(m.head.w.layout.specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["normw"]);
     // The untied lm_head starts like wte (its own stream), padding rows zero.
     let m = Model::new(&be, l.clone(), 0, &InitConfig::new(InitScheme::Gpt2, 2, 1));
     let h = m.head.w.params_to_host(&be);
@@ -134,8 +134,8 @@ fn random_growth_draws_each_kind_at_its_init() {
         let d = Dims {
             channels: 64,
             heads: 4,
-            kv_heads: if d.arch.is_gpt2() { 4 } else { 2 },
-            ffn_hidden: if d.arch.is_gpt2() { 256 } else { 176 },
+            kv_heads: if d.arch == taproot::model::Arch::Gpt2 { 4 } else { 2 },
+            ffn_hidden: if d.arch == taproot::model::Arch::Gpt2 { 256 } else { 176 },
             ..d
         };
         let cfg = InitConfig::new(InitScheme::Gpt2, 8, 5);
@@ -147,13 +147,13 @@ fn random_growth_draws_each_kind_at_its_init() {
             for s in &blk.w.layout.specs {
                 let t = &h[s.offset..s.offset + s.numel()];
                 let what = format!("{} block {p} {}", kind_name(&d), s.name);
-                if gains(d.arch).contains(&s.name) {
+                if gains(d.arch).contains(&s.name.as_str()) {
                     assert!(t.iter().all(|&x| x == 1.0), "{what}: a gain starts at 1");
                 } else if !s.is_matrix() {
                     assert!(t.iter().all(|&x| x == 0.0), "{what}: a bias starts at 0");
                 } else {
-                    let want = if is_residual_output(d.arch, s.name) { 0.02 / 4.0 } else { 0.02 };
-                    assert_eq!(block_tensor_std(&cfg, d.arch, s.name, &s.shape), want, "{what}");
+                    let want = if is_residual_output(d.arch, &s.name) { 0.02 / 4.0 } else { 0.02 };
+                    assert_eq!(block_tensor_std(&cfg, taproot::model::kinds::spec(d.arch), &s.name, &s.shape), want, "{what}");
                     let std = (t.iter().map(|x| (x * x) as f64).sum::<f64>() / t.len() as f64).sqrt();
                     assert!((std / want - 1.0).abs() < 0.06, "{what}: std {std} against {want}");
                 }
@@ -196,7 +196,7 @@ fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
         let h = blk.w.params_to_host(&be);
         for s in &blk.w.layout.specs {
             let (t, o) = (&h[s.offset..s.offset + s.numel()], &src[0][s.offset..s.offset + s.numel()]);
-            if is_residual_output(d.arch, s.name) {
+            if is_residual_output(d.arch, &s.name) {
                 assert!(t.iter().all(|&x| x == 0.0), "{kind} {}: zeroed", s.name);
             } else {
                 assert_eq!(t, o, "{kind} {}: copied", s.name);
@@ -210,8 +210,8 @@ fn copying_zero_and_state_policies_follow_their_definitions_for_every_kind() {
         growth::grow(&be, &mut m, &exp(3, GrowInit::Zero, OptStatePolicy::Reset), &cfg).unwrap();
         assert!(max_abs_diff(&before, &m.logits(&be, &bt)) <= 1e-6, "{kind}: zero blocks are not identities");
         for s in &m.blocks[0].w.layout.specs {
-            let t = m.blocks[0].w.layout.slice(&m.blocks[0].w.params_to_host(&be), s.name).to_vec();
-            let want = if gains(d.arch).contains(&s.name) { 1.0 } else { 0.0 };
+            let t = m.blocks[0].w.layout.slice(&m.blocks[0].w.params_to_host(&be), &s.name).to_vec();
+            let want = if gains(d.arch).contains(&s.name.as_str()) { 1.0 } else { 0.0 };
             assert!(t.iter().all(|&x| x == want), "{kind} zero block {}", s.name);
         }
         assert_eq!(m.embed.w.params_to_host(&be), params[0]);

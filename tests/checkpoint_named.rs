@@ -40,9 +40,9 @@ fn a_runs_checkpoint_names_and_shapes_every_tensor() {
         for s in &layout.specs {
             let t = st.tensor(&format!("{key}/{}", s.name)).unwrap_or_else(|e| panic!("{key}/{}: {e}", s.name));
             assert_eq!(t.shape(), &s.shape[..], "{key}/{}", s.name);
-            assert_eq!(f32s(&t), layout.slice(&u.params, s.name), "{key}/{}", s.name);
-            assert_eq!(f32s(&st.tensor(&format!("{key}/{}.m", s.name)).unwrap()), layout.slice(&u.m, s.name));
-            let v = u.v.as_ref().map(|v| layout.slice(v, s.name).to_vec());
+            assert_eq!(f32s(&t), layout.slice(&u.params, &s.name), "{key}/{}", s.name);
+            assert_eq!(f32s(&st.tensor(&format!("{key}/{}.m", s.name)).unwrap()), layout.slice(&u.m, &s.name));
+            let v = u.v.as_ref().map(|v| layout.slice(v, &s.name).to_vec());
             assert_eq!(st.tensor(&format!("{key}/{}.v", s.name)).ok().map(|t| f32s(&t)), v, "{key}/{}.v", s.name);
             seen += 1;
         }

@@ -175,7 +175,7 @@ fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let wfile = dir.join("windows.json");
     let rows: Vec<&[u32]> = windows.chunks(t + 1).collect();
     std::fs::write(&wfile, serde_json::to_string(&rows).unwrap()).unwrap();
-    let script = if cfg.model.arch.is_gpt2() { "scripts/hf_gpt2_loss.py" } else { "scripts/hf_llama_loss.py" };
+    let script = if cfg.model.arch == taproot::model::Arch::Gpt2 { "scripts/hf_gpt2_loss.py" } else { "scripts/hf_llama_loss.py" };
     let o = std::process::Command::new("python3").arg(script).arg(&out).arg(&wfile).output().unwrap();
     assert!(o.status.success(), "the reference failed: {}", String::from_utf8_lossy(&o.stderr));
     let theirs: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();

@@ -468,7 +468,7 @@ fn check_whole_model_with(depth: usize, dims: Dims) {
             // wte: sample rows of the real vocabulary (padded rows are zero and get no gradient);
             // being tied, its gradient is the embedding's share plus the head's.
             // The same for an untied lm_head's rows.
-            let range = if matches!(spec.name, "wte" | "lm_head") { dims.vocab * dims.channels } else { spec.numel() };
+            let range = if matches!(spec.name.as_str(), "wte" | "lm_head") { dims.vocab * dims.channels } else { spec.numel() };
             let idx: Vec<usize> = (0..24).map(|_| spec.offset + rng.below(range as u64) as usize).collect();
             check(&format!("{depth} blocks: {u:?}.{}", spec.name), &grads, &idx, |i, h| {
                 let mut p = base.clone();

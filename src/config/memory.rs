@@ -21,6 +21,7 @@
 //! to catch impossible configs, not to predict the peak to the megabyte.
 
 use super::Config;
+use crate::model::kinds::spec::{Positions, Sizes};
 use crate::optim::OptimizerKind;
 use anyhow::{bail, Result};
 
@@ -56,27 +57,20 @@ pub fn estimate(cfg: &Config) -> Estimate {
     let (b, t, tmax) = (f(cfg.data.batch_size), f(cfg.data.seq_len), f(cfg.max_seq()));
     let m = &cfg.model;
     // Per block: parameters, and the floats one micro-batch stashes per token.
-    let (block, act, vocab_mats, pos) = if m.arch.is_gpt2() {
-        (12.0 * c * c + 13.0 * c, 21.0 * c, 1.0, tmax)
-    } else {
-        let hd = (c / nh).floor();
-        let (kv, ff) =
-            (f(m.kv_heads.unwrap_or(m.heads)), f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))));
-        let qw = (nh + 2.0 * kv) * hd;
-        let tied = m.tie_embeddings.unwrap_or(false);
-        let qk = if m.arch == crate::model::Arch::Qwen3 { qw } else { 0.0 };
-        let (mlp, mlp_act) = match &m.moe {
-            // Every block counted as MoE (an upper bound): all experts stored; per token k
-            // slots of input, output and 3·F_e hidden floats, and E logits.
-            Some(x) => {
-                let (e, k, s) = (f(x.experts), f(x.top_k), f(x.shared_experts));
-                let fe = x.expert_hidden.map_or(ff, f);
-                (e * c + (e + s) * 3.0 * fe * c, k * (2.0 * c + 3.0 * fe) + e + 3.0 * s * fe)
-            }
-            None => (3.0 * ff * c, 3.0 * ff),
-        };
-        (2.0 * c + qw * c + c * nh * hd + mlp + 2.0 * hd, 5.0 * c + 4.0 * nh * hd + mlp_act + qk, if tied { 1.0 } else { 2.0 }, 0.0)
+    let kind = crate::model::kinds::spec(m.arch);
+    let sizes = Sizes {
+        c,
+        nh,
+        kv: f(m.kv_heads.unwrap_or(m.heads)),
+        ff: f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))),
+        moe: m.moe.as_ref().map(|x| {
+            let ff = f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels)));
+            (f(x.experts), f(x.top_k), f(x.shared_experts), x.expert_hidden.map_or(ff, f))
+        }),
     };
+    let (block, act) = kind.memory(&sizes);
+    let vocab_mats = if m.tie_embeddings.unwrap_or(kind.tied_by_default()) { 1.0 } else { 2.0 };
+    let pos = if kind.positions() == Positions::Learned { tmax } else { 0.0 };
     let params = vocab_mats * v * c + pos * c + 2.0 * c + l * block;
     let adam = matches!(cfg.optim.kind, OptimizerKind::Adamw | OptimizerKind::MuonAdamw);
     let largest = (v * c).max(4.0 * c * c).max(2.0 * c * f(m.ffn_hidden.unwrap_or(0)));

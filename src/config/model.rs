@@ -1,14 +1,14 @@
 //! `[model]` and `[model.moe]`: the model's shape, its block kind and its mixture of experts.
 
+use crate::model::dims::Arch;
 use crate::model::init::{InitScheme, Parameterization};
-use crate::model::Arch;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The block kind: `gpt2` (default), `llama` or `qwen3` (`model::Arch`).
-    #[serde(default, skip_serializing_if = "is_gpt2")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub arch: Arch,
     /// C.
     pub channels: usize,
@@ -84,6 +84,6 @@ fn default_bias_rate() -> f32 {
     0.001
 }
 
-fn is_gpt2(a: &Arch) -> bool {
-    a.is_gpt2()
+fn is_default(a: &Arch) -> bool {
+    *a == Arch::default()
 }

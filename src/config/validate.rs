@@ -92,18 +92,21 @@ impl Config {
             bail!("`model.heads` ({}) must divide `model.channels` ({})", self.model.heads, self.model.channels);
         }
         let m = &self.model;
-        if m.arch.is_gpt2() {
-            for (set, key) in [
-                (m.kv_heads.is_some(), "kv_heads"),
-                (m.ffn_hidden.is_some(), "ffn_hidden"),
-                (m.rope_theta.is_some(), "rope_theta"),
-                (m.norm_eps.is_some(), "norm_eps"),
-            ] {
-                if set {
-                    bail!("`model.{key}` applies to the LLaMA block kinds; this config's `model.arch` is \"gpt2\" (set `model.arch = \"llama\"` or \"qwen3\", or remove the key)");
-                }
+        let kind = crate::model::kinds::spec(m.arch);
+        for (set, key) in [
+            (m.kv_heads.is_some(), "kv_heads"),
+            (m.ffn_hidden.is_some(), "ffn_hidden"),
+            (m.rope_theta.is_some(), "rope_theta"),
+            (m.norm_eps.is_some(), "norm_eps"),
+        ] {
+            if set && !kind.takes_key(key) {
+                bail!(
+                    "`model.{key}` applies to the LLaMA block kinds; this config's `model.arch` is {:?} (set `model.arch = \"llama\"` or \"qwen3\", or remove the key)",
+                    m.arch.name()
+                );
             }
-        } else {
+        }
+        if kind.takes_key("kv_heads") {
             let kv = m.kv_heads.unwrap_or(m.heads);
             if kv == 0 || !m.heads.is_multiple_of(kv) {
                 bail!("`model.kv_heads` ({kv}) must be at least 1 and divide `model.heads` ({})", m.heads);
@@ -123,7 +126,7 @@ impl Config {
             }
         }
         if let Some(x) = &m.moe {
-            if m.arch.is_gpt2() {
+            if !kind.takes_key("moe") {
                 bail!("`[model.moe]`: mixture-of-experts blocks have SwiGLU experts; set `model.arch` = \"llama\" or \"qwen3\"");
             }
             if x.experts > MAX_EXPERTS {

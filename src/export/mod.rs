@@ -2,8 +2,8 @@
 //! (`config.json` + `model.safetensors`), and such a folder back as the step-0 checkpoint of a
 //! run, which then trains and grows like any other (e.g. from a small pretrained model).
 //!
-//! The layout follows the run's block kind: `gpt2` → `GPT2LMHeadModel` ([`gpt2`]), `llama` →
-//! `LlamaForCausalLM`, `qwen3` → `Qwen3ForCausalLM` ([`llama`]). Layer 0 of the folder is the
+//! The layout follows the run's block kind, whose folder holds the mapping (`model::kinds::*::hf`):
+//! `gpt2` → `GPT2LMHeadModel`, `llama` → `LlamaForCausalLM`, `qwen3` → `Qwen3ForCausalLM`. Layer 0 of the folder is the
 //! bottom block, whatever its layer id (the checkpoint's `stack` gives the order). Only the
 //! weights travel: optimizer state and the run's bookkeeping stay in the checkpoint. Under
 //! `depth_mup` the residual-branch multiplier α is folded into the residual output projections
@@ -15,14 +15,12 @@
 //! the user's: a GPT-2 tokenizer applies to a `gpt2`-tokenized model only, and the `taproot`
 //! block of `config.json` names the tokenizer the model was trained with.
 
-mod folder;
-pub mod gpt2;
-pub mod llama;
+pub mod folder;
 
 pub use folder::{read_tensors, Exported, HfConfig, Tensors};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::model::Arch;
+use crate::model::kinds::hf as kinds;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -40,10 +38,7 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
 pub fn export_into(ck: &Checkpoint, out: &Path, overwrite: bool) -> Result<Exported> {
     let cfg = ck.meta.config().context("the checkpoint's config")?;
     folder::claim(out, overwrite)?;
-    match cfg.model.arch {
-        Arch::Gpt2 => gpt2::export(ck, out),
-        Arch::Llama | Arch::Qwen3 => llama::export(ck, out),
-    }
+    kinds::export(cfg.model.arch, ck, out)
 }
 
 /// Export the checkpoint at `path` (a file, or a folder: its newest valid checkpoint).
@@ -56,19 +51,13 @@ pub fn export_path(path: &Path, out: &Path, overwrite: bool) -> Result<Exported>
 /// state at step 0.
 pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::LoaderState) -> Result<Checkpoint> {
     let hf = HfConfig::read(folder)?;
-    let want = match cfg.model.arch {
-        Arch::Gpt2 => "gpt2",
-        Arch::Llama | Arch::Qwen3 => llama::model_type(cfg),
-    };
+    let want = kinds::model_type(cfg);
     if let Some(got) = hf.json.get("model_type").and_then(|v| v.as_str()) {
         if got != want {
             bail!("{}: `model_type` = {got:?}, but the config's `model.arch` is {want:?}", hf.path.display());
         }
     }
-    match cfg.model.arch {
-        Arch::Gpt2 => gpt2::import(folder, cfg, loader, &hf),
-        Arch::Llama | Arch::Qwen3 => llama::import(folder, cfg, loader, &hf),
-    }
+    kinds::import(folder, cfg, loader, &hf)
 }
 
 /// The run config a Hugging Face folder of one of the exported classes describes, to read it as

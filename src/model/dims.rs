@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The kind of transformer block (`model.arch`), which also decides the embedding and the head.
+/// Each kind lives in its folder under `model::kinds`, whose registry maps these to them.
 ///
 /// | | `gpt2` | `llama` | `qwen3` |
 /// |---|---|---|---|
@@ -27,13 +28,6 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen3 => "qwen3",
         }
-    }
-    /// LLaMA-family blocks (RMSNorm, rotary, GQA, SwiGLU).
-    pub fn is_llama(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Qwen3)
-    }
-    pub fn is_gpt2(self) -> bool {
-        self == Arch::Gpt2
     }
 }
 
@@ -129,29 +123,4 @@ impl Dims {
     pub fn default_ffn_hidden(channels: usize) -> usize {
         (8 * channels).div_ceil(3).div_ceil(8) * 8
     }
-}
-
-/// The norm gains of a block of kind `arch`: 1 at init (the other vectors start at 0).
-pub fn gains(arch: Arch) -> &'static [&'static str] {
-    match arch {
-        Arch::Gpt2 => &["ln1w", "ln2w"],
-        Arch::Llama => &["attn_norm", "mlp_norm"],
-        Arch::Qwen3 => &["attn_norm", "mlp_norm", "q_norm", "k_norm"],
-    }
-}
-
-/// The residual output projections of a dense block of kind `arch` (and their biases): the
-/// tensors whose init scales with depth and which `copying_zero` zeroes, making a block the
-/// identity. An MoE block's are `ow` and every expert's and the shared experts' down matrix
-/// ([`is_residual_output`]).
-pub fn residual_outputs(arch: Arch) -> &'static [&'static str] {
-    match arch {
-        Arch::Gpt2 => &["attprojw", "attprojb", "fcprojw", "fcprojb"],
-        Arch::Llama | Arch::Qwen3 => &["ow", "downw"],
-    }
-}
-
-/// Whether tensor `name` of a block of kind `arch` is a residual output projection (or its bias).
-pub fn is_residual_output(arch: Arch, name: &str) -> bool {
-    residual_outputs(arch).contains(&name) || (arch.is_llama() && name.ends_with("downw"))
 }

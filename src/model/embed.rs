@@ -6,30 +6,45 @@
 
 use super::dims::Dims;
 use super::init;
+use super::kinds::{self, spec::Positions};
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
-use crate::params::{Layout, ParamSet};
+use crate::params::{Layout, LayoutBuilder, ParamSet, Tensor};
+
+/// The embedding's tensors: `wte` (Vp, C) and, for a kind with learned positions, `wpe` (maxT, C).
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedTensors {
+    pub wte: Tensor,
+    pub wpe: Option<Tensor>,
+}
+
+impl EmbedTensors {
+    pub fn new(d: &Dims) -> (Layout, Self) {
+        let mut l = LayoutBuilder::default();
+        let wte = l.add("wte", &[d.padded_vocab, d.channels]);
+        let learned = kinds::spec(d.arch).positions() == Positions::Learned;
+        let wpe = learned.then(|| l.add("wpe", &[d.max_seq, d.channels]));
+        (l.finish(), EmbedTensors { wte, wpe })
+    }
+}
 
 pub struct Embed<B: Backend> {
     pub w: ParamSet<B>,
+    pub t: EmbedTensors,
     pub dims: Dims,
     pool: ActPool<B>,
 }
 
 impl<B: Backend> Embed<B> {
     pub fn layout(d: &Dims) -> Layout {
-        let wte = ("wte", vec![d.padded_vocab, d.channels]);
-        if d.arch.is_gpt2() {
-            Layout::new(&[wte, ("wpe", vec![d.max_seq, d.channels])])
-        } else {
-            Layout::new(&[wte])
-        }
+        EmbedTensors::new(d).0
     }
 
     pub fn new(be: &B, dims: &Dims, cfg: &init::InitConfig) -> Self {
-        let w = ParamSet::new(be, Self::layout(dims));
-        w.params_from_host(be, &init::embed_init(&w.layout, dims, cfg));
-        Embed { w, dims: dims.clone(), pool: ActPool::default() }
+        let (layout, t) = EmbedTensors::new(dims);
+        let w = ParamSet::new(be, layout);
+        w.params_from_host(be, &init::embed_init(w.layout.total, t.wte, t.wpe, dims, cfg));
+        Embed { w, t, dims: dims.clone(), pool: ActPool::default() }
     }
 
     /// x (B, T, C) = wte[ids] (+ wpe[0..T]). The returned buffer comes from this unit's pool.
@@ -37,16 +52,16 @@ impl<B: Backend> Embed<B> {
         let c = self.dims.channels;
         assert!(t <= self.dims.max_seq, "sequence length {t} exceeds max_seq {}", self.dims.max_seq);
         let x = self.pool.take(be, b * t * c);
-        let wpe = self.w.layout.find("wpe").map(|_| self.w.p("wpe"));
-        be.encoder_forward(B::whole(&x), ids, self.w.p("wte"), wpe, b, t, c);
+        let wpe = self.t.wpe.map(|p| self.w.p(p));
+        be.encoder_forward(B::whole(&x), ids, self.w.p(self.t.wte), wpe, b, t, c);
         x
     }
 
     /// dwte[ids] += dx (dwpe += dx). Takes the gradient buffer back into the pool.
     pub fn backward(&mut self, be: &B, dx: B::Buf, ids: &B::Ids, b: usize, t: usize) {
         let c = self.dims.channels;
-        let dwpe = self.w.layout.find("wpe").map(|_| self.w.g("wpe"));
-        be.encoder_backward(self.w.g("wte"), dwpe, B::whole(&dx), ids, b, t, c);
+        let dwpe = self.t.wpe.map(|p| self.w.g(p));
+        be.encoder_backward(self.w.g(self.t.wte), dwpe, B::whole(&dx), ids, b, t, c);
         self.pool.put(be, dx);
     }
 

@@ -185,8 +185,8 @@ pub fn make_block<B: Backend>(
         GrowInit::Zero => {
             let blk = Block::new_empty_mlp(be, dims, id, mlp);
             let mut host = vec![0.0; blk.w.layout.total];
-            for name in super::block::gains(dims.arch) {
-                let s = blk.w.layout.get(name);
+            let gains = super::kinds::spec(dims.arch).gains();
+            for s in blk.w.layout.specs.iter().filter(|s| gains.contains(&s.name.as_str())) {
                 host[s.offset..s.offset + s.numel()].fill(1.0);
             }
             blk.w.params_from_host(be, &host);
@@ -199,7 +199,8 @@ pub fn make_block<B: Backend>(
             let mut blk = Block::new_empty_mlp(be, dims, id, kind);
             let mut host = src.params.clone();
             if init == GrowInit::CopyingZero {
-                for s in blk.w.layout.specs.iter().filter(|s| super::block::is_residual_output(dims.arch, s.name)) {
+                let kind = super::kinds::spec(dims.arch);
+                for s in blk.w.layout.specs.iter().filter(|s| kind.is_residual_output(&s.name)) {
                     host[s.offset..s.offset + s.numel()].fill(0.0);
                 }
             }

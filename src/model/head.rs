@@ -1,6 +1,7 @@
 //! `Head`: the final norm, the LM head, and the loss.
 //!
-//! The final norm is GPT-2's LayerNorm (`lnfw`, `lnfb`) or the LLaMA kinds' RMSNorm (`normw`).
+//! The final norm is the kind's ([`KindSpec::norm`](super::kinds::spec::KindSpec::norm)):
+//! LayerNorm (`lnfw`, `lnfb`) or RMSNorm (`normw`).
 //! A **tied** head (GPT-2's, and any kind's under `model.tie_embeddings = true`) owns only the
 //! norm: it borrows `wte` from [`Embed`]'s parameter set and adds its gradient into `Embed`'s
 //! `dwte` (the tie; see the `model` docs). An **untied** head (the LLaMA kinds' default) owns its
@@ -11,10 +12,36 @@
 //! [`Embed`]: super::Embed
 
 use super::dims::Dims;
+use super::embed::EmbedTensors;
 use super::init;
+use super::kinds::{self, spec::Norm};
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
-use crate::params::{Layout, ParamSet};
+use crate::params::{Layout, LayoutBuilder, ParamSet, Tensor};
+
+/// The head's tensors: the final norm's gain (and, LayerNorm, bias) — `lnfw`, `lnfb` or
+/// `normw` — and an untied `lm_head` (Vp, C).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadTensors {
+    pub norm: Norm,
+    pub norm_w: Tensor,
+    pub norm_b: Option<Tensor>,
+    pub lm_head: Option<Tensor>,
+}
+
+impl HeadTensors {
+    pub fn new(d: &Dims) -> (Layout, Self) {
+        let c = d.channels;
+        let norm = kinds::spec(d.arch).norm();
+        let mut l = LayoutBuilder::default();
+        let (norm_w, norm_b) = match norm {
+            Norm::LayerNorm => (l.add("lnfw", &[c]), Some(l.add("lnfb", &[c]))),
+            Norm::RmsNorm => (l.add("normw", &[c]), None),
+        };
+        let lm_head = (!d.tied).then(|| l.add("lm_head", &[d.padded_vocab, c]));
+        (l.finish(), HeadTensors { norm, norm_w, norm_b, lm_head })
+    }
+}
 
 struct HeadActs<B: Backend> {
     shape: (usize, usize),
@@ -29,6 +56,9 @@ struct HeadActs<B: Backend> {
 
 pub struct Head<B: Backend> {
     pub w: ParamSet<B>,
+    pub t: HeadTensors,
+    /// The embedding's `wte`, in the embedding's parameter set (the tied head's matrix).
+    wte: Tensor,
     pub dims: Dims,
     acts: Option<HeadActs<B>>,
     pool: ActPool<B>,
@@ -42,26 +72,22 @@ pub struct Head<B: Backend> {
 
 impl<B: Backend> Head<B> {
     pub fn layout(d: &Dims) -> Layout {
-        let c = d.channels;
-        let mut specs = if d.arch.is_gpt2() { vec![("lnfw", vec![c]), ("lnfb", vec![c])] } else { vec![("normw", vec![c])] };
-        if !d.tied {
-            specs.push(("lm_head", vec![d.padded_vocab, c]));
-        }
-        Layout::new(&specs)
+        HeadTensors::new(d).0
     }
 
     pub fn new(be: &B, dims: &Dims, cfg: &init::InitConfig) -> Self {
-        let w = ParamSet::new(be, Self::layout(dims));
-        w.params_from_host(be, &init::head_init(&w.layout, dims, cfg));
-        Head { w, dims: dims.clone(), acts: None, pool: ActPool::default(), dwte: None }
+        let (layout, t) = HeadTensors::new(dims);
+        let w = ParamSet::new(be, layout);
+        w.params_from_host(be, &init::head_init(w.layout.total, t.norm_w, t.lm_head, dims, cfg));
+        let wte = EmbedTensors::new(dims).1.wte;
+        Head { w, t, wte, dims: dims.clone(), acts: None, pool: ActPool::default(), dwte: None }
     }
 
     /// The LM head's matrix (Vp, C): the borrowed `wte` when tied, else the head's own.
     fn matrix<'a>(&'a self, embed: &'a ParamSet<B>) -> crate::backend::View<'a, B::Buf> {
-        if self.dims.tied {
-            embed.p("wte")
-        } else {
-            self.w.p("lm_head")
+        match self.t.lm_head {
+            Some(h) => self.w.p(h),
+            None => embed.p(self.wte),
         }
     }
 
@@ -91,19 +117,12 @@ impl<B: Backend> Head<B> {
         self.ensure_acts(be, b, t);
         let a = self.acts.as_ref().expect("acts ensured");
         let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
-        if self.dims.arch.is_gpt2() {
-            be.layernorm_forward(
-                B::whole(&a.lnf),
-                B::whole(&a.mean),
-                B::whole(&a.rstd),
-                B::whole(x),
-                self.w.p("lnfw"),
-                self.w.p("lnfb"),
-                n,
-                c,
-            );
-        } else {
-            be.rmsnorm_forward(B::whole(&a.lnf), B::whole(&a.rstd), B::whole(x), self.w.p("normw"), n, c, self.dims.norm_eps);
+        let (w, p) = (&self.t, &self.w);
+        match w.norm_b {
+            Some(bias) => {
+                be.layernorm_forward(B::whole(&a.lnf), B::whole(&a.mean), B::whole(&a.rstd), B::whole(x), p.p(w.norm_w), p.p(bias), n, c)
+            }
+            None => be.rmsnorm_forward(B::whole(&a.lnf), B::whole(&a.rstd), B::whole(x), p.p(w.norm_w), n, c, self.dims.norm_eps),
         }
         be.matmul_forward(B::whole(&a.logits), B::whole(&a.lnf), self.matrix(embed), None, n, c, vp);
     }
@@ -128,7 +147,6 @@ impl<B: Backend> Head<B> {
     /// Loss and its gradient for one micro-batch: returns (dx, mean loss).
     /// `x` is consumed (kept in the pool); the head's share of dwte accumulates in `self.dwte`
     /// until [`Head::flush_tied_grad`].
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &mut self,
         be: &B,
@@ -147,39 +165,33 @@ impl<B: Backend> Head<B> {
             self.dwte = Some(be.alloc(vp * c));
         }
         // The matrix's gradient: the tied share, kept apart until the flush, or the own lm_head's.
-        let dmat = match &self.dwte {
-            Some(d) => B::whole(d),
-            None => self.w.g("lm_head"),
+        let dmat = match (&self.dwte, self.t.lm_head) {
+            (Some(d), _) => B::whole(d),
+            (None, Some(h)) => self.w.g(h),
+            (None, None) => unreachable!("a tied head keeps its share of dwte"),
         };
         let a = self.acts.as_ref().expect("acts ensured");
         // logits now hold dlogits (N, Vp)
         be.matmul_backward(Some(B::whole(&a.dlnf)), dmat, None, B::whole(&a.logits), B::whole(&a.lnf), self.matrix(embed), n, c, vp);
         let dx = self.pool.take(be, n * c);
         be.fill(B::whole(&dx), 0.0); // the norms' backward accumulates into dx
-        if self.dims.arch.is_gpt2() {
-            be.layernorm_backward(
+        let (w, p) = (&self.t, &self.w);
+        match w.norm_b {
+            Some(bias) => be.layernorm_backward(
                 B::whole(&dx),
-                self.w.g("lnfw"),
-                self.w.g("lnfb"),
+                p.g(w.norm_w),
+                p.g(bias),
                 B::whole(&a.dlnf),
                 B::whole(&x),
-                self.w.p("lnfw"),
+                p.p(w.norm_w),
                 B::whole(&a.mean),
                 B::whole(&a.rstd),
                 n,
                 c,
-            );
-        } else {
-            be.rmsnorm_backward(
-                B::whole(&dx),
-                self.w.g("normw"),
-                B::whole(&a.dlnf),
-                B::whole(&x),
-                self.w.p("normw"),
-                B::whole(&a.rstd),
-                n,
-                c,
-            );
+            ),
+            None => {
+                be.rmsnorm_backward(B::whole(&dx), p.g(w.norm_w), B::whole(&a.dlnf), B::whole(&x), p.p(w.norm_w), B::whole(&a.rstd), n, c)
+            }
         }
         self.pool.put(be, x);
         (dx, loss)
@@ -189,7 +201,7 @@ impl<B: Backend> Head<B> {
     /// Call once per optimizer step, after the last micro-batch's backward.
     pub fn flush_tied_grad(&mut self, be: &B, embed: &ParamSet<B>) {
         if let Some(d) = &self.dwte {
-            be.add_assign(embed.g("wte"), B::whole(d));
+            be.add_assign(embed.g(self.wte), B::whole(d));
             be.fill(B::whole(d), 0.0);
         }
     }

@@ -26,8 +26,9 @@
 //! Every unit draws from its own random stream (`Rng::stream(seed, id)`), so a block's initial
 //! weights depend only on the seed and its layer id, never on the order units are created in.
 
-use super::dims::{Arch, Dims};
-use crate::params::Layout;
+use super::dims::Dims;
+use super::kinds::spec::KindSpec;
+use crate::params::{Layout, Tensor};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -94,9 +95,9 @@ impl InitConfig {
 /// Random-stream ids: 0 for the embedding, `BLOCK_STREAM + id` for block `id`.
 pub const BLOCK_STREAM: u64 = 1 << 20;
 
-/// The standard deviation of a block tensor of kind `arch` under `cfg`.
-pub fn block_tensor_std(cfg: &InitConfig, arch: Arch, name: &str, shape: &[usize]) -> f64 {
-    let residual_out = super::dims::is_residual_output(arch, name);
+/// The standard deviation of a block tensor of `kind` under `cfg`.
+pub fn block_tensor_std(cfg: &InitConfig, kind: &dyn KindSpec, name: &str, shape: &[usize]) -> f64 {
+    let residual_out = kind.is_residual_output(name);
     let std = match cfg.scheme {
         InitScheme::Gpt2 => {
             if residual_out && cfg.parameterization.is_standard() {
@@ -113,15 +114,15 @@ pub fn block_tensor_std(cfg: &InitConfig, arch: Arch, name: &str, shape: &[usize
     std * cfg.scale
 }
 
-/// Host values of a freshly initialised block of kind `arch` with layer id `id`.
-pub fn block_init(layout: &Layout, arch: Arch, cfg: &InitConfig, id: u64) -> Vec<f32> {
+/// Host values of a freshly initialised block of `kind` with layer id `id`.
+pub fn block_init(layout: &Layout, kind: &dyn KindSpec, cfg: &InitConfig, id: u64) -> Vec<f32> {
     let mut rng = Rng::stream(cfg.seed, BLOCK_STREAM + id);
     let mut host = vec![0.0f32; layout.total];
     for s in &layout.specs {
         let dst = &mut host[s.offset..s.offset + s.numel()];
         if s.is_matrix() {
-            rng.fill_normal(dst, block_tensor_std(cfg, arch, s.name, &s.shape));
-        } else if super::dims::gains(arch).contains(&s.name) {
+            rng.fill_normal(dst, block_tensor_std(cfg, kind, &s.name, &s.shape));
+        } else if kind.gains().contains(&s.name.as_str()) {
             dst.fill(1.0); // the norms' gains
         } // biases stay 0
     }
@@ -129,14 +130,13 @@ pub fn block_init(layout: &Layout, arch: Arch, cfg: &InitConfig, id: u64) -> Vec
 }
 
 /// Host values of a fresh embedding unit (wte, then wpe for `gpt2`).
-pub fn embed_init(layout: &Layout, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
+pub fn embed_init(total: usize, wte: Tensor, wpe: Option<Tensor>, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
     let mut rng = Rng::stream(cfg.seed, 0);
-    let mut host = vec![0.0f32; layout.total];
-    let wte = layout.get("wte");
+    let mut host = vec![0.0f32; total];
     // Only the real vocabulary rows are random; padded rows stay 0.
-    rng.fill_normal(&mut host[wte.offset..wte.offset + dims.vocab * dims.channels], cfg.std);
-    if let Some(wpe) = layout.find("wpe") {
-        rng.fill_normal(&mut host[wpe.offset..wpe.offset + wpe.numel()], cfg.std);
+    rng.fill_normal(&mut wte.of_mut(&mut host)[..dims.vocab * dims.channels], cfg.std);
+    if let Some(wpe) = wpe {
+        rng.fill_normal(wpe.of_mut(&mut host), cfg.std);
     }
     host
 }
@@ -146,13 +146,12 @@ pub const HEAD_STREAM: u64 = 1;
 
 /// Host values of a fresh head unit: the final norm's gain 1 (bias 0), and an untied `lm_head`
 /// drawn like `wte` (N(0, std) on the real vocabulary rows, the padding rows 0).
-pub fn head_init(layout: &Layout, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
-    let mut host = vec![0.0f32; layout.total];
-    let g = layout.get(if dims.arch.is_gpt2() { "lnfw" } else { "normw" });
-    host[g.offset..g.offset + g.numel()].fill(1.0);
-    if let Some(h) = layout.find("lm_head") {
+pub fn head_init(total: usize, norm_w: Tensor, lm_head: Option<Tensor>, dims: &Dims, cfg: &InitConfig) -> Vec<f32> {
+    let mut host = vec![0.0f32; total];
+    norm_w.of_mut(&mut host).fill(1.0);
+    if let Some(h) = lm_head {
         let mut rng = Rng::stream(cfg.seed, HEAD_STREAM);
-        rng.fill_normal(&mut host[h.offset..h.offset + dims.vocab * dims.channels], cfg.std);
+        rng.fill_normal(&mut h.of_mut(&mut host)[..dims.vocab * dims.channels], cfg.std);
     }
     host
 }

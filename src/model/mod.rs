@@ -20,13 +20,12 @@
 pub mod block;
 pub mod dims;
 pub mod embed;
-pub mod gpt2_block;
 pub mod growth;
 pub mod head;
+pub mod host;
 pub mod init;
-pub mod llama_block;
+pub mod kinds;
 pub mod moe;
-pub mod moe_mlp;
 pub mod residual;
 pub mod stash;
 

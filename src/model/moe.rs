@@ -1,6 +1,6 @@
 //! The mixture-of-experts MLP (`[model.moe]`): routing, the dispatch plan, and the aux-loss-free
-//! balancing bias. The block's forward and backward that use them are in
-//! [`llama_block`](super::llama_block).
+//! balancing bias. The block's forward and backward that use them are in the LLaMA kind's
+//! folder ([`kinds::llama::moe`](super::kinds::llama::moe)).
 //!
 //! ```text
 //! rms2 ─► logits = rms2 @ Wr^T (N, E) ─► route: top-k experts and their weights per token
@@ -27,8 +27,6 @@
 //! contiguous rows of its tokens.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 
 /// How tokens choose their experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -68,34 +66,6 @@ pub enum Mlp {
     #[default]
     Dense,
     Moe,
-}
-
-/// `expert.<e>.<part>` as a `&'static str` (tensor names of a layout are static; each distinct
-/// name is made once).
-pub fn expert_tensor(e: usize, part: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let key = format!("expert.{e}.{part}");
-    let mut m = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    m.entry(key.clone()).or_insert_with(|| Box::leak(key.into_boxed_str()))
-}
-
-/// The MoE MLP's tensors for channels `c`: the router, its bias (`sigmoid`), the shared
-/// experts as one SwiGLU of S·F units, and each expert's fused [gate | up] and down matrices.
-pub fn specs(m: &Moe, c: usize) -> Vec<(&'static str, Vec<usize>)> {
-    let f = m.hidden;
-    let mut s = vec![("routerw", vec![m.experts, c])];
-    if m.routing == Routing::Sigmoid {
-        s.push(("router_bias", vec![m.experts]));
-    }
-    if m.shared > 0 {
-        s.push(("shared_gate_upw", vec![2 * m.shared * f, c]));
-        s.push(("shared_downw", vec![c, m.shared * f]));
-    }
-    for e in 0..m.experts {
-        s.push((expert_tensor(e, "gate_upw"), vec![2 * f, c]));
-        s.push((expert_tensor(e, "downw"), vec![c, f]));
-    }
-    s
 }
 
 /// One micro-batch's routing: per token its k experts (best first) and their weights, and the

@@ -119,23 +119,13 @@ impl TrainReport {
 /// The model shape a config describes.
 pub fn dims_of(cfg: &Config, vocab: usize) -> Dims {
     let m = &cfg.model;
-    let d = match m.arch {
-        crate::model::Arch::Gpt2 => Dims::new(vocab, cfg.max_seq(), m.channels, m.heads),
-        arch => {
-            let mut d = Dims::llama(
-                vocab,
-                cfg.max_seq(),
-                m.channels,
-                m.heads,
-                m.kv_heads.unwrap_or(m.heads),
-                m.ffn_hidden.unwrap_or_else(|| Dims::default_ffn_hidden(m.channels)),
-            )
-            .with_arch(arch);
-            d.rope_theta = m.rope_theta.unwrap_or(d.rope_theta);
-            d.norm_eps = m.norm_eps.unwrap_or(d.norm_eps);
-            d
-        }
-    };
+    // The kind's shape, then the optional `[model]` keys (validation refuses those a kind does
+    // not take).
+    let mut d = crate::model::kinds::spec(m.arch).base_dims(vocab, cfg.max_seq(), m.channels, m.heads);
+    d.kv_heads = m.kv_heads.unwrap_or(d.kv_heads);
+    d.ffn_hidden = m.ffn_hidden.unwrap_or(d.ffn_hidden);
+    d.rope_theta = m.rope_theta.unwrap_or(d.rope_theta);
+    d.norm_eps = m.norm_eps.unwrap_or(d.norm_eps);
     let tied = m.tie_embeddings.unwrap_or(d.tied);
     let mut d = d.with_tied(tied).with_residual(m.parameterization.residual_multiplier(cfg.target_depth()));
     if let Some(x) = &m.moe {

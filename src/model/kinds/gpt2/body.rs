@@ -12,11 +12,14 @@
 //! Backward accumulates into the upstream gradient buffer IN PLACE (dy becomes dres2, then dx),
 //! as llm.c does with its residual gradient: the buffer handed down is the one handed in.
 
-use super::dims::Dims;
-use super::residual;
-use super::stash::{Acts, Stashes};
+use super::Gpt2Tensors;
+use crate::backend::pool::ActPool;
 use crate::backend::{Backend, View};
-use crate::params::{Layout, ParamSet};
+use crate::model::dims::Dims;
+use crate::model::kinds::spec::BlockBody;
+use crate::model::residual;
+use crate::model::stash::{Acts, Stashes};
+use crate::params::ParamSet;
 
 /// What one micro-batch's forward leaves for its backward. Shapes for N = B*T rows.
 pub struct Gpt2Acts<B: Backend> {
@@ -88,9 +91,10 @@ impl<B: Backend> Gpt2Scratch<B> {
     }
 }
 
-/// The GPT-2 block's working state: its stashes and its backward scratch.
+/// The GPT-2 block's working state: its tensors, its stashes and its backward scratch.
 pub struct Gpt2Body<B: Backend> {
-    pub stash: Stashes<B, Gpt2Acts<B>>,
+    w: Gpt2Tensors,
+    stash: Stashes<B, Gpt2Acts<B>>,
     scratch: Option<Gpt2Scratch<B>>,
 }
 
@@ -98,49 +102,31 @@ fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
     B::whole(buf)
 }
 
-impl<B: Backend> Default for Gpt2Body<B> {
-    fn default() -> Self {
-        Gpt2Body { stash: Stashes::default(), scratch: None }
+impl<B: Backend> Gpt2Body<B> {
+    pub fn new(w: Gpt2Tensors) -> Self {
+        Gpt2Body { w, stash: Stashes::default(), scratch: None }
     }
 }
 
-impl<B: Backend> Gpt2Body<B> {
-    pub fn layout(d: &Dims) -> Layout {
-        let c = d.channels;
-        Layout::new(&[
-            ("ln1w", vec![c]),
-            ("ln1b", vec![c]),
-            ("qkvw", vec![3 * c, c]),
-            ("qkvb", vec![3 * c]),
-            ("attprojw", vec![c, c]),
-            ("attprojb", vec![c]),
-            ("ln2w", vec![c]),
-            ("ln2b", vec![c]),
-            ("fcw", vec![4 * c, c]),
-            ("fcb", vec![4 * c]),
-            ("fcprojw", vec![c, 4 * c]),
-            ("fcprojb", vec![c]),
-        ])
-    }
-
+impl<B: Backend> BlockBody<B> for Gpt2Body<B> {
     /// y = block(x) for micro-batch `mb`; x is kept for backward, y comes from the pool.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
+    fn forward(&mut self, be: &B, p: &ParamSet<B>, d: &Dims, mb: u64, x: B::Buf, b: usize, t: usize) -> B::Buf {
         let (n, c, nh) = (b * t, d.channels, d.heads);
+        let wt = self.w;
         let a = self.stash.take(b, t, || Gpt2Acts::new(be, d, b, t));
         let y = self.stash.pool.take(be, n * c);
         let xv = w::<B>(&x);
-        be.layernorm_forward(w::<B>(&a.ln1), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), xv, p.p("ln1w"), p.p("ln1b"), n, c);
-        be.matmul_forward(w::<B>(&a.qkv), w::<B>(&a.ln1), p.p("qkvw"), Some(p.p("qkvb")), n, c, 3 * c);
+        be.layernorm_forward(w::<B>(&a.ln1), w::<B>(&a.ln1_mean), w::<B>(&a.ln1_rstd), xv, p.p(wt.ln1w), p.p(wt.ln1b), n, c);
+        be.matmul_forward(w::<B>(&a.qkv), w::<B>(&a.ln1), p.p(wt.qkvw), Some(p.p(wt.qkvb)), n, c, 3 * c);
         be.attention_forward(w::<B>(&a.atty), w::<B>(&a.att), w::<B>(&a.qkv), b, t, c, nh);
         let alpha = d.residual;
         // The projection lands in y (free until the very end), then res2 = x + α·y.
-        be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p("attprojw"), Some(p.p("attprojb")), n, c, c);
+        be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p(wt.attprojw), Some(p.p(wt.attprojb)), n, c, c);
         residual::add_branch(be, w::<B>(&a.res2), xv, w::<B>(&y), alpha);
-        be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p("ln2w"), p.p("ln2b"), n, c);
-        be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p("fcw"), Some(p.p("fcb")), n, c, 4 * c);
+        be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p(wt.ln2w), p.p(wt.ln2b), n, c);
+        be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p(wt.fcw), Some(p.p(wt.fcb)), n, c, 4 * c);
         be.gelu_forward(w::<B>(&a.fch_gelu), w::<B>(&a.fch));
-        be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p("fcprojw"), Some(p.p("fcprojb")), n, 4 * c, c);
+        be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p(wt.fcprojw), Some(p.p(wt.fcprojb)), n, 4 * c, c);
         residual::add_onto_branch(be, w::<B>(&y), w::<B>(&a.res2), alpha);
         self.stash.keep(be, mb, a, x);
         y
@@ -148,10 +134,11 @@ impl<B: Backend> Gpt2Body<B> {
 
     /// dx = d block / dx · dy for micro-batch `mb`; parameter gradients accumulate.
     /// `dy` is updated in place and returned as dx.
-    pub fn backward(&mut self, be: &B, p: &ParamSet<B>, dims: &Dims, id: u64, mb: u64, dy: B::Buf) -> B::Buf {
+    fn backward(&mut self, be: &B, p: &ParamSet<B>, dims: &Dims, id: u64, mb: u64, dy: B::Buf) -> B::Buf {
         let (a, x) = self.stash.remove(mb).unwrap_or_else(|| panic!("layer {id}: backward for micro-batch {mb} without a forward"));
         let (b, t) = a.shape;
         let (n, c, nh) = (b * t, dims.channels, dims.heads);
+        let wt = self.w;
         if self.scratch.as_ref().map(|s| s.shape) != Some((b, t)) {
             self.scratch = Some(Gpt2Scratch::new(be, dims, b, t));
         }
@@ -163,25 +150,25 @@ impl<B: Backend> Gpt2Body<B> {
         // MLP branch: y = res2 + α·fcproj(gelu(fc(ln2(res2))))
         be.matmul_backward(
             Some(w::<B>(&s.dfch_gelu)),
-            p.g("fcprojw"),
-            Some(p.g("fcprojb")),
+            p.g(wt.fcprojw),
+            Some(p.g(wt.fcprojb)),
             branch(),
             w::<B>(&a.fch_gelu),
-            p.p("fcprojw"),
+            p.p(wt.fcprojw),
             n,
             4 * c,
             c,
         );
         be.gelu_backward(w::<B>(&s.dfch), w::<B>(&a.fch), w::<B>(&s.dfch_gelu));
-        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("fcw"), Some(p.g("fcb")), w::<B>(&s.dfch), w::<B>(&a.ln2), p.p("fcw"), n, c, 4 * c);
+        be.matmul_backward(Some(w::<B>(&s.dc)), p.g(wt.fcw), Some(p.g(wt.fcb)), w::<B>(&s.dfch), w::<B>(&a.ln2), p.p(wt.fcw), n, c, 4 * c);
         // dy += ln2 backward: dy now holds dres2 (residual path plus MLP path)
         be.layernorm_backward(
             d,
-            p.g("ln2w"),
-            p.g("ln2b"),
+            p.g(wt.ln2w),
+            p.g(wt.ln2b),
             w::<B>(&s.dc),
             w::<B>(&a.res2),
-            p.p("ln2w"),
+            p.p(wt.ln2w),
             w::<B>(&a.ln2_mean),
             w::<B>(&a.ln2_rstd),
             n,
@@ -190,11 +177,11 @@ impl<B: Backend> Gpt2Body<B> {
         // Attention branch: res2 = x + α·attproj(attn(qkv(ln1(x))))
         be.matmul_backward(
             Some(w::<B>(&s.dc)),
-            p.g("attprojw"),
-            Some(p.g("attprojb")),
+            p.g(wt.attprojw),
+            Some(p.g(wt.attprojb)),
             branch(),
             w::<B>(&a.atty),
-            p.p("attprojw"),
+            p.p(wt.attprojw),
             n,
             c,
             c,
@@ -211,15 +198,25 @@ impl<B: Backend> Gpt2Body<B> {
             c,
             nh,
         );
-        be.matmul_backward(Some(w::<B>(&s.dc)), p.g("qkvw"), Some(p.g("qkvb")), w::<B>(&s.dqkv), w::<B>(&a.ln1), p.p("qkvw"), n, c, 3 * c);
+        be.matmul_backward(
+            Some(w::<B>(&s.dc)),
+            p.g(wt.qkvw),
+            Some(p.g(wt.qkvb)),
+            w::<B>(&s.dqkv),
+            w::<B>(&a.ln1),
+            p.p(wt.qkvw),
+            n,
+            c,
+            3 * c,
+        );
         // dy += ln1 backward: dy now holds dx
         be.layernorm_backward(
             d,
-            p.g("ln1w"),
-            p.g("ln1b"),
+            p.g(wt.ln1w),
+            p.g(wt.ln1b),
             w::<B>(&s.dc),
             w::<B>(&x),
-            p.p("ln1w"),
+            p.p(wt.ln1w),
             w::<B>(&a.ln1_mean),
             w::<B>(&a.ln1_rstd),
             n,
@@ -227,5 +224,17 @@ impl<B: Backend> Gpt2Body<B> {
         );
         self.stash.recycle(be, a, x);
         dy
+    }
+
+    fn forget(&mut self, be: &B, mb: u64) {
+        self.stash.forget(be, mb)
+    }
+
+    fn use_pool(&mut self, pool: ActPool<B>) {
+        self.stash.pool = pool;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.stash.len()
     }
 }

@@ -25,14 +25,14 @@
 //! (its first V rows). `config.json` says `gelu_new` (GELU's tanh approximation, the one taproot
 //! trains with), `layer_norm_epsilon` 1e-5 and `n_positions` = `model.max_seq`.
 
-use super::folder::{fresh, get, imported, provenance, read_tensors, tensor, transpose, write_folder, Exported, HfConfig, Tensor};
 use crate::checkpoint::{Checkpoint, UnitKey};
+use crate::export::folder::{fresh, get, imported, provenance, read_tensors, tensor, transpose, write_folder, Exported, HfConfig, Tensor};
 use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Write `ck` (a `gpt2` run) as a Hugging Face `GPT2LMHeadModel` folder in `out`.
 pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
-    let u = super::folder::Units::of(ck)?;
+    let u = crate::export::folder::Units::of(ck)?;
     let (dims, vocab, c) = (&u.dims, u.dims.vocab, u.dims.channels);
     let folded = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| dims.residual * x).collect() };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -89,7 +89,7 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
 /// `n_positions` ≥ `model.max_seq`); its growth plan then grows the imported model like any
 /// other. `loader` is the training loader's state at step 0.
 pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::LoaderState, hf: &HfConfig) -> Result<Checkpoint> {
-    let dims = super::folder::dims_for_import(cfg);
+    let dims = crate::export::folder::dims_for_import(cfg);
     let (c, depth, vocab, max_seq) = (dims.channels, cfg.model.depth, dims.vocab, dims.max_seq);
     hf.expect("n_embd", hf.int("n_embd")?, c, "model.channels")?;
     hf.expect("n_head", hf.int("n_head")?, dims.heads, "model.heads")?;
@@ -103,11 +103,11 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     if act != "gelu_new" {
         bail!("{}: `activation_function` = {act:?}; taproot's GELU is the tanh approximation (`gelu_new`)", hf.path.display());
     }
-    super::folder::expect_tie(hf, &dims, true)?;
+    crate::export::folder::expect_tie(hf, &dims, true)?;
     let t = read_tensors(folder)?;
     let get = |name: &str, shape: &[usize]| get(&t, folder, name, shape);
-    let unfold = super::folder::unfold(dims.residual);
-    let (el, hl, bl) = super::folder::layouts(&dims);
+    let unfold = crate::export::folder::unfold(dims.residual);
+    let (el, hl, bl) = crate::export::folder::layouts(&dims);
     let mut embed = get("transformer.wte.weight", &[vocab, c])?.clone();
     embed.resize(dims.padded_vocab * c, 0.0); // the padding rows stay zero
     embed.extend_from_slice(&get("transformer.wpe.weight", &[positions, c])?[..max_seq * c]);

@@ -31,16 +31,16 @@
 //! `silu`, no biases and no rope scaling; a folder with rope scaling, biases or another
 //! activation is refused on import rather than imported as a different function.
 
-use super::folder::{fresh, get, imported, provenance, read_tensors, tensor, write_folder, Exported, HfConfig, Tensor};
 use crate::checkpoint::{Checkpoint, UnitKey};
-use crate::model::moe::{expert_tensor, Mlp, Routing};
-use crate::model::{Arch, Dims};
+use crate::export::folder::{fresh, get, imported, provenance, read_tensors, tensor, write_folder, Exported, HfConfig, Tensor};
+use crate::model::dims::{Arch, Dims};
+use crate::model::moe::{Mlp, Routing};
 use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Write `ck` (a `llama` or `qwen3` run) as a Hugging Face folder of its class in `out`.
 pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
-    let u = super::folder::Units::of(ck)?;
+    let u = crate::export::folder::Units::of(ck)?;
     let d = &u.dims;
     let (vocab, c, hd, f) = (d.vocab, d.channels, d.head_size(), d.ffn_hidden);
     let (q_rows, kv_rows) = (d.heads * hd, d.kv_heads * hd);
@@ -78,11 +78,11 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
         let experts = if d.arch == Arch::Qwen3 { "mlp.experts" } else { "block_sparse_moe.experts" };
         tensors.push((h(&format!("{gate}.weight")), tensor(vec![m.experts, c], p("routerw"))));
         for e in 0..m.experts {
-            let gu = p(expert_tensor(e, "gate_upw"));
+            let gu = p(&format!("expert.{e}.gate_upw"));
             let x = |part: &str| h(&format!("{experts}.{e}.{part}.weight"));
             tensors.push((x(w_gate), tensor(vec![fe, c], &gu[..fe * c])));
             tensors.push((x(w_up), tensor(vec![fe, c], &gu[fe * c..])));
-            tensors.push((x(w_down), tensor(vec![c, fe], &folded(p(expert_tensor(e, "downw"))))));
+            tensors.push((x(w_down), tensor(vec![c, fe], &folded(p(&format!("expert.{e}.downw"))))));
         }
     }
     tensors.push(("model.norm.weight".into(), tensor(vec![c], u.head("normw"))));
@@ -176,7 +176,7 @@ pub fn model_type(cfg: &crate::config::Config) -> &'static str {
 /// `num_hidden_layers`, `model.rope_theta`, `model.norm_eps`, `model.tie_embeddings`, the
 /// tokenizer's vocabulary = `vocab_size`, and `max_position_embeddings` ≥ `model.max_seq`.
 pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::LoaderState, hf: &HfConfig) -> Result<Checkpoint> {
-    let d = super::folder::dims_for_import(cfg);
+    let d = crate::export::folder::dims_for_import(cfg);
     let (c, depth, vocab, hd, f) = (d.channels, cfg.model.depth, d.vocab, d.head_size(), d.ffn_hidden);
     hf.expect("hidden_size", hf.int("hidden_size")?, c, "model.channels")?;
     hf.expect("num_attention_heads", hf.int("num_attention_heads")?, d.heads, "model.heads")?;
@@ -242,11 +242,11 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
             bail!("{}: `{key}` is set; taproot's {} blocks have none", hf.path.display(), d.arch.name());
         }
     }
-    super::folder::expect_tie(hf, &d, false)?;
+    crate::export::folder::expect_tie(hf, &d, false)?;
     let t = read_tensors(folder)?;
     let get = |name: &str, shape: &[usize]| get(&t, folder, name, shape);
-    let unfold = super::folder::unfold(d.residual);
-    let (el, hl, _) = super::folder::layouts(&d);
+    let unfold = crate::export::folder::unfold(d.residual);
+    let (el, hl, _) = crate::export::folder::layouts(&d);
     let (q_rows, kv_rows) = (d.heads * hd, d.kv_heads * hd);
     let mut embed = get("model.embed_tokens.weight", &[vocab, c])?.clone();
     embed.resize(d.padded_vocab * c, 0.0); // the padding rows stay zero

@@ -1,12 +1,14 @@
 //! The mixture-of-experts MLP's forward and backward on a backend (the routing and the plan are
-//! host code in [`moe`](super::moe)). Used by the LLaMA-family block in place of its SwiGLU MLP.
+//! host code in [`model::moe`](crate::model::moe)). Used by the LLaMA-family block in place of
+//! its SwiGLU MLP.
 //!
 //! Shapes: N = B·T tokens, k choices each, M = N·k slots (every token in k experts: dropless),
 //! E experts of F hidden units, S shared experts (one SwiGLU of S·F units).
 
-use super::dims::Dims;
-use super::moe::{self, expert_tensor, Moe, Plan, Route, Routing};
+use super::MoeTensors;
 use crate::backend::{Backend, View};
+use crate::model::dims::Dims;
+use crate::model::moe::{self, Moe, Plan, Route, Routing};
 use crate::params::ParamSet;
 
 fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
@@ -96,15 +98,25 @@ impl<B: Backend> MoeScratch<B> {
 }
 
 /// y (N, C) = the MoE MLP of x (N, C) (overwritten); `tmp` (N, C) is scratch.
-#[allow(clippy::too_many_arguments)]
-pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut MoeActs<B>, x: &B::Buf, y: &B::Buf, tmp: &B::Buf, n: usize) {
+pub fn forward<B: Backend>(
+    be: &B,
+    p: &ParamSet<B>,
+    mt: &MoeTensors,
+    d: &Dims,
+    m: &Moe,
+    a: &mut MoeActs<B>,
+    x: &B::Buf,
+    y: &B::Buf,
+    tmp: &B::Buf,
+    n: usize,
+) {
     let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
     // Route on the host from the logits (and the balancing bias).
-    be.matmul_forward(w::<B>(&a.logits), w::<B>(x), p.p("routerw"), None, n, c, e);
+    be.matmul_forward(w::<B>(&a.logits), w::<B>(x), p.p(mt.routerw), None, n, c, e);
     be.download(w::<B>(&a.logits), &mut a.host_logits);
     let sigmoid = m.routing == Routing::Sigmoid;
     if sigmoid {
-        be.download(p.p("router_bias"), &mut a.host_bias);
+        be.download(p.p(mt.router_bias.expect("sigmoid routing has a balancing bias")), &mut a.host_bias);
     }
     moe::route_into(&mut a.route, &a.host_logits, sigmoid.then_some(&a.host_bias[..]), n, e, k, m.routing);
     a.plan.refill(&a.route.experts, n, e, k);
@@ -119,7 +131,7 @@ pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut M
         be.matmul_forward(
             w::<B>(&a.gu).sub(o * 2 * f, r * 2 * f),
             w::<B>(&a.xs).sub(o * c, r * c),
-            p.p(expert_tensor(ex, "gate_upw")),
+            p.p(mt.experts[ex].gate_upw),
             None,
             r,
             c,
@@ -129,24 +141,24 @@ pub fn forward<B: Backend>(be: &B, p: &ParamSet<B>, d: &Dims, m: &Moe, a: &mut M
     be.swiglu_forward(w::<B>(&a.h), w::<B>(&a.gu), n * k, f);
     for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
         let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        be.matmul_forward(w::<B>(&a.ys).sub(o * c, r * c), w::<B>(&a.h).sub(o * f, r * f), p.p(expert_tensor(ex, "downw")), None, r, f, c);
+        be.matmul_forward(w::<B>(&a.ys).sub(o * c, r * c), w::<B>(&a.h).sub(o * f, r * f), p.p(mt.experts[ex].downw), None, r, f, c);
     }
     be.moe_combine(w::<B>(y), w::<B>(&a.ys), &a.slots, Some(w::<B>(&a.weights)), n, k, c);
-    if let Some((gu, h)) = &a.shared {
+    if let (Some((gu, h)), Some((shared_gate_upw, shared_downw))) = (&a.shared, mt.shared) {
         let sf = m.shared * f;
-        be.matmul_forward(w::<B>(gu), w::<B>(x), p.p("shared_gate_upw"), None, n, c, 2 * sf);
+        be.matmul_forward(w::<B>(gu), w::<B>(x), p.p(shared_gate_upw), None, n, c, 2 * sf);
         be.swiglu_forward(w::<B>(h), w::<B>(gu), n, sf);
-        be.matmul_forward(w::<B>(tmp), w::<B>(h), p.p("shared_downw"), None, n, sf, c);
+        be.matmul_forward(w::<B>(tmp), w::<B>(h), p.p(shared_downw), None, n, sf, c);
         be.add_assign(w::<B>(y), w::<B>(tmp));
     }
 }
 
 /// dx (N, C) of the MoE MLP (overwritten) from its output's gradient `dy`; parameter gradients
 /// accumulate.
-#[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
     p: &ParamSet<B>,
+    mt: &MoeTensors,
     d: &Dims,
     m: &Moe,
     a: &MoeActs<B>,
@@ -158,22 +170,12 @@ pub fn backward<B: Backend>(
 ) {
     let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
     // Shared experts: a dense SwiGLU; its input gradient starts dx.
-    match (&a.shared, &s.shared) {
-        (Some((gu, h)), Some((dh, dgu))) => {
+    match (&a.shared, &s.shared, mt.shared) {
+        (Some((gu, h)), Some((dh, dgu)), Some((shared_gate_upw, shared_downw))) => {
             let sf = m.shared * f;
-            be.matmul_backward(Some(w::<B>(dh)), p.g("shared_downw"), None, dy, w::<B>(h), p.p("shared_downw"), n, sf, c);
+            be.matmul_backward(Some(w::<B>(dh)), p.g(shared_downw), None, dy, w::<B>(h), p.p(shared_downw), n, sf, c);
             be.swiglu_backward(w::<B>(dgu), w::<B>(gu), w::<B>(dh), n, sf);
-            be.matmul_backward(
-                Some(w::<B>(dx)),
-                p.g("shared_gate_upw"),
-                None,
-                w::<B>(dgu),
-                w::<B>(x),
-                p.p("shared_gate_upw"),
-                n,
-                c,
-                2 * sf,
-            );
+            be.matmul_backward(Some(w::<B>(dx)), p.g(shared_gate_upw), None, w::<B>(dgu), w::<B>(x), p.p(shared_gate_upw), n, c, 2 * sf);
         }
         _ => be.fill(w::<B>(dx), 0.0),
     }
@@ -181,7 +183,7 @@ pub fn backward<B: Backend>(
     be.moe_combine_backward(w::<B>(&s.dys), w::<B>(&s.dweights), dy, w::<B>(&a.ys), &a.slots, w::<B>(&a.weights), n, k, c);
     for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
         let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        let name = expert_tensor(ex, "downw");
+        let name = mt.experts[ex].downw;
         be.matmul_backward(
             Some(w::<B>(&s.dh).sub(o * f, r * f)),
             p.g(name),
@@ -197,7 +199,7 @@ pub fn backward<B: Backend>(
     be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n * k, f);
     for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
         let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        let name = expert_tensor(ex, "gate_upw");
+        let name = mt.experts[ex].gate_upw;
         be.matmul_backward(
             Some(w::<B>(&s.dxs).sub(o * c, r * c)),
             p.g(name),
@@ -218,6 +220,6 @@ pub fn backward<B: Backend>(
     // The balancing loss's own gradient (made in the forward), added to the logits'.
     s.host_dl.iter_mut().zip(&a.aux_grad).for_each(|(d, g)| *d += g);
     be.upload(w::<B>(&s.dlogits), &s.host_dl);
-    be.matmul_backward(Some(w::<B>(&s.dc2)), p.g("routerw"), None, w::<B>(&s.dlogits), w::<B>(x), p.p("routerw"), n, c, e);
+    be.matmul_backward(Some(w::<B>(&s.dc2)), p.g(mt.routerw), None, w::<B>(&s.dlogits), w::<B>(x), p.p(mt.routerw), n, c, e);
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
 }
