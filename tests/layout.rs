@@ -279,3 +279,75 @@ fn source_files_are_short_or_say_why() {
     }
     assert!(long.is_empty(), "files over 600 lines without a `Why this file is long` note near the top: {long:?}");
 }
+
+/// `(file, line number, line)` of every code line of the files under `src/` whose path
+/// (relative to `src/`, with `/`) passes `keep`.
+fn code_of(keep: impl Fn(&str) -> bool) -> Vec<(String, usize, String)> {
+    let (_, mods) = graph();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = Vec::new();
+    for file in mods.values() {
+        let rel = file.strip_prefix(&src).unwrap_or(file).to_string_lossy().replace('\\', "/");
+        if !keep(&rel) {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).expect("read");
+        out.extend(code_lines(&text).into_iter().enumerate().map(|(i, l)| (rel.clone(), i + 1, l)));
+    }
+    out
+}
+
+/// A parameter looked up by a string: `.p("…")`, `.g("…")`, a layout's `.get("…")`,
+/// `.find("…")`, `.index("…")`, or `.slice(…, "…")`.
+fn string_lookup(line: &str) -> bool {
+    [".p(\"", ".g(\"", ".get(\"", ".find(\"", ".index(\""].iter().any(|p| line.contains(p))
+        || line.find(".slice(").is_some_and(|i| line[i..].contains(", \""))
+        || line.contains("expert_tensor(")
+}
+
+#[test]
+fn the_model_reads_parameters_through_typed_handles() {
+    // The check can fail: it sees the lookups the model used to make.
+    assert!(string_lookup(r#"        be.matmul_forward(y, x, p.p("qkvw"), None, n, c, 3 * c);"#));
+    assert!(string_lookup(r#"    let s = layout.get("wte");"#));
+    assert!(string_lookup(r#"    self.layout.slice(&self.p, "lnfw")"#));
+    assert!(!string_lookup("        be.matmul_forward(y, x, p.p(wt.qkvw), None, n, c, 3 * c);"));
+    // The Hugging Face mappings (`kinds/*/hf.rs`) map names to names by nature, off the hot path.
+    let found: Vec<String> = code_of(|f| f.starts_with("model/") && !f.ends_with("/hf.rs"))
+        .into_iter()
+        .filter(|(_, _, l)| string_lookup(l))
+        .map(|(f, n, l)| format!("src/{f}:{n}: {}", l.trim()))
+        .collect();
+    assert!(found.is_empty(), "parameters looked up by string in src/model/ (use the kind's typed handles):\n{}", found.join("\n"));
+}
+
+#[test]
+fn no_string_is_leaked_or_interned() {
+    let mut found = Vec::new();
+    let (_, mods) = graph();
+    for file in mods.values() {
+        let text = std::fs::read_to_string(file).expect("read");
+        let code = code_lines(&text).join("\n");
+        // A buffer handed to MPI by `Box::leak` is taken back by `Box::from_raw` in the same file.
+        if code.contains("Box::leak(") && !code.contains("Box::from_raw(") {
+            found.push(format!("{}: Box::leak without Box::from_raw", file.display()));
+        }
+        if code.contains("&'static str>>") && code.contains("static ") && code.contains("Mutex<") {
+            found.push(format!("{}: a global table of &'static str", file.display()));
+        }
+    }
+    assert!(found.is_empty(), "{found:?}");
+}
+
+#[test]
+fn only_the_kinds_branch_on_the_block_kind() {
+    let kind = |l: &str| ["Arch::Gpt2", "Arch::Llama", "Arch::Qwen3", "is_gpt2()", "is_llama()"].iter().any(|k| l.contains(k));
+    assert!(kind("    match d.arch { Arch::Gpt2 => 1, _ => 2 }"));
+    // The kinds' folders and registries, and the enum's own definition, may name the kinds.
+    let found: Vec<String> = code_of(|f| !f.starts_with("model/kinds/") && f != "model/dims.rs")
+        .into_iter()
+        .filter(|(_, _, l)| kind(l))
+        .map(|(f, n, l)| format!("src/{f}:{n}: {}", l.trim()))
+        .collect();
+    assert!(found.is_empty(), "block-kind branches outside src/model/kinds/ (ask `kinds::spec(arch)` instead):\n{}", found.join("\n"));
+}
