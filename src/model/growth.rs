@@ -19,10 +19,12 @@
 //!   a source start from zero), `reset` (every unit's state zeroed, old ones too).
 //! - New blocks get fresh stable ids in birth order (`Model::next_id`), bottom-most first.
 //!
-//! The pieces are split so the actor runtime can use them without a `Model`: [`plan_sources`]
-//! says which source each new block copies, [`make_block`] builds one block from a source
-//! snapshot (what a layer actor's `GetState` returns), and [`grow`] applies a whole expansion to
-//! a sequential [`Model`].
+//! One [`Plan`] says who is born where, from which source, with which init and MLP kind, and in
+//! which order growth happens; the sequential trainer ([`grow`]) and the actor runtime
+//! (`runtime::scheduler::growth`, where each newborn's actor calls [`Plan::make`] on its own
+//! thread) both carry it out. Its pieces stay public: [`plan_sources`] says which source each new
+//! block copies, [`make_block`] builds one block from a source snapshot (what a layer actor's
+//! `GetState` returns).
 
 use super::init::InitConfig;
 use super::moe::Mlp;
@@ -230,56 +232,145 @@ pub struct GrowthRecord {
     pub stack: Vec<u64>,
 }
 
-/// Apply one expansion to a sequential model.
-pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthRecord> {
-    let ls = model.depth();
-    anyhow::ensure!(
-        exp.to_depth > ls,
-        "expansion at step {} grows to depth {} but the model already has {ls} blocks",
-        exp.at_step,
-        exp.to_depth
-    );
-    let k = exp.to_depth - ls;
-    let sources = plan_sources(exp.init, exp.order, ls, k)?;
-    let snaps: Vec<UnitState> = model.blocks.iter().map(|b| b.w.snapshot(be)).collect();
-    let mut new_blocks = Vec::with_capacity(k);
-    let top = exp.position == Position::Top;
-    for (j, src) in sources.iter().enumerate() {
-        let id = model.next_id + j as u64;
-        let position = if top { ls + j } else { j };
-        let mlp = mlp_at_birth(&model.dims, position, exp.to_depth, init_cfg.target_depth, top);
-        new_blocks.push(make_block(
-            be,
-            &model.dims,
-            id,
-            exp.init,
-            src.map(|i| &snaps[i]),
-            exp.opt_state,
-            &init_cfg.scaled(exp.init_scale),
-            mlp,
-        )?);
+/// One newborn of a [`Plan`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Birth {
+    /// Its layer id (birth order).
+    pub id: u64,
+    /// Its position in the stack after growth (0 = the bottom).
+    pub position: usize,
+    /// The position, in the stack before growth, of the block it copies (`copying` inits).
+    pub source: Option<usize>,
+    /// Dense or mixture of experts ([`mlp_at_birth`]; a copy takes its source's kind).
+    pub mlp: Mlp,
+}
+
+/// One expansion planned against a stack: who is born where, from which source, with which
+/// init and MLP kind. Both drivers — the sequential trainer ([`grow`]) and the actor runtime
+/// (`runtime::scheduler::growth`) — make their plan here and carry it out in this one order:
+///
+/// 1. read the trained state of every source ([`Plan::sources`]);
+/// 2. make each newborn ([`Plan::make`]): fresh optimizer state at step 0, or under `copy` its
+///    source's;
+/// 3. under `reset` ([`Plan::resets_state`]), zero the optimizer state of every unit that was
+///    there before (the newborns' is zero already);
+/// 4. splice the newborns into the stack ([`Plan::splice`]) and record it ([`Plan::record`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub at_step: u64,
+    pub from_depth: usize,
+    pub to_depth: usize,
+    pub position: Position,
+    pub init: GrowInit,
+    pub opt_state: OptStatePolicy,
+    /// The newborns' init (the run's, scaled by `init_scale`).
+    pub init_cfg: InitConfig,
+    /// Bottom-most first.
+    pub births: Vec<Birth>,
+}
+
+impl Plan {
+    /// Plan `exp` against a stack of `from_depth` blocks whose next layer id is `next_id`.
+    pub fn new(exp: &Expansion, from_depth: usize, next_id: u64, dims: &Dims, init_cfg: &InitConfig) -> anyhow::Result<Plan> {
+        let ls = from_depth;
+        anyhow::ensure!(
+            exp.to_depth > ls,
+            "expansion at step {} grows to depth {} but the model already has {ls} blocks",
+            exp.at_step,
+            exp.to_depth
+        );
+        let k = exp.to_depth - ls;
+        let top = exp.position == Position::Top;
+        let births = plan_sources(exp.init, exp.order, ls, k)?
+            .into_iter()
+            .enumerate()
+            .map(|(j, source)| {
+                let position = if top { ls + j } else { j };
+                let mlp = mlp_at_birth(dims, position, exp.to_depth, init_cfg.target_depth, top);
+                Birth { id: next_id + j as u64, position, source, mlp }
+            })
+            .collect();
+        Ok(Plan {
+            at_step: exp.at_step,
+            from_depth: ls,
+            to_depth: exp.to_depth,
+            position: exp.position,
+            init: exp.init,
+            opt_state: exp.opt_state,
+            init_cfg: init_cfg.scaled(exp.init_scale),
+            births,
+        })
     }
-    model.next_id += k as u64;
-    let new_ids: Vec<u64> = new_blocks.iter().map(|b| b.id).collect();
-    match exp.position {
-        Position::Bottom => {
-            new_blocks.append(&mut model.blocks);
-            model.blocks = new_blocks;
+
+    /// The distinct source positions (in the stack before growth), in order of first use.
+    pub fn sources(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for s in self.births.iter().filter_map(|b| b.source) {
+            if !out.contains(&s) {
+                out.push(s);
+            }
         }
-        Position::Top => model.blocks.append(&mut new_blocks),
+        out
     }
-    if exp.opt_state == OptStatePolicy::Reset {
+
+    /// The next layer id after the newborns.
+    pub fn next_id(&self) -> u64 {
+        self.births.last().map_or(0, |b| b.id + 1)
+    }
+
+    /// Newborn `j`, from the snapshot of its source (when it copies one).
+    pub fn make<B: Backend>(&self, be: &B, dims: &Dims, j: usize, source: Option<&UnitState>) -> anyhow::Result<Block<B>> {
+        let b = &self.births[j];
+        make_block(be, dims, b.id, self.init, source, self.opt_state, &self.init_cfg, b.mlp)
+    }
+
+    /// Whether the units that were there before lose their optimizer state (`reset`).
+    pub fn resets_state(&self) -> bool {
+        self.opt_state == OptStatePolicy::Reset
+    }
+
+    /// Put `newborn` (bottom-most first) into `stack`.
+    pub fn splice<T>(&self, stack: &mut Vec<T>, mut newborn: Vec<T>) {
+        match self.position {
+            Position::Bottom => {
+                newborn.append(stack);
+                *stack = newborn;
+            }
+            Position::Top => stack.append(&mut newborn),
+        }
+    }
+
+    /// The record of this expansion, given the stack's layer ids after it.
+    pub fn record(&self, stack: Vec<u64>) -> GrowthRecord {
+        GrowthRecord {
+            at_step: self.at_step,
+            from_depth: self.from_depth,
+            to_depth: self.to_depth,
+            new_ids: self.births.iter().map(|b| b.id).collect(),
+            stack,
+        }
+    }
+}
+
+/// Apply one expansion to a sequential model, in the order [`Plan`] documents.
+pub fn grow<B: Backend>(be: &B, model: &mut Model<B>, exp: &Expansion, init_cfg: &InitConfig) -> anyhow::Result<GrowthRecord> {
+    let plan = Plan::new(exp, model.depth(), model.next_id, &model.dims, init_cfg)?;
+    // 1. the sources' trained state
+    let snaps: Vec<UnitState> = model.blocks.iter().map(|b| b.w.snapshot(be)).collect();
+    // 2. the newborns
+    let newborn = (0..plan.births.len())
+        .map(|j| plan.make(be, &model.dims, j, plan.births[j].source.map(|i| &snaps[i])))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // 3. `reset`: the units that were there before
+    if plan.resets_state() {
         model.embed.w.state.reset(be);
         model.head.w.state.reset(be);
         for b in model.blocks.iter_mut() {
             b.w.state.reset(be);
         }
     }
-    Ok(GrowthRecord {
-        at_step: exp.at_step,
-        from_depth: ls,
-        to_depth: exp.to_depth,
-        new_ids,
-        stack: model.blocks.iter().map(|b| b.id).collect(),
-    })
+    // 4. the splice and the record
+    plan.splice(&mut model.blocks, newborn);
+    model.next_id = plan.next_id();
+    Ok(plan.record(model.blocks.iter().map(|b| b.id).collect()))
 }

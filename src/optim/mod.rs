@@ -77,6 +77,54 @@ impl Optimizer {
 }
 
 /// Σ g² over a unit's gradients (for the gradient-norm metric), before the update.
+/// The data-parallel side of an optimizer step: complete the gradients of the global batch
+/// before the update, and (ZeRO-1) gather every replica's updated tensors after it. The runtime's
+/// `GradSync` is one; [`Alone`] (one process, the sequential trainer) does nothing.
+pub trait StepSync<B: Backend> {
+    fn finish(&mut self, be: &B, sets: &[&ParamSet<B>]);
+    fn gather(&mut self, be: &B, sets: &[&ParamSet<B>]);
+}
+
+/// No data parallelism: the gradients are already the batch's, the parameters already whole.
+pub struct Alone;
+
+impl<B: Backend> StepSync<B> for Alone {
+    fn finish(&mut self, _be: &B, _sets: &[&ParamSet<B>]) {}
+    fn gather(&mut self, _be: &B, _sets: &[&ParamSet<B>]) {}
+}
+
+/// One optimizer step of the units one owner holds (a layer actor's block, the embed-head
+/// actor's two units, the sequential trainer's whole model), in one order everywhere: finish the
+/// data-parallel sync → the gradients' sum of squares (when `sumsq`) → the update of each unit
+/// with `lr` → gather the parameters → zero the gradients. Returns the sum of squares over the
+/// units, in their order (0 without `sumsq`). The one place a step is written.
+pub fn step_units<B: Backend>(
+    be: &B,
+    opt: &Optimizer,
+    scratch: &mut Scratch<B>,
+    sync: &mut dyn StepSync<B>,
+    units: &mut [&mut ParamSet<B>],
+    lr: f32,
+    sumsq: bool,
+) -> f64 {
+    sync.finish(be, &units.iter().map(|u| &**u).collect::<Vec<_>>());
+    let mut ss = 0.0;
+    if sumsq {
+        for u in units.iter() {
+            ss += grad_sumsq(be, u, scratch);
+        }
+    }
+    for u in units.iter_mut() {
+        opt.step(be, u, scratch, lr);
+    }
+    let sets: Vec<&ParamSet<B>> = units.iter().map(|u| &**u).collect();
+    sync.gather(be, &sets);
+    for u in sets {
+        u.zero_grad(be);
+    }
+    ss
+}
+
 pub fn grad_sumsq<B: Backend>(be: &B, set: &ParamSet<B>, scratch: &mut Scratch<B>) -> f64 {
     scratch.sumsq(be, B::whole(&set.grads))
 }

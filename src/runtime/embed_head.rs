@@ -24,7 +24,7 @@ use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::model::init::InitConfig;
 use crate::model::{Batch, Dims, Embed, Head};
-use crate::optim::{grad_sumsq, OptimConfig, Optimizer, Scratch};
+use crate::optim::{step_units, OptimConfig, Optimizer, Scratch};
 use crate::params::UnitState;
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use std::collections::HashMap;
@@ -278,14 +278,8 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             EmbedHeadMsg::Step { lr, step: _, reply } => {
                 let ss = compute(|| {
                     s.head.flush_tied_grad(&s.be, &s.embed.w);
-                    // Data parallelism: the gradient of the global batch (nothing to do alone).
-                    s.sync.finish(&s.be, &[&s.embed.w, &s.head.w]);
-                    let ss = grad_sumsq(&s.be, &s.embed.w, &mut s.scratch) + grad_sumsq(&s.be, &s.head.w, &mut s.scratch);
-                    s.opt.step(&s.be, &mut s.embed.w, &mut s.scratch, lr);
-                    s.opt.step(&s.be, &mut s.head.w, &mut s.scratch, lr);
-                    s.sync.gather_params(&s.be, &[&s.embed.w, &s.head.w]);
-                    s.embed.w.zero_grad(&s.be);
-                    s.head.w.zero_grad(&s.be);
+                    let units = &mut [&mut s.embed.w, &mut s.head.w];
+                    let ss = step_units(&s.be, &s.opt, &mut s.scratch, &mut s.sync, units, lr, true);
                     s.be.synchronize();
                     ss
                 });

@@ -129,3 +129,12 @@ impl GradSync {
         }
     }
 }
+
+impl<B: Backend> crate::optim::StepSync<B> for GradSync {
+    fn finish(&mut self, be: &B, sets: &[&ParamSet<B>]) {
+        GradSync::finish(self, be, sets)
+    }
+    fn gather(&mut self, be: &B, sets: &[&ParamSet<B>]) {
+        self.gather_params(be, sets)
+    }
+}

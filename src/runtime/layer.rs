@@ -17,10 +17,10 @@ use super::events::{Event, Observer};
 use super::handoff::{hand, Activation, Handoff, Peer};
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
-use crate::model::growth::{make_block, GrowInit, OptStatePolicy};
+use crate::model::growth::{make_block, GrowInit, OptStatePolicy, Plan};
 use crate::model::init::InitConfig;
 use crate::model::{Block, Dims};
-use crate::optim::{grad_sumsq, OptimConfig, Optimizer, Scratch};
+use crate::optim::{step_units, OptimConfig, Optimizer, Scratch};
 use crate::params::UnitState;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::marker::PhantomData;
@@ -72,6 +72,8 @@ pub enum LayerInit {
     /// `mlp`: dense or mixture of experts (`model::growth::mlp_at_birth`; a copy takes its
     /// source's).
     Fresh { init: GrowInit, source: Option<UnitState>, policy: OptStatePolicy, init_cfg: InitConfig, mlp: crate::model::moe::Mlp },
+    /// Newborn `j` of a growth plan (`model::growth::Plan::make`), from its source's snapshot.
+    Born { plan: Box<Plan>, j: usize, source: Option<UnitState> },
     /// Restored from a checkpoint or moved from another device.
     Restore(UnitState),
 }
@@ -177,6 +179,7 @@ impl<B: Backend> Actor for LayerActor<B> {
                 LayerInit::Fresh { init, source, policy, init_cfg, mlp } => {
                     make_block(&be, &dims, id, init, source.as_ref(), policy, &init_cfg, mlp)?
                 }
+                LayerInit::Born { plan, j, source } => plan.make(&be, &dims, j, source.as_ref())?,
                 LayerInit::Restore(state) => {
                     let mlp = Block::<B>::mlp_of_len(&dims, state.params.len()).ok_or_else(|| {
                         anyhow::anyhow!("layer {id}: its state holds {} parameters, which no block of this model has", state.params.len())
@@ -218,13 +221,8 @@ impl<B: Backend> Actor for LayerActor<B> {
                     panic!("injected fault: layer {} fails at step {step}", s.block.id);
                 }
                 let ss = compute(|| {
-                    // Data parallelism: the gradient of the global batch (nothing to do alone).
-                    s.sync.finish(&s.be, &[&s.block.w]);
-                    let ss = grad_sumsq(&s.be, &s.block.w, &mut s.scratch);
-                    s.opt.step(&s.be, &mut s.block.w, &mut s.scratch, lr);
-                    s.sync.gather_params(&s.be, &[&s.block.w]);
+                    let ss = step_units(&s.be, &s.opt, &mut s.scratch, &mut s.sync, &mut [&mut s.block.w], lr, true);
                     let load = s.block.after_update(&s.be);
-                    s.block.w.zero_grad(&s.be);
                     s.be.synchronize();
                     if let Some(load) = load {
                         (s.observer)(&Event::ExpertLoad { layer: s.block.id, step, load });

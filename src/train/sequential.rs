@@ -14,7 +14,7 @@ use crate::model::growth::{self, Expansion};
 use crate::model::init::InitConfig;
 use crate::model::{Batch, Model};
 use crate::optim::schedule::Schedule;
-use crate::optim::{Optimizer, Scratch};
+use crate::optim::{step_units, Alone, Optimizer, Scratch};
 use anyhow::{bail, Result};
 use std::time::Instant;
 
@@ -112,13 +112,12 @@ impl<B: Backend> Sequential<B> {
         self.model.finish_grads(&self.be);
         let lr = self.schedule.lr_after_growth(self.step, self.grown_at);
         let m = &mut self.model;
-        self.opt.step(&self.be, &mut m.embed.w, &mut self.scratch, lr);
+        let mut units: Vec<&mut crate::params::ParamSet<_>> = vec![&mut m.embed.w, &mut m.head.w];
+        units.extend(m.blocks.iter_mut().map(|b| &mut b.w));
+        step_units(&self.be, &self.opt, &mut self.scratch, &mut Alone, &mut units, lr, false);
         for blk in m.blocks.iter_mut() {
-            self.opt.step(&self.be, &mut blk.w, &mut self.scratch, lr);
             blk.after_update(&self.be);
         }
-        self.opt.step(&self.be, &mut m.head.w, &mut self.scratch, lr);
-        m.zero_grad(&self.be);
         self.step += 1;
         ((loss / mbs as f64) as f32, lr)
     }

@@ -1,17 +1,17 @@
 //! Growth in the live pipeline: the runtime's side of the growth operator
 //! (`model::growth`), applied by the scheduler at a step boundary with nothing in flight.
 //!
-//! An expansion from L_s to L_t blocks: read the trained state of every source block from its
-//! actor (`GetState`, for `copying`), spawn the k = L_t − L_s newborn `LayerActor`s together
-//! (each builds its block with `model::growth::make_block` on its own thread; its random stream
-//! is keyed by its layer id, so the result does not depend on the order they run in), reset
-//! optimizer state under the `reset` policy, put them at the bottom (or top) of the stack, move
-//! the layers whose device the placement policy changes, relink the ring, and record it all in
-//! one [`GrowthRecord`].
+//! An expansion from L_s to L_t blocks is a `model::growth::Plan`, carried out in its order: read
+//! the trained state of every source block from its actor (`GetState`, for `copying`), spawn the
+//! k = L_t − L_s newborn `LayerActor`s together (each makes its block with `Plan::make` on its
+//! own thread; its random stream is keyed by its layer id, so the result does not depend on the
+//! order they run in), reset optimizer state under the `reset` policy, splice them into the
+//! stack; then the runtime's own part: move the layers whose device the placement policy changes,
+//! relink the ring, check the replicas agree, and record it all in one `GrowthRecord`.
 
 use super::{ask, boxed, gone, Res, SchedulerState, Stage};
 use crate::backend::Backend;
-use crate::model::growth::{plan_sources, Expansion, GrowthRecord, OptStatePolicy, Position};
+use crate::model::growth::{Expansion, Plan};
 use crate::params::UnitState;
 use crate::runtime::embed_head::EmbedHeadMsg;
 use crate::runtime::error::RunError;
@@ -186,69 +186,46 @@ impl<B: Backend> SchedulerState<B> {
         Ok(())
     }
 
+    /// Carry out one expansion in the order `model::growth::Plan` documents.
     async fn grow(&mut self, e: &Expansion) -> Res<()> {
         let t0 = Instant::now();
         let ls = self.stack.len();
-        if e.to_depth <= ls {
-            let msg = format!("expansion at step {} to depth {} but the model has {ls} blocks", e.at_step, e.to_depth);
-            return Err(boxed(RunError::Config(msg)));
-        }
-        let k = e.to_depth - ls;
-        let sources = plan_sources(e.init, e.order, ls, k).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
-        // Trained state of every source block, read from its actor.
-        let mut snaps: HashMap<usize, UnitState> = HashMap::new();
-        for i in sources.iter().flatten() {
-            if !snaps.contains_key(i) {
-                let st = ask(&self.stack[*i].actor, "GetState", LayerMsg::GetState).await?;
-                snaps.insert(*i, st);
-            }
-        }
-        let positions: Vec<usize> = match e.position {
-            Position::Bottom => (0..k).collect(),
-            Position::Top => (ls..ls + k).collect(),
-        };
-        let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
-        let p = &self.cfg.placement;
-        let devices = placement::after_growth(p.policy, &self.slots, &old_devices, &positions, self.cfg.target_depth());
-        let mut init_cfg = self.init_cfg.scaled(e.init_scale);
+        let mut init_cfg = self.init_cfg.clone();
         if self.cfg.faults.diverge_replica == Some(self.rank) {
             init_cfg.seed ^= 1;
         }
-        // All newborns at once: each initialises its block on its own thread.
-        let top = e.position == Position::Top;
-        let spawns = sources.iter().enumerate().map(|(j, src)| {
-            let id = self.next_id + j as u64;
-            let mlp = crate::model::growth::mlp_at_birth(&self.dims, positions[j], e.to_depth, init_cfg.target_depth, top);
-            let init = LayerInit::Fresh {
-                init: e.init,
-                source: src.map(|i| snaps[&i].clone()),
-                policy: e.opt_state,
-                init_cfg: init_cfg.clone(),
-                mlp,
-            };
-            self.spawn_layer(id, devices[positions[j]].clone(), init)
+        let mut plan = Plan::new(e, ls, self.next_id, &self.dims, &init_cfg).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
+        plan.at_step = self.step;
+        // 1. The trained state of every source block, read from its actor.
+        let mut snaps: HashMap<usize, UnitState> = HashMap::new();
+        for i in plan.sources() {
+            snaps.insert(i, ask(&self.stack[i].actor, "GetState", LayerMsg::GetState).await?);
+        }
+        let positions: Vec<usize> = plan.births.iter().map(|b| b.position).collect();
+        let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
+        let p = &self.cfg.placement;
+        let devices = placement::after_growth(p.policy, &self.slots, &old_devices, &positions, self.cfg.target_depth());
+        // 2. All newborns at once: each makes its block on its own thread.
+        let spawns = plan.births.iter().enumerate().map(|(j, b)| {
+            let init = LayerInit::Born { plan: Box::new(plan.clone()), j, source: b.source.map(|i| snaps[&i].clone()) };
+            self.spawn_layer(b.id, devices[b.position].clone(), init)
         });
-        let mut newborn = futures::future::try_join_all(spawns).await?;
-        self.next_id += k as u64;
-        let new_ids: Vec<u64> = newborn.iter().map(|s| s.id).collect();
-        if e.opt_state == OptStatePolicy::Reset {
+        let newborn = futures::future::try_join_all(spawns).await?;
+        self.next_id = plan.next_id();
+        // 3. `reset`: the units that were there before.
+        if plan.resets_state() {
             for s in &self.stack {
                 ask(&s.actor, "ResetOptState", LayerMsg::ResetOptState).await?;
             }
             ask(&self.embed_head, "ResetOptState", EmbedHeadMsg::ResetOptState).await?;
         }
-        match e.position {
-            Position::Bottom => {
-                newborn.append(&mut self.stack);
-                self.stack = newborn;
-            }
-            Position::Top => self.stack.append(&mut newborn),
-        }
+        // 4. The splice, then the runtime's own part: placement, links, agreement, the record.
+        plan.splice(&mut self.stack, newborn);
         let moved = self.move_layers(&devices).await?;
         self.relink().await?;
+        let new_ids: Vec<u64> = plan.births.iter().map(|b| b.id).collect();
         self.check_replicas_agree(&new_ids, false, &format!("after growth at step {}", self.step)).await?;
-        let stack: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
-        let record = GrowthRecord { at_step: self.step, from_depth: ls, to_depth: e.to_depth, new_ids, stack };
+        let record = plan.record(self.stack.iter().map(|s| s.id).collect());
         let seconds = t0.elapsed().as_secs_f64();
         self.growth.push(record.clone());
         self.log.growth(&record, seconds, &format!(" moved={moved} placement={}", devices.join(",")));
