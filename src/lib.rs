@@ -1,14 +1,17 @@
 //! taproot — a training runtime for deep progressive training.
 //!
-//! Train a zero- or one-layer GPT-2 cheaply, grow it to full depth mid-run by inserting new
-//! blocks at the bottom of the stack, and finish at the loss of a model trained at full depth.
+//! Train a zero- or one-layer transformer (GPT-2, LLaMA, Qwen3 or mixture-of-experts blocks)
+//! cheaply, grow it to full depth mid-run by inserting new blocks at the bottom of the stack, and
+//! finish near the loss of a model trained at full depth. `docs/ARCHITECTURE.md` is the map.
 //! Every method choice, with its config key and default, is written in `docs/METHOD.md`.
 //!
 //! Words, used in one sense each: a **block** is one transformer layer's computation and
 //! parameters (`model::Block`); a **layer** is a block in the stack, owned by one layer actor
 //! and named by its stable id (birth order); a **unit** is anything that owns one `ParamSet`
-//! (the embedding, a block, the head); a **stage** is an actor of the pipeline (a layer actor or
-//! the embed-head actor); the **schedule** is the learning rate over steps
+//! (the embedding, a block, the head); a **kind** is a block kind (`model.arch`, one folder
+//! under `model::kinds`); a **stage** is a process of a pipeline split over processes
+//! (`dist::stage()`), never an actor: the pipeline's actors are the layer actors and the
+//! embed-head actor; a **replica** is one data-parallel copy of the pipeline; the **schedule** is the learning rate over steps
 //! (`optim::schedule`), the **scheduler** the actor that runs the step clock; the **sequential
 //! trainer** is the plain loop (`train::sequential`), the **supervisor** the actor that owns a
 //! runtime run's failures.
@@ -20,17 +23,23 @@
 //!   activation buffers (`backend::pool`).
 //! - [`params`]: a unit's tensors as model and optimizer both see them (`Layout`, `ParamSet`,
 //!   `OptState`, `UnitState`); it depends on the backend only.
-//! - [`model`]: the units a pipeline stage owns (`Embed`, `Block`, `Head`), initialisation and
-//!   the growth operator (`model::growth`).
-//! - [`optim`]: Muon-NSGD, AdamW, Muon-AdamW and the learning-rate schedules (`optim::schedule`,
-//!   where the warmup-stable-decay schedule lives).
+//! - [`model`]: the units (`Embed`, `Block`, `Head`), initialisation, the growth operator and its
+//!   `Plan` (`model::growth`), and the block kinds, one folder each, behind `KindSpec` and
+//!   `BlockBody` with their registry (`model::kinds`).
+//! - [`optim`]: Muon-NSGD, AdamW, Muon-AdamW, the one optimizer step of every owner
+//!   (`optim::step_units`) and the learning-rate schedules (`optim::schedule`, where the
+//!   warmup-stable-decay schedule lives).
 //! - [`data`]: tokenizers, llm.c-format token shards and the deterministic batch loader.
 //! - [`config`]: the TOML run configuration.
 //! - [`train`]: the sequential trainer (the test oracle for the actor runtime), the run options
 //!   and report every loop shares, and `train::log::RunLog`, the step bookkeeping of every loop.
 //! - [`runtime`]: the actor pipeline — one actor per layer (`runtime::layer`), the embedding and
-//!   head (`runtime::embed_head`), the scheduler (`runtime::scheduler`: WSD timing;
-//!   `runtime::scheduler::growth`: growth at τ), the supervisor (`runtime::supervisor`).
+//!   head (`runtime::embed_head`), the scheduler (`runtime::scheduler`: WSD timing, its state in
+//!   parts, the replicas' agreement at each step; `runtime::scheduler::growth`: growth at τ), the
+//!   supervisor (`runtime::supervisor`), the gradient all-reduce (`runtime::grad_sync`), the
+//!   metrics actor (`runtime::metrics`), and a pipeline split over processes: frames
+//!   (`runtime::frame`), stand-ins of remote layers (`runtime::remote`), a hosting stage
+//!   (`runtime::host`).
 //! - [`checkpoint`]: atomic, checksummed safetensors checkpoints keyed by layer id.
 //! - [`experiment`]: the paper's experiments at our scale (`taproot experiment`) and the τ pilot
 //!   (`taproot plan`): mixing time, speed-up at matched loss, CSV tables and PNG plots.

@@ -209,7 +209,6 @@ pub trait Backend: Send + Sized + 'static {
 
     // ----- matrix products -----
     /// `c = alpha * op(a) @ op(b) + beta * c`, row-major, op(a) (m, k), op(b) (k, n), c (m, n).
-    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         c: View<Self::Buf>,
@@ -224,7 +223,6 @@ pub trait Backend: Send + Sized + 'static {
         beta: f32,
     );
     /// `out = inp @ w^T + b`: inp (N, C), w (OC, C), b (OC), out (N, OC).
-    #[allow(clippy::too_many_arguments)]
     fn matmul_forward(
         &self,
         out: View<Self::Buf>,
@@ -237,7 +235,6 @@ pub trait Backend: Send + Sized + 'static {
     );
     /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;
     /// db (OC) += column sums of dout.
-    #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
         dinp: Option<View<Self::Buf>>,
@@ -254,7 +251,6 @@ pub trait Backend: Send + Sized + 'static {
     // ----- transformer ops -----
     /// out (B, T, C) = wte[ids] + wpe[t]; wte (Vp, C), wpe (maxT, C) or none (rotary models),
     /// ids (B, T).
-    #[allow(clippy::too_many_arguments)]
     fn encoder_forward(
         &self,
         out: View<Self::Buf>,
@@ -266,7 +262,6 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
     );
     /// dwte[ids] += dout; dwpe[t] += dout (when there is a wpe).
-    #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
         dwte: View<Self::Buf>,
@@ -278,7 +273,6 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
     );
     /// out (N, C) = (inp - mean) * rstd * w + b; saves mean (N), rstd (N) for backward.
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
         out: View<Self::Buf>,
@@ -291,7 +285,6 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
     );
     /// dinp += (ACCUMULATES: the residual stream's gradient); dw += ; db += .
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
         dinp: View<Self::Buf>,
@@ -309,11 +302,9 @@ pub trait Backend: Send + Sized + 'static {
     /// qkv (B, T, 3C) -> out (B, T, C); saves `att` ([`Backend::attention_state_len`] floats):
     /// the (B, NH, T, T) post-softmax probabilities, or with flash attention the (B, NH, T)
     /// logsumexp of each row's scores.
-    #[allow(clippy::too_many_arguments)]
     fn attention_forward(&self, out: View<Self::Buf>, att: View<Self::Buf>, qkv: View<Self::Buf>, b: usize, t: usize, c: usize, nh: usize);
     /// dqkv (B, T, 3C) overwritten; datt ([`Backend::attention_scratch_len`]) is scratch;
     /// out (B, T, C) is the forward's output (flash attention's backward needs rowsum(dout·out)).
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dqkv: View<Self::Buf>,
@@ -328,7 +319,6 @@ pub trait Backend: Send + Sized + 'static {
         nh: usize,
     );
     /// RMSNorm over rows of C: out = x · rstd · w, rstd = 1 / sqrt(mean(x²) + eps), kept (N).
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
         out: View<Self::Buf>,
@@ -340,7 +330,6 @@ pub trait Backend: Send + Sized + 'static {
         eps: f32,
     );
     /// dinp += (ACCUMULATES, as LayerNorm's); dw += .
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dinp: View<Self::Buf>,
@@ -355,7 +344,6 @@ pub trait Backend: Send + Sized + 'static {
     /// Per-head RMSNorm (qwen3's QK-norm): in each of `rows` rows of `stride` floats, the first
     /// `heads` vectors of `hd` floats become x · rstd · w, w (hd) shared by the heads; rstd
     /// (rows · heads) is kept. `out` has `inp`'s layout; only those vectors are written.
-    #[allow(clippy::too_many_arguments)]
     fn head_rmsnorm_forward(
         &self,
         out: View<Self::Buf>,
@@ -371,7 +359,6 @@ pub trait Backend: Send + Sized + 'static {
     /// The backward of [`Backend::head_rmsnorm_forward`], IN PLACE: `d` holds the gradient of
     /// the output vectors on entry and that of the input vectors on return (the other floats of
     /// each row are left alone); dw += Σ over every vector of norm · dout.
-    #[allow(clippy::too_many_arguments)]
     fn head_rmsnorm_backward(
         &self,
         d: View<Self::Buf>,
@@ -390,7 +377,6 @@ pub trait Backend: Send + Sized + 'static {
     /// Mixture of experts: out (N, C)[t] = Σ_j w[t, j] · ys[slots[t, j]] over the k choices of
     /// each token, in choice order (overwritten; w = 1 when `weights` is None, which makes this
     /// the adjoint of [`Backend::gather_rows`]).
-    #[allow(clippy::too_many_arguments)]
     fn moe_combine(
         &self,
         out: View<Self::Buf>,
@@ -403,7 +389,6 @@ pub trait Backend: Send + Sized + 'static {
     );
     /// The backward of [`Backend::moe_combine`] (both overwritten): dys[slots[t, j]] =
     /// w[t, j] · dout[t] and dweights[t, j] = dout[t] · ys[slots[t, j]].
-    #[allow(clippy::too_many_arguments)]
     fn moe_combine_backward(
         &self,
         dys: View<Self::Buf>,
@@ -419,15 +404,12 @@ pub trait Backend: Send + Sized + 'static {
     /// Rotary positions in place on the first `heads` heads (size `hd`) of each of `rows` rows of
     /// `stride` floats (row r is position r mod t): pair (i, i + hd/2) rotated by
     /// pos · θ^(−2i/hd), the Hugging Face layout. `inverse` rotates back: the backward.
-    #[allow(clippy::too_many_arguments)]
     fn rope(&self, x: View<Self::Buf>, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool);
     /// Grouped-query attention's shared keys and values: out (N, 3·nh·hd) = [q | k | v] with
     /// query head h reading key/value head h / (nh / kv), from inp (N, (nh + 2·kv)·hd).
-    #[allow(clippy::too_many_arguments)]
     fn gqa_expand(&self, out: View<Self::Buf>, inp: View<Self::Buf>, n: usize, nh: usize, kv: usize, hd: usize);
     /// The adjoint of `gqa_expand` (overwrites dinp): each key/value head's gradient is the sum
     /// over the query heads that read it.
-    #[allow(clippy::too_many_arguments)]
     fn gqa_reduce(&self, dinp: View<Self::Buf>, dout: View<Self::Buf>, n: usize, nh: usize, kv: usize, hd: usize);
     /// out (N, F) = silu(gate) · up from inp (N, 2F) = [gate | up] per row.
     fn swiglu_forward(&self, out: View<Self::Buf>, inp: View<Self::Buf>, n: usize, f: usize);
@@ -441,7 +423,6 @@ pub trait Backend: Send + Sized + 'static {
     /// logits (N, Vp) is overwritten IN PLACE with dlogits = (softmax - onehot(target)) * dscale;
     /// columns V..Vp are masked: they take no probability and get zero gradient.
     /// losses (N) = -log softmax(logits)[target].
-    #[allow(clippy::too_many_arguments)]
     fn crossentropy_forward_backward(
         &self,
         logits: View<Self::Buf>,
@@ -456,7 +437,6 @@ pub trait Backend: Send + Sized + 'static {
     // ----- optimizer kernels (one tensor at a time) -----
     /// AdamW with bias correction at this tensor's own step `t` (1-based) and decoupled decay:
     /// m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr (m̂ / (sqrt(v̂) + eps) + wd p).
-    #[allow(clippy::too_many_arguments)]
     fn adamw_update(
         &self,
         p: View<Self::Buf>,
@@ -475,6 +455,5 @@ pub trait Backend: Send + Sized + 'static {
     /// p = p (1 - lr wd) - lr * scale * u (the final step of Muon and NSGD).
     fn apply_update(&self, p: View<Self::Buf>, u: View<Self::Buf>, lr: f32, scale: f32, wd: f32);
     /// p = p (1 - lr wd) - lr * u / (sqrt(ss[0]) + eps) — normalised SGD with a device-side norm.
-    #[allow(clippy::too_many_arguments)]
     fn nsgd_apply(&self, p: View<Self::Buf>, u: View<Self::Buf>, ss: View<Self::Buf>, lr: f32, wd: f32, eps: f32);
 }

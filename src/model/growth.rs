@@ -171,7 +171,6 @@ pub use super::block::mlp_at_birth;
 /// `source`: the snapshot of the block it copies (`copying`, `copying_zero`); its optimizer state
 /// is taken along only under the `copy` policy. A copy is of its source's kind, dense or MoE
 /// (`mlp` then does not apply): experts, router and balancing bias are copied as they are.
-#[allow(clippy::too_many_arguments)]
 pub fn make_block<B: Backend>(
     be: &B,
     dims: &Dims,

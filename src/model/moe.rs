@@ -85,7 +85,6 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize,
 }
 
 /// [`route`] into `r`, reusing its vectors (the block routes every micro-batch).
-#[allow(clippy::too_many_arguments)]
 pub fn route_into(r: &mut Route, logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize, routing: Routing) {
     assert!(logits.len() == n * e && k >= 1 && k <= e, "route: {n} tokens of {e} logits, top {k}");
     r.experts.clear();
@@ -126,7 +125,6 @@ pub fn route_backward(r: &Route, dweights: &[f32], n: usize, e: usize, k: usize,
 }
 
 /// [`route_backward`] into `dl` (resized to N·E), reusing its memory.
-#[allow(clippy::too_many_arguments)]
 pub fn route_backward_into(dl: &mut Vec<f32>, r: &Route, dweights: &[f32], n: usize, e: usize, k: usize, routing: Routing) {
     dl.clear();
     dl.resize(n * e, 0.0);

@@ -5,7 +5,6 @@
 //! reference, used by the tests to check every backend's kernel against a hand computation.
 
 /// One AdamW step on host slices, in f64, exactly as the kernel defines it.
-#[allow(clippy::too_many_arguments)]
 pub fn adamw_reference(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], lr: f64, b1: f64, b2: f64, eps: f64, wd: f64, t: u64) {
     let bc1 = 1.0 - b1.powi(t as i32);
     let bc2 = 1.0 - b2.powi(t as i32);

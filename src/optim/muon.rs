@@ -60,7 +60,6 @@ impl<B: Backend> Scratch<B> {
 /// Orthogonalise `x` (r, c) in place by `steps` Newton–Schulz iterations; `x2`, `a`, `bm` are
 /// scratch. `x` must already be normalised (‖x‖_F ≤ 1). Returns whether the result ended in
 /// `x2` (after an odd number of swaps) — the caller reads it from there.
-#[allow(clippy::too_many_arguments)]
 pub fn newton_schulz<B: Backend>(
     be: &B,
     x: View<B::Buf>,
@@ -93,7 +92,6 @@ pub fn newton_schulz<B: Backend>(
 }
 
 /// One Muon step of a (rows, cols) tensor.
-#[allow(clippy::too_many_arguments)]
 pub fn muon_update<B: Backend>(
     be: &B,
     cfg: &OptimConfig,
@@ -124,7 +122,6 @@ pub fn muon_update<B: Backend>(
 }
 
 /// One normalised-SGD step of a tensor.
-#[allow(clippy::too_many_arguments)]
 pub fn nsgd_update<B: Backend>(
     be: &B,
     cfg: &OptimConfig,
@@ -146,7 +143,6 @@ pub fn nsgd_update<B: Backend>(
 }
 
 /// Host reference of the whole Muon step in f64 (tests compare backends against it).
-#[allow(clippy::too_many_arguments)]
 pub fn muon_reference(p: &mut [f64], g: &[f64], m: &mut [f64], rows: usize, cols: usize, cfg: &OptimConfig, lr: f64, wd: f64) {
     let mu = cfg.momentum as f64;
     let mut x = vec![0.0; rows * cols];

@@ -24,7 +24,6 @@ use rayon::prelude::*;
 pub const TILE: usize = 64;
 
 /// out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C), causal, scale 1/sqrt(hs).
-#[allow(clippy::too_many_arguments)]
 pub fn flash_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize, prec: Precision) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -90,7 +89,6 @@ pub fn flash_rowdot(d: &mut [f32], dout: &[f32], out: &[f32], b: usize, t: usize
 
 /// dqkv (B, T, 3C) overwritten, from dout (B, T, C), qkv, the forward's lse and D (see
 /// [`flash_rowdot`]).
-#[allow(clippy::too_many_arguments)]
 pub fn flash_backward(
     dqkv: &mut [f32],
     dout: &[f32],

@@ -10,7 +10,6 @@ use rayon::prelude::*;
 /// Raw gemm call: dst (m, n) = dst_scale * dst + prod_scale * lhs @ rhs, with explicit strides.
 /// `parallel = false` inside tasks that are already spread over the pool (attention runs one
 /// small product per (batch, head)).
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw_par(
     m: usize,
     n: usize,
@@ -170,7 +169,6 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     dinp: Option<&mut [f32]>,
     dw: &mut [f32],
@@ -269,7 +267,6 @@ pub fn encoder_backward(dwte: &mut [f32], mut dwpe: Option<&mut [f32]>, dout: &[
 // ----------------------------------------------------------------------------------------------
 // layernorm
 
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) {
     const EPS: f32 = 1e-5;
     assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n, "layernorm_forward: shapes");
@@ -290,7 +287,6 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], in
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dinp: &mut [f32],
     dw: &mut [f32],
@@ -386,7 +382,6 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
 
 /// Per (b, h): dP = dO Vᵀ; dV = Pᵀ dO; dS = P ⊙ (dP − rowsum(P ⊙ dP)); dQ = dS K · scale;
 /// dK = dSᵀ Q · scale. Every product overwrites its slice of dqkv, so dqkv needs no zeroing.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: &mut [f32],
     datt: &mut [f32],
@@ -524,7 +519,6 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
 // ----------------------------------------------------------------------------------------------
 // optimizer kernels
 
-#[allow(clippy::too_many_arguments)]
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, t: u64) {
     let (rbc1, rbc2) = (1.0 / (1.0 - b1.powi(t as i32)), 1.0 / (1.0 - b2.powi(t as i32)));
     // Zipped slices (no indexing) so the loop vectorises: AdamW is memory-bound, 7 streams.

@@ -19,7 +19,6 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32]
 }
 
 /// dinp += (w·dout − norm · mean(w·dout·norm)) · rstd, norm = x · rstd; dw += Σ_rows norm · dout.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
     assert!(dinp.len() == n * c && dw.len() == c && dout.len() == n * c && rstd.len() >= n, "rmsnorm_backward: shapes");
     dinp.par_chunks_mut(c).enumerate().for_each(|(r, di)| {
@@ -50,7 +49,6 @@ pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f
 
 /// Per-head RMSNorm (QK-norm): the first `heads` vectors of `hd` floats of each of `rows` rows
 /// of `stride` floats become x · rstd · w; rstd (rows · heads) is kept.
-#[allow(clippy::too_many_arguments)]
 pub fn head_rmsnorm_forward(
     out: &mut [f32],
     rstd: &mut [f32],
@@ -82,7 +80,6 @@ pub fn head_rmsnorm_forward(
 /// The backward of [`head_rmsnorm_forward`], in place on `d` (dout in, dinp out, per vector:
 /// (w·dout − norm · mean(w·dout·norm)) · rstd); dw += Σ_vectors norm · dout, summed first, in
 /// row and head order.
-#[allow(clippy::too_many_arguments)]
 pub fn head_rmsnorm_backward(
     d: &mut [f32],
     dw: &mut [f32],
@@ -128,7 +125,6 @@ pub fn gather_rows(out: &mut [f32], inp: &[f32], rows: &[u32], m: usize, c: usiz
 }
 
 /// out (N, C)[t] = Σ_j w[t, j] · ys[slots[t, j]], choices in order (w = 1 without weights).
-#[allow(clippy::too_many_arguments)]
 pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&[f32]>, n: usize, k: usize, c: usize) {
     assert!(out.len() >= n * c && slots.len() >= n * k, "moe_combine: shapes");
     out[..n * c].par_chunks_mut(c).enumerate().for_each(|(t, o)| {
@@ -144,7 +140,6 @@ pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&
 }
 
 /// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]].
-#[allow(clippy::too_many_arguments)]
 pub fn moe_combine_backward(
     dys: &mut [f32],
     dweights: &mut [f32],
@@ -178,7 +173,6 @@ fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
 /// (rows of `stride` floats; row r is position r mod t): the pairs (i, i + hd/2) of a head are
 /// rotated by pos · θ^(−2i/hd) (the Hugging Face `rotate_half` layout). `sign` −1 rotates back
 /// (the backward: the rotation is orthogonal, so dx = Rᵀ dy).
-#[allow(clippy::too_many_arguments)]
 pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, sign: f32) {
     assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
     let half = hd / 2;

@@ -36,7 +36,6 @@ impl super::CudaBackend {
 
     /// `parts` (B, T, parts, NH, hs) fp32 rows as head-major bf16 (parts, B, NH, T, hs) in scratch
     /// `slot`: the layout the flash kernels read in 16-byte tiles.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn heads_bf16(&self, slot: usize, src: u64, b: usize, t: usize, parts: usize, nh: usize, hs: usize) -> u64 {
         let len = parts * b * t * nh * hs;
         let dst = self.bf16_slot(slot, len);
@@ -48,7 +47,6 @@ impl super::CudaBackend {
     }
 
     /// `c = alpha op(a) op(b) + beta c` on operands made by [`CudaBackend::operand`].
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn product(
         &self,
         c: u64,

@@ -9,7 +9,7 @@
 //! stack; then the runtime's own part: move the layers whose device the placement policy changes,
 //! relink the ring, check the replicas agree, and record it all in one `GrowthRecord`.
 
-use super::{ask, boxed, gone, Res, SchedulerState, Stage};
+use super::{ask, boxed, gone, Layer, Res, SchedulerState};
 use crate::backend::Backend;
 use crate::model::growth::{Expansion, Plan};
 use crate::params::UnitState;
@@ -34,7 +34,7 @@ impl<B: Backend> SchedulerState<B> {
 
     /// Spawn the layer actor `id` on `device` (a slot: on another stage it is a
     /// `RemoteLayerActor` standing in for the layer there), linked to the supervisor.
-    pub(super) async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Stage<B>> {
+    pub(super) async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Layer<B>> {
         let armed = !self.opts.faults_disarmed && self.cfg.faults.panic_layer == Some(id);
         let panic_at_step = armed.then_some(self.cfg.faults.panic_at_step).flatten();
         let (stage, device_index) = placement::slot_of(&device, &self.cfg.placement.devices);
@@ -45,7 +45,7 @@ impl<B: Backend> SchedulerState<B> {
                 .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
             let rank = crate::dist::replica() * crate::dist::stages() + stage;
             self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device}, rank {rank})"));
-            return Ok(Stage { id, device, actor });
+            return Ok(Layer { id, device, actor });
         }
         let args = LayerArgs {
             id,
@@ -64,16 +64,16 @@ impl<B: Backend> SchedulerState<B> {
             .await
             .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
         self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
-        Ok(Stage { id, device, actor })
+        Ok(Layer { id, device, actor })
     }
 
     /// The stage of stack position `i` (None: the embed-head actor, on stage 0).
     fn stage_of(&self, i: Option<usize>) -> usize {
-        i.map_or(0, |i| placement::slot_of(&self.stack[i].device, &self.cfg.placement.devices).0)
+        i.map_or(0, |i| placement::slot_of(&self.stack.layers[i].device, &self.cfg.placement.devices).0)
     }
 
     fn addr(&self, i: Option<usize>) -> Addr {
-        let unit = i.map_or(Unit::Ends, |i| Unit::Layer(self.stack[i].id));
+        let unit = i.map_or(Unit::Ends, |i| Unit::Layer(self.stack.layers[i].id));
         Addr { stage: self.stage_of(i), unit }
     }
 
@@ -82,7 +82,7 @@ impl<B: Backend> SchedulerState<B> {
     async fn peer_for(&mut self, from_device: &str, to: Option<usize>) -> Res<Peer<B>> {
         if self.stage_of(to) == 0 {
             return Ok(match to {
-                Some(i) => self.stack[i].actor.get_derived(),
+                Some(i) => self.stack.layers[i].actor.get_derived(),
                 None => self.embed_head.get_derived(),
             });
         }
@@ -99,7 +99,7 @@ impl<B: Backend> SchedulerState<B> {
         for l in self.links.drain(..) {
             l.stop(None);
         }
-        let n = self.stack.len();
+        let n = self.stack.layers.len();
         if crate::dist::stages() > 1 {
             // The units frames may be addressed to in this process.
             let routes = remote::routes::<B>();
@@ -107,7 +107,7 @@ impl<B: Backend> SchedulerState<B> {
             let ends = self.ends_device.clone();
             routes.set(Unit::Ends, Route { peer: self.embed_head.get_derived(), device: ends.as_str().into(), pool: self.pool(&ends) });
             for i in (0..n).filter(|&i| self.stage_of(Some(i)) == 0) {
-                let s = &self.stack[i];
+                let s = &self.stack.layers[i];
                 routes.set(
                     Unit::Layer(s.id),
                     Route { peer: s.actor.get_derived(), device: s.device.as_str().into(), pool: self.pool(&s.device) },
@@ -122,12 +122,12 @@ impl<B: Backend> SchedulerState<B> {
             let (below, above) = (i.checked_sub(1), (i + 1 < n).then_some(i + 1));
             let stage = self.stage_of(Some(i));
             if stage == 0 {
-                let device = self.stack[i].device.clone();
+                let device = self.stack.layers[i].device.clone();
                 let prev = self.peer_for(&device, below).await?;
                 let next = self.peer_for(&device, above).await?;
-                self.stack[i].actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
+                self.stack.layers[i].actor.cast(LayerMsg::Link { prev, next }).map_err(gone)?;
             } else {
-                let req = Request::Link { id: self.stack[i].id, prev: self.addr(below), next: self.addr(above) };
+                let req = Request::Link { id: self.stack.layers[i].id, prev: self.addr(below), next: self.addr(above) };
                 remote::request(stage, req).await.map_err(boxed)?;
             }
         }
@@ -155,7 +155,7 @@ impl<B: Backend> SchedulerState<B> {
             add("the embedding".into(), &embed.params);
             add("the head".into(), &head.params);
         }
-        for s in self.stack.iter().filter(|s| ids.contains(&s.id)) {
+        for s in self.stack.layers.iter().filter(|s| ids.contains(&s.id)) {
             let st = ask(&s.actor, "GetState", LayerMsg::GetState).await?;
             add(format!("layer {}", s.id), &st.params);
         }
@@ -168,18 +168,18 @@ impl<B: Backend> SchedulerState<B> {
 
     /// `GrowNow`: take the next expansion of the plan and apply it at this boundary.
     pub(super) async fn grow_next_planned(&mut self) -> Result<usize, RunError> {
-        let Some(i) = self.plan.iter().position(|e| e.to_depth > self.stack.len()) else {
-            return Err(RunError::Refused(format!("no expansion left in the growth plan (depth is {})", self.stack.len())));
+        let Some(i) = self.stack.plan.iter().position(|e| e.to_depth > self.stack.layers.len()) else {
+            return Err(RunError::Refused(format!("no expansion left in the growth plan (depth is {})", self.stack.layers.len())));
         };
-        let mut e = self.plan.remove(i);
-        e.at_step = self.step;
+        let mut e = self.stack.plan.remove(i);
+        e.at_step = self.clock.step;
         self.grow(&e).await.map_err(|e| RunError::from_actor(&e))?;
-        Ok(self.stack.len())
+        Ok(self.stack.layers.len())
     }
 
     /// Apply the expansions due before the update of the current step.
     pub(super) async fn grow_if_due(&mut self) -> Res<()> {
-        let due: Vec<Expansion> = self.plan.iter().filter(|e| e.at_step == self.step).cloned().collect();
+        let due: Vec<Expansion> = self.stack.plan.iter().filter(|e| e.at_step == self.clock.step).cloned().collect();
         for e in due {
             self.grow(&e).await?;
         }
@@ -189,20 +189,21 @@ impl<B: Backend> SchedulerState<B> {
     /// Carry out one expansion in the order `model::growth::Plan` documents.
     async fn grow(&mut self, e: &Expansion) -> Res<()> {
         let t0 = Instant::now();
-        let ls = self.stack.len();
+        let ls = self.stack.layers.len();
         let mut init_cfg = self.init_cfg.clone();
-        if self.cfg.faults.diverge_replica == Some(self.rank) {
+        if self.cfg.faults.diverge_replica == Some(self.replica) {
             init_cfg.seed ^= 1;
         }
-        let mut plan = Plan::new(e, ls, self.next_id, &self.dims, &init_cfg).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
-        plan.at_step = self.step;
+        let mut plan =
+            Plan::new(e, ls, self.stack.next_id, &self.dims, &init_cfg).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
+        plan.at_step = self.clock.step;
         // 1. The trained state of every source block, read from its actor.
         let mut snaps: HashMap<usize, UnitState> = HashMap::new();
         for i in plan.sources() {
-            snaps.insert(i, ask(&self.stack[i].actor, "GetState", LayerMsg::GetState).await?);
+            snaps.insert(i, ask(&self.stack.layers[i].actor, "GetState", LayerMsg::GetState).await?);
         }
         let positions: Vec<usize> = plan.births.iter().map(|b| b.position).collect();
-        let old_devices: Vec<String> = self.stack.iter().map(|s| s.device.clone()).collect();
+        let old_devices: Vec<String> = self.stack.layers.iter().map(|s| s.device.clone()).collect();
         let p = &self.cfg.placement;
         let devices = placement::after_growth(p.policy, &self.slots, &old_devices, &positions, self.cfg.target_depth());
         // 2. All newborns at once: each makes its block on its own thread.
@@ -211,23 +212,23 @@ impl<B: Backend> SchedulerState<B> {
             self.spawn_layer(b.id, devices[b.position].clone(), init)
         });
         let newborn = futures::future::try_join_all(spawns).await?;
-        self.next_id = plan.next_id();
+        self.stack.next_id = plan.next_id();
         // 3. `reset`: the units that were there before.
         if plan.resets_state() {
-            for s in &self.stack {
+            for s in &self.stack.layers {
                 ask(&s.actor, "ResetOptState", LayerMsg::ResetOptState).await?;
             }
             ask(&self.embed_head, "ResetOptState", EmbedHeadMsg::ResetOptState).await?;
         }
         // 4. The splice, then the runtime's own part: placement, links, agreement, the record.
-        plan.splice(&mut self.stack, newborn);
+        plan.splice(&mut self.stack.layers, newborn);
         let moved = self.move_layers(&devices).await?;
         self.relink().await?;
         let new_ids: Vec<u64> = plan.births.iter().map(|b| b.id).collect();
-        self.check_replicas_agree(&new_ids, false, &format!("after growth at step {}", self.step)).await?;
-        let record = plan.record(self.stack.iter().map(|s| s.id).collect());
+        self.check_replicas_agree(&new_ids, false, &format!("after growth at step {}", self.clock.step)).await?;
+        let record = plan.record(self.stack.layers.iter().map(|s| s.id).collect());
         let seconds = t0.elapsed().as_secs_f64();
-        self.growth.push(record.clone());
+        self.stack.growth.push(record.clone());
         self.log.growth(&record, seconds, &format!(" moved={moved} placement={}", devices.join(",")));
         (self.observer)(&Event::Growth { record, seconds });
         Ok(())
@@ -237,15 +238,15 @@ impl<B: Backend> SchedulerState<B> {
     /// stop, respawn on the new device from the snapshot. Returns how many moved.
     async fn move_layers(&mut self, devices: &[String]) -> Res<usize> {
         let mut moved = 0;
-        for (i, device) in devices.iter().enumerate().take(self.stack.len()) {
-            if &self.stack[i].device == device {
+        for (i, device) in devices.iter().enumerate().take(self.stack.layers.len()) {
+            if &self.stack.layers[i].device == device {
                 continue;
             }
-            let st = ask(&self.stack[i].actor, "GetState", LayerMsg::GetState).await?;
-            let old = &self.stack[i];
+            let st = ask(&self.stack.layers[i].actor, "GetState", LayerMsg::GetState).await?;
+            let old = &self.stack.layers[i];
             old.actor.stop_and_wait(Some("moved to another device".into()), None).await.map_err(gone)?;
             let new = self.spawn_layer(old.id, device.clone(), LayerInit::Restore(st)).await?;
-            self.stack[i] = new;
+            self.stack.layers[i] = new;
             moved += 1;
         }
         Ok(moved)

@@ -20,6 +20,7 @@
 //! - [`steps`]: issuing micro-batches, ending steps and evaluations, checkpoints, the end;
 //! - [`growth`]: growth at τ (and on request), layer moves, spawning and relinking stages.
 
+pub mod agreement;
 pub mod growth;
 pub mod steps;
 
@@ -42,6 +43,7 @@ use crate::optim::schedule::Schedule;
 use crate::params::UnitState;
 use crate::train::log::RunLog;
 use crate::train::{dims_of, RunOptions, TrainReport};
+use agreement::Agreement;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
@@ -122,11 +124,23 @@ pub struct SchedulerArgs {
     pub observer: Observer,
 }
 
-/// A layer actor of the stack.
-pub(crate) struct Stage<B: Backend> {
+/// A layer actor of the stack (on this process, or a stand-in for one on another pipeline
+/// stage: in this crate a *stage* is always a process of the pipeline, a *layer* an actor).
+pub(crate) struct Layer<B: Backend> {
     id: u64,
     device: String,
     actor: ActorRef<LayerMsg<B>>,
+}
+
+/// The stack of layers, bottom first, with the growth done and still to come.
+pub(crate) struct Stack<B: Backend> {
+    pub layers: Vec<Layer<B>>,
+    /// The next layer id to give a newborn (ids are birth order).
+    pub next_id: u64,
+    /// Expansions done so far (written into checkpoints).
+    pub growth: Vec<GrowthRecord>,
+    /// Expansions still to come.
+    pub plan: Vec<Expansion>,
 }
 
 /// The micro-batches of one training step or one evaluation.
@@ -148,51 +162,54 @@ pub(crate) enum Phase {
     Stalled,
 }
 
+/// Where the run is in time: the step, the micro-batches issued, the step's start.
+pub(crate) struct Clock {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The step the run ends at.
+    pub end: u64,
+    /// The next micro-batch id.
+    pub next_mb: u64,
+    pub step_started: Instant,
+    /// The loader's cursor at the start of the current step: a checkpoint of the last good
+    /// state taken mid-step (a non-finite loss, a forced stop) resumes from here.
+    pub step_cursor: crate::data::loader::LoaderState,
+}
+
+/// The run's checkpoints as this process knows them.
+pub(crate) struct Checkpoints {
+    /// This run's id (`checkpoint::Meta::run_id`): pruning deletes only its own checkpoints.
+    pub run_id: String,
+    /// The step of the newest checkpoint this process wrote or resumed from.
+    pub last_checkpoint: Option<(u64, PathBuf)>,
+    /// Checkpoint files of other runs already reported (reported once each).
+    pub foreign_reported: std::collections::HashSet<PathBuf>,
+    /// The checkpoint this run resumed from: never deleted by this run's pruning.
+    pub resumed_from: Option<PathBuf>,
+    /// Checkpoint files verified in full so far (pruning counts only those).
+    pub verified: checkpoint::Verified,
+}
+
+/// The scheduler's state, in parts: the run's inputs (config, shape, schedule, data), its
+/// [`Clock`], its [`Agreement`] with the other replicas, the [`Stack`] of layers (with the growth
+/// done and still planned), its [`Checkpoints`], and its links to the other actors.
 pub struct SchedulerState<B: Backend> {
+    clock: Clock,
+    agree: Agreement,
+    ckpt: Checkpoints,
     cfg: Config,
     opts: RunOptions,
     dims: Dims,
     init_cfg: InitConfig,
     schedule: Schedule,
-    /// Expansions still to come.
-    plan: Vec<Expansion>,
     loader: Loader,
     val: Vec<Vec<u32>>,
     embed_head: ActorRef<EmbedHeadMsg<B>>,
-    stack: Vec<Stage<B>>,
-    next_id: u64,
-    step: u64,
-    end: u64,
-    next_mb: u64,
+    stack: Stack<B>,
     phase: Phase,
     eval_pending: bool,
-    stop_requested: bool,
-    /// A stop asked of this replica, not yet agreed by all (data parallelism).
-    stop_wanted: bool,
-    /// A `GrowNow` asked of this replica, not yet agreed by all; agreed: every replica grows at
-    /// the next step boundary (data parallelism: only rank 0 takes control requests).
-    grow_wanted: bool,
-    grow_agreed: bool,
-    /// Sharded optimizer state: a `CheckpointNow` agreed by all replicas (they all gather).
-    checkpoint_agreed: bool,
     /// The tokenizer of `eval.sample_tokens`'s samples, made at the first one.
     sample_tokenizer: Option<crate::data::Tokenizer>,
-    force_stop: bool,
-    /// Expansions done so far (written into checkpoints).
-    growth: Vec<GrowthRecord>,
-    /// This run's id (`checkpoint::Meta::run_id`): pruning deletes only its own checkpoints.
-    run_id: String,
-    /// The loader's cursor at the start of the current step: a checkpoint of the last good
-    /// state taken mid-step (a non-finite loss, a forced stop) resumes from here.
-    step_cursor: crate::data::loader::LoaderState,
-    /// The step of the newest checkpoint this process wrote or resumed from.
-    last_checkpoint: Option<(u64, PathBuf)>,
-    /// Checkpoint files of other runs already reported (reported once each).
-    foreign_reported: std::collections::HashSet<PathBuf>,
-    /// The checkpoint this run resumed from: never deleted by this run's pruning.
-    resumed_from: Option<PathBuf>,
-    /// Checkpoint files verified in full so far (pruning counts only those).
-    verified: checkpoint::Verified,
     /// Records, CSV files, log lines, FLOPs, early stop.
     log: RunLog,
     ended: DerivedActorRef<RunEnded>,
@@ -203,12 +220,11 @@ pub struct SchedulerState<B: Backend> {
     paused: bool,
     grow_now: Vec<RpcReplyPort<Result<usize, RunError>>>,
     checkpoint_now: Vec<RpcReplyPort<Result<PathBuf, RunError>>>,
-    step_started: Instant,
     /// One activation-buffer pool per device, shared by the stages placed there (see
     /// `backend::pool::ActPool`); stages born later on a device join its pool.
     pools: Mutex<BTreeMap<String, ActPool<B>>>,
-    /// This process's replica and the run's number of data-parallel replicas (`crate::dist`).
-    rank: usize,
+    /// This process's data-parallel replica and the run's number of replicas (`crate::dist`).
+    replica: usize,
     replicas: usize,
     /// Where layers can be placed: `[placement] devices`, or with a pipeline over P processes
     /// every stage's devices (`placement::pipeline_slots`).
@@ -378,31 +394,27 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             schedule: cfg.schedule.clone(),
             // A resumed run drops the expansions its model already has (applied early by a
             // `GrowNow` before the checkpoint); for a fresh run every expansion exceeds the depth.
-            plan: cfg.expansions().into_iter().filter(|e| e.to_depth > ids.len()).collect(),
             loader,
             val,
             embed_head,
-            stack: Vec::new(),
-            next_id,
-            step,
-            end,
-            next_mb: 0,
+            stack: Stack {
+                layers: Vec::new(),
+                next_id,
+                growth,
+                plan: cfg.expansions().into_iter().filter(|e| e.to_depth > ids.len()).collect(),
+            },
+            clock: Clock { step, end, next_mb: 0, step_started: Instant::now(), step_cursor: loader_cursor },
+            agree: Agreement::default(),
+            ckpt: Checkpoints {
+                run_id,
+                resumed_from: last_checkpoint.as_ref().map(|(_, p)| p.clone()),
+                last_checkpoint,
+                foreign_reported: Default::default(),
+                verified: Default::default(),
+            },
             phase: Phase::Idle,
             eval_pending: step == 0,
-            stop_requested: false,
-            stop_wanted: false,
-            grow_wanted: false,
-            grow_agreed: false,
-            checkpoint_agreed: false,
             sample_tokenizer: None,
-            force_stop: false,
-            growth,
-            run_id,
-            step_cursor: loader_cursor,
-            resumed_from: last_checkpoint.as_ref().map(|(_, p)| p.clone()),
-            last_checkpoint,
-            foreign_reported: Default::default(),
-            verified: Default::default(),
             log,
             ended: a.ended,
             supervisor: a.supervisor,
@@ -412,16 +424,15 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             paused: false,
             grow_now: Vec::new(),
             checkpoint_now: Vec::new(),
-            step_started: Instant::now(),
             pools: Mutex::new(pools),
-            rank,
+            replica: rank,
             replicas,
             slots,
             ends_device: ends_device.clone(),
             links: Vec::new(),
             cfg,
         };
-        st.step_pub.store(step, Ordering::Relaxed);
+        st.step_pub.store(st.clock.step, Ordering::Relaxed);
         let mut inits = Vec::with_capacity(ids.len());
         for (position, id) in ids.iter().enumerate() {
             inits.push(match units.remove(&UnitKey::Layer(*id).to_string()) {
@@ -442,7 +453,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         }
         // Spawned together: each layer initialises (or restores) its block on its own thread.
         let spawns = ids.iter().zip(inits).enumerate().map(|(i, (id, init))| st.spawn_layer(*id, devices[i].clone(), init));
-        st.stack = futures::future::try_join_all(spawns).await?;
+        st.stack.layers = futures::future::try_join_all(spawns).await?;
         st.relink().await?;
         me.cast(SchedulerMsg::Next).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
         Ok(st)
@@ -470,27 +481,27 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
         }
         SchedulerMsg::MicroDone(d) => s.micro_done(me, d).await?,
         SchedulerMsg::RequestStop => {
-            if !s.stop_requested && !s.stop_wanted {
-                s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.step));
+            if !s.agree.stop_requested && !s.agree.stop_wanted {
+                s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.clock.step));
             }
             if s.replicas > 1 {
                 // Every replica must stop after the same step: the wish travels with the next
                 // step's loss reduction, and all stop once any asked (`end_step`). A paused
                 // replica takes that step (the others wait for it in the reduction).
-                s.stop_wanted = true;
+                s.agree.stop_wanted = true;
                 s.paused = false;
             } else {
-                s.stop_requested = true;
+                s.agree.stop_requested = true;
             }
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }
         }
         SchedulerMsg::ForceStop => {
-            if !s.force_stop {
-                s.log.say(format!("forced stop at step {}: dropping the step in progress at the next micro-batch boundary", s.step));
+            if !s.agree.force_stop {
+                s.log.say(format!("forced stop at step {}: dropping the step in progress at the next micro-batch boundary", s.clock.step));
             }
-            s.force_stop = true;
+            s.agree.force_stop = true;
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }
@@ -513,7 +524,7 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
             s.grow_now.push(reply);
             // With replicas every one must grow at the same boundary: the wish travels with the
             // next step's reduction (`end_step`), and all grow at the boundary after it.
-            s.grow_wanted = s.replicas > 1;
+            s.agree.grow_wanted = s.replicas > 1;
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }

@@ -23,7 +23,7 @@ use std::time::Instant;
 impl<B: Backend> SchedulerState<B> {
     fn max_in_flight(&self) -> usize {
         let cap = self.cfg.pipeline.max_in_flight;
-        let auto = self.stack.len() + 1;
+        let auto = self.stack.layers.len() + 1;
         if cap == 0 { auto } else { cap }.max(1)
     }
 
@@ -59,8 +59,8 @@ impl<B: Backend> SchedulerState<B> {
         let total = if train { self.local_micro_batches() } else { self.val.len() };
         let dscale = 1.0 / (self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.data.micro_batches) as f32;
         while p.issued < total && p.issued - p.done < self.max_in_flight() {
-            let mb = self.next_mb;
-            self.next_mb += 1;
+            let mb = self.clock.next_mb;
+            self.clock.next_mb += 1;
             p.index.insert(mb, p.issued);
             let msg = if train {
                 let mut windows = Vec::new();
@@ -92,7 +92,7 @@ impl<B: Backend> SchedulerState<B> {
         let i = *p.index.get(&d.mb).ok_or_else(|| boxed(RunError::Protocol(format!("unknown micro-batch {}", d.mb))))?;
         p.losses[i] = d.loss;
         p.done += 1;
-        if self.force_stop {
+        if self.agree.force_stop {
             // Issue nothing more; once the micro-batches in flight are back, stop.
             if p.done == p.issued {
                 return self.stop_now(train).await;
@@ -117,22 +117,22 @@ impl<B: Backend> SchedulerState<B> {
     pub(super) async fn next(&mut self, _me: &ActorRef<SchedulerMsg>) -> Res<()> {
         // At a boundary: nothing is waited for from the other stages (see `dist::watchdog`).
         crate::dist::watchdog::step_ended();
-        if self.force_stop {
+        if self.agree.force_stop {
             return self.stop_now(false).await;
         }
-        if self.stop_requested {
+        if self.agree.stop_requested {
             return self.finish().await;
         }
         // Sharded, every replica writes together: rank 0's request is agreed with the next
         // step's reduction, like a growth.
-        let checkpoint = if self.sharded() { std::mem::take(&mut self.checkpoint_agreed) } else { !self.checkpoint_now.is_empty() };
+        let checkpoint = if self.sharded() { std::mem::take(&mut self.agree.checkpoint_agreed) } else { !self.checkpoint_now.is_empty() };
         if checkpoint {
             let r = self.write_checkpoint().await.map_err(|e| RunError::from_actor(&e));
             for reply in self.checkpoint_now.drain(..) {
                 let _ = reply.send(r.clone());
             }
         }
-        let grow = if self.replicas > 1 { std::mem::take(&mut self.grow_agreed) } else { !self.grow_now.is_empty() };
+        let grow = if self.replicas > 1 { std::mem::take(&mut self.agree.grow_agreed) } else { !self.grow_now.is_empty() };
         if grow {
             let r = self.grow_next_planned().await;
             for reply in self.grow_now.drain(..) {
@@ -145,19 +145,19 @@ impl<B: Backend> SchedulerState<B> {
         if self.eval_pending {
             self.eval_pending = false;
             let mut p = Pending { losses: vec![f32::NAN; self.val.len()], ..Default::default() };
-            crate::dist::watchdog::step_began(self.step);
+            crate::dist::watchdog::step_began(self.clock.step);
             self.issue(&mut p, false)?;
             self.phase = Phase::Eval(p);
             return Ok(());
         }
-        if self.step >= self.end {
+        if self.clock.step >= self.clock.end {
             return self.finish().await;
         }
         self.grow_if_due().await?;
-        self.step_started = Instant::now();
-        crate::dist::watchdog::step_began(self.step);
-        self.step_cursor = self.loader.cursor();
-        self.skip_batches(self.rank * self.local_micro_batches());
+        self.clock.step_started = Instant::now();
+        crate::dist::watchdog::step_began(self.clock.step);
+        self.clock.step_cursor = self.loader.cursor();
+        self.skip_batches(self.replica * self.local_micro_batches());
         let mut p = Pending { losses: vec![f32::NAN; self.local_micro_batches()], ..Default::default() };
         self.issue(&mut p, true)?;
         self.phase = Phase::Train(p);
@@ -166,39 +166,24 @@ impl<B: Backend> SchedulerState<B> {
 
     /// All micro-batches of the step are done: the optimizer step on every stage, records, logs.
     async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
-        let lr = self.schedule.lr_after_growth(self.step, self.growth.last().map(|g| g.at_step));
-        let step = self.step;
+        let lr = self.schedule.lr_after_growth(self.clock.step, self.stack.growth.last().map(|g| g.at_step));
+        let step = self.clock.step;
         // The replicas after this one take the rest of the step's batches.
-        self.skip_batches((self.replicas - 1 - self.rank) * self.local_micro_batches());
+        self.skip_batches((self.replicas - 1 - self.replica) * self.local_micro_batches());
         let mbs = self.cfg.data.micro_batches;
-        // With the loss, whether any replica was asked to stop: then all stop after this step.
-        // And whether any was asked to grow now (then all grow at the next boundary).
-        let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        let mut sum = [
-            losses.iter().map(|&l| l as f64).sum::<f64>(),
-            flag(self.stop_wanted),
-            flag(self.grow_wanted),
-            flag(self.sharded() && !self.checkpoint_now.is_empty()),
-        ];
-        crate::dist::all_reduce_sum_f64(&mut sum);
-        if sum[3] > 0.0 {
-            self.checkpoint_agreed = true;
-        }
-        if sum[1] > 0.0 {
-            self.stop_requested = true;
-        }
-        if sum[2] > 0.0 {
-            self.grow_wanted = false;
-            self.grow_agreed = true;
-        }
-        let loss = (sum[0] / mbs as f64) as f32;
-        let depth = self.stack.len();
+        // With the loss, whether any replica was asked to stop (then all stop after this step),
+        // to grow now (then all grow at the next boundary) or to gather a checkpoint.
+        let loss_sum = losses.iter().map(|&l| l as f64).sum::<f64>();
+        let heard = self.agree.say(loss_sum, self.sharded() && !self.checkpoint_now.is_empty()).exchange();
+        self.agree.hear(&heard);
+        let loss = (heard.loss_sum / mbs as f64) as f32;
+        let depth = self.stack.layers.len();
         if !loss.is_finite() {
             // Before the update: the weights are still those of the last good step, so they are
             // worth a checkpoint (resuming replays this step from its first micro-batch).
-            (self.observer)(&Event::NonFinite { step: self.step + 1, what: format!("training loss {loss}") });
+            (self.observer)(&Event::NonFinite { step: self.clock.step + 1, what: format!("training loss {loss}") });
             let checkpoint = self.checkpoint_last_good().await;
-            return Err(boxed(RunError::NonFiniteLoss { step: self.step + 1, depth, loss, checkpoint }));
+            return Err(boxed(RunError::NonFiniteLoss { step: self.clock.step + 1, depth, loss, checkpoint }));
         }
         // The barrier: every stage steps; wait for all of them. (With several replicas each
         // stage first waits for the sum of its gradients, which it started after its last
@@ -206,12 +191,12 @@ impl<B: Backend> SchedulerState<B> {
         // ZeRO-1: each stage's step ends in collectives (the owners' new weights), which every
         // replica must make in the same order, so the stages step one after the other.
         let one_by_one = self.sharded();
-        let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.len() + 1);
+        let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.layers.len() + 1);
         let mut grad_sumsq = 0.0f64;
         let (tx, rx) = ractor::concurrency::oneshot();
         self.embed_head.cast(EmbedHeadMsg::Step { lr, step, reply: tx.into() }).map_err(gone)?;
         waits.push(rx);
-        for s in &self.stack {
+        for s in &self.stack.layers {
             if one_by_one {
                 for w in waits.drain(..) {
                     grad_sumsq += w.await.map_err(|_| gone(format!("optimizer step {step}")))?;
@@ -226,14 +211,14 @@ impl<B: Backend> SchedulerState<B> {
         }
         let grad_norm = grad_sumsq.sqrt();
         let tokens = (self.cfg.data.batch_size * self.cfg.data.seq_len * mbs) as f64;
-        self.step += 1;
-        self.step_pub.store(self.step, Ordering::Relaxed);
-        crate::runtime::remote::set_step(self.step);
-        let seconds = self.step_started.elapsed().as_secs_f64();
-        self.log.step(self.step, depth, lr, loss, tokens, seconds);
+        self.clock.step += 1;
+        self.step_pub.store(self.clock.step, Ordering::Relaxed);
+        crate::runtime::remote::set_step(self.clock.step);
+        let seconds = self.clock.step_started.elapsed().as_secs_f64();
+        self.log.step(self.clock.step, depth, lr, loss, tokens, seconds);
         let f = self.log.flops;
         (self.observer)(&Event::Step {
-            step: self.step,
+            step: self.clock.step,
             total_steps: self.cfg.run.steps,
             depth,
             lr,
@@ -250,9 +235,9 @@ impl<B: Backend> SchedulerState<B> {
             (self.observer)(&Event::Buffers { device: device.clone(), allocated: pool.allocated(), peer_bytes_in: pool.peer_bytes_in() });
         }
         if !grad_norm.is_finite() {
-            (self.observer)(&Event::NonFinite { step: self.step, what: format!("gradient norm {grad_norm}") });
+            (self.observer)(&Event::NonFinite { step: self.clock.step, what: format!("gradient norm {grad_norm}") });
         }
-        if eval_due(&self.cfg, self.step) {
+        if eval_due(&self.cfg, self.clock.step) {
             self.eval_pending = true;
         } else {
             self.checkpoint_if_due().await?;
@@ -263,11 +248,11 @@ impl<B: Backend> SchedulerState<B> {
 
     async fn end_eval(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
         let val_loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len() as f64) as f32;
-        let depth = self.stack.len();
-        if self.log.eval(self.step, depth, val_loss) {
-            self.end = self.step;
+        let depth = self.stack.layers.len();
+        if self.log.eval(self.clock.step, depth, val_loss) {
+            self.clock.end = self.clock.step;
         }
-        (self.observer)(&Event::Eval { step: self.step, depth, val_loss });
+        (self.observer)(&Event::Eval { step: self.clock.step, depth, val_loss });
         self.sample().await?;
         self.checkpoint_if_due().await?;
         self.phase = Phase::Idle;
@@ -277,13 +262,13 @@ impl<B: Backend> SchedulerState<B> {
     /// Before a checkpoint every replica reaches at the same step (periodic, final): the
     /// replicas compare a checksum of every unit's weights (see `check_replicas_agree`).
     async fn check_all_replicas_agree(&self) -> Res<()> {
-        let ids: Vec<u64> = self.stack.iter().map(|s| s.id).collect();
-        self.check_replicas_agree(&ids, true, &format!("at the checkpoint of step {}", self.step)).await
+        let ids: Vec<u64> = self.stack.layers.iter().map(|s| s.id).collect();
+        self.check_replicas_agree(&ids, true, &format!("at the checkpoint of step {}", self.clock.step)).await
     }
 
     async fn checkpoint_if_due(&mut self) -> Res<()> {
         let every = self.cfg.checkpoint.every;
-        if every > 0 && self.step > 0 && self.step.is_multiple_of(every) && self.step < self.end {
+        if every > 0 && self.clock.step > 0 && self.clock.step.is_multiple_of(every) && self.clock.step < self.clock.end {
             self.check_all_replicas_agree().await?;
             // A periodic checkpoint that fails even when tried again does not end the run: the
             // next one may succeed (the final one must). Said in the log and as an event.
@@ -304,7 +289,7 @@ impl<B: Backend> SchedulerState<B> {
     async fn gather_units(&self) -> Res<Vec<(UnitKey, crate::params::UnitState)>> {
         let (embed, head) = ask(&self.embed_head, "GetState", EmbedHeadMsg::GetState).await?;
         let mut units = vec![(UnitKey::Embed, embed), (UnitKey::Head, head)];
-        for s in &self.stack {
+        for s in &self.stack.layers {
             units.push((UnitKey::Layer(s.id), ask(&s.actor, "GetState", LayerMsg::GetState).await?));
         }
         Ok(units)
@@ -314,7 +299,7 @@ impl<B: Backend> SchedulerState<B> {
     /// (rank 0) and reported as an event. Best effort: a failure is a warning.
     async fn sample(&mut self) -> Res<()> {
         let n = self.cfg.eval.sample_tokens;
-        if n == 0 || (self.rank != 0 && !self.sharded()) {
+        if n == 0 || (self.replica != 0 && !self.sharded()) {
             return Ok(());
         }
         let units = self.gather_units().await?;
@@ -332,13 +317,13 @@ impl<B: Backend> SchedulerState<B> {
             let opts = crate::sample::SampleOptions { tokens: n, temperature: 1.0, top_k: 40, top_p: 1.0, seed: self.cfg.run.seed };
             Ok(tok.decode(&crate::sample::generate(&model, &tok.encode(&self.cfg.eval.sample_prompt), &opts)?))
         });
-        let depth = self.stack.len();
+        let depth = self.stack.layers.len();
         match drawn {
             Ok(text) => {
-                self.log.say(format!("sample step={} depth={depth}: {text:?}", self.step));
-                (self.observer)(&Event::Sample { step: self.step, depth, text });
+                self.log.say(format!("sample step={} depth={depth}: {text:?}", self.clock.step));
+                (self.observer)(&Event::Sample { step: self.clock.step, depth, text });
             }
-            Err(e) => self.log.say(format!("warning: no sample at step {}: {e:#}", self.step)),
+            Err(e) => self.log.say(format!("warning: no sample at step {}: {e:#}", self.clock.step)),
         }
         Ok(())
     }
@@ -348,42 +333,42 @@ impl<B: Backend> SchedulerState<B> {
             format_version: checkpoint::FORMAT_VERSION,
             run_name: self.cfg.run.name.clone(),
             config_toml: self.cfg.to_toml(),
-            step: self.step,
-            depth: self.stack.len(),
-            stack: self.stack.iter().map(|s| s.id).collect(),
-            next_id: self.next_id,
+            step: self.clock.step,
+            depth: self.stack.layers.len(),
+            stack: self.stack.layers.iter().map(|s| s.id).collect(),
+            next_id: self.stack.next_id,
             loader: self.loader.cursor(),
-            growth: self.growth.clone(),
+            growth: self.stack.growth.clone(),
             created_unix_s: checkpoint::unix_now_s(),
-            run_id: Some(self.run_id.clone()),
+            run_id: Some(self.ckpt.run_id.clone()),
             extra: serde_json::Value::Null,
         }
     }
 
     /// Gather every unit's state and write one checkpoint, tried [`SAVE_TRIES`] times.
     pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
-        if self.rank != 0 && !self.sharded() {
+        if self.replica != 0 && !self.sharded() {
             return Ok(self.cfg.checkpoint_dir());
         }
         let t0 = Instant::now();
         let units = self.gather_units().await?;
         // The disk write needs no other stage: not timed by the watchdog.
         crate::dist::watchdog::step_ended();
-        if self.rank != 0 {
+        if self.replica != 0 {
             return Ok(self.cfg.checkpoint_dir());
         }
         let meta = self.meta();
         let dir = self.cfg.checkpoint_dir();
         let keep = self.cfg.checkpoint.keep;
         let ck = Checkpoint { meta, units };
-        let run_id = self.run_id.clone();
-        let resumed_from = self.resumed_from.clone();
+        let run_id = self.ckpt.run_id.clone();
+        let resumed_from = self.ckpt.resumed_from.clone();
         // A save that fails (descriptors or disk space run out for a moment) is tried again:
         // SAVE_TRIES in all, a second apart, from the state gathered once.
         let mut tries = 0;
         let (path, pruned) = loop {
             tries += 1;
-            let verified = &mut self.verified;
+            let verified = &mut self.ckpt.verified;
             let saved = compute(|| -> anyhow::Result<(PathBuf, checkpoint::Pruned)> {
                 let p = checkpoint::save(&dir, &ck)?;
                 // Verified by reading it back (checksum included) before anything older is deleted.
@@ -397,13 +382,14 @@ impl<B: Backend> SchedulerState<B> {
             match saved {
                 Ok(x) => break x,
                 Err(e) if tries < SAVE_TRIES => {
-                    self.log.say(format!("warning: the checkpoint of step {} failed (try {tries} of {SAVE_TRIES}): {e:#}", self.step));
+                    self.log
+                        .say(format!("warning: the checkpoint of step {} failed (try {tries} of {SAVE_TRIES}): {e:#}", self.clock.step));
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
                 Err(e) => {
                     return Err(boxed(RunError::Checkpoint(format!(
                         "writing the checkpoint of step {} ({SAVE_TRIES} tries): {e:#}",
-                        self.step
+                        self.clock.step
                     ))))
                 }
             }
@@ -412,15 +398,15 @@ impl<B: Backend> SchedulerState<B> {
             eprintln!("warning: {why}; moved to {}", p.display());
             self.log.say(format!("warning: checkpoint that does not verify moved to {}: {why}", p.display()));
         }
-        for p in pruned.foreign.iter().filter(|p| !self.foreign_reported.contains(*p)).cloned().collect::<Vec<_>>() {
+        for p in pruned.foreign.iter().filter(|p| !self.ckpt.foreign_reported.contains(*p)).cloned().collect::<Vec<_>>() {
             self.log.say(format!("note: {} belongs to another run: kept, not counted", p.display()));
-            self.foreign_reported.insert(p);
+            self.ckpt.foreign_reported.insert(p);
         }
-        self.last_checkpoint = Some((self.step, path.clone()));
+        self.ckpt.last_checkpoint = Some((self.clock.step, path.clone()));
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let seconds = t0.elapsed().as_secs_f64();
-        (self.observer)(&Event::Checkpoint { step: self.step, path: path.display().to_string(), seconds, bytes });
-        self.log.say(format!("checkpoint step={} path={} wall_ms={:.1}", self.step, path.display(), seconds * 1e3));
+        (self.observer)(&Event::Checkpoint { step: self.clock.step, path: path.display().to_string(), seconds, bytes });
+        self.log.say(format!("checkpoint step={} path={} wall_ms={:.1}", self.clock.step, path.display(), seconds * 1e3));
         Ok(path)
     }
 
@@ -432,7 +418,7 @@ impl<B: Backend> SchedulerState<B> {
         }
         self.phase = Phase::Finished;
         let checkpoint = if mid_step { self.checkpoint_last_good().await } else { self.checkpoint_here().await };
-        let err = RunError::ForcedStop { step: self.step, checkpoint };
+        let err = RunError::ForcedStop { step: self.clock.step, checkpoint };
         self.log.say(err.to_string());
         let _ = self.log.finish();
         self.ended.send_message(RunEnded(Err(err))).map_err(|e| boxed(RunError::Protocol(e.to_string())))
@@ -440,17 +426,17 @@ impl<B: Backend> SchedulerState<B> {
 
     /// A checkpoint at this step boundary, unless one is on disk already (best effort).
     async fn checkpoint_here(&mut self) -> Option<String> {
-        if self.step == 0 {
+        if self.clock.step == 0 {
             return None;
         }
-        if self.force_stop && self.sharded() {
+        if self.agree.force_stop && self.sharded() {
             // Gathering sharded state needs every replica, and a forced stop is this replica's
             // alone: the newest periodic checkpoint stands.
             self.log.say("forced stop with the optimizer state sharded (parallel.zero = 1): no checkpoint of this step");
-            return self.last_checkpoint.as_ref().map(|(_, p)| p.display().to_string());
+            return self.ckpt.last_checkpoint.as_ref().map(|(_, p)| p.display().to_string());
         }
-        if let Some((s, p)) = &self.last_checkpoint {
-            if *s == self.step {
+        if let Some((s, p)) = &self.ckpt.last_checkpoint {
+            if *s == self.clock.step {
                 return Some(p.display().to_string());
             }
         }
@@ -467,8 +453,8 @@ impl<B: Backend> SchedulerState<B> {
     /// still those of that step, and the loader goes back to the step's start, so that resuming
     /// replays the dropped step from its first micro-batch. Best effort, as [`Self::checkpoint_here`].
     pub(super) async fn checkpoint_last_good(&mut self) -> Option<String> {
-        if self.last_checkpoint.as_ref().is_none_or(|(s, _)| *s != self.step) {
-            self.loader.restore(&self.step_cursor.clone());
+        if self.ckpt.last_checkpoint.as_ref().is_none_or(|(s, _)| *s != self.clock.step) {
+            self.loader.restore(&self.clock.step_cursor.clone());
         }
         self.checkpoint_here().await
     }
@@ -478,7 +464,7 @@ impl<B: Backend> SchedulerState<B> {
     pub(super) async fn finish(&mut self) -> Res<()> {
         if !matches!(self.phase, Phase::Finished) {
             self.phase = Phase::Finished;
-            let done = self.last_checkpoint.as_ref().filter(|(s, _)| *s == self.step).map(|(_, p)| p.clone());
+            let done = self.ckpt.last_checkpoint.as_ref().filter(|(s, _)| *s == self.clock.step).map(|(_, p)| p.clone());
             let path = match done {
                 Some(p) => p,
                 None => {
@@ -486,7 +472,7 @@ impl<B: Backend> SchedulerState<B> {
                     self.write_checkpoint().await?
                 }
             };
-            self.log.say(format!("final checkpoint step={} path={}", self.step, path.display()));
+            self.log.say(format!("final checkpoint step={} path={}", self.clock.step, path.display()));
             let mut report = self.log.finish();
             report.final_checkpoint = Some(path);
             self.ended.send_message(RunEnded(Ok(report))).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
@@ -501,13 +487,13 @@ impl<B: Backend> SchedulerState<B> {
         };
         let elapsed_s = self.log.elapsed_s();
         let done_here = self.log.steps_done() as f64;
-        let eta_s = (done_here > 0.0).then(|| elapsed_s / done_here * (self.end.saturating_sub(self.step)) as f64);
+        let eta_s = (done_here > 0.0).then(|| elapsed_s / done_here * (self.clock.end.saturating_sub(self.clock.step)) as f64);
         Status {
             run: self.cfg.run.name.clone(),
-            step: self.step,
+            step: self.clock.step,
             total_steps: self.cfg.run.steps,
-            depth: self.stack.len(),
-            stack: self.stack.iter().map(|s| (s.id, s.device.clone())).collect(),
+            depth: self.stack.layers.len(),
+            stack: self.stack.layers.iter().map(|s| (s.id, s.device.clone())).collect(),
             in_flight,
             paused: self.paused,
             elapsed_s,
