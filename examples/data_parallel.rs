@@ -32,10 +32,10 @@ fn config(dir: &Path, data: &Path, name: &str, replicas: usize) -> String {
 }
 
 /// Train `cfg` on the actor runtime (quietly on ranks other than 0); the final validation loss.
-fn train(cfg: &Config) -> Result<f32> {
+fn train(cfg: &Config, topology: taproot::dist::Topology) -> Result<f32> {
     let data = Dataset::open(&cfg.data.dir, 256)?;
-    let quiet = taproot::dist::rank() != 0;
-    let report = taproot::runtime::train::<CpuBackend>(cfg, data, RunOptions { quiet, ..Default::default() }, false)?;
+    let quiet = !topology.is_lead();
+    let report = taproot::runtime::train::<CpuBackend>(cfg, data, RunOptions { quiet, topology, ..Default::default() }, false)?;
     report.final_val_loss().context("the run evaluated")
 }
 
@@ -50,13 +50,13 @@ fn main() -> Result<()> {
         let dir = PathBuf::from(dir);
         let text = std::fs::read_to_string(dir.join("two.toml"))?;
         let cfg = Config::parse(&text, &[])?;
-        taproot::dist::init(cfg.parallel.data, cfg.parallel.pipeline, || taproot::dist::Facts::of_run(&cfg, &[]))?;
-        let loss = train(&cfg);
+        let topology = taproot::dist::init(cfg.parallel.data, cfg.parallel.pipeline, || taproot::dist::Facts::of_run(&cfg, &[]))?;
+        let loss = train(&cfg, topology);
         if loss.is_err() {
             taproot::dist::abort(1);
         }
         let loss = loss?;
-        if taproot::dist::rank() == 0 {
+        if topology.is_lead() {
             std::fs::write(dir.join("two.loss"), loss.to_string())?;
         }
         taproot::dist::finalize();
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
     let dir = scratch_dir("data_parallel")?;
     let data = synthetic_corpus(&dir)?;
     let one = Config::parse(&config(&dir, &data, "one", 1), &[])?;
-    let l1 = train(&one)?;
+    let l1 = train(&one, taproot::dist::Topology::ALONE)?;
     println!("one process: final validation loss {l1:.5}");
     std::fs::write(dir.join("two.toml"), config(&dir, &data, "two", 2))?;
     let exe = std::env::current_exe()?;

@@ -351,11 +351,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 )
             };
             crate::dist::set_timeout(cfg.parallel.timeout_s);
-            crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
-            let lead = crate::dist::rank() == 0;
+            let topo = crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
+            let lead = topo.is_lead();
             let mut cfg = cfg;
             crate::dist::map_devices(&mut cfg);
-            if sequential && crate::dist::size() > 1 {
+            if sequential && topo.size() > 1 {
                 anyhow::bail!("`--sequential` trains in one process; `parallel.data` and `parallel.pipeline` must be 1");
             }
             let start = match (resume, overwrite) {
@@ -368,12 +368,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
                 format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
             })?;
-            if crate::dist::stage() > 0 {
+            if topo.stage > 0 {
                 // A hosting stage: its layers until stage 0 shuts it down.
                 return if cfg.on_cuda() {
-                    runtime::host::serve::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab)
+                    runtime::host::serve::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, topo)
                 } else {
-                    runtime::host::serve::<CpuBackend>(&cfg, data.vocab)
+                    runtime::host::serve::<CpuBackend>(&cfg, data.vocab, topo)
                 };
             }
             // Held until the run ends: one process per run folder (rank 0's, in a parallel run).
@@ -382,11 +382,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("overwrite: the previous run's checkpoints and logs were moved to {}", r.display());
             }
             if lead {
-                if crate::dist::size() > 1 {
+                if topo.size() > 1 {
                     println!(
                         "parallel: {} data-parallel replicas × {} pipeline stages (rank 0 logs and checkpoints)",
-                        crate::dist::replicas(),
-                        crate::dist::stages()
+                        topo.replicas, topo.stages
                     );
                 }
                 println!(
@@ -408,7 +407,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 // The other ranks train quietly; every rank takes stop signals (mpirun forwards
                 // them), and the replicas agree on the step to stop at.
-                let opts = RunOptions { quiet: !lead, stop_after, resume, allow_config_change, ..Default::default() };
+                let opts = RunOptions { quiet: !lead, stop_after, resume, allow_config_change, topology: topo, ..Default::default() };
                 if cfg.on_cuda() {
                     runtime::train::<crate::backend::cuda::CudaBackend>(&cfg, data, opts, true)?
                 } else {
@@ -426,7 +425,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let rss = peak_rss_mib().map(|m| format!(" peak_rss_mib={m:.1}")).unwrap_or_default();
             let ck = report.final_checkpoint.as_ref().map(|p| format!(" checkpoint={}", p.display())).unwrap_or_default();
             println!("done steps={steps}{val} wall_s={:.1}{rss} logs={}{ck}", report.wall_s, dir.display());
-            if crate::dist::size() > 1 {
+            if topo.size() > 1 {
                 let st = crate::dist::stats();
                 let hidden = if st.reduce_s > 0.0 { 100.0 * (1.0 - st.wait_s / st.reduce_s).max(0.0) } else { 100.0 };
                 println!(
@@ -436,12 +435,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     st.reduce_s,
                     st.wait_s
                 );
-                if cfg.parallel.zero == 1 && crate::dist::replicas() > 1 {
+                if cfg.parallel.zero == 1 && topo.replicas > 1 {
                     // The share of the target-depth model's optimizer state rank 0 keeps (the
                     // same dealing as the units do: `params::Shard`).
                     use crate::params::Shard;
                     let dims = crate::train::dims_of(&cfg, data_vocab);
-                    let d = crate::dist::replicas();
+                    let d = topo.replicas;
                     let mut units = vec![
                         (crate::model::Embed::<CpuBackend>::layout(&dims), u64::MAX),
                         (crate::model::Head::<CpuBackend>::layout(&dims), u64::MAX - 1),
@@ -453,7 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
                     println!("zero rank=0 optimizer_state_values={kept} of {all} ({:.1}%, {d} replicas)", 100.0 * kept as f64 / all as f64);
                 }
-                if crate::dist::stages() > 1 {
+                if topo.stages > 1 {
                     println!(
                         "frames rank=0 sent={} mib_sent={:.2} mib_received={:.2}",
                         st.frames_sent,

@@ -5,8 +5,9 @@ use clap::Parser;
 fn main() {
     let cli = taproot::cli::Cli::parse();
     if let Err(e) = taproot::cli::run(cli) {
-        let rank = taproot::dist::rank();
-        if taproot::dist::size() > 1 {
+        let t = taproot::dist::topology();
+        let rank = t.rank();
+        if t.size() > 1 {
             eprintln!("error (rank {rank}): {e:#}");
             // The other ranks may be waiting in a collective: stop them all.
             taproot::dist::abort(1);

@@ -122,6 +122,19 @@ fn a_device_that_does_not_exist_is_an_error_naming_the_key() {
     assert!(err.contains("placement.devices") && err.contains("cuda:7"), "{err}");
 }
 
+#[test]
+fn a_topology_other_than_this_process_is_refused() {
+    // The runtime takes the process's place in the run as a value (`RunOptions::topology`, what
+    // `dist::init` returns); a value that is not this process's would train without the
+    // all-reduces (or with them, alone), so it is refused before any actor starts.
+    let dir = synthetic_dataset("topo");
+    let cfg = tiny(&dir, "topo", 5).build();
+    let data = Dataset::open(&dir, 256).unwrap();
+    let two = taproot::dist::Topology { replica: 1, replicas: 2, stage: 0, stages: 1 };
+    let err = runtime::train::<CpuBackend>(&cfg, data, RunOptions { topology: two, ..quiet() }, false).unwrap_err().to_string();
+    assert!(err.contains("RunOptions::topology") && err.contains("replicas: 2"), "{err}");
+}
+
 /// What a run's events say about its buffers: (step, device, buffers allocated so far, bytes
 /// copied in so far) after each step, and the device of every layer (from its timings).
 struct BufferTrace {

@@ -188,12 +188,12 @@ pub async fn status_json(d: &Daemon) -> serde_json::Value {
         // fields below are the last status it gave.
         "stale": matches!(live, Live::NoAnswer),
     });
-    if crate::dist::size() > 1 {
+    if d.topo.size() > 1 {
         let m = doc.as_object_mut().expect("object");
-        m.insert("rank".into(), json!(crate::dist::rank()));
-        m.insert("replica".into(), json!(crate::dist::replica()));
-        m.insert("stage".into(), json!(crate::dist::stage()));
-        m.insert("processes".into(), json!(crate::dist::size()));
+        m.insert("rank".into(), json!(d.topo.rank()));
+        m.insert("replica".into(), json!(d.topo.replica));
+        m.insert("stage".into(), json!(d.topo.stage));
+        m.insert("processes".into(), json!(d.topo.size()));
     }
     if let Some(s) = st {
         let m = doc.as_object_mut().expect("object");
@@ -238,10 +238,10 @@ async fn control(
             json!({"error": format!("unknown control action {action:?} (pause, resume, checkpoint, grow, stop)")}),
         );
     }
-    if crate::dist::rank() != 0 {
+    if !d.topo.is_lead() {
         return reply(
             StatusCode::MISDIRECTED_REQUEST,
-            json!({"error": format!("this is rank {} of a {}-process run: control requests go to rank 0, which passes them to every rank", crate::dist::rank(), crate::dist::size())}),
+            json!({"error": format!("this is rank {} of a {}-process run: control requests go to rank 0, which passes them to every rank", d.topo.rank(), d.topo.size())}),
         );
     }
     let expected = d.token.lock().expect("token lock").clone();

@@ -125,18 +125,18 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
         )
     };
     crate::dist::set_timeout(cfg.parallel.timeout_s);
-    crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
+    let topo = crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
     crate::dist::map_devices(&mut cfg);
     if let Some(l) = &opts.listen {
         cfg.daemon.listen = l.clone();
         cfg.validate().context("--listen")?;
     }
-    if crate::dist::size() > 1 {
+    if topo.size() > 1 {
         cfg.daemon.listen = crate::dist::rank_listen(&cfg.daemon.listen, crate::dist::local_rank());
     }
     let (token, token_warning) = read_token(&cfg)?;
     // Held for the daemon's life: one process per run folder (a daemon always resumes).
-    let rank = crate::dist::rank();
+    let rank = topo.rank();
     let _folder = if rank == 0 { Some(crate::run_folder::RunFolder::open(&cfg, crate::run_folder::Start::Resume)?) } else { None };
     // The other ranks log beside rank 0's file, one file each.
     let log_file = opts.log_file.clone().map(|p| if rank == 0 { p } else { PathBuf::from(format!("{}.rank{rank}", p.display())) });
@@ -146,10 +146,10 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
         format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let code = if crate::dist::stage() > 0 {
-        rt.block_on(serve_stage(cfg, data, log))
+    let code = if topo.stage > 0 {
+        rt.block_on(serve_stage(cfg, data, topo, log))
     } else {
-        rt.block_on(serve(cfg, data, opts, log, token, token_warning))
+        rt.block_on(serve(cfg, data, topo, opts, log, token, token_warning))
     };
     rt.shutdown_timeout(Duration::from_secs(2));
     code
@@ -158,7 +158,7 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
 /// A pipeline stage q > 0 under the daemon: it hosts the layers stage 0 places on it until
 /// stage 0 shuts it down, and serves `GET /metrics` (its layers' times, its links, its memory;
 /// labelled with its rank and stage) and `GET /status`.
-async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
+async fn serve_stage(cfg: Config, data: Dataset, topo: crate::dist::Topology, log: Arc<Log>) -> Result<i32> {
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(&cfg.daemon.listen)
         .await
@@ -166,7 +166,7 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
     let addr = listener.local_addr()?;
     let prometheus = metrics::install_recorder()?;
     ::metrics::gauge!("taproot_info", "run" => cfg.run.name.clone(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    let (rank, stage) = (crate::dist::rank(), crate::dist::stage());
+    let (rank, stage) = (topo.rank(), topo.stage);
     log.say(format!(
         "daemon pid={} run={} rank={rank} stage={stage}: hosts the layers stage 0 places here; listening on http://{addr} (GET /metrics, GET /status)",
         std::process::id(),
@@ -178,8 +178,8 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
         "pid": std::process::id(),
         "rank": rank,
         "stage": stage,
-        "replica": crate::dist::replica(),
-        "processes": crate::dist::size(),
+        "replica": topo.replica,
+        "processes": topo.size(),
         "note": "a pipeline stage: the run's status and control are at rank 0",
     });
     let shared = Shared::new();
@@ -215,9 +215,9 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
         }
     });
     let r = if cfg.on_cuda() {
-        runtime::host::serve_async::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, observer).await
+        runtime::host::serve_async::<crate::backend::cuda::CudaBackend>(&cfg, data.vocab, topo, observer).await
     } else {
-        runtime::host::serve_async::<CpuBackend>(&cfg, data.vocab, observer).await
+        runtime::host::serve_async::<CpuBackend>(&cfg, data.vocab, topo, observer).await
     };
     server.abort();
     match r {
@@ -235,6 +235,7 @@ async fn serve_stage(cfg: Config, data: Dataset, log: Arc<Log>) -> Result<i32> {
 async fn serve(
     cfg: Config,
     data: Dataset,
+    topo: crate::dist::Topology,
     opts: DaemonOptions,
     log: Arc<Log>,
     token: Option<String>,
@@ -293,7 +294,13 @@ async fn serve(
         Actor::spawn(None, MetricsActor, margs).await.map_err(|e| anyhow::anyhow!("starting the metrics actor: {e}"))?;
     let observer = metrics::observer(metrics_actor.clone(), Some(event_logger(log.clone(), cfg.run.log_every, cfg.run.steps)));
 
-    let sched = RunOptions { quiet: true, resume: true, allow_config_change: opts.allow_config_change.clone(), ..Default::default() };
+    let sched = RunOptions {
+        quiet: true,
+        resume: true,
+        allow_config_change: opts.allow_config_change.clone(),
+        topology: topo,
+        ..Default::default()
+    };
     let run = if cfg.on_cuda() {
         metrics::set_device_memory_probe(Arc::new(crate::backend::cuda::memory_used));
         runtime::start::<crate::backend::cuda::CudaBackend>(&cfg, data, sched, observer).await?
@@ -301,6 +308,7 @@ async fn serve(
         runtime::start::<CpuBackend>(&cfg, data, sched, observer).await?
     };
     let d = Arc::new(Daemon {
+        topo,
         cfg: cfg.clone(),
         supervisor: run.supervisor.clone(),
         metrics: metrics_actor.clone(),

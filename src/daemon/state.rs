@@ -128,6 +128,8 @@ pub enum Live {
 /// Everything the HTTP handlers and the signal handlers share.
 pub struct Daemon {
     pub cfg: Config,
+    /// This process's place in the run (`dist::init`'s).
+    pub topo: crate::dist::Topology,
     pub supervisor: ActorRef<SupervisorMsg>,
     pub metrics: ActorRef<MetricsMsg>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,

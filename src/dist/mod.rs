@@ -39,8 +39,10 @@
 pub mod agree;
 pub use agree::Facts;
 mod launch;
+pub mod topology;
 pub mod watchdog;
 pub use launch::{launch_line, shell_line, shell_word};
+pub use topology::Topology;
 
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -340,32 +342,32 @@ pub fn timeout() -> Option<std::time::Duration> {
 }
 
 /// This process's rank (0 in a one-process run).
-pub fn rank() -> usize {
+pub(crate) fn rank() -> usize {
     RANK.load(Ordering::Relaxed)
 }
 
 /// The number of processes of the run (1 in a one-process run).
-pub fn size() -> usize {
+pub(crate) fn size() -> usize {
     SIZE.load(Ordering::Relaxed)
 }
 
 /// Pipeline stages per replica (`parallel.pipeline`).
-pub fn stages() -> usize {
+pub(crate) fn stages() -> usize {
     STAGES.load(Ordering::Relaxed)
 }
 
 /// This process's pipeline stage (0: the scheduler, the embedding and the head).
-pub fn stage() -> usize {
+pub(crate) fn stage() -> usize {
     STAGE.load(Ordering::Relaxed)
 }
 
 /// Data-parallel replicas (`parallel.data`).
-pub fn replicas() -> usize {
+pub(crate) fn replicas() -> usize {
     size() / stages()
 }
 
 /// This process's replica.
-pub fn replica() -> usize {
+pub(crate) fn replica() -> usize {
     rank() / stages()
 }
 
@@ -442,13 +444,13 @@ pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
 /// one process; then check that every process states the same [`Facts`] (see [`agree`]) and
 /// that the world has `data × pipeline` processes.
-pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Result<()> {
+pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Result<Topology> {
     let Some(want) = data.checked_mul(pipeline) else {
         bail!("`parallel.data` × `parallel.pipeline` = {data} × {pipeline} overflows");
     };
     // One process in a build without MPI runs as it would anywhere, launcher or not.
     if want <= 1 && (!launched_by_mpi() || !cfg!(feature = "mpi")) {
-        return Ok(());
+        return Ok(Topology::ALONE);
     }
     imp::init()?;
     let n = size();
@@ -487,7 +489,14 @@ pub fn init(data: usize, pipeline: usize, facts: impl FnOnce() -> Facts) -> Resu
         let place = watchdog::Place { limit: timeout(), stages: stages(), stage: stage(), replica: replica(), rank: rank() };
         watchdog::start(place, abort);
     }
-    Ok(())
+    Ok(topology())
+}
+
+/// This process's place in the run, as [`init`] made it (one process before `init`). The
+/// runtime is handed the value `init` returns; this is for what runs outside a run's code
+/// (the panic hook, the metrics recorder, the frame dispatcher).
+pub fn topology() -> Topology {
+    Topology::of_rank(rank(), replicas(), stages())
 }
 
 /// `x` summed over the replicas of this stage, in place (a no-op with one replica).

@@ -103,6 +103,8 @@ pub struct EmbedHeadArgs<B: Backend> {
     pub micro_batches: usize,
     /// ZeRO-1: shard the optimizer state over the replicas (`parallel.zero = 1`).
     pub zero: bool,
+    /// This process's place in the run (replicas, stages).
+    pub topology: crate::dist::Topology,
 }
 
 enum Kind {
@@ -244,7 +246,7 @@ impl<B: Backend> Actor for EmbedHeadActor<B> {
             })
             .map_err(|e| RunError::Checkpoint(format!("embedding and head: restoring: {e:#}")))?;
         }
-        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero);
+        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero, a.topology);
         compute(|| {
             sync.shard(&be, &mut embed.w, u64::MAX);
             sync.shard(&be, &mut head.w, u64::MAX - 1);

@@ -27,19 +27,21 @@ pub struct GradSync {
     spare: std::collections::VecDeque<Vec<f32>>,
     /// ZeRO-1 (`parallel.zero = 1` with several replicas).
     sharded: bool,
+    /// This process's place in the run.
+    topo: dist::Topology,
 }
 
 impl GradSync {
-    pub fn new(micro_batches: usize, zero: bool) -> Self {
-        let sharded = zero && dist::replicas() > 1;
-        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new(), spare: Default::default(), sharded }
+    pub fn new(micro_batches: usize, zero: bool, topo: dist::Topology) -> Self {
+        let sharded = zero && topo.replicas > 1;
+        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new(), spare: Default::default(), sharded, topo }
     }
 
     /// ZeRO-1: keep only this replica's share of `set`'s optimizer state (`salt` spreads the
     /// units' shares over the replicas). Nothing to do otherwise.
     pub fn shard<B: Backend>(&self, be: &B, set: &mut ParamSet<B>, salt: u64) {
         if self.sharded {
-            let shard = Shard::new(&set.layout, dist::replica(), dist::replicas(), salt);
+            let shard = Shard::new(&set.layout, self.topo.replica, self.topo.replicas, salt);
             set.shard_state(be, shard);
         }
     }
@@ -96,7 +98,7 @@ impl GradSync {
     /// Count one backward; true when it was the step's last and the run has several replicas
     /// (then the caller starts its reductions, before handing anything on).
     pub fn backward_done(&mut self) -> bool {
-        if dist::replicas() == 1 {
+        if self.topo.replicas == 1 {
             return false;
         }
         self.done += 1;

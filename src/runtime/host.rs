@@ -5,16 +5,16 @@
 use super::error::RunError;
 use super::events;
 use super::frame::{Reply, Request, Unit};
-use super::handoff::{Handoff, Peer};
-use super::layer::{LayerActor, LayerArgs, LayerMsg};
-use super::remote::{listen, notify, remote_peer, reply, routes, set_run, set_step, start_dispatch, Route};
+use super::handoff::Handoff;
+use super::layer::LayerMsg;
+use super::remote::{listen, notify, reply, set_run, set_step, start_dispatch};
+use super::stage::LocalLayers;
 use super::StreamSettings;
-use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::dist;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// A hosting stage's layer.
@@ -45,7 +45,8 @@ impl Actor for Watch {
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, e) = evt {
             let who = roles.lock().expect("roles lock").get(&cell.get_id()).cloned().unwrap_or_else(|| "a layer".into());
-            eprintln!("error (rank {}, stage {}): {who} failed: {e}", dist::rank(), dist::stage());
+            let t = dist::topology();
+            eprintln!("error (rank {}, stage {}): {who} failed: {e}", t.rank(), t.stage);
             dist::abort(1);
         }
         Ok(())
@@ -54,18 +55,17 @@ impl Actor for Watch {
 
 /// Run a hosting stage (q > 0) of the pipeline until stage 0 shuts it down: spawn, link, step,
 /// snapshot, restore and stop the layers stage 0 places here. `vocab` sizes the model.
-pub fn serve<B: Backend>(cfg: &Config, vocab: usize) -> anyhow::Result<()> {
+pub fn serve<B: Backend>(cfg: &Config, vocab: usize, topo: dist::Topology) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve_async::<B>(cfg, vocab, events::none()))
+    rt.block_on(serve_async::<B>(cfg, vocab, topo, events::none()))
 }
 
 /// [`serve`] inside a multi-thread tokio runtime; the layers' events go to `observer`.
-pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: events::Observer) -> anyhow::Result<()> {
+pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, topo: dist::Topology, observer: events::Observer) -> anyhow::Result<()> {
     set_run(&cfg.run.name);
     let settings = StreamSettings::of(cfg);
     let mut requests = listen();
     start_dispatch::<B>(settings)?;
-    let routes = routes::<B>();
     let roles: Arc<Mutex<HashMap<ractor::ActorId, String>>> = Default::default();
     let (watch, _) = Actor::spawn(None, Watch, roles.clone()).await.map_err(|e| anyhow::anyhow!("starting the stage's supervisor: {e}"))?;
     // A stop signal here is passed to stage 0, which decides the step to stop at for everyone.
@@ -89,10 +89,9 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
             }
         })
     };
-    let dims = crate::train::dims_of(cfg, vocab);
+    let me = topo.stage;
+    let here = LocalLayers::<B>::new(cfg, topo, crate::train::dims_of(cfg, vocab), observer.clone(), roles.clone());
     let mut layers: HashMap<u64, Hosted<B>> = HashMap::new();
-    let mut pools: BTreeMap<String, ActPool<B>> = BTreeMap::new();
-    let me = dist::stage();
     while let Some((from, rid, req)) = requests.recv().await {
         if let Request::Step { step, .. } = &req {
             set_step(*step);
@@ -126,25 +125,9 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
                     let device = cfg.placement.devices.get(device_index).cloned().ok_or_else(|| {
                         format!("layer {id} is placed on device {device_index} of this stage, which has {}", cfg.placement.devices.len())
                     })?;
-                    let pool = pools.entry(device.clone()).or_default().clone();
-                    let args = LayerArgs {
-                        id,
-                        device: device.clone(),
-                        dims: dims.clone(),
-                        init,
-                        optim: cfg.optim.clone(),
-                        stream: settings,
-                        panic_at_step,
-                        observer: observer.clone(),
-                        pool: pool.clone(),
-                        micro_batches,
-                        zero: cfg.parallel.zero == 1,
-                    };
-                    let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, watch.get_cell())
-                        .await
-                        .map_err(|e| super::error::from_spawn(&format!("spawning layer {id} on {device}"), e).to_string())?;
-                    roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
-                    routes.set(Unit::Layer(id), Route { peer: actor.get_derived(), device: device.as_str().into(), pool });
+                    let actor =
+                        here.spawn(id, &device, init, panic_at_step, micro_batches, watch.get_cell()).await.map_err(|e| e.to_string())?;
+                    here.route(Unit::Layer(id), actor.get_derived(), &device);
                     layers.insert(id, Hosted { actor, device, links: Vec::new() });
                     Ok(())
                 }
@@ -159,15 +142,7 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
                     }
                     let mut peers = Vec::new();
                     for a in [prev, next] {
-                        let p: Peer<B> = if a.stage == me {
-                            routes.peer(a.unit).ok_or_else(|| format!("{} is not on stage {me}", a.unit))?
-                        } else {
-                            let l = remote_peer::<B>(&h.device, settings, a).await.map_err(|e| e.to_string())?;
-                            let p = l.get_derived();
-                            h.links.push(l);
-                            p
-                        };
-                        peers.push(p);
+                        peers.push(here.link(&h.device, a, &mut h.links).await.map_err(|e| e.to_string())?);
                     }
                     let next = peers.pop().expect("two peers");
                     let prev = peers.pop().expect("two peers");
@@ -186,7 +161,7 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
             Request::InFlight { id } => ask_layer!(id, LayerMsg::InFlight, Reply::Count),
             Request::Stop { id } => {
                 if let Some(h) = layers.remove(&id) {
-                    routes.remove(Unit::Layer(id));
+                    here.unroute(Unit::Layer(id));
                     for l in h.links {
                         l.stop(None);
                     }
@@ -197,7 +172,7 @@ pub async fn serve_async<B: Backend>(cfg: &Config, vocab: usize, observer: event
             Request::StopRun { .. } => {}
             Request::Shutdown => {
                 for (id, h) in layers.drain() {
-                    routes.remove(Unit::Layer(id));
+                    here.unroute(Unit::Layer(id));
                     for l in h.links {
                         l.stop(None);
                     }

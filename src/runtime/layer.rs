@@ -95,6 +95,8 @@ pub struct LayerArgs<B: Backend> {
     pub micro_batches: usize,
     /// ZeRO-1: shard the optimizer state over the replicas (`parallel.zero = 1`).
     pub zero: bool,
+    /// This process's place in the run (replicas, stages).
+    pub topology: crate::dist::Topology,
 }
 
 pub struct LayerState<B: Backend> {
@@ -195,7 +197,7 @@ impl<B: Backend> Actor for LayerActor<B> {
         .map_err(|e| RunError::Device(format!("layer {}: initialisation thread failed: {e}", a.id)))?;
         let (be, mut block) = built.map_err(|e| RunError::Device(format!("layer {}: {e:#}", a.id)))?;
         block.use_pool(a.pool.clone());
-        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero);
+        let sync = crate::runtime::grad_sync::GradSync::new(a.micro_batches, a.zero, a.topology);
         sync.shard(&be, &mut block.w, a.id);
         Ok(LayerState {
             sync,

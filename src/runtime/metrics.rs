@@ -174,11 +174,12 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         b = b.set_buckets_for_metric(Matcher::Full(d.name.to_string()), buckets)?;
     }
     // Several processes: every series says which one it comes from.
-    if crate::dist::size() > 1 {
+    let t = crate::dist::topology();
+    if t.size() > 1 {
         b = b
-            .add_global_label("rank", crate::dist::rank().to_string())
-            .add_global_label("replica", crate::dist::replica().to_string())
-            .add_global_label("stage", crate::dist::stage().to_string());
+            .add_global_label("rank", t.rank().to_string())
+            .add_global_label("replica", t.replica.to_string())
+            .add_global_label("stage", t.stage.to_string());
     }
     let recorder = b.build_recorder();
     let handle = recorder.handle();

@@ -17,6 +17,8 @@
 //!   ends of the ring in one actor.
 //! - [`scheduler`]: `SchedulerActor`, the step clock; [`scheduler::growth`] is growth at τ.
 //! - [`supervisor`]: `SupervisorActor`, and [`train`] / [`start`], the entry points.
+//! - [`stage`]: the layers of this process (spawn, name, route, link), for stage 0 and a
+//!   hosting stage alike.
 //! - [`placement`]: layers to devices. [`events`]: what the runtime reports. [`metrics`]: the
 //!   metrics actor. [`error`]: [`RunError`].
 //!
@@ -62,6 +64,7 @@ pub mod metrics;
 pub mod placement;
 pub mod remote;
 pub mod scheduler;
+pub mod stage;
 pub mod supervisor;
 
 pub use crate::train::RunOptions;

@@ -104,7 +104,7 @@ pub fn set_step(step: u64) {
 
 /// The world rank of stage `stage` of this replica.
 fn rank_of(stage: usize) -> usize {
-    dist::replica() * dist::stages() + stage
+    dist::topology().rank_of(stage)
 }
 
 /// Take the requests that arrive at this process: (their stage, request id, request).
@@ -198,7 +198,7 @@ pub fn start_dispatch<B: Backend>(settings: StreamSettings) -> anyhow::Result<()
         let mut host = Vec::new();
         for (from, bytes) in rx {
             if let Err(e) = dispatch_one::<B>(&bytes, from, &routes, &mut streams, &mut host, settings) {
-                eprintln!("error (rank {}): a frame from stage {from}: {e:#}", dist::rank());
+                eprintln!("error (rank {}): a frame from stage {from}: {e:#}", dist::topology().rank());
                 dist::abort(1);
             }
         }
@@ -222,7 +222,7 @@ fn dispatch_one<B: Backend>(
     match h.kind {
         Kind::Forward { .. } | Kind::Backward { .. } => {
             let Some((peer, device, pool)) = routes.get(h.to) else {
-                bail!("{} is not on stage {}", h.to, dist::stage());
+                bail!("{} is not on stage {}", h.to, dist::topology().stage);
             };
             if !streams.contains_key(&*device) {
                 streams.insert(device.to_string(), super::open_stream::<B>(&device, settings)?);
@@ -246,7 +246,9 @@ fn dispatch_one<B: Backend>(
                 Some(l) => {
                     let _ = l.send((from, id, req));
                 }
-                None => eprintln!("warning (rank {}): {} from stage {from} arrived with nobody to take it", dist::rank(), req.what()),
+                None => {
+                    eprintln!("warning (rank {}): {} from stage {from} arrived with nobody to take it", dist::topology().rank(), req.what())
+                }
             }
         }
         Kind::Reply { id } => {
@@ -413,7 +415,7 @@ impl<B: Backend> Actor for RemoteLayerActor<B> {
 
 /// On stage 0: shut the other stages of this replica down (the run is over).
 pub async fn shutdown_stages() {
-    for q in 1..dist::stages() {
+    for q in 1..dist::topology().stages {
         if let Err(e) = request(q, Request::Shutdown).await {
             eprintln!("warning: stage {q}: {e}");
         }

@@ -300,10 +300,18 @@ pub async fn start<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, ob
         }
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let topo = opts.topology;
+    if topo != crate::dist::topology() {
+        return Err(RunError::Config(format!(
+            "`RunOptions::topology` says {topo:?}, but this process is {:?}: pass the value `dist::init` returned",
+            crate::dist::topology()
+        ))
+        .into());
+    }
     let args = SupervisorArgs { cfg: cfg.clone(), data: Arc::new(data), opts, done: tx, observer };
     // A pipeline over several processes: frames from the other stages, and their stop requests.
     let mut requests = None;
-    if crate::dist::stages() > 1 {
+    if topo.stages > 1 {
         super::remote::set_run(&cfg.run.name);
         requests = Some(super::remote::listen());
         super::remote::start_dispatch::<B>(super::StreamSettings::of(cfg))?;
@@ -400,6 +408,7 @@ pub fn watch_stop_signals(
 
 /// [`train`] inside an existing multi-thread tokio runtime.
 pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptions, signals: bool) -> anyhow::Result<TrainReport> {
+    let topo = opts.topology;
     let run = start::<B>(cfg, data, opts, events::none()).await?;
     let grace = std::time::Duration::from_secs(cfg.run.stop_grace_s);
     let supervisor = run.supervisor.clone();
@@ -410,7 +419,7 @@ pub async fn train_async<B: Backend>(cfg: &Config, data: Dataset, opts: RunOptio
                     StopStep::Finish(name) => {
                         // Under MPI the step needs every rank: mpirun also sends SIGTERM when a
                         // rank has died, and then no checkpoint can follow.
-                        let caveat = if crate::dist::size() > 1 {
+                        let caveat = if topo.size() > 1 {
                             " if every rank is still there (a rank that is gone makes that impossible: then the newest checkpoint on disk stands)"
                         } else {
                             ""

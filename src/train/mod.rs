@@ -33,6 +33,8 @@ pub struct RunOptions {
     /// Config keys (or section prefixes) a resumed run may change although they change its
     /// trajectory (`--allow-config-change`; see `config::changes`).
     pub allow_config_change: Vec<String>,
+    /// This process's place in the run (`dist::init`'s; one process by default).
+    pub topology: crate::dist::Topology,
 }
 
 /// The header of `steps.csv`; [`StepRecord::csv_row`] writes its rows.

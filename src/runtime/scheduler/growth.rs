@@ -18,20 +18,14 @@ use crate::runtime::error::RunError;
 use crate::runtime::events::Event;
 use crate::runtime::frame::{Addr, Request, Unit};
 use crate::runtime::handoff::Peer;
-use crate::runtime::layer::{LayerActor, LayerArgs, LayerInit, LayerMsg};
+use crate::runtime::layer::{LayerInit, LayerMsg};
 use crate::runtime::placement;
-use crate::runtime::remote::{self, RemoteLayerActor, RemoteLayerArgs, Route};
-use crate::runtime::StreamSettings;
+use crate::runtime::remote::{self, RemoteLayerActor, RemoteLayerArgs};
 use ractor::Actor;
 use std::collections::HashMap;
 use std::time::Instant;
 
 impl<B: Backend> SchedulerState<B> {
-    /// The activation pool of `device`, made on first use.
-    fn pool(&self, device: &str) -> crate::backend::pool::ActPool<B> {
-        self.pools.lock().expect("pools lock").entry(device.to_string()).or_default().clone()
-    }
-
     /// Spawn the layer actor `id` on `device` (a slot: on another stage it is a
     /// `RemoteLayerActor` standing in for the layer there), linked to the supervisor.
     pub(super) async fn spawn_layer(&self, id: u64, device: String, init: LayerInit) -> Res<Layer<B>> {
@@ -43,27 +37,12 @@ impl<B: Backend> SchedulerState<B> {
             let (actor, _) = Actor::spawn_linked(None, RemoteLayerActor::<B>::default(), args, self.supervisor.clone())
                 .await
                 .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
-            let rank = crate::dist::replica() * crate::dist::stages() + stage;
-            self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device}, rank {rank})"));
+            let rank = self.topo.rank_of(stage);
+            self.here.name(&actor.get_cell(), format!("layer {id} ({device}, rank {rank})"));
             return Ok(Layer { id, device, actor });
         }
-        let args = LayerArgs {
-            id,
-            device: device.clone(),
-            dims: self.dims.clone(),
-            init,
-            optim: self.cfg.optim.clone(),
-            stream: crate::runtime::StreamSettings::of(&self.cfg),
-            panic_at_step,
-            observer: self.observer.clone(),
-            pool: self.pool(&device),
-            micro_batches: self.local_micro_batches(),
-            zero: self.cfg.parallel.zero == 1,
-        };
-        let (actor, _) = Actor::spawn_linked(None, LayerActor::<B>::default(), args, self.supervisor.clone())
-            .await
-            .map_err(|e| boxed(crate::runtime::error::from_spawn(&format!("spawning layer {id} on {device}"), e)))?;
-        self.roles.lock().expect("roles lock").insert(actor.get_id(), format!("layer {id} ({device})"));
+        let actor =
+            self.here.spawn(id, &device, init, panic_at_step, self.local_micro_batches(), self.supervisor.clone()).await.map_err(boxed)?;
         Ok(Layer { id, device, actor })
     }
 
@@ -86,10 +65,8 @@ impl<B: Backend> SchedulerState<B> {
                 None => self.embed_head.get_derived(),
             });
         }
-        let link = remote::remote_peer::<B>(from_device, StreamSettings::of(&self.cfg), self.addr(to)).await.map_err(boxed)?;
-        let p = link.get_derived();
-        self.links.push(link);
-        Ok(p)
+        let to = self.addr(to);
+        self.here.link(from_device, to, &mut self.links).await.map_err(boxed)
     }
 
     /// Tell every stage its neighbours. Called whenever the stack changes (nothing in flight).
@@ -100,18 +77,13 @@ impl<B: Backend> SchedulerState<B> {
             l.stop(None);
         }
         let n = self.stack.layers.len();
-        if crate::dist::stages() > 1 {
+        if self.topo.stages > 1 {
             // The units frames may be addressed to in this process.
-            let routes = remote::routes::<B>();
-            routes.clear();
-            let ends = self.ends_device.clone();
-            routes.set(Unit::Ends, Route { peer: self.embed_head.get_derived(), device: ends.as_str().into(), pool: self.pool(&ends) });
+            self.here.clear_routes();
+            self.here.route(Unit::Ends, self.embed_head.get_derived(), &self.ends_device);
             for i in (0..n).filter(|&i| self.stage_of(Some(i)) == 0) {
                 let s = &self.stack.layers[i];
-                routes.set(
-                    Unit::Layer(s.id),
-                    Route { peer: s.actor.get_derived(), device: s.device.as_str().into(), pool: self.pool(&s.device) },
-                );
+                self.here.route(Unit::Layer(s.id), s.actor.get_derived(), &s.device);
             }
         }
         let ends = self.ends_device.clone();
@@ -139,7 +111,7 @@ impl<B: Backend> SchedulerState<B> {
     /// gradients; a newborn's init is keyed by its layer id). `when` starts the error, which
     /// names the first unit that differs. Every replica must call this at the same point.
     pub(super) async fn check_replicas_agree(&self, ids: &[u64], ends: bool, when: &str) -> Res<()> {
-        if crate::dist::replicas() == 1 {
+        if self.topo.replicas == 1 {
             return Ok(());
         }
         let mut names = Vec::new();
@@ -191,7 +163,7 @@ impl<B: Backend> SchedulerState<B> {
         let t0 = Instant::now();
         let ls = self.stack.layers.len();
         let mut init_cfg = self.init_cfg.clone();
-        if self.cfg.faults.diverge_replica == Some(self.replica) {
+        if self.cfg.faults.diverge_replica == Some(self.topo.replica) {
             init_cfg.seed ^= 1;
         }
         let mut plan =

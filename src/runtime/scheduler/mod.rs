@@ -30,8 +30,8 @@ use super::events::Observer;
 use super::handoff::MicroDone;
 use super::layer::{LayerInit, LayerMsg};
 use super::placement;
+use super::stage::LocalLayers;
 use super::Roles;
-use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, GrowthRecord, UnitKey};
 use crate::config::Config;
@@ -45,11 +45,11 @@ use crate::train::log::RunLog;
 use crate::train::{dims_of, RunOptions, TrainReport};
 use agreement::Agreement;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub enum SchedulerMsg {
@@ -214,18 +214,17 @@ pub struct SchedulerState<B: Backend> {
     log: RunLog,
     ended: DerivedActorRef<RunEnded>,
     supervisor: ActorCell,
-    roles: Roles,
     step_pub: Arc<AtomicU64>,
     observer: Observer,
     paused: bool,
     grow_now: Vec<RpcReplyPort<Result<usize, RunError>>>,
     checkpoint_now: Vec<RpcReplyPort<Result<PathBuf, RunError>>>,
-    /// One activation-buffer pool per device, shared by the stages placed there (see
-    /// `backend::pool::ActPool`); stages born later on a device join its pool.
-    pools: Mutex<BTreeMap<String, ActPool<B>>>,
-    /// This process's data-parallel replica and the run's number of replicas (`crate::dist`).
-    replica: usize,
-    replicas: usize,
+    /// The layers of this process (stage 0): their arguments, one activation pool per device
+    /// shared by the layers placed there (layers born later on a device join its pool), their
+    /// names for the supervisor and their routes (`runtime::stage`).
+    here: LocalLayers<B>,
+    /// This process's place in the run (`dist::init`'s, by `RunOptions::topology`).
+    topo: crate::dist::Topology,
     /// Where layers can be placed: `[placement] devices`, or with a pipeline over P processes
     /// every stage's devices (`placement::pipeline_slots`).
     slots: Vec<String>,
@@ -281,7 +280,7 @@ fn resume_point(cfg: &Config, opts: &RunOptions) -> Res<Option<(Checkpoint, Path
             // The newer files were skipped because they do not load: moved into `rejected/` now,
             // so that no later prune counts them or deletes a good file for them (rank 0 owns
             // the folder).
-            if crate::dist::rank() == 0 {
+            if opts.topology.is_lead() {
                 let newer = checkpoint::list(&dir).map_err(|e| boxed(RunError::Checkpoint(format!("{e:#}"))))?;
                 for (_, bad) in newer.into_iter().filter(|(s, _)| *s > ck.meta.step) {
                     let to = checkpoint::reject(&bad).map_err(|e| boxed(RunError::Checkpoint(format!("{e:#}"))))?;
@@ -344,11 +343,11 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         };
         let loader_cursor = loader.cursor();
         let ends_device = cfg.placement.ends.clone().unwrap_or_else(|| cfg.placement.devices[0].clone());
-        let pools: BTreeMap<String, ActPool<B>> = [(ends_device.clone(), ActPool::default())].into_iter().collect();
+        let here = LocalLayers::new(&cfg, a.opts.topology, dims.clone(), a.observer.clone(), a.roles.clone());
         let args = EmbedHeadArgs {
             device: ends_device.clone(),
             dims: dims.clone(),
-            init_cfg: if cfg.faults.drift_replica == Some(crate::dist::replica()) {
+            init_cfg: if cfg.faults.drift_replica == Some(a.opts.topology.replica) {
                 InitConfig { seed: init_cfg.seed ^ 1, ..init_cfg.clone() }
             } else {
                 init_cfg.clone()
@@ -360,14 +359,15 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             done: me.get_derived(),
             restore: restore_embed_head,
             observer: a.observer.clone(),
-            pool: pools[&ends_device].clone(),
-            micro_batches: cfg.data.micro_batches / crate::dist::replicas(),
+            pool: here.pool(&ends_device),
+            micro_batches: cfg.data.micro_batches / a.opts.topology.replicas,
             zero: cfg.parallel.zero == 1,
+            topology: a.opts.topology,
         };
         let (embed_head, _) = Actor::spawn_linked(None, EmbedHeadActor::<B>::default(), args, a.supervisor.clone())
             .await
             .map_err(|e| boxed(super::error::from_spawn(&format!("spawning the embedding and head on {ends_device}"), e)))?;
-        a.roles.lock().expect("roles lock").insert(embed_head.get_id(), format!("embedding and head ({ends_device})"));
+        here.name(&embed_head.get_cell(), format!("embedding and head ({ends_device})"));
         let run_id = resumed.as_ref().and_then(|(ck, _)| ck.meta.run_id.clone()).unwrap_or_else(checkpoint::new_run_id);
         let last_checkpoint = resumed.as_ref().map(|(ck, p)| (ck.meta.step, p.clone()));
         let resumed = resumed.map(|(ck, _)| ck);
@@ -375,14 +375,14 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             Some(ck) => (ck.meta.stack.clone(), ck.meta.step, ck.meta.next_id, ck.meta.growth.clone()),
             None => ((0..cfg.model.depth as u64).collect(), 0, cfg.model.depth as u64, Vec::new()),
         };
-        let slots = placement::pipeline_slots(&cfg.placement.devices, crate::dist::stages());
+        let slots = placement::pipeline_slots(&cfg.placement.devices, a.opts.topology.stages);
         let devices = placement::initial(cfg.placement.policy, &slots, ids.len(), cfg.target_depth());
         let end = a.opts.stop_after.map_or(cfg.run.steps, |s| s.min(cfg.run.steps));
         // The trajectory, streamed: appended to across resumes. In a data-parallel run rank 0
         // alone writes it (every rank computes the same records).
-        let (rank, replicas) = (crate::dist::replica(), crate::dist::replicas());
+        let topo = a.opts.topology;
         let log = RunLog::new(&cfg, &dims, &a.opts, step);
-        let log = if rank == 0 {
+        let log = if topo.replica == 0 {
             log.with_csv(&cfg.out_dir(), a.opts.resume).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?.with_progress_bar(step, end)
         } else {
             log
@@ -418,15 +418,13 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             log,
             ended: a.ended,
             supervisor: a.supervisor,
-            roles: a.roles,
             step_pub: a.step,
             observer: a.observer,
             paused: false,
             grow_now: Vec::new(),
             checkpoint_now: Vec::new(),
-            pools: Mutex::new(pools),
-            replica: rank,
-            replicas,
+            here,
+            topo,
             slots,
             ends_device: ends_device.clone(),
             links: Vec::new(),
@@ -484,7 +482,7 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
             if !s.agree.stop_requested && !s.agree.stop_wanted {
                 s.log.say(format!("stop requested at step {}: finishing the step, then checkpoint", s.clock.step));
             }
-            if s.replicas > 1 {
+            if s.topo.replicas > 1 {
                 // Every replica must stop after the same step: the wish travels with the next
                 // step's loss reduction, and all stop once any asked (`end_step`). A paused
                 // replica takes that step (the others wait for it in the reduction).
@@ -524,7 +522,7 @@ async fn dispatch<B: Backend>(me: &ActorRef<SchedulerMsg>, msg: SchedulerMsg, s:
             s.grow_now.push(reply);
             // With replicas every one must grow at the same boundary: the wish travels with the
             // next step's reduction (`end_step`), and all grow at the boundary after it.
-            s.agree.grow_wanted = s.replicas > 1;
+            s.agree.grow_wanted = s.topo.replicas > 1;
             if matches!(s.phase, Phase::Idle) {
                 s.next(me).await?;
             }

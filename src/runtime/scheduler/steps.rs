@@ -35,14 +35,14 @@ impl<B: Backend> SchedulerState<B> {
 
     /// Whether the optimizer state is sharded over the replicas (ZeRO-1).
     pub(super) fn sharded(&self) -> bool {
-        self.cfg.parallel.zero == 1 && self.replicas > 1
+        self.cfg.parallel.zero == 1 && self.topo.replicas > 1
     }
 
     /// The micro-batches of a step this process trains: `data.micro_batches` split evenly over
     /// the data-parallel replicas (rank r takes the r-th consecutive share of the step's
     /// batches, so the global batch is the same whatever the number of replicas).
     pub(super) fn local_micro_batches(&self) -> usize {
-        self.cfg.data.micro_batches / self.replicas
+        self.cfg.data.micro_batches / self.topo.replicas
     }
 
     /// Draw and drop `n` batches: the shares of the other replicas.
@@ -132,7 +132,7 @@ impl<B: Backend> SchedulerState<B> {
                 let _ = reply.send(r.clone());
             }
         }
-        let grow = if self.replicas > 1 { std::mem::take(&mut self.agree.grow_agreed) } else { !self.grow_now.is_empty() };
+        let grow = if self.topo.replicas > 1 { std::mem::take(&mut self.agree.grow_agreed) } else { !self.grow_now.is_empty() };
         if grow {
             let r = self.grow_next_planned().await;
             for reply in self.grow_now.drain(..) {
@@ -157,7 +157,7 @@ impl<B: Backend> SchedulerState<B> {
         self.clock.step_started = Instant::now();
         crate::dist::watchdog::step_began(self.clock.step);
         self.clock.step_cursor = self.loader.cursor();
-        self.skip_batches(self.replica * self.local_micro_batches());
+        self.skip_batches(self.topo.replica * self.local_micro_batches());
         let mut p = Pending { losses: vec![f32::NAN; self.local_micro_batches()], ..Default::default() };
         self.issue(&mut p, true)?;
         self.phase = Phase::Train(p);
@@ -169,7 +169,7 @@ impl<B: Backend> SchedulerState<B> {
         let lr = self.schedule.lr_after_growth(self.clock.step, self.stack.growth.last().map(|g| g.at_step));
         let step = self.clock.step;
         // The replicas after this one take the rest of the step's batches.
-        self.skip_batches((self.replicas - 1 - self.replica) * self.local_micro_batches());
+        self.skip_batches((self.topo.replicas - 1 - self.topo.replica) * self.local_micro_batches());
         let mbs = self.cfg.data.micro_batches;
         // With the loss, whether any replica was asked to stop (then all stop after this step),
         // to grow now (then all grow at the next boundary) or to gather a checkpoint.
@@ -231,7 +231,7 @@ impl<B: Backend> SchedulerState<B> {
             grad_norm,
             params: (flops::total_params(&self.dims, depth), flops::non_embedding_params(&self.dims, depth)),
         });
-        for (device, pool) in self.pools.lock().expect("pools lock").iter() {
+        for (device, pool) in self.here.pools().iter() {
             (self.observer)(&Event::Buffers { device: device.clone(), allocated: pool.allocated(), peer_bytes_in: pool.peer_bytes_in() });
         }
         if !grad_norm.is_finite() {
@@ -299,11 +299,11 @@ impl<B: Backend> SchedulerState<B> {
     /// (rank 0) and reported as an event. Best effort: a failure is a warning.
     async fn sample(&mut self) -> Res<()> {
         let n = self.cfg.eval.sample_tokens;
-        if n == 0 || (self.replica != 0 && !self.sharded()) {
+        if n == 0 || (self.topo.replica != 0 && !self.sharded()) {
             return Ok(());
         }
         let units = self.gather_units().await?;
-        if crate::dist::rank() != 0 {
+        if !self.topo.is_lead() {
             return Ok(());
         }
         let ck = Checkpoint { meta: self.meta(), units };
@@ -347,14 +347,14 @@ impl<B: Backend> SchedulerState<B> {
 
     /// Gather every unit's state and write one checkpoint, tried [`SAVE_TRIES`] times.
     pub(super) async fn write_checkpoint(&mut self) -> Res<PathBuf> {
-        if self.replica != 0 && !self.sharded() {
+        if self.topo.replica != 0 && !self.sharded() {
             return Ok(self.cfg.checkpoint_dir());
         }
         let t0 = Instant::now();
         let units = self.gather_units().await?;
         // The disk write needs no other stage: not timed by the watchdog.
         crate::dist::watchdog::step_ended();
-        if self.replica != 0 {
+        if self.topo.replica != 0 {
             return Ok(self.cfg.checkpoint_dir());
         }
         let meta = self.meta();
