@@ -7,7 +7,8 @@
 # Builds REV's benchmark in a worktree under target/ab/ (or takes BEFORE_BIN, a built
 # `benches/cpu` binary of REV), builds the working tree's, then runs them alternately ROUNDS
 # times (default 5) so drift and interference hit both alike, and prints per kind the median
-# ms/step of each and their ratio (after ÷ before; below 1 is faster).
+# ms/step of each and their ratio (after ÷ before; below 1 is faster). Each run times 5 steps
+# per kind (`--quick`); FULL=1 times 15.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: scripts/bench-ab.sh REV [ROUNDS]}
@@ -31,12 +32,14 @@ after=$(bench_bin)
 echo "before: $rev ($before)"
 echo "after:  working tree at $(git rev-parse --short HEAD)$(git diff --quiet || echo ' + changes')"
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores; $rounds rounds, alternating"
+quick=--quick
+[ "${FULL:-0}" = 1 ] && quick=
 out=target/ab/runs.txt
 : > "$out"
 for i in $(seq 1 "$rounds"); do
   for side in before after; do
     bin=$before; [ "$side" = after ] && bin=$after
-    "$bin" --case kinds --quick | sed -n 's/^  \(.*[^ ]\) \+\([0-9.]\+\) ms\/step.*/\1\t\2/p' | sed "s/^/$side\t/" >> "$out"
+    "$bin" --case kinds ${quick:+"$quick"} | sed -n 's/^  \(.*[^ ]\) \+\([0-9.]\+\) ms\/step.*/\1\t\2/p' | sed "s/^/$side\t/" >> "$out"
   done
 done
 python3 - "$out" <<'PY'

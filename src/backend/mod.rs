@@ -25,7 +25,7 @@
 //! **What a device error does.** Ops return nothing: a failure of the device itself (a CUDA
 //! launch or copy error, an allocation that the device cannot satisfy, a buffer of another
 //! device) panics with the op and the device in its message. Inside the actor runtime that panic
-//! fails the stage actor that owns the stream; the supervisor (`runtime::supervisor`) receives
+//! fails the actor that owns the stream; the supervisor (`runtime::supervisor`) receives
 //! the failure and reports it as a named actor failure — `layer 3 (cuda:1) failed at step 120:
 //! …` (`RunError::ActorFailed`) — then stops the run, or rebuilds the pipeline from the newest
 //! checkpoint when `supervision.restart_on_failure` is set. Errors that a caller can act on

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 /// A stage takes its output buffer from the pool and puts back the input buffer it no longer
 /// needs after backward, so after the first step nothing allocates (buffers circulate).
 ///
-/// A pool belongs to ONE device. In the actor runtime every stage on a device shares that
+/// A pool belongs to ONE device. In the actor runtime every actor on a device shares that
 /// device's pool (clones share), so a buffer can be put back by one stream and taken by another:
 /// each free buffer carries the event after its last use, and `take` makes the taking stream wait
 /// on it. A buffer handed to another device is copied there (see `runtime::messages`) and sent

@@ -240,7 +240,7 @@ impl Default for CheckpointConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisionConfig {
-    /// On a failed stage actor: restart the pipeline from the newest checkpoint (true) or stop
+    /// On a failed actor of the pipeline: restart the pipeline from the newest checkpoint (true) or stop
     /// the run with an error naming the layer and step (false).
     pub restart_on_failure: bool,
     pub max_restarts: u32,

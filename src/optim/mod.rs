@@ -26,7 +26,7 @@ use crate::params::ParamSet;
 pub use config::{EmbeddingOptimizer, OptimConfig, OptimizerKind, Rule};
 pub use muon::Scratch;
 
-/// The optimizer: stateless itself (state lives in each unit), so every stage can hold a copy.
+/// The optimizer: stateless itself (state lives in each unit), so every actor can hold a copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Optimizer {
     pub cfg: OptimConfig,

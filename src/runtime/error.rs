@@ -10,7 +10,7 @@ use ractor::ActorProcessingErr;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RunError {
-    /// A stage actor is gone (it failed or was stopped). The scheduler does not fail on this:
+    /// An actor of the pipeline is gone (it failed or was stopped). The scheduler does not fail on this:
     /// the stage's own failure reaches the supervisor, which names it and decides what to do.
     #[error("stage gone: {0}")]
     StageGone(String),

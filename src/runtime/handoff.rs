@@ -80,7 +80,7 @@ pub fn hand<B: Backend>(peer: &Peer<B>, h: Handoff<B>) {
     let _ = peer.send_message(h);
 }
 
-/// A micro-batch has finished: every stage has done its backward (training) or the head has
+/// A micro-batch has finished: every layer has done its backward (training) or the head has
 /// its loss (evaluation). Sent by the embed-head actor to the scheduler.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MicroDone {

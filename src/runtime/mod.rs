@@ -19,6 +19,9 @@
 //! - [`supervisor`]: `SupervisorActor`, and [`train`] / [`start`], the entry points.
 //! - [`stage`]: the layers of this process (spawn, name, route, link), for stage 0 and a
 //!   hosting stage alike.
+//! - [`grad_sync`]: a unit's gradient all-reduce over the replicas, and ZeRO-1.
+//! - [`frame`], [`remote`], [`host`]: a pipeline split over processes (stages): the frames
+//!   between them, the stand-ins of layers on other stages, a hosting stage's loop.
 //! - [`placement`]: layers to devices. [`events`]: what the runtime reports. [`metrics`]: the
 //!   metrics actor. [`error`]: [`RunError`].
 //!
@@ -40,7 +43,7 @@
 //! 6. **Done.** The embed-head actor accumulates the embedding gradient and tells the scheduler
 //!    `MicroDone { mb, loss }`; the scheduler issues the next micro-batch of the step.
 //! 7. **Step barrier.** When all `micro_batches` of the step are done, the scheduler sends
-//!    `Step { lr }` to every stage and waits for all of them (each answers with the sum of
+//!    `Step { lr }` to every layer actor and the embed-head actor and waits for all of them (each answers with the sum of
 //!    squares of its gradients, for the gradient norm); then it logs the step, evaluates or
 //!    checkpoints when due, applies growth when the plan says so, and issues the next step.
 //!

@@ -1,7 +1,7 @@
 //! `SupervisorActor`: the supervision root of a run, and the runtime's entry points ([`train`],
 //! [`start`]).
 //!
-//! It spawns the scheduler linked to itself; the scheduler spawns every stage actor (the
+//! It spawns the scheduler linked to itself; the scheduler spawns every actor of the pipeline (the
 //! embed-head actor and one actor per layer, including those born at τ) linked to the supervisor
 //! too, so every failure of any actor of the run arrives here. What a failure means is decided here:
 //! - `supervision.restart_on_failure = false` (default): stop the run with an error that names

@@ -1,6 +1,6 @@
 //! The CUDA backend: cudarc with dynamic loading (it compiles, and the crate runs, on machines
 //! without CUDA), cuBLAS for every matrix product, NVRTC-compiled kernels (`kernels.cu`) for
-//! everything else, one `CudaStream` per backend value — that is, per stage actor.
+//! everything else, one `CudaStream` per backend value — that is, per actor of the pipeline.
 //!
 //! Rooms: this file is the `impl Backend for CudaBackend`, a method per op of the trait, so that
 //! it reads side by side with the CPU backend and the trait; the devices (kernel compile,
@@ -14,7 +14,7 @@
 //! - **Memory.** A [`CudaBuf`] owns device memory; ops address it through raw device pointers
 //!   plus the view's offset, like the CPU backend's raw pointers. cudarc's automatic per-buffer
 //!   event tracking is switched off: ordering across streams is this crate's job, with explicit
-//!   events (`record` / `wait`), so a hand-off between stage actors never synchronises the host.
+//!   events (`record` / `wait`), so a hand-off between the pipeline's actors never synchronises the host.
 //! - **Synchronisation.** Within a step the host waits only in `download` (the loss, metrics).
 //!   Token ids go up through a ring of pinned staging buffers, so their copies are asynchronous.
 //! - **Numerics.** Storage is fp32. The products compute in the stream's precision
@@ -27,7 +27,7 @@
 //!   ([`Backend::set_attention`]) and needs bf16. Float atomics in a few
 //!   reductions make results not bitwise reproducible.
 //! - **Several GPUs.** Each `cuda:N` is its own context; peer access is enabled between devices
-//!   that allow it. A buffer handed to a stage on another device is brought over with a peer
+//!   that allow it. A buffer handed to an actor on another device is brought over with a peer
 //!   copy ([`Backend::copy_peer`], `cuMemcpyPeerAsync` on the receiver's stream, after waiting on
 //!   the sender's event); the runtime then sends the original home (see `backend::pool::ActPool`).
 
@@ -59,7 +59,7 @@ macro_rules! launch {
 // Declared after `launch!`, which it uses.
 mod stream;
 
-/// A stream on a CUDA device: the `Backend` of one stage actor.
+/// A stream on a CUDA device: the `Backend` of one actor of the pipeline.
 pub struct CudaBackend {
     device_name: String,
     ordinal: usize,

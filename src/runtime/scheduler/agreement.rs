@@ -1,7 +1,7 @@
 //! The scheduler's decisions that every data-parallel replica must take at the same step
 //! boundary — stop, grow now, gather a checkpoint — and the one exchange that makes them
-//! agree: at each step's barrier every replica [`Say`]s its loss and its wishes, one all-reduce
-//! sums them, and each replica hears the same [`Heard`] and folds it into its [`Agreement`].
+//! agree: at each step's barrier every replica `Say`s its loss and its wishes, one all-reduce
+//! sums them, and each replica hears the same `Heard` and folds it into its `Agreement`.
 
 use crate::dist;
 

@@ -69,7 +69,7 @@ impl<B: Backend> SchedulerState<B> {
         self.here.link(from_device, to, &mut self.links).await.map_err(boxed)
     }
 
-    /// Tell every stage its neighbours. Called whenever the stack changes (nothing in flight).
+    /// Tell every actor of the pipeline its neighbours. Called whenever the stack changes (nothing in flight).
     /// Layers on other stages are told by address, and the call returns once every stage has
     /// them linked, so no frame of the next step can reach an unlinked layer.
     pub(super) async fn relink(&mut self) -> Res<()> {

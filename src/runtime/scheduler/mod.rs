@@ -116,7 +116,7 @@ pub struct SchedulerArgs {
     pub opts: RunOptions,
     /// Where the end of the run is reported (the supervisor).
     pub ended: DerivedActorRef<RunEnded>,
-    /// Every stage actor is spawned linked to this supervisor.
+    /// Every actor of the pipeline is spawned linked to this supervisor.
     pub supervisor: ActorCell,
     pub roles: Roles,
     /// Published step counter (read by the supervisor when something fails).
@@ -191,8 +191,8 @@ pub(crate) struct Checkpoints {
 }
 
 /// The scheduler's state, in parts: the run's inputs (config, shape, schedule, data), its
-/// [`Clock`], its [`Agreement`] with the other replicas, the [`Stack`] of layers (with the growth
-/// done and still planned), its [`Checkpoints`], and its links to the other actors.
+/// `Clock`, its `Agreement` with the other replicas, the `Stack` of layers (with the growth
+/// done and still planned), its `Checkpoints`, and its links to the other actors.
 pub struct SchedulerState<B: Backend> {
     clock: Clock,
     agree: Agreement,

@@ -164,7 +164,7 @@ impl<B: Backend> SchedulerState<B> {
         Ok(())
     }
 
-    /// All micro-batches of the step are done: the optimizer step on every stage, records, logs.
+    /// All micro-batches of the step are done: the optimizer step of every unit's actor, records, logs.
     async fn end_step(&mut self, me: &ActorRef<SchedulerMsg>, losses: Vec<f32>) -> Res<()> {
         let lr = self.schedule.lr_after_growth(self.clock.step, self.stack.growth.last().map(|g| g.at_step));
         let step = self.clock.step;
@@ -185,10 +185,10 @@ impl<B: Backend> SchedulerState<B> {
             let checkpoint = self.checkpoint_last_good().await;
             return Err(boxed(RunError::NonFiniteLoss { step: self.clock.step + 1, depth, loss, checkpoint }));
         }
-        // The barrier: every stage steps; wait for all of them. (With several replicas each
+        // The barrier: every layer actor and the embed-head actor step; wait for all of them. (With several replicas each
         // stage first waits for the sum of its gradients, which it started after its last
         // backward: `runtime::grad_sync`.)
-        // ZeRO-1: each stage's step ends in collectives (the owners' new weights), which every
+        // ZeRO-1: each actor's step ends in collectives (the owners' new weights), which every
         // replica must make in the same order, so the stages step one after the other.
         let one_by_one = self.sharded();
         let mut waits: Vec<ractor::concurrency::OneshotReceiver<f64>> = Vec::with_capacity(self.stack.layers.len() + 1);

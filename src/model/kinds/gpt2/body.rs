@@ -65,7 +65,7 @@ impl<B: Backend> Gpt2Acts<B> {
     }
 }
 
-/// Backward scratch, one set per block (a stage runs one backward at a time).
+/// Backward scratch, one set per block (a layer actor runs one backward at a time).
 struct Gpt2Scratch<B: Backend> {
     shape: (usize, usize),
     dc: B::Buf,              // (N, C) dln2, then datty, then dln1

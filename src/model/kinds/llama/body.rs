@@ -73,7 +73,7 @@ impl<B: Backend> LlamaActs<B> {
     }
 }
 
-/// Working buffers of one forward or backward, one set per block (a stage runs one at a time).
+/// Working buffers of one forward or backward, one set per block (a layer actor runs one at a time).
 struct Scratch<B: Backend> {
     shape: (usize, usize),
     qkv: B::Buf,             // (N, (NH + 2KV)·hd): the projection (normed, rotated), then its gradient
