@@ -402,14 +402,16 @@ async fn serve(
             let how = if stopped { "stopped" } else { "finished" };
             let ck = report.final_checkpoint.as_ref().map(|p| format!(" checkpoint={}", p.display())).unwrap_or_default();
             log.say(format!("{how} step={steps}{val} wall_s={:.1}{ck}", report.wall_s));
+            // The metrics first, then the phase `/status` reports: once a client sees
+            // `finished` there, `/metrics` says it too.
+            state_now(&metrics_actor, "finished").await;
             *d.phase.lock().expect("phase lock") = Phase::Finished;
-            let _ = metrics_actor.cast(MetricsMsg::State("finished"));
             0
         }
         Err(e) => {
             log.say(format!("failed: {e:#}"));
+            state_now(&metrics_actor, "failed").await;
             *d.phase.lock().expect("phase lock") = Phase::Failed(format!("{e:#}"));
-            let _ = metrics_actor.cast(MetricsMsg::State("failed"));
             1
         }
     };
@@ -430,4 +432,9 @@ async fn serve(
     metrics_actor.stop(None);
     let _ = metrics_join.await;
     Ok(code)
+}
+
+/// Set the metrics' run state and wait (at most 5 s) until the gauges say it.
+async fn state_now(metrics: &ractor::ActorRef<MetricsMsg>, state: &'static str) {
+    let _ = metrics.call(|reply| MetricsMsg::StateAck(state, reply), Some(Duration::from_secs(5))).await;
 }

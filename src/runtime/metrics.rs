@@ -295,6 +295,9 @@ pub enum MetricsMsg {
     Seed(Seed),
     /// A run state decided outside the runtime (stopping, finished, failed).
     State(&'static str),
+    /// [`MetricsMsg::State`], answered once the gauges say it: a `/metrics` read after the
+    /// answer sees the state (the daemon waits for it before `/status` says the same).
+    StateAck(&'static str, ractor::RpcReplyPort<()>),
     /// Timer: refresh time-dependent gauges and run the exporter's upkeep.
     Tick,
 }
@@ -564,6 +567,10 @@ impl Actor for MetricsActor {
             MetricsMsg::Event(e) => s.on_event(e),
             MetricsMsg::Seed(seed) => s.seed(seed),
             MetricsMsg::State(st) => s.set_state(st),
+            MetricsMsg::StateAck(st, reply) => {
+                s.set_state(st);
+                let _ = reply.send(());
+            }
             MetricsMsg::Tick => {
                 refresh_scrape_gauges(&s.a.shared);
                 s.a.handle.run_upkeep();
