@@ -16,6 +16,7 @@
 
 use crate::model::kinds::{self, spec::Norm, spec::Positions};
 use crate::model::Dims;
+use std::collections::BTreeMap;
 
 /// Parameters of one dense block of `d`'s kind:
 /// - `gpt2`: qkv 3C²+3C, attn proj C²+C, fc 4C²+4C, fc proj 4C²+C, 2 LayerNorms 4C = 12C²+13C;
@@ -92,4 +93,32 @@ pub fn flops_per_token_llmc(d: &Dims, depth: usize, t: usize) -> f64 {
 /// Training FLOPs per token, the paper's non-embedding convention (active parameters).
 pub fn flops_per_token_non_embedding(d: &Dims, depth: usize) -> f64 {
     6.0 * active_non_embedding_params(d, depth) as f64
+}
+
+/// Non-embedding FLOPs of the updates `0..step` for a depth history (the `runtime::metrics` docs: the compute saved across restarts).
+pub fn run_flops_non_embedding(dims: &Dims, history: &BTreeMap<u64, usize>, tokens_per_step: u64, step: u64) -> f64 {
+    let h: Vec<(u64, usize)> = history.iter().map(|(a, b)| (*a, *b)).collect();
+    let mut total = 0.0;
+    for (i, &(from, depth)) in h.iter().enumerate() {
+        let to = h.get(i + 1).map_or(step, |h| h.0).min(step);
+        if to > from {
+            total += flops_per_token_non_embedding(dims, depth) * (tokens_per_step * (to - from)) as f64;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flops_follow_the_depth_history() {
+        let d = Dims::new(256, 16, 32, 2);
+        let per = |depth| flops_per_token_non_embedding(&d, depth) * 64.0;
+        let h: BTreeMap<u64, usize> = [(0, 0), (10, 4)].into_iter().collect();
+        assert_eq!(run_flops_non_embedding(&d, &h, 64, 5), 5.0 * per(0));
+        assert_eq!(run_flops_non_embedding(&d, &h, 64, 10), 10.0 * per(0));
+        assert_eq!(run_flops_non_embedding(&d, &h, 64, 15), 10.0 * per(0) + 5.0 * per(4));
+    }
 }

@@ -455,5 +455,5 @@ async fn serve(
 
 /// Set the metrics' run state and wait (at most 5 s) until the gauges say it.
 async fn state_now(metrics: &ractor::ActorRef<MetricsMsg>, state: &'static str) {
-    let _ = metrics.call(|reply| MetricsMsg::StateAck(state, reply), Some(Duration::from_secs(5))).await;
+    let _ = metrics.call(|reply| MetricsMsg::State(state, Some(reply)), Some(Duration::from_secs(5))).await;
 }

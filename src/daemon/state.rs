@@ -172,7 +172,7 @@ impl Daemon {
                 *ph = Phase::Stopping;
                 drop(ph);
                 self.log.say(format!("stop requested ({why}): finishing the step, then checkpoint and exit"));
-                let _ = self.metrics.cast(MetricsMsg::State("stopping"));
+                let _ = self.metrics.cast(MetricsMsg::State("stopping", None));
                 let _ = self.supervisor.cast(SupervisorMsg::RequestStop);
             }
             Phase::Stopping => {}
@@ -193,7 +193,7 @@ impl Daemon {
                 *ph = Phase::Stopping;
                 drop(ph);
                 self.log.say(format!("forced stop ({why}): stopping at the next micro-batch boundary"));
-                let _ = self.metrics.cast(MetricsMsg::State("stopping"));
+                let _ = self.metrics.cast(MetricsMsg::State("stopping", None));
                 let _ = self.supervisor.cast(SupervisorMsg::ForceStop);
                 // A stored permit: the linger after the run ends is skipped.
                 self.stop.notify_one();

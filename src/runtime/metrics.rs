@@ -293,11 +293,8 @@ pub enum MetricsMsg {
     Event(Event),
     /// Correct the starting point (the run resumed from another checkpoint than expected).
     Seed(Seed),
-    /// A run state decided outside the runtime (stopping, finished, failed).
-    State(&'static str),
-    /// [`MetricsMsg::State`], answered once the gauges say it: a `/metrics` read after the
-    /// answer sees the state (the daemon waits for it before `/status` says the same).
-    StateAck(&'static str, ractor::RpcReplyPort<()>),
+    /// A run state decided outside the runtime (stopping, finished, failed); answered, if asked, once set.
+    State(&'static str, Option<ractor::RpcReplyPort<()>>),
     /// Timer: refresh time-dependent gauges and run the exporter's upkeep.
     Tick,
 }
@@ -325,19 +322,6 @@ pub fn observer(actor: ActorRef<MetricsMsg>, also: Option<Observer>) -> Observer
             f(e);
         }
     })
-}
-
-/// Non-embedding FLOPs of the updates `0..step` for a depth history (see the module docs).
-pub fn run_flops_non_embedding(dims: &Dims, history: &BTreeMap<u64, usize>, tokens_per_step: u64, step: u64) -> f64 {
-    let h: Vec<(u64, usize)> = history.iter().map(|(a, b)| (*a, *b)).collect();
-    let mut total = 0.0;
-    for (i, &(from, depth)) in h.iter().enumerate() {
-        let to = h.get(i + 1).map_or(step, |h| h.0).min(step);
-        if to > from {
-            total += flops::flops_per_token_non_embedding(dims, depth) * (tokens_per_step * (to - from)) as f64;
-        }
-    }
-    total
 }
 
 pub struct MetricsActor;
@@ -391,7 +375,7 @@ impl MetricsState {
     fn compute_saved(&self, step: u64) {
         let fixed = flops::flops_per_token_non_embedding(&self.a.dims, self.a.target_depth) * (self.a.tokens_per_step * step) as f64;
         let ratio = if fixed > 0.0 {
-            1.0 - run_flops_non_embedding(&self.a.dims, &self.history, self.a.tokens_per_step, step) / fixed
+            1.0 - flops::run_flops_non_embedding(&self.a.dims, &self.history, self.a.tokens_per_step, step) / fixed
         } else {
             0.0
         };
@@ -566,10 +550,9 @@ impl Actor for MetricsActor {
         match msg {
             MetricsMsg::Event(e) => s.on_event(e),
             MetricsMsg::Seed(seed) => s.seed(seed),
-            MetricsMsg::State(st) => s.set_state(st),
-            MetricsMsg::StateAck(st, reply) => {
+            MetricsMsg::State(st, reply) => {
                 s.set_state(st);
-                let _ = reply.send(());
+                let _ = reply.map(|r| r.send(()));
             }
             MetricsMsg::Tick => {
                 refresh_scrape_gauges(&s.a.shared);
@@ -583,16 +566,6 @@ impl Actor for MetricsActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn run_flops_follow_the_depth_history() {
-        let d = Dims::new(256, 16, 32, 2);
-        let per = |depth| flops::flops_per_token_non_embedding(&d, depth) * 64.0;
-        let h: BTreeMap<u64, usize> = [(0, 0), (10, 4)].into_iter().collect();
-        assert_eq!(run_flops_non_embedding(&d, &h, 64, 5), 5.0 * per(0));
-        assert_eq!(run_flops_non_embedding(&d, &h, 64, 10), 10.0 * per(0));
-        assert_eq!(run_flops_non_embedding(&d, &h, 64, 15), 10.0 * per(0) + 5.0 * per(4));
-    }
 
     #[test]
     fn catalog_follows_prometheus_naming() {
