@@ -58,15 +58,13 @@ pub fn estimate(cfg: &Config) -> Estimate {
     let m = &cfg.model;
     // Per block: parameters, and the floats one micro-batch stashes per token.
     let kind = crate::model::kinds::spec(m.arch);
+    let ff = f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels)));
     let sizes = Sizes {
         c,
         nh,
         kv: f(m.kv_heads.unwrap_or(m.heads)),
-        ff: f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels))),
-        moe: m.moe.as_ref().map(|x| {
-            let ff = f(m.ffn_hidden.unwrap_or_else(|| crate::model::Dims::default_ffn_hidden(m.channels)));
-            (f(x.experts), f(x.top_k), f(x.shared_experts), x.expert_hidden.map_or(ff, f))
-        }),
+        ff,
+        moe: m.moe.as_ref().map(|x| (f(x.experts), f(x.top_k), f(x.shared_experts), x.expert_hidden.map_or(ff, f))),
     };
     let (block, act) = kind.memory(&sizes);
     let vocab_mats = if m.tie_embeddings.unwrap_or(kind.tied_by_default()) { 1.0 } else { 2.0 };

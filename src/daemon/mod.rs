@@ -390,31 +390,22 @@ async fn serve(
     let code = match result {
         Ok(report) => {
             {
+                // Where the run ended, from its report: also when it ended before any status
+                // was taken (a restart at the last step ends within the first poll).
                 let mut last_status = d.last_status.lock().expect("status lock");
-                // A run that ended before any status was taken (a restart at its last step ends
-                // within the first poll): what the report says. A finished run is at `run.steps`.
-                if last_status.is_none() && (!stopped || !report.steps.is_empty()) {
-                    *last_status = Some(crate::runtime::Status {
-                        run: d.cfg.run.name.clone(),
-                        step: d.cfg.run.steps,
-                        total_steps: d.cfg.run.steps,
-                        depth: d.cfg.target_depth(),
-                        stack: Vec::new(),
-                        in_flight: 0,
-                        paused: false,
-                        elapsed_s: report.wall_s,
-                        eta_s: Some(0.0),
-                        placement: d.cfg.placement.devices.clone(),
-                    });
-                }
-                if let Some(st) = last_status.as_mut() {
-                    if let Some(last) = report.steps.last() {
-                        st.step = last.step;
-                        st.depth = last.depth;
-                    }
-                    st.in_flight = 0;
-                    st.eta_s = Some(0.0);
-                }
+                let st = last_status.get_or_insert_with(|| crate::runtime::Status {
+                    run: d.cfg.run.name.clone(),
+                    step: 0,
+                    total_steps: d.cfg.run.steps,
+                    depth: 0,
+                    stack: Vec::new(),
+                    in_flight: 0,
+                    paused: false,
+                    elapsed_s: report.wall_s,
+                    eta_s: None,
+                    placement: d.cfg.placement.devices.clone(),
+                });
+                (st.step, st.depth, st.in_flight, st.eta_s) = (report.final_step, report.final_depth, 0, Some(0.0));
             }
             let steps = report.steps.last().map_or(0, |s| s.step);
             let val = report.final_val_loss().map(|v| format!(" final_val_loss={v:.4}")).unwrap_or_default();

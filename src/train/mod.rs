@@ -93,6 +93,10 @@ pub struct TrainReport {
     /// The checkpoint written when the run ended (the actor runtime), if any.
     pub final_checkpoint: Option<std::path::PathBuf>,
     pub wall_s: f64,
+    /// Where the run ended: updates done and the model's depth (also when this process trained
+    /// no step, e.g. a run resumed at its last step).
+    pub final_step: u64,
+    pub final_depth: usize,
 }
 
 impl TrainReport {

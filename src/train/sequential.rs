@@ -156,6 +156,8 @@ impl<B: Backend> Sequential<B> {
                 }
             }
         }
-        Ok(log.finish())
+        let mut report = log.finish();
+        (report.final_step, report.final_depth) = (self.step, self.model.depth());
+        Ok(report)
     }
 }

@@ -475,6 +475,7 @@ impl<B: Backend> SchedulerState<B> {
             self.log.say(format!("final checkpoint step={} path={}", self.clock.step, path.display()));
             let mut report = self.log.finish();
             report.final_checkpoint = Some(path);
+            (report.final_step, report.final_depth) = (self.clock.step, self.stack.layers.len());
             self.ended.send_message(RunEnded(Ok(report))).map_err(|e| boxed(RunError::Protocol(e.to_string())))?;
         }
         Ok(())
