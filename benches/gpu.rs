@@ -259,7 +259,7 @@ fn gen(n: usize, r: &mut Rng) -> Vec<u16> {
 fn gpt2_run(name: &str, p: Mode, b: usize, steps: u64, depth: usize, growth_at: Option<u64>, extra: &str) -> taproot::train::TrainReport {
     let cfg = gpt2_cfg(name, p, b, steps, depth, growth_at, extra);
     let mut r = Rng::new(9);
-    let data = Dataset { train: gen(1 << 22, &mut r), val: gen(1 << 16, &mut r), vocab: V };
+    let data = Dataset::in_memory(gen(1 << 22, &mut r), gen(1 << 16, &mut r), V);
     runtime::train::<CudaBackend>(&cfg, data, RunOptions { quiet: true, ..Default::default() }, false).unwrap()
 }
 

@@ -51,7 +51,7 @@ batches = 1
 fn dataset() -> Dataset {
     let mut rng = Rng::new(3);
     let gen = |n: usize, rng: &mut Rng| (0..n).map(|_| rng.below(256) as u16).collect::<Vec<u16>>();
-    Dataset { train: gen(1 << 20, &mut rng), val: gen(1 << 16, &mut rng), vocab: 256 }
+    Dataset::in_memory(gen(1 << 20, &mut rng), gen(1 << 16, &mut rng), 256)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -138,7 +138,7 @@ fn main() {
         let cfg = Config::parse(&text, &[]).unwrap();
         let mut rng = Rng::new(4);
         let gen = |n: usize, rng: &mut Rng| (0..n).map(|_| rng.below(50257) as u16).collect::<Vec<u16>>();
-        let big = Dataset { train: gen(1 << 16, &mut rng), val: gen(1 << 12, &mut rng), vocab: 50257 };
+        let big = Dataset::in_memory(gen(1 << 16, &mut rng), gen(1 << 12, &mut rng), 50257);
         let runs: Vec<f64> =
             (0..reps.min(3)).map(|_| runtime::train::<CpuBackend>(&cfg, big.clone(), q.clone(), false).unwrap().growth_wall_s[0]).collect();
         median(runs)

@@ -208,18 +208,36 @@ pub enum Cmd {
 pub enum DataCmd {
     /// Tokenize text files into llm.c-format train/val token shards.
     Prepare {
-        /// Text files, or directories whose *.txt files are taken (sorted).
+        /// Text files, JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), Parquet files, or folders
+        /// whose such files are taken (recursively, sorted).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// Output directory for the shards.
         #[arg(long)]
         out: PathBuf,
-        /// `bytes` or `gpt2`.
+        /// `bytes`, `gpt2`, `bpe:N` (learnt here) or `hf:PATH` (a tokenizer.json or a folder with one).
         #[arg(long, default_value = "bytes")]
         tokenizer: String,
-        /// Fraction of the token stream (its tail) kept for validation.
+        /// Fraction of documents kept for validation (every 1/f-th document; a one-document
+        /// corpus gives its tail).
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
+        /// The first N documents are the validation set (instead of --val-fraction).
+        #[arg(long)]
+        val_docs: Option<u64>,
+        /// The JSONL field that holds the text.
+        #[arg(long, default_value = "text")]
+        field: String,
+        /// The Parquet column that holds the text.
+        #[arg(long, default_value = "text")]
+        column: String,
+        /// Count and skip bad documents (malformed lines, missing fields, non-UTF-8 text) instead
+        /// of stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Tokens per shard at most.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
         /// File-name prefix of the shards.
         #[arg(long, default_value = "corpus")]
         name: String,
@@ -236,8 +254,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &set)?;
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
             let data =
-                Dataset::open_for(&cfg.data.dir, &tok).with_context(|| format!("loading data for run {:?} (data.dir)", cfg.run.name))?;
-            let loader = crate::data::Loader::new(data.train, cfg.data.batch_size, cfg.data.seq_len, cfg.run.seed)?.cursor();
+                Dataset::open_config(&cfg.data, &tok).with_context(|| format!("loading data for run {:?} (data.dir or data.sources)", cfg.run.name))?;
+            let loader = crate::data::Loader::of(&data, cfg.data.batch_size, cfg.data.seq_len, cfg.run.seed)?.cursor();
             let ck = crate::export::import(&folder, &cfg, loader)?;
             let _folder = RunFolder::open(&cfg, if overwrite { Start::Overwrite } else { Start::Fresh })?;
             let path = checkpoint::save(&cfg.checkpoint_dir(), &ck)?;
@@ -284,7 +302,7 @@ pub fn run(cli: Cli) -> Result<()> {
             // A checkpoint (file or folder), or a Hugging Face folder an export wrote.
             let ck = if path.join("config.json").is_file() && path.join("model.safetensors").is_file() {
                 let cfg = crate::export::config_of_folder(&path)?;
-                crate::export::import(&path, &cfg, crate::data::LoaderState { rng: 0, batches: 0 })?
+                crate::export::import(&path, &cfg, crate::data::LoaderState::default())?
             } else {
                 checkpoint::load_file_or_newest(&path)?
             };
@@ -365,8 +383,8 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             // The data first: a run that cannot start must not move an old run aside.
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
-                format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+            let data = Dataset::open_config(&cfg.data, &tok).with_context(|| {
+                format!("loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
             })?;
             if topo.stage > 0 {
                 // A hosting stage: its layers until stage 0 shuts it down.
@@ -392,7 +410,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     "run={} tokenizer={} train_tokens={} val_tokens={} depth={} target_depth={} steps={}",
                     cfg.run.name,
                     tok.name(),
-                    data.train.len(),
+                    data.train_tokens(),
                     data.val.len(),
                     cfg.model.depth,
                     cfg.target_depth(),
@@ -492,8 +510,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {
             experiment_command(&ExperimentArgs { name, quick, config, set, out, fresh, no_cache }).map(|_| ())
         }
-        Cmd::Data { cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, name, overwrite } } => {
-            let rep = prepare(&PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, name, overwrite })?;
+        Cmd::Data {
+            cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, val_docs, field, column, skip_bad, shard_tokens, name, overwrite },
+        } => {
+            let spec = crate::data::input::InputSpec { field, column };
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let args = PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, val_docs, name, overwrite, spec, skip_bad, shard_tokens, progress };
+            let rep = prepare(&args)?;
             if let Some(r) = &rep.replaced {
                 println!("overwrite: the folder's previous shards were moved to {}", r.display());
             }

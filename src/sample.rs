@@ -67,7 +67,7 @@ impl HostModel {
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<HostModel> {
         type Cpu = crate::backend::cpu::CpuBackend;
         let cfg = ck.meta.config().context("the checkpoint's config")?;
-        let dims = crate::train::dims_of(&cfg, vocab_of(&cfg.data.tokenizer));
+        let dims = crate::train::dims_of(&cfg, vocab_of(&cfg.data));
         let unit = |key: UnitKey, what: &str, layout: crate::params::Layout| -> Result<Vec<f32>> {
             let u = ck.unit(key).with_context(|| format!("the checkpoint has no {what}"))?;
             if u.params.len() != layout.total {
@@ -189,7 +189,7 @@ pub fn tokenizer_of(cfg: &crate::config::Config) -> Result<crate::data::Tokenize
     let mut tok = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
     if let crate::data::Tokenizer::Bpe { model, .. } = &mut tok {
         *model = Some(Box::new(
-            crate::data::bpe::load(&cfg.data.dir).with_context(|| format!("the {} tokenizer of the run", cfg.data.tokenizer))?,
+            crate::data::bpe::load(cfg.data.home()).with_context(|| format!("the {} tokenizer of the run", cfg.data.tokenizer))?,
         ));
     }
     Ok(tok)

@@ -93,7 +93,7 @@ fn sample(step: u64) -> Checkpoint {
             depth: 2,
             stack: vec![7, 3],
             next_id: 8,
-            loader: LoaderState { rng: 0xdead_beef_0123_4567, batches: step * 4 + 1 },
+            loader: LoaderState { rng: 0xdead_beef_0123_4567, batches: step * 4 + 1, source_tokens: vec![] },
             growth: vec![
                 GrowthRecord { at_step: 0, from_depth: 0, to_depth: 1, new_ids: vec![3], stack: vec![3] },
                 GrowthRecord { at_step: step / 2, from_depth: 1, to_depth: 2, new_ids: vec![7], stack: vec![7, 3] },
@@ -764,7 +764,7 @@ fn a_unit_table_that_disagrees_with_the_config_is_refused() {
         depth: 1,
         stack: vec![0],
         next_id: 1,
-        loader: taproot::data::LoaderState { rng: 0, batches: 0 },
+        loader: taproot::data::LoaderState::default(),
         growth: vec![],
         created_unix_s: 0,
         run_id: None,

@@ -81,12 +81,12 @@ fn shard_bad_magic() {
 #[test]
 fn shard_bad_version() {
     let tmp = TempDir::new("version");
-    let path = tmp.path().join("v2.bin");
-    let mut bytes = header(20240520, 2, 1);
+    let path = tmp.path().join("v3.bin");
+    let mut bytes = header(20240520, 3, 1);
     bytes.extend_from_slice(&[1, 0, 0, 0]);
     std::fs::write(&path, bytes).unwrap();
     let msg = err_string(read_shard(&path));
-    assert!(msg.contains("v2.bin") && msg.contains("version 2"), "{msg}");
+    assert!(msg.contains("v3.bin") && msg.contains("version 3"), "{msg}");
 }
 
 #[test]
@@ -272,7 +272,7 @@ fn loader_too_short_errors() {
 
 #[test]
 fn sequential_batches_cover_in_order() {
-    let tokens = ramp(100);
+    let tokens: taproot::data::Tokens = ramp(100).into();
     let (b, t) = (2, 10);
     // n batches need n*b*t + 1 tokens: 100 tokens -> 4 full batches.
     assert_eq!(num_sequential_batches(tokens.len(), b, t), 4);
@@ -289,13 +289,13 @@ fn sequential_batches_cover_in_order() {
     // Deterministic, and limited by max_batches.
     let again: Vec<Vec<u32>> = sequential_batches(&tokens, b, t, 2).collect();
     assert_eq!(again, all[..2].to_vec());
-    assert_eq!(sequential_batches(&tokens[..20], b, t, 10).len(), 0);
+    assert_eq!(sequential_batches(&tokens.window(0, 20).into(), b, t, 10).len(), 0);
 }
 
 // ---------------------------------------------------------------- prepare and dataset
 
 #[test]
-fn prepare_splits_tail_into_val() {
+fn prepare_splits_by_document() {
     let tmp = TempDir::new("prepare");
     let a = tmp.path().join("a.txt");
     let b = tmp.path().join("b.txt");
@@ -309,6 +309,7 @@ fn prepare_splits_tail_into_val() {
         val_fraction: 0.25,
         name: "tiny".to_string(),
         overwrite: false,
+        ..PrepareArgs::default()
     };
     let report = prepare(&args).unwrap();
     assert_eq!(report.files, 2);
@@ -325,16 +326,18 @@ fn prepare_splits_tail_into_val() {
     assert_eq!(report.val_tokens, val.len());
     assert_eq!(report.train_tokens, train.len());
     assert_eq!(val.len() + train.len(), stream.len());
-    assert_eq!(val.len(), (stream.len() as f64 * 0.25).ceil() as usize);
-    let to32 = |v: &[u16]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
-    assert_eq!(to32(&train), stream[..train.len()]);
-    assert_eq!(to32(&val), stream[train.len()..], "val must be the tail of the stream");
+    // Two documents, a quarter for validation: fewer than 1/f documents, so the last document
+    // (whole, with its delimiter) is the validation set.
+    let first = 1 + tok.encode(&std::fs::read_to_string(&a).unwrap()).len();
+    assert_eq!(train, stream[..first]);
+    assert_eq!(val, stream[first..], "val must be the last whole document");
+    assert_eq!((report.documents, report.val_documents), (2, 1));
     assert!(report.to_string().contains("2 files"), "{report}");
 
     // And the directory reads back as a dataset.
     let ds = Dataset::open(&out, 50257).unwrap();
-    assert_eq!(ds.train, train);
-    assert_eq!(ds.val, val);
+    assert_eq!(ds.train().to_vec(), train);
+    assert_eq!(ds.val.to_vec(), val);
     // A vocab too small for the gpt2 ids is caught, naming the file.
     let msg = err_string(Dataset::open(&out, 256));
     assert!(msg.contains("tiny_") && msg.contains("out of range"), "{msg}");
@@ -356,6 +359,7 @@ fn prepare_directory_with_bytes_tokenizer() {
         val_fraction: 0.1,
         name: "b".to_string(),
         overwrite: false,
+        ..PrepareArgs::default()
     };
     let report = prepare(&args).unwrap();
     assert_eq!(report.files, 2);
@@ -363,7 +367,7 @@ fn prepare_directory_with_bytes_tokenizer() {
     let val = read_shard(&out.join("b_val_000000.bin")).unwrap();
     let all: Vec<u8> = train.iter().chain(val.iter()).map(|&x| x as u8).collect();
     assert_eq!(all, b"hello world", "files are read in sorted order, .md skipped");
-    assert_eq!(val.len(), 2); // ceil(11 * 0.1)
+    assert_eq!(val, b"world".map(u32::from), "the last document is the validation set");
 }
 
 #[test]
@@ -378,6 +382,7 @@ fn prepare_empty_input_errors() {
         val_fraction: 0.1,
         name: "e".to_string(),
         overwrite: false,
+        ..PrepareArgs::default()
     };
     let msg = err_string(prepare(&args));
     assert!(msg.contains("no input files"), "{msg}");
@@ -402,6 +407,7 @@ fn prepare_rejects_non_utf8_for_gpt2() {
         val_fraction: 0.1,
         name: "x".to_string(),
         overwrite: false,
+        ..PrepareArgs::default()
     };
     let msg = err_string(prepare(&args));
     assert!(msg.contains("latin1.txt") && msg.contains("UTF-8"), "{msg}");
@@ -440,8 +446,8 @@ fn dataset_concatenates_train_shards_in_name_order() {
     write_shard(&tmp.path().join("d_train_000001.bin"), &[1, 2]).unwrap();
     std::fs::write(tmp.path().join("README.txt"), b"ignored").unwrap();
     let ds = Dataset::open(tmp.path(), 256).unwrap();
-    assert_eq!(ds.train, vec![1, 2, 3, 4]);
-    assert_eq!(ds.val, vec![9]);
+    assert_eq!(ds.train().to_vec(), vec![1, 2, 3, 4]);
+    assert_eq!(ds.val.to_vec(), vec![9]);
     assert_eq!(ds.vocab, 256);
 }
 
@@ -458,6 +464,7 @@ fn bytes_corpus(tmp: &TempDir, out: &Path, name: &str, text: &str) -> PrepareArg
         val_fraction: 0.2,
         name: name.into(),
         overwrite: false,
+        ..PrepareArgs::default()
     }
 }
 
@@ -496,7 +503,7 @@ fn prepare_into_a_folder_holding_another_corpus_refuses_unless_overwrite() {
     let aside = rep.replaced.expect("moved aside");
     assert_eq!(read_shard(&aside.join("plays_train_000001.bin")).unwrap(), before);
     let ds = Dataset::open(&out, 256).unwrap();
-    let text: String = ds.train.iter().chain(ds.val.iter()).map(|&t| t as u8 as char).collect();
+    let text: String = ds.train().to_vec().iter().chain(ds.val.to_vec().iter()).map(|&t| t as u8 as char).collect();
     assert!(text.starts_with("Of Mans") && !text.contains("winter"), "{text}");
 }
 
@@ -526,6 +533,7 @@ fn prepare_with_a_learnt_bpe_writes_its_vocabulary_and_round_trips() {
         val_fraction: 0.1,
         name: "words".into(),
         overwrite: false,
+        ..PrepareArgs::default()
     };
     let rep = prepare(&args).unwrap();
     // The merges shorten the stream well below one token per byte, and use ids past the bytes.
@@ -541,7 +549,7 @@ fn prepare_with_a_learnt_bpe_writes_its_vocabulary_and_round_trips() {
     let record = CorpusRecord::read(&out).unwrap().unwrap();
     assert_eq!((record.tokenizer.as_str(), record.vocab), ("bpe:300", 300));
     let ds = Dataset::open_for(&out, &Tokenizer::from_name("bpe:300").unwrap()).unwrap();
-    assert_eq!(ds.train.len(), train.len());
+    assert_eq!(ds.train().len(), train.len());
     assert!(err_string(Dataset::open_for(&out, &Tokenizer::from_name("bytes").unwrap())).contains("tokenized with `bpe:300`"));
     assert!(err_string(Dataset::open_for(&out, &Tokenizer::from_name("bpe:512").unwrap())).contains("tokenized with `bpe:300`"));
 }

@@ -140,7 +140,7 @@ fn moe_folders_import_back_bit_exactly_and_unexportable_mixtures_are_refused() {
     assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
     assert!(t.contains_key("model.layers.0.mlp.gate_proj.weight") && t.contains_key("model.layers.2.mlp.experts.3.down_proj.weight"));
     let next = change(TestConfig::new(&dir).name("moe-imported").steps(10).seq_len(32).channels(32).depth(3));
-    let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap();
+    let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, ..Default::default() }).unwrap();
     for (pos, id) in ck.meta.stack.iter().enumerate() {
         let (a, b) = (&ck.unit(UnitKey::Layer(*id)).unwrap().params, &back.unit(UnitKey::Layer(pos as u64)).unwrap().params);
         assert!(a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "layer {id}");
@@ -169,7 +169,7 @@ fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let mut model = model_of(&be, &ck, &taproot::train::dims_of(&cfg, 256));
     let data = Dataset::open(&dir, 256).unwrap();
     let (b, t) = (4, 32);
-    let windows: Vec<u32> = data.val[..b * (t + 1)].iter().map(|&x| x as u32).collect();
+    let windows: Vec<u32> = data.val.window(0, b * (t + 1));
     let batch = Batch::from_windows(&be, &windows, b, t);
     let ours = model.eval_loss(&be, &batch) as f64;
     let wfile = dir.join("windows.json");
@@ -274,7 +274,7 @@ fn llama_and_qwen3_folders_hold_the_mapping_and_import_back_bit_exactly() {
         }
         // Import it back into a run of the same shape: every unit bit for bit.
         let next = change(TestConfig::new(&dir).name(&format!("{kind}-imported")).steps(10).seq_len(32).channels(32).depth(3));
-        let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap();
+        let back = taproot::export::import(&out, &next.build(), taproot::data::LoaderState { rng: 1, ..Default::default() }).unwrap();
         for (pos, id) in ck.meta.stack.iter().enumerate() {
             let (a, b) = (&ck.unit(UnitKey::Layer(*id)).unwrap().params, &back.unit(UnitKey::Layer(pos as u64)).unwrap().params);
             assert!(a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind} layer {id}");
@@ -292,7 +292,7 @@ fn llama_and_qwen3_folders_hold_the_mapping_and_import_back_bit_exactly() {
         ] {
             let err = format!(
                 "{:#}",
-                taproot::export::import(&out, &wrong.build(), taproot::data::LoaderState { rng: 1, batches: 0 }).unwrap_err()
+                taproot::export::import(&out, &wrong.build(), taproot::data::LoaderState { rng: 1, ..Default::default() }).unwrap_err()
             );
             assert!(err.contains(key), "{kind}: {err}");
         }

@@ -119,6 +119,7 @@ fn demo_reaches_2(config: &str, change: impl Fn(&mut Config)) {
                 val_fraction: 0.1,
                 name: "shakespeare".into(),
                 overwrite: false,
+                ..PrepareArgs::default()
             })
             .unwrap();
         } else if std::env::var("TAPROOT_REQUIRE_DATA").is_ok() {

@@ -332,7 +332,7 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
 fn unit_layouts(meta: &Meta, units: &[(UnitKey, crate::params::UnitState)]) -> HashMap<UnitKey, Layout> {
     type Cpu = crate::backend::cpu::CpuBackend;
     let Ok(cfg) = meta.config() else { return HashMap::new() };
-    let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
+    let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data));
     let mut m = HashMap::from([
         (UnitKey::Embed, crate::model::Embed::<Cpu>::layout(&dims)),
         (UnitKey::Head, crate::model::Head::<Cpu>::layout(&dims)),

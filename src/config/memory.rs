@@ -42,8 +42,11 @@ impl Estimate {
 }
 
 /// The vocabulary size a tokenizer name implies.
-pub fn vocab_of(tokenizer: &str) -> usize {
-    match tokenizer {
+pub fn vocab_of(data: &super::DataConfig) -> usize {
+    if let Some(v) = data.vocab_size {
+        return v;
+    }
+    match data.tokenizer.as_str() {
         "gpt2" => 50257,
         other => crate::data::bpe::parse_name(other).and_then(Result::ok).unwrap_or(256),
     }
@@ -52,7 +55,7 @@ pub fn vocab_of(tokenizer: &str) -> usize {
 /// The memory `cfg` needs at its target depth (f64 throughout: absurd sizes must not overflow).
 pub fn estimate(cfg: &Config) -> Estimate {
     let f = |x: usize| x as f64;
-    let v = f(vocab_of(&cfg.data.tokenizer).div_ceil(128) * 128);
+    let v = f(vocab_of(&cfg.data).div_ceil(128) * 128);
     let (c, nh, l) = (f(cfg.model.channels), f(cfg.model.heads), f(cfg.target_depth()));
     let (b, t, tmax) = (f(cfg.data.batch_size), f(cfg.data.seq_len), f(cfg.max_seq()));
     let m = &cfg.model;

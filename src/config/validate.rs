@@ -51,6 +51,20 @@ impl Config {
         if self.run.steps == 0 {
             bail!("`run.steps` must be at least 1");
         }
+        match (self.data.dir.as_os_str().is_empty(), self.data.sources.is_empty()) {
+            (true, true) => bail!("`[data]` needs `dir` (a folder of shards) or `[[data.sources]]` (a mixture)"),
+            (false, false) => bail!("`[data]` has both `dir` and `[[data.sources]]`: give one (a mixture lists every folder)"),
+            _ => {}
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, (name, _, w)) in self.data.folders().into_iter().enumerate() {
+            if !self.data.sources.is_empty() && !(w.is_finite() && w > 0.0) {
+                bail!("`data.sources[{i}].weight` must be a positive number, got {w}");
+            }
+            if !names.insert(name.clone()) {
+                bail!("`data.sources[{i}]`: two sources are called {name:?}; give each a distinct `name`");
+            }
+        }
         pos(self.data.batch_size, "data.batch_size")?;
         pos(self.data.seq_len, "data.seq_len")?;
         pos(self.data.micro_batches, "data.micro_batches")?;
@@ -83,8 +97,14 @@ impl Config {
         match crate::data::bpe::parse_name(&self.data.tokenizer) {
             Some(Err(e)) => bail!("`data.tokenizer`: {e:#}"),
             Some(Ok(_)) => {}
-            None if matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") => {}
-            None => bail!("`data.tokenizer` must be \"bytes\", \"gpt2\" or \"bpe:N\", got {:?}", self.data.tokenizer),
+            None if matches!(self.data.tokenizer.as_str(), "bytes" | "gpt2") || self.data.tokenizer.starts_with("hf:") => {}
+            None => bail!("`data.tokenizer` must be \"bytes\", \"gpt2\", \"bpe:N\" or \"hf:PATH\", got {:?}", self.data.tokenizer),
+        }
+        if let Some(v) = self.data.vocab_size {
+            let of_name = crate::config::memory::vocab_of(&super::DataConfig { vocab_size: None, ..self.data.clone() });
+            if v < 2 || (!self.data.tokenizer.starts_with("hf:") && v < of_name) {
+                bail!("`data.vocab_size` = {v} is smaller than the {} tokenizer's {of_name} ids", self.data.tokenizer);
+            }
         }
         pos(self.model.channels, "model.channels")?;
         pos(self.model.heads, "model.heads")?;

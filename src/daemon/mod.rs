@@ -142,8 +142,8 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     let log_file = opts.log_file.clone().map(|p| if rank == 0 { p } else { PathBuf::from(format!("{}.rank{rank}", p.display())) });
     let log = Arc::new(Log::open(log_file)?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-    let data = Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
-        format!("loading data for run {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+    let data = Dataset::open_config(&cfg.data, &tok).with_context(|| {
+        format!("loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let code = if topo.stage > 0 {

@@ -21,6 +21,12 @@ pub struct CorpusRecord {
     pub name: String,
     pub train_tokens: usize,
     pub val_tokens: usize,
+    /// Documents in the corpus (absent in records written before they were counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<u64>,
+    /// For an `hf:` tokenizer, the digest of its file: shards and runs are matched by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_digest: Option<String>,
 }
 
 impl CorpusRecord {
@@ -43,19 +49,28 @@ impl CorpusRecord {
     }
 }
 
-/// Refuse shards of `dir` recorded with another tokenizer than `tokenizer` (vocabulary `vocab`).
-pub fn check_tokenizer(dir: &Path, tokenizer: &str, vocab: usize) -> Result<()> {
-    if let Some(r) = CorpusRecord::read(dir)? {
-        if r.tokenizer != tokenizer || r.vocab != vocab {
-            bail!(
-                "{} holds shards tokenized with `{}` (vocabulary {}), but `data.tokenizer` is `{tokenizer}` (vocabulary {vocab}): \
-                 prepare the corpus with `--tokenizer {tokenizer}` into another folder, or set `data.tokenizer = \"{}\"`",
-                dir.display(),
-                r.tokenizer,
-                r.vocab,
-                r.tokenizer
-            );
-        }
+/// Refuse shards of `dir` recorded with another tokenizer than `tok`: by name and vocabulary,
+/// and for `hf:` tokenizers by the digest of the file (whatever path each was given by).
+pub fn check_tokenizer(dir: &Path, tok: &super::Tokenizer) -> Result<()> {
+    let (tokenizer, vocab) = (tok.name(), tok.vocab_size());
+    let Some(r) = CorpusRecord::read(dir)? else { return Ok(()) };
+    let same = match (r.tokenizer_digest.as_deref(), tok.digest()) {
+        (Some(a), Some(b)) => a == b && r.vocab == vocab,
+        (None, None) => r.tokenizer == tokenizer && r.vocab == vocab,
+        _ => false,
+    };
+    if !same {
+        let digest = |d: Option<&str>| d.map(|d| format!(", file digest {d}")).unwrap_or_default();
+        bail!(
+            "{} holds shards tokenized with `{}` (vocabulary {}{}), but `data.tokenizer` is `{tokenizer}` (vocabulary {vocab}{}): \
+             prepare the corpus with `--tokenizer {tokenizer}` into another folder, or set `data.tokenizer = \"{}\"`",
+            dir.display(),
+            r.tokenizer,
+            r.vocab,
+            digest(r.tokenizer_digest.as_deref()),
+            digest(tok.digest()),
+            r.tokenizer
+        );
     }
     Ok(())
 }

@@ -8,6 +8,9 @@
 //!   original GPT-2 use. Token 50256 is `<|endoftext|>`, which llm.c prepends to every
 //!   document so the model learns where documents start.
 //!
+//! - `"hf:PATH"`: a Hugging Face `tokenizer.json` (or a folder with one), see
+//!   [`super::hf_tokenizer`].
+//!
 //! The GPT-2 BPE tables take a noticeable time to build, so they are built once in
 //! [`Tokenizer::from_name`] and kept inside the enum; encode/decode calls are then cheap.
 
@@ -21,7 +24,7 @@ pub const GPT2_VOCAB: usize = 50257;
 /// GPT-2's `<|endoftext|>` token, used as a document delimiter.
 pub const GPT2_EOT: u32 = 50256;
 /// The names [`Tokenizer::from_name`] accepts, in the order error messages list them.
-pub const TOKENIZER_NAMES: &[&str] = &["bytes", "gpt2", "bpe:N"];
+pub const TOKENIZER_NAMES: &[&str] = &["bytes", "gpt2", "bpe:N", "hf:PATH"];
 
 /// A tokenizer, selected by name. See the module docs for what each variant does.
 #[derive(Clone)]
@@ -35,6 +38,9 @@ pub enum Tokenizer {
     /// its merges once trained or loaded (`data prepare`), else only its size (training reads
     /// token ids, never text).
     Bpe { vocab: usize, model: Option<Box<super::bpe::Bpe>> },
+    /// A Hugging Face `tokenizer.json` (`hf:PATH`, see [`super::hf_tokenizer`]), with the path
+    /// as the config gave it.
+    Hf { path: String, model: Box<super::hf_tokenizer::HfTokenizer> },
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -56,6 +62,14 @@ impl Tokenizer {
                 let bpe = tiktoken_rs::r50k_base().map_err(|e| anyhow::anyhow!("building the gpt2 (r50k_base) tokenizer: {e}"))?;
                 Ok(Tokenizer::Gpt2(Box::new(bpe)))
             }
+            other if other.starts_with("hf:") => {
+                let path = &other[3..];
+                if path.is_empty() {
+                    bail!("`hf:` needs a path: `hf:PATH` names a tokenizer.json or a folder holding one");
+                }
+                let model = super::hf_tokenizer::HfTokenizer::load(std::path::Path::new(path))?;
+                Ok(Tokenizer::Hf { path: path.to_string(), model: Box::new(model) })
+            }
             other => match super::bpe::parse_name(other) {
                 Some(vocab) => Ok(Tokenizer::Bpe { vocab: vocab?, model: None }),
                 None => bail!("unknown tokenizer {other:?}; valid names are: {}", TOKENIZER_NAMES.join(", ")),
@@ -69,6 +83,15 @@ impl Tokenizer {
             Tokenizer::Bytes => "bytes".into(),
             Tokenizer::Gpt2(_) => "gpt2".into(),
             Tokenizer::Bpe { vocab, .. } => format!("bpe:{vocab}"),
+            Tokenizer::Hf { path, .. } => format!("hf:{path}"),
+        }
+    }
+
+    /// The digest of an `hf:` tokenizer's file, by which shards and runs are matched.
+    pub fn digest(&self) -> Option<&str> {
+        match self {
+            Tokenizer::Hf { model, .. } => Some(&model.digest),
+            _ => None,
         }
     }
 
@@ -78,6 +101,7 @@ impl Tokenizer {
             Tokenizer::Bytes => BYTES_VOCAB,
             Tokenizer::Gpt2(_) => GPT2_VOCAB,
             Tokenizer::Bpe { vocab, .. } => *vocab,
+            Tokenizer::Hf { model, .. } => model.vocab,
         }
     }
 
@@ -86,6 +110,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes | Tokenizer::Bpe { .. } => None,
             Tokenizer::Gpt2(_) => Some(GPT2_EOT),
+            Tokenizer::Hf { model, .. } => model.eos,
         }
     }
 
@@ -101,6 +126,7 @@ impl Tokenizer {
             // A byte-level BPE encodes any text; without its merges (a name only) it has none.
             Tokenizer::Bpe { model: Some(m), .. } => super::bpe::encode(m, text).unwrap_or_default(),
             Tokenizer::Bpe { model: None, .. } => Vec::new(),
+            Tokenizer::Hf { model, .. } => model.encode_plain(text),
         }
     }
 
@@ -128,6 +154,10 @@ impl Tokenizer {
                 }
                 out
             }
+            Tokenizer::Hf { model, .. } => match model.decode(ids) {
+                Some(text) => text.into_bytes(),
+                None => ids.iter().flat_map(|&i| model.decode(&[i]).map(String::into_bytes).unwrap_or_else(|| REPLACEMENT.to_vec())).collect(),
+            },
             Tokenizer::Bpe { model, .. } => match model.as_ref().map(|m| super::bpe::decode(m, ids)) {
                 Some(Ok(text)) => text.into_bytes(),
                 _ => REPLACEMENT.repeat(ids.len()),

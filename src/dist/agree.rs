@@ -33,7 +33,10 @@ impl Facts {
             m.insert(format!("option.{k}"), v.clone());
         }
         m.insert("binary".into(), binary_fingerprint());
-        m.insert("data.files".into(), data_fingerprint(&cfg.data.dir));
+        for (name, dir, _) in cfg.data.folders() {
+            let key = if cfg.data.sources.is_empty() { "data.files".to_string() } else { format!("data.files.{name}") };
+            m.insert(key, data_fingerprint(&dir));
+        }
         Facts(m)
     }
 

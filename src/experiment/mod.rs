@@ -92,7 +92,7 @@ impl Runner {
     fn passes(&self, cfg: &Config, r: &RunResult) -> f64 {
         let steps = r.evals.last().map_or(0, |e| e.step) as f64;
         let per_step = (cfg.data.batch_size * cfg.data.seq_len * cfg.data.micro_batches) as f64;
-        steps * per_step / (self.data.train.len().max(1) as f64)
+        steps * per_step / (self.data.train_tokens().max(1) as f64)
     }
 
     fn say(&self, label: &str, r: &RunResult, cached: bool) {
@@ -201,8 +201,8 @@ pub fn checked(c: Config) -> Result<Config> {
 /// Open the dataset a config names.
 pub fn open_data(cfg: &Config) -> Result<Dataset> {
     let tok = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
-    Dataset::open_for(&cfg.data.dir, &tok).with_context(|| {
-        format!("loading data for {:?} (data.dir; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+    Dataset::open_config(&cfg.data, &tok).with_context(|| {
+        format!("loading data for {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
     })
 }
 

@@ -105,7 +105,7 @@ pub struct Units<'a> {
 impl<'a> Units<'a> {
     pub fn of(ck: &'a Checkpoint) -> Result<Units<'a>> {
         let cfg = ck.meta.config().context("the checkpoint's config")?;
-        let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer));
+        let dims = crate::train::dims_of(&cfg, crate::config::memory::vocab_of(&cfg.data));
         let (el, hl, _) = layouts(&dims);
         let embed = &ck.unit(UnitKey::Embed).context("the checkpoint has no embedding unit")?.params;
         let head = &ck.unit(UnitKey::Head).context("the checkpoint has no head unit")?.params;
@@ -150,7 +150,7 @@ pub fn layouts(d: &Dims) -> (Layout, Layout, Layout) {
 
 /// The model shape of the run an import starts.
 pub fn dims_for_import(cfg: &crate::config::Config) -> Dims {
-    crate::train::dims_of(cfg, crate::config::memory::vocab_of(&cfg.data.tokenizer))
+    crate::train::dims_of(cfg, crate::config::memory::vocab_of(&cfg.data))
 }
 
 /// Divide the residual-branch multiplier α back out of an exported projection.

@@ -47,7 +47,7 @@ impl<B: Backend> Sequential<B> {
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
         let init = cfg.init_config();
         let model = Model::new(&be, dims, cfg.model.depth, &init);
-        let loader = Loader::new(data.train.clone(), b, t, cfg.run.seed)?;
+        let loader = Loader::of(data, b, t, cfg.run.seed)?;
         let val: Vec<Vec<u32>> = sequential_batches(&data.val, b, t, cfg.eval.batches).collect();
         if val.is_empty() {
             bail!(

@@ -316,7 +316,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         let dims = dims_of(&cfg, a.data.vocab);
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
         let init_cfg = cfg.init_config();
-        let mut loader = Loader::new(a.data.train.clone(), b, t, cfg.run.seed).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
+        let mut loader = Loader::of(&a.data, b, t, cfg.run.seed).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
         let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches).collect();
         if val.is_empty() {
             let n = a.data.val.len();
