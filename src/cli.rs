@@ -183,6 +183,27 @@ pub enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// The loss and perplexity of a model on given tokens or text
+    Eval {
+        /// A checkpoint file, a folder of checkpoints, a run folder, or a Hugging Face folder
+        path: PathBuf,
+        /// A folder of shards (its validation split), one .bin shard, or a text/JSONL file
+        /// tokenized with the model's tokenizer
+        #[arg(long)]
+        data: PathBuf,
+        /// Window length T (default: the model's data.seq_len)
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Score at most this many windows
+        #[arg(long, default_value_t = usize::MAX)]
+        max_windows: usize,
+        /// Score a shard folder's training split instead of its validation split
+        #[arg(long)]
+        train_split: bool,
+        /// The JSONL field (or Parquet column) holding the text
+        #[arg(long, default_value = "text")]
+        field: String,
+    },
     /// Write a checkpoint (a file, or the newest valid one in a directory) as a Hugging Face
     /// folder of its block kind (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM):
     /// config.json + model.safetensors (docs: src/export/)
@@ -300,12 +321,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
             // A checkpoint (file or folder), or a Hugging Face folder an export wrote.
-            let ck = if path.join("config.json").is_file() && path.join("model.safetensors").is_file() {
-                let cfg = crate::export::config_of_folder(&path)?;
-                crate::export::import(&path, &cfg, crate::data::LoaderState::default())?
-            } else {
-                checkpoint::load_file_or_newest(&path)?
-            };
+            let ck = crate::eval::load_model(&path)?;
             let cfg = ck.meta.config()?;
             let tok = crate::sample::tokenizer_of(&cfg)?;
             let model = crate::sample::HostModel::from_checkpoint(&ck)?;
@@ -314,19 +330,26 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", tok.decode(&ids));
             Ok(())
         }
+        Cmd::Eval { path, data, seq_len, max_windows, train_split, field } => {
+            let r = crate::eval::eval_command(&path, &data, seq_len, max_windows, train_split, &field)?;
+            println!("{r}");
+            Ok(())
+        }
         Cmd::Export { path, out, overwrite } => {
             let e = crate::export::export_path(&path, &out, overwrite)?;
             println!(
-                "exported {} layers ({} tensors, {} parameters) to {} as a {} folder",
+                "exported {} layers ({} tensors, {} parameters) to {} as a {} folder; tokenizer: {}",
                 e.layers,
                 e.tensors,
                 e.params,
                 out.display(),
-                e.class
+                e.class,
+                e.tokenizer
             );
             Ok(())
         }
         Cmd::Inspect { path } => {
+            let path = checkpoint::checkpoints_of(&path);
             let ck = if path.is_dir() {
                 match checkpoint::load_newest_valid(&path)? {
                     Some((ck, p, warnings)) => {

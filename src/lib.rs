@@ -29,7 +29,9 @@
 //! - [`optim`]: Muon-NSGD, AdamW, Muon-AdamW, the one optimizer step of every owner
 //!   (`optim::step_units`) and the learning-rate schedules (`optim::schedule`, where the
 //!   warmup-stable-decay schedule lives).
-//! - [`data`]: tokenizers, llm.c-format token shards and the deterministic batch loader.
+//! - [`data`]: documents in (text, JSONL, Parquet), tokenizers (built in and Hugging Face's),
+//!   llm.c-format token shards (mapped, u16 or u32), mixtures and the deterministic batch loader.
+//! - [`eval`]: `taproot eval`, a model's loss on given tokens or text.
 //! - [`config`]: the TOML run configuration.
 //! - [`train`]: the sequential trainer (the test oracle for the actor runtime), the run options
 //!   and report every loop shares, and `train::log::RunLog`, the step bookkeeping of every loop.
@@ -63,6 +65,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod dist;
+pub mod eval;
 pub mod experiment;
 pub mod export;
 pub mod flops;

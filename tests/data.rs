@@ -197,7 +197,7 @@ fn draw(loader: &mut Loader, n: usize) -> Vec<Vec<u32>> {
     let mut batches = Vec::new();
     for _ in 0..n {
         let mut out = Vec::new();
-        loader.next_batch(&mut out);
+        loader.next_batch(&mut out).unwrap();
         batches.push(out);
     }
     batches
@@ -240,7 +240,7 @@ fn loader_single_window_stream() {
     let tokens = ramp(9);
     let mut loader = Loader::new(tokens, 2, 8, 1).unwrap();
     let mut out = Vec::new();
-    loader.next_batch(&mut out);
+    loader.next_batch(&mut out).unwrap();
     let row: Vec<u32> = (0..9).collect();
     assert_eq!(out, [row.clone(), row].concat());
 }
@@ -276,7 +276,7 @@ fn sequential_batches_cover_in_order() {
     let (b, t) = (2, 10);
     // n batches need n*b*t + 1 tokens: 100 tokens -> 4 full batches.
     assert_eq!(num_sequential_batches(tokens.len(), b, t), 4);
-    let all: Vec<Vec<u32>> = sequential_batches(&tokens, b, t, usize::MAX).collect();
+    let all: Vec<Vec<u32>> = sequential_batches(&tokens, b, t, usize::MAX).map(Result::unwrap).collect();
     assert_eq!(all.len(), 4);
     for (k, batch) in all.iter().enumerate() {
         assert_eq!(batch.len(), b * (t + 1));
@@ -287,9 +287,9 @@ fn sequential_batches_cover_in_order() {
         }
     }
     // Deterministic, and limited by max_batches.
-    let again: Vec<Vec<u32>> = sequential_batches(&tokens, b, t, 2).collect();
+    let again: Vec<Vec<u32>> = sequential_batches(&tokens, b, t, 2).map(Result::unwrap).collect();
     assert_eq!(again, all[..2].to_vec());
-    assert_eq!(sequential_batches(&tokens.window(0, 20).into(), b, t, 10).len(), 0);
+    assert_eq!(sequential_batches(&tokens.window(0, 20).unwrap().into(), b, t, 10).len(), 0);
 }
 
 // ---------------------------------------------------------------- prepare and dataset
@@ -336,8 +336,8 @@ fn prepare_splits_by_document() {
 
     // And the directory reads back as a dataset.
     let ds = Dataset::open(&out, 50257).unwrap();
-    assert_eq!(ds.train().to_vec(), train);
-    assert_eq!(ds.val.to_vec(), val);
+    assert_eq!(ds.train().to_vec().unwrap(), train);
+    assert_eq!(ds.val.to_vec().unwrap(), val);
     // A vocab too small for the gpt2 ids is caught, naming the file.
     let msg = err_string(Dataset::open(&out, 256));
     assert!(msg.contains("tiny_") && msg.contains("out of range"), "{msg}");
@@ -446,8 +446,8 @@ fn dataset_concatenates_train_shards_in_name_order() {
     write_shard(&tmp.path().join("d_train_000001.bin"), &[1, 2]).unwrap();
     std::fs::write(tmp.path().join("README.txt"), b"ignored").unwrap();
     let ds = Dataset::open(tmp.path(), 256).unwrap();
-    assert_eq!(ds.train().to_vec(), vec![1, 2, 3, 4]);
-    assert_eq!(ds.val.to_vec(), vec![9]);
+    assert_eq!(ds.train().to_vec().unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(ds.val.to_vec().unwrap(), vec![9]);
     assert_eq!(ds.vocab, 256);
 }
 
@@ -503,7 +503,7 @@ fn prepare_into_a_folder_holding_another_corpus_refuses_unless_overwrite() {
     let aside = rep.replaced.expect("moved aside");
     assert_eq!(read_shard(&aside.join("plays_train_000001.bin")).unwrap(), before);
     let ds = Dataset::open(&out, 256).unwrap();
-    let text: String = ds.train().to_vec().iter().chain(ds.val.to_vec().iter()).map(|&t| t as u8 as char).collect();
+    let text: String = ds.train().to_vec().unwrap().iter().chain(ds.val.to_vec().unwrap().iter()).map(|&t| t as u8 as char).collect();
     assert!(text.starts_with("Of Mans") && !text.contains("winter"), "{text}");
 }
 

@@ -169,7 +169,7 @@ fn check_numpy_reference(tag: &str, change: impl Fn(TestConfig) -> TestConfig) {
     let mut model = model_of(&be, &ck, &taproot::train::dims_of(&cfg, 256));
     let data = Dataset::open(&dir, 256).unwrap();
     let (b, t) = (4, 32);
-    let windows: Vec<u32> = data.val.window(0, b * (t + 1));
+    let windows: Vec<u32> = data.val.window(0, b * (t + 1)).unwrap();
     let batch = Batch::from_windows(&be, &windows, b, t);
     let ours = model.eval_loss(&be, &batch) as f64;
     let wfile = dir.join("windows.json");

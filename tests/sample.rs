@@ -59,7 +59,7 @@ fn check_decoder((dir, ck, _): (std::path::PathBuf, taproot::checkpoint::Checkpo
     let mut model = model_of(&be, &ck, &dims);
     let t = 32;
     let data = Dataset::open(&dir, 256).unwrap();
-    let window: Vec<u32> = data.val.window(0, t + 1);
+    let window: Vec<u32> = data.val.window(0, t + 1).unwrap();
     let full = model.logits(&be, &Batch::from_windows(&be, &window, 1, t));
     let mut cache = host.cache().unwrap();
     let mut worst = 0.0f64;

@@ -153,7 +153,19 @@ pub fn prune(dir: &Path, r: &Retention, verified: &mut Verified) -> Result<Prune
 // Inspection
 
 /// The checkpoint at `path`: the file itself, or the newest valid one of a folder.
+/// The checkpoint folder `path` names: a run folder (one holding `checkpoints/`) means its
+/// `checkpoints/`; anything else is itself.
+pub fn checkpoints_of(path: &Path) -> std::path::PathBuf {
+    let inner = path.join("checkpoints");
+    if path.is_dir() && inner.is_dir() {
+        inner
+    } else {
+        path.to_path_buf()
+    }
+}
+
 pub fn load_file_or_newest(path: &Path) -> Result<Checkpoint> {
+    let path = &checkpoints_of(path);
     if path.is_dir() {
         load_newest_valid(path)?.map(|(ck, _, _)| ck).with_context(|| format!("no valid checkpoint in {}", path.display()))
     } else {

@@ -68,7 +68,7 @@ pub mod named;
 pub use describe::describe;
 
 use checksum::{file_checksum, hash_bytes, hash_f32};
-pub use folder::{list, load_file_or_newest, load_newest_valid, new_run_id, prune, reject, Pruned, Retention};
+pub use folder::{checkpoints_of, list, load_file_or_newest, load_newest_valid, new_run_id, prune, reject, Pruned, Retention};
 mod verify;
 pub use verify::{verify, Verified};
 

@@ -1,6 +1,6 @@
 //! Batches for training and evaluation, and the on-disk dataset they come from.
 //!
-//! - [`Dataset`] maps a directory of llm.c shards (or several, a mixture) as one token stream
+//! - [`Dataset`] opens a directory of llm.c shards (or several, a mixture) as one token stream
 //!   per split and source ([`Tokens`]); nothing of the corpus is read into the run's memory.
 //! - [`Loader`] draws training batches: `B` windows of `T + 1` consecutive tokens at random
 //!   start positions (from sources picked by weight, in a mixture) (the first `T` are the inputs, the last `T` the targets). The positions
@@ -9,7 +9,7 @@
 //! - [`sequential_batches`] walks the validation stream in order, so every evaluation sees
 //!   exactly the same tokens and losses are comparable across steps and runs.
 
-use crate::data::shard::{map_shard, MappedShard};
+use crate::data::shard::{open_shard, ShardFile};
 use crate::data::tokens::Tokens;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -120,8 +120,9 @@ impl Loader {
 
     /// Fills `out` with the next batch: `B * (T + 1)` tokens, row-major, row `r` being the
     /// contiguous window `tokens[s_r .. s_r + T + 1]` of its source with `s_r` uniform in
-    /// `[0, len - (T + 1)]`. `out` is cleared first so callers can reuse one buffer.
-    pub fn next_batch(&mut self, out: &mut Vec<u32>) {
+    /// `[0, len - (T + 1)]`. `out` is cleared first so callers can reuse one buffer. An error
+    /// only if a shard cannot be read (changed or truncated under the run).
+    pub fn next_batch(&mut self, out: &mut Vec<u32>) -> Result<()> {
         let window = self.t + 1;
         out.clear();
         out.reserve(self.b * window);
@@ -137,10 +138,11 @@ impl Loader {
             // Number of valid start positions: starts 0 ..= len - window.
             let n_starts = (tokens.len() - window + 1) as u64;
             let start = uniform_below(&mut self.state.rng, n_starts) as usize;
-            tokens.read_into(start, window, out);
+            tokens.read_into(start, window, out)?;
             self.state.source_tokens[k] += self.t as u64;
         }
         self.state.batches += 1;
+        Ok(())
     }
 
     /// The current position, to store in a checkpoint.
@@ -195,9 +197,9 @@ pub fn sequential_batches(tokens: &Tokens, b: usize, t: usize, max_batches: usiz
 }
 
 impl Iterator for SequentialBatches {
-    type Item = Vec<u32>;
+    type Item = Result<Vec<u32>>;
 
-    fn next(&mut self) -> Option<Vec<u32>> {
+    fn next(&mut self) -> Option<Result<Vec<u32>>> {
         if self.next >= self.count {
             return None;
         }
@@ -205,10 +207,12 @@ impl Iterator for SequentialBatches {
         let mut out = Vec::with_capacity(self.b * window);
         for r in 0..self.b {
             let start = (self.next * self.b + r) * self.t;
-            self.tokens.read_into(start, window, &mut out);
+            if let Err(e) = self.tokens.read_into(start, window, &mut out) {
+                return Some(Err(e));
+            }
         }
         self.next += 1;
-        Some(out)
+        Some(Ok(out))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -299,20 +303,21 @@ impl Dataset {
     /// The data of a run's `[data]` section: `dir`, or the `[[data.sources]]` mixture, each
     /// folder checked against the tokenizer's record.
     pub fn open_config(data: &crate::config::DataConfig, tokenizer: &super::Tokenizer) -> Result<Dataset> {
-        // The model's vocabulary (an `hf:` tokenizer's model may have more ids than it).
-        let vocab = crate::config::memory::vocab_of(data).max(tokenizer.vocab_size());
+        // The model's vocabulary (an imported model's may have more ids than its tokenizer); a
+        // token at or above it is refused when the shard is opened.
+        let vocab = crate::config::memory::vocab_of(data);
         let mut sources = Vec::new();
         let mut val = Vec::new();
         for (name, dir, weight) in data.folders() {
             super::record::check_tokenizer(&dir, tokenizer)?;
             let (train, v) = open_splits(&dir, vocab)?;
-            sources.push(Source { name, weight, train: Tokens::mapped(train) });
+            sources.push(Source { name, weight, train: Tokens::shards(train) });
             val.extend(v);
         }
-        Ok(Dataset { sources, val: Tokens::mapped(val), vocab })
+        Ok(Dataset { sources, val: Tokens::shards(val), vocab })
     }
 
-    /// Maps every shard in `dir` (not recursively). A `.bin` file whose name contains `val`
+    /// Opens every shard in `dir` (not recursively). A `.bin` file whose name contains `val`
     /// is validation, one containing `train` is training; failing both, a name ending in
     /// `_<digits>` is validation for index 0 and training otherwise. Other files are ignored.
     /// Shards of one split are concatenated in file-name order.
@@ -322,12 +327,12 @@ impl Dataset {
     pub fn open(dir: &Path, vocab: usize) -> Result<Dataset> {
         let (train, val) = open_splits(dir, vocab)?;
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "train".into());
-        Ok(Dataset { sources: vec![Source { name, weight: 1.0, train: Tokens::mapped(train) }], val: Tokens::mapped(val), vocab })
+        Ok(Dataset { sources: vec![Source { name, weight: 1.0, train: Tokens::shards(train) }], val: Tokens::shards(val), vocab })
     }
 }
 
-/// The mapped training and validation shards of `dir`; see [`Dataset::open`].
-fn open_splits(dir: &Path, vocab: usize) -> Result<(Vec<MappedShard>, Vec<MappedShard>)> {
+/// The open training and validation shards of `dir`; see [`Dataset::open`].
+fn open_splits(dir: &Path, vocab: usize) -> Result<(Vec<ShardFile>, Vec<ShardFile>)> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("reading dataset directory {}", dir.display()))?;
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for entry in entries {
@@ -353,7 +358,7 @@ fn open_splits(dir: &Path, vocab: usize) -> Result<(Vec<MappedShard>, Vec<Mapped
             Some(s) => s,
             None => continue,
         };
-        let shard = map_shard(path, vocab)?;
+        let shard = open_shard(path, vocab)?;
         match split {
             Split::Train => train.push(shard),
             Split::Val => val.push(shard),

@@ -6,7 +6,7 @@
 //!    validation shard and a training shard (the `taproot data prepare` command).
 //!    It records the tokenizer beside the shards ([`record`], `corpus.json`) and refuses to mix
 //!    a second corpus into a folder.
-//! 2. [`Dataset::open`] maps a directory of shards (u16 or u32 tokens), checking every token
+//! 2. [`Dataset::open`] opens a directory of shards (u16 or u32 tokens), checking every token
 //!    against the model's vocabulary; [`Dataset::open_config`] opens a run's `[data]` (one
 //!    folder or a weighted mixture) and checks the recorded tokenizer.
 //! 3. [`Loader`] draws random `B x (T + 1)` training batches whose sequence is fixed by a seed
@@ -30,7 +30,7 @@ pub use loader::{num_sequential_batches, sequential_batches, Dataset, Loader, Lo
 pub use prepare::{prepare, PrepareArgs, PrepareReport};
 pub use record::CorpusRecord;
 pub use shard::{
-    check_tokens, map_shard, read_shard, write_shard, write_shard_as, ShardWriter, Width, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION,
+    check_tokens, open_shard, read_shard, write_shard, write_shard_as, ShardWriter, Width, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION,
     SHARD_VERSION_U32,
 };
 pub use tokens::Tokens;

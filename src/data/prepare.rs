@@ -146,7 +146,7 @@ impl SplitRule {
 }
 
 /// Tokenizes one document's bytes; the error is why it is not a document.
-fn tokenize_document(tok: &Tokenizer, raw: &[u8]) -> std::result::Result<Vec<u32>, String> {
+pub fn tokenize_document(tok: &Tokenizer, raw: &[u8]) -> std::result::Result<Vec<u32>, String> {
     let text = || {
         std::str::from_utf8(raw).map_err(|e| {
             format!("not valid UTF-8 (first bad byte at offset {}); the {} tokenizer needs UTF-8 text", e.valid_up_to(), tok.name())

@@ -19,7 +19,8 @@
 //! silently shorter dataset, and every error names the file and the byte offset involved so a
 //! corrupt download can be located. Writing goes through a temporary file that is renamed
 //! into place after an fsync, so a crash mid-write never leaves a half-written shard behind
-//! under the real name. Training maps shards ([`map_shard`]) rather than reading them.
+//! under the real name. Training reads windows of open shards ([`open_shard`]) and never holds
+//! a shard in memory.
 
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -270,7 +271,7 @@ pub fn parse_header(path: &Path, head: &[u8], len: u64) -> Result<Header> {
 }
 
 /// Reads an llm.c shard (either version) and returns its tokens. For tests and tools: a run
-/// maps its shards instead ([`map_shard`]).
+/// reads windows of open shards instead ([`open_shard`]).
 pub fn read_shard(path: &Path) -> Result<Vec<u32>> {
     let bytes = crate::userfile::read(path, "shard", crate::userfile::MEMORY)?;
     let h = parse_header(path, &bytes[..bytes.len().min(HEADER_BYTES)], bytes.len() as u64)?;
@@ -285,53 +286,51 @@ pub fn decode(data: &[u8], width: Width) -> Vec<u32> {
     }
 }
 
-/// A shard mapped into memory: its pages are read on demand and belong to the page cache, so a
-/// corpus of any size costs a run no memory of its own.
-pub struct MappedShard {
+/// An open shard, read window by window with positional reads (`pread`): the tokens go through
+/// the page cache into the caller's buffer and never become the run's own memory, whatever the
+/// corpus's size. (A mapping would do the same in principle, but kernels that cache files in
+/// large folios map a whole folio, hundreds of KB, into the process at every fault, so a run's
+/// resident set would grow towards the corpus's size as it draws windows.)
+pub struct ShardFile {
     pub path: PathBuf,
     pub header: Header,
-    map: memmap2::Mmap,
+    file: fs::File,
 }
 
-impl std::fmt::Debug for MappedShard {
+impl std::fmt::Debug for ShardFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MappedShard({}, {:?})", self.path.display(), self.header)
+        write!(f, "ShardFile({}, {:?})", self.path.display(), self.header)
     }
 }
 
-impl MappedShard {
+impl ShardFile {
     /// Appends tokens `start .. start + n` (in range) to `out`.
-    pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) {
+    pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         let w = self.header.width.bytes();
-        let a = HEADER_BYTES + start * w;
-        let bytes = &self.map[a..a + n * w];
+        let mut bytes = vec![0u8; n * w];
+        let at = (HEADER_BYTES + start * w) as u64;
+        self.file.read_exact_at(&mut bytes, at).with_context(|| {
+            format!("reading tokens {start}..{} of shard {} (was it changed or truncated under the run?)", start + n, self.path.display())
+        })?;
         match self.header.width {
             Width::U16 => out.extend(bytes.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))),
             Width::U32 => out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         }
+        Ok(())
     }
 }
 
-/// Maps the shard at `path` after checking its header and size (see [`parse_header`]), and
-/// checks every token against `vocab` by reading the file in bounded chunks (not through the
-/// map, so the check leaves no pages resident in the run).
-pub fn map_shard(path: &Path, vocab: usize) -> Result<MappedShard> {
+/// Opens the shard at `path` after checking its header and size (see [`parse_header`]), and
+/// checks every token against `vocab` by reading the file in bounded chunks.
+pub fn open_shard(path: &Path, vocab: usize) -> Result<ShardFile> {
     let len = crate::userfile::check(path, "shard")?;
     let mut f = fs::File::open(path).with_context(|| format!("opening shard {}", path.display()))?;
     let mut head = vec![0u8; HEADER_BYTES.min(len as usize)];
     f.read_exact(&mut head).with_context(|| format!("reading the header of shard {}", path.display()))?;
     let header = parse_header(path, &head, len)?;
     scan_vocab(&mut f, path, header, vocab)?;
-    // SAFETY: the map is read-only, and shards are written beside the real name and renamed into
-    // place, so the file under this path is never written in place while we hold it. A file
-    // truncated by another program under a live run is outside what any reader can defend against.
-    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("mapping shard {}", path.display()))?;
-    if map.len() as u64 != len {
-        bail!("{}: the file changed size while being opened ({len} then {} bytes)", path.display(), map.len());
-    }
-    // Windows are drawn at random positions: reading ahead would only fill memory.
-    let _ = map.advise(memmap2::Advice::Random);
-    Ok(MappedShard { path: path.to_path_buf(), header, map })
+    Ok(ShardFile { path: path.to_path_buf(), header, file: f })
 }
 
 /// Checks every token of the open shard `f` (positioned after its header) against `vocab`.

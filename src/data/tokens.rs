@@ -1,31 +1,36 @@
-//! [`Tokens`]: one split's token stream, as the shards it spans (mapped, see
-//! [`super::shard::map_shard`]) or as an owned vector (tests, benchmarks, synthetic data).
+//! [`Tokens`]: one split's token stream, as the shards it spans (open files read window by
+//! window, see [`super::shard::open_shard`]) or as an owned vector (tests, benchmarks,
+//! synthetic data).
 //!
 //! A window may cross from one shard into the next: the stream is the shards' concatenation in
 //! file-name order, exactly as if they had been read into one vector. Cloning is cheap (the
-//! parts are shared), so every loader and every evaluation reads the same maps.
+//! parts are shared), so every loader and every evaluation reads the same open files.
 
-use super::shard::MappedShard;
+use super::shard::ShardFile;
+use anyhow::Result;
 use std::sync::Arc;
 
 #[derive(Debug)]
 enum Part {
-    Mapped(MappedShard),
+    File(ShardFile),
     Owned(Vec<u32>),
 }
 
 impl Part {
     fn len(&self) -> usize {
         match self {
-            Part::Mapped(m) => m.header.count,
+            Part::File(m) => m.header.count,
             Part::Owned(v) => v.len(),
         }
     }
 
-    fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) {
+    fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) -> Result<()> {
         match self {
-            Part::Mapped(m) => m.read_into(start, n, out),
-            Part::Owned(v) => out.extend_from_slice(&v[start..start + n]),
+            Part::File(m) => m.read_into(start, n, out),
+            Part::Owned(v) => {
+                out.extend_from_slice(&v[start..start + n]);
+                Ok(())
+            }
         }
     }
 }
@@ -39,9 +44,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// The stream of mapped shards, in the given order.
-    pub fn mapped(shards: Vec<MappedShard>) -> Tokens {
-        Tokens::of(shards.into_iter().map(Part::Mapped).collect())
+    /// The stream of open shards, in the given order.
+    pub fn shards(shards: Vec<ShardFile>) -> Tokens {
+        Tokens::of(shards.into_iter().map(Part::File).collect())
     }
 
     fn of(parts: Vec<Part>) -> Tokens {
@@ -70,9 +75,10 @@ impl Tokens {
         self.parts.len()
     }
 
-    /// Appends tokens `start .. start + n` to `out`. Panics if the range is out of bounds, as a
-    /// slice index would: callers draw their ranges from [`Tokens::len`].
-    pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) {
+    /// Appends tokens `start .. start + n` to `out`; an error if a shard cannot be read. Panics
+    /// if the range is out of bounds, as a slice index would: callers draw their ranges from
+    /// [`Tokens::len`].
+    pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) -> Result<()> {
         assert!(start + n <= self.len(), "tokens {start}..{} of a stream of {}", start + n, self.len());
         // The last part whose first token is at or before `start`.
         let mut i = self.starts.partition_point(|&s| s <= start) - 1;
@@ -80,22 +86,23 @@ impl Tokens {
         while left > 0 {
             let local = pos - self.starts[i];
             let take = (self.parts[i].len() - local).min(left);
-            self.parts[i].read_into(local, take, out);
+            self.parts[i].read_into(local, take, out)?;
             pos += take;
             left -= take;
             i += 1;
         }
+        Ok(())
     }
 
     /// Tokens `start .. start + n` as a vector.
-    pub fn window(&self, start: usize, n: usize) -> Vec<u32> {
+    pub fn window(&self, start: usize, n: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(n);
-        self.read_into(start, n, &mut out);
-        out
+        self.read_into(start, n, &mut out)?;
+        Ok(out)
     }
 
     /// The whole stream as a vector (tests and small data only).
-    pub fn to_vec(&self) -> Vec<u32> {
+    pub fn to_vec(&self) -> Result<Vec<u32>> {
         self.window(0, self.len())
     }
 }
@@ -138,7 +145,7 @@ mod tests {
         assert_eq!(t.parts(), 3);
         for s in 0..20 {
             for n in 0..=(20 - s) {
-                assert_eq!(t.window(s, n), flat[s..s + n], "window {s}+{n}");
+                assert_eq!(t.window(s, n).unwrap(), flat[s..s + n], "window {s}+{n}");
             }
         }
     }

@@ -17,6 +17,8 @@ pub struct Exported {
     pub params: usize,
     /// The `transformers` class the folder loads as (`GPT2LMHeadModel`, `LlamaForCausalLM`, …).
     pub class: String,
+    /// Which tokenizer was written beside the weights (see [`super::tokenizer`]).
+    pub tokenizer: String,
 }
 
 pub struct Tensor {
@@ -80,6 +82,76 @@ impl HfConfig {
         }
     }
     /// Check `key` against the config's value `want` (named by `ours`).
+    /// An integer under either of its spellings (transformers 4.x and 5.x), the first present.
+    pub fn int_any(&self, keys: &[&str]) -> Result<usize> {
+        match keys.iter().find(|k| self.json.get(**k).is_some_and(|v| !v.is_null())) {
+            Some(k) => self.int(k),
+            None => bail!("{}: no integer `{}`", self.path.display(), keys.join("` or `")),
+        }
+    }
+
+    /// RoPE's θ, from `rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x),
+    /// refusing, by name, any RoPE variant other than the default (`rope_scaling`, or a
+    /// `rope_type` of `linear`, `yarn`, `llama3`, ...): those compute another function.
+    pub fn rope_theta(&self) -> Result<f64> {
+        let p = self.path.display();
+        let default_type = |v: &serde_json::Value, key: &str| -> Result<()> {
+            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+            if kind != "default" {
+                bail!("{p}: `{key}.rope_type` = {kind:?}; taproot implements the default RoPE only");
+            }
+            if let Some(f) = v.get("factor").filter(|f| !f.is_null() && f.as_f64() != Some(1.0)) {
+                bail!("{p}: `{key}.factor` = {f}; taproot implements unscaled RoPE only");
+            }
+            Ok(())
+        };
+        if let Some(s) = self.json.get("rope_scaling").filter(|v| !v.is_null()) {
+            default_type(s, "rope_scaling")?;
+        }
+        if let Some(rp) = self.json.get("rope_parameters").filter(|v| !v.is_null()) {
+            default_type(rp, "rope_parameters")?;
+            if let Some(t) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
+                return Ok(t);
+            }
+        }
+        match self.json.get("rope_theta").and_then(|v| v.as_f64()) {
+            Some(t) => Ok(t),
+            None => bail!("{p}: no number `rope_theta` (nor `rope_parameters.rope_theta`)"),
+        }
+    }
+
+    /// Refuse sliding-window attention, by the key that asks for it: `use_sliding_window`
+    /// (Qwen), a `sliding_window` shorter than the positions (Mistral/Mixtral), or `layer_types`
+    /// other than `full_attention` (transformers 5).
+    pub fn refuse_sliding_window(&self, positions: usize) -> Result<()> {
+        let p = self.path.display();
+        let used = self.flag("use_sliding_window", false)?;
+        if used {
+            bail!("{p}: `use_sliding_window` is true; taproot's attention is full causal attention");
+        }
+        if self.json.get("use_sliding_window").is_none() {
+            if let Some(w) = self.json.get("sliding_window").and_then(|v| v.as_u64()) {
+                if (w as usize) < positions {
+                    bail!("{p}: `sliding_window` = {w} (< {positions} positions); taproot's attention is full causal attention");
+                }
+            }
+        }
+        if let Some(types) = self.json.get("layer_types").and_then(|v| v.as_array()) {
+            if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| t.as_str() != Some("full_attention")) {
+                bail!("{p}: `layer_types[{i}]` = {t}; taproot's layers are all `full_attention`");
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse a flag that changes the function when it is set to `bad`.
+    pub fn refuse_flag(&self, key: &str, bad: bool, why: &str) -> Result<()> {
+        if self.json.get(key).and_then(|v| v.as_bool()) == Some(bad) {
+            bail!("{}: `{key}` = {bad}; {why}", self.path.display());
+        }
+        Ok(())
+    }
+
     pub fn expect(&self, key: &str, got: usize, want: usize, ours: &str) -> Result<()> {
         if got != want {
             bail!("{}: `{key}` = {got}, but the config wants {want} ({ours} must match the folder)", self.path.display());
@@ -182,13 +254,15 @@ pub fn claim(out: &Path, overwrite: bool) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("export folder {}", out.display())),
     };
     let names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    // The tokenizer files are ours when the config beside them is.
+    let config_ours = crate::userfile::read_to_string(&out.join("config.json"), "config", crate::userfile::TEXT_MAX)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|j| j.get("taproot").is_some());
     let ours = |n: &str| match n {
         "model.safetensors" => true,
-        "config.json" => crate::userfile::read_to_string(&out.join(n), "config", crate::userfile::TEXT_MAX)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_some_and(|j| j.get("taproot").is_some()),
-        _ => false,
+        "config.json" => config_ours,
+        n => config_ours && super::tokenizer::FILES.contains(&n),
     };
     let foreign: Vec<&String> = names.iter().filter(|n| !ours(n)).collect();
     if foreign.is_empty() {
@@ -230,7 +304,7 @@ pub fn write_folder(out: &Path, tensors: Vec<(String, Tensor)>, config: serde_js
     let cfile = out.join("config.json");
     std::fs::write(&cfile, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", cfile.display()))?;
     let class = config["architectures"][0].as_str().unwrap_or("").to_string();
-    Ok(Exported { layers, tensors: n, params, class })
+    Ok(Exported { layers, tensors: n, params, class, tokenizer: String::new() })
 }
 
 /// The `taproot` block of an exported `config.json`: where the weights came from.

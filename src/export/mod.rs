@@ -16,6 +16,7 @@
 //! block of `config.json` names the tokenizer the model was trained with.
 
 pub mod folder;
+pub mod tokenizer;
 
 pub use folder::{read_tensors, Exported, HfConfig, Tensors};
 
@@ -38,7 +39,20 @@ pub fn export(ck: &Checkpoint, out: &Path) -> Result<Exported> {
 pub fn export_into(ck: &Checkpoint, out: &Path, overwrite: bool) -> Result<Exported> {
     let cfg = ck.meta.config().context("the checkpoint's config")?;
     folder::claim(out, overwrite)?;
-    kinds::export(cfg.model.arch, ck, out)
+    let mut exported = kinds::export(cfg.model.arch, ck, out)?;
+    // The tokenizer beside the weights, and its special ids in config.json.
+    let specials = tokenizer::write(&cfg, out, cfg.max_seq())?;
+    let cfile = out.join("config.json");
+    let text = crate::userfile::read_to_string(&cfile, "config", crate::userfile::TEXT_MAX)?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", cfile.display()))?;
+    if let Some(o) = json.as_object_mut() {
+        o.insert("bos_token_id".into(), specials.bos.into());
+        o.insert("eos_token_id".into(), specials.eos.into());
+        o.insert("pad_token_id".into(), serde_json::Value::Null);
+    }
+    std::fs::write(&cfile, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", cfile.display()))?;
+    exported.tokenizer = specials.note;
+    Ok(exported)
 }
 
 /// Export the checkpoint at `path` (a file, or a folder: its newest valid checkpoint).
@@ -67,12 +81,19 @@ pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
     let hf = HfConfig::read(folder)?;
     let kind = hf.json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     let vocab = hf.int("vocab_size")?;
+    // Its own tokenizer where it has one (`export` writes it; `save_pretrained` folders have it),
+    // except that taproot's built-in `bytes` and `gpt2` are read by name.
+    let has_file = folder.join(crate::data::hf_tokenizer::FILE).is_file();
     let tokenizer = match hf.json.pointer("/taproot/tokenizer").and_then(|v| v.as_str()) {
-        Some(t) if !t.starts_with("bpe:") => t.to_string(),
-        Some(t) => bail!("{}: the model was trained with the learnt tokenizer {t}, whose merges live beside its run's shards: sample from that run's checkpoint", hf.path.display()),
+        Some(t @ ("bytes" | "gpt2")) => t.to_string(),
+        _ if has_file => format!("hf:{}", folder.display()),
+        Some(t) => bail!("{}: the model was trained with the tokenizer {t}, and the folder holds no tokenizer.json", hf.path.display()),
         None if vocab == 256 => "bytes".into(),
         None if vocab == 50257 => "gpt2".into(),
-        None => bail!("{}: `vocab_size` = {vocab} matches no tokenizer taproot has (bytes: 256, gpt2: 50257)", hf.path.display()),
+        None => bail!(
+            "{}: no tokenizer.json, and `vocab_size` = {vocab} matches no tokenizer taproot has built in (bytes: 256, gpt2: 50257)",
+            hf.path.display()
+        ),
     };
     let mut model = toml::Table::new();
     let (arch, layers, positions) = match kind {
@@ -88,7 +109,7 @@ pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
             if hf.json.get("num_key_value_heads").is_some_and(|v| !v.is_null()) {
                 model.insert("kv_heads".into(), (hf.int("num_key_value_heads")? as i64).into());
             }
-            model.insert("rope_theta".into(), hf.float("rope_theta")?.into());
+            model.insert("rope_theta".into(), hf.rope_theta()?.into());
             model.insert("norm_eps".into(), hf.float("rms_norm_eps")?.into());
             let moe = matches!(kind, "mixtral" | "qwen3_moe");
             let dense_ffn = if kind == "mixtral" { None } else { Some(hf.int("intermediate_size")?) };
@@ -98,9 +119,8 @@ pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
             model.insert("tie_embeddings".into(), hf.flag("tie_word_embeddings", false)?.into());
             if moe {
                 let mut m = toml::Table::new();
-                let (experts, hidden) =
-                    if kind == "mixtral" { ("num_local_experts", "intermediate_size") } else { ("num_experts", "moe_intermediate_size") };
-                m.insert("experts".into(), (hf.int(experts)? as i64).into());
+                let hidden = if kind == "mixtral" { "intermediate_size" } else { "moe_intermediate_size" };
+                m.insert("experts".into(), (hf.int_any(&["num_local_experts", "num_experts"])? as i64).into());
                 m.insert("top_k".into(), (hf.int("num_experts_per_tok")? as i64).into());
                 m.insert("expert_hidden".into(), (hf.int(hidden)? as i64).into());
                 model.insert("moe".into(), m.into());
@@ -121,6 +141,9 @@ pub fn config_of_folder(folder: &Path) -> Result<crate::config::Config> {
     root["run"].as_table_mut().expect("a table").insert("name".into(), name.into());
     let mut data = toml::Table::new();
     data.insert("dir".into(), folder.display().to_string().into());
+    if tokenizer.starts_with("hf:") {
+        data.insert("vocab_size".into(), (vocab as i64).into());
+    }
     data.insert("tokenizer".into(), tokenizer.into());
     data.insert("batch_size".into(), 1.into());
     // A sampling run's window: the context the folder declares does not size any buffer.

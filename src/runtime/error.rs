@@ -22,6 +22,9 @@ pub enum RunError {
     /// micro-batch boundary; the step in progress was not applied.
     #[error("forced stop at step {step}: the step in progress was dropped{}", last_good(checkpoint))]
     ForcedStop { step: u64, checkpoint: Option<String> },
+    /// A training shard could not be read (changed or truncated under the run).
+    #[error("data: {0}")]
+    Data(String),
     /// Reading, writing or restoring a checkpoint failed.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

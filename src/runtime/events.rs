@@ -28,6 +28,9 @@ pub enum Event {
         grad_norm: f64,
         /// Parameters of the model at this step: (total, non-embedding).
         params: (u64, u64),
+        /// Training tokens drawn so far from each source of the data, by name (one entry for a
+        /// single folder).
+        sources: Vec<(String, u64)>,
     },
     Eval {
         step: u64,

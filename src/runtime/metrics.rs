@@ -86,6 +86,7 @@ pub const CATALOG: &[MetricDef] = &[
     m("taproot_gradient_norm", G, "Global L2 norm of the gradient of the last step, before the update."),
     m("taproot_steps_total", C, "Optimizer steps done by this process."),
     m("taproot_tokens_total", C, "Training tokens processed by this process."),
+    m("taproot_source_tokens_total", C, "Training tokens drawn from each source of the data (label source), over all replicas."),
     m("taproot_tokens_per_second", G, "Training tokens per second of the last step."),
     m("taproot_step_duration_seconds", H, "Wall seconds per optimizer step (micro-batches, barrier, optimizer)."),
     m("taproot_layer_forward_seconds", H, "Compute seconds of one layer's forward pass for one micro-batch (labels: layer id, device)."),
@@ -384,7 +385,10 @@ impl MetricsState {
 
     fn on_event(&mut self, e: Event) {
         match e {
-            Event::Step { step, total_steps, depth, lr, train_loss, tokens, seconds, grad_norm, params, .. } => {
+            Event::Step { step, total_steps, depth, lr, train_loss, tokens, seconds, grad_norm, params, sources, .. } => {
+                for (name, seen) in sources {
+                    counter!("taproot_source_tokens_total", "source" => name).absolute(seen);
+                }
                 // The history must say `depth` for update `step - 1` (a restart from an older
                 // checkpoint replays growth; a history seeded from nothing learns it here).
                 let k = step.saturating_sub(1);

@@ -48,7 +48,7 @@ impl<B: Backend> Sequential<B> {
         let init = cfg.init_config();
         let model = Model::new(&be, dims, cfg.model.depth, &init);
         let loader = Loader::of(data, b, t, cfg.run.seed)?;
-        let val: Vec<Vec<u32>> = sequential_batches(&data.val, b, t, cfg.eval.batches).collect();
+        let val: Vec<Vec<u32>> = sequential_batches(&data.val, b, t, cfg.eval.batches).collect::<Result<_>>()?;
         if val.is_empty() {
             bail!(
                 "the validation split has {} tokens: too few for one batch of {b} x {} tokens (data.batch_size x data.seq_len+1)",
@@ -99,13 +99,13 @@ impl<B: Backend> Sequential<B> {
     }
 
     /// One optimizer step over `micro_batches` micro-batches; returns (mean train loss, lr).
-    pub fn train_step(&mut self) -> (f32, f32) {
+    pub fn train_step(&mut self) -> Result<(f32, f32)> {
         let (b, t) = (self.cfg.data.batch_size, self.cfg.data.seq_len);
         let mbs = self.cfg.data.micro_batches;
         let dscale = 1.0 / (b * t * mbs) as f32;
         let mut loss = 0.0f64;
         for _ in 0..mbs {
-            self.loader.next_batch(&mut self.windows);
+            self.loader.next_batch(&mut self.windows)?;
             self.batch.load(&self.be, &self.windows, &mut self.tmp_in, &mut self.tmp_tgt);
             loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
         }
@@ -119,7 +119,7 @@ impl<B: Backend> Sequential<B> {
             blk.after_update(&self.be);
         }
         self.step += 1;
-        ((loss / mbs as f64) as f32, lr)
+        Ok(((loss / mbs as f64) as f32, lr))
     }
 
     /// Run to the end (or `opts.stop_after`), logging as [`RunLog`] does.
@@ -144,7 +144,7 @@ impl<B: Backend> Sequential<B> {
             }
             let depth = self.model.depth();
             let t_step = Instant::now();
-            let (loss, lr) = self.train_step();
+            let (loss, lr) = self.train_step()?;
             if !loss.is_finite() {
                 bail!("training loss became {loss} at step {} (depth {depth}): stopping", self.step);
             }

@@ -203,6 +203,8 @@ pub struct SchedulerState<B: Backend> {
     init_cfg: InitConfig,
     schedule: Schedule,
     loader: Loader,
+    /// The training sources' names, in the loader's order (a mixture's `[[data.sources]]`).
+    sources: Vec<String>,
     val: Vec<Vec<u32>>,
     embed_head: ActorRef<EmbedHeadMsg<B>>,
     stack: Stack<B>,
@@ -317,7 +319,9 @@ impl<B: Backend> Actor for SchedulerActor<B> {
         let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
         let init_cfg = cfg.init_config();
         let mut loader = Loader::of(&a.data, b, t, cfg.run.seed).map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
-        let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches).collect();
+        let val: Vec<Vec<u32>> = sequential_batches(&a.data.val, b, t, cfg.eval.batches)
+            .collect::<anyhow::Result<_>>()
+            .map_err(|e| boxed(RunError::Config(format!("{e:#}"))))?;
         if val.is_empty() {
             let n = a.data.val.len();
             return Err(boxed(RunError::Config(format!(
@@ -395,6 +399,7 @@ impl<B: Backend> Actor for SchedulerActor<B> {
             // A resumed run drops the expansions its model already has (applied early by a
             // `GrowNow` before the checkpoint); for a fresh run every expansion exceeds the depth.
             loader,
+            sources: a.data.sources.iter().map(|s| s.name.clone()).collect(),
             val,
             embed_head,
             stack: Stack {

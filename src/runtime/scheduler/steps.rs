@@ -46,11 +46,12 @@ impl<B: Backend> SchedulerState<B> {
     }
 
     /// Draw and drop `n` batches: the shares of the other replicas.
-    fn skip_batches(&mut self, n: usize) {
+    fn skip_batches(&mut self, n: usize) -> Res<()> {
         let mut scratch = Vec::new();
         for _ in 0..n {
-            self.loader.next_batch(&mut scratch);
+            self.loader.next_batch(&mut scratch).map_err(|e| boxed(RunError::Data(format!("{e:#}"))))?;
         }
+        Ok(())
     }
 
     /// Issue micro-batches of `p` (a training step when `train`, else an evaluation) while
@@ -64,7 +65,7 @@ impl<B: Backend> SchedulerState<B> {
             p.index.insert(mb, p.issued);
             let msg = if train {
                 let mut windows = Vec::new();
-                self.loader.next_batch(&mut windows);
+                self.loader.next_batch(&mut windows).map_err(|e| boxed(RunError::Data(format!("{e:#}"))))?;
                 EmbedHeadMsg::Micro { mb, windows, dscale }
             } else {
                 EmbedHeadMsg::EvalMicro { mb, windows: self.val[p.issued].clone() }
@@ -157,7 +158,7 @@ impl<B: Backend> SchedulerState<B> {
         self.clock.step_started = Instant::now();
         crate::dist::watchdog::step_began(self.clock.step);
         self.clock.step_cursor = self.loader.cursor();
-        self.skip_batches(self.topo.replica * self.local_micro_batches());
+        self.skip_batches(self.topo.replica * self.local_micro_batches())?;
         let mut p = Pending { losses: vec![f32::NAN; self.local_micro_batches()], ..Default::default() };
         self.issue(&mut p, true)?;
         self.phase = Phase::Train(p);
@@ -169,7 +170,7 @@ impl<B: Backend> SchedulerState<B> {
         let lr = self.schedule.lr_after_growth(self.clock.step, self.stack.growth.last().map(|g| g.at_step));
         let step = self.clock.step;
         // The replicas after this one take the rest of the step's batches.
-        self.skip_batches((self.topo.replicas - 1 - self.topo.replica) * self.local_micro_batches());
+        self.skip_batches((self.topo.replicas - 1 - self.topo.replica) * self.local_micro_batches())?;
         let mbs = self.cfg.data.micro_batches;
         // With the loss, whether any replica was asked to stop (then all stop after this step),
         // to grow now (then all grow at the next boundary) or to gather a checkpoint.
@@ -230,6 +231,7 @@ impl<B: Backend> SchedulerState<B> {
             fixed_flops_ne: f.fixed_ne,
             grad_norm,
             params: (flops::total_params(&self.dims, depth), flops::non_embedding_params(&self.dims, depth)),
+            sources: self.sources.iter().cloned().zip(self.loader.cursor().source_tokens).collect(),
         });
         for (device, pool) in self.here.pools().iter() {
             (self.observer)(&Event::Buffers { device: device.clone(), allocated: pool.allocated(), peer_bytes_in: pool.peer_bytes_in() });
@@ -253,6 +255,13 @@ impl<B: Backend> SchedulerState<B> {
             self.clock.end = self.clock.step;
         }
         (self.observer)(&Event::Eval { step: self.clock.step, depth, val_loss });
+        if self.sources.len() > 1 {
+            let seen = self.loader.cursor().source_tokens;
+            let total = seen.iter().sum::<u64>().max(1) as f64;
+            let parts: Vec<String> =
+                self.sources.iter().zip(&seen).map(|(n, &k)| format!("{n}={k} ({:.1}%)", 100.0 * k as f64 / total)).collect();
+            self.log.say(format!("tokens by source: {}", parts.join(", ")));
+        }
         self.sample().await?;
         self.checkpoint_if_due().await?;
         self.phase = Phase::Idle;

@@ -103,6 +103,15 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     if act != "gelu_new" {
         bail!("{}: `activation_function` = {act:?}; taproot's GELU is the tanh approximation (`gelu_new`)", hf.path.display());
     }
+    hf.refuse_flag("scale_attn_by_inverse_layer_idx", true, "taproot scales every layer's attention by 1/√d only")?;
+    hf.refuse_flag("reorder_and_upcast_attn", true, "taproot computes attention in one order only")?;
+    hf.refuse_flag("scale_attn_weights", false, "taproot scales attention scores by 1/√d")?;
+    hf.refuse_flag("add_cross_attention", true, "taproot's GPT-2 blocks have no cross-attention")?;
+    if let Some(eps) = hf.json.get("layer_norm_epsilon").and_then(|v| v.as_f64()) {
+        if (eps - dims.norm_eps as f64).abs() > 1e-9 {
+            bail!("{}: `layer_norm_epsilon` = {eps}; taproot's GPT-2 LayerNorm uses ε = {}", hf.path.display(), dims.norm_eps);
+        }
+    }
     crate::export::folder::expect_tie(hf, &dims, true)?;
     let t = read_tensors(folder)?;
     let get = |name: &str, shape: &[usize]| get(&t, folder, name, shape);

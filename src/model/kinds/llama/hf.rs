@@ -184,8 +184,10 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     hf.expect("num_key_value_heads", kv, d.kv_heads, "model.kv_heads")?;
     match &d.moe {
         Some(m) => {
-            let experts = if d.arch == Arch::Qwen3 { "num_experts" } else { "num_local_experts" };
-            hf.expect(experts, hf.int(experts)?, m.experts, "model.moe.experts")?;
+            // transformers 4.x writes Qwen3-MoE's `num_experts` and Mixtral's `num_local_experts`;
+            // 5.x writes `num_local_experts` for both.
+            let n = hf.int_any(&["num_local_experts", "num_experts"])?;
+            hf.expect("num_local_experts", n, m.experts, "model.moe.experts")?;
             hf.expect("num_experts_per_tok", hf.int("num_experts_per_tok")?, m.top_k, "model.moe.top_k")?;
             let hidden = if d.arch == Arch::Qwen3 { "moe_intermediate_size" } else { "intermediate_size" };
             hf.expect(hidden, hf.int(hidden)?, m.hidden, "model.moe.expert_hidden")?;
@@ -216,6 +218,17 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
         (Some(_), _) => Vec::new(),
         (None, _) => (0..depth).collect(),
     };
+    // The run decides which of its blocks are dense (`first_dense_layers`); the folder must agree.
+    let run_dense: Vec<usize> = (0..depth)
+        .filter(|&i| crate::model::block::mlp_at_birth(&d, i, depth, cfg.target_depth(), false) == Mlp::Dense)
+        .collect();
+    if d.moe.is_some() && dense_layers != run_dense {
+        bail!(
+            "{}: `mlp_only_layers` = {dense_layers:?}, but the run's `model.moe.first_dense_layers` makes layers {run_dense:?} \
+             of these {depth} dense: set first_dense_layers to agree",
+            hf.path.display()
+        );
+    }
     hf.expect("num_hidden_layers", hf.int("num_hidden_layers")?, depth, "model.depth")?;
     hf.expect("vocab_size", hf.int("vocab_size")?, vocab, "data.tokenizer")?;
     if hf.json.get("head_dim").is_some_and(|v| !v.is_null()) {
@@ -225,10 +238,11 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     if positions < d.max_seq {
         bail!("{}: `max_position_embeddings` = {positions} is fewer than the config's model.max_seq = {}", hf.path.display(), d.max_seq);
     }
+    hf.refuse_sliding_window(positions)?;
     for (key, ours, name) in
         [("rope_theta", d.rope_theta as f64, "model.rope_theta"), ("rms_norm_eps", d.norm_eps as f64, "model.norm_eps")]
     {
-        let got = hf.float(key)?;
+        let got = if key == "rope_theta" { hf.rope_theta()? } else { hf.float(key)? };
         if (got - ours).abs() > 1e-6 * ours.abs() {
             bail!("{}: `{key}` = {got}, but the config has {ours} (set `{name} = {got}`)", hf.path.display());
         }
@@ -237,7 +251,7 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
     if act != "silu" {
         bail!("{}: `hidden_act` = {act:?}; taproot's SwiGLU gates with silu", hf.path.display());
     }
-    for key in ["rope_scaling", "attention_bias", "mlp_bias"] {
+    for key in ["attention_bias", "mlp_bias"] {
         if hf.json.get(key).is_some_and(|v| !(v.is_null() || v == &serde_json::Value::Bool(false))) {
             bail!("{}: `{key}` is set; taproot's {} blocks have none", hf.path.display(), d.arch.name());
         }
