@@ -50,10 +50,10 @@ def swiglu(h, gate, up, down):
 def moe(cfg, kind, p, h):
     if kind == "mixtral":
         gate, experts, names = p("block_sparse_moe.gate.weight"), "block_sparse_moe.experts", ("w1", "w3", "w2")
-        n = cfg["num_local_experts"]
+        n = cfg.get("num_local_experts") or cfg["num_experts"]
     else:
         gate, experts, names = p("mlp.gate.weight"), "mlp.experts", ("gate_proj", "up_proj", "down_proj")
-        n = cfg["num_experts"]
+        n = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 4.x / 5.x
         assert cfg.get("norm_topk_prob", False)
     k = cfg["num_experts_per_tok"]
     logits = h @ gate.T  # (B, T, E)
@@ -77,7 +77,9 @@ def loss(folder, windows):
     assert kind in ("llama", "qwen3", "mixtral", "qwen3_moe"), kind
     assert cfg["hidden_act"] == "silu" and not cfg.get("rope_scaling")
     w = load_safetensors(f"{folder}/model.safetensors")
-    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    # transformers 4.x writes `rope_theta`; 5.x `rope_parameters: {rope_theta, rope_type}`
+    theta = cfg["rope_theta"] if cfg.get("rope_theta") is not None else cfg["rope_parameters"]["rope_theta"]
+    eps = cfg["rms_norm_eps"]
     nh, c = cfg["num_attention_heads"], cfg["hidden_size"]
     kv = cfg.get("num_key_value_heads") or nh
     hd = cfg.get("head_dim") or c // nh

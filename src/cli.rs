@@ -274,8 +274,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Import { folder, config, set, overwrite } => {
             let cfg = Config::load(&config, &set)?;
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
-            let data =
-                Dataset::open_config(&cfg.data, &tok).with_context(|| format!("loading data for run {:?} (data.dir or data.sources)", cfg.run.name))?;
+            let data = Dataset::open_config(&cfg.data, &tok)
+                .with_context(|| format!("loading data for run {:?} (data.dir or data.sources)", cfg.run.name))?;
             let loader = crate::data::Loader::of(&data, cfg.data.batch_size, cfg.data.seq_len, cfg.run.seed)?.cursor();
             let ck = crate::export::import(&folder, &cfg, loader)?;
             let _folder = RunFolder::open(&cfg, if overwrite { Start::Overwrite } else { Start::Fresh })?;
@@ -407,7 +407,10 @@ pub fn run(cli: Cli) -> Result<()> {
             // The data first: a run that cannot start must not move an old run aside.
             let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
             let data = Dataset::open_config(&cfg.data, &tok).with_context(|| {
-                format!("loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+                format!(
+                    "loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)",
+                    cfg.run.name
+                )
             })?;
             if topo.stage > 0 {
                 // A hosting stage: its layers until stage 0 shuts it down.
@@ -538,7 +541,19 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let spec = crate::data::input::InputSpec { field, column };
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let args = PrepareArgs { inputs, out_dir: out, tokenizer, val_fraction, val_docs, name, overwrite, spec, skip_bad, shard_tokens, progress };
+            let args = PrepareArgs {
+                inputs,
+                out_dir: out,
+                tokenizer,
+                val_fraction,
+                val_docs,
+                name,
+                overwrite,
+                spec,
+                skip_bad,
+                shard_tokens,
+                progress,
+            };
             let rep = prepare(&args)?;
             if let Some(r) = &rep.replaced {
                 println!("overwrite: the folder's previous shards were moved to {}", r.display());

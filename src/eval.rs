@@ -121,7 +121,14 @@ pub fn evaluate(model: &HostModel, tokens: &Tokens, t: usize, max_windows: usize
 }
 
 /// `taproot eval MODEL --data DATA`.
-pub fn eval_command(model: &Path, data: &Path, seq_len: Option<usize>, max_windows: usize, split_train: bool, field: &str) -> Result<EvalReport> {
+pub fn eval_command(
+    model: &Path,
+    data: &Path,
+    seq_len: Option<usize>,
+    max_windows: usize,
+    split_train: bool,
+    field: &str,
+) -> Result<EvalReport> {
     let ck = load_model(model)?;
     let cfg = ck.meta.config().context("the model's config")?;
     let host = HostModel::from_checkpoint(&ck)?;

@@ -131,7 +131,11 @@ fn jsonl_plain_gzip_and_zstd_give_the_same_documents_split_by_document() {
 fn bad_documents_are_named_by_file_and_line_and_skip_bad_counts_them() {
     let d = tmp("bad");
     let f = d.join("bad.jsonl");
-    std::fs::write(&f, b"{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\n{not json\n{\"body\": \"x\"}\n{\"text\": 3}\n\xff\xfe\n{\"text\": \"last\"}\n").unwrap();
+    std::fs::write(
+        &f,
+        b"{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\n{not json\n{\"body\": \"x\"}\n{\"text\": 3}\n\xff\xfe\n{\"text\": \"last\"}\n",
+    )
+    .unwrap();
     let out = d.join("out");
     let e = err(prepare(&args(vec![f.clone()], &out, "bytes")));
     assert!(e.contains("bad.jsonl: line 3") && e.contains("not a JSON object") && e.contains("--skip-bad"), "{e}");
@@ -217,36 +221,11 @@ fn shards_do_not_depend_on_the_thread_count() {
     assert_eq!(one, four, "byte-identical shards with 1 and 4 threads");
 }
 
-/// A byte-level BPE tokenizer file with BOS/EOS and a post-processor that puts BOS first, as
-/// LLaMA's does; the second file differs by one merge.
-pub fn hf_tokenizer(dir: &Path) -> PathBuf {
-    let texts = ["the cat sat on the mat and the dog sat on the log"; 20];
-    let bpe = taproot::data::bpe::train(&texts, 300).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    taproot::data::bpe::save(&bpe, dir).unwrap();
-    let path = dir.join("tokenizer.json");
-    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let n = j["model"]["vocab"].as_object().unwrap().len();
-    j["added_tokens"] = serde_json::json!([
-        {"id": n, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-        {"id": n + 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-    ]);
-    j["post_processor"] = serde_json::json!({
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [n], "tokens": ["<s>"]}},
-    });
-    std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#).unwrap();
-    path
-}
-
 #[test]
 fn an_hf_tokenizer_prepares_documents_with_its_specials_and_is_known_by_digest() {
     let d = tmp("hf");
     let tok_dir = d.join("tok");
-    hf_tokenizer(&tok_dir);
+    common::hf_tokenizer(&tok_dir);
     let docs = ["the cat sat", "on the mat", "the dog sat on the log"];
     write_jsonl(&d.join("d.jsonl"), &docs, "text");
     let out = d.join("out");
@@ -267,9 +246,7 @@ fn an_hf_tokenizer_prepares_documents_with_its_specials_and_is_known_by_digest()
     std::fs::create_dir_all(&copy).unwrap();
     std::fs::copy(tok_dir.join("tokenizer.json"), copy.join("tokenizer.json")).unwrap();
     std::fs::copy(tok_dir.join("tokenizer_config.json"), copy.join("tokenizer_config.json")).unwrap();
-    let cfg = |t: &Path| {
-        common::TestConfig::new(&out).steps(10).set("data.tokenizer", format!("\"hf:{}\"", t.display())).build()
-    };
+    let cfg = |t: &Path| common::TestConfig::new(&out).steps(10).set("data.tokenizer", format!("\"hf:{}\"", t.display())).build();
     let c = cfg(&copy);
     assert_eq!(c.data.vocab_size, Some(tok.vocab_size()), "filled in from the tokenizer");
     let t2 = taproot::data::Tokenizer::from_name(&c.data.tokenizer).unwrap();
@@ -353,4 +330,3 @@ fn data_sources_are_configured_and_checked() {
     let e = err(base.build_result());
     assert!(e.contains("needs `dir`"), "{e}");
 }
-

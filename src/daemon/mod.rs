@@ -143,7 +143,10 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
     let log = Arc::new(Log::open(log_file)?);
     let tok = Tokenizer::from_name(&cfg.data.tokenizer)?;
     let data = Dataset::open_config(&cfg.data, &tok).with_context(|| {
-        format!("loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+        format!(
+            "loading data for run {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)",
+            cfg.run.name
+        )
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let code = if topo.stage > 0 {

@@ -269,7 +269,9 @@ impl Documents {
                 Some(Field::Str(s)) => Item::Doc { bytes: s.into_bytes(), at },
                 Some(Field::Bytes(b)) => match String::from_utf8(b.data().to_vec()) {
                     Ok(s) => Item::Doc { bytes: s.into_bytes(), at },
-                    Err(e) => Item::Bad { at, why: format!("column {:?} is not UTF-8 (byte {})", self.spec.column, e.utf8_error().valid_up_to()) },
+                    Err(e) => {
+                        Item::Bad { at, why: format!("column {:?} is not UTF-8 (byte {})", self.spec.column, e.utf8_error().valid_up_to()) }
+                    }
                 },
                 Some(Field::Null) | None => Item::Bad { at, why: format!("column {:?} is null", self.spec.column) },
                 Some(other) => Item::Bad { at, why: format!("column {:?} holds {other:?}, not a string", self.spec.column) },

@@ -92,11 +92,7 @@ impl Loader {
         let mut total = 0.0;
         for (name, w, tokens) in &sources {
             if tokens.len() < t + 1 {
-                bail!(
-                    "token stream of {name} has {} tokens, fewer than one window of T+1 = {} tokens (T={t})",
-                    tokens.len(),
-                    t + 1
-                );
+                bail!("token stream of {name} has {} tokens, fewer than one window of T+1 = {} tokens (T={t})", tokens.len(), t + 1);
             }
             if !(w.is_finite() && *w > 0.0) {
                 bail!("the weight of source {name} must be a positive number, got {w}");

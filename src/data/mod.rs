@@ -33,5 +33,5 @@ pub use shard::{
     check_tokens, open_shard, read_shard, write_shard, write_shard_as, ShardWriter, Width, HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION,
     SHARD_VERSION_U32,
 };
-pub use tokens::Tokens;
 pub use tokenizer::{Tokenizer, GPT2_EOT, GPT2_VOCAB, TOKENIZER_NAMES};
+pub use tokens::Tokens;

@@ -183,7 +183,16 @@ struct Shards {
 
 impl Shards {
     fn new(dir: &Path, name: &str, split: &str, first: usize, width: Width, max: usize) -> Shards {
-        Shards { dir: dir.to_path_buf(), prefix: format!("{name}_{split}_"), index: first, width, max, open: None, done: Vec::new(), tokens: 0 }
+        Shards {
+            dir: dir.to_path_buf(),
+            prefix: format!("{name}_{split}_"),
+            index: first,
+            width,
+            max,
+            open: None,
+            done: Vec::new(),
+            tokens: 0,
+        }
     }
 
     fn push(&mut self, mut tokens: &[u32]) -> Result<()> {
@@ -314,7 +323,10 @@ fn bpe_sample(files: &[PathBuf], args: &SplitRuleArgs<'_>) -> Result<Vec<String>
                     continue;
                 }
                 let text = String::from_utf8(b).map_err(|e| {
-                    anyhow::anyhow!("{at}: not valid UTF-8 (first bad byte at offset {}); a bpe tokenizer needs UTF-8 text", e.utf8_error().valid_up_to())
+                    anyhow::anyhow!(
+                        "{at}: not valid UTF-8 (first bad byte at offset {}); a bpe tokenizer needs UTF-8 text",
+                        e.utf8_error().valid_up_to()
+                    )
                 });
                 let text = match text {
                     Ok(t) => t,
@@ -430,7 +442,11 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         b.finish_and_clear();
     }
     if router.docs == 0 {
-        bail!("the {} input files hold no document: nothing to tokenize (all empty{})", files.len(), if bad.count > 0 { " or bad" } else { "" });
+        bail!(
+            "the {} input files hold no document: nothing to tokenize (all empty{})",
+            files.len(),
+            if bad.count > 0 { " or bad" } else { "" }
+        );
     }
     let split_inside_document = router.finish(args.val_fraction)?;
     if router.train.tokens == 0 {

@@ -25,7 +25,14 @@ pub fn word_corpus(dir: &Path) -> Result<()> {
     let split = toks.len() * 9 / 10;
     write_shard(&dir.join("syn_train_000001.bin"), &toks[..split])?;
     write_shard(&dir.join("syn_val_000000.bin"), &toks[split..])?;
-    let record =
-        CorpusRecord { tokenizer: "bytes".into(), vocab: 256, name: "syn".into(), train_tokens: split, val_tokens: toks.len() - split, documents: None, tokenizer_digest: None };
+    let record = CorpusRecord {
+        tokenizer: "bytes".into(),
+        vocab: 256,
+        name: "syn".into(),
+        train_tokens: split,
+        val_tokens: toks.len() - split,
+        documents: None,
+        tokenizer_digest: None,
+    };
     record.write(dir)
 }

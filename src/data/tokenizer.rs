@@ -156,7 +156,9 @@ impl Tokenizer {
             }
             Tokenizer::Hf { model, .. } => match model.decode(ids) {
                 Some(text) => text.into_bytes(),
-                None => ids.iter().flat_map(|&i| model.decode(&[i]).map(String::into_bytes).unwrap_or_else(|| REPLACEMENT.to_vec())).collect(),
+                None => {
+                    ids.iter().flat_map(|&i| model.decode(&[i]).map(String::into_bytes).unwrap_or_else(|| REPLACEMENT.to_vec())).collect()
+                }
             },
             Tokenizer::Bpe { model, .. } => match model.as_ref().map(|m| super::bpe::decode(m, ids)) {
                 Some(Ok(text)) => text.into_bytes(),

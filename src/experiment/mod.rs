@@ -202,7 +202,10 @@ pub fn checked(c: Config) -> Result<Config> {
 pub fn open_data(cfg: &Config) -> Result<Dataset> {
     let tok = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
     Dataset::open_config(&cfg.data, &tok).with_context(|| {
-        format!("loading data for {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)", cfg.run.name)
+        format!(
+            "loading data for {:?} (data.dir or data.sources; run scripts/fetch-data.sh and `taproot data prepare` first)",
+            cfg.run.name
+        )
     })
 }
 

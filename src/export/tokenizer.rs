@@ -160,7 +160,10 @@ pub fn write(cfg: &Config, out: &Path, max_seq: usize) -> Result<Specials> {
                 }
             }
             let text = |id: Option<u32>| id.and_then(|i| t.inner.id_to_token(i));
-            (Specials { bos: t.bos, eos: t.eos, bos_text: text(t.bos), eos_text: text(t.eos), note: format!("{}", t.file.display()) }, copied)
+            (
+                Specials { bos: t.bos, eos: t.eos, bos_text: text(t.bos), eos_text: text(t.eos), note: format!("{}", t.file.display()) },
+                copied,
+            )
         }
     };
     if !copied_config {

@@ -314,3 +314,28 @@ pub fn model_of(be: &CpuBackend, ck: &taproot::checkpoint::Checkpoint, dims: &ta
     }
     model
 }
+
+/// A byte-level BPE tokenizer file with BOS/EOS and a post-processor that puts BOS first, as
+/// LLaMA's does; the second file differs by one merge.
+pub fn hf_tokenizer(dir: &Path) -> PathBuf {
+    let texts = ["the cat sat on the mat and the dog sat on the log"; 20];
+    let bpe = taproot::data::bpe::train(&texts, 300).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    taproot::data::bpe::save(&bpe, dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let n = j["model"]["vocab"].as_object().unwrap().len();
+    j["added_tokens"] = serde_json::json!([
+        {"id": n, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+        {"id": n + 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    ]);
+    j["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [n], "tokens": ["<s>"]}},
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#).unwrap();
+    path
+}

@@ -219,9 +219,8 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
         (None, _) => (0..depth).collect(),
     };
     // The run decides which of its blocks are dense (`first_dense_layers`); the folder must agree.
-    let run_dense: Vec<usize> = (0..depth)
-        .filter(|&i| crate::model::block::mlp_at_birth(&d, i, depth, cfg.target_depth(), false) == Mlp::Dense)
-        .collect();
+    let run_dense: Vec<usize> =
+        (0..depth).filter(|&i| crate::model::block::mlp_at_birth(&d, i, depth, cfg.target_depth(), false) == Mlp::Dense).collect();
     if d.moe.is_some() && dense_layers != run_dense {
         bail!(
             "{}: `mlp_only_layers` = {dense_layers:?}, but the run's `model.moe.first_dense_layers` makes layers {run_dense:?} \
