@@ -59,7 +59,6 @@ fn shard_roundtrip() {
     assert_eq!(&bytes[0..4], &20240520i32.to_le_bytes());
     assert_eq!(&bytes[8..12], &(tokens.len() as i32).to_le_bytes());
     let back = read_shard(&path).unwrap();
-    let back: Vec<u32> = back.into_iter().map(u32::from).collect();
     assert_eq!(back, tokens);
     // The temp file was renamed away, not left behind.
     assert!(!tmp.path().join("x_train_000001.bin.tmp").exists());
@@ -543,7 +542,7 @@ fn prepare_with_a_learnt_bpe_writes_its_vocabulary_and_round_trips() {
     // The vocabulary is beside the shards, and decodes the stream back to the text.
     let bpe = taproot::data::bpe::load(&out).unwrap();
     let val = read_shard(&out.join("words_val_000000.bin")).unwrap();
-    let ids: Vec<u32> = train.iter().chain(val.iter()).map(|&t| t as u32).collect();
+    let ids: Vec<u32> = train.iter().chain(val.iter()).copied().collect();
     assert_eq!(taproot::data::bpe::decode(&bpe, &ids).unwrap(), text);
     // The record says bpe:300: a config with that tokenizer reads the shards, another does not.
     let record = CorpusRecord::read(&out).unwrap().unwrap();

@@ -39,6 +39,6 @@ fn a_mapped_corpus_costs_no_resident_memory() {
         l.next_batch(&mut out).unwrap();
     }
     let grew = rss().saturating_sub(before);
-    println!("RSS grew {} KB over a {} MB corpus", grew / 1024, 2 * n >> 20);
+    println!("RSS grew {} KB over a {} MB corpus", grew / 1024, (2 * n) >> 20);
     assert!(grew < 24 << 20, "RSS grew {grew} bytes");
 }

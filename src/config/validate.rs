@@ -58,7 +58,8 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for (i, (name, _, w)) in self.data.folders().into_iter().enumerate() {
-            if !self.data.sources.is_empty() && !(w.is_finite() && w > 0.0) {
+            let positive = w.is_finite() && w > 0.0;
+            if !self.data.sources.is_empty() && !positive {
                 bail!("`data.sources[{i}].weight` must be a positive number, got {w}");
             }
             if !names.insert(name.clone()) {
