@@ -227,7 +227,21 @@ pub enum Cmd {
 
 #[derive(Subcommand, Debug)]
 pub enum DataCmd {
-    /// Tokenize text files into llm.c-format train/val token shards.
+    /// Write a tokenizer as a Hugging Face tokenizer.json (with tokenizer_config.json and
+    /// generation_config.json): `bytes`, `gpt2`, `bpe:N` (from --from, its shard folder) or `hf:PATH`
+    Tokenizer {
+        name: String,
+        /// Output folder
+        #[arg(long)]
+        out: PathBuf,
+        /// The shard folder a `bpe:N` tokenizer was learnt in
+        #[arg(long, default_value = ".")]
+        from: PathBuf,
+        /// `model_max_length` in tokenizer_config.json
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+    },
+    /// Tokenize documents (text, JSONL, Parquet) into llm.c-format train/val token shards.
     Prepare {
         /// Text files, JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), Parquet files, or folders
         /// whose such files are taken (recursively, sorted).
@@ -535,6 +549,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Experiment { name, quick, config, set, out, fresh, no_cache } => {
             experiment_command(&ExperimentArgs { name, quick, config, set, out, fresh, no_cache }).map(|_| ())
+        }
+        Cmd::Data { cmd: DataCmd::Tokenizer { name, out, from, max_length } } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let s = crate::export::tokenizer::write_named(&name, &from, &out, max_length)?;
+            println!("wrote {} into {} (bos {:?}, eos {:?})", s.note, out.display(), s.bos, s.eos);
+            Ok(())
         }
         Cmd::Data {
             cmd: DataCmd::Prepare { inputs, out, tokenizer, val_fraction, val_docs, field, column, skip_bad, shard_tokens, name, overwrite },

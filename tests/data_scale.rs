@@ -328,5 +328,5 @@ fn data_sources_are_configured_and_checked() {
     let e = err(mix(1.0).set("data.dir", format!("\"{}\"", x.display())).build_result());
     assert!(e.contains("both `dir` and `[[data.sources]]`"), "{e}");
     let e = err(base.build_result());
-    assert!(e.contains("needs `dir`"), "{e}");
+    assert!(e.contains("`data.dir` is missing"), "{e}");
 }

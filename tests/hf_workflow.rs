@@ -261,6 +261,17 @@ fn folder_options_taproot_does_not_implement_are_refused_by_name() {
         let e = refused(&model, &cfg, change);
         assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
     }
+    // A run that names another hf: tokenizer than the folder's own.
+    let other = dir.join("other-tok");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = std::fs::read_to_string(model.join("tokenizer.json")).unwrap().replacen("\"<s>\"", "\"<S>\"", 1);
+    std::fs::write(other.join("tokenizer.json"), text).unwrap();
+    let wrong = run_config(&dir, &other, &shards, vocab).build();
+    let e = match taproot::export::import(&model, &wrong, Default::default()) {
+        Ok(_) => panic!("another tokenizer must be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("is not the tokenizer the run names"), "{e}");
     // The 4.x spelling reads the same.
     let e = refused(&model, &cfg, |j| {
         j.as_object_mut().unwrap().remove("rope_parameters");
@@ -310,4 +321,103 @@ fn exported_tokenizers_encode_as_taproot_does() {
     let enc = bytes.encode("héllo\n", false).unwrap();
     assert_eq!(enc.get_ids(), "héllo\n".bytes().map(u32::from).collect::<Vec<_>>());
     assert_eq!(bytes.decode(enc.get_ids(), false).unwrap(), "héllo\n");
+}
+
+/// `python3 scripts/hf_transformers_check.py ARGS` when `transformers` imports (CI installs it; a
+/// missing one skips with a printed reason unless TAPROOT_REQUIRE_TRANSFORMERS is set).
+fn transformers(args: &[&str]) -> Option<String> {
+    if !Command::new("python3").args(["-c", "import transformers"]).status().is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var("TAPROOT_REQUIRE_TRANSFORMERS").is_err(),
+            "TAPROOT_REQUIRE_TRANSFORMERS is set but python3 cannot import transformers (PYTHONPATH)"
+        );
+        println!("SKIP: python3 with transformers not found");
+        return None;
+    }
+    let o = Command::new("python3").arg("scripts/hf_transformers_check.py").args(args).output().unwrap();
+    assert!(o.status.success(), "transformers {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    Some(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// `AutoTokenizer` loads the tokenizers `export` writes and encodes as taproot does, and
+/// `AutoConfig` reads the special ids.
+#[test]
+fn transformers_loads_the_exported_tokenizers() {
+    let text = "Hello, world! naïve café\n\n  twice";
+    let (dir, ck, _) = common::grown_checkpoint("hfwf-autotok");
+    let out = dir.join("hf");
+    taproot::export::export(&ck, &out).unwrap();
+    let Some(got) = transformers(&["tokenize", out.to_str().unwrap(), text]) else { return };
+    let j: serde_json::Value = serde_json::from_str(&got).unwrap();
+    let want: Vec<u64> = text.bytes().map(u64::from).collect();
+    assert_eq!(j["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect::<Vec<_>>(), want, "bytes: id = byte");
+    assert!(j["eos"].is_null() && j["config_eos"].is_null(), "{j}");
+    let g = dir.join("gpt2-tok");
+    run(&["data", "tokenizer", "gpt2", "--out", g.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_str(&transformers(&["tokenize", g.to_str().unwrap(), text]).unwrap()).unwrap();
+    let ours = taproot::data::Tokenizer::from_name("gpt2").unwrap().encode(text);
+    let theirs: Vec<u32> = j["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(theirs, ours, "AutoTokenizer on the exported GPT-2 tokenizer encodes as taproot's gpt2");
+    assert_eq!(j["eos"].as_u64(), Some(50256));
+    let m = dir.join("hf-tok");
+    common::hf_tokenizer(&m);
+    let hf = taproot::data::Tokenizer::from_name(&format!("hf:{}", m.display())).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&transformers(&["tokenize", m.to_str().unwrap(), "the cat sat"]).unwrap()).unwrap();
+    let theirs: Vec<u32> = j["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(theirs, hf.encode("the cat sat"));
+    assert_eq!(j["eos"].as_u64(), hf.eot().map(u64::from));
+}
+
+/// Configs as transformers' own configuration classes write them today: a Qwen3 folder imports,
+/// and LLaMA and Qwen3-MoE configs read as the run they describe.
+#[test]
+fn configs_written_by_transformers_are_read() {
+    let dir = tmp("autoconfig");
+    let model = dir.join("qwen3");
+    common::hf_tokenizer(&model);
+    let vocab = taproot::data::Tokenizer::from_name(&format!("hf:{}", model.display())).unwrap().vocab_size();
+    qwen3_folder(&model, vocab);
+    let sizes = |extra: &[String]| -> Vec<String> {
+        let mut v = vec![
+            format!("vocab_size={vocab}"),
+            format!("hidden_size={C}"),
+            format!("intermediate_size={F}"),
+            format!("num_hidden_layers={LAYERS}"),
+            format!("num_attention_heads={HEADS}"),
+            format!("num_key_value_heads={KV}"),
+            format!("head_dim={HD}"),
+            format!("max_position_embeddings={POSITIONS}"),
+            "rms_norm_eps=1e-6".into(),
+            "tie_word_embeddings=false".into(),
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    let call = |kind: &str, out: &Path, extra: &[String]| {
+        let mut a = vec!["config".to_string(), kind.to_string(), out.display().to_string()];
+        a.extend(sizes(extra));
+        transformers(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let Some(version) = call("qwen3", &model, &[]) else { return };
+    let written = std::fs::read_to_string(model.join("config.json")).unwrap();
+    println!("transformers {version} wrote: {written}");
+    let shards = taproot::data::synthetic::word_corpus(&dir.join("d")).map(|_| dir.join("d")).unwrap();
+    let cfg = run_config(&dir, &model, &shards, vocab).build();
+    taproot::export::import(&model, &cfg, Default::default()).expect("the config transformers wrote imports");
+    let llama = dir.join("llama");
+    common::hf_tokenizer(&llama);
+    call("llama", &llama, &[]).unwrap();
+    let c = taproot::export::config_of_folder(&llama).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!((c.model.arch, c.model.depth, c.model.kv_heads), (taproot::model::Arch::Llama, LAYERS, Some(KV)));
+    let moe = dir.join("moe");
+    common::hf_tokenizer(&moe);
+    call(
+        "qwen3_moe",
+        &moe,
+        &["num_experts=4".into(), "num_experts_per_tok=2".into(), "moe_intermediate_size=16".into(), "norm_topk_prob=true".into()],
+    )
+    .unwrap();
+    let c = taproot::export::config_of_folder(&moe).unwrap_or_else(|e| panic!("{e:#}"));
+    let m = c.model.moe.as_ref().expect("experts");
+    assert_eq!((m.experts, m.top_k), (4, 2));
 }

@@ -52,7 +52,7 @@ impl Config {
             bail!("`run.steps` must be at least 1");
         }
         match (self.data.dir.as_os_str().is_empty(), self.data.sources.is_empty()) {
-            (true, true) => bail!("`[data]` needs `dir` (a folder of shards) or `[[data.sources]]` (a mixture)"),
+            (true, true) => bail!("`data.dir` is missing: `[data]` needs `dir` (a folder of shards) or `[[data.sources]]` (a mixture)"),
             (false, false) => bail!("`[data]` has both `dir` and `[[data.sources]]`: give one (a mixture lists every folder)"),
             _ => {}
         }

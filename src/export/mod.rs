@@ -71,6 +71,21 @@ pub fn import(folder: &Path, cfg: &crate::config::Config, loader: crate::data::L
             bail!("{}: `model_type` = {got:?}, but the config's `model.arch` is {want:?}", hf.path.display());
         }
     }
+    // The folder's own tokenizer, where it has one and the run names an `hf:` tokenizer: the same
+    // file, or the ids would mean other text.
+    let own = folder.join(crate::data::hf_tokenizer::FILE);
+    if own.is_file() && cfg.data.tokenizer.starts_with("hf:") {
+        let theirs = crate::data::hf_tokenizer::HfTokenizer::load(folder)?;
+        let ours = crate::data::Tokenizer::from_name(&cfg.data.tokenizer)?;
+        if ours.digest() != Some(theirs.digest.as_str()) {
+            bail!(
+                "{} is not the tokenizer the run names (`data.tokenizer` = {:?}): set `data.tokenizer = \"hf:{}\"` to train the model with its own",
+                own.display(),
+                cfg.data.tokenizer,
+                folder.display()
+            );
+        }
+    }
     kinds::import(folder, cfg, loader, &hf)
 }
 

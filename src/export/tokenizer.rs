@@ -126,7 +126,12 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 /// not where the run's shards were is not written (the note says so) rather than failing the
 /// export of the weights.
 pub fn write(cfg: &Config, out: &Path, max_seq: usize) -> Result<Specials> {
-    let name = cfg.data.tokenizer.as_str();
+    write_named(&cfg.data.tokenizer, cfg.data.home(), out, max_seq)
+}
+
+/// [`write`] for the tokenizer called `name`, a `bpe:N`'s merges being in `home`
+/// (`taproot data tokenizer NAME --out DIR`).
+pub fn write_named(name: &str, home: &Path, out: &Path, max_seq: usize) -> Result<Specials> {
     let file = out.join("tokenizer.json");
     let save = |t: &Bbpe| t.save(&file, true).map_err(|e| anyhow!("writing {}: {e}", file.display()));
     let (specials, copied_config) = match name {
@@ -140,10 +145,10 @@ pub fn write(cfg: &Config, out: &Path, max_seq: usize) -> Result<Specials> {
             let text = Some("<|endoftext|>".to_string());
             (Specials { bos: eot, eos: eot, bos_text: text.clone(), eos_text: text, note: "GPT-2's".into() }, false)
         }
-        n if n.starts_with("bpe:") => match crate::data::bpe::load(cfg.data.home()) {
+        n if n.starts_with("bpe:") => match crate::data::bpe::load(home) {
             Ok(t) => {
                 t.save(&file, true).map_err(|e| anyhow!("writing {}: {e}", file.display()))?;
-                (Specials { note: format!("{n}, from {}", cfg.data.home().display()), ..Default::default() }, false)
+                (Specials { note: format!("{n}, from {}", home.display()), ..Default::default() }, false)
             }
             Err(e) => return Ok(Specials { note: format!("none written: {e:#}"), ..Default::default() }),
         },

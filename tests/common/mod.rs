@@ -336,6 +336,10 @@ pub fn hf_tokenizer(dir: &Path) -> PathBuf {
         "special_tokens": {"<s>": {"id": "<s>", "ids": [n], "tokens": ["<s>"]}},
     });
     std::fs::write(&path, serde_json::to_string_pretty(&j).unwrap()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
     path
 }
