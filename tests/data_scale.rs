@@ -330,3 +330,57 @@ fn data_sources_are_configured_and_checked() {
     let e = err(base.build_result());
     assert!(e.contains("`data.dir` is missing"), "{e}");
 }
+
+/// A run over a mixture reports, at every step, the tokens drawn from each source by name; the
+/// actor pipeline and the sequential trainer draw the same windows, and the counts add up to
+/// every window of every step.
+#[test]
+fn a_run_over_a_mixture_reports_tokens_per_source() {
+    use std::sync::{Arc, Mutex};
+    use taproot::runtime::events::Event;
+    let d = tmp("mixrun");
+    let (x, y) = (d.join("x"), d.join("y"));
+    taproot::data::synthetic::word_corpus(&x).unwrap();
+    taproot::data::synthetic::word_corpus(&y).unwrap();
+    let cfg = common::TestConfig::new(&x)
+        .name("mix")
+        .steps(12)
+        .unset("data.dir")
+        .extra(&format!(
+            "[[data.sources]]\ndir = \"{}\"\nweight = 3.0\nname = \"prose\"\n[[data.sources]]\ndir = \"{}\"\nweight = 1.0\nname = \"more\"\n",
+            x.display(),
+            y.display()
+        ))
+        .build();
+    let tok = taproot::data::Tokenizer::from_name("bytes").unwrap();
+    let data = Dataset::open_config(&cfg.data, &tok).unwrap();
+    let seen: Arc<Mutex<Vec<Vec<(String, u64)>>>> = Arc::default();
+    let s = seen.clone();
+    let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| {
+        if let Event::Step { sources, .. } = e {
+            s.lock().unwrap().push(sources.clone());
+        }
+    });
+    let opts = taproot::train::RunOptions { quiet: true, ..Default::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let report = rt.block_on(async {
+        taproot::runtime::start::<taproot::backend::cpu::CpuBackend>(&cfg, data.clone(), opts.clone(), observer)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap()
+    });
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 12);
+    let last = seen.last().unwrap();
+    let names: Vec<&str> = last.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["prose", "more"]);
+    let (b, t) = (cfg.data.batch_size as u64, cfg.data.seq_len as u64);
+    assert_eq!(last.iter().map(|(_, k)| k).sum::<u64>(), 12 * b * t * cfg.data.micro_batches as u64);
+    assert!(last[0].1 > last[1].1 && last[1].1 > 0, "{last:?}");
+    // The sequential trainer draws the same windows: the same losses.
+    let mut seq = taproot::train::sequential::Sequential::new(taproot::backend::cpu::CpuBackend::default(), &cfg, &data).unwrap();
+    let oracle = seq.run(&opts).unwrap();
+    common::assert_same_run(&oracle, &report);
+}
