@@ -354,7 +354,8 @@ fn a_run_over_a_mixture_reports_tokens_per_source() {
         .build();
     let tok = taproot::data::Tokenizer::from_name("bytes").unwrap();
     let data = Dataset::open_config(&cfg.data, &tok).unwrap();
-    let seen: Arc<Mutex<Vec<Vec<(String, u64)>>>> = Arc::default();
+    type PerStep = Vec<Vec<(String, u64)>>;
+    let seen: Arc<Mutex<PerStep>> = Arc::default();
     let s = seen.clone();
     let observer: taproot::runtime::events::Observer = Arc::new(move |e: &Event| {
         if let Event::Step { sources, .. } = e {
