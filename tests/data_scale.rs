@@ -1,4 +1,4 @@
-//! Data at scale: u32 shards, mapped loading across shard boundaries, streamed JSONL and Parquet
+//! Data at scale: u32 shards, windows across shard boundaries, streamed JSONL and Parquet
 //! preparation (bad input named by file and line, `--skip-bad`), thread-count independence,
 //! Hugging Face tokenizers recorded by digest, and `[[data.sources]]` mixtures.
 
@@ -56,7 +56,7 @@ fn u32_shards_round_trip_and_u16_shards_refuse_wide_tokens() {
 }
 
 #[test]
-fn windows_across_mapped_shards_equal_those_of_the_concatenation() {
+fn windows_across_shards_equal_those_of_the_concatenation() {
     let d = tmp("shards");
     let text: String = (0..3000).map(|i| format!("line {i} of a text that goes on. ")).collect();
     std::fs::write(d.join("a.txt"), &text).unwrap();
