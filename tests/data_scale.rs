@@ -51,6 +51,15 @@ fn u32_shards_round_trip_and_u16_shards_refuse_wide_tokens() {
     let e = err(write_shard(&d.join("x_val_000000.bin"), &[1, 70_000]));
     assert!(e.contains("70000") && e.contains("index 1") && e.contains("version-2"), "{e}");
     assert!(!d.join("x_val_000000.bin").exists() && !d.join("x_val_000000.bin.tmp").exists(), "nothing left behind");
+    // Windows longer than one read's buffer (16 KB) come back whole, in both widths.
+    let long: Vec<u32> = (0..30_000u32).map(|i| i.wrapping_mul(2_654_435_761) % 151_936).collect();
+    write_shard_as(&d.join("big_train_000001.bin"), &long, Width::U32).unwrap();
+    let ds = Dataset::open(&d, 151_936).unwrap();
+    assert_eq!(ds.train().window(3, 29_000).unwrap(), long[3..29_003]);
+    let short: Vec<u32> = long.iter().map(|t| t % 65_536).collect();
+    write_shard(&d.join("big_train_000001.bin"), &short).unwrap();
+    write_shard(&d.join("big_val_000000.bin"), &short[..10]).unwrap();
+    assert_eq!(Dataset::open(&d, 65_536).unwrap().train().to_vec().unwrap(), short);
     assert_eq!(Width::for_vocab(65_536), Width::U16);
     assert_eq!(Width::for_vocab(65_537), Width::U32);
 }

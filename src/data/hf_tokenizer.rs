@@ -24,6 +24,7 @@ pub const FILE: &str = "tokenizer.json";
 const EOS_SPELLINGS: &[&str] = &["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>"];
 
 /// A loaded Hugging Face tokenizer.
+#[derive(Clone)]
 pub struct HfTokenizer {
     pub inner: tokenizers::Tokenizer,
     /// The `tokenizer.json` it was read from.
@@ -34,19 +35,6 @@ pub struct HfTokenizer {
     pub vocab: usize,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
-}
-
-impl Clone for HfTokenizer {
-    fn clone(&self) -> Self {
-        HfTokenizer {
-            inner: self.inner.clone(),
-            file: self.file.clone(),
-            digest: self.digest.clone(),
-            vocab: self.vocab,
-            bos: self.bos,
-            eos: self.eos,
-        }
-    }
 }
 
 /// The `tokenizer.json` that `path` names: the file itself, or the one inside a folder.

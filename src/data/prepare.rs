@@ -310,10 +310,10 @@ impl Bad {
 
 /// The text a `bpe:N` tokenizer is learnt from: training documents only (by the split rule),
 /// at most `SAMPLE` bytes of them; a corpus of one document gives its leading `1 − f`.
-fn bpe_sample(files: &[PathBuf], args: &SplitRuleArgs<'_>) -> Result<Vec<String>> {
+fn bpe_sample(files: &[PathBuf], rule: SplitRule, spec: &InputSpec, skip_bad: bool) -> Result<Vec<String>> {
     const SAMPLE: usize = 256 << 20;
-    let mut docs = Documents::new(files.to_vec(), args.spec.clone());
-    let mut bad = Bad { skip: args.skip_bad, count: 0, examples: Vec::new() };
+    let mut docs = Documents::new(files.to_vec(), spec.clone());
+    let mut bad = Bad { skip: skip_bad, count: 0, examples: Vec::new() };
     let (mut texts, mut bytes, mut i, mut any_val) = (Vec::<String>::new(), 0usize, 0u64, false);
     for item in docs.by_ref() {
         match item? {
@@ -330,13 +330,13 @@ fn bpe_sample(files: &[PathBuf], args: &SplitRuleArgs<'_>) -> Result<Vec<String>
                 });
                 let text = match text {
                     Ok(t) => t,
-                    Err(e) if args.skip_bad => {
+                    Err(e) if skip_bad => {
                         bad.note(&at, &format!("{e:#}"))?;
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
-                let val = args.rule.is_val(i);
+                let val = rule.is_val(i);
                 i += 1;
                 any_val |= val;
                 if !val {
@@ -351,7 +351,7 @@ fn bpe_sample(files: &[PathBuf], args: &SplitRuleArgs<'_>) -> Result<Vec<String>
     }
     if i == 1 && texts.len() == 1 {
         let t = &texts[0];
-        let mut end = ((1.0 - args.rule.fraction) * t.len() as f64) as usize;
+        let mut end = ((1.0 - rule.fraction) * t.len() as f64) as usize;
         while !t.is_char_boundary(end) {
             end -= 1;
         }
@@ -361,12 +361,6 @@ fn bpe_sample(files: &[PathBuf], args: &SplitRuleArgs<'_>) -> Result<Vec<String>
         texts.pop(); // the last document will be the validation set
     }
     Ok(texts)
-}
-
-struct SplitRuleArgs<'a> {
-    rule: SplitRule,
-    spec: &'a InputSpec,
-    skip_bad: bool,
 }
 
 /// Reads, tokenizes and splits the inputs into shards in `out_dir`; see the module docs.
@@ -394,7 +388,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     }
     let rule = SplitRule { fraction: args.val_fraction, val_docs: args.val_docs };
     if let Tokenizer::Bpe { vocab, model } = &mut tok {
-        let texts = bpe_sample(&files, &SplitRuleArgs { rule, spec: &args.spec, skip_bad: args.skip_bad })?;
+        let texts = bpe_sample(&files, rule, &args.spec, args.skip_bad)?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         *model = Some(Box::new(super::bpe::train(&refs, *vocab)?));
     }

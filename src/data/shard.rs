@@ -280,9 +280,16 @@ pub fn read_shard(path: &Path) -> Result<Vec<u32>> {
 
 /// Tokens of a shard's data bytes.
 pub fn decode(data: &[u8], width: Width) -> Vec<u32> {
+    let mut out = Vec::with_capacity(data.len() / width.bytes());
+    extend_decoded(data, width, &mut out);
+    out
+}
+
+/// Appends the tokens of a shard's data bytes to `out`.
+fn extend_decoded(data: &[u8], width: Width, out: &mut Vec<u32>) {
     match width {
-        Width::U16 => data.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))).collect(),
-        Width::U32 => data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Width::U16 => out.extend(data.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))),
+        Width::U32 => out.extend(data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
     }
 }
 
@@ -307,15 +314,24 @@ impl ShardFile {
     /// Appends tokens `start .. start + n` (in range) to `out`.
     pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<u32>) -> Result<()> {
         use std::os::unix::fs::FileExt;
+        // Through a buffer on the stack: a window is read at every row of every batch, and a
+        // heap buffer per read would be an allocation per row.
         let w = self.header.width.bytes();
-        let mut bytes = vec![0u8; n * w];
-        let at = (HEADER_BYTES + start * w) as u64;
-        self.file.read_exact_at(&mut bytes, at).with_context(|| {
-            format!("reading tokens {start}..{} of shard {} (was it changed or truncated under the run?)", start + n, self.path.display())
-        })?;
-        match self.header.width {
-            Width::U16 => out.extend(bytes.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))),
-            Width::U32 => out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        let mut buf = [0u8; 16 << 10];
+        let per_read = buf.len() / w;
+        let mut done = 0;
+        while done < n {
+            let k = per_read.min(n - done);
+            let at = (HEADER_BYTES + (start + done) * w) as u64;
+            self.file.read_exact_at(&mut buf[..k * w], at).with_context(|| {
+                format!(
+                    "reading tokens {start}..{} of shard {} (was it changed or truncated under the run?)",
+                    start + n,
+                    self.path.display()
+                )
+            })?;
+            extend_decoded(&buf[..k * w], self.header.width, out);
+            done += k;
         }
         Ok(())
     }
