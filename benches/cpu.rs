@@ -1,11 +1,13 @@
 //! CPU training-step benchmark: tokens/s and achieved GFLOP/s beside the measured f32 GEMM peak of
-//! this machine and beside the baseline figures recorded for this machine kind (PyTorch 2.15 CPU
-//! eager and llm.c, 2 threads, fp32, one step = forward + backward + AdamW).
+//! this machine, every block kind at the demo size, and an op profile of a step. One step =
+//! forward + backward + AdamW, fp32, on the shared rayon pool.
 //!
-//! Run: `scripts/bench-cpu.sh` (or `cargo bench --bench cpu -- [--quick]`).
-//! Protocol (same as the baselines): random tokens drawn fresh before each step, outside the timed
+//! Run: `scripts/bench-cpu.sh` (or `cargo bench --bench cpu -- [--quick] [--case ID] [--profile]`).
+//! Other systems are never quoted from recorded figures: `scripts/bench-torch.sh` runs the PyTorch
+//! reference of each case beside this binary's `--emit ID` mode in one invocation, alternating.
+//! Protocol (the reference's too): random tokens drawn fresh before each step, outside the timed
 //! region; warmup steps discarded; median of the timed steps; AdamW (lr 1e-4, β=(0.9, 0.999),
-//! wd 0, as the PyTorch baseline passes). FLOPs per token: llm.c's 6·N + 6·L·T·C.
+//! wd 0). FLOPs per token: llm.c's 6·N + 6·L·T·C.
 
 use std::time::Instant;
 use taproot::backend::cpu::CpuBackend;
@@ -16,20 +18,52 @@ use taproot::model::{Batch, Dims, Model};
 use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
 use taproot::rng::Rng;
 
+/// A benchmark case: a model of `dims` with `depth` blocks trained on (b, t) batches. `id` names
+/// it on the command line (`--case`, `--emit`) and to the PyTorch reference script.
 struct Case {
+    id: &'static str,
     name: &'static str,
-    vocab: usize,
-    max_seq: usize,
-    channels: usize,
-    heads: usize,
+    dims: Dims,
     depth: usize,
     b: usize,
     t: usize,
     warmup: usize,
     steps: usize,
-    /// Baseline ms/step: (PyTorch CPU eager, llm.c), where recorded.
-    torch_ms: Option<f64>,
-    llmc_ms: Option<f64>,
+}
+
+/// Every case: GPT-2 at 124M and at the demo size with 6, 1 and 0 blocks, then each other block
+/// kind at the demo size (for `--emit` and `--profile`; the plain run times the kinds together in
+/// [`kind_cases`]).
+fn cases(quick: bool, long: bool) -> Vec<Case> {
+    use taproot::model::Arch;
+    let steps = if quick {
+        5
+    } else if long {
+        400
+    } else {
+        15
+    };
+    let demo = Dims::new(256, 128, 128, 4);
+    let gqa = Dims::llama(256, 128, 128, 4, 2, Dims::default_ffn_hidden(128));
+    let case = |id, name, dims: &Dims, depth| Case { id, name, dims: dims.clone(), depth, b: 16, t: 128, warmup: 3, steps };
+    vec![
+        Case {
+            id: "gpt2-124m",
+            name: "(a) GPT-2 124M shape",
+            dims: Dims::new(50257, 1024, 768, 12),
+            depth: 12,
+            b: 4,
+            t: 64,
+            warmup: 1,
+            steps: if quick { 2 } else { 5 },
+        },
+        case("demo-6", "(b) demo config, 6 blocks", &demo, 6),
+        case("demo-0", "(b') demo config, 0 blocks (the first 80% of a progressive run)", &demo, 0),
+        case("demo-1", "(b'') demo config, 1 block", &demo, 1),
+        case("llama", "llama GQA at the demo size (kv 2, untied; the llama demo)", &gqa, 6),
+        case("qwen3", "qwen3 GQA at the demo size (kv 2, untied, QK-norm)", &gqa.clone().with_arch(Arch::Qwen3), 6),
+        case("moe", "llama MoE 8x172 top 2 at the demo size (the moe demo)", &gqa.clone().with_moe(moe_demo()), 6),
+    ]
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -99,16 +133,19 @@ impl Trainer {
         self.batch.load(be, &self.windows, &mut self.ids.0, &mut self.ids.1);
         let dscale = 1.0 / (self.batch.b * self.batch.t) as f32;
         let (m, opt, sc) = (&mut self.model, &self.opt, &mut self.scratch);
-        let t0 = Instant::now();
-        m.forward_backward(be, &self.batch, dscale);
-        m.finish_grads(be);
-        opt.step(be, &mut m.embed.w, sc, 1e-4);
-        for blk in m.blocks.iter_mut() {
-            opt.step(be, &mut blk.w, sc, 1e-4);
-        }
-        opt.step(be, &mut m.head.w, sc, 1e-4);
-        m.zero_grad(be);
-        be.synchronize();
+        let (batch, t0) = (&self.batch, Instant::now());
+        // As the trainers run a step: on the backend's compute pool (`Backend::within`).
+        be.within(|| {
+            m.forward_backward(be, batch, dscale);
+            m.finish_grads(be);
+            opt.step(be, &mut m.embed.w, sc, 1e-4);
+            for blk in m.blocks.iter_mut() {
+                opt.step(be, &mut blk.w, sc, 1e-4);
+            }
+            opt.step(be, &mut m.head.w, sc, 1e-4);
+            m.zero_grad(be);
+            be.synchronize();
+        });
         t0.elapsed().as_secs_f64()
     }
 }
@@ -172,92 +209,104 @@ fn moe_demo() -> taproot::model::moe::Moe {
 }
 
 fn run_case(be: &CpuBackend, c: &Case, peak: f64) {
-    let dims = Dims::new(c.vocab, c.max_seq, c.channels, c.heads);
-    let mut times = time_steps(be, &dims, c.depth, c.b, c.t, c.warmup, c.steps);
+    let dims = &c.dims;
+    let mut times = time_steps(be, dims, c.depth, c.b, c.t, c.warmup, c.steps);
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min) * 1e3;
     let max = times.iter().cloned().fold(0.0, f64::max) * 1e3;
     let ms = median(&mut times) * 1e3;
     let tokens = (c.b * c.t) as f64;
     let tok_s = tokens / (ms / 1e3);
-    let gflops = flops::flops_per_token_llmc(&dims, c.depth, c.t) * tokens / (ms / 1e3) / 1e9;
+    let gflops = flops::flops_per_token_llmc(dims, c.depth, c.t) * tokens / (ms / 1e3) / 1e9;
     println!(
         "\n{} (V={}, C={}, NH={}, L={}, B={}, T={}; {} params)",
         c.name,
-        c.vocab,
-        c.channels,
-        c.heads,
+        dims.vocab,
+        dims.channels,
+        dims.heads,
         c.depth,
         c.b,
         c.t,
-        flops::total_params(&dims, c.depth)
+        flops::total_params(dims, c.depth)
     );
     println!("  taproot    {ms:9.1} ms/step (min {min:.1}, max {max:.1})  {tok_s:9.0} tok/s  {gflops:6.1} GFLOP/s  = {:4.1}% of measured GEMM peak", 100.0 * gflops / peak);
-    if let Some(t) = c.torch_ms {
-        println!(
-            "  PyTorch    {t:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x PyTorch",
-            tokens / (t / 1e3),
-            t / ms
-        );
+}
+
+/// The op profile of case `c`: every backend op's share of a step, summed over the timed steps,
+/// beside the measured step time (their difference is the model's host-side work between ops).
+fn profile_case(be: &CpuBackend, c: &Case) {
+    use taproot::backend::cpu::profile;
+    let mut tr = Trainer::new(be, &c.dims, c.depth, c.b, c.t);
+    for _ in 0..c.warmup {
+        tr.step(be);
     }
-    if let Some(l) = c.llmc_ms {
-        println!(
-            "  llm.c      {l:9.1} ms/step (recorded baseline)          {:9.0} tok/s            taproot speed = {:.2}x llm.c",
-            tokens / (l / 1e3),
-            l / ms
-        );
+    profile::start();
+    let total: f64 = (0..c.steps).map(|_| tr.step(be)).sum();
+    let rows = profile::stop();
+    let n = c.steps as f64;
+    let step_ms = total / n * 1e3;
+    let ops_ms: f64 = rows.iter().map(|r| r.secs).sum::<f64>() / n * 1e3;
+    println!("\nop profile: {} (mean of {} steps: {step_ms:.2} ms/step)", c.name, c.steps);
+    println!("  {:<44} {:>8} {:>10} {:>7}", "op", "calls", "ms/step", "share");
+    for r in &rows {
+        let ms = r.secs / n * 1e3;
+        println!("  {:<44} {:>8} {:>10.3} {:>6.1}%", r.op, r.calls / c.steps as u64, ms, 100.0 * ms / step_ms);
     }
+    println!("  {:<44} {:>8} {:>10.3} {:>6.1}%", "sum of the ops", "", ops_ms, 100.0 * ops_ms / step_ms);
+    println!(
+        "  {:<44} {:>8} {:>10.3} {:>6.1}%",
+        "outside the ops (host-side model code)",
+        "",
+        step_ms - ops_ms,
+        100.0 * (step_ms - ops_ms) / step_ms
+    );
+}
+
+/// `--emit ID`: one line of JSON with the milliseconds of each timed step of case ID, for
+/// `scripts/bench_torch.py`, which runs the PyTorch reference beside it.
+fn emit_case(be: &CpuBackend, c: &Case, warmup: usize, steps: usize) {
+    let times = time_steps(be, &c.dims, c.depth, c.b, c.t, warmup, steps);
+    let ms: Vec<String> = times.iter().map(|t| format!("{:.4}", t * 1e3)).collect();
+    println!("{{\"case\": \"{}\", \"threads\": {}, \"ms\": [{}]}}", c.id, rayon::current_num_threads(), ms.join(", "));
+}
+
+fn arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let all = cases(quick, std::env::args().any(|a| a == "--long"));
     let be = CpuBackend::default();
+    let find = |id: &str| {
+        all.iter().find(|c| c.id == id).unwrap_or_else(|| {
+            let ids: Vec<&str> = all.iter().map(|c| c.id).collect();
+            eprintln!("no case {id:?}; the cases are {}, and kinds", ids.join(", "));
+            std::process::exit(2)
+        })
+    };
+    if let Some(id) = arg("--emit") {
+        let num = |name: &str, default: usize| arg(name).map_or(default, |v| v.parse().expect("a whole number of steps"));
+        let c = find(&id);
+        emit_case(&be, c, num("--warmup", c.warmup), num("--steps", c.steps));
+        return;
+    }
+    // `--case ID` runs one case (`--case kinds`: the block kinds together).
+    let only = arg("--case");
+    if std::env::args().any(|a| a == "--profile") {
+        let ids = ["gpt2-124m", "demo-6", "demo-1", "demo-0"];
+        for id in only.as_deref().map_or(ids.to_vec(), |o| vec![o]) {
+            profile_case(&be, find(id));
+        }
+        return;
+    }
     println!("taproot CPU benchmark: {} rayon threads", rayon::current_num_threads());
     let peak = gemm_peak(&be);
     println!("measured f32 GEMM peak (768x768 @ 768x3072, best of 12): {peak:.1} GFLOP/s");
-    let demo = |name, depth, torch_ms| Case {
-        name,
-        vocab: 256,
-        max_seq: 128,
-        channels: 128,
-        heads: 4,
-        depth,
-        b: 16,
-        t: 128,
-        warmup: 3,
-        steps: if quick {
-            5
-        } else if std::env::args().any(|a| a == "--long") {
-            400
-        } else {
-            15
-        },
-        torch_ms,
-        llmc_ms: None,
-    };
-    let cases = [
-        Case {
-            name: "(a) GPT-2 124M shape",
-            vocab: 50257,
-            max_seq: 1024,
-            channels: 768,
-            heads: 12,
-            depth: 12,
-            b: 4,
-            t: 64,
-            warmup: 1,
-            steps: if quick { 2 } else { 5 },
-            torch_ms: Some(1863.0),
-            llmc_ms: Some(5459.0),
-        },
-        demo("(b) demo config, 6 blocks", 6, Some(173.8)),
-        demo("(b') demo config, 0 blocks (the first 80% of a progressive run)", 0, Some(4.7)),
-        demo("(b'') demo config, 1 block", 1, Some(39.1)),
-    ];
-    // `--case NAME-PREFIX` runs only the matching cases (e.g. `--case "(b')"` for profiling;
-    // `--case kinds` the block kinds alone).
-    let only: Option<String> = std::env::args().skip_while(|a| a != "--case").nth(1);
-    for c in cases.iter().filter(|c| only.as_ref().is_none_or(|o| c.name.starts_with(o.as_str()))) {
-        run_case(&be, c, peak);
+    if only.as_deref() != Some("kinds") {
+        let ids = ["gpt2-124m", "demo-6", "demo-0", "demo-1"];
+        for id in only.as_deref().map_or(ids.to_vec(), |o| vec![o]) {
+            run_case(&be, find(id), peak);
+        }
     }
     if only.is_none() {
         attention_cases(quick);

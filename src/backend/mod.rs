@@ -189,6 +189,13 @@ pub trait Backend: Send + Sized + 'static {
     fn wait(&self, event: &Self::Event);
     /// Block the host until the stream's work is done.
     fn synchronize(&self);
+    /// Run `f`, a unit's run of ops, where this backend issues them most cheaply. The CPU backend
+    /// runs it on a thread of its compute pool, so that each op's parallel loop forks there
+    /// instead of being handed into the pool (and waking it) from outside, one op at a time.
+    /// A GPU backend runs `f` in place: its ops only enqueue work.
+    fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
 
     /// A whole buffer as a view.
     fn whole(buf: &Self::Buf) -> View<'_, Self::Buf> {

@@ -41,6 +41,11 @@ impl Optimizer {
     /// are (the caller zeroes them for the next accumulation).
     pub fn step<B: Backend>(&self, be: &B, set: &mut ParamSet<B>, scratch: &mut Scratch<B>, lr: f32) {
         let wd_all = self.cfg.weight_decay();
+        // AdamW is elementwise, so a run of neighbouring AdamW tensors with the same decay and
+        // step count, laid out back to back in parameters and state, is updated by one call (one
+        // pass, not one small launch per bias and gain). `run` is (first offset, state offset,
+        // length, decay, step) of the run being gathered.
+        let mut run: Option<(usize, usize, usize, f32, u64)> = None;
         for (i, spec) in set.layout.specs.iter().enumerate() {
             let wd = if spec.is_matrix() { wd_all } else { 0.0 };
             let (off, n) = (spec.offset, spec.numel());
@@ -58,13 +63,45 @@ impl Optimizer {
                     if set.state.v.is_none() {
                         set.state.v = Some(be.alloc(set.state.len()));
                     }
-                    let v = View::new(set.state.v.as_ref().expect("allocated above"), so, n);
-                    let lr = if self.cfg.kind == OptimizerKind::MuonAdamw { lr * self.cfg.adam_lr_scale } else { lr };
-                    let c = &self.cfg;
-                    be.adamw_update(p, g, m, v, lr, c.beta1, c.beta2, c.eps, wd, set.state.steps[i]);
+                    let step = set.state.steps[i];
+                    run = match run {
+                        Some((o0, s0, len, w, t)) if o0 + len == off && s0 + len == so && w == wd && t == step => {
+                            Some((o0, s0, len + n, w, t))
+                        }
+                        other => {
+                            if let Some(r) = other {
+                                self.adamw_run(
+                                    be,
+                                    [&set.params, &set.grads, &set.state.m, set.state.v.as_ref().expect("allocated above")],
+                                    r,
+                                    lr,
+                                );
+                            }
+                            Some((off, so, n, wd, step))
+                        }
+                    };
                 }
             }
         }
+        if let Some(r) = run {
+            self.adamw_run(be, [&set.params, &set.grads, &set.state.m, set.state.v.as_ref().expect("allocated above")], r, lr);
+        }
+    }
+
+    /// AdamW over `len` elements of [params, grads, m, v] from parameter offset `off` and state
+    /// offset `so`.
+    fn adamw_run<B: Backend>(
+        &self,
+        be: &B,
+        [params, grads, m, v]: [&B::Buf; 4],
+        (off, so, len, wd, step): (usize, usize, usize, f32, u64),
+        lr: f32,
+    ) {
+        let (p, g) = (View::new(params, off, len), View::new(grads, off, len));
+        let (m, v) = (View::new(m, so, len), View::new(v, so, len));
+        let lr = if self.cfg.kind == OptimizerKind::MuonAdamw { lr * self.cfg.adam_lr_scale } else { lr };
+        let c = &self.cfg;
+        be.adamw_update(p, g, m, v, lr, c.beta1, c.beta2, c.eps, wd, step);
     }
 }
 

@@ -16,10 +16,10 @@
 //! It knows the scheduler only as a `DerivedActorRef<MicroDone>`, and the layers only as
 //! [`Peer`]s.
 
-use super::compute;
 use super::error::RunError;
 use super::events::Observer;
 use super::handoff::{hand, Activation, Handoff, MicroDone, Peer};
+use super::{compute, compute_on};
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::model::init::InitConfig;
@@ -153,7 +153,7 @@ impl<B: Backend> EmbedHeadState<B> {
     fn start(&mut self, me: &ActorRef<EmbedHeadMsg<B>>, mb: u64, windows: &[u32], kind: Kind) -> Result<(), RunError> {
         let (b, t) = (self.b, self.t);
         let eval = matches!(kind, Kind::Eval);
-        let x = compute(|| {
+        let x = compute_on(&self.be, || {
             let mut batch = self.spare.pop().unwrap_or_else(|| Batch::from_windows(&self.be, windows, b, t));
             batch.load(&self.be, windows, &mut self.tmp.0, &mut self.tmp.1);
             let x = self.embed.forward(&self.be, &batch.inputs, b, t);
@@ -176,7 +176,7 @@ impl<B: Backend> EmbedHeadState<B> {
         let f = self.live.get_mut(&mb).ok_or_else(|| RunError::Protocol(format!("head: unknown micro-batch {mb}")))?;
         match &mut f.kind {
             Kind::Eval => {
-                let loss = compute(|| {
+                let loss = compute_on(&self.be, || {
                     let x = x.receive(&self.be, &self.pool);
                     let (x, loss) = self.head.loss_only(&self.be, x, &f.batch.targets, &self.embed.w, b, t);
                     self.embed.recycle(&self.be, x);
@@ -188,7 +188,7 @@ impl<B: Backend> EmbedHeadState<B> {
             }
             Kind::Train { dscale, loss } => {
                 let dscale = *dscale;
-                let dx = compute(|| {
+                let dx = compute_on(&self.be, || {
                     let x = x.receive(&self.be, &self.pool);
                     let (dx, l) = self.head.forward_backward(&self.be, mb, x, &f.batch.targets, &self.embed.w, dscale, b, t);
                     *loss = l;
@@ -208,7 +208,7 @@ impl<B: Backend> EmbedHeadState<B> {
     fn embed_backward(&mut self, mb: u64, grad: Activation<B>) -> Result<(), RunError> {
         let (b, t) = (self.b, self.t);
         let f = self.live.remove(&mb).ok_or_else(|| RunError::Protocol(format!("embedding: unknown micro-batch {mb}")))?;
-        compute(|| {
+        compute_on(&self.be, || {
             let dx = grad.receive(&self.be, &self.pool);
             self.embed.backward(&self.be, dx, &f.batch.inputs, b, t);
             // The step's last backward: every layer has started its reduction; start the

@@ -11,10 +11,10 @@
 //! `Step`, `GetState` / `SetState`, `Link`, `ResetOptState`, `InFlight`. Stopping is ractor's
 //! `stop`.
 
-use super::compute;
 use super::error::RunError;
 use super::events::{Event, Observer};
 use super::handoff::{hand, Activation, Handoff, Peer};
+use super::{compute, compute_on};
 use crate::backend::pool::ActPool;
 use crate::backend::Backend;
 use crate::model::growth::{make_block, GrowInit, OptStatePolicy, Plan};
@@ -126,7 +126,7 @@ impl<B: Backend> LayerState<B> {
     /// y = block(x), handed up.
     fn forward(&mut self, mb: u64, x: Activation<B>, eval: bool) -> Result<(), RunError> {
         let t0 = std::time::Instant::now();
-        let y = compute(|| {
+        let y = compute_on(&self.be, || {
             let (b, t) = (x.b, x.t);
             let x = x.receive(&self.be, &self.pool);
             let y = self.block.forward(&self.be, mb, x, b, t);
@@ -145,7 +145,7 @@ impl<B: Backend> LayerState<B> {
     /// dx = block'(dy), handed down; the block's parameter gradients accumulate.
     fn backward(&mut self, mb: u64, grad: Activation<B>) -> Result<(), RunError> {
         let t0 = std::time::Instant::now();
-        let dx = compute(|| {
+        let dx = compute_on(&self.be, || {
             let (b, t) = (grad.b, grad.t);
             let dy = grad.receive(&self.be, &self.pool);
             let dx = self.block.backward(&self.be, mb, dy);

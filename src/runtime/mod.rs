@@ -111,6 +111,16 @@ pub fn open_stream<B: crate::backend::Backend>(device: &str, settings: StreamSet
 /// Run CPU-heavy work without stalling the async workers (the metrics endpoint, other actors'
 /// mailboxes): the worker thread hands its other tasks off while this closure runs.
 pub fn compute<R>(f: impl FnOnce() -> R) -> R {
+    compute_plain(f)
+}
+
+/// [`compute`] for a unit's run of ops on stream `be`: the CPU backend runs it on a thread of its
+/// compute pool ([`Backend::within`]).
+pub fn compute_on<B: crate::backend::Backend, R>(be: &B, f: impl FnOnce() -> R) -> R {
+    compute_plain(|| be.within(f))
+}
+
+fn compute_plain<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),

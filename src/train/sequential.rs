@@ -103,21 +103,25 @@ impl<B: Backend> Sequential<B> {
         let (b, t) = (self.cfg.data.batch_size, self.cfg.data.seq_len);
         let mbs = self.cfg.data.micro_batches;
         let dscale = 1.0 / (b * t * mbs) as f32;
-        let mut loss = 0.0f64;
-        for _ in 0..mbs {
-            self.loader.next_batch(&mut self.windows)?;
-            self.batch.load(&self.be, &self.windows, &mut self.tmp_in, &mut self.tmp_tgt);
-            loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
-        }
-        self.model.finish_grads(&self.be);
         let lr = self.schedule.lr_after_growth(self.step, self.grown_at);
-        let m = &mut self.model;
-        let mut units: Vec<&mut crate::params::ParamSet<_>> = vec![&mut m.embed.w, &mut m.head.w];
-        units.extend(m.blocks.iter_mut().map(|b| &mut b.w));
-        step_units(&self.be, &self.opt, &mut self.scratch, &mut Alone, &mut units, lr, false);
-        for blk in m.blocks.iter_mut() {
-            blk.after_update(&self.be);
-        }
+        // The step's ops run where the backend issues them most cheaply (the CPU's compute pool).
+        let loss = self.be.within(|| -> Result<f64> {
+            let mut loss = 0.0f64;
+            for _ in 0..mbs {
+                self.loader.next_batch(&mut self.windows)?;
+                self.batch.load(&self.be, &self.windows, &mut self.tmp_in, &mut self.tmp_tgt);
+                loss += self.model.forward_backward(&self.be, &self.batch, dscale) as f64;
+            }
+            self.model.finish_grads(&self.be);
+            let m = &mut self.model;
+            let mut units: Vec<&mut crate::params::ParamSet<_>> = vec![&mut m.embed.w, &mut m.head.w];
+            units.extend(m.blocks.iter_mut().map(|b| &mut b.w));
+            step_units(&self.be, &self.opt, &mut self.scratch, &mut Alone, &mut units, lr, false);
+            for blk in m.blocks.iter_mut() {
+                blk.after_update(&self.be);
+            }
+            Ok(loss)
+        })?;
         self.step += 1;
         Ok(((loss / mbs as f64) as f32, lr))
     }

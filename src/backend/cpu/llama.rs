@@ -2,7 +2,7 @@
 //! key/value sharing and SwiGLU (the GPT-2 ops are in `kernels`). Rows in parallel over rayon,
 //! as there.
 
-use super::kernels::dot8;
+use super::kernels::{dot8, fast_exp};
 use rayon::prelude::*;
 
 /// out = x · rstd · w per row, rstd = 1 / sqrt(mean(x²) + eps); rstd (N) is kept for backward.
@@ -19,32 +19,44 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32]
 }
 
 /// dinp += (w·dout − norm · mean(w·dout·norm)) · rstd, norm = x · rstd; dw += Σ_rows norm · dout.
+/// One pass over the rows; each block of ROWS rows sums its share of dw, and the blocks' sums are
+/// added in block order (the same result whatever the number of threads).
 pub fn rmsnorm_backward(dinp: &mut [f32], dw: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
-    assert!(dinp.len() == n * c && dw.len() == c && dout.len() == n * c && rstd.len() >= n, "rmsnorm_backward: shapes");
-    dinp.par_chunks_mut(c).enumerate().for_each(|(r, di)| {
-        let x = &inp[r * c..r * c + c];
-        let d = &dout[r * c..r * c + c];
-        let rs = rstd[r];
-        // mean over the row of (w·dout)·norm
-        let mut acc = 0.0f32;
-        for i in 0..c {
-            acc += w[i] * d[i] * x[i] * rs;
-        }
-        let m = acc / c as f32;
-        for i in 0..c {
-            di[i] += (w[i] * d[i] - x[i] * rs * m) * rs;
-        }
-    });
-    const COLS: usize = 64;
-    dw.par_chunks_mut(COLS).enumerate().for_each(|(ci, dwc)| {
-        let c0 = ci * COLS;
-        for r in 0..n {
-            let rs = rstd[r];
-            for (j, dj) in dwc.iter_mut().enumerate() {
-                *dj += inp[r * c + c0 + j] * rs * dout[r * c + c0 + j];
+    assert!(dinp.len() == n * c && dw.len() == c && dout.len() == n * c && inp.len() == n * c && w.len() == c && rstd.len() >= n);
+    let mut partial = vec![0.0f32; n.div_ceil(ROWS) * c];
+    dinp.par_chunks_mut(c * ROWS).zip(partial.par_chunks_mut(c)).enumerate().for_each(|(bi, (dblock, pw))| {
+        for (k, di) in dblock.chunks_mut(c).enumerate() {
+            let r = bi * ROWS + k;
+            let (x, d, rs) = (&inp[r * c..r * c + c], &dout[r * c..r * c + c], rstd[r]);
+            // mean over the row of (w·dout)·norm
+            let m = dot3(w, d, x) * rs / c as f32;
+            for ((((o, &wi), &di), &xi), p) in di.iter_mut().zip(w).zip(d).zip(x).zip(pw.iter_mut()) {
+                *o += (wi * di - xi * rs * m) * rs;
+                *p += xi * rs * di;
             }
         }
     });
+    for part in partial.chunks_exact(c) {
+        for (d, &p) in dw.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+}
+
+/// Σ a·b·c with 8 accumulators (a fixed order, vectorised; see `kernels::sum8`).
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let full = a.len() / 8 * 8;
+    for ((x, y), z) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)).zip(c[..full].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k] * z[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in full..a.len() {
+        s += a[i] * b[i] * c[i];
+    }
+    s
 }
 
 /// Per-head RMSNorm (QK-norm): the first `heads` vectors of `hd` floats of each of `rows` rows
@@ -176,22 +188,40 @@ fn rope_angle(pos: usize, i: usize, hd: usize, theta: f32) -> (f32, f32) {
 pub fn rope(x: &mut [f32], rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, sign: f32) {
     assert!(hd.is_multiple_of(2) && heads * hd <= stride && x.len() >= rows * stride, "rope: shapes");
     let half = hd / 2;
-    // The (cos, sin) of every (position, pair), once per call: t·hd/2 angles instead of one per
-    // row and pair (the same f64 formula, so the same f32 values).
-    let table: Vec<(f32, f32)> = (0..t.min(rows) * half).map(|k| rope_angle(k / half, k % half, hd, theta)).collect();
-    x.par_chunks_mut(stride).take(rows).enumerate().for_each(|(r, row)| {
-        let pos = r % t;
-        for i in 0..half {
-            let (cos, sin) = table[pos * half + i];
-            let sin = sin * sign;
+    let table = rope_table(t.min(rows), hd, theta);
+    x[..rows * stride].par_chunks_mut(stride * ROWS).enumerate().for_each(|(bi, block)| {
+        for (k, row) in block.chunks_mut(stride).enumerate() {
+            let pos = (bi * ROWS + k) % t;
+            let angles = &table[pos * half..(pos + 1) * half];
             for h in 0..heads {
-                let (a, b) = (h * hd + i, h * hd + i + half);
-                let (x0, x1) = (row[a], row[b]);
-                row[a] = x0 * cos - x1 * sin;
-                row[b] = x1 * cos + x0 * sin;
+                let (lo, hi) = row[h * hd..(h + 1) * hd].split_at_mut(half);
+                for ((x0, x1), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(angles) {
+                    let (a, b, sin) = (*x0, *x1, sin * sign);
+                    *x0 = a * cos - b * sin;
+                    *x1 = b * cos + a * sin;
+                }
             }
         }
     });
+}
+
+/// The (cos, sin) of every (position, pair) for `t` positions: t·hd/2 angles, computed once per
+/// shape and kept (the same f64 formula as [`rope_angle`], so the same f32 values).
+fn rope_table(t: usize, hd: usize, theta: f32) -> std::sync::Arc<Vec<(f32, f32)>> {
+    type Table = ((usize, usize, u32), std::sync::Arc<Vec<(f32, f32)>>);
+    static LAST: std::sync::Mutex<Vec<Table>> = std::sync::Mutex::new(Vec::new());
+    let key = (t, hd, theta.to_bits());
+    let mut cache = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, tab)) = cache.iter().find(|(k, _)| *k == key) {
+        return tab.clone();
+    }
+    let half = hd / 2;
+    let tab = std::sync::Arc::new((0..t * half).map(|k| rope_angle(k / half, k % half, hd, theta)).collect::<Vec<_>>());
+    if cache.len() >= 8 {
+        cache.remove(0);
+    }
+    cache.push((key, tab.clone()));
+    tab
 }
 
 /// Grouped-query attention's shared keys and values: out (N, 3·nh·hd) = [q | k | v] where
@@ -233,17 +263,24 @@ pub fn gqa_reduce(dinp: &mut [f32], dout: &[f32], n: usize, nh: usize, kv: usize
     });
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// σ(x) through [`fast_exp`], so the loops over it vectorise.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
 }
+
+/// Rows per rayon task of the row-wise kernels here.
+const ROWS: usize = 32;
 
 /// out (N, F) = silu(gate) · up, inp (N, 2F) = [gate | up] per row.
 pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, f: usize) {
     assert!(out.len() == n * f && inp.len() == 2 * n * f, "swiglu_forward: shapes");
-    out.par_chunks_mut(f).enumerate().for_each(|(r, o)| {
-        let (g, u) = inp[r * 2 * f..(r + 1) * 2 * f].split_at(f);
-        for i in 0..f {
-            o[i] = silu(g[i]) * u[i];
+    out.par_chunks_mut(f * ROWS).zip(inp.par_chunks(2 * f * ROWS)).for_each(|(ob, ib)| {
+        for (o, x) in ob.chunks_mut(f).zip(ib.chunks(2 * f)) {
+            let (g, u) = x.split_at(f);
+            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+                *oi = gi * sigmoid(gi) * ui;
+            }
         }
     });
 }
@@ -252,14 +289,15 @@ pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, f: usize) {
 /// dgate = dout · u · σ(g) · (1 + g · (1 − σ(g))).
 pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, f: usize) {
     assert!(dinp.len() == 2 * n * f && inp.len() == 2 * n * f && dout.len() == n * f, "swiglu_backward: shapes");
-    dinp.par_chunks_mut(2 * f).enumerate().for_each(|(r, di)| {
-        let (g, u) = inp[r * 2 * f..(r + 1) * 2 * f].split_at(f);
-        let d = &dout[r * f..(r + 1) * f];
-        let (dg, du) = di.split_at_mut(f);
-        for i in 0..f {
-            let sg = 1.0 / (1.0 + (-g[i]).exp());
-            du[i] = g[i] * sg * d[i];
-            dg[i] = d[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+    dinp.par_chunks_mut(2 * f * ROWS).zip(inp.par_chunks(2 * f * ROWS)).zip(dout.par_chunks(f * ROWS)).for_each(|((db, ib), ob)| {
+        for ((di, x), d) in db.chunks_mut(2 * f).zip(ib.chunks(2 * f)).zip(ob.chunks(f)) {
+            let (g, u) = x.split_at(f);
+            let (dg, du) = di.split_at_mut(f);
+            for ((((dgi, dui), &gi), &ui), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(d) {
+                let sg = sigmoid(gi);
+                *dui = gi * sg * d;
+                *dgi = d * ui * sg * (1.0 + gi * (1.0 - sg));
+            }
         }
     });
 }

@@ -21,7 +21,9 @@
 pub mod flash;
 mod kernels;
 mod llama;
+mod operand;
 pub mod order;
+pub mod profile;
 
 use super::{Attention, Backend, Precision, StreamMode, Trans, View};
 use std::cell::{RefCell, UnsafeCell};
@@ -128,31 +130,6 @@ pub struct CpuBackend {
     spare: Arc<Mutex<Vec<Vec<f32>>>>,
 }
 
-/// A matrix-product operand as the stream reads it: the slice itself (fp32), or a rounded copy
-/// in a buffer lent by the stream's pool and given back when dropped.
-enum Operand<'a> {
-    Slice(&'a [f32]),
-    Rounded(Vec<f32>, &'a Mutex<Vec<Vec<f32>>>),
-}
-
-impl std::ops::Deref for Operand<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match self {
-            Operand::Slice(x) => x,
-            Operand::Rounded(v, _) => v,
-        }
-    }
-}
-
-impl Drop for Operand<'_> {
-    fn drop(&mut self) {
-        if let Operand::Rounded(v, pool) = self {
-            pool.lock().expect("operand pool lock").push(std::mem::take(v));
-        }
-    }
-}
-
 impl CpuBackend {
     /// A new stream on CPU "device" `index` (several CPU devices stand in for GPUs in tests).
     pub fn new(index: usize) -> Self {
@@ -162,20 +139,6 @@ impl CpuBackend {
             stream: Arc::new(order::Stream::new()),
             mode: Arc::new(StreamMode::default()),
             spare: Arc::new(Mutex::new(Vec::new())),
-        }
-    }
-
-    /// An operand of a matrix product as this stream's precision reads it: the slice itself in
-    /// fp32, a rounded copy otherwise (emulating a device that reads bf16 or TF32 operands).
-    fn operand<'a>(&'a self, x: &'a [f32]) -> Operand<'a> {
-        match Backend::precision(self) {
-            Precision::Fp32 => Operand::Slice(x),
-            p => {
-                let mut v = self.spare.lock().expect("operand pool lock").pop().unwrap_or_default();
-                v.clear();
-                v.extend(x.iter().map(|&a| p.round(a)));
-                Operand::Rounded(v, &self.spare)
-            }
         }
     }
 
@@ -275,6 +238,7 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(unsafe { self.rd(src) });
     }
     fn copy(&self, dst: V, src: V) {
+        let _p = profile::op("copy");
         assert_eq!(dst.len, src.len, "copy: lengths differ");
         self.here(&dst, "copy");
         disjoint(&dst, &[&src]);
@@ -284,6 +248,7 @@ impl Backend for CpuBackend {
         buf.device == self.index
     }
     fn copy_peer(&self, dst: V, src: V) {
+        let _p = profile::op("copy_peer");
         assert_eq!(dst.len, src.len, "copy_peer: lengths differ");
         self.here(&dst, "copy_peer");
         assert!(!std::ptr::eq(dst.buf, src.buf), "copy_peer: source and destination are one buffer");
@@ -291,8 +256,9 @@ impl Backend for CpuBackend {
         unsafe { self.wr(dst).copy_from_slice(self.rd(src)) };
     }
     fn fill(&self, dst: V, value: f32) {
+        let _p = profile::op("fill");
         self.here(&dst, "fill");
-        unsafe { self.wr(dst) }.fill(value);
+        unsafe { kernels::fill(self.wr(dst), value) }
     }
     fn record(&self) -> order::CpuEvent {
         self.stream.record()
@@ -301,30 +267,54 @@ impl Backend for CpuBackend {
         self.stream.wait(event)
     }
     fn synchronize(&self) {}
+    fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+        if rayon::current_thread_index().is_some() {
+            return f();
+        }
+        // SAFETY: `rayon::scope` runs the closure on a worker of the global pool and returns only
+        // once it has finished, while this thread waits: `f`, what it borrows and what it returns
+        // are used by one thread at a time, as if moved there and back. Nothing here keeps them
+        // on the worker afterwards.
+        struct Pass<T>(T);
+        unsafe impl<T> Send for Pass<T> {}
+        impl<T> Pass<T> {
+            fn take(self) -> T {
+                self.0
+            }
+        }
+        let f = Pass(f);
+        rayon::scope(move |_| Pass(f.take()())).take()
+    }
 
     fn add(&self, dst: V, a: V, b: V) {
+        let _p = profile::op("add");
         disjoint(&dst, &[&a, &b]);
         unsafe { kernels::add(self.wr(dst), self.rd(a), self.rd(b)) }
     }
     fn add_assign(&self, dst: V, src: V) {
+        let _p = profile::op("add_assign");
         disjoint(&dst, &[&src]);
         unsafe { kernels::axpby(self.wr(dst), 1.0, 1.0, self.rd(src)) }
     }
     fn axpby(&self, dst: V, alpha: f32, beta: f32, src: V) {
+        let _p = profile::op("axpby");
         disjoint(&dst, &[&src]);
         unsafe { kernels::axpby(self.wr(dst), alpha, beta, self.rd(src)) }
     }
     fn sumsq(&self, dst: V, x: V) {
+        let _p = profile::op("sumsq");
         disjoint(&dst, &[&x]);
         unsafe { self.wr(dst)[0] = kernels::sumsq(self.rd(x)) as f32 }
     }
     fn scale_by_rnorm(&self, x: V, ss: V, eps: f32) {
+        let _p = profile::op("scale_by_rnorm");
         disjoint(&x, &[&ss]);
         let s = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
         unsafe { kernels::scale(self.wr(x), s) }
     }
 
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+        let _p = profile::op_named(|| format!("gemm {m}x{k} @ {k}x{n}"));
         disjoint(&c, &[&a, &b]);
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
         let (a, b) = unsafe { (self.operand(self.rd(a)), self.operand(self.rd(b))) };
@@ -342,6 +332,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        let _p = profile::op_named(|| format!("matmul_forward {c}->{oc}"));
         disjoint(&out, &[&inp, &w]);
         if let Some(b) = b.as_ref() {
             disjoint(&out, &[b]);
@@ -352,6 +343,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
+        let _p = profile::op_named(|| format!("matmul_backward {c}->{oc}"));
         if let Some(d) = dinp.as_ref() {
             disjoint(d, &[&dw, &dout, &inp, &w]);
             if let Some(db) = db.as_ref() {
@@ -373,6 +365,7 @@ impl Backend for CpuBackend {
     }
 
     fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: Option<V>, b: usize, t: usize, c: usize) {
+        let _p = profile::op("encoder_forward");
         disjoint(&out, &[&wte]);
         if let Some(wpe) = &wpe {
             disjoint(&out, &[wpe]);
@@ -380,6 +373,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::encoder_forward(self.wr(out), ids.slice(), self.rd(wte), wpe.map(|v| self.rd(v)), b, t, c) }
     }
     fn encoder_backward(&self, dwte: V, dwpe: Option<V>, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
+        let _p = profile::op("encoder_backward");
         disjoint(&dwte, &[&dout]);
         if let Some(dwpe) = &dwpe {
             disjoint(&dwte, &[dwpe]);
@@ -389,6 +383,7 @@ impl Backend for CpuBackend {
     }
 
     fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
+        let _p = profile::op("layernorm_forward");
         for o in [&out, &mean, &rstd] {
             disjoint(o, &[&inp, &w, &b]);
         }
@@ -397,6 +392,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::layernorm_forward(self.wr(out), self.wr(mean), self.wr(rstd), self.rd(inp), self.rd(w), self.rd(b), n, c) }
     }
     fn layernorm_backward(&self, dinp: V, dw: V, db: V, dout: V, inp: V, w: V, mean: V, rstd: V, n: usize, c: usize) {
+        let _p = profile::op("layernorm_backward");
         for o in [&dinp, &dw, &db] {
             disjoint(o, &[&dout, &inp, &w, &mean, &rstd]);
         }
@@ -419,6 +415,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
+        let _p = profile::op("attention_forward");
         disjoint(&out, &[&att, &qkv]);
         disjoint(&att, &[&qkv]);
         assert!(
@@ -434,6 +431,7 @@ impl Backend for CpuBackend {
         }
     }
     fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, out: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
+        let _p = profile::op("attention_backward");
         disjoint(&dqkv, &[&datt, &dout, &qkv, &out, &att]);
         disjoint(&datt, &[&dout, &qkv, &out, &att]);
         assert!(
@@ -457,6 +455,7 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, n: usize, c: usize, eps: f32) {
+        let _p = profile::op("rmsnorm_forward");
         for o in [&out, &rstd] {
             disjoint(o, &[&inp, &w]);
         }
@@ -464,6 +463,7 @@ impl Backend for CpuBackend {
         unsafe { llama::rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), n, c, eps) }
     }
     fn rmsnorm_backward(&self, dinp: V, dw: V, dout: V, inp: V, w: V, rstd: V, n: usize, c: usize) {
+        let _p = profile::op("rmsnorm_backward");
         for o in [&dinp, &dw] {
             disjoint(o, &[&dout, &inp, &w, &rstd]);
         }
@@ -471,6 +471,7 @@ impl Backend for CpuBackend {
         unsafe { llama::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
     }
     fn head_rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
+        let _p = profile::op("head_rmsnorm_forward");
         for o in [&out, &rstd] {
             disjoint(o, &[&inp, &w]);
         }
@@ -478,6 +479,7 @@ impl Backend for CpuBackend {
         unsafe { llama::head_rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), rows, stride, heads, hd, eps) }
     }
     fn head_rmsnorm_backward(&self, d: V, dw: V, inp: V, w: V, rstd: V, rows: usize, stride: usize, heads: usize, hd: usize) {
+        let _p = profile::op("head_rmsnorm_backward");
         for o in [&d, &dw] {
             disjoint(o, &[&inp, &w, &rstd]);
         }
@@ -485,10 +487,12 @@ impl Backend for CpuBackend {
         unsafe { llama::head_rmsnorm_backward(self.wr(d), self.wr(dw), self.rd(inp), self.rd(w), self.rd(rstd), rows, stride, heads, hd) }
     }
     fn gather_rows(&self, out: V, inp: V, rows: &CpuIds, m: usize, c: usize) {
+        let _p = profile::op("gather_rows");
         disjoint(&out, &[&inp]);
         unsafe { llama::gather_rows(self.wr(out), self.rd(inp), rows.slice(), m, c) }
     }
     fn moe_combine(&self, out: V, ys: V, slots: &CpuIds, weights: Option<V>, n: usize, k: usize, c: usize) {
+        let _p = profile::op("moe_combine");
         disjoint(&out, &[&ys]);
         if let Some(w) = &weights {
             disjoint(&out, &[w]);
@@ -496,6 +500,7 @@ impl Backend for CpuBackend {
         unsafe { llama::moe_combine(self.wr(out), self.rd(ys), slots.slice(), weights.map(|w| self.rd(w)), n, k, c) }
     }
     fn moe_combine_backward(&self, dys: V, dweights: V, dout: V, ys: V, slots: &CpuIds, weights: V, n: usize, k: usize, c: usize) {
+        let _p = profile::op("moe_combine_backward");
         for o in [&dys, &dweights] {
             disjoint(o, &[&dout, &ys, &weights]);
         }
@@ -515,39 +520,48 @@ impl Backend for CpuBackend {
         }
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
+        let _p = profile::op("rope");
         unsafe { llama::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
     }
     fn gqa_expand(&self, out: V, inp: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        let _p = profile::op("gqa_expand");
         disjoint(&out, &[&inp]);
         unsafe { llama::gqa_expand(self.wr(out), self.rd(inp), n, nh, kv, hd) }
     }
     fn gqa_reduce(&self, dinp: V, dout: V, n: usize, nh: usize, kv: usize, hd: usize) {
+        let _p = profile::op("gqa_reduce");
         disjoint(&dinp, &[&dout]);
         unsafe { llama::gqa_reduce(self.wr(dinp), self.rd(dout), n, nh, kv, hd) }
     }
     fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
+        let _p = profile::op("swiglu_forward");
         disjoint(&out, &[&inp]);
         unsafe { llama::swiglu_forward(self.wr(out), self.rd(inp), n, f) }
     }
     fn swiglu_backward(&self, dinp: V, inp: V, dout: V, n: usize, f: usize) {
+        let _p = profile::op("swiglu_backward");
         disjoint(&dinp, &[&inp, &dout]);
         unsafe { llama::swiglu_backward(self.wr(dinp), self.rd(inp), self.rd(dout), n, f) }
     }
     fn gelu_forward(&self, out: V, inp: V) {
+        let _p = profile::op("gelu_forward");
         disjoint(&out, &[&inp]);
         unsafe { kernels::gelu_forward(self.wr(out), self.rd(inp)) }
     }
     fn gelu_backward(&self, dinp: V, inp: V, dout: V) {
+        let _p = profile::op("gelu_backward");
         disjoint(&dinp, &[&inp, &dout]);
         unsafe { kernels::gelu_backward(self.wr(dinp), self.rd(inp), self.rd(dout)) }
     }
 
     fn crossentropy_forward_backward(&self, logits: V, losses: V, targets: &CpuIds, dscale: f32, n: usize, v: usize, vp: usize) {
+        let _p = profile::op("crossentropy_forward_backward");
         disjoint(&losses, &[&logits]);
         unsafe { kernels::crossentropy(self.wr(logits), self.wr(losses), targets.slice(), dscale, n, v, vp) }
     }
 
     fn adamw_update(&self, p: V, g: V, m: V, v: V, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64) {
+        let _p = profile::op("adamw_update");
         for o in [&p, &m, &v] {
             disjoint(o, &[&g]);
         }
@@ -556,15 +570,18 @@ impl Backend for CpuBackend {
         unsafe { kernels::adamw(self.wr(p), self.rd(g), self.wr(m), self.wr(v), lr, beta1, beta2, eps, wd, t) }
     }
     fn momentum_update(&self, u: V, m: V, g: V, mu: f32, nesterov: bool) {
+        let _p = profile::op("momentum_update");
         disjoint(&u, &[&m, &g]);
         disjoint(&m, &[&g]);
         unsafe { kernels::momentum(self.wr(u), self.wr(m), self.rd(g), mu, nesterov) }
     }
     fn apply_update(&self, p: V, u: V, lr: f32, scale: f32, wd: f32) {
+        let _p = profile::op("apply_update");
         disjoint(&p, &[&u]);
         unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * scale, 1.0 - lr * wd) }
     }
     fn nsgd_apply(&self, p: V, u: V, ss: V, lr: f32, wd: f32, eps: f32) {
+        let _p = profile::op("nsgd_apply");
         disjoint(&p, &[&u, &ss]);
         let rnorm = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
         unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * rnorm, 1.0 - lr * wd) }

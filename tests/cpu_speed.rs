@@ -1,0 +1,166 @@
+//! The CPU speed work's machinery, checked for what it must not change: the op profile accounts
+//! for a real step's ops, `Backend::within` runs a step on the compute pool with the same result,
+//! the AdamW runs (neighbouring tensors in one call) equal one call per tensor bitwise, and the
+//! row-blocked norm backward passes give the same bits on 1 and 2 threads.
+
+use taproot::backend::cpu::{profile, CpuBackend};
+use taproot::backend::Backend;
+use taproot::model::init::{InitConfig, InitScheme};
+use taproot::model::{Batch, Dims, Model};
+use taproot::optim::{OptimConfig, Optimizer, OptimizerKind, Scratch};
+use taproot::params::{Layout, ParamSet};
+use taproot::rng::Rng;
+
+mod common;
+
+use common::{buf, host, randn};
+
+type B = CpuBackend;
+
+/// The op profile is process-wide: the tests here take turns, so that no other test's ops land
+/// in the profiled step.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn model(be: &B, depth: usize) -> (Model<B>, Batch<B>) {
+    let dims = Dims::new(64, 16, 32, 4);
+    let m = Model::new(be, dims, depth, &InitConfig::new(InitScheme::Gpt2, depth.max(1), 7));
+    let mut rng = Rng::new(3);
+    let windows: Vec<u32> = (0..2 * 17).map(|_| rng.below(64) as u32).collect();
+    let batch = Batch::from_windows(be, &windows, 2, 16);
+    (m, batch)
+}
+
+fn adamw() -> Optimizer {
+    Optimizer::new(OptimConfig { kind: OptimizerKind::Adamw, weight_decay: Some(0.1), ..OptimConfig::default() })
+}
+
+/// One training step; the parameters after it.
+fn step(be: &B, m: &mut Model<B>, batch: &Batch<B>) -> Vec<f32> {
+    let (opt, mut sc) = (adamw(), Scratch::default());
+    m.forward_backward(be, batch, 1.0 / 32.0);
+    m.finish_grads(be);
+    opt.step(be, &mut m.embed.w, &mut sc, 1e-3);
+    for blk in m.blocks.iter_mut() {
+        opt.step(be, &mut blk.w, &mut sc, 1e-3);
+    }
+    opt.step(be, &mut m.head.w, &mut sc, 1e-3);
+    m.zero_grad(be);
+    let mut all = m.embed.w.params_to_host(be);
+    for blk in &m.blocks {
+        all.extend(blk.w.params_to_host(be));
+    }
+    all
+}
+
+#[test]
+fn op_profile_counts_a_steps_ops_and_its_sum_fits_in_the_step() {
+    let _turn = turn();
+    let be = B::default();
+    let (mut m, batch) = model(&be, 2);
+    step(&be, &mut m, &batch); // warm
+    let t0 = std::time::Instant::now();
+    profile::start();
+    step(&be, &mut m, &batch);
+    let rows = profile::stop();
+    let wall = t0.elapsed().as_secs_f64();
+    let calls = |prefix: &str| rows.iter().filter(|r| r.op.starts_with(prefix)).map(|r| r.calls).sum::<u64>();
+    // GPT-2 blocks: 4 products each, plus the head's; one attention and 2 LayerNorms per block
+    // plus the final one.
+    assert_eq!(calls("matmul_forward"), 4 * 2 + 1, "{rows:?}");
+    assert_eq!(calls("matmul_backward"), 4 * 2 + 1, "{rows:?}");
+    assert_eq!(calls("attention_forward"), 2);
+    assert_eq!(calls("layernorm_forward"), 2 * 2 + 1);
+    assert!(rows.iter().any(|r| r.op == "matmul_forward 32->128"), "products are named by shape: {rows:?}");
+    let sum: f64 = rows.iter().map(|r| r.secs).sum();
+    assert!(sum > 0.0 && sum <= wall, "the ops took {sum} s of a {wall} s step");
+    // Off again: nothing more is recorded.
+    step(&be, &mut m, &batch);
+    profile::start();
+    let empty = profile::stop();
+    assert!(empty.is_empty(), "{empty:?}");
+}
+
+#[test]
+fn a_step_within_the_pool_equals_one_outside_it() {
+    let _turn = turn();
+    let be = B::default();
+    let (mut a, batch_a) = model(&be, 2);
+    let (mut b, batch_b) = model(&be, 2);
+    let outside = step(&be, &mut a, &batch_a);
+    assert!(rayon::current_thread_index().is_none(), "the test thread is not a pool thread");
+    let (inside, on_pool) = be.within(|| (step(&be, &mut b, &batch_b), rayon::current_thread_index().is_some()));
+    assert!(on_pool, "within ran the closure off the compute pool");
+    assert_eq!(outside, inside, "a step on the pool changed the parameters");
+    // A panic inside comes back out to the caller.
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| be.within(|| panic!("inside"))));
+    assert!(caught.is_err());
+}
+
+#[test]
+fn adamw_runs_equal_one_update_per_tensor() {
+    let _turn = turn();
+    let be = B::default();
+    // Matrices (decayed) and vectors (not) alternate, so the runs break where the decay changes.
+    let layout = Layout::new(&[("a", vec![4, 3]), ("b", vec![3]), ("c", vec![5]), ("d", vec![2, 5]), ("e", vec![7])]);
+    let mut rng = Rng::new(11);
+    let p0 = randn(&mut rng, layout.total, 1.0);
+    let opt = adamw();
+    let mut set = ParamSet::new(&be, layout.clone());
+    be.upload(B::whole(&set.params), &p0);
+    // The reference: one adamw_update per tensor, with its own decay and step.
+    let (pr, mr, vr) = (buf(&be, &p0), buf(&be, &vec![0.0; layout.total]), buf(&be, &vec![0.0; layout.total]));
+    for t in 1..=3u64 {
+        let g = randn(&mut rng, layout.total, 1.0);
+        be.upload(B::whole(&set.grads), &g);
+        opt.step(&be, &mut set, &mut Scratch::default(), 1e-2);
+        let gb = buf(&be, &g);
+        for spec in &layout.specs {
+            let (o, n) = (spec.offset, spec.numel());
+            let v = |x| taproot::backend::View::new(x, o, n);
+            let wd = if spec.is_matrix() { 0.1 } else { 0.0 };
+            be.adamw_update(v(&pr), v(&gb), v(&mr), v(&vr), 1e-2, opt.cfg.beta1, opt.cfg.beta2, opt.cfg.eps, wd, t);
+        }
+    }
+    assert_eq!(set.params_to_host(&be), host(&be, &pr));
+    assert_eq!(host(&be, &set.state.m), host(&be, &mr));
+    assert_eq!(host(&be, set.state.v.as_ref().expect("AdamW state")), host(&be, &vr));
+}
+
+#[test]
+fn norm_backward_passes_give_the_same_bits_on_one_and_two_threads() {
+    let _turn = turn();
+    let (n, c) = (301, 40); // rows that do not fill the last block
+    let mut rng = Rng::new(5);
+    let (x, w, bias, d) = (randn(&mut rng, n * c, 1.0), randn(&mut rng, c, 1.0), randn(&mut rng, c, 1.0), randn(&mut rng, n * c, 1.0));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+        pool.install(|| {
+            let be = B::default();
+            let (xb, wb, bb, db) = (buf(&be, &x), buf(&be, &w), buf(&be, &bias), buf(&be, &d));
+            let (out, mean, rstd) = (be.alloc(n * c), be.alloc(n), be.alloc(n));
+            be.layernorm_forward(B::whole(&out), B::whole(&mean), B::whole(&rstd), B::whole(&xb), B::whole(&wb), B::whole(&bb), n, c);
+            let (dx, dw, dbias) = (be.alloc(n * c), be.alloc(c), be.alloc(c));
+            be.layernorm_backward(
+                B::whole(&dx),
+                B::whole(&dw),
+                B::whole(&dbias),
+                B::whole(&db),
+                B::whole(&xb),
+                B::whole(&wb),
+                B::whole(&mean),
+                B::whole(&rstd),
+                n,
+                c,
+            );
+            let (rdx, rdw) = (be.alloc(n * c), be.alloc(c));
+            be.rmsnorm_forward(B::whole(&out), B::whole(&rstd), B::whole(&xb), B::whole(&wb), n, c, 1e-6);
+            be.rmsnorm_backward(B::whole(&rdx), B::whole(&rdw), B::whole(&db), B::whole(&xb), B::whole(&wb), B::whole(&rstd), n, c);
+            [host(&be, &dx), host(&be, &dw), host(&be, &dbias), host(&be, &rdx), host(&be, &rdw)]
+        })
+    };
+    assert_eq!(run(1), run(2));
+}
