@@ -348,12 +348,16 @@ pub fn layernorm_backward(
 // ----------------------------------------------------------------------------------------------
 // attention
 
+/// Query (and key) rows per block of the causal attention: a block of queries reads only the keys
+/// up to its own last row, so the products skip most of the masked upper triangle.
+const QB: usize = 32;
+
 /// qkv (B, T, 3C) holds q, k, v side by side per row; head h uses channels [h*hs, (h+1)*hs).
 ///
-/// Per (b, h): S = Q Kᵀ · scale (T, T), causal mask, row softmax → att; out = att V. The two
-/// products are `gemm` calls that read Q, K, V in place through strides (row stride 3C), so
-/// nothing is copied. Computing the full T×T square wastes the masked half of the FLOPs, but a
-/// vectorised product of twice the size still beats scalar loops over the triangle by far.
+/// Per (b, h) and block of QB query rows [r0, r1): S = Q Kᵀ · scale over the keys [0, r1) only,
+/// causal mask, row softmax → att (the rest of each row is 0); out = att V over the same keys.
+/// The products are `gemm` calls that read Q, K, V in place through strides (row stride 3C), so
+/// nothing is copied; the blocks skip all but the diagonal blocks' share of the masked FLOPs.
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -365,30 +369,52 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
         let (bi, h) = (bh / nh, bh % nh);
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
         let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
-        unsafe {
-            // S (T, T) = Q (T, hs) @ Kᵀ (hs, T) * scale
-            gemm_raw_par(t, t, hs, att_bh.as_mut_ptr(), t as isize, 1, q, c3 as isize, 1, k, 1, c3 as isize, 0.0, scale, false);
-        }
-        for ti in 0..t {
-            let row = &mut att_bh[ti * t..ti * t + t];
-            let maxv = max8(&row[..=ti]);
-            let sum = exp_shifted_sum(&mut row[..=ti], maxv);
-            let inv = 1.0 / sum;
-            for x in row[..=ti].iter_mut() {
-                *x *= inv;
+        for r0 in (0..t).step_by(QB) {
+            let (r1, s) = ((r0 + QB).min(t), att_bh[r0 * t..].as_mut_ptr());
+            unsafe {
+                // S[r0..r1, 0..r1] = Q[r0..r1] (QB, hs) @ K[0..r1]ᵀ (hs, r1) * scale
+                let qr = q.add(r0 * c3);
+                gemm_raw_par(r1 - r0, r1, hs, s, t as isize, 1, qr, c3 as isize, 1, k, 1, c3 as isize, 0.0, scale, false);
             }
-            row[ti + 1..].fill(0.0); // future positions: probability 0
-        }
-        unsafe {
-            // out[b, :, h] (T, hs), row stride C = att (T, T) @ V (T, hs)
-            let o = outp.get().add(bi * t * c + h * hs);
-            gemm_raw_par(t, hs, t, o, c as isize, 1, att_bh.as_ptr(), t as isize, 1, v, c3 as isize, 1, 0.0, 1.0, false);
+            for ti in r0..r1 {
+                let row = &mut att_bh[ti * t..ti * t + t];
+                let maxv = max8(&row[..=ti]);
+                let sum = exp_shifted_sum(&mut row[..=ti], maxv);
+                let inv = 1.0 / sum;
+                for x in row[..=ti].iter_mut() {
+                    *x *= inv;
+                }
+                row[ti + 1..].fill(0.0); // future positions: probability 0
+            }
+            unsafe {
+                // out[b, r0..r1, h] (QB, hs), row stride C = att[r0..r1, 0..r1] @ V[0..r1] (r1, hs)
+                let o = outp.get().add(bi * t * c + r0 * c + h * hs);
+                gemm_raw_par(
+                    r1 - r0,
+                    hs,
+                    r1,
+                    o,
+                    c as isize,
+                    1,
+                    att_bh[r0 * t..].as_ptr(),
+                    t as isize,
+                    1,
+                    v,
+                    c3 as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                );
+            }
         }
     });
 }
 
-/// Per (b, h): dP = dO Vᵀ; dV = Pᵀ dO; dS = P ⊙ (dP − rowsum(P ⊙ dP)); dQ = dS K · scale;
-/// dK = dSᵀ Q · scale. Every product overwrites its slice of dqkv, so dqkv needs no zeroing.
+/// Per (b, h): dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(P ⊙ dP)); dQ = dS K · scale, by blocks of query
+/// rows over the keys up to each block's end; then by blocks of key rows [k0, k1), over the
+/// queries from k0 on (the earlier ones cannot see them): dV = Pᵀ dO, dK = dSᵀ Q · scale. Every
+/// product overwrites its slice of dqkv, so dqkv needs no zeroing.
 pub fn attention_backward(
     dqkv: &mut [f32],
     datt: &mut [f32],
@@ -408,35 +434,91 @@ pub fn attention_backward(
     // One task per (b, h): it owns datt[b, h] and head h's q/k/v slices of dqkv[b, :].
     datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, ds)| {
         let (bi, h) = (bh / nh, bh % nh);
-        let p = att[bh * t * t..(bh + 1) * t * t].as_ptr();
+        let pr = &att[bh * t * t..(bh + 1) * t * t];
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
         let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
         let d_o = dout[bi * t * c + h * hs..].as_ptr();
-        unsafe {
-            let dq = dp.get().add(bi * t * c3 + h * hs);
-            let dv = dq.add(2 * c);
-            // dP (T, T) = dO (T, hs) @ Vᵀ (hs, T)
-            gemm_raw_par(t, t, hs, ds.as_mut_ptr(), t as isize, 1, d_o, c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
-            // dV (T, hs) = Pᵀ (T, T) @ dO (T, hs)
-            gemm_raw_par(t, hs, t, dv, c3 as isize, 1, p, 1, t as isize, d_o, c as isize, 1, 0.0, 1.0, false);
-        }
-        let pr = &att[bh * t * t..(bh + 1) * t * t];
-        for ti in 0..t {
-            let a = &pr[ti * t..ti * t + t];
-            let d = &mut ds[ti * t..ti * t + t];
-            let dot = dot8(&a[..=ti], &d[..=ti]);
-            for t2 in 0..=ti {
-                d[t2] = a[t2] * (d[t2] - dot);
+        let dq = unsafe { dp.get().add(bi * t * c3 + h * hs) };
+        let (dk, dv) = unsafe { (dq.add(c), dq.add(2 * c)) };
+        for r0 in (0..t).step_by(QB) {
+            let r1 = (r0 + QB).min(t);
+            unsafe {
+                // dP[r0..r1, 0..r1] = dO[r0..r1] (QB, hs) @ V[0..r1]ᵀ (hs, r1)
+                let s = ds[r0 * t..].as_mut_ptr();
+                gemm_raw_par(r1 - r0, r1, hs, s, t as isize, 1, d_o.add(r0 * c), c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
             }
-            d[ti + 1..].fill(0.0);
+            for ti in r0..r1 {
+                let a = &pr[ti * t..ti * t + t];
+                let d = &mut ds[ti * t..ti * t + t];
+                let dot = dot8(&a[..=ti], &d[..=ti]);
+                for t2 in 0..=ti {
+                    d[t2] = a[t2] * (d[t2] - dot);
+                }
+                d[ti + 1..].fill(0.0);
+            }
+            unsafe {
+                // dQ[r0..r1] (QB, hs) = dS[r0..r1, 0..r1] @ K[0..r1] (r1, hs) * scale
+                gemm_raw_par(
+                    r1 - r0,
+                    hs,
+                    r1,
+                    dq.add(r0 * c3),
+                    c3 as isize,
+                    1,
+                    ds[r0 * t..].as_ptr(),
+                    t as isize,
+                    1,
+                    k,
+                    c3 as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                );
+            }
         }
-        unsafe {
-            let dq = dp.get().add(bi * t * c3 + h * hs);
-            let dk = dq.add(c);
-            // dQ (T, hs) = dS (T, T) @ K (T, hs) * scale
-            gemm_raw_par(t, hs, t, dq, c3 as isize, 1, ds.as_ptr(), t as isize, 1, k, c3 as isize, 1, 0.0, scale, false);
-            // dK (T, hs) = dSᵀ (T, T) @ Q (T, hs) * scale
-            gemm_raw_par(t, hs, t, dk, c3 as isize, 1, ds.as_ptr(), 1, t as isize, q, c3 as isize, 1, 0.0, scale, false);
+        for k0 in (0..t).step_by(QB) {
+            let k1 = (k0 + QB).min(t);
+            unsafe {
+                // dV[k0..k1] (QB, hs) = P[k0..t, k0..k1]ᵀ @ dO[k0..t] (t - k0, hs)
+                let p = pr[k0 * t + k0..].as_ptr();
+                gemm_raw_par(
+                    k1 - k0,
+                    hs,
+                    t - k0,
+                    dv.add(k0 * c3),
+                    c3 as isize,
+                    1,
+                    p,
+                    1,
+                    t as isize,
+                    d_o.add(k0 * c),
+                    c as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                );
+                // dK[k0..k1] (QB, hs) = dS[k0..t, k0..k1]ᵀ @ Q[k0..t] (t - k0, hs) * scale
+                let s = ds[k0 * t + k0..].as_ptr();
+                gemm_raw_par(
+                    k1 - k0,
+                    hs,
+                    t - k0,
+                    dk.add(k0 * c3),
+                    c3 as isize,
+                    1,
+                    s,
+                    1,
+                    t as isize,
+                    q.add(k0 * c3),
+                    c3 as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                );
+            }
         }
     });
 }
