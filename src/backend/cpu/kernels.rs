@@ -183,31 +183,40 @@ pub fn matmul_backward(
     c: usize,
     oc: usize,
 ) {
-    // dinp (N, C) = dout (N, OC) @ w (OC, C)
-    if let Some(dinp) = dinp {
-        unsafe {
-            gemm_raw_par(
-                n,
-                c,
-                oc,
-                dinp.as_mut_ptr(),
-                c as isize,
-                1,
-                dout.as_ptr(),
-                oc as isize,
-                1,
-                w.as_ptr(),
-                c as isize,
-                1,
-                0.0,
-                1.0,
-                true,
-            )
-        }
-    }
     // dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
-    unsafe {
-        gemm_raw_par(oc, c, n, dw.as_mut_ptr(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0, true)
+    let dw_ptr = SendPtr(dw.as_mut_ptr());
+    let weight_grad = |parallel: bool| unsafe {
+        gemm_raw_par(oc, c, n, dw_ptr.get(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0, parallel)
+    };
+    match dinp {
+        // The two products have the same FLOPs (2·N·C·OC) and write different memory: each on
+        // one thread, side by side, beats each split over the threads in turn (measured on the
+        // demo and 124M shapes, 2 cores: 0-15% faster).
+        Some(dinp) => {
+            let dinp_ptr = SendPtr(dinp.as_mut_ptr());
+            // dinp (N, C) = dout (N, OC) @ w (OC, C)
+            let input_grad = || unsafe {
+                gemm_raw_par(
+                    n,
+                    c,
+                    oc,
+                    dinp_ptr.get(),
+                    c as isize,
+                    1,
+                    dout.as_ptr(),
+                    oc as isize,
+                    1,
+                    w.as_ptr(),
+                    c as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                )
+            };
+            rayon::join(input_grad, || weight_grad(false));
+        }
+        None => weight_grad(true),
     }
     if let Some(db) = db {
         bias_backward(db, dout, n, oc);
