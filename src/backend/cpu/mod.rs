@@ -18,6 +18,7 @@
 //! Parallelism: all CPU work, across every stage actor, runs on the ONE global rayon pool, so two
 //! actors never each start a 2-thread GEMM on a 2-core machine.
 
+mod attention;
 pub mod flash;
 mod kernels;
 mod llama;
@@ -426,7 +427,7 @@ impl Backend for CpuBackend {
         );
         let qkv = unsafe { self.operand(self.rd(qkv)) };
         match self.attention() {
-            Attention::Materialized => unsafe { kernels::attention_forward(self.wr(out), self.wr(att), &qkv, b, t, c, nh) },
+            Attention::Materialized => unsafe { attention::attention_forward(self.wr(out), self.wr(att), &qkv, b, t, c, nh) },
             Attention::Flash => unsafe { flash::flash_forward(self.wr(out), self.wr(att), &qkv, b, t, c, nh, self.precision()) },
         }
     }
@@ -443,7 +444,7 @@ impl Backend for CpuBackend {
                 // In bf16/tf32 q, k, v and dout are read rounded; the probabilities enter the
                 // softmax backward (and, unlike on a GPU, the dV product) unrounded.
                 let (dout, qkv) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(qkv))) };
-                unsafe { kernels::attention_backward(self.wr(dqkv), self.wr(datt), &dout, &qkv, self.rd(att), b, t, c, nh) }
+                unsafe { attention::attention_backward(self.wr(dqkv), self.wr(datt), &dout, &qkv, self.rd(att), b, t, c, nh) }
             }
             Attention::Flash => {
                 // D = rowsum(dout · out) from the fp32 values, into the scratch.
