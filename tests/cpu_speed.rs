@@ -164,3 +164,46 @@ fn norm_backward_passes_give_the_same_bits_on_one_and_two_threads() {
     };
     assert_eq!(run(1), run(2));
 }
+
+#[test]
+fn grouped_expert_products_equal_one_product_per_segment() {
+    use taproot::backend::{Segment, View};
+    let _turn = turn();
+    let be = B::default();
+    let (c, oc, rows) = (12, 20, [5usize, 0, 9, 1]);
+    let n: usize = rows.iter().sum();
+    let mut rng = Rng::new(9);
+    let (x, dy) = (buf(&be, &randn(&mut rng, n * c, 1.0)), buf(&be, &randn(&mut rng, n * oc, 1.0)));
+    let ws: Vec<_> = rows.iter().map(|_| buf(&be, &randn(&mut rng, oc * c, 1.0))).collect();
+    let run = |grouped: bool| {
+        let (y, dx) = (be.alloc(n * oc), be.alloc(n * c));
+        let dws: Vec<_> = rows.iter().map(|_| buf(&be, &vec![0.5; oc * c])).collect();
+        let mut off = 0;
+        let (mut segs, mut back, mut dinp, mut dw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, &r) in rows.iter().enumerate().filter(|(_, &r)| r > 0) {
+            let w = B::whole(&ws[i]);
+            segs.push(Segment { out: View::new(&y, off * oc, r * oc), inp: View::new(&x, off * c, r * c), w: w.clone(), rows: r });
+            back.push(Segment { out: View::new(&dy, off * oc, r * oc), inp: View::new(&x, off * c, r * c), w, rows: r });
+            dinp.push(View::new(&dx, off * c, r * c));
+            dw.push(B::whole(&dws[i]));
+            off += r;
+        }
+        if grouped {
+            be.matmul_forward_segments(&segs, c, oc);
+            be.matmul_backward_segments(&back, &dinp, &dw, c, oc);
+        } else {
+            for ((s, b), (di, g)) in segs.iter().zip(&back).zip(dinp.iter().zip(&dw)) {
+                be.matmul_forward(s.out.clone(), s.inp.clone(), s.w.clone(), None, s.rows, c, oc);
+                be.matmul_backward(Some(di.clone()), g.clone(), None, b.out.clone(), b.inp.clone(), b.w.clone(), b.rows, c, oc);
+            }
+        }
+        let mut all = host(&be, &y);
+        all.extend(host(&be, &dx));
+        dws.iter().for_each(|d| all.extend(host(&be, d)));
+        all
+    };
+    let (grouped, each) = (run(true), run(false));
+    for (i, (a, b)) in grouped.iter().zip(&each).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "element {i}: grouped {a}, one by one {b}");
+    }
+}

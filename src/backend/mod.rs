@@ -91,6 +91,15 @@ impl Attention {
     }
 }
 
+/// One segment of [`Backend::matmul_forward_segments`]: `rows` rows of `inp` through the weight
+/// `w` into `out`.
+pub struct Segment<'a, Buf> {
+    pub out: View<'a, Buf>,
+    pub inp: View<'a, Buf>,
+    pub w: View<'a, Buf>,
+    pub rows: usize,
+}
+
 /// A window into a device buffer: `len` elements starting at `off`.
 pub struct View<'a, Buf> {
     pub buf: &'a Buf,
@@ -240,6 +249,29 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
         oc: usize,
     );
+    /// [`Backend::matmul_forward`] without bias of several independent row segments that share
+    /// (C, OC), each with its own weight (a mixture's experts): out_i (N_i, OC) = inp_i (N_i, C)
+    /// @ w_i^T. A backend may run them side by side; by default they run in turn.
+    fn matmul_forward_segments(&self, segments: &[Segment<'_, Self::Buf>], c: usize, oc: usize) {
+        for s in segments {
+            self.matmul_forward(s.out.clone(), s.inp.clone(), s.w.clone(), None, s.rows, c, oc);
+        }
+    }
+    /// [`Backend::matmul_backward`] without bias of the segments of a
+    /// [`Backend::matmul_forward_segments`]: per segment, dinp_i = dout_i @ w_i (overwritten)
+    /// and dw_i += dout_i^T @ inp_i, with `out` holding dout_i and `dinp` the segments' dinp_i.
+    fn matmul_backward_segments(
+        &self,
+        segments: &[Segment<'_, Self::Buf>],
+        dinp: &[View<'_, Self::Buf>],
+        dw: &[View<'_, Self::Buf>],
+        c: usize,
+        oc: usize,
+    ) {
+        for ((s, di), dw) in segments.iter().zip(dinp).zip(dw) {
+            self.matmul_backward(Some(di.clone()), dw.clone(), None, s.out.clone(), s.inp.clone(), s.w.clone(), s.rows, c, oc);
+        }
+    }
     /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;
     /// db (OC) += column sums of dout.
     fn matmul_backward(

@@ -49,6 +49,18 @@ pub(super) struct SendPtr(pub(super) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// A read-only raw pointer that may cross into rayon tasks.
+#[derive(Clone, Copy)]
+pub(super) struct SendConst(pub(super) *const f32);
+unsafe impl Send for SendConst {}
+unsafe impl Sync for SendConst {}
+
+impl SendConst {
+    pub(super) fn get(&self) -> *const f32 {
+        self.0
+    }
+}
+
 impl SendPtr {
     /// The pointer, through a method so that a closure captures the whole (Send) wrapper rather
     /// than the raw pointer field alone (edition 2021 captures disjoint fields).
@@ -170,6 +182,25 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     unsafe {
         gemm_raw_par(n, oc, c, out.as_mut_ptr(), oc as isize, 1, inp.as_ptr(), c as isize, 1, w.as_ptr(), 1, c as isize, 1.0, 1.0, true)
     }
+}
+
+/// out (N, OC) = inp (N, C) @ w^T on this thread (no bias): one segment of a grouped product.
+///
+/// SAFETY: `out` holds N·OC floats, `inp` N·C and `w` OC·C, and `out` overlaps neither.
+pub unsafe fn matmul_forward_nobias_seq(out: *mut f32, inp: *const f32, w: *const f32, n: usize, c: usize, oc: usize) {
+    gemm_raw_par(n, oc, c, out, oc as isize, 1, inp, c as isize, 1, w, 1, c as isize, 0.0, 1.0, false)
+}
+
+/// dinp (N, C) = dout (N, OC) @ w (OC, C), overwritten, on this thread. SAFETY: as
+/// [`matmul_forward_nobias_seq`].
+pub unsafe fn matmul_dinp_seq(dinp: *mut f32, dout: *const f32, w: *const f32, n: usize, c: usize, oc: usize) {
+    gemm_raw_par(n, c, oc, dinp, c as isize, 1, dout, oc as isize, 1, w, c as isize, 1, 0.0, 1.0, false)
+}
+
+/// dw (OC, C) += dout^T (OC, N) @ inp (N, C), on this thread. SAFETY: as
+/// [`matmul_forward_nobias_seq`].
+pub unsafe fn matmul_dw_seq(dw: *mut f32, dout: *const f32, inp: *const f32, n: usize, c: usize, oc: usize) {
+    gemm_raw_par(oc, c, n, dw, c as isize, 1, dout, 1, oc as isize, inp, c as isize, 1, 1.0, 1.0, false)
 }
 
 pub fn matmul_backward(

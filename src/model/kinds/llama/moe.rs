@@ -5,11 +5,11 @@
 //! Shapes: N = B·T tokens, k choices each, M = N·k slots (every token in k experts: dropless),
 //! E experts of F hidden units, S shared experts (one SwiGLU of S·F units).
 
-use super::MoeTensors;
-use crate::backend::{Backend, View};
+use super::{Expert, MoeTensors};
+use crate::backend::{Backend, Segment, View};
 use crate::model::dims::Dims;
 use crate::model::moe::{self, Moe, Plan, Route, Routing};
-use crate::params::ParamSet;
+use crate::params::{ParamSet, Tensor};
 
 fn w<B: Backend>(buf: &B::Buf) -> View<'_, B::Buf> {
     B::whole(buf)
@@ -97,6 +97,45 @@ impl<B: Backend> MoeScratch<B> {
     }
 }
 
+/// Each expert with rows, as a segment of a grouped product: its rows of `out` (row width
+/// `out.1`) and `inp` (row width `inp.1`) and its `weight`.
+fn segments<'a, B: Backend>(
+    p: &'a ParamSet<B>,
+    mt: &MoeTensors,
+    plan: &Plan,
+    out: (&'a B::Buf, usize),
+    inp: (&'a B::Buf, usize),
+    weight: fn(&Expert) -> Tensor,
+) -> Vec<Segment<'a, B::Buf>> {
+    (0..mt.experts.len())
+        .filter(|&ex| plan.count(ex) > 0)
+        .map(|ex| {
+            let (o, r) = (plan.offsets[ex], plan.count(ex));
+            let (out, inp) = (w::<B>(out.0).sub(o * out.1, r * out.1), w::<B>(inp.0).sub(o * inp.1, r * inp.1));
+            Segment { out, inp, w: p.p(weight(&mt.experts[ex])), rows: r }
+        })
+        .collect()
+}
+
+/// For the experts with rows: their rows of the input gradient `dinp` (row width `dinp.1`) and
+/// the gradient of their `weight`.
+type Grads<'a, B> = (Vec<View<'a, <B as Backend>::Buf>>, Vec<View<'a, <B as Backend>::Buf>>);
+fn expert_grads<'a, B: Backend>(
+    p: &'a ParamSet<B>,
+    mt: &MoeTensors,
+    plan: &Plan,
+    dinp: (&'a B::Buf, usize),
+    weight: fn(&Expert) -> Tensor,
+) -> Grads<'a, B> {
+    (0..mt.experts.len())
+        .filter(|&ex| plan.count(ex) > 0)
+        .map(|ex| {
+            let (o, r) = (plan.offsets[ex], plan.count(ex));
+            (w::<B>(dinp.0).sub(o * dinp.1, r * dinp.1), p.g(weight(&mt.experts[ex])))
+        })
+        .unzip()
+}
+
 /// y (N, C) = the MoE MLP of x (N, C) (overwritten); `tmp` (N, C) is scratch.
 pub fn forward<B: Backend>(
     be: &B,
@@ -126,23 +165,11 @@ pub fn forward<B: Backend>(
     be.upload(w::<B>(&a.weights), &a.route.weights);
     // Each expert on its own contiguous rows.
     be.gather_rows(w::<B>(&a.xs), w::<B>(x), &a.rows, n * k, c);
-    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
-        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        be.matmul_forward(
-            w::<B>(&a.gu).sub(o * 2 * f, r * 2 * f),
-            w::<B>(&a.xs).sub(o * c, r * c),
-            p.p(mt.experts[ex].gate_upw),
-            None,
-            r,
-            c,
-            2 * f,
-        );
-    }
+    // Each expert's products on its own rows, as one grouped call per product (a backend may
+    // run the experts side by side).
+    be.matmul_forward_segments(&segments::<B>(p, mt, &a.plan, (&a.gu, 2 * f), (&a.xs, c), |x| x.gate_upw), c, 2 * f);
     be.swiglu_forward(w::<B>(&a.h), w::<B>(&a.gu), n * k, f);
-    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
-        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        be.matmul_forward(w::<B>(&a.ys).sub(o * c, r * c), w::<B>(&a.h).sub(o * f, r * f), p.p(mt.experts[ex].downw), None, r, f, c);
-    }
+    be.matmul_forward_segments(&segments::<B>(p, mt, &a.plan, (&a.ys, c), (&a.h, f), |x| x.downw), f, c);
     be.moe_combine(w::<B>(y), w::<B>(&a.ys), &a.slots, Some(w::<B>(&a.weights)), n, k, c);
     if let (Some((gu, h)), Some((shared_gate_upw, shared_downw))) = (&a.shared, mt.shared) {
         let sf = m.shared * f;
@@ -181,37 +208,14 @@ pub fn backward<B: Backend>(
     }
     // Routed experts: the combine, each expert's SwiGLU, the gather's adjoint.
     be.moe_combine_backward(w::<B>(&s.dys), w::<B>(&s.dweights), dy, w::<B>(&a.ys), &a.slots, w::<B>(&a.weights), n, k, c);
-    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
-        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        let name = mt.experts[ex].downw;
-        be.matmul_backward(
-            Some(w::<B>(&s.dh).sub(o * f, r * f)),
-            p.g(name),
-            None,
-            w::<B>(&s.dys).sub(o * c, r * c),
-            w::<B>(&a.h).sub(o * f, r * f),
-            p.p(name),
-            r,
-            f,
-            c,
-        );
-    }
+    // dh and the down projections' gradients, all experts in one grouped call.
+    let down = segments::<B>(p, mt, &a.plan, (&s.dys, c), (&a.h, f), |x| x.downw);
+    let (dh, dwd) = expert_grads::<B>(p, mt, &a.plan, (&s.dh, f), |x| x.downw);
+    be.matmul_backward_segments(&down, &dh, &dwd, f, c);
     be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n * k, f);
-    for ex in (0..e).filter(|&ex| a.plan.count(ex) > 0) {
-        let (o, r) = (a.plan.offsets[ex], a.plan.count(ex));
-        let name = mt.experts[ex].gate_upw;
-        be.matmul_backward(
-            Some(w::<B>(&s.dxs).sub(o * c, r * c)),
-            p.g(name),
-            None,
-            w::<B>(&s.dgu).sub(o * 2 * f, r * 2 * f),
-            w::<B>(&a.xs).sub(o * c, r * c),
-            p.p(name),
-            r,
-            c,
-            2 * f,
-        );
-    }
+    let gate_up = segments::<B>(p, mt, &a.plan, (&s.dgu, 2 * f), (&a.xs, c), |x| x.gate_upw);
+    let (dxs, dwg) = expert_grads::<B>(p, mt, &a.plan, (&s.dxs, c), |x| x.gate_upw);
+    be.matmul_backward_segments(&gate_up, &dxs, &dwg, c, 2 * f);
     be.moe_combine(w::<B>(&s.dc2), w::<B>(&s.dxs), &a.slots, None, n, k, c);
     be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
     // The router, through the weights (the selection itself has no gradient).
