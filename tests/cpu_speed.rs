@@ -182,7 +182,7 @@ fn grouped_expert_products_equal_one_product_per_segment() {
         let (mut segs, mut back, mut dinp, mut dw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, &r) in rows.iter().enumerate().filter(|(_, &r)| r > 0) {
             let w = B::whole(&ws[i]);
-            segs.push(Segment { out: View::new(&y, off * oc, r * oc), inp: View::new(&x, off * c, r * c), w: w.clone(), rows: r });
+            segs.push(Segment { out: View::new(&y, off * oc, r * oc), inp: View::new(&x, off * c, r * c), w, rows: r });
             back.push(Segment { out: View::new(&dy, off * oc, r * oc), inp: View::new(&x, off * c, r * c), w, rows: r });
             dinp.push(View::new(&dx, off * c, r * c));
             dw.push(B::whole(&dws[i]));
@@ -193,8 +193,8 @@ fn grouped_expert_products_equal_one_product_per_segment() {
             be.matmul_backward_segments(&back, &dinp, &dw, c, oc);
         } else {
             for ((s, b), (di, g)) in segs.iter().zip(&back).zip(dinp.iter().zip(&dw)) {
-                be.matmul_forward(s.out.clone(), s.inp.clone(), s.w.clone(), None, s.rows, c, oc);
-                be.matmul_backward(Some(di.clone()), g.clone(), None, b.out.clone(), b.inp.clone(), b.w.clone(), b.rows, c, oc);
+                be.matmul_forward(s.out, s.inp, s.w, None, s.rows, c, oc);
+                be.matmul_backward(Some(*di), *g, None, b.out, b.inp, b.w, b.rows, c, oc);
             }
         }
         let mut all = host(&be, &y);

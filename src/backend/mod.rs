@@ -254,7 +254,7 @@ pub trait Backend: Send + Sized + 'static {
     /// @ w_i^T. A backend may run them side by side; by default they run in turn.
     fn matmul_forward_segments(&self, segments: &[Segment<'_, Self::Buf>], c: usize, oc: usize) {
         for s in segments {
-            self.matmul_forward(s.out.clone(), s.inp.clone(), s.w.clone(), None, s.rows, c, oc);
+            self.matmul_forward(s.out, s.inp, s.w, None, s.rows, c, oc);
         }
     }
     /// [`Backend::matmul_backward`] without bias of the segments of a
@@ -269,7 +269,7 @@ pub trait Backend: Send + Sized + 'static {
         oc: usize,
     ) {
         for ((s, di), dw) in segments.iter().zip(dinp).zip(dw) {
-            self.matmul_backward(Some(di.clone()), dw.clone(), None, s.out.clone(), s.inp.clone(), s.w.clone(), s.rows, c, oc);
+            self.matmul_backward(Some(*di), *dw, None, s.out, s.inp, s.w, s.rows, c, oc);
         }
     }
     /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;

@@ -354,8 +354,8 @@ impl Backend for CpuBackend {
             .map(|s| {
                 disjoint(&s.out, &[&s.inp, &s.w]);
                 assert!(s.out.len == s.rows * oc && s.inp.len == s.rows * c && s.w.len == oc * c, "matmul_forward_segments: shapes");
-                let (inp, w) = unsafe { (self.operand(self.rd(s.inp.clone())), self.operand(self.rd(s.w.clone()))) };
-                (kernels::SendPtr(unsafe { self.wr(s.out.clone()) }.as_mut_ptr()), inp, w, s.rows)
+                let (inp, w) = unsafe { (self.operand(self.rd(s.inp)), self.operand(self.rd(s.w))) };
+                (kernels::SendPtr(unsafe { self.wr(s.out) }.as_mut_ptr()), inp, w, s.rows)
             })
             .collect();
         let jobs: Vec<_> =
@@ -373,10 +373,8 @@ impl Backend for CpuBackend {
             disjoint(di, &[dw, &s.out, &s.inp, &s.w]);
             disjoint(dw, &[&s.out, &s.inp, &s.w]);
             assert!(s.out.len == s.rows * oc && s.inp.len == s.rows * c && s.w.len == oc * c && di.len == s.rows * c && dw.len == oc * c);
-            let (dout, inp, w) =
-                unsafe { (self.operand(self.rd(s.out.clone())), self.operand(self.rd(s.inp.clone())), self.operand(self.rd(s.w.clone()))) };
-            let (di, dw) =
-                unsafe { (kernels::SendPtr(self.wr(di.clone()).as_mut_ptr()), kernels::SendPtr(self.wr(dw.clone()).as_mut_ptr())) };
+            let (dout, inp, w) = unsafe { (self.operand(self.rd(s.out)), self.operand(self.rd(s.inp)), self.operand(self.rd(s.w))) };
+            let (di, dw) = unsafe { (kernels::SendPtr(self.wr(*di).as_mut_ptr()), kernels::SendPtr(self.wr(*dw).as_mut_ptr())) };
             ops.push((di, dw, dout, inp, w, s.rows));
         }
         // Two products per segment (its input and its weight gradient), all side by side.
