@@ -345,10 +345,10 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_forward_segments(&self, segments: &[Segment<'_, CpuBuf>], c: usize, oc: usize) {
-        segments::forward(self, segments, c, oc)
+        self.forward_segments(segments, c, oc)
     }
     fn matmul_backward_segments(&self, segments: &[Segment<'_, CpuBuf>], dinp: &[V], dw: &[V], c: usize, oc: usize) {
-        segments::backward(self, segments, dinp, dw, c, oc)
+        self.backward_segments(segments, dinp, dw, c, oc)
     }
 
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
