@@ -197,10 +197,10 @@ pub unsafe fn matmul_dinp_seq(dinp: *mut f32, dout: *const f32, w: *const f32, n
     gemm_raw_par(n, c, oc, dinp, c as isize, 1, dout, oc as isize, 1, w, c as isize, 1, 0.0, 1.0, false)
 }
 
-/// dw (OC, C) += dout^T (OC, N) @ inp (N, C), on this thread. SAFETY: as
-/// [`matmul_forward_nobias_seq`].
-pub unsafe fn matmul_dw_seq(dw: *mut f32, dout: *const f32, inp: *const f32, n: usize, c: usize, oc: usize) {
-    gemm_raw_par(oc, c, n, dw, c as isize, 1, dout, 1, oc as isize, inp, c as isize, 1, 1.0, 1.0, false)
+/// dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
+/// SAFETY: as [`matmul_forward_nobias_seq`].
+pub unsafe fn matmul_dw(dw: *mut f32, dout: *const f32, inp: *const f32, n: usize, c: usize, oc: usize, parallel: bool) {
+    gemm_raw_par(oc, c, n, dw, c as isize, 1, dout, 1, oc as isize, inp, c as isize, 1, 1.0, 1.0, parallel)
 }
 
 pub fn matmul_backward(
@@ -214,37 +214,17 @@ pub fn matmul_backward(
     c: usize,
     oc: usize,
 ) {
-    // dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
-    let dw_ptr = SendPtr(dw.as_mut_ptr());
-    let weight_grad = |parallel: bool| unsafe {
-        gemm_raw_par(oc, c, n, dw_ptr.get(), c as isize, 1, dout.as_ptr(), 1, oc as isize, inp.as_ptr(), c as isize, 1, 1.0, 1.0, parallel)
-    };
+    let (dw_ptr, dout_ptr, inp_ptr) = (SendPtr(dw.as_mut_ptr()), SendConst(dout.as_ptr()), SendConst(inp.as_ptr()));
+    // SAFETY (both products): the slices' lengths are the shapes' (the backend checks them) and
+    // dinp, dw and the inputs are distinct slices.
+    let weight_grad = |parallel: bool| unsafe { matmul_dw(dw_ptr.get(), dout_ptr.get(), inp_ptr.get(), n, c, oc, parallel) };
     match dinp {
         // The two products have the same FLOPs (2·N·C·OC) and write different memory: each on
         // one thread, side by side, beats each split over the threads in turn (measured on the
         // demo and 124M shapes, 2 cores: 0-15% faster).
         Some(dinp) => {
-            let dinp_ptr = SendPtr(dinp.as_mut_ptr());
-            // dinp (N, C) = dout (N, OC) @ w (OC, C)
-            let input_grad = || unsafe {
-                gemm_raw_par(
-                    n,
-                    c,
-                    oc,
-                    dinp_ptr.get(),
-                    c as isize,
-                    1,
-                    dout.as_ptr(),
-                    oc as isize,
-                    1,
-                    w.as_ptr(),
-                    c as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                )
-            };
+            let (dinp_ptr, w_ptr) = (SendPtr(dinp.as_mut_ptr()), SendConst(w.as_ptr()));
+            let input_grad = || unsafe { matmul_dinp_seq(dinp_ptr.get(), dout_ptr.get(), w_ptr.get(), n, c, oc) };
             rayon::join(input_grad, || weight_grad(false));
         }
         None => weight_grad(true),
