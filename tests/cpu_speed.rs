@@ -207,3 +207,70 @@ fn grouped_expert_products_equal_one_product_per_segment() {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "element {i}: grouped {a}, one by one {b}");
     }
 }
+
+/// The MLP's fused product + GELU (forward) and GELU derivative + product (backward) against the
+/// two ops in turn, on shapes whose blocks are ragged (rows past one block of 256, columns past
+/// one block of 512, weight-gradient columns past one block of 128); and the same bits on 1 and
+/// 2 threads.
+#[test]
+fn fused_mlp_products_equal_the_ops_in_turn_and_ignore_the_thread_count() {
+    let _turn = turn();
+    let (n, c, h) = (300, 24, 530); // rows, model width, hidden width
+    let mut rng = Rng::new(11);
+    let x = randn(&mut rng, n * c, 1.0);
+    let (w1, b1) = (randn(&mut rng, h * c, 0.3), randn(&mut rng, h, 0.3));
+    let (w2, dy) = (randn(&mut rng, c * h, 0.3), randn(&mut rng, n * c, 1.0));
+    let run = |fused: bool, threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+        pool.install(|| {
+            let be = B::default();
+            let (xb, w1b, b1b, w2b, dyb) = (buf(&be, &x), buf(&be, &w1), buf(&be, &b1), buf(&be, &w2), buf(&be, &dy));
+            let (pre, act, dpre, dact) = (be.alloc(n * h), be.alloc(n * h), be.alloc(n * h), be.alloc(n * h));
+            let (dw2, db2) = (buf(&be, &vec![0.25; c * h]), buf(&be, &vec![0.5; c]));
+            let w = B::whole;
+            if fused {
+                be.matmul_forward_gelu(w(&act), w(&pre), w(&xb), w(&w1b), Some(w(&b1b)), n, c, h);
+                be.matmul_backward_gelu(w(&dpre), w(&dact), w(&dw2), Some(w(&db2)), w(&dyb), w(&act), w(&w2b), w(&pre), n, h, c);
+            } else {
+                be.matmul_forward(w(&pre), w(&xb), w(&w1b), Some(w(&b1b)), n, c, h);
+                be.gelu_forward(w(&act), w(&pre));
+                be.matmul_backward(Some(w(&dact)), w(&dw2), Some(w(&db2)), w(&dyb), w(&act), w(&w2b), n, h, c);
+                be.gelu_backward(w(&dpre), w(&pre), w(&dact));
+            }
+            [host(&be, &pre), host(&be, &act), host(&be, &dpre), host(&be, &dw2), host(&be, &db2)]
+        })
+    };
+    let (fused, in_turn) = (run(true, 2), run(false, 2));
+    for (k, (f, t)) in fused.iter().zip(&in_turn).enumerate() {
+        assert_eq!(f.len(), t.len());
+        for (i, (a, b)) in f.iter().zip(t).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "output {k} element {i}: fused {a}, in turn {b}");
+        }
+    }
+    assert_eq!(fused, run(true, 1), "the fused ops' bits depend on the thread count");
+}
+
+/// The elementwise kernels' AVX-512 copies give the bits of their baseline copies: a GPT-2 step
+/// (GELU, softmax, cross-entropy, AdamW) and a LLaMA step (SwiGLU) with them on and off. Where
+/// the CPU has no AVX-512 both runs take the baseline, and the test says so.
+#[test]
+fn wide_elementwise_copies_give_the_baseline_bits() {
+    use taproot::backend::cpu::wide;
+    let _turn = turn();
+    if !wide::enabled() {
+        println!("this CPU has no AVX-512: both runs take the baseline kernels");
+    }
+    let run = |on: bool| {
+        wide::set_enabled(on);
+        let be = B::default();
+        let (mut m, batch) = model(&be, 2);
+        let mut out = step(&be, &mut m, &batch);
+        let dims = Dims::llama(64, 16, 32, 4, 2, Dims::default_ffn_hidden(32));
+        let mut l = Model::new(&be, dims, 2, &InitConfig::new(InitScheme::Gpt2, 2, 7));
+        out.extend(step(&be, &mut l, &batch));
+        out
+    };
+    let (wide_bits, base_bits) = (run(true), run(false));
+    wide::set_enabled(true);
+    assert_eq!(wide_bits, base_bits);
+}

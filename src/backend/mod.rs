@@ -249,6 +249,23 @@ pub trait Backend: Send + Sized + 'static {
         c: usize,
         oc: usize,
     );
+    /// `pre = inp @ w^T + b` and `out = gelu(pre)` (the MLP's first product and its activation,
+    /// both kept for the backward). A backend may fuse them; by default they run in turn.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_gelu(
+        &self,
+        out: View<Self::Buf>,
+        pre: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        b: Option<View<Self::Buf>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        self.matmul_forward(pre, inp, w, b, n, c, oc);
+        self.gelu_forward(out, pre);
+    }
     /// [`Backend::matmul_forward`] without bias of several independent row segments that share
     /// (C, OC), each with its own weight (a mixture's experts): out_i (N_i, OC) = inp_i (N_i, C)
     /// @ w_i^T. A backend may run them side by side; by default they run in turn.
@@ -271,6 +288,28 @@ pub trait Backend: Send + Sized + 'static {
         for ((s, di), dw) in segments.iter().zip(dinp).zip(dw) {
             self.matmul_backward(Some(*di), *dw, None, s.out, s.inp, s.w, s.rows, c, oc);
         }
+    }
+    /// The backward of `act = gelu(pre)` then `out = act @ w^T + b` (the MLP's activation and
+    /// second product): dpre (N, C) = gelu'(pre) ⊙ (dout @ w), overwritten; dw (OC, C) +=
+    /// dout^T @ act; db (OC) += column sums of dout. `dact` (N, C) is scratch for dout @ w, which
+    /// a backend that fuses the two need not use; by default they run in turn.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_gelu(
+        &self,
+        dpre: View<Self::Buf>,
+        dact: View<Self::Buf>,
+        dw: View<Self::Buf>,
+        db: Option<View<Self::Buf>>,
+        dout: View<Self::Buf>,
+        act: View<Self::Buf>,
+        w: View<Self::Buf>,
+        pre: View<Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        self.matmul_backward(Some(dact), dw, db, dout, act, w, n, c, oc);
+        self.gelu_backward(dpre, pre, dact);
     }
     /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;
     /// db (OC) += column sums of dout.

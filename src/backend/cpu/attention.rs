@@ -1,20 +1,48 @@
 //! The materialized causal attention of the CPU backend, forward and backward: per (batch, head),
-//! the probabilities are kept (B·NH·T·T floats) and the products are `gemm` calls by blocks of
-//! rows that skip the masked upper triangle. (The tiled alternative is `flash.rs`.)
+//! the probabilities are kept (B·NH·T·T floats) and the products run on the register-blocked
+//! [`small_gemm`] by blocks of rows that skip the masked upper triangle. Per (b, h), K (forward)
+//! or V (backward) is first copied transposed into a per-thread scratch buffer, so that every
+//! product reads its right operand by contiguous rows. (The tiled alternative is `flash.rs`.)
 
-use super::kernels::{dot8, exp_shifted_sum, gemm_raw_par, max8, SendPtr};
+use super::kernels::{dot8, exp_shifted_sum, max8, SendPtr};
+use super::microkernel::{small_gemm, MR};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Query (and key) rows per block of the causal attention: a block of queries reads only the keys
-/// up to its own last row, so the products skip most of the masked upper triangle.
-const QB: usize = 32;
+/// up to its own last row, so the products skip most of the masked upper triangle. Two register
+/// tiles of rows: the blocks are small enough that the skipped share is close to half.
+const QB: usize = 2 * MR;
+
+thread_local! {
+    /// The transposed head slice (hs × T) of K or V, per pool thread; grown, never shrunk.
+    static TRANSPOSED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread (hs, T) buffer holding `src` (T rows of hs, row stride `rs`)
+/// transposed: element (d, j) = src[j·rs + d].
+fn with_transposed<R>(src: *const f32, rs: usize, t: usize, hs: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    TRANSPOSED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < hs * t {
+            buf.resize(hs * t, 0.0);
+        }
+        for j in 0..t {
+            // SAFETY: the caller's slice holds T rows of hs floats at row stride rs.
+            let row = unsafe { std::slice::from_raw_parts(src.add(j * rs), hs) };
+            for (d, &x) in row.iter().enumerate() {
+                buf[d * t + j] = x;
+            }
+        }
+        f(&buf[..hs * t])
+    })
+}
 
 /// qkv (B, T, 3C) holds q, k, v side by side per row; head h uses channels [h*hs, (h+1)*hs).
 ///
 /// Per (b, h) and block of QB query rows [r0, r1): S = Q Kᵀ · scale over the keys [0, r1) only,
 /// causal mask, row softmax → att (the rest of each row is 0); out = att V over the same keys.
-/// The products are `gemm` calls that read Q, K, V in place through strides (row stride 3C), so
-/// nothing is copied; the blocks skip all but the diagonal blocks' share of the masked FLOPs.
+/// Q and V are read in place through their row stride 3C; nothing but Kᵀ is copied.
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -26,45 +54,28 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
         let (bi, h) = (bh / nh, bh % nh);
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
         let (k, v) = unsafe { (q.add(c), q.add(2 * c)) };
-        for r0 in (0..t).step_by(QB) {
-            let (r1, s) = ((r0 + QB).min(t), att_bh[r0 * t..].as_mut_ptr());
-            unsafe {
-                // S[r0..r1, 0..r1] = Q[r0..r1] (QB, hs) @ K[0..r1]ᵀ (hs, r1) * scale
-                let qr = q.add(r0 * c3);
-                gemm_raw_par(r1 - r0, r1, hs, s, t as isize, 1, qr, c3 as isize, 1, k, 1, c3 as isize, 0.0, scale, false);
-            }
-            for ti in r0..r1 {
-                let row = &mut att_bh[ti * t..ti * t + t];
-                let maxv = max8(&row[..=ti]);
-                let sum = exp_shifted_sum(&mut row[..=ti], maxv);
-                let inv = 1.0 / sum;
-                for x in row[..=ti].iter_mut() {
-                    *x *= inv;
+        with_transposed(k, c3, t, hs, |kt| {
+            for r0 in (0..t).step_by(QB) {
+                let r1 = (r0 + QB).min(t);
+                // S[r0..r1, 0..r1] = Q[r0..r1] (rows, hs) @ Kᵀ[.., 0..r1] (hs, r1) * scale
+                unsafe { small_gemm(r1 - r0, r1, hs, att_bh[r0 * t..].as_mut_ptr(), t, q.add(r0 * c3), c3, 1, kt.as_ptr(), t, scale) };
+                for ti in r0..r1 {
+                    let row = &mut att_bh[ti * t..ti * t + t];
+                    let maxv = max8(&row[..=ti]);
+                    let sum = exp_shifted_sum(&mut row[..=ti], maxv);
+                    let inv = 1.0 / sum;
+                    for x in row[..=ti].iter_mut() {
+                        *x *= inv;
+                    }
+                    row[ti + 1..].fill(0.0); // future positions: probability 0
                 }
-                row[ti + 1..].fill(0.0); // future positions: probability 0
+                // out[b, r0..r1, h] (rows, hs), row stride C = att[r0..r1, 0..r1] @ V[0..r1] (r1, hs)
+                unsafe {
+                    let o = outp.get().add(bi * t * c + r0 * c + h * hs);
+                    small_gemm(r1 - r0, hs, r1, o, c, att_bh[r0 * t..].as_ptr(), t, 1, v, c3, 1.0);
+                }
             }
-            unsafe {
-                // out[b, r0..r1, h] (QB, hs), row stride C = att[r0..r1, 0..r1] @ V[0..r1] (r1, hs)
-                let o = outp.get().add(bi * t * c + r0 * c + h * hs);
-                gemm_raw_par(
-                    r1 - r0,
-                    hs,
-                    r1,
-                    o,
-                    c as isize,
-                    1,
-                    att_bh[r0 * t..].as_ptr(),
-                    t as isize,
-                    1,
-                    v,
-                    c3 as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                );
-            }
-        }
+        });
     });
 }
 
@@ -97,66 +108,30 @@ pub fn attention_backward(
         let d_o = dout[bi * t * c + h * hs..].as_ptr();
         let dq = unsafe { dp.get().add(bi * t * c3 + h * hs) };
         let (dk, dv) = unsafe { (dq.add(c), dq.add(2 * c)) };
-        for r0 in (0..t).step_by(QB) {
-            let r1 = (r0 + QB).min(t);
-            unsafe {
-                // dP[r0..r1, 0..r1] = dO[r0..r1] (QB, hs) @ V[0..r1]ᵀ (hs, r1)
-                let s = ds[r0 * t..].as_mut_ptr();
-                gemm_raw_par(r1 - r0, r1, hs, s, t as isize, 1, d_o.add(r0 * c), c as isize, 1, v, 1, c3 as isize, 0.0, 1.0, false);
-            }
-            for ti in r0..r1 {
-                let a = &pr[ti * t..ti * t + t];
-                let d = &mut ds[ti * t..ti * t + t];
-                let dot = dot8(&a[..=ti], &d[..=ti]);
-                for t2 in 0..=ti {
-                    d[t2] = a[t2] * (d[t2] - dot);
+        with_transposed(v, c3, t, hs, |vt| {
+            for r0 in (0..t).step_by(QB) {
+                let r1 = (r0 + QB).min(t);
+                // dP[r0..r1, 0..r1] = dO[r0..r1] (rows, hs) @ Vᵀ[.., 0..r1] (hs, r1)
+                unsafe { small_gemm(r1 - r0, r1, hs, ds[r0 * t..].as_mut_ptr(), t, d_o.add(r0 * c), c, 1, vt.as_ptr(), t, 1.0) };
+                for ti in r0..r1 {
+                    let a = &pr[ti * t..ti * t + t];
+                    let d = &mut ds[ti * t..ti * t + t];
+                    let dot = dot8(&a[..=ti], &d[..=ti]);
+                    for (dv, &av) in d[..=ti].iter_mut().zip(&a[..=ti]) {
+                        *dv = av * (*dv - dot);
+                    }
+                    d[ti + 1..].fill(0.0);
                 }
-                d[ti + 1..].fill(0.0);
+                // dQ[r0..r1] (rows, hs) = dS[r0..r1, 0..r1] @ K[0..r1] (r1, hs) * scale
+                unsafe { small_gemm(r1 - r0, hs, r1, dq.add(r0 * c3), c3, ds[r0 * t..].as_ptr(), t, 1, k, c3, scale) };
             }
-            unsafe {
-                // dQ[r0..r1] (QB, hs) = dS[r0..r1, 0..r1] @ K[0..r1] (r1, hs) * scale
-                gemm_raw_par(
-                    r1 - r0,
-                    hs,
-                    r1,
-                    dq.add(r0 * c3),
-                    c3 as isize,
-                    1,
-                    ds[r0 * t..].as_ptr(),
-                    t as isize,
-                    1,
-                    k,
-                    c3 as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                );
-            }
-        }
+        });
         for k0 in (0..t).step_by(QB) {
             let k1 = (k0 + QB).min(t);
-            // dst[k0..k1] (QB, hs) = X[k0..t, k0..k1]ᵀ @ Y[k0..t] (t - k0, hs) · alpha, X (T, T)
-            // and Y of row stride `y_rs`.
+            // dst[k0..k1] (rows, hs) = X[k0..t, k0..k1]ᵀ @ Y[k0..t] (t - k0, hs) · alpha, X (T, T)
+            // and Y of row stride `y_rs`: Xᵀ is read with row stride 1 and column stride T.
             let product = |dst: *mut f32, x: &[f32], y: *const f32, y_rs: usize, alpha: f32| unsafe {
-                let (x, y) = (x[k0 * t + k0..].as_ptr(), y.add(k0 * y_rs));
-                gemm_raw_par(
-                    k1 - k0,
-                    hs,
-                    t - k0,
-                    dst.add(k0 * c3),
-                    c3 as isize,
-                    1,
-                    x,
-                    1,
-                    t as isize,
-                    y,
-                    y_rs as isize,
-                    1,
-                    0.0,
-                    alpha,
-                    false,
-                )
+                small_gemm(k1 - k0, hs, t - k0, dst.add(k0 * c3), c3, x[k0 * t + k0..].as_ptr(), 1, t, y.add(k0 * y_rs), y_rs, alpha)
             };
             product(dv, pr, d_o, c, 1.0); // dV = Pᵀ dO
             product(dk, ds, q, c3, scale); // dK = dSᵀ Q · scale

@@ -5,6 +5,7 @@
 //! that no two threads write the same element and results do not depend on the thread count
 //! (bitwise reproducible training on CPU).
 
+use super::wide::wide;
 use rayon::prelude::*;
 
 /// Raw gemm call: dst (m, n) = dst_scale * dst + prod_scale * lhs @ rhs, with explicit strides.
@@ -126,13 +127,14 @@ pub fn max8(x: &[f32]) -> f32 {
     m
 }
 
-/// x[i] = e^(x[i] - shift), returning the sum (vectorised exp, then [`sum8`]).
-#[inline]
-pub(super) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
-    for v in x.iter_mut() {
-        *v = fast_exp(*v - shift);
+wide! {
+    /// x[i] = e^(x[i] - shift), returning the sum (vectorised exp, then [`sum8`]).
+    pub(super) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        for v in x.iter_mut() {
+            *v = fast_exp(*v - shift);
+        }
+        sum8(x)
     }
-    sum8(x)
 }
 
 pub fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
@@ -375,14 +377,15 @@ pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // round to nearest with the 1.5·2^23 trick (no call, vectorises)
     let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    // Fused multiply-adds: one rounding each and half the instructions of a multiply then an add.
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let e = p * r * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5e-1);
+    let e = (p * r).mul_add(r, r) + 1.0;
     // 2^n from n's bits. SAFETY: the clamp keeps n in [-126, 127], an exact i32. (A plain `as`
     // conversion saturates, and its vector form stopped this loop from vectorising.)
     e * f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) << 23) as u32)
@@ -401,26 +404,46 @@ pub fn fast_tanh(x: f32) -> f32 {
 
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/pi)
 
+/// d gelu(x) / dx.
+#[inline(always)]
+pub(super) fn gelu_grad(x: f32) -> f32 {
+    let th = fast_tanh(GELU_SCALE * (0.044715 * x * x).mul_add(x, x));
+    let sech2 = th.mul_add(-th, 1.0);
+    0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (3.0 * 0.044715 * x).mul_add(x, 1.0)
+}
+
+#[inline(always)]
+pub(super) fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + fast_tanh(GELU_SCALE * (0.044715 * v * v).mul_add(v, v)))
+}
+
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: lengths differ");
-    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| gelu_forward_chunk(o, x));
+}
+
+wide! {
+    fn gelu_forward_chunk(o: &mut [f32], x: &[f32]) {
         for (oi, &v) in o.iter_mut().zip(x) {
-            *oi = 0.5 * v * (1.0 + fast_tanh(GELU_SCALE * (v + 0.044715 * v * v * v)));
+            *oi = gelu(v);
         }
-    });
+    }
 }
 
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert!(dinp.len() == inp.len() && inp.len() == dout.len(), "gelu_backward: lengths differ");
-    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)).for_each(|((di, xs), ds)| {
+    dinp.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .zip(dout.par_chunks(CHUNK))
+        .for_each(|((di, xs), ds)| gelu_backward_chunk(di, xs, ds));
+}
+
+wide! {
+    fn gelu_backward_chunk(di: &mut [f32], xs: &[f32], ds: &[f32]) {
         for ((o, &x), &d) in di.iter_mut().zip(xs).zip(ds) {
-            let cube = 0.044715 * x * x * x;
-            let th = fast_tanh(GELU_SCALE * (x + cube));
-            let sech2 = 1.0 - th * th;
-            let grad = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-            *o = grad * d;
+            *o = gelu_grad(x) * d;
         }
-    });
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -431,18 +454,26 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
     logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(r, (row, loss))| {
         let tgt = targets[r] as usize;
         assert!(tgt < v, "target id {tgt} at row {r} is outside the vocabulary of {v}");
+        *loss = crossentropy_row(row, tgt, v, dscale);
+    });
+}
+
+wide! {
+    /// One row's loss; the row becomes its gradient (dscale · (softmax − one-hot)).
+    fn crossentropy_row(row: &mut [f32], tgt: usize, v: usize, dscale: f32) -> f32 {
         let real = &mut row[..v];
         let maxv = max8(real);
         let sum = exp_shifted_sum(real, maxv);
         let inv = 1.0 / sum;
-        *loss = -(real[tgt] * inv).ln();
+        let loss = -(real[tgt] * inv).ln();
         for x in real.iter_mut() {
             *x *= inv * dscale;
         }
         real[tgt] -= dscale;
         // padded columns: masked out of the softmax, zero gradient
         row[v..].fill(0.0);
-    });
+        loss
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -451,15 +482,23 @@ pub fn crossentropy(logits: &mut [f32], losses: &mut [f32], targets: &[u32], dsc
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, t: u64) {
     let (rbc1, rbc2) = (1.0 / (1.0 - b1.powi(t as i32)), 1.0 / (1.0 - b2.powi(t as i32)));
     // Zipped slices (no indexing) so the loop vectorises: AdamW is memory-bound, 7 streams.
-    p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(
-        |(((pc, mc), vc), gc)| {
-            for (((pi, mi), vi), &gi) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
-                *mi = b1 * *mi + (1.0 - b1) * gi;
-                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-                *pi -= lr * ((*mi * rbc1) / ((*vi * rbc2).sqrt() + eps) + wd * *pi);
-            }
-        },
-    );
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((pc, mc), vc), gc)| adamw_chunk(pc, mc, vc, gc, [lr, b1, b2, eps, wd, rbc1, rbc2]));
+}
+
+wide! {
+    /// `h` = [lr, β1, β2, ε, weight decay, 1/(1 − β1^t), 1/(1 − β2^t)].
+    fn adamw_chunk(pc: &mut [f32], mc: &mut [f32], vc: &mut [f32], gc: &[f32], h: [f32; 7]) {
+        let [lr, b1, b2, eps, wd, rbc1, rbc2] = h;
+        for (((pi, mi), vi), &gi) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
+            *mi = b1 * *mi + (1.0 - b1) * gi;
+            *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+            *pi -= lr * ((*mi * rbc1) / ((*vi * rbc2).sqrt() + eps) + wd * *pi);
+        }
+    }
 }
 
 pub fn momentum(u: &mut [f32], m: &mut [f32], g: &[f32], mu: f32, nesterov: bool) {

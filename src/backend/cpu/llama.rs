@@ -3,6 +3,7 @@
 //! as there.
 
 use super::kernels::{dot8, fast_exp};
+use super::wide::wide;
 use rayon::prelude::*;
 
 /// out = x · rstd · w per row, rstd = 1 / sqrt(mean(x²) + eps); rstd (N) is kept for backward.
@@ -275,21 +276,32 @@ const ROWS: usize = 32;
 /// out (N, F) = silu(gate) · up, inp (N, 2F) = [gate | up] per row.
 pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, f: usize) {
     assert!(out.len() == n * f && inp.len() == 2 * n * f, "swiglu_forward: shapes");
-    out.par_chunks_mut(f * ROWS).zip(inp.par_chunks(2 * f * ROWS)).for_each(|(ob, ib)| {
+    out.par_chunks_mut(f * ROWS).zip(inp.par_chunks(2 * f * ROWS)).for_each(|(ob, ib)| swiglu_forward_rows(ob, ib, f));
+}
+
+wide! {
+    fn swiglu_forward_rows(ob: &mut [f32], ib: &[f32], f: usize) {
         for (o, x) in ob.chunks_mut(f).zip(ib.chunks(2 * f)) {
             let (g, u) = x.split_at(f);
             for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
                 *oi = gi * sigmoid(gi) * ui;
             }
         }
-    });
+    }
 }
 
 /// dinp (N, 2F) = [dgate | dup] (written, not accumulated): dup = silu(g) · dout,
 /// dgate = dout · u · σ(g) · (1 + g · (1 − σ(g))).
 pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, f: usize) {
     assert!(dinp.len() == 2 * n * f && inp.len() == 2 * n * f && dout.len() == n * f, "swiglu_backward: shapes");
-    dinp.par_chunks_mut(2 * f * ROWS).zip(inp.par_chunks(2 * f * ROWS)).zip(dout.par_chunks(f * ROWS)).for_each(|((db, ib), ob)| {
+    dinp.par_chunks_mut(2 * f * ROWS)
+        .zip(inp.par_chunks(2 * f * ROWS))
+        .zip(dout.par_chunks(f * ROWS))
+        .for_each(|((db, ib), ob)| swiglu_backward_rows(db, ib, ob, f));
+}
+
+wide! {
+    fn swiglu_backward_rows(db: &mut [f32], ib: &[f32], ob: &[f32], f: usize) {
         for ((di, x), d) in db.chunks_mut(2 * f).zip(ib.chunks(2 * f)).zip(ob.chunks(f)) {
             let (g, u) = x.split_at(f);
             let (dg, du) = di.split_at_mut(f);
@@ -299,5 +311,5 @@ pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, f:
                 *dgi = d * ui * sg * (1.0 + gi * (1.0 - sg));
             }
         }
-    });
+    }
 }

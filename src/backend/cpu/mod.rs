@@ -20,12 +20,16 @@
 
 mod attention;
 pub mod flash;
+mod fused;
 mod kernels;
 mod llama;
+mod microkernel;
 mod operand;
 pub mod order;
+mod products;
 pub mod profile;
 mod segments;
+pub mod wide;
 
 use super::{Attention, Backend, Precision, Segment, StreamMode, Trans, View};
 use std::cell::{RefCell, UnsafeCell};
@@ -316,34 +320,14 @@ impl Backend for CpuBackend {
     }
 
     fn gemm(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
-        let _p = profile::op_named(|| format!("gemm {m}x{k} @ {k}x{n}"));
-        disjoint(&c, &[&a, &b]);
-        assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
-        let (a, b) = unsafe { (self.operand(self.rd(a)), self.operand(self.rd(b))) };
-        let (c, a, b) = unsafe { (self.wr(c).as_mut_ptr(), a.as_ptr(), b.as_ptr()) };
-        // Row-major strides; a transposed operand is the same memory read with swapped strides.
-        let (a_rs, a_cs) = match ta {
-            Trans::N => (k as isize, 1),
-            Trans::T => (1, m as isize),
-        };
-        let (b_rs, b_cs) = match tb {
-            Trans::N => (n as isize, 1),
-            Trans::T => (1, k as isize),
-        };
-        unsafe { kernels::gemm_raw_par(m, n, k, c, n as isize, 1, a, a_rs, a_cs, b, b_rs, b_cs, beta, alpha, true) }
+        self.gemm_products(c, a, ta, b, tb, m, n, k, alpha, beta)
     }
-
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_forward {c}->{oc}"));
-        disjoint(&out, &[&inp, &w]);
-        if let Some(b) = b.as_ref() {
-            disjoint(&out, &[b]);
-        }
-        assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
-        let (inp, w) = unsafe { (self.operand(self.rd(inp)), self.operand(self.rd(w))) };
-        unsafe { kernels::matmul_forward(self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) }
+        self.forward_product(out, inp, w, b, n, c, oc)
     }
-
+    fn matmul_forward_gelu(&self, out: V, pre: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        self.forward_product_gelu(out, pre, inp, w, b, n, c, oc)
+    }
     fn matmul_forward_segments(&self, segments: &[Segment<'_, CpuBuf>], c: usize, oc: usize) {
         self.forward_segments(segments, c, oc)
     }
@@ -352,25 +336,10 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_backward {c}->{oc}"));
-        if let Some(d) = dinp.as_ref() {
-            disjoint(d, &[&dw, &dout, &inp, &w]);
-            if let Some(db) = db.as_ref() {
-                disjoint(d, &[db]);
-            }
-        }
-        disjoint(&dw, &[&dout, &inp, &w]);
-        if let Some(db) = db.as_ref() {
-            disjoint(db, &[&dw, &dout, &inp, &w]);
-        }
-        assert!(dout.len == n * oc && inp.len == n * c && w.len == oc * c && dw.len == oc * c, "matmul_backward: shapes");
-        // The bias gradient sums dout in fp32 (it is no product); the products read rounded
-        // operands in bf16/tf32.
-        if let Some(db) = db {
-            unsafe { kernels::bias_backward(self.wr(db), self.rd(dout), n, oc) }
-        }
-        let (dout, inp, w) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(inp)), self.operand(self.rd(w))) };
-        unsafe { kernels::matmul_backward(dinp.map(|d| self.wr(d)), self.wr(dw), None, &dout, &inp, &w, n, c, oc) }
+        self.backward_product(dinp, dw, db, dout, inp, w, n, c, oc)
+    }
+    fn matmul_backward_gelu(&self, dpre: V, _dact: V, dw: V, db: Option<V>, dout: V, act: V, w: V, pre: V, n: usize, c: usize, oc: usize) {
+        self.backward_product_gelu(dpre, dw, db, dout, act, w, pre, n, c, oc)
     }
 
     fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: Option<V>, b: usize, t: usize, c: usize) {

@@ -124,8 +124,7 @@ impl<B: Backend> BlockBody<B> for Gpt2Body<B> {
         be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p(wt.attprojw), Some(p.p(wt.attprojb)), n, c, c);
         residual::add_branch(be, w::<B>(&a.res2), xv, w::<B>(&y), alpha);
         be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p(wt.ln2w), p.p(wt.ln2b), n, c);
-        be.matmul_forward(w::<B>(&a.fch), w::<B>(&a.ln2), p.p(wt.fcw), Some(p.p(wt.fcb)), n, c, 4 * c);
-        be.gelu_forward(w::<B>(&a.fch_gelu), w::<B>(&a.fch));
+        be.matmul_forward_gelu(w::<B>(&a.fch_gelu), w::<B>(&a.fch), w::<B>(&a.ln2), p.p(wt.fcw), Some(p.p(wt.fcb)), n, c, 4 * c);
         be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p(wt.fcprojw), Some(p.p(wt.fcprojb)), n, 4 * c, c);
         residual::add_onto_branch(be, w::<B>(&y), w::<B>(&a.res2), alpha);
         self.stash.keep(be, mb, a, x);
@@ -148,18 +147,19 @@ impl<B: Backend> BlockBody<B> for Gpt2Body<B> {
         let alpha = dims.residual;
         let branch = || residual::branch_grad(be, s.dbranch.as_ref(), d, alpha);
         // MLP branch: y = res2 + α·fcproj(gelu(fc(ln2(res2))))
-        be.matmul_backward(
-            Some(w::<B>(&s.dfch_gelu)),
+        be.matmul_backward_gelu(
+            w::<B>(&s.dfch),
+            w::<B>(&s.dfch_gelu),
             p.g(wt.fcprojw),
             Some(p.g(wt.fcprojb)),
             branch(),
             w::<B>(&a.fch_gelu),
             p.p(wt.fcprojw),
+            w::<B>(&a.fch),
             n,
             4 * c,
             c,
         );
-        be.gelu_backward(w::<B>(&s.dfch), w::<B>(&a.fch), w::<B>(&s.dfch_gelu));
         be.matmul_backward(Some(w::<B>(&s.dc)), p.g(wt.fcw), Some(p.g(wt.fcb)), w::<B>(&s.dfch), w::<B>(&a.ln2), p.p(wt.fcw), n, c, 4 * c);
         // dy += ln2 backward: dy now holds dres2 (residual path plus MLP path)
         be.layernorm_backward(

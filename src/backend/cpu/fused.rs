@@ -1,0 +1,158 @@
+//! The MLP's product and GELU fused on the CPU (`Backend::matmul_forward_gelu` and
+//! `matmul_backward_gelu`): the products run by blocks, single-threaded and side by side on the
+//! pool, and each block's GELU (or its derivative) is applied while the block is still in cache,
+//! instead of a second pass over an (N, 4C) tensor from memory.
+
+use super::kernels::{gelu, gelu_grad, gemm_raw_par, SendConst, SendPtr};
+use super::wide::wide;
+use rayon::prelude::*;
+
+/// Rows and columns of a block of [`matmul_forward_gelu`]: its product and activation (2 · 256 ·
+/// 512 floats, 1 MiB) stay in a core's L2 cache between the two passes.
+const FUSED_ROWS: usize = 256;
+const FUSED_COLS: usize = 512;
+
+/// pre (N, OC) = inp (N, C) @ w^T + b and out = gelu(pre), by blocks of rows and columns: each
+/// block's product (single-threaded, blocks side by side on the pool) is followed at once by its
+/// bias and GELU while it is still in cache, instead of a second pass over pre from memory. The
+/// blocks depend on the shape alone, so the result does not depend on the number of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_gelu(out: &mut [f32], pre: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+    assert!(out.len() == n * oc && pre.len() == n * oc && inp.len() == n * c && w.len() == oc * c, "matmul_forward_gelu: shapes");
+    let (row_blocks, col_blocks) = (n.div_ceil(FUSED_ROWS), oc.div_ceil(FUSED_COLS));
+    let (o, p, x, wp) = (SendPtr(out.as_mut_ptr()), SendPtr(pre.as_mut_ptr()), SendConst(inp.as_ptr()), SendConst(w.as_ptr()));
+    (0..row_blocks * col_blocks).into_par_iter().for_each(|blk| {
+        let (i0, j0) = ((blk / col_blocks) * FUSED_ROWS, (blk % col_blocks) * FUSED_COLS);
+        let (rows, cols) = (FUSED_ROWS.min(n - i0), FUSED_COLS.min(oc - j0));
+        // SAFETY: block (i0, j0) writes only rows [i0, i0 + rows) × columns [j0, j0 + cols) of
+        // pre and out, which no other block touches; the shapes were checked above.
+        unsafe {
+            let pb = p.get().add(i0 * oc + j0);
+            gemm_raw_par(
+                rows,
+                cols,
+                c,
+                pb,
+                oc as isize,
+                1,
+                x.get().add(i0 * c),
+                c as isize,
+                1,
+                wp.get().add(j0 * c),
+                1,
+                c as isize,
+                0.0,
+                1.0,
+                false,
+            );
+            for r in 0..rows {
+                let pr = std::slice::from_raw_parts_mut(pb.add(r * oc), cols);
+                let or = std::slice::from_raw_parts_mut(o.get().add((i0 + r) * oc + j0), cols);
+                bias_gelu_row(or, pr, b.map(|b| &b[j0..j0 + cols]));
+            }
+        }
+    });
+}
+
+/// Columns of a block of the weight gradient in [`matmul_backward_gelu`].
+const DW_COLS: usize = 128;
+
+/// dpre (N, C) = gelu'(pre) ⊙ (dout (N, OC) @ w (OC, C)) and dw (OC, C) += dout^T @ act (N, C),
+/// as independent single-threaded tasks side by side on the pool: blocks of columns of dw, and
+/// blocks of dpre, each followed at once by its GELU derivative while it is in cache. The
+/// blocks depend on the shape alone (results do not depend on the number of threads).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_gelu(
+    dpre: &mut [f32],
+    dw: &mut [f32],
+    dout: &[f32],
+    act: &[f32],
+    w: &[f32],
+    pre: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert!(
+        dpre.len() == n * c && pre.len() == n * c && act.len() == n * c && dout.len() == n * oc && w.len() == oc * c && dw.len() == oc * c
+    );
+    let (row_blocks, col_blocks, dw_blocks) = (n.div_ceil(FUSED_ROWS), c.div_ceil(FUSED_COLS), c.div_ceil(DW_COLS));
+    let (dp, dwp) = (SendPtr(dpre.as_mut_ptr()), SendPtr(dw.as_mut_ptr()));
+    let (d, a, wp, pp) = (SendConst(dout.as_ptr()), SendConst(act.as_ptr()), SendConst(w.as_ptr()), SendConst(pre.as_ptr()));
+    // The weight-gradient blocks (the longer tasks) come first.
+    (0..dw_blocks + row_blocks * col_blocks).into_par_iter().for_each(|task| unsafe {
+        // SAFETY: every task writes its own block of dw or of dpre; the shapes were checked.
+        if task < dw_blocks {
+            let j0 = task * DW_COLS;
+            let cols = DW_COLS.min(c - j0);
+            // dw[:, j0..] (OC, cols) += dout^T (OC, N) @ act[:, j0..] (N, cols)
+            gemm_raw_par(
+                oc,
+                cols,
+                n,
+                dwp.get().add(j0),
+                c as isize,
+                1,
+                d.get(),
+                1,
+                oc as isize,
+                a.get().add(j0),
+                c as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+            );
+        } else {
+            let blk = task - dw_blocks;
+            let (i0, j0) = ((blk / col_blocks) * FUSED_ROWS, (blk % col_blocks) * FUSED_COLS);
+            let (rows, cols) = (FUSED_ROWS.min(n - i0), FUSED_COLS.min(c - j0));
+            let db = dp.get().add(i0 * c + j0);
+            // dpre block (rows, cols) = dout[i0..] (rows, OC) @ w[:, j0..] (OC, cols)
+            gemm_raw_par(
+                rows,
+                cols,
+                oc,
+                db,
+                c as isize,
+                1,
+                d.get().add(i0 * oc),
+                oc as isize,
+                1,
+                wp.get().add(j0),
+                c as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+            );
+            for r in 0..rows {
+                let dr = std::slice::from_raw_parts_mut(db.add(r * c), cols);
+                gelu_backward_in_place(dr, std::slice::from_raw_parts(pp.get().add((i0 + r) * c + j0), cols));
+            }
+        }
+    });
+}
+
+wide! {
+    /// d = gelu'(x) · d.
+    fn gelu_backward_in_place(d: &mut [f32], x: &[f32]) {
+        for (di, &xi) in d.iter_mut().zip(x) {
+            *di *= gelu_grad(xi);
+        }
+    }
+}
+
+wide! {
+    /// pre += b (if any), then out = gelu(pre).
+    fn bias_gelu_row(out: &mut [f32], pre: &mut [f32], b: Option<&[f32]>) {
+        if let Some(b) = b {
+            for (p, &bi) in pre.iter_mut().zip(b) {
+                *p += bi;
+            }
+        }
+        for (oi, &v) in out.iter_mut().zip(pre.iter()) {
+            *oi = gelu(v);
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Elementwise loops compiled twice: for the build's baseline (x86-64-v3: AVX2 + FMA, 8 lanes)
+//! and for AVX-512 (16 lanes), chosen at run time by what the CPU has. The loops are plain Rust
+//! that the compiler vectorises; the wider copy does the same arithmetic per element (no
+//! reduction is reordered: float additions are never reassociated), so both give the same bits —
+//! a test checks it by switching the wide copy off.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// 0: not probed yet, 1: use the AVX-512 copies, 2: do not.
+static WIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the AVX-512 copies run: the CPU has AVX-512F and they were not switched off.
+#[inline]
+pub fn enabled() -> bool {
+    match WIDE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = detect();
+            WIDE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+fn detect() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Use the AVX-512 copies (where the CPU has them) or not; for tests that compare the two.
+pub fn set_enabled(on: bool) {
+    WIDE.store(if on && detect() { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// `wide! { fn name(args) -> R { body } }` defines `name` so that `body` runs from a copy
+/// compiled with AVX-512 enabled when [`enabled`], else from the baseline copy. Arguments are
+/// plain `name: Type` pairs; `body` sees only them and module-level items.
+macro_rules! wide {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::backend::cpu::wide::enabled() {
+                    // SAFETY: the CPU has AVX-512F (`enabled` checked it).
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use wide;
