@@ -53,12 +53,25 @@ fn a_bf16_run_with_growth_follows_the_fp32_run() {
         assert_eq!(a.depth, b.depth);
         let r = ((a.train_loss - b.train_loss) / a.train_loss).abs();
         println!("step {:3} depth {} fp32 {:.5} bf16 {:.5} ({r:.1e})", a.step, a.depth, a.train_loss, b.train_loss);
-        // Before growth the two follow each other step by step. After a random-init growth
-        // this tiny model's trajectory is chaotic (two fp32 runs of different seeds differ by
-        // several percent per step), so there the measure is the validation loss below.
-        if a.step <= 150 {
+        // For the first 100 steps the two follow each other step by step. After a random-init
+        // growth this tiny model's trajectory is chaotic (two fp32 runs of different seeds differ
+        // by several percent per step), so there the measure is the validation loss below; and
+        // from step 100 to the growth at 150 single steps already reach the chaos floor: the same
+        // code with only the attention's block size changed (a summation order) puts one step
+        // at 2.1e-2. There the runs are compared by means over 10 steps, to the same bound.
+        if a.step <= 100 {
             assert!(r < 2e-2, "step {}: bf16 {} against fp32 {}", a.step, b.train_loss, a.train_loss);
         }
+    }
+    let window = |steps: &[taproot::train::StepRecord], from: u64| -> f32 {
+        let w: Vec<f32> = steps.iter().filter(|s| s.step > from && s.step <= from + 10).map(|s| s.train_loss).collect();
+        w.iter().sum::<f32>() / w.len() as f32
+    };
+    for from in (100..150).step_by(10) {
+        let (a, b) = (window(&fp32.steps, from), window(&bf16.steps, from));
+        let r = ((a - b) / a).abs();
+        println!("steps {}..={}: mean fp32 {a:.5} bf16 {b:.5} ({r:.1e})", from + 1, from + 10);
+        assert!(r < 2e-2, "steps {}..={}: mean bf16 {b} against fp32 {a}", from + 1, from + 10);
     }
     let (v32, v16) = (fp32.final_val_loss().unwrap(), bf16.final_val_loss().unwrap());
     let rel = ((v16 - v32) / v32).abs();

@@ -4,8 +4,9 @@
 //! or V (backward) is first copied transposed into a per-thread scratch buffer, so that every
 //! product reads its right operand by contiguous rows. (The tiled alternative is `flash.rs`.)
 
-use super::kernels::{dot8, exp_shifted_sum, max8, SendPtr};
+use super::kernels::{dot8, fast_exp, max8, sum8, SendPtr};
 use super::microkernel::{small_gemm, MR};
+use super::wide::wide;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -17,6 +18,9 @@ const QB: usize = 2 * MR;
 thread_local! {
     /// The transposed head slice (hs × T) of K or V, per pool thread; grown, never shrunk.
     static TRANSPOSED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One (b, h)'s dP, then dS (T × T), per pool thread: it stays in cache from its product
+    /// to its last use, where a (B, NH, T, T) tensor would go through memory.
+    static DS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on a per-thread (hs, T) buffer holding `src` (T rows of hs, row stride `rs`)
@@ -36,6 +40,38 @@ fn with_transposed<R>(src: *const f32, rs: usize, t: usize, hs: usize, f: impl F
         }
         f(&buf[..hs * t])
     })
+}
+
+wide! {
+    /// The softmax of a row's first `len` scores (the keys a query sees); the rest become 0.
+    /// The passes run over whole vectors: up to 15 entries past `len` are first set to a score
+    /// whose exponential (e^-87, clamped) vanishes beside the maximum's 1 in the sum, and are
+    /// zeroed with the rest at the end.
+    fn softmax_causal_row(row: &mut [f32], len: usize) {
+        let padded = len.next_multiple_of(16).min(row.len());
+        row[len..padded].fill(-1e30);
+        let maxv = max8(&row[..padded]);
+        for x in row[..padded].iter_mut() {
+            *x = fast_exp(*x - maxv);
+        }
+        let inv = 1.0 / sum8(&row[..padded]);
+        for x in row[..len].iter_mut() {
+            *x *= inv;
+        }
+        row[len..].fill(0.0);
+    }
+}
+
+wide! {
+    /// A softmax row's backward: d = p ⊙ (d − p·d) over the first `len` entries; the rest 0.
+    fn softmax_backward_causal_row(d: &mut [f32], p: &[f32], len: usize) {
+        let (seen, future) = d.split_at_mut(len);
+        let dot = dot8(&p[..len], seen);
+        for (dv, &pv) in seen.iter_mut().zip(&p[..len]) {
+            *dv = pv * (*dv - dot);
+        }
+        future.fill(0.0);
+    }
 }
 
 /// qkv (B, T, 3C) holds q, k, v side by side per row; head h uses channels [h*hs, (h+1)*hs).
@@ -60,14 +96,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
                 // S[r0..r1, 0..r1] = Q[r0..r1] (rows, hs) @ Kᵀ[.., 0..r1] (hs, r1) * scale
                 unsafe { small_gemm(r1 - r0, r1, hs, att_bh[r0 * t..].as_mut_ptr(), t, q.add(r0 * c3), c3, 1, kt.as_ptr(), t, scale) };
                 for ti in r0..r1 {
-                    let row = &mut att_bh[ti * t..ti * t + t];
-                    let maxv = max8(&row[..=ti]);
-                    let sum = exp_shifted_sum(&mut row[..=ti], maxv);
-                    let inv = 1.0 / sum;
-                    for x in row[..=ti].iter_mut() {
-                        *x *= inv;
-                    }
-                    row[ti + 1..].fill(0.0); // future positions: probability 0
+                    softmax_causal_row(&mut att_bh[ti * t..ti * t + t], ti + 1);
                 }
                 // out[b, r0..r1, h] (rows, hs), row stride C = att[r0..r1, 0..r1] @ V[0..r1] (r1, hs)
                 unsafe {
@@ -83,24 +112,28 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
 /// rows over the keys up to each block's end; then by blocks of key rows [k0, k1), over the
 /// queries from k0 on (the earlier ones cannot see them): dV = Pᵀ dO, dK = dSᵀ Q · scale. Every
 /// product overwrites its slice of dqkv, so dqkv needs no zeroing.
-pub fn attention_backward(
-    dqkv: &mut [f32],
-    datt: &mut [f32],
-    dout: &[f32],
-    qkv: &[f32],
-    att: &[f32],
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) {
+pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], b: usize, t: usize, c: usize, nh: usize) {
+    assert!(att.len() == b * nh * t * t && dqkv.len() == b * t * 3 * c, "attention_backward: shapes");
+    let dp = SendPtr(dqkv.as_mut_ptr());
+    // One task per (b, h): it owns head h's q/k/v slices of dqkv[b, :].
+    (0..b * nh).into_par_iter().for_each(|bh| {
+        DS.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < t * t {
+                buf.resize(t * t, 0.0);
+            }
+            backward_head(dp, &mut buf[..t * t], dout, qkv, att, bh, t, c, nh);
+        })
+    });
+}
+
+/// The backward of one (b, h) = `bh`, with `ds` (T × T) as its dP/dS scratch.
+#[allow(clippy::too_many_arguments)]
+fn backward_head(dp: SendPtr, ds: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], bh: usize, t: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let c3 = 3 * c;
-    assert!(datt.len() == b * nh * t * t && dqkv.len() == b * t * c3, "attention_backward: shapes");
-    let dp = SendPtr(dqkv.as_mut_ptr());
-    // One task per (b, h): it owns datt[b, h] and head h's q/k/v slices of dqkv[b, :].
-    datt.par_chunks_mut(t * t).enumerate().for_each(|(bh, ds)| {
+    {
         let (bi, h) = (bh / nh, bh % nh);
         let pr = &att[bh * t * t..(bh + 1) * t * t];
         let q = qkv[bi * t * c3 + h * hs..].as_ptr();
@@ -114,13 +147,7 @@ pub fn attention_backward(
                 // dP[r0..r1, 0..r1] = dO[r0..r1] (rows, hs) @ Vᵀ[.., 0..r1] (hs, r1)
                 unsafe { small_gemm(r1 - r0, r1, hs, ds[r0 * t..].as_mut_ptr(), t, d_o.add(r0 * c), c, 1, vt.as_ptr(), t, 1.0) };
                 for ti in r0..r1 {
-                    let a = &pr[ti * t..ti * t + t];
-                    let d = &mut ds[ti * t..ti * t + t];
-                    let dot = dot8(&a[..=ti], &d[..=ti]);
-                    for (dv, &av) in d[..=ti].iter_mut().zip(&a[..=ti]) {
-                        *dv = av * (*dv - dot);
-                    }
-                    d[ti + 1..].fill(0.0);
+                    softmax_backward_causal_row(&mut ds[ti * t..ti * t + t], &pr[ti * t..ti * t + t], ti + 1);
                 }
                 // dQ[r0..r1] (rows, hs) = dS[r0..r1, 0..r1] @ K[0..r1] (r1, hs) * scale
                 unsafe { small_gemm(r1 - r0, hs, r1, dq.add(r0 * c3), c3, ds[r0 * t..].as_ptr(), t, 1, k, c3, scale) };
@@ -136,5 +163,5 @@ pub fn attention_backward(
             product(dv, pr, d_o, c, 1.0); // dV = Pᵀ dO
             product(dk, ds, q, c3, scale); // dK = dSᵀ Q · scale
         }
-    });
+    }
 }

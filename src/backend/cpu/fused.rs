@@ -1,7 +1,8 @@
 //! The MLP's product and GELU fused on the CPU (`Backend::matmul_forward_gelu` and
 //! `matmul_backward_gelu`): the products run by blocks, single-threaded and side by side on the
 //! pool, and each block's GELU (or its derivative) is applied while the block is still in cache,
-//! instead of a second pass over an (N, 4C) tensor from memory.
+//! instead of a second pass over an (N, 4C) tensor from memory. Plain forward products with a
+//! short inner dimension run by the same blocks.
 
 use super::kernels::{gelu, gelu_grad, gemm_raw_par, SendConst, SendPtr};
 use super::wide::wide;
@@ -12,15 +13,36 @@ use rayon::prelude::*;
 const FUSED_ROWS: usize = 256;
 const FUSED_COLS: usize = 512;
 
+/// The longest inner dimension for which a plain `Backend::matmul_forward` runs by blocks too.
+pub const BLOCKED_MAX_INNER: usize = 256;
+
 /// pre (N, OC) = inp (N, C) @ w^T + b and out = gelu(pre), by blocks of rows and columns: each
 /// block's product (single-threaded, blocks side by side on the pool) is followed at once by its
 /// bias and GELU while it is still in cache, instead of a second pass over pre from memory. The
 /// blocks depend on the shape alone, so the result does not depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_forward_gelu(out: &mut [f32], pre: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, c: usize, oc: usize) {
-    assert!(out.len() == n * oc && pre.len() == n * oc && inp.len() == n * c && w.len() == oc * c, "matmul_forward_gelu: shapes");
+    assert!(out.len() == n * oc);
+    matmul_forward_blocks(Some(out), pre, inp, w, b, n, c, oc)
+}
+
+/// pre (N, OC) = inp (N, C) @ w^T + b, and out = gelu(pre) where `out` is given, by blocks
+/// (as [`matmul_forward_gelu`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_blocks(
+    out: Option<&mut [f32]>,
+    pre: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert!(pre.len() == n * oc && inp.len() == n * c && w.len() == oc * c, "matmul_forward: shapes");
     let (row_blocks, col_blocks) = (n.div_ceil(FUSED_ROWS), oc.div_ceil(FUSED_COLS));
-    let (o, p, x, wp) = (SendPtr(out.as_mut_ptr()), SendPtr(pre.as_mut_ptr()), SendConst(inp.as_ptr()), SendConst(w.as_ptr()));
+    let o = out.map(|o| SendPtr(o.as_mut_ptr()));
+    let (p, x, wp) = (SendPtr(pre.as_mut_ptr()), SendConst(inp.as_ptr()), SendConst(w.as_ptr()));
     (0..row_blocks * col_blocks).into_par_iter().for_each(|blk| {
         let (i0, j0) = ((blk / col_blocks) * FUSED_ROWS, (blk % col_blocks) * FUSED_COLS);
         let (rows, cols) = (FUSED_ROWS.min(n - i0), FUSED_COLS.min(oc - j0));
@@ -47,7 +69,7 @@ pub fn matmul_forward_gelu(out: &mut [f32], pre: &mut [f32], inp: &[f32], w: &[f
             );
             for r in 0..rows {
                 let pr = std::slice::from_raw_parts_mut(pb.add(r * oc), cols);
-                let or = std::slice::from_raw_parts_mut(o.get().add((i0 + r) * oc + j0), cols);
+                let or = o.as_ref().map(|o| std::slice::from_raw_parts_mut(o.get().add((i0 + r) * oc + j0), cols));
                 bias_gelu_row(or, pr, b.map(|b| &b[j0..j0 + cols]));
             }
         }
@@ -144,15 +166,17 @@ wide! {
 }
 
 wide! {
-    /// pre += b (if any), then out = gelu(pre).
-    fn bias_gelu_row(out: &mut [f32], pre: &mut [f32], b: Option<&[f32]>) {
+    /// pre += b (if any), then out = gelu(pre) (if out is given).
+    fn bias_gelu_row(out: Option<&mut [f32]>, pre: &mut [f32], b: Option<&[f32]>) {
         if let Some(b) = b {
             for (p, &bi) in pre.iter_mut().zip(b) {
                 *p += bi;
             }
         }
-        for (oi, &v) in out.iter_mut().zip(pre.iter()) {
-            *oi = gelu(v);
+        if let Some(out) = out {
+            for (oi, &v) in out.iter_mut().zip(pre.iter()) {
+                *oi = gelu(v);
+            }
         }
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! C (m×n) = alpha · A (m×k) · B (k×n), overwritten. A is read one element at a time (broadcast),
 //! so it may have any strides — a transposed operand costs nothing. B's rows are read as vectors
-//! and must be contiguous (row stride free). Each tile of C (up to [`MR`] rows by two vectors)
-//! stays in registers over the whole k loop; nothing is packed or allocated. Columns past n are
+//! and must be contiguous (row stride free). Each tile of C (up to 24 vectors with AVX-512, 12
+//! with AVX2) stays in registers over the whole k loop; nothing is packed or allocated. Columns past n are
 //! masked off, never read or written.
 //!
 //! Summation: each C element is a single chain of fused multiply-adds over p = 0..k in order,
@@ -118,8 +118,42 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
+    /// AVX-512 has 32 registers: tiles of 12 rows by up to two vectors or 6 rows by up to four
+    /// (24 accumulators either way), the rows left over in tiles of 8, 4, 2 and 1 (or 4, 2, 1).
     pub(super) unsafe fn gemm512(g: &Gemm, m: usize, n: usize) {
-        walk!(g, m, n, 16, tile512)
+        let mut j0 = 0;
+        while j0 < n {
+            let w = (n - j0).min(64);
+            let v = w.div_ceil(16);
+            let mut i0 = 0;
+            while i0 < m {
+                let sizes: &[usize] = if v <= 2 { &[12, 8, 4, 2, 1] } else { &[6, 4, 2, 1] };
+                let r = sizes.iter().copied().find(|&r| r <= m - i0).unwrap_or(1);
+                let at = (i0, j0, w);
+                match (v, r) {
+                    (1, 12) => tile512::<12, 1>(g, at),
+                    (1, 8) => tile512::<8, 1>(g, at),
+                    (1, 4) => tile512::<4, 1>(g, at),
+                    (1, 2) => tile512::<2, 1>(g, at),
+                    (1, _) => tile512::<1, 1>(g, at),
+                    (2, 12) => tile512::<12, 2>(g, at),
+                    (2, 8) => tile512::<8, 2>(g, at),
+                    (2, 4) => tile512::<4, 2>(g, at),
+                    (2, 2) => tile512::<2, 2>(g, at),
+                    (2, _) => tile512::<1, 2>(g, at),
+                    (3, 6) => tile512::<6, 3>(g, at),
+                    (3, 4) => tile512::<4, 3>(g, at),
+                    (3, 2) => tile512::<2, 3>(g, at),
+                    (3, _) => tile512::<1, 3>(g, at),
+                    (_, 6) => tile512::<6, 4>(g, at),
+                    (_, 4) => tile512::<4, 4>(g, at),
+                    (_, 2) => tile512::<2, 4>(g, at),
+                    (_, _) => tile512::<1, 4>(g, at),
+                }
+                i0 += r;
+            }
+            j0 += 16 * v;
+        }
     }
 
     /// Lanes `[0, w)` of a 16-lane vector.
@@ -131,11 +165,11 @@ mod x86 {
         }
     }
 
-    /// C[i0..i0+R, j0..j0+w) with R rows and V vectors of 16 lanes (w ≤ 16·V).
+    /// C[i0..i0+R, j0..j0+w) with R rows and V vectors of 16 lanes (w ≤ 16·V ≤ 64).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile512<const R: usize, const V: usize>(g: &Gemm, (i0, j0, w): (usize, usize, usize)) {
-        let masks = [mask16(w), mask16(w.saturating_sub(16))];
+        let masks = [mask16(w), mask16(w.saturating_sub(16)), mask16(w.saturating_sub(32)), mask16(w.saturating_sub(48))];
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         let a = g.a.add(i0 * g.a_rs);
         let b = g.b.add(j0);
@@ -163,6 +197,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    /// AVX2 has 16 registers: tiles of up to MR rows by up to two vectors.
     pub(super) unsafe fn gemm256(g: &Gemm, m: usize, n: usize) {
         walk!(g, m, n, 8, tile256)
     }
@@ -219,7 +254,9 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
         };
-        for &(m, n, k) in &[(1, 1, 1), (6, 32, 32), (7, 33, 5), (13, 47, 17), (12, 128, 32), (5, 16, 0), (20, 9, 40)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (6, 32, 32), (7, 33, 5), (13, 47, 17), (12, 128, 32), (5, 16, 0), (20, 9, 40), (27, 70, 9), (11, 50, 3)]
+        {
             for &transposed in &[false, true] {
                 let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let (a_rs, a_cs) = if transposed { (1, m) } else { (k, 1) };

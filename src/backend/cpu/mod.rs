@@ -216,6 +216,14 @@ impl Backend for CpuBackend {
         self.mode.attention()
     }
 
+    /// The materialized backward keeps one (b, h)'s dS at a time, in a per-thread T×T buffer: it
+    /// needs no scratch from the caller (and so no B·NH·T·T floats per block).
+    fn attention_scratch_len(&self, b: usize, t: usize, nh: usize) -> usize {
+        match self.attention() {
+            Attention::Materialized => 0,
+            Attention::Flash => self.attention_state_len(b, t, nh),
+        }
+    }
     fn alloc(&self, n: usize) -> CpuBuf {
         CpuBuf::new(n, self.index, &self.stream)
     }
@@ -413,7 +421,7 @@ impl Backend for CpuBackend {
         disjoint(&dqkv, &[&datt, &dout, &qkv, &out, &att]);
         disjoint(&datt, &[&dout, &qkv, &out, &att]);
         assert!(
-            att.len == self.attention_state_len(b, t, nh) && datt.len == self.attention_scratch_len(b, t, nh),
+            att.len == self.attention_state_len(b, t, nh) && datt.len >= self.attention_scratch_len(b, t, nh),
             "attention_backward: att/datt sizes"
         );
         match self.attention() {
@@ -421,7 +429,7 @@ impl Backend for CpuBackend {
                 // In bf16/tf32 q, k, v and dout are read rounded; the probabilities enter the
                 // softmax backward (and, unlike on a GPU, the dV product) unrounded.
                 let (dout, qkv) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(qkv))) };
-                unsafe { attention::attention_backward(self.wr(dqkv), self.wr(datt), &dout, &qkv, self.rd(att), b, t, c, nh) }
+                unsafe { attention::attention_backward(self.wr(dqkv), &dout, &qkv, self.rd(att), b, t, c, nh) }
             }
             Attention::Flash => {
                 // D = rowsum(dout · out) from the fp32 values, into the scratch.
