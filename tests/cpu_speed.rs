@@ -251,7 +251,8 @@ fn fused_mlp_products_equal_the_ops_in_turn_and_ignore_the_thread_count() {
 }
 
 /// The elementwise kernels' AVX-512 copies give the bits of their baseline copies: a GPT-2 step
-/// (GELU, softmax, cross-entropy, AdamW) and a LLaMA step (SwiGLU) with them on and off. Where
+/// (GELU, softmax, cross-entropy, AdamW, attention's AVX-512 or AVX2 tiles) and a LLaMA step
+/// (SwiGLU) with them on and off. Where
 /// the CPU has no AVX-512 both runs take the baseline, and the test says so.
 #[test]
 fn wide_elementwise_copies_give_the_baseline_bits() {

@@ -40,7 +40,8 @@ pub unsafe fn small_gemm(
     let g = Gemm { k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha };
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        // The same switch as the elementwise kernels' wide copies (`wide::set_enabled`).
+        if super::wide::enabled() {
             return x86::gemm512(&g, m, n);
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

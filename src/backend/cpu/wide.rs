@@ -34,7 +34,8 @@ fn detect() -> bool {
     }
 }
 
-/// Use the AVX-512 copies (where the CPU has them) or not; for tests that compare the two.
+/// Use the AVX-512 copies (where the CPU has them) or not; for tests that compare the two. The
+/// attention's register-tiled products (`microkernel.rs`) follow the same switch.
 pub fn set_enabled(on: bool) {
     WIDE.store(if on && detect() { 1 } else { 2 }, Ordering::Relaxed);
 }
