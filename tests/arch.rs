@@ -344,6 +344,54 @@ fn routing_follows_its_definition() {
     assert_eq!(b, [0.5, -0.5, 0.0, 0.0]);
 }
 
+/// Routing many tokens at once (side by side on the pool, in tasks of tokens) gives each token
+/// exactly its own one-token routing, ties included, on 1 thread and on 3 alike.
+#[test]
+fn routing_a_batch_equals_routing_each_token_alone() {
+    use taproot::model::moe::route;
+    let (n, e, k) = (301, 8, 3);
+    let mut r = Rng::new(5);
+    // Logits on a coarse grid, so that many tokens have tied logits.
+    let logits: Vec<f32> = (0..n * e).map(|_| (r.below(7) as f32 - 3.0) * 0.5).collect();
+    let bias: Vec<f32> = (0..e).map(|i| if i % 3 == 0 { 0.25 } else { 0.0 }).collect();
+    for (routing, bias) in [(Routing::Softmax, None), (Routing::Sigmoid, Some(&bias[..]))] {
+        let pool = |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let batch = pool(3).install(|| route(&logits, bias, n, e, k, routing));
+        assert_eq!(batch, pool(1).install(|| route(&logits, bias, n, e, k, routing)), "{routing:?}: 1 thread against 3");
+        for t in 0..n {
+            let one = route(&logits[t * e..(t + 1) * e], bias, 1, e, k, routing);
+            assert_eq!(one.experts[..], batch.experts[t * k..(t + 1) * k], "{routing:?} token {t}");
+            assert_eq!(one.weights[..], batch.weights[t * k..(t + 1) * k], "{routing:?} token {t}");
+            assert_eq!(one.scores[..], batch.scores[t * e..(t + 1) * e], "{routing:?} token {t}");
+            // Best first, ties to the lower index: by key, then index.
+            let key = |i: u32| one.scores[i as usize] + bias.map_or(0.0, |b| b[i as usize]);
+            for w in one.experts.windows(2) {
+                assert!(key(w[0]) > key(w[1]) || (key(w[0]) == key(w[1]) && w[0] < w[1]), "{routing:?} token {t}: {:?}", one.experts);
+            }
+            let rest = (0..e as u32).filter(|i| !one.experts.contains(i));
+            let last = *one.experts.last().unwrap();
+            for i in rest {
+                assert!(key(i) < key(last) || (key(i) == key(last) && i > last), "{routing:?} token {t}: {i} beats {last}");
+            }
+        }
+    }
+}
+
+/// The combine's backward writes each slot's row from its own task: slots that are not a
+/// permutation (two choices in one row) are refused before anything is written.
+#[test]
+#[should_panic(expected = "repeated")]
+fn moe_combine_backward_refuses_repeated_slots() {
+    use taproot::backend::Backend;
+    type B = CpuBackend;
+    let be = B::default();
+    let (n, k, c) = (2, 2, 4);
+    let slots = be.alloc_ids(n * k);
+    be.upload_ids(&slots, &[0, 1, 1, 3]);
+    let (dys, dw, dout, ys, w) = (be.alloc(n * k * c), be.alloc(n * k), be.alloc(n * c), be.alloc(n * k * c), be.alloc(n * k));
+    be.moe_combine_backward(B::whole(&dys), B::whole(&dw), B::whole(&dout), B::whole(&ys), &slots, B::whole(&w), n, k, c);
+}
+
 #[test]
 fn moe_config_errors_are_named() {
     let dir = synthetic_dataset("arch-moe-cfg");

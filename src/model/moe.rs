@@ -84,34 +84,55 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize,
     r
 }
 
-/// [`route`] into `r`, reusing its vectors (the block routes every micro-batch).
+/// Tokens per task of [`route_into`].
+const ROUTE_TOKENS: usize = 64;
+
+/// [`route`] into `r`, reusing its vectors (the block routes every micro-batch). Tokens are
+/// routed independently, side by side on the pool: the result does not depend on the number
+/// of threads.
 pub fn route_into(r: &mut Route, logits: &[f32], bias: Option<&[f32]>, n: usize, e: usize, k: usize, routing: Routing) {
+    use rayon::prelude::*;
     assert!(logits.len() == n * e && k >= 1 && k <= e, "route: {n} tokens of {e} logits, top {k}");
-    r.experts.clear();
-    r.weights.clear();
-    r.scores.clear();
-    let mut order: Vec<usize> = Vec::with_capacity(e);
-    for l in logits.chunks_exact(e) {
-        let start = r.scores.len();
-        match routing {
-            Routing::Softmax => {
-                let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
-                r.scores.extend(l.iter().map(|&x| (((x - m) as f64).exp() / z) as f32));
+    r.experts.resize(n * k, 0);
+    r.weights.resize(n * k, 0.0);
+    r.scores.resize(n * e, 0.0);
+    let tasks = logits.par_chunks(ROUTE_TOKENS * e).zip(r.scores.par_chunks_mut(ROUTE_TOKENS * e));
+    tasks.zip(r.experts.par_chunks_mut(ROUTE_TOKENS * k).zip(r.weights.par_chunks_mut(ROUTE_TOKENS * k))).for_each(|((l, s), (x, w))| {
+        for (((l, s), x), w) in l.chunks_exact(e).zip(s.chunks_exact_mut(e)).zip(x.chunks_exact_mut(k)).zip(w.chunks_exact_mut(k)) {
+            route_token(l, bias, s, x, w, routing);
+        }
+    });
+}
+
+/// One token: its scores `s` (E) from its logits `l`, then its k experts `x` (best first) and
+/// their weights `w`.
+fn route_token(l: &[f32], bias: Option<&[f32]>, s: &mut [f32], x: &mut [u32], w: &mut [f32], routing: Routing) {
+    match routing {
+        Routing::Softmax => {
+            let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+            s.iter_mut().zip(l).for_each(|(s, &x)| *s = (((x - m) as f64).exp() / z) as f32);
+        }
+        Routing::Sigmoid => s.iter_mut().zip(l).for_each(|(s, &x)| *s = (1.0 / (1.0 + (-(x as f64)).exp())) as f32),
+    }
+    let key = |i: usize| s[i] + bias.map_or(0.0, |b| b[i]);
+    // The k largest keys, best first, ties to the lower index: the first k of a stable sort by
+    // descending key, by selection.
+    for j in 0..x.len() {
+        let mut best: Option<usize> = None;
+        for i in 0..s.len() {
+            if x[..j].contains(&(i as u32)) {
+                continue;
             }
-            Routing::Sigmoid => r.scores.extend(l.iter().map(|&x| (1.0 / (1.0 + (-(x as f64)).exp())) as f32)),
+            if best.is_none_or(|b| key(i).total_cmp(&key(b)) == std::cmp::Ordering::Greater) {
+                best = Some(i);
+            }
         }
-        let s = &r.scores[start..];
-        let key = |i: usize| s[i] + bias.map_or(0.0, |b| b[i]);
-        order.clear();
-        order.extend(0..e);
-        // Descending key, ties to the lower index (a stable sort keeps index order).
-        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
-        let sum: f32 = order[..k].iter().map(|&i| s[i]).sum();
-        for &i in &order[..k] {
-            r.experts.push(i as u32);
-            r.weights.push(s[i] / sum);
-        }
+        x[j] = best.expect("k <= E") as u32;
+    }
+    let sum: f32 = x.iter().map(|&i| s[i as usize]).sum();
+    for (w, &i) in w.iter_mut().zip(x.iter()) {
+        *w = s[i as usize] / sum;
     }
 }
 

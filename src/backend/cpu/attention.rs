@@ -42,23 +42,46 @@ fn with_transposed<R>(src: *const f32, rs: usize, t: usize, hs: usize, f: impl F
     })
 }
 
+/// Lanes of the softmax rows' passes: one AVX-512 vector.
+const LANES: usize = 16;
+
 wide! {
-    /// The softmax of a row's first `len` scores (the keys a query sees); the rest become 0.
-    /// The passes run over whole vectors: up to 15 entries past `len` are first set to a score
-    /// whose exponential (e^-87, clamped) vanishes beside the maximum's 1 in the sum, and are
-    /// zeroed with the rest at the end.
-    fn softmax_causal_row(row: &mut [f32], len: usize) {
-        let padded = len.next_multiple_of(16).min(row.len());
+    /// The softmax of a row's first `len` scores (the keys a query sees), with zeros from `len`
+    /// to `end` (the products read no further). The passes run over whole vectors: up to 15
+    /// entries past `len` are first set to a score whose exponential (e^-87, clamped) vanishes
+    /// beside the maximum's 1 in the sum (past `end` they are left so). Maximum and sum run in
+    /// 16 lanes, so a row of a few vectors is not one chain of dependent operations.
+    fn softmax_causal_row(row: &mut [f32], len: usize, end: usize) {
+        let padded = len.next_multiple_of(LANES).min(row.len());
         row[len..padded].fill(-1e30);
-        let maxv = max8(&row[..padded]);
-        for x in row[..padded].iter_mut() {
-            *x = fast_exp(*x - maxv);
+        let x = &mut row[..padded];
+        // (A remainder of under 16 is left only where T is no multiple of 16.)
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for ch in &mut chunks {
+            for k in 0..LANES {
+                acc[k] = if ch[k] > acc[k] { ch[k] } else { acc[k] };
+            }
         }
-        let inv = 1.0 / sum8(&row[..padded]);
-        for x in row[..len].iter_mut() {
-            *x *= inv;
+        for (k, &v) in chunks.remainder().iter().enumerate() {
+            acc[k] = if v > acc[k] { v } else { acc[k] };
         }
-        row[len..].fill(0.0);
+        let maxv = max8(&acc);
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for ch in &mut chunks {
+            for k in 0..LANES {
+                ch[k] = fast_exp(ch[k] - maxv);
+                sums[k] += ch[k];
+            }
+        }
+        for (k, v) in chunks.into_remainder().iter_mut().enumerate() {
+            *v = fast_exp(*v - maxv);
+            sums[k] += *v;
+        }
+        let inv = 1.0 / sum8(&sums);
+        row[..len].iter_mut().for_each(|v| *v *= inv);
+        row[len..end].fill(0.0);
     }
 }
 
@@ -95,8 +118,9 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
                 let r1 = (r0 + QB).min(t);
                 // S[r0..r1, 0..r1] = Q[r0..r1] (rows, hs) @ Kᵀ[.., 0..r1] (hs, r1) * scale
                 unsafe { small_gemm(r1 - r0, r1, hs, att_bh[r0 * t..].as_mut_ptr(), t, q.add(r0 * c3), c3, 1, kt.as_ptr(), t, scale) };
+                // Rows end at r1: the products (and the backward) read no column past it.
                 for ti in r0..r1 {
-                    softmax_causal_row(&mut att_bh[ti * t..ti * t + t], ti + 1);
+                    softmax_causal_row(&mut att_bh[ti * t..ti * t + t], ti + 1, r1);
                 }
                 // out[b, r0..r1, h] (rows, hs), row stride C = att[r0..r1, 0..r1] @ V[0..r1] (r1, hs)
                 unsafe {
@@ -147,7 +171,7 @@ fn backward_head(dp: SendPtr, ds: &mut [f32], dout: &[f32], qkv: &[f32], att: &[
                 // dP[r0..r1, 0..r1] = dO[r0..r1] (rows, hs) @ Vᵀ[.., 0..r1] (hs, r1)
                 unsafe { small_gemm(r1 - r0, r1, hs, ds[r0 * t..].as_mut_ptr(), t, d_o.add(r0 * c), c, 1, vt.as_ptr(), t, 1.0) };
                 for ti in r0..r1 {
-                    softmax_backward_causal_row(&mut ds[ti * t..ti * t + t], &pr[ti * t..ti * t + t], ti + 1);
+                    softmax_backward_causal_row(&mut ds[ti * t..ti * t + r1], &pr[ti * t..ti * t + r1], ti + 1);
                 }
                 // dQ[r0..r1] (rows, hs) = dS[r0..r1, 0..r1] @ K[0..r1] (r1, hs) * scale
                 unsafe { small_gemm(r1 - r0, hs, r1, dq.add(r0 * c3), c3, ds[r0 * t..].as_ptr(), t, 1, k, c3, scale) };

@@ -2,7 +2,7 @@
 //! key/value sharing and SwiGLU (the GPT-2 ops are in `kernels`). Rows in parallel over rayon,
 //! as there.
 
-use super::kernels::{dot8, fast_exp};
+use super::kernels::{dot8, fast_exp, SendPtr};
 use super::wide::wide;
 use rayon::prelude::*;
 
@@ -152,7 +152,10 @@ pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&
     });
 }
 
-/// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]].
+/// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]]. Tokens run
+/// side by side on the pool; the slots must be distinct (each (t, j) owns its row of dys),
+/// which is checked first.
+#[allow(clippy::too_many_arguments)]
 pub fn moe_combine_backward(
     dys: &mut [f32],
     dweights: &mut [f32],
@@ -164,15 +167,29 @@ pub fn moe_combine_backward(
     k: usize,
     c: usize,
 ) {
-    assert!(dys.len() >= n * k * c && dweights.len() >= n * k && slots.len() >= n * k, "moe_combine_backward: shapes");
-    for (tj, dw) in dweights[..n * k].iter_mut().enumerate() {
-        let (t, s) = (tj / k, slots[tj] as usize);
-        let d = &dout[t * c..(t + 1) * c];
-        *dw = dot8(d, &ys[s * c..(s + 1) * c]);
-        for (o, &g) in dys[s * c..(s + 1) * c].iter_mut().zip(d) {
-            *o = weights[tj] * g;
-        }
+    let m = n * k;
+    assert!(dys.len() >= m * c && dweights.len() >= m && slots.len() >= m && weights.len() >= m, "moe_combine_backward: shapes");
+    let mut seen = vec![false; m];
+    for &s in &slots[..m] {
+        let s = s as usize;
+        assert!(s < m && !seen[s], "moe_combine_backward: slot {s} out of range or repeated (slots must be a permutation of 0..{m})");
+        seen[s] = true;
     }
+    let out = SendPtr(dys.as_mut_ptr());
+    dweights[..m].par_chunks_mut(ROWS * k).enumerate().for_each(|(bi, dw)| {
+        for (jj, dwj) in dw.iter_mut().enumerate() {
+            let tj = bi * ROWS * k + jj;
+            let (t, s) = (tj / k, slots[tj] as usize);
+            let d = &dout[t * c..(t + 1) * c];
+            *dwj = dot8(d, &ys[s * c..(s + 1) * c]);
+            // SAFETY: the slots are a permutation (checked above): row s of dys is this (t, j)'s
+            // alone, and it lies within dys's m rows.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(s * c), c) };
+            for (o, &g) in row.iter_mut().zip(d) {
+                *o = weights[tj] * g;
+            }
+        }
+    });
 }
 
 /// The angle of rotary pair `i` (of hd / 2) at position `pos`: pos · θ^(−2i / hd).

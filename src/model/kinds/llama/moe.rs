@@ -197,15 +197,16 @@ pub fn backward<B: Backend>(
 ) {
     let (c, e, k, f) = (d.channels, m.experts, m.top_k, m.hidden);
     // Shared experts: a dense SwiGLU; its input gradient starts dx.
-    match (&a.shared, &s.shared, mt.shared) {
+    let shared = match (&a.shared, &s.shared, mt.shared) {
         (Some((gu, h)), Some((dh, dgu)), Some((shared_gate_upw, shared_downw))) => {
             let sf = m.shared * f;
             be.matmul_backward(Some(w::<B>(dh)), p.g(shared_downw), None, dy, w::<B>(h), p.p(shared_downw), n, sf, c);
             be.swiglu_backward(w::<B>(dgu), w::<B>(gu), w::<B>(dh), n, sf);
             be.matmul_backward(Some(w::<B>(dx)), p.g(shared_gate_upw), None, w::<B>(dgu), w::<B>(x), p.p(shared_gate_upw), n, c, 2 * sf);
+            true
         }
-        _ => be.fill(w::<B>(dx), 0.0),
-    }
+        _ => false,
+    };
     // Routed experts: the combine, each expert's SwiGLU, the gather's adjoint.
     be.moe_combine_backward(w::<B>(&s.dys), w::<B>(&s.dweights), dy, w::<B>(&a.ys), &a.slots, w::<B>(&a.weights), n, k, c);
     // dh and the down projections' gradients, all experts in one grouped call.
@@ -216,8 +217,13 @@ pub fn backward<B: Backend>(
     let gate_up = segments::<B>(p, mt, &a.plan, (&s.dgu, 2 * f), (&a.xs, c), |x| x.gate_upw);
     let (dxs, dwg) = expert_grads::<B>(p, mt, &a.plan, (&s.dxs, c), |x| x.gate_upw);
     be.matmul_backward_segments(&gate_up, &dxs, &dwg, c, 2 * f);
-    be.moe_combine(w::<B>(&s.dc2), w::<B>(&s.dxs), &a.slots, None, n, k, c);
-    be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
+    // The gather's adjoint: dx itself without shared experts, or added to theirs.
+    if shared {
+        be.moe_combine(w::<B>(&s.dc2), w::<B>(&s.dxs), &a.slots, None, n, k, c);
+        be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
+    } else {
+        be.moe_combine(w::<B>(dx), w::<B>(&s.dxs), &a.slots, None, n, k, c);
+    }
     // The router, through the weights (the selection itself has no gradient).
     be.download(w::<B>(&s.dweights), &mut s.host_dw);
     moe::route_backward_into(&mut s.host_dl, &a.route, &s.host_dw, n, e, k, m.routing);
