@@ -4,7 +4,7 @@
 //! or V (backward) is first copied transposed into a per-thread scratch buffer, so that every
 //! product reads its right operand by contiguous rows. (The tiled alternative is `flash.rs`.)
 
-use super::kernels::{dot8, fast_exp, max8, sum8, SendPtr};
+use super::kernels::{dot8, fast_exp, SendPtr};
 use super::microkernel::{small_gemm, MR};
 use super::wide::wide;
 use rayon::prelude::*;
@@ -45,43 +45,103 @@ fn with_transposed<R>(src: *const f32, rs: usize, t: usize, hs: usize, f: impl F
 /// Lanes of the softmax rows' passes: one AVX-512 vector.
 const LANES: usize = 16;
 
+/// The softmax of a row's first `len` scores (the keys a query sees), with zeros from `len` to
+/// `end` (the products read no further): e_j = e^(s_j − max) for j < len, summed in 16 lanes
+/// (lane j mod 16, in order of j), the lanes added by a fixed tree ([`lanes_sum`]), then
+/// p_j = e_j · (1/sum). On AVX-512 it runs as vectors with the last one masked
+/// ([`x86::softmax_row`]); elsewhere as plain loops of the same arithmetic, so both give the
+/// same bits.
+fn softmax_causal_row(row: &mut [f32], len: usize, end: usize) {
+    assert!(len >= 1 && len <= end && end <= row.len(), "softmax row: {len} scores, zeros to {end}, {} floats", row.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::wide::enabled() {
+        // SAFETY: the CPU has AVX-512F (`enabled`), and row holds `end` floats (asserted).
+        return unsafe { x86::softmax_row(row.as_mut_ptr(), len, end) };
+    }
+    softmax_row_plain(row, len, end)
+}
+
+/// The 16 lane sums added by a fixed tree (halves, then quarters, ...).
+#[inline(always)]
+fn lanes_sum(s: [f32; LANES]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|k| s[k] + s[k + 8]);
+    let q: [f32; 4] = std::array::from_fn(|k| h[k] + h[k + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
 wide! {
-    /// The softmax of a row's first `len` scores (the keys a query sees), with zeros from `len`
-    /// to `end` (the products read no further). The passes run over whole vectors: up to 15
-    /// entries past `len` are first set to a score whose exponential (e^-87, clamped) vanishes
-    /// beside the maximum's 1 in the sum (past `end` they are left so). Maximum and sum run in
-    /// 16 lanes, so a row of a few vectors is not one chain of dependent operations.
-    fn softmax_causal_row(row: &mut [f32], len: usize, end: usize) {
-        let padded = len.next_multiple_of(LANES).min(row.len());
-        row[len..padded].fill(-1e30);
-        let x = &mut row[..padded];
-        // (A remainder of under 16 is left only where T is no multiple of 16.)
-        let mut acc = [f32::NEG_INFINITY; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for ch in &mut chunks {
-            for k in 0..LANES {
-                acc[k] = if ch[k] > acc[k] { ch[k] } else { acc[k] };
-            }
-        }
-        for (k, &v) in chunks.remainder().iter().enumerate() {
-            acc[k] = if v > acc[k] { v } else { acc[k] };
-        }
-        let maxv = max8(&acc);
+    /// [`softmax_causal_row`] as plain loops.
+    fn softmax_row_plain(row: &mut [f32], len: usize, end: usize) {
+        let maxv = row[..len].iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         let mut sums = [0.0f32; LANES];
-        let mut chunks = x.chunks_exact_mut(LANES);
-        for ch in &mut chunks {
-            for k in 0..LANES {
-                ch[k] = fast_exp(ch[k] - maxv);
-                sums[k] += ch[k];
-            }
-        }
-        for (k, v) in chunks.into_remainder().iter_mut().enumerate() {
+        for (j, v) in row[..len].iter_mut().enumerate() {
             *v = fast_exp(*v - maxv);
-            sums[k] += *v;
+            sums[j % LANES] += *v;
         }
-        let inv = 1.0 / sum8(&sums);
+        let inv = 1.0 / lanes_sum(sums);
         row[..len].iter_mut().for_each(|v| *v *= inv);
         row[len..end].fill(0.0);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `kernels::fast_exp` on 16 lanes: the same operations in the same order (the same bits).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic), magic);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x));
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+        let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127))));
+        _mm512_mul_ps(e, two_n)
+    }
+
+    /// The lanes below `n` (≤ 16).
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// `super::softmax_causal_row` on AVX-512. SAFETY: `p` holds `end` floats, 1 ≤ len ≤ end.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_row(p: *mut f32, len: usize, end: usize) {
+        let nv = len.div_ceil(16);
+        // The scores of vector i: its lanes below len (the rest −∞, never stored back).
+        let mask = |i: usize| lanes(len - 16 * i);
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in 0..nv {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask(i), p.add(16 * i)));
+        }
+        let mut lane = [0.0f32; 16];
+        _mm512_storeu_ps(lane.as_mut_ptr(), m);
+        let maxv = _mm512_set1_ps(lane.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a }));
+        let mut s = _mm512_setzero_ps();
+        for i in 0..nv {
+            let x = _mm512_maskz_loadu_ps(mask(i), p.add(16 * i));
+            let e = _mm512_maskz_mov_ps(mask(i), exp(_mm512_sub_ps(x, maxv)));
+            s = _mm512_add_ps(s, e);
+            _mm512_mask_storeu_ps(p.add(16 * i), mask(i), e);
+        }
+        _mm512_storeu_ps(lane.as_mut_ptr(), s);
+        let inv = _mm512_set1_ps(1.0 / super::lanes_sum(lane));
+        for i in 0..nv {
+            let e = _mm512_maskz_loadu_ps(mask(i), p.add(16 * i));
+            _mm512_mask_storeu_ps(p.add(16 * i), mask(i), _mm512_mul_ps(e, inv));
+        }
+        let mut j = len;
+        while j < end {
+            _mm512_mask_storeu_ps(p.add(j), lanes(end - j), _mm512_setzero_ps());
+            j += 16;
+        }
     }
 }
 
