@@ -69,11 +69,13 @@ fn op_profile_counts_a_steps_ops_and_its_sum_fits_in_the_step() {
     let wall = t0.elapsed().as_secs_f64();
     let calls = |prefix: &str| rows.iter().filter(|r| r.op.starts_with(prefix)).map(|r| r.calls).sum::<u64>();
     // GPT-2 blocks: 4 products each, plus the head's; one attention and 2 LayerNorms per block
-    // plus the final one.
+    // (the second fused with the residual add before it) plus the final one.
     assert_eq!(calls("matmul_forward"), 4 * 2 + 1, "{rows:?}");
     assert_eq!(calls("matmul_backward"), 4 * 2 + 1, "{rows:?}");
     assert_eq!(calls("attention_forward"), 2);
-    assert_eq!(calls("layernorm_forward"), 2 * 2 + 1);
+    assert_eq!(calls("layernorm_forward"), 2 + 1);
+    assert_eq!(calls("residual_layernorm_forward"), 2);
+    assert!(rows.iter().all(|r| r.op != "add"), "the residual adds inside a block are fused: {rows:?}");
     assert!(rows.iter().any(|r| r.op == "matmul_forward 32->128"), "products are named by shape: {rows:?}");
     let sum: f64 = rows.iter().map(|r| r.secs).sum();
     assert!(sum > 0.0 && sum <= wall, "the ops took {sum} s of a {wall} s step");
@@ -248,6 +250,52 @@ fn fused_mlp_products_equal_the_ops_in_turn_and_ignore_the_thread_count() {
         }
     }
     assert_eq!(fused, run(true, 1), "the fused ops' bits depend on the thread count");
+}
+
+/// The residual add fused with the norm after it gives the bits of the add (or copy + axpby,
+/// α ≠ 1) and the norm in turn, for LayerNorm and RMSNorm, and the same bits on 1 and 2 threads.
+#[test]
+fn fused_residual_norms_equal_the_ops_in_turn() {
+    let _turn = turn();
+    let (n, c) = (301, 40);
+    let mut rng = Rng::new(12);
+    let (x, y) = (randn(&mut rng, n * c, 1.0), randn(&mut rng, n * c, 1.0));
+    let (w, b) = (randn(&mut rng, c, 0.5), randn(&mut rng, c, 0.5));
+    for alpha in [1.0, 0.5] {
+        let run = |fused: bool, threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            pool.install(|| {
+                let be = B::default();
+                let (xb, yb, wb, bb) = (buf(&be, &x), buf(&be, &y), buf(&be, &w), buf(&be, &b));
+                let bufs: Vec<_> = (0..6).map(|_| buf(&be, &vec![7.0; n * c])).collect();
+                let v = B::whole;
+                let [res, out, mean, rstd, res2, rms] = [0, 1, 2, 3, 4, 5].map(|i| v(&bufs[i]));
+                let (mean, rstd) = (mean.sub(0, n), rstd.sub(0, n));
+                let rstd2 = v(&bufs[2]).sub(n, n);
+                if fused {
+                    be.residual_layernorm_forward(res, out, mean, rstd, v(&xb), v(&yb), alpha, v(&wb), v(&bb), n, c);
+                    be.residual_rmsnorm_forward(res2, rms, rstd2, v(&xb), v(&yb), alpha, v(&wb), n, c, 1e-6);
+                } else {
+                    if alpha == 1.0 {
+                        be.add(res, v(&xb), v(&yb));
+                        be.add(res2, v(&xb), v(&yb));
+                    } else {
+                        for r in [res, res2] {
+                            be.copy(r, v(&xb));
+                            be.axpby(r, 1.0, alpha, v(&yb));
+                        }
+                    }
+                    be.layernorm_forward(out, mean, rstd, res, v(&wb), v(&bb), n, c);
+                    be.rmsnorm_forward(rms, rstd2, res2, v(&wb), n, c, 1e-6);
+                }
+                bufs.iter().map(|b| host(&be, b)).collect::<Vec<_>>()
+            })
+        };
+        let fused = run(true, 2);
+        assert_eq!(fused, run(false, 2), "alpha {alpha}: fused residual norms differ from the ops in turn");
+        assert_eq!(fused, run(true, 1), "alpha {alpha}: the fused bits depend on the thread count");
+        assert!(fused[1].iter().any(|&o| o != 7.0) && fused[5].iter().any(|&o| o != 7.0), "nothing was written");
+    }
 }
 
 /// The elementwise kernels' AVX-512 copies give the bits of their baseline copies: a GPT-2 step

@@ -376,6 +376,56 @@ pub trait Backend: Send + Sized + 'static {
         n: usize,
         c: usize,
     );
+    /// The residual add and the LayerNorm after it: res = x + α·y, then out = layernorm(res)
+    /// (mean, rstd kept), as [`Backend::add`] (α = 1) or copy + [`Backend::axpby`] and
+    /// [`Backend::layernorm_forward`] compute them. A backend may fuse them into one pass over
+    /// the rows; by default they run in turn.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &self,
+        res: View<Self::Buf>,
+        out: View<Self::Buf>,
+        mean: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        x: View<Self::Buf>,
+        y: View<Self::Buf>,
+        alpha: f32,
+        w: View<Self::Buf>,
+        b: View<Self::Buf>,
+        n: usize,
+        c: usize,
+    ) {
+        self.residual_add(res, x, y, alpha);
+        self.layernorm_forward(out, mean, rstd, res, w, b, n, c);
+    }
+    /// The residual add and the RMSNorm after it (as [`Backend::residual_layernorm_forward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_rmsnorm_forward(
+        &self,
+        res: View<Self::Buf>,
+        out: View<Self::Buf>,
+        rstd: View<Self::Buf>,
+        x: View<Self::Buf>,
+        y: View<Self::Buf>,
+        alpha: f32,
+        w: View<Self::Buf>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        self.residual_add(res, x, y, alpha);
+        self.rmsnorm_forward(out, rstd, res, w, n, c, eps);
+    }
+    /// res = x + α·y: [`Backend::add`] when α = 1, else res = 1·x + α·y by copy and
+    /// [`Backend::axpby`] (the residual branch multiplier, `Dims::residual`).
+    fn residual_add(&self, res: View<Self::Buf>, x: View<Self::Buf>, y: View<Self::Buf>, alpha: f32) {
+        if alpha == 1.0 {
+            self.add(res, x, y);
+        } else {
+            self.copy(res, x);
+            self.axpby(res, 1.0, alpha, y);
+        }
+    }
     /// Causal multi-head self-attention, scale 1/sqrt(hs).
     /// qkv (B, T, 3C) -> out (B, T, C); saves `att` ([`Backend::attention_state_len`] floats):
     /// the (B, NH, T, T) post-softmax probabilities, or with flash attention the (B, NH, T)

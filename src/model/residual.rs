@@ -4,16 +4,6 @@
 
 use crate::backend::{Backend, View};
 
-/// res = x + α·y (`res` a buffer of its own).
-pub fn add_branch<B: Backend>(be: &B, res: View<B::Buf>, x: View<B::Buf>, y: View<B::Buf>, alpha: f32) {
-    if alpha == 1.0 {
-        be.add(res, x, y);
-    } else {
-        be.copy(res, x);
-        be.axpby(res, 1.0, alpha, y);
-    }
-}
-
 /// y = res + α·y, in place on y.
 pub fn add_onto_branch<B: Backend>(be: &B, y: View<B::Buf>, res: View<B::Buf>, alpha: f32) {
     if alpha == 1.0 {

@@ -293,23 +293,28 @@ pub fn encoder_backward(dwte: &mut [f32], mut dwpe: Option<&mut [f32]>, dout: &[
 // layernorm
 
 pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) {
-    const EPS: f32 = 1e-5;
     assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n, "layernorm_forward: shapes");
     out.par_chunks_mut(c).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, ((o, m), s))| {
-        let x = &inp[r * c..r * c + c];
-        let mu = sum8(x) / c as f32;
-        // o as scratch for the centred values, then the affine map in place
-        for (oi, &xi) in o.iter_mut().zip(x) {
-            *oi = xi - mu;
-        }
-        let var = dot8(o, o) / c as f32;
-        let rs = 1.0 / (var + EPS).sqrt();
-        for ((oi, &wi), &bi) in o.iter_mut().zip(w).zip(b) {
-            *oi = *oi * rs * wi + bi;
-        }
-        *m = mu;
-        *s = rs;
+        (*m, *s) = layernorm_row(o, &inp[r * c..r * c + c], w, b);
     });
+}
+
+/// One row of [`layernorm_forward`]: o = (x − mean) · rstd · w + b; returns (mean, rstd).
+#[inline]
+pub fn layernorm_row(o: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) -> (f32, f32) {
+    const EPS: f32 = 1e-5;
+    let c = x.len();
+    let mu = sum8(x) / c as f32;
+    // o as scratch for the centred values, then the affine map in place
+    for (oi, &xi) in o.iter_mut().zip(x) {
+        *oi = xi - mu;
+    }
+    let var = dot8(o, o) / c as f32;
+    let rs = 1.0 / (var + EPS).sqrt();
+    for ((oi, &wi), &bi) in o.iter_mut().zip(w).zip(b) {
+        *oi = *oi * rs * wi + bi;
+    }
+    (mu, rs)
 }
 
 pub fn layernorm_backward(

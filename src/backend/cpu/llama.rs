@@ -10,13 +10,18 @@ use rayon::prelude::*;
 pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
     assert!(out.len() == n * c && rstd.len() >= n && inp.len() == n * c && w.len() == c, "rmsnorm_forward: shapes");
     out.par_chunks_mut(c).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, (o, s))| {
-        let x = &inp[r * c..r * c + c];
-        let rs = 1.0 / (dot8(x, x) / c as f32 + eps).sqrt();
-        for ((oi, &xi), &wi) in o.iter_mut().zip(x).zip(w) {
-            *oi = xi * rs * wi;
-        }
-        *s = rs;
+        *s = rmsnorm_row(o, &inp[r * c..r * c + c], w, eps);
     });
+}
+
+/// One row of [`rmsnorm_forward`]: o = x · rstd · w; returns rstd.
+#[inline]
+pub fn rmsnorm_row(o: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+    let rs = 1.0 / (dot8(x, x) / x.len() as f32 + eps).sqrt();
+    for ((oi, &xi), &wi) in o.iter_mut().zip(x).zip(w) {
+        *oi = xi * rs * wi;
+    }
+    rs
 }
 
 /// dinp += (w·dout − norm · mean(w·dout·norm)) · rstd, norm = x · rstd; dw += Σ_rows norm · dout.

@@ -28,6 +28,7 @@ mod operand;
 pub mod order;
 mod products;
 pub mod profile;
+mod residual;
 mod segments;
 pub mod wide;
 
@@ -440,6 +441,12 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn residual_layernorm_forward(&self, res: V, out: V, mean: V, rstd: V, x: V, y: V, alpha: f32, w: V, b: V, n: usize, c: usize) {
+        self.residual_layernorm(res, out, mean, rstd, x, y, alpha, w, b, n, c)
+    }
+    fn residual_rmsnorm_forward(&self, res: V, out: V, rstd: V, x: V, y: V, alpha: f32, w: V, n: usize, c: usize, eps: f32) {
+        self.residual_rmsnorm(res, out, rstd, x, y, alpha, w, n, c, eps)
+    }
     fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, n: usize, c: usize, eps: f32) {
         let _p = profile::op("rmsnorm_forward");
         for o in [&out, &rstd] {

@@ -120,10 +120,10 @@ impl<B: Backend> BlockBody<B> for Gpt2Body<B> {
         be.matmul_forward(w::<B>(&a.qkv), w::<B>(&a.ln1), p.p(wt.qkvw), Some(p.p(wt.qkvb)), n, c, 3 * c);
         be.attention_forward(w::<B>(&a.atty), w::<B>(&a.att), w::<B>(&a.qkv), b, t, c, nh);
         let alpha = d.residual;
-        // The projection lands in y (free until the very end), then res2 = x + α·y.
+        // The projection lands in y (free until the very end), then res2 = x + α·y and its norm.
         be.matmul_forward(w::<B>(&y), w::<B>(&a.atty), p.p(wt.attprojw), Some(p.p(wt.attprojb)), n, c, c);
-        residual::add_branch(be, w::<B>(&a.res2), xv, w::<B>(&y), alpha);
-        be.layernorm_forward(w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd), w::<B>(&a.res2), p.p(wt.ln2w), p.p(wt.ln2b), n, c);
+        let (ln2, mean, rstd) = (w::<B>(&a.ln2), w::<B>(&a.ln2_mean), w::<B>(&a.ln2_rstd));
+        be.residual_layernorm_forward(w::<B>(&a.res2), ln2, mean, rstd, xv, w::<B>(&y), alpha, p.p(wt.ln2w), p.p(wt.ln2b), n, c);
         be.matmul_forward_gelu(w::<B>(&a.fch_gelu), w::<B>(&a.fch), w::<B>(&a.ln2), p.p(wt.fcw), Some(p.p(wt.fcb)), n, c, 4 * c);
         be.matmul_forward(w::<B>(&y), w::<B>(&a.fch_gelu), p.p(wt.fcprojw), Some(p.p(wt.fcprojb)), n, 4 * c, c);
         residual::add_onto_branch(be, w::<B>(&y), w::<B>(&a.res2), alpha);

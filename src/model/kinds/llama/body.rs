@@ -213,10 +213,10 @@ impl<B: Backend> BlockBody<B> for LlamaBody<B> {
         be.rope(w::<B>(qkv), n, t, qw, nh + kv, hd, d.rope_theta, false);
         be.gqa_expand(w::<B>(&acts.qkv3), w::<B>(qkv), n, nh, kv, hd);
         be.attention_forward(w::<B>(&acts.atty), w::<B>(&acts.att), w::<B>(&acts.qkv3), b, t, a, nh);
-        // The projection lands in y (free until the very end), then res2 = x + α·y.
+        // The projection lands in y (free until the very end), then res2 = x + α·y and its norm.
         be.matmul_forward(w::<B>(&y), w::<B>(&acts.atty), p.p(wt.ow), None, n, a, c);
-        residual::add_branch(be, w::<B>(&acts.res2), xv, w::<B>(&y), alpha);
-        be.rmsnorm_forward(w::<B>(&acts.rms2), w::<B>(&acts.rstd2), w::<B>(&acts.res2), p.p(wt.mlp_norm), n, c, d.norm_eps);
+        let (rms2, rstd2, eps) = (w::<B>(&acts.rms2), w::<B>(&acts.rstd2), d.norm_eps);
+        be.residual_rmsnorm_forward(w::<B>(&acts.res2), rms2, rstd2, xv, w::<B>(&y), alpha, p.p(wt.mlp_norm), n, c, eps);
         match (&mut acts.moe, &d.moe, &wt.mlp) {
             (Some(ma), Some(m), MlpTensors::Moe(mt)) => {
                 moe_mlp::forward(be, p, mt, d, m, ma, &acts.rms2, &y, &sc.dc, n);
