@@ -81,6 +81,12 @@ pub fn matmul_forward_blocks(
 /// backward of the same FLOPs; at 512 they are within 3% (demo shape: no change).
 const DW_COLS: usize = 512;
 
+thread_local! {
+    /// One weight-gradient block of [`matmul_backward_gelu`] (OC × DW_COLS, by columns), per
+    /// pool thread; grown, never shrunk.
+    static DW_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// dpre (N, C) = gelu'(pre) ⊙ (dout (N, OC) @ w (OC, C)) and dw (OC, C) += dout^T @ act (N, C),
 /// as independent single-threaded tasks side by side on the pool: blocks of columns of dw, and
 /// blocks of dpre, each followed at once by its GELU derivative while it is in cache. The
@@ -109,24 +115,44 @@ pub fn matmul_backward_gelu(
         if task < dw_blocks {
             let j0 = task * DW_COLS;
             let cols = DW_COLS.min(c - j0);
-            // dw[:, j0..] (OC, cols) += dout^T (OC, N) @ act[:, j0..] (N, cols)
-            gemm_raw_par(
-                oc,
-                cols,
-                n,
-                dwp.get().add(j0),
-                c as isize,
-                1,
-                d.get(),
-                1,
-                oc as isize,
-                a.get().add(j0),
-                c as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-            );
+            // dw[:, j0..] (OC, cols) += dout^T (OC, N) @ act[:, j0..] (N, cols). gemm runs fastest
+            // (~15%, AVX-512, measured at the demo's and GPT-2 124M's shapes) when its output's
+            // contiguous dimension is the shorter one: with fewer rows than columns the block is
+            // made by columns in a per-thread buffer, then added to dw.
+            if oc >= cols {
+                let (dst, lhs, rhs) = (dwp.get().add(j0), d.get(), a.get().add(j0));
+                gemm_raw_par(oc, cols, n, dst, c as isize, 1, lhs, 1, oc as isize, rhs, c as isize, 1, 1.0, 1.0, false);
+                return;
+            }
+            DW_BLOCK.with(|cell| {
+                let mut g = cell.borrow_mut();
+                if g.len() < oc * cols {
+                    g.resize(oc * cols, 0.0);
+                }
+                gemm_raw_par(
+                    oc,
+                    cols,
+                    n,
+                    g.as_mut_ptr(),
+                    1,
+                    oc as isize,
+                    d.get(),
+                    1,
+                    oc as isize,
+                    a.get().add(j0),
+                    c as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                );
+                for i in 0..oc {
+                    let row = std::slice::from_raw_parts_mut(dwp.get().add(i * c + j0), cols);
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x += g[j * oc + i];
+                    }
+                }
+            });
         } else {
             let blk = task - dw_blocks;
             let (i0, j0) = ((blk / col_blocks) * FUSED_ROWS, (blk % col_blocks) * FUSED_COLS);
