@@ -4,7 +4,7 @@
 //! or V (backward) is first copied transposed into a per-thread scratch buffer, so that every
 //! product reads its right operand by contiguous rows. (The tiled alternative is `flash.rs`.)
 
-use super::kernels::{dot8, fast_exp, SendPtr};
+use super::kernels::{fast_exp, SendPtr};
 use super::microkernel::{small_gemm, MR};
 use super::wide::wide;
 use rayon::prelude::*;
@@ -143,13 +143,56 @@ mod x86 {
             j += 16;
         }
     }
+
+    /// `super::softmax_backward_causal_row` on AVX-512. SAFETY: `d` holds `end` floats, `p` holds
+    /// `len`, 1 ≤ len ≤ end.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_backward_row(d: *mut f32, p: *const f32, len: usize, end: usize) {
+        let nv = len.div_ceil(16);
+        let mask = |i: usize| lanes(len - 16 * i);
+        let mut acc = _mm512_setzero_ps();
+        for i in 0..nv {
+            let (pv, dv) = (_mm512_maskz_loadu_ps(mask(i), p.add(16 * i)), _mm512_maskz_loadu_ps(mask(i), d.add(16 * i)));
+            acc = _mm512_fmadd_ps(pv, dv, acc);
+        }
+        let mut lane = [0.0f32; 16];
+        _mm512_storeu_ps(lane.as_mut_ptr(), acc);
+        let dot = _mm512_set1_ps(super::lanes_sum(lane));
+        for i in 0..nv {
+            let (pv, dv) = (_mm512_maskz_loadu_ps(mask(i), p.add(16 * i)), _mm512_maskz_loadu_ps(mask(i), d.add(16 * i)));
+            _mm512_mask_storeu_ps(d.add(16 * i), mask(i), _mm512_mul_ps(pv, _mm512_sub_ps(dv, dot)));
+        }
+        let mut j = len;
+        while j < end {
+            _mm512_mask_storeu_ps(d.add(j), lanes(end - j), _mm512_setzero_ps());
+            j += 16;
+        }
+    }
+}
+
+/// A softmax row's backward: d = p ⊙ (d − p·d) over the first `len` entries, zeros from `len` to
+/// `d.len()`. The dot product runs in 16 lanes of fused multiply-adds (lane j mod 16, in order of
+/// j) added by [`lanes_sum`]; on AVX-512 as masked vectors ([`x86::softmax_backward_row`]),
+/// elsewhere as plain loops of the same arithmetic (the same bits).
+fn softmax_backward_causal_row(d: &mut [f32], p: &[f32], len: usize) {
+    assert!(len >= 1 && len <= d.len() && p.len() >= len, "softmax backward row: {len} of {} floats", d.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::wide::enabled() {
+        // SAFETY: the CPU has AVX-512F (`enabled`); d holds d.len() ≥ len floats, p len.
+        return unsafe { x86::softmax_backward_row(d.as_mut_ptr(), p.as_ptr(), len, d.len()) };
+    }
+    softmax_backward_row_plain(d, p, len)
 }
 
 wide! {
-    /// A softmax row's backward: d = p ⊙ (d − p·d) over the first `len` entries; the rest 0.
-    fn softmax_backward_causal_row(d: &mut [f32], p: &[f32], len: usize) {
+    /// [`softmax_backward_causal_row`] as plain loops.
+    fn softmax_backward_row_plain(d: &mut [f32], p: &[f32], len: usize) {
         let (seen, future) = d.split_at_mut(len);
-        let dot = dot8(&p[..len], seen);
+        let mut acc = [0.0f32; LANES];
+        for (j, (&pv, &dv)) in p[..len].iter().zip(seen.iter()).enumerate() {
+            acc[j % LANES] = pv.mul_add(dv, acc[j % LANES]);
+        }
+        let dot = lanes_sum(acc);
         for (dv, &pv) in seen.iter_mut().zip(&p[..len]) {
             *dv = pv * (*dv - dot);
         }
