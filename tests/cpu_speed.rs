@@ -254,35 +254,37 @@ fn fused_mlp_products_equal_the_ops_in_turn_and_ignore_the_thread_count() {
 
 /// A backward product of many rows runs as two halves (both products each), the second half's
 /// weight gradient added after: against the plain products through `Backend::gemm`, and the
-/// same bits on 1 and 2 threads (an odd row count: unequal halves).
+/// same bits on 1 and 2 threads (an odd row count: unequal halves), split or not, for weights
+/// wider and taller than they are long.
 #[test]
-fn a_backward_product_split_by_rows_equals_the_plain_products() {
+fn backward_products_split_by_rows_equal_the_plain_products() {
     use taproot::backend::Trans;
     let _turn = turn();
-    let (n, c, oc) = (1101, 24, 40);
-    let mut rng = Rng::new(13);
-    let (dout, inp, w, dw0) =
-        (randn(&mut rng, n * oc, 1.0), randn(&mut rng, n * c, 1.0), randn(&mut rng, oc * c, 0.5), randn(&mut rng, oc * c, 0.5));
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
-        pool.install(|| {
-            let be = B::default();
-            let (d, x, wb, dw, dinp) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &dw0), be.alloc(n * c));
-            let v = B::whole;
-            be.matmul_backward(Some(v(&dinp)), v(&dw), None, v(&d), v(&x), v(&wb), n, c, oc);
-            [host(&be, &dinp), host(&be, &dw)]
-        })
-    };
-    let split = run(2);
-    assert_eq!(split, run(1), "the split's bits depend on the thread count");
-    let be = B::default();
-    let (d, x, wb, dw, dinp) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &dw0), be.alloc(n * c));
-    let v = B::whole;
-    be.gemm(v(&dinp), v(&d), Trans::N, v(&wb), Trans::N, n, c, oc, 1.0, 0.0);
-    be.gemm(v(&dw), v(&d), Trans::T, v(&x), Trans::N, oc, c, n, 1.0, 1.0);
-    for (k, want) in [host(&be, &dinp), host(&be, &dw)].iter().enumerate() {
-        for (i, (a, b)) in split[k].iter().zip(want).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "output {k} element {i}: split {a}, plain {b}");
+    for (n, c, oc) in [(1101, 24, 40), (1101, 40, 24), (37, 40, 24)] {
+        let mut rng = Rng::new(13);
+        let (dout, inp) = (randn(&mut rng, n * oc, 1.0), randn(&mut rng, n * c, 1.0));
+        let (w, dw0) = (randn(&mut rng, oc * c, 0.5), randn(&mut rng, oc * c, 0.5));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            pool.install(|| {
+                let be = B::default();
+                let (d, x, wb, dw, dinp) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &dw0), be.alloc(n * c));
+                let v = B::whole;
+                be.matmul_backward(Some(v(&dinp)), v(&dw), None, v(&d), v(&x), v(&wb), n, c, oc);
+                [host(&be, &dinp), host(&be, &dw)]
+            })
+        };
+        let got = run(2);
+        assert_eq!(got, run(1), "({n}, {c}, {oc}): the bits depend on the thread count");
+        let be = B::default();
+        let (d, x, wb, dw, dinp) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &dw0), be.alloc(n * c));
+        let v = B::whole;
+        be.gemm(v(&dinp), v(&d), Trans::N, v(&wb), Trans::N, n, c, oc, 1.0, 0.0);
+        be.gemm(v(&dw), v(&d), Trans::T, v(&x), Trans::N, oc, c, n, 1.0, 1.0);
+        for (k, want) in [host(&be, &dinp), host(&be, &dw)].iter().enumerate() {
+            for (i, (a, b)) in got[k].iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "({n}, {c}, {oc}) output {k} element {i}: {a}, plain {b}");
+            }
         }
     }
 }
