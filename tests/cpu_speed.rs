@@ -254,8 +254,8 @@ fn fused_mlp_products_equal_the_ops_in_turn_and_ignore_the_thread_count() {
 
 /// A backward product of many rows runs as two halves (both products each), the second half's
 /// weight gradient added after: against the plain products through `Backend::gemm`, and the
-/// same bits on 1 and 2 threads (an odd row count: unequal halves), split or not, for weights
-/// wider and taller than they are long.
+/// same bits on 1 and 2 threads (an odd row count: unequal halves); split (a weight taller than
+/// wide, and one wider than tall) and not split (few rows).
 #[test]
 fn backward_products_split_by_rows_equal_the_plain_products() {
     use taproot::backend::Trans;
