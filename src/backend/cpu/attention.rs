@@ -132,7 +132,7 @@ mod x86 {
             _mm512_mask_storeu_ps(p.add(16 * i), mask(i), e);
         }
         _mm512_storeu_ps(lane.as_mut_ptr(), s);
-        let inv = _mm512_set1_ps(1.0 / super::lanes_sum(lane));
+        let inv = _mm512_set1_ps(1.0 / crate::backend::cpu::attention::lanes_sum(lane));
         for i in 0..nv {
             let e = _mm512_maskz_loadu_ps(mask(i), p.add(16 * i));
             _mm512_mask_storeu_ps(p.add(16 * i), mask(i), _mm512_mul_ps(e, inv));
@@ -157,7 +157,7 @@ mod x86 {
         }
         let mut lane = [0.0f32; 16];
         _mm512_storeu_ps(lane.as_mut_ptr(), acc);
-        let dot = _mm512_set1_ps(super::lanes_sum(lane));
+        let dot = _mm512_set1_ps(crate::backend::cpu::attention::lanes_sum(lane));
         for i in 0..nv {
             let (pv, dv) = (_mm512_maskz_loadu_ps(mask(i), p.add(16 * i)), _mm512_maskz_loadu_ps(mask(i), d.add(16 * i)));
             _mm512_mask_storeu_ps(d.add(16 * i), mask(i), _mm512_mul_ps(pv, _mm512_sub_ps(dv, dot)));
