@@ -239,12 +239,11 @@ pub fn matmul_backward(
             let h = n / 2;
             let (dinp_ptr, w_ptr) = (SendPtr(dinp.as_mut_ptr()), SendConst(w.as_ptr()));
             let mut g = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-            if g.len() < oc * c {
-                g.resize(oc * c, 0.0);
-            }
+            g.clear();
+            g.resize(oc * c, 0.0);
             let gp = SendPtr(g.as_mut_ptr());
             // SAFETY: the halves write disjoint rows of dinp; the first adds into dw, the second
-            // overwrites g (β = 0); the inputs are read only, their lengths the shapes'.
+            // into g (zeroed); the inputs are read only, their lengths the shapes'.
             rayon::join(
                 || unsafe {
                     matmul_dinp_seq(dinp_ptr.get(), dout_ptr.get(), w_ptr.get(), h, c, oc);
@@ -252,23 +251,7 @@ pub fn matmul_backward(
                 },
                 || unsafe {
                     matmul_dinp_seq(dinp_ptr.get().add(h * c), dout_ptr.get().add(h * oc), w_ptr.get(), n - h, c, oc);
-                    gemm_raw_par(
-                        oc,
-                        c,
-                        n - h,
-                        gp.get(),
-                        c as isize,
-                        1,
-                        dout_ptr.get().add(h * oc),
-                        1,
-                        oc as isize,
-                        inp_ptr.get().add(h * c),
-                        c as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                    );
+                    matmul_dw(gp.get(), dout_ptr.get().add(h * oc), inp_ptr.get().add(h * c), n - h, c, oc, false);
                 },
             );
             dw.iter_mut().zip(&g[..oc * c]).for_each(|(d, &x)| *d += x);
