@@ -199,10 +199,12 @@ pub unsafe fn matmul_dinp_seq(dinp: *mut f32, dout: *const f32, w: *const f32, n
     gemm_raw_par(n, c, oc, dinp, c as isize, 1, dout, oc as isize, 1, w, c as isize, 1, 0.0, 1.0, false)
 }
 
-/// dw (OC, C) += dout^T (OC, N) @ inp (N, C); dout^T has row stride 1, column stride OC.
+/// dw (OC, C) = beta · dw + dout^T (OC, N) @ inp (N, C) (beta 1 accumulates, 0 overwrites
+/// without reading dw); dout^T has row stride 1, column stride OC.
 /// SAFETY: as [`matmul_forward_nobias_seq`].
-pub unsafe fn matmul_dw(dw: *mut f32, dout: *const f32, inp: *const f32, n: usize, c: usize, oc: usize, parallel: bool) {
-    gemm_raw_par(oc, c, n, dw, c as isize, 1, dout, 1, oc as isize, inp, c as isize, 1, 1.0, 1.0, parallel)
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_dw(dw: *mut f32, beta: f32, dout: *const f32, inp: *const f32, n: usize, c: usize, oc: usize, parallel: bool) {
+    gemm_raw_par(oc, c, n, dw, c as isize, 1, dout, 1, oc as isize, inp, c as isize, 1, beta, 1.0, parallel)
 }
 
 /// The fewest rows for which [`matmul_backward`] splits both products by halves of the rows,
@@ -228,7 +230,7 @@ pub fn matmul_backward(
     let (dw_ptr, dout_ptr, inp_ptr) = (SendPtr(dw.as_mut_ptr()), SendConst(dout.as_ptr()), SendConst(inp.as_ptr()));
     // SAFETY (both products): the slices' lengths are the shapes' (the backend checks them) and
     // dinp, dw and the inputs are distinct slices.
-    let weight_grad = |parallel: bool| unsafe { matmul_dw(dw_ptr.get(), dout_ptr.get(), inp_ptr.get(), n, c, oc, parallel) };
+    let weight_grad = |parallel: bool| unsafe { matmul_dw(dw_ptr.get(), 1.0, dout_ptr.get(), inp_ptr.get(), n, c, oc, parallel) };
     match dinp {
         // Many rows: two tasks of equal work, each with half the rows of both products; the
         // second half's weight gradient goes to a buffer of its own and is added after (the
@@ -239,19 +241,20 @@ pub fn matmul_backward(
             let h = n / 2;
             let (dinp_ptr, w_ptr) = (SendPtr(dinp.as_mut_ptr()), SendConst(w.as_ptr()));
             let mut g = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-            g.clear();
-            g.resize(oc * c, 0.0);
+            if g.len() < oc * c {
+                g.resize(oc * c, 0.0);
+            }
             let gp = SendPtr(g.as_mut_ptr());
             // SAFETY: the halves write disjoint rows of dinp; the first adds into dw, the second
-            // into g (zeroed); the inputs are read only, their lengths the shapes'.
+            // overwrites g (β = 0); the inputs are read only, their lengths the shapes'.
             rayon::join(
                 || unsafe {
                     matmul_dinp_seq(dinp_ptr.get(), dout_ptr.get(), w_ptr.get(), h, c, oc);
-                    matmul_dw(dw_ptr.get(), dout_ptr.get(), inp_ptr.get(), h, c, oc, false);
+                    matmul_dw(dw_ptr.get(), 1.0, dout_ptr.get(), inp_ptr.get(), h, c, oc, false);
                 },
                 || unsafe {
                     matmul_dinp_seq(dinp_ptr.get().add(h * c), dout_ptr.get().add(h * oc), w_ptr.get(), n - h, c, oc);
-                    matmul_dw(gp.get(), dout_ptr.get().add(h * oc), inp_ptr.get().add(h * c), n - h, c, oc, false);
+                    matmul_dw(gp.get(), 0.0, dout_ptr.get().add(h * oc), inp_ptr.get().add(h * c), n - h, c, oc, false);
                 },
             );
             dw.iter_mut().zip(&g[..oc * c]).for_each(|(d, &x)| *d += x);

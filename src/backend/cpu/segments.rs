@@ -53,7 +53,7 @@ impl CpuBackend {
         jobs.par_iter().for_each(|(input, dst, dout, other, n)| unsafe {
             match input {
                 true => kernels::matmul_dinp_seq(dst.get(), dout.get(), other.get(), *n, c, oc),
-                false => kernels::matmul_dw(dst.get(), dout.get(), other.get(), *n, c, oc, false),
+                false => kernels::matmul_dw(dst.get(), 1.0, dout.get(), other.get(), *n, c, oc, false),
             }
         });
     }
