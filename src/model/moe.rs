@@ -98,42 +98,63 @@ pub fn route_into(r: &mut Route, logits: &[f32], bias: Option<&[f32]>, n: usize,
     r.scores.resize(n * e, 0.0);
     let tasks = logits.par_chunks(ROUTE_TOKENS * e).zip(r.scores.par_chunks_mut(ROUTE_TOKENS * e));
     tasks.zip(r.experts.par_chunks_mut(ROUTE_TOKENS * k).zip(r.weights.par_chunks_mut(ROUTE_TOKENS * k))).for_each(|((l, s), (x, w))| {
+        // One task's scratch: each token's exponentials and its selection keys.
+        let (mut exps, mut keys) = (vec![0.0f64; e], vec![0i64; e]);
         for (((l, s), x), w) in l.chunks_exact(e).zip(s.chunks_exact_mut(e)).zip(x.chunks_exact_mut(k)).zip(w.chunks_exact_mut(k)) {
-            route_token(l, bias, s, x, w, routing);
+            route_token(l, bias, s, x, w, routing, (&mut exps, &mut keys));
         }
     });
 }
 
 /// One token: its scores `s` (E) from its logits `l`, then its k experts `x` (best first) and
-/// their weights `w`.
-fn route_token(l: &[f32], bias: Option<&[f32]>, s: &mut [f32], x: &mut [u32], w: &mut [f32], routing: Routing) {
+/// their weights `w`. `scratch` holds E exponentials and E selection keys.
+fn route_token(
+    l: &[f32],
+    bias: Option<&[f32]>,
+    s: &mut [f32],
+    x: &mut [u32],
+    w: &mut [f32],
+    routing: Routing,
+    scratch: (&mut [f64], &mut [i64]),
+) {
+    let (exps, keys) = scratch;
     match routing {
         Routing::Softmax => {
-            let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
-            s.iter_mut().zip(l).for_each(|(s, &x)| *s = (((x - m) as f64).exp() / z) as f32);
+            // The largest logit (NaNs skipped, as `f32::max` skips them), one compare each.
+            let m = l.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+            exps.iter_mut().zip(l).for_each(|(v, &x)| *v = ((x - m) as f64).exp());
+            let z: f64 = exps.iter().sum();
+            s.iter_mut().zip(exps.iter()).for_each(|(s, &v)| *s = (v / z) as f32);
         }
         Routing::Sigmoid => s.iter_mut().zip(l).for_each(|(s, &x)| *s = (1.0 / (1.0 + (-(x as f64)).exp())) as f32),
     }
-    let key = |i: usize| s[i] + bias.map_or(0.0, |b| b[i]);
     // The k largest keys, best first, ties to the lower index: the first k of a stable sort by
-    // descending key, by selection.
-    for j in 0..x.len() {
-        let mut best: Option<usize> = None;
-        for i in 0..s.len() {
-            if x[..j].contains(&(i as u32)) {
-                continue;
-            }
-            if best.is_none_or(|b| key(i).total_cmp(&key(b)) == std::cmp::Ordering::Greater) {
-                best = Some(i);
+    // descending key, by selection. Keys are ordered as `f32::total_cmp` orders them, as
+    // integers; a chosen expert's key drops below every other.
+    for (i, key) in keys.iter_mut().enumerate() {
+        let v = s[i] + bias.map_or(0.0, |b| b[i]);
+        *key = total_order_key(v);
+    }
+    for xj in x.iter_mut() {
+        let mut best = 0;
+        for i in 1..keys.len() {
+            if keys[i] > keys[best] {
+                best = i;
             }
         }
-        x[j] = best.expect("k <= E") as u32;
+        keys[best] = i64::MIN;
+        *xj = best as u32;
     }
     let sum: f32 = x.iter().map(|&i| s[i as usize]).sum();
     for (w, &i) in w.iter_mut().zip(x.iter()) {
         *w = s[i as usize] / sum;
     }
+}
+
+/// An integer ordered as [`f32::total_cmp`] orders the floats.
+fn total_order_key(v: f32) -> i64 {
+    let b = v.to_bits() as i32;
+    (b ^ (((b >> 31) as u32) >> 1) as i32) as i64
 }
 
 /// dlogits (N, E) from the weights' gradient dweights (N, k): the selected logits only.
