@@ -24,6 +24,7 @@ mod fused;
 mod kernels;
 mod llama;
 mod microkernel;
+mod narrow;
 mod operand;
 pub mod order;
 mod products;
