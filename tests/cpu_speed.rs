@@ -360,3 +360,68 @@ fn wide_elementwise_copies_give_the_baseline_bits() {
     wide::set_enabled(true);
     assert_eq!(wide_bits, base_bits);
 }
+
+/// Products with few output columns (a router's) take their own kernels: against the plain
+/// products through `Backend::gemm` (bias and accumulated weight gradient included), the same
+/// bits on 1 and 2 threads, and the same bits from the AVX-512 kernels and their plain-loop
+/// copies. Shapes: column counts with and without a tail of 16, row counts over and under a
+/// block, output widths 1, 3, 8 and 16, and a dout with zeros (a router's unselected experts).
+#[test]
+fn narrow_products_equal_the_plain_products() {
+    use taproot::backend::cpu::wide;
+    use taproot::backend::Trans;
+    let _turn = turn();
+    for (n, c, oc) in [(2048, 128, 8), (301, 100, 3), (517, 37, 16), (9, 16, 1)] {
+        let mut rng = Rng::new(17);
+        let (mut dout, inp) = (randn(&mut rng, n * oc, 1.0), randn(&mut rng, n * c, 1.0));
+        dout.iter_mut().step_by(3).for_each(|d| *d = 0.0);
+        let (w, b, dw0) = (randn(&mut rng, oc * c, 0.5), randn(&mut rng, oc, 0.5), randn(&mut rng, oc * c, 0.5));
+        let run = |threads: usize, avx512: bool| {
+            wide::set_enabled(avx512);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            let got = pool.install(|| {
+                let be = B::default();
+                let (d, x, wb, bb, dw) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &b), buf(&be, &dw0));
+                let (out, dinp) = (be.alloc(n * oc), be.alloc(n * c));
+                let v = B::whole;
+                be.matmul_forward(v(&out), v(&x), v(&wb), Some(v(&bb)), n, c, oc);
+                be.matmul_backward(Some(v(&dinp)), v(&dw), None, v(&d), v(&x), v(&wb), n, c, oc);
+                let dw_only = buf(&be, &dw0);
+                be.matmul_backward(None, v(&dw_only), None, v(&d), v(&x), v(&wb), n, c, oc);
+                [host(&be, &out), host(&be, &dinp), host(&be, &dw), host(&be, &dw_only)]
+            });
+            wide::set_enabled(true);
+            got
+        };
+        let got = run(2, true);
+        assert_eq!(got, run(1, true), "({n}, {c}, {oc}): the bits depend on the thread count");
+        assert_eq!(got, run(2, false), "({n}, {c}, {oc}): the AVX-512 kernels and the plain loops differ");
+        assert_eq!(got[2], got[3], "({n}, {c}, {oc}): the weight gradient depends on dinp being asked for");
+        let be = B::default();
+        let (d, x, wb, dw) = (buf(&be, &dout), buf(&be, &inp), buf(&be, &w), buf(&be, &dw0));
+        let (out, dinp) = (buf(&be, &b.repeat(n)), be.alloc(n * c));
+        let v = B::whole;
+        be.gemm(v(&out), v(&x), Trans::N, v(&wb), Trans::T, n, oc, c, 1.0, 1.0);
+        be.gemm(v(&dinp), v(&d), Trans::N, v(&wb), Trans::N, n, c, oc, 1.0, 0.0);
+        be.gemm(v(&dw), v(&d), Trans::T, v(&x), Trans::N, oc, c, n, 1.0, 1.0);
+        for (k, want) in [host(&be, &out), host(&be, &dinp), host(&be, &dw)].iter().enumerate() {
+            assert!(want.iter().any(|&x| x != 0.0), "({n}, {c}, {oc}) output {k}: the reference is all zero");
+            for (i, (a, b)) in got[k].iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "({n}, {c}, {oc}) output {k} element {i}: {a}, plain {b}");
+            }
+        }
+    }
+}
+
+/// A fill past the streaming-store threshold (a large model's gradients) writes every element
+/// of its view, an unaligned one included, and nothing outside it.
+#[test]
+fn a_large_fill_writes_its_view_and_nothing_else() {
+    let be = B::default();
+    let n = (1 << 21) + 37;
+    let x = buf(&be, &vec![1.0; n + 10]);
+    be.fill(B::whole(&x).sub(3, n), 2.5);
+    let got = host(&be, &x);
+    assert!(got[..3].iter().chain(&got[n + 3..]).all(|&v| v == 1.0), "the fill wrote outside its view");
+    assert!(got[3..n + 3].iter().all(|&v| v == 2.5), "the fill missed elements of its view");
+}
