@@ -425,3 +425,34 @@ fn a_large_fill_writes_its_view_and_nothing_else() {
     assert!(got[..3].iter().chain(&got[n + 3..]).all(|&v| v == 1.0), "the fill wrote outside its view");
     assert!(got[3..n + 3].iter().all(|&v| v == 2.5), "the fill missed elements of its view");
 }
+
+/// Forward products run by blocks of rows and columns side by side (256 × 512 over a short
+/// inner dimension, 1024 × 192 over a long one): against `Backend::gemm`, bias included, on
+/// ragged shapes (rows past one block, columns past one or several), and the same bits on 1
+/// and 2 threads.
+#[test]
+fn forward_products_by_blocks_equal_the_plain_product() {
+    use taproot::backend::Trans;
+    let _turn = turn();
+    for (n, c, oc) in [(1100, 300, 400), (300, 40, 530), (70, 520, 200)] {
+        let mut rng = Rng::new(19);
+        let (inp, w, b) = (randn(&mut rng, n * c, 1.0), randn(&mut rng, oc * c, 0.3), randn(&mut rng, oc, 0.3));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            pool.install(|| {
+                let be = B::default();
+                let (x, wb, bb, out) = (buf(&be, &inp), buf(&be, &w), buf(&be, &b), be.alloc(n * oc));
+                be.matmul_forward(B::whole(&out), B::whole(&x), B::whole(&wb), Some(B::whole(&bb)), n, c, oc);
+                host(&be, &out)
+            })
+        };
+        let got = run(2);
+        assert_eq!(got, run(1), "({n}, {c}, {oc}): the bits depend on the thread count");
+        let be = B::default();
+        let (x, wb, out) = (buf(&be, &inp), buf(&be, &w), buf(&be, &b.repeat(n)));
+        be.gemm(B::whole(&out), B::whole(&x), Trans::N, B::whole(&wb), Trans::T, n, oc, c, 1.0, 1.0);
+        for (i, (a, want)) in got.iter().zip(host(&be, &out)).enumerate() {
+            assert!((a - want).abs() <= 1e-4 * want.abs().max(1.0), "({n}, {c}, {oc}) element {i}: {a}, plain {want}");
+        }
+    }
+}

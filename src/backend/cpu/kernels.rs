@@ -204,19 +204,6 @@ pub fn sumsq(x: &[f32]) -> f64 {
 // ----------------------------------------------------------------------------------------------
 // matmul
 
-/// out (N, OC) = inp (N, C) @ w^T (C, OC) + b (OC)
-pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, c: usize, oc: usize) {
-    // Start from the bias (or zero), then let gemm accumulate the product onto it.
-    match b {
-        Some(b) => out.par_chunks_mut(oc).for_each(|row| row.copy_from_slice(b)),
-        None => out.fill(0.0),
-    }
-    // w is stored (OC, C); its transpose (C, OC) has row stride 1 and column stride C.
-    unsafe {
-        gemm_raw_par(n, oc, c, out.as_mut_ptr(), oc as isize, 1, inp.as_ptr(), c as isize, 1, w.as_ptr(), 1, c as isize, 1.0, 1.0, true)
-    }
-}
-
 /// out (N, OC) = inp (N, C) @ w^T on this thread (no bias): one segment of a grouped product.
 ///
 /// SAFETY: `out` holds N·OC floats, `inp` N·C and `w` OC·C, and `out` overlaps neither.

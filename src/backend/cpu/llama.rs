@@ -146,12 +146,18 @@ pub fn gather_rows(out: &mut [f32], inp: &[f32], rows: &[u32], m: usize, c: usiz
 pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&[f32]>, n: usize, k: usize, c: usize) {
     assert!(out.len() >= n * c && slots.len() >= n * k, "moe_combine: shapes");
     out[..n * c].par_chunks_mut(c).enumerate().for_each(|(t, o)| {
-        o.fill(0.0);
+        if k == 0 {
+            o.fill(0.0);
+        }
         for j in 0..k {
             let s = slots[t * k + j] as usize;
             let w = weights.map_or(1.0, |w| w[t * k + j]);
-            for (oi, &y) in o.iter_mut().zip(&ys[s * c..(s + 1) * c]) {
-                *oi += w * y;
+            let y = &ys[s * c..(s + 1) * c];
+            // The first choice starts the sum from zero (0 + w·y, as a zeroed row would), in the
+            // same pass.
+            match j {
+                0 => o.iter_mut().zip(y).for_each(|(oi, &y)| *oi = 0.0 + w * y),
+                _ => o.iter_mut().zip(y).for_each(|(oi, &y)| *oi += w * y),
             }
         }
     });

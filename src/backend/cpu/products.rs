@@ -37,13 +37,9 @@ impl CpuBackend {
         if oc <= narrow::MAX_OC {
             return unsafe { narrow::forward(self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) };
         }
-        // A short inner dimension makes each block's product cheap to set up: blocks side by side
-        // beat one product split over the threads (demo shapes, 2 cores: 128 -> 384, 128 and 256
-        // 10-20% faster; 512 -> 128 not).
-        if c <= fused::BLOCKED_MAX_INNER {
-            return unsafe { fused::matmul_forward_blocks(None, self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) };
-        }
-        unsafe { kernels::matmul_forward(self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) }
+        // By blocks side by side, each single-threaded: against one product split over the
+        // threads, demo shapes 10-20% faster (128 -> 384, 128 and 256), 124M shapes 10-60%.
+        unsafe { fused::matmul_forward_blocks(None, self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) }
     }
 
     /// pre = inp @ w^T + b, out = gelu(pre), by blocks that stay in cache between the two.
