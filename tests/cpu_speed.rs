@@ -366,11 +366,18 @@ fn wide_elementwise_copies_give_the_baseline_bits() {
 /// bits on 1 and 2 threads, and the same bits from the AVX-512 kernels and their plain-loop
 /// copies. Shapes: column counts with and without a tail of 16, row counts over and under a
 /// block, output widths 1, 3, 8 and 16, and a dout with zeros (a router's unselected experts).
+/// A product with no output columns stays the empty product it was.
 #[test]
 fn narrow_products_equal_the_plain_products() {
     use taproot::backend::cpu::wide;
     use taproot::backend::Trans;
     let _turn = turn();
+    {
+        let be = B::default();
+        let (x, empty) = (buf(&be, &[1.0; 12]), be.alloc(0));
+        be.matmul_forward(B::whole(&empty), B::whole(&x), B::whole(&empty), None, 3, 4, 0);
+        assert_eq!(host(&be, &x), [1.0; 12], "the input changed");
+    }
     for (n, c, oc) in [(2048, 128, 8), (301, 100, 3), (517, 37, 16), (9, 16, 1)] {
         let mut rng = Rng::new(17);
         let (mut dout, inp) = (randn(&mut rng, n * oc, 1.0), randn(&mut rng, n * c, 1.0));

@@ -34,7 +34,7 @@ impl CpuBackend {
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
         let (inp, w) = unsafe { (self.operand(self.rd(inp)), self.operand(self.rd(w))) };
         // A few output columns (a router): every row's dot products at once, no packing.
-        if oc <= narrow::MAX_OC {
+        if (1..=narrow::MAX_OC).contains(&oc) {
             return unsafe { narrow::forward(self.wr(out), &inp, &w, b.map(|b| self.rd(b)), n, c, oc) };
         }
         // By blocks side by side, each single-threaded: against one product split over the
@@ -77,7 +77,7 @@ impl CpuBackend {
             unsafe { kernels::bias_backward(self.wr(db), self.rd(dout), n, oc) }
         }
         let (dout, inp, w) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(inp)), self.operand(self.rd(w))) };
-        if oc <= narrow::MAX_OC {
+        if (1..=narrow::MAX_OC).contains(&oc) {
             return unsafe { narrow::backward(dinp.map(|d| self.wr(d)), self.wr(dw), &dout, &inp, &w, n, c, oc) };
         }
         unsafe { kernels::matmul_backward(dinp.map(|d| self.wr(d)), self.wr(dw), None, &dout, &inp, &w, n, c, oc) }
