@@ -98,12 +98,20 @@ pub fn route_into(r: &mut Route, logits: &[f32], bias: Option<&[f32]>, n: usize,
     r.scores.resize(n * e, 0.0);
     let tasks = logits.par_chunks(ROUTE_TOKENS * e).zip(r.scores.par_chunks_mut(ROUTE_TOKENS * e));
     tasks.zip(r.experts.par_chunks_mut(ROUTE_TOKENS * k).zip(r.weights.par_chunks_mut(ROUTE_TOKENS * k))).for_each(|((l, s), (x, w))| {
-        // One task's scratch: each token's exponentials and its selection keys.
-        let (mut exps, mut keys) = (vec![0.0f64; e], vec![0i64; e]);
-        for (((l, s), x), w) in l.chunks_exact(e).zip(s.chunks_exact_mut(e)).zip(x.chunks_exact_mut(k)).zip(w.chunks_exact_mut(k)) {
-            route_token(l, bias, s, x, w, routing, (&mut exps, &mut keys));
-        }
+        ROUTE_SCRATCH.with_borrow_mut(|(exps, keys)| {
+            exps.resize(e, 0.0);
+            keys.resize(e, 0);
+            for (((l, s), x), w) in l.chunks_exact(e).zip(s.chunks_exact_mut(e)).zip(x.chunks_exact_mut(k)).zip(w.chunks_exact_mut(k)) {
+                route_token(l, bias, s, x, w, routing, (&mut exps[..], &mut keys[..]));
+            }
+        });
     });
+}
+
+thread_local! {
+    /// A pool thread's routing scratch: a token's exponentials and its selection keys (grown to
+    /// E once, then reused: routing allocates nothing per step).
+    static ROUTE_SCRATCH: std::cell::RefCell<(Vec<f64>, Vec<i64>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// One token: its scores `s` (E) from its logits `l`, then its k experts `x` (best first) and
