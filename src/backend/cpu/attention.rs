@@ -6,7 +6,7 @@
 
 use super::kernels::{fast_exp, SendPtr};
 use super::microkernel::{small_gemm, MR};
-use super::wide::wide;
+use super::wide::{lanes_sum, wide, LANES};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -42,9 +42,6 @@ fn with_transposed<R>(src: *const f32, rs: usize, t: usize, hs: usize, f: impl F
     })
 }
 
-/// Lanes of the softmax rows' passes: one AVX-512 vector.
-const LANES: usize = 16;
-
 /// The softmax of a row's first `len` scores (the keys a query sees), with zeros from `len` to
 /// `end` (the products read no further): e_j = e^(s_j − max) for j < len, summed in 16 lanes
 /// (lane j mod 16, in order of j), the lanes added by a fixed tree ([`lanes_sum`]), then
@@ -61,14 +58,6 @@ fn softmax_causal_row(row: &mut [f32], len: usize, end: usize) {
     softmax_row_plain(row, len, end)
 }
 
-/// The 16 lane sums added by a fixed tree (halves, then quarters, ...).
-#[inline(always)]
-fn lanes_sum(s: [f32; LANES]) -> f32 {
-    let h: [f32; 8] = std::array::from_fn(|k| s[k] + s[k + 8]);
-    let q: [f32; 4] = std::array::from_fn(|k| h[k] + h[k + 4]);
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
 wide! {
     /// [`softmax_causal_row`] as plain loops.
     fn softmax_row_plain(row: &mut [f32], len: usize, end: usize) {
@@ -78,7 +67,7 @@ wide! {
             *v = fast_exp(*v - maxv);
             sums[j % LANES] += *v;
         }
-        let inv = 1.0 / lanes_sum(sums);
+        let inv = 1.0 / lanes_sum(&sums);
         row[..len].iter_mut().for_each(|v| *v *= inv);
         row[len..end].fill(0.0);
     }
@@ -86,6 +75,7 @@ wide! {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::backend::cpu::wide::x86::{lanes, lanes_sum};
     use std::arch::x86_64::*;
 
     /// `kernels::fast_exp` on 16 lanes: the same operations in the same order (the same bits).
@@ -103,12 +93,6 @@ mod x86 {
         let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
         let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127))));
         _mm512_mul_ps(e, two_n)
-    }
-
-    /// The lanes below `n` (≤ 16).
-    #[inline]
-    fn lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
     }
 
     /// `super::softmax_causal_row` on AVX-512. SAFETY: `p` holds `end` floats, 1 ≤ len ≤ end.
@@ -131,8 +115,7 @@ mod x86 {
             s = _mm512_add_ps(s, e);
             _mm512_mask_storeu_ps(p.add(16 * i), mask(i), e);
         }
-        _mm512_storeu_ps(lane.as_mut_ptr(), s);
-        let inv = _mm512_set1_ps(1.0 / crate::backend::cpu::attention::lanes_sum(lane));
+        let inv = _mm512_set1_ps(1.0 / lanes_sum(s));
         for i in 0..nv {
             let e = _mm512_maskz_loadu_ps(mask(i), p.add(16 * i));
             _mm512_mask_storeu_ps(p.add(16 * i), mask(i), _mm512_mul_ps(e, inv));
@@ -155,9 +138,7 @@ mod x86 {
             let (pv, dv) = (_mm512_maskz_loadu_ps(mask(i), p.add(16 * i)), _mm512_maskz_loadu_ps(mask(i), d.add(16 * i)));
             acc = _mm512_fmadd_ps(pv, dv, acc);
         }
-        let mut lane = [0.0f32; 16];
-        _mm512_storeu_ps(lane.as_mut_ptr(), acc);
-        let dot = _mm512_set1_ps(crate::backend::cpu::attention::lanes_sum(lane));
+        let dot = _mm512_set1_ps(lanes_sum(acc));
         for i in 0..nv {
             let (pv, dv) = (_mm512_maskz_loadu_ps(mask(i), p.add(16 * i)), _mm512_maskz_loadu_ps(mask(i), d.add(16 * i)));
             _mm512_mask_storeu_ps(d.add(16 * i), mask(i), _mm512_mul_ps(pv, _mm512_sub_ps(dv, dot)));
@@ -192,7 +173,7 @@ wide! {
         for (j, (&pv, &dv)) in p[..len].iter().zip(seen.iter()).enumerate() {
             acc[j % LANES] = pv.mul_add(dv, acc[j % LANES]);
         }
-        let dot = lanes_sum(acc);
+        let dot = lanes_sum(&acc);
         for (dv, &pv) in seen.iter_mut().zip(&p[..len]) {
             *dv = pv * (*dv - dot);
         }

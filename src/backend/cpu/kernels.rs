@@ -230,9 +230,22 @@ pub unsafe fn matmul_dw(dw: *mut f32, beta: f32, dout: *const f32, inp: *const f
 const SPLIT_ROWS: usize = 1024;
 const SPLIT_MAX_WEIGHT: usize = 1 << 22;
 
-/// Buffers for the second half's weight gradient in [`matmul_backward`]: one per call in flight
-/// (actors run their ops side by side on the pool), reused.
+/// Scratch buffers of the products (a split backward's second half-gradient, the narrow
+/// backward's partials): one per call in flight (actors run their ops side by side on the
+/// pool), reused.
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Run `f` on `len` floats of scratch lent from [`SPARE`] (contents unspecified: `f` writes
+/// before it reads), then take the buffer back.
+pub(super) fn with_spare<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut g = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+    if g.len() < len {
+        g.resize(len, 0.0);
+    }
+    let r = f(&mut g[..len]);
+    SPARE.lock().unwrap_or_else(|e| e.into_inner()).push(g);
+    r
+}
 
 pub fn matmul_backward(
     dinp: Option<&mut [f32]>,
@@ -258,25 +271,22 @@ pub fn matmul_backward(
         Some(dinp) if n >= SPLIT_ROWS && oc * c <= SPLIT_MAX_WEIGHT => {
             let h = n / 2;
             let (dinp_ptr, w_ptr) = (SendPtr(dinp.as_mut_ptr()), SendConst(w.as_ptr()));
-            let mut g = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-            if g.len() < oc * c {
-                g.resize(oc * c, 0.0);
-            }
-            let gp = SendPtr(g.as_mut_ptr());
-            // SAFETY: the halves write disjoint rows of dinp; the first adds into dw, the second
-            // overwrites g (β = 0); the inputs are read only, their lengths the shapes'.
-            rayon::join(
-                || unsafe {
-                    matmul_dinp_seq(dinp_ptr.get(), dout_ptr.get(), w_ptr.get(), h, c, oc);
-                    matmul_dw(dw_ptr.get(), 1.0, dout_ptr.get(), inp_ptr.get(), h, c, oc, false);
-                },
-                || unsafe {
-                    matmul_dinp_seq(dinp_ptr.get().add(h * c), dout_ptr.get().add(h * oc), w_ptr.get(), n - h, c, oc);
-                    matmul_dw(gp.get(), 0.0, dout_ptr.get().add(h * oc), inp_ptr.get().add(h * c), n - h, c, oc, false);
-                },
-            );
-            dw.iter_mut().zip(&g[..oc * c]).for_each(|(d, &x)| *d += x);
-            SPARE.lock().unwrap_or_else(|e| e.into_inner()).push(g);
+            with_spare(oc * c, |g| {
+                let gp = SendPtr(g.as_mut_ptr());
+                // SAFETY: the halves write disjoint rows of dinp; the first adds into dw, the
+                // second overwrites g (β = 0); the inputs are read only, their lengths the shapes'.
+                rayon::join(
+                    || unsafe {
+                        matmul_dinp_seq(dinp_ptr.get(), dout_ptr.get(), w_ptr.get(), h, c, oc);
+                        matmul_dw(dw_ptr.get(), 1.0, dout_ptr.get(), inp_ptr.get(), h, c, oc, false);
+                    },
+                    || unsafe {
+                        matmul_dinp_seq(dinp_ptr.get().add(h * c), dout_ptr.get().add(h * oc), w_ptr.get(), n - h, c, oc);
+                        matmul_dw(gp.get(), 0.0, dout_ptr.get().add(h * oc), inp_ptr.get().add(h * c), n - h, c, oc, false);
+                    },
+                );
+                dw.iter_mut().zip(g.iter()).for_each(|(d, &x)| *d += x);
+            });
         }
         // The two products have the same FLOPs (2·N·C·OC) and write different memory: each on
         // one thread, side by side, beats each split over the threads in turn (measured on the

@@ -13,15 +13,14 @@
 //! multiply-adds per lane, so they give the same bits (`wide::set_enabled` switches between
 //! them; a test compares the two).
 
+use super::kernels;
+use super::wide::{lanes_sum, LANES};
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 /// The widest output these kernels take.
 pub const MAX_OC: usize = 16;
 /// Rows per task, and per partial weight gradient of the backward.
 const BLOCK: usize = 256;
-/// Lanes of an accumulator.
-const LANES: usize = 16;
 
 /// `by_width!(oc, f, args..)` calls `f::<OC>(args..)` with OC = oc (1 ≤ oc ≤ [`MAX_OC`]): the
 /// accumulators have a fixed count and stay in registers.
@@ -47,14 +46,6 @@ macro_rules! by_width {
             _ => unreachable!("narrow products take 1 to {MAX_OC} output columns"),
         }
     };
-}
-
-/// The 16 lanes added by a fixed tree: halves, then quarters, then pairs.
-#[inline(always)]
-fn lanes_sum(s: &[f32; LANES]) -> f32 {
-    let h: [f32; 8] = std::array::from_fn(|k| s[k] + s[k + 8]);
-    let q: [f32; 4] = std::array::from_fn(|k| h[k] + h[k + 4]);
-    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 /// out (N, OC) = inp (N, C) @ w^T + b, for 1 ≤ OC ≤ [`MAX_OC`].
@@ -91,9 +82,6 @@ fn forward_rows_plain(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     }
 }
 
-/// Partial weight gradients of [`backward`], reused across calls.
-static PARTIALS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
-
 /// dinp (N, C) = dout (N, OC) @ w (overwritten, if given); dw (OC, C) += dout^T @ inp; for
 /// 1 ≤ OC ≤ [`MAX_OC`].
 #[allow(clippy::too_many_arguments)]
@@ -103,9 +91,6 @@ pub fn backward(dinp: Option<&mut [f32]>, dw: &mut [f32], dout: &[f32], inp: &[f
         "narrow::backward: shapes"
     );
     assert!(dinp.as_ref().is_none_or(|d| d.len() >= n * c), "narrow::backward: dinp shape");
-    let mut partial = PARTIALS.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-    // Every element is overwritten by its block.
-    partial.resize(n.div_ceil(BLOCK) * oc * c, 0.0);
     let rows = |di: Option<&mut [f32]>, g: &mut [f32], d: &[f32], x: &[f32]| {
         #[cfg(target_arch = "x86_64")]
         if super::wide::enabled() {
@@ -116,17 +101,19 @@ pub fn backward(dinp: Option<&mut [f32]>, dw: &mut [f32], dout: &[f32], inp: &[f
         backward_rows_plain(di, g, d, x, w, c, oc)
     };
     let (dout, inp) = (&dout[..n * oc], &inp[..n * c]);
-    let parts = partial.par_chunks_mut(oc * c).zip(dout.par_chunks(BLOCK * oc)).zip(inp.par_chunks(BLOCK * c));
-    match dinp {
-        Some(di) => parts.zip(di[..n * c].par_chunks_mut(BLOCK * c)).for_each(|(((g, d), x), di)| rows(Some(di), g, d, x)),
-        None => parts.for_each(|((g, d), x)| rows(None, g, d, x)),
-    }
-    dw[..oc * c].par_chunks_mut(c).enumerate().for_each(|(j, row)| {
-        for g in partial.chunks_exact(oc * c) {
-            row.iter_mut().zip(&g[j * c..(j + 1) * c]).for_each(|(d, &s)| *d += s);
+    // One partial per block, each wholly written by its block (the spare's contents unused).
+    kernels::with_spare(n.div_ceil(BLOCK) * oc * c, |partial| {
+        let parts = partial.par_chunks_mut(oc * c).zip(dout.par_chunks(BLOCK * oc)).zip(inp.par_chunks(BLOCK * c));
+        match dinp {
+            Some(di) => parts.zip(di[..n * c].par_chunks_mut(BLOCK * c)).for_each(|(((g, d), x), di)| rows(Some(di), g, d, x)),
+            None => parts.for_each(|((g, d), x)| rows(None, g, d, x)),
         }
-    });
-    PARTIALS.lock().unwrap_or_else(|e| e.into_inner()).push(partial);
+        dw[..oc * c].par_chunks_mut(c).enumerate().for_each(|(j, row)| {
+            for g in partial.chunks_exact(oc * c) {
+                row.iter_mut().zip(&g[j * c..(j + 1) * c]).for_each(|(d, &s)| *d += s);
+            }
+        });
+    })
 }
 
 /// [`backward`]'s block as plain loops, lane by lane: dinp's rows (if given) and the block's
@@ -161,24 +148,8 @@ fn backward_rows_plain(mut dinp: Option<&mut [f32]>, g: &mut [f32], dout: &[f32]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::backend::cpu::wide::x86::{lanes, lanes_sum};
     use std::arch::x86_64::*;
-
-    /// The lanes below `n` (≤ 16).
-    #[inline]
-    fn lanes(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as __mmask16
-    }
-
-    /// [`super::lanes_sum`] on a vector: the same tree.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn lanes_sum(a: __m512) -> f32 {
-        let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, a);
-        let h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(hi));
-        let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let r = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps::<1>(r, r)))
-    }
 
     /// `super::forward_rows_plain` for OC outputs. SAFETY: `out` holds whole rows of OC, `inp`
     /// as many rows of C, `w` OC·C and `b` OC floats.

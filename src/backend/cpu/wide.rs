@@ -65,3 +65,39 @@ macro_rules! wide {
     };
 }
 pub(crate) use wide;
+
+/// Lanes of the AVX-512 kernels' accumulators (one 512-bit vector), which their plain-loop
+/// copies keep as arrays.
+pub(crate) const LANES: usize = 16;
+
+/// The 16 lane sums added by a fixed tree: halves, then quarters, then pairs. The AVX-512
+/// kernels add a vector's lanes by the same tree ([`x86::lanes_sum`]), so both give the same bits.
+#[inline(always)]
+pub(crate) fn lanes_sum(s: &[f32; LANES]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|k| s[k] + s[k + 8]);
+    let q: [f32; 4] = std::array::from_fn(|k| h[k] + h[k + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Helpers of the AVX-512 kernels (attention's softmax rows, the narrow products).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The lanes below `n` (≤ 16).
+    #[inline]
+    pub(crate) fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// [`super::lanes_sum`] of a vector's lanes: the same tree.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn lanes_sum(a: __m512) -> f32 {
+        let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, a);
+        let h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(hi));
+        let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let r = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps::<1>(r, r)))
+    }
+}
