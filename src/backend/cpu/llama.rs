@@ -163,6 +163,12 @@ pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&
     });
 }
 
+thread_local! {
+    /// The slots [`moe_combine_backward`] has seen, per calling thread (reused: no allocation
+    /// per call).
+    static SEEN: std::cell::RefCell<Vec<bool>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]]. Tokens run
 /// side by side on the pool; the slots must be distinct (each (t, j) owns its row of dys),
 /// which is checked first.
@@ -180,12 +186,15 @@ pub fn moe_combine_backward(
 ) {
     let m = n * k;
     assert!(dys.len() >= m * c && dweights.len() >= m && slots.len() >= m && weights.len() >= m, "moe_combine_backward: shapes");
-    let mut seen = vec![false; m];
-    for &s in &slots[..m] {
-        let s = s as usize;
-        assert!(s < m && !seen[s], "moe_combine_backward: slot {s} out of range or repeated (slots must be a permutation of 0..{m})");
-        seen[s] = true;
-    }
+    SEEN.with_borrow_mut(|seen| {
+        seen.clear();
+        seen.resize(m, false);
+        for &s in &slots[..m] {
+            let s = s as usize;
+            assert!(s < m && !seen[s], "moe_combine_backward: slot {s} out of range or repeated (slots must be a permutation of 0..{m})");
+            seen[s] = true;
+        }
+    });
     let out = SendPtr(dys.as_mut_ptr());
     dweights[..m].par_chunks_mut(ROWS * k).enumerate().for_each(|(bi, dw)| {
         for (jj, dwj) in dw.iter_mut().enumerate() {
