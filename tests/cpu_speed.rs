@@ -463,3 +463,117 @@ fn forward_products_by_blocks_equal_the_plain_product() {
         }
     }
 }
+
+/// The MoE's fused backend ops against the ops they stand for, in turn, bit for bit: the
+/// gathered grouped products (`gather_rows` then the grouped forward, and the grouped backward
+/// of the gathered rows), the combine's backward with the down products' backward, and a
+/// router's input gradient added in place (`matmul_backward_add`, narrow and wide). On 1 and 2
+/// threads, in fp32 and bf16, with an expert with no tokens and one whose rows pass the size of
+/// a task's tile (4,200 rows of 64).
+#[test]
+fn fused_moe_ops_equal_the_ops_in_turn() {
+    use taproot::backend::{MoeCombine, Precision};
+    use taproot::model::moe::Plan;
+    let _turn = turn();
+    let (n, k, e, c, f) = (4200, 2, 5, 64, 24);
+    let m = n * k;
+    let mut rng = Rng::new(23);
+    // Every token's first choice is expert 0 (the large one), its second one of 2..5 (1 gets none).
+    let experts: Vec<u32> = (0..n).flat_map(|_| [0, 2 + rng.below(3) as u32]).collect();
+    let plan = Plan::new(&experts, n, e, k);
+    assert!(plan.count(0) * c > 1 << 18 && plan.count(1) == 0, "the shapes miss a case");
+    let x = randn(&mut rng, n * c, 1.0);
+    let (dgu, dy, ys) = (randn(&mut rng, m * f, 1.0), randn(&mut rng, n * c, 1.0), randn(&mut rng, m * c, 1.0));
+    let (weights, h) = (randn(&mut rng, m, 0.5), randn(&mut rng, m * f, 1.0));
+    let wu: Vec<Vec<f32>> = (0..e).map(|_| randn(&mut rng, f * c, 0.5)).collect(); // C → F
+    let wd: Vec<Vec<f32>> = (0..e).map(|_| randn(&mut rng, c * f, 0.5)).collect(); // F → C
+    let (dlogits, wr, wwide) = (randn(&mut rng, n * e, 1.0), randn(&mut rng, e * c, 0.5), randn(&mut rng, 40 * c, 0.5));
+    let dwide = randn(&mut rng, n * 40, 1.0);
+    let run = |threads: usize, precision: Precision, fused: bool| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+        pool.install(|| {
+            let be = B::default();
+            be.set_precision(precision).expect("a precision");
+            let v = B::whole;
+            let (xb, dgub, dyb, ysb, wb, hb) =
+                (buf(&be, &x), buf(&be, &dgu), buf(&be, &dy), buf(&be, &ys), buf(&be, &weights), buf(&be, &h));
+            let (wub, wdb): (Vec<_>, Vec<_>) = (wu.iter().map(|w| buf(&be, w)).collect(), wd.iter().map(|w| buf(&be, w)).collect());
+            let (dwu, dwd): (Vec<_>, Vec<_>) =
+                ((0..e).map(|_| buf(&be, &vec![0.25; f * c])).collect(), (0..e).map(|_| buf(&be, &vec![0.25; c * f])).collect());
+            let (rows, slots) = (be.alloc_ids(m), be.alloc_ids(m));
+            be.upload_ids(&rows, &plan.rows);
+            be.upload_ids(&slots, &plan.slots);
+            let (xs, gu, dxs, dys, dweights, dh) =
+                (be.alloc(m * c), be.alloc(m * f), be.alloc(m * c), be.alloc(m * c), be.alloc(m), be.alloc(m * f));
+            let live: Vec<usize> = (0..e).filter(|&x| plan.count(x) > 0).collect();
+            let seg = |out, inp, w| segs(&plan, &live, out, inp, w);
+            let views = |b, width| rows_of(&plan, &live, b, width);
+
+            let (up_f, up_b) = (seg((&gu, f), (&xs, c), &wub), seg((&dgub, f), (&xs, c), &wub));
+            let down = seg((&dys, c), (&hb, f), &wdb);
+            let comb =
+                MoeCombine::<B> { dys: v(&dys), dweights: v(&dweights), dout: v(&dyb), ys: v(&ysb), slots: &slots, weights: v(&wb), n, k };
+            // The router's input gradient joins dx, narrow (E outputs) and wide (40).
+            let (dxr, dxw, scratch) = (buf(&be, &dy), buf(&be, &dy), be.alloc(n * c));
+            let (dwr, dww) = (be.alloc(e * c), be.alloc(40 * c));
+            let (dl, wrb, dwb, wwb) = (buf(&be, &dlogits), buf(&be, &wr), buf(&be, &dwide), buf(&be, &wwide));
+            if fused {
+                be.matmul_forward_segments_gathered(&up_f, v(&xs), v(&xb), &rows, c, f);
+                be.matmul_backward_segments(&up_b, &views(&dxs, c), &each(&live, &dwu), c, f);
+                be.moe_combine_backward_segments(&down, &views(&dh, f), &each(&live, &dwd), comb, f, c);
+                be.matmul_backward_add(v(&dxr), v(&scratch), v(&dwr), None, v(&dl), v(&xb), v(&wrb), n, c, e);
+                be.matmul_backward_add(v(&dxw), v(&scratch), v(&dww), None, v(&dwb), v(&xb), v(&wwb), n, c, 40);
+            } else {
+                be.gather_rows(v(&xs), v(&xb), &rows, m, c);
+                be.matmul_forward_segments(&up_f, c, f);
+                be.matmul_backward_segments(&up_b, &views(&dxs, c), &each(&live, &dwu), c, f);
+                be.moe_combine_backward(v(&dys), v(&dweights), v(&dyb), v(&ysb), &slots, v(&wb), n, k, c);
+                be.matmul_backward_segments(&down, &views(&dh, f), &each(&live, &dwd), f, c);
+                for (dx, dw, d, w, oc) in [(&dxr, &dwr, &dl, &wrb, e), (&dxw, &dww, &dwb, &wwb, 40)] {
+                    be.matmul_backward(Some(v(&scratch)), v(dw), None, v(d), v(&xb), v(w), n, c, oc);
+                    be.add_assign(v(dx), v(&scratch));
+                }
+            }
+            let mut out = vec![host(&be, &xs), host(&be, &gu), host(&be, &dxs), host(&be, &dweights), host(&be, &dh)];
+            out.extend(dwu.iter().chain(&dwd).chain([&dwr, &dww, &dxr, &dxw]).map(|b| host(&be, b)));
+            out
+        })
+    };
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let want = run(2, precision, false);
+        assert!(want.iter().all(|o| o.iter().any(|&x| x != 0.0)), "{precision:?}: an output is all zero");
+        for threads in [1, 2] {
+            let got = run(threads, precision, true);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g == w, "{precision:?}, {threads} threads: output {i} differs from the ops in turn");
+            }
+        }
+    }
+}
+
+type Buf = <B as Backend>::Buf;
+
+/// The experts with rows (`live`) as segments of a grouped product: their rows of `out` and
+/// `inp` (of the given row widths) and their weights.
+fn segs<'a>(
+    plan: &taproot::model::moe::Plan,
+    live: &[usize],
+    out: (&'a Buf, usize),
+    inp: (&'a Buf, usize),
+    w: &'a [Buf],
+) -> Vec<taproot::backend::Segment<'a, Buf>> {
+    let at = |b: &'a Buf, width: usize, x: usize| taproot::backend::View::new(b, plan.offsets[x] * width, plan.count(x) * width);
+    live.iter()
+        .map(|&x| taproot::backend::Segment { out: at(out.0, out.1, x), inp: at(inp.0, inp.1, x), w: B::whole(&w[x]), rows: plan.count(x) })
+        .collect()
+}
+
+/// The experts' (`live`) rows of `b` (rows of `width`).
+fn rows_of<'a>(plan: &taproot::model::moe::Plan, live: &[usize], b: &'a Buf, width: usize) -> Vec<taproot::backend::View<'a, Buf>> {
+    live.iter().map(|&x| taproot::backend::View::new(b, plan.offsets[x] * width, plan.count(x) * width)).collect()
+}
+
+/// The whole of each of `live`'s buffers.
+fn each<'a>(live: &[usize], bufs: &'a [Buf]) -> Vec<taproot::backend::View<'a, Buf>> {
+    live.iter().map(|&x| B::whole(&bufs[x])).collect()
+}

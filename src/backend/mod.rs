@@ -37,93 +37,14 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod mode;
 pub mod pool;
 pub mod precision;
+pub mod view;
 
+pub use mode::{Attention, StreamMode};
 pub use precision::Precision;
-
-/// How attention keeps what its backward needs (`kernels.attention`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Attention {
-    /// The (B, NH, T, T) probabilities are written by the forward and read by the backward
-    /// (products through the backend's matrix multiply). The verified reference.
-    #[default]
-    Materialized,
-    /// FlashAttention-2's algorithm: tiles with an online softmax; the forward keeps only the
-    /// (B, NH, T) logsumexp and the backward recomputes the probabilities from it. On CUDA it
-    /// runs on bf16 tensor cores (precision `bf16`, head size 64 or 128).
-    Flash,
-}
-
-/// A stream's compute settings — its precision and attention algorithm — read and set through
-/// `&self` (ops take the stream by shared reference). Both backends keep one per stream.
-#[derive(Debug, Default)]
-pub struct StreamMode {
-    precision: std::sync::atomic::AtomicU8,
-    flash: std::sync::atomic::AtomicBool,
-}
-
-impl StreamMode {
-    pub fn precision(&self) -> Precision {
-        Precision::from_u8(self.precision.load(std::sync::atomic::Ordering::Relaxed))
-    }
-    pub fn set_precision(&self, p: Precision) {
-        self.precision.store(p.to_u8(), std::sync::atomic::Ordering::Relaxed);
-    }
-    pub fn attention(&self) -> Attention {
-        match self.flash.load(std::sync::atomic::Ordering::Relaxed) {
-            true => Attention::Flash,
-            false => Attention::Materialized,
-        }
-    }
-    pub fn set_attention(&self, a: Attention) {
-        self.flash.store(a == Attention::Flash, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Attention {
-    pub fn name(self) -> &'static str {
-        match self {
-            Attention::Materialized => "materialized",
-            Attention::Flash => "flash",
-        }
-    }
-}
-
-/// One segment of [`Backend::matmul_forward_segments`]: `rows` rows of `inp` through the weight
-/// `w` into `out`.
-pub struct Segment<'a, Buf> {
-    pub out: View<'a, Buf>,
-    pub inp: View<'a, Buf>,
-    pub w: View<'a, Buf>,
-    pub rows: usize,
-}
-
-/// A window into a device buffer: `len` elements starting at `off`.
-pub struct View<'a, Buf> {
-    pub buf: &'a Buf,
-    pub off: usize,
-    pub len: usize,
-}
-
-impl<Buf> Clone for View<'_, Buf> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<Buf> Copy for View<'_, Buf> {}
-
-impl<'a, Buf> View<'a, Buf> {
-    pub fn new(buf: &'a Buf, off: usize, len: usize) -> Self {
-        View { buf, off, len }
-    }
-    /// A sub-window `[start, start+len)` relative to this view.
-    pub fn sub(&self, start: usize, len: usize) -> Self {
-        assert!(start + len <= self.len, "sub-view [{start}, {}) outside a view of {}", start + len, self.len);
-        View { buf: self.buf, off: self.off + start, len }
-    }
-}
+pub use view::{MoeCombine, Segment, View};
 
 /// Whether a matrix operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +195,23 @@ pub trait Backend: Send + Sized + 'static {
             self.matmul_forward(s.out, s.inp, s.w, None, s.rows, c, oc);
         }
     }
+    /// [`Backend::gather_rows`] (xs (M, C) = x[rows]) then [`Backend::matmul_forward_segments`]
+    /// of products whose `inp` views are their rows of `xs`, in order from row 0 (a mixture's
+    /// first expert products). A backend may gather each segment's rows just before its product,
+    /// while they are in cache; by default the two run in turn. Either way `xs` holds the
+    /// gathered rows after it (the backward reads them).
+    fn matmul_forward_segments_gathered(
+        &self,
+        segments: &[Segment<'_, Self::Buf>],
+        xs: View<Self::Buf>,
+        x: View<Self::Buf>,
+        rows: &Self::Ids,
+        c: usize,
+        oc: usize,
+    ) {
+        self.gather_rows(xs, x, rows, segments.iter().map(|s| s.rows).sum(), c);
+        self.matmul_forward_segments(segments, c, oc);
+    }
     /// [`Backend::matmul_backward`] without bias of the segments of a
     /// [`Backend::matmul_forward_segments`]: per segment, dinp_i = dout_i @ w_i (overwritten)
     /// and dw_i += dout_i^T @ inp_i, with `out` holding dout_i and `dinp` the segments' dinp_i.
@@ -310,6 +248,27 @@ pub trait Backend: Send + Sized + 'static {
     ) {
         self.matmul_backward(Some(dact), dw, db, dout, act, w, n, c, oc);
         self.gelu_backward(dpre, pre, dact);
+    }
+    /// [`Backend::matmul_backward`] with its input gradient added to `dinp` (dinp += dout @ w):
+    /// a branch's input gradient joining another's. The same bits as `matmul_backward` into
+    /// `scratch` (N, C) then [`Backend::add_assign`], which is what it does by default; a backend
+    /// may add in place and leave `scratch` unwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_add(
+        &self,
+        dinp: View<Self::Buf>,
+        scratch: View<Self::Buf>,
+        dw: View<Self::Buf>,
+        db: Option<View<Self::Buf>>,
+        dout: View<Self::Buf>,
+        inp: View<Self::Buf>,
+        w: View<Self::Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        self.matmul_backward(Some(scratch), dw, db, dout, inp, w, n, c, oc);
+        self.add_assign(dinp, scratch);
     }
     /// dinp (N, C) = dout @ w (overwritten, skipped if None); dw (OC, C) += dout^T @ inp;
     /// db (OC) += column sums of dout.
@@ -529,6 +488,26 @@ pub trait Backend: Send + Sized + 'static {
         k: usize,
         c: usize,
     );
+    /// [`Backend::moe_combine_backward`] (into `dys` (M, C) and `dweights`), then
+    /// [`Backend::matmul_backward_segments`] of the experts' down products (F → C), whose `out`
+    /// views are their rows of `dys`: the combine's backward makes the products' dout. A backend
+    /// may make each expert's rows of dout just before its products, while they are in cache,
+    /// and then need not write `dys`; by default the two run in turn. `dinp` and `dw` are as in
+    /// `matmul_backward_segments`, `dweights` as in `moe_combine_backward`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_combine_backward_segments(
+        &self,
+        segments: &[Segment<'_, Self::Buf>],
+        dinp: &[View<'_, Self::Buf>],
+        dw: &[View<'_, Self::Buf>],
+        combine: MoeCombine<'_, Self>,
+        f: usize,
+        c: usize,
+    ) {
+        let MoeCombine { dys, dweights, dout, ys, slots, weights, n, k } = combine;
+        self.moe_combine_backward(dys, dweights, dout, ys, slots, weights, n, k, c);
+        self.matmul_backward_segments(segments, dinp, dw, f, c);
+    }
     /// Rotary positions in place on the first `heads` heads (size `hd`) of each of `rows` rows of
     /// `stride` floats (row r is position r mod t): pair (i, i + hd/2) rotated by
     /// pos · θ^(−2i/hd), the Hugging Face layout. `inverse` rotates back: the backward.

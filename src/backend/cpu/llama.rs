@@ -164,9 +164,31 @@ pub fn moe_combine(out: &mut [f32], ys: &[f32], slots: &[u32], weights: Option<&
 }
 
 thread_local! {
-    /// The slots [`moe_combine_backward`] has seen, per calling thread (reused: no allocation
-    /// per call).
-    static SEEN: std::cell::RefCell<Vec<bool>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each slot's (token, choice) for [`with_slot_owners`], per calling thread (reused: no
+    /// allocation per call).
+    static OWNERS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Run `f` on each slot's owner, the (token, choice) index t·k + j whose slot it is
+/// (`owners[slots[tj]] = tj`, M = N·k slots). The slots must be a permutation of 0..M (each
+/// (t, j) owns its row of the slots' buffers), which is checked first.
+pub fn with_slot_owners<R>(slots: &[u32], m: usize, f: impl FnOnce(&[u32]) -> R) -> R {
+    // Taken out while in use: a nested call (a pool thread running another op while it waits)
+    // finds it empty and grows its own.
+    let mut owners = OWNERS.take();
+    owners.clear();
+    owners.resize(m, u32::MAX);
+    for (tj, &s) in slots[..m].iter().enumerate() {
+        let s = s as usize;
+        assert!(
+            s < m && owners[s] == u32::MAX,
+            "moe_combine_backward: slot {s} out of range or repeated (slots must be a permutation of 0..{m})"
+        );
+        owners[s] = tj as u32;
+    }
+    let r = f(&owners);
+    OWNERS.set(owners);
+    r
 }
 
 /// dys[slots[t, j]] = w[t, j] · dout[t]; dweights[t, j] = dout[t] · ys[slots[t, j]]. Tokens run
@@ -186,15 +208,7 @@ pub fn moe_combine_backward(
 ) {
     let m = n * k;
     assert!(dys.len() >= m * c && dweights.len() >= m && slots.len() >= m && weights.len() >= m, "moe_combine_backward: shapes");
-    SEEN.with_borrow_mut(|seen| {
-        seen.clear();
-        seen.resize(m, false);
-        for &s in &slots[..m] {
-            let s = s as usize;
-            assert!(s < m && !seen[s], "moe_combine_backward: slot {s} out of range or repeated (slots must be a permutation of 0..{m})");
-            seen[s] = true;
-        }
-    });
+    with_slot_owners(slots, m, |_| ());
     let out = SendPtr(dys.as_mut_ptr());
     dweights[..m].par_chunks_mut(ROWS * k).enumerate().for_each(|(bi, dw)| {
         for (jj, dwj) in dw.iter_mut().enumerate() {

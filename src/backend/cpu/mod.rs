@@ -33,7 +33,7 @@ mod residual;
 mod segments;
 pub mod wide;
 
-use super::{Attention, Backend, Precision, Segment, StreamMode, Trans, View};
+use super::{Attention, Backend, MoeCombine, Precision, Segment, StreamMode, Trans, View};
 use std::cell::{RefCell, UnsafeCell};
 use std::sync::{Arc, Mutex};
 
@@ -344,9 +344,26 @@ impl Backend for CpuBackend {
     fn matmul_backward_segments(&self, segments: &[Segment<'_, CpuBuf>], dinp: &[V], dw: &[V], c: usize, oc: usize) {
         self.backward_segments(segments, dinp, dw, c, oc)
     }
+    fn matmul_forward_segments_gathered(&self, segments: &[Segment<'_, CpuBuf>], xs: V, x: V, rows: &CpuIds, c: usize, oc: usize) {
+        self.forward_segments_gathered(segments, xs, x, rows, c, oc)
+    }
+    fn moe_combine_backward_segments(
+        &self,
+        segments: &[Segment<'_, CpuBuf>],
+        dinp: &[V],
+        dw: &[V],
+        comb: MoeCombine<'_, Self>,
+        f: usize,
+        c: usize,
+    ) {
+        self.combine_backward_segments(segments, dinp, dw, comb, f, c)
+    }
 
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
         self.backward_product(dinp, dw, db, dout, inp, w, n, c, oc)
+    }
+    fn matmul_backward_add(&self, dinp: V, scratch: V, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
+        self.backward_product_add(dinp, scratch, dw, db, dout, inp, w, n, c, oc)
     }
     fn matmul_backward_gelu(&self, dpre: V, _dact: V, dw: V, db: Option<V>, dout: V, act: V, w: V, pre: V, n: usize, c: usize, oc: usize) {
         self.backward_product_gelu(dpre, dw, db, dout, act, w, pre, n, c, oc)

@@ -82,10 +82,11 @@ fn forward_rows_plain(out: &mut [f32], inp: &[f32], w: &[f32], b: Option<&[f32]>
     }
 }
 
-/// dinp (N, C) = dout (N, OC) @ w (overwritten, if given); dw (OC, C) += dout^T @ inp; for
-/// 1 ≤ OC ≤ [`MAX_OC`].
+/// dinp (N, C) = dout (N, OC) @ w (overwritten if given, or added to dinp with `add`: each
+/// element's product first, then one addition); dw (OC, C) += dout^T @ inp; for 1 ≤ OC ≤
+/// [`MAX_OC`].
 #[allow(clippy::too_many_arguments)]
-pub fn backward(dinp: Option<&mut [f32]>, dw: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], n: usize, c: usize, oc: usize) {
+pub fn backward(dinp: Option<&mut [f32]>, add: bool, dw: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], n: usize, c: usize, oc: usize) {
     assert!(
         (1..=MAX_OC).contains(&oc) && dout.len() >= n * oc && inp.len() >= n * c && w.len() >= oc * c && dw.len() >= oc * c,
         "narrow::backward: shapes"
@@ -96,9 +97,9 @@ pub fn backward(dinp: Option<&mut [f32]>, dw: &mut [f32], dout: &[f32], inp: &[f
         if super::wide::enabled() {
             // SAFETY: the CPU has AVX-512F; `d` holds the block's rows times OC floats, `x` and
             // `di` its rows times C, `g` and w OC·C.
-            return unsafe { by_width!(oc, x86::backward_rows, di, g, d, x, w, c) };
+            return unsafe { by_width!(oc, x86::backward_rows, di, add, g, d, x, w, c) };
         }
-        backward_rows_plain(di, g, d, x, w, c, oc)
+        backward_rows_plain(di, add, g, d, x, w, c, oc)
     };
     let (dout, inp) = (&dout[..n * oc], &inp[..n * c]);
     // One partial per block, each wholly written by its block (the spare's contents unused).
@@ -116,9 +117,10 @@ pub fn backward(dinp: Option<&mut [f32]>, dw: &mut [f32], dout: &[f32], inp: &[f
     })
 }
 
-/// [`backward`]'s block as plain loops, lane by lane: dinp's rows (if given) and the block's
-/// partial weight gradient `g` (OC, C, overwritten).
-fn backward_rows_plain(mut dinp: Option<&mut [f32]>, g: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], c: usize, oc: usize) {
+/// [`backward`]'s block as plain loops, lane by lane: dinp's rows (if given; added to with
+/// `add`) and the block's partial weight gradient `g` (OC, C, overwritten).
+#[allow(clippy::too_many_arguments)]
+fn backward_rows_plain(mut dinp: Option<&mut [f32]>, add: bool, g: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], c: usize, oc: usize) {
     let rows = dout.len() / oc;
     for p0 in (0..c).step_by(LANES) {
         let width = LANES.min(c - p0);
@@ -131,7 +133,8 @@ fn backward_rows_plain(mut dinp: Option<&mut [f32]>, g: &mut [f32], dout: &[f32]
                     for (j, &dj) in d.iter().enumerate() {
                         v = w[j * c + p0 + l].mul_add(dj, v);
                     }
-                    di[r * c + p0 + l] = v;
+                    let o = &mut di[r * c + p0 + l];
+                    *o = if add { *o + v } else { v };
                 }
             }
             for (a, &dj) in acc.iter_mut().zip(d) {
@@ -176,7 +179,16 @@ mod x86 {
     /// gradient stay in registers over the block's rows. SAFETY: as [`forward_rows`], with
     /// `dinp` as `inp` and `g` OC·C floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn backward_rows<const OC: usize>(dinp: Option<&mut [f32]>, g: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], c: usize) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_rows<const OC: usize>(
+        dinp: Option<&mut [f32]>,
+        add: bool,
+        g: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        c: usize,
+    ) {
         let rows = dout.len() / OC;
         let (dinp, g, dout, inp, w) = (dinp.map(|d| d.as_mut_ptr()), g.as_mut_ptr(), dout.as_ptr(), inp.as_ptr(), w.as_ptr());
         for i in 0..c.div_ceil(16) {
@@ -190,7 +202,9 @@ mod x86 {
                     for (j, &wj) in wc.iter().enumerate() {
                         v = _mm512_fmadd_ps(wj, _mm512_set1_ps(*d.add(j)), v);
                     }
-                    _mm512_mask_storeu_ps(di.add(r * c + p0), m, v);
+                    let o = di.add(r * c + p0);
+                    let v = if add { _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), v) } else { v };
+                    _mm512_mask_storeu_ps(o, m, v);
                 }
                 let xv = _mm512_maskz_loadu_ps(m, inp.add(r * c + p0));
                 for (j, a) in acc.iter_mut().enumerate() {

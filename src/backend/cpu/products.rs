@@ -3,7 +3,7 @@
 //! `kernels`.
 
 use super::{disjoint, fused, kernels, narrow, profile, CpuBackend, V};
-use crate::backend::Trans;
+use crate::backend::{Backend, Trans};
 
 impl CpuBackend {
     #[allow(clippy::too_many_arguments)]
@@ -60,6 +60,35 @@ impl CpuBackend {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_product(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
+        self.backward_product_to(dinp, false, dw, db, dout, inp, w, n, c, oc)
+    }
+
+    /// `Backend::matmul_backward_add`: a narrow product adds its dinp in place (the same bits:
+    /// each element's product, then one addition); others go through `scratch`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_product_add(
+        &self,
+        dinp: V,
+        scratch: V,
+        dw: V,
+        db: Option<V>,
+        dout: V,
+        inp: V,
+        w: V,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        if (1..=narrow::MAX_OC).contains(&oc) {
+            return self.backward_product_to(Some(dinp), true, dw, db, dout, inp, w, n, c, oc);
+        }
+        self.backward_product_to(Some(scratch), false, dw, db, dout, inp, w, n, c, oc);
+        Backend::add_assign(self, dinp, scratch);
+    }
+
+    /// dinp (written, or added to with `add`: narrow products only), dw and db.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_product_to(&self, dinp: Option<V>, add: bool, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
         let _p = profile::op_named(|| format!("matmul_backward {c}->{oc}"));
         if let Some(d) = dinp.as_ref() {
             disjoint(d, &[&dw, &dout, &inp, &w]);
@@ -79,8 +108,9 @@ impl CpuBackend {
         }
         let (dout, inp, w) = unsafe { (self.operand(self.rd(dout)), self.operand(self.rd(inp)), self.operand(self.rd(w))) };
         if (1..=narrow::MAX_OC).contains(&oc) {
-            return unsafe { narrow::backward(dinp.map(|d| self.wr(d)), self.wr(dw), &dout, &inp, &w, n, c, oc) };
+            return unsafe { narrow::backward(dinp.map(|d| self.wr(d)), add, self.wr(dw), &dout, &inp, &w, n, c, oc) };
         }
+        assert!(!add, "matmul_backward: adding dinp in place takes a narrow product");
         unsafe { kernels::matmul_backward(dinp.map(|d| self.wr(d)), self.wr(dw), None, &dout, &inp, &w, n, c, oc) }
     }
 

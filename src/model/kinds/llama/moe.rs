@@ -6,7 +6,7 @@
 //! E experts of F hidden units, S shared experts (one SwiGLU of S·F units).
 
 use super::{Expert, MoeTensors};
-use crate::backend::{Backend, Segment, View};
+use crate::backend::{Backend, MoeCombine, Segment, View};
 use crate::model::dims::Dims;
 use crate::model::moe::{self, Moe, Plan, Route, Routing};
 use crate::params::{ParamSet, Tensor};
@@ -163,11 +163,11 @@ pub fn forward<B: Backend>(
     be.upload_ids(&a.rows, &a.plan.rows);
     be.upload_ids(&a.slots, &a.plan.slots);
     be.upload(w::<B>(&a.weights), &a.route.weights);
-    // Each expert on its own contiguous rows.
-    be.gather_rows(w::<B>(&a.xs), w::<B>(x), &a.rows, n * k, c);
-    // Each expert's products on its own rows, as one grouped call per product (a backend may
-    // run the experts side by side).
-    be.matmul_forward_segments(&segments::<B>(p, mt, &a.plan, (&a.gu, 2 * f), (&a.xs, c), |x| x.gate_upw), c, 2 * f);
+    // Each expert on its own contiguous rows (gathered), its products as one grouped call per
+    // product (a backend may run the experts side by side, and gather each expert's rows in its
+    // own task).
+    let gate_up = segments::<B>(p, mt, &a.plan, (&a.gu, 2 * f), (&a.xs, c), |x| x.gate_upw);
+    be.matmul_forward_segments_gathered(&gate_up, w::<B>(&a.xs), w::<B>(x), &a.rows, c, 2 * f);
     be.swiglu_forward(w::<B>(&a.h), w::<B>(&a.gu), n * k, f);
     be.matmul_forward_segments(&segments::<B>(p, mt, &a.plan, (&a.ys, c), (&a.h, f), |x| x.downw), f, c);
     be.moe_combine(w::<B>(y), w::<B>(&a.ys), &a.slots, Some(w::<B>(&a.weights)), n, k, c);
@@ -207,12 +207,13 @@ pub fn backward<B: Backend>(
         }
         _ => false,
     };
-    // Routed experts: the combine, each expert's SwiGLU, the gather's adjoint.
-    be.moe_combine_backward(w::<B>(&s.dys), w::<B>(&s.dweights), dy, w::<B>(&a.ys), &a.slots, w::<B>(&a.weights), n, k, c);
-    // dh and the down projections' gradients, all experts in one grouped call.
+    // Routed experts: the combine, each expert's SwiGLU, the gather's adjoint. The combine's
+    // backward makes the down projections' dout; then dh and their gradients, all experts in one
+    // grouped call.
     let down = segments::<B>(p, mt, &a.plan, (&s.dys, c), (&a.h, f), |x| x.downw);
     let (dh, dwd) = expert_grads::<B>(p, mt, &a.plan, (&s.dh, f), |x| x.downw);
-    be.matmul_backward_segments(&down, &dh, &dwd, f, c);
+    let (dys, dweights, ys, weights) = (w::<B>(&s.dys), w::<B>(&s.dweights), w::<B>(&a.ys), w::<B>(&a.weights));
+    be.moe_combine_backward_segments(&down, &dh, &dwd, MoeCombine { dys, dweights, dout: dy, ys, slots: &a.slots, weights, n, k }, f, c);
     be.swiglu_backward(w::<B>(&s.dgu), w::<B>(&a.gu), w::<B>(&s.dh), n * k, f);
     let gate_up = segments::<B>(p, mt, &a.plan, (&s.dgu, 2 * f), (&a.xs, c), |x| x.gate_upw);
     let (dxs, dwg) = expert_grads::<B>(p, mt, &a.plan, (&s.dxs, c), |x| x.gate_upw);
@@ -230,6 +231,5 @@ pub fn backward<B: Backend>(
     // The balancing loss's own gradient (made in the forward), added to the logits'.
     s.host_dl.iter_mut().zip(&a.aux_grad).for_each(|(d, g)| *d += g);
     be.upload(w::<B>(&s.dlogits), &s.host_dl);
-    be.matmul_backward(Some(w::<B>(&s.dc2)), p.g(mt.routerw), None, w::<B>(&s.dlogits), w::<B>(x), p.p(mt.routerw), n, c, e);
-    be.add_assign(w::<B>(dx), w::<B>(&s.dc2));
+    be.matmul_backward_add(w::<B>(dx), w::<B>(&s.dc2), p.g(mt.routerw), None, w::<B>(&s.dlogits), w::<B>(x), p.p(mt.routerw), n, c, e);
 }
