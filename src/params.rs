@@ -143,7 +143,7 @@ impl<B: Backend> ParamSet<B> {
         t.view(&self.grads)
     }
     pub fn zero_grad(&self, be: &B) {
-        be.fill(B::whole(&self.grads), 0.0);
+        be.zero_grads(B::whole(&self.grads));
     }
     pub fn numel(&self) -> usize {
         self.layout.total

@@ -433,6 +433,30 @@ fn a_large_fill_writes_its_view_and_nothing_else() {
     assert!(got[3..n + 3].iter().all(|&v| v == 2.5), "the fill missed elements of its view");
 }
 
+/// Zeroing gradients (streaming stores from 64K floats on) writes zeros over every element of
+/// its view, unaligned ones included, and nothing outside it: below, at and past the threshold,
+/// and through a model's `zero_grad` after a step.
+#[test]
+fn zeroing_gradients_writes_its_view_and_nothing_else() {
+    let be = B::default();
+    for n in [1000, 1 << 16, (1 << 16) + 37, (1 << 20) + 5] {
+        let x = buf(&be, &vec![1.5; n + 10]);
+        be.zero_grads(B::whole(&x).sub(3, n));
+        let got = host(&be, &x);
+        assert!(got[..3].iter().chain(&got[n + 3..]).all(|&v| v == 1.5), "{n}: zeroing wrote outside its view");
+        assert!(got[3..n + 3].iter().all(|&v| v.to_bits() == 0), "{n}: zeroing missed elements of its view");
+    }
+    let _turn = turn();
+    let (mut m, batch) = model(&be, 2);
+    step(&be, &mut m, &batch);
+    m.forward_backward(&be, &batch, 1.0 / 32.0);
+    assert!(host(&be, &m.blocks[0].w.grads).iter().any(|&g| g != 0.0), "the backward left no gradient");
+    m.zero_grad(&be);
+    for w in [&m.embed.w, &m.head.w].into_iter().chain(m.blocks.iter().map(|b| &b.w)) {
+        assert!(host(&be, &w.grads).iter().all(|&g| g.to_bits() == 0), "a gradient survived zero_grad");
+    }
+}
+
 /// Forward products run by blocks of rows and columns side by side (256 × 512 over a short
 /// inner dimension, 1024 × 192 over a long one): against `Backend::gemm`, bias included, on
 /// ragged shapes (rows past one block, columns past one or several), and the same bits on 1

@@ -113,6 +113,12 @@ pub trait Backend: Send + Sized + 'static {
     /// driver otherwise). Ordered on this stream; the caller has made it wait for `src`'s writer.
     fn copy_peer(&self, dst: View<Self::Buf>, src: View<Self::Buf>);
     fn fill(&self, dst: View<Self::Buf>, value: f32);
+    /// Zero parameter gradients after an update. They are next read long after, by the following
+    /// step's backward, so a backend may write them past its caches; by default
+    /// [`Backend::fill`] with 0.
+    fn zero_grads(&self, dst: View<Self::Buf>) {
+        self.fill(dst, 0.0)
+    }
     /// Mark the current end of this stream's work.
     fn record(&self) -> Self::Event;
     /// Make this stream's later work wait for `event` (no host synchronisation).

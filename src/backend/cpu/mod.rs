@@ -19,6 +19,7 @@
 //! actors never each start a 2-thread GEMM on a 2-core machine.
 
 mod attention;
+mod fill;
 pub mod flash;
 mod fused;
 mod kernels;
@@ -274,7 +275,12 @@ impl Backend for CpuBackend {
     fn fill(&self, dst: V, value: f32) {
         let _p = profile::op("fill");
         self.here(&dst, "fill");
-        unsafe { kernels::fill(self.wr(dst), value) }
+        unsafe { fill::fill(self.wr(dst), value) }
+    }
+    fn zero_grads(&self, dst: V) {
+        let _p = profile::op("zero_grads");
+        self.here(&dst, "zero_grads");
+        unsafe { fill::fill_past_cache(self.wr(dst), 0.0, fill::GRADS_STREAM_MIN) }
     }
     fn record(&self) -> order::CpuEvent {
         self.stream.record()
@@ -516,19 +522,8 @@ impl Backend for CpuBackend {
             disjoint(o, &[&dout, &ys, &weights]);
         }
         disjoint(&dys, &[&dweights]);
-        unsafe {
-            llama::moe_combine_backward(
-                self.wr(dys),
-                self.wr(dweights),
-                self.rd(dout),
-                self.rd(ys),
-                slots.slice(),
-                self.rd(weights),
-                n,
-                k,
-                c,
-            )
-        }
+        let (dys, dweights, dout, ys, weights) = unsafe { (self.wr(dys), self.wr(dweights), self.rd(dout), self.rd(ys), self.rd(weights)) };
+        llama::moe_combine_backward(dys, dweights, dout, ys, slots.slice(), weights, n, k, c)
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
         let _p = profile::op("rope");
