@@ -214,6 +214,26 @@ fn kind_cases(be: &CpuBackend, quick: bool) {
         ms[4] / ms[2],
         median(&mut per_round)
     );
+    // Warm, as one model runs alone: blocks of consecutive steps of each (the first of each block
+    // untimed, its caches then hold that model), alternating, the ratio per pair of blocks.
+    let (blocks, per_block) = if quick { (3, 3) } else { (6, 4) };
+    let mut warm: Vec<f64> = (0..blocks)
+        .map(|_| {
+            let block = |tr: &mut Trainer| {
+                tr.step(be);
+                let mut t: Vec<f64> = (0..per_block).map(|_| tr.step(be)).collect();
+                median(&mut t)
+            };
+            let dense = block(&mut trainers[2]);
+            block(&mut trainers[4]) / dense
+        })
+        .collect();
+    println!(
+        "  the same, warm (blocks of {per_block} consecutive steps of each, alternating, as one model runs alone): {:.2}x (median of {blocks} pairs of blocks; range {:.2}-{:.2})",
+        median(&mut warm),
+        warm[0],
+        warm[blocks - 1]
+    );
 }
 
 /// config/moe-demo.toml's mixture (its dense first layer aside: every block MoE here).
