@@ -338,6 +338,12 @@ fn routing_follows_its_definition() {
     assert_eq!(p.offsets, [0, 2, 3, 6, 6]);
     assert_eq!(p.rows, [0, 1, 2, 0, 1, 2]);
     assert_eq!(p.slots, [3, 0, 1, 4, 2, 5]);
+    // Refilled with another routing (as every step does, in the same memory): the plan of it.
+    let mut q = p.clone();
+    q.refill(&[1, 3, 3, 0, 1, 0, 2, 3], 4, 4, 2);
+    assert_eq!(q, Plan::new(&[1, 3, 3, 0, 1, 0, 2, 3], 4, 4, 2));
+    assert_eq!(q.offsets, [0, 2, 4, 5, 8]);
+    assert_eq!(q.rows, [1, 2, 0, 2, 3, 0, 1, 3]);
     // The bias update: underloaded experts up, overloaded down, balanced unchanged.
     let mut b = [0.0f32; 4];
     update_bias(&mut b, &[1, 3, 2, 2], 0.5);

@@ -259,14 +259,16 @@ impl Plan {
         }
         self.rows.resize(n * k, 0);
         self.slots.resize(n * k, 0);
-        // `next` counts each expert's slots handed out so far, from its offset.
-        let mut next = vec![0usize; e];
+        // Each expert's offset serves as its cursor (no allocation per step): after the pass it
+        // has moved to the next expert's offset, so the offsets then shift back by one.
         for (tj, &x) in experts.iter().enumerate() {
-            let slot = self.offsets[x as usize] + next[x as usize];
-            next[x as usize] += 1;
+            let slot = self.offsets[x as usize];
+            self.offsets[x as usize] += 1;
             self.rows[slot] = (tj / k) as u32;
             self.slots[tj] = slot as u32;
         }
+        self.offsets.copy_within(0..e, 1);
+        self.offsets[0] = 0;
     }
 
     /// Tokens routed to expert `e`.
