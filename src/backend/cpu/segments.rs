@@ -19,23 +19,14 @@ use rayon::prelude::*;
 /// dys. Measured: the tile beats the rows of dys by a little at the MoE demo's shapes.
 pub const TILE_MAX: usize = 1 << 18;
 
-/// Run `f` on where a task makes an operand of `len` floats: a tile up to [`TILE_MAX`], else
-/// `rows`, the task's own rows of the op's buffer for it.
-///
-/// SAFETY: `rows` holds `len` floats that no other task touches.
-unsafe fn in_tile(len: usize, rows: *mut f32, f: impl FnOnce(*mut f32)) {
-    match len <= TILE_MAX {
-        true => kernels::with_spare(len, |t| f(t.as_mut_ptr())),
-        false => f(rows),
-    }
-}
-
-/// A grouped product's input rows gathered from `x` (C wide) by `rows` into `xs`.
+/// A grouped product's input rows gathered from `x` (C wide) by `rows` into `xs`, whose view
+/// starts at `xs_off`.
 #[derive(Clone, Copy)]
 struct Gathered<'a> {
     x: &'a [f32],
     rows: &'a [u32],
     xs: SendPtr,
+    xs_off: usize,
 }
 
 impl Gathered<'_> {
@@ -52,32 +43,27 @@ impl Gathered<'_> {
 }
 
 impl CpuBackend {
-    /// Each segment's first row in `whole` (rows of `width`), checking that `view` of each is
-    /// the next rows, from row 0 on; and the rows they cover.
+    /// The rows of `whole` (rows of `width`) that the segments cover, checking that `view` of
+    /// each is the next rows, from row 0 on (a segment's first row is then its view's offset
+    /// into `whole` over `width`).
     fn segment_rows<'a>(
         segments: &[Segment<'a, CpuBuf>],
         whole: &V,
         width: usize,
         view: fn(&Segment<'a, CpuBuf>) -> V<'a>,
         op: &str,
-    ) -> (Vec<usize>, usize) {
-        let mut next = 0;
-        let starts = segments
-            .iter()
-            .map(|s| {
-                let v = view(s);
-                assert!(
-                    std::ptr::eq(v.buf, whole.buf)
-                        && v.off.wrapping_sub(whole.off) == next * width
-                        && v.len == s.rows * width
-                        && v.len <= whole.len - next * width,
-                    "{op}: each segment's view must be the next rows of the buffer (row {next})"
-                );
-                next += s.rows;
-                next - s.rows
-            })
-            .collect();
-        (starts, next)
+    ) -> usize {
+        segments.iter().fold(0, |next, s| {
+            let v = view(s);
+            assert!(
+                std::ptr::eq(v.buf, whole.buf)
+                    && v.off.wrapping_sub(whole.off) == next * width
+                    && v.len == s.rows * width
+                    && v.len <= whole.len - next * width,
+                "{op}: each segment's view must be the next rows of the buffer (row {next})"
+            );
+            next + s.rows
+        })
     }
 
     pub(super) fn forward_segments(&self, segments: &[Segment<'_, CpuBuf>], c: usize, oc: usize) {
@@ -90,7 +76,7 @@ impl CpuBackend {
     /// turn, which is how products that read rounded operands (bf16, TF32) run.
     pub(super) fn forward_segments_gathered(&self, segments: &[Segment<'_, CpuBuf>], xs: V, x: V, rows: &CpuIds, c: usize, oc: usize) {
         let op = "matmul_forward_segments_gathered";
-        let (starts, m) = Self::segment_rows(segments, &xs, c, |s| s.inp, op);
+        let m = Self::segment_rows(segments, &xs, c, |s| s.inp, op);
         if Backend::precision(self) != Precision::Fp32 {
             Backend::gather_rows(self, xs, x, rows, m, c);
             return self.forward_segments(segments, c, oc);
@@ -105,24 +91,23 @@ impl CpuBackend {
         if let Some(&r) = rows[..m].iter().find(|&&r| (r as usize + 1) * c > x.len()) {
             panic!("{op}: row id {r} outside an input of {} rows", x.len() / c);
         }
-        let g = Gathered { x, rows: &rows[..m], xs: SendPtr(unsafe { self.wr(xs) }.as_mut_ptr()) };
-        self.forward_jobs(segments, Some((g, &starts)), c, oc)
+        let g = Gathered { x, rows: &rows[..m], xs: SendPtr(unsafe { self.wr(xs) }.as_mut_ptr()), xs_off: xs.off };
+        self.forward_jobs(segments, Some(g), c, oc)
     }
 
     /// The grouped forward's products side by side, each on its segment's input (read, or
     /// gathered in its task).
-    fn forward_jobs(&self, segments: &[Segment<'_, CpuBuf>], g: Option<(Gathered, &[usize])>, c: usize, oc: usize) {
+    fn forward_jobs(&self, segments: &[Segment<'_, CpuBuf>], g: Option<Gathered>, c: usize, oc: usize) {
         // Views are checked and read on this thread; the products then run side by side, one
         // segment per task, each single-threaded.
         let ops: Vec<_> = segments
             .iter()
-            .enumerate()
-            .map(|(i, s)| {
+            .map(|s| {
                 disjoint(&s.out, &[&s.inp, &s.w]);
                 assert!(s.out.len == s.rows * oc && s.inp.len == s.rows * c && s.w.len == oc * c, "matmul_forward_segments: shapes");
                 let inp = g.is_none().then(|| unsafe { self.operand(self.rd(s.inp)) });
                 let w = unsafe { self.operand(self.rd(s.w)) };
-                (SendPtr(unsafe { self.wr(s.out) }.as_mut_ptr()), inp, w, s.rows, g.map_or(0, |g| g.1[i]))
+                (SendPtr(unsafe { self.wr(s.out) }.as_mut_ptr()), inp, w, s.rows, g.map_or(0, |g| (s.inp.off - g.xs_off) / c))
             })
             .collect();
         let jobs: Vec<_> = ops
@@ -135,7 +120,7 @@ impl CpuBackend {
             let product = |inp: *const f32| kernels::matmul_forward_nobias_seq(out.get(), inp, w.get(), *rows, c, oc);
             match (inp, g) {
                 (Some(inp), _) => product(inp.get()),
-                (None, Some((g, _))) => g.with(*s0, *rows, c, product),
+                (None, Some(g)) => g.with(*s0, *rows, c, product),
                 (None, None) => unreachable!("a segment's input is read or gathered"),
             }
         });
@@ -201,10 +186,10 @@ impl CpuBackend {
         }
         disjoint(&dys, &[&dweights]);
         // Each segment's dout is its rows of dys, in order, the segments covering all M.
-        let (starts, covered) = Self::segment_rows(segments, &dys, c, |s| s.out, op);
+        let covered = Self::segment_rows(segments, &dys, c, |s| s.out, op);
         assert!(covered == m, "{op}: the segments cover {covered} of the {m} slots");
         let mut jobs = Vec::with_capacity(segments.len());
-        for (((s, di), dw), s0) in segments.iter().zip(dinp).zip(dw).zip(starts) {
+        for ((s, di), dw) in segments.iter().zip(dinp).zip(dw) {
             for o in [di, dw] {
                 disjoint(o, &[&s.inp, &s.w, &dys, &dweights, &dout, &ys, &weights]);
             }
@@ -214,7 +199,7 @@ impl CpuBackend {
             assert!(s.inp.len == s.rows * f && s.w.len == c * f && di.len == s.rows * f && dw.len == c * f, "{op}: segment shapes");
             let (h, w) = unsafe { (SendConst(self.rd(s.inp).as_ptr()), SendConst(self.rd(s.w).as_ptr())) };
             let (di, dw) = unsafe { (SendPtr(self.wr(*di).as_mut_ptr()), SendPtr(self.wr(*dw).as_mut_ptr())) };
-            jobs.push((s0, s.rows, di, dw, h, w));
+            jobs.push(((s.out.off - dys.off) / c, s.rows, di, dw, h, w));
         }
         let (dout, ys, weights, slots) = unsafe { (self.rd(dout), self.rd(ys), self.rd(weights), slots.slice()) };
         let (dys, dweights) = unsafe { (SendPtr(self.wr(dys).as_mut_ptr()), SendPtr(self.wr(dweights).as_mut_ptr())) };
@@ -222,7 +207,10 @@ impl CpuBackend {
             // SAFETY: the slots are a permutation (checked): slot s's row of dys and its owner's
             // dweight are this segment's alone; every view was checked for shape and overlap.
             jobs.par_iter().for_each(|(s0, rows, di, dw, h, w)| unsafe {
-                in_tile(rows * c, dys.get().add(s0 * c), |g| {
+                // Its dout in a tile up to TILE_MAX floats, else in its own rows of dys.
+                let tiled = rows * c <= TILE_MAX;
+                kernels::with_spare(if tiled { rows * c } else { 0 }, |tile| {
+                    let g = if tiled { tile.as_mut_ptr() } else { dys.get().add(s0 * c) };
                     for i in 0..*rows {
                         let s = s0 + i;
                         let tj = owners[s] as usize;
