@@ -12,7 +12,12 @@
 //!    on the actor runtime in bf16: wall time and the saving;
 //! 6. bf16 against fp32 after 500 steps of the demo model (config/demo.toml; the Shakespeare
 //!    shards in data/shakespeare-bytes, or a synthetic corpus where they are missing);
-//! 7. the 12-layer actor pipeline, 4 micro-batches, on one GPU.
+//! 7. the 12-layer actor pipeline, 4 micro-batches, on one GPU;
+//! 8. the reference: `benches/gpu_reference.py`, a nanoGPT-style GPT-2 124M in PyTorch (bf16
+//!    autocast, `scaled_dot_product_attention`, fused AdamW, `torch.compile`), run here on the
+//!    same GPU at B=16 and the largest batch taproot fitted, T=1024: both sides' tokens/s and MFU
+//!    (by the same FLOP count) in one table. `TAPROOT_PYTHON` names the interpreter (default
+//!    `python3`); where torch is missing the table says so. `--no-reference` leaves it out.
 //!
 //! Protocol: AdamW; random tokens for the 124M shapes; 2 warm-up steps discarded, median of the
 //! timed steps (each ends with a host read of the loss, so the GPU work is inside the timing).
@@ -362,6 +367,7 @@ fn main() {
 
     // 3. the training step: B=8 in every mode, and the largest batch that fits
     let mut b8: Vec<(Mode, f64)> = Vec::new();
+    let mut flash_ms: Vec<(usize, f64)> = Vec::new();
     println!();
     for mode in [FP32, TF32, BF16, FLASH] {
         let batches: &[usize] = if mode == FLASH { &[64, 32, 16, 8] } else { &[64, 32, 8] };
@@ -384,6 +390,9 @@ fn main() {
                     ));
                     if b == 8 {
                         b8.push((mode, ms));
+                    }
+                    if mode == FLASH {
+                        flash_ms.push((b, ms));
                     }
                     fitted = true;
                 }
@@ -411,6 +420,8 @@ fn main() {
         format!("0-layer step / 12-layer step, {best}, B=8"),
         format!("{d0:.1} / {d12:.1} ms = {:.1}% (target ≤ 10%)", 100.0 * d0 / d12),
     ));
+    let mfu0 = 100.0 * flops::flops_per_token_llmc(&dims, 0, T) * (8 * T) as f64 / (d0 / 1e3) / 1e12 / PEAK_BF16;
+    table.push((format!("0-layer step's MFU on its own FLOPs, {best}, B=8"), format!("{mfu0:.1}% (target ≥ 35%)")));
 
     // 5. progressive against fixed, actor runtime: the time to the last step's end (start-up,
     // evaluation and the final checkpoint excluded; the growth itself included)
@@ -453,8 +464,70 @@ fn main() {
         format!("{one:.1} ms/step ({:.0} tok/s)", 8.0 * 1024.0 / one * 1e3),
     ));
 
+    // 8. the PyTorch reference, same GPU, same run
+    if !std::env::args().any(|a| a == "--no-reference") {
+        let largest = flash_ms.iter().map(|x| x.0).max().unwrap_or(16);
+        let batches: Vec<usize> = if largest > 16 { vec![16, largest] } else { vec![16] };
+        match pytorch_reference(&batches, if quick { 5 } else { 10 }) {
+            Ok(rows) => {
+                for (b, theirs) in rows {
+                    let ours = flash_ms.iter().find(|x| x.0 == b).map(|x| x.1);
+                    let tok = |ms: f64| (b * T) as f64 / (ms / 1e3);
+                    let mfu = |ms: f64| 100.0 * per_token * tok(ms) / 1e12 / PEAK_BF16;
+                    let side =
+                        |ms: Option<f64>| ms.map_or("did not run".to_string(), |ms| format!("{:.0} tok/s, MFU {:.1}%", tok(ms), mfu(ms)));
+                    let ratio = match (ours, theirs) {
+                        (Some(a), Some(p)) => format!("taproot ÷ PyTorch tokens/s = {:.2}", p / a),
+                        _ => "no ratio".into(),
+                    };
+                    println!("GPT-2 124M B={b}: taproot {} | PyTorch compiled {} | {ratio}", side(ours), side(theirs));
+                    table.push((
+                        format!("GPT-2 124M, B={b}, T=1024: taproot {best} | PyTorch (compiled, bf16 autocast, SDPA, fused AdamW)"),
+                        format!(
+                            "{} \\| {} \\| {ratio} (targets: MFU ≥ 40% at B=16, ≥ 45% at the largest; ratio ≥ 1)",
+                            side(ours),
+                            side(theirs)
+                        ),
+                    ));
+                }
+            }
+            Err(e) => {
+                println!("PyTorch reference: {e}");
+                table.push(("PyTorch reference (benches/gpu_reference.py)".into(), format!("not run: {e}")));
+            }
+        }
+    }
+
     println!("\n| what | value |\n|---|---|");
     for (k, v) in table {
         println!("| {k} | {v} |");
     }
+}
+
+/// Run `benches/gpu_reference.py` at `batches` (T=1024) on this GPU: each batch's median ms per
+/// step, None for a batch that did not fit. An error says why the reference could not run.
+fn pytorch_reference(batches: &[usize], steps: usize) -> Result<Vec<(usize, Option<f64>)>, String> {
+    let local = std::path::Path::new("benches/gpu_reference.py");
+    let script = if local.exists() { local.to_path_buf() } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(local) };
+    let python = std::env::var("TAPROOT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script).arg("--seq").arg(T.to_string()).arg("--steps").arg(steps.to_string()).arg("--batch");
+    cmd.args(batches.iter().map(|b| b.to_string()));
+    let out = cmd.output().map_err(|e| format!("{python} {}: {e}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    if !out.status.success() {
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+        return Err(format!("{python} {} exited with {}: {last}", script.display(), out.status));
+    }
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("a line of the reference's output ({line}): {e}"))?;
+        let b = v["batch"].as_u64().ok_or_else(|| format!("no batch in {line}"))? as usize;
+        rows.push((b, v["ms"].as_f64()));
+    }
+    if rows.is_empty() {
+        return Err("the reference printed no results".into());
+    }
+    Ok(rows)
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check: the CUDA tests (every op against the CPU reference, a training run with
-# growth against the CPU trainer, the actor runtime on the GPU, the two-stream hand-off), then
-# the GPU benchmark (GPT-2 124M, T=1024: tokens/s and MFU; a live 0 -> 12 growth), ending with
-# a short table. Sized to finish well under 8 minutes on an H100.
+# growth against the CPU trainer, the actor runtime on the GPU, the two-stream hand-off), the
+# NCCL tests at world size 1 (tests/nccl.rs), then the GPU benchmark (GPT-2 124M, T=1024:
+# tokens/s and MFU; a live 0 -> 12 growth; the PyTorch reference of benches/gpu_reference.py
+# beside it), ending with a short table. Sized to finish well under 8 minutes on an H100.
 #
 # On a machine with cargo it builds first. On one without (the lent GPU machines), or with
 # GPU_CHECK_PREBUILT=1, it runs the binaries that `scripts/gpu-check.sh --prepare` built and
@@ -15,13 +16,15 @@ if [ "${1:-}" = "--prepare" ]; then
   set -e
   mkdir -p .gpu .git/info
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-  cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["test"]]' \
-    | while read -r exe; do cp "$exe" .gpu/cuda-tests; done
-  cargo bench --bench gpu --no-run --message-format=json 2>/dev/null \
+  for t in cuda nccl; do
+    cargo test --release --features nccl --test $t --no-run --message-format=json 2>/dev/null \
+      | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["test"]]' \
+      | while read -r exe; do cp "$exe" .gpu/$t-tests; done
+  done
+  cargo bench --features nccl --bench gpu --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["bench"]]' \
     | while read -r exe; do cp "$exe" .gpu/gpu-bench; done
-  strip .gpu/cuda-tests .gpu/gpu-bench
+  strip .gpu/cuda-tests .gpu/nccl-tests .gpu/gpu-bench
   ls -la .gpu
   exit 0
 fi
@@ -29,19 +32,25 @@ fi
 # CUDA 13 libraries (cuBLAS, NVRTC) from pip's nvidia/cu13/lib, when python has them.
 NV=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null || true)
 [ -n "$NV" ] && export LD_LIBRARY_PATH="$NV:${LD_LIBRARY_PATH:-}"
+# NCCL from pip's nvidia/nccl/lib (torch's dependency), loaded by its soname libnccl.so.2.
+NCCL_DIR=$(python3 -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl.__path__)[0],"lib"))' 2>/dev/null || true)
+[ -n "$NCCL_DIR" ] && export LD_LIBRARY_PATH="$NCCL_DIR:${LD_LIBRARY_PATH:-}"
+export TAPROOT_REQUIRE_NCCL=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
 
-# Logs go to $GPU_CHECK_LOGS (default target/gpu-check/): tests.log and bench.log.
+# Logs go to $GPU_CHECK_LOGS (default target/gpu-check/): tests.log, nccl.log and bench.log.
 logs="${GPU_CHECK_LOGS:-target/gpu-check}"
 mkdir -p "$logs"
 status=0
 if command -v cargo >/dev/null && [ "${GPU_CHECK_PREBUILT:-0}" != 1 ]; then
-  timeout 400 cargo test --release --test cuda -- --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
-  timeout 400 cargo bench --bench gpu 2>&1 | tee "$logs/bench.log" || status=1
+  timeout 400 cargo test --release --features nccl --test cuda -- --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
+  timeout 200 cargo test --release --features nccl --test nccl -- --test-threads=1 --nocapture 2>&1 | tee "$logs/nccl.log" || status=1
+  timeout 400 cargo bench --features nccl --bench gpu 2>&1 | tee "$logs/bench.log" || status=1
 else
   [ -x .gpu/cuda-tests ] || { echo "no cargo and no prebuilt .gpu/ binaries: run scripts/gpu-check.sh --prepare on a build machine"; exit 2; }
-  timeout "${GPU_CHECK_TEST_S:-240}" .gpu/cuda-tests --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
-  timeout "${GPU_CHECK_BENCH_S:-300}" .gpu/gpu-bench 2>&1 | tee "$logs/bench.log" || status=1
+  timeout "${GPU_CHECK_TEST_S:-150}" .gpu/cuda-tests --test-threads=1 --nocapture 2>&1 | tee "$logs/tests.log" || status=1
+  timeout "${GPU_CHECK_NCCL_S:-60}" .gpu/nccl-tests --test-threads=1 --nocapture 2>&1 | tee "$logs/nccl.log" || status=1
+  timeout "${GPU_CHECK_BENCH_S:-360}" .gpu/gpu-bench 2>&1 | tee "$logs/bench.log" || status=1
 fi
 echo "gpu-check exit status: $status"
 exit $status

@@ -11,14 +11,18 @@
 # With an MPI library (mpicc; Debian's openmpi-bin libopenmpi-dev libclang-dev) everything is
 # built and tested with the `mpi` feature, so tests/parallel.rs runs real mpirun launches;
 # without one, without it (those tests print why they skip; TAPROOT_REQUIRE_MPI=1 makes that a
-# failure). The build without the feature is checked either way.
+# failure). The `nccl` feature needs nothing at build time (NCCL is loaded when a run asks for
+# it), so it is always on; tests/nccl.rs loads NCCL where LD_LIBRARY_PATH has it (`.ci/run`
+# installs it) and prints why it skips where not (TAPROOT_REQUIRE_NCCL=1 makes that a failure).
+# The build without features is checked either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-features=()
-if command -v mpicc >/dev/null; then features=(--features mpi); fi
+mpi=0
+features=(--features nccl)
+if command -v mpicc >/dev/null; then mpi=1; features=(--features mpi,nccl); fi
 cargo fmt --check
 cargo clippy --release --all-targets ${features[@]+"${features[@]}"} -- -D warnings
-[ ${#features[@]} -eq 0 ] || cargo check --release --all-targets
+cargo check --release --all-targets
 scripts/check-dashboard.sh
 cargo build --release --benches ${features[@]+"${features[@]}"}
 # The GPU benchmark's configs parse (no GPU needed), so a config change cannot break a GPU run.
@@ -28,7 +32,7 @@ cargo test --release --lib --bins --tests ${features[@]+"${features[@]}"} "$@"
 cargo test --release --doc ${features[@]+"${features[@]}"}
 # The programs of examples/ (a few seconds each, on data they make): a failing one fails the script.
 examples=(grow_live custom_growth metrics_client)
-if [ ${#features[@]} -gt 0 ]; then
+if [ "$mpi" = 1 ]; then
     examples+=(data_parallel)
     # OpenMPI refuses to start as root unless told (CI runs as root).
     if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi

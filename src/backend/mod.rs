@@ -44,7 +44,7 @@ pub mod view;
 
 pub use mode::{Attention, StreamMode};
 pub use precision::Precision;
-pub use view::{MoeCombine, Segment, View};
+pub use view::{DeviceView, MoeCombine, Segment, View};
 
 /// Whether a matrix operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +118,10 @@ pub trait Backend: Send + Sized + 'static {
     /// [`Backend::fill`] with 0.
     fn zero_grads(&self, dst: View<Self::Buf>) {
         self.fill(dst, 0.0)
+    }
+    /// Where `v` lives on a device, for collectives that run there (NCCL); None on the host.
+    fn device_view(&self, _v: View<Self::Buf>) -> Option<DeviceView> {
+        None
     }
     /// Mark the current end of this stream's work.
     fn record(&self) -> Self::Event;

@@ -48,3 +48,13 @@ impl<'a, Buf> View<'a, Buf> {
         View { buf: self.buf, off: self.off + start, len }
     }
 }
+
+/// Where a view lives on a device, for collectives that run there (NCCL): the address of its
+/// first float, its length in floats, and the backend's stream (a `CUstream`), on which the
+/// collective is ordered after the ops that wrote the view.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceView {
+    pub ptr: u64,
+    pub len: usize,
+    pub stream: *mut std::ffi::c_void,
+}

@@ -208,12 +208,35 @@ pub struct ParallelConfig {
     /// naming the ranks that did not join (a stopped, stuck or vanished process). Rank 0's
     /// checkpoints and evaluations keep the others waiting, so it is generous. 0: forever.
     pub timeout_s: u64,
+    /// Where the replicas sum their gradients (see [`Collectives`]).
+    pub collectives: Collectives,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { data: 1, pipeline: 1, hosts: Vec::new(), processes_per_host: None, zero: 0, timeout_s: 600 }
+        ParallelConfig {
+            data: 1,
+            pipeline: 1,
+            hosts: Vec::new(),
+            processes_per_host: None,
+            zero: 0,
+            timeout_s: 600,
+            collectives: Collectives::Host,
+        }
     }
+}
+
+/// Where data-parallel replicas sum each unit's gradients (`parallel.collectives`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Collectives {
+    /// Downloaded, summed over MPI in host memory, uploaded: every backend.
+    #[default]
+    Host,
+    /// Summed on the device over NCCL, on each unit's own stream (`crate::dist::nccl`): CUDA
+    /// runs with one device per process, in a build with the `nccl` feature. A run of one replica
+    /// sums over a communicator of one (a check of the setup before a multi-GPU run).
+    Nccl,
 }
 
 impl ParallelConfig {

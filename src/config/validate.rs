@@ -92,6 +92,21 @@ impl Config {
         if self.parallel.timeout_s > 86_400 {
             bail!("`parallel.timeout_s` must be at most a day (86400 s; 0: wait forever), got {}", self.parallel.timeout_s);
         }
+        if self.parallel.collectives == super::Collectives::Nccl {
+            if !cfg!(feature = "nccl") {
+                bail!("`parallel.collectives` = \"nccl\" needs a build with the `nccl` feature (cargo build --release --features mpi,nccl); this one has only \"host\"");
+            }
+            if !self.on_cuda() {
+                bail!("`parallel.collectives` = \"nccl\" sums gradients on CUDA devices: place the run on `cuda:N` (`placement.devices`) or use \"host\"");
+            }
+            let devices: std::collections::BTreeSet<&String> = self.placement.devices.iter().chain(self.placement.ends.iter()).collect();
+            if devices.len() > 1 {
+                bail!(
+                    "`parallel.collectives` = \"nccl\" needs one device per process (one communicator per process), but `placement` lists {}: use \"host\", or one device per process and more processes",
+                    devices.len()
+                );
+            }
+        }
         if self.parallel.processes_per_host == Some(0) {
             bail!("`parallel.processes_per_host` must be at least 1");
         }

@@ -125,6 +125,7 @@ pub fn run(opts: DaemonOptions) -> Result<i32> {
         )
     };
     crate::dist::set_timeout(cfg.parallel.timeout_s);
+    crate::dist::set_collectives(cfg.parallel.collectives)?;
     let topo = crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
     crate::dist::map_devices(&mut cfg);
     if let Some(l) = &opts.listen {

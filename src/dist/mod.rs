@@ -38,7 +38,11 @@
 
 pub mod agree;
 pub use agree::Facts;
+mod device;
+pub use device::{all_reduce_in_place, on_device, set_collectives};
 mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod topology;
 pub mod watchdog;
 pub use launch::{launch_line, shell_line, shell_word};

@@ -7,6 +7,11 @@
 //! step boundaries, where the count is 0.
 
 //!
+//! With `parallel.collectives = "nccl"` the sum runs on the device instead, in place in the
+//! unit's gradient buffer and on its stream ([`crate::dist::all_reduce_in_place`]): the
+//! optimizer step, later on the same stream, is ordered after it, so there is nothing to wait
+//! for at [`GradSync::finish`]. It runs with one replica too, over a communicator of one.
+//!
 //! With `parallel.zero = 1` (ZeRO-1) each replica keeps the optimizer state of its share of
 //! every unit's tensors only ([`crate::params::Shard`]) and updates only those; after the
 //! update the owners' new values are summed into every replica (the others contribute -0.0,
@@ -29,12 +34,15 @@ pub struct GradSync {
     sharded: bool,
     /// This process's place in the run.
     topo: dist::Topology,
+    /// Sum on the device (`parallel.collectives = "nccl"`).
+    on_device: bool,
 }
 
 impl GradSync {
     pub fn new(micro_batches: usize, zero: bool, topo: dist::Topology) -> Self {
         let sharded = zero && topo.replicas > 1;
-        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new(), spare: Default::default(), sharded, topo }
+        let on_device = dist::on_device();
+        GradSync { micro_batches: micro_batches.max(1), done: 0, pending: Vec::new(), spare: Default::default(), sharded, topo, on_device }
     }
 
     /// ZeRO-1: keep only this replica's share of `set`'s optimizer state (`salt` spreads the
@@ -96,9 +104,9 @@ impl GradSync {
     }
 
     /// Count one backward; true when it was the step's last and the run has several replicas
-    /// (then the caller starts its reductions, before handing anything on).
+    /// or sums on the device (then the caller starts its reductions, before handing anything on).
     pub fn backward_done(&mut self) -> bool {
-        if self.topo.replicas == 1 {
+        if self.topo.replicas == 1 && !self.on_device {
             return false;
         }
         self.done += 1;
@@ -111,6 +119,15 @@ impl GradSync {
 
     /// Start summing `set`'s gradients over the replicas.
     pub fn start<B: Backend>(&mut self, be: &B, set: &ParamSet<B>) {
+        if self.on_device {
+            let Some(v) = be.device_view(B::whole(&set.grads)) else {
+                panic!("`parallel.collectives` = \"nccl\" on a backend without device memory (validation admits CUDA runs only)");
+            };
+            if let Err(e) = dist::all_reduce_in_place(v) {
+                panic!("summing gradients over NCCL: {e:#}");
+            }
+            return;
+        }
         let mut host = self.spare.pop_front().unwrap_or_default();
         host.resize(set.layout.total, 0.0);
         be.download(B::whole(&set.grads), &mut host);

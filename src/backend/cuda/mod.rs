@@ -235,6 +235,12 @@ impl Backend for CudaBackend {
         let (x, n) = (p(&dst), dst.len as i64);
         launch!(self, "fill_kernel", Self::cfg1d(dst.len), &x, &value, &n);
     }
+    fn device_view(&self, v: V) -> Option<super::DeviceView> {
+        // A collective launched next (NCCL) runs in the calling thread's current context.
+        let r = self.stream.context().bind_to_thread();
+        self.check("binding the context", r);
+        Some(super::DeviceView { ptr: p(&v), len: v.len, stream: self.stream.cu_stream() as *mut std::ffi::c_void })
+    }
     fn record(&self) -> CudaEvent {
         self.stream.record_event(None).unwrap_or_else(|e| panic!("recording an event on {}: {e:?}", self.device_name))
     }
