@@ -138,11 +138,23 @@ pub enum Cmd {
         /// its metrics; control goes to rank 0).
         #[arg(long)]
         daemon: bool,
+        /// Start `taproot check-collectives` on every process instead.
+        #[arg(long, conflicts_with = "daemon")]
+        check: bool,
         /// An option for the launcher (mpirun, or srun under Slurm), placed before the program:
         /// repeat it per word, e.g. `--launcher-arg=--bind-to --launcher-arg=none`,
         /// `--launcher-arg=--oversubscribe`, `--launcher-arg=--mpi=pmix`
         #[arg(long = "launcher-arg", value_name = "ARG", allow_hyphen_values = true)]
         launcher_args: Vec<String>,
+    },
+    /// Check a multi-process config's collectives before a run (start it as the run starts, or
+    /// with `taproot launch --check`): every process sums a buffer on its device over
+    /// `parallel.collectives`, checks the sum and prints the bandwidth.
+    CheckCollectives {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Describe a checkpoint file (or the newest valid one in a directory).
     Inspect { path: PathBuf },
@@ -303,36 +315,20 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Launch { config, set, dry_run, resume, daemon, launcher_args } => {
+        Cmd::Launch { config, set, dry_run, resume, daemon, check, launcher_args } => {
             if daemon && resume {
                 anyhow::bail!("`--resume` is for `train`: a daemon always resumes from the run's newest checkpoint");
             }
-            let cfg = Config::load(&config, &set)?;
-            let exe = std::env::current_exe().context("finding the taproot binary to launch")?;
-            let command = if daemon { "daemon" } else { "train" };
-            let slurm = std::env::var_os("SLURM_JOB_ID").is_some();
-            let mut line = crate::dist::launch_line(&cfg, &exe, command, &config, &set, resume, slurm);
-            // The launcher's own options go right after its name.
-            line.splice(1..1, launcher_args);
-            // Quoted for a POSIX shell, so that the printed line runs as it is when pasted.
-            println!("{}", crate::dist::shell_line(&line));
-            if dry_run {
-                return Ok(());
-            }
-            // Inside a Slurm allocation the line is `srun …`, run here like `mpirun` elsewhere, so
-            // that a batch script's `taproot launch` is the job's work and its exit status.
-            let hint = if slurm {
-                "is this a Slurm allocation with srun on the PATH? (run `taproot launch --dry-run` to print the line)"
+            let command = if check {
+                "check-collectives"
+            } else if daemon {
+                "daemon"
             } else {
-                "is an MPI launcher installed? Debian: openmpi-bin"
+                "train"
             };
-            let status =
-                std::process::Command::new(&line[0]).args(&line[1..]).status().with_context(|| format!("starting {} ({hint})", line[0]))?;
-            if !status.success() {
-                anyhow::bail!("the launched run failed ({status})");
-            }
-            Ok(())
+            crate::dist::launch_command(&Config::load(&config, &set)?, &config, &set, command, resume && !check, dry_run, launcher_args)
         }
+        Cmd::CheckCollectives { config, set } => crate::dist::check::check_collectives(Config::load(&config, &set)?),
         Cmd::Sample { path, prompt, tokens, temperature, top_k, top_p, seed } => {
             // A checkpoint (file or folder), or a Hugging Face folder an export wrote.
             let ck = crate::eval::load_model(&path)?;

@@ -752,3 +752,57 @@ fn a_stop_with_a_rank_gone_says_plainly_that_no_checkpoint_can_follow() {
     });
     assert!(err.contains("rank 1 (replica 1) did not join") && err.contains("no final checkpoint can be written"), "{err}");
 }
+
+/// `taproot check-collectives` under mpirun: two replicas sum a buffer over MPI and check every
+/// element; with `collectives = "nccl"` replica 1 gets replica 0's NCCL id over MPI (both print
+/// the same digest). Without a GPU each then says that it has none and the check fails with
+/// that; with two GPUs it passes; on one GPU the NCCL part is left out (NCCL refuses two ranks
+/// on one device).
+#[test]
+fn check_collectives_sums_over_the_replicas_and_hands_out_one_nccl_id() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("taproot-check-coll-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "check");
+    let cfg = cfg.to_str().unwrap();
+    let o = mpirun(2, &["check-collectives", "--config", cfg, "--set", "parallel.data=2"]);
+    ok("host collectives check", &o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for r in 0..2 {
+        assert!(out.contains(&format!("rank {r} (stage 0, replica {r} of 2) on cpu:0: sum of 4 MiB over 2 replica(s) correct")), "{out}");
+    }
+    assert!(out.contains("collectives check passed: 2 process(es), host collectives (MPI)"), "{out}");
+
+    #[cfg(feature = "nccl")]
+    {
+        if let Err(e) = taproot::dist::nccl::version() {
+            if std::env::var("TAPROOT_REQUIRE_NCCL").is_ok_and(|v| v == "1") {
+                panic!("TAPROOT_REQUIRE_NCCL is set but NCCL cannot be loaded: {e:#}");
+            }
+            return println!("SKIP (NCCL part): {e:#}");
+        }
+        let gpus = taproot::backend::cuda::device_count().unwrap_or(0);
+        if gpus == 1 {
+            return println!("SKIP (NCCL part): NCCL refuses two ranks on this machine's one GPU");
+        }
+        let sets = ["--set", "parallel.data=2", "--set", "placement.devices=[\"cuda:0\"]", "--set", "parallel.collectives=nccl"];
+        let o = mpirun(2, &[&["check-collectives", "--config", cfg][..], &sets[..]].concat());
+        let out = String::from_utf8_lossy(&o.stdout);
+        let digest = |r: usize| {
+            let head = format!("rank {r} (stage 0, replica {r} of 2) on cuda:{r}: NCCL 2.");
+            let line = out.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("no NCCL line of rank {r}:\n{out}"));
+            line.rsplit_once("communicator id ").expect("an id digest").1.to_string()
+        };
+        assert_eq!(digest(0), digest(1), "the replicas hold different NCCL ids:\n{out}");
+        if gpus >= 2 {
+            ok("NCCL collectives check", &o);
+        } else {
+            assert!(!o.status.success(), "the NCCL check passed without a GPU:\n{out}");
+            for r in 0..2 {
+                assert!(out.contains(&format!("rank {r} (stage 0, replica {r} of 2) on cuda:{r}: FAILED: no CUDA driver")), "{out}");
+            }
+        }
+    }
+}

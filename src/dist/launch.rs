@@ -61,6 +61,44 @@ pub fn shell_line(words: &[String]) -> String {
     words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
 }
 
+/// `taproot launch`: print the line that starts every process of `cfg`'s run with `command`,
+/// then run it here (unless `dry_run`) and fail if it fails. Inside a Slurm allocation the line
+/// is `srun …`, run here like `mpirun` elsewhere, so that a batch script's `taproot launch` is
+/// the job's work and its exit status.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_command(
+    cfg: &crate::config::Config,
+    config: &std::path::Path,
+    set: &[String],
+    command: &str,
+    resume: bool,
+    dry_run: bool,
+    launcher_args: Vec<String>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("finding the taproot binary to launch")?;
+    let slurm = std::env::var_os("SLURM_JOB_ID").is_some();
+    let mut line = launch_line(cfg, &exe, command, config, set, resume, slurm);
+    // The launcher's own options go right after its name.
+    line.splice(1..1, launcher_args);
+    // Quoted for a POSIX shell, so that the printed line runs as it is when pasted.
+    println!("{}", shell_line(&line));
+    if dry_run {
+        return Ok(());
+    }
+    let hint = if slurm {
+        "is this a Slurm allocation with srun on the PATH? (run `taproot launch --dry-run` to print the line)"
+    } else {
+        "is an MPI launcher installed? Debian: openmpi-bin"
+    };
+    let status =
+        std::process::Command::new(&line[0]).args(&line[1..]).status().with_context(|| format!("starting {} ({hint})", line[0]))?;
+    if !status.success() {
+        anyhow::bail!("the launched run failed ({status})");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@
 //! checkpoints.
 
 pub mod agree;
+pub mod check;
 pub use agree::Facts;
 mod device;
 pub use device::{all_reduce_in_place, on_device, set_collectives};
@@ -45,7 +46,7 @@ mod launch;
 pub mod nccl;
 pub mod topology;
 pub mod watchdog;
-pub use launch::{launch_line, shell_line, shell_word};
+pub use launch::{launch_command, launch_line, shell_line, shell_word};
 pub use topology::Topology;
 
 use anyhow::{bail, Result};

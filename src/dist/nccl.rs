@@ -253,19 +253,31 @@ pub fn group<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     Ok(out)
 }
 
-/// Run `f` on this process's communicator over its stage's replicas, made on first use:
-/// replica 0 makes the id and every replica receives it through MPI
-/// ([`crate::dist::all_max_u64`]). Collective like every call on it: the first unit to start its
-/// gradients' sum makes it, on every rank the same unit, with its device's context current. The
-/// lock keeps any two threads from using it at once.
+/// The id of this process's communicator over its stage's replicas: replica 0 makes it and
+/// every replica receives it through MPI ([`crate::dist::all_max_u64`]). Collective on its first
+/// call; later calls return the same id.
+pub fn replica_id() -> Result<UniqueId> {
+    static ID: Mutex<Option<UniqueId>> = Mutex::new(None);
+    let mut slot = ID.lock().map_err(|_| anyhow!("the NCCL id's lock is poisoned"))?;
+    if let Some(id) = *slot {
+        return Ok(id);
+    }
+    let mut words = if crate::dist::replica() == 0 { UniqueId::new()?.to_words() } else { [0; 16] };
+    crate::dist::all_max_u64(&mut words);
+    let id = UniqueId::from_words(&words);
+    *slot = Some(id);
+    Ok(id)
+}
+
+/// Run `f` on this process's communicator over its stage's replicas ([`replica_id`]), made on
+/// first use. Collective like every call on it: the first unit to start its gradients' sum
+/// makes it, on every rank the same unit, with its device's context current. The lock keeps
+/// any two threads from using it at once.
 pub fn with_replica_comm<R>(f: impl FnOnce(&Comm) -> Result<R>) -> Result<R> {
     static COMM: Mutex<Option<Comm>> = Mutex::new(None);
     let mut slot = COMM.lock().map_err(|_| anyhow!("the NCCL communicator's lock is poisoned"))?;
     if slot.is_none() {
-        let (replica, replicas) = (crate::dist::replica(), crate::dist::replicas());
-        let mut words = if replica == 0 { UniqueId::new()?.to_words() } else { [0; 16] };
-        crate::dist::all_max_u64(&mut words);
-        *slot = Some(Comm::init_rank(&UniqueId::from_words(&words), replica, replicas)?);
+        *slot = Some(Comm::init_rank(&replica_id()?, crate::dist::replica(), crate::dist::replicas())?);
     }
     f(slot.as_ref().expect("made above"))
 }
