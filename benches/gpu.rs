@@ -66,7 +66,7 @@ const BF16: Mode = Mode(Precision::Bf16, Attention::Materialized);
 const FLASH: Mode = Mode(Precision::Bf16, Attention::Flash);
 
 fn stream_in(m: Mode) -> CudaBackend {
-    runtime::open_stream("cuda:0", runtime::StreamSettings { precision: m.0, attention: m.1 }).expect("open cuda:0")
+    runtime::open_stream("cuda:0", runtime::StreamSettings { precision: m.0, attention: m.1, ..Default::default() }).expect("open cuda:0")
 }
 
 fn stream(p: Precision) -> CudaBackend {

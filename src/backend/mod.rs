@@ -96,6 +96,22 @@ pub trait Backend: Send + Sized + 'static {
     // ----- memory -----
     /// A zero-filled buffer of `n` f32.
     fn alloc(&self, n: usize) -> Self::Buf;
+    /// A buffer for activations or their gradients, stored in [`Backend::storage`]'s precision
+    /// (`alloc` buffers are fp32 always: parameters, gradients, optimizer state, statistics).
+    fn alloc_act(&self, n: usize) -> Self::Buf {
+        self.alloc(n)
+    }
+    /// What the activations of later [`Backend::alloc_act`] buffers are stored in
+    /// (`precision.storage`): fp32, or bf16 (each op's writes rounded to bf16 as it ends).
+    fn set_storage(&self, p: Precision) -> anyhow::Result<()> {
+        match p {
+            Precision::Fp32 => Ok(()),
+            _ => anyhow::bail!("{p} activation storage is not implemented on {} yet (fp32 only)", self.device()),
+        }
+    }
+    fn storage(&self) -> Precision {
+        Precision::Fp32
+    }
     fn alloc_ids(&self, n: usize) -> Self::Ids;
     fn buf_len(buf: &Self::Buf) -> usize;
     fn ids_len(ids: &Self::Ids) -> usize;

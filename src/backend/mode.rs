@@ -1,4 +1,5 @@
-//! A stream's compute settings: its attention algorithm and its precision, read and set
+//! A stream's compute settings: its attention algorithm, its precision and its activations'
+//! storage, read and set
 //! through `&self` (ops take the stream by shared reference).
 
 use crate::backend::precision::Precision;
@@ -22,6 +23,8 @@ pub enum Attention {
 #[derive(Debug, Default)]
 pub struct StreamMode {
     precision: std::sync::atomic::AtomicU8,
+    /// What activations are stored in (`precision.storage`).
+    storage: std::sync::atomic::AtomicU8,
     flash: std::sync::atomic::AtomicBool,
 }
 
@@ -31,6 +34,12 @@ impl StreamMode {
     }
     pub fn set_precision(&self, p: Precision) {
         self.precision.store(p.to_u8(), std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn storage(&self) -> Precision {
+        Precision::from_u8(self.storage.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    pub fn set_storage(&self, p: Precision) {
+        self.storage.store(p.to_u8(), std::sync::atomic::Ordering::Relaxed);
     }
     pub fn attention(&self) -> Attention {
         match self.flash.load(std::sync::atomic::Ordering::Relaxed) {

@@ -43,7 +43,7 @@ impl<B: Backend> Default for ActPool<B> {
 
 impl<B: Backend> ActPool<B> {
     /// A buffer of `n` floats, free for stream `be` to write: a recycled one (after `be` waits
-    /// for its last user), or a new allocation.
+    /// for its last user), or a new activation buffer ([`Backend::alloc_act`]).
     pub fn take(&self, be: &B, n: usize) -> B::Buf {
         let found = {
             let mut free = self.inner.free.lock().expect("pool lock");
@@ -56,7 +56,7 @@ impl<B: Backend> ActPool<B> {
             }
             None => {
                 self.inner.allocated.fetch_add(1, Ordering::Relaxed);
-                be.alloc(n)
+                be.alloc_act(n)
             }
         }
     }

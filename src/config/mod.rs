@@ -95,6 +95,11 @@ pub struct PrecisionConfig {
     /// `"fp32"` (default: the verified reference), `"tf32"` or `"bf16"`. The CPU backend
     /// emulates tf32/bf16 by rounding the products' operands (slower than fp32 there).
     pub compute: crate::backend::Precision,
+    /// What activations and their gradients are stored in between ops: `"fp32"` (default) or
+    /// `"bf16"` (every op's writes to an activation buffer rounded to bf16 as it ends; master
+    /// weights, gradients, optimizer state and statistics stay fp32; `backend/cpu/storage.rs`).
+    /// The CPU backend only, in this version.
+    pub storage: crate::backend::Precision,
 }
 
 /// `[daemon]`: only `taproot daemon` reads it (`taproot train` ignores it).

@@ -32,6 +32,14 @@ impl Config {
                 self.precision.compute
             );
         }
+        match self.precision.storage {
+            crate::backend::Precision::Fp32 => {}
+            crate::backend::Precision::Bf16 if !self.on_cuda() => {}
+            crate::backend::Precision::Bf16 => bail!(
+                "`precision.storage` = \"bf16\" runs on the CPU backend only in this version (the CUDA backend stores activations in fp32): use \"fp32\" on `cuda:N` devices"
+            ),
+            p => bail!("`precision.storage` is \"fp32\" or \"bf16\", not \"{p}\" (tf32 is a compute precision only)"),
+        }
         if self.on_cuda() && self.kernels.attention == crate::backend::Attention::Flash {
             if self.compute_precision() != crate::backend::Precision::Bf16 {
                 bail!(

@@ -101,12 +101,12 @@ impl<B: Backend> Head<B> {
             let (n, c, vp) = (b * t, self.dims.channels, self.dims.padded_vocab);
             self.acts = Some(HeadActs {
                 shape: (b, t),
-                lnf: be.alloc(n * c),
+                lnf: be.alloc_act(n * c),
                 mean: be.alloc(n),
                 rstd: be.alloc(n),
-                logits: be.alloc(n * vp),
+                logits: be.alloc_act(n * vp),
                 losses: be.alloc(n),
-                dlnf: be.alloc(n * c),
+                dlnf: be.alloc_act(n * c),
                 host_losses: vec![0.0; n],
             });
         }

@@ -72,3 +72,13 @@ impl<B: Backend, A: Acts> Stashes<B, A> {
         self.live.is_empty()
     }
 }
+
+/// The attention's saved state or its backward scratch: the probabilities of the materialized
+/// algorithm are activations (stored in the stream's storage precision); flash attention's
+/// logsumexp is a statistic and stays fp32.
+pub fn alloc_attention<B: Backend>(be: &B, len: usize) -> B::Buf {
+    match be.attention() {
+        crate::backend::Attention::Flash => be.alloc(len),
+        crate::backend::Attention::Materialized => be.alloc_act(len),
+    }
+}

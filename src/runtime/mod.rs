@@ -82,21 +82,24 @@ use std::sync::{Arc, Mutex};
 /// Actor id → what it is ("layer 3 (cpu:1)"), so that the supervisor can name a failed actor.
 pub type Roles = Arc<Mutex<HashMap<ActorId, String>>>;
 
-/// How a stage's stream computes: the precision of its products and its attention algorithm
-/// (`precision.compute`, `kernels.attention`).
+/// How a stage's stream computes: the precision of its products, its attention algorithm and
+/// its activations' storage (`precision.compute`, `kernels.attention`, `precision.storage`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamSettings {
     pub precision: crate::backend::Precision,
     pub attention: crate::backend::Attention,
+    /// What activations are stored in (`precision.storage`).
+    pub storage: crate::backend::Precision,
 }
 
 impl StreamSettings {
     pub fn of(cfg: &crate::config::Config) -> Self {
-        StreamSettings { precision: cfg.compute_precision(), attention: cfg.kernels.attention }
+        StreamSettings { precision: cfg.compute_precision(), attention: cfg.kernels.attention, storage: cfg.precision.storage }
     }
     /// Apply to a stream (precision first: flash attention on CUDA needs bf16).
     pub fn apply<B: crate::backend::Backend>(&self, be: &B) -> anyhow::Result<()> {
         be.set_precision(self.precision)?;
+        be.set_storage(self.storage)?;
         be.set_attention(self.attention)
     }
 }

@@ -19,6 +19,7 @@
 //! actors never each start a 2-thread GEMM on a 2-core machine.
 
 mod attention;
+mod buf;
 mod fill;
 pub mod flash;
 mod fused;
@@ -32,98 +33,15 @@ mod products;
 pub mod profile;
 mod residual;
 mod segments;
+pub mod storage;
 pub mod wide;
 
-use super::{Attention, Backend, MoeCombine, Precision, Segment, StreamMode, Trans, View};
-use std::cell::{RefCell, UnsafeCell};
+use super::{Attention, Backend, MoeCombine, Precision, Segment, StreamMode, Trans};
+pub(crate) use buf::disjoint;
+use buf::{raw_rd, raw_wr, V};
+pub use buf::{CpuBuf, CpuIds};
+use std::cell::UnsafeCell;
 use std::sync::{Arc, Mutex};
-
-/// f32 memory of the CPU backend.
-pub struct CpuBuf {
-    data: UnsafeCell<Vec<f32>>,
-    /// The CPU "device" index the buffer belongs to (`cpu:N`). Several CPU devices stand in for
-    /// several GPUs in tests: an op that mixes buffers of two devices fails, exactly where a GPU
-    /// without peer access would fault, so the hand-off protocol (copy across devices, never
-    /// read across them) is checked on every CI run.
-    device: u32,
-    /// Which streams wrote and read it last (stream-order checking, see [`order`]).
-    access: RefCell<order::Access>,
-}
-
-// SAFETY: the Vec is owned; moving it to another thread is fine. CpuBuf is deliberately not Sync.
-unsafe impl Send for CpuBuf {}
-
-impl CpuBuf {
-    fn new(n: usize, device: u32, stream: &order::Stream) -> Self {
-        CpuBuf { data: UnsafeCell::new(vec![0.0; n]), device, access: RefCell::new(order::Access::born(stream)) }
-    }
-    fn len(&self) -> usize {
-        // SAFETY: reading the length never races: only this thread can touch the buffer.
-        unsafe { (*self.data.get()).len() }
-    }
-    fn ptr(&self) -> *mut f32 {
-        // SAFETY: as above; the pointer is only dereferenced inside ops under the overlap rules.
-        unsafe { (*self.data.get()).as_mut_ptr() }
-    }
-}
-
-/// u32 memory of the CPU backend (token ids).
-pub struct CpuIds {
-    data: UnsafeCell<Vec<u32>>,
-}
-unsafe impl Send for CpuIds {}
-
-impl CpuIds {
-    fn slice(&self) -> &[u32] {
-        // SAFETY: ids are only written by `upload_ids`, which takes no other borrow.
-        unsafe { &*self.data.get() }
-    }
-}
-
-type V<'a> = View<'a, CpuBuf>;
-
-fn check_bounds(v: &V) {
-    assert!(v.off + v.len <= v.buf.len(), "view [{}, {}) outside a buffer of {}", v.off, v.off + v.len, v.buf.len());
-}
-
-/// Read-only slice of a view (no stream-order check: ops use [`CpuBackend::rd`]).
-///
-/// SAFETY: the caller must not hold a mutable slice overlapping it (ops check with [`disjoint`]).
-unsafe fn raw_rd<'a>(v: V<'a>) -> &'a [f32] {
-    check_bounds(&v);
-    std::slice::from_raw_parts(v.buf.ptr().add(v.off), v.len)
-}
-
-/// Mutable slice of a view. SAFETY: as [`raw_rd`]; the caller guarantees no overlapping slice lives.
-#[allow(clippy::mut_from_ref)]
-unsafe fn raw_wr<'a>(v: V<'a>) -> &'a mut [f32] {
-    check_bounds(&v);
-    std::slice::from_raw_parts_mut(v.buf.ptr().add(v.off), v.len)
-}
-
-/// Assert that the output view `out` overlaps none of `others` (the aliasing rule of the trait),
-/// and that all of them live on one device (only [`Backend::copy_peer`] crosses devices).
-pub(crate) fn disjoint(out: &V, others: &[&V]) {
-    for o in others {
-        assert!(
-            out.buf.device == o.buf.device,
-            "an op mixes buffers of cpu:{} and cpu:{}: a buffer from another device must be copied in first (copy_peer)",
-            out.buf.device,
-            o.buf.device
-        );
-        if std::ptr::eq(out.buf, o.buf) {
-            let overlap = out.off < o.off + o.len && o.off < out.off + out.len;
-            assert!(
-                !overlap || out.len == 0 || o.len == 0,
-                "output view [{}, {}) overlaps an input view [{}, {}) of the same buffer",
-                out.off,
-                out.off + out.len,
-                o.off,
-                o.off + o.len
-            );
-        }
-    }
-}
 
 /// The CPU "stream": a device name; all work runs on the global rayon pool.
 /// Clones are the same stream; [`Backend::fork`] and [`Backend::open`] make new ones.
@@ -137,6 +55,8 @@ pub struct CpuBackend {
     /// Buffers for rounded operand copies (tf32/bf16 emulation), reused across ops so that an
     /// emulated step allocates only until the pool holds its largest operands.
     spare: Arc<Mutex<Vec<Vec<f32>>>>,
+    /// The open op scopes and the bf16 writes to round at their end (`storage.rs`).
+    storage: Arc<buf::Storage>,
 }
 
 impl CpuBackend {
@@ -148,6 +68,7 @@ impl CpuBackend {
             stream: Arc::new(order::Stream::new()),
             mode: Arc::new(StreamMode::default()),
             spare: Arc::new(Mutex::new(Vec::new())),
+            storage: Arc::default(),
         }
     }
 
@@ -165,6 +86,9 @@ impl CpuBackend {
     #[allow(clippy::mut_from_ref)]
     unsafe fn wr<'a>(&self, v: V<'a>) -> &'a mut [f32] {
         order::write(&self.stream, &self.device, &mut v.buf.access.borrow_mut());
+        if v.buf.bf16 {
+            self.note_bf16_write(&v);
+        }
         raw_wr(v)
     }
 
@@ -228,7 +152,22 @@ impl Backend for CpuBackend {
         }
     }
     fn alloc(&self, n: usize) -> CpuBuf {
-        CpuBuf::new(n, self.index, &self.stream)
+        CpuBuf::new(n, self.index, &self.stream, false)
+    }
+    fn alloc_act(&self, n: usize) -> CpuBuf {
+        CpuBuf::new(n, self.index, &self.stream, self.mode.storage() == Precision::Bf16)
+    }
+    fn set_storage(&self, p: Precision) -> anyhow::Result<()> {
+        match p {
+            Precision::Fp32 | Precision::Bf16 => {
+                self.mode.set_storage(p);
+                Ok(())
+            }
+            Precision::Tf32 => anyhow::bail!("storage is fp32 or bf16 (tf32 is a compute precision only)"),
+        }
+    }
+    fn storage(&self) -> Precision {
+        self.mode.storage()
     }
     fn alloc_ids(&self, n: usize) -> CpuIds {
         CpuIds { data: UnsafeCell::new(vec![0; n]) }
@@ -241,6 +180,7 @@ impl Backend for CpuBackend {
     }
     fn upload(&self, dst: V, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: view of {} from host slice of {}", dst.len, src.len());
+        let _p = self.op("upload");
         self.here(&dst, "upload");
         unsafe { self.wr(dst) }.copy_from_slice(src);
     }
@@ -255,7 +195,7 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(unsafe { self.rd(src) });
     }
     fn copy(&self, dst: V, src: V) {
-        let _p = profile::op("copy");
+        let _p = self.op("copy");
         assert_eq!(dst.len, src.len, "copy: lengths differ");
         self.here(&dst, "copy");
         disjoint(&dst, &[&src]);
@@ -265,7 +205,7 @@ impl Backend for CpuBackend {
         buf.device == self.index
     }
     fn copy_peer(&self, dst: V, src: V) {
-        let _p = profile::op("copy_peer");
+        let _p = self.op("copy_peer");
         assert_eq!(dst.len, src.len, "copy_peer: lengths differ");
         self.here(&dst, "copy_peer");
         assert!(!std::ptr::eq(dst.buf, src.buf), "copy_peer: source and destination are one buffer");
@@ -273,12 +213,12 @@ impl Backend for CpuBackend {
         unsafe { self.wr(dst).copy_from_slice(self.rd(src)) };
     }
     fn fill(&self, dst: V, value: f32) {
-        let _p = profile::op("fill");
+        let _p = self.op("fill");
         self.here(&dst, "fill");
         unsafe { fill::fill(self.wr(dst), value) }
     }
     fn zero_grads(&self, dst: V) {
-        let _p = profile::op("zero_grads");
+        let _p = self.op("zero_grads");
         self.here(&dst, "zero_grads");
         unsafe { fill::fill_past_cache(self.wr(dst), 0.0, fill::GRADS_STREAM_MIN) }
     }
@@ -309,27 +249,27 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, dst: V, a: V, b: V) {
-        let _p = profile::op("add");
+        let _p = self.op("add");
         disjoint(&dst, &[&a, &b]);
         unsafe { kernels::add(self.wr(dst), self.rd(a), self.rd(b)) }
     }
     fn add_assign(&self, dst: V, src: V) {
-        let _p = profile::op("add_assign");
+        let _p = self.op("add_assign");
         disjoint(&dst, &[&src]);
         unsafe { kernels::axpby(self.wr(dst), 1.0, 1.0, self.rd(src)) }
     }
     fn axpby(&self, dst: V, alpha: f32, beta: f32, src: V) {
-        let _p = profile::op("axpby");
+        let _p = self.op("axpby");
         disjoint(&dst, &[&src]);
         unsafe { kernels::axpby(self.wr(dst), alpha, beta, self.rd(src)) }
     }
     fn sumsq(&self, dst: V, x: V) {
-        let _p = profile::op("sumsq");
+        let _p = self.op("sumsq");
         disjoint(&dst, &[&x]);
         unsafe { self.wr(dst)[0] = kernels::sumsq(self.rd(x)) as f32 }
     }
     fn scale_by_rnorm(&self, x: V, ss: V, eps: f32) {
-        let _p = profile::op("scale_by_rnorm");
+        let _p = self.op("scale_by_rnorm");
         disjoint(&x, &[&ss]);
         let s = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
         unsafe { kernels::scale(self.wr(x), s) }
@@ -376,7 +316,7 @@ impl Backend for CpuBackend {
     }
 
     fn encoder_forward(&self, out: V, ids: &CpuIds, wte: V, wpe: Option<V>, b: usize, t: usize, c: usize) {
-        let _p = profile::op("encoder_forward");
+        let _p = self.op("encoder_forward");
         disjoint(&out, &[&wte]);
         if let Some(wpe) = &wpe {
             disjoint(&out, &[wpe]);
@@ -384,7 +324,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::encoder_forward(self.wr(out), ids.slice(), self.rd(wte), wpe.map(|v| self.rd(v)), b, t, c) }
     }
     fn encoder_backward(&self, dwte: V, dwpe: Option<V>, dout: V, ids: &CpuIds, b: usize, t: usize, c: usize) {
-        let _p = profile::op("encoder_backward");
+        let _p = self.op("encoder_backward");
         disjoint(&dwte, &[&dout]);
         if let Some(dwpe) = &dwpe {
             disjoint(&dwte, &[dwpe]);
@@ -394,7 +334,7 @@ impl Backend for CpuBackend {
     }
 
     fn layernorm_forward(&self, out: V, mean: V, rstd: V, inp: V, w: V, b: V, n: usize, c: usize) {
-        let _p = profile::op("layernorm_forward");
+        let _p = self.op("layernorm_forward");
         for o in [&out, &mean, &rstd] {
             disjoint(o, &[&inp, &w, &b]);
         }
@@ -403,7 +343,7 @@ impl Backend for CpuBackend {
         unsafe { kernels::layernorm_forward(self.wr(out), self.wr(mean), self.wr(rstd), self.rd(inp), self.rd(w), self.rd(b), n, c) }
     }
     fn layernorm_backward(&self, dinp: V, dw: V, db: V, dout: V, inp: V, w: V, mean: V, rstd: V, n: usize, c: usize) {
-        let _p = profile::op("layernorm_backward");
+        let _p = self.op("layernorm_backward");
         for o in [&dinp, &dw, &db] {
             disjoint(o, &[&dout, &inp, &w, &mean, &rstd]);
         }
@@ -426,7 +366,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention_forward(&self, out: V, att: V, qkv: V, b: usize, t: usize, c: usize, nh: usize) {
-        let _p = profile::op("attention_forward");
+        let _p = self.op("attention_forward");
         disjoint(&out, &[&att, &qkv]);
         disjoint(&att, &[&qkv]);
         assert!(
@@ -442,7 +382,7 @@ impl Backend for CpuBackend {
         }
     }
     fn attention_backward(&self, dqkv: V, datt: V, dout: V, qkv: V, out: V, att: V, b: usize, t: usize, c: usize, nh: usize) {
-        let _p = profile::op("attention_backward");
+        let _p = self.op("attention_backward");
         disjoint(&dqkv, &[&datt, &dout, &qkv, &out, &att]);
         disjoint(&datt, &[&dout, &qkv, &out, &att]);
         assert!(
@@ -472,7 +412,7 @@ impl Backend for CpuBackend {
         self.residual_rmsnorm(res, out, rstd, x, y, alpha, w, n, c, eps)
     }
     fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, n: usize, c: usize, eps: f32) {
-        let _p = profile::op("rmsnorm_forward");
+        let _p = self.op("rmsnorm_forward");
         for o in [&out, &rstd] {
             disjoint(o, &[&inp, &w]);
         }
@@ -480,7 +420,7 @@ impl Backend for CpuBackend {
         unsafe { llama::rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), n, c, eps) }
     }
     fn rmsnorm_backward(&self, dinp: V, dw: V, dout: V, inp: V, w: V, rstd: V, n: usize, c: usize) {
-        let _p = profile::op("rmsnorm_backward");
+        let _p = self.op("rmsnorm_backward");
         for o in [&dinp, &dw] {
             disjoint(o, &[&dout, &inp, &w, &rstd]);
         }
@@ -488,7 +428,7 @@ impl Backend for CpuBackend {
         unsafe { llama::rmsnorm_backward(self.wr(dinp), self.wr(dw), self.rd(dout), self.rd(inp), self.rd(w), self.rd(rstd), n, c) }
     }
     fn head_rmsnorm_forward(&self, out: V, rstd: V, inp: V, w: V, rows: usize, stride: usize, heads: usize, hd: usize, eps: f32) {
-        let _p = profile::op("head_rmsnorm_forward");
+        let _p = self.op("head_rmsnorm_forward");
         for o in [&out, &rstd] {
             disjoint(o, &[&inp, &w]);
         }
@@ -496,7 +436,7 @@ impl Backend for CpuBackend {
         unsafe { llama::head_rmsnorm_forward(self.wr(out), self.wr(rstd), self.rd(inp), self.rd(w), rows, stride, heads, hd, eps) }
     }
     fn head_rmsnorm_backward(&self, d: V, dw: V, inp: V, w: V, rstd: V, rows: usize, stride: usize, heads: usize, hd: usize) {
-        let _p = profile::op("head_rmsnorm_backward");
+        let _p = self.op("head_rmsnorm_backward");
         for o in [&d, &dw] {
             disjoint(o, &[&inp, &w, &rstd]);
         }
@@ -504,12 +444,12 @@ impl Backend for CpuBackend {
         unsafe { llama::head_rmsnorm_backward(self.wr(d), self.wr(dw), self.rd(inp), self.rd(w), self.rd(rstd), rows, stride, heads, hd) }
     }
     fn gather_rows(&self, out: V, inp: V, rows: &CpuIds, m: usize, c: usize) {
-        let _p = profile::op("gather_rows");
+        let _p = self.op("gather_rows");
         disjoint(&out, &[&inp]);
         unsafe { llama::gather_rows(self.wr(out), self.rd(inp), rows.slice(), m, c) }
     }
     fn moe_combine(&self, out: V, ys: V, slots: &CpuIds, weights: Option<V>, n: usize, k: usize, c: usize) {
-        let _p = profile::op("moe_combine");
+        let _p = self.op("moe_combine");
         disjoint(&out, &[&ys]);
         if let Some(w) = &weights {
             disjoint(&out, &[w]);
@@ -517,7 +457,7 @@ impl Backend for CpuBackend {
         unsafe { llama::moe_combine(self.wr(out), self.rd(ys), slots.slice(), weights.map(|w| self.rd(w)), n, k, c) }
     }
     fn moe_combine_backward(&self, dys: V, dweights: V, dout: V, ys: V, slots: &CpuIds, weights: V, n: usize, k: usize, c: usize) {
-        let _p = profile::op("moe_combine_backward");
+        let _p = self.op("moe_combine_backward");
         for o in [&dys, &dweights] {
             disjoint(o, &[&dout, &ys, &weights]);
         }
@@ -526,48 +466,48 @@ impl Backend for CpuBackend {
         llama::moe_combine_backward(dys, dweights, dout, ys, slots.slice(), weights, n, k, c)
     }
     fn rope(&self, x: V, rows: usize, t: usize, stride: usize, heads: usize, hd: usize, theta: f32, inverse: bool) {
-        let _p = profile::op("rope");
+        let _p = self.op("rope");
         unsafe { llama::rope(self.wr(x), rows, t, stride, heads, hd, theta, if inverse { -1.0 } else { 1.0 }) }
     }
     fn gqa_expand(&self, out: V, inp: V, n: usize, nh: usize, kv: usize, hd: usize) {
-        let _p = profile::op("gqa_expand");
+        let _p = self.op("gqa_expand");
         disjoint(&out, &[&inp]);
         unsafe { llama::gqa_expand(self.wr(out), self.rd(inp), n, nh, kv, hd) }
     }
     fn gqa_reduce(&self, dinp: V, dout: V, n: usize, nh: usize, kv: usize, hd: usize) {
-        let _p = profile::op("gqa_reduce");
+        let _p = self.op("gqa_reduce");
         disjoint(&dinp, &[&dout]);
         unsafe { llama::gqa_reduce(self.wr(dinp), self.rd(dout), n, nh, kv, hd) }
     }
     fn swiglu_forward(&self, out: V, inp: V, n: usize, f: usize) {
-        let _p = profile::op("swiglu_forward");
+        let _p = self.op("swiglu_forward");
         disjoint(&out, &[&inp]);
         unsafe { llama::swiglu_forward(self.wr(out), self.rd(inp), n, f) }
     }
     fn swiglu_backward(&self, dinp: V, inp: V, dout: V, n: usize, f: usize) {
-        let _p = profile::op("swiglu_backward");
+        let _p = self.op("swiglu_backward");
         disjoint(&dinp, &[&inp, &dout]);
         unsafe { llama::swiglu_backward(self.wr(dinp), self.rd(inp), self.rd(dout), n, f) }
     }
     fn gelu_forward(&self, out: V, inp: V) {
-        let _p = profile::op("gelu_forward");
+        let _p = self.op("gelu_forward");
         disjoint(&out, &[&inp]);
         unsafe { kernels::gelu_forward(self.wr(out), self.rd(inp)) }
     }
     fn gelu_backward(&self, dinp: V, inp: V, dout: V) {
-        let _p = profile::op("gelu_backward");
+        let _p = self.op("gelu_backward");
         disjoint(&dinp, &[&inp, &dout]);
         unsafe { kernels::gelu_backward(self.wr(dinp), self.rd(inp), self.rd(dout)) }
     }
 
     fn crossentropy_forward_backward(&self, logits: V, losses: V, targets: &CpuIds, dscale: f32, n: usize, v: usize, vp: usize) {
-        let _p = profile::op("crossentropy_forward_backward");
+        let _p = self.op("crossentropy_forward_backward");
         disjoint(&losses, &[&logits]);
         unsafe { kernels::crossentropy(self.wr(logits), self.wr(losses), targets.slice(), dscale, n, v, vp) }
     }
 
     fn adamw_update(&self, p: V, g: V, m: V, v: V, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64) {
-        let _p = profile::op("adamw_update");
+        let _p = self.op("adamw_update");
         for o in [&p, &m, &v] {
             disjoint(o, &[&g]);
         }
@@ -576,18 +516,18 @@ impl Backend for CpuBackend {
         unsafe { kernels::adamw(self.wr(p), self.rd(g), self.wr(m), self.wr(v), lr, beta1, beta2, eps, wd, t) }
     }
     fn momentum_update(&self, u: V, m: V, g: V, mu: f32, nesterov: bool) {
-        let _p = profile::op("momentum_update");
+        let _p = self.op("momentum_update");
         disjoint(&u, &[&m, &g]);
         disjoint(&m, &[&g]);
         unsafe { kernels::momentum(self.wr(u), self.wr(m), self.rd(g), mu, nesterov) }
     }
     fn apply_update(&self, p: V, u: V, lr: f32, scale: f32, wd: f32) {
-        let _p = profile::op("apply_update");
+        let _p = self.op("apply_update");
         disjoint(&p, &[&u]);
         unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * scale, 1.0 - lr * wd) }
     }
     fn nsgd_apply(&self, p: V, u: V, ss: V, lr: f32, wd: f32, eps: f32) {
-        let _p = profile::op("nsgd_apply");
+        let _p = self.op("nsgd_apply");
         disjoint(&p, &[&u, &ss]);
         let rnorm = 1.0 / (unsafe { self.rd(ss)[0] }.sqrt() + eps);
         unsafe { kernels::apply_update(self.wr(p), self.rd(u), lr * rnorm, 1.0 - lr * wd) }

@@ -2,13 +2,13 @@
 //! the fused product + GELU of the MLP: views are checked and read here, the math is in
 //! `kernels`.
 
-use super::{disjoint, fused, kernels, narrow, profile, CpuBackend, V};
+use super::{disjoint, fused, kernels, narrow, CpuBackend, V};
 use crate::backend::{Backend, Trans};
 
 impl CpuBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_products(&self, c: V, a: V, ta: Trans, b: V, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
-        let _p = profile::op_named(|| format!("gemm {m}x{k} @ {k}x{n}"));
+        let _p = self.op_named(|| format!("gemm {m}x{k} @ {k}x{n}"));
         disjoint(&c, &[&a, &b]);
         assert!(c.len >= m * n && a.len >= m * k && b.len >= k * n, "gemm: views too small for ({m},{n},{k})");
         let (a, b) = unsafe { (self.operand(self.rd(a)), self.operand(self.rd(b))) };
@@ -26,7 +26,7 @@ impl CpuBackend {
     }
 
     pub(super) fn forward_product(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_forward {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_forward {c}->{oc}"));
         disjoint(&out, &[&inp, &w]);
         if let Some(b) = b.as_ref() {
             disjoint(&out, &[b]);
@@ -46,7 +46,7 @@ impl CpuBackend {
     /// pre = inp @ w^T + b, out = gelu(pre), by blocks that stay in cache between the two.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_product_gelu(&self, out: V, pre: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_forward_gelu {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_forward_gelu {c}->{oc}"));
         disjoint(&out, &[&pre, &inp, &w]);
         disjoint(&pre, &[&inp, &w]);
         if let Some(b) = b.as_ref() {
@@ -89,7 +89,7 @@ impl CpuBackend {
     /// dinp (written, or added to with `add`: narrow products only), dw and db.
     #[allow(clippy::too_many_arguments)]
     fn backward_product_to(&self, dinp: Option<V>, add: bool, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_backward {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_backward {c}->{oc}"));
         if let Some(d) = dinp.as_ref() {
             disjoint(d, &[&dw, &dout, &inp, &w]);
             if let Some(db) = db.as_ref() {
@@ -130,7 +130,7 @@ impl CpuBackend {
         c: usize,
         oc: usize,
     ) {
-        let _p = profile::op_named(|| format!("matmul_backward_gelu {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_backward_gelu {c}->{oc}"));
         disjoint(&dpre, &[&dw, &dout, &act, &w, &pre]);
         disjoint(&dw, &[&dout, &act, &w, &pre]);
         if let Some(db) = db.as_ref() {

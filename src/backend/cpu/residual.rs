@@ -5,7 +5,7 @@
 
 use super::kernels::layernorm_row;
 use super::llama::rmsnorm_row;
-use super::{disjoint, profile, CpuBackend, V};
+use super::{disjoint, CpuBackend, V};
 use rayon::prelude::*;
 
 /// One row of res = x + α·y, as `Backend::add` (α = 1) or copy + `axpby` (1·x + α·y) compute it.
@@ -22,7 +22,7 @@ impl CpuBackend {
     /// [`residual_row`], then the LayerNorm of the row; (mean, rstd) kept per row.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn residual_layernorm(&self, res: V, out: V, mean: V, rstd: V, x: V, y: V, alpha: f32, w: V, b: V, n: usize, c: usize) {
-        let _p = profile::op("residual_layernorm_forward");
+        let _p = self.op("residual_layernorm_forward");
         for o in [&res, &out, &mean, &rstd] {
             disjoint(o, &[&x, &y, &w, &b]);
         }
@@ -45,7 +45,7 @@ impl CpuBackend {
     /// [`residual_row`], then the RMSNorm of the row; rstd kept per row.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn residual_rmsnorm(&self, res: V, out: V, rstd: V, x: V, y: V, alpha: f32, w: V, n: usize, c: usize, eps: f32) {
-        let _p = profile::op("residual_rmsnorm_forward");
+        let _p = self.op("residual_rmsnorm_forward");
         for o in [&res, &out, &rstd] {
             disjoint(o, &[&x, &y, &w]);
         }

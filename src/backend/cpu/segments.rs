@@ -9,7 +9,7 @@
 //! its rows of xs (the backward reads them again), its dout from the combine's backward into a
 //! tile ([`TILE_MAX`]; dys is then left unwritten).
 
-use super::{disjoint, kernels, llama, profile, CpuBackend, CpuBuf, CpuIds, V};
+use super::{disjoint, kernels, llama, CpuBackend, CpuBuf, CpuIds, V};
 use crate::backend::{Backend, MoeCombine, Precision, Segment};
 use kernels::{SendConst, SendPtr};
 use rayon::prelude::*;
@@ -67,7 +67,7 @@ impl CpuBackend {
     }
 
     pub(super) fn forward_segments(&self, segments: &[Segment<'_, CpuBuf>], c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_forward_segments {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_forward_segments {c}->{oc}"));
         self.forward_jobs(segments, None, c, oc)
     }
 
@@ -81,7 +81,7 @@ impl CpuBackend {
             Backend::gather_rows(self, xs, x, rows, m, c);
             return self.forward_segments(segments, c, oc);
         }
-        let _p = profile::op_named(|| format!("gather_rows+matmul_forward_segments {c}->{oc}"));
+        let _p = self.op_named(|| format!("gather_rows+matmul_forward_segments {c}->{oc}"));
         disjoint(&xs, &[&x]);
         for s in segments {
             disjoint(&s.out, &[&xs, &x]);
@@ -127,7 +127,7 @@ impl CpuBackend {
     }
 
     pub(super) fn backward_segments(&self, segments: &[Segment<'_, CpuBuf>], dinp: &[V], dw: &[V], c: usize, oc: usize) {
-        let _p = profile::op_named(|| format!("matmul_backward_segments {c}->{oc}"));
+        let _p = self.op_named(|| format!("matmul_backward_segments {c}->{oc}"));
         assert!(segments.len() == dinp.len() && segments.len() == dw.len(), "matmul_backward_segments: one dinp and dw per segment");
         let mut ops = Vec::with_capacity(segments.len());
         for ((s, di), dw) in segments.iter().zip(dinp).zip(dw) {
@@ -173,7 +173,7 @@ impl CpuBackend {
             Backend::moe_combine_backward(self, dys, dweights, dout, ys, slots, weights, n, k, c);
             return self.backward_segments(segments, dinp, dw, f, c);
         }
-        let _p = profile::op_named(|| format!("moe_combine_backward+matmul_backward_segments {f}->{c}"));
+        let _p = self.op_named(|| format!("moe_combine_backward+matmul_backward_segments {f}->{c}"));
         let m = n * k;
         let op = "moe_combine_backward_segments";
         assert!(segments.len() == dinp.len() && segments.len() == dw.len(), "{op}: one dinp and dw per segment");

@@ -18,7 +18,7 @@ use crate::backend::{Backend, View};
 use crate::model::dims::Dims;
 use crate::model::kinds::spec::BlockBody;
 use crate::model::residual;
-use crate::model::stash::{Acts, Stashes};
+use crate::model::stash::{alloc_attention, Acts, Stashes};
 use crate::params::ParamSet;
 
 /// What one micro-batch's forward leaves for its backward. Shapes for N = B*T rows.
@@ -49,18 +49,18 @@ impl<B: Backend> Gpt2Acts<B> {
         let (n, c) = (b * t, d.channels);
         Gpt2Acts {
             shape: (b, t),
-            ln1: be.alloc(n * c),
+            ln1: be.alloc_act(n * c),
             ln1_mean: be.alloc(n),
             ln1_rstd: be.alloc(n),
-            qkv: be.alloc(n * 3 * c),
-            atty: be.alloc(n * c),
-            att: be.alloc(be.attention_state_len(b, t, d.heads)),
-            res2: be.alloc(n * c),
-            ln2: be.alloc(n * c),
+            qkv: be.alloc_act(n * 3 * c),
+            atty: be.alloc_act(n * c),
+            att: alloc_attention(be, be.attention_state_len(b, t, d.heads)),
+            res2: be.alloc_act(n * c),
+            ln2: be.alloc_act(n * c),
             ln2_mean: be.alloc(n),
             ln2_rstd: be.alloc(n),
-            fch: be.alloc(n * 4 * c),
-            fch_gelu: be.alloc(n * 4 * c),
+            fch: be.alloc_act(n * 4 * c),
+            fch_gelu: be.alloc_act(n * 4 * c),
         }
     }
 }
@@ -81,12 +81,12 @@ impl<B: Backend> Gpt2Scratch<B> {
         let (n, c) = (b * t, d.channels);
         Gpt2Scratch {
             shape: (b, t),
-            dc: be.alloc(n * c),
-            dqkv: be.alloc(n * 3 * c),
-            datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
-            dfch: be.alloc(n * 4 * c),
-            dfch_gelu: be.alloc(n * 4 * c),
-            dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
+            dc: be.alloc_act(n * c),
+            dqkv: be.alloc_act(n * 3 * c),
+            datt: alloc_attention(be, be.attention_scratch_len(b, t, d.heads)),
+            dfch: be.alloc_act(n * 4 * c),
+            dfch_gelu: be.alloc_act(n * 4 * c),
+            dbranch: (d.residual != 1.0).then(|| be.alloc_act(n * c)),
         }
     }
 }

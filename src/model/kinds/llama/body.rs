@@ -20,7 +20,7 @@ use crate::model::dims::Dims;
 use crate::model::kinds::spec::BlockBody;
 use crate::model::moe::{Mlp, Routing};
 use crate::model::residual;
-use crate::model::stash::{Acts, Stashes};
+use crate::model::stash::{alloc_attention, Acts, Stashes};
 use crate::params::ParamSet;
 
 /// What one micro-batch's forward leaves for its backward.
@@ -55,19 +55,19 @@ impl<B: Backend> LlamaActs<B> {
         let f = if moe.is_some() { 0 } else { d.ffn_hidden };
         LlamaActs {
             shape: (b, t),
-            rms1: be.alloc(n * c),
+            rms1: be.alloc_act(n * c),
             rstd1: be.alloc(n),
-            qkv_raw: qk.then(|| be.alloc(n * qkv_width(d))),
+            qkv_raw: qk.then(|| be.alloc_act(n * qkv_width(d))),
             rstd_q: qk.then(|| be.alloc(n * d.heads)),
             rstd_k: qk.then(|| be.alloc(n * d.kv_heads)),
-            qkv3: be.alloc(n * 3 * a),
-            att: be.alloc(be.attention_state_len(b, t, d.heads)),
-            atty: be.alloc(n * a),
-            res2: be.alloc(n * c),
-            rms2: be.alloc(n * c),
+            qkv3: be.alloc_act(n * 3 * a),
+            att: alloc_attention(be, be.attention_state_len(b, t, d.heads)),
+            atty: be.alloc_act(n * a),
+            res2: be.alloc_act(n * c),
+            rms2: be.alloc_act(n * c),
             rstd2: be.alloc(n),
-            gu: be.alloc(n * 2 * f),
-            h: be.alloc(n * f),
+            gu: be.alloc_act(n * 2 * f),
+            h: be.alloc_act(n * f),
             moe: moe.map(|m| MoeActs::new(be, d, m, n)),
         }
     }
@@ -94,14 +94,14 @@ impl<B: Backend> Scratch<B> {
         let f = if moe.is_some() { 0 } else { d.ffn_hidden };
         Scratch {
             shape: (b, t),
-            qkv: be.alloc(n * qkv_width(d)),
-            dh: be.alloc(n * f),
-            dgu: be.alloc(n * 2 * f),
-            dc: be.alloc(n * c),
-            datty: be.alloc(n * a),
-            dqkv3: be.alloc(n * 3 * a),
-            datt: be.alloc(be.attention_scratch_len(b, t, d.heads)),
-            dbranch: (d.residual != 1.0).then(|| be.alloc(n * c)),
+            qkv: be.alloc_act(n * qkv_width(d)),
+            dh: be.alloc_act(n * f),
+            dgu: be.alloc_act(n * 2 * f),
+            dc: be.alloc_act(n * c),
+            datty: be.alloc_act(n * a),
+            dqkv3: be.alloc_act(n * 3 * a),
+            datt: alloc_attention(be, be.attention_scratch_len(b, t, d.heads)),
+            dbranch: (d.residual != 1.0).then(|| be.alloc_act(n * c)),
             moe: moe.map(|m| MoeScratch::new(be, d, m, n)),
         }
     }
