@@ -22,9 +22,8 @@
 //! ([`Precision::round`]), so CI proves what a bf16 run does to training (loss, growth, checkpoints)
 //! without a GPU, and the GPU's bf16 path is tested against it.
 //!
-//! What this version does not do yet: activations are stored in fp32 between ops (bf16 storage
-//! would halve their memory traffic); the materialized attention keeps its T×T scores in fp32
-//! (flash attention, `kernels.attention`, keeps none).
+//! Activations are stored in fp32 between ops unless `precision.storage = "bf16"`, which the CPU
+//! backend emulates (`backend/cpu/storage.rs`) and the CUDA backend does not have yet.
 
 use serde::{Deserialize, Serialize};
 
