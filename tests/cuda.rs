@@ -19,25 +19,11 @@
 
 mod common;
 
-use common::TestConfig;
+use common::{fox_dataset as dataset, gpu, tiny_gpu_cfg as tiny_cfg, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::cuda::{self, CudaBackend};
 use taproot::backend::{Backend, Trans, View};
 use taproot::rng::Rng;
-
-fn gpu() -> Option<CudaBackend> {
-    match cuda::device_count() {
-        Ok(n) if n > 0 => Some(CudaBackend::open("cuda:0").expect("a CUDA device is present but could not be opened")),
-        Ok(_) => {
-            println!("SKIP: no CUDA device on this machine");
-            None
-        }
-        Err(e) => {
-            println!("SKIP: {e:#}");
-            None
-        }
-    }
-}
 
 #[test]
 fn every_kernel_compiles_to_ptx_for_sm_90() {
@@ -376,31 +362,6 @@ parity!(optimizer_kernels_match_cpu, TOL, |be: B| {
 
 // ------------------------------------------------------------------------------------------
 // whole model, runtime, streams
-
-/// 20 steps of C = 64, T = 32, growing 1 -> 3 blocks (copying) at step 10.
-fn tiny_cfg(dir: &std::path::Path, name: &str) -> TestConfig {
-    TestConfig::new(dir)
-        .name(name)
-        .steps(20)
-        .seq_len(32)
-        .micro_batches(2)
-        .channels(64)
-        .depth(1)
-        .target_depth(3)
-        .eval(10, 2)
-        .grow_at_step(10, 3)
-        .growth_init("copying")
-}
-
-fn dataset(dir: &std::path::Path) -> taproot::data::Dataset {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut r = Rng::new(11);
-    let text: Vec<u32> =
-        (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
-    taproot::data::write_shard(&dir.join("g_train_000001.bin"), &text[..36_000]).unwrap();
-    taproot::data::write_shard(&dir.join("g_val_000000.bin"), &text[36_000..]).unwrap();
-    taproot::data::Dataset::open(dir, 256).unwrap()
-}
 
 /// 20 steps with a copying growth at step 10, Muon-NSGD: every step's training loss on the GPU
 /// within 1e-3 relative of the CPU trainer's (f32 rounding compounds over steps; Newton–Schulz

@@ -38,17 +38,7 @@ fn gpu() -> Option<CudaBackend> {
     if !nccl_here() {
         return None;
     }
-    match cuda::device_count() {
-        Ok(n) if n > 0 => Some(CudaBackend::open("cuda:0").expect("a CUDA device is present but could not be opened")),
-        Ok(_) => {
-            println!("SKIP: no CUDA device on this machine");
-            None
-        }
-        Err(e) => {
-            println!("SKIP: {e:#}");
-            None
-        }
-    }
+    common::gpu()
 }
 
 #[test]
@@ -169,32 +159,14 @@ fn training_with_gradients_over_nccl_matches_the_host_path_on_the_gpu() {
     if gpu().is_none() {
         return;
     }
-    use taproot::rng::Rng;
     let dir = std::env::temp_dir().join(format!("taproot-nccl-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut r = Rng::new(11);
-    let text: Vec<u32> =
-        (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
-    taproot::data::write_shard(&dir.join("g_train_000001.bin"), &text[..36_000]).unwrap();
-    taproot::data::write_shard(&dir.join("g_val_000000.bin"), &text[36_000..]).unwrap();
     let run = |name: &str, c: Collectives| {
-        let mut cfg = TestConfig::new(&dir)
-            .name(name)
-            .steps(20)
-            .seq_len(32)
-            .micro_batches(2)
-            .channels(64)
-            .depth(1)
-            .target_depth(3)
-            .eval(10, 2)
-            .grow_at_step(10, 3)
-            .growth_init("copying")
-            .devices(&["cuda:0"])
-            .build();
+        let mut cfg = common::tiny_gpu_cfg(&dir, name).devices(&["cuda:0"]).build();
         cfg.parallel.collectives = c;
         cfg.validate().unwrap();
         taproot::dist::set_collectives(c).unwrap();
-        let data = taproot::data::Dataset::open(&dir, 256).unwrap();
+        let data = common::fox_dataset(&dir);
         let out =
             taproot::runtime::train::<CudaBackend>(&cfg, data, taproot::runtime::RunOptions { quiet: true, ..Default::default() }, false);
         taproot::dist::set_collectives(Collectives::Host).unwrap();

@@ -11,29 +11,13 @@
 
 mod common;
 
-use common::{synthetic_dataset, TestConfig};
+use common::{growth_cfg as cfg_n, not_bf16, synthetic_dataset, TestConfig};
 use taproot::backend::cpu::CpuBackend;
-use taproot::backend::precision::{bf16_to_f32, f32_to_bf16};
 use taproot::backend::{Backend, Precision};
 use taproot::config::Config;
 use taproot::data::Dataset;
 use taproot::train::sequential::Sequential;
 use taproot::train::RunOptions;
-
-/// `steps` steps of C = 64, T = 32, growing 1 -> 3 blocks (random init) half-way.
-fn cfg_n(dir: &std::path::Path, name: &str, steps: u64) -> TestConfig {
-    TestConfig::new(dir)
-        .name(name)
-        .steps(steps)
-        .batch_size(8)
-        .seq_len(32)
-        .channels(64)
-        .depth(1)
-        .target_depth(3)
-        .lr(0.01)
-        .eval(steps / 2, 8)
-        .grow_at_step(steps / 2, 3)
-}
 
 fn cfg(dir: &std::path::Path, name: &str) -> TestConfig {
     cfg_n(dir, name, 300)
@@ -87,11 +71,6 @@ fn a_bf16_run_with_growth_follows_the_fp32_run() {
     };
     println!("summed deviation from fp32: tf32 {:.3e}, bf16 {:.3e}", dev(&tf32), dev(&bf16));
     assert!(dev(&tf32) < dev(&bf16), "tf32 strays further from fp32 than bf16");
-}
-
-/// Count the values of `x` that bf16 cannot hold exactly.
-fn not_bf16(x: &[f32]) -> usize {
-    x.iter().filter(|v| bf16_to_f32(f32_to_bf16(**v)) != **v).count()
 }
 
 #[test]

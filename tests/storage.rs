@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{synthetic_dataset, TestConfig};
+use common::{not_bf16, synthetic_dataset, TestConfig};
 use taproot::backend::cpu::CpuBackend;
 use taproot::backend::precision::{bf16_to_f32, f32_to_bf16};
 use taproot::backend::{Backend, Precision, View};
@@ -28,11 +28,6 @@ use taproot::train::{RunOptions, TrainReport};
 
 fn round(x: f32) -> f32 {
     bf16_to_f32(f32_to_bf16(x))
-}
-
-/// Count the values of `x` that bf16 cannot hold exactly.
-fn not_bf16(x: &[f32]) -> usize {
-    x.iter().filter(|v| round(**v) != **v).count()
 }
 
 fn randn(r: &mut Rng, n: usize) -> Vec<f32> {
@@ -211,19 +206,7 @@ fn every_block_kind_trains_with_growth_in_bf16_storage_near_fp32() {
 fn bf16_storage_and_products_together_follow_fp32() {
     let dir = synthetic_dataset("storage-all");
     let data = Dataset::open(&dir, 256).unwrap();
-    let cfg = |name: &str| {
-        TestConfig::new(&dir)
-            .name(name)
-            .steps(300)
-            .batch_size(8)
-            .seq_len(32)
-            .channels(64)
-            .depth(1)
-            .target_depth(3)
-            .lr(0.01)
-            .eval(150, 8)
-            .grow_at_step(150, 3)
-    };
+    let cfg = |name: &str| common::growth_cfg(&dir, name, 300);
     let fp32 = Sequential::new(CpuBackend::default(), &cfg("fp32").build(), &data).unwrap().run(&quiet()).unwrap();
     let all = cfg("bf16").set("precision.compute", "bf16").set("precision.storage", "bf16").build();
     let bf16 = Sequential::new(CpuBackend::default(), &all, &data).unwrap().run(&quiet()).unwrap();

@@ -1,5 +1,5 @@
 //! Shared helpers of the integration tests: a small synthetic byte corpus, test configs of the
-//! tiny model ([`TestConfig`]), and CPU buffers.
+//! tiny model ([`TestConfig`]), CPU buffers, the GPU where there is one, and a bf16 count.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -342,4 +342,67 @@ pub fn hf_tokenizer(dir: &Path) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+/// A CUDA stream on cuda:0, or None on a machine without a GPU (printing SKIP and why).
+pub fn gpu() -> Option<taproot::backend::cuda::CudaBackend> {
+    use taproot::backend::cuda;
+    match cuda::device_count() {
+        Ok(n) if n > 0 => Some(cuda::CudaBackend::open("cuda:0").expect("a CUDA device is present but could not be opened")),
+        Ok(_) => {
+            println!("SKIP: no CUDA device on this machine");
+            None
+        }
+        Err(e) => {
+            println!("SKIP: {e:#}");
+            None
+        }
+    }
+}
+
+/// How many values of `x` bf16 cannot hold exactly.
+pub fn not_bf16(x: &[f32]) -> usize {
+    use taproot::backend::precision::{bf16_to_f32, f32_to_bf16};
+    x.iter().filter(|v| bf16_to_f32(f32_to_bf16(**v)) != **v).count()
+}
+
+/// The GPU tests' run: 20 steps of C = 64, T = 32, growing 1 -> 3 blocks (copying) at step 10.
+pub fn tiny_gpu_cfg(dir: &std::path::Path, name: &str) -> TestConfig {
+    TestConfig::new(dir)
+        .name(name)
+        .steps(20)
+        .seq_len(32)
+        .micro_batches(2)
+        .channels(64)
+        .depth(1)
+        .target_depth(3)
+        .eval(10, 2)
+        .grow_at_step(10, 3)
+        .growth_init("copying")
+}
+
+/// A small corpus of a repeated sentence with noise, as shards in `dir` (made if missing).
+pub fn fox_dataset(dir: &std::path::Path) -> taproot::data::Dataset {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut r = Rng::new(11);
+    let text: Vec<u32> =
+        (0..40_000).map(|i| b"the quick brown fox jumps over the lazy dog. "[i % 45] as u32 + (r.below(3) == 0) as u32).collect();
+    taproot::data::write_shard(&dir.join("g_train_000001.bin"), &text[..36_000]).unwrap();
+    taproot::data::write_shard(&dir.join("g_val_000000.bin"), &text[36_000..]).unwrap();
+    taproot::data::Dataset::open(dir, 256).unwrap()
+}
+
+/// `steps` steps of C = 64, T = 32, growing 1 -> 3 blocks (random init) half-way.
+pub fn growth_cfg(dir: &std::path::Path, name: &str, steps: u64) -> TestConfig {
+    TestConfig::new(dir)
+        .name(name)
+        .steps(steps)
+        .batch_size(8)
+        .seq_len(32)
+        .channels(64)
+        .depth(1)
+        .target_depth(3)
+        .lr(0.01)
+        .eval(steps / 2, 8)
+        .grow_at_step(steps / 2, 3)
 }
