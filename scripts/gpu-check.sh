@@ -37,6 +37,10 @@ NCCL_DIR=$(python3 -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl
 [ -n "$NCCL_DIR" ] && export LD_LIBRARY_PATH="$NCCL_DIR:${LD_LIBRARY_PATH:-}"
 export TAPROOT_REQUIRE_NCCL=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+# What else this machine has, for the runs not yet made on a GPU (NCCL's version comes
+# from tests/nccl.rs): an MPI launcher (the 2-process host-path run), and how many GPUs.
+command -v mpirun >/dev/null && mpirun --version 2>/dev/null | head -1 || echo "mpirun: not available"
+echo "GPUs: $(nvidia-smi -L 2>/dev/null | wc -l)"
 
 # Logs go to $GPU_CHECK_LOGS (default target/gpu-check/): tests.log, nccl.log and bench.log.
 logs="${GPU_CHECK_LOGS:-target/gpu-check}"
