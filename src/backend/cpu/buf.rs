@@ -5,7 +5,7 @@
 use super::order;
 use crate::backend::View;
 use std::cell::{RefCell, UnsafeCell};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
 
 /// f32 memory of the CPU backend.
@@ -104,4 +104,6 @@ pub(crate) fn disjoint(out: &V, others: &[&V]) {
 pub(super) struct Storage {
     pub(super) depth: AtomicUsize,
     pub(super) pending: Mutex<Vec<(usize, usize)>>,
+    /// Whether `pending` has views to round (read without the lock at every op's end).
+    pub(super) noted: AtomicBool,
 }

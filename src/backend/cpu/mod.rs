@@ -33,7 +33,7 @@ mod products;
 pub mod profile;
 mod residual;
 mod segments;
-pub mod storage;
+mod storage;
 pub mod wide;
 
 use super::{Attention, Backend, MoeCombine, Precision, Segment, StreamMode, Trans};

@@ -45,16 +45,22 @@ impl CpuBackend {
         );
         let at = v.buf.ptr() as usize + 4 * v.off;
         self.storage.pending.lock().unwrap_or_else(|e| e.into_inner()).push((at, v.len));
+        self.storage.noted.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Scope<'_> {
     fn drop(&mut self) {
-        if self.storage.depth.fetch_sub(1, Ordering::Relaxed) != 1 {
+        // Nothing to do inside another op, or when the op wrote no bf16 buffer (always, in fp32
+        // storage: no lock is taken then).
+        if self.storage.depth.fetch_sub(1, Ordering::Relaxed) != 1 || !self.storage.noted.swap(false, Ordering::Relaxed) {
             return;
         }
-        let views = std::mem::take(&mut *self.storage.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        for (at, len) in views {
+        // Drained in place, so the list keeps its capacity and a bf16 step allocates nothing
+        // here. The lock is held while rounding: only this stream's ops note into it, and the
+        // stream's op has ended.
+        let mut pending = self.storage.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (at, len) in pending.drain(..) {
             // SAFETY: a view an op of this stream wrote, of a buffer the op's caller still holds
             // (the op has returned into this scope's end, so no slice of it is alive).
             let x = unsafe { std::slice::from_raw_parts_mut(at as *mut f32, len) };
@@ -64,7 +70,7 @@ impl Drop for Scope<'_> {
 }
 
 /// Round every value to bf16 (round to nearest even), in place.
-pub fn round_to_bf16(x: &mut [f32]) {
+fn round_to_bf16(x: &mut [f32]) {
     let round = |c: &mut [f32]| c.iter_mut().for_each(|v| *v = bf16_to_f32(f32_to_bf16(*v)));
     if x.len() >= 1 << 16 {
         x.par_chunks_mut(1 << 14).for_each(round);
