@@ -403,6 +403,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             crate::dist::set_timeout(cfg.parallel.timeout_s);
             crate::dist::set_collectives(cfg.parallel.collectives)?;
+            crate::dist::set_collective_stall(cfg.faults.stall_collectives_ms);
             let topo = crate::dist::init(cfg.parallel.data, cfg.parallel.pipeline, facts)?;
             let lead = topo.is_lead();
             let mut cfg = cfg;

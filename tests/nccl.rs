@@ -181,3 +181,45 @@ fn training_with_gradients_over_nccl_matches_the_host_path_on_the_gpu() {
         assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits(), "step {}: host {} nccl {}", a.step, a.train_loss, b.train_loss);
     }
 }
+
+/// The NCCL watchdog: a collective held on its stream past `parallel.timeout_s` (the fault
+/// `faults.stall_collectives_ms`, as a stopped replica would hold the others) stops the run
+/// within about the timeout, naming the collective and the key, instead of leaving the process
+/// waiting at its next synchronisation. Run as a process of its own (the watchdog ends it);
+/// `TAPROOT_BIN` names a prebuilt binary where no toolchain is (`scripts/gpu-check.sh`).
+#[test]
+fn a_collective_held_past_the_timeout_stops_the_run_naming_it() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("taproot-nccl-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    common::fox_dataset(&dir);
+    let cfg = common::tiny_gpu_cfg(&dir, "stall").devices(&["cuda:0"]).write();
+    let bin = std::env::var("TAPROOT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_taproot").to_string());
+    let t0 = std::time::Instant::now();
+    let mut child = std::process::Command::new(bin)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .args(["--set", "parallel.collectives=nccl", "--set", "parallel.timeout_s=2", "--set", "faults.stall_collectives_ms=30000"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Without the watchdog, every all-reduce would wait 30 s: give up on it after 25.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 25 {
+            let _ = child.kill();
+            panic!("the run was still going 25 s after it started: no watchdog stopped it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    println!("stopped after {:.1} s ({status}):\n{err}", t0.elapsed().as_secs_f64());
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(err.contains("NCCL all-reduce #1 (") && err.contains("has not completed") && err.contains("`parallel.timeout_s` = 2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,8 +31,14 @@ fn mpi_ready() -> bool {
     ready
 }
 
+/// The `taproot` binary under test: this build's, or `TAPROOT_BIN` (a prebuilt binary run
+/// where no toolchain is, as `scripts/gpu-check.sh` runs these tests on a GPU machine).
+fn bin() -> String {
+    std::env::var("TAPROOT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_taproot").to_string())
+}
+
 fn taproot() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_taproot"))
+    Command::new(bin())
 }
 
 /// `taproot ARGS` under `mpirun -np N` (as root, and with more ranks than cores, as CI needs).
@@ -41,7 +47,7 @@ fn mpirun(n: usize, args: &[&str]) -> Output {
     c.args(["-np", &n.to_string(), "--oversubscribe"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(env!("CARGO_BIN_EXE_taproot"))
+        .arg(bin())
         .args(args);
     c.output().expect("mpirun starts")
 }
@@ -312,7 +318,7 @@ fn start_long_run_with(dir: &Path, name: &str, n: usize, depth: usize, sets: &[&
     c.args(["-np", &n.to_string(), "--oversubscribe"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(env!("CARGO_BIN_EXE_taproot"))
+        .arg(bin())
         .args(["train", "--config", cfg.to_str().unwrap()]);
     for s in sets {
         c.args(["--set", s]);
@@ -610,7 +616,7 @@ fn zero_1_shards_the_optimizer_state_and_trains_bitwise_as_unsharded_replicas() 
 
 /// `mpirun -np 1 taproot ARGS0 : -np 1 taproot ARGS1`: two ranks given different command lines.
 fn mpirun_two(args0: &[&str], args1: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_taproot");
+    let bin = &bin();
     let mut c = Command::new("mpirun");
     c.args(["--oversubscribe", "-np", "1", bin])
         .args(args0)
@@ -805,4 +811,51 @@ fn check_collectives_sums_over_the_replicas_and_hands_out_one_nccl_id() {
             }
         }
     }
+}
+
+/// `parallel.devices = "as_listed"`: every process takes `[placement]` as written, so two
+/// replicas share one GPU over the host path. Without a GPU, each process's line names the
+/// device it opened (`cuda:0` for both; by local rank, `cuda:1` for the second). With one, two
+/// processes on `cuda:0` train as one process on it (to the tolerance of the CPU runs above:
+/// only the order of the gradient sums differs), and their collectives check passes.
+#[test]
+fn two_processes_share_one_gpu_over_the_host_path() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = synthetic_dataset("one-gpu");
+    let cfg = config(&dir, "one-gpu");
+    let cfg = cfg.to_str().unwrap();
+    let on_gpu = ["--set", "parallel.data=2", "--set", "placement.devices=[\"cuda:0\"]"];
+    let check = |map: &str| {
+        let set = format!("parallel.devices={map}");
+        let o = mpirun(2, &[&["check-collectives", "--config", cfg, "--set", &set][..], &on_gpu[..]].concat());
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), o)
+    };
+    let gpus = taproot::backend::cuda::device_count().unwrap_or(0);
+    let (passed, out, o) = check("as_listed");
+    if gpus == 0 {
+        assert!(!passed, "a CUDA check passed without a GPU:\n{out}");
+        for r in 0..2 {
+            assert!(out.contains(&format!("rank {r} (stage 0, replica {r} of 2) on cuda:0: FAILED: ")), "{out}");
+        }
+        let (_, by_rank, _) = check("local_rank");
+        assert!(by_rank.contains("rank 1 (stage 0, replica 1 of 2) on cuda:1: FAILED: "), "{by_rank}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return println!("SKIP (the training part): no GPU");
+    }
+    ok("two processes' host collectives on one GPU", &o);
+    for r in 0..2 {
+        assert!(out.contains(&format!("rank {r} (stage 0, replica {r} of 2) on cuda:0: sum of ")), "{out}");
+    }
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let one_out = format!("run.out_dir={}", one.display());
+    ok(
+        "one process on cuda:0",
+        &taproot().args(["train", "--config", cfg, "--set", &one_out, "--set", "placement.devices=[\"cuda:0\"]"]).output().unwrap(),
+    );
+    let o = mpirun_train(2, Path::new(cfg), &two, &["parallel.data=2", "placement.devices=[\"cuda:0\"]", "parallel.devices=as_listed"]);
+    ok("two processes on cuda:0", &o);
+    assert_close_runs(&two, &one);
+    let _ = std::fs::remove_dir_all(&dir);
 }

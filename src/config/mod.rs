@@ -13,6 +13,8 @@ pub mod memory;
 pub use data::{DataConfig, SourceConfig};
 mod model;
 pub use model::{ModelConfig, MoeConfig};
+mod parallel;
+pub use parallel::{Collectives, DeviceMap, ParallelConfig};
 mod validate;
 
 use crate::model::growth::Expansion;
@@ -193,63 +195,6 @@ pub struct PipelineConfig {
     pub max_in_flight: usize,
 }
 
-/// Processes of one run (`crate::dist`): `data` data-parallel replicas, each training its share
-/// of every step's micro-batches; `data × pipeline` processes in all.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ParallelConfig {
-    /// Data-parallel replicas D (`data.micro_batches` must be a multiple of it).
-    pub data: usize,
-    /// Pipeline stages across processes P (stage 0 runs the scheduler; each stage has the
-    /// devices of `[placement]`).
-    pub pipeline: usize,
-    /// Hosts for `taproot launch` (empty: this machine), and processes per host.
-    pub hosts: Vec<String>,
-    pub processes_per_host: Option<usize>,
-    /// ZeRO stage: 0 (every replica keeps the whole optimizer state) or 1 (each keeps and
-    /// updates its share of every unit's tensors; the weights are the same bitwise).
-    pub zero: u8,
-    /// Seconds a rank waits in a collective for the other replicas before it stops the run,
-    /// naming the ranks that did not join (a stopped, stuck or vanished process). Rank 0's
-    /// checkpoints and evaluations keep the others waiting, so it is generous. 0: forever.
-    pub timeout_s: u64,
-    /// Where the replicas sum their gradients (see [`Collectives`]).
-    pub collectives: Collectives,
-}
-
-impl Default for ParallelConfig {
-    fn default() -> Self {
-        ParallelConfig {
-            data: 1,
-            pipeline: 1,
-            hosts: Vec::new(),
-            processes_per_host: None,
-            zero: 0,
-            timeout_s: 600,
-            collectives: Collectives::Host,
-        }
-    }
-}
-
-/// Where data-parallel replicas sum each unit's gradients (`parallel.collectives`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Collectives {
-    /// Downloaded, summed over MPI in host memory, uploaded: every backend.
-    #[default]
-    Host,
-    /// Summed on the device over NCCL, on each unit's own stream (`crate::dist::nccl`): CUDA
-    /// runs with one device per process, in a build with the `nccl` feature. A run of one replica
-    /// sums over a communicator of one (a check of the setup before a multi-GPU run).
-    Nccl,
-}
-
-impl ParallelConfig {
-    pub fn is_default(&self) -> bool {
-        *self == ParallelConfig::default()
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
@@ -298,6 +243,10 @@ pub struct FaultConfig {
     /// Milliseconds `taproot train` waits after reading its config, before anything else: a
     /// slow start-up (a large corpus, a slow file system), to test signals that arrive then.
     pub start_delay_ms: u64,
+    /// Hold each NCCL all-reduce's stream this many milliseconds before it, as a stopped replica
+    /// would hold the others (the NCCL watchdog must then stop the run within
+    /// `parallel.timeout_s`). 0: none.
+    pub stall_collectives_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -40,10 +40,13 @@ pub mod agree;
 pub mod check;
 pub use agree::Facts;
 mod device;
-pub use device::{all_reduce_in_place, on_device, set_collectives};
+pub use device::{all_reduce_in_place, on_device, set_collective_stall, set_collectives};
+mod placement;
+pub use placement::{map_devices, replica_device, replica_devices};
 mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nccl_watch;
 pub mod topology;
 pub mod watchdog;
 pub use launch::{launch_command, launch_line, shell_line, shell_word};
@@ -420,32 +423,6 @@ pub fn rank_listen(listen: &str, local_rank: usize) -> String {
     }
 }
 
-/// Map `[placement]` to this process's devices (see [`replica_devices`]); a no-op alone.
-pub fn map_devices(cfg: &mut crate::config::Config) {
-    if size() > 1 {
-        let local = local_rank();
-        let k = cfg.placement.devices.len();
-        cfg.placement.ends = cfg.placement.ends.as_ref().map(|e| replica_device(e, local, k));
-        cfg.placement.devices = replica_devices(&cfg.placement.devices, local);
-    }
-}
-
-/// The devices of this process's replica: `cuda:N` in `[placement]` becomes
-/// `cuda:(N + local_rank × k)`, k the number of devices listed, so that the replicas on one host
-/// take consecutive, disjoint groups of its GPUs (a one-GPU config runs on `cuda:LOCAL_RANK`).
-/// CPU devices are logical and stay as they are.
-pub fn replica_devices(devices: &[String], local_rank: usize) -> Vec<String> {
-    devices.iter().map(|d| replica_device(d, local_rank, devices.len())).collect()
-}
-
-/// One device of [`replica_devices`], for a replica of `k` devices.
-pub fn replica_device(device: &str, local_rank: usize, k: usize) -> String {
-    match device.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-        Some(n) => format!("cuda:{}", n + local_rank * k),
-        None => device.to_string(),
-    }
-}
-
 /// Start MPI when this process was launched by an MPI launcher or the config asks for more than
 /// one process; then check that every process states the same [`Facts`] (see [`agree`]) and
 /// that the world has `data × pipeline` processes.
@@ -541,16 +518,6 @@ mod imp;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replicas_on_one_host_take_disjoint_gpu_groups() {
-        let two = ["cuda:0".to_string(), "cuda:1".to_string()];
-        assert_eq!(replica_devices(&two, 0), two);
-        assert_eq!(replica_devices(&two, 1), ["cuda:2", "cuda:3"]);
-        assert_eq!(replica_devices(&["cuda:0".to_string()], 3), ["cuda:3"]);
-        assert_eq!(replica_device("cuda:1", 1, 2), "cuda:3");
-        assert_eq!(replica_devices(&["cpu:0".to_string(), "cpu:1".to_string()], 1), ["cpu:0", "cpu:1"]);
-    }
 
     #[test]
     fn frames_larger_than_an_mpi_message_go_in_parts_and_come_back_whole() {

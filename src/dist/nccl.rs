@@ -84,6 +84,7 @@ struct Api {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> RawResult,
     comm_init_rank: unsafe extern "C" fn(*mut RawComm, c_int, UniqueId, c_int) -> RawResult,
     comm_destroy: unsafe extern "C" fn(RawComm) -> RawResult,
+    comm_abort: unsafe extern "C" fn(RawComm) -> RawResult,
     comm_get_async_error: unsafe extern "C" fn(RawComm, *mut RawResult) -> RawResult,
     error_string: unsafe extern "C" fn(RawResult) -> *const c_char,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, *mut c_void) -> RawResult,
@@ -125,6 +126,7 @@ fn bind(lib: libloading::Library) -> std::result::Result<Api, libloading::Error>
             get_unique_id: *lib.get(b"ncclGetUniqueId\0")?,
             comm_init_rank: *lib.get(b"ncclCommInitRank\0")?,
             comm_destroy: *lib.get(b"ncclCommDestroy\0")?,
+            comm_abort: *lib.get(b"ncclCommAbort\0")?,
             comm_get_async_error: *lib.get(b"ncclCommGetAsyncError\0")?,
             error_string: *lib.get(b"ncclGetErrorString\0")?,
             all_reduce: *lib.get(b"ncclAllReduce\0")?,
@@ -225,10 +227,43 @@ impl Comm {
 
     /// An error NCCL met asynchronously (a peer gone, a network failure), if any.
     pub fn async_error(&self) -> Result<()> {
-        let api = api()?;
-        let mut e: RawResult = 0;
-        check(api, unsafe { (api.comm_get_async_error)(self.raw, &mut e) }, "ncclCommGetAsyncError")?;
-        check(api, e, "a collective of this communicator")
+        async_error(self.raw)
+    }
+
+    /// A handle for another thread (the watchdog) to poll this communicator's asynchronous
+    /// errors and abort it: both calls NCCL allows while other threads use it.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(self.raw)
+    }
+}
+
+fn async_error(raw: RawComm) -> Result<()> {
+    let api = api()?;
+    let mut e: RawResult = 0;
+    check(api, unsafe { (api.comm_get_async_error)(raw, &mut e) }, "ncclCommGetAsyncError")?;
+    check(api, e, "a collective of this communicator")
+}
+
+/// A communicator seen from a watchdog thread ([`Comm::abort_handle`]).
+pub struct AbortHandle(RawComm);
+
+// SAFETY: NCCL allows ncclCommGetAsyncError and ncclCommAbort from any thread while others use
+// the communicator.
+unsafe impl Send for AbortHandle {}
+
+impl AbortHandle {
+    pub fn async_error(&self) -> Result<()> {
+        async_error(self.0)
+    }
+
+    /// `ncclCommAbort`: end the kernels waiting in the communicator and free it.
+    ///
+    /// # Safety
+    /// The communicator is not used again afterwards (the process stops).
+    pub unsafe fn abort(&self) {
+        if let Ok(api) = api() {
+            (api.comm_abort)(self.0);
+        }
     }
 }
 
