@@ -156,7 +156,13 @@ mod cuda {
                     "error: rank {}: NCCL: {why}; aborting the communicator and stopping the run (the newest checkpoint stands)",
                     super::super::rank()
                 );
-                unsafe { comm.abort() };
+                // The abort may itself wait on the device; the run stops after 10 s regardless.
+                let (done, aborted) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    unsafe { comm.abort() };
+                    let _ = done.send(());
+                });
+                let _ = aborted.recv_timeout(Duration::from_secs(10));
                 super::super::abort(75);
                 std::process::exit(75);
             }
