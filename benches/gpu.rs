@@ -349,6 +349,38 @@ fn main() {
         format!("{:.1} / {:.1} / {:.1} TFLOP/s (bf16 includes converting the fp32 operands)", peaks[0].1, peaks[1].1, peaks[2].1),
     ));
 
+    // 1b. the linear forward with a bias: one cuBLASLt call against the cuBLAS product and the
+    // bias kernel, in this run (B=8, T=1024, the 124M step's three shapes with a bias)
+    println!("\nlinear forward with a bias, B=8 T=1024: cuBLASLt's BIAS epilogue against cuBLAS + the bias kernel");
+    let mut lt_rows = Vec::new();
+    for p in [Precision::Fp32, Precision::Bf16] {
+        let be = stream(p);
+        let n = 8 * T;
+        for (c, oc) in [(768, 2304), (768, 3072), (3072, 768)] {
+            let (x, w, b, out) = (be.alloc(n * c), be.alloc(oc * c), be.alloc(oc), be.alloc(n * oc));
+            for (buf, val) in [(&x, 0.01), (&w, 0.02), (&b, 0.1)] {
+                be.fill(CudaBackend::whole(buf), val);
+            }
+            let mut ms = [0.0; 2];
+            for (i, on) in [false, true].into_iter().enumerate() {
+                cuda::set_cublaslt(on);
+                ms[i] = time_ms(&be, 20, || be.matmul_forward(v(&out, n * oc), v(&x, n * c), v(&w, oc * c), Some(v(&b, oc)), n, c, oc));
+            }
+            let tflops = |ms: f64| 2.0 * (n * c * oc) as f64 / (ms / 1e3) / 1e12;
+            println!(
+                "  {p} {c}->{oc}: cuBLAS + bias {:.3} ms ({:.0} TFLOP/s), cuBLASLt {:.3} ms ({:.0} TFLOP/s): {:.2}x",
+                ms[0],
+                tflops(ms[0]),
+                ms[1],
+                tflops(ms[1]),
+                ms[0] / ms[1]
+            );
+            lt_rows.push(format!("{p} {c}→{oc} {:.2}×", ms[0] / ms[1]));
+        }
+    }
+    cuda::set_cublaslt(true);
+    table.push(("linear forward + bias: cuBLASLt epilogue speed-up over cuBLAS + bias kernel".into(), lt_rows.join(", ")));
+
     // 2. op profile
     let dims = Dims::new(V, T, 768, 12);
     let per_token = flops::flops_per_token_llmc(&dims, 12, T);

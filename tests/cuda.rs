@@ -963,3 +963,64 @@ fn bf16_flash_training_on_gpu_follows_the_materialized_run() {
         assert!(vm < 2e-2 && vc < 2e-2 && vr < 5e-3, "step {}", a.step);
     }
 }
+
+/// The linear forward with a bias runs as one cuBLASLt call (the BIAS epilogue) on the GPU: in
+/// fp32, TF32 and bf16, at the 124M step's shapes and an odd shape, it really takes that path
+/// (cuBLASLt's product count grows; an output view 12 bytes off may fall back), equals the
+/// cuBLAS product plus the bias kernel (`TAPROOT_CUBLASLT=0`'s path) to accumulation order
+/// (1e-5), and the CPU reference within the precision's bound of the other tests.
+#[test]
+fn the_linear_forward_with_a_bias_is_one_cublaslt_call_and_matches_cublas_and_the_cpu() {
+    let Some(g) = gpu() else { return };
+    use taproot::backend::Precision;
+    let cpu = CpuBackend::default();
+    for (p, to_cpu) in [(Precision::Fp32, 1e-5), (Precision::Tf32, 3e-3), (Precision::Bf16, 1.5e-2)] {
+        g.set_precision(p).unwrap();
+        for (n, c, oc, off) in [(256, 768, 2304, 0), (256, 768, 3072, 0), (130, 96, 200, 0), (64, 128, 384, 3)] {
+            let mut r = Rng::new(7);
+            let (x, w, b) = (randn(&mut r, n * c, 1.0), randn(&mut r, oc * c, 0.1), randn(&mut r, oc, 0.1));
+            let on_gpu = || {
+                let (xb, wb, bb) = (up(&g, &x), up(&g, &w), up(&g, &b));
+                let out = g.alloc(off + n * oc);
+                g.matmul_forward(
+                    View::new(&out, off, n * oc),
+                    CudaBackend::whole(&xb),
+                    CudaBackend::whole(&wb),
+                    Some(CudaBackend::whole(&bb)),
+                    n,
+                    c,
+                    oc,
+                );
+                down(&g, &out)[off..].to_vec()
+            };
+            cuda::set_cublaslt(false);
+            let plain = on_gpu();
+            cuda::set_cublaslt(true);
+            let before = cuda::cublaslt_products();
+            let lt = on_gpu();
+            let took = cuda::cublaslt_products() > before;
+            // Aligned views must take cuBLASLt; one 12 bytes off may find no algorithm there and
+            // fall back (either way, the result must be right).
+            assert!(took || off != 0, "{p} ({n}, {c}, {oc}): the product did not go through cuBLASLt");
+            cpu.set_precision(p).unwrap();
+            let want = {
+                let (xb, wb, bb, out) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &b), cpu.alloc(n * oc));
+                cpu.matmul_forward(
+                    CpuBackend::whole(&out),
+                    CpuBackend::whole(&xb),
+                    CpuBackend::whole(&wb),
+                    Some(CpuBackend::whole(&bb)),
+                    n,
+                    c,
+                    oc,
+                );
+                down(&cpu, &out)
+            };
+            let (same, cpu_err) = (rel(&lt, &plain), rel(&lt, &want));
+            println!("{p} ({n}, {c}, {oc}) offset {off}: through cuBLASLt: {took}; against cuBLAS + bias {same:.2e}, against the CPU {cpu_err:.2e}");
+            assert!(same <= 1e-5, "{p} ({n}, {c}, {oc}): cuBLASLt and cuBLAS + bias differ by {same:e}");
+            assert!(cpu_err <= to_cpu, "{p} ({n}, {c}, {oc}): cuBLASLt against the CPU: {cpu_err:e}");
+        }
+    }
+    g.set_precision(Precision::Fp32).unwrap();
+}

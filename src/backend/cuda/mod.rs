@@ -34,12 +34,14 @@
 mod blas;
 mod buffers;
 mod device;
+mod lt;
 
 use buffers::{AttnScratch, Bf16Scratch, Staging, StagingSlot, STAGING_SLOTS};
 pub use buffers::{CudaBuf, CudaIds};
 
 pub use device::{compile_kernels, device_count, driver_present, memory_used, nvrtc_present, KERNELS_CU, KERNEL_NAMES};
 use device::{flash_bwd_smem, open_device, Device};
+pub use lt::{enabled as cublaslt_enabled, products as cublaslt_products, set_enabled as set_cublaslt};
 
 use super::{Attention, Backend, Precision, StreamMode, Trans, View};
 use anyhow::{anyhow, bail, Context, Result};
@@ -66,6 +68,7 @@ pub struct CudaBackend {
     dev: Arc<Device>,
     stream: Arc<CudaStream>,
     blas: blas::Blas,
+    lt: Mutex<lt::Lt>,
     scratch: Mutex<AttnScratch>,
     bf16: Mutex<Bf16Scratch>,
     staging: Mutex<Staging>,
@@ -98,12 +101,14 @@ impl Backend for CudaBackend {
         let dev = open_device(ordinal)?;
         let stream = dev.ctx.new_stream().map_err(|e| anyhow!("creating a stream on {device}: {e:?}"))?;
         let blas = blas::Blas::new(&stream)?;
+        let lt = Mutex::new(lt::Lt::new(&stream));
         Ok(CudaBackend {
             device_name: device.to_string(),
             ordinal,
             dev,
             stream,
             blas,
+            lt,
             scratch: Mutex::new(AttnScratch::default()),
             bf16: Mutex::new(Bf16Scratch::default()),
             staging: Mutex::new(Staging::default()),
@@ -288,6 +293,10 @@ impl Backend for CudaBackend {
         assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
         // out (N, OC) = inp (N, C) @ w^T
         let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
+        // With a bias: the product and the bias in one cuBLASLt call where it can (`lt.rs`).
+        if b.is_some_and(|b| self.product_bias(p(&out), x, ww, p(&b), n, oc, c)) {
+            return;
+        }
         self.product(p(&out), x, Trans::N, ww, Trans::T, n, oc, c, 1.0, 0.0, 1, (0, 0, 0));
         if let Some(b) = b {
             let (o, bb, ni, oci) = (p(&out), p(&b), n as i32, oc as i32);

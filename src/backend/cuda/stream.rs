@@ -1,5 +1,6 @@
-//! The CUDA backend's own helpers on a stream: bf16 operand copies, the one cuBLASLt product
-//! every linear op goes through, kernel lookup and launch shapes, and the attention scratch.
+//! The CUDA backend's own helpers on a stream: bf16 operand copies, the one cuBLAS product
+//! every linear op goes through (and cuBLASLt's product with a bias), kernel lookup and launch
+//! shapes, and the attention scratch.
 
 use super::super::{Backend, Precision, Trans};
 use super::blas;
@@ -68,6 +69,16 @@ impl super::CudaBackend {
         } else {
             self.blas.gemm_rm(&prod);
         }
+    }
+
+    /// `c (m, n) = a (m, k) · b (n, k)ᵀ + bias (n)` on operands made by
+    /// [`CudaBackend::operand`], in one cuBLASLt call; false (nothing done) where cuBLASLt
+    /// cannot, or `TAPROOT_CUBLASLT=0`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn product_bias(&self, c: u64, a: u64, b: u64, bias: u64, m: usize, n: usize, k: usize) -> bool {
+        let prod = blas::Product { c, a, ta: Trans::N, b, tb: Trans::T, m, n, k, alpha: 1.0, beta: 0.0, batch: 1, strides: (0, 0, 0) };
+        let pr = Backend::precision(self);
+        self.lt.lock().expect("cuBLASLt lock").gemm_bias(&prod, bias, pr == Precision::Bf16, pr == Precision::Tf32)
     }
 
     pub(super) fn f(&self, name: &str) -> &CudaFunction {
