@@ -105,6 +105,13 @@ fn the_config_admits_nccl_only_for_one_cuda_device_per_process() {
     let e =
         format!("{:#}", TestConfig::new(&dir).name("nccl-cfg").steps(10).set("parallel.collectives", "nvlink").build_result().unwrap_err());
     assert!(e.contains("collectives") && e.contains("`host`") && e.contains("`nccl`"), "{e}");
+    // The watchdog's fault holds NCCL's all-reduces: on the host path it is an error, not ignored.
+    let e = format!(
+        "{:#}",
+        TestConfig::new(&dir).name("nccl-cfg").steps(10).set("faults.stall_collectives_ms", 100).build_result().unwrap_err()
+    );
+    assert!(e.contains("`faults.stall_collectives_ms`") && e.contains("\"nccl\""), "{e}");
+    assert_eq!(base().devices(&["cuda:0"]).set("faults.stall_collectives_ms", 100).build().faults.stall_collectives_ms, 100);
 }
 
 fn up(be: &CudaBackend, h: &[f32]) -> <CudaBackend as Backend>::Buf {

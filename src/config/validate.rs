@@ -115,6 +115,9 @@ impl Config {
                 );
             }
         }
+        if self.faults.stall_collectives_ms > 0 && self.parallel.collectives != super::Collectives::Nccl {
+            bail!("`faults.stall_collectives_ms` holds NCCL's all-reduces: it needs `parallel.collectives` = \"nccl\"");
+        }
         if self.parallel.processes_per_host == Some(0) {
             bail!("`parallel.processes_per_host` must be at least 1");
         }
