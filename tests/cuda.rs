@@ -1024,3 +1024,44 @@ fn the_linear_forward_with_a_bias_is_one_cublaslt_call_and_matches_cublas_and_th
     }
     g.set_precision(Precision::Fp32).unwrap();
 }
+
+/// The MLP's first product with its GELU (`matmul_forward_gelu`) as one cuBLASLt call (the
+/// `GELU_AUX_BIAS` epilogue: GELU's output, and the pre-activation in the aux buffer): on a GPU,
+/// in fp32, TF32 and bf16, it takes that path, and both outputs equal the cuBLAS product with
+/// the bias and GELU kernels and the CPU within the bounds below.
+#[test]
+fn the_mlp_product_with_its_gelu_is_one_cublaslt_call_and_matches_the_kernels_and_the_cpu() {
+    let Some(g) = gpu() else { return };
+    use taproot::backend::Precision;
+    let cpu = CpuBackend::default();
+    for (p, to_cpu) in [(Precision::Fp32, 1e-5), (Precision::Tf32, 3e-3), (Precision::Bf16, 1.5e-2)] {
+        g.set_precision(p).unwrap();
+        cpu.set_precision(p).unwrap();
+        for (n, c, oc) in [(256, 768, 3072), (130, 96, 200)] {
+            let mut r = Rng::new(9);
+            let (x, w, b) = (randn(&mut r, n * c, 1.0), randn(&mut r, oc * c, 0.1), randn(&mut r, oc, 0.1));
+            fn run<B: Backend>(be: &B, x: &[f32], w: &[f32], b: &[f32], (n, c, oc): (usize, usize, usize)) -> [Vec<f32>; 2] {
+                let (xb, wb, bb, out, pre) = (up(be, x), up(be, w), up(be, b), be.alloc(n * oc), be.alloc(n * oc));
+                be.matmul_forward_gelu(B::whole(&out), B::whole(&pre), B::whole(&xb), B::whole(&wb), Some(B::whole(&bb)), n, c, oc);
+                [down(be, &out), down(be, &pre)]
+            }
+            cuda::set_cublaslt(false);
+            let plain = run(&g, &x, &w, &b, (n, c, oc));
+            cuda::set_cublaslt(true);
+            let before = cuda::cublaslt_products();
+            let lt = run(&g, &x, &w, &b, (n, c, oc));
+            assert!(cuda::cublaslt_products() > before, "{p} ({n}, {c}, {oc}): the product with GELU did not go through cuBLASLt");
+            let want = run(&cpu, &x, &w, &b, (n, c, oc));
+            // The pre-activation is the product with its bias (accumulation order apart: 1e-5);
+            // GELU's output allows 1e-3 more, as cuBLASLt may evaluate tanh by the hardware's
+            // approximation (relative error about 5e-4) where the kernels call tanhf.
+            for (i, name, same_bound) in [(0, "out", 1e-3), (1, "pre", 1e-5)] {
+                let (same, cpu_err) = (rel(&lt[i], &plain[i]), rel(&lt[i], &want[i]));
+                println!("{p} ({n}, {c}, {oc}) {name}: against the kernels {same:.2e}, against the CPU {cpu_err:.2e}");
+                assert!(same <= same_bound, "{p} ({n}, {c}, {oc}) {name}: cuBLASLt and the kernels differ by {same:e}");
+                assert!(cpu_err <= to_cpu + same_bound, "{p} ({n}, {c}, {oc}) {name}: cuBLASLt against the CPU: {cpu_err:e}");
+            }
+        }
+    }
+    g.set_precision(Precision::Fp32).unwrap();
+}

@@ -1,5 +1,7 @@
 //! cuBLASLt for the CUDA backend's linear forward with a bias: the product and the bias in one
-//! call (the `BIAS` epilogue), instead of a product and a separate pass over the output.
+//! call (the `BIAS` epilogue), instead of a product and a separate pass over the output; and
+//! with GELU after it (`GELU_AUX_BIAS`: the output is GELU's, the pre-activation the backward
+//! needs goes to an aux buffer), instead of a product and two passes.
 //!
 //! One handle and one workspace ([`WORKSPACE`]) per stream; per shape (and precision), the
 //! descriptors and the algorithm cuBLASLt's heuristic picks are made once and kept. A shape
@@ -65,6 +67,8 @@ struct Key {
     /// The alignment (bytes, a power of two up to 256) of cuBLASLt's A, B and C (= D): an
     /// algorithm is chosen for pointers aligned at least so.
     align: [u32; 3],
+    /// GELU after the bias, its input kept in an aux buffer (`GELU_AUX_BIAS`), or the bias alone.
+    gelu: bool,
 }
 
 /// The largest power of two up to 256 that divides `ptr`.
@@ -144,12 +148,16 @@ impl Lt {
     }
 
     /// `p.c = p.a · p.b (as `p` says) + bias` in one cuBLASLt call, with `bias` (p.n floats) added
-    /// to every row; false (nothing done) where cuBLASLt cannot (then the caller runs the cuBLAS
-    /// product and the bias kernel). `bf16`: the operands are bf16 copies; `tf32`: fp32 operands
-    /// on TF32 tensor cores. Only single, overwriting products (batch 1, beta 0).
-    pub fn gemm_bias(&mut self, p: &Product, bias: u64, bf16: bool, tf32: bool) -> bool {
-        // The bias is read in 16-byte vectors by some epilogues: a less aligned one stays out.
-        if !enabled() || p.batch > 1 || p.beta != 0.0 || alignment(bias) < 16 {
+    /// to every row; with `gelu_pre`, `p.c` gets GELU (tanh form) of that sum and `gelu_pre`
+    /// (p.m × p.n floats) the sum itself. False (nothing done) where cuBLASLt cannot: then the
+    /// caller runs the cuBLAS product, the bias kernel (and the GELU kernel). `bf16`: the
+    /// operands are bf16 copies; `tf32`: fp32 operands on TF32 tensor cores. Only single,
+    /// overwriting products (batch 1, beta 0).
+    pub fn gemm_bias(&mut self, p: &Product, bias: u64, gelu_pre: Option<u64>, bf16: bool, tf32: bool) -> bool {
+        // The bias and the aux buffer are read and written in 16-byte vectors by some epilogues,
+        // and the aux buffer's leading dimension must be a multiple of 8: others stay out.
+        let aux_ok = gelu_pre.is_none_or(|a| alignment(a) >= 16 && p.n.is_multiple_of(8));
+        if !enabled() || p.batch > 1 || p.beta != 0.0 || alignment(bias) < 16 || !aux_ok {
             return false;
         }
         let key = Key {
@@ -160,6 +168,7 @@ impl Lt {
             tb: p.tb == Trans::T,
             precision: if bf16 { 2 } else { tf32 as u8 },
             align: [alignment(p.b), alignment(p.a), alignment(p.c)],
+            gelu: gelu_pre.is_some(),
         };
         let Some((handle, ws)) = self.made() else {
             return false;
@@ -169,33 +178,38 @@ impl Lt {
         };
         let (alpha, beta) = (p.alpha, 0.0f32);
         let r = unsafe {
-            let ptr = bias as *const c_void;
-            result::set_matmul_desc_attribute(
-                plan.desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &ptr as *const *const c_void as *const c_void,
-                std::mem::size_of::<*const c_void>(),
-            )
-            .and_then(|()| {
-                result::matmul(
-                    handle,
+            let set_ptr = |attr, at: u64| {
+                let ptr = at as *const c_void;
+                result::set_matmul_desc_attribute(
                     plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    p.b as *const c_void,
-                    plan.a,
-                    p.a as *const c_void,
-                    plan.b,
-                    p.c as *const c_void,
-                    plan.c,
-                    p.c as *mut c_void,
-                    plan.c,
-                    &plan.algo,
-                    ws as *mut c_void,
-                    WORKSPACE,
-                    self.stream.cu_stream() as sys::cudaStream_t,
+                    attr,
+                    &ptr as *const *const c_void as *const c_void,
+                    std::mem::size_of_val(&ptr),
                 )
-            })
+            };
+            use sys::cublasLtMatmulDescAttributes_t as A;
+            set_ptr(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)
+                .and_then(|()| gelu_pre.map_or(Ok(()), |pre| set_ptr(A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, pre)))
+                .and_then(|()| {
+                    result::matmul(
+                        handle,
+                        plan.desc,
+                        &alpha as *const f32 as *const c_void,
+                        &beta as *const f32 as *const c_void,
+                        p.b as *const c_void,
+                        plan.a,
+                        p.a as *const c_void,
+                        plan.b,
+                        p.c as *const c_void,
+                        plan.c,
+                        p.c as *mut c_void,
+                        plan.c,
+                        &plan.algo,
+                        ws as *mut c_void,
+                        WORKSPACE,
+                        self.stream.cu_stream() as sys::cudaStream_t,
+                    )
+                })
         };
         // A call cuBLASLt refuses (nothing was queued) leaves this shape to cuBLAS from now on,
         // said once; tests/cuda.rs fails when the aligned shapes do not take cuBLASLt.
@@ -211,7 +225,7 @@ impl Lt {
     /// The descriptors of `key`'s product and the heuristic's best algorithm for them.
     fn plan(handle: sys::cublasLtHandle_t, key: Key) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
-        let Key { m, n, k, ta, tb, precision, align } = key;
+        let Key { m, n, k, ta, tb, precision, align, gelu } = key;
         let ab = if precision == 2 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F };
         let compute = if precision == 1 {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
@@ -231,7 +245,8 @@ impl Lt {
         plan.c = layout(sys::cudaDataType::CUDA_R_32F, n, m, n).map_err(lt_err("cublasLtMatrixLayoutCreate"))?;
         // cublasOperation_t: 0 = N, 1 = T.
         let (op_a, op_b): (i32, i32) = (tb as i32, ta as i32);
-        let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue =
+            if gelu { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_AUX_BIAS } else { sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS };
         let bias_type = sys::cudaDataType::CUDA_R_32F;
         unsafe {
             let set = |attr, v: *const c_void, size| result::set_matmul_desc_attribute(plan.desc, attr, v, size);
@@ -241,6 +256,17 @@ impl Lt {
                 .map_err(lt_err("EPILOGUE"))?;
             set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type as *const _ as *const c_void, std::mem::size_of_val(&bias_type))
                 .map_err(lt_err("BIAS_DATA_TYPE"))?;
+            if gelu {
+                // The aux buffer: the pre-activation, fp32, laid out as D (leading dimension n).
+                let ld = n as i64;
+                set(A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld as *const i64 as *const c_void, 8).map_err(lt_err("EPILOGUE_AUX_LD"))?;
+                set(
+                    A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
+                    &bias_type as *const _ as *const c_void,
+                    std::mem::size_of_val(&bias_type),
+                )
+                .map_err(lt_err("EPILOGUE_AUX_DATA_TYPE"))?;
+            }
             let pref = result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
             use sys::cublasLtMatmulPreferenceAttributes_t as P;
             let ws = WORKSPACE as u64;

@@ -3,7 +3,7 @@
 //! shapes, and the attention scratch.
 
 use super::super::{Backend, Precision, Trans};
-use super::blas;
+use super::{blas, p, V};
 use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
 
 impl super::CudaBackend {
@@ -72,13 +72,29 @@ impl super::CudaBackend {
     }
 
     /// `c (m, n) = a (m, k) · b (n, k)ᵀ + bias (n)` on operands made by
-    /// [`CudaBackend::operand`], in one cuBLASLt call; false (nothing done) where cuBLASLt
-    /// cannot, or `TAPROOT_CUBLASLT=0`.
+    /// [`CudaBackend::operand`], in one cuBLASLt call (with `gelu_pre`: that sum goes there and
+    /// `c` gets its GELU); false (nothing done) where cuBLASLt cannot, or `TAPROOT_CUBLASLT=0`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn product_bias(&self, c: u64, a: u64, b: u64, bias: u64, m: usize, n: usize, k: usize) -> bool {
+    pub(super) fn product_bias(&self, c: u64, a: u64, b: u64, bias: u64, gelu_pre: Option<u64>, m: usize, n: usize, k: usize) -> bool {
         let prod = blas::Product { c, a, ta: Trans::N, b, tb: Trans::T, m, n, k, alpha: 1.0, beta: 0.0, batch: 1, strides: (0, 0, 0) };
         let pr = Backend::precision(self);
-        self.lt.lock().expect("cuBLASLt lock").gemm_bias(&prod, bias, pr == Precision::Bf16, pr == Precision::Tf32)
+        self.lt.lock().expect("cuBLASLt lock").gemm_bias(&prod, bias, gelu_pre, pr == Precision::Bf16, pr == Precision::Tf32)
+    }
+
+    /// `Backend::matmul_forward_gelu`: pre = inp · wᵀ + b and out = GELU(pre), in one cuBLASLt
+    /// call where it can (a bias given), else the product with its bias and the GELU kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_gelu(&self, out: V, pre: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        if let (Some(bias), true) = (b, super::lt::enabled()) {
+            self.bind(); // cuBLASLt works in the current context
+            assert!(out.len == n * oc && pre.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward_gelu: shapes");
+            let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
+            if self.product_bias(p(&out), x, ww, p(&bias), Some(p(&pre)), n, oc, c) {
+                return;
+            }
+        }
+        Backend::matmul_forward(self, pre, inp, w, b, n, c, oc);
+        Backend::gelu_forward(self, out, pre);
     }
 
     pub(super) fn f(&self, name: &str) -> &CudaFunction {
