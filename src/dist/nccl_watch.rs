@@ -59,11 +59,12 @@ pub use cuda::{stall_stream, watch_all_reduce};
 
 #[cfg(feature = "nccl")]
 mod cuda {
+    use super::super::watchdog::now_ms;
     use super::Watch;
     use anyhow::{anyhow, Result};
     use cudarc::driver::sys;
-    use std::sync::{Mutex, OnceLock};
-    use std::time::{Duration, Instant};
+    use std::sync::Mutex;
+    use std::time::Duration;
 
     /// An event recorded behind a collective, and the context it belongs to (made current on
     /// the watchdog's thread before it is queried).
@@ -85,17 +86,9 @@ mod cuda {
     }
 
     static WATCH: Mutex<Option<Watch<Event>>> = Mutex::new(None);
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-    fn now_ms() -> u64 {
-        EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-    }
 
     fn cu(r: sys::CUresult, what: &str) -> Result<()> {
-        match r {
-            sys::CUresult::CUDA_SUCCESS => Ok(()),
-            e => Err(anyhow!("{what} failed: {e:?}")),
-        }
+        r.result().map_err(|e| anyhow!("{what} failed: {e:?}"))
     }
 
     /// Watch the collective `what` just queued on `stream` (whose context is current on this

@@ -22,7 +22,8 @@ static STEP: AtomicU64 = AtomicU64::new(0);
 static STEP_SINCE_MS: AtomicU64 = AtomicU64::new(0);
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
-fn now_ms() -> u64 {
+/// Milliseconds since this process first asked (the clock of both watchdogs).
+pub(super) fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 

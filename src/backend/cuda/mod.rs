@@ -289,22 +289,10 @@ impl Backend for CudaBackend {
     }
 
     fn matmul_forward(&self, out: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        self.bind(); // cuBLAS works in the current context
-        assert!(out.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
-        // out (N, OC) = inp (N, C) @ w^T
-        let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
-        // With a bias: the product and the bias in one cuBLASLt call where it can (`lt.rs`).
-        if b.is_some_and(|b| self.product_bias(p(&out), x, ww, p(&b), None, n, oc, c)) {
-            return;
-        }
-        self.product(p(&out), x, Trans::N, ww, Trans::T, n, oc, c, 1.0, 0.0, 1, (0, 0, 0));
-        if let Some(b) = b {
-            let (o, bb, ni, oci) = (p(&out), p(&b), n as i32, oc as i32);
-            launch!(self, "add_bias_kernel", Self::cfg1d(n * oc), &o, &bb, &ni, &oci);
-        }
+        self.linear_forward(out, None, inp, w, b, n, c, oc)
     }
     fn matmul_forward_gelu(&self, out: V, pre: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        self.forward_gelu(out, pre, inp, w, b, n, c, oc)
+        self.linear_forward(pre, Some(out), inp, w, b, n, c, oc)
     }
     fn matmul_backward(&self, dinp: Option<V>, dw: V, db: Option<V>, dout: V, inp: V, w: V, n: usize, c: usize, oc: usize) {
         self.bind(); // cuBLAS works in the current context

@@ -81,20 +81,30 @@ impl super::CudaBackend {
         self.lt.lock().expect("cuBLASLt lock").gemm_bias(&prod, bias, gelu_pre, pr == Precision::Bf16, pr == Precision::Tf32)
     }
 
-    /// `Backend::matmul_forward_gelu`: pre = inp · wᵀ + b and out = GELU(pre), in one cuBLASLt
-    /// call where it can (a bias given), else the product with its bias and the GELU kernel.
+    /// The linear forward, `Backend::matmul_forward` and `matmul_forward_gelu`: pre = inp · wᵀ
+    /// (+ b), and with `gelu` out = GELU(pre). With a bias, one cuBLASLt call where it can
+    /// (`lt.rs`: the bias, and GELU, in its epilogue); else the cuBLAS product, the bias kernel
+    /// and the GELU kernel, on the operands already made.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward_gelu(&self, out: V, pre: V, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
-        if let (Some(bias), true) = (b, super::lt::enabled()) {
-            self.bind(); // cuBLASLt works in the current context
-            assert!(out.len == n * oc && pre.len == n * oc && inp.len == n * c && w.len == oc * c, "matmul_forward_gelu: shapes");
-            let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
-            if self.product_bias(p(&out), x, ww, p(&bias), Some(p(&pre)), n, oc, c) {
+    pub(super) fn linear_forward(&self, pre: V, gelu: Option<V>, inp: V, w: V, b: Option<V>, n: usize, c: usize, oc: usize) {
+        self.bind(); // cuBLAS works in the current context
+        assert!(pre.len == n * oc && gelu.is_none_or(|o| o.len == n * oc) && inp.len == n * c && w.len == oc * c, "matmul_forward: shapes");
+        let (x, ww) = (self.operand(0, p(&inp), n * c), self.operand(1, p(&w), oc * c));
+        if let Some(b) = b {
+            // cuBLASLt writes GELU's output to D and the pre-activation to its aux buffer.
+            let (d, aux) = gelu.map_or((p(&pre), None), |o| (p(&o), Some(p(&pre))));
+            if self.product_bias(d, x, ww, p(&b), aux, n, oc, c) {
                 return;
             }
         }
-        Backend::matmul_forward(self, pre, inp, w, b, n, c, oc);
-        Backend::gelu_forward(self, out, pre);
+        self.product(p(&pre), x, Trans::N, ww, Trans::T, n, oc, c, 1.0, 0.0, 1, (0, 0, 0));
+        if let Some(b) = b {
+            let (o, bb, ni, oci) = (p(&pre), p(&b), n as i32, oc as i32);
+            launch!(self, "add_bias_kernel", Self::cfg1d(n * oc), &o, &bb, &ni, &oci);
+        }
+        if let Some(out) = gelu {
+            Backend::gelu_forward(self, out, pre);
+        }
     }
 
     pub(super) fn f(&self, name: &str) -> &CudaFunction {
