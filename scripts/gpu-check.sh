@@ -2,9 +2,9 @@
 # One-shot GPU check: the CUDA tests (every op against the CPU reference, a training run with
 # growth against the CPU trainer, the actor runtime on the GPU, the two-stream hand-off), the
 # NCCL tests at world size 1 and the NCCL watchdog (tests/nccl.rs), two processes sharing the
-# GPU over the host path where the machine has MPI (tests/parallel.rs), then the GPU benchmark (GPT-2 124M, T=1024:
-# tokens/s and MFU; a live 0 -> 12 growth; the PyTorch reference of benches/gpu_reference.py
-# beside it), ending with a short table. Sized to finish well under 8 minutes on an H100.
+# GPU over the host path where the machine has MPI (tests/parallel.rs), then the GPU benchmark
+# (GPT-2 124M, T=1024: tokens/s and MFU; a live 0 -> 12 growth; the PyTorch reference of
+# benches/gpu_reference.py beside it), ending with a short table. Sized to finish well under 8 minutes on an H100.
 #
 # On a machine with cargo it builds first. On one without (the lent GPU machines), or with
 # GPU_CHECK_PREBUILT=1, it runs the binaries that `scripts/gpu-check.sh --prepare` built and
@@ -18,22 +18,22 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu .git/info
   rm -f .gpu/*
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  # `take KIND DEST`: copy the executable of kind KIND (test, bench) that cargo's JSON on stdin
+  # names to DEST.
+  take() {
+    python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==[sys.argv[1]]]' "$1" \
+      | while read -r exe; do cp "$exe" "$2"; done
+  }
   for t in cuda nccl; do
-    cargo test --release --features nccl --test $t --no-run --message-format=json 2>/dev/null \
-      | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["test"]]' \
-      | while read -r exe; do cp "$exe" .gpu/$t-tests; done
+    cargo test --release --features nccl --test $t --no-run --message-format=json 2>/dev/null | take test .gpu/$t-tests
   done
-  cargo bench --features nccl --bench gpu --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["bench"]]' \
-    | while read -r exe; do cp "$exe" .gpu/gpu-bench; done
+  cargo bench --features nccl --bench gpu --no-run --message-format=json 2>/dev/null | take bench .gpu/gpu-bench
   # The binary the NCCL watchdog's test starts (TAPROOT_BIN), and, where this machine has MPI,
   # an MPI build of it with the test of two processes sharing one GPU.
   cargo build --release --features nccl --bin taproot
   cp target/release/taproot .gpu/taproot
   if command -v mpicc >/dev/null; then
-    cargo test --release --features mpi,nccl --test parallel --no-run --message-format=json 2>/dev/null \
-      | python3 -c 'import sys,json;[print(m["executable"]) for m in map(json.loads,sys.stdin) if m.get("executable") and m["target"]["kind"]==["test"]]' \
-      | while read -r exe; do cp "$exe" .gpu/parallel-tests; done
+    cargo test --release --features mpi,nccl --test parallel --no-run --message-format=json 2>/dev/null | take test .gpu/parallel-tests
     cargo build --release --features mpi,nccl --bin taproot
     cp target/release/taproot .gpu/taproot-mpi
   fi
