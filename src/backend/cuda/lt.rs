@@ -269,29 +269,21 @@ impl Lt {
             }
             let pref = result::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
             use sys::cublasLtMatmulPreferenceAttributes_t as P;
-            let ws = WORKSPACE as u64;
-            let mut prefs = vec![(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws)];
-            for (attr, a) in [
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]),
-            ] {
-                prefs.push((attr, a as u64));
-            }
             // cuBLASLt reads the workspace size as a u64 and the alignments as u32s.
-            let found = prefs
-                .iter()
-                .try_for_each(|(attr, v)| {
-                    let v32 = *v as u32;
-                    match attr {
-                        P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES => {
-                            result::set_matmul_pref_attribute(pref, *attr, v as *const u64 as *const c_void, 8)
-                        }
-                        _ => result::set_matmul_pref_attribute(pref, *attr, &v32 as *const u32 as *const c_void, 4),
-                    }
-                })
-                .and_then(|()| result::get_matmul_algo_heuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref));
+            let ws = WORKSPACE as u64;
+            let found =
+                result::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8)
+                    .and_then(|()| {
+                        [
+                            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
+                            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
+                            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]),
+                            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]),
+                        ]
+                        .iter()
+                        .try_for_each(|(attr, a)| result::set_matmul_pref_attribute(pref, *attr, a as *const u32 as *const c_void, 4))
+                    })
+                    .and_then(|()| result::get_matmul_algo_heuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref));
             let _ = result::destroy_matmul_pref(pref);
             plan.algo = found.map_err(lt_err("cublasLtMatmulAlgoGetHeuristic"))?.algo;
         }
