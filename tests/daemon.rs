@@ -1251,6 +1251,11 @@ fn a_daemon_under_a_connection_flood_keeps_scrapes_control_and_checkpoints() {
         "not answered during the flood ({scrapes} scrapes and {controls} checkpoints were):\n{}",
         failures.join("\n")
     );
+    // Stopped before its checkpoints are read: a running daemon keeps writing them and rotating
+    // the oldest away (`checkpoint.keep`), which could delete one between the listing and its
+    // verification.
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(60)), 0, "{}", d.log_text());
     let cks = checkpoints(&dir.join("soak"));
     assert!(cks.len() >= controls, "{} checkpoints for {controls} control requests", cks.len());
     for (_, p) in &cks {
@@ -1264,6 +1269,4 @@ fn a_daemon_under_a_connection_flood_keeps_scrapes_control_and_checkpoints() {
         cks.len()
     );
     assert!(ratio >= 0.5, "the flood cut training to {ratio:.2} of its speed ({quiet:.1} -> {flooded:.1} steps/s)");
-    d.signal("TERM");
-    assert_eq!(d.wait_exit(Duration::from_secs(60)), 0, "{}", d.log_text());
 }
